@@ -1,0 +1,298 @@
+//! The agent's configuration file (TOML) and the settings derived from it.
+//!
+//! Every key is optional in the file; `run` additionally requires `site_id`
+//! and `controller_url`. Errors name the file and the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the agent's configuration lives when installed by the packages.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dr-agent/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {location}key `{key}`: {message}")]
+    Parse { path: PathBuf, location: String, key: String, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid { origin: String, key: &'static str, message: String },
+}
+
+/// The whole configuration, with defaults filled in.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Required for `run`; must match the site id in the agent's certificate.
+    pub site_id: Option<String>,
+    /// Required for `run`: `https://host:port` of the controller.
+    pub controller_url: Option<String>,
+    /// TLS name the controller's certificate must carry; default: the host of
+    /// `controller_url`.
+    pub controller_name: Option<String>,
+    /// The journal lives in `state_dir/journal`.
+    pub state_dir: PathBuf,
+    /// Root of the machine's filesystem (a mounted copy in tests).
+    pub root: PathBuf,
+    pub tls: TlsSection,
+    pub imds: ImdsSection,
+    pub replicated: ReplicatedSection,
+    pub reconnect: ReconnectSection,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImdsSection {
+    pub endpoint: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicatedSection {
+    pub replicatedctl: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectSection {
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            site_id: None,
+            controller_url: None,
+            controller_name: None,
+            state_dir: PathBuf::from("/var/lib/dr-agent"),
+            root: PathBuf::from("/"),
+            tls: TlsSection::default(),
+            imds: ImdsSection::default(),
+            replicated: ReplicatedSection::default(),
+            reconnect: ReconnectSection::default(),
+        }
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            ca: PathBuf::from("/etc/dr-agent/ca.pem"),
+            cert: PathBuf::from("/etc/dr-agent/agent.pem"),
+            key: PathBuf::from("/etc/dr-agent/agent.key"),
+        }
+    }
+}
+
+impl Default for ImdsSection {
+    fn default() -> Self {
+        ImdsSection { endpoint: "http://169.254.169.254".to_owned(), timeout: Duration::from_secs(2) }
+    }
+}
+
+impl Default for ReplicatedSection {
+    fn default() -> Self {
+        ReplicatedSection {
+            replicatedctl: PathBuf::from("/usr/local/bin/replicatedctl"),
+            command_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for ReconnectSection {
+    fn default() -> Self {
+        ReconnectSection { initial: Duration::from_secs(1), max: Duration::from_secs(60) }
+    }
+}
+
+/// What `run` needs beyond the optional keys, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSettings {
+    pub site_id: String,
+    pub controller_url: String,
+    pub controller_name: String,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// `load` if a path is given, the defaults otherwise.
+    pub fn load_optional(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Parses TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let parse_err = |err: toml::de::Error, key: String| ConfigError::Parse {
+            path: path.to_owned(),
+            location: err
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default(),
+            key,
+            message: err.message().trim().to_owned(),
+        };
+        let de = toml::de::Deserializer::parse(text).map_err(|e| parse_err(e, "(syntax)".to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            parse_err(e.into_inner(), key)
+        })?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks the values that have a shape. `origin` names the file (or
+    /// "command line") in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { origin: origin.to_owned(), key, message };
+        if let Some(site) = &self.site_id {
+            dr_proto::identity::validate_name(site).map_err(|m| invalid("site_id", m.to_owned()))?;
+        }
+        if let Some(url) = &self.controller_url {
+            controller_host(url).map_err(|m| invalid("controller_url", m))?;
+        }
+        if let Some(name) = &self.controller_name {
+            if name.is_empty() || name.contains(|c: char| c == '/' || c.is_whitespace()) {
+                return Err(invalid("controller_name", format!("`{name}` is not a DNS name or IP address")));
+            }
+        }
+        if !self.imds.endpoint.starts_with("http://") {
+            return Err(invalid(
+                "imds.endpoint",
+                format!("`{}` must be an http:// URL (IMDS is plain HTTP)", self.imds.endpoint),
+            ));
+        }
+        for (key, d) in [
+            ("imds.timeout", self.imds.timeout),
+            ("replicated.command_timeout", self.replicated.command_timeout),
+            ("reconnect.initial", self.reconnect.initial),
+            ("reconnect.max", self.reconnect.max),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero".to_owned()));
+            }
+        }
+        if self.reconnect.max < self.reconnect.initial {
+            return Err(invalid("reconnect.max", "must not be smaller than reconnect.initial".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The settings `run` requires, or an error naming the missing key.
+    pub fn run_settings(&self, origin: &str) -> Result<RunSettings, ConfigError> {
+        let missing = |key| ConfigError::Invalid { origin: origin.to_owned(), key, message: "is required".to_owned() };
+        self.validate(origin)?;
+        let site_id = self.site_id.clone().ok_or_else(|| missing("site_id"))?;
+        let controller_url = self.controller_url.clone().ok_or_else(|| missing("controller_url"))?;
+        let controller_name = match &self.controller_name {
+            Some(n) => n.clone(),
+            None => controller_host(&controller_url)
+                .map_err(|message| ConfigError::Invalid { origin: origin.to_owned(), key: "controller_url", message })?,
+        };
+        Ok(RunSettings { site_id, controller_url, controller_name })
+    }
+}
+
+/// The host of an `https://host[:port]` URL, without IPv6 brackets.
+pub fn controller_host(url: &str) -> Result<String, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("`{url}` must be an https:// URL"));
+    }
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{url}` has no host"))?;
+    Ok(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/dr-agent/agent.toml"))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+site_id = "prod-eu-1"
+controller_url = "https://controller.example.com:7443"
+state_dir = "/var/lib/dr-agent"
+root = "/"
+[tls]
+ca = "/etc/dr-agent/ca.pem"
+cert = "/etc/dr-agent/agent.pem"
+key = "/etc/dr-agent/agent.key"
+[imds]
+endpoint = "http://127.0.0.1:9999"
+timeout = "2s"
+[replicated]
+replicatedctl = "/usr/local/bin/replicatedctl"
+command_timeout = "60s"
+[reconnect]
+initial = "500ms"
+max = "1m"
+"#,
+        )
+        .expect("valid config");
+        assert_eq!(c.reconnect.initial, Duration::from_millis(500));
+        assert_eq!(c.reconnect.max, Duration::from_secs(60));
+        let run = c.run_settings("f").expect("run settings");
+        assert_eq!(run.controller_name, "controller.example.com");
+    }
+
+    #[test]
+    fn empty_file_gives_defaults_but_run_needs_site() {
+        let c = parse("").expect("empty is fine");
+        assert_eq!(c, Config::default());
+        let err = c.run_settings("agent.toml").expect_err("site_id missing").to_string();
+        assert!(err.contains("site_id"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let err = parse("[imds]\ntimeout = \"soon\"\n").expect_err("bad duration").to_string();
+        assert!(err.contains("/etc/dr-agent/agent.toml") && err.contains("imds.timeout"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        let err = parse("[reconnect]\nmaximum = \"1s\"\n").expect_err("unknown key").to_string();
+        assert!(err.contains("maximum"), "{err}");
+        let err = parse("site_id = \"Prod\"\n").expect_err("bad site").to_string();
+        assert!(err.contains("site_id"), "{err}");
+        let err = parse("controller_url = \"http://x:1\"\n").expect_err("not https").to_string();
+        assert!(err.contains("controller_url"), "{err}");
+    }
+
+    #[test]
+    fn controller_host_strips_brackets() {
+        assert_eq!(controller_host("https://[::1]:7443").as_deref(), Ok("::1"));
+        assert_eq!(controller_host("https://127.0.0.1:7443").as_deref(), Ok("127.0.0.1"));
+    }
+}

@@ -1,0 +1,58 @@
+//! dr-agent: performs typed, local recovery steps on a CircleCI Server
+//! services machine, for a controller or by hand.
+//!
+//! - [`config`]: the TOML configuration.
+//! - [`imds`], [`facts`]: what the instance is (IMDSv2, boot id, OS family).
+//! - [`replicated`]: `replicatedctl` with timeouts, tolerant parsing.
+//! - [`steps`]: the typed actions and their executor (no gRPC here).
+//! - [`journal`]: `id -> result` on disk so a command runs once.
+//! - [`backoff`]: reconnect delays (capped exponential, full jitter).
+//! - [`session`]: the gRPC stream with the controller (pb <-> domain).
+//! - [`commands`], [`logging`]: the CLI's subcommands and log setup.
+
+pub mod backoff;
+pub mod commands;
+pub mod config;
+pub mod facts;
+pub mod imds;
+pub mod journal;
+pub mod logging;
+pub mod replicated;
+pub mod session;
+pub mod steps;
+
+use std::sync::Arc;
+
+/// Errors that end the daemon before it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Agent(#[from] session::AgentError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let settings = config.run_settings(origin)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tracing::info!(
+        site_id = %settings.site_id,
+        controller = %settings.controller_url,
+        version = env!("CARGO_PKG_VERSION"),
+        "dr-agent starting"
+    );
+    let agent = Arc::new(session::Agent::new(config, settings)?);
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        }
+    };
+    agent.run(shutdown).await;
+    Ok(())
+}

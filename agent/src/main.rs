@@ -1,0 +1,130 @@
+//! dr-agent: the services-machine agent. Parses the command line, loads the
+//! configuration and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use dr_agent::commands::{self, OutputFormat};
+use dr_agent::config::Config;
+use dr_agent::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "dr-agent", version, about = "Performs typed, local recovery steps on a CircleCI Server services machine.")]
+struct Cli {
+    /// Log format (logs go to stderr; RUST_LOG filters).
+    #[arg(long, value_enum, default_value_t = LogFmt::Text, global = true)]
+    log_format: LogFmt,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: connect to the controller and perform its commands.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the app-status step by hand and print State, IsTransitioning, DesiredState.
+    AppStatus {
+        /// Configuration file (TOML); defaults apply without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Path of replicatedctl (overrides the configuration).
+        #[arg(long)]
+        replicatedctl: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+    /// Print this instance's facts (what the Hello to the controller carries).
+    Facts {
+        /// Configuration file (TOML); defaults apply without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// IMDS endpoint, e.g. http://127.0.0.1:8080 (overrides the configuration).
+        #[arg(long)]
+        imds_endpoint: Option<String>,
+        /// Root of the machine's filesystem (overrides the configuration).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFmt {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+impl From<Output> for OutputFormat {
+    fn from(o: Output) -> Self {
+        match o {
+            Output::Human => OutputFormat::Human,
+            Output::Json => OutputFormat::Json,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(match cli.log_format {
+        LogFmt::Text => LogFormat::Text,
+        LogFmt::Json => LogFormat::Json,
+    });
+    dr_proto::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread tokio runtime can always be built");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            tracing::error!(error = %message, "dr-agent failed");
+            eprintln!("dr-agent: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Exit code 2: bad configuration; 1: the work failed.
+async fn dispatch(command: Command) -> Result<(), (u8, String)> {
+    let config_err = |e: dr_agent::config::ConfigError| (2, e.to_string());
+    match command {
+        Command::Run { config } => {
+            let cfg = Config::load(&config).map_err(config_err)?;
+            dr_agent::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| (1, e.to_string()))
+        }
+        Command::AppStatus { config, replicatedctl, output } => {
+            let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;
+            if let Some(path) = replicatedctl {
+                cfg.replicated.replicatedctl = path;
+            }
+            let status = commands::app_status(&cfg).await.map_err(|e| (1, e.to_string()))?;
+            print!("{}", commands::render_app_status(&status, output.into()));
+            Ok(())
+        }
+        Command::Facts { config, imds_endpoint, root, output } => {
+            let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;
+            if let Some(endpoint) = imds_endpoint {
+                cfg.imds.endpoint = endpoint;
+            }
+            if let Some(root) = root {
+                cfg.root = root;
+            }
+            cfg.validate("command line").map_err(config_err)?;
+            let facts = commands::gather_facts(&cfg).await.map_err(|e| (1, e.to_string()))?;
+            print!("{}", commands::render_facts(&facts, output.into()));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The long-lived gRPC session with the controller. This is the only module
+//! that knows the generated protobuf types: it converts them to and from the
+//! domain types of [`crate::steps`], [`crate::facts`] and [`crate::journal`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dr_proto::pb;
+use dr_proto::pb::agent_message::Msg as AgentMsg;
+use dr_proto::pb::controller_message::Msg as ControllerMsg;
+use dr_proto::tls::TlsFiles;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, RunSettings};
+use crate::facts::{self, FactsError, InstanceFacts};
+use crate::imds::{ImdsClient, ImdsError};
+use crate::journal::{self, CommandAnswer, Journal, JournalError};
+use crate::replicated::Replicatedctl;
+use crate::steps::{Action, Executor, Outcome};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the stream to open and for the Welcome.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+/// Used when a Welcome leaves the interval unset (0).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+const OUTGOING_CAPACITY: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("gathering instance facts: {0}")]
+    Facts(#[from] FactsError),
+    #[error("TLS material: {0}")]
+    Tls(#[from] dr_proto::tls::TlsError),
+    #[error("controller endpoint: {0}")]
+    Endpoint(String),
+    #[error("connecting to the controller: {0}")]
+    Connect(String),
+    #[error("controller answered {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Status(tonic::Status),
+    #[error("no {0} within {WELCOME_TIMEOUT:?}")]
+    Timeout(&'static str),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the controller ended the stream")]
+    Ended,
+}
+
+impl SessionError {
+    /// The controller refused this agent's identity or site.
+    pub fn is_permission(&self) -> bool {
+        matches!(self, SessionError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Imds(#[from] ImdsError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// What the controller says this instance is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    /// Gets no work; the reason says why.
+    Passive(String),
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Passive(_) => "passive",
+        }
+    }
+}
+
+/// A Welcome, in domain terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub heartbeat_interval: Duration,
+    pub role: Role,
+}
+
+/// A Command, in domain terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandRequest {
+    pub id: String,
+    pub action: Action,
+    pub deadline: Option<Duration>,
+}
+
+// ------------------------------------------------------------ conversions
+
+pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
+    let heartbeat_interval = match w.heartbeat_interval_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(u64::from(ms)).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT),
+    };
+    let role = match w.role.as_str() {
+        "primary" => Role::Primary,
+        "passive" => Role::Passive(w.reason.clone()),
+        other => Role::Passive(format!("unknown role `{other}` (treated as passive): {}", w.reason)),
+    };
+    Welcome { heartbeat_interval, role }
+}
+
+/// A wire command, or the error answer to send for it.
+pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
+    let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
+    let action = match c.kind {
+        Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})) => Action::AppStatus,
+        None => {
+            return Err(CommandAnswer::rejected(
+                &c.id,
+                format!("unknown or empty command kind: agent {} does not know it; not run", env!("CARGO_PKG_VERSION")),
+            ));
+        }
+    };
+    Ok(CommandRequest { id: c.id, action, deadline })
+}
+
+pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
+    pb::CommandResult {
+        id: a.id,
+        ok: a.ok,
+        error: a.error,
+        replayed: a.replayed,
+        started_at_ms: a.started_at_ms,
+        finished_at_ms: a.finished_at_ms,
+        detail: a.outcome.map(|o| match o {
+            Outcome::AppStatus(s) => pb::command_result::Detail::AppStatus(pb::AppStatusResult {
+                state: s.state,
+                is_transitioning: s.is_transitioning,
+                desired_state: s.desired_state,
+            }),
+        }),
+    }
+}
+
+pub fn facts_to_pb(f: InstanceFacts) -> pb::InstanceFacts {
+    pb::InstanceFacts {
+        instance_id: f.instance_id,
+        private_ip: f.private_ip,
+        public_ip: f.public_ip,
+        boot_id: f.boot_id,
+        os_family: f.os_family.as_str().to_owned(),
+        app_state: f.app_state,
+    }
+}
+
+// ------------------------------------------------------------ the agent
+
+/// Everything the daemon needs, built once.
+#[derive(Debug)]
+pub struct Agent {
+    settings: RunSettings,
+    tls: TlsFiles,
+    root: PathBuf,
+    imds: ImdsClient,
+    executor: Executor,
+    journal: Journal,
+    reconnect: (Duration, Duration),
+    app_state: Mutex<String>,
+    refreshing: AtomicBool,
+}
+
+impl Agent {
+    /// Builds the agent: IMDS client, journal (opened and pruned).
+    pub fn new(config: &Config, settings: RunSettings) -> Result<Agent, AgentError> {
+        let imds = ImdsClient::new(&config.imds.endpoint, config.imds.timeout)?;
+        let journal = Journal::open(config.state_dir.join("journal"))?;
+        let pruned = journal.prune(journal::RETENTION, std::time::SystemTime::now())?;
+        tracing::info!(dir = %journal.dir().display(), pruned, "journal opened");
+        Ok(Agent {
+            settings,
+            tls: TlsFiles { ca: config.tls.ca.clone(), cert: config.tls.cert.clone(), key: config.tls.key.clone() },
+            root: config.root.clone(),
+            imds,
+            executor: Executor::new(Replicatedctl::new(
+                config.replicated.replicatedctl.clone(),
+                config.replicated.command_timeout,
+            )),
+            journal,
+            reconnect: (config.reconnect.initial, config.reconnect.max),
+            app_state: Mutex::new("unknown".to_owned()),
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    fn cached_app_state(&self) -> String {
+        self.app_state.lock().expect("app state lock poisoned").clone()
+    }
+
+    async fn read_app_state(&self) -> String {
+        let state = match self.executor.replicatedctl().app_status().await {
+            Ok(s) => s.state,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the app state");
+                "unknown".to_owned()
+            }
+        };
+        *self.app_state.lock().expect("app state lock poisoned") = state.clone();
+        state
+    }
+
+    /// Starts a background app-state refresh unless one is running.
+    fn refresh_app_state(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            agent.read_app_state().await;
+            agent.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn gather_facts(&self) -> Result<InstanceFacts, FactsError> {
+        let (imds, app_state) = tokio::join!(facts::imds_facts(&self.imds), self.read_app_state());
+        let imds = imds?;
+        Ok(InstanceFacts {
+            instance_id: imds.instance_id,
+            private_ip: imds.private_ip.to_string(),
+            public_ip: imds.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            boot_id: facts::read_boot_id(std::path::Path::new(facts::BOOT_ID_PATH))?,
+            os_family: facts::detect_os_family(&self.root),
+            app_state,
+        })
+    }
+
+    async fn connect(&self) -> Result<tonic::transport::Channel, SessionError> {
+        let tls = dr_proto::tls::client_config(&self.tls, &self.settings.controller_name)?;
+        let endpoint = tonic::transport::Endpoint::from_shared(self.settings.controller_url.clone())
+            .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
+            .tls_config(tls)
+            .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect()).await {
+            Err(_) => Err(SessionError::Connect(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(e)) => Err(SessionError::Connect(error_chain(&e))),
+            Ok(Ok(channel)) => Ok(channel),
+        }
+    }
+
+    /// One session: connect, Hello, Welcome, then heartbeats and commands
+    /// until the stream ends. `on_welcome` is called once the session is up.
+    async fn session(self: &Arc<Self>, on_welcome: &mut dyn FnMut()) -> Result<(), SessionError> {
+        let facts = self.gather_facts().await?;
+        let channel = self.connect().await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTGOING_CAPACITY);
+        let hello = pb::Hello {
+            site_id: self.settings.site_id.clone(),
+            facts: Some(facts_to_pb(facts)),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        tx.send(pb::AgentMessage { msg: Some(AgentMsg::Hello(hello)) })
+            .await
+            .map_err(|_| SessionError::Protocol("outgoing stream closed before Hello".to_owned()))?;
+        let response = tokio::time::timeout(WELCOME_TIMEOUT, client.session(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| SessionError::Timeout("stream"))?
+            .map_err(SessionError::Status)?;
+        let mut inbound = response.into_inner();
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| SessionError::Timeout("Welcome"))?
+            .map_err(SessionError::Status)?
+            .ok_or(SessionError::Ended)?;
+        let Some(ControllerMsg::Welcome(w)) = first.msg else {
+            return Err(SessionError::Protocol("the controller's first message is not a Welcome".to_owned()));
+        };
+        let mut welcome = welcome_from_pb(&w);
+        on_welcome();
+        log_welcome(&welcome);
+
+        let mut ticker = tokio::time::interval(welcome.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message.map_err(SessionError::Status)? {
+                    None => return Err(SessionError::Ended),
+                    Some(pb::ControllerMessage { msg: Some(ControllerMsg::Command(c)) }) => {
+                        self.handle_command(c, &welcome.role, &tx);
+                    }
+                    Some(pb::ControllerMessage { msg: Some(ControllerMsg::Welcome(w)) }) => {
+                        welcome = welcome_from_pb(&w);
+                        log_welcome(&welcome);
+                        ticker = tokio::time::interval(welcome.heartbeat_interval);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    Some(pb::ControllerMessage { msg: None }) => {
+                        tracing::warn!("ignoring an empty or unknown controller message");
+                    }
+                },
+                _ = ticker.tick() => {
+                    seq += 1;
+                    let heartbeat = pb::Heartbeat { seq, app_state: self.cached_app_state() };
+                    match tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(heartbeat)) }) {
+                        Ok(()) => tracing::debug!(seq, "heartbeat sent"),
+                        Err(mpsc::error::TrySendError::Full(_)) => tracing::warn!(seq, "outgoing stream is full: heartbeat skipped"),
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err(SessionError::Ended),
+                    }
+                    // Read the state for the next heartbeat without delaying this one.
+                    self.refresh_app_state();
+                }
+            }
+        }
+    }
+
+    fn handle_command(self: &Arc<Self>, c: pb::Command, role: &Role, tx: &mpsc::Sender<pb::AgentMessage>) {
+        let request = match command_from_pb(c) {
+            Ok(r) => r,
+            Err(answer) => {
+                tracing::warn!(id = %answer.id, error = %answer.error, "command rejected");
+                send_answer(tx.clone(), answer);
+                return;
+            }
+        };
+        if let Role::Passive(reason) = role {
+            tracing::warn!(id = %request.id, action = request.action.name(), "command refused: this instance is passive");
+            send_answer(tx.clone(), CommandAnswer::rejected(&request.id, format!("this instance is passive: {reason}")));
+            return;
+        }
+        tracing::info!(id = %request.id, action = request.action.name(), deadline = ?request.deadline, "command received");
+        let agent = Arc::clone(self);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let CommandRequest { id, action, deadline } = request;
+            let answer = agent.journal.run(&id, &action, || agent.executor.execute(&action, deadline)).await;
+            tracing::info!(id = %answer.id, ok = answer.ok, replayed = answer.replayed, error = %answer.error, "command answered");
+            let _ = tx.send(pb::AgentMessage { msg: Some(AgentMsg::Result(answer_to_pb(answer))) }).await;
+        });
+    }
+
+    /// Runs sessions until `shutdown` resolves, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1);
+        tokio::pin!(shutdown);
+        loop {
+            let result = {
+                let mut reset = || backoff.reset();
+                tokio::select! {
+                    r = self.session(&mut reset) => r,
+                    _ = &mut shutdown => return,
+                }
+            };
+            let attempt = backoff.attempt() + 1;
+            let error = match result {
+                Ok(()) => SessionError::Ended,
+                Err(e) => e,
+            };
+            if error.is_permission() {
+                tracing::error!(error = %error, attempt, "the controller refused this agent");
+            } else {
+                tracing::warn!(error = %error, attempt, "session ended");
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+}
+
+fn log_welcome(w: &Welcome) {
+    match &w.role {
+        Role::Primary => tracing::info!(role = "primary", heartbeat_ms = w.heartbeat_interval.as_millis() as u64, "connected"),
+        Role::Passive(reason) => {
+            tracing::info!(role = "passive", heartbeat_ms = w.heartbeat_interval.as_millis() as u64, "connected");
+            tracing::warn!(reason = %reason, "this instance is passive: it will refuse commands");
+        }
+    }
+}
+
+fn send_answer(tx: mpsc::Sender<pb::AgentMessage>, answer: CommandAnswer) {
+    tokio::spawn(async move {
+        let _ = tx.send(pb::AgentMessage { msg: Some(AgentMsg::Result(answer_to_pb(answer))) }).await;
+    });
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn welcome_clamps_and_roles() {
+        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 10, role: "primary".into(), reason: String::new() });
+        assert_eq!(w.heartbeat_interval, MIN_HEARTBEAT);
+        assert_eq!(w.role, Role::Primary);
+        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 3_600_000, role: "passive".into(), reason: "old".into() });
+        assert_eq!(w.heartbeat_interval, MAX_HEARTBEAT);
+        assert_eq!(w.role, Role::Passive("old".into()));
+        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 0, role: "boss".into(), reason: String::new() });
+        assert_eq!(w.heartbeat_interval, DEFAULT_HEARTBEAT);
+        assert!(matches!(w.role, Role::Passive(r) if r.contains("boss")));
+    }
+
+    #[test]
+    fn commands_convert() {
+        let ok = command_from_pb(pb::Command {
+            id: "op-1:s1".into(),
+            deadline_ms: 5000,
+            kind: Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})),
+        })
+        .expect("known kind");
+        assert_eq!(ok.action, Action::AppStatus);
+        assert_eq!(ok.deadline, Some(Duration::from_secs(5)));
+        let empty = command_from_pb(pb::Command { id: "x".into(), deadline_ms: 0, kind: None }).expect_err("empty kind");
+        assert!(!empty.ok && empty.id == "x" && empty.error.contains("unknown or empty"));
+    }
+
+    #[test]
+    fn answers_convert() {
+        let mut a = CommandAnswer::rejected("x", "boom");
+        a.outcome = Some(Outcome::AppStatus(crate::replicated::AppStatus {
+            state: "started".into(),
+            is_transitioning: false,
+            desired_state: "started".into(),
+        }));
+        let pb = answer_to_pb(a);
+        assert_eq!(pb.error, "boom");
+        assert!(matches!(pb.detail, Some(pb::command_result::Detail::AppStatus(ref s)) if s.state == "started"));
+    }
+
+    #[test]
+    fn permission_errors_are_recognised() {
+        assert!(SessionError::Status(tonic::Status::permission_denied("site mismatch")).is_permission());
+        assert!(SessionError::Status(tonic::Status::unauthenticated("no cert")).is_permission());
+        assert!(!SessionError::Status(tonic::Status::unavailable("down")).is_permission());
+        assert!(!SessionError::Ended.is_permission());
+    }
+}

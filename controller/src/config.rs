@@ -1,0 +1,267 @@
+//! The controller's configuration file (TOML).
+//!
+//! Every key is documented in `deploy/controller.example.toml`. Errors name
+//! the file and the key that was wrong.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dr_proto::identity::{validate_name, validate_trust_domain};
+use dr_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {key}: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: ControllerTls,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
+    #[serde(default, rename = "site")]
+    pub sites: Vec<SiteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the single listener that serves both the agent stream and
+    /// the admin API.
+    pub listen: SocketAddr,
+    /// Interval agents are told to send heartbeats at.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// An agent that sent nothing for this many heartbeat intervals is
+    /// considered gone and its stream is closed.
+    #[serde(default = "default_missed_heartbeats")]
+    pub missed_heartbeats: u32,
+    /// Longest a TLS handshake may take before the connection is dropped.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, how long open streams and calls get to finish.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerTls {
+    /// CA certificate that signs every certificate of the deployment.
+    pub ca: PathBuf,
+    /// The controller's certificate (DNS/IP SANs agents and drctl dial).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Identities are `spiffe://<trust_domain>/site/<id>` and
+    /// `spiffe://<trust_domain>/operator/<name>`.
+    pub trust_domain: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file (created with its directory if missing).
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Default region of sites that name none. Without it, aws-config's
+    /// normal chain (AWS_REGION, profile) decides.
+    pub region: Option<String>,
+    /// Send EC2 (and STS) calls to this endpoint instead of AWS: for moto in
+    /// tests and the demo, or a VPC endpoint.
+    pub endpoint_url: Option<String>,
+    /// Attempts per EC2 call made by the SDK's own retry layer (1 = no
+    /// retries, as tests use so an unimplemented emulator path fails fast).
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// First wait before checking whether a new AMI is available.
+    #[serde(default = "default_poll_initial", with = "humantime_serde")]
+    pub poll_initial: Duration,
+    /// Longest wait between two checks (the wait doubles up to this).
+    #[serde(default = "default_poll_max", with = "humantime_serde")]
+    pub poll_max: Duration,
+    /// A backup whose AMI is not available after this long fails.
+    #[serde(default = "default_backup_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Deadline of the app-status question asked of the agent.
+    #[serde(default = "default_agent_call_timeout", with = "humantime_serde")]
+    pub agent_call_timeout: Duration,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            poll_initial: default_poll_initial(),
+            poll_max: default_poll_max(),
+            timeout: default_backup_timeout(),
+            agent_call_timeout: default_agent_call_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The site's name: what its agent certificate says
+    /// (`spiffe://<trust_domain>/site/<id>`).
+    pub id: String,
+    /// The services machine's instance when the site is first added. After
+    /// that the store's record of the primary is authoritative (a failover
+    /// changes it).
+    pub instance_id: String,
+    /// Region of the instance; defaults to `[aws] region`.
+    pub region: Option<String>,
+    /// Role to assume for this site's EC2 calls (another account).
+    pub role_arn: Option<String>,
+}
+
+impl ControllerTls {
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_missed_heartbeats() -> u32 {
+    3
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll_initial() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_poll_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_backup_timeout() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_agent_call_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        validate_trust_domain(&self.tls.trust_domain).map_err(|m| invalid("tls.trust_domain".into(), m.into()))?;
+        if self.server.heartbeat_interval < Duration::from_secs(1) {
+            return Err(invalid("server.heartbeat_interval".into(), "must be at least 1s".into()));
+        }
+        if self.server.missed_heartbeats < 2 {
+            return Err(invalid("server.missed_heartbeats".into(), "must be at least 2".into()));
+        }
+        if self.backup.poll_initial.is_zero() || self.backup.poll_max < self.backup.poll_initial {
+            return Err(invalid(
+                "backup.poll_max".into(),
+                "poll_initial must be > 0 and poll_max >= poll_initial".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, site) in self.sites.iter().enumerate() {
+            let key = |field: &str| format!("site[{i}].{field}");
+            validate_name(&site.id).map_err(|m| invalid(key("id"), format!("`{}`: {m}", site.id)))?;
+            if !seen.insert(site.id.as_str()) {
+                return Err(invalid(key("id"), format!("site `{}` is defined twice", site.id)));
+            }
+            if !is_instance_id(&site.instance_id) {
+                return Err(invalid(key("instance_id"), format!("`{}` is not an EC2 instance id", site.instance_id)));
+            }
+            if site.region.is_none() && self.aws.region.is_none() {
+                return Err(invalid(key("region"), "no region for this site and no [aws] region".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The region a site's instance lives in.
+    pub fn site_region(&self, site: &SiteConfig) -> String {
+        site.region.clone().or_else(|| self.aws.region.clone()).unwrap_or_default()
+    }
+}
+
+/// `i-` followed by 8 or 17 hex digits (moto and AWS both use 17 today).
+pub fn is_instance_id(s: &str) -> bool {
+    s.strip_prefix("i-").is_some_and(|h| (8..=17).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:7443"
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "c.key"
+trust_domain = "dr.example.com"
+[store]
+path = "state.db"
+[aws]
+region = "us-east-1"
+[[site]]
+id = "prod-1"
+instance_id = "i-0123456789abcdef0"
+"#;
+
+    #[test]
+    fn parses_a_minimal_config_with_defaults() {
+        let c = Config::parse(Path::new("c.toml"), GOOD).expect("valid config");
+        assert_eq!(c.server.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.sites.len(), 1);
+        assert_eq!(c.site_region(&c.sites[0]), "us-east-1");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = GOOD.replace("prod-1", "Prod 1");
+        let err = Config::parse(Path::new("c.toml"), &bad).expect_err("bad site id").to_string();
+        assert!(err.contains("c.toml") && err.contains("site[0].id"), "{err}");
+        let bad = GOOD.replace("i-0123456789abcdef0", "i-xyz");
+        let err = Config::parse(Path::new("c.toml"), &bad).expect_err("bad instance").to_string();
+        assert!(err.contains("site[0].instance_id"), "{err}");
+        let bad = GOOD.replace("[store]", "[store]\nbogus = 1");
+        let err = Config::parse(Path::new("c.toml"), &bad).expect_err("unknown key").to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,459 @@
+//! drctl's client side: connecting to the admin API, turning answers into
+//! views, printing them for humans (default) or as JSON (`--output json`).
+//! The command-line grammar lives in `src/bin/drctl.rs`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dr_proto::pb;
+use dr_proto::pb::admin_service_client::AdminServiceClient;
+use dr_proto::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the controller at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("the controller refused this client: {0}")]
+    Rejected(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Tls(#[from] dr_proto::tls::TlsError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+}
+
+impl CliError {
+    /// Exit status: 1 operation failed, 2 usage or local files, 3 controller
+    /// unreachable, 4 certificate refused, 5 unknown site/operation, 6 busy.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Failed(_) => 1,
+            CliError::Usage(_) | CliError::Tls(_) | CliError::Pki(_) => 2,
+            CliError::Unreachable { .. } => 3,
+            CliError::Rejected(_) => 4,
+            CliError::NotFound(_) => 5,
+            CliError::Busy(_) => 6,
+        }
+    }
+}
+
+/// drctl's optional config file (`--config`, `DRCTL_CONFIG`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub controller: Option<String>,
+    pub server_name: Option<String>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where and how to reach the controller.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub url: String,
+    pub server_name: String,
+    pub tls: TlsFiles,
+}
+
+impl Connection {
+    /// Flags win over the file; the TLS name defaults to the URL's host.
+    pub fn resolve(
+        file: Option<PathBuf>,
+        url: Option<String>,
+        server_name: Option<String>,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Self, CliError> {
+        let from_file = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str::<ClientFile>(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?
+            }
+            None => ClientFile::default(),
+        };
+        let url = url.or(from_file.controller).ok_or_else(|| {
+            CliError::Usage("no controller address: give --controller URL (or DRCTL_CONTROLLER, or --config)".into())
+        })?;
+        let ftls = from_file.tls;
+        let pick = |flag: Option<PathBuf>, f: Option<PathBuf>, name: &str| {
+            flag.or(f).ok_or_else(|| CliError::Usage(format!("no --{name} given (flag, DRCTL_{}, or --config)", name.to_uppercase())))
+        };
+        let tls = TlsFiles {
+            ca: pick(ca, ftls.as_ref().map(|t| t.ca.clone()), "ca")?,
+            cert: pick(cert, ftls.as_ref().map(|t| t.cert.clone()), "cert")?,
+            key: pick(key, ftls.as_ref().map(|t| t.key.clone()), "key")?,
+        };
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', ':']).next())
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| CliError::Usage(format!("`{url}` is not a URL like https://host:port")))?
+            .to_owned();
+        Ok(Connection { server_name: server_name.or(from_file.server_name).unwrap_or(host), url, tls })
+    }
+
+    pub async fn connect(&self) -> Result<AdminServiceClient<Channel>, CliError> {
+        dr_proto::tls::install_crypto_provider();
+        let tls = dr_proto::tls::client_config(&self.tls, &self.server_name)?;
+        let endpoint = Channel::from_shared(self.url.clone())
+            .map_err(|e| CliError::Usage(format!("`{}` is not a valid controller URL: {e}", self.url)))?
+            .tls_config(tls)
+            .map_err(|e| CliError::Usage(format!("TLS configuration: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60));
+        let channel = endpoint.connect().await.map_err(|e| self.transport_error(&e))?;
+        Ok(AdminServiceClient::new(channel))
+    }
+
+    fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> CliError {
+        let cause = error_chain(e);
+        if looks_like_tls_refusal(&cause) {
+            CliError::Rejected(format!("TLS handshake with {} failed: {cause}", self.url))
+        } else {
+            CliError::Unreachable { url: self.url.clone(), cause }
+        }
+    }
+
+    /// Turns a gRPC status into what the operator should read.
+    pub fn status_error(&self, s: tonic::Status) -> CliError {
+        use tonic::Code;
+        match s.code() {
+            Code::Unauthenticated | Code::PermissionDenied => CliError::Rejected(s.message().to_owned()),
+            Code::NotFound => CliError::NotFound(s.message().to_owned()),
+            Code::FailedPrecondition | Code::AlreadyExists => CliError::Busy(s.message().to_owned()),
+            Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                let cause = match std::error::Error::source(&s) {
+                    Some(src) => format!("{}: {}", s.message(), error_chain(src)),
+                    None => s.message().to_owned(),
+                };
+                if looks_like_tls_refusal(&cause) {
+                    CliError::Rejected(format!("TLS handshake with {} failed: {cause}", self.url))
+                } else {
+                    CliError::Unreachable { url: self.url.clone(), cause }
+                }
+            }
+            _ => CliError::Failed(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn looks_like_tls_refusal(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    ["certificate", "alert", "handshake", "unknownca", "unknown issuer", "expired"].iter().any(|k| c.contains(k))
+}
+
+// ------------------------------------------------------------------ views
+
+fn rfc3339(ms: u64) -> Option<String> {
+    if ms == 0 {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+}
+
+/// "3m 12s" style, to the second.
+pub fn human_duration(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    pub connected: bool,
+    pub role: String,
+    pub instance_id: String,
+    pub private_ip: String,
+    pub public_ip: String,
+    pub os_family: String,
+    pub app_state: String,
+    pub last_heartbeat_at: Option<String>,
+    pub last_heartbeat_age_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub image_id: String,
+    pub site_id: String,
+    pub operation_id: String,
+    pub region: String,
+    pub instance_id: String,
+    pub snapshot_ids: Vec<String>,
+    pub consistency: String,
+    pub app_state: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub age_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteView {
+    pub site_id: String,
+    pub region: String,
+    pub primary_instance_id: String,
+    pub agent: Option<AgentView>,
+    pub last_backup: Option<BackupView>,
+    pub running_operation_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepView {
+    pub name: String,
+    pub state: String,
+    pub attempts: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_s: Option<f64>,
+    pub detail: String,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OperationView {
+    pub id: String,
+    pub kind: String,
+    pub site_id: String,
+    pub state: String,
+    pub error: String,
+    pub requested_by: String,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub steps: Vec<StepView>,
+}
+
+pub fn backup_view(b: pb::Backup, now: u64) -> BackupView {
+    BackupView {
+        age_s: now.saturating_sub(b.completed_at_ms) / 1000,
+        started_at: rfc3339(b.started_at_ms),
+        completed_at: rfc3339(b.completed_at_ms),
+        image_id: b.image_id,
+        site_id: b.site_id,
+        operation_id: b.operation_id,
+        region: b.region,
+        instance_id: b.instance_id,
+        snapshot_ids: b.snapshot_ids,
+        consistency: b.consistency,
+        app_state: b.app_state,
+    }
+}
+
+pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
+    let agent = s.facts.map(|f| AgentView {
+        connected: s.agent_connected,
+        role: s.role.clone(),
+        instance_id: f.instance_id,
+        private_ip: f.private_ip,
+        public_ip: f.public_ip,
+        os_family: f.os_family,
+        app_state: f.app_state,
+        last_heartbeat_at: rfc3339(s.last_heartbeat_ms),
+        last_heartbeat_age_s: (s.last_heartbeat_ms > 0).then(|| now.saturating_sub(s.last_heartbeat_ms) / 1000),
+    });
+    SiteView {
+        site_id: s.site_id,
+        region: s.region,
+        primary_instance_id: s.primary_instance_id,
+        agent,
+        last_backup: s.last_backup.map(|b| backup_view(b, now)),
+        running_operation_id: Some(s.running_operation_id).filter(|id| !id.is_empty()),
+    }
+}
+
+pub fn operation_view(op: pb::Operation) -> OperationView {
+    OperationView {
+        created_at: rfc3339(op.created_at_ms),
+        updated_at: rfc3339(op.updated_at_ms),
+        steps: op
+            .steps
+            .into_iter()
+            .map(|s| StepView {
+                duration_s: (s.started_at_ms > 0 && s.finished_at_ms >= s.started_at_ms)
+                    .then(|| (s.finished_at_ms - s.started_at_ms) as f64 / 1000.0),
+                started_at: rfc3339(s.started_at_ms),
+                finished_at: rfc3339(s.finished_at_ms),
+                name: s.name,
+                state: s.state,
+                attempts: s.attempts,
+                detail: s.detail,
+                error: s.error,
+            })
+            .collect(),
+        id: op.id,
+        kind: op.kind,
+        site_id: op.site_id,
+        state: op.state,
+        error: op.error,
+        requested_by: op.requested_by,
+    }
+}
+
+// ------------------------------------------------------------------ printing
+
+pub fn print_json<T: Serialize>(value: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+}
+
+pub fn print_status(sites: &[SiteView]) {
+    if sites.is_empty() {
+        println!("No sites are configured.");
+        return;
+    }
+    println!(
+        "{:<20} {:<10} {:<21} {:<16} {:<16} {:<10} {:<12} {}",
+        "SITE", "AGENT", "INSTANCE", "PRIVATE IP", "PUBLIC IP", "APP", "HEARTBEAT", "LAST BACKUP"
+    );
+    for s in sites {
+        let (agent, instance, private, public, app, hb) = match &s.agent {
+            Some(a) => (
+                if a.connected { a.role.clone() } else { "offline".into() },
+                a.instance_id.clone(),
+                a.private_ip.clone(),
+                if a.public_ip.is_empty() { "-".into() } else { a.public_ip.clone() },
+                a.app_state.clone(),
+                a.last_heartbeat_age_s.map(|s| format!("{} ago", human_duration(s * 1000))).unwrap_or("-".into()),
+            ),
+            None => ("never".into(), s.primary_instance_id.clone(), "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let backup = match &s.last_backup {
+            Some(b) => format!("{} ({} ago, {})", b.image_id, human_duration(b.age_s * 1000), b.consistency),
+            None => "none".into(),
+        };
+        println!("{:<20} {agent:<10} {instance:<21} {private:<16} {public:<16} {app:<10} {hb:<12} {backup}", s.site_id);
+        if let Some(op) = &s.running_operation_id {
+            println!("{:<20} running: {op}", "");
+        }
+    }
+}
+
+pub fn print_backups(site: &str, backups: &[BackupView]) {
+    if backups.is_empty() {
+        println!("Site {site} has no backups yet.");
+        return;
+    }
+    println!("{:<22} {:<25} {:<12} {:<10} {:<10} {}", "AMI", "COMPLETED", "AGE", "CONSISTENCY", "APP", "SNAPSHOTS");
+    for b in backups {
+        println!(
+            "{:<22} {:<25} {:<12} {:<11} {:<10} {}",
+            b.image_id,
+            b.completed_at.clone().unwrap_or_default(),
+            human_duration(b.age_s * 1000),
+            b.consistency,
+            b.app_state,
+            b.snapshot_ids.join(",")
+        );
+    }
+}
+
+pub fn print_operation(op: &OperationView) {
+    println!("Operation {} ({} of site {})", op.id, op.kind, op.site_id);
+    println!("  state:        {}", op.state);
+    if !op.error.is_empty() {
+        println!("  error:        {}", op.error);
+    }
+    println!("  requested by: {}", op.requested_by);
+    println!("  created:      {}", op.created_at.clone().unwrap_or_default());
+    println!("  steps:");
+    for s in &op.steps {
+        let took = s.duration_s.map(|d| format!("{d:.1}s")).unwrap_or_default();
+        let text = if s.error.is_empty() { s.detail.clone() } else { s.error.clone() };
+        println!("    {:<16} {:<8} {:>7}  {}", s.name, s.state, took, text);
+    }
+}
+
+/// Follows an operation until it finishes, printing each step as it starts,
+/// progresses and ends, with the time elapsed since the watch began, plus a
+/// "still waiting" line when nothing happened for a while. Returns the final
+/// state.
+pub async fn watch(
+    conn: &Connection,
+    client: &mut AdminServiceClient<Channel>,
+    id: &str,
+    output: Output,
+) -> Result<pb::Operation, CliError> {
+    let mut stream = client
+        .watch_operation(pb::OperationRef { operation_id: id.to_owned() })
+        .await
+        .map_err(|s| conn.status_error(s))?
+        .into_inner();
+    let start = tokio::time::Instant::now();
+    let mut seen: std::collections::HashMap<String, (String, String)> = Default::default();
+    let mut last: Option<pb::Operation> = None;
+    let mut last_print = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    ticker.tick().await;
+    let eprint = |line: String| {
+        if output == Output::Text {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    loop {
+        tokio::select! {
+            next = stream.next() => {
+                let op = match next {
+                    Some(Ok(op)) => op,
+                    Some(Err(s)) => return Err(conn.status_error(s)),
+                    None => break,
+                };
+                let t = start.elapsed().as_secs_f64();
+                for s in &op.steps {
+                    let key = (s.state.clone(), s.detail.clone());
+                    if s.state != "pending" && seen.get(&s.name) != Some(&key) {
+                        let text = if s.error.is_empty() { &s.detail } else { &s.error };
+                        eprint(format!("[{t:>6.1}s] {:<16} {:<8} {}", s.name, s.state, text));
+                        seen.insert(s.name.clone(), key);
+                        last_print = tokio::time::Instant::now();
+                    }
+                }
+                let finished = op.state != "running";
+                last = Some(op);
+                if finished {
+                    break;
+                }
+            }
+            _ = ticker.tick() => {
+                if last_print.elapsed() >= Duration::from_secs(10) {
+                    let step = last.as_ref().and_then(|op| op.steps.iter().find(|s| s.state == "running")).map(|s| s.name.clone()).unwrap_or_else(|| "starting".into());
+                    eprint(format!("[{:>6.1}s] {step:<16} still running ({} so far)", start.elapsed().as_secs_f64(), human_duration(start.elapsed().as_millis() as u64)));
+                    last_print = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+    last.ok_or_else(|| CliError::Failed(format!("the controller ended the watch of {id} without an answer")))
+}

@@ -1,0 +1,29 @@
+//! Fault injection for crash-recovery tests.
+//!
+//! When the environment variable `DR_CONTROLLER_CRASH_AT` names a crash
+//! point, the controller sends itself SIGKILL when it reaches that point:
+//! no destructor, no flush, exactly like `kill -9` at the worst moment. The
+//! end-to-end tests use it to prove that a restarted controller finishes the
+//! operation without duplicating work. Points:
+//!
+//! - `backup.after_create_image`: CreateImage has returned an AMI id, the
+//!   step's result is not yet stored.
+//!
+//! Unset (always, in production), this costs one string comparison.
+
+use std::sync::OnceLock;
+
+pub const ENV: &str = "DR_CONTROLLER_CRASH_AT";
+
+static POINT: OnceLock<Option<String>> = OnceLock::new();
+
+pub fn crash_point(point: &str) {
+    let armed = POINT.get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()));
+    if armed.as_deref() == Some(point) {
+        tracing::error!(point, "crash point reached: sending SIGKILL to self ({ENV} is set)");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

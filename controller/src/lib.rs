@@ -1,0 +1,114 @@
+//! dr-controller: schedules, EC2 calls and the state of every operation;
+//! directs the agents over mutual-TLS gRPC. See ARCHITECTURE.md for the map.
+
+pub mod admin;
+pub mod agents;
+pub mod config;
+pub mod drctl;
+pub mod ec2;
+pub mod faults;
+pub mod logging;
+pub mod model;
+pub mod ops;
+pub mod pki;
+pub mod server;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use dr_proto::pb::admin_service_server::AdminServiceServer;
+use dr_proto::pb::agent_service_server::AgentServiceServer;
+
+use crate::config::Config;
+use crate::model::Site;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Engine(#[from] ops::EngineError),
+    #[error("TLS: {0}")]
+    Tls(#[from] dr_proto::tls::TlsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the controller until `shutdown` resolves: opens the store, adds the
+/// configured sites, resumes unfinished operations, serves both services on
+/// one TLS listener, and on shutdown ends every agent stream and waits at
+/// most `server.shutdown_grace` for the rest.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+    dr_proto::tls::install_crypto_provider();
+    let tls = dr_proto::tls::server_config(&config.tls.files())?;
+    let store = store::Store::open(&config.store.path)?;
+    store.mark_all_agents_disconnected()?;
+    for s in &config.sites {
+        let site = Site {
+            id: s.id.clone(),
+            region: config.site_region(s),
+            primary_instance_id: s.instance_id.clone(),
+            role_arn: s.role_arn.clone(),
+        };
+        let stored = store.upsert_site(&site)?;
+        if stored.primary_instance_id != s.instance_id {
+            tracing::info!(site = %s.id, configured = %s.instance_id, primary = %stored.primary_instance_id,
+                "the store's primary instance differs from the config's instance_id (a failover happened); the store wins");
+        }
+    }
+    let ec2 = Arc::new(ec2::Ec2Clients::new(config.aws.clone()));
+    let registry = agents::Registry::default();
+    let engine = ops::Engine::new(store.clone(), registry.clone(), ec2.clone(), config.backup.clone());
+    let resumed = engine.resume_all()?;
+
+    let agent_service = agents::AgentServer {
+        trust_domain: config.tls.trust_domain.clone(),
+        heartbeat_interval: config.server.heartbeat_interval,
+        missed_heartbeats: config.server.missed_heartbeats,
+        registry: registry.clone(),
+        store: store.clone(),
+        ec2,
+    };
+    let admin_service = admin::AdminServer {
+        trust_domain: config.tls.trust_domain.clone(),
+        store: store.clone(),
+        registry: registry.clone(),
+        engine,
+    };
+
+    let listener = server::bind(config.server.listen).await?;
+    let addr = listener.local_addr()?;
+    let incoming = server::tls_incoming(listener, tls, config.server.handshake_timeout);
+    tracing::info!(%addr, sites = config.sites.len(), resumed, trust_domain = %config.tls.trust_domain, "dr-controller listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(AgentServiceServer::new(agent_service))
+        .add_service(AdminServiceServer::new(admin_service))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return Ok(result?),
+        _ = shutdown => {}
+    }
+    // tonic's graceful shutdown waits for open streams (hyper #4170): end the
+    // agent streams ourselves and bound the wait.
+    registry.close_all();
+    let _ = stop_tx.send(());
+    let grace = config.server.shutdown_grace;
+    match tokio::time::timeout(grace, serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(?grace, "connections still open after the grace period; exiting anyway"),
+    }
+    tracing::info!("dr-controller stopped");
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The backup workflow (quiesce level `none`: a crash-consistent, no-reboot
+//! AMI).
+//!
+//! Steps, each safe to run again after a crash anywhere inside it:
+//! 1. `check_agent`: ask the site's agent for the app state (recorded with
+//!    the backup). A missing or passive agent does not stop a crash-
+//!    consistent backup; it is recorded.
+//! 2. `create_image`: CreateImage (NoReboot) tagged `dr:operation=<id>`.
+//!    CreateImage has no ClientToken, so the step first looks for an AMI
+//!    with that tag: a restart after the call but before its result was
+//!    stored finds it instead of creating a second one.
+//! 3. `wait_available`: poll with doubling waits (`backup.poll_initial` up
+//!    to `backup.poll_max`) until the AMI is `available`; `failed` or the
+//!    deadline (`backup.timeout` from the operation's creation, so restarts
+//!    do not extend it) fails the backup.
+//! 4. `tag_snapshots`: tag the AMI's snapshots (a separate CreateTags: EC2
+//!    emulators reject snapshot TagSpecifications on CreateImage).
+//! 5. `record`: the backup enters the store and `drctl backups`.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{StepCtx, StepError, StepOutput, retry_ec2};
+use crate::agents::{AgentAction, AgentDetail};
+use crate::ec2::{CreateImage, Ec2, Image};
+use crate::model::{Backup, Consistency, now_ms};
+
+pub const STEPS: &[&str] = &["check_agent", "create_image", "wait_available", "tag_snapshots", "record"];
+
+/// Tag keys written on every AMI and snapshot the controller creates.
+pub const TAG_SITE: &str = "dr:site";
+pub const TAG_OPERATION: &str = "dr:operation";
+pub const TAG_CREATED_BY: &str = "dr:created-by";
+pub const CREATED_BY: &str = "dr-controller";
+
+/// Budget for absorbing throttling and network errors on one EC2 call.
+const RETRY_BUDGET: Duration = Duration::from_secs(300);
+
+pub async fn run_step(ctx: &StepCtx<'_>, name: &str) -> Result<StepOutput, StepError> {
+    match name {
+        "check_agent" => check_agent(ctx).await,
+        "create_image" => create_image(ctx).await,
+        "wait_available" => wait_step(ctx).await,
+        "tag_snapshots" => tag_snapshots(ctx).await,
+        "record" => record(ctx).await,
+        other => Err(StepError::Failed(format!("unknown backup step `{other}`"))),
+    }
+}
+
+fn tags(ctx: &StepCtx<'_>) -> Vec<(String, String)> {
+    vec![
+        (TAG_SITE.into(), ctx.site.id.clone()),
+        (TAG_OPERATION.into(), ctx.op.id.clone()),
+        (TAG_CREATED_BY.into(), CREATED_BY.into()),
+    ]
+}
+
+fn field<'a>(ctx: &'a StepCtx<'_>, step: &str, key: &str) -> Result<&'a serde_json::Value, StepError> {
+    ctx.result_of(step)
+        .and_then(|v| v.get(key))
+        .ok_or_else(|| StepError::Failed(format!("the result of step {step} lacks `{key}`")))
+}
+
+async fn check_agent(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let command_id = format!("{}.app-status", ctx.op.id);
+    let timeout = ctx.engine.backup.agent_call_timeout;
+    match ctx.engine.registry.call(&ctx.site.id, &command_id, &AgentAction::AppStatus, timeout).await {
+        Ok(outcome) if outcome.ok => {
+            let (state, transitioning) = match outcome.detail {
+                AgentDetail::AppStatus { state, is_transitioning, .. } => (state, is_transitioning),
+                AgentDetail::None => ("unknown".to_owned(), false),
+            };
+            Ok(StepOutput {
+                detail: format!(
+                    "agent answered: app {state}{}{}",
+                    if transitioning { " (transitioning)" } else { "" },
+                    if outcome.replayed { " (from its journal)" } else { "" }
+                ),
+                result: json!({"agent": "connected", "app_state": state, "replayed": outcome.replayed}),
+            })
+        }
+        Ok(outcome) => Ok(StepOutput {
+            detail: format!("agent could not read the app state: {}; the backup goes on crash-consistent", outcome.error),
+            result: json!({"agent": "error", "app_state": "unknown", "error": outcome.error}),
+        }),
+        Err(e) => Ok(StepOutput {
+            detail: format!("{e}; the backup goes on crash-consistent"),
+            result: json!({"agent": "unavailable", "app_state": "unknown", "error": e.to_string()}),
+        }),
+    }
+}
+
+async fn create_image(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let ec2 = ctx.ec2().await?;
+    let existing = retry_ec2("DescribeImages", RETRY_BUDGET, || ec2.find_images_by_tag(TAG_OPERATION, &ctx.op.id)).await?;
+    let usable: Vec<&Image> = existing.iter().filter(|i| i.state != "failed" && i.state != "deregistered").collect();
+    if let Some(image) = usable.first() {
+        if usable.len() > 1 {
+            tracing::error!(operation = %ctx.op.id, images = ?usable.iter().map(|i| &i.id).collect::<Vec<_>>(), "more than one AMI carries this operation's tag; using the first");
+        }
+        return Ok(StepOutput {
+            detail: format!("{} already exists for this operation (created before a restart); not creating another", image.id),
+            result: json!({"image_id": image.id, "instance_id": ctx.site.primary_instance_id, "reused": true}),
+        });
+    }
+    if let Some(failed) = existing.first() {
+        return Err(StepError::Failed(format!(
+            "AMI {} of this operation is {}: {}; start a new backup",
+            failed.id, failed.state, failed.state_reason
+        )));
+    }
+    let stamp = ctx.op.id.clone();
+    let req = CreateImage {
+        instance_id: ctx.site.primary_instance_id.clone(),
+        name: format!("dr-{}-{stamp}", ctx.site.id),
+        description: format!("dr-controller backup of site {} (operation {})", ctx.site.id, ctx.op.id),
+        tags: tags(ctx),
+    };
+    let image_id = retry_ec2("CreateImage", RETRY_BUDGET, || ec2.create_image(&req)).await?;
+    ctx.crash_point("backup.after_create_image");
+    Ok(StepOutput {
+        detail: format!("CreateImage (no reboot) of {} gave {image_id}", req.instance_id),
+        result: json!({"image_id": image_id, "instance_id": req.instance_id, "reused": false}),
+    })
+}
+
+async fn wait_step(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let image_id = field(ctx, "create_image", "image_id")?.as_str().unwrap_or_default().to_owned();
+    let ec2 = ctx.ec2().await?;
+    let cfg = &ctx.engine.backup;
+    let elapsed = Duration::from_millis(now_ms().saturating_sub(ctx.op.created_at_ms));
+    let left = cfg.timeout.saturating_sub(elapsed);
+    let image = wait_available(ec2.as_ref(), &image_id, cfg.poll_initial, cfg.poll_max, left, |d| ctx.progress(d)).await?;
+    Ok(StepOutput {
+        detail: format!("{image_id} is available with {} snapshot(s)", image.snapshot_ids.len()),
+        result: json!({"snapshot_ids": image.snapshot_ids}),
+    })
+}
+
+/// Polls until `image_id` is available. Waits double from `first` up to
+/// `max`; gives up after `budget`. Reports each wait through `progress`.
+pub async fn wait_available(
+    ec2: &dyn Ec2,
+    image_id: &str,
+    first: Duration,
+    max: Duration,
+    budget: Duration,
+    progress: impl Fn(String),
+) -> Result<Image, StepError> {
+    let start = tokio::time::Instant::now();
+    let mut wait = first;
+    let ids = [image_id.to_owned()];
+    loop {
+        let images = retry_ec2("DescribeImages", RETRY_BUDGET, || ec2.describe_images(&ids)).await?;
+        let image = images.into_iter().find(|i| i.id == image_id);
+        let state = image.as_ref().map(|i| i.state.clone()).unwrap_or_else(|| "missing".into());
+        match (state.as_str(), image) {
+            ("available", Some(image)) => return Ok(image),
+            ("failed" | "deregistered" | "invalid" | "error", image) => {
+                let reason = image.map(|i| i.state_reason).unwrap_or_default();
+                return Err(StepError::Failed(format!("{image_id} became {state}: {reason}")));
+            }
+            _ => {}
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= budget {
+            return Err(StepError::Failed(format!(
+                "{image_id} is still {state} after {}; giving up (backup.timeout)",
+                humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+            )));
+        }
+        let sleep = wait.min(budget - elapsed);
+        progress(format!(
+            "{image_id} is {state}; waited {} so far, next check in {}",
+            humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+            humantime::format_duration(Duration::from_secs(sleep.as_secs().max(1)))
+        ));
+        tokio::time::sleep(sleep).await;
+        wait = (wait * 2).min(max);
+    }
+}
+
+async fn tag_snapshots(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let snapshots: Vec<String> = serde_json::from_value(field(ctx, "wait_available", "snapshot_ids")?.clone())
+        .map_err(|e| StepError::Failed(format!("stored snapshot ids are unreadable: {e}")))?;
+    if snapshots.is_empty() {
+        return Ok(StepOutput { detail: "the AMI has no EBS snapshots to tag".into(), result: json!({}) });
+    }
+    let ec2 = ctx.ec2().await?;
+    let tags = tags(ctx);
+    retry_ec2("CreateTags", RETRY_BUDGET, || ec2.create_tags(&snapshots, &tags)).await?;
+    Ok(StepOutput { detail: format!("tagged {}", snapshots.join(", ")), result: json!({"tagged": snapshots}) })
+}
+
+async fn record(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let image_id = field(ctx, "create_image", "image_id")?.as_str().unwrap_or_default().to_owned();
+    let instance_id = field(ctx, "create_image", "instance_id")?.as_str().unwrap_or_default().to_owned();
+    let snapshot_ids: Vec<String> =
+        serde_json::from_value(field(ctx, "wait_available", "snapshot_ids")?.clone()).unwrap_or_default();
+    let app_state =
+        ctx.result_of("check_agent").and_then(|v| v.get("app_state")).and_then(|v| v.as_str()).unwrap_or("unknown");
+    let backup = Backup {
+        image_id: image_id.clone(),
+        site_id: ctx.site.id.clone(),
+        operation_id: ctx.op.id.clone(),
+        region: ctx.site.region.clone(),
+        instance_id,
+        snapshot_ids,
+        started_at_ms: ctx.op.created_at_ms,
+        completed_at_ms: now_ms(),
+        consistency: Consistency::Crash,
+        app_state: app_state.to_owned(),
+    };
+    ctx.engine.store.record_backup(&backup)?;
+    Ok(StepOutput { detail: format!("backup {image_id} recorded (crash-consistent)"), result: json!({"image_id": image_id}) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::ec2::{Ec2Error, Instance};
+
+    /// An EC2 whose image goes through scripted states, one per describe.
+    struct Scripted {
+        states: Mutex<Vec<&'static str>>,
+        describes: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl Ec2 for Scripted {
+        async fn find_images_by_tag(&self, _: &str, _: &str) -> Result<Vec<Image>, Ec2Error> {
+            Ok(vec![])
+        }
+        async fn create_image(&self, _: &CreateImage) -> Result<String, Ec2Error> {
+            Ok("ami-1".into())
+        }
+        async fn describe_images(&self, _: &[String]) -> Result<Vec<Image>, Ec2Error> {
+            *self.describes.lock().expect("lock") += 1;
+            let mut states = self.states.lock().expect("lock");
+            let state = if states.len() > 1 { states.remove(0) } else { states[0] };
+            if state == "throttle" {
+                return Err(Ec2Error::Throttled { op: "DescribeImages", message: "slow down".into() });
+            }
+            Ok(vec![Image {
+                id: "ami-1".into(),
+                state: state.into(),
+                state_reason: "boom".into(),
+                snapshot_ids: vec!["snap-1".into()],
+                tags: vec![],
+            }])
+        }
+        async fn create_tags(&self, _: &[String], _: &[(String, String)]) -> Result<(), Ec2Error> {
+            Ok(())
+        }
+        async fn describe_instance(&self, _: &str) -> Result<Option<Instance>, Ec2Error> {
+            Ok(None)
+        }
+    }
+
+    fn scripted(states: &[&'static str]) -> Scripted {
+        Scripted { states: Mutex::new(states.to_vec()), describes: Mutex::new(0) }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_through_pending_and_absorbs_throttling() {
+        let ec2 = scripted(&["pending", "throttle", "pending", "available"]);
+        let seen = Mutex::new(Vec::new());
+        let image = wait_available(&ec2, "ami-1", 5 * S, 60 * S, 3600 * S, |d| seen.lock().expect("lock").push(d))
+            .await
+            .expect("becomes available");
+        assert_eq!(image.snapshot_ids, vec!["snap-1".to_string()]);
+        assert_eq!(*ec2.describes.lock().expect("lock"), 4);
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.len(), 2, "one progress line per wait: {seen:?}");
+        assert!(seen[0].contains("ami-1 is pending"), "{}", seen[0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_image_fails_with_its_reason() {
+        let ec2 = scripted(&["pending", "failed"]);
+        let err = wait_available(&ec2, "ami-1", S, S, 3600 * S, |_| {}).await.expect_err("fails");
+        assert!(err.to_string().contains("became failed: boom"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_deadline_with_doubling_waits() {
+        let ec2 = scripted(&["pending"]);
+        let start = tokio::time::Instant::now();
+        let err = wait_available(&ec2, "ami-1", 5 * S, 40 * S, 100 * S, |_| {}).await.expect_err("times out");
+        assert!(err.to_string().contains("still pending"), "{err}");
+        assert_eq!(start.elapsed(), 100 * S);
+        // 5 + 10 + 20 + 40 = 75, then the last 25 s: five waits, six checks.
+        assert_eq!(*ec2.describes.lock().expect("lock"), 6);
+    }
+}

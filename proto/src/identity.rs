@@ -1,0 +1,220 @@
+//! Identities carried in certificates.
+//!
+//! Every certificate the product issues carries exactly one URI SAN:
+//!
+//! - agents:    `spiffe://<trust-domain>/site/<site-id>`
+//! - operators: `spiffe://<trust-domain>/operator/<name>`
+//!
+//! The controller's own certificate carries DNS/IP SANs instead (rustls checks
+//! those). Nothing in a message is trusted to say who a peer is: the
+//! controller reads the identity from the verified peer certificate with
+//! [`peer_identity`] and authorizes it with [`Identity::require_site`] /
+//! [`Identity::require_operator`].
+
+use std::fmt;
+
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+/// What a certificate says its holder is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A services machine's agent, for one site.
+    Site(String),
+    /// A human or automation driving the admin API.
+    Operator(String),
+}
+
+/// A parsed `spiffe://<trust-domain>/<kind>/<name>` identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("the peer certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("the peer certificate carries {0} spiffe:// URI SANs; exactly one is required")]
+    UriCount(usize),
+    #[error("`{uri}` is not a valid identity: {why}")]
+    BadUri { uri: String, why: &'static str },
+    #[error("identity {got} belongs to trust domain `{got_domain}`, expected `{expected}`")]
+    WrongTrustDomain { got: String, got_domain: String, expected: String },
+    #[error("identity {0} is not allowed here: a site (agent) certificate is required")]
+    NotASite(String),
+    #[error("identity {0} is not allowed here: an operator certificate is required")]
+    NotAnOperator(String),
+}
+
+/// Checks a site id or operator name: 1 to 63 characters of lower-case
+/// ASCII letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("a name must be 1 to 63 characters long");
+    }
+    let first = name.as_bytes()[0];
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return Err("a name must start with a lower-case letter or a digit");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("a name may contain only a-z, 0-9, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Checks a trust domain: a DNS-like name of lower-case labels.
+pub fn validate_trust_domain(domain: &str) -> Result<(), &'static str> {
+    if domain.is_empty() || domain.len() > 255 {
+        return Err("a trust domain must be 1 to 255 characters long");
+    }
+    if !domain
+        .split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+    {
+        return Err("a trust domain is dot-separated labels of a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+impl Identity {
+    pub fn site(trust_domain: &str, site_id: &str) -> Self {
+        Identity { trust_domain: trust_domain.to_owned(), role: Role::Site(site_id.to_owned()) }
+    }
+
+    pub fn operator(trust_domain: &str, name: &str) -> Self {
+        Identity { trust_domain: trust_domain.to_owned(), role: Role::Operator(name.to_owned()) }
+    }
+
+    /// The URI to put in a certificate's SAN.
+    pub fn uri(&self) -> String {
+        self.to_string()
+    }
+
+    /// Parses `spiffe://<trust-domain>/site/<id>` or `.../operator/<name>`.
+    pub fn parse(uri: &str) -> Result<Self, IdentityError> {
+        let bad = |why| IdentityError::BadUri { uri: uri.to_owned(), why };
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(|| bad("it does not start with spiffe://"))?;
+        let mut parts = rest.split('/');
+        let (Some(domain), Some(kind), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("expected spiffe://<trust-domain>/<site|operator>/<name>"));
+        };
+        validate_trust_domain(domain).map_err(bad)?;
+        validate_name(name).map_err(bad)?;
+        let role = match kind {
+            "site" => Role::Site(name.to_owned()),
+            "operator" => Role::Operator(name.to_owned()),
+            _ => return Err(bad("the kind must be `site` or `operator`")),
+        };
+        Ok(Identity { trust_domain: domain.to_owned(), role })
+    }
+
+    /// Reads the single spiffe:// URI SAN of a DER certificate.
+    pub fn from_certificate_der(der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let mut uris = Vec::new();
+        for ext in cert.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        if uri.starts_with("spiffe://") {
+                            uris.push(*uri);
+                        }
+                    }
+                }
+            }
+        }
+        match uris.as_slice() {
+            [uri] => Identity::parse(uri),
+            other => Err(IdentityError::UriCount(other.len())),
+        }
+    }
+
+    fn check_domain(&self, expected: &str) -> Result<(), IdentityError> {
+        if self.trust_domain != expected {
+            return Err(IdentityError::WrongTrustDomain {
+                got: self.to_string(),
+                got_domain: self.trust_domain.clone(),
+                expected: expected.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The site id, if this is a site identity in `trust_domain`.
+    pub fn require_site(&self, trust_domain: &str) -> Result<&str, IdentityError> {
+        self.check_domain(trust_domain)?;
+        match &self.role {
+            Role::Site(id) => Ok(id),
+            Role::Operator(_) => Err(IdentityError::NotASite(self.to_string())),
+        }
+    }
+
+    /// The operator name, if this is an operator identity in `trust_domain`.
+    pub fn require_operator(&self, trust_domain: &str) -> Result<&str, IdentityError> {
+        self.check_domain(trust_domain)?;
+        match &self.role {
+            Role::Operator(name) => Ok(name),
+            Role::Site(_) => Err(IdentityError::NotAnOperator(self.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, name) = match &self.role {
+            Role::Site(id) => ("site", id),
+            Role::Operator(name) => ("operator", name),
+        };
+        write!(f, "spiffe://{}/{}/{}", self.trust_domain, kind, name)
+    }
+}
+
+/// The identity of the peer of a gRPC request, from its verified client
+/// certificate (the chain was already checked against our CA by rustls).
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, IdentityError> {
+    let certs = request.peer_certs().ok_or(IdentityError::NoCertificate)?;
+    let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
+    Identity::from_certificate_der(leaf.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_both_kinds() {
+        let site = Identity::parse("spiffe://dr.example.com/site/prod-eu-1").expect("valid site uri");
+        assert_eq!(site.role, Role::Site("prod-eu-1".into()));
+        assert_eq!(site.to_string(), "spiffe://dr.example.com/site/prod-eu-1");
+        let op = Identity::parse("spiffe://dr.example.com/operator/alice").expect("valid operator uri");
+        assert_eq!(op.require_operator("dr.example.com"), Ok("alice"));
+        assert!(matches!(op.require_site("dr.example.com"), Err(IdentityError::NotASite(_))));
+        assert!(matches!(site.require_operator("dr.example.com"), Err(IdentityError::NotAnOperator(_))));
+        assert!(matches!(site.require_site("other.example"), Err(IdentityError::WrongTrustDomain { .. })));
+    }
+
+    #[test]
+    fn rejects_malformed_uris() {
+        for bad in [
+            "https://dr.example.com/site/a",
+            "spiffe://dr.example.com/site",
+            "spiffe://dr.example.com/site/a/b",
+            "spiffe://dr.example.com/admin/a",
+            "spiffe://dr.example.com/site/A",
+            "spiffe://dr.example.com/site/..",
+            "spiffe://dr.example.com/site/",
+            "spiffe:///site/a",
+            "spiffe://DR.example.com/site/a",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad} must be rejected");
+        }
+    }
+}

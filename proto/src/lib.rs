@@ -1,0 +1,17 @@
+//! The wire shared by dr-agent, dr-controller and drctl.
+//!
+//! - [`pb`]: code generated from `proto/dr.proto` (messages, clients, servers).
+//!   Generated types stay at the edges: each binary converts them to its own
+//!   domain types at the gRPC boundary.
+//! - [`identity`]: the SPIFFE-style identities carried in certificates.
+//! - [`tls`]: loading PEM material and building the rustls configurations
+//!   both ends use (TLS 1.3, client certificates required, aws-lc provider).
+
+pub mod identity;
+pub mod tls;
+
+/// Generated protobuf and gRPC code (package `dr.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("dr.v1");
+}
