@@ -179,10 +179,10 @@ impl Config {
         if let Some(url) = &self.controller_url {
             controller_host(url).map_err(|m| invalid("controller_url", m))?;
         }
-        if let Some(name) = &self.controller_name {
-            if name.is_empty() || name.contains(|c: char| c == '/' || c.is_whitespace()) {
-                return Err(invalid("controller_name", format!("`{name}` is not a DNS name or IP address")));
-            }
+        if let Some(name) = &self.controller_name
+            && (name.is_empty() || name.contains(|c: char| c == '/' || c.is_whitespace()))
+        {
+            return Err(invalid("controller_name", format!("`{name}` is not a DNS name or IP address")));
         }
         if !self.imds.endpoint.starts_with("http://") {
             return Err(invalid(

@@ -321,10 +321,10 @@ struct InflightGuard<'a> {
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        if !self.keep {
-            if let Ok(mut map) = self.journal.inflight.lock() {
-                map.remove(self.id);
-            }
+        if !self.keep
+            && let Ok(mut map) = self.journal.inflight.lock()
+        {
+            map.remove(self.id);
         }
     }
 }

@@ -49,6 +49,9 @@ enum Command {
         /// Root of the machine's filesystem (overrides the configuration).
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Path of replicatedctl, for the app state (overrides the configuration).
+        #[arg(long)]
+        replicatedctl: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
     },
@@ -89,7 +92,6 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
-            tracing::error!(error = %message, "dr-agent failed");
             eprintln!("dr-agent: {message}");
             ExitCode::from(code)
         }
@@ -113,13 +115,16 @@ async fn dispatch(command: Command) -> Result<(), (u8, String)> {
             print!("{}", commands::render_app_status(&status, output.into()));
             Ok(())
         }
-        Command::Facts { config, imds_endpoint, root, output } => {
+        Command::Facts { config, imds_endpoint, root, replicatedctl, output } => {
             let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;
             if let Some(endpoint) = imds_endpoint {
                 cfg.imds.endpoint = endpoint;
             }
             if let Some(root) = root {
                 cfg.root = root;
+            }
+            if let Some(path) = replicatedctl {
+                cfg.replicated.replicatedctl = path;
             }
             cfg.validate("command line").map_err(config_err)?;
             let facts = commands::gather_facts(&cfg).await.map_err(|e| (1, e.to_string()))?;

@@ -116,6 +116,7 @@ pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
 }
 
 /// A wire command, or the error answer to send for it.
+#[allow(clippy::result_large_err)] // built once per command; boxing buys nothing
 pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
     let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
     let action = match c.kind {
@@ -259,8 +260,8 @@ impl Agent {
     /// One session: connect, Hello, Welcome, then heartbeats and commands
     /// until the stream ends. `on_welcome` is called once the session is up.
     async fn session(self: &Arc<Self>, on_welcome: &mut dyn FnMut()) -> Result<(), SessionError> {
-        let facts = self.gather_facts().await?;
         let channel = self.connect().await?;
+        let facts = self.gather_facts().await?;
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTGOING_CAPACITY);
         let hello = pb::Hello {

@@ -1,0 +1,647 @@
+//! End-to-end harness: real processes (dr-controller, dr-agent, drctl, the
+//! simulators) wired together on loopback, EC2 played by moto's server.
+//!
+//! Nothing here reaches beyond 127.0.0.0/8: every child gets static AWS
+//! credentials, `AWS_EC2_METADATA_DISABLED=true` and explicit endpoints.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dr_controller::pki::{self, Subject, Validity};
+
+pub const REGION: &str = "us-east-1";
+pub const TRUST_DOMAIN: &str = "dr.test";
+
+/// Retries an assertion until it holds or the timeout passes (then panics
+/// with the last failure).
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $check:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + $timeout;
+        loop {
+            if $check {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("not true within {:?}: {}", $timeout, format!($($msg)+));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }};
+}
+
+/// Environment every child process gets: nothing may reach a real AWS or
+/// the instance metadata address.
+pub fn aws_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_SESSION_TOKEN", "testing")
+        .env("AWS_REGION", REGION)
+        .env("AWS_DEFAULT_REGION", REGION)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_CONFIG_FILE")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+}
+
+/// A built binary of the workspace (tests/run.sh builds them all first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    assert_eventually!(timeout, std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} to accept");
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd.stdout(out).stderr(err).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc { child, name: name.to_owned() }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on a child pid we own.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// moto's EC2 server on a loopback port.
+pub struct Moto {
+    pub url: String,
+    _proc: Proc,
+}
+
+impl Moto {
+    pub fn start(dir: &Path) -> Moto {
+        let server = std::env::var("DR_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|_| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+            root.join(".venv/bin/moto_server")
+        });
+        assert!(server.exists(), "{} is missing: tests/run.sh installs moto[server] into .venv", server.display());
+        let port = free_port();
+        let proc = Proc::spawn(
+            "moto",
+            aws_env(Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()])),
+            &dir.join("moto.log"),
+        );
+        wait_for_port(port, Duration::from_secs(30));
+        Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
+    }
+
+    pub async fn client(&self) -> aws_sdk_ec2::Client {
+        let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
+        let config = aws_sdk_ec2::config::Builder::new()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new(REGION))
+            .credentials_provider(creds)
+            .endpoint_url(&self.url)
+            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+}
+
+/// An instance registered in moto: the services machine to protect.
+pub struct Instance {
+    pub id: String,
+    pub private_ip: String,
+    pub public_ip: String,
+}
+
+pub async fn launch_instance(ec2: &aws_sdk_ec2::Client) -> Instance {
+    let images = ec2.describe_images().owners("amazon").send().await.expect("moto lists its stock AMIs");
+    let ami = images.images().first().and_then(|i| i.image_id()).expect("moto has a stock AMI").to_owned();
+    let out = ec2
+        .run_instances()
+        .image_id(ami)
+        .instance_type(aws_sdk_ec2::types::InstanceType::M5Xlarge)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances");
+    let i = &out.instances()[0];
+    Instance {
+        id: i.instance_id().expect("id").to_owned(),
+        private_ip: i.private_ip_address().expect("private ip").to_owned(),
+        public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+    }
+}
+
+/// AMIs carrying tag `key=value`.
+pub async fn images_tagged(ec2: &aws_sdk_ec2::Client, key: &str, value: &str) -> Vec<aws_sdk_ec2::types::Image> {
+    ec2.describe_images()
+        .owners("self")
+        .filters(aws_sdk_ec2::types::Filter::builder().name(format!("tag:{key}")).values(value).build())
+        .send()
+        .await
+        .expect("DescribeImages")
+        .images()
+        .to_vec()
+}
+
+/// The deployment's certificates.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let dir = dir.join("pki");
+        pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1)).expect("CA");
+        pki::issue(
+            &dir,
+            &Subject::Controller { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] },
+            Validity::days(1),
+            &dir,
+            "controller",
+        )
+        .expect("controller cert");
+        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1), &dir, "operator-tester").expect("operator");
+        Pki { dir }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues (once) and returns (cert, key) of a site's agent.
+    pub fn site(&self, site: &str) -> (PathBuf, PathBuf) {
+        let stem = format!("site-{site}");
+        let cert = self.dir.join(format!("{stem}.pem"));
+        if !cert.exists() {
+            pki::issue(&self.dir, &Subject::Site(site.into()), Validity::days(1), &self.dir, &stem).expect("site cert");
+        }
+        (cert, self.dir.join(format!("{stem}.key")))
+    }
+
+    pub fn operator(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("operator-tester.pem"), self.dir.join("operator-tester.key"))
+    }
+}
+
+/// A fake instance metadata service for one simulated host.
+pub struct Imds {
+    pub url: String,
+    _proc: Proc,
+}
+
+impl Imds {
+    pub fn start(dir: &Path, instance: &Instance, public_ip: Option<&str>) -> Imds {
+        let mut cmd = Command::new(bin("dr-sim-imds"));
+        cmd.args(["--listen", "127.0.0.1:0", "--instance-id", &instance.id, "--private-ip", &instance.private_ip]);
+        if let Some(ip) = public_ip {
+            cmd.args(["--public-ip", ip]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn dr-sim-imds");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read IMDS address");
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected IMDS line {line:?}"));
+        let _ = dir;
+        Imds { url: format!("http://{addr}"), _proc: Proc { child, name: "imds".into() } }
+    }
+}
+
+/// A temporary root shaped like a Debian services machine.
+pub fn services_machine_root(dir: &Path, private_ip: &str, public_ip: &str) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("etc/default")).expect("mkdir");
+    std::fs::create_dir_all(root.join("opt/nomad/server/raft")).expect("mkdir");
+    std::fs::create_dir_all(root.join("var/lib/dr-sim")).expect("mkdir");
+    let node = format!("ip-{}.ec2.internal", private_ip.replace('.', "-"));
+    std::fs::write(
+        root.join("etc/default/replicated"),
+        format!(
+            "RELEASE_CHANNEL=stable\nPRIVATE_ADDRESS={private_ip}\nSKIP_OPERATOR_INSTALL=0\nREPLICATED_OPTS=\" -e DAEMON_TOKEN=abc123 -e LOG_LEVEL=info -e NODENAME={node}\"\nREPLICATED_UI_OPTS=\"\"\n"
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        root.join("etc/default/replicated-operator"),
+        format!(
+            "RELEASE_CHANNEL=stable\nDAEMON_ENDPOINT={private_ip}:9879\nDAEMON_TOKEN=abc123\nDAEMON_HOST={private_ip}\nPRIVATE_ADDRESS={private_ip}\nREPLICATED_OPERATOR_OPTS=\" -e PUBLIC_ADDRESS={public_ip} -e TAGS=local -e LOG_LEVEL=info -e NODENAME={node}\"\n"
+        ),
+    )
+    .expect("write");
+    std::fs::write(root.join("opt/nomad/server/raft/raft.db"), b"raft").expect("write");
+    root
+}
+
+/// Options of a controller under test.
+#[derive(Clone)]
+pub struct ControllerSpec {
+    pub port: u16,
+    pub heartbeat: &'static str,
+    pub poll_initial: &'static str,
+    pub sites: Vec<(String, String)>,
+}
+
+/// A dr-controller process with its config and store in `dir`.
+pub struct Controller {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+    pub config: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Controller {
+    pub fn write_config(dir: &Path, pki: &Pki, moto: &Moto, spec: &ControllerSpec) -> PathBuf {
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nheartbeat_interval = \"{}\"\nshutdown_grace = \"3s\"\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
+             [store]\npath = \"{}\"\n\n[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n\n\
+             [backup]\npoll_initial = \"{}\"\npoll_max = \"5s\"\ntimeout = \"10m\"\nagent_call_timeout = \"10s\"\n",
+            spec.port,
+            spec.heartbeat,
+            pki.ca().display(),
+            pki.dir.join("controller.pem").display(),
+            pki.dir.join("controller.key").display(),
+            dir.join("state.db").display(),
+            moto.url,
+            spec.poll_initial,
+        );
+        for (id, instance) in &spec.sites {
+            text.push_str(&format!("\n[[site]]\nid = \"{id}\"\ninstance_id = \"{instance}\"\n"));
+        }
+        let path = dir.join("controller.toml");
+        std::fs::write(&path, text).expect("write controller config");
+        path
+    }
+
+    pub fn start(dir: &Path, pki: &Pki, moto: &Moto, spec: &ControllerSpec) -> Controller {
+        let config = Self::write_config(dir, pki, moto, spec);
+        let mut c = Controller {
+            dir: dir.to_owned(),
+            port: spec.port,
+            url: format!("https://127.0.0.1:{}", spec.port),
+            config,
+            proc: None,
+        };
+        c.restart(&[]);
+        c
+    }
+
+    /// Starts the process again (after a kill), with extra environment.
+    pub fn restart(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(bin("dr-controller"));
+        aws_env(&mut cmd).arg("--config").arg(&self.config).env("RUST_LOG", "info,aws=warn,h2=warn,hyper=warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.proc = Some(Proc::spawn("dr-controller", &mut cmd, &self.dir.join("controller.log")));
+        wait_for_port(self.port, Duration::from_secs(30));
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+}
+
+/// A dr-agent process for one simulated services machine.
+pub struct Agent {
+    pub config: PathBuf,
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, pki: &Pki, site: &str, controller_url: &str, imds: &Imds, root: &Path) -> Agent {
+        let (cert, key) = pki.site(site);
+        let state_dir = dir.join(format!("agent-{site}"));
+        std::fs::create_dir_all(&state_dir).expect("mkdir");
+        let config = state_dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "site_id = \"{site}\"\ncontroller_url = \"{controller_url}\"\nstate_dir = \"{}\"\nroot = \"{}\"\n\n\
+                 [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[imds]\nendpoint = \"{}\"\n\n\
+                 [replicated]\nreplicatedctl = \"{}\"\n\n[reconnect]\ninitial = \"200ms\"\nmax = \"2s\"\n",
+                state_dir.display(),
+                root.display(),
+                pki.ca().display(),
+                cert.display(),
+                key.display(),
+                imds.url,
+                bin("dr-sim-replicatedctl").display(),
+            ),
+        )
+        .expect("write agent config");
+        let mut a = Agent { config, root: root.to_owned(), log: state_dir.join("agent.log"), state_dir, proc: None };
+        a.restart();
+        a
+    }
+
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(bin("dr-agent"));
+        aws_env(&mut cmd)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("DR_SIM_STATE_DIR", self.root.join("var/lib/dr-sim"))
+            .env("RUST_LOG", "info");
+        self.proc = Some(Proc::spawn("dr-agent", &mut cmd, &self.log));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Calls the simulated replicatedctl has received, by argument list.
+    pub fn replicatedctl_calls(&self, args: &str) -> usize {
+        let log = std::fs::read_to_string(self.root.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                    == Some(args.to_owned())
+            })
+            .count()
+    }
+}
+
+/// Runs drctl against a controller with the given client certificate.
+pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("drctl"));
+    aws_env(&mut cmd)
+        .env("DRCTL_CONTROLLER", controller_url)
+        .env("DRCTL_CA", ca)
+        .env("DRCTL_CERT", cert)
+        .env("DRCTL_KEY", key)
+        .env_remove("DRCTL_CONFIG")
+        .args(args)
+        .output()
+        .expect("run drctl")
+}
+
+/// Runs drctl as the test operator.
+pub fn drctl(pki: &Pki, controller_url: &str, args: &[&str]) -> Output {
+    let (cert, key) = pki.operator();
+    drctl_as(controller_url, &pki.ca(), &cert, &key, args)
+}
+
+/// drctl's JSON output, or a panic showing what it printed.
+pub fn drctl_json(pki: &Pki, controller_url: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let out = drctl(pki, controller_url, &all);
+    assert!(out.status.success(), "drctl {args:?} failed: {}{}", text(&out.stdout), text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drctl {args:?} printed no JSON ({e}): {}", text(&out.stdout)))
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The status entry of one site.
+pub fn site_status(pki: &Pki, controller_url: &str, site: &str) -> serde_json::Value {
+    let status = drctl_json(pki, controller_url, &["status"]);
+    status["sites"].as_array().and_then(|s| s.iter().find(|x| x["site_id"] == site).cloned()).unwrap_or_default()
+}
+
+pub fn agent_connected(pki: &Pki, controller_url: &str, site: &str) -> bool {
+    let s = site_status(pki, controller_url, site);
+    s["agent"]["connected"] == true && s["agent"]["role"] == "primary"
+}
+
+/// A full single-site world: moto, PKI, one instance, its simulated machine
+/// with IMDS, a controller and an agent.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub moto: Moto,
+    pub pki: Pki,
+    pub instance: Instance,
+    pub imds: Imds,
+    pub controller: Controller,
+    pub agent: Agent,
+    pub site: String,
+}
+
+impl World {
+    pub async fn start(site: &str, poll_initial: &'static str) -> World {
+        Self::start_with(site, poll_initial, &[]).await
+    }
+
+    /// Like [`World::start`], with more configured sites (id, instance id)
+    /// that have no agent.
+    pub async fn start_with(site: &str, poll_initial: &'static str, extra_sites: &[(&str, &str)]) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let moto = Moto::start(dir.path());
+        let ec2 = moto.client().await;
+        let instance = launch_instance(&ec2).await;
+        let pki = Pki::new(dir.path());
+        let public = Some(instance.public_ip.as_str()).filter(|p| !p.is_empty());
+        let imds = Imds::start(dir.path(), &instance, public);
+        let root = services_machine_root(dir.path(), &instance.private_ip, public.unwrap_or("54.10.20.30"));
+        let spec = ControllerSpec {
+            port: free_port(),
+            heartbeat: "1s",
+            poll_initial,
+            sites: std::iter::once((site.to_owned(), instance.id.clone()))
+                .chain(extra_sites.iter().map(|(s, i)| (s.to_string(), i.to_string())))
+                .collect(),
+        };
+        let controller = Controller::start(dir.path(), &pki, &moto, &spec);
+        let agent = Agent::start(dir.path(), &pki, site, &controller.url, &imds, &root);
+        World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned() }
+    }
+
+    pub fn wait_agent(&self) {
+        assert_eventually!(
+            Duration::from_secs(30),
+            agent_connected(&self.pki, &self.controller.url, &self.site),
+            "agent of {} connected as primary; agent log:\n{}\ncontroller log:\n{}",
+            self.site,
+            self.agent.log(),
+            self.controller.log()
+        );
+    }
+}
+
+/// A scriptable stand-in for the controller's agent stream (real TLS, real
+/// certificates): each agent session is handed to the test, which sends
+/// commands and reads what the agent answers.
+pub mod fake_control_plane {
+    use std::pin::Pin;
+    use std::time::Duration;
+
+    use dr_proto::pb;
+    use tokio::sync::mpsc;
+    use tokio_stream::StreamExt;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::Pki;
+
+    pub struct FakeSession {
+        pub hello: pb::Hello,
+        to_agent: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+        from_agent: mpsc::Receiver<pb::AgentMessage>,
+    }
+
+    impl FakeSession {
+        pub async fn send_command(&self, id: &str) {
+            let cmd = pb::Command {
+                id: id.to_owned(),
+                deadline_ms: 10_000,
+                kind: Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})),
+            };
+            self.to_agent
+                .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(cmd)) }))
+                .await
+                .expect("agent stream open");
+        }
+
+        /// The next command result, skipping heartbeats.
+        pub async fn next_result(&mut self) -> pb::CommandResult {
+            loop {
+                let msg = tokio::time::timeout(Duration::from_secs(20), self.from_agent.recv())
+                    .await
+                    .expect("a result within 20s")
+                    .expect("agent stream open");
+                if let Some(pb::agent_message::Msg::Result(r)) = msg.msg {
+                    return r;
+                }
+            }
+        }
+    }
+
+    pub struct FakeControlPlane {
+        pub url: String,
+        pub sessions: mpsc::Receiver<FakeSession>,
+    }
+
+    #[derive(Clone)]
+    struct Service {
+        sessions: mpsc::Sender<FakeSession>,
+        heartbeat_ms: u32,
+    }
+
+    type Out = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl pb::agent_service_server::AgentService for Service {
+        type SessionStream = Out;
+
+        async fn session(
+            &self,
+            request: Request<Streaming<pb::AgentMessage>>,
+        ) -> Result<Response<Self::SessionStream>, Status> {
+            let mut inbound = request.into_inner();
+            let Some(Ok(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })) = inbound.next().await
+            else {
+                return Err(Status::invalid_argument("expected Hello"));
+            };
+            let (to_agent, rx) = mpsc::channel(16);
+            let (from_tx, from_agent) = mpsc::channel(64);
+            let welcome =
+                pb::Welcome { heartbeat_interval_ms: self.heartbeat_ms, role: "primary".into(), reason: String::new() };
+            to_agent
+                .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }))
+                .await
+                .map_err(|_| Status::internal("closed"))?;
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = inbound.next().await {
+                    if from_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let _ = self.sessions.send(FakeSession { hello, to_agent, from_agent }).await;
+            let out: Out = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(out))
+        }
+    }
+
+    impl FakeControlPlane {
+        /// Serves on a free loopback port with the PKI's controller cert.
+        /// Heartbeats are set to 5 minutes so that only commands and Hellos
+        /// run steps on the agent.
+        pub async fn start(pki: &Pki) -> FakeControlPlane {
+            dr_proto::tls::install_crypto_provider();
+            let files = dr_proto::tls::TlsFiles {
+                ca: pki.ca(),
+                cert: pki.dir.join("controller.pem"),
+                key: pki.dir.join("controller.key"),
+            };
+            let config = dr_proto::tls::server_config(&files).expect("server TLS");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let incoming = dr_controller::server::tls_incoming(listener, config, Duration::from_secs(5));
+            let (tx, sessions) = mpsc::channel(8);
+            let svc = Service { sessions: tx, heartbeat_ms: 300_000 };
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(pb::agent_service_server::AgentServiceServer::new(svc))
+                    .serve_with_incoming(incoming),
+            );
+            FakeControlPlane { url: format!("https://127.0.0.1:{port}"), sessions }
+        }
+
+        pub async fn next_session(&mut self) -> FakeSession {
+            tokio::time::timeout(Duration::from_secs(30), self.sessions.recv())
+                .await
+                .expect("an agent session within 30s")
+                .expect("server running")
+        }
+    }
+}

@@ -159,18 +159,33 @@ fn rfc3339(ms: u64) -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
 }
 
+/// One element of `app status`, fields in the order replicatedctl prints them.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct StatusJson<'a> {
+    #[serde(rename = "AppID")]
+    app_id: &'a str,
+    sequence: u64,
+    state: &'a str,
+    desired_state: &'a str,
+    error: &'a str,
+    is_cancellable: bool,
+    is_transitioning: bool,
+    last_modified_at: String,
+}
+
 fn status_json(s: &SimState) -> String {
-    let obj = serde_json::json!([{
-        "AppID": APP_ID,
-        "Sequence": s.sequence,
-        "State": s.state,
-        "DesiredState": s.desired_state,
-        "Error": "",
-        "IsCancellable": s.transitioning(),
-        "IsTransitioning": s.transitioning(),
-        "LastModifiedAt": rfc3339(s.last_modified_ms),
-    }]);
-    serde_json::to_string(&obj).expect("status serializes")
+    let one = StatusJson {
+        app_id: APP_ID,
+        sequence: s.sequence,
+        state: &s.state,
+        desired_state: &s.desired_state,
+        error: "",
+        is_cancellable: s.transitioning(),
+        is_transitioning: s.transitioning(),
+        last_modified_at: rfc3339(s.last_modified_ms),
+    };
+    serde_json::to_string(&[one]).expect("status serializes")
 }
 
 /// The subcommand name used by DR_SIM_FAIL / DR_SIM_DELAY: the first two words.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs (a
+# Python venv with moto's EC2 server), builds every binary, runs every test.
+#
+#   tests/run.sh                 # everything
+#   tests/run.sh -p dr-agent     # extra arguments go to `cargo test`
+#
+# Environment: DR_VENV (default: <repo>/.venv), CARGO_TARGET_DIR (optional
+# build cache). Nothing here or in the tests talks to anything but loopback.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+start=$(date +%s)
+
+venv=${DR_VENV:-$repo/.venv}
+if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
+  echo "== installing moto[server]==5.2.5 into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
+fi
+export DR_MOTO_SERVER="$venv/bin/moto_server"
+
+# Never let the AWS SDK look for credentials or a region on the network.
+export AWS_EC2_METADATA_DISABLED=true
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+
+echo "== building"
+cargo build --workspace --bins --locked
+echo "== testing"
+# The end-to-end tests start several processes each: two at a time fits a
+# 2-core machine.
+cargo test --workspace --locked "$@" -- --test-threads 2
+echo "== tests/run.sh took $(( $(date +%s) - start ))s"
