@@ -289,8 +289,9 @@ impl Agent {
         on_welcome();
         log_welcome(&welcome);
 
-        let mut ticker = tokio::time::interval(welcome.heartbeat_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The Hello just carried fresh facts: the first heartbeat is due one
+        // interval from now, not at once.
+        let mut ticker = heartbeat_ticker(welcome.heartbeat_interval);
         let mut seq: u64 = 0;
         loop {
             tokio::select! {
@@ -302,8 +303,7 @@ impl Agent {
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::Welcome(w)) }) => {
                         welcome = welcome_from_pb(&w);
                         log_welcome(&welcome);
-                        ticker = tokio::time::interval(welcome.heartbeat_interval);
-                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        ticker = heartbeat_ticker(welcome.heartbeat_interval);
                     }
                     Some(pb::ControllerMessage { msg: None }) => {
                         tracing::warn!("ignoring an empty or unknown controller message");
@@ -379,6 +379,12 @@ impl Agent {
             }
         }
     }
+}
+
+fn heartbeat_ticker(every: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
 }
 
 fn log_welcome(w: &Welcome) {

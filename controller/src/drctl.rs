@@ -124,6 +124,61 @@ impl Connection {
         Ok(AdminServiceClient::new(channel))
     }
 
+    /// After a transport failure: was it the controller refusing our
+    /// certificate? TLS 1.3 delivers that verdict as an alert after the
+    /// client's side of the handshake, which gRPC reports as a broken pipe,
+    /// so a direct handshake is made to read the alert. Returns the reason
+    /// when the controller refused us; `None` when the handshake is fine or
+    /// the controller cannot be reached at all.
+    pub async fn diagnose_tls(&self) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let authority = self.url.split("://").nth(1)?.split('/').next()?.to_owned();
+        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&authority))
+            .await
+            .ok()?
+            .ok()?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in dr_proto::tls::load_certs(&self.tls.ca).ok()? {
+            roots.add(ca).ok()?;
+        }
+        let certs = dr_proto::tls::load_certs(&self.tls.cert).ok()?;
+        let key = dr_proto::tls::load_key(&self.tls.key).ok()?;
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .ok()?;
+        let name = rustls::pki_types::ServerName::try_from(self.server_name.clone()).ok()?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut tls = match connector.connect(name, tcp).await {
+            Ok(tls) => tls,
+            Err(e) => return Some(e.to_string()),
+        };
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Refines an "unreachable" error into "refused" when a direct TLS
+    /// handshake shows the controller rejecting our certificate.
+    pub async fn explain(&self, e: CliError) -> CliError {
+        match e {
+            CliError::Unreachable { .. } => match self.diagnose_tls().await {
+                Some(reason) => CliError::Rejected(format!(
+                    "TLS handshake with {} refused: {reason} (is the certificate from this deployment's CA, unexpired, and of the right kind?)",
+                    self.url
+                )),
+                None => e,
+            },
+            other => other,
+        }
+    }
+
     fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> CliError {
         let cause = error_chain(e);
         if looks_like_tls_refusal(&cause) {

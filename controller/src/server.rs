@@ -43,6 +43,11 @@ pub fn tls_incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
+                    // A TCP probe (load balancer, port check) closes without a
+                    // handshake: not worth a warning.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "connection closed before a TLS handshake")
+                    }
                     Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::warn!(%peer, timeout = ?handshake_timeout, "TLS handshake timed out"),
                 }

@@ -16,7 +16,7 @@ fn start_backup(w: &World) -> String {
 }
 
 fn wait_succeeded(w: &World, op: &str) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
+    let mut last;
     assert_eventually!(
         Duration::from_secs(60),
         {
@@ -74,7 +74,8 @@ async fn sigkill_while_waiting_for_the_ami_resumes_without_a_duplicate() {
     let done = wait_succeeded(&w, &op);
     assert_eq!(done["steps"][1]["attempts"], 1, "create_image was not run again");
     assert_eq!(operation_tagged_images(&w, &op).await, 1);
-    assert!(w.controller.log().contains("resuming operation after a restart"));
+    let log = w.controller.log();
+    assert!(log.contains("resuming operation after a restart"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

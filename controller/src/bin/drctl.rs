@@ -138,20 +138,21 @@ fn parse_time(s: &str, flag: &str) -> Result<time::OffsetDateTime, CliError> {
 
 async fn run(args: Args) -> Result<ExitCode, CliError> {
     let output = args.output;
-    let connection = || {
-        Connection::resolve(
-            args.config.clone(),
-            args.controller.clone(),
-            args.server_name.clone(),
-            args.ca.clone(),
-            args.cert.clone(),
-            args.key.clone(),
-        )
-    };
-    match args.command {
-        Command::Pki { command } => pki_command(command, output),
+    if let Command::Pki { command } = args.command {
+        return pki_command(command, output);
+    }
+    let conn = Connection::resolve(args.config, args.controller, args.server_name, args.ca, args.cert, args.key)?;
+    match remote(&conn, args.command, output).await {
+        Ok(code) => Ok(code),
+        Err(e) => Err(conn.explain(e).await),
+    }
+}
+
+/// The commands that talk to the controller.
+async fn remote(conn: &Connection, command: Command, output: Output) -> Result<ExitCode, CliError> {
+    match command {
+        Command::Pki { .. } => unreachable!("handled before connecting"),
         Command::Status => {
-            let conn = connection()?;
             let mut client = conn.connect().await?;
             let reply = client.status(pb::StatusRequest {}).await.map_err(|s| conn.status_error(s))?.into_inner();
             let sites: Vec<_> = reply.sites.into_iter().map(|s| drctl::site_view(s, reply.now_ms)).collect();
@@ -162,7 +163,6 @@ async fn run(args: Args) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup { site, wait } => {
-            let conn = connection()?;
             let mut client = conn.connect().await?;
             let id = client
                 .start_backup(pb::StartBackupRequest { site_id: site.clone() })
@@ -180,13 +180,12 @@ async fn run(args: Args) -> Result<ExitCode, CliError> {
             if output == Output::Text {
                 println!("Backup of {site} started: operation {id}");
             }
-            finish(drctl::watch(&conn, &mut client, &id, output).await?, output)
+            finish(drctl::watch(conn, &mut client, &id, output).await?, output)
         }
         Command::Operation { id, wait } => {
-            let conn = connection()?;
             let mut client = conn.connect().await?;
             let op = if wait {
-                drctl::watch(&conn, &mut client, &id, output).await?
+                drctl::watch(conn, &mut client, &id, output).await?
             } else {
                 client
                     .get_operation(pb::OperationRef { operation_id: id })
@@ -197,7 +196,6 @@ async fn run(args: Args) -> Result<ExitCode, CliError> {
             finish(op, output)
         }
         Command::Backups { site } => {
-            let conn = connection()?;
             let mut client = conn.connect().await?;
             let reply = client
                 .list_backups(pb::ListBackupsRequest { site_id: site.clone() })

@@ -138,7 +138,8 @@ async fn wait_step(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
     })
 }
 
-/// Polls until `image_id` is available. Waits double from `first` up to
+/// Polls until `image_id` is available: the first check after `first`
+/// (a fresh AMI is never available at once), then waits doubling up to
 /// `max`; gives up after `budget`. Reports each wait through `progress`.
 pub async fn wait_available(
     ec2: &dyn Ec2,
@@ -150,11 +151,22 @@ pub async fn wait_available(
 ) -> Result<Image, StepError> {
     let start = tokio::time::Instant::now();
     let mut wait = first;
+    let mut state = String::from("not checked yet");
     let ids = [image_id.to_owned()];
     loop {
+        let elapsed = start.elapsed();
+        let sleep = wait.min(budget.saturating_sub(elapsed));
+        progress(format!(
+            "{image_id} is {state}; waited {} so far, next check in {}",
+            humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+            humantime::format_duration(Duration::from_secs(sleep.as_secs().max(1)))
+        ));
+        tokio::time::sleep(sleep).await;
+        wait = (wait * 2).min(max);
+
         let images = retry_ec2("DescribeImages", RETRY_BUDGET, || ec2.describe_images(&ids)).await?;
         let image = images.into_iter().find(|i| i.id == image_id);
-        let state = image.as_ref().map(|i| i.state.clone()).unwrap_or_else(|| "missing".into());
+        state = image.as_ref().map(|i| i.state.clone()).unwrap_or_else(|| "missing".into());
         match (state.as_str(), image) {
             ("available", Some(image)) => return Ok(image),
             ("failed" | "deregistered" | "invalid" | "error", image) => {
@@ -163,21 +175,12 @@ pub async fn wait_available(
             }
             _ => {}
         }
-        let elapsed = start.elapsed();
-        if elapsed >= budget {
+        if start.elapsed() >= budget {
             return Err(StepError::Failed(format!(
                 "{image_id} is still {state} after {}; giving up (backup.timeout)",
-                humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+                humantime::format_duration(Duration::from_secs(start.elapsed().as_secs()))
             )));
         }
-        let sleep = wait.min(budget - elapsed);
-        progress(format!(
-            "{image_id} is {state}; waited {} so far, next check in {}",
-            humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
-            humantime::format_duration(Duration::from_secs(sleep.as_secs().max(1)))
-        ));
-        tokio::time::sleep(sleep).await;
-        wait = (wait * 2).min(max);
     }
 }
 
@@ -278,8 +281,9 @@ mod tests {
         assert_eq!(image.snapshot_ids, vec!["snap-1".to_string()]);
         assert_eq!(*ec2.describes.lock().expect("lock"), 4);
         let seen = seen.lock().expect("lock");
-        assert_eq!(seen.len(), 2, "one progress line per wait: {seen:?}");
-        assert!(seen[0].contains("ami-1 is pending"), "{}", seen[0]);
+        assert_eq!(seen.len(), 3, "one progress line per wait: {seen:?}");
+        assert!(seen[0].contains("ami-1 is not checked yet"), "{}", seen[0]);
+        assert!(seen[1].contains("ami-1 is pending; waited 5s so far, next check in 10s"), "{}", seen[1]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -296,7 +300,7 @@ mod tests {
         let err = wait_available(&ec2, "ami-1", 5 * S, 40 * S, 100 * S, |_| {}).await.expect_err("times out");
         assert!(err.to_string().contains("still pending"), "{err}");
         assert_eq!(start.elapsed(), 100 * S);
-        // 5 + 10 + 20 + 40 = 75, then the last 25 s: five waits, six checks.
-        assert_eq!(*ec2.describes.lock().expect("lock"), 6);
+        // Checks at 5, 15, 35, 75 and (the budget's end) 100 s.
+        assert_eq!(*ec2.describes.lock().expect("lock"), 5);
     }
 }
