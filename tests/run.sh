@@ -12,13 +12,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 start=$(date +%s)
 
-venv=${DR_VENV:-$repo/.venv}
-if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
-  echo "== installing moto[server]==5.2.5 into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
-fi
-export DR_MOTO_SERVER="$venv/bin/moto_server"
+echo "== test dependencies"
+DR_MOTO_SERVER=$(tests/ensure-moto.sh)
+export DR_MOTO_SERVER
 
 # Never let the AWS SDK look for credentials or a region on the network.
 export AWS_EC2_METADATA_DISABLED=true

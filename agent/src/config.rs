@@ -233,6 +233,13 @@ pub fn controller_host(url: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = std::path::Path::new("deploy/agent.example.toml");
+        let c = super::Config::parse(include_str!("../../deploy/agent.example.toml"), path).expect("example parses");
+        c.run_settings("deploy/agent.example.toml").expect("example has what `run` needs");
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

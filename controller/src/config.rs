@@ -253,6 +253,14 @@ instance_id = "i-0123456789abcdef0"
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../deploy/controller.example.toml");
+        let c = Config::parse(Path::new("deploy/controller.example.toml"), text).expect("example parses");
+        assert_eq!(c.sites.len(), 2);
+        assert_eq!(c.sites[1].role_arn.as_deref(), Some("arn:aws:iam::111122223333:role/dr-controller-site"));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let bad = GOOD.replace("prod-1", "Prod 1");
         let err = Config::parse(Path::new("c.toml"), &bad).expect_err("bad site id").to_string();
