@@ -1,6 +1,6 @@
 //! The hand-run subcommands (`app-status`, `facts`) and their output.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -11,7 +11,7 @@ use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 use crate::steps::{Action, Executor, Outcome, StepError};
 
 /// How subcommands print their result.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     #[default]
     Human,
@@ -28,6 +28,53 @@ pub enum CommandError {
     Imds(#[from] ImdsError),
     #[error(transparent)]
     Facts(#[from] FactsError),
+}
+
+/// Options every hand-run step takes.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Common {
+    /// Configuration file (TOML); defaults apply without it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Act on a mounted copy of a machine's disk instead of "/" (overrides `root`).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Output for humans (default) or scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+}
+
+/// What a hand-run step returns to main: the text to print, or an exit code
+/// and a message (1: the step failed; 2: bad configuration or input; 3: a
+/// safety rule refused the step).
+pub type CliResult = Result<String, (u8, String)>;
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INPUT: u8 = 2;
+pub const EXIT_REFUSED: u8 = 3;
+
+impl Common {
+    /// The configuration with `--root` applied, validated.
+    pub fn load(&self) -> Result<Config, (u8, String)> {
+        let mut config = Config::load_optional(self.config.as_deref()).map_err(|e| (EXIT_INPUT, e.to_string()))?;
+        if let Some(root) = &self.root {
+            config.root = root.clone();
+        }
+        config.validate("command line").map_err(|e| (EXIT_INPUT, e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Renders a report: JSON as is, or the human text.
+    pub fn render<T: Serialize>(&self, report: &T, human: impl FnOnce(&T) -> String) -> String {
+        match self.output {
+            OutputFormat::Json => {
+                let mut s = serde_json::to_string_pretty(report).expect("reports serialize");
+                s.push('\n');
+                s
+            }
+            OutputFormat::Human => human(report),
+        }
+    }
 }
 
 /// Runs the app-status step by hand.

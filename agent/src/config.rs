@@ -40,6 +40,9 @@ pub struct Config {
     pub imds: ImdsSection,
     pub replicated: ReplicatedSection,
     pub reconnect: ReconnectSection,
+    pub nomad: NomadSection,
+    pub freeze: FreezeSection,
+    pub circleci: CircleciSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -62,8 +65,106 @@ pub struct ImdsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicatedSection {
     pub replicatedctl: PathBuf,
+    /// Timeout of one replicatedctl call.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long `app stop` / `app start` may take to reach their state
+    /// (CircleCI's own script waits 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub app_timeout: Duration,
+    /// How often the app's state is polled while waiting.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Name of the app-config item that holds the installation's hostname.
+    pub hostname_item: String,
+}
+
+/// Nomad: the server's data dir on this machine and the HTTP API used to
+/// drain builder nodes.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NomadSection {
+    /// The Nomad server's data_dir, as a path on the machine (joined to `root`).
+    pub data_dir: PathBuf,
+    /// Nomad's HTTP API (the `nomad` container's port 4646).
+    pub api_url: String,
+    /// How long a drain may wait for running allocations to end.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    /// Timeout of one HTTP call to Nomad.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// File-system freezes around CreateImage.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FreezeSection {
+    /// Mount points of the data file systems to freeze (e.g. "/data").
+    pub mounts: Vec<PathBuf>,
+    /// A freeze is lifted at this deadline whatever happens (the watchdog).
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Allow freezing "/" (dangerous: the agent and sshd live there).
+    pub allow_root: bool,
+    /// Allow freezing the file system that holds the agent's journal.
+    pub allow_journal_fs: bool,
+}
+
+/// The CircleCI installation's own API v1.1 and its admin REPL, for cleaning
+/// up builds a backup caught half-way.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircleciSection {
+    /// Base URL of the installation's API (API v1.1 lives under /api/v1.1).
+    pub api_url: String,
+    /// File holding an admin API token (first line). Never put the token in this file.
+    pub api_token_file: PathBuf,
+    /// The installation's hostname: build URLs must be https://<hostname>/gh|bb/<org>/<repo>/<n>.
+    /// Default: the Replicated app-config item `replicated.hostname_item`.
+    pub hostname: Option<String>,
+    /// The command that opens the admin REPL (argv), fed on stdin.
+    pub dev_console: Vec<String>,
+    /// Longest the REPL may take to print its first prompt.
+    #[serde(with = "humantime_serde")]
+    pub console_load_timeout: Duration,
+    /// Longest one `(admin/delete-build ...)` may take to answer.
+    #[serde(with = "humantime_serde")]
+    pub console_command_timeout: Duration,
+    /// Timeout of one HTTP call to the API.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NomadSection {
+    fn default() -> Self {
+        NomadSection {
+            data_dir: PathBuf::from("/opt/nomad"),
+            api_url: "http://127.0.0.1:4646".to_owned(),
+            drain_deadline: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for FreezeSection {
+    fn default() -> Self {
+        FreezeSection { mounts: Vec::new(), deadline: Duration::from_secs(60), allow_root: false, allow_journal_fs: false }
+    }
+}
+
+impl Default for CircleciSection {
+    fn default() -> Self {
+        CircleciSection {
+            api_url: "http://127.0.0.1:80".to_owned(),
+            api_token_file: PathBuf::from("/etc/dr-agent/circleci-token"),
+            hostname: None,
+            dev_console: ["replicated", "admin", "--no-tty", "dev-console"].map(String::from).to_vec(),
+            console_load_timeout: Duration::from_secs(300),
+            console_command_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -87,6 +188,9 @@ impl Default for Config {
             imds: ImdsSection::default(),
             replicated: ReplicatedSection::default(),
             reconnect: ReconnectSection::default(),
+            nomad: NomadSection::default(),
+            freeze: FreezeSection::default(),
+            circleci: CircleciSection::default(),
         }
     }
 }
@@ -112,6 +216,9 @@ impl Default for ReplicatedSection {
         ReplicatedSection {
             replicatedctl: PathBuf::from("/usr/local/bin/replicatedctl"),
             command_timeout: Duration::from_secs(60),
+            app_timeout: Duration::from_secs(600),
+            poll_interval: Duration::from_secs(5),
+            hostname_item: "hostname".to_owned(),
         }
     }
 }
@@ -193,12 +300,34 @@ impl Config {
         for (key, d) in [
             ("imds.timeout", self.imds.timeout),
             ("replicated.command_timeout", self.replicated.command_timeout),
+            ("replicated.app_timeout", self.replicated.app_timeout),
+            ("replicated.poll_interval", self.replicated.poll_interval),
+            ("nomad.drain_deadline", self.nomad.drain_deadline),
+            ("nomad.request_timeout", self.nomad.request_timeout),
+            ("freeze.deadline", self.freeze.deadline),
+            ("circleci.console_load_timeout", self.circleci.console_load_timeout),
+            ("circleci.console_command_timeout", self.circleci.console_command_timeout),
+            ("circleci.request_timeout", self.circleci.request_timeout),
             ("reconnect.initial", self.reconnect.initial),
             ("reconnect.max", self.reconnect.max),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero".to_owned()));
             }
+        }
+        for (key, url) in [("nomad.api_url", &self.nomad.api_url), ("circleci.api_url", &self.circleci.api_url)] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(key, format!("`{url}` must be an http:// or https:// URL")));
+            }
+        }
+        if !self.nomad.data_dir.is_absolute() {
+            return Err(invalid("nomad.data_dir", "must be an absolute path on the machine".to_owned()));
+        }
+        if let Some(m) = self.freeze.mounts.iter().find(|m| !m.is_absolute()) {
+            return Err(invalid("freeze.mounts", format!("`{}` is not an absolute path", m.display())));
+        }
+        if self.circleci.dev_console.is_empty() {
+            return Err(invalid("circleci.dev_console", "must name a command".to_owned()));
         }
         if self.reconnect.max < self.reconnect.initial {
             return Err(invalid("reconnect.max", "must not be smaller than reconnect.initial".to_owned()));

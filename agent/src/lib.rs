@@ -9,15 +9,26 @@
 //! - [`backoff`]: reconnect delays (capped exponential, full jitter).
 //! - [`session`]: the gRPC stream with the controller (pb <-> domain).
 //! - [`commands`], [`logging`]: the CLI's subcommands and log setup.
+//! - Runbook steps: [`app`] (stop/start/hostname), [`rewrite`] (addresses in
+//!   the Replicated files), [`nomad_state`] (wipe), [`builds`] (clean up
+//!   half-finished builds), [`freeze`] (FIFREEZE/FITHAW + watchdog),
+//!   [`drain`] (Nomad builders), [`recover`] (the whole runbook).
 
+pub mod app;
 pub mod backoff;
+pub mod builds;
 pub mod commands;
 pub mod config;
+pub mod drain;
 pub mod facts;
+pub mod freeze;
 pub mod imds;
 pub mod journal;
 pub mod logging;
+pub mod nomad_state;
+pub mod recover;
 pub mod replicated;
+pub mod rewrite;
 pub mod session;
 pub mod steps;
 

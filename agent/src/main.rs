@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dr_agent::commands::{self, OutputFormat};
+use dr_agent::{app, builds, drain, freeze, nomad_state, recover, rewrite};
 use dr_agent::config::Config;
 use dr_agent::logging::{self, LogFormat};
 
@@ -55,6 +56,31 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
     },
+    /// Stop the Replicated app and wait until it is stopped.
+    AppStop(app::StopArgs),
+    /// Start the Replicated app and wait until it is started.
+    AppStart(app::StartArgs),
+    /// Set the installation's hostname (app-config item) and apply it, if it differs.
+    SetHostname(app::HostnameArgs),
+    /// Replace old private/public IPs in the Replicated environment files.
+    RewriteAddresses(rewrite::Args),
+    /// Remove the Nomad server's data dir (app stopped, no Nomad running).
+    WipeNomad(nomad_state::Args),
+    /// Delete builds a backup caught half-way, in one dev-console session.
+    CleanupBuilds(builds::Args),
+    /// Freeze the configured data file systems under a watchdog.
+    Freeze(freeze::FreezeArgs),
+    /// Thaw file systems frozen by `freeze`.
+    Thaw(freeze::ThawArgs),
+    /// (internal) The watchdog process that thaws at the deadline.
+    #[command(hide = true)]
+    FreezeWatchdog(freeze::WatchdogArgs),
+    /// Drain Nomad builder nodes and wait for their running allocations.
+    Drain(drain::DrainArgs),
+    /// End the drain of Nomad builder nodes.
+    Undrain(drain::UndrainArgs),
+    /// The whole restore runbook on this machine, in order.
+    Recover(recover::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,13 +124,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit code 2: bad configuration; 1: the work failed.
+fn config_err(e: dr_agent::config::ConfigError) -> (u8, String) {
+    (commands::EXIT_INPUT, e.to_string())
+}
+
+/// Exit code 2: bad configuration or input; 1: the work failed; 3: a safety
+/// rule refused the step.
 async fn dispatch(command: Command) -> Result<(), (u8, String)> {
-    let config_err = |e: dr_agent::config::ConfigError| (2, e.to_string());
-    match command {
+    let text = match command {
         Command::Run { config } => {
             let cfg = Config::load(&config).map_err(config_err)?;
-            dr_agent::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| (1, e.to_string()))
+            return dr_agent::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| (1, e.to_string()));
         }
         Command::AppStatus { config, replicatedctl, output } => {
             let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;
@@ -112,8 +142,7 @@ async fn dispatch(command: Command) -> Result<(), (u8, String)> {
                 cfg.replicated.replicatedctl = path;
             }
             let status = commands::app_status(&cfg).await.map_err(|e| (1, e.to_string()))?;
-            print!("{}", commands::render_app_status(&status, output.into()));
-            Ok(())
+            commands::render_app_status(&status, output.into())
         }
         Command::Facts { config, imds_endpoint, root, replicatedctl, output } => {
             let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;
@@ -128,8 +157,21 @@ async fn dispatch(command: Command) -> Result<(), (u8, String)> {
             }
             cfg.validate("command line").map_err(config_err)?;
             let facts = commands::gather_facts(&cfg).await.map_err(|e| (1, e.to_string()))?;
-            print!("{}", commands::render_facts(&facts, output.into()));
-            Ok(())
+            commands::render_facts(&facts, output.into())
         }
-    }
+        Command::AppStop(a) => app::app_stop_cli(a).await?,
+        Command::AppStart(a) => app::app_start_cli(a).await?,
+        Command::SetHostname(a) => app::set_hostname_cli(a).await?,
+        Command::RewriteAddresses(a) => rewrite::cli(a).await?,
+        Command::WipeNomad(a) => nomad_state::cli(a).await?,
+        Command::CleanupBuilds(a) => builds::cli(a).await?,
+        Command::Freeze(a) => freeze::freeze_cli(a).await?,
+        Command::Thaw(a) => freeze::thaw_cli(a).await?,
+        Command::FreezeWatchdog(a) => freeze::watchdog_cli(a).await?,
+        Command::Drain(a) => drain::drain_cli(a).await?,
+        Command::Undrain(a) => drain::undrain_cli(a).await?,
+        Command::Recover(a) => recover::cli(a).await?,
+    };
+    print!("{text}");
+    Ok(())
 }
