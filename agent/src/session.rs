@@ -121,6 +121,12 @@ pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> 
     let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
     let action = match c.kind {
         Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})) => Action::AppStatus,
+        Some(other) => {
+            return Err(CommandAnswer::rejected(
+                &c.id,
+                format!("command {other:?} is not supported by agent {}; not run", env!("CARGO_PKG_VERSION")),
+            ));
+        }
         None => {
             return Err(CommandAnswer::rejected(
                 &c.id,
@@ -139,6 +145,7 @@ pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
         replayed: a.replayed,
         started_at_ms: a.started_at_ms,
         finished_at_ms: a.finished_at_ms,
+        report_json: String::new(),
         detail: a.outcome.map(|o| match o {
             Outcome::AppStatus(s) => pb::command_result::Detail::AppStatus(pb::AppStatusResult {
                 state: s.state,
