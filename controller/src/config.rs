@@ -12,6 +12,8 @@ use dr_proto::identity::{validate_name, validate_trust_domain};
 use dr_proto::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::policy::{Policy, PolicyFile};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -32,8 +34,21 @@ pub struct Config {
     pub aws: AwsConfig,
     #[serde(default)]
     pub backup: BackupConfig,
+    /// Fleet defaults of every site's backup policy.
+    #[serde(default)]
+    pub policy: PolicyFile,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteConfig>,
+}
+
+/// Prometheus metrics over plain HTTP (keep it on a private address).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// e.g. "127.0.0.1:9464"; no listener when absent.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -133,6 +148,9 @@ pub struct SiteConfig {
     pub region: Option<String>,
     /// Role to assume for this site's EC2 calls (another account).
     pub role_arn: Option<String>,
+    /// Overrides of the fleet's `[policy]`.
+    #[serde(default)]
+    pub policy: PolicyFile,
 }
 
 impl ControllerTls {
@@ -195,6 +213,7 @@ impl Config {
                 "poll_initial must be > 0 and poll_max >= poll_initial".into(),
             ));
         }
+        self.default_policy().map_err(|(k, m)| invalid(format!("policy.{k}"), m))?;
         let mut seen = HashSet::new();
         for (i, site) in self.sites.iter().enumerate() {
             let key = |field: &str| format!("site[{i}].{field}");
@@ -208,8 +227,19 @@ impl Config {
             if site.region.is_none() && self.aws.region.is_none() {
                 return Err(invalid(key("region"), "no region for this site and no [aws] region".into()));
             }
+            self.site_policy(site).map_err(|(k, m)| invalid(format!("site[{i}].policy.{k}"), m))?;
         }
         Ok(())
+    }
+
+    /// The fleet's default policy.
+    pub fn default_policy(&self) -> Result<Policy, (String, String)> {
+        self.policy.apply(&Policy::default())
+    }
+
+    /// A site's effective policy: fleet defaults, then the site's overrides.
+    pub fn site_policy(&self, site: &SiteConfig) -> Result<Policy, (String, String)> {
+        site.policy.apply(&self.default_policy()?)
     }
 
     /// The region a site's instance lives in.

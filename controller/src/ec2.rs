@@ -77,6 +77,23 @@ pub trait Ec2: Send + Sync {
     async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error>;
     /// `None` when EC2 does not know the instance.
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error>;
+    /// Deregisters an AMI; an AMI EC2 no longer knows counts as done.
+    async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error>;
+    /// Deletes a snapshot; a snapshot EC2 no longer knows counts as done.
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Ec2Error>;
+    /// CopyImage into this client's region. `client_token` makes a retried
+    /// call return the first call's image instead of a second copy.
+    async fn copy_image(&self, req: &CopyImage) -> Result<String, Ec2Error>;
+}
+
+#[derive(Clone, Debug)]
+pub struct CopyImage {
+    pub source_region: String,
+    pub source_image_id: String,
+    pub name: String,
+    pub description: String,
+    pub client_token: String,
+    pub tags: Vec<(String, String)>,
 }
 
 /// EC2 clients per (region, role), built on first use.
@@ -244,5 +261,44 @@ impl Ec2 for AwsEc2 {
                 public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
             }
         }))
+    }
+
+    async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {
+        match self.client.deregister_image().image_id(id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.code(), Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")) => Ok(()),
+            Err(e) => Err(map_err("DeregisterImage", e)),
+        }
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Ec2Error> {
+        match self.client.delete_snapshot().snapshot_id(id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
+            Err(e) => Err(map_err("DeleteSnapshot", e)),
+        }
+    }
+
+    async fn copy_image(&self, req: &CopyImage) -> Result<String, Ec2Error> {
+        let out = self
+            .client
+            .copy_image()
+            .source_region(&req.source_region)
+            .source_image_id(&req.source_image_id)
+            .name(&req.name)
+            .description(&req.description)
+            .client_token(&req.client_token)
+            .send()
+            .await
+            .map_err(|e| map_err("CopyImage", e))?;
+        let id = out.image_id().map(str::to_owned).ok_or_else(|| Ec2Error::Api {
+            op: "CopyImage",
+            code: "EmptyResponse".into(),
+            message: "the answer carries no image id".into(),
+        })?;
+        // CopyImage cannot tag in the same call: tag right after (a retry with
+        // the same token returns the same id, so tagging again is harmless).
+        self.create_tags(std::slice::from_ref(&id), &req.tags).await?;
+        Ok(id)
     }
 }

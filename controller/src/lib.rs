@@ -11,6 +11,8 @@ pub mod logging;
 pub mod model;
 pub mod ops;
 pub mod pki;
+pub mod policy;
+pub mod retention;
 pub mod server;
 pub mod store;
 

@@ -205,6 +205,80 @@ impl Consistency {
     }
 }
 
+/// Where a backup is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupState {
+    Available,
+    /// Retention decided to delete it; deregistration or snapshot deletion
+    /// is under way (resumed if interrupted).
+    Deleting,
+    Deleted,
+}
+
+impl BackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupState::Available => "available",
+            BackupState::Deleting => "deleting",
+            BackupState::Deleted => "deleted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "available" => Some(BackupState::Available),
+            "deleting" => Some(BackupState::Deleting),
+            "deleted" => Some(BackupState::Deleted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    Pending,
+    Available,
+    /// Failed; retried by the reconciler.
+    Failed,
+    Deleted,
+}
+
+impl CopyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyState::Pending => "pending",
+            CopyState::Available => "available",
+            CopyState::Failed => "failed",
+            CopyState::Deleted => "deleted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(CopyState::Pending),
+            "available" => Some(CopyState::Available),
+            "failed" => Some(CopyState::Failed),
+            "deleted" => Some(CopyState::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// A backup's AMI copied to another (DR) region.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Copy {
+    pub source_image_id: String,
+    pub region: String,
+    /// Empty until CopyImage answered.
+    pub image_id: String,
+    pub state: CopyState,
+    pub attempts: u32,
+    pub error: String,
+    pub requested_at_ms: Millis,
+    pub completed_at_ms: Millis,
+    pub deleted_at_ms: Millis,
+}
+
 /// A completed backup: an available AMI of a site's services machine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backup {
@@ -218,4 +292,16 @@ pub struct Backup {
     pub completed_at_ms: Millis,
     pub consistency: Consistency,
     pub app_state: String,
+    pub state: BackupState,
+    /// What retention decided, and why.
+    pub fate: String,
+    pub deleted_at_ms: Millis,
+    /// The quiesce level asked for ("none", "freeze", "drain", "stop").
+    pub quiesce: String,
+    /// How long file systems were frozen (freeze/drain), in ms.
+    pub frozen_ms: Millis,
+    /// What happened while quiescing (fallbacks, failures).
+    pub quiesce_note: String,
+    /// Copies in other regions (filled by the store when listing).
+    pub copies: Vec<Copy>,
 }

@@ -90,6 +90,29 @@ const MIGRATIONS: &[&str] = &[
         app_state TEXT NOT NULL
     );
     CREATE INDEX backups_by_site ON backups(site_id, completed_at_ms);",
+    // 2: fleet backups: retention, copies, schedules, quiesce records.
+    "ALTER TABLE backups ADD COLUMN state TEXT NOT NULL DEFAULT 'available';
+    ALTER TABLE backups ADD COLUMN fate TEXT NOT NULL DEFAULT '';
+    ALTER TABLE backups ADD COLUMN deleted_at_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE backups ADD COLUMN quiesce TEXT NOT NULL DEFAULT 'none';
+    ALTER TABLE backups ADD COLUMN frozen_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE backups ADD COLUMN quiesce_note TEXT NOT NULL DEFAULT '';
+    CREATE TABLE copies (
+        source_image_id TEXT NOT NULL REFERENCES backups(image_id),
+        region TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        requested_at_ms BIGINT NOT NULL,
+        completed_at_ms BIGINT NOT NULL,
+        deleted_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (source_image_id, region)
+    );
+    CREATE TABLE schedules (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        last_slot_ms BIGINT NOT NULL
+    );",
 ];
 
 /// A handle on the store; cheap to clone. Calls are short and synchronous
@@ -414,7 +437,8 @@ impl Store {
     pub fn record_backup(&self, b: &Backup) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO backups (image_id, site_id, operation_id, region, instance_id, snapshot_ids, started_at_ms,
-                 completed_at_ms, consistency, app_state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 completed_at_ms, consistency, app_state, state, fate, deleted_at_ms, quiesce, frozen_ms, quiesce_note)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT(image_id) DO NOTHING",
             params![
                 b.image_id,
@@ -426,7 +450,13 @@ impl Store {
                 b.started_at_ms as i64,
                 b.completed_at_ms as i64,
                 b.consistency.as_str(),
-                b.app_state
+                b.app_state,
+                b.state.as_str(),
+                b.fate,
+                b.deleted_at_ms as i64,
+                b.quiesce,
+                b.frozen_ms as i64,
+                b.quiesce_note
             ],
         )?;
         Ok(())
@@ -437,7 +467,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT image_id, site_id, operation_id, region, instance_id, snapshot_ids, started_at_ms,
-                    completed_at_ms, consistency, app_state
+                    completed_at_ms, consistency, app_state, state, fate, deleted_at_ms, quiesce, frozen_ms, quiesce_note
              FROM backups WHERE site_id = ?1 ORDER BY completed_at_ms DESC, image_id",
         )?;
         let rows = stmt.query_map([site_id], |r| {
@@ -452,12 +482,21 @@ impl Store {
                 r.get::<_, i64>(7)?,
                 r.get::<_, String>(8)?,
                 r.get::<_, String>(9)?,
+                (
+                    r.get::<_, String>(10)?,
+                    r.get::<_, String>(11)?,
+                    r.get::<_, i64>(12)?,
+                    r.get::<_, String>(13)?,
+                    r.get::<_, i64>(14)?,
+                    r.get::<_, String>(15)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (image_id, site_id, operation_id, region, instance_id, snaps, started, completed, cons, app_state) =
+            let (image_id, site_id, operation_id, region, instance_id, snaps, started, completed, cons, app_state, more) =
                 row?;
+            let (state, fate, deleted_at, quiesce, frozen_ms, quiesce_note) = more;
             out.push(Backup {
                 snapshot_ids: serde_json::from_str(&snaps)
                     .map_err(|_| StoreError::Corrupt { what: "backups.snapshot_ids", value: snaps })?,
@@ -471,7 +510,150 @@ impl Store {
                 started_at_ms: started as u64,
                 completed_at_ms: completed as u64,
                 app_state,
+                state: BackupState::parse(&state).ok_or(StoreError::Corrupt { what: "backups.state", value: state })?,
+                fate,
+                deleted_at_ms: deleted_at as u64,
+                quiesce,
+                frozen_ms: frozen_ms as u64,
+                quiesce_note,
+                copies: Vec::new(),
             });
+        }
+        drop(stmt);
+        drop(conn);
+        for b in &mut out {
+            b.copies = self.copies_of(&b.image_id)?;
+        }
+        Ok(out)
+    }
+
+    /// Sets a backup's retention state and why.
+    pub fn set_backup_state(&self, image_id: &str, state: BackupState, fate: &str) -> Result<(), StoreError> {
+        let deleted = if state == BackupState::Deleted { now_ms() as i64 } else { 0 };
+        self.conn().execute(
+            "UPDATE backups SET state = ?2, fate = ?3, deleted_at_ms = ?4 WHERE image_id = ?1",
+            params![image_id, state.as_str(), fate, deleted],
+        )?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ copies
+
+    /// Records (or updates) the copy of a backup in another region.
+    pub fn put_copy(&self, c: &Copy) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO copies (source_image_id, region, image_id, state, attempts, error, requested_at_ms,
+                 completed_at_ms, deleted_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(source_image_id, region) DO UPDATE SET image_id = excluded.image_id,
+                 state = excluded.state, attempts = excluded.attempts, error = excluded.error,
+                 requested_at_ms = excluded.requested_at_ms, completed_at_ms = excluded.completed_at_ms,
+                 deleted_at_ms = excluded.deleted_at_ms",
+            params![
+                c.source_image_id,
+                c.region,
+                c.image_id,
+                c.state.as_str(),
+                c.attempts,
+                c.error,
+                c.requested_at_ms as i64,
+                c.completed_at_ms as i64,
+                c.deleted_at_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn copies_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Copy>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT source_image_id, region, image_id, state, attempts, error, requested_at_ms, completed_at_ms,
+                    deleted_at_ms FROM copies WHERE {clause} ORDER BY requested_at_ms DESC, region"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (source_image_id, region, image_id, state, attempts, error, req, done, del) = row?;
+            out.push(Copy {
+                state: CopyState::parse(&state).ok_or(StoreError::Corrupt { what: "copies.state", value: state })?,
+                source_image_id,
+                region,
+                image_id,
+                attempts,
+                error,
+                requested_at_ms: req as u64,
+                completed_at_ms: done as u64,
+                deleted_at_ms: del as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn copies_of(&self, source_image_id: &str) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where("source_image_id = ?1", &[&source_image_id])
+    }
+
+    /// Copies still to be driven to an end: pending or failed.
+    pub fn unfinished_copies(&self) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where("state IN ('pending', 'failed')", &[])
+    }
+
+    /// Every copy in a region of a site's backups, newest first.
+    pub fn copies_in(&self, site_id: &str, region: &str) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where(
+            "region = ?2 AND source_image_id IN (SELECT image_id FROM backups WHERE site_id = ?1)",
+            &[&site_id, &region],
+        )
+    }
+
+    // ------------------------------------------------------------ schedules
+
+    pub fn last_slot(&self, site_id: &str) -> Result<Option<Millis>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT last_slot_ms FROM schedules WHERE site_id = ?1", [site_id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    }
+
+    pub fn set_last_slot(&self, site_id: &str, slot: Millis) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO schedules (site_id, last_slot_ms) VALUES (?1, ?2)
+             ON CONFLICT(site_id) DO UPDATE SET last_slot_ms = excluded.last_slot_ms",
+            params![site_id, slot as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Image ids named in the results of running operations (they must not
+    /// be deleted while those run).
+    pub fn images_in_use(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT s.result FROM steps s JOIN operations o ON o.id = s.operation_id
+             WHERE o.state = 'running' AND s.result IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = std::collections::HashSet::new();
+        for row in rows {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&row?) {
+                for key in ["image_id", "source_image_id"] {
+                    if let Some(id) = v.get(key).and_then(|x| x.as_str()) {
+                        out.insert(id.to_owned());
+                    }
+                }
+            }
         }
         Ok(out)
     }

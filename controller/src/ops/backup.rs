@@ -214,6 +214,13 @@ async fn record(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         completed_at_ms: now_ms(),
         consistency: Consistency::Crash,
         app_state: app_state.to_owned(),
+        state: crate::model::BackupState::Available,
+        fate: String::new(),
+        deleted_at_ms: 0,
+        quiesce: "none".to_owned(),
+        frozen_ms: 0,
+        quiesce_note: String::new(),
+        copies: Vec::new(),
     };
     ctx.engine.store.record_backup(&backup)?;
     Ok(StepOutput { detail: format!("backup {image_id} recorded (crash-consistent)"), result: json!({"image_id": image_id}) })
@@ -262,6 +269,15 @@ mod tests {
         }
         async fn describe_instance(&self, _: &str) -> Result<Option<Instance>, Ec2Error> {
             Ok(None)
+        }
+        async fn deregister_image(&self, _: &str) -> Result<(), Ec2Error> {
+            Ok(())
+        }
+        async fn delete_snapshot(&self, _: &str) -> Result<(), Ec2Error> {
+            Ok(())
+        }
+        async fn copy_image(&self, _: &crate::ec2::CopyImage) -> Result<String, Ec2Error> {
+            Ok("ami-copy".into())
         }
     }
 

@@ -1,0 +1,269 @@
+//! Backup policies: when each site is backed up, how it is quiesced, how
+//! long backups are kept, where they are copied. Fleet defaults live in the
+//! config's `[policy]`; a site overrides any of them in `[site.policy]`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Millis;
+
+/// When backups start.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    /// Every so often, counted from the last scheduled start.
+    Every(Duration),
+    /// A cron expression (seconds first: `sec min hour dom month dow`) in a time zone.
+    Cron { expr: String, schedule: Box<cron::Schedule>, tz: chrono_tz::Tz },
+}
+
+/// How a backup quiesces the machine while CreateImage runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quiesce {
+    /// Crash-consistent no-reboot AMI.
+    #[default]
+    None,
+    /// Freeze the data file systems until the snapshots are pending.
+    Freeze,
+    /// Drain Nomad builders first, then as `freeze`.
+    Drain,
+    /// Stop the app until the snapshots are pending.
+    Stop,
+}
+
+impl Quiesce {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quiesce::None => "none",
+            Quiesce::Freeze => "freeze",
+            Quiesce::Drain => "drain",
+            Quiesce::Stop => "stop",
+        }
+    }
+}
+
+/// What to do when a quiesce step fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnQuiesceFailure {
+    /// Take the backup anyway, crash-consistent, and say so.
+    #[default]
+    Crash,
+    /// Skip this backup (the operation fails, saying why).
+    Skip,
+}
+
+/// A site's effective policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub schedule: Option<Schedule>,
+    /// Each site starts at a stable offset in [0, jitter) so sites do not
+    /// all start at once.
+    pub jitter: Duration,
+    pub quiesce: Quiesce,
+    pub on_quiesce_failure: OnQuiesceFailure,
+    /// Keep at least the newest N backups.
+    pub keep_last: u32,
+    /// Keep every backup younger than this (None: age keeps nothing extra).
+    pub keep_for: Option<Duration>,
+    /// Regions to copy every new AMI to.
+    pub copy_regions: Vec<String>,
+    /// Copies kept per region (newest first).
+    pub copy_keep_last: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            schedule: None,
+            jitter: Duration::ZERO,
+            quiesce: Quiesce::None,
+            on_quiesce_failure: OnQuiesceFailure::Crash,
+            keep_last: 7,
+            keep_for: None,
+            copy_regions: Vec::new(),
+            copy_keep_last: 7,
+        }
+    }
+}
+
+/// The `[policy]` / `[site.policy]` table: every key optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// "15m", "1h", ... or "cron:<sec min hour dom month dow>".
+    pub schedule: Option<String>,
+    /// IANA time zone of a cron schedule (default UTC).
+    pub timezone: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub jitter: Option<Duration>,
+    pub quiesce: Option<Quiesce>,
+    pub on_quiesce_failure: Option<OnQuiesceFailure>,
+    pub keep_last: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub keep_for: Option<Duration>,
+    pub copy_regions: Option<Vec<String>>,
+    pub copy_keep_last: Option<u32>,
+}
+
+impl PolicyFile {
+    /// Applies this table over `base`. Errors name the key.
+    pub fn apply(&self, base: &Policy) -> Result<Policy, (String, String)> {
+        let mut p = base.clone();
+        if let Some(s) = &self.schedule {
+            let tz = self.timezone.as_deref().unwrap_or("UTC");
+            p.schedule = parse_schedule(s, tz).map_err(|m| ("schedule".to_owned(), m))?;
+        } else if self.timezone.is_some() {
+            return Err(("timezone".into(), "a timezone needs a cron schedule in the same table".into()));
+        }
+        if let Some(j) = self.jitter {
+            p.jitter = j;
+        }
+        if let Some(q) = self.quiesce {
+            p.quiesce = q;
+        }
+        if let Some(f) = self.on_quiesce_failure {
+            p.on_quiesce_failure = f;
+        }
+        if let Some(n) = self.keep_last {
+            if n == 0 {
+                return Err(("keep_last".into(), "must be at least 1 (the newest backup is always kept)".into()));
+            }
+            p.keep_last = n;
+        }
+        if let Some(a) = self.keep_for {
+            p.keep_for = Some(a);
+        }
+        if let Some(r) = &self.copy_regions {
+            if let Some(bad) = r.iter().find(|r| !is_region(r)) {
+                return Err(("copy_regions".into(), format!("`{bad}` is not an AWS region name")));
+            }
+            p.copy_regions = r.clone();
+        }
+        if let Some(n) = self.copy_keep_last {
+            if n == 0 {
+                return Err(("copy_keep_last".into(), "must be at least 1".into()));
+            }
+            p.copy_keep_last = n;
+        }
+        Ok(p)
+    }
+}
+
+pub fn is_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        && parts.last().is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Parses "off", "15m" / "1h" (interval) or "cron:<expr>" in `tz`.
+pub fn parse_schedule(s: &str, tz: &str) -> Result<Option<Schedule>, String> {
+    let s = s.trim();
+    if s == "off" || s.is_empty() {
+        return Ok(None);
+    }
+    if let Some(expr) = s.strip_prefix("cron:") {
+        let schedule = cron::Schedule::from_str(expr.trim()).map_err(|e| format!("`{expr}` is not a cron expression: {e}"))?;
+        let tz: chrono_tz::Tz = tz.parse().map_err(|_| format!("`{tz}` is not an IANA time zone"))?;
+        return Ok(Some(Schedule::Cron { expr: expr.trim().to_owned(), schedule: Box::new(schedule), tz }));
+    }
+    let every = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is neither an interval like \"15m\" nor \"cron:<expr>\": {e}"))?;
+    if every < Duration::from_secs(60) {
+        return Err(format!("`{s}`: backups more often than once a minute are not supported"));
+    }
+    Ok(Some(Schedule::Every(every)))
+}
+
+/// The stable offset of a site within the jitter window (FNV-1a of its id).
+pub fn jitter_offset(site_id: &str, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return Duration::ZERO;
+    }
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in site_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    Duration::from_millis(h % jitter.as_millis().max(1) as u64)
+}
+
+impl Schedule {
+    /// The first scheduled slot strictly after `after` (ms since epoch),
+    /// before jitter.
+    pub fn next_slot(&self, after: Millis) -> Option<Millis> {
+        match self {
+            Schedule::Every(every) => {
+                let step = every.as_millis() as u64;
+                Some((after / step + 1) * step)
+            }
+            Schedule::Cron { schedule, tz, .. } => {
+                use chrono::TimeZone;
+                let t = tz.timestamp_millis_opt(after as i64).single()?;
+                schedule.after(&t).next().map(|n| n.timestamp_millis() as Millis)
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Schedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
+            Schedule::Cron { expr, tz, .. } => format!("cron `{expr}` ({tz})"),
+        }
+    }
+
+    /// The nominal interval between backups (for RPO lateness).
+    pub fn nominal_interval(&self, now: Millis) -> Option<Duration> {
+        let a = self.next_slot(now)?;
+        let b = self.next_slot(a)?;
+        Some(Duration::from_millis(b - a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_align_to_slots_and_jitter_is_stable() {
+        let s = parse_schedule("15m", "UTC").expect("ok").expect("on");
+        let q = 15 * 60 * 1000;
+        assert_eq!(s.next_slot(0), Some(q));
+        assert_eq!(s.next_slot(q), Some(2 * q));
+        assert_eq!(s.next_slot(q - 1), Some(q));
+        let j = Duration::from_secs(300);
+        assert_eq!(jitter_offset("prod-1", j), jitter_offset("prod-1", j));
+        assert!(jitter_offset("prod-1", j) < j);
+        assert_ne!(jitter_offset("prod-1", j), jitter_offset("prod-2", j));
+        assert!(parse_schedule("10s", "UTC").is_err());
+        assert!(parse_schedule("often", "UTC").is_err());
+        assert_eq!(parse_schedule("off", "UTC").expect("ok"), None);
+    }
+
+    #[test]
+    fn cron_in_a_time_zone() {
+        // 02:30 every day in Berlin; on 2026-11-24 that is 01:30 UTC.
+        let s = parse_schedule("cron:0 30 2 * * *", "Europe/Berlin").expect("ok").expect("on");
+        let noon_utc = 1_795_521_600_000; // 2026-11-24T12:00:00Z
+        let next = s.next_slot(noon_utc).expect("a next slot");
+        assert_eq!(next, 1_795_570_200_000, "2026-11-25T01:30:00Z");
+        assert_eq!(s.nominal_interval(noon_utc), Some(Duration::from_secs(86_400)));
+        assert!(parse_schedule("cron:not a cron", "UTC").is_err());
+        assert!(parse_schedule("cron:0 0 * * * *", "Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn site_tables_override_defaults_and_name_bad_keys() {
+        let base = Policy::default();
+        let f = PolicyFile { keep_last: Some(0), ..Default::default() };
+        assert_eq!(f.apply(&base).expect_err("zero").0, "keep_last");
+        let f = PolicyFile { copy_regions: Some(vec!["mars".into()]), ..Default::default() };
+        assert_eq!(f.apply(&base).expect_err("bad region").0, "copy_regions");
+        let f = PolicyFile { quiesce: Some(Quiesce::Freeze), keep_for: Some(Duration::from_secs(3600)), ..Default::default() };
+        let p = f.apply(&base).expect("ok");
+        assert_eq!((p.quiesce, p.keep_for, p.keep_last), (Quiesce::Freeze, Some(Duration::from_secs(3600)), 7));
+    }
+}

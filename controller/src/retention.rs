@@ -1,0 +1,152 @@
+//! Retention: which backups (and copies) to keep, which to delete, and
+//! deleting them without orphaning a snapshot.
+//!
+//! Rules, in order: the newest completed backup is always kept; a backup in
+//! use by a running operation is kept; the newest `keep_last` are kept; any
+//! backup younger than `keep_for` is kept; the rest are deleted. Deleting
+//! marks the backup `deleting` first, then deregisters the AMI, then deletes
+//! each snapshot, then marks it `deleted`: a crash anywhere in between is
+//! finished by the next run (both EC2 calls treat "not found" as done).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::ec2::Ec2;
+use crate::model::{Backup, BackupState, Millis};
+use crate::ops::retry_ec2;
+use crate::policy::Policy;
+
+/// What retention decided about one backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub image_id: String,
+    pub completed_at_ms: Millis,
+    pub keep: bool,
+    pub reason: String,
+}
+
+/// Decides the fate of each of a site's backups (`backups` newest first;
+/// only `available` and `deleting` ones count: a `deleting` one is always
+/// deleted, it was decided already).
+pub fn plan(backups: &[Backup], policy: &Policy, in_use: &HashSet<String>, now: Millis) -> Vec<Decision> {
+    let mut out = Vec::new();
+    let mut rank = 0u32;
+    for b in backups.iter().filter(|b| b.state != BackupState::Deleted) {
+        let age = Duration::from_millis(now.saturating_sub(b.completed_at_ms));
+        let (keep, reason) = if b.state == BackupState::Deleting {
+            (false, "deletion already under way".to_owned())
+        } else if rank == 0 {
+            (true, "newest completed backup (always kept)".to_owned())
+        } else if in_use.contains(&b.image_id) {
+            (true, "in use by a running operation".to_owned())
+        } else if rank < policy.keep_last {
+            (true, format!("among the newest {}", policy.keep_last))
+        } else if let Some(limit) = policy.keep_for.filter(|l| age < *l) {
+            (true, format!("younger than {}", humantime::format_duration(limit)))
+        } else {
+            let age_text = humantime::format_duration(Duration::from_secs(age.as_secs()));
+            match policy.keep_for {
+                Some(limit) => (
+                    false,
+                    format!(
+                        "beyond the newest {} and {age_text} old (older than {})",
+                        policy.keep_last,
+                        humantime::format_duration(limit)
+                    ),
+                ),
+                None => (false, format!("beyond the newest {} ({age_text} old)", policy.keep_last)),
+            }
+        };
+        if b.state == BackupState::Available {
+            rank += 1;
+        }
+        out.push(Decision { image_id: b.image_id.clone(), completed_at_ms: b.completed_at_ms, keep, reason });
+    }
+    out
+}
+
+/// Deregisters an AMI and deletes its snapshots (in that order: a snapshot
+/// of a registered AMI cannot be deleted).
+pub async fn delete_image(ec2: &dyn Ec2, image_id: &str, snapshot_ids: &[String]) -> Result<(), crate::ec2::Ec2Error> {
+    let budget = Duration::from_secs(300);
+    retry_ec2("DeregisterImage", budget, || ec2.deregister_image(image_id)).await?;
+    for snap in snapshot_ids {
+        retry_ec2("DeleteSnapshot", budget, || ec2.delete_snapshot(snap)).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Consistency;
+
+    const H: u64 = 3_600_000;
+
+    fn backup(id: &str, completed: Millis) -> Backup {
+        Backup {
+            image_id: id.into(),
+            site_id: "s".into(),
+            operation_id: format!("op-{id}"),
+            region: "us-east-1".into(),
+            instance_id: "i-1".into(),
+            snapshot_ids: vec![format!("snap-{id}")],
+            started_at_ms: completed,
+            completed_at_ms: completed,
+            consistency: Consistency::Crash,
+            app_state: "started".into(),
+            state: BackupState::Available,
+            fate: String::new(),
+            deleted_at_ms: 0,
+            quiesce: "none".into(),
+            frozen_ms: 0,
+            quiesce_note: String::new(),
+            copies: vec![],
+        }
+    }
+
+    fn kept(d: &[Decision]) -> Vec<&str> {
+        d.iter().filter(|d| d.keep).map(|d| d.image_id.as_str()).collect()
+    }
+
+    #[test]
+    fn count_and_age_rules_combine() {
+        let now = 100 * H;
+        // Newest first: ages 1h, 2h, 3h, 30h, 50h, 70h.
+        let list: Vec<Backup> =
+            [1, 2, 3, 30, 50, 70].iter().map(|age| backup(&format!("ami-{age}"), now - age * H)).collect();
+        let policy = Policy { keep_last: 2, keep_for: Some(Duration::from_secs(48 * 3600)), ..Policy::default() };
+        let d = plan(&list, &policy, &HashSet::new(), now);
+        assert_eq!(kept(&d), vec!["ami-1", "ami-2", "ami-3", "ami-30"]);
+        assert!(d[4].reason.contains("older than 2days"), "{}", d[4].reason);
+        // Count only.
+        let policy = Policy { keep_last: 3, keep_for: None, ..Policy::default() };
+        assert_eq!(kept(&plan(&list, &policy, &HashSet::new(), now)), vec!["ami-1", "ami-2", "ami-3"]);
+    }
+
+    #[test]
+    fn the_newest_and_in_use_backups_are_never_deleted() {
+        let now = 1000 * H;
+        let list = vec![backup("ami-new", now - 900 * H), backup("ami-old", now - 950 * H), backup("ami-older", now - 990 * H)];
+        let policy = Policy { keep_last: 1, keep_for: Some(Duration::from_secs(3600)), ..Policy::default() };
+        let in_use: HashSet<String> = ["ami-older".to_owned()].into();
+        let d = plan(&list, &policy, &in_use, now);
+        assert_eq!(kept(&d), vec!["ami-new", "ami-older"]);
+        assert!(d[0].reason.contains("newest completed"));
+        assert!(d[2].reason.contains("in use"));
+    }
+
+    #[test]
+    fn deleted_backups_do_not_count_and_deleting_ones_finish() {
+        let now = 100 * H;
+        let mut list = vec![backup("ami-a", now - H), backup("ami-b", now - 2 * H), backup("ami-c", now - 3 * H)];
+        list[0].state = BackupState::Deleted;
+        list[2].state = BackupState::Deleting;
+        let policy = Policy { keep_last: 5, ..Policy::default() };
+        let d = plan(&list, &policy, &HashSet::new(), now);
+        assert_eq!(d.len(), 2);
+        assert_eq!(kept(&d), vec!["ami-b"], "ami-b is now the newest; ami-c's deletion finishes");
+    }
+}
