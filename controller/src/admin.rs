@@ -75,6 +75,22 @@ fn backup_to_pb(b: &Backup) -> pb::Backup {
         consistency: b.consistency.as_str().to_owned(),
         instance_id: b.instance_id.clone(),
         app_state: b.app_state.clone(),
+        state: b.state.as_str().to_owned(),
+        fate: b.fate.clone(),
+        quiesce: b.quiesce.clone(),
+        frozen_ms: b.frozen_ms,
+        quiesce_note: b.quiesce_note.clone(),
+        copies: b
+            .copies
+            .iter()
+            .map(|c| pb::BackupCopy {
+                region: c.region.clone(),
+                image_id: c.image_id.clone(),
+                state: c.state.as_str().to_owned(),
+                attempts: c.attempts,
+                error: c.error.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -117,7 +133,21 @@ impl pb::admin_service_server::AdminService for AdminServer {
                 Some(a) => Some(a),
                 None => self.store.agent(&site.id).map_err(internal)?,
             };
-            let last_backup = self.store.backups(&site.id).map_err(internal)?.into_iter().next();
+            let last_backup = self
+                .store
+                .backups(&site.id)
+                .map_err(internal)?
+                .into_iter()
+                .find(|b| b.state == BackupState::Available);
+            let policy = self.engine.policy(&site.id);
+            let now = now_ms();
+            let rpo_target = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now));
+            // Late: the newest good backup is older than the target plus the
+            // jitter window plus the time a backup may take.
+            let late = rpo_target.is_some_and(|t| {
+                let allowed = (t + policy.jitter + self.engine.backup.timeout).as_millis() as u64;
+                last_backup.as_ref().map_or(true, |b| now.saturating_sub(b.completed_at_ms) > allowed)
+            });
             sites.push(pb::SiteStatus {
                 site_id: site.id.clone(),
                 region: site.region.clone(),
@@ -128,6 +158,10 @@ impl pb::admin_service_server::AdminService for AdminServer {
                 last_heartbeat_ms: agent.as_ref().map(|a| a.last_heartbeat_ms).unwrap_or(0),
                 last_backup: last_backup.as_ref().map(backup_to_pb),
                 running_operation_id: self.store.running_operation_of(&site.id).map_err(internal)?.unwrap_or_default(),
+                schedule: policy.schedule.as_ref().map(|s| s.describe()).unwrap_or_default(),
+                rpo_target_ms: rpo_target.map(|t| t.as_millis() as u64).unwrap_or(0),
+                late,
+                quiesce: policy.quiesce.as_str().to_owned(),
             });
         }
         Ok(Response::new(pb::StatusReply { sites, now_ms: now_ms() }))
@@ -194,6 +228,36 @@ impl pb::admin_service_server::AdminService for AdminServer {
         });
         let stream: WatchStream = Box::pin(ReceiverStream::new(rx));
         Ok(Response::new(stream))
+    }
+
+    async fn prune(&self, request: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
+        let operator = self.operator(&request)?;
+        let req = request.into_inner();
+        let site = self.known_site(&req.site_id)?;
+        if !req.dry_run {
+            if let Some(op) = self.store.running_operation_of(&site.id).map_err(internal)? {
+                return Err(Status::failed_precondition(format!(
+                    "site `{}` has a running operation {op}; prune after it ends",
+                    site.id
+                )));
+            }
+            tracing::info!(site = %site.id, %operator, "prune requested");
+        }
+        let decisions = crate::copies::apply_retention(&self.engine, &site, req.dry_run)
+            .await
+            .map_err(|e| Status::internal(format!("retention failed: {e}")))?;
+        Ok(Response::new(pb::PruneReply {
+            dry_run: req.dry_run,
+            decisions: decisions
+                .into_iter()
+                .map(|d| pb::RetentionDecision {
+                    image_id: d.image_id,
+                    completed_at_ms: d.completed_at_ms,
+                    keep: d.keep,
+                    reason: d.reason,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_backups(

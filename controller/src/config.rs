@@ -121,6 +121,12 @@ pub struct BackupConfig {
     /// Deadline of the app-status question asked of the agent.
     #[serde(default = "default_agent_call_timeout", with = "humantime_serde")]
     pub agent_call_timeout: Duration,
+    /// How often the scheduler looks for sites whose backup is due.
+    #[serde(default = "default_scheduler_tick", with = "humantime_serde")]
+    pub scheduler_tick: Duration,
+    /// How often pending and failed copies to DR regions are checked/retried.
+    #[serde(default = "default_copy_poll", with = "humantime_serde")]
+    pub copy_poll: Duration,
 }
 
 impl Default for BackupConfig {
@@ -130,6 +136,8 @@ impl Default for BackupConfig {
             poll_max: default_poll_max(),
             timeout: default_backup_timeout(),
             agent_call_timeout: default_agent_call_timeout(),
+            scheduler_tick: default_scheduler_tick(),
+            copy_poll: default_copy_poll(),
         }
     }
 }
@@ -179,6 +187,12 @@ fn default_poll_max() -> Duration {
 }
 fn default_backup_timeout() -> Duration {
     Duration::from_secs(2 * 3600)
+}
+fn default_scheduler_tick() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_copy_poll() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_agent_call_timeout() -> Duration {
     Duration::from_secs(60)

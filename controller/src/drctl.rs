@@ -259,8 +259,23 @@ pub struct AgentView {
 }
 
 #[derive(Debug, Serialize)]
+pub struct CopyView {
+    pub region: String,
+    pub image_id: String,
+    pub state: String,
+    pub attempts: u32,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
 pub struct BackupView {
     pub image_id: String,
+    pub state: String,
+    pub fate: String,
+    pub quiesce: String,
+    pub frozen_ms: u64,
+    pub quiesce_note: String,
+    pub copies: Vec<CopyView>,
     pub site_id: String,
     pub operation_id: String,
     pub region: String,
@@ -281,6 +296,13 @@ pub struct SiteView {
     pub agent: Option<AgentView>,
     pub last_backup: Option<BackupView>,
     pub running_operation_id: Option<String>,
+    pub schedule: Option<String>,
+    pub quiesce: String,
+    /// The RPO the schedule promises.
+    pub rpo_target_s: Option<u64>,
+    /// The current RPO: age of the newest good backup.
+    pub rpo_s: Option<u64>,
+    pub late: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,6 +336,16 @@ pub fn backup_view(b: pb::Backup, now: u64) -> BackupView {
         started_at: rfc3339(b.started_at_ms),
         completed_at: rfc3339(b.completed_at_ms),
         image_id: b.image_id,
+        state: b.state,
+        fate: b.fate,
+        quiesce: b.quiesce,
+        frozen_ms: b.frozen_ms,
+        quiesce_note: b.quiesce_note,
+        copies: b
+            .copies
+            .into_iter()
+            .map(|c| CopyView { region: c.region, image_id: c.image_id, state: c.state, attempts: c.attempts, error: c.error })
+            .collect(),
         site_id: b.site_id,
         operation_id: b.operation_id,
         region: b.region,
@@ -336,13 +368,19 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         last_heartbeat_at: rfc3339(s.last_heartbeat_ms),
         last_heartbeat_age_s: (s.last_heartbeat_ms > 0).then(|| now.saturating_sub(s.last_heartbeat_ms) / 1000),
     });
+    let last_backup = s.last_backup.map(|b| backup_view(b, now));
     SiteView {
+        rpo_s: last_backup.as_ref().map(|b| b.age_s),
         site_id: s.site_id,
         region: s.region,
         primary_instance_id: s.primary_instance_id,
         agent,
-        last_backup: s.last_backup.map(|b| backup_view(b, now)),
+        last_backup,
         running_operation_id: Some(s.running_operation_id).filter(|id| !id.is_empty()),
+        schedule: Some(s.schedule).filter(|x| !x.is_empty()),
+        quiesce: s.quiesce,
+        rpo_target_s: (s.rpo_target_ms > 0).then_some(s.rpo_target_ms / 1000),
+        late: s.late,
     }
 }
 
@@ -408,6 +446,12 @@ pub fn print_status(sites: &[SiteView]) {
             None => "none".into(),
         };
         println!("{:<20} {agent:<10} {instance:<21} {private:<16} {public:<16} {app:<10} {hb:<12} {backup}", s.site_id);
+        if let Some(schedule) = &s.schedule {
+            let target = s.rpo_target_s.map(|t| human_duration(t * 1000)).unwrap_or_default();
+            let now = s.rpo_s.map(|t| human_duration(t * 1000)).unwrap_or_else(|| "no backup yet".into());
+            let flag = if s.late { "  LATE" } else { "" };
+            println!("{:<20} schedule: {schedule}, quiesce {}; RPO {now} (target {target}){flag}", "", s.quiesce);
+        }
         if let Some(op) = &s.running_operation_id {
             println!("{:<20} running: {op}", "");
         }
@@ -419,17 +463,63 @@ pub fn print_backups(site: &str, backups: &[BackupView]) {
         println!("Site {site} has no backups yet.");
         return;
     }
-    println!("{:<22} {:<25} {:<12} {:<10} {:<10} {}", "AMI", "COMPLETED", "AGE", "CONSISTENCY", "APP", "SNAPSHOTS");
+    println!(
+        "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} {}",
+        "AMI", "COMPLETED", "AGE", "CONSISTENCY", "FROZEN", "APP", "STATE", "SNAPSHOTS"
+    );
     for b in backups {
+        let frozen = if b.frozen_ms > 0 { format!("{:.2}s", b.frozen_ms as f64 / 1000.0) } else { "-".into() };
         println!(
-            "{:<22} {:<25} {:<12} {:<11} {:<10} {}",
+            "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} {}",
             b.image_id,
             b.completed_at.clone().unwrap_or_default(),
             human_duration(b.age_s * 1000),
             b.consistency,
+            frozen,
             b.app_state,
+            b.state,
             b.snapshot_ids.join(",")
         );
+        for c in &b.copies {
+            let err = if c.error.is_empty() { String::new() } else { format!(" ({}, attempt {})", c.error, c.attempts) };
+            println!("{:<22} copy in {}: {} {}{err}", "", c.region, if c.image_id.is_empty() { "-" } else { &c.image_id }, c.state);
+        }
+        if !b.quiesce_note.is_empty() {
+            println!("{:<22} quiesce {}: {}", "", b.quiesce, b.quiesce_note);
+        }
+        if !b.fate.is_empty() {
+            println!("{:<22} retention: {}", "", b.fate);
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DecisionView {
+    pub image_id: String,
+    pub completed_at: Option<String>,
+    pub action: &'static str,
+    pub reason: String,
+}
+
+pub fn decision_views(reply: pb::PruneReply) -> Vec<DecisionView> {
+    reply
+        .decisions
+        .into_iter()
+        .map(|d| DecisionView {
+            completed_at: rfc3339(d.completed_at_ms),
+            action: if d.keep { "keep" } else { "delete" },
+            image_id: d.image_id,
+            reason: d.reason,
+        })
+        .collect()
+}
+
+pub fn print_prune(site: &str, dry_run: bool, decisions: &[DecisionView]) {
+    let verb = if dry_run { "would" } else { "did" };
+    println!("Retention of {site} ({}):", if dry_run { "dry run, nothing changed" } else { "applied" });
+    for d in decisions {
+        let action = if d.action == "keep" { "keep".to_owned() } else { format!("{verb} delete") };
+        println!("  {:<22} {:<13} {}", d.image_id, action, d.reason);
     }
 }
 

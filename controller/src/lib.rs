@@ -4,15 +4,18 @@
 pub mod admin;
 pub mod agents;
 pub mod config;
+pub mod copies;
 pub mod drctl;
 pub mod ec2;
 pub mod faults;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod pki;
 pub mod policy;
 pub mod retention;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 
@@ -65,8 +68,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let ec2 = Arc::new(ec2::Ec2Clients::new(config.aws.clone()));
     let registry = agents::Registry::default();
-    let engine = ops::Engine::new(store.clone(), registry.clone(), ec2.clone(), config.backup.clone());
+    let mut policies = std::collections::HashMap::new();
+    for s in &config.sites {
+        let policy = config.site_policy(s).map_err(|(key, message)| config::ConfigError::Invalid {
+            path: "config".into(),
+            key: format!("site `{}` policy.{key}", s.id),
+            message,
+        })?;
+        policies.insert(s.id.clone(), policy);
+    }
+    let engine =
+        ops::Engine::new(store.clone(), registry.clone(), ec2.clone(), config.backup.clone(), policies);
     let resumed = engine.resume_all()?;
+    tokio::spawn(scheduler::run(engine.clone(), config.backup.scheduler_tick));
+    tokio::spawn(copies::run(engine.clone(), config.backup.copy_poll));
+    if let Some(addr) = config.metrics.listen {
+        let (engine, registry) = (engine.clone(), registry.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, engine, registry).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
 
     let agent_service = agents::AgentServer {
         trust_domain: config.tls.trust_domain.clone(),

@@ -527,6 +527,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The site and operation that made a backup.
+    pub fn backup_origin(&self, image_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT site_id, operation_id FROM backups WHERE image_id = ?1", [image_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
     /// Sets a backup's retention state and why.
     pub fn set_backup_state(&self, image_id: &str, state: BackupState, fate: &str) -> Result<(), StoreError> {
         let deleted = if state == BackupState::Deleted { now_ms() as i64 } else { 0 };

@@ -286,6 +286,8 @@ pub struct ControllerSpec {
     pub heartbeat: &'static str,
     pub poll_initial: &'static str,
     pub sites: Vec<(String, String)>,
+    /// Extra TOML placed before the sites (e.g. a `[policy]` table).
+    pub extra: String,
 }
 
 /// A dr-controller process with its config and store in `dir`.
@@ -303,7 +305,8 @@ impl Controller {
             "[server]\nlisten = \"127.0.0.1:{}\"\nheartbeat_interval = \"{}\"\nshutdown_grace = \"3s\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
              [store]\npath = \"{}\"\n\n[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n\n\
-             [backup]\npoll_initial = \"{}\"\npoll_max = \"5s\"\ntimeout = \"10m\"\nagent_call_timeout = \"10s\"\n",
+             [backup]\npoll_initial = \"{}\"\npoll_max = \"5s\"\ntimeout = \"10m\"\nagent_call_timeout = \"10s\"\n\
+             copy_poll = \"500ms\"\nscheduler_tick = \"500ms\"\n\n{}\n",
             spec.port,
             spec.heartbeat,
             pki.ca().display(),
@@ -312,6 +315,7 @@ impl Controller {
             dir.join("state.db").display(),
             moto.url,
             spec.poll_initial,
+            spec.extra,
         );
         for (id, instance) in &spec.sites {
             text.push_str(&format!("\n[[site]]\nid = \"{id}\"\ninstance_id = \"{instance}\"\n"));
@@ -484,6 +488,16 @@ impl World {
     /// Like [`World::start`], with more configured sites (id, instance id)
     /// that have no agent.
     pub async fn start_with(site: &str, poll_initial: &'static str, extra_sites: &[(&str, &str)]) -> World {
+        Self::start_full(site, poll_initial, extra_sites, "").await
+    }
+
+    /// Like [`World::start_with`], with extra controller TOML (policies, metrics).
+    pub async fn start_full(
+        site: &str,
+        poll_initial: &'static str,
+        extra_sites: &[(&str, &str)],
+        extra_config: &str,
+    ) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let moto = Moto::start(dir.path());
         let ec2 = moto.client().await;
@@ -499,6 +513,7 @@ impl World {
             sites: std::iter::once((site.to_owned(), instance.id.clone()))
                 .chain(extra_sites.iter().map(|(s, i)| (s.to_string(), i.to_string())))
                 .collect(),
+            extra: extra_config.to_owned(),
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         let agent = Agent::start(dir.path(), &pki, site, &controller.url, &imds, &root);

@@ -49,8 +49,15 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// The recorded backups of SITE, newest first.
+    /// The recorded backups of SITE, newest first, with copies and retention fate.
     Backups { site: String },
+    /// Apply SITE's retention now (deregister AMIs, delete their snapshots).
+    Prune {
+        site: String,
+        /// Show what would be deleted and why; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// One operation with all its steps.
     Operation {
         id: String,
@@ -194,6 +201,20 @@ async fn remote(conn: &Connection, command: Command, output: Output) -> Result<E
                     .into_inner()
             };
             finish(op, output)
+        }
+        Command::Prune { site, dry_run } => {
+            let mut client = conn.connect().await?;
+            let reply = client
+                .prune(pb::PruneRequest { site_id: site.clone(), dry_run })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let decisions = drctl::decision_views(reply);
+            match output {
+                Output::Json => drctl::print_json(&serde_json::json!({ "site_id": site, "dry_run": dry_run, "decisions": decisions })),
+                Output::Text => drctl::print_prune(&site, dry_run, &decisions),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Backups { site } => {
             let mut client = conn.connect().await?;

@@ -26,7 +26,8 @@ use crate::agents::{AgentAction, AgentDetail};
 use crate::ec2::{CreateImage, Ec2, Image};
 use crate::model::{Backup, Consistency, now_ms};
 
-pub const STEPS: &[&str] = &["check_agent", "create_image", "wait_available", "tag_snapshots", "record"];
+pub const STEPS: &[&str] =
+    &["check_agent", "create_image", "wait_available", "tag_snapshots", "record", "copy", "retention"];
 
 /// Tag keys written on every AMI and snapshot the controller creates.
 pub const TAG_SITE: &str = "dr:site";
@@ -44,6 +45,19 @@ pub async fn run_step(ctx: &StepCtx<'_>, name: &str) -> Result<StepOutput, StepE
         "wait_available" => wait_step(ctx).await,
         "tag_snapshots" => tag_snapshots(ctx).await,
         "record" => record(ctx).await,
+        "copy" => copy(ctx).await,
+        "retention" => {
+            let decisions = crate::copies::apply_retention(ctx.engine, ctx.site, false).await?;
+            let deleted: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| d.image_id.as_str()).collect();
+            Ok(StepOutput {
+                detail: if deleted.is_empty() {
+                    format!("kept all {} backup(s)", decisions.len())
+                } else {
+                    format!("deleted {} (AMIs and snapshots); kept {}", deleted.join(", "), decisions.len() - deleted.len())
+                },
+                result: json!({"deleted": deleted, "decisions": decisions}),
+            })
+        }
         other => Err(StepError::Failed(format!("unknown backup step `{other}`"))),
     }
 }
@@ -194,6 +208,26 @@ async fn tag_snapshots(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
     let tags = tags(ctx);
     retry_ec2("CreateTags", RETRY_BUDGET, || ec2.create_tags(&snapshots, &tags)).await?;
     Ok(StepOutput { detail: format!("tagged {}", snapshots.join(", ")), result: json!({"tagged": snapshots}) })
+}
+
+/// Starts a copy of the new AMI in every DR region of the site's policy.
+/// A copy that fails to start is recorded as failed: the reconciler retries
+/// it; the backup itself does not fail for it.
+async fn copy(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let image_id = field(ctx, "create_image", "image_id")?.as_str().unwrap_or_default().to_owned();
+    let regions = ctx.engine.policy(&ctx.site.id).copy_regions;
+    if regions.is_empty() {
+        return Ok(StepOutput { detail: "no DR region configured".into(), result: json!({"copies": []}) });
+    }
+    let mut lines = Vec::new();
+    for region in &regions {
+        let copy = crate::copies::start_copy(ctx.engine, ctx.site, &image_id, &ctx.op.id, region).await?;
+        lines.push(match copy.state {
+            crate::model::CopyState::Failed => format!("{region}: failed to start ({}), will retry", copy.error),
+            _ => format!("{region}: {} {}", copy.image_id, copy.state.as_str()),
+        });
+    }
+    Ok(StepOutput { detail: lines.join("; "), result: json!({"copies": lines, "source_image_id": image_id}) })
 }
 
 async fn record(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {

@@ -10,6 +10,7 @@
 
 pub mod backup;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::config::BackupConfig;
 use crate::ec2::{Ec2, Ec2Clients, Ec2Error};
 use crate::faults;
 use crate::model::*;
+use crate::policy::Policy;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +59,37 @@ pub struct Engine {
     pub(crate) registry: Registry,
     pub(crate) ec2: Arc<Ec2Clients>,
     pub(crate) backup: BackupConfig,
+    pub(crate) policies: Arc<HashMap<String, Policy>>,
     changes: broadcast::Sender<String>,
 }
 
 impl Engine {
-    pub fn new(store: Store, registry: Registry, ec2: Arc<Ec2Clients>, backup: BackupConfig) -> Self {
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        ec2: Arc<Ec2Clients>,
+        backup: BackupConfig,
+        policies: HashMap<String, Policy>,
+    ) -> Self {
         let (changes, _) = broadcast::channel(1024);
-        Engine { store, registry, ec2, backup, changes }
+        Engine { store, registry, ec2, backup, policies: Arc::new(policies), changes }
+    }
+
+    /// A site's effective policy (the default one for a site the config no
+    /// longer names).
+    pub fn policy(&self, site_id: &str) -> Policy {
+        self.policies.get(site_id).cloned().unwrap_or_default()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// EC2 for a site, in another region than its own (copies).
+    pub async fn ec2_in(&self, site: &Site, region: &str) -> Result<Arc<dyn Ec2>, Ec2Error> {
+        let mut elsewhere = site.clone();
+        elsewhere.region = region.to_owned();
+        self.ec2.for_site(&elsewhere).await
     }
 
     /// Ids of operations that changed, as they change.
@@ -76,6 +102,7 @@ impl Engine {
     }
 
     /// Creates a backup operation for a site and starts it.
+    /// `requested_by` is `operator/<name>` or `schedule`.
     pub fn start_backup(&self, site_id: &str, requested_by: &str) -> Result<Operation, EngineError> {
         self.store.site(site_id)?.ok_or_else(|| EngineError::UnknownSite(site_id.to_owned()))?;
         let now = now_ms();
@@ -267,6 +294,11 @@ where
         match call().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && start.elapsed() < budget => {
+                let counter = match e {
+                    Ec2Error::Throttled { .. } => &crate::metrics::EC2_THROTTLED,
+                    _ => &crate::metrics::EC2_TRANSIENT,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let cap = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(8))).min(Duration::from_secs(20));
                 let sleep = cap.mul_f64(rand::random::<f64>());
                 tracing::warn!(call = what, error = %e, attempt, retry_in = ?sleep, "EC2 call will be retried");

@@ -1,0 +1,133 @@
+//! Prometheus metrics (text exposition format) on `[metrics] listen`,
+//! computed from the store and the live sessions at each scrape.
+//!
+//! - `dr_agent_connected{site}` 1/0
+//! - `dr_backup_newest_age_seconds{site}`: the current RPO (absent: no backup)
+//! - `dr_backup_rpo_target_seconds{site}`: what the schedule promises
+//! - `dr_backup_late{site}` 1 when the newest good backup is overdue
+//! - `dr_backups{site,state}`: backups by retention state
+//! - `dr_copies{site,region,state}`: copies in DR regions by state
+//! - `dr_operations_running`
+//! - `dr_ec2_retries_total{reason}`: EC2 calls retried (throttled, transient)
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::agents;
+use crate::model::{BackupState, now_ms};
+use crate::ops::Engine;
+
+/// EC2 calls retried because EC2 throttled them.
+pub static EC2_THROTTLED: AtomicU64 = AtomicU64::new(0);
+/// EC2 calls retried after a transient failure.
+pub static EC2_TRANSIENT: AtomicU64 = AtomicU64::new(0);
+
+type Labels = Vec<(String, String)>;
+
+fn label(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Renders every metric now.
+pub fn render(engine: &Engine, registry: &agents::Registry) -> Result<String, crate::store::StoreError> {
+    let mut reg = Registry::default();
+    let connected = Family::<Labels, Gauge>::default();
+    let age = Family::<Labels, Gauge>::default();
+    let target = Family::<Labels, Gauge>::default();
+    let late = Family::<Labels, Gauge>::default();
+    let backups = Family::<Labels, Gauge>::default();
+    let copies = Family::<Labels, Gauge>::default();
+    let running = Gauge::<i64>::default();
+    let retries = Family::<Labels, Gauge>::default();
+    let store = engine.store();
+    let now = now_ms();
+    for site in store.sites()? {
+        let l = label(&[("site", &site.id)]);
+        connected.get_or_create(&l).set(i64::from(registry.live(&site.id).is_some()));
+        let list = store.backups(&site.id)?;
+        let newest = list.iter().find(|b| b.state == BackupState::Available);
+        if let Some(b) = newest {
+            age.get_or_create(&l).set((now.saturating_sub(b.completed_at_ms) / 1000) as i64);
+        }
+        let policy = engine.policy(&site.id);
+        if let Some(t) = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now)) {
+            target.get_or_create(&l).set(t.as_secs() as i64);
+            let allowed = (t + policy.jitter + engine.backup.timeout).as_millis() as u64;
+            let is_late = newest.is_none_or(|b| now.saturating_sub(b.completed_at_ms) > allowed);
+            late.get_or_create(&l).set(i64::from(is_late));
+        }
+        for state in [BackupState::Available, BackupState::Deleting, BackupState::Deleted] {
+            let n = list.iter().filter(|b| b.state == state).count();
+            backups.get_or_create(&label(&[("site", &site.id), ("state", state.as_str())])).set(n as i64);
+        }
+        for b in &list {
+            for c in &b.copies {
+                copies
+                    .get_or_create(&label(&[("site", &site.id), ("region", &c.region), ("state", c.state.as_str())]))
+                    .inc();
+            }
+        }
+        if store.running_operation_of(&site.id)?.is_some() {
+            running.inc();
+        }
+    }
+    retries.get_or_create(&label(&[("reason", "throttled")])).set(EC2_THROTTLED.load(Ordering::Relaxed) as i64);
+    retries.get_or_create(&label(&[("reason", "transient")])).set(EC2_TRANSIENT.load(Ordering::Relaxed) as i64);
+    reg.register("dr_agent_connected", "1 when the site's agent has a live session", connected);
+    reg.register("dr_backup_newest_age_seconds", "Age of the newest good backup (the current RPO)", age);
+    reg.register("dr_backup_rpo_target_seconds", "The RPO the site's schedule promises", target);
+    reg.register("dr_backup_late", "1 when the newest good backup is overdue", late);
+    reg.register("dr_backups", "Backups by retention state", backups);
+    reg.register("dr_copies", "Copies in DR regions by state", copies);
+    reg.register("dr_operations_running", "Operations running now", running);
+    reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
+    let mut out = String::new();
+    encode(&mut out, &reg).expect("writing to a String cannot fail");
+    Ok(out)
+}
+
+/// Serves `GET /metrics` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?;
+    tracing::info!(%addr, "metrics listening");
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (engine, registry) = (engine.clone(), registry.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (engine, registry) = (engine.clone(), registry.clone());
+                async move {
+                    let response = if req.uri().path() != "/metrics" {
+                        hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                    } else {
+                        match render(&engine, &registry) {
+                            Ok(text) => hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(text))),
+                            Err(e) => hyper::Response::builder().status(500).body(Full::new(Bytes::from(e.to_string()))),
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response.expect("static response parts are valid"))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
