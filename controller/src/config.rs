@@ -104,6 +104,9 @@ pub struct AwsConfig {
     /// Attempts per EC2 call made by the SDK's own retry layer (1 = no
     /// retries, as tests use so an unimplemented emulator path fails fast).
     pub max_attempts: Option<u32>,
+    /// The controller's own request budget per account and region.
+    #[serde(default)]
+    pub limits: crate::budget::Limits,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -96,15 +96,18 @@ pub struct CopyImage {
     pub tags: Vec<(String, String)>,
 }
 
-/// EC2 clients per (region, role), built on first use.
+/// EC2 clients per (region, role), built on first use, each spending the
+/// budget of its (account, region) (see [`crate::budget`]).
 pub struct Ec2Clients {
     aws: AwsConfig,
+    budgets: crate::budget::BudgetBook,
     cache: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Ec2>>>,
 }
 
 impl Ec2Clients {
     pub fn new(aws: AwsConfig) -> Self {
-        Ec2Clients { aws, cache: tokio::sync::Mutex::new(HashMap::new()) }
+        let budgets = crate::budget::BudgetBook::new(aws.limits.clone());
+        Ec2Clients { aws, budgets, cache: tokio::sync::Mutex::new(HashMap::new()) }
     }
 
     /// The client for a site's region and (optional) role.
@@ -114,7 +117,9 @@ impl Ec2Clients {
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let client: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref()).await?);
+        let raw: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref()).await?);
+        let buckets = self.budgets.buckets(&crate::budget::account_of(site.role_arn.as_deref()), &site.region);
+        let client: Arc<dyn Ec2> = Arc::new(crate::budget::Budgeted::new(raw, buckets, self.budgets.batch_window()));
         cache.insert(key, client.clone());
         Ok(client)
     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod budget;
 pub mod config;
 pub mod copies;
 pub mod drctl;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use dr_controller::pki::{self, Subject, Validity};
 
+pub mod throttle;
+
 pub const REGION: &str = "us-east-1";
 pub const TRUST_DOMAIN: &str = "dr.test";
 
@@ -288,6 +290,8 @@ pub struct ControllerSpec {
     pub sites: Vec<(String, String)>,
     /// Extra TOML placed before the sites (e.g. a `[policy]` table).
     pub extra: String,
+    /// EC2 endpoint instead of moto's own URL (e.g. a throttling proxy).
+    pub endpoint: Option<String>,
 }
 
 /// A dr-controller process with its config and store in `dir`.
@@ -313,7 +317,7 @@ impl Controller {
             pki.dir.join("controller.pem").display(),
             pki.dir.join("controller.key").display(),
             dir.join("state.db").display(),
-            moto.url,
+            spec.endpoint.as_deref().unwrap_or(&moto.url),
             spec.poll_initial,
             spec.extra,
         );
@@ -514,6 +518,7 @@ impl World {
                 .chain(extra_sites.iter().map(|(s, i)| (s.to_string(), i.to_string())))
                 .collect(),
             extra: extra_config.to_owned(),
+            endpoint: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         let agent = Agent::start(dir.path(), &pki, site, &controller.url, &imds, &root);
@@ -658,5 +663,113 @@ pub mod fake_control_plane {
                 .expect("an agent session within 30s")
                 .expect("server running")
         }
+    }
+}
+
+/// Many sites without agents (crash-consistent backups need none), their
+/// instances in moto, a controller whose EC2 endpoint is a throttling proxy.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub moto: Moto,
+    pub proxy: throttle::ThrottleProxy,
+    pub pki: Pki,
+    pub controller: Controller,
+    pub sites: Vec<String>,
+}
+
+impl Fleet {
+    pub async fn start(n: usize, throttle_share: f64, extra_config: &str) -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let moto = Moto::start(dir.path());
+        let ec2 = moto.client().await;
+        let mut sites = Vec::new();
+        let images = ec2.describe_images().owners("amazon").send().await.expect("stock AMIs");
+        let ami = images.images().first().and_then(|i| i.image_id()).expect("an AMI").to_owned();
+        let mut launched = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let batch = left.min(50);
+            let out = ec2
+                .run_instances()
+                .image_id(&ami)
+                .min_count(batch as i32)
+                .max_count(batch as i32)
+                .send()
+                .await
+                .expect("RunInstances");
+            launched.extend(out.instances().iter().map(|i| i.instance_id().expect("id").to_owned()));
+            left -= batch;
+        }
+        for (i, id) in launched.iter().enumerate() {
+            sites.push((format!("site-{i:04}"), id.clone()));
+        }
+        let proxy = throttle::start(&moto.url, throttle_share, 7).await;
+        let pki = Pki::new(dir.path());
+        let spec = ControllerSpec {
+            port: free_port(),
+            heartbeat: "10s",
+            poll_initial: "200ms",
+            sites: sites.clone(),
+            extra: extra_config.to_owned(),
+            endpoint: Some(proxy.url.clone()),
+        };
+        let controller = Controller::start(dir.path(), &pki, &moto, &spec);
+        Fleet { dir, moto, proxy, pki, controller, sites: sites.into_iter().map(|(s, _)| s).collect() }
+    }
+
+    /// Starts a backup of every site through the admin API; returns the
+    /// operation ids.
+    pub async fn backup_all(&self) -> Vec<String> {
+        let mut client = self.admin().await;
+        let mut ids = Vec::new();
+        for site in &self.sites {
+            let op = client
+                .start_backup(dr_proto::pb::StartBackupRequest { site_id: site.clone() })
+                .await
+                .expect("StartBackup")
+                .into_inner();
+            ids.push(op.operation_id);
+        }
+        ids
+    }
+
+    /// Waits until every operation finished; returns them.
+    pub async fn wait_all(&self, ids: &[String], timeout: Duration) -> Vec<dr_proto::pb::Operation> {
+        let mut client = self.admin().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut done = Vec::new();
+            for id in ids {
+                let op = client
+                    .get_operation(dr_proto::pb::OperationRef { operation_id: id.clone() })
+                    .await
+                    .expect("GetOperation")
+                    .into_inner();
+                if op.state == "running" {
+                    break;
+                }
+                done.push(op);
+            }
+            if done.len() == ids.len() {
+                return done;
+            }
+            assert!(Instant::now() < deadline, "operations still running after {timeout:?}:\n{}", self.controller.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn admin(&self) -> dr_proto::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+        dr_proto::tls::install_crypto_provider();
+        let (cert, key) = self.pki.operator();
+        let files = dr_proto::tls::TlsFiles { ca: self.pki.ca(), cert, key };
+        let tls = dr_proto::tls::client_config(&files, "127.0.0.1").expect("client TLS");
+        let channel = tonic::transport::Channel::from_shared(self.controller.url.clone())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect to the controller");
+        dr_proto::pb::admin_service_client::AdminServiceClient::new(channel)
     }
 }
