@@ -34,6 +34,19 @@ use crate::store::Store;
 pub enum AgentAction {
     /// Read the Replicated app's state. No precondition; changes nothing.
     AppStatus,
+    /// Stop the app and wait until it is stopped (quiesce `stop`).
+    AppStop,
+    /// Start the app and wait until it is started (undo of `AppStop`).
+    AppStart,
+    /// Freeze the agent's configured data file systems; a watchdog on the
+    /// machine thaws them after `deadline` whatever happens.
+    Freeze { deadline: Duration },
+    /// Thaw what `Freeze` froze; "already thawed" is success.
+    Thaw,
+    /// Drain Nomad builders, waiting at most `deadline` for running work.
+    Drain { deadline: Duration },
+    /// End the drain the agent made; idempotent.
+    Undrain,
 }
 
 /// What an agent answered (domain side of `pb::CommandResult`).
@@ -50,6 +63,8 @@ pub struct AgentOutcome {
 pub enum AgentDetail {
     None,
     AppStatus { state: String, is_transitioning: bool, desired_state: String },
+    /// A step's report, as the agent wrote it.
+    Report(serde_json::Value),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +80,17 @@ pub enum AgentCallError {
 }
 
 fn command_to_pb(id: &str, action: &AgentAction, deadline: Duration) -> pb::Command {
+    let ms = |d: &Duration| d.as_millis().min(u32::MAX as u128) as u32;
     let kind = match action {
         AgentAction::AppStatus => pb::command::Kind::AppStatus(pb::AppStatusRequest {}),
+        AgentAction::AppStop => pb::command::Kind::AppStop(pb::AppStopRequest { force: false }),
+        AgentAction::AppStart => pb::command::Kind::AppStart(pb::AppStartRequest {}),
+        AgentAction::Freeze { deadline } => {
+            pb::command::Kind::Freeze(pb::FreezeRequest { mounts: vec![], deadline_ms: ms(deadline) })
+        }
+        AgentAction::Thaw => pb::command::Kind::Thaw(pb::ThawRequest {}),
+        AgentAction::Drain { deadline } => pb::command::Kind::Drain(pb::DrainRequest { deadline_ms: ms(deadline) }),
+        AgentAction::Undrain => pb::command::Kind::Undrain(pb::UndrainRequest {}),
     };
     pb::Command { id: id.to_owned(), deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32, kind: Some(kind) }
 }
@@ -77,6 +101,10 @@ fn outcome_from_pb(r: pb::CommandResult) -> AgentOutcome {
             state: s.state,
             is_transitioning: s.is_transitioning,
             desired_state: s.desired_state,
+        },
+        None if !r.report_json.is_empty() => match serde_json::from_str(&r.report_json) {
+            Ok(v) => AgentDetail::Report(v),
+            Err(_) => AgentDetail::Report(serde_json::Value::String(r.report_json.clone())),
         },
         None => AgentDetail::None,
     };

@@ -189,6 +189,10 @@ impl Ec2 for Budgeted {
         self.buckets.describe.until_ready().await;
         self.inner.describe_instance(id).await
     }
+    async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
+        self.buckets.describe.until_ready().await;
+        self.inner.describe_snapshots(ids).await
+    }
     async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {
         self.buckets.mutating.until_ready().await;
         self.inner.deregister_image(id).await
@@ -236,6 +240,9 @@ mod tests {
         }
         async fn describe_instance(&self, _: &str) -> Result<Option<Instance>, Ec2Error> {
             Ok(None)
+        }
+        async fn describe_snapshots(&self, _: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
+            Ok(vec![])
         }
         async fn deregister_image(&self, _: &str) -> Result<(), Ec2Error> {
             Ok(())

@@ -124,6 +124,17 @@ pub struct BackupConfig {
     /// Deadline of the app-status question asked of the agent.
     #[serde(default = "default_agent_call_timeout", with = "humantime_serde")]
     pub agent_call_timeout: Duration,
+    /// Quiesce `freeze`/`drain`: the agent's watchdog thaws after this long
+    /// whatever happens (keep it well above CreateImage + snapshot start).
+    #[serde(default = "default_freeze_deadline", with = "humantime_serde")]
+    pub freeze_deadline: Duration,
+    /// Quiesce `drain`: longest wait for running builds before freezing.
+    #[serde(default = "default_drain_deadline", with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    /// How long to keep retrying to lift a quiesce (thaw, undrain, start the
+    /// app) while the agent is unreachable.
+    #[serde(default = "default_unquiesce_patience", with = "humantime_serde")]
+    pub unquiesce_patience: Duration,
     /// How often the scheduler looks for sites whose backup is due.
     #[serde(default = "default_scheduler_tick", with = "humantime_serde")]
     pub scheduler_tick: Duration,
@@ -139,6 +150,9 @@ impl Default for BackupConfig {
             poll_max: default_poll_max(),
             timeout: default_backup_timeout(),
             agent_call_timeout: default_agent_call_timeout(),
+            freeze_deadline: default_freeze_deadline(),
+            drain_deadline: default_drain_deadline(),
+            unquiesce_patience: default_unquiesce_patience(),
             scheduler_tick: default_scheduler_tick(),
             copy_poll: default_copy_poll(),
         }
@@ -190,6 +204,15 @@ fn default_poll_max() -> Duration {
 }
 fn default_backup_timeout() -> Duration {
     Duration::from_secs(2 * 3600)
+}
+fn default_freeze_deadline() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_drain_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_unquiesce_patience() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_scheduler_tick() -> Duration {
     Duration::from_secs(5)

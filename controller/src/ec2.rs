@@ -77,6 +77,8 @@ pub trait Ec2: Send + Sync {
     async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error>;
     /// `None` when EC2 does not know the instance.
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error>;
+    /// States of snapshots (`pending`, `completed`, `error`); unknown ids are absent.
+    async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error>;
     /// Deregisters an AMI; an AMI EC2 no longer knows counts as done.
     async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error>;
     /// Deletes a snapshot; a snapshot EC2 no longer knows counts as done.
@@ -266,6 +268,24 @@ impl Ec2 for AwsEc2 {
                 public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
             }
         }))
+    }
+
+    async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
+        let out = match self.client.describe_snapshots().set_snapshot_ids(Some(ids.to_vec())).send().await {
+            Ok(out) => out,
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => return Ok(vec![]),
+            Err(e) => return Err(map_err("DescribeSnapshots", e)),
+        };
+        Ok(out
+            .snapshots()
+            .iter()
+            .map(|s| {
+                (
+                    s.snapshot_id().unwrap_or_default().to_owned(),
+                    s.state().map(|st| st.as_str().to_owned()).unwrap_or_default(),
+                )
+            })
+            .collect())
     }
 
     async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {

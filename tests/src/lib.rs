@@ -52,7 +52,11 @@ pub fn aws_env(cmd: &mut Command) -> &mut Command {
 /// A built binary of the workspace (tests/run.sh builds them all first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    // Tests run from target/<profile>/deps, bench binaries from target/<profile>.
+    let mut dir = exe.parent().expect("the executable's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)", path.display());
     path

@@ -18,7 +18,7 @@ async fn a_backup_produces_exactly_one_tagged_ami_visible_in_drctl() {
     let out = drctl(&w.pki, &w.controller.url, &["backup", "prod-1", "--wait"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "backup failed: {stdout}{}\n{}", text(&out.stderr), w.controller.log());
-    for step in ["check_agent", "create_image", "wait_available", "tag_snapshots", "record"] {
+    for step in ["check_agent", "quiesce", "create_image", "wait_snapshots", "unquiesce", "wait_available", "tag_snapshots", "record", "copy", "retention"] {
         assert!(stdout.contains(step), "progress shows step {step}: {stdout}");
     }
     assert!(stdout.contains("succeeded"), "{stdout}");

@@ -1,21 +1,32 @@
-//! The backup workflow (quiesce level `none`: a crash-consistent, no-reboot
-//! AMI).
+//! The backup workflow.
 //!
 //! Steps, each safe to run again after a crash anywhere inside it:
 //! 1. `check_agent`: ask the site's agent for the app state (recorded with
 //!    the backup). A missing or passive agent does not stop a crash-
 //!    consistent backup; it is recorded.
-//! 2. `create_image`: CreateImage (NoReboot) tagged `dr:operation=<id>`.
+//! 2. `quiesce`: per the site's policy, nothing (`none`), freeze the data
+//!    file systems (`freeze`), drain Nomad builders then freeze (`drain`), or
+//!    stop the app (`stop`). A failure falls back to crash-consistent or
+//!    skips the backup, per `on_quiesce_failure`; the result says which.
+//! 3. `create_image`: CreateImage (NoReboot) tagged `dr:operation=<id>`.
 //!    CreateImage has no ClientToken, so the step first looks for an AMI
 //!    with that tag: a restart after the call but before its result was
 //!    stored finds it instead of creating a second one.
-//! 3. `wait_available`: poll with doubling waits (`backup.poll_initial` up
+//! 4. `wait_snapshots`: poll until every snapshot of the AMI exists and is
+//!    `pending` (or further): from then on the image no longer depends on
+//!    the live disks.
+//! 5. `unquiesce` (runs even when an earlier step failed): thaw, undrain,
+//!    start the app — whatever `quiesce` did, in reverse.
+//! 6. `wait_available`: poll with doubling waits (`backup.poll_initial` up
 //!    to `backup.poll_max`) until the AMI is `available`; `failed` or the
 //!    deadline (`backup.timeout` from the operation's creation, so restarts
 //!    do not extend it) fails the backup.
-//! 4. `tag_snapshots`: tag the AMI's snapshots (a separate CreateTags: EC2
+//! 7. `tag_snapshots`: tag the AMI's snapshots (a separate CreateTags: EC2
 //!    emulators reject snapshot TagSpecifications on CreateImage).
-//! 5. `record`: the backup enters the store and `drctl backups`.
+//! 8. `record`: the backup enters the store and `drctl backups`, with the
+//!    consistency achieved and how long file systems were frozen.
+//! 9. `copy`, 10. `retention`: DR-region copies and retention (see
+//!    [`crate::copies`]).
 
 use std::time::Duration;
 
@@ -23,11 +34,25 @@ use serde_json::json;
 
 use super::{StepCtx, StepError, StepOutput, retry_ec2};
 use crate::agents::{AgentAction, AgentDetail};
+use crate::policy::{OnQuiesceFailure, Quiesce};
 use crate::ec2::{CreateImage, Ec2, Image};
 use crate::model::{Backup, Consistency, now_ms};
 
-pub const STEPS: &[&str] =
-    &["check_agent", "create_image", "wait_available", "tag_snapshots", "record", "copy", "retention"];
+pub const STEPS: &[&str] = &[
+    "check_agent",
+    "quiesce",
+    "create_image",
+    "wait_snapshots",
+    "unquiesce",
+    "wait_available",
+    "tag_snapshots",
+    "record",
+    "copy",
+    "retention",
+];
+
+/// Steps that run even after an earlier step failed.
+pub const ALWAYS: &[&str] = &["unquiesce"];
 
 /// Tag keys written on every AMI and snapshot the controller creates.
 pub const TAG_SITE: &str = "dr:site";
@@ -41,7 +66,10 @@ const RETRY_BUDGET: Duration = Duration::from_secs(300);
 pub async fn run_step(ctx: &StepCtx<'_>, name: &str) -> Result<StepOutput, StepError> {
     match name {
         "check_agent" => check_agent(ctx).await,
+        "quiesce" => quiesce(ctx).await,
         "create_image" => create_image(ctx).await,
+        "wait_snapshots" => wait_snapshots(ctx).await,
+        "unquiesce" => unquiesce(ctx).await,
         "wait_available" => wait_step(ctx).await,
         "tag_snapshots" => tag_snapshots(ctx).await,
         "record" => record(ctx).await,
@@ -83,7 +111,7 @@ async fn check_agent(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         Ok(outcome) if outcome.ok => {
             let (state, transitioning) = match outcome.detail {
                 AgentDetail::AppStatus { state, is_transitioning, .. } => (state, is_transitioning),
-                AgentDetail::None => ("unknown".to_owned(), false),
+                AgentDetail::None | AgentDetail::Report(_) => ("unknown".to_owned(), false),
             };
             Ok(StepOutput {
                 detail: format!(
@@ -105,7 +133,169 @@ async fn check_agent(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
     }
 }
 
+/// Asks the agent for one quiesce action; the command id names the
+/// operation and the action so a repeat after a restart is answered from the
+/// agent's journal.
+async fn agent_step(ctx: &StepCtx<'_>, name: &str, action: AgentAction, timeout: Duration) -> Result<serde_json::Value, String> {
+    let id = format!("{}.{name}", ctx.op.id);
+    match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
+        Ok(o) if o.ok => Ok(match o.detail {
+            AgentDetail::Report(v) => v,
+            _ => json!({}),
+        }),
+        Ok(o) => Err(o.error),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn quiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let policy = ctx.engine.policy(&ctx.site.id);
+    let cfg = &ctx.engine.backup;
+    let level = policy.quiesce;
+    let mut done: Vec<&str> = Vec::new();
+    let plan: Vec<(&str, AgentAction, Duration)> = match level {
+        Quiesce::None => vec![],
+        Quiesce::Freeze => vec![("freeze", AgentAction::Freeze { deadline: cfg.freeze_deadline }, cfg.agent_call_timeout)],
+        Quiesce::Drain => vec![
+            ("drain", AgentAction::Drain { deadline: cfg.drain_deadline }, cfg.drain_deadline + cfg.agent_call_timeout),
+            ("freeze", AgentAction::Freeze { deadline: cfg.freeze_deadline }, cfg.agent_call_timeout),
+        ],
+        Quiesce::Stop => vec![("app-stop", AgentAction::AppStop, cfg.agent_call_timeout.max(Duration::from_secs(900)))],
+    };
+    let mut failed: Option<String> = None;
+    for (name, action, timeout) in plan {
+        ctx.progress(format!("{name} on the agent"));
+        match agent_step(ctx, name, action, timeout).await {
+            Ok(_) => done.push(name),
+            Err(e) => {
+                failed = Some(format!("{name}: {e}"));
+                break;
+            }
+        }
+    }
+    let frozen_at_ms = if done.contains(&"freeze") { now_ms() } else { 0 };
+    let (skip, detail) = match (&failed, policy.on_quiesce_failure) {
+        (None, _) if done.is_empty() => (false, "none: crash-consistent image".to_owned()),
+        (None, _) => (false, format!("{}: done ({})", level.as_str(), done.join(", "))),
+        (Some(e), OnQuiesceFailure::Crash) => {
+            (false, format!("{} failed ({e}); falling back to a crash-consistent image", level.as_str()))
+        }
+        (Some(e), OnQuiesceFailure::Skip) => (true, format!("{} failed ({e}); the policy skips this backup", level.as_str())),
+    };
+    Ok(StepOutput {
+        detail,
+        result: json!({
+            "level": level.as_str(),
+            "done": done,
+            "failed": failed,
+            "skip": skip,
+            "frozen_at_ms": frozen_at_ms,
+        }),
+    })
+}
+
+/// Undoes what `quiesce` did, in reverse; retries while the agent is
+/// unreachable, for `backup.unquiesce_patience`.
+async fn unquiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let Some(q) = ctx.result_of("quiesce") else {
+        return Ok(StepOutput { detail: "nothing was quiesced".into(), result: json!({"undone": []}) });
+    };
+    let done: Vec<String> = serde_json::from_value(q["done"].clone()).unwrap_or_default();
+    let cfg = &ctx.engine.backup;
+    let mut undone = Vec::new();
+    let mut frozen_ms: u64 = 0;
+    for name in done.iter().rev() {
+        let (undo, action, timeout) = match name.as_str() {
+            "freeze" => ("thaw", AgentAction::Thaw, cfg.agent_call_timeout),
+            "drain" => ("undrain", AgentAction::Undrain, cfg.agent_call_timeout),
+            "app-stop" => ("app-start", AgentAction::AppStart, cfg.agent_call_timeout.max(Duration::from_secs(900))),
+            _ => continue,
+        };
+        let start = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(200);
+        let report = loop {
+            match agent_step(ctx, undo, action.clone(), timeout).await {
+                Ok(report) => break report,
+                Err(e) if start.elapsed() < cfg.unquiesce_patience => {
+                    ctx.progress(format!("{undo} not done yet ({e}); retrying"));
+                    tracing::warn!(operation = %ctx.op.id, site = %ctx.site.id, step = undo, error = %e, "cannot lift the quiesce yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    return Err(StepError::Failed(format!(
+                        "{undo} failed: {e} (a frozen file system is thawed by the agent's watchdog at its deadline; a stopped app needs `dr-agent app-start` on the machine)"
+                    )));
+                }
+            }
+        };
+        if undo == "thaw" {
+            frozen_ms = report.get("frozen_for_ms").and_then(|v| v.as_u64()).unwrap_or(frozen_ms);
+        }
+        undone.push(undo);
+    }
+    // The freeze window beyond the EC2 calls it has to cover.
+    let overhead_ms = (frozen_ms > 0).then(|| {
+        let call = ctx.result_of("create_image").and_then(|r| r["call_ms"].as_u64()).unwrap_or(0);
+        let wait = ctx.result_of("wait_snapshots").and_then(|r| r["wait_ms"].as_u64()).unwrap_or(0);
+        frozen_ms.saturating_sub(call + wait)
+    });
+    Ok(StepOutput {
+        detail: if undone.is_empty() {
+            "nothing to undo".into()
+        } else if frozen_ms > 0 {
+            format!("{} (file systems frozen {frozen_ms} ms)", undone.join(", "))
+        } else {
+            undone.join(", ")
+        },
+        result: json!({"undone": undone, "frozen_ms": frozen_ms, "freeze_overhead_ms": overhead_ms}),
+    })
+}
+
+/// Waits until every snapshot of the new AMI exists and is pending (or
+/// done): the moment a quiesce may be lifted.
+async fn wait_snapshots(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    let image_id = field(ctx, "create_image", "image_id")?.as_str().unwrap_or_default().to_owned();
+    let ec2 = ctx.ec2().await?;
+    let start = tokio::time::Instant::now();
+    let ids = [image_id.clone()];
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let images = retry_ec2("DescribeImages", RETRY_BUDGET, || ec2.describe_images(&ids)).await?;
+        if let Some(image) = images.into_iter().find(|i| i.id == image_id) {
+            if image.state == "failed" {
+                return Err(StepError::Failed(format!("{image_id} failed: {}", image.state_reason)));
+            }
+            if !image.snapshot_ids.is_empty() {
+                let states = retry_ec2("DescribeSnapshots", RETRY_BUDGET, || ec2.describe_snapshots(&image.snapshot_ids)).await?;
+                let ready = image.snapshot_ids.iter().all(|s| {
+                    states.iter().any(|(id, st)| id == s && matches!(st.as_str(), "pending" | "completed"))
+                });
+                if ready {
+                    let wait_ms = start.elapsed().as_millis() as u64;
+                    return Ok(StepOutput {
+                        detail: format!("{} snapshot(s) pending after {wait_ms} ms", image.snapshot_ids.len()),
+                        result: json!({"snapshot_ids": image.snapshot_ids, "wait_ms": wait_ms}),
+                    });
+                }
+            }
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err(StepError::Failed(format!("the snapshots of {image_id} did not start within 10 minutes")));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
 async fn create_image(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    if let Some(q) = ctx.result_of("quiesce").filter(|q| q["skip"] == true) {
+        return Err(StepError::Failed(format!(
+            "backup skipped: quiesce {} failed ({})",
+            q["level"].as_str().unwrap_or("?"),
+            q["failed"].as_str().unwrap_or("?")
+        )));
+    }
     let ec2 = ctx.ec2().await?;
     let existing = retry_ec2("DescribeImages", RETRY_BUDGET, || ec2.find_images_by_tag(TAG_OPERATION, &ctx.op.id)).await?;
     let usable: Vec<&Image> = existing.iter().filter(|i| i.state != "failed" && i.state != "deregistered").collect();
@@ -131,11 +321,13 @@ async fn create_image(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         description: format!("dr-controller backup of site {} (operation {})", ctx.site.id, ctx.op.id),
         tags: tags(ctx),
     };
+    let started = tokio::time::Instant::now();
     let image_id = retry_ec2("CreateImage", RETRY_BUDGET, || ec2.create_image(&req)).await?;
+    let call_ms = started.elapsed().as_millis() as u64;
     ctx.crash_point("backup.after_create_image");
     Ok(StepOutput {
-        detail: format!("CreateImage (no reboot) of {} gave {image_id}", req.instance_id),
-        result: json!({"image_id": image_id, "instance_id": req.instance_id, "reused": false}),
+        detail: format!("CreateImage (no reboot) of {} gave {image_id} in {call_ms} ms", req.instance_id),
+        result: json!({"image_id": image_id, "instance_id": req.instance_id, "reused": false, "call_ms": call_ms}),
     })
 }
 
@@ -237,6 +429,20 @@ async fn record(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         serde_json::from_value(field(ctx, "wait_available", "snapshot_ids")?.clone()).unwrap_or_default();
     let app_state =
         ctx.result_of("check_agent").and_then(|v| v.get("app_state")).and_then(|v| v.as_str()).unwrap_or("unknown");
+    let q = ctx.result_of("quiesce").cloned().unwrap_or(json!({}));
+    let done: Vec<String> = serde_json::from_value(q["done"].clone()).unwrap_or_default();
+    let consistency = if done.iter().any(|d| d == "app-stop") {
+        Consistency::Application
+    } else if done.iter().any(|d| d == "freeze") {
+        Consistency::Filesystem
+    } else {
+        Consistency::Crash
+    };
+    let frozen_ms = ctx.result_of("unquiesce").and_then(|r| r["frozen_ms"].as_u64()).unwrap_or(0);
+    let quiesce_note = match q["failed"].as_str() {
+        Some(f) => format!("{} failed ({f}); crash-consistent instead", q["level"].as_str().unwrap_or("?")),
+        None => String::new(),
+    };
     let backup = Backup {
         image_id: image_id.clone(),
         site_id: ctx.site.id.clone(),
@@ -246,18 +452,21 @@ async fn record(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         snapshot_ids,
         started_at_ms: ctx.op.created_at_ms,
         completed_at_ms: now_ms(),
-        consistency: Consistency::Crash,
+        consistency,
         app_state: app_state.to_owned(),
         state: crate::model::BackupState::Available,
         fate: String::new(),
         deleted_at_ms: 0,
-        quiesce: "none".to_owned(),
-        frozen_ms: 0,
-        quiesce_note: String::new(),
+        quiesce: q["level"].as_str().unwrap_or("none").to_owned(),
+        frozen_ms,
+        quiesce_note,
         copies: Vec::new(),
     };
     ctx.engine.store.record_backup(&backup)?;
-    Ok(StepOutput { detail: format!("backup {image_id} recorded (crash-consistent)"), result: json!({"image_id": image_id}) })
+    Ok(StepOutput {
+        detail: format!("backup {image_id} recorded ({}-consistent)", consistency.as_str()),
+        result: json!({"image_id": image_id, "consistency": consistency.as_str()}),
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +512,9 @@ mod tests {
         }
         async fn describe_instance(&self, _: &str) -> Result<Option<Instance>, Ec2Error> {
             Ok(None)
+        }
+        async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
+            Ok(ids.iter().map(|i| (i.clone(), "pending".to_owned())).collect())
         }
         async fn deregister_image(&self, _: &str) -> Result<(), Ec2Error> {
             Ok(())

@@ -156,8 +156,17 @@ impl Engine {
             self.notify(id);
             return Ok(());
         };
+        let always: &[&str] = match op.kind {
+            OperationKind::Backup => backup::ALWAYS,
+        };
+        let mut failure: Option<String> = None;
         for i in 0..op.steps.len() {
             if op.steps[i].state == StepState::Done {
+                continue;
+            }
+            // After a failure only the clean-up steps run (e.g. thaw,
+            // undrain, start the app again), so nothing stays quiesced.
+            if failure.is_some() && !always.contains(&op.steps[i].name.as_str()) {
                 continue;
             }
             let mut step = op.steps[i].clone();
@@ -190,13 +199,20 @@ impl Engine {
                     step.state = StepState::Failed;
                     step.error = e.to_string();
                     self.store.put_step(id, &step)?;
-                    let message = format!("step {} failed: {e}", step.name);
-                    self.store.finish_operation(id, OperationState::Failed, &message)?;
-                    tracing::error!(operation = id, site = %site.id, step = %step.name, error = %e, "operation failed");
+                    tracing::error!(operation = id, site = %site.id, step = %step.name, error = %e, "step failed");
+                    op.steps[i] = step.clone();
                     self.notify(id);
-                    return Ok(());
+                    if failure.is_none() {
+                        failure = Some(format!("step {} failed: {e}", step.name));
+                    }
                 }
             }
+        }
+        if let Some(message) = failure {
+            self.store.finish_operation(id, OperationState::Failed, &message)?;
+            tracing::error!(operation = id, site = %site.id, error = %message, "operation failed");
+            self.notify(id);
+            return Ok(());
         }
         self.store.finish_operation(id, OperationState::Succeeded, "")?;
         tracing::info!(operation = id, site = %site.id, kind = op.kind.as_str(), "operation succeeded");
