@@ -13,6 +13,10 @@ cd "$repo"
 start=$(date +%s)
 
 echo "== test dependencies"
+# Freeze tests use real ext4 file systems on loop devices (root required).
+if ! command -v mkfs.ext4 >/dev/null || ! command -v losetup >/dev/null || ! command -v fsfreeze >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq e2fsprogs util-linux mount
+fi
 DR_MOTO_SERVER=$(tests/ensure-moto.sh)
 export DR_MOTO_SERVER
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::facts::{self, FactsError, InstanceFacts};
 use crate::imds::{ImdsClient, ImdsError};
-use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
+use crate::replicated::{AppStatus, ReplicatedError};
 use crate::steps::{Action, Executor, Outcome, StepError};
 
 /// How subcommands print their result.
@@ -79,12 +79,10 @@ impl Common {
 
 /// Runs the app-status step by hand.
 pub async fn app_status(config: &Config) -> Result<AppStatus, CommandError> {
-    let executor = Executor::new(Replicatedctl::new(
-        config.replicated.replicatedctl.clone(),
-        config.replicated.command_timeout,
-    ));
+    let executor = Executor::new(std::sync::Arc::new(config.clone()));
     match executor.execute(&Action::AppStatus, None).await? {
         Outcome::AppStatus(s) => Ok(s),
+        Outcome::Report { .. } => unreachable!("app status answers with an AppStatus"),
     }
 }
 

@@ -37,7 +37,7 @@ pub enum JournalError {
 }
 
 /// The answer to one command, as sent to the controller.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommandAnswer {
     pub id: String,
     pub ok: bool,

@@ -1,6 +1,476 @@
 //! Wiping the Nomad server's data dir after a restore.
+//!
+//! Safety: refused unless the app is stopped (replicatedctl: State
+//! `stopped`, not transitioning) and no Nomad process runs; refused for `/`,
+//! for a path outside `root`, for a data dir that is a symlink, and when a
+//! symlink anywhere in the path leads elsewhere. The directory is renamed
+//! aside in the same parent (`.<name>-wipe-<UTC stamp>`: one rename, whatever
+//! the number of files), an empty one with the same owner and mode takes its
+//! place, then the renamed tree is deleted without following symlinks
+//! (`std::fs::remove_dir_all` uses openat/unlinkat with O_NOFOLLOW). A tree
+//! left aside by an interrupted run is deleted by the next run.
 
-use crate::commands::{CliResult, Common};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::config::Config;
+use crate::replicated::{ReplicatedError, Replicatedctl};
+
+/// At most this many entries are listed in a report.
+const MAX_LISTED: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WipeError {
+    #[error("refusing to wipe {path}: the app is not stopped (State `{state}`, IsTransitioning {transitioning}); run `dr-agent app-stop` first")]
+    AppRunning { path: PathBuf, state: String, transitioning: bool },
+    #[error("refusing to wipe {path}: Nomad is running ({processes})")]
+    NomadRunning { path: PathBuf, processes: String },
+    #[error("refusing to wipe {path}: {why}")]
+    UnsafePath { path: PathBuf, why: String },
+    #[error("nomad.data_dir `{0}`: must be an absolute path without `..`")]
+    BadDataDir(PathBuf),
+    #[error("cannot check the app state before wiping: {0}")]
+    Replicated(#[from] ReplicatedError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl WipeError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WipeError::AppRunning { .. } | WipeError::NomadRunning { .. } | WipeError::UnsafePath { .. } => EXIT_REFUSED,
+            WipeError::BadDataDir(_) => EXIT_INPUT,
+            WipeError::Replicated(_) | WipeError::Io { .. } => EXIT_FAILED,
+        }
+    }
+}
+
+/// The wipe takes everything from the configuration (`root`,
+/// `nomad.data_dir`, `replicated.*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WipeParams {}
+
+/// Counts of a tree (not following symlinks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeCount {
+    /// Regular files, symlinks and other non-directories.
+    pub files: u64,
+    /// Directories below the top one.
+    pub dirs: u64,
+    /// Sum of the sizes of the non-directories (symlinks count their own size).
+    pub bytes: u64,
+}
+
+impl TreeCount {
+    fn add(&mut self, o: TreeCount) {
+        self.files += o.files;
+        self.dirs += o.dirs;
+        self.bytes += o.bytes;
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WipeReport {
+    /// The data dir (root joined with nomad.data_dir).
+    pub path: PathBuf,
+    /// `wiped`, `already done` or `would wipe`.
+    pub state: String,
+    pub dry_run: bool,
+    /// What was (or would be) removed, leftovers of an interrupted run included.
+    pub removed: TreeCount,
+    /// Where the tree was moved before deletion.
+    pub moved_to: Option<PathBuf>,
+    /// The visible part: rename aside + recreate the empty dir.
+    pub rename_ms: f64,
+    /// Deleting the moved-aside tree (and counting it).
+    pub delete_ms: f64,
+    /// Owner and mode of the recreated dir (`uid:gid`, octal).
+    pub owner: Option<String>,
+    pub mode: Option<String>,
+    /// Top-level entries (and leftovers) that are (or would be) removed, at most 50.
+    pub entries: Vec<String>,
+    pub actions: Vec<String>,
+    pub warnings: Vec<String>,
+    /// Dry run only: why the real run would refuse right now (app running,
+    /// Nomad running, replicatedctl failing). Empty: it would proceed.
+    pub blocked_by: Vec<String>,
+}
+
+/// Timings and counts of the move-aside-then-delete mechanics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WipeOutcome {
+    pub moved_to: PathBuf,
+    pub removed: TreeCount,
+    pub rename: Duration,
+    pub delete: Duration,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> WipeError + 'a {
+    move |source| WipeError::Io { what, path: path.to_owned(), source }
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a time (UTC), from the civil calendar.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The data dir on this machine: `root` joined with `data_dir`, refusing
+/// `..` and the root itself.
+pub fn data_dir_path(root: &Path, data_dir: &Path) -> Result<PathBuf, WipeError> {
+    if !data_dir.is_absolute() || data_dir.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(WipeError::BadDataDir(data_dir.to_owned()));
+    }
+    let rel: PathBuf = data_dir.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+    if rel.as_os_str().is_empty() {
+        return Err(WipeError::UnsafePath { path: data_dir.to_owned(), why: "it is `/`".to_owned() });
+    }
+    Ok(root.join(rel))
+}
+
+/// Checks the path: not a symlink itself, no symlink above it leading
+/// elsewhere, under the canonical root, not `/`. Returns the metadata of
+/// the dir, or None when it is absent.
+fn check_path(root: &Path, path: &Path) -> Result<Option<std::fs::Metadata>, WipeError> {
+    let unsafe_path = |why: String| WipeError::UnsafePath { path: path.to_owned(), why };
+    let canonical_root = std::fs::canonicalize(root).map_err(io("cannot resolve root", root))?;
+    let rel = path.strip_prefix(root).map_err(|_| unsafe_path(format!("it is not under root {}", root.display())))?;
+    let expected = canonical_root.join(rel);
+    if expected == Path::new("/") || expected == canonical_root {
+        return Err(unsafe_path("it is the root itself".to_owned()));
+    }
+    let parent = path.parent().ok_or_else(|| unsafe_path("it has no parent".to_owned()))?;
+    match std::fs::canonicalize(parent) {
+        Ok(p) if Some(p.as_path()) == expected.parent() => {}
+        Ok(p) => {
+            return Err(unsafe_path(format!(
+                "a symlink in its path leads elsewhere: {} resolves to {}, not {}",
+                parent.display(),
+                p.display(),
+                expected.parent().map(|e| e.display().to_string()).unwrap_or_default()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("cannot resolve", parent)(e)),
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            Err(unsafe_path(format!("it is a symlink (to {target}); not following it")))
+        }
+        Ok(m) if !m.is_dir() => Err(unsafe_path("it is not a directory".to_owned())),
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("cannot stat", path)(e)),
+    }
+}
+
+/// Counts a tree without following symlinks (the top dir itself not counted).
+pub fn count_tree(dir: &Path) -> Result<TreeCount, WipeError> {
+    let mut count = TreeCount::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(io("cannot list", &d))? {
+            let entry = entry.map_err(io("cannot list", &d))?;
+            let ft = entry.file_type().map_err(io("cannot stat", &entry.path()))?;
+            if ft.is_dir() {
+                count.dirs += 1;
+                stack.push(entry.path());
+            } else {
+                count.files += 1;
+                count.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Leftovers of an interrupted wipe: `.<name>-wipe-*` directories (not
+/// symlinks) beside the data dir.
+fn leftovers(path: &Path) -> Result<Vec<PathBuf>, WipeError> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return Ok(Vec::new()) };
+    let prefix = format!(".{}-wipe-", name.to_string_lossy());
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io("cannot list", parent)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io("cannot list", parent))?;
+        if e.file_name().to_string_lossy().starts_with(&prefix) && e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes a tree without following symlinks, counting what it removes.
+fn delete_tree(dir: &Path) -> Result<TreeCount, WipeError> {
+    let count = count_tree(dir)?;
+    std::fs::remove_dir_all(dir).map_err(io("cannot delete", dir))?;
+    Ok(count)
+}
+
+/// The mechanics: renames `path` to `.<name>-wipe-<stamp>` in the same
+/// parent, recreates `path` empty with the owner and mode of `meta`, then
+/// deletes the renamed tree. No safety checks: callers check first.
+pub fn move_aside_and_delete(path: &Path, meta: &std::fs::Metadata) -> Result<WipeOutcome, WipeError> {
+    let parent = path.parent().ok_or_else(|| WipeError::UnsafePath { path: path.to_owned(), why: "no parent".to_owned() })?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stamp = utc_stamp(SystemTime::now());
+    let mut aside = parent.join(format!(".{name}-wipe-{stamp}"));
+    let mut n = 1;
+    while std::fs::symlink_metadata(&aside).is_ok() {
+        aside = parent.join(format!(".{name}-wipe-{stamp}-{n}"));
+        n += 1;
+    }
+    let t0 = Instant::now();
+    std::fs::rename(path, &aside).map_err(|e| {
+        let why = if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EXDEV) {
+            " (is it a mount point? then empty it by hand)"
+        } else {
+            ""
+        };
+        WipeError::Io { what: if why.is_empty() { "cannot move aside" } else { "cannot move aside (mount point?)" }, path: path.to_owned(), source: e }
+    })?;
+    recreate(path, meta.uid(), meta.gid(), meta.mode())?;
+    let rename = t0.elapsed();
+    let t1 = Instant::now();
+    let removed = delete_tree(&aside)?;
+    Ok(WipeOutcome { moved_to: aside, removed, rename, delete: t1.elapsed() })
+}
+
+fn recreate(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), WipeError> {
+    std::fs::DirBuilder::new().mode(0o700).create(path).map_err(io("cannot recreate", path))?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io("cannot set the owner of", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io("cannot set the mode of", path))
+}
+
+/// The processes whose executable name is `nomad` (comm or argv[0]), but not us.
+pub fn nomad_processes() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(argv0);
+        let exe_name = Path::new(argv0.as_ref()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if comm.trim() == "nomad" || exe_name == "nomad" {
+            let args = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            out.push(format!("pid {pid}: {}", args.trim()));
+        }
+    }
+    out
+}
+
+fn list_entries(path: &Path, out: &mut Vec<String>) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        let mut names: Vec<String> = entries.flatten().map(|e| e.path().display().to_string()).collect();
+        names.sort();
+        let total = names.len();
+        for n in names.into_iter().take(MAX_LISTED.saturating_sub(out.len())) {
+            out.push(n);
+        }
+        if out.len() >= MAX_LISTED && total > 0 {
+            out.push(format!("... ({total} entries in {})", path.display()));
+        }
+    }
+}
+
+/// Wipes the Nomad data dir (see the module docs for the rules).
+pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<WipeReport, WipeError> {
+    let _ = params;
+    let path = data_dir_path(&config.root, &config.nomad.data_dir)?;
+    // Path rules first: they need nothing running.
+    let meta = check_path(&config.root, &path)?;
+    let found_leftovers = leftovers(&path)?;
+    let mut report = WipeReport {
+        path: path.clone(),
+        state: String::new(),
+        dry_run,
+        removed: TreeCount::default(),
+        moved_to: None,
+        rename_ms: 0.0,
+        delete_ms: 0.0,
+        owner: meta.as_ref().map(|m| format!("{}:{}", m.uid(), m.gid())),
+        mode: meta.as_ref().map(|m| format!("{:04o}", m.mode() & 0o7777)),
+        entries: Vec::new(),
+        actions: Vec::new(),
+        warnings: Vec::new(),
+        blocked_by: Vec::new(),
+    };
+    let empty = match &meta {
+        None => true,
+        Some(_) => std::fs::read_dir(&path).map_err(io("cannot list", &path))?.next().is_none(),
+    };
+    if empty && found_leftovers.is_empty() {
+        report.state = "already done".to_owned();
+        if meta.is_none() {
+            report.warnings.push(format!("{} does not exist", path.display()));
+        }
+        return Ok(report);
+    }
+    // Then the app and Nomad must be stopped. A dry run reports what would
+    // refuse now (so that a plan can show the wipe after an app stop).
+    let ctl = Replicatedctl::new(config.replicated.replicatedctl.clone(), config.replicated.command_timeout);
+    let preconditions = async {
+        let status = ctl.app_status().await?;
+        if status.state != "stopped" || status.is_transitioning {
+            return Err(WipeError::AppRunning { path: path.clone(), state: status.state, transitioning: status.is_transitioning });
+        }
+        let running = nomad_processes();
+        if !running.is_empty() {
+            return Err(WipeError::NomadRunning { path: path.clone(), processes: running.join("; ") });
+        }
+        Ok(())
+    };
+    match (preconditions.await, dry_run) {
+        (Ok(()), _) => {}
+        (Err(e), false) => return Err(e),
+        (Err(e), true) => report.blocked_by.push(e.to_string()),
+    }
+    if dry_run {
+        report.state = "would wipe".to_owned();
+        let p = path.clone();
+        let lo = found_leftovers.clone();
+        let (count, entries) = tokio::task::spawn_blocking(move || -> Result<_, WipeError> {
+            let mut count = if empty { TreeCount::default() } else { count_tree(&p)? };
+            let mut entries = Vec::new();
+            list_entries(&p, &mut entries);
+            for l in &lo {
+                count.add(count_tree(l)?);
+                count.dirs += 1;
+                entries.push(format!("{} (left by an interrupted wipe)", l.display()));
+            }
+            Ok((count, entries))
+        })
+        .await
+        .expect("the counting task does not panic")?;
+        report.removed = count;
+        report.entries = entries;
+        if !empty {
+            report.actions.push(format!(
+                "move {} aside to {}/.{}-wipe-<UTC time>, recreate it empty (owner {}, mode {}), delete the moved tree",
+                path.display(),
+                path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                report.owner.clone().unwrap_or_default(),
+                report.mode.clone().unwrap_or_default()
+            ));
+        }
+        for l in &found_leftovers {
+            report.actions.push(format!("delete {} left by an interrupted wipe", l.display()));
+        }
+        return Ok(report);
+    }
+    let p = path.clone();
+    let lo = found_leftovers.clone();
+    let (outcome, leftover_count, entries, recreated) = tokio::task::spawn_blocking(move || -> Result<_, WipeError> {
+        let mut entries = Vec::new();
+        list_entries(&p, &mut entries);
+        let outcome = match &meta {
+            Some(m) if !empty => Some(move_aside_and_delete(&p, m)?),
+            _ => None,
+        };
+        let mut recreated = false;
+        let mut count = TreeCount::default();
+        for l in &lo {
+            entries.push(format!("{} (left by an interrupted wipe)", l.display()));
+            // Interrupted between the rename and the mkdir: put the empty dir back.
+            if meta.is_none() && !recreated {
+                let m = std::fs::symlink_metadata(l).map_err(io("cannot stat", l))?;
+                recreate(&p, m.uid(), m.gid(), m.mode())?;
+                recreated = true;
+            }
+            count.add(delete_tree(l)?);
+            count.dirs += 1;
+        }
+        Ok((outcome, count, entries, recreated))
+    })
+    .await
+    .expect("the wipe task does not panic")?;
+    report.state = "wiped".to_owned();
+    report.entries = entries;
+    report.removed = leftover_count;
+    if let Some(o) = outcome {
+        report.removed.add(o.removed);
+        report.rename_ms = o.rename.as_secs_f64() * 1000.0;
+        report.delete_ms = o.delete.as_secs_f64() * 1000.0;
+        report.moved_to = Some(o.moved_to);
+    }
+    if recreated {
+        report.warnings.push(format!("{} was missing after an interrupted wipe: recreated it empty", path.display()));
+    }
+    if !found_leftovers.is_empty() {
+        report.warnings.push(format!("deleted {} tree(s) left by an interrupted wipe", found_leftovers.len()));
+    }
+    tracing::info!(path = %path.display(), files = report.removed.files, bytes = report.removed.bytes,
+        rename_ms = report.rename_ms, delete_ms = report.delete_ms, "nomad state wiped");
+    Ok(report)
+}
+
+fn human(r: &WipeReport) -> String {
+    let mut s = match r.state.as_str() {
+        "already done" => format!("Already done: {} is empty or absent.\n", r.path.display()),
+        "would wipe" => format!(
+            "Would wipe {} (dry run): {} files, {} directories, {} bytes.\n",
+            r.path.display(),
+            r.removed.files,
+            r.removed.dirs,
+            r.removed.bytes
+        ),
+        _ => format!(
+            "Wiped {}: removed {} files, {} directories, {} bytes. Move aside + recreate took {:.3} ms; delete took {:.1} ms.\n",
+            r.path.display(),
+            r.removed.files,
+            r.removed.dirs,
+            r.removed.bytes,
+            r.rename_ms,
+            r.delete_ms
+        ),
+    };
+    if let (Some(o), Some(m)) = (&r.owner, &r.mode)
+        && r.state != "already done"
+    {
+        s.push_str(&format!("  owner {o}, mode {m}\n"));
+    }
+    for e in &r.entries {
+        s.push_str(&format!("  {e}\n"));
+    }
+    for a in &r.actions {
+        s.push_str(&format!("  - {a}\n"));
+    }
+    for w in &r.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    for b in &r.blocked_by {
+        s.push_str(&format!("  the real run would refuse now: {b}\n"));
+    }
+    s
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -12,6 +482,67 @@ pub struct Args {
 }
 
 pub async fn cli(args: Args) -> CliResult {
-    let _ = args;
-    Err((crate::commands::EXIT_FAILED, "not implemented yet".to_owned()))
+    let config = args.common.load()?;
+    let report = run(&config, &WipeParams {}, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
+    Ok(args.common.render(&report, human))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_utc_civil_time() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
+        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(1_709_210_096)), "20240229T123456Z");
+    }
+
+    #[test]
+    fn data_dir_rules() {
+        let root = Path::new("/mnt/r");
+        assert_eq!(data_dir_path(root, Path::new("/opt/nomad")).expect("ok"), PathBuf::from("/mnt/r/opt/nomad"));
+        assert!(matches!(data_dir_path(root, Path::new("/")), Err(WipeError::UnsafePath { .. })));
+        assert!(matches!(data_dir_path(root, Path::new("/opt/../etc")), Err(WipeError::BadDataDir(_))));
+        assert!(matches!(data_dir_path(root, Path::new("opt/nomad")), Err(WipeError::BadDataDir(_))));
+    }
+
+    #[test]
+    fn move_aside_keeps_mode_and_does_not_follow_symlinks() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join("keep"), b"keep").expect("write");
+        let dir = tmp.path().join("nomad");
+        std::fs::create_dir_all(dir.join("a/b")).expect("mkdir");
+        std::fs::write(dir.join("a/b/f"), b"12345").expect("write");
+        std::os::unix::fs::symlink(&outside, dir.join("link")).expect("symlink");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        let meta = std::fs::symlink_metadata(&dir).expect("stat");
+        let o = move_aside_and_delete(&dir, &meta).expect("wipe");
+        assert_eq!(o.removed.files, 2, "{o:?}");
+        assert_eq!(o.removed.dirs, 2, "{o:?}");
+        assert!(!o.moved_to.exists());
+        assert_eq!(std::fs::read_dir(&dir).expect("ls").count(), 0);
+        assert_eq!(std::fs::metadata(&dir).expect("stat").mode() & 0o7777, 0o750);
+        assert_eq!(std::fs::read(outside.join("keep")).expect("kept"), b"keep");
+    }
+
+    #[test]
+    fn symlinks_in_the_path_are_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("root");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("nomad")).expect("mkdir");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::os::unix::fs::symlink(&elsewhere, root.join("opt")).expect("symlink");
+        let path = data_dir_path(&root, Path::new("/opt/nomad")).expect("path");
+        let err = check_path(&root, &path).expect_err("parent symlink");
+        assert!(err.to_string().contains("leads elsewhere"), "{err}");
+        std::fs::remove_file(root.join("opt")).expect("rm");
+        std::fs::create_dir(root.join("opt")).expect("mkdir");
+        std::os::unix::fs::symlink(elsewhere.join("nomad"), root.join("opt/nomad")).expect("symlink");
+        let err = check_path(&root, &path).expect_err("symlink");
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert_eq!(err.exit_code(), EXIT_REFUSED);
+    }
 }

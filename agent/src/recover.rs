@@ -1,7 +1,29 @@
 //! The whole restore runbook on one machine, in order, each step skipped
-//! when already done.
+//! when already done:
+//!
+//! 1. stop the app;
+//! 2. rewrite the Replicated files from the old IPs found in them to the
+//!    current ones (from IMDS, or `--private-ip` / `--public-ip`);
+//! 3. set the hostname (when `--hostname` is given);
+//! 4. wipe the Nomad server's state;
+//! 5. start the app;
+//! 6. clean up builds that started before `--builds-before` (the backup's
+//!    point in time).
+//!
+//! Every step is idempotent, so after a failure `recover` is simply run
+//! again. `--dry-run` prints the plan: what each step would do, from the
+//! same code paths. With `--offline --root DIR` (a restored disk mounted on
+//! a rescue instance) only the file steps (2 and 4) run: nothing of the app
+//! runs there, and IMDS describes the rescue instance, so the new IPs must
+//! be given.
 
-use crate::commands::{CliResult, Common};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT};
+use crate::config::Config;
+use crate::{app, builds, facts, imds, nomad_state, rewrite};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -10,9 +32,365 @@ pub struct Args {
     /// Print the plan; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// The backup's point in time (RFC 3339): running builds that started
+    /// before it are deleted. Without it the build clean-up is skipped.
+    #[arg(long)]
+    pub builds_before: Option<String>,
+    /// The hostname the installation must answer on (default: unchanged).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// This machine's private IP (default: from IMDS; required with --root).
+    #[arg(long)]
+    pub private_ip: Option<IpAddr>,
+    /// This machine's public IP (default: from IMDS; none if it has none).
+    #[arg(long)]
+    pub public_ip: Option<IpAddr>,
+    /// Act on a mounted disk (with --root): only rewrite the files and wipe
+    /// the Nomad state; needs --private-ip.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// What `recover` is asked to do (also sent by the controller).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoverParams {
+    pub builds_before: Option<String>,
+    pub hostname: Option<String>,
+    pub private_ip: Option<IpAddr>,
+    pub public_ip: Option<IpAddr>,
+    /// Only the file steps, on a mounted disk.
+    pub offline: bool,
+}
+
+/// One runbook step's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub name: String,
+    /// `done`, `already done`, `would do`, `skipped` or `failed`.
+    pub outcome: String,
+    pub summary: String,
+    /// The step's own report.
+    pub report: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecoverReport {
+    pub dry_run: bool,
+    pub offline: bool,
+    pub private_ip: Option<IpAddr>,
+    pub public_ip: Option<IpAddr>,
+    pub steps: Vec<StepReport>,
+    /// The first failure, if any: later steps did not run.
+    pub failed: Option<String>,
+    /// What a human must still do.
+    pub actions: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("with --offline (a mounted disk), give --private-ip (and --public-ip if it has one): IMDS describes this instance, not the one that will boot the disk")]
+    NeedAddresses,
+    #[error("cannot learn this instance's addresses from IMDS: {0}")]
+    Imds(String),
+    #[error("cannot read the old addresses from the Replicated files: {0}")]
+    Find(#[from] rewrite::RewriteError),
+}
+
+impl RecoverError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RecoverError::NeedAddresses => EXIT_INPUT,
+            RecoverError::Find(e) => e.exit_code(),
+            RecoverError::Imds(_) => EXIT_FAILED,
+        }
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("reports serialize")
+}
+
+/// Records a step's result; returns false when it failed (recover stops).
+fn push<T: Serialize, E: std::fmt::Display>(
+    report: &mut RecoverReport,
+    name: &str,
+    result: Result<T, E>,
+    outcome: impl FnOnce(&T) -> (String, String),
+    actions: impl FnOnce(&T) -> Vec<String>,
+) -> bool {
+    match result {
+        Ok(r) => {
+            let (outcome, summary) = outcome(&r);
+            report.actions.extend(actions(&r));
+            report.steps.push(StepReport { name: name.to_owned(), outcome, summary, report: json(&r) });
+            true
+        }
+        Err(e) => {
+            report.steps.push(StepReport {
+                name: name.to_owned(),
+                outcome: "failed".into(),
+                summary: e.to_string(),
+                report: serde_json::Value::Null,
+            });
+            report.failed = Some(format!("{name}: {e}"));
+            report.actions.push(format!("fix the cause and run `dr-agent recover` again (every step is idempotent): {e}"));
+            false
+        }
+    }
+}
+
+fn skipped(report: &mut RecoverReport, name: &str, why: &str) {
+    report.steps.push(StepReport {
+        name: name.to_owned(),
+        outcome: "skipped".into(),
+        summary: why.to_owned(),
+        report: serde_json::Value::Null,
+    });
+}
+
+fn verb(dry_run: bool, already: bool) -> String {
+    match (dry_run, already) {
+        (_, true) => "already done",
+        (true, false) => "would do",
+        (false, false) => "done",
+    }
+    .to_owned()
+}
+
+/// Runs the runbook. Step failures end up in the report (`failed`), not in
+/// the error: the error is for what stops recover before its first step.
+pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Result<RecoverReport, RecoverError> {
+    let offline = params.offline;
+    let (private_ip, public_ip) = match (params.private_ip, offline) {
+        (Some(p), _) => (Some(p), params.public_ip),
+        (None, true) => return Err(RecoverError::NeedAddresses),
+        (None, false) => {
+            let client = imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout)
+                .map_err(|e| RecoverError::Imds(e.to_string()))?;
+            let f = facts::imds_facts(&client).await.map_err(|e| RecoverError::Imds(e.to_string()))?;
+            (Some(f.private_ip), params.public_ip.or(f.public_ip))
+        }
+    };
+    let found = rewrite::find_addresses(&config.root)?;
+    let mut report = RecoverReport {
+        dry_run,
+        offline,
+        private_ip,
+        public_ip,
+        steps: Vec::new(),
+        failed: None,
+        actions: Vec::new(),
+        warnings: Vec::new(),
+    };
+
+    // 2. Rewrite addresses: every old address in the files to the current one.
+    let pairs = |all: &[IpAddr], new: Option<IpAddr>| -> Vec<rewrite::AddressChange> {
+        match new {
+            Some(new) => all.iter().filter(|old| **old != new).map(|old| rewrite::AddressChange { old: *old, new }).collect(),
+            None => Vec::new(),
+        }
+    };
+    let rp = rewrite::RewriteParams {
+        private: pairs(&found.private_all, private_ip),
+        public: pairs(&found.public_all, public_ip),
+    };
+    // Is anything on disk still to change? If not, the app is left running
+    // (recover run again after a success changes nothing).
+    let needs_rewrite = !(rp.private.is_empty() && rp.public.is_empty())
+        && rewrite::run(config, &rp, true).await.map(|r| !r.up_to_date).unwrap_or(true);
+    let needs_hostname = match (&params.hostname, offline) {
+        (Some(h), false) => {
+            app::set_hostname(config, &app::HostnameParams { hostname: h.clone() }, true).await.map(|r| r.changed).unwrap_or(true)
+        }
+        _ => false,
+    };
+    let needs_wipe = match nomad_state::run(config, &nomad_state::WipeParams::default(), true).await {
+        Ok(r) => r.state != "already done",
+        Err(_) => true,
+    };
+
+    // 1. Stop the app.
+    if offline {
+        skipped(&mut report, "app-stop", "offline: no app runs on a mounted disk");
+    } else if !(needs_rewrite || needs_hostname || needs_wipe) {
+        report.steps.push(StepReport {
+            name: "app-stop".into(),
+            outcome: "already done".into(),
+            summary: "nothing on disk needs changing: the app is not stopped".into(),
+            report: serde_json::Value::Null,
+        });
+    } else {
+        let r = app::run(config, &app::AppParams { target: app::Target::Stopped, force: false }, dry_run).await;
+        if !push(&mut report, "app-stop", r, |r| (verb(dry_run, r.already), format!("app {}", r.final_state)), |r| r.actions.clone()) {
+            return Ok(report);
+        }
+    }
+
+    if found.public.is_some() && public_ip.is_none() {
+        report.warnings.push("the files name a public IP but this instance has none: PUBLIC_ADDRESS left as it is".into());
+    }
+    if rp.private.is_empty() && rp.public.is_empty() {
+        report.steps.push(StepReport {
+            name: "rewrite-addresses".into(),
+            outcome: "already done".into(),
+            summary: "the Replicated files already name this machine's addresses".into(),
+            report: serde_json::Value::Null,
+        });
+    } else {
+        let r = rewrite::run(config, &rp, dry_run).await;
+        if !push(
+            &mut report,
+            "rewrite-addresses",
+            r,
+            |r| {
+                let changed: Vec<String> = r.files.iter().filter(|f| f.changed_lines > 0).map(|f| f.path.display().to_string()).collect();
+                (verb(dry_run, r.up_to_date), if changed.is_empty() { "nothing to change".into() } else { changed.join(", ") })
+            },
+            |r| r.actions.iter().chain(r.warnings.iter()).cloned().collect(),
+        ) {
+            return Ok(report);
+        }
+    }
+
+    // 3. Hostname.
+    match (&params.hostname, offline) {
+        (None, _) => skipped(&mut report, "set-hostname", "no --hostname given: the hostname stays as it is"),
+        (Some(_), true) => skipped(&mut report, "set-hostname", "offline: run `dr-agent set-hostname` once the machine runs"),
+        (Some(h), false) => {
+            let r = app::set_hostname(config, &app::HostnameParams { hostname: h.clone() }, dry_run).await;
+            if !push(
+                &mut report,
+                "set-hostname",
+                r,
+                |r| (verb(dry_run, !r.changed), format!("{} -> {}", r.old.clone().unwrap_or_default(), r.new)),
+                |r| r.actions.clone(),
+            ) {
+                return Ok(report);
+            }
+        }
+    }
+
+    // 4. Wipe the Nomad server's state. In a dry run the app has not really
+    // been stopped, so "the app runs" is what the real run will have fixed.
+    let r = nomad_state::run(config, &nomad_state::WipeParams {}, dry_run).await;
+    match r {
+        Err(nomad_state::WipeError::AppRunning { path, .. }) if dry_run => {
+            report.steps.push(StepReport {
+                name: "wipe-nomad".into(),
+                outcome: "would do".into(),
+                summary: format!("wipe {} once the app is stopped", path.display()),
+                report: serde_json::Value::Null,
+            });
+        }
+        r => {
+            if !push(
+                &mut report,
+                "wipe-nomad",
+                r,
+                |r| (verb(dry_run, r.state == "already done"), format!("{} ({} files)", r.path.display(), r.removed.files)),
+                |r| r.actions.clone(),
+            ) {
+                return Ok(report);
+            }
+        }
+    }
+
+    // 5. Start the app.
+    let stop_planned = report.steps.iter().any(|s| s.name == "app-stop" && s.outcome == "would do");
+    if offline {
+        skipped(&mut report, "app-start", "offline: start the machine, then `dr-agent app-start`");
+    } else if dry_run && stop_planned {
+        // The dry run did not stop the app; the real run will have, so it
+        // will start it again here.
+        report.steps.push(StepReport {
+            name: "app-start".into(),
+            outcome: "would do".into(),
+            summary: "start the app again and wait until it is started".into(),
+            report: serde_json::Value::Null,
+        });
+    } else {
+        let r = app::run(config, &app::AppParams { target: app::Target::Started, force: false }, dry_run).await;
+        if !push(&mut report, "app-start", r, |r| (verb(dry_run, r.already), format!("app {}", r.final_state)), |r| r.actions.clone()) {
+            return Ok(report);
+        }
+    }
+
+    // 6. Builds the backup caught half-way.
+    match (&params.builds_before, offline) {
+        (None, _) => {
+            skipped(&mut report, "cleanup-builds", "no --builds-before given");
+            report.actions.push(
+                "delete the builds the backup caught half-way: `dr-agent cleanup-builds --before <backup time>`".into(),
+            );
+        }
+        (Some(_), true) => skipped(&mut report, "cleanup-builds", "offline: run it once the app runs"),
+        (Some(before), false) => {
+            let r = builds::run(config, &builds::CleanupParams { before: before.clone() }, dry_run).await;
+            push(
+                &mut report,
+                "cleanup-builds",
+                r,
+                |r| {
+                    (
+                        verb(dry_run, r.already_done),
+                        format!("{} deleted, {} failed, {} refused, {} kept", r.deleted, r.failed, r.refused, r.kept),
+                    )
+                },
+                |r| r.actions.iter().chain(r.warnings.iter()).cloned().collect(),
+            );
+        }
+    }
+    report.actions.dedup();
+    Ok(report)
+}
+
+fn render_human(r: &RecoverReport) -> String {
+    let mut out = String::new();
+    let head = if r.dry_run { "Recovery plan (dry run: nothing changed)" } else { "Recovery" };
+    out.push_str(&format!(
+        "{head}{}: private IP {}, public IP {}\n",
+        if r.offline { " of a mounted disk" } else { "" },
+        r.private_ip.map(|i| i.to_string()).unwrap_or("-".into()),
+        r.public_ip.map(|i| i.to_string()).unwrap_or("-".into()),
+    ));
+    for (i, s) in r.steps.iter().enumerate() {
+        out.push_str(&format!("  {}. {:<18} {:<13} {}\n", i + 1, s.name, s.outcome, s.summary));
+    }
+    if let Some(f) = &r.failed {
+        out.push_str(&format!("Stopped at a failure: {f}\n"));
+    }
+    for w in &r.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    if !r.actions.is_empty() {
+        out.push_str("For a human:\n");
+        for a in &r.actions {
+            out.push_str(&format!("  - {a}\n"));
+        }
+    }
+    if r.dry_run {
+        if let Some(diff) = r.steps.iter().find(|s| s.name == "rewrite-addresses").and_then(|s| s.report["diff"].as_str()) {
+            out.push_str("\nChanges to the Replicated files:\n");
+            out.push_str(diff);
+        }
+    }
+    out
 }
 
 pub async fn cli(args: Args) -> CliResult {
-    let _ = args;
-    Err((crate::commands::EXIT_FAILED, "not implemented yet".to_owned()))
+    let config = args.common.load()?;
+    let params = RecoverParams {
+        builds_before: args.builds_before.clone(),
+        hostname: args.hostname.clone(),
+        private_ip: args.private_ip,
+        public_ip: args.public_ip,
+        offline: args.offline,
+    };
+    let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
+    let text = args.common.render(&report, render_human);
+    if report.failed.is_some() {
+        return Err((EXIT_FAILED, text));
+    }
+    Ok(text)
 }

@@ -69,6 +69,19 @@ pub fn parse_app_status(stdout: &str) -> Result<AppStatus, ReplicatedError> {
     Ok(AppStatus { state: raw.state, is_transitioning: raw.is_transitioning, desired_state: raw.desired_state })
 }
 
+/// Parses the stdout of `replicatedctl app-config export`: one JSON object.
+pub fn parse_app_config(stdout: &str) -> Result<serde_json::Map<String, serde_json::Value>, ReplicatedError> {
+    let bad = |why: String| ReplicatedError::UnexpectedJson {
+        args: "app-config export".to_owned(),
+        why,
+        excerpt: excerpt(stdout, 300),
+    };
+    match serde_json::from_str::<serde_json::Value>(stdout.trim()).map_err(|e| bad(e.to_string()))? {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => Err(bad("expected a JSON object of config items".to_owned())),
+    }
+}
+
 fn excerpt(s: &str, max: usize) -> String {
     let s = s.trim();
     match s.char_indices().nth(max) {
@@ -97,6 +110,44 @@ impl Replicatedctl {
     pub async fn app_status(&self) -> Result<AppStatus, ReplicatedError> {
         let out = self.run(&["app", "status"]).await?;
         parse_app_status(&out)
+    }
+
+    /// The same `replicatedctl` with another per-call timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Replicatedctl { path: self.path.clone(), timeout }
+    }
+
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// `replicatedctl app stop [-f]`: asks the app to stop (does not wait).
+    pub async fn app_stop(&self, force: bool) -> Result<(), ReplicatedError> {
+        let args: &[&str] = if force { &["app", "stop", "-f"] } else { &["app", "stop"] };
+        self.run(args).await.map(drop)
+    }
+
+    /// `replicatedctl app start`: asks the app to start (does not wait).
+    pub async fn app_start(&self) -> Result<(), ReplicatedError> {
+        self.run(&["app", "start"]).await.map(drop)
+    }
+
+    /// `replicatedctl app-config export`: the settings, a JSON object of items
+    /// (`{"hostname": {"value": "ci.example.com"}, ...}`).
+    pub async fn app_config_export(&self) -> Result<serde_json::Map<String, serde_json::Value>, ReplicatedError> {
+        let out = self.run(&["app-config", "export"]).await?;
+        parse_app_config(&out)
+    }
+
+    /// `replicatedctl app-config set NAME --value VALUE` (argv, no shell).
+    pub async fn app_config_set(&self, name: &str, value: &str) -> Result<(), ReplicatedError> {
+        self.run(&["app-config", "set", name, "--value", value]).await.map(drop)
+    }
+
+    /// `replicatedctl app apply-config`: applies the settings (restarts a running app).
+    pub async fn apply_config(&self) -> Result<(), ReplicatedError> {
+        self.run(&["app", "apply-config"]).await.map(drop)
     }
 
     /// Runs one subcommand, returns its stdout. Killed (with its process

@@ -19,7 +19,6 @@ use crate::config::{Config, RunSettings};
 use crate::facts::{self, FactsError, InstanceFacts};
 use crate::imds::{ImdsClient, ImdsError};
 use crate::journal::{self, CommandAnswer, Journal, JournalError};
-use crate::replicated::Replicatedctl;
 use crate::steps::{Action, Executor, Outcome};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,7 +92,7 @@ pub struct Welcome {
 }
 
 /// A Command, in domain terms.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CommandRequest {
     pub id: String,
     pub action: Action,
@@ -120,13 +119,7 @@ pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
 pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
     let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
     let action = match c.kind {
-        Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})) => Action::AppStatus,
-        Some(other) => {
-            return Err(CommandAnswer::rejected(
-                &c.id,
-                format!("command {other:?} is not supported by agent {}; not run", env!("CARGO_PKG_VERSION")),
-            ));
-        }
+        Some(kind) => action_from_pb(kind).map_err(|why| CommandAnswer::rejected(&c.id, format!("invalid command: {why}; not run")))?,
         None => {
             return Err(CommandAnswer::rejected(
                 &c.id,
@@ -137,6 +130,67 @@ pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> 
     Ok(CommandRequest { id: c.id, action, deadline })
 }
 
+/// Converts and validates a wire request into a typed action. Anything
+/// malformed is refused before any step runs.
+fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
+    use pb::command::Kind;
+    let ms = |v: u32, what: &str| {
+        if v == 0 { Err(format!("{what} must be greater than zero")) } else { Ok(Duration::from_millis(u64::from(v))) }
+    };
+    let changes = |list: Vec<pb::AddressChange>, flag: &str| -> Result<Vec<crate::rewrite::AddressChange>, String> {
+        list.into_iter()
+            .map(|c| crate::rewrite::AddressChange::parse(flag, &format!("{}={}", c.old_ip, c.new_ip)).map_err(|e| e.to_string()))
+            .collect()
+    };
+    Ok(match kind {
+        Kind::AppStatus(_) => Action::AppStatus,
+        Kind::AppStop(r) => Action::AppStop { force: r.force },
+        Kind::AppStart(_) => Action::AppStart,
+        Kind::SetHostname(r) => {
+            crate::app::validate_hostname(&r.hostname).map_err(|e| e.to_string())?;
+            Action::SetHostname { params: crate::app::HostnameParams { hostname: r.hostname }, dry_run: r.dry_run }
+        }
+        Kind::RewriteAddresses(r) => Action::RewriteAddresses {
+            params: crate::rewrite::RewriteParams { private: changes(r.private, "private")?, public: changes(r.public, "public")? },
+            dry_run: r.dry_run,
+        },
+        Kind::WipeNomad(r) => Action::WipeNomad { dry_run: r.dry_run },
+        Kind::CleanupBuilds(r) => {
+            if r.before_ms == 0 {
+                return Err("cleanup_builds needs before_ms (the backup's point in time)".into());
+            }
+            let before = std::time::UNIX_EPOCH + Duration::from_millis(r.before_ms);
+            Action::CleanupBuilds {
+                params: crate::builds::CleanupParams { before: humantime::format_rfc3339_millis(before).to_string() },
+                dry_run: r.dry_run,
+            }
+        }
+        Kind::Freeze(r) => Action::Freeze {
+            params: crate::freeze::FreezeParams {
+                mounts: r.mounts.into_iter().map(PathBuf::from).collect(),
+                deadline: ms(r.deadline_ms, "freeze deadline_ms")?,
+            },
+        },
+        Kind::Thaw(_) => Action::Thaw,
+        Kind::Drain(r) => Action::Drain {
+            params: crate::drain::DrainParams { deadline: ms(r.deadline_ms, "drain deadline_ms")?, require_idle: false },
+        },
+        Kind::Undrain(_) => Action::Undrain,
+        Kind::Recover(r) => Action::Recover {
+            params: crate::recover::RecoverParams {
+                builds_before: (r.builds_before_ms > 0).then(|| {
+                    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(r.builds_before_ms)).to_string()
+                }),
+                hostname: Some(r.hostname).filter(|h| !h.is_empty()),
+                private_ip: None,
+                public_ip: None,
+                offline: false,
+            },
+            dry_run: r.dry_run,
+        },
+    })
+}
+
 pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
     pb::CommandResult {
         id: a.id,
@@ -145,13 +199,17 @@ pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
         replayed: a.replayed,
         started_at_ms: a.started_at_ms,
         finished_at_ms: a.finished_at_ms,
-        report_json: String::new(),
-        detail: a.outcome.map(|o| match o {
-            Outcome::AppStatus(s) => pb::command_result::Detail::AppStatus(pb::AppStatusResult {
+        report_json: match &a.outcome {
+            Some(Outcome::Report { report }) => report.to_string(),
+            _ => String::new(),
+        },
+        detail: a.outcome.and_then(|o| match o {
+            Outcome::AppStatus(s) => Some(pb::command_result::Detail::AppStatus(pb::AppStatusResult {
                 state: s.state,
                 is_transitioning: s.is_transitioning,
                 desired_state: s.desired_state,
-            }),
+            })),
+            Outcome::Report { .. } => None,
         }),
     }
 }
@@ -195,10 +253,7 @@ impl Agent {
             tls: TlsFiles { ca: config.tls.ca.clone(), cert: config.tls.cert.clone(), key: config.tls.key.clone() },
             root: config.root.clone(),
             imds,
-            executor: Executor::new(Replicatedctl::new(
-                config.replicated.replicatedctl.clone(),
-                config.replicated.command_timeout,
-            )),
+            executor: Executor::new(std::sync::Arc::new(config.clone())),
             journal,
             reconnect: (config.reconnect.initial, config.reconnect.max),
             app_state: Mutex::new("unknown".to_owned()),

@@ -9,7 +9,11 @@
 //! - `backup.after_create_image`: CreateImage has returned an AMI id, the
 //!   step's result is not yet stored.
 //!
-//! Unset (always, in production), this costs one string comparison.
+//! `DR_CONTROLLER_FAIL_AT=<step>` instead makes that step of a backup fail
+//! (with an error saying so) before it acts: the tests use it to show that a
+//! quiesce is lifted also when a later step fails.
+//!
+//! Unset (always, in production), each costs one string comparison.
 
 use std::sync::OnceLock;
 
@@ -26,4 +30,14 @@ pub fn crash_point(point: &str) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+pub const FAIL_ENV: &str = "DR_CONTROLLER_FAIL_AT";
+
+static FAIL: OnceLock<Option<String>> = OnceLock::new();
+
+/// `Some(message)` when `DR_CONTROLLER_FAIL_AT` names `step`.
+pub fn fail_point(step: &str) -> Option<String> {
+    let armed = FAIL.get_or_init(|| std::env::var(FAIL_ENV).ok().filter(|v| !v.is_empty()));
+    (armed.as_deref() == Some(step)).then(|| format!("injected failure ({FAIL_ENV}={step})"))
 }

@@ -260,6 +260,22 @@ impl Imds {
     }
 }
 
+/// Starts a simulator that prints `listening on <addr>` once bound; returns
+/// it with its `http://<addr>` URL.
+pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read the address");
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}"));
+    let url = format!("http://{addr}");
+    (Proc { child, name: name.to_owned() }, url)
+}
+
 /// A temporary root shaped like a Debian services machine.
 pub fn services_machine_root(dir: &Path, private_ip: &str, public_ip: &str) -> PathBuf {
     let root = dir.join("root");
@@ -379,6 +395,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, pki: &Pki, site: &str, controller_url: &str, imds: &Imds, root: &Path) -> Agent {
+        Self::start_with(dir, pki, site, controller_url, imds, root, "")
+    }
+
+    /// Like [`Agent::start`], with extra TOML appended to the agent's config
+    /// (e.g. `[freeze]` or `[nomad]` tables).
+    pub fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        site: &str,
+        controller_url: &str,
+        imds: &Imds,
+        root: &Path,
+        extra: &str,
+    ) -> Agent {
         let (cert, key) = pki.site(site);
         let state_dir = dir.join(format!("agent-{site}"));
         std::fs::create_dir_all(&state_dir).expect("mkdir");
@@ -388,7 +418,7 @@ impl Agent {
             format!(
                 "site_id = \"{site}\"\ncontroller_url = \"{controller_url}\"\nstate_dir = \"{}\"\nroot = \"{}\"\n\n\
                  [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[imds]\nendpoint = \"{}\"\n\n\
-                 [replicated]\nreplicatedctl = \"{}\"\n\n[reconnect]\ninitial = \"200ms\"\nmax = \"2s\"\n",
+                 [replicated]\nreplicatedctl = \"{}\"\npoll_interval = \"100ms\"\n\n[reconnect]\ninitial = \"200ms\"\nmax = \"2s\"\n\n{}\n",
                 state_dir.display(),
                 root.display(),
                 pki.ca().display(),
@@ -396,6 +426,7 @@ impl Agent {
                 key.display(),
                 imds.url,
                 bin("dr-sim-replicatedctl").display(),
+                extra,
             ),
         )
         .expect("write agent config");
@@ -410,6 +441,8 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("DR_SIM_STATE_DIR", self.root.join("var/lib/dr-sim"))
+            .env("DR_SIM_STOP_SECS", "0.5")
+            .env("DR_SIM_START_SECS", "0.5")
             .env("RUST_LOG", "info");
         self.proc = Some(Proc::spawn("dr-agent", &mut cmd, &self.log));
     }
@@ -506,6 +539,17 @@ impl World {
         extra_sites: &[(&str, &str)],
         extra_config: &str,
     ) -> World {
+        Self::start_custom(site, poll_initial, extra_sites, extra_config, "").await
+    }
+
+    /// The most general start: extra controller TOML and extra agent TOML.
+    pub async fn start_custom(
+        site: &str,
+        poll_initial: &'static str,
+        extra_sites: &[(&str, &str)],
+        extra_config: &str,
+        agent_config: &str,
+    ) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let moto = Moto::start(dir.path());
         let ec2 = moto.client().await;
@@ -525,7 +569,7 @@ impl World {
             endpoint: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
-        let agent = Agent::start(dir.path(), &pki, site, &controller.url, &imds, &root);
+        let agent = Agent::start_with(dir.path(), &pki, site, &controller.url, &imds, &root, agent_config);
         World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned() }
     }
 
@@ -775,5 +819,62 @@ impl Fleet {
             .await
             .expect("connect to the controller");
         dr_proto::pb::admin_service_client::AdminServiceClient::new(channel)
+    }
+}
+
+/// A real ext4 file system on a loop device, mounted under a temp dir;
+/// unmounted (thawed first) and detached on drop. Panics (never skips) when
+/// loop devices are unavailable: these tests need root.
+pub struct LoopFs {
+    pub mount: PathBuf,
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn new(size_mb: u32) -> LoopFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("fs.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir_all(&mount).expect("mkdir");
+        let ok = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(out.status.success(), "{cmd:?} failed: {}", text(&out.stderr));
+            text(&out.stdout).trim().to_owned()
+        };
+        ok(Command::new("truncate").arg("-s").arg(format!("{size_mb}M")).arg(&img));
+        ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        let dev = ok(Command::new("losetup").args(["--find", "--show"]).arg(&img));
+        ok(Command::new("mount").arg(&dev).arg(&mount));
+        LoopFs { mount, dev, _dir: dir }
+    }
+
+    /// Whether a small write completes within `timeout` (a frozen file
+    /// system blocks writers). The writer is a child process, killed if it
+    /// blocks; its write completes once the file system thaws.
+    pub fn writable_within(&self, timeout: Duration) -> bool {
+        let target = self.mount.join(format!("probe-{}", std::process::id()));
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo x > '{}' && sync -f '{}'", target.display(), target.display()))
+            .spawn()
+            .expect("spawn writer");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        false
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).stderr(Stdio::null()).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }

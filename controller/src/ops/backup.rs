@@ -64,6 +64,9 @@ pub const CREATED_BY: &str = "dr-controller";
 const RETRY_BUDGET: Duration = Duration::from_secs(300);
 
 pub async fn run_step(ctx: &StepCtx<'_>, name: &str) -> Result<StepOutput, StepError> {
+    if let Some(message) = crate::faults::fail_point(name) {
+        return Err(StepError::Failed(message));
+    }
     match name {
         "check_agent" => check_agent(ctx).await,
         "quiesce" => quiesce(ctx).await,

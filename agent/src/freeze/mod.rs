@@ -1,0 +1,879 @@
+//! Freezing data file systems (FIFREEZE/FITHAW) under a watchdog that
+//! thaws them at the deadline, also when the agent dies.
+//!
+//! The agent never freezes anything itself: it spawns `dr-agent
+//! freeze-watchdog` (its own executable) in a new session, with a pipe on
+//! its stdin. The watchdog freezes the mounts, says `frozen {json}` on
+//! stdout, and thaws when asked (`thaw` on stdin or on its control socket),
+//! when the pipe closes (the agent died, SIGKILL included), on
+//! SIGTERM/SIGINT/SIGHUP, or at the deadline. It never exits with a file
+//! system still frozen unless it is itself SIGKILLed (it sets its
+//! oom_score_adj to -1000; under systemd it runs in its own scope, see
+//! [`WATCHDOG_SCOPE_ENV`]).
+//!
+//! Each freeze is recorded in `state_dir/freeze/<id>.json` (written before
+//! the freeze; the journal's file system cannot be frozen unless allowed)
+//! with a control socket `state_dir/freeze/<id>.sock`, so that `dr-agent
+//! thaw` can find and ask the watchdog. The agent writes nothing while
+//! frozen; the watchdog writes only to its pipe and socket peers.
+//!
+//! Two ways to freeze:
+//! - [`freeze`] / [`thaw`] (the backup path): the handle owns the pipe;
+//!   dropping it without [`thaw`] makes the watchdog thaw at once.
+//! - [`run`] (hand-run `dr-agent freeze`): the watchdog is detached (stdin
+//!   is /dev/null) and holds the freeze until [`run_thaw`] (`dr-agent
+//!   thaw`) or the deadline.
+
+pub mod fs;
+pub mod watchdog;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::config::Config;
+
+/// `auto` (default): run the watchdog through `systemd-run --scope` when the
+/// agent runs under systemd (INVOCATION_ID set, /run/systemd/system exists,
+/// systemd-run installed), so that stopping or killing the agent's unit
+/// does not kill the watchdog. `off`: never. `systemd-run`: always.
+pub const WATCHDOG_SCOPE_ENV: &str = "DR_AGENT_WATCHDOG_SCOPE";
+
+/// Longest freeze accepted: a frozen file system blocks every writer.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("{0}")]
+    Input(String),
+    #[error("refusing to freeze {path}: it is the root file system (set freeze.allow_root = true to allow it)")]
+    RootRefused { path: PathBuf },
+    #[error(
+        "refusing to freeze {path}: it holds the agent's journal (state_dir {state_dir}, on the file system of {at}); set freeze.allow_journal_fs = true to allow it"
+    )]
+    JournalFsRefused { path: PathBuf, state_dir: PathBuf, at: PathBuf },
+    #[error("refusing to freeze {path}: it is not a mount point (see /proc/self/mountinfo)")]
+    NotAMountPoint { path: PathBuf },
+    #[error("{path} is already frozen {by}")]
+    AlreadyFrozen { path: PathBuf, by: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("freeze watchdog: {0}")]
+    Watchdog(String),
+}
+
+impl FreezeError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FreezeError::Input(_) => EXIT_INPUT,
+            FreezeError::RootRefused { .. }
+            | FreezeError::JournalFsRefused { .. }
+            | FreezeError::NotAMountPoint { .. }
+            | FreezeError::AlreadyFrozen { .. } => EXIT_REFUSED,
+            FreezeError::Io { .. } | FreezeError::Watchdog(_) => EXIT_FAILED,
+        }
+    }
+}
+
+/// What to freeze, and for how long at most.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FreezeParams {
+    /// Mount points; empty means `freeze.mounts` from the configuration.
+    pub mounts: Vec<PathBuf>,
+    /// The watchdog thaws at this deadline whatever happens.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+/// What a freeze did (or, in a dry run, would do).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FreezeReport {
+    /// `frozen`, `already frozen` (by a dr-agent watchdog) or `would freeze`.
+    pub state: String,
+    /// Canonical mount points.
+    pub mounts: Vec<PathBuf>,
+    pub deadline_ms: u64,
+    /// Unix milliseconds by which the watchdog thaws.
+    pub thaw_by_unix_ms: u64,
+    pub watchdog_pid: Option<u32>,
+    /// How long FIFREEZE took (it flushes dirty data first).
+    pub freeze_took_ms: u64,
+    /// The record of this freeze (state_dir/freeze/<id>.json).
+    pub record: Option<PathBuf>,
+    pub dry_run: bool,
+    pub actions: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Which mounts to thaw (hand-run `dr-agent thaw`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThawParams {
+    /// Empty: `freeze.mounts` from the configuration, or else every freeze
+    /// recorded in state_dir/freeze.
+    pub mounts: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountThaw {
+    pub path: PathBuf,
+    /// `thawed`, `already thawed`, `would thaw`, or `FAILED: ...`.
+    pub outcome: String,
+}
+
+/// What a thaw did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThawReport {
+    pub mounts: Vec<MountThaw>,
+    /// How long the file systems were frozen (the longest, when several
+    /// freezes were lifted); 0 when unknown or nothing was frozen.
+    pub frozen_for_ms: u64,
+    /// Who or what lifted the freeze: `asked by the agent`, `the deadline
+    /// passed`, `the agent went away (its pipe closed)`, ...
+    pub reason: String,
+    /// Nothing was frozen any more.
+    pub already_done: bool,
+    pub dry_run: bool,
+    pub warnings: Vec<String>,
+}
+
+/// The watchdog's `frozen {json}` line (and its `status` answer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WatchdogFrozen {
+    pub pid: u32,
+    pub mounts: Vec<PathBuf>,
+    pub freeze_took_ms: u64,
+    pub deadline_ms: u64,
+    pub thaw_by_unix_ms: u64,
+    /// In a `status` answer: frozen for this long so far.
+    pub frozen_for_ms: u64,
+}
+
+/// The watchdog's `thawed {json}` line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WatchdogThawed {
+    pub reason: String,
+    pub frozen_for_ms: u64,
+    pub mounts: Vec<MountThaw>,
+}
+
+/// The watchdog's `error {json}` line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WatchdogError {
+    /// `already_frozen`, `io`, `setup`.
+    pub kind: String,
+    pub path: Option<PathBuf>,
+    pub message: String,
+}
+
+/// state_dir/freeze/<id>.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FreezeRecord {
+    pub id: String,
+    pub pid: u32,
+    pub mounts: Vec<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub deadline_ms: u64,
+    pub started_unix_ms: u64,
+    pub thaw_by_unix_ms: u64,
+    /// `active` (written just before the freeze) or `thawed`.
+    pub state: String,
+    pub thawed: Option<WatchdogThawed>,
+    pub thawed_unix_ms: Option<u64>,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Writes a record atomically (temp file, fsync, rename).
+pub fn write_record(path: &Path, record: &FreezeRecord) -> Result<(), FreezeError> {
+    let io = |what: &str, source| FreezeError::Io { what: format!("{what} {}", path.display()), source };
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
+    f.write_all(serde_json::to_string_pretty(record).expect("records serialize").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io("cannot write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))
+}
+
+fn freeze_dir(config: &Config) -> PathBuf {
+    config.state_dir.join("freeze")
+}
+
+/// The records in state_dir/freeze (unreadable ones are skipped with a warning).
+fn load_records(config: &Config, warnings: &mut Vec<String>) -> Vec<(PathBuf, FreezeRecord)> {
+    let dir = freeze_dir(config);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| {
+            serde_json::from_str::<FreezeRecord>(&t).map_err(|e| e.to_string())
+        }) {
+            Ok(r) => out.push((path, r)),
+            Err(e) => warnings.push(format!("ignoring unreadable freeze record {}: {e}", path.display())),
+        }
+    }
+    out.sort_by_key(|r| r.1.started_unix_ms);
+    out
+}
+
+/// Asks a watchdog over its socket; `None` when nobody answers (it is gone).
+fn ask(socket: &Path, command: &str, timeout: Duration) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    writeln!(s, "{command}").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    (!line.is_empty()).then(|| line.trim_end().to_owned())
+}
+
+/// A live watchdog's status, if it answers.
+fn live_status(record: &FreezeRecord) -> Option<WatchdogFrozen> {
+    let socket = record.socket.as_ref()?;
+    let line = ask(socket, "status", Duration::from_secs(5))?;
+    serde_json::from_str(line.strip_prefix("frozen ")?).ok()
+}
+
+/// Checks what a freeze would act on: the mounts (canonical), the deadline.
+fn plan(config: &Config, params: &FreezeParams) -> Result<(Vec<fs::CheckedMount>, Vec<String>), FreezeError> {
+    if params.deadline.is_zero() || params.deadline > MAX_DEADLINE {
+        return Err(FreezeError::Input(format!(
+            "deadline {} must be more than 0 and at most {}",
+            humantime::format_duration(params.deadline),
+            humantime::format_duration(MAX_DEADLINE)
+        )));
+    }
+    let mounts = if params.mounts.is_empty() { &config.freeze.mounts } else { &params.mounts };
+    let table = fs::mount_table()?;
+    let policy = fs::Policy {
+        allow_root: config.freeze.allow_root,
+        allow_journal_fs: config.freeze.allow_journal_fs,
+        state_dir: &config.state_dir,
+        table: &table,
+    };
+    fs::check_mounts(mounts, &policy)
+}
+
+/// Refuses mounts held by a live dr-agent watchdog; returns that freeze's
+/// record when it holds exactly these mounts. Removes records of lifted freezes.
+fn existing_freeze(
+    config: &Config,
+    mounts: &[fs::CheckedMount],
+    dry_run: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Option<(PathBuf, FreezeRecord, WatchdogFrozen)>, FreezeError> {
+    for (path, record) in load_records(config, warnings) {
+        let live = if record.state == "active" { live_status(&record) } else { None };
+        let Some(status) = live else {
+            if record.state == "active" {
+                warnings.push(format!(
+                    "freeze record {} names watchdog pid {} which does not answer: if {} are still frozen, run `dr-agent thaw`",
+                    path.display(),
+                    record.pid,
+                    record.mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            } else if !dry_run {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        };
+        let ours: Vec<&PathBuf> = mounts.iter().map(|m| &m.path).collect();
+        if record.mounts.iter().collect::<Vec<_>>() == ours {
+            return Ok(Some((path, record, status)));
+        }
+        if let Some(m) = record.mounts.iter().find(|m| ours.contains(m)) {
+            return Err(FreezeError::AlreadyFrozen {
+                path: m.clone(),
+                by: format!(
+                    "by dr-agent watchdog pid {} (record {}), which thaws it by {}; run `dr-agent thaw` first",
+                    record.pid,
+                    path.display(),
+                    rfc3339(record.thaw_by_unix_ms)
+                ),
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// Whether to wrap the watchdog in `systemd-run --scope`.
+fn systemd_run() -> Option<PathBuf> {
+    let mode = std::env::var(WATCHDOG_SCOPE_ENV).unwrap_or_else(|_| "auto".to_owned());
+    let found = ["/usr/bin/systemd-run", "/bin/systemd-run"].into_iter().map(PathBuf::from).find(|p| p.exists());
+    match mode.as_str() {
+        "off" => None,
+        "systemd-run" => found,
+        _ => {
+            let under_systemd = std::env::var_os("INVOCATION_ID").is_some() && Path::new("/run/systemd/system").exists();
+            if under_systemd { found } else { None }
+        }
+    }
+}
+
+struct Spawned {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+    frozen: WatchdogFrozen,
+}
+
+/// Starts a watchdog and waits for its first line.
+async fn spawn_watchdog(
+    config: &Config,
+    mounts: &[fs::CheckedMount],
+    deadline: Duration,
+    detached: bool,
+) -> Result<(Spawned, PathBuf), FreezeError> {
+    let dir = freeze_dir(config);
+    std::fs::create_dir_all(&dir)
+        .map_err(|source| FreezeError::Io { what: format!("cannot create {}", dir.display()), source })?;
+    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let id = format!("{}-{}", unix_ms(), std::process::id());
+    let record = dir.join(format!("{id}.json"));
+    let socket = dir.join(format!("{id}.sock"));
+    let exe = std::env::current_exe()
+        .map_err(|source| FreezeError::Io { what: "cannot find the dr-agent executable".to_owned(), source })?;
+    let mut args: Vec<std::ffi::OsString> = vec!["freeze-watchdog".into(), "--id".into(), id.clone().into()];
+    for m in mounts {
+        args.push("--mount".into());
+        args.push(m.path.clone().into());
+    }
+    args.extend(["--deadline-ms".into(), deadline.as_millis().to_string().into()]);
+    args.extend(["--socket".into(), socket.clone().into_os_string(), "--record".into(), record.clone().into_os_string()]);
+    if detached {
+        args.push("--detached".into());
+    }
+    let scope = systemd_run();
+    let mut attempts: Vec<Option<PathBuf>> = vec![scope.clone()];
+    if scope.is_some() {
+        attempts.push(None);
+    }
+    let mut last_err = String::new();
+    for wrapper in attempts {
+        let mut cmd = match &wrapper {
+            Some(sr) => {
+                let mut c = tokio::process::Command::new(sr);
+                c.args(["--scope", "--quiet", "--collect"])
+                    .arg(format!("--unit=dr-agent-freeze-{id}"))
+                    .arg("--description=dr-agent freeze watchdog")
+                    .arg("--")
+                    .arg(&exe);
+                c
+            }
+            None => tokio::process::Command::new(&exe),
+        };
+        cmd.args(&args).stdout(Stdio::piped()).kill_on_drop(false);
+        if detached {
+            let log = dir.join(format!("{id}.log"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|source| FreezeError::Io { what: format!("cannot open {}", log.display()), source })?;
+            cmd.stdin(Stdio::null()).stderr(f);
+        } else {
+            cmd.stdin(Stdio::piped()).stderr(Stdio::inherit());
+        }
+        // SAFETY: setsid is async-signal-safe; the child gets its own session
+        // and process group, so signals to the agent's group do not reach it.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        }
+        let mut child = cmd.spawn().map_err(|source| FreezeError::Io {
+            what: format!("cannot start the watchdog {}", exe.display()),
+            source,
+        })?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        // FIFREEZE flushes dirty data first: it may take a while.
+        let wait = deadline + Duration::from_secs(30);
+        let first = match tokio::time::timeout(wait, lines.next_line()).await {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => return Err(FreezeError::Watchdog(format!("reading its output: {e}"))),
+            Err(_) => {
+                // Closing its stdin makes it thaw whatever it froze.
+                return Err(FreezeError::Watchdog(format!("no answer within {}", humantime::format_duration(wait))));
+            }
+        };
+        match first {
+            Some(line) if line.starts_with("frozen ") => {
+                let frozen: WatchdogFrozen = serde_json::from_str(&line["frozen ".len()..])
+                    .map_err(|e| FreezeError::Watchdog(format!("unexpected line `{line}`: {e}")))?;
+                return Ok((Spawned { child, stdin, lines, frozen }, record));
+            }
+            Some(line) if line.starts_with("error ") => {
+                let _ = child.wait().await;
+                let e: WatchdogError = serde_json::from_str(&line["error ".len()..])
+                    .map_err(|e| FreezeError::Watchdog(format!("unexpected line `{line}`: {e}")))?;
+                return Err(match (e.kind.as_str(), e.path) {
+                    ("already_frozen", Some(path)) => FreezeError::AlreadyFrozen {
+                        path,
+                        by: "by another process, not by a dr-agent watchdog (FIFREEZE said EBUSY); thaw it with `dr-agent thaw --mount` or `fsfreeze -u` first".to_owned(),
+                    },
+                    _ => FreezeError::Watchdog(e.message),
+                });
+            }
+            other => {
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                last_err = format!("it exited ({status}) without a word: {other:?}");
+                if let Some(sr) = &wrapper {
+                    tracing::warn!(systemd_run = %sr.display(), error = %last_err, "the watchdog did not start in its own scope; starting it directly");
+                }
+            }
+        }
+    }
+    Err(FreezeError::Watchdog(last_err))
+}
+
+/// A freeze held by the agent: dropping it without [`thaw`] closes the
+/// watchdog's pipe, and the watchdog thaws at once.
+#[derive(Debug)]
+pub struct FreezeHandle {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+    report: FreezeReport,
+    frozen_at: Instant,
+    lifted: Option<WatchdogThawed>,
+}
+
+impl FreezeHandle {
+    pub fn report(&self) -> &FreezeReport {
+        &self.report
+    }
+
+    pub fn watchdog_pid(&self) -> Option<u32> {
+        self.report.watchdog_pid
+    }
+
+    /// Waits until the watchdog lifts the freeze by itself (deadline,
+    /// signal, someone's `dr-agent thaw`); returns why.
+    pub async fn lifted(&mut self) -> Option<WatchdogThawed> {
+        if self.lifted.is_none() {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                if let Some(json) = line.strip_prefix("thawed ") {
+                    self.lifted = serde_json::from_str(json).ok();
+                    break;
+                }
+            }
+        }
+        self.lifted.clone()
+    }
+}
+
+fn frozen_report(state: &str, frozen: &WatchdogFrozen, record: Option<PathBuf>, warnings: Vec<String>) -> FreezeReport {
+    FreezeReport {
+        state: state.to_owned(),
+        mounts: frozen.mounts.clone(),
+        deadline_ms: frozen.deadline_ms,
+        thaw_by_unix_ms: frozen.thaw_by_unix_ms,
+        watchdog_pid: Some(frozen.pid),
+        freeze_took_ms: frozen.freeze_took_ms,
+        record,
+        dry_run: false,
+        actions: vec![format!(
+            "thaw with `dr-agent thaw` when done; the watchdog (pid {}) thaws by {} anyway",
+            frozen.pid,
+            rfc3339(frozen.thaw_by_unix_ms)
+        )],
+        warnings,
+    }
+}
+
+/// Freezes the mounts under a watchdog tied to this process (the backup path).
+pub async fn freeze(config: &Config, params: &FreezeParams) -> Result<FreezeHandle, FreezeError> {
+    let (mounts, mut warnings) = plan(config, params)?;
+    if let Some((path, record, _)) = existing_freeze(config, &mounts, false, &mut warnings)? {
+        return Err(FreezeError::AlreadyFrozen {
+            path: record.mounts.first().cloned().unwrap_or_default(),
+            by: format!("by dr-agent watchdog pid {} (record {})", record.pid, path.display()),
+        });
+    }
+    let started = Instant::now();
+    let (spawned, record) = spawn_watchdog(config, &mounts, params.deadline, false).await?;
+    tracing::info!(mounts = ?spawned.frozen.mounts, pid = spawned.frozen.pid, took_ms = spawned.frozen.freeze_took_ms, "frozen");
+    let report = frozen_report("frozen", &spawned.frozen, Some(record), warnings);
+    Ok(FreezeHandle {
+        child: spawned.child,
+        stdin: spawned.stdin,
+        lines: spawned.lines,
+        report,
+        frozen_at: started + Duration::from_millis(spawned.frozen.freeze_took_ms),
+        lifted: None,
+    })
+}
+
+/// Asks the watchdog to thaw and waits for its answer. If the watchdog is
+/// gone without a word, thaws directly (FITHAW).
+pub async fn thaw(handle: FreezeHandle) -> Result<ThawReport, FreezeError> {
+    let FreezeHandle { mut child, stdin, mut lines, report, frozen_at, lifted } = handle;
+    if lifted.is_none()
+        && let Some(mut stdin) = stdin
+    {
+        // It may have thawed already (deadline): then the pipe is closed.
+        let _ = stdin.write_all(b"thaw\n").await;
+        let _ = stdin.flush().await;
+    }
+    let mut answer = lifted;
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(json) = line.strip_prefix("thawed ") {
+                return serde_json::from_str::<WatchdogThawed>(json).ok();
+            }
+        }
+        None
+    };
+    if answer.is_none()
+        && let Ok(a) = tokio::time::timeout(Duration::from_secs(30), read).await
+    {
+        answer = a;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    let mut warnings = Vec::new();
+    let thawed = match answer {
+        Some(t) => t,
+        None => {
+            warnings.push(format!(
+                "the watchdog (pid {:?}) did not answer: thawed directly",
+                report.watchdog_pid
+            ));
+            let mut mounts = Vec::new();
+            for m in &report.mounts {
+                let outcome = match fs::thaw_path(m) {
+                    Ok(fs::ThawOutcome::Thawed) => "thawed".to_owned(),
+                    Ok(fs::ThawOutcome::NotFrozen) => "already thawed".to_owned(),
+                    Err(e) => format!("FAILED: {e}"),
+                };
+                mounts.push(MountThaw { path: m.clone(), outcome });
+            }
+            WatchdogThawed {
+                reason: "thawed directly by the agent".to_owned(),
+                frozen_for_ms: frozen_at.elapsed().as_millis() as u64,
+                mounts,
+            }
+        }
+    };
+    if let Some(record) = &report.record {
+        let _ = std::fs::remove_file(record);
+    }
+    if thawed.reason != "asked by the agent" {
+        warnings.push(format!("the freeze was lifted before the agent asked: {}", thawed.reason));
+    }
+    to_thaw_report(thawed, warnings)
+}
+
+fn to_thaw_report(t: WatchdogThawed, warnings: Vec<String>) -> Result<ThawReport, FreezeError> {
+    if let Some(m) = t.mounts.iter().find(|m| m.outcome.starts_with("FAILED")) {
+        return Err(FreezeError::Watchdog(format!("{}: {}", m.path.display(), m.outcome)));
+    }
+    Ok(ThawReport {
+        already_done: t.mounts.iter().all(|m| m.outcome == "already thawed"),
+        mounts: t.mounts,
+        frozen_for_ms: t.frozen_for_ms,
+        reason: t.reason,
+        dry_run: false,
+        warnings,
+    })
+}
+
+/// Hand-run freeze: a detached watchdog holds the freeze until `dr-agent
+/// thaw` or the deadline. Idempotent: the same mounts already frozen by a
+/// live watchdog are reported as `already frozen`.
+pub async fn run(config: &Config, params: &FreezeParams, dry_run: bool) -> Result<FreezeReport, FreezeError> {
+    let (mounts, mut warnings) = plan(config, params)?;
+    if let Some((path, _, status)) = existing_freeze(config, &mounts, dry_run, &mut warnings)? {
+        let mut r = frozen_report("already frozen", &status, Some(path), warnings);
+        r.dry_run = dry_run;
+        r.freeze_took_ms = 0;
+        return Ok(r);
+    }
+    if dry_run {
+        let deadline_ms = params.deadline.as_millis() as u64;
+        return Ok(FreezeReport {
+            state: "would freeze".to_owned(),
+            mounts: mounts.iter().map(|m| m.path.clone()).collect(),
+            deadline_ms,
+            thaw_by_unix_ms: unix_ms() + deadline_ms,
+            watchdog_pid: None,
+            freeze_took_ms: 0,
+            record: None,
+            dry_run: true,
+            actions: mounts
+                .iter()
+                .map(|m| format!("freeze {} ({} on {}) for at most {}", m.path.display(), m.fs_type, m.source, humantime::format_duration(params.deadline)))
+                .collect(),
+            warnings,
+        });
+    }
+    let (spawned, record) = spawn_watchdog(config, &mounts, params.deadline, true).await?;
+    Ok(frozen_report("frozen", &spawned.frozen, Some(record), warnings))
+}
+
+/// Hand-run thaw: asks the watchdogs that hold the mounts, or thaws
+/// directly when none is alive. Thawing what is not frozen is `already thawed`.
+pub async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Result<ThawReport, FreezeError> {
+    let mut warnings = Vec::new();
+    let requested = if params.mounts.is_empty() { config.freeze.mounts.clone() } else { params.mounts.clone() };
+    let mut targets: Vec<PathBuf> = Vec::new();
+    for m in &requested {
+        let c = std::fs::canonicalize(m)
+            .map_err(|source| FreezeError::Io { what: format!("cannot resolve mount {}", m.display()), source })?;
+        targets.push(c);
+    }
+    let all = targets.is_empty();
+    let mut mounts: Vec<MountThaw> = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    let mut frozen_for_ms = 0u64;
+    for (path, record) in load_records(config, &mut warnings) {
+        if !all && !record.mounts.iter().any(|m| targets.contains(m)) {
+            continue;
+        }
+        let covered: Vec<PathBuf> = record.mounts.clone();
+        targets.retain(|t| !covered.contains(t));
+        if record.state != "active" {
+            if let Some(t) = &record.thawed {
+                reasons.push(format!(
+                    "already thawed by watchdog pid {} ({}) at {} after {} ms",
+                    record.pid,
+                    t.reason,
+                    record.thawed_unix_ms.map(rfc3339).unwrap_or_default(),
+                    t.frozen_for_ms
+                ));
+            }
+            mounts.extend(covered.into_iter().map(|p| MountThaw { path: p, outcome: "already thawed".to_owned() }));
+            if !dry_run {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if dry_run {
+            reasons.push(format!("would ask watchdog pid {} to thaw", record.pid));
+            mounts.extend(covered.into_iter().map(|p| MountThaw { path: p, outcome: "would thaw".to_owned() }));
+            continue;
+        }
+        let socket = record.socket.clone();
+        let answer = tokio::task::spawn_blocking(move || socket.and_then(|s| ask(&s, "thaw", Duration::from_secs(30))))
+            .await
+            .expect("the socket task does not panic");
+        match answer.as_deref().and_then(|l| l.strip_prefix("thawed ")).and_then(|j| serde_json::from_str::<WatchdogThawed>(j).ok()) {
+            Some(t) => {
+                frozen_for_ms = frozen_for_ms.max(t.frozen_for_ms);
+                reasons.push(format!("watchdog pid {} thawed ({})", record.pid, t.reason));
+                mounts.extend(t.mounts);
+            }
+            None => {
+                warnings.push(format!("watchdog pid {} does not answer: thawed directly", record.pid));
+                reasons.push("thawed directly (no watchdog alive)".to_owned());
+                frozen_for_ms = frozen_for_ms.max(unix_ms().saturating_sub(record.started_unix_ms));
+                for p in covered {
+                    let outcome = match fs::thaw_path(&p) {
+                        Ok(fs::ThawOutcome::Thawed) => "thawed".to_owned(),
+                        Ok(fs::ThawOutcome::NotFrozen) => "already thawed".to_owned(),
+                        Err(e) => format!("FAILED: {e}"),
+                    };
+                    mounts.push(MountThaw { path: p, outcome });
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    // Mounts no record knows: thaw directly (FITHAW on what is not frozen
+    // is harmless and says so).
+    if !targets.is_empty() {
+        let table = fs::mount_table()?;
+        for t in targets {
+            if !table.iter().any(|e| e.mount_point == t) {
+                return Err(FreezeError::NotAMountPoint { path: t });
+            }
+            let outcome = if dry_run {
+                "would thaw if frozen".to_owned()
+            } else {
+                match fs::thaw_path(&t)? {
+                    fs::ThawOutcome::Thawed => {
+                        reasons.push(format!("{} was frozen outside dr-agent: thawed directly", t.display()));
+                        "thawed".to_owned()
+                    }
+                    fs::ThawOutcome::NotFrozen => "already thawed".to_owned(),
+                }
+            };
+            mounts.push(MountThaw { path: t, outcome });
+        }
+    }
+    if let Some(m) = mounts.iter().find(|m| m.outcome.starts_with("FAILED")) {
+        return Err(FreezeError::Watchdog(format!("{}: {}", m.path.display(), m.outcome)));
+    }
+    let already_done = mounts.iter().all(|m| m.outcome == "already thawed");
+    if reasons.is_empty() {
+        reasons.push(if mounts.is_empty() { "nothing is frozen".to_owned() } else { "nothing was frozen".to_owned() });
+    }
+    Ok(ThawReport { mounts, frozen_for_ms, reason: reasons.join("; "), already_done, dry_run, warnings })
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct FreezeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Mount point to freeze (repeatable); default: freeze.mounts.
+    #[arg(long = "mount")]
+    pub mounts: Vec<PathBuf>,
+    /// Thaw at this deadline whatever happens (default: freeze.deadline).
+    #[arg(long)]
+    pub deadline: Option<humantime::Duration>,
+    /// Show what would be frozen; freeze nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep this process alive holding the watchdog's pipe until SIGTERM or
+    /// SIGINT (then thaw), as the agent daemon does. For tests and drills.
+    #[arg(long, hide = true)]
+    pub hold: bool,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ThawArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Mount point to thaw (repeatable); default: freeze.mounts, or every recorded freeze.
+    #[arg(long = "mount")]
+    pub mounts: Vec<PathBuf>,
+    /// Show what would be thawed; thaw nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct WatchdogArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long)]
+    pub id: String,
+    #[arg(long = "mount", required = true)]
+    pub mounts: Vec<PathBuf>,
+    #[arg(long)]
+    pub deadline_ms: u64,
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Stdin is not the agent's pipe (hand-run freeze).
+    #[arg(long)]
+    pub detached: bool,
+}
+
+fn human_freeze(r: &FreezeReport) -> String {
+    let mut s = String::new();
+    let mounts = r.mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ");
+    match r.state.as_str() {
+        "would freeze" => s.push_str(&format!("Would freeze {mounts} for at most {} ms (dry run).\n", r.deadline_ms)),
+        "already frozen" => s.push_str(&format!(
+            "Already done: {mounts} already frozen by watchdog pid {}; it thaws by {}.\n",
+            r.watchdog_pid.unwrap_or_default(),
+            rfc3339(r.thaw_by_unix_ms)
+        )),
+        _ => s.push_str(&format!(
+            "Frozen: {mounts} (FIFREEZE took {} ms). Watchdog pid {} thaws by {} (deadline {} ms).\n",
+            r.freeze_took_ms,
+            r.watchdog_pid.unwrap_or_default(),
+            rfc3339(r.thaw_by_unix_ms),
+            r.deadline_ms
+        )),
+    }
+    for a in &r.actions {
+        s.push_str(&format!("  - {a}\n"));
+    }
+    for w in &r.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    s
+}
+
+fn human_thaw(r: &ThawReport) -> String {
+    let mut s = String::new();
+    if r.mounts.is_empty() {
+        s.push_str("Already done: nothing is frozen.\n");
+    } else if r.already_done {
+        s.push_str("Already done: already thawed.\n");
+    } else if r.dry_run {
+        s.push_str("Would thaw (dry run):\n");
+    } else {
+        s.push_str(&format!("Thawed after {} ms frozen.\n", r.frozen_for_ms));
+    }
+    for m in &r.mounts {
+        s.push_str(&format!("  {}: {}\n", m.path.display(), m.outcome));
+    }
+    s.push_str(&format!("  ({})\n", r.reason));
+    for w in &r.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    s
+}
+
+fn cli_err(e: FreezeError) -> (u8, String) {
+    (e.exit_code(), e.to_string())
+}
+
+pub async fn freeze_cli(args: FreezeArgs) -> CliResult {
+    let config = args.common.load()?;
+    let params = FreezeParams {
+        mounts: args.mounts.clone(),
+        deadline: args.deadline.map(Into::into).unwrap_or(config.freeze.deadline),
+    };
+    if !args.hold || args.dry_run {
+        let report = run(&config, &params, args.dry_run).await.map_err(cli_err)?;
+        return Ok(args.common.render(&report, human_freeze));
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| (EXIT_FAILED, e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| (EXIT_FAILED, e.to_string()))?;
+    let mut handle = freeze(&config, &params).await.map_err(cli_err)?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(args.common.render(handle.report(), human_freeze).as_bytes());
+        let _ = out.flush();
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = handle.lifted() => {}
+    }
+    let report = thaw(handle).await.map_err(cli_err)?;
+    Ok(args.common.render(&report, human_thaw))
+}
+
+pub async fn thaw_cli(args: ThawArgs) -> CliResult {
+    let config = args.common.load()?;
+    let params = ThawParams { mounts: args.mounts.clone() };
+    let report = run_thaw(&config, &params, args.dry_run).await.map_err(cli_err)?;
+    Ok(args.common.render(&report, human_thaw))
+}
+
+pub async fn watchdog_cli(args: WatchdogArgs) -> CliResult {
+    let opts = watchdog::Options {
+        id: args.id,
+        mounts: args.mounts,
+        deadline: Duration::from_millis(args.deadline_ms),
+        socket: args.socket,
+        record: args.record,
+        detached: args.detached,
+    };
+    match watchdog::run(opts) {
+        0 => Ok(String::new()),
+        code => Err((code, "the freeze watchdog failed (see its `error` line)".to_owned())),
+    }
+}

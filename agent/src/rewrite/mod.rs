@@ -1,0 +1,774 @@
+//! Rewriting the old private/public IPs in the Replicated environment files.
+//!
+//! - Layout: RHEL when `<root>/etc/sysconfig/replicated` exists (the
+//!   installer picks /etc/sysconfig when systemd runs and that folder
+//!   exists), else Debian `<root>/etc/default/replicated`; the
+//!   `replicated-operator` file beside it is rewritten too (its absence is a
+//!   warning).
+//! - Every file is parsed strictly first ([`envfile`]); one line that is not
+//!   understood fails the step, naming file and line, before anything is
+//!   written to any file.
+//! - Addresses are replaced token-exactly ([`envfile::find_ips`]), in values
+//!   only (comments are kept byte for byte), never inside `NODENAME`.
+//! - Dry run and real run compute the same plan; the dry run prints it as a
+//!   unified diff.
+//! - Writes are crash-safe ([`atomic`]): dated backup, temporary file, fsync,
+//!   owner and mode, rename, directory fsync, under a directory lock.
+
+pub mod atomic;
+mod diff;
+pub mod envfile;
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::config::Config;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: Common,
+    /// OLD=NEW private IP (repeatable).
+    #[arg(long = "private")]
+    pub private: Vec<String>,
+    /// OLD=NEW public IP (repeatable).
+    #[arg(long = "public")]
+    pub public: Vec<String>,
+    /// Print a unified diff; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error("{flag} {value:?}: {message}")]
+    BadChange {
+        flag: String,
+        value: String,
+        message: String,
+    },
+    #[error("nothing to rewrite: give at least one --private OLD=NEW or --public OLD=NEW")]
+    NothingRequested,
+    #[error("{old} is rewritten to {first} and to {second}: give one new address per old address")]
+    Conflict {
+        old: IpAddr,
+        first: IpAddr,
+        second: IpAddr,
+    },
+    #[error("no Replicated environment file under {root}: looked for {rhel} and {debian}")]
+    NoFiles {
+        root: PathBuf,
+        rhel: PathBuf,
+        debian: PathBuf,
+    },
+    #[error("{path}:{line}: {message}; nothing was written")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: not valid UTF-8; nothing was written")]
+    NotUtf8 { path: PathBuf, line: usize },
+    #[error("{path}:{line}: {key} {value:?} is not an IP address")]
+    BadAddress {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        value: String,
+    },
+    #[error("{path} is not a regular file (symlink or other); refusing to replace it")]
+    NotRegular { path: PathBuf },
+    #[error("another rewrite is running (it holds the lock on {dir})")]
+    Busy { dir: PathBuf },
+    #[error("{path} changed while it was being rewritten; run the step again")]
+    Changed { path: PathBuf },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RewriteError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RewriteError::BadChange { .. }
+            | RewriteError::NothingRequested
+            | RewriteError::Conflict { .. }
+            | RewriteError::NoFiles { .. }
+            | RewriteError::Parse { .. }
+            | RewriteError::NotUtf8 { .. }
+            | RewriteError::BadAddress { .. } => EXIT_INPUT,
+            RewriteError::NotRegular { .. } | RewriteError::Busy { .. } => EXIT_REFUSED,
+            RewriteError::Changed { .. } | RewriteError::Io { .. } | RewriteError::Internal(_) => {
+                EXIT_FAILED
+            }
+        }
+    }
+}
+
+/// Which distribution's paths hold the Replicated files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Debian,
+    Rhel,
+}
+
+impl Layout {
+    /// The directory of the files, relative to the root.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Layout::Debian => "etc/default",
+            Layout::Rhel => "etc/sysconfig",
+        }
+    }
+}
+
+/// The names of the two files, in the order they are rewritten.
+pub const FILES: [&str; 2] = ["replicated", "replicated-operator"];
+
+/// The layout of the machine under `root`.
+pub fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
+    let rhel = root.join(Layout::Rhel.dir()).join(FILES[0]);
+    let debian = root.join(Layout::Debian.dir()).join(FILES[0]);
+    if rhel.symlink_metadata().is_ok() {
+        Ok(Layout::Rhel)
+    } else if debian.symlink_metadata().is_ok() {
+        Ok(Layout::Debian)
+    } else {
+        Err(RewriteError::NoFiles {
+            root: root.to_path_buf(),
+            rhel,
+            debian,
+        })
+    }
+}
+
+/// One address to replace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressChange {
+    pub old: IpAddr,
+    pub new: IpAddr,
+}
+
+impl AddressChange {
+    /// Parses `OLD=NEW` (IPv6 may be bracketed); errors name `flag`.
+    pub fn parse(flag: &str, value: &str) -> Result<AddressChange, RewriteError> {
+        let bad = |message: String| RewriteError::BadChange {
+            flag: flag.to_owned(),
+            value: value.to_owned(),
+            message,
+        };
+        let (old, new) = value
+            .split_once('=')
+            .ok_or_else(|| bad("expected OLD=NEW".into()))?;
+        let ip = |s: &str, which: &str| {
+            let t = s.trim();
+            let t = t
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .unwrap_or(t);
+            t.parse::<IpAddr>()
+                .map_err(|_| bad(format!("{which} {s:?} is not an IP address")))
+        };
+        let change = AddressChange {
+            old: ip(old, "OLD")?,
+            new: ip(new, "NEW")?,
+        };
+        if change.old.is_ipv4() != change.new.is_ipv4() {
+            return Err(bad("OLD and NEW must both be IPv4 or both IPv6".into()));
+        }
+        Ok(change)
+    }
+}
+
+/// What to rewrite.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewriteParams {
+    pub private: Vec<AddressChange>,
+    pub public: Vec<AddressChange>,
+}
+
+impl RewriteParams {
+    /// From the CLI's `--private` / `--public` values.
+    pub fn from_flags(
+        private: &[String],
+        public: &[String],
+    ) -> Result<RewriteParams, RewriteError> {
+        let private = private
+            .iter()
+            .map(|v| AddressChange::parse("--private", v))
+            .collect::<Result<_, _>>()?;
+        let public = public
+            .iter()
+            .map(|v| AddressChange::parse("--public", v))
+            .collect::<Result<_, _>>()?;
+        let p = RewriteParams { private, public };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// At least one change, one family per change, one new address per old.
+    pub fn validate(&self) -> Result<(), RewriteError> {
+        if self.private.is_empty() && self.public.is_empty() {
+            return Err(RewriteError::NothingRequested);
+        }
+        let all: Vec<(&str, &AddressChange)> = self
+            .private
+            .iter()
+            .map(|c| ("--private", c))
+            .chain(self.public.iter().map(|c| ("--public", c)))
+            .collect();
+        for (i, (flag, c)) in all.iter().enumerate() {
+            if c.old.is_ipv4() != c.new.is_ipv4() {
+                return Err(RewriteError::BadChange {
+                    flag: (*flag).to_owned(),
+                    value: format!("{}={}", c.old, c.new),
+                    message: "OLD and NEW must both be IPv4 or both IPv6".into(),
+                });
+            }
+            if let Some((_, d)) = all[..i]
+                .iter()
+                .find(|(_, d)| d.old == c.old && d.new != c.new)
+            {
+                return Err(RewriteError::Conflict {
+                    old: c.old,
+                    first: d.new,
+                    second: c.new,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// (kind, change) for every change that moves an address.
+    fn effective(&self) -> Vec<(&'static str, AddressChange)> {
+        let mut out: Vec<(&'static str, AddressChange)> = Vec::new();
+        let all = self
+            .private
+            .iter()
+            .map(|c| ("private", *c))
+            .chain(self.public.iter().map(|c| ("public", *c)));
+        for (kind, c) in all {
+            if c.old != c.new && !out.iter().any(|(_, d)| d.old == c.old) {
+                out.push((kind, c));
+            }
+        }
+        out
+    }
+}
+
+/// What happened (or would happen) to one file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub changed_lines: usize,
+    pub replacements: usize,
+    /// The backup of the old content (real runs that changed the file).
+    pub backup: Option<PathBuf>,
+    pub written: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewriteReport {
+    pub root: PathBuf,
+    pub layout: Layout,
+    pub dry_run: bool,
+    pub private: Vec<AddressChange>,
+    pub public: Vec<AddressChange>,
+    pub files: Vec<FileReport>,
+    /// Nothing needed changing.
+    pub up_to_date: bool,
+    /// Temporary files of an interrupted earlier run that were removed (or,
+    /// in a dry run, would be).
+    pub removed_temp_files: Vec<PathBuf>,
+    /// The change as a unified diff (paths relative to the root: `patch -p1`).
+    pub diff: String,
+    pub warnings: Vec<String>,
+    pub actions: Vec<String>,
+}
+
+/// The addresses a machine's files carry (for `recover`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoundAddresses {
+    pub layout: Layout,
+    /// `PRIVATE_ADDRESS`.
+    pub private: Option<IpAddr>,
+    /// `-e PUBLIC_ADDRESS=` in the opts (or a `PUBLIC_ADDRESS` line).
+    pub public: Option<IpAddr>,
+    /// Every distinct private address, in file order. More than one when
+    /// the files disagree, e.g. after a rewrite interrupted between the two
+    /// files: rewrite each of them (other than the current one) to the
+    /// current address.
+    pub private_all: Vec<IpAddr>,
+    /// Every distinct public address, in file order.
+    pub public_all: Vec<IpAddr>,
+}
+
+/// One file read and parsed.
+struct Loaded {
+    rel: String,
+    path: PathBuf,
+    bytes: Vec<u8>,
+    meta: std::fs::Metadata,
+}
+
+impl Loaded {
+    fn text(&self) -> Result<&str, RewriteError> {
+        std::str::from_utf8(&self.bytes).map_err(|e| RewriteError::NotUtf8 {
+            path: self.path.clone(),
+            line: self.bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1,
+        })
+    }
+
+    fn lines(&self) -> Result<Vec<envfile::Line<'_>>, RewriteError> {
+        envfile::parse(self.text()?).map_err(|e| RewriteError::Parse {
+            path: self.path.clone(),
+            line: e.line,
+            message: e.message,
+        })
+    }
+}
+
+/// Reads the files of the layout; missing operator file -> warning.
+fn load(root: &Path, warnings: &mut Vec<String>) -> Result<(Layout, Vec<Loaded>), RewriteError> {
+    let layout = detect_layout(root)?;
+    let mut out = Vec::new();
+    for name in FILES {
+        let rel = format!("{}/{name}", layout.dir());
+        let path = root.join(&rel);
+        let meta = match path.symlink_metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warnings.push(format!(
+                    "{} is missing; only the other file was read",
+                    path.display()
+                ));
+                continue;
+            }
+            Err(source) => {
+                return Err(RewriteError::Io {
+                    op: "stat",
+                    path,
+                    source,
+                });
+            }
+        };
+        if !meta.file_type().is_file() {
+            return Err(RewriteError::NotRegular { path });
+        }
+        let bytes = std::fs::read(&path).map_err(|source| RewriteError::Io {
+            op: "read",
+            path: path.clone(),
+            source,
+        })?;
+        out.push(Loaded {
+            rel,
+            path,
+            bytes,
+            meta,
+        });
+    }
+    Ok((layout, out))
+}
+
+/// The addresses written in the files under `root`.
+pub fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
+    let mut warnings = Vec::new();
+    let (layout, files) = load(root, &mut warnings)?;
+    let mut private_all: Vec<IpAddr> = Vec::new();
+    let mut public_all: Vec<IpAddr> = Vec::new();
+    let note = |all: &mut Vec<IpAddr>, ip: IpAddr| {
+        if !all.contains(&ip) {
+            all.push(ip);
+        }
+    };
+    for f in &files {
+        for line in f.lines()? {
+            let (Some(key), Some(raw)) = (line.key(), line.raw_value()) else {
+                continue;
+            };
+            let value = envfile::unquote(raw);
+            let parse = |key: &str, v: &str| {
+                let t = v
+                    .strip_prefix('[')
+                    .and_then(|t| t.strip_suffix(']'))
+                    .unwrap_or(v);
+                t.parse::<IpAddr>().map_err(|_| RewriteError::BadAddress {
+                    path: f.path.clone(),
+                    line: line.number,
+                    key: key.to_owned(),
+                    value: v.to_owned(),
+                })
+            };
+            match key {
+                "PRIVATE_ADDRESS" if !value.trim().is_empty() => {
+                    note(&mut private_all, parse(key, value.trim())?)
+                }
+                "PUBLIC_ADDRESS" if !value.trim().is_empty() => {
+                    note(&mut public_all, parse(key, value.trim())?)
+                }
+                _ => {}
+            }
+            for word in value.split_whitespace() {
+                if let Some(v) = word.strip_prefix("PUBLIC_ADDRESS=")
+                    && !v.is_empty()
+                {
+                    note(&mut public_all, parse("PUBLIC_ADDRESS", v)?);
+                }
+            }
+        }
+    }
+    Ok(FoundAddresses {
+        layout,
+        private: private_all.first().copied(),
+        public: public_all.first().copied(),
+        private_all,
+        public_all,
+    })
+}
+
+/// The rewrite of one file.
+struct FilePlan {
+    loaded: Loaded,
+    new: String,
+    changed_lines: usize,
+    replacements: usize,
+    diff: String,
+}
+
+/// Computes the new content of every file; fails on the first bad line of
+/// any file. Pure: reads only.
+fn plan(
+    files: Vec<Loaded>,
+    changes: &[(&'static str, AddressChange)],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<FilePlan>, RewriteError> {
+    let map: Vec<(IpAddr, IpAddr)> = changes.iter().map(|(_, c)| (c.old, c.new)).collect();
+    let mut seen: Vec<IpAddr> = Vec::new();
+    let mut per_old = vec![0usize; changes.len()];
+    let mut plans = Vec::new();
+    for loaded in files {
+        let text = loaded.text()?;
+        let lines = loaded.lines()?;
+        let mut new = String::with_capacity(text.len() + 64);
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(lines.len());
+        let mut changed_lines = 0;
+        let mut replacements = 0;
+        for line in &lines {
+            let old_line = format!("{}{}", line.text, line.ending);
+            let new_line = match &line.kind {
+                envfile::LineKind::Assign { key, value } => {
+                    let raw = &line.text[value.clone()];
+                    let whole_nodename = &line.text[key.clone()] == "NODENAME";
+                    let skip = if whole_nodename {
+                        std::iter::once(0..raw.len()).collect()
+                    } else {
+                        envfile::nodename_ranges(raw)
+                    };
+                    for t in envfile::find_ips(raw, &skip) {
+                        seen.push(t.addr);
+                        if let Some(i) = changes.iter().position(|(_, c)| c.old == t.addr) {
+                            per_old[i] += 1;
+                        }
+                    }
+                    // NODENAME values that encode an old address: reported.
+                    let hosts: Vec<String> = if whole_nodename {
+                        vec![envfile::unquote(raw)]
+                    } else {
+                        skip.iter()
+                            .map(|r| raw[r.start + "NODENAME=".len()..r.end].to_owned())
+                            .collect()
+                    };
+                    for host in hosts {
+                        for (kind, c) in changes {
+                            if envfile::hostname_encodes(&host, c.old) {
+                                warnings.push(format!(
+                                    "{}:{}: NODENAME={host} encodes the old {kind} IP {}; it was not rewritten \
+                                     (NODENAME is the OS hostname): check the new machine's hostname and change \
+                                     NODENAME by hand if Replicated must follow it",
+                                    loaded.path.display(),
+                                    line.number,
+                                    c.old
+                                ));
+                            }
+                        }
+                    }
+                    let (rewritten, n) = envfile::replace_ips(raw, &skip, &map);
+                    replacements += n;
+                    format!(
+                        "{}{}{}{}",
+                        &line.text[..value.start],
+                        rewritten,
+                        &line.text[value.end..],
+                        line.ending
+                    )
+                }
+                _ => old_line.clone(),
+            };
+            if new_line != old_line {
+                changed_lines += 1;
+            }
+            new.push_str(&new_line);
+            pairs.push((old_line, new_line));
+        }
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let diff = diff::unified(
+            &format!("a/{}", loaded.rel),
+            &format!("b/{}", loaded.rel),
+            &refs,
+        );
+        plans.push(FilePlan {
+            loaded,
+            new,
+            changed_lines,
+            replacements,
+            diff,
+        });
+    }
+    for (i, (kind, c)) in changes.iter().enumerate() {
+        if per_old[i] == 0 && !seen.contains(&c.new) {
+            warnings.push(format!(
+                "neither the old {kind} IP {} nor the new one {} appears in the files: check the addresses given",
+                c.old, c.new
+            ));
+        }
+    }
+    Ok(plans)
+}
+
+/// Runs the step on the machine under `config.root`.
+pub async fn run(
+    config: &Config,
+    params: &RewriteParams,
+    dry_run: bool,
+) -> Result<RewriteReport, RewriteError> {
+    let root = config.root.clone();
+    let params = params.clone();
+    tokio::task::spawn_blocking(move || execute(&root, &params, dry_run, SystemTime::now()))
+        .await
+        .map_err(|e| RewriteError::Internal(format!("the rewrite task failed: {e}")))?
+}
+
+/// The step, synchronously (`now` names the backups).
+pub fn execute(
+    root: &Path,
+    params: &RewriteParams,
+    dry_run: bool,
+    now: SystemTime,
+) -> Result<RewriteReport, RewriteError> {
+    params.validate()?;
+    let changes = params.effective();
+    let mut warnings = Vec::new();
+    let layout = detect_layout(root)?;
+    let dir = root.join(layout.dir());
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(atomic::DirLock::acquire(&dir)?)
+    };
+    let (layout, files) = load(root, &mut warnings)?;
+    let plans = plan(files, &changes, &mut warnings)?;
+
+    let mut removed_temp_files = Vec::new();
+    for p in &plans {
+        for t in atomic::stray_temps(&p.loaded.path)? {
+            if !dry_run {
+                std::fs::remove_file(&t).map_err(|source| RewriteError::Io {
+                    op: "remove stray temporary file",
+                    path: t.clone(),
+                    source,
+                })?;
+                tracing::info!(step = "rewrite-addresses", path = %t.display(), "removed a temporary file of an interrupted run");
+            }
+            removed_temp_files.push(t);
+        }
+    }
+    if !dry_run && !removed_temp_files.is_empty() {
+        atomic::fsync_dir(&dir)?;
+    }
+
+    let mut files = Vec::new();
+    let mut diff = String::new();
+    for p in &plans {
+        diff.push_str(&p.diff);
+        let mut report = FileReport {
+            path: p.loaded.path.clone(),
+            changed_lines: p.changed_lines,
+            replacements: p.replacements,
+            backup: None,
+            written: false,
+        };
+        if p.changed_lines > 0 && !dry_run {
+            let path = &p.loaded.path;
+            let current = std::fs::read(path).map_err(|source| RewriteError::Io {
+                op: "read",
+                path: path.clone(),
+                source,
+            })?;
+            if current != p.loaded.bytes {
+                return Err(RewriteError::Changed { path: path.clone() });
+            }
+            let backup = atomic::backup(path, &p.loaded.bytes, &p.loaded.meta, now)?;
+            atomic::replace(path, p.new.as_bytes(), &p.loaded.meta)?;
+            tracing::info!(
+                step = "rewrite-addresses",
+                path = %path.display(),
+                backup = %backup.display(),
+                changed_lines = p.changed_lines,
+                "rewrote"
+            );
+            report.backup = Some(backup);
+            report.written = true;
+        }
+        files.push(report);
+    }
+    let up_to_date = plans.iter().all(|p| p.changed_lines == 0);
+
+    let mut actions = Vec::new();
+    if !up_to_date {
+        actions.push(
+            "restart Replicated for the new addresses to take effect: systemctl restart replicated replicated-operator"
+                .to_owned(),
+        );
+    }
+    for (kind, c) in &changes {
+        match *kind {
+            "private" => actions.push(format!(
+                "builders still point at the old private IP {}:4647; update the Nomad clients \
+                 (servers = [\"{}:4647\"]) and restart them",
+                fmt_host(c.old),
+                fmt_host(c.new)
+            )),
+            _ => actions.push(format!(
+                "update DNS records and firewall rules that name the old public IP {} (now {})",
+                c.old, c.new
+            )),
+        }
+    }
+
+    Ok(RewriteReport {
+        root: root.to_path_buf(),
+        layout,
+        dry_run,
+        private: params.private.clone(),
+        public: params.public.clone(),
+        files,
+        up_to_date,
+        removed_temp_files,
+        diff,
+        warnings,
+        actions,
+    })
+}
+
+fn fmt_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// The human rendering of a report.
+pub fn render_human(r: &RewriteReport) -> String {
+    let mut s = String::new();
+    let layout = match r.layout {
+        Layout::Debian => "Debian",
+        Layout::Rhel => "RHEL",
+    };
+    let _ = writeln!(
+        s,
+        "Rewrite addresses under {} ({layout} layout){}",
+        r.root.display(),
+        if r.dry_run {
+            ", dry run: nothing is written"
+        } else {
+            ""
+        }
+    );
+    for c in &r.private {
+        let _ = writeln!(s, "  private {} -> {}", c.old, c.new);
+    }
+    for c in &r.public {
+        let _ = writeln!(s, "  public  {} -> {}", c.old, c.new);
+    }
+    for f in &r.files {
+        if f.changed_lines == 0 {
+            let _ = writeln!(s, "{}: already up to date", f.path.display());
+        } else if r.dry_run {
+            let _ = writeln!(
+                s,
+                "{}: would change {} line(s) ({} address(es))",
+                f.path.display(),
+                f.changed_lines,
+                f.replacements
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "{}: changed {} line(s) ({} address(es)); backup {}",
+                f.path.display(),
+                f.changed_lines,
+                f.replacements,
+                f.backup
+                    .as_ref()
+                    .map(|b| b.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            );
+        }
+    }
+    for t in &r.removed_temp_files {
+        let verb = if r.dry_run { "would remove" } else { "removed" };
+        let _ = writeln!(s, "{verb} {} (left by an interrupted run)", t.display());
+    }
+    if r.up_to_date {
+        let _ = writeln!(s, "Already up to date: nothing to change.");
+    }
+    if !r.warnings.is_empty() {
+        let _ = writeln!(s, "Warnings:");
+        for w in &r.warnings {
+            let _ = writeln!(s, "  - {w}");
+        }
+    }
+    if !r.actions.is_empty() {
+        let _ = writeln!(s, "Actions for a human:");
+        for a in &r.actions {
+            let _ = writeln!(s, "  - {a}");
+        }
+    }
+    if r.dry_run && !r.diff.is_empty() {
+        let _ = writeln!(s);
+        s.push_str(&r.diff);
+    }
+    s
+}
+
+/// `dr-agent rewrite-addresses`.
+pub async fn cli(args: Args) -> CliResult {
+    let config = args.common.load()?;
+    let params = RewriteParams::from_flags(&args.private, &args.public)
+        .map_err(|e| (e.exit_code(), e.to_string()))?;
+    let report = run(&config, &params, args.dry_run)
+        .await
+        .map_err(|e| (e.exit_code(), e.to_string()))?;
+    Ok(args.common.render(&report, render_human))
+}
+
+#[cfg(test)]
+mod tests;
