@@ -52,7 +52,13 @@ impl WipeError {
 /// The wipe takes everything from the configuration (`root`,
 /// `nomad.data_dir`, `replicated.*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WipeParams {}
+pub struct WipeParams {
+    /// The data dir is on a mounted disk (`recover --offline --root`):
+    /// nothing runs from it, so the app and process checks, which would
+    /// look at the host, are skipped. The path rules still apply.
+    #[serde(default)]
+    pub offline: bool,
+}
 
 /// Counts of a tree (not following symlinks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,7 +308,6 @@ fn list_entries(path: &Path, out: &mut Vec<String>) {
 
 /// Wipes the Nomad data dir (see the module docs for the rules).
 pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<WipeReport, WipeError> {
-    let _ = params;
     let path = data_dir_path(&config.root, &config.nomad.data_dir)?;
     // Path rules first: they need nothing running.
     let meta = check_path(&config.root, &path)?;
@@ -336,7 +341,14 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
     // Then the app and Nomad must be stopped. A dry run reports what would
     // refuse now (so that a plan can show the wipe after an app stop).
     let ctl = Replicatedctl::new(config.replicated.replicatedctl.clone(), config.replicated.command_timeout);
+    let offline = params.offline;
+    if offline {
+        report.warnings.push("offline (a mounted disk): the app and Nomad process checks were skipped".into());
+    }
     let preconditions = async {
+        if offline {
+            return Ok(());
+        }
         let status = ctl.app_status().await?;
         if status.state != "stopped" || status.is_transitioning {
             return Err(WipeError::AppRunning { path: path.clone(), state: status.state, transitioning: status.is_transitioning });
@@ -479,11 +491,15 @@ pub struct Args {
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// The data dir is on a mounted disk (with --root): skip the checks of
+    /// this host's app and Nomad processes.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 pub async fn cli(args: Args) -> CliResult {
     let config = args.common.load()?;
-    let report = run(&config, &WipeParams {}, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
+    let report = run(&config, &WipeParams { offline: args.offline }, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
     Ok(args.common.render(&report, human))
 }
 

@@ -205,7 +205,8 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
         }
         _ => false,
     };
-    let needs_wipe = match nomad_state::run(config, &nomad_state::WipeParams::default(), true).await {
+    let wipe_params = nomad_state::WipeParams { offline };
+    let needs_wipe = match nomad_state::run(config, &wipe_params, true).await {
         Ok(r) => r.state != "already done",
         Err(_) => true,
     };
@@ -273,7 +274,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
 
     // 4. Wipe the Nomad server's state. In a dry run the app has not really
     // been stopped, so "the app runs" is what the real run will have fixed.
-    let r = nomad_state::run(config, &nomad_state::WipeParams {}, dry_run).await;
+    let r = nomad_state::run(config, &wipe_params, dry_run).await;
     match r {
         Err(nomad_state::WipeError::AppRunning { path, .. }) if dry_run => {
             report.steps.push(StepReport {

@@ -42,7 +42,8 @@ pub enum Action {
     Thaw,
     /// Drain Nomad builder nodes and wait for their work (or the deadline).
     Drain { params: drain::DrainParams },
-    /// End the drain this agent made (recorded in `state_dir`).
+    /// End the drains this agent made (recorded in `state_dir/drain.json`);
+    /// with no record, nothing is touched.
     Undrain,
     /// The whole restore runbook, in order.
     Recover { params: recover::RecoverParams, dry_run: bool },
@@ -165,6 +166,14 @@ impl Executor {
                     }
                 }
                 Action::Drain { params } => report(drain::drain(c, params, false).await.map_err(fail)?),
+                // From the controller, only drains this agent recorded are
+                // ended: without a record (it never drained), nodes an
+                // operator drained are left alone.
+                Action::Undrain if !c.state_dir.join("drain.json").exists() => report(serde_json::json!({
+                    "undrained": [],
+                    "already_done": true,
+                    "note": "this agent has not drained any node"
+                })),
                 Action::Undrain => report(drain::undrain(c, false).await.map_err(fail)?),
                 Action::Recover { params, dry_run } => {
                     let r = recover::run(c, params, *dry_run).await.map_err(fail)?;

@@ -115,6 +115,7 @@ fn operation_to_pb(op: &Operation) -> pb::Operation {
                 detail: s.detail.clone(),
                 error: s.error.clone(),
                 attempts: s.attempts,
+                result_json: s.result.as_ref().map(|r| r.to_string()).unwrap_or_default(),
             })
             .collect(),
     }

@@ -5,13 +5,14 @@
 //! about 100 burst / 20 per second). The controller spends its own tokens
 //! first ([`Budgeted`] waits for a token before each call), so that a fleet
 //! round does not run into `RequestLimitExceeded`; when EC2 throttles anyway
-//! the caller's `retry_ec2` backs off. DescribeImages calls from many
-//! operations within a short window are merged into one call (up to 100 ids).
+//! the caller's `retry_ec2` backs off. DescribeImages calls that queue up
+//! while one is in flight are merged into the next call (up to 100 ids): no
+//! added latency when idle (the freeze window depends on it), few calls
+//! under load.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -30,9 +31,6 @@ pub struct Limits {
     pub copy_burst: u32,
     pub describe_per_sec: u32,
     pub describe_burst: u32,
-    /// How long DescribeImages calls are gathered into one.
-    #[serde(with = "humantime_serde")]
-    pub batch_window: Duration,
 }
 
 impl Default for Limits {
@@ -44,7 +42,6 @@ impl Default for Limits {
             copy_burst: 5,
             describe_per_sec: 20,
             describe_burst: 100,
-            batch_window: Duration::from_millis(100),
         }
     }
 }
@@ -89,10 +86,6 @@ impl BudgetBook {
         let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
         books.entry((account.to_owned(), region.to_owned())).or_insert_with(|| Arc::new(Buckets::new(&self.limits))).clone()
     }
-
-    pub fn batch_window(&self) -> Duration {
-        self.limits.batch_window
-    }
 }
 
 /// The account id in a role ARN (`arn:aws:iam::<account>:role/...`).
@@ -110,29 +103,24 @@ pub struct Budgeted {
 }
 
 impl Budgeted {
-    pub fn new(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>, window: Duration) -> Self {
+    pub fn new(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>) -> Self {
         let (batch, rx) = mpsc::channel(1024);
-        tokio::spawn(batcher(inner.clone(), buckets.clone(), rx, window));
+        tokio::spawn(batcher(inner.clone(), buckets.clone(), rx));
         Budgeted { inner, buckets, batch }
     }
 }
 
-/// Gathers DescribeImages requests for `window` (or 100 ids) and answers
-/// each from one call. If the merged call fails (one unknown id fails the
-/// whole call in EC2), each request is retried on its own.
-async fn batcher(
-    inner: Arc<dyn Ec2>,
-    buckets: Arc<Buckets>,
-    mut rx: mpsc::Receiver<(Vec<String>, BatchReply)>,
-    window: Duration,
-) {
+/// Takes every DescribeImages request already queued (up to 100 ids) and
+/// answers each from one call; requests arriving meanwhile wait for the
+/// next call. If the merged call fails (one unknown id fails the whole call
+/// in EC2), each request is retried on its own.
+async fn batcher(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>, mut rx: mpsc::Receiver<(Vec<String>, BatchReply)>) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
-        let deadline = tokio::time::Instant::now() + window;
         while group.iter().map(|(ids, _)| ids.len()).sum::<usize>() < 100 {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(next)) => group.push(next),
-                _ => break,
+            match rx.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
             }
         }
         let mut ids: Vec<String> = group.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
@@ -258,7 +246,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_describes_are_merged_and_answered_separately() {
         let inner = Arc::new(Counting::default());
-        let budgeted = Arc::new(Budgeted::new(inner.clone(), Arc::new(Buckets::new(&Limits::default())), Duration::from_millis(50)));
+        let budgeted = Arc::new(Budgeted::new(inner.clone(), Arc::new(Buckets::new(&Limits::default()))));
         let mut tasks = Vec::new();
         for i in 0..30 {
             let b = budgeted.clone();
@@ -270,7 +258,7 @@ mod tests {
             assert_eq!(images[0].id, format!("ami-{i}"));
         }
         let calls = inner.calls.lock().expect("lock").clone();
-        assert!(calls.len() <= 2, "30 describes in one window became {} calls: {calls:?}", calls.len());
+        assert!(calls.len() <= 5, "30 concurrent describes became {} calls: {calls:?}", calls.len());
         assert_eq!(calls.iter().sum::<usize>(), 30);
     }
 

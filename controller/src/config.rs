@@ -135,6 +135,10 @@ pub struct BackupConfig {
     /// app) while the agent is unreachable.
     #[serde(default = "default_unquiesce_patience", with = "humantime_serde")]
     pub unquiesce_patience: Duration,
+    /// After a controller restart, how long an operation waits for a site's
+    /// agent (alive within the last 5 minutes) to reconnect.
+    #[serde(default = "default_agent_reconnect_grace", with = "humantime_serde")]
+    pub agent_reconnect_grace: Duration,
     /// How often the scheduler looks for sites whose backup is due.
     #[serde(default = "default_scheduler_tick", with = "humantime_serde")]
     pub scheduler_tick: Duration,
@@ -153,6 +157,7 @@ impl Default for BackupConfig {
             freeze_deadline: default_freeze_deadline(),
             drain_deadline: default_drain_deadline(),
             unquiesce_patience: default_unquiesce_patience(),
+            agent_reconnect_grace: default_agent_reconnect_grace(),
             scheduler_tick: default_scheduler_tick(),
             copy_poll: default_copy_poll(),
         }
@@ -213,6 +218,9 @@ fn default_drain_deadline() -> Duration {
 }
 fn default_unquiesce_patience() -> Duration {
     Duration::from_secs(300)
+}
+fn default_agent_reconnect_grace() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_scheduler_tick() -> Duration {
     Duration::from_secs(5)

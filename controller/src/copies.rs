@@ -17,6 +17,10 @@ use crate::retention::{self, Decision};
 
 const BUDGET: Duration = Duration::from_secs(300);
 
+/// A copy recorded as pending without an image id for this long was left by
+/// a crash between recording it and CopyImage answering.
+const STALE_PENDING: Duration = Duration::from_secs(30);
+
 /// The ClientToken of a copy attempt (at most 64 ASCII characters).
 pub fn client_token(operation_id: &str, region: &str, attempt: u32) -> String {
     let mut t = format!("dr-{operation_id}-{region}-{attempt}");
@@ -108,8 +112,15 @@ pub async fn reconcile(engine: &Engine, every: Duration) -> Result<usize, StepEr
     for copy in copies {
         let Some((site, operation_id)) = site_of(engine, &copy.source_image_id)? else { continue };
         if copy.state == CopyState::Failed || copy.image_id.is_empty() {
+            let age = now_ms().saturating_sub(copy.requested_at_ms);
             let wait = every.saturating_mul(copy.attempts);
-            if copy.state == CopyState::Failed && now_ms().saturating_sub(copy.requested_at_ms) < wait.as_millis() as u64 {
+            if copy.state == CopyState::Failed && age < wait.as_millis() as u64 {
+                continue;
+            }
+            // Pending without an image id: CopyImage may still be in flight
+            // (the copy step records the copy first). Only a stale one was
+            // left by a crash and is issued again (same ClientToken).
+            if copy.state == CopyState::Pending && age < STALE_PENDING.max(every * 2).as_millis() as u64 {
                 continue;
             }
             let mut copy = copy;

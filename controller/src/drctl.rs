@@ -315,6 +315,8 @@ pub struct StepView {
     pub duration_s: Option<f64>,
     pub detail: String,
     pub error: String,
+    /// The step's machine-readable result.
+    pub result: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -396,6 +398,7 @@ pub fn operation_view(op: pb::Operation) -> OperationView {
                     .then(|| (s.finished_at_ms - s.started_at_ms) as f64 / 1000.0),
                 started_at: rfc3339(s.started_at_ms),
                 finished_at: rfc3339(s.finished_at_ms),
+                result: serde_json::from_str(&s.result_json).ok(),
                 name: s.name,
                 state: s.state,
                 attempts: s.attempts,

@@ -121,7 +121,7 @@ impl Ec2Clients {
         }
         let raw: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref()).await?);
         let buckets = self.budgets.buckets(&crate::budget::account_of(site.role_arn.as_deref()), &site.region);
-        let client: Arc<dyn Ec2> = Arc::new(crate::budget::Budgeted::new(raw, buckets, self.budgets.batch_window()));
+        let client: Arc<dyn Ec2> = Arc::new(crate::budget::Budgeted::new(raw, buckets));
         cache.insert(key, client.clone());
         Ok(client)
     }

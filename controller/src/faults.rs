@@ -8,6 +8,8 @@
 //!
 //! - `backup.after_create_image`: CreateImage has returned an AMI id, the
 //!   step's result is not yet stored.
+//! - `step.<name>.before`: a step is marked running, it has not acted.
+//! - `step.<name>.after`: a step has acted, its result is not stored.
 //!
 //! `DR_CONTROLLER_FAIL_AT=<step>` instead makes that step of a backup fail
 //! (with an error saying so) before it acts: the tests use it to show that a

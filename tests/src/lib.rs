@@ -14,6 +14,40 @@ use dr_controller::pki::{self, Subject, Validity};
 
 pub mod throttle;
 
+/// What every HTTP simulator does once its routes are built: bind, print
+/// `listening on <addr>` (tests read it to learn the port), serve until
+/// SIGTERM or SIGINT.
+pub async fn serve_simulator(name: &str, listen: std::net::SocketAddr, app: axum::Router) -> std::process::ExitCode {
+    use std::io::Write;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{name}: cannot listen on {listen}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    }
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        eprintln!("{name}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}
+
 pub const REGION: &str = "us-east-1";
 pub const TRUST_DOMAIN: &str = "dr.test";
 
@@ -94,14 +128,7 @@ impl Proc {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.wait_exit(timeout)
     }
 
     /// Waits for the process to exit by itself.
@@ -607,12 +634,14 @@ pub mod fake_control_plane {
     }
 
     impl FakeSession {
+        /// Sends an app-status command.
         pub async fn send_command(&self, id: &str) {
-            let cmd = pb::Command {
-                id: id.to_owned(),
-                deadline_ms: 10_000,
-                kind: Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})),
-            };
+            self.send(id, pb::command::Kind::AppStatus(pb::AppStatusRequest {})).await;
+        }
+
+        /// Sends any command.
+        pub async fn send(&self, id: &str, kind: pb::command::Kind) {
+            let cmd = pb::Command { id: id.to_owned(), deadline_ms: 30_000, kind: Some(kind) };
             self.to_agent
                 .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(cmd)) }))
                 .await

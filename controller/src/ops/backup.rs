@@ -108,6 +108,7 @@ fn field<'a>(ctx: &'a StepCtx<'_>, step: &str, key: &str) -> Result<&'a serde_js
 }
 
 async fn check_agent(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
+    agent_ready(ctx).await;
     let command_id = format!("{}.app-status", ctx.op.id);
     let timeout = ctx.engine.backup.agent_call_timeout;
     match ctx.engine.registry.call(&ctx.site.id, &command_id, &AgentAction::AppStatus, timeout).await {
@@ -136,10 +137,36 @@ async fn check_agent(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
     }
 }
 
+/// After a controller restart the site's agent needs a moment to reconnect:
+/// when it was alive recently, wait for it (up to
+/// `backup.agent_reconnect_grace`) instead of concluding it is gone.
+async fn agent_ready(ctx: &StepCtx<'_>) {
+    let registry = &ctx.engine.registry;
+    if registry.live(&ctx.site.id).is_some() {
+        return;
+    }
+    let recent = ctx
+        .engine
+        .store
+        .agent(&ctx.site.id)
+        .ok()
+        .flatten()
+        .is_some_and(|a| now_ms().saturating_sub(a.last_heartbeat_ms) < 300_000);
+    if !recent {
+        return;
+    }
+    ctx.progress("waiting for the site's agent to reconnect".into());
+    let deadline = tokio::time::Instant::now() + ctx.engine.backup.agent_reconnect_grace;
+    while registry.live(&ctx.site.id).is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asks the agent for one quiesce action; the command id names the
 /// operation and the action so a repeat after a restart is answered from the
 /// agent's journal.
 async fn agent_step(ctx: &StepCtx<'_>, name: &str, action: AgentAction, timeout: Duration) -> Result<serde_json::Value, String> {
+    agent_ready(ctx).await;
     let id = format!("{}.{name}", ctx.op.id);
     match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
         Ok(o) if o.ok => Ok(match o.detail {
@@ -166,10 +193,16 @@ async fn quiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         Quiesce::Stop => vec![("app-stop", AgentAction::AppStop, cfg.agent_call_timeout.max(Duration::from_secs(900)))],
     };
     let mut failed: Option<String> = None;
+    let mut app_was_stopped = false;
     for (name, action, timeout) in plan {
         ctx.progress(format!("{name} on the agent"));
         match agent_step(ctx, name, action, timeout).await {
-            Ok(_) => done.push(name),
+            Ok(report) => {
+                if name == "app-stop" {
+                    app_was_stopped = report["already"] == true;
+                }
+                done.push(name)
+            }
             Err(e) => {
                 failed = Some(format!("{name}: {e}"));
                 break;
@@ -193,6 +226,7 @@ async fn quiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
             "failed": failed,
             "skip": skip,
             "frozen_at_ms": frozen_at_ms,
+            "app_was_stopped": app_was_stopped,
         }),
     })
 }
@@ -200,24 +234,77 @@ async fn quiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
 /// Undoes what `quiesce` did, in reverse; retries while the agent is
 /// unreachable, for `backup.unquiesce_patience`.
 async fn unquiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
-    let Some(q) = ctx.result_of("quiesce") else {
-        return Ok(StepOutput { detail: "nothing was quiesced".into(), result: json!({"undone": []}) });
-    };
+    // Without a stored quiesce result (it failed, or the controller died
+    // inside it), undo what the policy's level may have done.
+    let policy_level = json!({"level": ctx.engine.policy(&ctx.site.id).quiesce.as_str(), "done": []});
+    let q = ctx.result_of("quiesce").unwrap_or(&policy_level);
     let done: Vec<String> = serde_json::from_value(q["done"].clone()).unwrap_or_default();
+    // Thaw and undrain are idempotent, so they are sent for the level asked
+    // for even if `quiesce` does not record them as done: a crash after the
+    // agent froze but before the result was stored must not leave anything
+    // quiesced. The app is started only if quiesce really stopped it.
+    let level = q["level"].as_str().unwrap_or("none");
+    let mut todo: Vec<String> = match level {
+        "freeze" => vec!["freeze".into()],
+        "drain" => vec!["drain".into(), "freeze".into()],
+        _ => vec![],
+    };
+    if done.iter().any(|d| d == "app-stop") && q["app_was_stopped"] != true {
+        todo.push("app-stop".into());
+    }
     let cfg = &ctx.engine.backup;
     let mut undone = Vec::new();
     let mut frozen_ms: u64 = 0;
-    for name in done.iter().rev() {
+    for name in todo.iter().rev() {
         let (undo, action, timeout) = match name.as_str() {
             "freeze" => ("thaw", AgentAction::Thaw, cfg.agent_call_timeout),
             "drain" => ("undrain", AgentAction::Undrain, cfg.agent_call_timeout),
             "app-stop" => ("app-start", AgentAction::AppStart, cfg.agent_call_timeout.max(Duration::from_secs(900))),
             _ => continue,
         };
+        // Undoing something quiesce did not record as done is a precaution:
+        // one try, and a failure (e.g. nothing to thaw) is only noted.
+        let recorded = done.iter().any(|d| d == name);
+        if !recorded {
+            agent_ready(ctx).await;
+            let id = format!("{}.{undo}", ctx.op.id);
+            match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
+                Ok(o) if o.ok => {
+                    if let AgentDetail::Report(r) = &o.detail {
+                        if undo == "thaw" {
+                            frozen_ms = r.get("frozen_for_ms").and_then(|v| v.as_u64()).unwrap_or(frozen_ms);
+                        }
+                        if r["already_done"] != true && r["undrained"].as_array().is_none_or(|a| !a.is_empty()) {
+                            undone.push(undo);
+                        }
+                    }
+                }
+                Ok(o) => tracing::info!(operation = %ctx.op.id, step = undo, error = %o.error, "precautionary undo had nothing to do"),
+                Err(e) => tracing::warn!(operation = %ctx.op.id, step = undo, error = %e, "precautionary undo not delivered"),
+            }
+            continue;
+        }
         let start = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(200);
+        // A call lost in transit is repeated with the same command id (the
+        // agent answers from its journal if it ran); after the agent itself
+        // reported a failure, a new id makes it really try again.
+        let mut attempt = 0u32;
         let report = loop {
-            match agent_step(ctx, undo, action.clone(), timeout).await {
+            let name = if attempt == 0 { undo.to_owned() } else { format!("{undo}-{attempt}") };
+            let id = format!("{}.{name}", ctx.op.id);
+            let result = match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
+                Ok(o) if o.ok => Ok(match o.detail {
+                    AgentDetail::Report(v) => v,
+                    _ => json!({}),
+                }),
+                Ok(o) => {
+                    attempt += 1;
+                    Err(o.error)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
                 Ok(report) => break report,
                 Err(e) if start.elapsed() < cfg.unquiesce_patience => {
                     ctx.progress(format!("{undo} not done yet ({e}); retrying"));

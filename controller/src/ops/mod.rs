@@ -180,10 +180,14 @@ impl Engine {
             self.notify(id);
             tracing::info!(operation = id, site = %site.id, step = %step.name, attempt = step.attempts, "step started");
 
+            faults::crash_point(&format!("step.{}.before", step.name));
             let ctx = StepCtx { engine: self, op: &op, site: &site, seq: step.seq };
             let outcome = match op.kind {
                 OperationKind::Backup => backup::run_step(&ctx, &step.name).await,
             };
+            // The step acted but its result is not stored yet: the worst
+            // moment for a crash.
+            faults::crash_point(&format!("step.{}.after", step.name));
             step.finished_at_ms = now_ms();
             match outcome {
                 Ok(out) => {

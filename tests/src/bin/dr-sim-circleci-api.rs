@@ -15,7 +15,6 @@
 //! is logged on stderr (method, path and query, Accept).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -237,33 +236,7 @@ async fn main() -> std::process::ExitCode {
         .route("/api/v1.1/project/github/{org}/{repo}", get(project_builds))
         .fallback(|| async { (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"message": "Not found"}))) })
         .with_state(sim);
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("dr-sim-circleci-api: cannot listen on {}: {e}", args.listen);
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let addr = listener.local_addr().expect("a bound listener has an address");
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {addr}");
-        let _ = out.flush();
-    }
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        eprintln!("dr-sim-circleci-api: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
-    std::process::ExitCode::SUCCESS
+    dr_tests::serve_simulator("dr-sim-circleci-api", args.listen, app).await
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! loopback port, for tests. Prints `listening on <addr>` once bound.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -104,31 +103,5 @@ async fn main() -> std::process::ExitCode {
         .route("/latest/meta-data/public-ipv4", get(public_ipv4))
         .fallback(|| async { (StatusCode::NOT_FOUND, "Not Found\n") })
         .with_state(sim);
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("dr-sim-imds: cannot listen on {}: {e}", args.listen);
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let addr = listener.local_addr().expect("a bound listener has an address");
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {addr}");
-        let _ = out.flush();
-    }
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        eprintln!("dr-sim-imds: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
-    std::process::ExitCode::SUCCESS
+    dr_tests::serve_simulator("dr-sim-imds", args.listen, app).await
 }
