@@ -25,7 +25,9 @@ export AWS_EC2_METADATA_DISABLED=true
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
 
 echo "== building"
-cargo build --workspace --bins --locked
+# --all-targets: the same feature set as `cargo test` below (dev-dependencies
+# such as tokio's test-util are unified), so nothing is compiled twice.
+cargo build --workspace --all-targets --locked
 echo "== testing"
 # The end-to-end tests start several processes each: two at a time fits a
 # 2-core machine.

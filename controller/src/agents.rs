@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ec2::Ec2Clients;
-use crate::model::{AgentRecord, AgentRole, InstanceFacts, Millis, now_ms};
+use crate::model::{AgentRecord, AgentRole, InstanceFacts, now_ms};
 use crate::store::Store;
 
 /// A step the controller may ask an agent to perform (domain side of
@@ -154,10 +154,6 @@ impl Registry {
 
     pub fn live(&self, site: &str) -> Option<LiveAgent> {
         self.lock().get(site).map(|s| LiveAgent { record: s.record.clone() })
-    }
-
-    pub fn connected_count(&self) -> usize {
-        self.lock().len()
     }
 
     /// Sends a command and waits for its result. Calling again with the same
@@ -384,9 +380,4 @@ impl pb::agent_service_server::AgentService for AgentServer {
         let stream: SessionStream = Box::pin(ReceiverStream::new(rx));
         Ok(Response::new(stream))
     }
-}
-
-/// Age of the last heartbeat, for display.
-pub fn age_ms(then: Millis) -> Millis {
-    now_ms().saturating_sub(then)
 }
