@@ -17,6 +17,7 @@
 pub mod app;
 pub mod backoff;
 pub mod builds;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod drain;

@@ -12,7 +12,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,22 +119,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| WipeError::Io { what, path: path.to_owned(), source }
 }
 
-/// `YYYYMMDDTHHMMSSZ` for a time (UTC), from the civil calendar.
-pub fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days_from_civil inverse.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
+pub use crate::clock::utc_stamp;
 
 /// The data dir on this machine: `root` joined with `data_dir`, refusing
 /// `..` and the root itself.
@@ -507,11 +492,6 @@ pub async fn cli(args: Args) -> CliResult {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stamps_are_utc_civil_time() {
-        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
-        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(1_709_210_096)), "20240229T123456Z");
-    }
 
     #[test]
     fn data_dir_rules() {

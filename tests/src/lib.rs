@@ -480,15 +480,21 @@ impl Agent {
 
     /// Calls the simulated replicatedctl has received, by argument list.
     pub fn replicatedctl_calls(&self, args: &str) -> usize {
-        let log = std::fs::read_to_string(self.root.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
-        log.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
-                    == Some(args.to_owned())
-            })
-            .count()
+        replicatedctl_calls(&self.root, args)
     }
+}
+
+/// Calls the simulated replicatedctl of the machine at `root` has received,
+/// with exactly these arguments (e.g. "app stop").
+pub fn replicatedctl_calls(root: &Path, args: &str) -> usize {
+    let log = std::fs::read_to_string(root.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                == Some(args.to_owned())
+        })
+        .count()
 }
 
 /// Runs drctl against a controller with the given client certificate.

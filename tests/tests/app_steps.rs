@@ -81,14 +81,7 @@ impl Machine {
     }
 
     fn calls(&self, args: &str) -> usize {
-        let log = std::fs::read_to_string(self.root.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
-        log.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
-                    == Some(args.to_owned())
-            })
-            .count()
+        dr_tests::replicatedctl_calls(&self.root, args)
     }
 }
 

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::RewriteError;
 
@@ -181,53 +181,13 @@ pub fn replace(file: &Path, new: &[u8], meta: &std::fs::Metadata) -> Result<(), 
     fsync_dir(parent(file))
 }
 
-/// `YYYYmmddTHHMMSSZ` in UTC.
-pub fn utc_stamp(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use crate::clock::utc_stamp;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
-    #[test]
-    fn stamps() {
-        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "20000229T000000Z"
-        );
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
-            "20231114T221320Z"
-        );
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(4_107_542_399)),
-            "21000228T235959Z"
-        );
-    }
+    use super::*;
 
     #[test]
     fn replace_keeps_mode_and_backup_is_not_overwritten() {
