@@ -521,8 +521,12 @@ impl Store {
         }
         drop(stmt);
         drop(conn);
+        let mut copies: std::collections::HashMap<String, Vec<Copy>> = std::collections::HashMap::new();
+        for c in self.copies_where("source_image_id IN (SELECT image_id FROM backups WHERE site_id = ?1)", &[&site_id])? {
+            copies.entry(c.source_image_id.clone()).or_default().push(c);
+        }
         for b in &mut out {
-            b.copies = self.copies_of(&b.image_id)?;
+            b.copies = copies.remove(&b.image_id).unwrap_or_default();
         }
         Ok(out)
     }

@@ -166,15 +166,36 @@ async fn agent_ready(ctx: &StepCtx<'_>) {
 /// operation and the action so a repeat after a restart is answered from the
 /// agent's journal.
 async fn agent_step(ctx: &StepCtx<'_>, name: &str, action: AgentAction, timeout: Duration) -> Result<serde_json::Value, String> {
+    agent_call(ctx, name, &action, timeout).await.map_err(|e| match e {
+        CallFailure::Answered(m) | CallFailure::Unreachable(m) => m,
+    })
+}
+
+/// Why an agent step did not succeed.
+enum CallFailure {
+    /// The agent ran it (or refused it) and answered with this error.
+    Answered(String),
+    /// No answer: not connected, disconnected, timed out.
+    Unreachable(String),
+}
+
+/// Sends `<operation>.<name>` to the site's agent (after giving a recently
+/// seen agent time to reconnect) and returns its report.
+async fn agent_call(
+    ctx: &StepCtx<'_>,
+    name: &str,
+    action: &AgentAction,
+    timeout: Duration,
+) -> Result<serde_json::Value, CallFailure> {
     agent_ready(ctx).await;
     let id = format!("{}.{name}", ctx.op.id);
-    match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
+    match ctx.engine.registry.call(&ctx.site.id, &id, action, timeout).await {
         Ok(o) if o.ok => Ok(match o.detail {
             AgentDetail::Report(v) => v,
             _ => json!({}),
         }),
-        Ok(o) => Err(o.error),
-        Err(e) => Err(e.to_string()),
+        Ok(o) => Err(CallFailure::Answered(o.error)),
+        Err(e) => Err(CallFailure::Unreachable(e.to_string())),
     }
 }
 
@@ -253,7 +274,7 @@ async fn unquiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         todo.push("app-stop".into());
     }
     let cfg = &ctx.engine.backup;
-    let mut undone = Vec::new();
+    let mut undone: Vec<&str> = Vec::new();
     let mut frozen_ms: u64 = 0;
     for name in todo.iter().rev() {
         let (undo, action, timeout) = match name.as_str() {
@@ -265,57 +286,15 @@ async fn unquiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         // Undoing something quiesce did not record as done is a precaution:
         // one try, and a failure (e.g. nothing to thaw) is only noted.
         let recorded = done.iter().any(|d| d == name);
-        if !recorded {
-            agent_ready(ctx).await;
-            let id = format!("{}.{undo}", ctx.op.id);
-            match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
-                Ok(o) if o.ok => {
-                    if let AgentDetail::Report(r) = &o.detail {
-                        if undo == "thaw" {
-                            frozen_ms = r.get("frozen_for_ms").and_then(|v| v.as_u64()).unwrap_or(frozen_ms);
-                        }
-                        if r["already_done"] != true && r["undrained"].as_array().is_none_or(|a| !a.is_empty()) {
-                            undone.push(undo);
-                        }
-                    }
-                }
-                Ok(o) => tracing::info!(operation = %ctx.op.id, step = undo, error = %o.error, "precautionary undo had nothing to do"),
-                Err(e) => tracing::warn!(operation = %ctx.op.id, step = undo, error = %e, "precautionary undo not delivered"),
-            }
-            continue;
-        }
-        let start = tokio::time::Instant::now();
-        let mut wait = Duration::from_millis(200);
-        // A call lost in transit is repeated with the same command id (the
-        // agent answers from its journal if it ran); after the agent itself
-        // reported a failure, a new id makes it really try again.
-        let mut attempt = 0u32;
-        let report = loop {
-            let name = if attempt == 0 { undo.to_owned() } else { format!("{undo}-{attempt}") };
-            let id = format!("{}.{name}", ctx.op.id);
-            let result = match ctx.engine.registry.call(&ctx.site.id, &id, &action, timeout).await {
-                Ok(o) if o.ok => Ok(match o.detail {
-                    AgentDetail::Report(v) => v,
-                    _ => json!({}),
-                }),
-                Ok(o) => {
-                    attempt += 1;
-                    Err(o.error)
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            match result {
-                Ok(report) => break report,
-                Err(e) if start.elapsed() < cfg.unquiesce_patience => {
-                    ctx.progress(format!("{undo} not done yet ({e}); retrying"));
-                    tracing::warn!(operation = %ctx.op.id, site = %ctx.site.id, step = undo, error = %e, "cannot lift the quiesce yet; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => {
-                    return Err(StepError::Failed(format!(
-                        "{undo} failed: {e} (a frozen file system is thawed by the agent's watchdog at its deadline; a stopped app needs `dr-agent app-start` on the machine)"
-                    )));
+        let report = if recorded {
+            undo_until_done(ctx, undo, &action, timeout).await?
+        } else {
+            match agent_call(ctx, undo, &action, timeout).await {
+                Ok(r) if r["already_done"] != true && r["undrained"].as_array().is_none_or(|a| !a.is_empty()) => r,
+                Ok(_) => continue,
+                Err(CallFailure::Answered(e) | CallFailure::Unreachable(e)) => {
+                    tracing::info!(operation = %ctx.op.id, step = undo, error = %e, "precautionary undo had nothing to do");
+                    continue;
                 }
             }
         };
@@ -340,6 +319,43 @@ async fn unquiesce(ctx: &StepCtx<'_>) -> Result<StepOutput, StepError> {
         },
         result: json!({"undone": undone, "frozen_ms": frozen_ms, "freeze_overhead_ms": overhead_ms}),
     })
+}
+
+/// Undoes a recorded quiesce action, retrying while the agent cannot do it,
+/// for `backup.unquiesce_patience`. A call lost in transit is repeated with
+/// the same command id (the agent answers from its journal if it ran);
+/// after the agent itself reported a failure, a new id (`<undo>-1`, ...)
+/// makes it really try again.
+async fn undo_until_done(
+    ctx: &StepCtx<'_>,
+    undo: &str,
+    action: &AgentAction,
+    timeout: Duration,
+) -> Result<serde_json::Value, StepError> {
+    let patience = ctx.engine.backup.unquiesce_patience;
+    let start = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(200);
+    let mut attempt = 0u32;
+    loop {
+        let name = if attempt == 0 { undo.to_owned() } else { format!("{undo}-{attempt}") };
+        let e = match agent_call(ctx, &name, action, timeout).await {
+            Ok(report) => return Ok(report),
+            Err(CallFailure::Answered(e)) => {
+                attempt += 1;
+                e
+            }
+            Err(CallFailure::Unreachable(e)) => e,
+        };
+        if start.elapsed() >= patience {
+            return Err(StepError::Failed(format!(
+                "{undo} failed: {e} (a frozen file system is thawed by the agent's watchdog at its deadline; a stopped app needs `dr-agent app-start` on the machine)"
+            )));
+        }
+        ctx.progress(format!("{undo} not done yet ({e}); retrying"));
+        tracing::warn!(operation = %ctx.op.id, site = %ctx.site.id, step = undo, error = %e, "cannot lift the quiesce yet; retrying");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// Waits until every snapshot of the new AMI exists and is pending (or
