@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::steps::{Action, Outcome, StepError};
+use crate::steps::{Action, ErrorKind, Outcome, StepError};
 
 /// Records older than this are removed at startup.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -42,6 +42,9 @@ pub struct CommandAnswer {
     pub id: String,
     pub ok: bool,
     pub error: String,
+    /// Why it did not succeed (None when `ok`).
+    #[serde(default)]
+    pub kind: Option<ErrorKind>,
     /// True when this answer was not produced by running the step for this
     /// delivery (journal replay, or a delivery that joined a running one).
     pub replayed: bool,
@@ -52,12 +55,13 @@ pub struct CommandAnswer {
 
 impl CommandAnswer {
     /// An error answer that touched nothing.
-    pub fn rejected(id: &str, error: impl Into<String>) -> Self {
+    pub fn rejected(id: &str, kind: ErrorKind, error: impl Into<String>) -> Self {
         let now = now_ms();
         CommandAnswer {
             id: id.to_owned(),
             ok: false,
             error: error.into(),
+            kind: Some(kind),
             replayed: false,
             started_at_ms: now,
             finished_at_ms: now,
@@ -77,6 +81,11 @@ enum RecordState {
 struct Record {
     id: String,
     action: String,
+    /// The whole request (the action and its parameters), so that an id
+    /// reused for another request is refused instead of answered with the
+    /// first one's result. Absent in records of older agents.
+    #[serde(default)]
+    request: Option<serde_json::Value>,
     state: RecordState,
     pid: u32,
     started_at_ms: u64,
@@ -87,15 +96,27 @@ struct Record {
     #[serde(default)]
     error: String,
     #[serde(default)]
+    kind: Option<ErrorKind>,
+    #[serde(default)]
     outcome: Option<Outcome>,
 }
 
 impl Record {
+    /// Whether a delivery asks for what this record ran. A record of an
+    /// older agent (no request) is compared by the action's name.
+    fn same_request(&self, action: &Action, request: &serde_json::Value) -> bool {
+        match &self.request {
+            Some(r) => r == request,
+            None => self.action == action.name(),
+        }
+    }
+
     fn answer(&self, replayed: bool) -> CommandAnswer {
         CommandAnswer {
             id: self.id.clone(),
             ok: self.ok,
             error: self.error.clone(),
+            kind: if self.ok { None } else { Some(self.kind.unwrap_or(ErrorKind::Failed)) },
             replayed,
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
@@ -220,7 +241,7 @@ impl Journal {
         Fut: Future<Output = Result<Outcome, StepError>>,
     {
         if let Err(e) = validate_id(id) {
-            return CommandAnswer::rejected(id, e.to_string());
+            return CommandAnswer::rejected(id, ErrorKind::Invalid, e.to_string());
         }
         let (tx, mut record) = match self.begin(id, action) {
             Begin::Answer(answer) => return answer,
@@ -232,7 +253,11 @@ impl Journal {
                         answer.replayed = true;
                         answer
                     }
-                    Err(_) => CommandAnswer::rejected(id, "the first delivery of this command ended without a result"),
+                    Err(_) => CommandAnswer::rejected(
+                        id,
+                        ErrorKind::Interrupted,
+                        "the first delivery of this command ended without a result",
+                    ),
                 };
             }
             Begin::Run(tx, record) => (tx, record),
@@ -247,7 +272,10 @@ impl Journal {
                 record.ok = true;
                 record.outcome = Some(outcome);
             }
-            Err(e) => record.error = e.to_string(),
+            Err(e) => {
+                record.kind = Some(e.kind());
+                record.error = e.to_string();
+            }
         }
         if let Err(e) = self.write_record(&record) {
             // Keep the answer in memory so a repeat in this process still gets it.
@@ -264,8 +292,20 @@ impl Journal {
         if let Some(slot) = inflight.get(id) {
             return Begin::Join(slot.clone());
         }
+        let request = serde_json::to_value(action).expect("an action always serializes");
         match self.read_record(id) {
-            Err(e) => return Begin::Answer(CommandAnswer::rejected(id, format!("not run: {e}"))),
+            Err(e) => return Begin::Answer(CommandAnswer::rejected(id, ErrorKind::Failed, format!("not run: {e}"))),
+            Ok(Some(record)) if !record.same_request(action, &request) => {
+                tracing::warn!(id, journaled = %record.action, asked = action.name(), "command id reused for another request: refused");
+                return Begin::Answer(CommandAnswer::rejected(
+                    id,
+                    ErrorKind::Invalid,
+                    format!(
+                        "command id `{id}` was already used for another request ({}); not run: ids must not be reused",
+                        record.action
+                    ),
+                ));
+            }
             Ok(Some(record)) if record.state == RecordState::Finished => {
                 tracing::info!(id, ok = record.ok, "command already finished: answering from the journal");
                 return Begin::Answer(record.answer(true));
@@ -275,6 +315,7 @@ impl Journal {
                 record.state = RecordState::Finished;
                 record.finished_at_ms = now_ms();
                 record.ok = false;
+                record.kind = Some(ErrorKind::Interrupted);
                 record.error = INTERRUPTED.to_owned();
                 record.outcome = None;
                 if let Err(e) = self.write_record(&record) {
@@ -287,16 +328,22 @@ impl Journal {
         let started = Record {
             id: id.to_owned(),
             action: action.name().to_owned(),
+            request: Some(request),
             state: RecordState::Started,
             pid: std::process::id(),
             started_at_ms: now_ms(),
             finished_at_ms: 0,
             ok: false,
             error: String::new(),
+            kind: None,
             outcome: None,
         };
         if let Err(e) = self.write_record(&started) {
-            return Begin::Answer(CommandAnswer::rejected(id, format!("not run: cannot journal the command: {e}")));
+            return Begin::Answer(CommandAnswer::rejected(
+                id,
+                ErrorKind::Failed,
+                format!("not run: cannot journal the command: {e}"),
+            ));
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(id.to_owned(), rx);
@@ -398,6 +445,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_id_reused_for_another_request_is_refused_not_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(dir.path()).expect("open");
+        let first = j.run("op-1.x", &Action::AppStatus, || async { Ok(status()) }).await;
+        assert!(first.ok);
+        let other = Action::WipeNomad { dry_run: false };
+        let again = j.run("op-1.x", &other, || async { panic!("must not run") }).await;
+        assert!(!again.ok && !again.replayed, "{again:?}");
+        assert_eq!(again.kind, Some(ErrorKind::Invalid));
+        assert!(again.error.contains("already used for another request (app_status)"), "{}", again.error);
+        // Same action, other parameters: refused too.
+        let dry = Action::WipeNomad { dry_run: true };
+        assert!(j.run("op-1.w", &dry, || async { Ok(status()) }).await.ok);
+        let wet = j.run("op-1.w", &other, || async { panic!("must not run") }).await;
+        assert!(!wet.ok && wet.error.contains("another request"), "{}", wet.error);
+        // The same request is still answered from the journal.
+        assert!(j.run("op-1.x", &Action::AppStatus, || async { panic!("replayed") }).await.replayed);
+    }
+
+    #[tokio::test]
     async fn failures_are_journaled_too() {
         let dir = tempfile::tempdir().expect("tempdir");
         let j = Journal::open(dir.path()).expect("open");
@@ -405,8 +472,10 @@ mod tests {
             .run("f", &Action::AppStatus, || async { Err(StepError::DeadlineExceeded(Duration::from_secs(1))) })
             .await;
         assert!(!a.ok && a.error.contains("deadline"));
+        assert_eq!(a.kind, Some(ErrorKind::TimedOut));
         let b = j.run("f", &Action::AppStatus, || async { Ok(status()) }).await;
         assert!(b.replayed && !b.ok && b.error == a.error);
+        assert_eq!(b.kind, Some(ErrorKind::TimedOut), "the kind is journaled with the error");
     }
 
     #[tokio::test]
@@ -454,12 +523,14 @@ mod tests {
             .write_record(&Record {
                 id: "op:7".into(),
                 action: "app_status".into(),
+                request: None,
                 state: RecordState::Started,
                 pid: 1,
                 started_at_ms: 1000,
                 finished_at_ms: 0,
                 ok: false,
                 error: String::new(),
+                kind: None,
                 outcome: None,
             })
             .expect("write");

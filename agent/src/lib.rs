@@ -6,7 +6,6 @@
 //! - [`replicated`]: `replicatedctl` with timeouts, tolerant parsing.
 //! - [`steps`]: the typed actions and their executor (no gRPC here).
 //! - [`journal`]: `id -> result` on disk so a command runs once.
-//! - [`backoff`]: reconnect delays (capped exponential, full jitter).
 //! - [`session`]: the gRPC stream with the controller (pb <-> domain).
 //! - [`commands`], [`logging`]: the CLI's subcommands and log setup.
 //! - Runbook steps: [`app`] (stop/start/hostname), [`rewrite`] (addresses in
@@ -15,7 +14,6 @@
 //!   [`drain`] (Nomad builders), [`recover`] (the whole runbook).
 
 pub mod app;
-pub mod backoff;
 pub mod builds;
 pub mod clock;
 pub mod commands;

@@ -14,12 +14,12 @@ use dr_proto::tls::TlsFiles;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::backoff::Backoff;
+use dr_proto::backoff::Backoff;
 use crate::config::{Config, RunSettings};
 use crate::facts::{self, FactsError, InstanceFacts};
 use crate::imds::{ImdsClient, ImdsError};
 use crate::journal::{self, CommandAnswer, Journal, JournalError};
-use crate::steps::{Action, Executor, Outcome};
+use crate::steps::{Action, ErrorKind, Executor, Outcome};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -67,19 +67,63 @@ pub enum AgentError {
     Journal(#[from] JournalError),
 }
 
-/// What the controller says this instance is.
+/// What the controller says this instance is. Several instances of one
+/// site are normal (every AMI carries the site's certificate); the
+/// controller decides each one's role and may change it while connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// The site's services machine.
     Primary,
-    /// Gets no work; the reason says why.
+    /// Launched by restore/failover operation `.0`; only its commands.
+    Candidate(String),
+    /// A drill copy of drill operation `.0`; only its commands.
+    Drill(String),
+    /// A hot spare.
+    Spare,
+    /// Not verified yet: no work until a role follows.
+    Pending,
+    /// A stray copy or unverifiable: no work; the reason says why.
     Passive(String),
+    /// An old primary that must never act again: no work.
+    Fenced(String),
 }
 
 impl Role {
     pub fn as_str(&self) -> &'static str {
         match self {
             Role::Primary => "primary",
+            Role::Candidate(_) => "candidate",
+            Role::Drill(_) => "drill",
+            Role::Spare => "spare",
+            Role::Pending => "pending",
             Role::Passive(_) => "passive",
+            Role::Fenced(_) => "fenced",
+        }
+    }
+
+    /// The operation a candidate or drill copy belongs to.
+    pub fn operation_id(&self) -> &str {
+        match self {
+            Role::Candidate(op) | Role::Drill(op) => op,
+            _ => "",
+        }
+    }
+
+    /// Whether this role may be given work at all.
+    pub fn takes_work(&self) -> bool {
+        matches!(self, Role::Primary | Role::Candidate(_) | Role::Drill(_) | Role::Spare)
+    }
+
+    fn from_wire(role: &str, reason: &str, operation_id: &str) -> Role {
+        match role {
+            "primary" => Role::Primary,
+            "candidate" if !operation_id.is_empty() => Role::Candidate(operation_id.to_owned()),
+            "drill" if !operation_id.is_empty() => Role::Drill(operation_id.to_owned()),
+            "spare" => Role::Spare,
+            "pending" => Role::Pending,
+            "passive" => Role::Passive(reason.to_owned()),
+            "fenced" => Role::Fenced(reason.to_owned()),
+            other => Role::Passive(format!("unknown role `{other}` (treated as passive): {reason}")),
         }
     }
 }
@@ -89,6 +133,15 @@ impl Role {
 pub struct Welcome {
     pub heartbeat_interval: Duration,
     pub role: Role,
+    pub reason: String,
+}
+
+/// Whom a command is for (domain side of `pb::Target`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub instance_id: String,
+    pub role: String,
+    pub operation_id: String,
 }
 
 /// A Command, in domain terms.
@@ -97,6 +150,32 @@ pub struct CommandRequest {
     pub id: String,
     pub action: Action,
     pub deadline: Option<Duration>,
+    /// None only from controllers that predate roles.
+    pub target: Option<Target>,
+}
+
+/// Why this instance must not run a command, or None when it may.
+pub fn refusal(role: &Role, own_instance: &str, target: Option<&Target>) -> Option<String> {
+    if !role.takes_work() {
+        return Some(format!("this instance is {}: it gets no work", role.as_str()));
+    }
+    let Some(t) = target else {
+        return (*role != Role::Primary)
+            .then(|| format!("a command without a target is only for the primary; this instance is {}", role.as_str()));
+    };
+    if t.instance_id != own_instance {
+        return Some(format!("the command is for instance {}, this is {own_instance}", t.instance_id));
+    }
+    if t.role != role.as_str() || t.operation_id != role.operation_id() {
+        return Some(format!(
+            "the command is for role {}{}, this instance is {}{}",
+            t.role,
+            if t.operation_id.is_empty() { String::new() } else { format!(" of {}", t.operation_id) },
+            role.as_str(),
+            if role.operation_id().is_empty() { String::new() } else { format!(" of {}", role.operation_id()) },
+        ));
+    }
+    None
 }
 
 // ------------------------------------------------------------ conversions
@@ -106,12 +185,11 @@ pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(u64::from(ms)).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT),
     };
-    let role = match w.role.as_str() {
-        "primary" => Role::Primary,
-        "passive" => Role::Passive(w.reason.clone()),
-        other => Role::Passive(format!("unknown role `{other}` (treated as passive): {}", w.reason)),
-    };
-    Welcome { heartbeat_interval, role }
+    Welcome { heartbeat_interval, role: Role::from_wire(&w.role, &w.reason, &w.operation_id), reason: w.reason.clone() }
+}
+
+pub fn role_change_from_pb(r: &pb::RoleChange) -> Role {
+    Role::from_wire(&r.role, &r.reason, &r.operation_id)
 }
 
 /// A wire command, or the error answer to send for it.
@@ -119,15 +197,18 @@ pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
 pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
     let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
     let action = match c.kind {
-        Some(kind) => action_from_pb(kind).map_err(|why| CommandAnswer::rejected(&c.id, format!("invalid command: {why}; not run")))?,
+        Some(kind) => action_from_pb(kind)
+            .map_err(|why| CommandAnswer::rejected(&c.id, ErrorKind::Invalid, format!("invalid command: {why}; not run")))?,
         None => {
             return Err(CommandAnswer::rejected(
                 &c.id,
+                ErrorKind::NotSupported,
                 format!("unknown or empty command kind: agent {} does not know it; not run", env!("CARGO_PKG_VERSION")),
             ));
         }
     };
-    Ok(CommandRequest { id: c.id, action, deadline })
+    let target = c.target.map(|t| Target { instance_id: t.instance_id, role: t.role, operation_id: t.operation_id });
+    Ok(CommandRequest { id: c.id, action, deadline, target })
 }
 
 /// Converts and validates a wire request into a typed action. Anything
@@ -191,11 +272,24 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
     })
 }
 
+fn kind_to_pb(k: Option<ErrorKind>) -> pb::ErrorKind {
+    match k {
+        None => pb::ErrorKind::Unspecified,
+        Some(ErrorKind::Invalid) => pb::ErrorKind::Invalid,
+        Some(ErrorKind::Refused) => pb::ErrorKind::Refused,
+        Some(ErrorKind::Failed) => pb::ErrorKind::Failed,
+        Some(ErrorKind::Interrupted) => pb::ErrorKind::Interrupted,
+        Some(ErrorKind::TimedOut) => pb::ErrorKind::TimedOut,
+        Some(ErrorKind::NotSupported) => pb::ErrorKind::NotSupported,
+    }
+}
+
 pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
     pb::CommandResult {
         id: a.id,
         ok: a.ok,
         error: a.error,
+        error_kind: kind_to_pb(a.kind) as i32,
         replayed: a.replayed,
         started_at_ms: a.started_at_ms,
         finished_at_ms: a.finished_at_ms,
@@ -324,6 +418,7 @@ impl Agent {
     async fn session(self: &Arc<Self>, on_welcome: &mut dyn FnMut()) -> Result<(), SessionError> {
         let channel = self.connect().await?;
         let facts = self.gather_facts().await?;
+        let own_instance = facts.instance_id.clone();
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTGOING_CAPACITY);
         let hello = pb::Hello {
@@ -360,12 +455,18 @@ impl Agent {
                 message = inbound.message() => match message.map_err(SessionError::Status)? {
                     None => return Err(SessionError::Ended),
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::Command(c)) }) => {
-                        self.handle_command(c, &welcome.role, &tx);
+                        self.handle_command(c, &welcome.role, &own_instance, &tx);
                     }
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::Welcome(w)) }) => {
                         welcome = welcome_from_pb(&w);
                         log_welcome(&welcome);
                         ticker = heartbeat_ticker(welcome.heartbeat_interval);
+                    }
+                    Some(pb::ControllerMessage { msg: Some(ControllerMsg::RoleChange(r)) }) => {
+                        let role = role_change_from_pb(&r);
+                        tracing::info!(from = welcome.role.as_str(), to = role.as_str(), operation = role.operation_id(), reason = %r.reason, "the controller changed this instance's role");
+                        welcome.role = role;
+                        welcome.reason = r.reason;
                     }
                     Some(pb::ControllerMessage { msg: None }) => {
                         tracing::warn!("ignoring an empty or unknown controller message");
@@ -386,7 +487,7 @@ impl Agent {
         }
     }
 
-    fn handle_command(self: &Arc<Self>, c: pb::Command, role: &Role, tx: &mpsc::Sender<pb::AgentMessage>) {
+    fn handle_command(self: &Arc<Self>, c: pb::Command, role: &Role, own_instance: &str, tx: &mpsc::Sender<pb::AgentMessage>) {
         let request = match command_from_pb(c) {
             Ok(r) => r,
             Err(answer) => {
@@ -395,16 +496,16 @@ impl Agent {
                 return;
             }
         };
-        if let Role::Passive(reason) = role {
-            tracing::warn!(id = %request.id, action = request.action.name(), "command refused: this instance is passive");
-            send_answer(tx.clone(), CommandAnswer::rejected(&request.id, format!("this instance is passive: {reason}")));
+        if let Some(why) = refusal(role, own_instance, request.target.as_ref()) {
+            tracing::warn!(id = %request.id, action = request.action.name(), role = role.as_str(), reason = %why, "command refused: not for this instance");
+            send_answer(tx.clone(), CommandAnswer::rejected(&request.id, ErrorKind::Refused, format!("not run: {why}")));
             return;
         }
         tracing::info!(id = %request.id, action = request.action.name(), deadline = ?request.deadline, "command received");
         let agent = Arc::clone(self);
         let tx = tx.clone();
         tokio::spawn(async move {
-            let CommandRequest { id, action, deadline } = request;
+            let CommandRequest { id, action, deadline, .. } = request;
             let answer = agent.journal.run(&id, &action, || agent.executor.execute(&action, deadline)).await;
             tracing::info!(id = %answer.id, ok = answer.ok, replayed = answer.replayed, error = %answer.error, "command answered");
             let _ = tx.send(pb::AgentMessage { msg: Some(AgentMsg::Result(answer_to_pb(answer))) }).await;
@@ -450,12 +551,10 @@ fn heartbeat_ticker(every: Duration) -> tokio::time::Interval {
 }
 
 fn log_welcome(w: &Welcome) {
-    match &w.role {
-        Role::Primary => tracing::info!(role = "primary", heartbeat_ms = w.heartbeat_interval.as_millis() as u64, "connected"),
-        Role::Passive(reason) => {
-            tracing::info!(role = "passive", heartbeat_ms = w.heartbeat_interval.as_millis() as u64, "connected");
-            tracing::warn!(reason = %reason, "this instance is passive: it will refuse commands");
-        }
+    let heartbeat_ms = w.heartbeat_interval.as_millis() as u64;
+    tracing::info!(role = w.role.as_str(), operation = w.role.operation_id(), heartbeat_ms, reason = %w.reason, "connected");
+    if !w.role.takes_work() {
+        tracing::warn!(role = w.role.as_str(), reason = %w.reason, "this instance gets no work: it refuses commands until its role changes");
     }
 }
 
@@ -486,15 +585,43 @@ mod tests {
 
     #[test]
     fn welcome_clamps_and_roles() {
-        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 10, role: "primary".into(), reason: String::new() });
+        let welcome = |ms: u32, role: &str, reason: &str, op: &str| {
+            welcome_from_pb(&pb::Welcome {
+                heartbeat_interval_ms: ms,
+                role: role.into(),
+                reason: reason.into(),
+                operation_id: op.into(),
+            })
+        };
+        let w = welcome(10, "primary", "", "");
         assert_eq!(w.heartbeat_interval, MIN_HEARTBEAT);
         assert_eq!(w.role, Role::Primary);
-        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 3_600_000, role: "passive".into(), reason: "old".into() });
+        let w = welcome(3_600_000, "passive", "old", "");
         assert_eq!(w.heartbeat_interval, MAX_HEARTBEAT);
         assert_eq!(w.role, Role::Passive("old".into()));
-        let w = welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: 0, role: "boss".into(), reason: String::new() });
+        let w = welcome(0, "boss", "", "");
         assert_eq!(w.heartbeat_interval, DEFAULT_HEARTBEAT);
         assert!(matches!(w.role, Role::Passive(r) if r.contains("boss")));
+        assert_eq!(welcome(0, "candidate", "", "failover-1").role, Role::Candidate("failover-1".into()));
+        // A candidate without its operation cannot be addressed: passive.
+        assert!(matches!(welcome(0, "candidate", "", "").role, Role::Passive(_)));
+    }
+
+    #[test]
+    fn commands_reach_only_the_instance_and_role_they_name() {
+        let t = |i: &str, r: &str, o: &str| Target { instance_id: i.into(), role: r.into(), operation_id: o.into() };
+        assert_eq!(refusal(&Role::Primary, "i-1", Some(&t("i-1", "primary", ""))), None);
+        assert_eq!(refusal(&Role::Primary, "i-1", None), None, "old controllers address only primaries");
+        let why = refusal(&Role::Primary, "i-2", Some(&t("i-1", "primary", ""))).expect("other instance");
+        assert!(why.contains("for instance i-1"), "{why}");
+        let cand = Role::Candidate("op-7".into());
+        assert_eq!(refusal(&cand, "i-9", Some(&t("i-9", "candidate", "op-7"))), None);
+        assert!(refusal(&cand, "i-9", Some(&t("i-9", "candidate", "op-8"))).is_some(), "another operation's candidate");
+        assert!(refusal(&cand, "i-9", Some(&t("i-9", "primary", ""))).is_some(), "primary work on a candidate");
+        assert!(refusal(&cand, "i-9", None).is_some());
+        for r in [Role::Passive("x".into()), Role::Fenced("old".into()), Role::Pending] {
+            assert!(refusal(&r, "i-1", Some(&t("i-1", r.as_str(), ""))).is_some(), "{r:?} gets no work");
+        }
     }
 
     #[test]
@@ -502,18 +629,20 @@ mod tests {
         let ok = command_from_pb(pb::Command {
             id: "op-1:s1".into(),
             deadline_ms: 5000,
+            target: None,
             kind: Some(pb::command::Kind::AppStatus(pb::AppStatusRequest {})),
         })
         .expect("known kind");
         assert_eq!(ok.action, Action::AppStatus);
         assert_eq!(ok.deadline, Some(Duration::from_secs(5)));
-        let empty = command_from_pb(pb::Command { id: "x".into(), deadline_ms: 0, kind: None }).expect_err("empty kind");
+        let empty =
+            command_from_pb(pb::Command { id: "x".into(), deadline_ms: 0, target: None, kind: None }).expect_err("empty kind");
         assert!(!empty.ok && empty.id == "x" && empty.error.contains("unknown or empty"));
     }
 
     #[test]
     fn answers_convert() {
-        let mut a = CommandAnswer::rejected("x", "boom");
+        let mut a = CommandAnswer::rejected("x", ErrorKind::Failed, "boom");
         a.outcome = Some(Outcome::AppStatus(crate::replicated::AppStatus {
             state: "started".into(),
             is_transitioning: false,

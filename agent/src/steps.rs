@@ -78,22 +78,93 @@ pub enum Outcome {
     Report { report: serde_json::Value },
 }
 
+/// Why a step did not succeed. The controller keys its retries on it; the
+/// hand-run CLI maps it to its exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Malformed request or configuration (exit 2).
+    Invalid,
+    /// A safety rule or precondition refused the step; nothing changed (exit 3).
+    Refused,
+    /// The step ran and failed (exit 1).
+    Failed,
+    /// The agent restarted while the step ran; it is not re-run (exit 1).
+    Interrupted,
+    /// The step did not finish within its deadline (exit 1).
+    TimedOut,
+    /// This agent does not know the request (exit 2).
+    NotSupported,
+}
+
+impl ErrorKind {
+    /// The hand-run CLI's exit status for this kind.
+    pub fn exit_code(self) -> u8 {
+        use crate::commands::{EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+        match self {
+            ErrorKind::Invalid | ErrorKind::NotSupported => EXIT_INPUT,
+            ErrorKind::Refused => EXIT_REFUSED,
+            ErrorKind::Failed | ErrorKind::Interrupted | ErrorKind::TimedOut => EXIT_FAILED,
+        }
+    }
+
+    /// The kind a step module's exit code stands for.
+    pub fn from_exit_code(code: u8) -> Self {
+        use crate::commands::{EXIT_INPUT, EXIT_REFUSED};
+        match code {
+            EXIT_INPUT => ErrorKind::Invalid,
+            EXIT_REFUSED => ErrorKind::Refused,
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error(transparent)]
     Replicated(#[from] ReplicatedError),
     #[error("the step did not finish within its deadline of {0:?}")]
     DeadlineExceeded(Duration),
-    #[error("{0}")]
-    Step(String),
+    #[error("{message}")]
+    Step { kind: ErrorKind, message: String },
+}
+
+impl StepError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StepError::Replicated(_) => ErrorKind::Failed,
+            StepError::DeadlineExceeded(_) => ErrorKind::TimedOut,
+            StepError::Step { kind, .. } => *kind,
+        }
+    }
+
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        StepError::Step { kind, message: message.into() }
+    }
 }
 
 fn report<T: Serialize>(r: T) -> Outcome {
     Outcome::Report { report: serde_json::to_value(r).expect("reports serialize") }
 }
 
-fn fail(e: impl std::fmt::Display) -> StepError {
-    StepError::Step(e.to_string())
+/// A step module's error, with the kind its exit code stands for.
+pub trait Coded: std::fmt::Display {
+    fn code(&self) -> u8;
+}
+
+macro_rules! coded {
+    ($($t:ty),* $(,)?) => {$(
+        impl Coded for $t {
+            fn code(&self) -> u8 {
+                self.exit_code()
+            }
+        }
+    )*};
+}
+coded!(app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
+
+fn fail<E: Coded>(e: E) -> StepError {
+    StepError::Step { kind: ErrorKind::from_exit_code(e.code()), message: e.to_string() }
 }
 
 /// Runs [`Action`]s on this machine.
@@ -144,10 +215,10 @@ impl Executor {
                 Action::Freeze { params } => {
                     let mut held = self.frozen.lock().await;
                     if let Some(h) = held.as_ref() {
-                        return Err(StepError::Step(format!(
-                            "already frozen by this agent (watchdog pid {:?}); thaw first",
-                            h.watchdog_pid()
-                        )));
+                        return Err(StepError::new(
+                            ErrorKind::Refused,
+                            format!("already frozen by this agent (watchdog pid {:?}); thaw first", h.watchdog_pid()),
+                        ));
                     }
                     let handle = freeze::freeze(c, params).await.map_err(fail)?;
                     let r = report(handle.report().clone());
@@ -178,7 +249,7 @@ impl Executor {
                 Action::Recover { params, dry_run } => {
                     let r = recover::run(c, params, *dry_run).await.map_err(fail)?;
                     if let Some(f) = &r.failed {
-                        return Err(StepError::Step(format!("recover stopped: {f}")));
+                        return Err(StepError::new(ErrorKind::Failed, format!("recover stopped: {f}")));
                     }
                     report(r)
                 }

@@ -12,9 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agents::Registry;
+use crate::engine::EngineError;
 use crate::model::*;
-use crate::ops::{Engine, EngineError};
-use crate::store::{Store, StoreError};
+use crate::store::{FleetView, Store, StoreError};
+use crate::workflows::Engine;
 
 #[derive(Clone)]
 pub struct AdminServer {
@@ -27,6 +28,18 @@ pub struct AdminServer {
 fn internal(e: StoreError) -> Status {
     tracing::error!(error = %e, "admin API: store error");
     Status::internal(e.to_string())
+}
+
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::UnknownSite(s) => Status::not_found(format!("unknown site `{s}`")),
+        EngineError::UnknownOperation(s) => Status::not_found(format!("unknown operation `{s}`")),
+        EngineError::BadSignal { .. } => Status::failed_precondition(e.to_string()),
+        EngineError::Store(StoreError::Busy { site, operation }) => {
+            Status::failed_precondition(format!("site `{site}` already has a running operation {operation}"))
+        }
+        EngineError::Store(e) => internal(e),
+    }
 }
 
 impl AdminServer {
@@ -43,12 +56,111 @@ impl AdminServer {
         })
     }
 
-    fn known_site(&self, site_id: &str) -> Result<Site, Status> {
-        self.store.site(site_id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("unknown site `{site_id}`")))
+    async fn known_site(&self, site_id: &str) -> Result<Site, Status> {
+        self.store
+            .site(site_id.to_owned())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("unknown site `{site_id}`")))
     }
 
-    fn operation(&self, id: &str) -> Result<Operation, Status> {
-        self.store.operation(id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("unknown operation `{id}`")))
+    async fn operation(&self, id: &str) -> Result<Operation, Status> {
+        self.store
+            .operation(id.to_owned())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("unknown operation `{id}`")))
+    }
+
+    /// One site's status from the fleet view and the live sessions.
+    fn site_status(&self, site: &Site, view: &FleetView, now: Millis) -> pb::SiteStatus {
+        let deps = self.engine.deps();
+        let mut instances: Vec<InstanceRecord> = view.instances.get(&site.id).cloned().unwrap_or_default();
+        let live = self.registry.live_of_site(&site.id);
+        for l in &live {
+            match instances.iter_mut().find(|i| i.instance_id == l.record.instance_id) {
+                Some(i) => *i = l.record.clone(),
+                None => instances.push(l.record.clone()),
+            }
+        }
+        // Primary first, then the most recently seen.
+        instances.sort_by_key(|i| (i.instance_id != site.primary_instance_id, std::cmp::Reverse(i.last_seen_ms)));
+        let role_now = |i: &InstanceRecord| {
+            live.iter()
+                .find(|l| l.record.instance_id == i.instance_id)
+                .map(|l| l.role.clone())
+                .unwrap_or_else(|| crate::agents::role_of(site, &i.instance_id, Some(i)))
+        };
+        let primary = instances.iter().find(|i| i.instance_id == site.primary_instance_id);
+        let primary_live = live.iter().find(|l| l.record.instance_id == site.primary_instance_id);
+        let last_backup = view.newest_backup.get(&site.id);
+        let policy = deps.policy(&site.id);
+        let rpo_target = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now));
+        // Late: the newest good backup is older than the target plus the
+        // jitter window plus the time a backup may take.
+        let late = rpo_target.is_some_and(|t| {
+            let allowed = t.saturating_add(policy.jitter).saturating_add(deps.backup.timeout).as_millis() as u64;
+            last_backup.is_none_or(|b| now.saturating_sub(b.completed_at_ms) > allowed)
+        });
+        let active = view.active.get(&site.id).cloned().unwrap_or_default();
+        let mut problems = Vec::new();
+        if late {
+            problems.push("the newest good backup is older than the schedule allows".to_owned());
+        }
+        match primary_live {
+            None => problems.push(format!("the agent of primary {} is not connected", site.primary_instance_id)),
+            Some(l) if l.role == Role::Pending => {
+                problems.push(format!("the agent of primary {} is not confirmed by EC2 yet", site.primary_instance_id))
+            }
+            Some(l) if l.role != Role::Primary => problems.push(format!(
+                "the agent of primary {} is {}: {}",
+                site.primary_instance_id,
+                l.role.name(),
+                l.role.reason()
+            )),
+            Some(_) => {}
+        }
+        for l in &live {
+            if let Role::Fenced { reason } = &l.role {
+                problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
+            }
+        }
+        for a in &active {
+            if a.state == OperationState::Waiting {
+                problems.push(format!("operation {} waits for a human", a.id));
+            }
+        }
+        pb::SiteStatus {
+            site_id: site.id.clone(),
+            region: site.region.clone(),
+            primary_instance_id: site.primary_instance_id.clone(),
+            agent_connected: primary_live.is_some(),
+            facts: primary.map(|a| facts_to_pb(&a.facts)),
+            role: primary_live.map(|l| l.role.name().to_owned()).unwrap_or_default(),
+            last_heartbeat_ms: primary.map(|a| a.last_seen_ms).unwrap_or(0),
+            last_backup: last_backup.map(backup_to_pb),
+            running_operation_id: active.first().map(|a| a.id.clone()).unwrap_or_default(),
+            schedule: policy.schedule.as_ref().map(|s| s.describe()).unwrap_or_default(),
+            rpo_target_ms: rpo_target.map(|t| t.as_millis() as u64).unwrap_or(0),
+            late,
+            quiesce: policy.quiesce.as_str().to_owned(),
+            instances: instances
+                .iter()
+                .map(|i| {
+                    let role = role_now(i);
+                    pb::InstanceStatus {
+                        instance_id: i.instance_id.clone(),
+                        role: role.name().to_owned(),
+                        reason: role.reason().to_owned(),
+                        operation_id: role.operation_id().to_owned(),
+                        connected: live.iter().any(|l| l.record.instance_id == i.instance_id),
+                        last_seen_ms: i.last_seen_ms,
+                        facts: Some(facts_to_pb(&i.facts)),
+                    }
+                })
+                .collect(),
+            problems,
+        }
     }
 }
 
@@ -97,13 +209,22 @@ fn backup_to_pb(b: &Backup) -> pb::Backup {
 fn operation_to_pb(op: &Operation) -> pb::Operation {
     pb::Operation {
         id: op.id.clone(),
-        kind: op.kind.as_str().to_owned(),
+        kind: op.kind.clone(),
         site_id: op.site_id.clone(),
         state: op.state.as_str().to_owned(),
         error: op.error.clone(),
         created_at_ms: op.created_at_ms,
         updated_at_ms: op.updated_at_ms,
         requested_by: op.requested_by.clone(),
+        waiting_for: op.waiting_for.clone(),
+        protects: op
+            .protects
+            .iter()
+            .map(|p| match p {
+                Protected::Image(i) => format!("image {i}"),
+                Protected::Instance(i) => format!("instance {i}"),
+            })
+            .collect(),
         steps: op
             .steps
             .iter()
@@ -125,81 +246,71 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Operation, Status>> + Se
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminServer {
+    /// A page of sites and the fleet's summary, from a fixed number of store
+    /// queries whatever the fleet's size.
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         self.operator(&request)?;
-        let mut sites = Vec::new();
-        for site in self.store.sites().map_err(internal)? {
-            let live = self.registry.live(&site.id).map(|l| l.record);
-            let agent = match live {
-                Some(a) => Some(a),
-                None => self.store.agent(&site.id).map_err(internal)?,
-            };
-            let last_backup = self
-                .store
-                .backups(&site.id)
-                .map_err(internal)?
-                .into_iter()
-                .find(|b| b.state == BackupState::Available);
-            let policy = self.engine.policy(&site.id);
-            let now = now_ms();
-            let rpo_target = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now));
-            // Late: the newest good backup is older than the target plus the
-            // jitter window plus the time a backup may take.
-            let late = rpo_target.is_some_and(|t| {
-                let allowed = (t + policy.jitter + self.engine.backup.timeout).as_millis() as u64;
-                last_backup.as_ref().map_or(true, |b| now.saturating_sub(b.completed_at_ms) > allowed)
-            });
-            sites.push(pb::SiteStatus {
-                site_id: site.id.clone(),
-                region: site.region.clone(),
-                primary_instance_id: site.primary_instance_id.clone(),
-                agent_connected: agent.as_ref().is_some_and(|a| a.connected),
-                facts: agent.as_ref().map(|a| facts_to_pb(&a.facts)),
-                role: agent.as_ref().map(|a| a.role.clone()).unwrap_or_default(),
-                last_heartbeat_ms: agent.as_ref().map(|a| a.last_heartbeat_ms).unwrap_or(0),
-                last_backup: last_backup.as_ref().map(backup_to_pb),
-                running_operation_id: self.store.running_operation_of(&site.id).map_err(internal)?.unwrap_or_default(),
-                schedule: policy.schedule.as_ref().map(|s| s.describe()).unwrap_or_default(),
-                rpo_target_ms: rpo_target.map(|t| t.as_millis() as u64).unwrap_or(0),
-                late,
-                quiesce: policy.quiesce.as_str().to_owned(),
-            });
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 100,
+            n => n.min(1000),
+        } as usize;
+        let view = self.store.fleet_view().await.map_err(internal)?;
+        let now = now_ms();
+        let mut summary = pb::FleetSummary { sites: view.sites.len() as u32, ..Default::default() };
+        summary.agents_connected = self.registry.counts().values().sum::<usize>() as u32;
+        let mut page = Vec::new();
+        let mut next_page_token = String::new();
+        for site in &view.sites {
+            let status = self.site_status(site, &view, now);
+            summary.primary_connected += u32::from(status.role == "primary");
+            summary.late += u32::from(status.late);
+            summary.operations_active += view.active.get(&site.id).map_or(0, |a| a.len() as u32);
+            summary.with_problems += u32::from(!status.problems.is_empty());
+            let wanted = (req.site_ids.is_empty() || req.site_ids.contains(&site.id))
+                && (!req.problems_only || !status.problems.is_empty())
+                && site.id.as_str() > req.page_token.as_str();
+            if !wanted {
+                continue;
+            }
+            if page.len() == page_size {
+                if next_page_token.is_empty() {
+                    next_page_token = page.last().map(|s: &pb::SiteStatus| s.site_id.clone()).unwrap_or_default();
+                }
+                continue;
+            }
+            page.push(status);
         }
-        Ok(Response::new(pb::StatusReply { sites, now_ms: now_ms() }))
+        for id in &req.site_ids {
+            if !view.sites.iter().any(|s| &s.id == id) {
+                return Err(Status::not_found(format!("unknown site `{id}`")));
+            }
+        }
+        Ok(Response::new(pb::StatusReply { sites: page, now_ms: now, summary: Some(summary), next_page_token }))
     }
 
-    async fn start_backup(
-        &self,
-        request: Request<pb::StartBackupRequest>,
-    ) -> Result<Response<pb::OperationRef>, Status> {
+    async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let operator = self.operator(&request)?;
         let site_id = request.into_inner().site_id;
-        match self.engine.start_backup(&site_id, &format!("operator/{operator}")) {
-            Ok(op) => Ok(Response::new(pb::OperationRef { operation_id: op.id })),
-            Err(EngineError::UnknownSite(s)) => Err(Status::not_found(format!("unknown site `{s}`"))),
-            Err(EngineError::Store(StoreError::Busy { site, operation })) => Err(Status::failed_precondition(
-                format!("site `{site}` already has a running operation {operation}"),
-            )),
-            Err(EngineError::Store(e)) => Err(internal(e)),
-        }
+        let op = crate::workflows::backup::start(&self.engine, &site_id, &format!("operator/{operator}"), None)
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::OperationRef { operation_id: op.id }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {
         self.operator(&request)?;
-        Ok(Response::new(operation_to_pb(&self.operation(&request.into_inner().operation_id)?)))
+        Ok(Response::new(operation_to_pb(&self.operation(&request.into_inner().operation_id).await?)))
     }
 
     type WatchOperationStream = WatchStream;
 
-    async fn watch_operation(
-        &self,
-        request: Request<pb::OperationRef>,
-    ) -> Result<Response<Self::WatchOperationStream>, Status> {
+    async fn watch_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<Self::WatchOperationStream>, Status> {
         self.operator(&request)?;
         let id = request.into_inner().operation_id;
         // Subscribe before the first read so that no change is missed.
         let mut changes = self.engine.subscribe();
-        let first = self.operation(&id)?;
+        let first = self.operation(&id).await?;
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -217,7 +328,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     }
                 }
-                current = match store.operation(&id) {
+                current = match store.operation(id.clone()).await {
                     Ok(Some(op)) => op,
                     Ok(None) => return,
                     Err(e) => {
@@ -234,17 +345,17 @@ impl pb::admin_service_server::AdminService for AdminServer {
     async fn prune(&self, request: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
         let operator = self.operator(&request)?;
         let req = request.into_inner();
-        let site = self.known_site(&req.site_id)?;
+        let site = self.known_site(&req.site_id).await?;
         if !req.dry_run {
-            if let Some(op) = self.store.running_operation_of(&site.id).map_err(internal)? {
+            if let Some(op) = self.store.active_operations_of(site.id.clone()).await.map_err(internal)?.first() {
                 return Err(Status::failed_precondition(format!(
-                    "site `{}` has a running operation {op}; prune after it ends",
-                    site.id
+                    "site `{}` has a running operation {}; prune after it ends",
+                    site.id, op.id
                 )));
             }
             tracing::info!(site = %site.id, %operator, "prune requested");
         }
-        let decisions = crate::copies::apply_retention(&self.engine, &site, req.dry_run)
+        let decisions = crate::workflows::retention::apply(self.engine.deps(), &site, req.dry_run)
             .await
             .map_err(|e| Status::internal(format!("retention failed: {e}")))?;
         Ok(Response::new(pb::PruneReply {
@@ -261,13 +372,20 @@ impl pb::admin_service_server::AdminService for AdminServer {
         }))
     }
 
-    async fn list_backups(
-        &self,
-        request: Request<pb::ListBackupsRequest>,
-    ) -> Result<Response<pb::ListBackupsReply>, Status> {
+    async fn list_backups(&self, request: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsReply>, Status> {
         self.operator(&request)?;
-        let site = self.known_site(&request.into_inner().site_id)?;
-        let backups = self.store.backups(&site.id).map_err(internal)?;
+        let site = self.known_site(&request.into_inner().site_id).await?;
+        let backups = self.store.backups(site.id.clone()).await.map_err(internal)?;
         Ok(Response::new(pb::ListBackupsReply { backups: backups.iter().map(backup_to_pb).collect() }))
+    }
+
+    async fn signal_operation(&self, request: Request<pb::SignalRequest>) -> Result<Response<pb::Operation>, Status> {
+        let operator = self.operator(&request)?;
+        let req = request.into_inner();
+        let signal = Signal::parse(&req.signal).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown signal `{}`: approve, deny, resume or abort", req.signal))
+        })?;
+        let op = self.engine.signal(&req.operation_id, signal, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        Ok(Response::new(operation_to_pb(&op)))
     }
 }

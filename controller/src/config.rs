@@ -70,6 +70,15 @@ pub struct ServerConfig {
     /// On SIGTERM, how long open streams and calls get to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How often the last-seen time of every connected agent is written to
+    /// the store (so "recently seen" survives a controller restart).
+    #[serde(default = "default_liveness_flush", with = "humantime_serde")]
+    pub liveness_flush: Duration,
+    /// Pending-connection queue of the listener: sized for every agent of
+    /// the fleet reconnecting at once after a controller restart (the
+    /// kernel caps it at net.core.somaxconn).
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -136,9 +145,13 @@ pub struct BackupConfig {
     #[serde(default = "default_unquiesce_patience", with = "humantime_serde")]
     pub unquiesce_patience: Duration,
     /// After a controller restart, how long an operation waits for a site's
-    /// agent (alive within the last 5 minutes) to reconnect.
+    /// agent (seen within `agent_seen_within`) to reconnect.
     #[serde(default = "default_agent_reconnect_grace", with = "humantime_serde")]
     pub agent_reconnect_grace: Duration,
+    /// An agent last seen (any message) within this long is worth waiting
+    /// for after a restart; older than this it counts as gone.
+    #[serde(default = "default_agent_seen_within", with = "humantime_serde")]
+    pub agent_seen_within: Duration,
     /// How often the scheduler looks for sites whose backup is due.
     #[serde(default = "default_scheduler_tick", with = "humantime_serde")]
     pub scheduler_tick: Duration,
@@ -158,6 +171,7 @@ impl Default for BackupConfig {
             drain_deadline: default_drain_deadline(),
             unquiesce_patience: default_unquiesce_patience(),
             agent_reconnect_grace: default_agent_reconnect_grace(),
+            agent_seen_within: default_agent_seen_within(),
             scheduler_tick: default_scheduler_tick(),
             copy_poll: default_copy_poll(),
         }
@@ -190,7 +204,16 @@ impl ControllerTls {
 }
 
 fn default_heartbeat() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(5)
+}
+fn default_liveness_flush() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_listen_backlog() -> u32 {
+    16384
+}
+fn default_agent_seen_within() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_missed_heartbeats() -> u32 {
     3
@@ -249,17 +272,50 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
         validate_trust_domain(&self.tls.trust_domain).map_err(|m| invalid("tls.trust_domain".into(), m.into()))?;
-        if self.server.heartbeat_interval < Duration::from_secs(1) {
-            return Err(invalid("server.heartbeat_interval".into(), "must be at least 1s".into()));
+        // Every duration within a range that makes sense: no zero waits that
+        // busy-loop, no values that overflow a deadline computation.
+        let s = Duration::from_secs;
+        let (sv, b) = (&self.server, &self.backup);
+        let ranges: [(&str, Duration, Duration, Duration); 17] = [
+            ("server.heartbeat_interval", sv.heartbeat_interval, s(1), s(300)),
+            ("server.handshake_timeout", sv.handshake_timeout, s(1), s(300)),
+            ("server.shutdown_grace", sv.shutdown_grace, Duration::ZERO, s(600)),
+            ("server.liveness_flush", sv.liveness_flush, s(1), s(600)),
+            ("backup.poll_initial", b.poll_initial, Duration::from_millis(10), s(3600)),
+            ("backup.poll_max", b.poll_max, Duration::from_millis(10), s(3600)),
+            ("backup.timeout", b.timeout, s(1), s(7 * 24 * 3600)),
+            ("backup.agent_call_timeout", b.agent_call_timeout, s(1), s(3600)),
+            ("backup.freeze_deadline", b.freeze_deadline, s(1), s(3600)),
+            ("backup.drain_deadline", b.drain_deadline, s(1), s(24 * 3600)),
+            ("backup.unquiesce_patience", b.unquiesce_patience, Duration::ZERO, s(24 * 3600)),
+            ("backup.agent_reconnect_grace", b.agent_reconnect_grace, Duration::ZERO, s(3600)),
+            ("backup.agent_seen_within", b.agent_seen_within, Duration::ZERO, s(7 * 24 * 3600)),
+            ("backup.scheduler_tick", b.scheduler_tick, Duration::from_millis(100), s(3600)),
+            ("backup.copy_poll", b.copy_poll, Duration::from_millis(100), s(24 * 3600)),
+            ("policy.jitter", self.policy.jitter.unwrap_or_default(), Duration::ZERO, s(7 * 24 * 3600)),
+            ("policy.keep_for", self.policy.keep_for.unwrap_or_default(), Duration::ZERO, s(100 * 365 * 24 * 3600)),
+        ];
+        for (key, value, min, max) in ranges {
+            if value < min || value > max {
+                return Err(invalid(
+                    key.into(),
+                    format!(
+                        "{} is out of range: must be between {} and {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
         }
-        if self.server.missed_heartbeats < 2 {
-            return Err(invalid("server.missed_heartbeats".into(), "must be at least 2".into()));
+        if !(2..=100).contains(&sv.missed_heartbeats) {
+            return Err(invalid("server.missed_heartbeats".into(), "must be between 2 and 100".into()));
         }
-        if self.backup.poll_initial.is_zero() || self.backup.poll_max < self.backup.poll_initial {
-            return Err(invalid(
-                "backup.poll_max".into(),
-                "poll_initial must be > 0 and poll_max >= poll_initial".into(),
-            ));
+        if !(16..=1 << 20).contains(&sv.listen_backlog) {
+            return Err(invalid("server.listen_backlog".into(), "must be between 16 and 1048576".into()));
+        }
+        if b.poll_max < b.poll_initial {
+            return Err(invalid("backup.poll_max".into(), "must be at least poll_initial".into()));
         }
         self.default_policy().map_err(|(k, m)| invalid(format!("policy.{k}"), m))?;
         let mut seen = HashSet::new();
@@ -276,6 +332,14 @@ impl Config {
                 return Err(invalid(key("region"), "no region for this site and no [aws] region".into()));
             }
             self.site_policy(site).map_err(|(k, m)| invalid(format!("site[{i}].policy.{k}"), m))?;
+            for (k, v, max) in [
+                ("jitter", site.policy.jitter, Duration::from_secs(7 * 24 * 3600)),
+                ("keep_for", site.policy.keep_for, Duration::from_secs(100 * 365 * 24 * 3600)),
+            ] {
+                if v.is_some_and(|v| v > max) {
+                    return Err(invalid(key(&format!("policy.{k}")), format!("must be at most {}", humantime::format_duration(max))));
+                }
+            }
         }
         Ok(())
     }
@@ -325,7 +389,7 @@ instance_id = "i-0123456789abcdef0"
     #[test]
     fn parses_a_minimal_config_with_defaults() {
         let c = Config::parse(Path::new("c.toml"), GOOD).expect("valid config");
-        assert_eq!(c.server.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.server.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.sites.len(), 1);
         assert_eq!(c.site_region(&c.sites[0]), "us-east-1");
     }
@@ -336,6 +400,41 @@ instance_id = "i-0123456789abcdef0"
         let c = Config::parse(Path::new("deploy/controller.example.toml"), text).expect("example parses");
         assert_eq!(c.sites.len(), 2);
         assert_eq!(c.sites[1].role_arn.as_deref(), Some("arn:aws:iam::111122223333:role/dr-controller-site"));
+    }
+
+    #[test]
+    fn the_example_shows_the_code_defaults() {
+        let text = include_str!("../../deploy/controller.example.toml");
+        let c = Config::parse(Path::new("deploy/controller.example.toml"), text).expect("example parses");
+        let d = Config::parse(Path::new("c.toml"), GOOD).expect("minimal");
+        assert_eq!(format!("{:?}", c.backup), format!("{:?}", d.backup), "[backup] in the example differs from the defaults");
+        let (mut cs, ds) = (c.server.clone(), d.server.clone());
+        cs.listen = ds.listen;
+        assert_eq!(format!("{cs:?}"), format!("{ds:?}"), "[server] in the example differs from the defaults");
+        assert_eq!(c.default_policy().expect("policy"), Policy::default(), "[policy] in the example differs from the defaults");
+        assert_eq!(format!("{:?}", c.aws.limits), format!("{:?}", d.aws.limits), "[aws.limits] differs from the defaults");
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused_naming_the_key() {
+        for (key, line) in [
+            ("server.heartbeat_interval", "[server]\nheartbeat_interval = \"0s\""),
+            ("backup.poll_initial", "[backup]\npoll_initial = \"0s\""),
+            ("backup.timeout", "[backup]\ntimeout = \"20000years\""),
+            ("policy.jitter", "[policy]\njitter = \"100years\""),
+        ] {
+            let (section, assignment) = line.split_once('\n').expect("two lines");
+            let text = if GOOD.contains(section) {
+                GOOD.replacen(section, line, 1)
+            } else {
+                format!("{GOOD}\n{section}\n{assignment}\n")
+            };
+            let err = Config::parse(Path::new("c.toml"), &text).expect_err(key).to_string();
+            assert!(err.contains(key) && err.contains("out of range"), "{key}: {err}");
+        }
+        let bad = GOOD.replace("instance_id = \"i-0123456789abcdef0\"", "instance_id = \"i-0123456789abcdef0\"\n[site.policy]\njitter = \"999years\"");
+        let err = Config::parse(Path::new("c.toml"), &bad).expect_err("site jitter").to_string();
+        assert!(err.contains("site[0].policy.jitter"), "{err}");
     }
 
     #[test]

@@ -77,6 +77,16 @@ pub trait Ec2: Send + Sync {
     async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error>;
     /// `None` when EC2 does not know the instance.
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error>;
+    /// Many instances at once; unknown ids are absent from the answer.
+    async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(i) = self.describe_instance(id).await? {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
     /// States of snapshots (`pending`, `completed`, `error`); unknown ids are absent.
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error>;
     /// Deregisters an AMI; an AMI EC2 no longer knows counts as done.

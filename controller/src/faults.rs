@@ -15,6 +15,10 @@
 //! (with an error saying so) before it acts: the tests use it to show that a
 //! quiesce is lifted also when a later step fails.
 //!
+//! `DR_CONTROLLER_DELAY_AT=<point>=<duration>` (e.g.
+//! `step.create_image.before=5s`) makes the controller wait there once per
+//! run of that point: the tests use it to let a freeze's deadline pass.
+//!
 //! Unset (always, in production), each costs one string comparison.
 
 use std::sync::OnceLock;
@@ -42,4 +46,21 @@ static FAIL: OnceLock<Option<String>> = OnceLock::new();
 pub fn fail_point(step: &str) -> Option<String> {
     let armed = FAIL.get_or_init(|| std::env::var(FAIL_ENV).ok().filter(|v| !v.is_empty()));
     (armed.as_deref() == Some(step)).then(|| format!("injected failure ({FAIL_ENV}={step})"))
+}
+
+pub const DELAY_ENV: &str = "DR_CONTROLLER_DELAY_AT";
+
+static DELAY: OnceLock<Option<(String, std::time::Duration)>> = OnceLock::new();
+
+/// Sleeps at `point` when `DR_CONTROLLER_DELAY_AT` names it.
+pub async fn delay_point(point: &str) {
+    let armed = DELAY.get_or_init(|| {
+        let v = std::env::var(DELAY_ENV).ok()?;
+        let (p, d) = v.rsplit_once('=')?;
+        Some((p.to_owned(), humantime::parse_duration(d).ok()?))
+    });
+    if let Some((p, d)) = armed.as_ref().filter(|(p, _)| p == point) {
+        tracing::warn!(point = %p, delay = ?d, "delay point reached ({DELAY_ENV} is set)");
+        tokio::time::sleep(*d).await;
+    }
 }

@@ -5,20 +5,19 @@ pub mod admin;
 pub mod agents;
 pub mod budget;
 pub mod config;
-pub mod copies;
 pub mod drctl;
 pub mod ec2;
+pub mod engine;
 pub mod faults;
 pub mod logging;
 pub mod metrics;
 pub mod model;
-pub mod ops;
 pub mod pki;
 pub mod policy;
-pub mod retention;
-pub mod scheduler;
+pub mod reconcilers;
 pub mod server;
 pub mod store;
+pub mod workflows;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,7 +35,7 @@ pub enum ControllerError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    Engine(#[from] ops::EngineError),
+    Engine(#[from] engine::EngineError),
     #[error("TLS: {0}")]
     Tls(#[from] dr_proto::tls::TlsError),
     #[error("{0}")]
@@ -52,8 +51,11 @@ pub enum ControllerError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
     dr_proto::tls::install_crypto_provider();
     let tls = dr_proto::tls::server_config(&config.tls.files())?;
-    let store = store::Store::open(&config.store.path)?;
-    store.mark_all_agents_disconnected()?;
+    let store = store::Store::open(&config.store.path).await?;
+    store.mark_all_disconnected().await?;
+    if config.sites.is_empty() {
+        tracing::warn!("the configuration names no [[site]]: nothing will be backed up or recovered");
+    }
     for s in &config.sites {
         let site = Site {
             id: s.id.clone(),
@@ -61,7 +63,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             primary_instance_id: s.instance_id.clone(),
             role_arn: s.role_arn.clone(),
         };
-        let stored = store.upsert_site(&site)?;
+        let stored = store.upsert_site(site).await?;
         if stored.primary_instance_id != s.instance_id {
             tracing::info!(site = %s.id, configured = %s.instance_id, primary = %stored.primary_instance_id,
                 "the store's primary instance differs from the config's instance_id (a failover happened); the store wins");
@@ -78,11 +80,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })?;
         policies.insert(s.id.clone(), policy);
     }
-    let engine =
-        ops::Engine::new(store.clone(), registry.clone(), ec2.clone(), config.backup.clone(), policies);
-    let resumed = engine.resume_all()?;
-    tokio::spawn(scheduler::run(engine.clone(), config.backup.scheduler_tick));
-    tokio::spawn(copies::run(engine.clone(), config.backup.copy_poll));
+    let engine = workflows::engine(workflows::Deps {
+        store: store.clone(),
+        registry: registry.clone(),
+        ec2: ec2.clone(),
+        backup: config.backup.clone(),
+        policies,
+    });
+    let resumed = engine.resume_all().await?;
+    tokio::spawn(reconcilers::scheduler::run(engine.clone(), config.backup.scheduler_tick));
+    tokio::spawn(reconcilers::copies::run(engine.clone(), config.backup.copy_poll));
+    tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
+    let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {
         let (engine, registry) = (engine.clone(), registry.clone());
         tokio::spawn(async move {
@@ -92,13 +101,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         });
     }
 
-    let agent_service = agents::AgentServer {
+    let agent_service = agents::service::AgentServer {
         trust_domain: config.tls.trust_domain.clone(),
         heartbeat_interval: config.server.heartbeat_interval,
         missed_heartbeats: config.server.missed_heartbeats,
         registry: registry.clone(),
         store: store.clone(),
-        ec2,
+        verifier,
     };
     let admin_service = admin::AdminServer {
         trust_domain: config.tls.trust_domain.clone(),
@@ -107,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         engine,
     };
 
-    let listener = server::bind(config.server.listen).await?;
+    let listener = server::bind(config.server.listen, config.server.listen_backlog)?;
     let addr = listener.local_addr()?;
     let incoming = server::tls_incoming(listener, tls, config.server.handshake_timeout);
     tracing::info!(%addr, sites = config.sites.len(), resumed, trust_domain = %config.tls.trust_domain, "dr-controller listening");

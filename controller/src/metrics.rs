@@ -1,7 +1,8 @@
 //! Prometheus metrics (text exposition format) on `[metrics] listen`,
 //! computed from the store and the live sessions at each scrape.
 //!
-//! - `dr_agent_connected{site}` 1/0
+//! - `dr_agent_connected{site}` 1/0 (the site's primary has a live session)
+//! - `dr_agents{role}`: live agent sessions by role
 //! - `dr_backup_newest_age_seconds{site}`: the current RPO (absent: no backup)
 //! - `dr_backup_rpo_target_seconds{site}`: what the schedule promises
 //! - `dr_backup_late{site}` 1 when the newest good backup is overdue
@@ -21,8 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::agents;
-use crate::model::{BackupState, now_ms};
-use crate::ops::Engine;
+use crate::model::{BackupState, CopyState, now_ms};
+use crate::workflows::Engine;
 
 /// EC2 calls retried because EC2 throttled them.
 pub static EC2_THROTTLED: AtomicU64 = AtomicU64::new(0);
@@ -35,10 +36,12 @@ fn label(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
-/// Renders every metric now.
-pub fn render(engine: &Engine, registry: &agents::Registry) -> Result<String, crate::store::StoreError> {
+/// Renders every metric now, from one fleet view of the store (a fixed
+/// number of queries however many sites) and the live sessions.
+pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<String, crate::store::StoreError> {
     let mut reg = Registry::default();
     let connected = Family::<Labels, Gauge>::default();
+    let agents_by_role = Family::<Labels, Gauge>::default();
     let age = Family::<Labels, Gauge>::default();
     let target = Family::<Labels, Gauge>::default();
     let late = Family::<Labels, Gauge>::default();
@@ -46,47 +49,46 @@ pub fn render(engine: &Engine, registry: &agents::Registry) -> Result<String, cr
     let copies = Family::<Labels, Gauge>::default();
     let running = Gauge::<i64>::default();
     let retries = Family::<Labels, Gauge>::default();
-    let store = engine.store();
+    let view = engine.store().fleet_view().await?;
+    let deps = engine.deps();
     let now = now_ms();
-    for site in store.sites()? {
+    for site in &view.sites {
         let l = label(&[("site", &site.id)]);
-        connected.get_or_create(&l).set(i64::from(registry.live(&site.id).is_some()));
-        let list = store.backups(&site.id)?;
-        let newest = list.iter().find(|b| b.state == BackupState::Available);
+        connected.get_or_create(&l).set(i64::from(registry.live(&site.id, &site.primary_instance_id).is_some()));
+        let newest = view.newest_backup.get(&site.id);
         if let Some(b) = newest {
             age.get_or_create(&l).set((now.saturating_sub(b.completed_at_ms) / 1000) as i64);
         }
-        let policy = engine.policy(&site.id);
+        let policy = deps.policy(&site.id);
         if let Some(t) = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now)) {
             target.get_or_create(&l).set(t.as_secs() as i64);
-            let allowed = (t + policy.jitter + engine.backup.timeout).as_millis() as u64;
+            let allowed = t.saturating_add(policy.jitter).saturating_add(deps.backup.timeout).as_millis() as u64;
             let is_late = newest.is_none_or(|b| now.saturating_sub(b.completed_at_ms) > allowed);
             late.get_or_create(&l).set(i64::from(is_late));
         }
         for state in [BackupState::Available, BackupState::Deleting, BackupState::Deleted] {
-            let n = list.iter().filter(|b| b.state == state).count();
+            let n = view.backup_counts.get(&(site.id.clone(), state)).copied().unwrap_or(0);
             backups.get_or_create(&label(&[("site", &site.id), ("state", state.as_str())])).set(n as i64);
         }
-        for b in &list {
-            for c in &b.copies {
-                copies
-                    .get_or_create(&label(&[("site", &site.id), ("region", &c.region), ("state", c.state.as_str())]))
-                    .inc();
-            }
-        }
-        if store.running_operation_of(&site.id)?.is_some() {
-            running.inc();
-        }
+        running.inc_by(view.active.get(&site.id).map_or(0, |a| a.len()) as i64);
+    }
+    for ((site, region, state), n) in &view.copy_counts {
+        let state: &CopyState = state;
+        copies.get_or_create(&label(&[("site", site), ("region", region), ("state", state.as_str())])).set(*n as i64);
+    }
+    for (role, n) in registry.counts() {
+        agents_by_role.get_or_create(&label(&[("role", role)])).set(n as i64);
     }
     retries.get_or_create(&label(&[("reason", "throttled")])).set(EC2_THROTTLED.load(Ordering::Relaxed) as i64);
     retries.get_or_create(&label(&[("reason", "transient")])).set(EC2_TRANSIENT.load(Ordering::Relaxed) as i64);
-    reg.register("dr_agent_connected", "1 when the site's agent has a live session", connected);
+    reg.register("dr_agent_connected", "1 when the site's primary has a live agent session", connected);
+    reg.register("dr_agents", "Live agent sessions by role", agents_by_role);
     reg.register("dr_backup_newest_age_seconds", "Age of the newest good backup (the current RPO)", age);
     reg.register("dr_backup_rpo_target_seconds", "The RPO the site's schedule promises", target);
     reg.register("dr_backup_late", "1 when the newest good backup is overdue", late);
     reg.register("dr_backups", "Backups by retention state", backups);
     reg.register("dr_copies", "Copies in DR regions by state", copies);
-    reg.register("dr_operations_running", "Operations running now", running);
+    reg.register("dr_operations_running", "Operations that have not ended", running);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
@@ -116,7 +118,7 @@ pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry)
                     let response = if req.uri().path() != "/metrics" {
                         hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     } else {
-                        match render(&engine, &registry) {
+                        match render(&engine, &registry).await {
                             Ok(text) => hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(Bytes::from(text))),

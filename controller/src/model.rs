@@ -33,89 +33,205 @@ pub struct InstanceFacts {
     pub app_state: String,
 }
 
-/// Whether a connected agent may be given work.
+/// What an instance of a site is. Every AMI carries the site's agent and
+/// certificate, so several agents of one site are normal; the store decides
+/// each one's role (an instance is primary when it is the site's
+/// `primary_instance_id`, otherwise its recorded role, otherwise passive).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AgentRole {
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Role {
+    /// The site's services machine: gets backup work.
     Primary,
-    /// Not the site's current primary (or not confirmed by EC2): no work.
+    /// Launched by restore/failover operation `operation_id`; only its
+    /// commands until it is promoted.
+    Candidate { operation_id: String },
+    /// A drill copy of drill `operation_id`; only its commands.
+    Drill { operation_id: String },
+    /// A hot spare.
+    Spare,
+    /// Connected, not verified against EC2 yet: no work until it is.
+    Pending,
+    /// A stray copy, or unverifiable: no work.
     Passive { reason: String },
+    /// An old primary that must never act again: no work; flagged.
+    Fenced { reason: String },
 }
 
-impl AgentRole {
+impl Role {
     pub fn name(&self) -> &'static str {
         match self {
-            AgentRole::Primary => "primary",
-            AgentRole::Passive { .. } => "passive",
+            Role::Primary => "primary",
+            Role::Candidate { .. } => "candidate",
+            Role::Drill { .. } => "drill",
+            Role::Spare => "spare",
+            Role::Pending => "pending",
+            Role::Passive { .. } => "passive",
+            Role::Fenced { .. } => "fenced",
         }
     }
+
     pub fn reason(&self) -> &str {
         match self {
-            AgentRole::Primary => "",
-            AgentRole::Passive { reason } => reason,
+            Role::Passive { reason } | Role::Fenced { reason } => reason,
+            _ => "",
         }
+    }
+
+    pub fn operation_id(&self) -> &str {
+        match self {
+            Role::Candidate { operation_id } | Role::Drill { operation_id } => operation_id,
+            _ => "",
+        }
+    }
+
+    /// Whether an agent in this role may be sent commands at all.
+    pub fn takes_work(&self) -> bool {
+        matches!(self, Role::Primary | Role::Candidate { .. } | Role::Drill { .. } | Role::Spare)
+    }
+
+    /// A role recorded in the store (`name`, `operation_id`, `reason`).
+    pub fn from_parts(name: &str, operation_id: &str, reason: &str) -> Option<Role> {
+        Some(match name {
+            "primary" => Role::Primary,
+            "candidate" => Role::Candidate { operation_id: operation_id.to_owned() },
+            "drill" => Role::Drill { operation_id: operation_id.to_owned() },
+            "spare" => Role::Spare,
+            "pending" => Role::Pending,
+            "passive" => Role::Passive { reason: reason.to_owned() },
+            "fenced" => Role::Fenced { reason: reason.to_owned() },
+            _ => return None,
+        })
     }
 }
 
-/// The last known state of a site's agent.
+/// One instance of a site as the store knows it: its agent's last report,
+/// its recorded role, and when EC2 last confirmed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecord {
+pub struct InstanceRecord {
     pub site_id: String,
-    pub facts: InstanceFacts,
+    pub instance_id: String,
+    /// The recorded role of a non-primary instance (`candidate`, `drill`,
+    /// `spare`, `fenced`), or `passive`. The primary is whatever the site's
+    /// `primary_instance_id` names (see [`Role`]).
     pub role: String,
-    pub role_reason: String,
+    pub operation_id: String,
+    pub reason: String,
+    pub facts: InstanceFacts,
+    /// The private IP EC2 reported when the instance was last verified, and
+    /// when (0: never).
+    pub verified_private_ip: String,
+    pub verified_at_ms: Millis,
     pub connected: bool,
     pub connected_at_ms: Millis,
-    pub last_heartbeat_ms: Millis,
+    /// Last message from its agent, persisted coarsely (every
+    /// `server.liveness_flush`), so that "recently seen" survives a restart.
+    pub last_seen_ms: Millis,
     pub peer: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OperationKind {
-    Backup,
-}
-
-impl OperationKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OperationKind::Backup => "backup",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "backup" => Some(OperationKind::Backup),
-            _ => None,
-        }
-    }
+/// `<kind>-<utc timestamp>-<random>`: sortable, unique, safe in EC2 tags, AMI
+/// names and agent command ids.
+pub fn new_operation_id(kind: &str) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}t{:02}{:02}{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{kind}-{stamp}-{}", &random[..8])
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     Running,
+    /// Waiting for a human (resume/abort), an approval, or a time; see
+    /// `Operation::waiting_for`.
+    Waiting,
+    /// Aborted (or preempted): its compensations are running.
+    Cancelling,
+    Cancelled,
     Succeeded,
     Failed,
 }
 
 impl OperationState {
+    /// The states of an operation that has not ended.
+    pub const ACTIVE: [OperationState; 3] = [OperationState::Running, OperationState::Waiting, OperationState::Cancelling];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OperationState::Running => "running",
+            OperationState::Waiting => "waiting",
+            OperationState::Cancelling => "cancelling",
+            OperationState::Cancelled => "cancelled",
             OperationState::Succeeded => "succeeded",
             OperationState::Failed => "failed",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "running" => Some(OperationState::Running),
-            "succeeded" => Some(OperationState::Succeeded),
-            "failed" => Some(OperationState::Failed),
-            _ => None,
+        Some(match s {
+            "running" => OperationState::Running,
+            "waiting" => OperationState::Waiting,
+            "cancelling" => OperationState::Cancelling,
+            "cancelled" => OperationState::Cancelled,
+            "succeeded" => OperationState::Succeeded,
+            "failed" => OperationState::Failed,
+            _ => return None,
+        })
+    }
+    /// Ended for good: nothing changes it any more.
+    pub fn is_finished(self) -> bool {
+        matches!(self, OperationState::Cancelled | OperationState::Succeeded | OperationState::Failed)
+    }
+}
+
+/// What a human (or the controller itself) may ask of an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// Let an operation waiting for approval go on.
+    Approve,
+    /// End an operation waiting for approval (its compensations run).
+    Deny,
+    /// Retry the failed step of an operation waiting for a human.
+    Resume,
+    /// Stop: compensations run, then the operation is cancelled.
+    Abort,
+}
+
+impl Signal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Approve => "approve",
+            Signal::Deny => "deny",
+            Signal::Resume => "resume",
+            Signal::Abort => "abort",
         }
     }
-    pub fn is_finished(self) -> bool {
-        self != OperationState::Running
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "approve" => Signal::Approve,
+            "deny" => Signal::Deny,
+            "resume" => Signal::Resume,
+            "abort" => Signal::Abort,
+            _ => return None,
+        })
     }
+}
+
+/// A resource an active operation relies on: retention and reconcilers
+/// leave it alone until the operation ends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum Protected {
+    Image(String),
+    Instance(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +281,8 @@ pub struct StepRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
     pub id: String,
-    pub kind: OperationKind,
+    /// The workflow (`backup`, ...).
+    pub kind: String,
     pub site_id: String,
     pub state: OperationState,
     pub error: String,
@@ -173,6 +290,20 @@ pub struct Operation {
     pub created_at_ms: Millis,
     pub updated_at_ms: Millis,
     pub steps: Vec<StepRecord>,
+    /// While `Waiting`: what for, and what a human can do.
+    pub waiting_for: String,
+    /// The first failure, kept across restarts: after it only the steps
+    /// that always run (compensations) run.
+    pub failure: String,
+    /// The controller process driving it and the number of its claim: every
+    /// write is conditional on the epoch, so two controllers never both
+    /// drive one operation.
+    pub owner: String,
+    pub epoch: i64,
+    /// The workflow's typed state (JSON) and its version.
+    pub state_version: u32,
+    pub wf_state: Option<serde_json::Value>,
+    pub protects: Vec<Protected>,
 }
 
 /// How consistent a backup's file systems are.
@@ -206,7 +337,7 @@ impl Consistency {
 }
 
 /// Where a backup is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackupState {
     Available,
@@ -234,7 +365,7 @@ impl BackupState {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyState {
     Pending,

@@ -57,11 +57,15 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
-/// Binds `addr`, naming it in the error.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+/// Binds `addr` with a pending-connection queue of `backlog` (a fleet
+/// reconnecting at once after a restart overflows the default 1,024: SYNs
+/// are dropped and agents back off for nothing), naming it in the error.
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, std::io::Error> {
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(named)?;
+    socket.set_reuseaddr(true).map_err(named)?;
+    socket.bind(addr).map_err(named)?;
+    socket.listen(backlog).map_err(named)
 }
 
 /// Waits for SIGTERM or SIGINT.

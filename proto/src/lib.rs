@@ -4,9 +4,11 @@
 //!   Generated types stay at the edges: each binary converts them to its own
 //!   domain types at the gRPC boundary.
 //! - [`identity`]: the SPIFFE-style identities carried in certificates.
+//! - [`backoff`]: the one retry/backoff curve both ends use.
 //! - [`tls`]: loading PEM material and building the rustls configurations
 //!   both ends use (TLS 1.3, client certificates required, aws-lc provider).
 
+pub mod backoff;
 pub mod identity;
 pub mod tls;
 

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
@@ -32,7 +33,7 @@ pub enum TlsError {
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("{path} is not valid PEM: {source}")]
-    Pem { path: PathBuf, source: std::io::Error },
+    Pem { path: PathBuf, source: rustls::pki_types::pem::Error },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
@@ -46,7 +47,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?;
     if certs.is_empty() {
@@ -58,9 +59,11 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Reads the first private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?
-        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(key) => Ok(key),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(TlsError::NoKey { path: path.to_owned() }),
+        Err(source) => Err(TlsError::Pem { path: path.to_owned(), source }),
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

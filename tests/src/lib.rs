@@ -647,7 +647,7 @@ pub mod fake_control_plane {
 
         /// Sends any command.
         pub async fn send(&self, id: &str, kind: pb::command::Kind) {
-            let cmd = pb::Command { id: id.to_owned(), deadline_ms: 30_000, kind: Some(kind) };
+            let cmd = pb::Command { id: id.to_owned(), deadline_ms: 30_000, target: None, kind: Some(kind) };
             self.to_agent
                 .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(cmd)) }))
                 .await
@@ -697,7 +697,12 @@ pub mod fake_control_plane {
             let (to_agent, rx) = mpsc::channel(16);
             let (from_tx, from_agent) = mpsc::channel(64);
             let welcome =
-                pb::Welcome { heartbeat_interval_ms: self.heartbeat_ms, role: "primary".into(), reason: String::new() };
+                pb::Welcome {
+                    heartbeat_interval_ms: self.heartbeat_ms,
+                    role: "primary".into(),
+                    reason: String::new(),
+                    operation_id: String::new(),
+                };
             to_agent
                 .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }))
                 .await

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use dr_tests::*;
 
-use dr_controller::ops::backup::STEPS;
+use dr_controller::engine::Workflow;
+use dr_controller::workflows::backup::Backup;
 
 fn west(moto: &Moto) -> aws_sdk_ec2::Client {
     let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
@@ -46,7 +47,9 @@ async fn killing_the_controller_after_any_step_duplicates_nothing_and_leaves_not
     let policy = "[policy]\nquiesce = \"drain\"\nkeep_last = 50\ncopy_regions = [\"us-west-2\"]\n";
     let mut w = World::start_custom("prod-1", "100ms", &[], policy, &agent_toml).await;
     let (east, west) = (w.moto.client().await, west(&w.moto));
-    for step in STEPS {
+    let steps: Vec<&str> = Backup::steps().iter().map(|d| d.name).collect();
+    assert_eq!(steps.len(), 10);
+    for step in &steps {
         w.controller.kill();
         let point = format!("step.{step}.after");
         w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point.as_str())]);
@@ -87,6 +90,6 @@ async fn killing_the_controller_after_any_step_duplicates_nothing_and_leaves_not
     }
     let backups = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"]);
     let list = backups["backups"].as_array().expect("list");
-    assert_eq!(list.len(), STEPS.len(), "one backup per round");
+    assert_eq!(list.len(), steps.len(), "one backup per round");
     assert!(list.iter().all(|b| b["consistency"] == "filesystem"), "{backups:#}");
 }

@@ -51,7 +51,7 @@ async fn only_the_right_certificates_get_through() {
     // 1. No client certificate at all.
     let err = match channel(&url, &w.pki.ca(), None).await {
         Ok(ch) => pb::admin_service_client::AdminServiceClient::new(ch)
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .expect_err("a call without a client certificate must fail")
             .to_string(),

@@ -161,7 +161,7 @@ async fn remote(conn: &Connection, command: Command, output: Output) -> Result<E
         Command::Pki { .. } => unreachable!("handled before connecting"),
         Command::Status => {
             let mut client = conn.connect().await?;
-            let reply = client.status(pb::StatusRequest {}).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let reply = client.status(pb::StatusRequest::default()).await.map_err(|s| conn.status_error(s))?.into_inner();
             let sites: Vec<_> = reply.sites.into_iter().map(|s| drctl::site_view(s, reply.now_ms)).collect();
             match output {
                 Output::Json => drctl::print_json(&serde_json::json!({ "sites": sites })),

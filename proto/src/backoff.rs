@@ -1,11 +1,14 @@
-//! Capped exponential backoff with full jitter.
+//! Capped exponential backoff with full jitter: the one retry/backoff
+//! policy of the project, used by the agent's reconnects, the controller's
+//! step retries, its EC2 calls and its agent calls.
 //!
-//! `sleep = uniform(0, min(max, initial * 2^attempt))`; the attempt counter
-//! resets when a session reached Welcome.
+//! `sleep = uniform(0, min(max, initial * 2^attempt))`. [`Backoff`] counts
+//! attempts (an agent resets it when a session reached Welcome);
+//! [`Backoff::delay`] is the same curve for callers that count themselves.
 
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     initial: Duration,
     max: Duration,
@@ -13,8 +16,15 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { initial, max: max.max(initial), attempt: 0 }
+    pub const fn new(initial: Duration, max: Duration) -> Self {
+        let max = if max.as_nanos() < initial.as_nanos() { initial } else { max };
+        Backoff { initial, max, attempt: 0 }
+    }
+
+    /// A random sleep before retry number `attempt` (0-based), without
+    /// counting it.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.ceiling(attempt).mul_f64(rand::random::<f64>())
     }
 
     /// Failures since the last reset.

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::ec2::Ec2;
-use crate::model::{Backup, BackupState, Millis};
-use crate::ops::retry_ec2;
+use crate::engine::StepError;
+use crate::model::{Backup, BackupState, Copy, CopyState, Millis, Site, now_ms};
 use crate::policy::Policy;
 
 /// What retention decided about one backup.
@@ -40,7 +41,7 @@ pub fn plan(backups: &[Backup], policy: &Policy, in_use: &HashSet<String>, now: 
         } else if rank == 0 {
             (true, "newest completed backup (always kept)".to_owned())
         } else if in_use.contains(&b.image_id) {
-            (true, "in use by a running operation".to_owned())
+            (true, "in use by an active operation".to_owned())
         } else if rank < policy.keep_last {
             (true, format!("among the newest {}", policy.keep_last))
         } else if let Some(limit) = policy.keep_for.filter(|l| age < *l) {
@@ -70,12 +71,67 @@ pub fn plan(backups: &[Backup], policy: &Policy, in_use: &HashSet<String>, now: 
 /// Deregisters an AMI and deletes its snapshots (in that order: a snapshot
 /// of a registered AMI cannot be deleted).
 pub async fn delete_image(ec2: &dyn Ec2, image_id: &str, snapshot_ids: &[String]) -> Result<(), crate::ec2::Ec2Error> {
-    let budget = Duration::from_secs(300);
-    retry_ec2("DeregisterImage", budget, || ec2.deregister_image(image_id)).await?;
+    retry_ec2("DeregisterImage", EC2_RETRY_BUDGET, || ec2.deregister_image(image_id)).await?;
     for snap in snapshot_ids {
-        retry_ec2("DeleteSnapshot", budget, || ec2.delete_snapshot(snap)).await?;
+        retry_ec2("DeleteSnapshot", EC2_RETRY_BUDGET, || ec2.delete_snapshot(snap)).await?;
     }
     Ok(())
+}
+
+/// Which of a region's available copies (newest backup first) to delete:
+/// beyond the newest `keep_last`, never the newest one, never one an
+/// active operation protects.
+pub fn copies_to_delete<'a>(copies: &'a [Copy], keep_last: u32, protected: &HashSet<String>) -> Vec<&'a Copy> {
+    copies
+        .iter()
+        .enumerate()
+        .filter(|(rank, c)| *rank > 0 && *rank >= keep_last as usize && !protected.contains(&c.image_id))
+        .map(|(_, c)| c)
+        .collect()
+}
+
+/// Applies (or, with `dry_run`, only plans) retention for a site: its
+/// backups in its region, then its copies in each DR region.
+pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decision>, StepError> {
+    let policy = deps.policy(&site.id);
+    let backups = deps.store.backups(site.id.clone()).await?;
+    let protected = deps.store.protected_images().await?;
+    let decisions = plan(&backups, &policy, &protected, now_ms());
+    if dry_run {
+        return Ok(decisions);
+    }
+    let ec2 = deps.ec2(site).await?;
+    for d in &decisions {
+        let Some(b) = backups.iter().find(|b| b.image_id == d.image_id) else { continue };
+        if d.keep {
+            if b.fate != d.reason {
+                deps.store.set_backup_state(b.image_id.clone(), BackupState::Available, d.reason.clone()).await?;
+            }
+            continue;
+        }
+        deps.store.set_backup_state(b.image_id.clone(), BackupState::Deleting, d.reason.clone()).await?;
+        delete_image(ec2.as_ref(), &b.image_id, &b.snapshot_ids).await?;
+        deps.store.set_backup_state(b.image_id.clone(), BackupState::Deleted, d.reason.clone()).await?;
+        tracing::info!(site = %site.id, image = %b.image_id, reason = %d.reason, "backup deleted by retention");
+    }
+    for region in &policy.copy_regions {
+        let copies = deps.store.available_copies_in(site.id.clone(), region.clone()).await?;
+        for old in copies_to_delete(&copies, policy.copy_keep_last, &protected) {
+            let rec2 = deps.ec2_in(site, region).await?;
+            let snaps = retry_ec2("DescribeImages", EC2_RETRY_BUDGET, || rec2.describe_images(std::slice::from_ref(&old.image_id)))
+                .await?
+                .into_iter()
+                .flat_map(|i| i.snapshot_ids)
+                .collect::<Vec<_>>();
+            delete_image(rec2.as_ref(), &old.image_id, &snaps).await?;
+            let mut old = old.clone();
+            old.state = CopyState::Deleted;
+            old.deleted_at_ms = now_ms();
+            deps.store.put_copy(old.clone()).await?;
+            tracing::info!(site = %site.id, region, image = %old.image_id, "copy deleted by retention");
+        }
+    }
+    Ok(decisions)
 }
 
 #[cfg(test)]
@@ -136,6 +192,27 @@ mod tests {
         assert_eq!(kept(&d), vec!["ami-new", "ami-older"]);
         assert!(d[0].reason.contains("newest completed"));
         assert!(d[2].reason.contains("in use"));
+    }
+
+    #[test]
+    fn the_newest_copy_is_kept_whatever_keep_last_says() {
+        let copy = |src: &str| Copy {
+            source_image_id: src.into(),
+            region: "r".into(),
+            image_id: format!("{src}-c"),
+            state: CopyState::Available,
+            attempts: 1,
+            error: String::new(),
+            requested_at_ms: 0,
+            completed_at_ms: 0,
+            deleted_at_ms: 0,
+        };
+        let copies = vec![copy("a"), copy("b"), copy("c")];
+        let names = |v: Vec<&Copy>| v.into_iter().map(|c| c.source_image_id.clone()).collect::<Vec<_>>();
+        assert_eq!(names(copies_to_delete(&copies, 0, &HashSet::new())), vec!["b", "c"]);
+        assert_eq!(names(copies_to_delete(&copies, 2, &HashSet::new())), vec!["c"]);
+        let protected: HashSet<String> = ["c-c".to_owned()].into();
+        assert!(copies_to_delete(&copies, 2, &protected).is_empty());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Copies of backups in DR regions, and retention of backups and copies.
+//! Copies of backups in DR regions.
 //!
 //! A copy is recorded before CopyImage is called and carries a ClientToken
 //! derived from the operation, the region and the attempt, so a repeated
@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::ec2::CopyImage;
-use crate::model::{BackupState, Copy, CopyState, Site, now_ms};
-use crate::ops::{Engine, StepError, retry_ec2};
-use crate::retention::{self, Decision};
+use crate::engine::StepError;
+use crate::model::{Copy, CopyState, Site, now_ms};
+use crate::workflows::backup::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::workflows::{Deps, EC2_RETRY_BUDGET as BUDGET, retry_ec2};
 
-const BUDGET: Duration = Duration::from_secs(300);
+/// Tag on a copy naming the backup it copies.
+pub const TAG_SOURCE_IMAGE: &str = "dr:source-image";
 
 /// A copy recorded as pending without an image id for this long was left by
 /// a crash between recording it and CopyImage answering.
@@ -30,13 +32,13 @@ pub fn client_token(operation_id: &str, region: &str, attempt: u32) -> String {
 
 /// Starts (or, if already recorded, leaves alone) the copy of `image_id` to `region`.
 pub async fn start_copy(
-    engine: &Engine,
+    engine: &Deps,
     site: &Site,
     image_id: &str,
     operation_id: &str,
     region: &str,
 ) -> Result<Copy, StepError> {
-    if let Some(existing) = engine.store.copies_of(image_id)?.into_iter().find(|c| c.region == region) {
+    if let Some(existing) = engine.store.copies_of(image_id.to_owned()).await?.into_iter().find(|c| c.region == region) {
         if !existing.image_id.is_empty() || existing.state == CopyState::Failed {
             return Ok(existing);
         }
@@ -52,15 +54,23 @@ pub async fn start_copy(
         completed_at_ms: 0,
         deleted_at_ms: 0,
     };
-    engine.store.put_copy(&copy)?;
+    engine.store.put_copy(copy.clone()).await?;
     issue(engine, site, &mut copy, operation_id).await?;
     Ok(copy)
 }
 
 /// Calls CopyImage for `copy` (attempt `copy.attempts`) and records the answer.
-async fn issue(engine: &Engine, site: &Site, copy: &mut Copy, operation_id: &str) -> Result<(), StepError> {
+async fn issue(engine: &Deps, site: &Site, copy: &mut Copy, operation_id: &str) -> Result<(), StepError> {
     let result = async {
         let ec2 = engine.ec2_in(site, &copy.region).await?;
+        // A copy may exist although its answer was lost (a crash, a timeout,
+        // an emulator that ignores ClientTokens): adopt it rather than make
+        // an untracked second one.
+        let existing = retry_ec2("DescribeImages", BUDGET, || ec2.find_images_by_tag(TAG_SOURCE_IMAGE, &copy.source_image_id)).await?;
+        if let Some(found) = existing.iter().find(|i| !matches!(i.state.as_str(), "failed" | "deregistered" | "invalid" | "error")) {
+            tracing::info!(source = %copy.source_image_id, region = %copy.region, image = %found.id, "found this backup's copy already in EC2; adopting it");
+            return Ok(found.id.clone());
+        }
         let req = CopyImage {
             source_region: site.region.clone(),
             source_image_id: copy.source_image_id.clone(),
@@ -68,10 +78,10 @@ async fn issue(engine: &Engine, site: &Site, copy: &mut Copy, operation_id: &str
             description: format!("dr-controller copy of {} (site {}) from {}", copy.source_image_id, site.id, site.region),
             client_token: client_token(operation_id, &copy.region, copy.attempts),
             tags: vec![
-                (crate::ops::backup::TAG_SITE.into(), site.id.clone()),
-                (crate::ops::backup::TAG_OPERATION.into(), operation_id.to_owned()),
-                (crate::ops::backup::TAG_CREATED_BY.into(), crate::ops::backup::CREATED_BY.into()),
-                ("dr:source-image".into(), copy.source_image_id.clone()),
+                (TAG_SITE.into(), site.id.clone()),
+                (TAG_OPERATION.into(), operation_id.to_owned()),
+                (TAG_CREATED_BY.into(), CREATED_BY.into()),
+                (TAG_SOURCE_IMAGE.into(), copy.source_image_id.clone()),
             ],
         };
         retry_ec2("CopyImage", BUDGET, || ec2.copy_image(&req)).await
@@ -89,28 +99,28 @@ async fn issue(engine: &Engine, site: &Site, copy: &mut Copy, operation_id: &str
             copy.error = e.to_string();
         }
     }
-    engine.store.put_copy(copy)?;
+    engine.store.put_copy(copy.clone()).await?;
     Ok(())
 }
 
 /// The reconciler: forever, every `every`.
-pub async fn run(engine: Engine, every: Duration) {
+pub async fn run(engine: crate::workflows::Engine, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = reconcile(&engine, every).await {
+        if let Err(e) = reconcile(engine.deps(), every).await {
             tracing::error!(error = %e, "copy reconciler pass failed");
         }
     }
 }
 
 /// One pass over unfinished copies. Returns how many changed state.
-pub async fn reconcile(engine: &Engine, every: Duration) -> Result<usize, StepError> {
-    let copies = engine.store.unfinished_copies()?;
+pub async fn reconcile(engine: &Deps, every: Duration) -> Result<usize, StepError> {
+    let copies = engine.store.unfinished_copies().await?;
     let mut changed = 0;
     // One DescribeImages per (site, region) for every pending copy there.
     let mut pending: HashMap<(String, String), Vec<Copy>> = HashMap::new();
     for copy in copies {
-        let Some((site, operation_id)) = site_of(engine, &copy.source_image_id)? else { continue };
+        let Some((site, operation_id)) = site_of(engine, &copy.source_image_id).await? else { continue };
         if copy.state == CopyState::Failed || copy.image_id.is_empty() {
             let age = now_ms().saturating_sub(copy.requested_at_ms);
             let wait = every.saturating_mul(copy.attempts);
@@ -135,7 +145,7 @@ pub async fn reconcile(engine: &Engine, every: Duration) -> Result<usize, StepEr
         pending.entry((site.id.clone(), copy.region.clone())).or_default().push(copy);
     }
     for ((site_id, region), group) in pending {
-        let Some(site) = engine.store.site(&site_id)? else { continue };
+        let Some(site) = engine.store.site(site_id.clone()).await? else { continue };
         let ec2 = engine.ec2_in(&site, &region).await?;
         let ids: Vec<String> = group.iter().map(|c| c.image_id.clone()).collect();
         let images = retry_ec2("DescribeImages", BUDGET, || ec2.describe_images(&ids)).await?;
@@ -158,66 +168,15 @@ pub async fn reconcile(engine: &Engine, every: Duration) -> Result<usize, StepEr
                 }
             }
             tracing::info!(source = %copy.source_image_id, region = %copy.region, state = copy.state.as_str(), "copy state changed");
-            engine.store.put_copy(&copy)?;
+            engine.store.put_copy(copy.clone()).await?;
             changed += 1;
         }
     }
     Ok(changed)
 }
 
-fn site_of(engine: &Engine, image_id: &str) -> Result<Option<(Site, String)>, StepError> {
-    let Some((site_id, operation_id)) = engine.store.backup_origin(image_id)? else { return Ok(None) };
-    Ok(engine.store.site(&site_id)?.map(|s| (s, operation_id)))
-}
-
-/// Applies (or, with `dry_run`, only plans) retention for a site: its
-/// backups in its region, then its copies in each DR region.
-pub async fn apply_retention(engine: &Engine, site: &Site, dry_run: bool) -> Result<Vec<Decision>, StepError> {
-    let policy = engine.policy(&site.id);
-    let backups = engine.store.backups(&site.id)?;
-    let in_use = engine.store.images_in_use()?;
-    let decisions = retention::plan(&backups, &policy, &in_use, now_ms());
-    if dry_run {
-        return Ok(decisions);
-    }
-    let ec2 = engine.ec2.for_site(site).await?;
-    for d in &decisions {
-        let Some(b) = backups.iter().find(|b| b.image_id == d.image_id) else { continue };
-        if d.keep {
-            if b.fate != d.reason {
-                engine.store.set_backup_state(&b.image_id, BackupState::Available, &d.reason)?;
-            }
-            continue;
-        }
-        engine.store.set_backup_state(&b.image_id, BackupState::Deleting, &d.reason)?;
-        retention::delete_image(ec2.as_ref(), &b.image_id, &b.snapshot_ids).await?;
-        engine.store.set_backup_state(&b.image_id, BackupState::Deleted, &d.reason)?;
-        tracing::info!(site = %site.id, image = %b.image_id, reason = %d.reason, "backup deleted by retention");
-    }
-    for region in &policy.copy_regions {
-        let copies: Vec<Copy> = engine
-            .store
-            .copies_in(&site.id, region)?
-            .into_iter()
-            .filter(|c| c.state == CopyState::Available)
-            .collect();
-        for mut old in copies.into_iter().skip(policy.copy_keep_last as usize) {
-            if in_use.contains(&old.image_id) {
-                continue;
-            }
-            let rec2 = engine.ec2_in(site, region).await?;
-            let snaps = retry_ec2("DescribeImages", BUDGET, || rec2.describe_images(std::slice::from_ref(&old.image_id)))
-                .await?
-                .into_iter()
-                .flat_map(|i| i.snapshot_ids)
-                .collect::<Vec<_>>();
-            retention::delete_image(rec2.as_ref(), &old.image_id, &snaps).await?;
-            old.state = CopyState::Deleted;
-            old.deleted_at_ms = now_ms();
-            engine.store.put_copy(&old)?;
-            tracing::info!(site = %site.id, region, image = %old.image_id, "copy deleted by retention");
-        }
-    }
-    Ok(decisions)
+async fn site_of(engine: &Deps, image_id: &str) -> Result<Option<(Site, String)>, StepError> {
+    let Some((site_id, operation_id)) = engine.store.backup_origin(image_id.to_owned()).await? else { return Ok(None) };
+    Ok(engine.store.site(site_id).await?.map(|s| (s, operation_id)))
 }
 

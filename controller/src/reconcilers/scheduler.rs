@@ -5,18 +5,21 @@
 //! stored, so a restart neither repeats a backup nor floods: after downtime
 //! a site fires once for the latest missed slot. A site whose last slot is
 //! unknown (new) starts counting from now. A backup still running at the
-//! next slot is not doubled: the slot is recorded as skipped.
+//! next slot is not doubled: the slot is recorded as skipped. A slot is
+//! recorded in the same transaction as the backup it starts, so a crash
+//! can neither lose a slot nor start its backup twice.
 
 use std::time::Duration;
 
+use crate::engine::EngineError;
 use crate::model::{Millis, now_ms};
-use crate::ops::{Engine, EngineError};
 use crate::policy::{Schedule, jitter_offset};
 use crate::store::StoreError;
+use crate::workflows::Engine;
 
 pub async fn run(engine: Engine, tick: Duration) {
     loop {
-        if let Err(e) = tick_once(&engine, now_ms()) {
+        if let Err(e) = tick_once(&engine, now_ms()).await {
             tracing::error!(error = %e, "scheduler pass failed");
         }
         tokio::time::sleep(tick).await;
@@ -35,24 +38,25 @@ pub fn due_slot(schedule: &Schedule, offset: Millis, last: Millis, now: Millis) 
 }
 
 /// One pass at time `now`. Returns the sites a backup was started for.
-pub fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<String>, StoreError> {
+pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<String>, StoreError> {
     let mut started = Vec::new();
-    for site in engine.store.sites()? {
-        let policy = engine.policy(&site.id);
+    let store = engine.store();
+    for site in store.sites().await? {
+        let policy = engine.deps().policy(&site.id);
         let Some(schedule) = &policy.schedule else { continue };
         let offset = jitter_offset(&site.id, policy.jitter).as_millis() as Millis;
-        let Some(last) = engine.store.last_slot(&site.id)? else {
-            engine.store.set_last_slot(&site.id, now.saturating_sub(offset))?;
+        let Some(last) = store.last_slot(site.id.clone()).await? else {
+            store.set_last_slot(site.id.clone(), now.saturating_sub(offset)).await?;
             continue;
         };
         let Some(latest) = due_slot(schedule, offset, last, now) else { continue };
-        engine.store.set_last_slot(&site.id, latest)?;
-        match engine.start_backup(&site.id, "schedule") {
+        match crate::workflows::backup::start(engine, &site.id, "schedule", Some(latest)).await {
             Ok(op) => {
                 tracing::info!(site = %site.id, operation = %op.id, schedule = %schedule.describe(), "scheduled backup started");
                 started.push(site.id.clone());
             }
             Err(EngineError::Store(StoreError::Busy { operation, .. })) => {
+                store.set_last_slot(site.id.clone(), latest).await?;
                 tracing::warn!(site = %site.id, running = %operation, "scheduled backup skipped: an operation is still running");
             }
             Err(e) => tracing::error!(site = %site.id, error = %e, "scheduled backup could not start"),

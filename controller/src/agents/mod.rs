@@ -1,0 +1,419 @@
+//! Agents: the `AgentService.Session` stream ([`service`]), the registry of
+//! live sessions the workflows send commands through, and the batched EC2
+//! verification of the instances agents claim to run on ([`verify`]).
+//!
+//! Invariants:
+//! - a stream is accepted only from a certificate with a site identity of
+//!   our trust domain, for a configured site, whose Hello names that site;
+//! - sessions are keyed by (site, instance id): every AMI carries the site's
+//!   certificate, so a restored copy, a drill or a spare connects beside the
+//!   primary without evicting it; a newer session of the same instance
+//!   replaces the older one (a reconnect);
+//! - the store decides each instance's role ([`role_of`]); the Welcome
+//!   never waits on EC2: an instance not verified recently is welcomed as
+//!   `pending` and gets its role by a `RoleChange` once a batched
+//!   DescribeInstances confirmed it. A failing or throttled EC2 never
+//!   demotes anyone: the check is retried;
+//! - a command is addressed to (site, instance, role); the registry refuses
+//!   to send it to another role, and the agent refuses it too.
+//!
+//! Generated protobuf types are converted here and in [`service`] only.
+
+pub mod service;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dr_proto::pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::engine::{ErrorKind, StepError};
+use crate::model::{InstanceRecord, Millis, Role, Site, now_ms};
+
+/// How long an EC2 confirmation of an instance (its id and private IP)
+/// stays good: a reconnect within it gets its role at once.
+pub const VERIFIED_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// A step the controller may ask an agent to perform (domain side of
+/// `pb::Command`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAction {
+    /// Read the Replicated app's state. No precondition; changes nothing.
+    AppStatus,
+    /// Stop the app and wait until it is stopped (quiesce `stop`).
+    AppStop,
+    /// Start the app and wait until it is started (undo of `AppStop`).
+    AppStart,
+    /// Freeze the agent's configured data file systems; a watchdog on the
+    /// machine thaws them after `deadline` whatever happens.
+    Freeze { deadline: Duration },
+    /// Thaw what `Freeze` froze; "already thawed" is success.
+    Thaw,
+    /// Drain Nomad builders, waiting at most `deadline` for running work.
+    Drain { deadline: Duration },
+    /// End the drain the agent made; idempotent.
+    Undrain,
+}
+
+/// Why an agent did not succeed (domain side of `pb::ErrorKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentErrorKind {
+    Invalid,
+    Refused,
+    Failed,
+    Interrupted,
+    TimedOut,
+    NotSupported,
+}
+
+/// What an agent answered (domain side of `pb::CommandResult`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentOutcome {
+    pub ok: bool,
+    pub error: String,
+    pub kind: Option<AgentErrorKind>,
+    /// The answer came from the agent's journal: the command had already run.
+    pub replayed: bool,
+    pub detail: AgentDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentDetail {
+    None,
+    AppStatus { state: String, is_transitioning: bool, desired_state: String },
+    /// A step's report, as the agent wrote it.
+    Report(serde_json::Value),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCallError {
+    #[error("the agent of {0} is not connected")]
+    NotConnected(String),
+    #[error("the agent of {who} is {role}, not {wanted}: {reason}")]
+    WrongRole { who: String, role: String, wanted: String, reason: String },
+    #[error("the agent of {0} disconnected before answering")]
+    Disconnected(String),
+    #[error("the agent of {who} did not answer within {after:?}")]
+    Timeout { who: String, after: Duration },
+}
+
+impl From<AgentCallError> for StepError {
+    fn from(e: AgentCallError) -> Self {
+        let kind = match e {
+            AgentCallError::WrongRole { .. } => ErrorKind::Refused,
+            AgentCallError::Timeout { .. } => ErrorKind::TimedOut,
+            _ => ErrorKind::Unavailable,
+        };
+        StepError::new(kind, e.to_string())
+    }
+}
+
+/// Whom a command is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addressee {
+    pub site_id: String,
+    pub instance_id: String,
+    pub role: Role,
+}
+
+impl Addressee {
+    /// The site's primary, as the store names it.
+    pub fn primary(site: &Site) -> Addressee {
+        Addressee { site_id: site.id.clone(), instance_id: site.primary_instance_id.clone(), role: Role::Primary }
+    }
+    fn who(&self) -> String {
+        format!("site `{}` instance {}", self.site_id, self.instance_id)
+    }
+}
+
+/// The role the store gives an instance of `site`: the primary is whatever
+/// the site names; other instances carry their recorded role.
+pub fn role_of(site: &Site, instance_id: &str, rec: Option<&InstanceRecord>) -> Role {
+    if instance_id == site.primary_instance_id {
+        return Role::Primary;
+    }
+    match rec.and_then(|r| Role::from_parts(&r.role, &r.operation_id, &r.reason)) {
+        Some(r @ (Role::Candidate { .. } | Role::Drill { .. } | Role::Spare | Role::Fenced { .. })) => r,
+        _ => Role::Passive {
+            reason: format!("instance {instance_id} is not the site's primary {}", site.primary_instance_id),
+        },
+    }
+}
+
+/// Whether a role needs an EC2 confirmation before the agent gets work.
+pub fn needs_verification(role: &Role) -> bool {
+    role.takes_work()
+}
+
+/// Whether the record says EC2 confirmed this instance with this private IP
+/// recently enough.
+pub fn recently_verified(rec: Option<&InstanceRecord>, private_ip: &str, now: Millis) -> bool {
+    rec.is_some_and(|r| {
+        r.verified_at_ms > 0
+            && r.verified_private_ip == private_ip
+            && now.saturating_sub(r.verified_at_ms) < VERIFIED_FOR.as_millis() as u64
+    })
+}
+
+pub(crate) fn role_to_pb(role: &Role) -> (String, String, String) {
+    (role.name().to_owned(), role.reason().to_owned(), role.operation_id().to_owned())
+}
+
+fn command_to_pb(id: &str, to: &Addressee, action: &AgentAction, deadline: Duration) -> pb::Command {
+    let ms = |d: &Duration| d.as_millis().min(u32::MAX as u128) as u32;
+    let kind = match action {
+        AgentAction::AppStatus => pb::command::Kind::AppStatus(pb::AppStatusRequest {}),
+        AgentAction::AppStop => pb::command::Kind::AppStop(pb::AppStopRequest { force: false }),
+        AgentAction::AppStart => pb::command::Kind::AppStart(pb::AppStartRequest {}),
+        AgentAction::Freeze { deadline } => {
+            pb::command::Kind::Freeze(pb::FreezeRequest { mounts: vec![], deadline_ms: ms(deadline) })
+        }
+        AgentAction::Thaw => pb::command::Kind::Thaw(pb::ThawRequest {}),
+        AgentAction::Drain { deadline } => pb::command::Kind::Drain(pb::DrainRequest { deadline_ms: ms(deadline) }),
+        AgentAction::Undrain => pb::command::Kind::Undrain(pb::UndrainRequest {}),
+    };
+    let (role, _, operation_id) = role_to_pb(&to.role);
+    pb::Command {
+        id: id.to_owned(),
+        deadline_ms: ms(&deadline),
+        target: Some(pb::Target { instance_id: to.instance_id.clone(), role, operation_id }),
+        kind: Some(kind),
+    }
+}
+
+fn outcome_from_pb(r: pb::CommandResult) -> AgentOutcome {
+    let kind = match pb::ErrorKind::try_from(r.error_kind).unwrap_or(pb::ErrorKind::Unspecified) {
+        _ if r.ok => None,
+        pb::ErrorKind::Invalid => Some(AgentErrorKind::Invalid),
+        pb::ErrorKind::Refused => Some(AgentErrorKind::Refused),
+        pb::ErrorKind::Interrupted => Some(AgentErrorKind::Interrupted),
+        pb::ErrorKind::TimedOut => Some(AgentErrorKind::TimedOut),
+        pb::ErrorKind::NotSupported => Some(AgentErrorKind::NotSupported),
+        pb::ErrorKind::Failed | pb::ErrorKind::Unspecified => Some(AgentErrorKind::Failed),
+    };
+    let detail = match r.detail {
+        Some(pb::command_result::Detail::AppStatus(s)) => {
+            AgentDetail::AppStatus { state: s.state, is_transitioning: s.is_transitioning, desired_state: s.desired_state }
+        }
+        None if !r.report_json.is_empty() => match serde_json::from_str(&r.report_json) {
+            Ok(v) => AgentDetail::Report(v),
+            Err(_) => AgentDetail::Report(serde_json::Value::String(r.report_json.clone())),
+        },
+        None => AgentDetail::None,
+    };
+    AgentOutcome { ok: r.ok, error: r.error, kind, replayed: r.replayed, detail }
+}
+
+impl AgentErrorKind {
+    /// The engine's view of it, for retry policies.
+    pub fn step_kind(self) -> ErrorKind {
+        match self {
+            AgentErrorKind::Invalid => ErrorKind::Invalid,
+            AgentErrorKind::Refused => ErrorKind::Refused,
+            AgentErrorKind::Failed => ErrorKind::Failed,
+            AgentErrorKind::Interrupted => ErrorKind::Interrupted,
+            AgentErrorKind::TimedOut => ErrorKind::TimedOut,
+            AgentErrorKind::NotSupported => ErrorKind::NotSupported,
+        }
+    }
+}
+
+pub(crate) type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+type Pending = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<AgentOutcome>>>>>;
+
+struct Session {
+    serial: u64,
+    tx: Outbound,
+    pending: Pending,
+    role: Role,
+    record: InstanceRecord,
+}
+
+type Key = (String, String);
+
+/// The live sessions, by (site, instance id).
+#[derive(Clone, Default)]
+pub struct Registry {
+    sessions: Arc<Mutex<HashMap<Key, Session>>>,
+    serial: Arc<AtomicU64>,
+}
+
+/// A live view of one agent.
+#[derive(Clone, Debug)]
+pub struct LiveAgent {
+    pub record: InstanceRecord,
+    pub role: Role,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn live(&self, site: &str, instance: &str) -> Option<LiveAgent> {
+        self.lock()
+            .get(&(site.to_owned(), instance.to_owned()))
+            .map(|s| LiveAgent { record: s.record.clone(), role: s.role.clone() })
+    }
+
+    /// Every live session of a site.
+    pub fn live_of_site(&self, site: &str) -> Vec<LiveAgent> {
+        self.lock()
+            .iter()
+            .filter(|((s, _), _)| s == site)
+            .map(|(_, s)| LiveAgent { record: s.record.clone(), role: s.role.clone() })
+            .collect()
+    }
+
+    /// Live sessions and their last message, for the liveness flush.
+    pub fn seen(&self) -> Vec<(String, String, Millis)> {
+        self.lock().iter().map(|((site, inst), s)| (site.clone(), inst.clone(), s.record.last_seen_ms)).collect()
+    }
+
+    /// Live sessions by role name (metrics, benchmarks).
+    pub fn counts(&self) -> HashMap<&'static str, usize> {
+        let mut out = HashMap::new();
+        for s in self.lock().values() {
+            *out.entry(s.role.name()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Changes a connected instance's role and tells its agent. Returns
+    /// false when it is not connected (it gets the role at its next Hello).
+    pub fn set_role(&self, site: &str, instance: &str, role: Role) -> bool {
+        let mut sessions = self.lock();
+        let Some(s) = sessions.get_mut(&(site.to_owned(), instance.to_owned())) else { return false };
+        if s.role == role {
+            return true;
+        }
+        tracing::info!(site, instance, from = s.role.name(), to = role.name(), reason = role.reason(), "role changed");
+        let (name, reason, operation_id) = role_to_pb(&role);
+        s.role = role;
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::RoleChange(pb::RoleChange { role: name, reason, operation_id })),
+        };
+        if s.tx.try_send(Ok(msg)).is_err() {
+            tracing::warn!(site, instance, "cannot send the role change now (stream full or closed); the agent gets it at its next Hello");
+        }
+        true
+    }
+
+    /// Sends a command and waits for its result. Calling again with the same
+    /// id (after a disconnect or a controller restart) is safe: the agent
+    /// answers from its journal without running the step again.
+    pub async fn call(
+        &self,
+        to: &Addressee,
+        id: &str,
+        action: &AgentAction,
+        timeout: Duration,
+    ) -> Result<AgentOutcome, AgentCallError> {
+        let (tx, pending, rx) = {
+            let sessions = self.lock();
+            let s = sessions
+                .get(&(to.site_id.clone(), to.instance_id.clone()))
+                .ok_or_else(|| AgentCallError::NotConnected(to.who()))?;
+            if s.role != to.role {
+                return Err(AgentCallError::WrongRole {
+                    who: to.who(),
+                    role: s.role.name().into(),
+                    wanted: to.role.name().into(),
+                    reason: match &s.role {
+                        Role::Pending => "not confirmed by EC2 yet".into(),
+                        other => other.reason().to_owned(),
+                    },
+                });
+            }
+            let (otx, orx) = oneshot::channel();
+            s.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().push(otx);
+            (s.tx.clone(), s.pending.clone(), orx)
+        };
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Command(command_to_pb(id, to, action, timeout))),
+        };
+        let forget = || {
+            pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            forget();
+            return Err(AgentCallError::Disconnected(to.who()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(AgentCallError::Disconnected(to.who())),
+            Err(_) => {
+                forget();
+                Err(AgentCallError::Timeout { who: to.who(), after: timeout })
+            }
+        }
+    }
+
+    /// Ends every stream (controller shutdown).
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+
+    fn register(&self, session: Session) -> u64 {
+        let key = (session.record.site_id.clone(), session.record.instance_id.clone());
+        let serial = session.serial;
+        if let Some(old) = self.lock().insert(key.clone(), session) {
+            tracing::info!(site = %key.0, instance = %key.1, old_session = old.serial, "a newer session of this instance replaces the old one");
+        }
+        serial
+    }
+
+    fn next_serial(&self) -> u64 {
+        self.serial.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Removes the session if it is still the registered one.
+    fn unregister(&self, site: &str, instance: &str, serial: u64) -> Option<InstanceRecord> {
+        let mut sessions = self.lock();
+        let key = (site.to_owned(), instance.to_owned());
+        if sessions.get(&key).is_some_and(|s| s.serial == serial) {
+            return sessions.remove(&key).map(|s| s.record);
+        }
+        None
+    }
+
+    fn touch(&self, site: &str, instance: &str, serial: u64, app_state: Option<String>) {
+        if let Some(s) = self.lock().get_mut(&(site.to_owned(), instance.to_owned())).filter(|s| s.serial == serial) {
+            s.record.last_seen_ms = now_ms();
+            if let Some(state) = app_state {
+                s.record.facts.app_state = state;
+            }
+        }
+    }
+
+    fn answer(&self, site: &str, instance: &str, serial: u64, result: pb::CommandResult) {
+        let pending = match self.lock().get(&(site.to_owned(), instance.to_owned())).filter(|s| s.serial == serial) {
+            Some(s) => s.pending.clone(),
+            None => return,
+        };
+        let waiters = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&result.id);
+        let outcome = outcome_from_pb(result);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(outcome.clone());
+        }
+    }
+}
+
+/// Writes every live session's last-seen time to the store, every `every`,
+/// so that after a controller restart "recently seen" means seen.
+pub async fn flush_liveness(store: crate::store::Store, registry: Registry, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let seen = registry.seen();
+        if seen.is_empty() {
+            continue;
+        }
+        if let Err(e) = store.touch_seen(seen).await {
+            tracing::warn!(error = %e, "cannot persist agent liveness");
+        }
+    }
+}

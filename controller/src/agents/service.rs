@@ -1,0 +1,173 @@
+//! `AgentService.Session`: one long-lived stream per agent.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use dr_proto::identity::peer_identity;
+use dr_proto::pb;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::verify::Verifier;
+use super::{Pending, Registry, Session, needs_verification, recently_verified, role_of, role_to_pb};
+use crate::model::{InstanceFacts, InstanceRecord, Role, now_ms};
+use crate::store::Store;
+
+/// Serves `AgentService`.
+#[derive(Clone)]
+pub struct AgentServer {
+    pub trust_domain: String,
+    pub heartbeat_interval: Duration,
+    pub missed_heartbeats: u32,
+    pub registry: Registry,
+    pub store: Store,
+    pub verifier: Verifier,
+}
+
+fn facts_from_pb(f: Option<pb::InstanceFacts>) -> InstanceFacts {
+    let f = f.unwrap_or_default();
+    InstanceFacts {
+        instance_id: f.instance_id,
+        private_ip: f.private_ip,
+        public_ip: f.public_ip,
+        boot_id: f.boot_id,
+        os_family: f.os_family,
+        app_state: f.app_state,
+    }
+}
+
+fn internal(e: crate::store::StoreError) -> Status {
+    tracing::error!(error = %e, "agent stream: store error");
+    Status::internal(e.to_string())
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentServer {
+    type SessionStream = SessionStream;
+
+    async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let identity = peer_identity(&request).map_err(|e| {
+            tracing::warn!(%peer, error = %e, "agent stream refused");
+            Status::unauthenticated(e.to_string())
+        })?;
+        let cert_site = identity
+            .require_site(&self.trust_domain)
+            .map_err(|e| {
+                tracing::warn!(%peer, %identity, error = %e, "agent stream refused");
+                Status::permission_denied(e.to_string())
+            })?
+            .to_owned();
+        let Some(site) = self.store.site(cert_site.clone()).await.map_err(internal)? else {
+            tracing::warn!(%peer, site = %cert_site, "agent stream refused: site not configured");
+            return Err(Status::permission_denied(format!("site `{cert_site}` is not configured on this controller")));
+        };
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30s"))?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before a Hello"))??;
+        let Some(pb::agent_message::Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument("the first message must be a Hello"));
+        };
+        if hello.site_id != cert_site {
+            tracing::warn!(%peer, cert_site, hello_site = hello.site_id, "agent stream refused: Hello names another site than its certificate");
+            return Err(Status::permission_denied(format!(
+                "Hello names site `{}` but the certificate is for site `{cert_site}`",
+                hello.site_id
+            )));
+        }
+        let facts = facts_from_pb(hello.facts);
+        if !crate::config::is_instance_id(&facts.instance_id) {
+            tracing::warn!(%peer, site = %cert_site, instance = %facts.instance_id, "agent stream refused: not an instance id");
+            return Err(Status::invalid_argument(format!("`{}` is not an EC2 instance id", facts.instance_id)));
+        }
+        let instance = facts.instance_id.clone();
+        let known = self.store.instance(cert_site.clone(), instance.clone()).await.map_err(internal)?;
+        let now = now_ms();
+        // The role comes from the store; EC2 is asked in batches afterwards,
+        // never before the Welcome.
+        let wanted = role_of(&site, &instance, known.as_ref());
+        let role = if needs_verification(&wanted) && !recently_verified(known.as_ref(), &facts.private_ip, now) {
+            Role::Pending
+        } else {
+            wanted.clone()
+        };
+        let record = InstanceRecord {
+            site_id: cert_site.clone(),
+            instance_id: instance.clone(),
+            role: known.as_ref().map(|k| k.role.clone()).unwrap_or_else(|| "passive".into()),
+            operation_id: known.as_ref().map(|k| k.operation_id.clone()).unwrap_or_default(),
+            reason: known.as_ref().map(|k| k.reason.clone()).unwrap_or_default(),
+            facts: facts.clone(),
+            verified_private_ip: known.as_ref().map(|k| k.verified_private_ip.clone()).unwrap_or_default(),
+            verified_at_ms: known.as_ref().map(|k| k.verified_at_ms).unwrap_or(0),
+            connected: true,
+            connected_at_ms: now,
+            last_seen_ms: now,
+            peer: peer.clone(),
+        };
+        self.store.put_instance(record.clone()).await.map_err(internal)?;
+        match &role {
+            Role::Primary => tracing::info!(site = %cert_site, %instance, %peer, version = %hello.agent_version, "agent connected as primary"),
+            Role::Pending => tracing::info!(site = %cert_site, %instance, %peer, wanted = wanted.name(), "agent connected; its instance is verified with EC2 before it gets work"),
+            other if other.takes_work() => tracing::info!(site = %cert_site, %instance, %peer, role = other.name(), operation = other.operation_id(), "agent connected"),
+            other => tracing::warn!(site = %cert_site, %instance, %peer, role = other.name(), reason = other.reason(), "agent connected; it gets no work"),
+        }
+
+        let (tx, rx) = mpsc::channel(64);
+        let (name, reason, operation_id) = role_to_pb(&role);
+        let welcome = pb::Welcome {
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+            role: name,
+            reason,
+            operation_id,
+        };
+        tx.send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))?;
+        let pending: Pending = Default::default();
+        let serial = self.registry.next_serial();
+        self.registry.register(Session { serial, tx, pending, role: role.clone(), record });
+        if role == Role::Pending {
+            self.verifier.enqueue(cert_site.clone(), instance.clone(), facts.private_ip.clone());
+        }
+
+        let me = self.clone();
+        let silence = self.heartbeat_interval * self.missed_heartbeats;
+        tokio::spawn(async move {
+            let reason = loop {
+                match tokio::time::timeout(silence, inbound.next()).await {
+                    Err(_) => break format!("no message for {silence:?}"),
+                    Ok(None) => break "the agent closed the stream".to_owned(),
+                    Ok(Some(Err(status))) => break format!("stream error: {}", status.message()),
+                    Ok(Some(Ok(msg))) => match msg.msg {
+                        Some(pb::agent_message::Msg::Heartbeat(hb)) => {
+                            me.registry.touch(&cert_site, &instance, serial, Some(hb.app_state));
+                        }
+                        Some(pb::agent_message::Msg::Result(result)) => {
+                            me.registry.touch(&cert_site, &instance, serial, None);
+                            me.registry.answer(&cert_site, &instance, serial, result);
+                        }
+                        Some(pb::agent_message::Msg::Hello(_)) | None => {
+                            tracing::warn!(site = %cert_site, %instance, "unexpected message on an established stream; ignored");
+                        }
+                    },
+                }
+            };
+            if let Some(record) = me.registry.unregister(&cert_site, &instance, serial) {
+                if let Err(e) = me.store.set_disconnected(cert_site.clone(), instance.clone(), record.last_seen_ms).await {
+                    tracing::error!(site = %cert_site, %instance, error = %e, "cannot record the agent's disconnection");
+                }
+            }
+            tracing::info!(site = %cert_site, %instance, %reason, "agent disconnected");
+        });
+        let stream: SessionStream = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(stream))
+    }
+}

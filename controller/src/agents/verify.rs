@@ -1,0 +1,157 @@
+//! Batched EC2 verification of the instances agents claim to run on.
+//!
+//! An agent's Hello names its instance id and private IP; before it gets
+//! work, EC2 must confirm that instance with that IP (a stolen site
+//! certificate on another machine is refused this way). Checks queue here
+//! and are answered in batches: one DescribeInstances per (region, role)
+//! for up to 1,000 instances, within the controller's describe budget. A
+//! failing or throttled call never demotes an agent: its checks are
+//! queued again with backoff. A confirmation is stored (24 h), so agents
+//! reconnecting after a controller restart get their role at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dr_proto::backoff::Backoff;
+use tokio::sync::mpsc;
+
+use super::{Registry, role_of};
+use crate::ec2::Ec2Clients;
+use crate::model::{Role, Site, now_ms};
+use crate::store::Store;
+
+const BATCH: usize = 1000;
+/// How long checks may gather before a call: few calls in a reconnect storm,
+/// little added latency when one agent connects.
+const GATHER: Duration = Duration::from_millis(100);
+const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
+#[derive(Clone, Debug)]
+struct Check {
+    site: String,
+    instance: String,
+    private_ip: String,
+    attempt: u32,
+}
+
+/// Queue of instances to verify; cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    tx: mpsc::UnboundedSender<Check>,
+}
+
+impl Verifier {
+    /// Starts the verifier task.
+    pub fn start(store: Store, registry: Registry, ec2: Arc<Ec2Clients>) -> Verifier {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, tx.clone(), store, registry, ec2));
+        Verifier { tx }
+    }
+
+    pub fn enqueue(&self, site: String, instance: String, private_ip: String) {
+        let _ = self.tx.send(Check { site, instance, private_ip, attempt: 0 });
+    }
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Check>,
+    tx: mpsc::UnboundedSender<Check>,
+    store: Store,
+    registry: Registry,
+    ec2: Arc<Ec2Clients>,
+) {
+    while let Some(first) = rx.recv().await {
+        tokio::time::sleep(GATHER).await;
+        let mut batch = vec![first];
+        while batch.len() < 10 * BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let sites: HashMap<String, Site> = match store.sites().await {
+            Ok(s) => s.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "verifier: cannot read sites; retrying");
+                requeue(&tx, batch);
+                continue;
+            }
+        };
+        // One call per (region, role) and at most BATCH ids.
+        let mut groups: HashMap<(String, Option<String>), Vec<Check>> = HashMap::new();
+        for c in batch {
+            let Some(site) = sites.get(&c.site) else { continue };
+            groups.entry((site.region.clone(), site.role_arn.clone())).or_default().push(c);
+        }
+        for ((region, _), group) in groups {
+            for chunk in group.chunks(BATCH) {
+                let site = &sites[&chunk[0].site];
+                verify_chunk(&store, &registry, &ec2, &tx, site, &region, chunk, &sites).await;
+            }
+        }
+    }
+}
+
+fn requeue(tx: &mpsc::UnboundedSender<Check>, checks: Vec<Check>) {
+    for mut c in checks {
+        let wait = RETRY.delay(c.attempt);
+        c.attempt += 1;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = tx.send(c);
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn verify_chunk(
+    store: &Store,
+    registry: &Registry,
+    ec2: &Ec2Clients,
+    tx: &mpsc::UnboundedSender<Check>,
+    site: &Site,
+    region: &str,
+    chunk: &[Check],
+    sites: &HashMap<String, Site>,
+) {
+    let ids: Vec<String> = chunk.iter().map(|c| c.instance.clone()).collect();
+    let answer = match ec2.for_site(site).await {
+        Ok(client) => client.describe_instances(&ids).await,
+        Err(e) => Err(e),
+    };
+    let found = match answer {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(region, instances = ids.len(), error = %e, "cannot verify instances with EC2 now; their agents stay pending and are checked again");
+            requeue(tx, chunk.to_vec());
+            return;
+        }
+    };
+    let now = now_ms();
+    for c in chunk {
+        let Some(site) = sites.get(&c.site) else { continue };
+        // Only a session still waiting for this check gets a role from it.
+        let still_pending = registry.live(&c.site, &c.instance).is_some_and(|l| l.role == Role::Pending);
+        let role = match found.iter().find(|i| i.id == c.instance) {
+            Some(i) if matches!(i.state.as_str(), "terminated" | "shutting-down") => {
+                Role::Passive { reason: format!("EC2 says instance {} is {}", i.id, i.state) }
+            }
+            Some(i) if i.private_ip == c.private_ip => {
+                if let Err(e) = store.set_verified(c.site.clone(), c.instance.clone(), c.private_ip.clone(), now).await {
+                    tracing::error!(site = %c.site, instance = %c.instance, error = %e, "cannot record the verification");
+                }
+                let rec = store.instance(c.site.clone(), c.instance.clone()).await.ok().flatten();
+                role_of(site, &c.instance, rec.as_ref())
+            }
+            Some(i) => Role::Passive {
+                reason: format!("EC2 says instance {} has private IP {}, the agent reports {}", i.id, i.private_ip, c.private_ip),
+            },
+            None => Role::Passive { reason: format!("EC2 does not know instance {} in {region}", c.instance) },
+        };
+        if still_pending {
+            registry.set_role(&c.site, &c.instance, role);
+        }
+    }
+}

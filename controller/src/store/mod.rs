@@ -1,0 +1,1025 @@
+//! The controller's durable state: an embedded SQLite database (WAL,
+//! `synchronous=FULL`).
+//!
+//! API boundary: [`Store`] is async and speaks domain types only. Each call
+//! runs on tokio's blocking pool against one connection ([`Store::with`]),
+//! so no SQLite call blocks the runtime's threads. The synchronous queries
+//! live on [`Db`] (a borrowed connection), which also lets one call do
+//! several of them in one transaction. Why rusqlite and not an async
+//! driver: SQLite is in-process (an "async" SQLite driver is this same
+//! thread hand-off), rusqlite is the maintained binding with the backup API
+//! and `bundled` builds, and the schema and SQL stay PostgreSQL-compatible,
+//! so a PostgreSQL store (tokio-postgres, for two controllers with a
+//! leader) implements the same async methods without touching a workflow.
+//!
+//! Invariants:
+//! - every write the engine depends on is committed before it takes its
+//!   next step;
+//! - every write of an operation's progress is conditional on its epoch
+//!   ([`StoreError::Fenced`] when another controller claimed it since);
+//! - admission of a new operation (conflicts per site) and the write of its
+//!   rows happen in one transaction.
+
+mod schema;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("cannot create the store's directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("store {path}: {source}")]
+    Db { path: String, source: rusqlite::Error },
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("the store holds an invalid value in {what}: `{value}`")]
+    Corrupt { what: &'static str, value: String },
+    #[error("the store's schema version {found} is newer than this controller knows ({known}); upgrade the controller")]
+    TooNew { found: i64, known: i64 },
+    #[error("site `{site}` already has a running operation {operation}")]
+    Busy { site: String, operation: String },
+    #[error("operation {operation} is driven by another controller now (epoch {epoch} is no longer current)")]
+    Fenced { operation: String, epoch: i64 },
+    #[error("the store's worker failed: {0}")]
+    Worker(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// An active operation of a site, as admission sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveOp {
+    pub id: String,
+    pub kind: String,
+    pub state: OperationState,
+}
+
+/// What admission decided for a new operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Create it.
+    Admit,
+    /// Create it and store an `abort` signal for each of these operations
+    /// (they are preempted: their compensations run first).
+    Preempt(Vec<String>),
+    /// Refuse: the site is busy with this operation.
+    Refuse(String),
+}
+
+/// What the admin API and metrics show of the whole fleet, read with a fixed
+/// number of queries however many sites there are.
+#[derive(Clone, Debug, Default)]
+pub struct FleetView {
+    pub sites: Vec<Site>,
+    pub instances: HashMap<String, Vec<InstanceRecord>>,
+    pub newest_backup: HashMap<String, Backup>,
+    pub active: HashMap<String, Vec<ActiveOp>>,
+    pub backup_counts: HashMap<(String, BackupState), u64>,
+    pub copy_counts: HashMap<(String, String, CopyState), u64>,
+}
+
+/// A handle on the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<str>,
+}
+
+impl Store {
+    /// Opens (creating if missing) and migrates the store.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path))
+            .await
+            .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+
+    pub fn open_blocking(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+        }
+        let shown = path.display().to_string();
+        let open_err = |source| StoreError::Open { path: shown.clone(), source };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        let mut conn = conn;
+        migrate(&mut conn).map_err(|e| match e {
+            StoreError::Sql(source) => StoreError::Db { path: shown.clone(), source },
+            other => other,
+        })?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: shown.into() })
+    }
+
+    /// The store's file, for messages.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Runs `f` against the connection on the blocking pool. SQL errors
+    /// come back naming the store's file.
+    pub async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave SQLite inconsistent
+            // (transactions roll back), so a poisoned lock is still usable.
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?;
+        result.map_err(|e| match e {
+            StoreError::Sql(source) => StoreError::Db { path: path.to_string(), source },
+            other => other,
+        })
+    }
+
+    /// A consistent copy of the whole store, taken while the controller
+    /// runs (`VACUUM INTO`: one transaction, WAL contents included, a
+    /// compact file). Refuses to overwrite `to`. Returns how many backups
+    /// the copy holds.
+    pub async fn backup_to(&self, to: PathBuf) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            if to.exists() {
+                return Err(StoreError::NotFound(format!("{} exists already; not overwriting it", to.display())));
+            }
+            let target = to.to_str().ok_or_else(|| StoreError::NotFound(format!("{} is not a UTF-8 path", to.display())))?;
+            c.execute("VACUUM INTO ?1", [target])?;
+            let copy = Connection::open(&to)?;
+            let n: i64 = copy.query_row("SELECT COUNT(*) FROM backups", [], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+macro_rules! db_call {
+    ($(#[$m:meta])* $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty) => {
+        $(#[$m])*
+        pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret, StoreError> {
+            self.with(move |c| Db(c).$name($($arg),*)).await
+        }
+    };
+}
+
+/// The async API: one line per query, each on the blocking pool.
+impl Store {
+    db_call!(
+        /// Adds a configured site, or updates its region and role. The primary
+        /// is taken from the config only when the site is new: after that the
+        /// store is authoritative (a failover changes it).
+        upsert_site(site: Site) -> Site);
+    db_call!(site(id: String) -> Option<Site>);
+    db_call!(sites() -> Vec<Site>);
+    db_call!(set_primary(site_id: String, instance_id: String) -> ());
+    db_call!(put_instance(rec: InstanceRecord) -> ());
+    db_call!(instance(site_id: String, instance_id: String) -> Option<InstanceRecord>);
+    db_call!(instances_of(site_id: String) -> Vec<InstanceRecord>);
+    db_call!(
+        /// Records a role for a non-primary instance.
+        set_instance_role(site_id: String, instance_id: String, role: String, operation_id: String, reason: String) -> ());
+    db_call!(set_verified(site_id: String, instance_id: String, private_ip: String, at_ms: Millis) -> ());
+    db_call!(
+        /// Marks every instance disconnected (at start-up: no stream survives a restart).
+        mark_all_disconnected() -> ());
+    db_call!(
+        /// Persists liveness for many instances in one transaction.
+        touch_seen(seen: Vec<(String, String, Millis)>) -> ());
+    db_call!(set_disconnected(site_id: String, instance_id: String, last_seen_ms: Millis) -> ());
+    db_call!(operation(id: String) -> Option<Operation>);
+    db_call!(
+        /// Operations that have not ended (to resume after a restart).
+        active_operations() -> Vec<String>);
+    db_call!(active_operations_of(site_id: String) -> Vec<ActiveOp>);
+    db_call!(
+        /// Takes over an active operation for `owner`: its epoch goes up by
+        /// one and every later write must carry the new epoch.
+        claim(id: String, owner: String) -> i64);
+    db_call!(
+        /// Writes one step and, when given, the workflow's state and protected
+        /// resources, in one transaction conditional on the epoch.
+        put_step(op_id: String, epoch: i64, step: StepRecord, state: Option<(u32, serde_json::Value, Vec<Protected>)>) -> ());
+    db_call!(
+        /// Sets an operation's state, what it waits for, its first failure and error.
+        set_operation_state(op_id: String, epoch: i64, state: OperationState, waiting_for: String, failure: String, error: String) -> ());
+    db_call!(add_signal(op_id: String, signal: Signal, requested_by: String) -> ());
+    db_call!(
+        /// Signals not acted on yet, oldest first.
+        pending_signals(op_id: String) -> Vec<(i64, Signal)>);
+    db_call!(consume_signal(id: i64) -> ());
+    db_call!(intent(op_id: String, name: String) -> Option<(String, String)>);
+    db_call!(put_intent(op_id: String, epoch: i64, name: String, token: String, resource_id: String) -> ());
+    db_call!(
+        /// Images named by active operations (retention must keep them).
+        protected_images() -> HashSet<String>);
+    db_call!(record_backup(b: Backup) -> ());
+    db_call!(backups(site_id: String) -> Vec<Backup>);
+    db_call!(backup_origin(image_id: String) -> Option<(String, String)>);
+    db_call!(set_backup_state(image_id: String, state: BackupState, fate: String) -> ());
+    db_call!(put_copy(c: Copy) -> ());
+    db_call!(copies_of(source_image_id: String) -> Vec<Copy>);
+    db_call!(unfinished_copies() -> Vec<Copy>);
+    db_call!(
+        /// The available copies of a site's backups in a region, newest
+        /// backup first (by the backup's completion, which retries never
+        /// change).
+        available_copies_in(site_id: String, region: String) -> Vec<Copy>);
+    db_call!(last_slot(site_id: String) -> Option<Millis>);
+    db_call!(set_last_slot(site_id: String, slot: Millis) -> ());
+    db_call!(fleet_view() -> FleetView);
+    db_call!(count_backups() -> u64);
+
+    /// Creates an operation with its steps, after `admit` decided on the
+    /// site's active operations, in one transaction. With `slot`, the
+    /// scheduler's slot is recorded in the same transaction, so a crash
+    /// cannot consume a slot without starting its backup (or start one
+    /// without recording its slot).
+    pub async fn create_operation<F>(&self, op: Operation, slot: Option<Millis>, admit: F) -> Result<Vec<String>, StoreError>
+    where
+        F: FnOnce(&[ActiveOp]) -> Admission + Send + 'static,
+    {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let active = Db(&tx).active_operations_of(op.site_id.clone())?;
+            let preempted = match admit(&active) {
+                Admission::Admit => vec![],
+                Admission::Preempt(ids) => ids,
+                Admission::Refuse(operation) => return Err(StoreError::Busy { site: op.site_id.clone(), operation }),
+            };
+            insert_operation(&tx, &op)?;
+            for id in &preempted {
+                Db(&tx).add_signal(id.clone(), Signal::Abort, format!("preempted by {}", op.id))?;
+            }
+            if let Some(slot) = slot {
+                Db(&tx).set_last_slot(op.site_id.clone(), slot)?;
+            }
+            tx.commit()?;
+            Ok(preempted)
+        })
+        .await
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = schema::MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
+fn corrupt(what: &'static str, value: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { what, value: value.into() }
+}
+
+const ACTIVE_SQL: &str = "('running', 'waiting', 'cancelling')";
+
+fn insert_operation(tx: &Transaction<'_>, op: &Operation) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO operations (id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms,
+             waiting_for, failure, owner, epoch, state_version, wf_state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            op.id,
+            op.kind,
+            op.site_id,
+            op.state.as_str(),
+            op.error,
+            op.requested_by,
+            op.created_at_ms as i64,
+            op.updated_at_ms as i64,
+            op.waiting_for,
+            op.failure,
+            op.owner,
+            op.epoch,
+            op.state_version,
+            op.wf_state.as_ref().map(|v| v.to_string()),
+        ],
+    )?;
+    for s in &op.steps {
+        tx.execute(
+            "INSERT INTO steps (operation_id, seq, name, state, attempts, started_at_ms, finished_at_ms, detail,
+                 error, result) VALUES (?1, ?2, ?3, ?4, 0, 0, 0, '', '', NULL)",
+            params![op.id, s.seq, s.name, s.state.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
+/// The synchronous queries, on a borrowed connection (or transaction).
+pub struct Db<'a>(pub &'a Connection);
+
+const SITE_COLS: &str = "id, region, primary_instance_id, role_arn";
+fn site_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Site> {
+    Ok(Site { id: r.get(0)?, region: r.get(1)?, primary_instance_id: r.get(2)?, role_arn: r.get(3)? })
+}
+
+const INSTANCE_COLS: &str = "site_id, instance_id, role, operation_id, reason, private_ip, public_ip, boot_id, os_family,
+    app_state, verified_private_ip, verified_at_ms, connected, connected_at_ms, last_seen_ms, peer";
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
+    Ok(InstanceRecord {
+        site_id: r.get(0)?,
+        instance_id: r.get(1)?,
+        role: r.get(2)?,
+        operation_id: r.get(3)?,
+        reason: r.get(4)?,
+        facts: InstanceFacts {
+            instance_id: r.get(1)?,
+            private_ip: r.get(5)?,
+            public_ip: r.get(6)?,
+            boot_id: r.get(7)?,
+            os_family: r.get(8)?,
+            app_state: r.get(9)?,
+        },
+        verified_private_ip: r.get(10)?,
+        verified_at_ms: r.get::<_, i64>(11)? as u64,
+        connected: r.get(12)?,
+        connected_at_ms: r.get::<_, i64>(13)? as u64,
+        last_seen_ms: r.get::<_, i64>(14)? as u64,
+        peer: r.get(15)?,
+    })
+}
+
+const BACKUP_COLS: &str = "image_id, site_id, operation_id, region, instance_id, snapshot_ids, started_at_ms,
+    completed_at_ms, consistency, app_state, state, fate, deleted_at_ms, quiesce, frozen_ms, quiesce_note";
+type BackupRow = (String, String, String, String, String, String, i64, i64, String, String, String, String, i64, String, i64, String);
+fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
+        r.get(15)?,
+    ))
+}
+fn backup_of(row: BackupRow) -> Result<Backup, StoreError> {
+    let (image_id, site_id, operation_id, region, instance_id, snaps, started, completed, cons, app_state, state, fate, deleted, quiesce, frozen, note) =
+        row;
+    Ok(Backup {
+        snapshot_ids: serde_json::from_str(&snaps).map_err(|_| corrupt("backups.snapshot_ids", snaps))?,
+        consistency: Consistency::parse(&cons).ok_or_else(|| corrupt("backups.consistency", cons.clone()))?,
+        state: BackupState::parse(&state).ok_or_else(|| corrupt("backups.state", state.clone()))?,
+        image_id,
+        site_id,
+        operation_id,
+        region,
+        instance_id,
+        started_at_ms: started as u64,
+        completed_at_ms: completed as u64,
+        app_state,
+        fate,
+        deleted_at_ms: deleted as u64,
+        quiesce,
+        frozen_ms: frozen as u64,
+        quiesce_note: note,
+        copies: Vec::new(),
+    })
+}
+
+const COPY_COLS: &str =
+    "c.source_image_id, c.region, c.image_id, c.state, c.attempts, c.error, c.requested_at_ms, c.completed_at_ms, c.deleted_at_ms";
+fn copy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, u32, String, i64, i64, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+}
+fn copy_of(row: (String, String, String, String, u32, String, i64, i64, i64)) -> Result<Copy, StoreError> {
+    let (source_image_id, region, image_id, state, attempts, error, req, done, del) = row;
+    Ok(Copy {
+        state: CopyState::parse(&state).ok_or_else(|| corrupt("copies.state", state.clone()))?,
+        source_image_id,
+        region,
+        image_id,
+        attempts,
+        error,
+        requested_at_ms: req as u64,
+        completed_at_ms: done as u64,
+        deleted_at_ms: del as u64,
+    })
+}
+
+impl Db<'_> {
+    // ------------------------------------------------------------ sites
+
+    pub fn upsert_site(&self, site: Site) -> Result<Site, StoreError> {
+        self.0.execute(
+            "INSERT INTO sites (id, region, primary_instance_id, role_arn, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(id) DO UPDATE SET region = excluded.region, role_arn = excluded.role_arn",
+            params![site.id, site.region, site.primary_instance_id, site.role_arn, now_ms() as i64],
+        )?;
+        Ok(self.site(site.id.clone())?.unwrap_or(site))
+    }
+
+    pub fn site(&self, id: String) -> Result<Option<Site>, StoreError> {
+        Ok(self.0.query_row(&format!("SELECT {SITE_COLS} FROM sites WHERE id = ?1"), [id], site_row).optional()?)
+    }
+
+    pub fn sites(&self) -> Result<Vec<Site>, StoreError> {
+        let mut stmt = self.0.prepare(&format!("SELECT {SITE_COLS} FROM sites ORDER BY id"))?;
+        Ok(stmt.query_map([], site_row)?.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn set_primary(&self, site_id: String, instance_id: String) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE sites SET primary_instance_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
+            params![site_id, instance_id, now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ instances
+
+    /// Records an agent's report and connection (keeps the recorded role
+    /// and verification of a known instance).
+    pub fn put_instance(&self, a: InstanceRecord) -> Result<(), StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT(site_id, instance_id) DO UPDATE SET private_ip = excluded.private_ip,
+                     public_ip = excluded.public_ip, boot_id = excluded.boot_id, os_family = excluded.os_family,
+                     app_state = excluded.app_state, connected = excluded.connected,
+                     connected_at_ms = excluded.connected_at_ms, last_seen_ms = excluded.last_seen_ms,
+                     peer = excluded.peer"
+            ),
+            params![
+                a.site_id,
+                a.instance_id,
+                a.role,
+                a.operation_id,
+                a.reason,
+                a.facts.private_ip,
+                a.facts.public_ip,
+                a.facts.boot_id,
+                a.facts.os_family,
+                a.facts.app_state,
+                a.verified_private_ip,
+                a.verified_at_ms as i64,
+                a.connected,
+                a.connected_at_ms as i64,
+                a.last_seen_ms as i64,
+                a.peer
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn instance(&self, site_id: String, instance_id: String) -> Result<Option<InstanceRecord>, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"),
+                params![site_id, instance_id],
+                instance_row,
+            )
+            .optional()?)
+    }
+
+    pub fn instances_of(&self, site_id: String) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
+        Ok(stmt.query_map([site_id], instance_row)?.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn set_instance_role(
+        &self,
+        site_id: String,
+        instance_id: String,
+        role: String,
+        operation_id: String,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, '', '', '', '', '', '', 0, 0, 0, 0, '')
+                 ON CONFLICT(site_id, instance_id) DO UPDATE SET role = excluded.role,
+                     operation_id = excluded.operation_id, reason = excluded.reason"
+            ),
+            params![site_id, instance_id, role, operation_id, reason],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_verified(&self, site_id: String, instance_id: String, private_ip: String, at_ms: Millis) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE instances SET verified_private_ip = ?3, verified_at_ms = ?4 WHERE site_id = ?1 AND instance_id = ?2",
+            params![site_id, instance_id, private_ip, at_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn mark_all_disconnected(&self) -> Result<(), StoreError> {
+        self.0.execute("UPDATE instances SET connected = 0", [])?;
+        Ok(())
+    }
+
+    pub fn touch_seen(&self, seen: Vec<(String, String, Millis)>) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE instances SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2",
+            )?;
+            for (site, instance, at) in &seen {
+                stmt.execute(params![site, instance, *at as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_disconnected(&self, site_id: String, instance_id: String, last_seen_ms: Millis) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE instances SET connected = 0, last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2",
+            params![site_id, instance_id, last_seen_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ operations
+
+    pub fn operation(&self, id: String) -> Result<Option<Operation>, StoreError> {
+        type Head = (String, String, String, String, String, String, i64, i64, String, String, String, i64, u32, Option<String>);
+        let head: Option<Head> = self
+            .0
+            .query_row(
+                "SELECT id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms, waiting_for,
+                        failure, owner, epoch, state_version, wf_state FROM operations WHERE id = ?1",
+                [&id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                        r.get(10)?,
+                        r.get(11)?,
+                        r.get(12)?,
+                        r.get(13)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, kind, site_id, state, error, requested_by, created, updated, waiting_for, failure, owner, epoch, version, wf)) =
+            head
+        else {
+            return Ok(None);
+        };
+        let mut stmt = self.0.prepare(
+            "SELECT seq, name, state, attempts, started_at_ms, finished_at_ms, detail, error, result
+             FROM steps WHERE operation_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([&id], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Option<String>>(8)?,
+            ))
+        })?;
+        let mut steps = Vec::new();
+        for row in rows {
+            let (seq, name, state, attempts, started, finished, detail, error, result) = row?;
+            steps.push(StepRecord {
+                seq,
+                name,
+                state: StepState::parse(&state).ok_or_else(|| corrupt("steps.state", state.clone()))?,
+                attempts,
+                started_at_ms: started as u64,
+                finished_at_ms: finished as u64,
+                detail,
+                error,
+                result: match result {
+                    Some(text) => Some(serde_json::from_str(&text).map_err(|_| corrupt("steps.result", text))?),
+                    None => None,
+                },
+            });
+        }
+        let mut stmt = self.0.prepare("SELECT kind, resource_id FROM protected WHERE operation_id = ?1 ORDER BY kind, resource_id")?;
+        let protects = stmt
+            .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(k, v)| if k == "instance" { Protected::Instance(v) } else { Protected::Image(v) })
+            .collect();
+        Ok(Some(Operation {
+            state: OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?,
+            wf_state: match wf {
+                Some(text) => Some(serde_json::from_str(&text).map_err(|_| corrupt("operations.wf_state", text))?),
+                None => None,
+            },
+            id,
+            kind,
+            site_id,
+            error,
+            requested_by,
+            created_at_ms: created as u64,
+            updated_at_ms: updated as u64,
+            steps,
+            waiting_for,
+            failure,
+            owner,
+            epoch,
+            state_version: version,
+            protects,
+        }))
+    }
+
+    pub fn active_operations(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt =
+            self.0.prepare(&format!("SELECT id FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
+        Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?)
+    }
+
+    pub fn active_operations_of(&self, site_id: String) -> Result<Vec<ActiveOp>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT id, kind, state FROM operations WHERE site_id = ?1 AND state IN {ACTIVE_SQL} ORDER BY created_at_ms"
+        ))?;
+        let rows = stmt
+            .query_map([site_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, kind, state)| {
+                Ok(ActiveOp { id, kind, state: OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state))? })
+            })
+            .collect()
+    }
+
+    pub fn claim(&self, id: String, owner: String) -> Result<i64, StoreError> {
+        let epoch: Option<i64> = self
+            .0
+            .query_row(
+                &format!(
+                    "UPDATE operations SET owner = ?2, epoch = epoch + 1 WHERE id = ?1 AND state IN {ACTIVE_SQL} RETURNING epoch"
+                ),
+                params![id, owner],
+                |r| r.get(0),
+            )
+            .optional()?;
+        epoch.ok_or_else(|| StoreError::NotFound(format!("operation {id} is not active")))
+    }
+
+    fn check_epoch(tx: &Connection, op_id: &str, epoch: i64) -> Result<(), StoreError> {
+        let now = now_ms() as i64;
+        let n = tx.execute("UPDATE operations SET updated_at_ms = ?3 WHERE id = ?1 AND epoch = ?2", params![op_id, epoch, now])?;
+        if n == 0 {
+            return Err(StoreError::Fenced { operation: op_id.to_owned(), epoch });
+        }
+        Ok(())
+    }
+
+    pub fn put_step(
+        &self,
+        op_id: String,
+        epoch: i64,
+        step: StepRecord,
+        state: Option<(u32, serde_json::Value, Vec<Protected>)>,
+    ) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        Self::check_epoch(&tx, &op_id, epoch)?;
+        tx.execute(
+            "UPDATE steps SET state = ?3, attempts = ?4, started_at_ms = ?5, finished_at_ms = ?6, detail = ?7,
+                 error = ?8, result = ?9 WHERE operation_id = ?1 AND seq = ?2",
+            params![
+                op_id,
+                step.seq,
+                step.state.as_str(),
+                step.attempts,
+                step.started_at_ms as i64,
+                step.finished_at_ms as i64,
+                step.detail,
+                step.error,
+                step.result.as_ref().map(|v| v.to_string())
+            ],
+        )?;
+        if let Some((version, value, protects)) = state {
+            tx.execute(
+                "UPDATE operations SET state_version = ?2, wf_state = ?3 WHERE id = ?1",
+                params![op_id, version, value.to_string()],
+            )?;
+            tx.execute("DELETE FROM protected WHERE operation_id = ?1", [&op_id])?;
+            for p in protects {
+                let (kind, id) = match p {
+                    Protected::Image(id) => ("image", id),
+                    Protected::Instance(id) => ("instance", id),
+                };
+                tx.execute(
+                    "INSERT INTO protected (operation_id, kind, resource_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    params![op_id, kind, id],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_operation_state(
+        &self,
+        op_id: String,
+        epoch: i64,
+        state: OperationState,
+        waiting_for: String,
+        failure: String,
+        error: String,
+    ) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        Self::check_epoch(&tx, &op_id, epoch)?;
+        tx.execute(
+            "UPDATE operations SET state = ?2, waiting_for = ?3, failure = ?4, error = ?5 WHERE id = ?1",
+            params![op_id, state.as_str(), waiting_for, failure, error],
+        )?;
+        if state.is_finished() {
+            tx.execute("DELETE FROM protected WHERE operation_id = ?1", [&op_id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn add_signal(&self, op_id: String, signal: Signal, requested_by: String) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO signals (operation_id, signal, requested_by, at_ms, consumed_at_ms) VALUES (?1, ?2, ?3, ?4, 0)",
+            params![op_id, signal.as_str(), requested_by, now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn pending_signals(&self, op_id: String) -> Result<Vec<(i64, Signal)>, StoreError> {
+        let mut stmt =
+            self.0.prepare("SELECT id, signal FROM signals WHERE operation_id = ?1 AND consumed_at_ms = 0 ORDER BY id")?;
+        let rows =
+            stmt.query_map([op_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|(id, s)| Ok((id, Signal::parse(&s).ok_or_else(|| corrupt("signals.signal", s))?))).collect()
+    }
+
+    pub fn consume_signal(&self, id: i64) -> Result<(), StoreError> {
+        self.0.execute("UPDATE signals SET consumed_at_ms = ?2 WHERE id = ?1", params![id, now_ms() as i64])?;
+        Ok(())
+    }
+
+    pub fn intent(&self, op_id: String, name: String) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT token, resource_id FROM intents WHERE operation_id = ?1 AND name = ?2",
+                params![op_id, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    pub fn put_intent(&self, op_id: String, epoch: i64, name: String, token: String, resource_id: String) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        Self::check_epoch(&tx, &op_id, epoch)?;
+        tx.execute(
+            "INSERT INTO intents (operation_id, name, token, resource_id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(operation_id, name) DO UPDATE SET token = excluded.token, resource_id = excluded.resource_id",
+            params![op_id, name, token, resource_id, now_ms() as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn protected_images(&self) -> Result<HashSet<String>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT p.resource_id FROM protected p JOIN operations o ON o.id = p.operation_id
+             WHERE p.kind = 'image' AND o.state IN {ACTIVE_SQL}"
+        ))?;
+        Ok(stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<HashSet<_>, _>>()?)
+    }
+
+    // ------------------------------------------------------------ backups
+
+    /// Records a completed backup; recording the same one twice is a no-op
+    /// (the step may run again after a restart).
+    pub fn record_backup(&self, b: Backup) -> Result<(), StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT INTO backups ({BACKUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT(image_id) DO NOTHING"
+            ),
+            params![
+                b.image_id,
+                b.site_id,
+                b.operation_id,
+                b.region,
+                b.instance_id,
+                serde_json::to_string(&b.snapshot_ids).expect("a list of strings serializes"),
+                b.started_at_ms as i64,
+                b.completed_at_ms as i64,
+                b.consistency.as_str(),
+                b.app_state,
+                b.state.as_str(),
+                b.fate,
+                b.deleted_at_ms as i64,
+                b.quiesce,
+                b.frozen_ms as i64,
+                b.quiesce_note
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A site's backups, newest first, with their copies.
+    pub fn backups(&self, site_id: String) -> Result<Vec<Backup>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT {BACKUP_COLS} FROM backups WHERE site_id = ?1 ORDER BY completed_at_ms DESC, image_id"
+        ))?;
+        let rows = stmt.query_map([&site_id], backup_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut out = rows.into_iter().map(backup_of).collect::<Result<Vec<_>, _>>()?;
+        let mut copies: HashMap<String, Vec<Copy>> = HashMap::new();
+        for c in self.copies_where(
+            "c.source_image_id IN (SELECT image_id FROM backups WHERE site_id = ?1)",
+            &[&site_id],
+            "c.requested_at_ms DESC, c.region",
+        )? {
+            copies.entry(c.source_image_id.clone()).or_default().push(c);
+        }
+        for b in &mut out {
+            b.copies = copies.remove(&b.image_id).unwrap_or_default();
+        }
+        Ok(out)
+    }
+
+    pub fn count_backups(&self) -> Result<u64, StoreError> {
+        Ok(self.0.query_row("SELECT COUNT(*) FROM backups", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    pub fn backup_origin(&self, image_id: String) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .0
+            .query_row("SELECT site_id, operation_id FROM backups WHERE image_id = ?1", [image_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    pub fn set_backup_state(&self, image_id: String, state: BackupState, fate: String) -> Result<(), StoreError> {
+        let deleted = if state == BackupState::Deleted { now_ms() as i64 } else { 0 };
+        self.0.execute(
+            "UPDATE backups SET state = ?2, fate = ?3, deleted_at_ms = ?4 WHERE image_id = ?1",
+            params![image_id, state.as_str(), fate, deleted],
+        )?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ copies
+
+    pub fn put_copy(&self, c: Copy) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO copies (source_image_id, region, image_id, state, attempts, error, requested_at_ms,
+                 completed_at_ms, deleted_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(source_image_id, region) DO UPDATE SET image_id = excluded.image_id,
+                 state = excluded.state, attempts = excluded.attempts, error = excluded.error,
+                 requested_at_ms = excluded.requested_at_ms, completed_at_ms = excluded.completed_at_ms,
+                 deleted_at_ms = excluded.deleted_at_ms",
+            params![
+                c.source_image_id,
+                c.region,
+                c.image_id,
+                c.state.as_str(),
+                c.attempts,
+                c.error,
+                c.requested_at_ms as i64,
+                c.completed_at_ms as i64,
+                c.deleted_at_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn copies_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql], order: &str) -> Result<Vec<Copy>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT {COPY_COLS} FROM copies c JOIN backups b ON b.image_id = c.source_image_id WHERE {clause} ORDER BY {order}"
+        ))?;
+        let rows = stmt.query_map(args, copy_row)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(copy_of).collect()
+    }
+
+    pub fn copies_of(&self, source_image_id: String) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where("c.source_image_id = ?1", &[&source_image_id], "c.region")
+    }
+
+    pub fn unfinished_copies(&self) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where("c.state IN ('pending', 'failed')", &[], "c.requested_at_ms, c.region")
+    }
+
+    pub fn available_copies_in(&self, site_id: String, region: String) -> Result<Vec<Copy>, StoreError> {
+        self.copies_where(
+            "b.site_id = ?1 AND c.region = ?2 AND c.state = 'available'",
+            &[&site_id, &region],
+            "b.completed_at_ms DESC, c.source_image_id",
+        )
+    }
+
+    // ------------------------------------------------------------ schedules
+
+    pub fn last_slot(&self, site_id: String) -> Result<Option<Millis>, StoreError> {
+        Ok(self
+            .0
+            .query_row("SELECT last_slot_ms FROM schedules WHERE site_id = ?1", [site_id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    }
+
+    pub fn set_last_slot(&self, site_id: String, slot: Millis) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO schedules (site_id, last_slot_ms) VALUES (?1, ?2)
+             ON CONFLICT(site_id) DO UPDATE SET last_slot_ms = excluded.last_slot_ms",
+            params![site_id, slot as i64],
+        )?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ fleet
+
+    /// Everything `drctl status` and `/metrics` show, in six queries.
+    pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
+        let mut view = FleetView { sites: self.sites()?, ..FleetView::default() };
+        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
+        for rec in stmt.query_map([], instance_row)? {
+            let rec = rec?;
+            view.instances.entry(rec.site_id.clone()).or_default().push(rec);
+        }
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT {BACKUP_COLS} FROM backups b WHERE state = 'available' AND completed_at_ms =
+                 (SELECT MAX(completed_at_ms) FROM backups x WHERE x.site_id = b.site_id AND x.state = 'available')"
+        ))?;
+        for row in stmt.query_map([], backup_row)? {
+            let b = backup_of(row?)?;
+            view.newest_backup.insert(b.site_id.clone(), b);
+        }
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
+        ))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (site, id, kind, state) in rows {
+            let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
+            view.active.entry(site).or_default().push(ActiveOp { id, kind, state });
+        }
+        let mut stmt = self.0.prepare("SELECT site_id, state, COUNT(*) FROM backups GROUP BY site_id, state")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (site, state, n) in rows {
+            let state = BackupState::parse(&state).ok_or_else(|| corrupt("backups.state", state.clone()))?;
+            view.backup_counts.insert((site, state), n as u64);
+        }
+        let mut stmt = self.0.prepare(
+            "SELECT b.site_id, c.region, c.state, COUNT(*) FROM copies c JOIN backups b ON b.image_id = c.source_image_id
+             GROUP BY b.site_id, c.region, c.state",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (site, region, state, n) in rows {
+            let state = CopyState::parse(&state).ok_or_else(|| corrupt("copies.state", state.clone()))?;
+            view.copy_counts.insert((site, region, state), n as u64);
+        }
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! Numbered migrations, applied at open (`PRAGMA user_version`). The SQL
+//! keeps to what PostgreSQL also accepts (no AUTOINCREMENT, no SQLite-only
+//! types), so the schema can move there.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the walking skeleton.
+    "CREATE TABLE sites (
+        id TEXT PRIMARY KEY,
+        region TEXT NOT NULL,
+        primary_instance_id TEXT NOT NULL,
+        role_arn TEXT,
+        updated_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE agents (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        instance_id TEXT NOT NULL,
+        private_ip TEXT NOT NULL,
+        public_ip TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        os_family TEXT NOT NULL,
+        app_state TEXT NOT NULL,
+        role TEXT NOT NULL,
+        role_reason TEXT NOT NULL,
+        connected INTEGER NOT NULL,
+        connected_at_ms BIGINT NOT NULL,
+        last_heartbeat_ms BIGINT NOT NULL,
+        peer TEXT NOT NULL
+    );
+    CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        state TEXT NOT NULL,
+        error TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );
+    CREATE UNIQUE INDEX one_running_operation_per_site ON operations(site_id) WHERE state = 'running';
+    CREATE INDEX operations_by_site ON operations(site_id, created_at_ms);
+    CREATE TABLE steps (
+        operation_id TEXT NOT NULL REFERENCES operations(id),
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        finished_at_ms BIGINT NOT NULL,
+        detail TEXT NOT NULL,
+        error TEXT NOT NULL,
+        result TEXT,
+        PRIMARY KEY (operation_id, seq)
+    );
+    CREATE TABLE backups (
+        image_id TEXT PRIMARY KEY,
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        operation_id TEXT NOT NULL UNIQUE REFERENCES operations(id),
+        region TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        snapshot_ids TEXT NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        completed_at_ms BIGINT NOT NULL,
+        consistency TEXT NOT NULL,
+        app_state TEXT NOT NULL
+    );
+    CREATE INDEX backups_by_site ON backups(site_id, completed_at_ms);",
+    // 2: fleet backups: retention, copies, schedules, quiesce records.
+    "ALTER TABLE backups ADD COLUMN state TEXT NOT NULL DEFAULT 'available';
+    ALTER TABLE backups ADD COLUMN fate TEXT NOT NULL DEFAULT '';
+    ALTER TABLE backups ADD COLUMN deleted_at_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE backups ADD COLUMN quiesce TEXT NOT NULL DEFAULT 'none';
+    ALTER TABLE backups ADD COLUMN frozen_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE backups ADD COLUMN quiesce_note TEXT NOT NULL DEFAULT '';
+    CREATE TABLE copies (
+        source_image_id TEXT NOT NULL REFERENCES backups(image_id),
+        region TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        requested_at_ms BIGINT NOT NULL,
+        completed_at_ms BIGINT NOT NULL,
+        deleted_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (source_image_id, region)
+    );
+    CREATE TABLE schedules (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        last_slot_ms BIGINT NOT NULL
+    );",
+    // 3: the step engine (typed state, owner/epoch, signals, intents,
+    // protected resources) and instances keyed by (site, instance id).
+    "CREATE TABLE instances (
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        instance_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        operation_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        private_ip TEXT NOT NULL,
+        public_ip TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        os_family TEXT NOT NULL,
+        app_state TEXT NOT NULL,
+        verified_private_ip TEXT NOT NULL,
+        verified_at_ms BIGINT NOT NULL,
+        connected INTEGER NOT NULL,
+        connected_at_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        peer TEXT NOT NULL,
+        PRIMARY KEY (site_id, instance_id)
+    );
+    INSERT INTO instances (site_id, instance_id, role, operation_id, reason, private_ip, public_ip, boot_id,
+            os_family, app_state, verified_private_ip, verified_at_ms, connected, connected_at_ms, last_seen_ms, peer)
+        SELECT site_id, instance_id, 'passive', '', '', private_ip, public_ip, boot_id, os_family, app_state,
+            '', 0, 0, connected_at_ms, last_heartbeat_ms, peer FROM agents;
+    DROP TABLE agents;
+    DROP INDEX one_running_operation_per_site;
+    CREATE INDEX operations_by_state ON operations(state);
+    ALTER TABLE operations ADD COLUMN waiting_for TEXT NOT NULL DEFAULT '';
+    ALTER TABLE operations ADD COLUMN failure TEXT NOT NULL DEFAULT '';
+    ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE operations ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN wf_state TEXT;
+    CREATE TABLE signals (
+        id INTEGER PRIMARY KEY,
+        operation_id TEXT NOT NULL REFERENCES operations(id),
+        signal TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        consumed_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX signals_by_operation ON signals(operation_id);
+    CREATE TABLE intents (
+        operation_id TEXT NOT NULL REFERENCES operations(id),
+        name TEXT NOT NULL,
+        token TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (operation_id, name)
+    );
+    CREATE TABLE protected (
+        operation_id TEXT NOT NULL REFERENCES operations(id),
+        kind TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        PRIMARY KEY (operation_id, kind, resource_id)
+    );",
+];

@@ -1,0 +1,191 @@
+use super::*;
+
+fn site() -> Site {
+    Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-1".into(), role_arn: None }
+}
+
+fn op(id: &str) -> Operation {
+    Operation {
+        id: id.into(),
+        kind: "backup".into(),
+        site_id: "s1".into(),
+        state: OperationState::Running,
+        error: String::new(),
+        requested_by: "operator/alice".into(),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        steps: vec![StepRecord {
+            seq: 0,
+            name: "create_image".into(),
+            state: StepState::Pending,
+            attempts: 0,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            detail: String::new(),
+            error: String::new(),
+            result: None,
+        }],
+        waiting_for: String::new(),
+        failure: String::new(),
+        owner: String::new(),
+        epoch: 0,
+        state_version: 1,
+        wf_state: None,
+        protects: vec![],
+    }
+}
+
+fn one_per_site(active: &[ActiveOp]) -> Admission {
+    match active.first() {
+        Some(a) => Admission::Refuse(a.id.clone()),
+        None => Admission::Admit,
+    }
+}
+
+fn backup(id: &str, completed: Millis, op: &str) -> Backup {
+    Backup {
+        image_id: id.into(),
+        site_id: "s1".into(),
+        operation_id: op.into(),
+        region: "us-east-1".into(),
+        instance_id: "i-1".into(),
+        snapshot_ids: vec![],
+        started_at_ms: completed,
+        completed_at_ms: completed,
+        consistency: Consistency::Crash,
+        app_state: "started".into(),
+        state: BackupState::Available,
+        fate: String::new(),
+        deleted_at_ms: 0,
+        quiesce: "none".into(),
+        frozen_ms: 0,
+        quiesce_note: String::new(),
+        copies: vec![],
+    }
+}
+
+#[tokio::test]
+async fn survives_reopen_admits_per_site_and_fences_stale_epochs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    {
+        let store = Store::open(&path).await.expect("open");
+        store.upsert_site(site()).await.expect("site");
+        store.create_operation(op("op-1"), None, one_per_site).await.expect("op");
+        let busy = store.create_operation(op("op-2"), None, one_per_site).await;
+        assert!(matches!(busy, Err(StoreError::Busy { .. })), "{busy:?}");
+        let epoch = store.claim("op-1".into(), "controller-a".into()).await.expect("claim");
+        let mut step = store.operation("op-1".into()).await.expect("read").expect("exists").steps[0].clone();
+        step.state = StepState::Done;
+        let state = (1, serde_json::json!({"image_id": "ami-1"}), vec![Protected::Image("ami-1".into())]);
+        store.put_step("op-1".into(), epoch, step.clone(), Some(state)).await.expect("step");
+        // A second controller claims it: the first one's writes are refused.
+        let newer = store.claim("op-1".into(), "controller-b".into()).await.expect("claim again");
+        assert_eq!(newer, epoch + 1);
+        let fenced = store.put_step("op-1".into(), epoch, step, None).await;
+        assert!(matches!(fenced, Err(StoreError::Fenced { .. })), "{fenced:?}");
+        assert_eq!(store.protected_images().await.expect("protected"), HashSet::from(["ami-1".to_owned()]));
+    }
+    let store = Store::open(&path).await.expect("reopen");
+    let moved = Site { primary_instance_id: "i-2".into(), ..site() };
+    assert_eq!(store.upsert_site(moved).await.expect("site").primary_instance_id, "i-1", "the store's primary wins");
+    assert_eq!(store.active_operations().await.expect("active"), vec!["op-1".to_string()]);
+    let op1 = store.operation("op-1".into()).await.expect("read").expect("exists");
+    assert_eq!(op1.steps[0].state, StepState::Done);
+    assert_eq!(op1.wf_state, Some(serde_json::json!({"image_id": "ami-1"})));
+    assert_eq!(op1.owner, "controller-b");
+    store
+        .set_operation_state("op-1".into(), op1.epoch, OperationState::Succeeded, String::new(), String::new(), String::new())
+        .await
+        .expect("finish");
+    assert!(store.protected_images().await.expect("protected").is_empty(), "a finished operation protects nothing");
+    store.create_operation(op("op-2"), None, one_per_site).await.expect("a second operation once the first ended");
+}
+
+#[tokio::test]
+async fn a_scheduled_slot_is_recorded_with_its_operation_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("s.db")).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    store.create_operation(op("op-1"), Some(1000), one_per_site).await.expect("op");
+    assert_eq!(store.last_slot("s1".into()).await.expect("slot"), Some(1000));
+    // Refused: neither the operation nor the slot is written.
+    assert!(store.create_operation(op("op-2"), Some(2000), one_per_site).await.is_err());
+    assert_eq!(store.last_slot("s1".into()).await.expect("slot"), Some(1000));
+    assert!(store.operation("op-2".into()).await.expect("read").is_none());
+}
+
+#[tokio::test]
+async fn preemption_stores_an_abort_for_the_preempted_operation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("s.db")).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    store.create_operation(op("low"), None, one_per_site).await.expect("op");
+    let preempted = store
+        .create_operation(op("high"), None, |active| Admission::Preempt(active.iter().map(|a| a.id.clone()).collect()))
+        .await
+        .expect("preempt");
+    assert_eq!(preempted, vec!["low".to_string()]);
+    let signals = store.pending_signals("low".into()).await.expect("signals");
+    assert_eq!(signals.len(), 1);
+    assert_eq!(signals[0].1, Signal::Abort);
+    store.consume_signal(signals[0].0).await.expect("consume");
+    assert!(store.pending_signals("low".into()).await.expect("signals").is_empty());
+}
+
+#[tokio::test]
+async fn copies_are_ordered_by_their_backup_not_by_retry_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("s.db")).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    for (i, (ami, done)) in [("ami-old", 1_000u64), ("ami-new", 2_000)].into_iter().enumerate() {
+        let id = format!("op-{i}");
+        let mut o = op(&id);
+        o.state = OperationState::Succeeded;
+        store.create_operation(o, None, |_| Admission::Admit).await.expect("op");
+        store.record_backup(backup(ami, done, &id)).await.expect("backup");
+    }
+    // The old backup's copy was retried last: its request time is the newest.
+    for (src, requested) in [("ami-new", 10u64), ("ami-old", 99)] {
+        store
+            .put_copy(Copy {
+                source_image_id: src.into(),
+                region: "us-west-2".into(),
+                image_id: format!("{src}-copy"),
+                state: CopyState::Available,
+                attempts: 1,
+                error: String::new(),
+                requested_at_ms: requested,
+                completed_at_ms: requested,
+                deleted_at_ms: 0,
+            })
+            .await
+            .expect("copy");
+    }
+    let copies = store.available_copies_in("s1".into(), "us-west-2".into()).await.expect("copies");
+    let order: Vec<&str> = copies.iter().map(|c| c.source_image_id.as_str()).collect();
+    assert_eq!(order, vec!["ami-new", "ami-old"], "the newest backup's copy comes first");
+}
+
+#[tokio::test]
+async fn an_online_backup_holds_what_is_still_in_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    let store = Store::open(&path).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    let mut o = op("op-1");
+    o.state = OperationState::Succeeded;
+    store.create_operation(o, None, |_| Admission::Admit).await.expect("op");
+    store.record_backup(backup("ami-1", 5, "op-1")).await.expect("backup");
+    // A plain copy of state.db alone (what a file backup of only that file
+    // gets while the controller runs) lacks what sits in the WAL.
+    let plain = dir.path().join("plain.db");
+    std::fs::copy(&path, &plain).expect("copy");
+    let plain_store = Store::open(&plain).await.expect("a plain copy opens");
+    assert_eq!(plain_store.count_backups().await.expect("count"), 0, "the catalog was still in the WAL");
+    let copy = dir.path().join("backup.db");
+    assert_eq!(store.backup_to(copy.clone()).await.expect("backup"), 1);
+    let restored = Store::open(&copy).await.expect("open the copy");
+    assert_eq!(restored.backups("s1".into()).await.expect("backups").len(), 1);
+    assert!(store.backup_to(copy).await.is_err(), "an existing file is never overwritten");
+}

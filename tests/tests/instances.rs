@@ -1,0 +1,117 @@
+//! Several agents of one site, persisted liveness, and a freeze that does
+//! not cover the snapshots: the controller, real agents, moto.
+
+use std::time::Duration;
+
+use dr_tests::*;
+
+fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    op["steps"].as_array().and_then(|s| s.iter().find(|x| x["name"] == name)).unwrap_or(&serde_json::Value::Null)
+}
+
+fn backup(w: &World) -> (bool, serde_json::Value) {
+    let out = drctl(&w.pki, &w.controller.url, &["backup", &w.site, "--wait", "--output", "json"]);
+    let last = text(&out.stdout).lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned).unwrap_or_default();
+    let op: serde_json::Value = serde_json::from_str(&last)
+        .or_else(|_| serde_json::from_slice(&out.stdout))
+        .unwrap_or_else(|e| panic!("{e}: {}{}\n{}", text(&out.stdout), text(&out.stderr), w.controller.log()));
+    (out.status.success(), op)
+}
+
+/// Every AMI carries the site's certificate: an instance launched from a
+/// backup connects as the same site. It must sit beside the primary as
+/// passive, not replace the primary's session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_the_machine_connects_beside_the_primary_without_evicting_it() {
+    let w = World::start("prod-1", "200ms").await;
+    w.wait_agent();
+    let ec2 = w.moto.client().await;
+    let copy = launch_instance(&ec2).await;
+    let copy_dir = w.dir.path().join("copy");
+    std::fs::create_dir_all(&copy_dir).expect("mkdir");
+    let imds = Imds::start(&copy_dir, &copy, None);
+    let root = services_machine_root(&copy_dir, &copy.private_ip, "54.1.1.1");
+    let stray = Agent::start(&copy_dir, &w.pki, "prod-1", &w.controller.url, &imds, &root);
+    let instances = || site_status(&w.pki, &w.controller.url, "prod-1")["instances"].as_array().cloned().unwrap_or_default();
+    assert_eventually!(
+        Duration::from_secs(30),
+        instances().iter().any(|i| i["instance_id"] == copy.id.as_str() && i["connected"] == true),
+        "the copy's agent connected: {:?}\n{}",
+        instances(),
+        stray.log()
+    );
+    // For several heartbeats both stay connected, each in its own role.
+    for _ in 0..5 {
+        let list = instances();
+        let role = |id: &str| list.iter().find(|i| i["instance_id"] == id).map(|i| (i["role"].clone(), i["connected"].clone()));
+        assert_eq!(role(&w.instance.id), Some(("primary".into(), true.into())), "{list:?}");
+        assert_eq!(role(&copy.id), Some(("passive".into(), true.into())), "{list:?}");
+        assert!(agent_connected(&w.pki, &w.controller.url, "prod-1"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Backups still reach the primary, and only the primary.
+    let (ok, op) = backup(&w);
+    assert!(ok, "{op:#}");
+    assert!(step(&op, "check_agent")["detail"].as_str().expect("detail").contains("agent answered"), "{op:#}");
+    assert!(!stray.log().contains("command received"), "the passive copy got a command:\n{}", stray.log());
+    assert!(w.agent.log().contains("command received"), "{}", w.agent.log());
+}
+
+/// After a SIGKILL, an agent seen a moment ago counts as alive (liveness is
+/// persisted while it is connected, not only at connect): a resumed quiesce
+/// waits for it to reconnect instead of falling back to crash-consistent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_quiesce_waits_for_an_agent_seen_just_before_the_crash() {
+    let mut w = World::start_full("prod-1", "200ms", &[], "agent_seen_within = \"3s\"\n[policy]\nquiesce = \"stop\"\n").await;
+    let config = std::fs::read_to_string(&w.controller.config).expect("config");
+    std::fs::write(&w.controller.config, config.replacen("[server]\n", "[server]\nliveness_flush = \"1s\"\n", 1)).expect("write");
+    w.controller.kill();
+    w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", "step.quiesce.after")]);
+    w.wait_agent();
+    // Connected well beyond agent_seen_within before the crash.
+    std::thread::sleep(Duration::from_secs(5));
+    let out = drctl_json(&w.pki, &w.controller.url, &["backup", "prod-1"]);
+    let id = out["operation_id"].as_str().expect("id").to_owned();
+    w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(30)).expect("killed at the crash point");
+    w.controller.restart(&[]);
+    let out = drctl(&w.pki, &w.controller.url, &["operation", &id, "--wait", "--output", "json"]);
+    let last = text(&out.stdout).lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned).unwrap_or_default();
+    let op: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    assert_eq!(op["state"], "succeeded", "{op:#}\n{}", w.controller.log());
+    let q = step(&op, "quiesce")["detail"].as_str().expect("detail").to_owned();
+    assert!(q.contains("stop: done (app-stop)"), "the resumed quiesce reached the agent: {q}");
+    let b = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"])["backups"][0].clone();
+    assert_eq!(b["consistency"], "application", "{b}");
+    // The app was stopped once (the resumed step was answered from the
+    // agent's journal) and started again.
+    assert_eq!(w.agent.replicatedctl_calls("app stop"), 1);
+    assert_eventually!(Duration::from_secs(10), w.agent.replicatedctl_calls("app start") == 1, "app started again");
+}
+
+/// The freeze's deadline passes before the snapshots are pending (here
+/// CreateImage is held up): the watchdog thaws, the image is of live disks,
+/// and the backup must say crash-consistent, not filesystem-consistent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freeze_that_expired_before_the_snapshots_makes_the_backup_crash_consistent() {
+    let fs = LoopFs::new(64);
+    let agent_toml = format!("[freeze]\nmounts = [\"{}\"]\ndeadline = \"60s\"\n", fs.mount.display());
+    let mut w = World::start_custom(
+        "prod-1",
+        "200ms",
+        &[],
+        "freeze_deadline = \"2s\"\n[policy]\nquiesce = \"freeze\"\n",
+        &agent_toml,
+    )
+    .await;
+    w.controller.kill();
+    w.controller.restart(&[("DR_CONTROLLER_DELAY_AT", "step.create_image.before=4s")]);
+    w.wait_agent();
+    let (ok, op) = backup(&w);
+    assert!(ok, "{op:#}\n{}", w.controller.log());
+    let u = step(&op, "unquiesce")["detail"].as_str().expect("detail").to_owned();
+    assert!(u.contains("thawed before the thaw was asked"), "{u}");
+    let b = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"])["backups"][0].clone();
+    assert_eq!(b["consistency"], "crash", "{b}");
+    assert!(b["quiesce_note"].as_str().expect("note").contains("crash-consistent instead"), "{b}");
+    assert!(fs.writable_within(Duration::from_secs(5)));
+}
