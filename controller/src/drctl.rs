@@ -289,10 +289,25 @@ pub struct BackupView {
 }
 
 #[derive(Debug, Serialize)]
+pub struct InstanceView {
+    pub instance_id: String,
+    pub role: String,
+    pub reason: String,
+    pub operation_id: String,
+    pub connected: bool,
+    pub private_ip: String,
+    pub last_seen_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct SiteView {
     pub site_id: String,
     pub region: String,
     pub primary_instance_id: String,
+    /// Every known instance of the site, primary first.
+    pub instances: Vec<InstanceView>,
+    /// What needs a human's attention.
+    pub problems: Vec<String>,
     pub agent: Option<AgentView>,
     pub last_backup: Option<BackupView>,
     pub running_operation_id: Option<String>,
@@ -371,7 +386,22 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         last_heartbeat_age_s: (s.last_heartbeat_ms > 0).then(|| now.saturating_sub(s.last_heartbeat_ms) / 1000),
     });
     let last_backup = s.last_backup.map(|b| backup_view(b, now));
+    let instances = s
+        .instances
+        .into_iter()
+        .map(|i| InstanceView {
+            private_ip: i.facts.map(|f| f.private_ip).unwrap_or_default(),
+            last_seen_at: rfc3339(i.last_seen_ms),
+            instance_id: i.instance_id,
+            role: i.role,
+            reason: i.reason,
+            operation_id: i.operation_id,
+            connected: i.connected,
+        })
+        .collect();
     SiteView {
+        instances,
+        problems: s.problems,
         rpo_s: last_backup.as_ref().map(|b| b.age_s),
         site_id: s.site_id,
         region: s.region,
@@ -457,6 +487,14 @@ pub fn print_status(sites: &[SiteView]) {
         }
         if let Some(op) = &s.running_operation_id {
             println!("{:<20} running: {op}", "");
+        }
+        for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
+            let state = if i.connected { "connected" } else { "offline" };
+            let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };
+            println!("{:<20} also: {} {}{of} ({state}){}", "", i.instance_id, i.role, if i.reason.is_empty() { String::new() } else { format!(": {}", i.reason) });
+        }
+        for p in &s.problems {
+            println!("{:<20} ! {p}", "");
         }
     }
 }

@@ -9,13 +9,18 @@ fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     op["steps"].as_array().and_then(|s| s.iter().find(|x| x["name"] == name)).unwrap_or(&serde_json::Value::Null)
 }
 
+/// The last JSON value drctl printed (with `--wait`, the final operation).
+fn last_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap_or_else(|| panic!("no JSON: {}{}", text(&out.stdout), text(&out.stderr)))
+}
+
 fn backup(w: &World) -> (bool, serde_json::Value) {
     let out = drctl(&w.pki, &w.controller.url, &["backup", &w.site, "--wait", "--output", "json"]);
-    let last = text(&out.stdout).lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned).unwrap_or_default();
-    let op: serde_json::Value = serde_json::from_str(&last)
-        .or_else(|_| serde_json::from_slice(&out.stdout))
-        .unwrap_or_else(|e| panic!("{e}: {}{}\n{}", text(&out.stdout), text(&out.stderr), w.controller.log()));
-    (out.status.success(), op)
+    (out.status.success(), last_json(&out))
 }
 
 /// Every AMI carries the site's certificate: an instance launched from a
@@ -75,8 +80,7 @@ async fn a_resumed_quiesce_waits_for_an_agent_seen_just_before_the_crash() {
     w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(30)).expect("killed at the crash point");
     w.controller.restart(&[]);
     let out = drctl(&w.pki, &w.controller.url, &["operation", &id, "--wait", "--output", "json"]);
-    let last = text(&out.stdout).lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned).unwrap_or_default();
-    let op: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    let op = last_json(&out);
     assert_eq!(op["state"], "succeeded", "{op:#}\n{}", w.controller.log());
     let q = step(&op, "quiesce")["detail"].as_str().expect("detail").to_owned();
     assert!(q.contains("stop: done (app-stop)"), "the resumed quiesce reached the agent: {q}");

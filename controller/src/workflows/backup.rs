@@ -10,8 +10,7 @@
 //!    skips the backup, per `on_quiesce_failure`. Compensated by `unquiesce`.
 //! 3. `create_image`: CreateImage (NoReboot) tagged `dr:operation=<id>`.
 //!    CreateImage has no ClientToken: the engine's `find_or_create` looks
-//!    for the operation's tagged AMI first. While file systems are frozen,
-//!    its throttling budget ends before the freeze's deadline.
+//!    for the operation's tagged AMI first.
 //! 4. `wait_snapshots`: poll until every snapshot of the AMI exists and is
 //!    `pending` (or further): from then on the image no longer depends on
 //!    the live disks.
@@ -231,20 +230,6 @@ async fn quiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     Ok(Outcome::Done(detail))
 }
 
-/// How long CreateImage may spend absorbing throttling: while file systems
-/// are frozen, it must end before the freeze's deadline (with a margin), or
-/// the image would be taken of thawed disks and called consistent.
-fn create_budget(ctx: &Ctx<Deps>, st: &State) -> Duration {
-    let frozen_at = st.quiesce.as_ref().map(|q| q.frozen_at_ms).unwrap_or(0);
-    if frozen_at == 0 {
-        return EC2_RETRY_BUDGET;
-    }
-    let deadline = ctx.deps().backup.freeze_deadline;
-    let elapsed = Duration::from_millis(now_ms().saturating_sub(frozen_at));
-    let margin = (deadline / 4).min(Duration::from_secs(15));
-    deadline.saturating_sub(elapsed).saturating_sub(margin).min(EC2_RETRY_BUDGET)
-}
-
 async fn create_image(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     if let Some(q) = st.quiesce.as_ref().filter(|q| q.skip) {
         return Err(StepError::new(
@@ -261,7 +246,6 @@ async fn create_image(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
         description: format!("dr-controller backup of site {} (operation {})", ctx.site.id, ctx.op_id),
         tags: tags(ctx),
     };
-    let budget = create_budget(ctx, st);
     let mut call_ms = 0u64;
     let (image_id, reused) = ctx
         .find_or_create(
@@ -285,17 +269,8 @@ async fn create_image(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
                         failed.id, failed.state, failed.state_reason
                     )));
                 }
-                if budget.is_zero() {
-                    return Err(StepError::new(ErrorKind::TimedOut, "no time left to call CreateImage within the freeze's deadline"));
-                }
                 let started = tokio::time::Instant::now();
-                let id = retry_ec2("CreateImage", budget, || ec2.create_image(&req)).await.map_err(|e| {
-                    let mut err = StepError::from(e);
-                    if budget < EC2_RETRY_BUDGET {
-                        err.message.push_str(" (gave up before the file systems' freeze deadline)");
-                    }
-                    err
-                })?;
+                let id = retry_ec2("CreateImage", EC2_RETRY_BUDGET, || ec2.create_image(&req)).await?;
                 call_ms = started.elapsed().as_millis() as u64;
                 Ok(id)
             },
