@@ -229,5 +229,5 @@ fn recover_offline_without_root_is_refused() {
         .output()
         .expect("run dr-agent recover");
     assert_eq!(out.status.code(), Some(2), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stderr).contains("--root"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--offline acts on a mounted disk") && text(&out.stderr).contains("--root"), "{}", text(&out.stderr));
 }
