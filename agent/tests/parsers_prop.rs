@@ -181,7 +181,7 @@ mod imds_answers {
     use super::*;
     use std::io::{Read, Write};
 
-    fn serve_once_each(answers: Vec<(String, String)>) -> String {
+    pub fn serve_once_each(answers: Vec<(String, String)>) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         std::thread::spawn(move || {
@@ -221,5 +221,50 @@ mod imds_answers {
     }
 }
 
-/// Crashes found by the properties, kept as plain cases.
+/// Nomad's answers to the drain step (`GET /v1/nodes`): whatever they are,
+/// a dry-run drain plans only valid node ids or fails naming the URL.
+mod nomad_answers {
+    use super::*;
+
+    fn node() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("aaaa-1".to_owned()), "[ -~]{0,12}"],
+            prop_oneof![Just("ready"), Just("down"), Just("")],
+            any::<bool>(),
+            prop_oneof![Just("eligible"), Just("ineligible"), Just("x")],
+        )
+            .prop_map(|(id, st, d, e)| {
+                serde_json::json!({"ID": id, "Name": "n", "Status": st, "Drain": d, "SchedulingEligibility": e}).to_string()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).map(|c: u32| c / 8 + 1).unwrap_or(48), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn drain_plans_valid_nodes_or_names_the_url(body in prop_oneof![
+            prop::collection::vec(node(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+            any::<String>(),
+            "\\[\\{\"ID\":[0-9a-z\"\\[\\]{}]{0,8}\\}\\]",
+        ]) {
+            let url = imds_answers::serve_once_each(vec![("/v1/nodes".into(), body.clone())]);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut c = Config::default();
+            c.nomad.api_url = url.clone();
+            c.state_dir = dir.path().to_owned();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let params = dr_agent::drain::DrainParams { deadline: std::time::Duration::from_secs(1), require_idle: false };
+            match rt.block_on(dr_agent::drain::drain(&c, &params, true)) {
+                Ok(r) => {
+                    for n in &r.drained {
+                        prop_assert!(!n.id.is_empty() && n.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{:?}", n);
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().contains(&url) || e.to_string().contains("node"), "{}", e),
+            }
+        }
+    }
+}
+
+/// Crashes found by the properties, kept as plain cases (none so far).
 mod regressions {}
