@@ -184,9 +184,19 @@ mod imds_answers {
     pub fn serve_once_each(answers: Vec<(String, String)>) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
+        // Bounded: at most 8 connections or 5 s, then the listener closes
+        // (a case that asks less must not leak it).
+        listener.set_nonblocking(true).expect("nonblocking");
         std::thread::spawn(move || {
-            for conn in listener.incoming().take(8) {
-                let Ok(mut s) = conn else { continue };
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut served = 0;
+            while served < 8 && std::time::Instant::now() < until {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    continue;
+                };
+                served += 1;
+                let _ = s.set_nonblocking(false);
                 let mut buf = [0u8; 4096];
                 let n = s.read(&mut buf).unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).into_owned();
