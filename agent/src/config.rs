@@ -94,6 +94,10 @@ pub struct NomadSection {
     /// Timeout of one HTTP call to Nomad.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// `wipe-nomad` never deletes through a mount point below the data dir;
+    /// it refuses, naming them, unless this is true: then it unmounts them
+    /// (deepest first, not lazily) before wiping.
+    pub unmount_below: bool,
 }
 
 /// File-system freezes around CreateImage.
@@ -143,6 +147,7 @@ impl Default for NomadSection {
             api_url: "http://127.0.0.1:4646".to_owned(),
             drain_deadline: Duration::from_secs(600),
             request_timeout: Duration::from_secs(10),
+            unmount_below: false,
         }
     }
 }

@@ -373,6 +373,53 @@ struct RecordedNode {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     nodes: Vec<RecordedNode>,
+    /// The instance and boot the record was written under (records of
+    /// older agents have none: taken as the identity recorded before).
+    #[serde(default)]
+    identity: Option<crate::identity::Identity>,
+}
+
+/// The identity records are written under now.
+fn here(config: &Config) -> crate::identity::Identity {
+    crate::identity::for_records(&config.state_dir, Path::new(crate::facts::BOOT_ID_PATH))
+}
+
+/// The record, unless it was written on another instance (a state_dir
+/// restored with an image): then its nodes belong to the machine the image
+/// was taken of. It is reported, moved aside (unless `dry_run`) and
+/// replaced by an empty record: this instance neither undrains nor touches
+/// those nodes, and does not fall back to ending every drain.
+fn load_current_record(config: &Config, dry_run: bool, warnings: &mut Vec<String>) -> Result<Option<Record>, DrainError> {
+    let path = record_path(config);
+    let Some(record) = load_record(&path)? else { return Ok(None) };
+    if record.nodes.is_empty() {
+        return Ok(Some(record));
+    }
+    let recorded = crate::identity::load(&config.state_dir).ok().flatten();
+    let Some(written) = record.identity.clone().or_else(|| crate::identity::assumed_for_old_records(recorded.as_ref())) else {
+        return Ok(Some(record));
+    };
+    let now = here(config);
+    if written.same_instance(&now) {
+        return Ok(Some(record));
+    }
+    let aside = config.state_dir.join(format!("{RECORD_FILE}.stale-{}", crate::clock::utc_stamp(std::time::SystemTime::now())));
+    let ids: Vec<&str> = record.nodes.iter().map(|n| n.id.as_str()).collect();
+    warnings.push(format!(
+        "stale drain record {} written on {written}, not on this instance ({}): its node(s) {} are not touched; {} {}",
+        path.display(),
+        now.instance_id.as_deref().unwrap_or("(unknown)"),
+        ids.join(", "),
+        if dry_run { "would move it aside to" } else { "moved it aside to" },
+        aside.display()
+    ));
+    tracing::warn!(record = %path.display(), written = %written, "stale drain record from another instance");
+    let empty = Record { nodes: Vec::new(), identity: Some(now) };
+    if !dry_run {
+        std::fs::rename(&path, &aside).map_err(|e| DrainError::Record { path: path.clone(), why: format!("cannot move the stale record aside: {e}") })?;
+        save_record(&path, &empty)?;
+    }
+    Ok(Some(empty))
 }
 
 fn record_path(config: &Config) -> PathBuf {
@@ -421,7 +468,9 @@ fn save_record(path: &Path, record: &Record) -> Result<(), DrainError> {
 /// Node ids recorded as drained by this agent and not undrained yet (a
 /// non-empty answer at start-up means an undrain is owed).
 pub fn recorded_nodes(config: &Config) -> Result<Vec<String>, DrainError> {
-    Ok(load_record(&record_path(config))?.map(|r| r.nodes.into_iter().map(|n| n.id).collect()).unwrap_or_default())
+    let mut warnings = Vec::new();
+    let record = load_current_record(config, true, &mut warnings)?;
+    Ok(record.map(|r| r.nodes.into_iter().map(|n| n.id).collect()).unwrap_or_default())
 }
 
 /// Drains every ready Nomad client node and waits until none of them has a
@@ -433,7 +482,8 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
     }
     let client = NomadClient::new(&config.nomad.api_url, config.nomad.request_timeout)?;
     let path = record_path(config);
-    let existing = load_record(&path)?;
+    let mut stale_warnings = Vec::new();
+    let existing = load_current_record(config, dry_run, &mut stale_warnings)?;
     let had_record = existing.is_some();
     let mut record = existing.unwrap_or_default();
     let nodes = client.nodes().await?;
@@ -449,7 +499,7 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
         record: path.clone(),
         dry_run,
         actions: Vec::new(),
-        warnings: Vec::new(),
+        warnings: stale_warnings,
     };
     let mut to_drain = Vec::new();
     for node in &nodes {
@@ -499,6 +549,7 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
         }
     }
     if changed {
+        record.identity = Some(here(config));
         save_record(&path, &record)?;
     }
     let mut asked = Vec::new();
@@ -590,7 +641,8 @@ async fn wait_idle(
 pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, DrainError> {
     let client = NomadClient::new(&config.nomad.api_url, config.nomad.request_timeout)?;
     let path = record_path(config);
-    let record = load_record(&path)?;
+    let mut stale_warnings = Vec::new();
+    let record = load_current_record(config, dry_run, &mut stale_warnings)?;
     let mut report = UndrainReport {
         undrained: Vec::new(),
         already: Vec::new(),
@@ -598,7 +650,7 @@ pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, Dr
         from_record: record.is_some(),
         dry_run,
         actions: Vec::new(),
-        warnings: Vec::new(),
+        warnings: stale_warnings,
     };
     let nodes = match (client.nodes().await, &record) {
         (Ok(n), _) => Some(n),
@@ -666,7 +718,7 @@ pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, Dr
     }
     // An empty record, not none: a later undrain must not fall back to
     // ending drains an operator made.
-    save_record(&path, &Record::default())?;
+    save_record(&path, &Record { nodes: Vec::new(), identity: Some(here(config)) })?;
     Ok(report)
 }
 
@@ -924,6 +976,55 @@ mod tests {
     }
 
     const P: DrainParams = DrainParams { deadline: Duration::from_secs(5), require_idle: false };
+
+    /// A state_dir restored with an image: the identity record says this
+    /// machine is i-0bbb (restored from i-0aaa), and drain.json was written
+    /// on i-0aaa (with an identity, or by an older agent without one).
+    fn restored_state(state: &Path, with_identity: bool) {
+        let live_boot = crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).expect("boot id");
+        let old = serde_json::json!({"instance_id": "i-0aaa", "boot_id": "old-boot"});
+        std::fs::write(
+            state.join(crate::identity::IDENTITY_FILE),
+            serde_json::json!({"current": {"instance_id": "i-0bbb", "boot_id": live_boot}, "previous": old, "restored_from": old}).to_string(),
+        )
+        .expect("identity");
+        let mut rec = serde_json::json!({"nodes": [{"id": "aaaa-1", "name": "n-aaaa-1", "was_eligible": true}]});
+        if with_identity {
+            rec["identity"] = old;
+        }
+        std::fs::write(state.join(RECORD_FILE), rec.to_string()).expect("record");
+    }
+
+    #[tokio::test]
+    async fn a_drain_record_of_another_instance_is_moved_aside_and_its_nodes_left_alone() {
+        for with_identity in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let f = fake(&["aaaa-1", "bbbb-2"]);
+            // On the old machine's Nomad the node is drained (as the image saw it).
+            f.lock().expect("lock").nodes.insert("aaaa-1".to_owned(), (true, false));
+            let c = config(&serve(f.clone()).await, dir.path());
+            restored_state(dir.path(), with_identity);
+            assert!(recorded_nodes(&c).expect("record").is_empty(), "no undrain owed at start-up");
+            let dry = undrain(&c, true).await.expect("dry undrain");
+            assert!(dry.undrained.is_empty() && dry.warnings.iter().any(|w| w.contains("stale drain record")), "{dry:?}");
+            assert!(dir.path().join(RECORD_FILE).exists(), "the dry run moves nothing");
+            let r = undrain(&c, false).await.expect("undrain");
+            assert!(r.undrained.is_empty(), "{r:?}");
+            assert!(r.warnings.iter().any(|w| w.contains("stale drain record") && w.contains("aaaa-1") && w.contains("i-0aaa")), "{r:?}");
+            let calls = f.lock().expect("lock").calls.clone();
+            assert!(!calls.iter().any(|c| c.starts_with("POST")), "no node touched: {calls:?}");
+            assert_eq!(f.lock().expect("lock").nodes["aaaa-1"], (true, false));
+            let aside: Vec<_> = std::fs::read_dir(dir.path())
+                .expect("ls")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("drain.json.stale-"))
+                .collect();
+            assert_eq!(aside.len(), 1, "moved aside");
+            // A second undrain: nothing stale left, still nothing touched.
+            let again = undrain(&c, false).await.expect("undrain");
+            assert!(again.undrained.is_empty() && again.warnings.is_empty(), "{again:?}");
+        }
+    }
 
     #[tokio::test]
     async fn with_drain_undrains_when_the_step_fails() {

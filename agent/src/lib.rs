@@ -21,6 +21,7 @@ pub mod config;
 pub mod drain;
 pub mod facts;
 pub mod freeze;
+pub mod identity;
 pub mod imds;
 pub mod journal;
 pub mod logging;
@@ -56,6 +57,7 @@ pub async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), Run
         version = env!("CARGO_PKG_VERSION"),
         "dr-agent starting"
     );
+    record_identity(config).await;
     let agent = Arc::new(session::Agent::new(config, settings)?);
     let shutdown = async move {
         tokio::select! {
@@ -65,4 +67,34 @@ pub async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), Run
     };
     agent.run(shutdown).await;
     Ok(())
+}
+
+/// Records the instance id and boot id this daemon runs on
+/// (state_dir/identity.json), keeping the previous ones when they changed.
+/// IMDS down or an unwritable state_dir: logged, the daemon goes on.
+async fn record_identity(config: &config::Config) {
+    let client = match imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the IMDS client: identity not recorded");
+            return;
+        }
+    };
+    let live = match identity::live(&client, std::path::Path::new(facts::BOOT_ID_PATH)).await {
+        Ok((live, imds_down)) => {
+            if let Some(why) = imds_down {
+                tracing::warn!(error = %why, "IMDS did not answer: recording the boot id only");
+            }
+            live
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this machine's identity: not recorded");
+            return;
+        }
+    };
+    match identity::observe(&config.state_dir, &live) {
+        Ok((change, file)) => tracing::info!(?change, current = %file.current,
+            restored_from = file.restored_from.as_ref().map(|i| i.to_string()).unwrap_or_default(), "identity recorded"),
+        Err(e) => tracing::warn!(error = %e, "cannot record this machine's identity"),
+    }
 }

@@ -134,7 +134,13 @@ async fn dispatch(command: Command) -> Result<(), (u8, String)> {
     let text = match command {
         Command::Run { config } => {
             let cfg = Config::load(&config).map_err(config_err)?;
-            return dr_agent::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| (1, e.to_string()));
+            return dr_agent::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
+                let code = match e {
+                    dr_agent::RunError::Config(_) => commands::EXIT_INPUT,
+                    _ => commands::EXIT_FAILED,
+                };
+                (code, e.to_string())
+            });
         }
         Command::AppStatus { config, replicatedctl, output } => {
             let mut cfg = Config::load_optional(config.as_deref()).map_err(config_err)?;

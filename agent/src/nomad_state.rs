@@ -11,6 +11,7 @@
 //! left aside by an interrupted run is deleted by the next run.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,6 +32,8 @@ pub enum WipeError {
     NomadRunning { path: PathBuf, processes: String },
     #[error("refusing to wipe {path}: {why}")]
     UnsafePath { path: PathBuf, why: String },
+    #[error("refusing to wipe {path}: mount points below it ({}) belong to other file systems; unmount them first, or set `[nomad] unmount_below = true` to let the wipe unmount them", list_paths(.mounts))]
+    MountsBelow { path: PathBuf, mounts: Vec<PathBuf> },
     #[error("nomad.data_dir `{0}`: must be an absolute path without `..`")]
     BadDataDir(PathBuf),
     #[error("cannot check the app state before wiping: {0}")]
@@ -39,10 +42,17 @@ pub enum WipeError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 
+fn list_paths(p: &[PathBuf]) -> String {
+    p.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
 impl WipeError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            WipeError::AppRunning { .. } | WipeError::NomadRunning { .. } | WipeError::UnsafePath { .. } => EXIT_REFUSED,
+            WipeError::AppRunning { .. }
+            | WipeError::NomadRunning { .. }
+            | WipeError::UnsafePath { .. }
+            | WipeError::MountsBelow { .. } => EXIT_REFUSED,
             WipeError::BadDataDir(_) => EXIT_INPUT,
             WipeError::Replicated(_) | WipeError::Io { .. } => EXIT_FAILED,
         }
@@ -86,6 +96,10 @@ pub struct WipeReport {
     /// `wiped`, `already done` or `would wipe`.
     pub state: String,
     pub dry_run: bool,
+    /// The data dir is itself a mount point: emptied in place instead of
+    /// moved aside.
+    #[serde(default)]
+    pub in_place: bool,
     /// What was (or would be) removed, leftovers of an interrupted run included.
     pub removed: TreeCount,
     /// Where the tree was moved before deletion.
@@ -99,6 +113,10 @@ pub struct WipeReport {
     pub mode: Option<String>,
     /// Top-level entries (and leftovers) that are (or would be) removed, at most 50.
     pub entries: Vec<String>,
+    /// Mount points found below the data dir (or a leftover tree): never
+    /// deleted through; refused unless `nomad.unmount_below`.
+    #[serde(default)]
+    pub mounts_below: Vec<PathBuf>,
     pub actions: Vec<String>,
     pub warnings: Vec<String>,
     /// Dry run only: why the real run would refuse right now (app running,
@@ -171,24 +189,119 @@ fn check_path(root: &Path, path: &Path) -> Result<Option<std::fs::Metadata>, Wip
     }
 }
 
-/// Counts a tree without following symlinks (the top dir itself not counted).
-pub fn count_tree(dir: &Path) -> Result<TreeCount, WipeError> {
-    let mut count = TreeCount::default();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(io("cannot list", &d))? {
-            let entry = entry.map_err(io("cannot list", &d))?;
-            let ft = entry.file_type().map_err(io("cannot stat", &entry.path()))?;
-            if ft.is_dir() {
-                count.dirs += 1;
-                stack.push(entry.path());
-            } else {
-                count.files += 1;
-                count.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+/// What a walk found: counts, and the mount points it met and left alone.
+#[derive(Clone, Debug, Default)]
+struct Walk {
+    count: TreeCount,
+    /// Directories on another file system (device id differs) or listed as
+    /// mount points: never entered, never deleted.
+    crossings: Vec<PathBuf>,
+}
+
+fn nix_io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::errno::Errno) -> WipeError + 'a {
+    move |e| WipeError::Io { what, path: path.to_owned(), source: std::io::Error::from_raw_os_error(e as i32) }
+}
+
+/// Opens a directory without following a symlink at its last component.
+fn open_dir_at<Fd: std::os::fd::AsFd>(at: Fd, name: &std::ffi::CStr, path: &Path) -> Result<nix::dir::Dir, WipeError> {
+    use nix::fcntl::OFlag;
+    nix::dir::Dir::openat(
+        at,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(nix_io("cannot open", path))
+}
+
+fn open_dir(path: &Path) -> Result<nix::dir::Dir, WipeError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| WipeError::UnsafePath { path: path.to_owned(), why: "it contains a NUL byte".to_owned() })?;
+    open_dir_at(nix::fcntl::AT_FDCWD, &c, path)
+}
+
+/// Walks (and with `delete`, empties) the directory open as `dir` at
+/// `path`, never following a symlink and never entering a directory whose
+/// device id differs from `dev` or that `mounts` lists: those are recorded
+/// in `out.crossings` and left in place (with their parents). Entries of the
+/// top level named in `keep` are left alone.
+fn walk(dir: &mut nix::dir::Dir, path: &Path, dev: u64, mounts: &HashSet<PathBuf>, delete: bool, keep: &[&str], out: &mut Walk) -> Result<(), WipeError> {
+    use nix::sys::stat::{FileStat, SFlag, fstat, fstatat};
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    use std::os::unix::ffi::OsStrExt;
+    let mut names = Vec::new();
+    for e in dir.iter() {
+        let e = e.map_err(nix_io("cannot list", path))?;
+        let name = e.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        if keep.iter().any(|k| k.as_bytes() == name.to_bytes()) {
+            continue;
+        }
+        names.push(name.to_owned());
+    }
+    let is_dir = |st: &FileStat| SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR;
+    for name in names {
+        let child = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let st = match fstatat(&*dir, name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(nix_io("cannot stat", &child)(e)),
+        };
+        if is_dir(&st) {
+            if st.st_dev != dev || mounts.contains(&child) {
+                out.crossings.push(child);
+                continue;
+            }
+            let mut sub = match open_dir_at(&*dir, name.as_c_str(), &child) {
+                Ok(d) => d,
+                Err(WipeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            // Between the stat and the open a mount could appear: check the open dir.
+            if fstat(&sub).map_err(nix_io("cannot stat", &child))?.st_dev != dev {
+                out.crossings.push(child);
+                continue;
+            }
+            out.count.dirs += 1;
+            let before = out.crossings.len();
+            walk(&mut sub, &child, dev, mounts, delete, &[], out)?;
+            drop(sub);
+            if delete && out.crossings.len() == before {
+                match unlinkat(&*dir, name.as_c_str(), UnlinkatFlags::RemoveDir) {
+                    Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                    Err(e) => return Err(nix_io("cannot delete", &child)(e)),
+                }
+            }
+        } else {
+            out.count.files += 1;
+            out.count.bytes += st.st_size.max(0) as u64;
+            if delete {
+                match unlinkat(&*dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                    Err(e) => return Err(nix_io("cannot delete", &child)(e)),
+                }
             }
         }
     }
-    Ok(count)
+    Ok(())
+}
+
+/// Walks the tree at `top` (not following symlinks, not crossing into
+/// another file system); with `delete` it empties it.
+fn walk_tree(top: &Path, mounts: &HashSet<PathBuf>, delete: bool, keep: &[&str]) -> Result<Walk, WipeError> {
+    let mut dir = open_dir(top)?;
+    let dev = nix::sys::stat::fstat(&dir).map_err(nix_io("cannot stat", top))?.st_dev;
+    let mut out = Walk::default();
+    walk(&mut dir, top, dev, mounts, delete, keep, &mut out)?;
+    Ok(out)
+}
+
+/// Counts a tree without following symlinks and without crossing into
+/// another file system (the top dir itself not counted).
+pub fn count_tree(dir: &Path) -> Result<TreeCount, WipeError> {
+    Ok(walk_tree(dir, &mount_points().unwrap_or_default(), false, &[])?.count)
 }
 
 /// Leftovers of an interrupted wipe: `.<name>-wipe-*` directories (not
@@ -212,40 +325,118 @@ fn leftovers(path: &Path) -> Result<Vec<PathBuf>, WipeError> {
     Ok(out)
 }
 
-/// Deletes a tree without following symlinks, counting what it removes.
-fn delete_tree(dir: &Path) -> Result<TreeCount, WipeError> {
-    let count = count_tree(dir)?;
-    std::fs::remove_dir_all(dir).map_err(io("cannot delete", dir))?;
-    Ok(count)
+/// Every mount point of this mount namespace (/proc/self/mountinfo).
+fn mount_points() -> Result<HashSet<PathBuf>, WipeError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("cannot read", Path::new("/proc/self/mountinfo")))?;
+    Ok(crate::freeze::fs::parse_mountinfo(&text).into_iter().map(|m| m.mount_point).collect())
+}
+
+/// The mount points strictly below `dir`, deepest first.
+fn mounts_below(mounts: &HashSet<PathBuf>, dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = mounts.iter().filter(|m| m.starts_with(dir) && m.as_path() != dir).cloned().collect();
+    out.sort_by(|a, b| b.components().count().cmp(&a.components().count()).then(a.cmp(b)));
+    out
+}
+
+/// Whether `dir` is a mount point: listed in mountinfo, or on another
+/// device than its parent.
+fn is_mount_point(mounts: &HashSet<PathBuf>, dir: &Path) -> Result<bool, WipeError> {
+    if mounts.contains(dir) {
+        return Ok(true);
+    }
+    let Some(parent) = dir.parent() else { return Ok(true) };
+    let d = std::fs::symlink_metadata(dir).map_err(io("cannot stat", dir))?;
+    let p = std::fs::symlink_metadata(parent).map_err(io("cannot stat", parent))?;
+    Ok(d.dev() != p.dev())
+}
+
+/// Unmounts `mounts` (deepest first; no lazy unmount: a busy mount fails).
+fn unmount(mounts: &[PathBuf]) -> Result<(), WipeError> {
+    for m in mounts {
+        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::UMOUNT_NOFOLLOW).map_err(nix_io("cannot unmount", m))?;
+        tracing::info!(mount = %m.display(), "unmounted a mount below the Nomad data dir");
+    }
+    Ok(())
+}
+
+/// Deletes a tree without following symlinks or crossing mounts, counting
+/// what it removes. Refuses (leaving them) if it meets mount points.
+fn delete_tree(dir: &Path, mounts: &HashSet<PathBuf>) -> Result<TreeCount, WipeError> {
+    let w = walk_tree(dir, mounts, true, &[])?;
+    if !w.crossings.is_empty() {
+        return Err(WipeError::MountsBelow { path: dir.to_owned(), mounts: w.crossings });
+    }
+    std::fs::remove_dir(dir).map_err(io("cannot delete", dir))?;
+    Ok(w.count)
+}
+
+/// `dir/<prefix><UTC stamp>`, with `-1`, `-2`... added until nothing has that name.
+fn unused_stamped(dir: &Path, prefix: &str) -> PathBuf {
+    let stamp = utc_stamp(SystemTime::now());
+    let mut p = dir.join(format!("{prefix}{stamp}"));
+    let mut n = 1;
+    while std::fs::symlink_metadata(&p).is_ok() {
+        p = dir.join(format!("{prefix}{stamp}-{n}"));
+        n += 1;
+    }
+    p
 }
 
 /// The mechanics: renames `path` to `.<name>-wipe-<stamp>` in the same
 /// parent, recreates `path` empty with the owner and mode of `meta`, then
-/// deletes the renamed tree. No safety checks: callers check first.
+/// deletes the renamed tree (never crossing into a mount). No safety
+/// checks: callers check first.
 pub fn move_aside_and_delete(path: &Path, meta: &std::fs::Metadata) -> Result<WipeOutcome, WipeError> {
     let parent = path.parent().ok_or_else(|| WipeError::UnsafePath { path: path.to_owned(), why: "no parent".to_owned() })?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stamp = utc_stamp(SystemTime::now());
-    let mut aside = parent.join(format!(".{name}-wipe-{stamp}"));
-    let mut n = 1;
-    while std::fs::symlink_metadata(&aside).is_ok() {
-        aside = parent.join(format!(".{name}-wipe-{stamp}-{n}"));
-        n += 1;
-    }
+    let aside = unused_stamped(parent, &format!(".{name}-wipe-"));
     let t0 = Instant::now();
-    std::fs::rename(path, &aside).map_err(|e| {
-        let why = if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EXDEV) {
-            " (is it a mount point? then empty it by hand)"
-        } else {
-            ""
-        };
-        WipeError::Io { what: if why.is_empty() { "cannot move aside" } else { "cannot move aside (mount point?)" }, path: path.to_owned(), source: e }
-    })?;
+    std::fs::rename(path, &aside).map_err(io("cannot move aside", path))?;
     recreate(path, meta.uid(), meta.gid(), meta.mode())?;
     let rename = t0.elapsed();
     let t1 = Instant::now();
-    let removed = delete_tree(&aside)?;
+    let removed = delete_tree(&aside, &mount_points()?)?;
     Ok(WipeOutcome { moved_to: aside, removed, rename, delete: t1.elapsed() })
+}
+
+/// Prefix of the trash directory an in-place wipe creates inside the data dir.
+const IN_PLACE_TRASH: &str = ".dr-agent-wipe-";
+/// Kept at the top of a data dir that is a file system's root (e2fsck's).
+const KEEP_AT_MOUNT_ROOT: &[&str] = &["lost+found"];
+
+/// The data dir is itself a mount point: it cannot be renamed. Its entries
+/// (but `lost+found`) are renamed into `<path>/.dr-agent-wipe-<stamp>` (same
+/// file system: one rename per top-level entry), then that trash dir is
+/// deleted without leaving the file system. An interrupted run leaves the
+/// trash dir, which the next run deletes like any other entry.
+pub fn empty_in_place(path: &Path) -> Result<WipeOutcome, WipeError> {
+    let trash = unused_stamped(path, IN_PLACE_TRASH);
+    let t0 = Instant::now();
+    let dev = std::fs::symlink_metadata(path).map_err(io("cannot stat", path))?.dev();
+    std::fs::DirBuilder::new().mode(0o700).create(&trash).map_err(io("cannot create", &trash))?;
+    let mounts = mount_points()?;
+    let mut crossings = Vec::new();
+    for e in std::fs::read_dir(path).map_err(io("cannot list", path))? {
+        let e = e.map_err(io("cannot list", path))?;
+        let p = e.path();
+        let name = e.file_name();
+        if p == trash || KEEP_AT_MOUNT_ROOT.iter().any(|k| name == *k) {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&p).map_err(io("cannot stat", &p))?;
+        if m.is_dir() && (m.dev() != dev || mounts.contains(&p)) {
+            crossings.push(p);
+            continue;
+        }
+        std::fs::rename(&p, trash.join(&name)).map_err(io("cannot move into the trash dir", &p))?;
+    }
+    let rename = t0.elapsed();
+    if !crossings.is_empty() {
+        return Err(WipeError::MountsBelow { path: path.to_owned(), mounts: crossings });
+    }
+    let t1 = Instant::now();
+    let removed = delete_tree(&trash, &mounts)?;
+    Ok(WipeOutcome { moved_to: trash, removed, rename, delete: t1.elapsed() })
 }
 
 fn recreate(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), WipeError> {
@@ -291,16 +482,45 @@ fn list_entries(path: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// The data dir with its parent resolved (check_path made sure no symlink
+/// leads elsewhere), as /proc/self/mountinfo names it.
+fn canonical(path: &Path) -> PathBuf {
+    match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(parent)), Some(name)) => parent.join(name),
+        _ => path.to_owned(),
+    }
+}
+
+/// Whether the data dir holds nothing to wipe (`lost+found` of a file
+/// system's root does not count).
+fn is_empty(path: &Path, in_place: bool) -> Result<bool, WipeError> {
+    for e in std::fs::read_dir(path).map_err(io("cannot list", path))? {
+        let e = e.map_err(io("cannot list", path))?;
+        if !(in_place && KEEP_AT_MOUNT_ROOT.iter().any(|k| e.file_name() == *k)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Wipes the Nomad data dir (see the module docs for the rules).
 pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<WipeReport, WipeError> {
-    let path = data_dir_path(&config.root, &config.nomad.data_dir)?;
+    let given = data_dir_path(&config.root, &config.nomad.data_dir)?;
     // Path rules first: they need nothing running.
-    let meta = check_path(&config.root, &path)?;
+    let meta = check_path(&config.root, &given)?;
+    let path = canonical(&given);
+    let mut mounts = mount_points()?;
+    let in_place = meta.is_some() && is_mount_point(&mounts, &path)?;
     let found_leftovers = leftovers(&path)?;
+    let mut below = mounts_below(&mounts, &path);
+    for l in &found_leftovers {
+        below.extend(mounts_below(&mounts, l));
+    }
     let mut report = WipeReport {
-        path: path.clone(),
+        path: given.clone(),
         state: String::new(),
         dry_run,
+        in_place,
         removed: TreeCount::default(),
         moved_to: None,
         rename_ms: 0.0,
@@ -308,13 +528,14 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         owner: meta.as_ref().map(|m| format!("{}:{}", m.uid(), m.gid())),
         mode: meta.as_ref().map(|m| format!("{:04o}", m.mode() & 0o7777)),
         entries: Vec::new(),
+        mounts_below: below.clone(),
         actions: Vec::new(),
         warnings: Vec::new(),
         blocked_by: Vec::new(),
     };
     let empty = match &meta {
         None => true,
-        Some(_) => std::fs::read_dir(&path).map_err(io("cannot list", &path))?.next().is_none(),
+        Some(_) => is_empty(&path, in_place)?,
     };
     if empty && found_leftovers.is_empty() {
         report.state = "already done".to_owned();
@@ -322,6 +543,24 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
             report.warnings.push(format!("{} does not exist", path.display()));
         }
         return Ok(report);
+    }
+    let unmount_below = config.nomad.unmount_below;
+    if !below.is_empty() {
+        if unmount_below {
+            report.actions.extend(below.iter().map(|m| format!("unmount {} (nomad.unmount_below = true)", m.display())));
+        } else {
+            let e = WipeError::MountsBelow { path: path.clone(), mounts: below.clone() };
+            if !dry_run {
+                return Err(e);
+            }
+            report.blocked_by.push(e.to_string());
+        }
+    }
+    if in_place {
+        report.warnings.push(format!(
+            "{} is a mount point: emptying it in place (keeping lost+found), staying on its file system",
+            path.display()
+        ));
     }
     // Then the app and Nomad must be stopped. A dry run reports what would
     // refuse now (so that a plan can show the wipe after an app stop).
@@ -336,11 +575,11 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         }
         let status = ctl.app_status().await?;
         if status.state != "stopped" || status.is_transitioning {
-            return Err(WipeError::AppRunning { path: path.clone(), state: status.state, transitioning: status.is_transitioning });
+            return Err(WipeError::AppRunning { path: given.clone(), state: status.state, transitioning: status.is_transitioning });
         }
         let running = nomad_processes();
         if !running.is_empty() {
-            return Err(WipeError::NomadRunning { path: path.clone(), processes: running.join("; ") });
+            return Err(WipeError::NomadRunning { path: given.clone(), processes: running.join("; ") });
         }
         Ok(())
     };
@@ -353,12 +592,15 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         report.state = "would wipe".to_owned();
         let p = path.clone();
         let lo = found_leftovers.clone();
+        let m = mounts.clone();
         let (count, entries) = tokio::task::spawn_blocking(move || -> Result<_, WipeError> {
-            let mut count = if empty { TreeCount::default() } else { count_tree(&p)? };
+            let keep: &[&str] = if in_place { KEEP_AT_MOUNT_ROOT } else { &[] };
+            // What lies below a mount point is not ours: not counted.
+            let mut count = if empty { TreeCount::default() } else { walk_tree(&p, &m, false, keep)?.count };
             let mut entries = Vec::new();
             list_entries(&p, &mut entries);
             for l in &lo {
-                count.add(count_tree(l)?);
+                count.add(walk_tree(l, &m, false, &[])?.count);
                 count.dirs += 1;
                 entries.push(format!("{} (left by an interrupted wipe)", l.display()));
             }
@@ -368,7 +610,13 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         .expect("the counting task does not panic")?;
         report.removed = count;
         report.entries = entries;
-        if !empty {
+        if !empty && in_place {
+            report.actions.push(format!(
+                "move the entries of {} (but lost+found) into {}/{IN_PLACE_TRASH}<UTC time> and delete that, staying on its file system",
+                path.display(),
+                path.display()
+            ));
+        } else if !empty {
             report.actions.push(format!(
                 "move {} aside to {}/.{}-wipe-<UTC time>, recreate it empty (owner {}, mode {}), delete the moved tree",
                 path.display(),
@@ -383,12 +631,29 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         }
         return Ok(report);
     }
+    if !below.is_empty() {
+        // unmount_below is set (else refused above). Stacked mounts need
+        // more than one pass; a mount that comes back is refused.
+        for _ in 0..8 {
+            let now = mounts_below(&mounts, &path).into_iter().chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l))).collect::<Vec<_>>();
+            if now.is_empty() {
+                break;
+            }
+            unmount(&now)?;
+            mounts = mount_points()?;
+        }
+        let left: Vec<PathBuf> = mounts_below(&mounts, &path).into_iter().chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l))).collect();
+        if !left.is_empty() {
+            return Err(WipeError::MountsBelow { path: path.clone(), mounts: left });
+        }
+    }
     let p = path.clone();
     let lo = found_leftovers.clone();
     let (outcome, leftover_count, entries, recreated) = tokio::task::spawn_blocking(move || -> Result<_, WipeError> {
         let mut entries = Vec::new();
         list_entries(&p, &mut entries);
         let outcome = match &meta {
+            Some(_) if !empty && in_place => Some(empty_in_place(&p)?),
             Some(m) if !empty => Some(move_aside_and_delete(&p, m)?),
             _ => None,
         };
@@ -402,13 +667,16 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
                 recreate(&p, m.uid(), m.gid(), m.mode())?;
                 recreated = true;
             }
-            count.add(delete_tree(l)?);
+            count.add(delete_tree(l, &mounts)?);
             count.dirs += 1;
         }
         Ok((outcome, count, entries, recreated))
     })
     .await
     .expect("the wipe task does not panic")?;
+    if !below.is_empty() {
+        report.warnings.push(format!("unmounted {} mount(s) below the data dir (nomad.unmount_below = true)", below.len()));
+    }
     report.state = "wiped".to_owned();
     report.entries = entries;
     report.removed = leftover_count;
@@ -424,7 +692,7 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
     if !found_leftovers.is_empty() {
         report.warnings.push(format!("deleted {} tree(s) left by an interrupted wipe", found_leftovers.len()));
     }
-    tracing::info!(path = %path.display(), files = report.removed.files, bytes = report.removed.bytes,
+    tracing::info!(path = %path.display(), files = report.removed.files, bytes = report.removed.bytes, in_place,
         rename_ms = report.rename_ms, delete_ms = report.delete_ms, "nomad state wiped");
     Ok(report)
 }
@@ -456,6 +724,9 @@ fn human(r: &WipeReport) -> String {
     }
     for e in &r.entries {
         s.push_str(&format!("  {e}\n"));
+    }
+    for m in &r.mounts_below {
+        s.push_str(&format!("  mount point below: {}\n", m.display()));
     }
     for a in &r.actions {
         s.push_str(&format!("  - {a}\n"));

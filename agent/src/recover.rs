@@ -21,9 +21,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT};
+use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
 use crate::config::Config;
-use crate::{app, builds, facts, imds, nomad_state, rewrite};
+use crate::{app, builds, facts, identity, imds, nomad_state, rewrite};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -49,6 +49,11 @@ pub struct Args {
     /// the Nomad state; needs --private-ip.
     #[arg(long)]
     pub offline: bool,
+    /// Go on although nothing shows this machine was restored (its
+    /// identity record names this same instance). Stops the app and wipes
+    /// the Nomad state of a machine that may be a healthy primary.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// What `recover` is asked to do (also sent by the controller).
@@ -60,6 +65,13 @@ pub struct RecoverParams {
     pub public_ip: Option<IpAddr>,
     /// Only the file steps, on a mounted disk.
     pub offline: bool,
+    /// Go on without evidence that this machine was restored.
+    #[serde(default)]
+    pub force: bool,
+    /// The controller says this instance is a restore candidate (evidence
+    /// enough).
+    #[serde(default)]
+    pub candidate: bool,
 }
 
 /// One runbook step's outcome.
@@ -79,6 +91,10 @@ pub struct RecoverReport {
     pub offline: bool,
     pub private_ip: Option<IpAddr>,
     pub public_ip: Option<IpAddr>,
+    /// Why recover went on here (restored from instance X, the
+    /// controller's word, --force); empty offline.
+    #[serde(default)]
+    pub evidence: String,
     pub steps: Vec<StepReport>,
     /// The first failure, if any: later steps did not run.
     pub failed: Option<String>,
@@ -91,6 +107,12 @@ pub struct RecoverReport {
 pub enum RecoverError {
     #[error("with --offline (a mounted disk), give --private-ip (and --public-ip if it has one): IMDS describes this instance, not the one that will boot the disk")]
     NeedAddresses,
+    #[error("refusing to recover: {reason}. Recover stops the app and wipes the Nomad state; on a healthy primary that is an outage. If this machine really is a restored copy, run it again with --force")]
+    NotRestored { reason: String },
+    #[error("--offline acts on a mounted disk: give --root DIR (the disk's mount point); it would otherwise rewrite and wipe this machine's own `/`")]
+    OfflineNeedsRoot,
+    #[error("cannot record this machine's identity: {0}")]
+    Identity(#[from] identity::IdentityError),
     #[error("cannot learn this instance's addresses from IMDS: {0}")]
     Imds(String),
     #[error("cannot read the old addresses from the Replicated files: {0}")]
@@ -100,7 +122,9 @@ pub enum RecoverError {
 impl RecoverError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            RecoverError::NeedAddresses => EXIT_INPUT,
+            RecoverError::NeedAddresses | RecoverError::OfflineNeedsRoot => EXIT_INPUT,
+            RecoverError::NotRestored { .. } => EXIT_REFUSED,
+            RecoverError::Identity(_) => EXIT_FAILED,
             RecoverError::Find(e) => e.exit_code(),
             RecoverError::Imds(_) => EXIT_FAILED,
         }
@@ -162,6 +186,31 @@ fn verb(dry_run: bool, already: bool) -> String {
 /// the error: the error is for what stops recover before its first step.
 pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Result<RecoverReport, RecoverError> {
     let offline = params.offline;
+    if offline && std::fs::canonicalize(&config.root).map(|r| r == std::path::Path::new("/")).unwrap_or(false) {
+        return Err(RecoverError::OfflineNeedsRoot);
+    }
+    let mut warnings = Vec::new();
+    let mut evidence = String::new();
+    if !offline {
+        // Was this machine restored? Its identity record (captured with the
+        // image) names the instance it was taken on.
+        let client = imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout)
+            .map_err(|e| RecoverError::Imds(e.to_string()))?;
+        let (live, imds_down) = identity::live(&client, std::path::Path::new(facts::BOOT_ID_PATH)).await?;
+        let e = identity::restore_evidence(&config.state_dir, &live, params.candidate)?;
+        if let Some(why) = imds_down {
+            warnings.push(format!("IMDS did not answer ({why}): the instance id was not checked"));
+        }
+        evidence = match (e.restored, params.force, dry_run) {
+            (true, _, _) => e.reason,
+            (false, true, _) => format!("--force ({})", e.reason),
+            (false, false, true) => {
+                warnings.push(format!("the real run would refuse: {}; pass --force if this is a restored copy", e.reason));
+                String::new()
+            }
+            (false, false, false) => return Err(RecoverError::NotRestored { reason: e.reason }),
+        };
+    }
     let (private_ip, public_ip) = match (params.private_ip, offline) {
         (Some(p), _) => (Some(p), params.public_ip),
         (None, true) => return Err(RecoverError::NeedAddresses),
@@ -178,10 +227,11 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
         offline,
         private_ip,
         public_ip,
+        evidence,
         steps: Vec::new(),
         failed: None,
         actions: Vec::new(),
-        warnings: Vec::new(),
+        warnings,
     };
 
     // 2. Rewrite addresses: every old address in the files to the current one.
@@ -315,6 +365,12 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
         if !push(&mut report, "app-start", r, |r| (verb(dry_run, r.already), format!("app {}", r.final_state)), |r| r.actions.clone()) {
             return Ok(report);
         }
+        if !dry_run {
+            // The app runs on the new state: this machine is the primary
+            // from now on, and a later recover here needs --force (or the
+            // controller's word): it would wipe live Nomad state.
+            identity::mark_recovered(&config.state_dir, crate::clock::utc_stamp(std::time::SystemTime::now()))?;
+        }
     }
 
     // 6. Builds the backup caught half-way.
@@ -355,6 +411,9 @@ fn render_human(r: &RecoverReport) -> String {
         r.private_ip.map(|i| i.to_string()).unwrap_or("-".into()),
         r.public_ip.map(|i| i.to_string()).unwrap_or("-".into()),
     ));
+    if !r.evidence.is_empty() {
+        out.push_str(&format!("  (going on: {})\n", r.evidence));
+    }
     for (i, s) in r.steps.iter().enumerate() {
         out.push_str(&format!("  {}. {:<18} {:<13} {}\n", i + 1, s.name, s.outcome, s.summary));
     }
@@ -387,6 +446,8 @@ pub async fn cli(args: Args) -> CliResult {
         private_ip: args.private_ip,
         public_ip: args.public_ip,
         offline: args.offline,
+        force: args.force,
+        candidate: false,
     };
     let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
     let text = args.common.render(&report, render_human);

@@ -266,6 +266,8 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
                 private_ip: None,
                 public_ip: None,
                 offline: false,
+                force: false,
+                candidate: false,
             },
             dry_run: r.dry_run,
         },

@@ -296,9 +296,24 @@ fn an_agent_left_alone_is_thawed_at_the_deadline() {
     // The agent lives and holds the pipe, but nobody (no controller) asks
     // for the thaw: the watchdog lifts the freeze at the deadline.
     let mut fs = LoopFs::new();
+    let (mut agent, rx, first) = hold(&fs, "3s");
+    let frozen = Instant::now();
+    assert!(first.starts_with("Frozen:"), "{first}");
+    let blocked = fs.assert_frozen("held by a live agent");
+    assert!(fs.probe_done_within(blocked, Duration::from_secs(5)), "thawed at the deadline");
+    assert!(frozen.elapsed() < Duration::from_secs(5), "thawed after {:?}", frozen.elapsed());
+    let rest: Vec<String> = rx.iter().take_while(|_| true).collect();
+    let status = agent.wait().expect("the agent exits after the watchdog lifted the freeze");
+    assert!(status.success(), "{status}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("deadline")), "the agent reports who thawed: {rest:?}");
+}
+
+/// `dr-agent freeze --hold` with this deadline: the agent, its output lines
+/// (after the first) and the first line (the freeze report).
+fn hold(fs: &LoopFs, deadline: &str) -> (Child, std::sync::mpsc::Receiver<String>, String) {
     let log = std::fs::File::create(fs.dir.path().join("agent.log")).expect("log");
     let mut agent = fs
-        .agent("freeze", &["--mount", fs.mnt(), "--deadline", "3s", "--hold"])
+        .agent("freeze", &["--mount", fs.mnt(), "--deadline", deadline, "--hold"])
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -311,13 +326,45 @@ fn an_agent_left_alone_is_thawed_at_the_deadline() {
         }
     });
     let first = rx.recv_timeout(Duration::from_secs(20)).expect("the freeze is reported");
-    let frozen = Instant::now();
-    assert!(first.starts_with("Frozen:"), "{first}");
-    let blocked = fs.assert_frozen("held by a live agent");
-    assert!(fs.probe_done_within(blocked, Duration::from_secs(5)), "thawed at the deadline");
-    assert!(frozen.elapsed() < Duration::from_secs(5), "thawed after {:?}", frozen.elapsed());
-    let rest: Vec<String> = rx.iter().take_while(|_| true).collect();
-    let status = agent.wait().expect("the agent exits after the watchdog lifted the freeze");
-    assert!(status.success(), "{status}: {rest:?}");
-    assert!(rest.iter().any(|l| l.contains("deadline")), "the agent reports who thawed: {rest:?}");
+    (agent, rx, first)
+}
+
+/// Kills (SIGKILL, also ends a stopped process) a pid on drop.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of a watchdog this test started (through the agent).
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn a_stopped_watchdog_is_noticed_by_the_agent_which_thaws_and_kills_it() {
+    let mut fs = LoopFs::new();
+    let (mut agent, _rx, first) = hold(&fs, "2s");
+    let pid: i32 = first
+        .split("Watchdog pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no watchdog pid in `{first}`"));
+    let _kill = KillOnDrop(pid);
+    // SAFETY: kill(2) of the watchdog this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP the watchdog");
+    let stopped = Instant::now();
+    let blocked = fs.assert_frozen("held by a stopped watchdog");
+    // Deadline 2 s + grace 3 s + a 2 s status question: thawed by the agent.
+    assert!(fs.probe_done_within(blocked, Duration::from_secs(15)), "the agent thaws past the deadline");
+    assert!(stopped.elapsed() >= Duration::from_secs(2), "not before the deadline");
+    let t0 = Instant::now();
+    while pid_alive(pid as u64) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pid_alive(pid as u64), "the stuck watchdog is killed");
+    let status = agent.wait().expect("the agent exits");
+    assert!(status.success(), "{status}");
+    fs.assert_writable("after the agent's own thaw");
 }

@@ -33,13 +33,35 @@ struct Machine {
     _api: Proc,
 }
 
+/// The instance this machine runs as (the simulated IMDS says so).
+const INSTANCE: &str = "i-0123456789abcdef0";
+
+/// The identity record a state_dir captured with the image carries: the
+/// instance the image was taken of.
+fn seed_identity(m: &Machine, instance: &str) {
+    let state = m.dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::write(
+        state.join("identity.json"),
+        json!({"current": {"instance_id": instance, "boot_id": "00000000-0000-0000-0000-000000000000"}}).to_string(),
+    )
+    .expect("identity");
+}
+
+/// A machine restored from an image of another instance.
 fn machine() -> Machine {
+    let m = bare_machine();
+    seed_identity(&m, "i-0aaaaaaaaaaaaaaaa");
+    m
+}
+
+fn bare_machine() -> Machine {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = services_machine_root(dir.path(), OLD_PRIVATE, OLD_PUBLIC);
     for i in 0..50 {
         std::fs::write(root.join(format!("opt/nomad/server/raft/snap-{i}")), b"old world").expect("nomad file");
     }
-    let instance = Instance { id: "i-0123456789abcdef0".into(), private_ip: NEW_PRIVATE.into(), public_ip: NEW_PUBLIC.into() };
+    let instance = Instance { id: INSTANCE.into(), private_ip: NEW_PRIVATE.into(), public_ip: NEW_PUBLIC.into() };
     let imds = Imds::start(dir.path(), &instance, Some(NEW_PUBLIC));
     let builds = json!([
         build(101, "running", "2024-05-01T11:00:00Z"),  // caught half-way: delete
@@ -140,8 +162,14 @@ fn recover_brings_a_restored_machine_back_and_dry_run_changes_nothing() {
     let deleted = std::fs::read_to_string(&m.deletions).expect("deletions");
     assert_eq!(deleted.lines().collect::<Vec<_>>(), [format!("https://{HOST}/gh/my-org/my-project/101")]);
 
-    // Again: every step is already done.
+    assert!(report["evidence"].as_str().unwrap_or_default().contains("restored from instance i-0aaaaaaaaaaaaaaaa"), "{report:#}");
+
+    // Again: this machine is the primary now; recover refuses without --force.
     let out = recover(&m, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("already recovered"), "{}", text(&out.stderr));
+    // With --force every step is already done.
+    let out = recover(&m, &["--force"]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let again: Value = serde_json::from_slice(&out.stdout).expect("json");
     for s in again["steps"].as_array().expect("steps") {
@@ -149,4 +177,57 @@ fn recover_brings_a_restored_machine_back_and_dry_run_changes_nothing() {
     }
     assert_eq!(std::fs::read_to_string(&m.deletions).expect("deletions").lines().count(), 1);
     let _ = &m.dir;
+}
+
+#[test]
+fn recover_refuses_on_a_machine_that_was_not_restored() {
+    // The healthy primary: its identity record names this same instance.
+    // Its Replicated files even name its own addresses; Nomad state is live.
+    let m = bare_machine();
+    for f in ["etc/default/replicated", "etc/default/replicated-operator"] {
+        let p = m.root.join(f);
+        let t = std::fs::read_to_string(&p).expect("read").replace(OLD_PRIVATE, NEW_PRIVATE).replace(OLD_PUBLIC, NEW_PUBLIC);
+        std::fs::write(&p, t).expect("write");
+    }
+    let raft = || std::fs::read_dir(m.root.join("opt/nomad/server/raft")).expect("dir").count();
+    let raft_before = raft();
+    for (seed, why) in [(None, "first run"), (Some(INSTANCE), "same instance")] {
+        if let Some(i) = seed {
+            seed_identity(&m, i);
+        }
+        let before = snapshot(&m.root);
+        let out = recover(&m, &[]);
+        assert_eq!(out.status.code(), Some(3), "{why}: {}{}", text(&out.stdout), text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("no evidence this machine was restored") && err.contains("--force"), "{why}: {err}");
+        // The simulator writes its state file on the first change only.
+        let touched = m.root.join("var/lib/dr-sim/replicated.json").exists();
+        assert!(!touched || app_state(&m) == "started", "{why}: the app was not stopped");
+        assert_eq!(snapshot(&m.root), before, "{why}: nothing changed");
+        assert_eq!(raft(), raft_before, "{why}: Nomad state intact");
+    }
+    // The dry run says the real run would refuse.
+    let out = recover(&m, &["--dry-run"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("the real run would refuse"), "{}", text(&out.stdout));
+    // --force: the operator's word.
+    let out = recover(&m, &["--force"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(report["evidence"].as_str().unwrap_or_default().starts_with("--force"), "{report:#}");
+}
+
+#[test]
+fn recover_offline_without_root_is_refused() {
+    // No `root` in the configuration: "/" (this machine's own files).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("state_dir = \"{}\"\n", dir.path().join("state").display())).expect("config");
+    let out = Command::new(bin("dr-agent"))
+        .args(["recover", "--offline", "--private-ip", "10.0.0.9", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run dr-agent recover");
+    assert_eq!(out.status.code(), Some(2), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("--offline acts on a mounted disk") && text(&out.stderr).contains("--root"), "{}", text(&out.stderr));
 }

@@ -232,3 +232,168 @@ fn a_tree_left_aside_by_an_interrupted_wipe_is_finished() {
     assert!(m.nomad().is_dir(), "the data dir is back, empty");
     assert!(m.files().is_empty());
 }
+
+/// Real mounts made by a test, unmounted (lazily, loop devices detached)
+/// on drop, deepest first, whatever the test did.
+#[derive(Default)]
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(out.status.success(), "{cmd:?} failed (these tests need root): {}", text(&out.stderr));
+    }
+    fn tmpfs(&mut self, at: &Path) {
+        std::fs::create_dir_all(at).expect("mkdir");
+        Mounts::run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "dr-test-tmpfs"]).arg(at));
+        self.0.push(at.to_owned());
+    }
+    fn bind(&mut self, from: &Path, at: &Path) {
+        std::fs::create_dir_all(at).expect("mkdir");
+        Mounts::run(Command::new("mount").arg("--bind").arg(from).arg(at));
+        self.0.push(at.to_owned());
+    }
+    /// A fresh ext4 on a loop device, mounted at `at`.
+    fn ext4(&mut self, img: &Path, at: &Path) {
+        std::fs::create_dir_all(at).expect("mkdir");
+        Mounts::run(Command::new("truncate").arg("-s").arg("16M").arg(img));
+        Mounts::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
+        Mounts::run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(at));
+        self.0.push(at.to_owned());
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = Command::new("umount").args(["-l", "-d"]).arg(m).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// The mount points of this mount namespace.
+fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(|m| PathBuf::from(m.replace("\\040", " "))))
+        .collect()
+}
+
+fn config_with(m: &Machine, extra: &str) {
+    let mut text = std::fs::read_to_string(&m.config).expect("config");
+    text.push_str(extra);
+    std::fs::write(&m.config, text).expect("config");
+}
+
+#[test]
+fn mounts_below_the_data_dir_are_refused_by_name_and_never_deleted_through() {
+    let _guard = nomad_lock();
+    let m = Machine::new();
+    let mut mounts = Mounts::default();
+    // A bind mount of a directory outside the Nomad dir (same file system:
+    // same device id, only mountinfo tells) and a tmpfs (another device).
+    let precious = m.dir.join("precious");
+    std::fs::create_dir_all(precious.join("db")).expect("mkdir");
+    std::fs::write(precious.join("db/data"), b"keep me").expect("write");
+    let vol = m.nomad().join("client/alloc/abc/vol");
+    mounts.bind(&precious, &vol);
+    let tmp = m.nomad().join("server/tmp space");
+    mounts.tmpfs(&tmp);
+    std::fs::write(tmp.join("scratch"), b"on tmpfs").expect("write");
+    m.stop_app();
+    let before = m.files();
+
+    let dry = json(&m.wipe(&["--dry-run", "--output", "json"]));
+    let listed: Vec<&str> = dry["mounts_below"].as_array().expect("mounts_below").iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(listed.len(), 2, "{dry}");
+    assert!(listed.iter().any(|l| l.ends_with("client/alloc/abc/vol")) && listed.iter().any(|l| l.ends_with("server/tmp space")), "{dry}");
+    let blocked = dry["blocked_by"][0].as_str().unwrap_or_default();
+    assert!(blocked.contains("mount points below") && blocked.contains("unmount_below"), "{dry}");
+    // Only the Nomad dir's own 4 files (raft.db, state.bin, log,
+    // checkpoint-signature), not the 2 behind the mounts.
+    assert_eq!(dry["removed"]["files"], 4, "{dry}");
+
+    for _ in 0..2 {
+        let out = m.wipe(&[]);
+        assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("client/alloc/abc/vol") && err.contains("server/tmp space") && err.contains("unmount_below"), "{err}");
+        assert_eq!(std::fs::read(precious.join("db/data")).expect("bind source intact"), b"keep me");
+        assert_eq!(std::fs::read(tmp.join("scratch")).expect("tmpfs intact"), b"on tmpfs");
+        assert_eq!(m.files(), before, "nothing touched");
+    }
+}
+
+#[test]
+fn unmount_below_set_unmounts_them_then_wipes() {
+    let _guard = nomad_lock();
+    let m = Machine::new();
+    config_with(&m, "[nomad]\nunmount_below = true\n");
+    let mut mounts = Mounts::default();
+    let precious = m.dir.join("precious");
+    std::fs::create_dir_all(&precious).expect("mkdir");
+    std::fs::write(precious.join("data"), b"keep me").expect("write");
+    let vol = m.nomad().join("client/alloc/abc/vol");
+    mounts.bind(&precious, &vol);
+    // A tmpfs stacked inside the bind mount: unmounted first.
+    mounts.tmpfs(&vol.join("inner"));
+    m.stop_app();
+    let done = json(&m.wipe(&["--output", "json"]));
+    assert_eq!(done["state"], "wiped", "{done}");
+    assert_eq!(done["mounts_below"].as_array().map(|a| a.len()), Some(2), "{done}");
+    assert_eq!(done["removed"]["files"], 4, "{done}");
+    assert!(m.files().is_empty(), "{:?}", m.files());
+    let table = mount_points();
+    assert!(!table.iter().any(|p| p.starts_with(m.nomad())), "unmounted: {table:?}");
+    assert_eq!(std::fs::read(precious.join("data")).expect("bind source intact"), b"keep me");
+}
+
+#[test]
+fn a_data_dir_that_is_a_mount_point_is_emptied_in_place_and_an_interrupted_run_finished() {
+    let _guard = nomad_lock();
+    let m = Machine::new();
+    let mut mounts = Mounts::default();
+    // Its own file system (an EBS volume): a loop-mounted ext4.
+    std::fs::remove_dir_all(m.nomad()).expect("rm");
+    mounts.ext4(&m.dir.join("nomad.img"), &m.nomad());
+    std::fs::create_dir_all(m.nomad().join("server/raft")).expect("mkdir");
+    std::fs::write(m.nomad().join("server/raft/raft.db"), vec![1u8; 4096]).expect("write");
+    std::fs::write(m.nomad().join("checkpoint-signature"), b"sig").expect("write");
+    std::fs::set_permissions(m.nomad(), std::fs::Permissions::from_mode(0o751)).expect("chmod");
+    m.stop_app();
+
+    let dry = json(&m.wipe(&["--dry-run", "--output", "json"]));
+    assert_eq!((dry["state"].as_str(), dry["in_place"].as_bool()), (Some("would wipe"), Some(true)), "{dry}");
+    assert_eq!(dry["removed"]["files"], 2, "lost+found is not counted: {dry}");
+    let done = json(&m.wipe(&["--output", "json"]));
+    assert_eq!(done["state"], "wiped", "{done}");
+    assert_eq!(done["removed"]["files"], 2, "{done}");
+    assert_eq!(m.files(), vec!["lost+found".to_owned()], "only lost+found is left");
+    assert!(mount_points().contains(&m.nomad()), "still a mount point");
+    assert_eq!(std::fs::metadata(m.nomad()).expect("stat").permissions().mode() & 0o7777, 0o751);
+    let again = m.wipe(&[]);
+    assert!(again.status.success() && text(&again.stdout).contains("Already done"), "{}{}", text(&again.stdout), text(&again.stderr));
+
+    // Interrupted after moving the entries into the trash dir: the next run
+    // deletes it (and what came since).
+    let trash = m.nomad().join(".dr-agent-wipe-20250101T000000Z");
+    std::fs::create_dir_all(trash.join("server/raft")).expect("mkdir");
+    std::fs::write(trash.join("server/raft/raft.db"), b"old").expect("write");
+    std::fs::write(m.nomad().join("new-file"), b"new").expect("write");
+    let done = json(&m.wipe(&["--output", "json"]));
+    assert_eq!(done["removed"]["files"], 2, "{done}");
+    assert_eq!(m.files(), vec!["lost+found".to_owned()]);
+
+    // Bind-mounted into place (the Nomad container's volume): same.
+    drop(mounts);
+    let mut mounts = Mounts::default();
+    let volume = m.dir.join("volume");
+    std::fs::create_dir_all(volume.join("client")).expect("mkdir");
+    std::fs::write(volume.join("client/state.db"), b"x").expect("write");
+    mounts.bind(&volume, &m.nomad());
+    let done = json(&m.wipe(&["--output", "json"]));
+    assert_eq!((done["state"].as_str(), done["in_place"].as_bool()), (Some("wiped"), Some(true)), "{done}");
+    assert!(m.files().is_empty(), "{:?}", m.files());
+    assert_eq!(std::fs::read_dir(&volume).expect("ls").count(), 0, "the volume is emptied");
+}

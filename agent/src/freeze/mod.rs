@@ -185,6 +185,10 @@ pub struct FreezeRecord {
     pub state: String,
     pub thawed: Option<WatchdogThawed>,
     pub thawed_unix_ms: Option<u64>,
+    /// The instance and boot the freeze was made under (records of older
+    /// agents have none: taken as the identity recorded before this one).
+    #[serde(default)]
+    pub identity: Option<crate::identity::Identity>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -210,10 +214,17 @@ fn freeze_dir(config: &Config) -> PathBuf {
     config.state_dir.join("freeze")
 }
 
-/// The records in state_dir/freeze (unreadable ones are skipped with a warning).
-fn load_records(config: &Config, warnings: &mut Vec<String>) -> Vec<(PathBuf, FreezeRecord)> {
+/// The records in state_dir/freeze (unreadable ones are skipped with a
+/// warning). Records of another boot (or instance) are stale: no file
+/// system stays frozen across a reboot or a restore, and their pid and
+/// socket name nothing of this boot. They are reported and (unless
+/// `dry_run`) removed; nothing is ever thawed or asked by them.
+fn load_records(config: &Config, dry_run: bool, warnings: &mut Vec<String>) -> Vec<(PathBuf, FreezeRecord)> {
     let dir = freeze_dir(config);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let live_boot = crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).unwrap_or_default();
+    let recorded = crate::identity::load(&config.state_dir).ok().flatten();
+    let assumed = crate::identity::assumed_for_old_records(recorded.as_ref());
     let mut out = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
@@ -223,7 +234,28 @@ fn load_records(config: &Config, warnings: &mut Vec<String>) -> Vec<(PathBuf, Fr
         match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| {
             serde_json::from_str::<FreezeRecord>(&t).map_err(|e| e.to_string())
         }) {
-            Ok(r) => out.push((path, r)),
+            Ok(r) => {
+                let written = r.identity.clone().or_else(|| assumed.clone());
+                match written {
+                    Some(w) if !w.boot_id.is_empty() && !live_boot.is_empty() && w.boot_id != live_boot => {
+                        warnings.push(format!(
+                            "stale freeze record {} (watchdog pid {}, {}) was written under {w}, not this boot ({live_boot}): a freeze does not outlive a reboot or restore; {} it, thawing nothing by it",
+                            path.display(),
+                            r.pid,
+                            r.mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", "),
+                            if dry_run { "would clear" } else { "cleared" }
+                        ));
+                        tracing::warn!(record = %path.display(), written = %w, boot = %live_boot, "stale freeze record");
+                        if !dry_run {
+                            let _ = std::fs::remove_file(&path);
+                            if let Some(sock) = &r.socket {
+                                let _ = std::fs::remove_file(sock);
+                            }
+                        }
+                    }
+                    _ => out.push((path, r)),
+                }
+            }
             Err(e) => warnings.push(format!("ignoring unreadable freeze record {}: {e}", path.display())),
         }
     }
@@ -278,7 +310,7 @@ fn existing_freeze(
     dry_run: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Option<(PathBuf, FreezeRecord, WatchdogFrozen)>, FreezeError> {
-    for (path, record) in load_records(config, warnings) {
+    for (path, record) in load_records(config, dry_run, warnings) {
         let live = if record.state == "active" { live_status(&record) } else { None };
         let Some(status) = live else {
             if record.state == "active" {
@@ -416,6 +448,9 @@ async fn spawn_watchdog(
             Some(line) if line.starts_with("frozen ") => {
                 let frozen: WatchdogFrozen = serde_json::from_str(&line["frozen ".len()..])
                     .map_err(|e| FreezeError::Watchdog(format!("unexpected line `{line}`: {e}")))?;
+                if !detached {
+                    guard(frozen.pid, frozen.mounts.clone(), socket.clone(), record.clone(), deadline);
+                }
                 return Ok((Spawned { child, stdin, lines, frozen }, record));
             }
             Some(line) if line.starts_with("error ") => {
@@ -440,6 +475,53 @@ async fn spawn_watchdog(
         }
     }
     Err(FreezeError::Watchdog(last_err))
+}
+
+/// How long after its deadline a watchdog that has not lifted the freeze
+/// (and does not answer) is taken for stuck (SIGSTOP, a debugger).
+pub const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
+
+/// The agent's own check of its watchdog: at the deadline plus
+/// [`WATCHDOG_GRACE`], if the freeze is still recorded as active, the
+/// watchdog process lives and it does not answer `status` on its socket
+/// within 2 s, the agent thaws the mounts itself (FITHAW) and kills the
+/// watchdog (SIGKILL also ends a stopped process).
+fn guard(pid: u32, mounts: Vec<PathBuf>, socket: PathBuf, record: PathBuf, deadline: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(deadline + WATCHDOG_GRACE).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let active = std::fs::read_to_string(&record)
+                .ok()
+                .and_then(|t| serde_json::from_str::<FreezeRecord>(&t).ok())
+                .filter(|r| r.state == "active");
+            let Some(mut rec) = active else { return };
+            let target = nix::unistd::Pid::from_raw(pid as i32);
+            if nix::sys::signal::kill(target, None).is_err() || ask(&socket, "status", Duration::from_secs(2)).is_some() {
+                return;
+            }
+            let mut outcomes = Vec::new();
+            for m in &mounts {
+                let outcome = match fs::thaw_path(m) {
+                    Ok(fs::ThawOutcome::Thawed) => "thawed".to_owned(),
+                    Ok(fs::ThawOutcome::NotFrozen) => "already thawed".to_owned(),
+                    Err(e) => format!("FAILED: {e}"),
+                };
+                outcomes.push(MountThaw { path: m.clone(), outcome });
+            }
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+            let _ = std::fs::remove_file(&socket);
+            tracing::error!(watchdog_pid = pid, ?outcomes, "the freeze watchdog did not lift the freeze at its deadline and does not answer: thawed by the agent, watchdog killed");
+            rec.state = "thawed".to_owned();
+            rec.thawed = Some(WatchdogThawed {
+                reason: format!("the watchdog (pid {pid}) was stuck past its deadline: thawed by the agent, watchdog killed"),
+                frozen_for_ms: unix_ms().saturating_sub(rec.started_unix_ms),
+                mounts: outcomes,
+            });
+            rec.thawed_unix_ms = Some(unix_ms());
+            let _ = write_record(&record, &rec);
+        })
+        .await;
+    });
 }
 
 /// A freeze held by the agent: dropping it without [`thaw`] closes the
@@ -641,7 +723,7 @@ pub async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Re
     let mut mounts: Vec<MountThaw> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     let mut frozen_for_ms = 0u64;
-    for (path, record) in load_records(config, &mut warnings) {
+    for (path, record) in load_records(config, dry_run, &mut warnings) {
         if !all && !record.mounts.iter().any(|m| targets.contains(m)) {
             continue;
         }
@@ -875,5 +957,61 @@ pub async fn watchdog_cli(args: WatchdogArgs) -> CliResult {
     match watchdog::run(opts) {
         0 => Ok(String::new()),
         code => Err((code, "the freeze watchdog failed (see its `error` line)".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_freeze_record_of_another_boot_is_cleared_and_never_thawed_by() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::config::Config::default();
+        config.state_dir = dir.path().to_owned();
+        let fdir = dir.path().join("freeze");
+        std::fs::create_dir_all(&fdir).expect("mkdir");
+        // A live socket at the recorded path: the old code asks it to thaw.
+        let socket = fdir.join("old.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let asked = std::sync::Arc::new(AtomicBool::new(false));
+        let a = asked.clone();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                if listener.accept().is_ok() {
+                    a.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let record = FreezeRecord {
+            id: "old".into(),
+            pid: std::process::id(),
+            mounts: vec![],
+            socket: Some(socket.clone()),
+            deadline_ms: 60_000,
+            started_unix_ms: unix_ms(),
+            thaw_by_unix_ms: unix_ms() + 60_000,
+            state: "active".into(),
+            thawed: None,
+            thawed_unix_ms: None,
+            identity: Some(crate::identity::Identity { instance_id: Some("i-0aaa".into()), boot_id: "another-boot".into() }),
+        };
+        let path = fdir.join("old.json");
+        write_record(&path, &record).expect("write");
+        let dry = run_thaw(&config, &ThawParams { mounts: vec![] }, true).await.expect("dry thaw");
+        assert!(dry.warnings.iter().any(|w| w.contains("stale freeze record") && w.contains("would clear")), "{dry:?}");
+        assert!(path.exists(), "the dry run clears nothing");
+        let r = run_thaw(&config, &ThawParams { mounts: vec![] }, false).await.expect("thaw");
+        stop.store(true, Ordering::SeqCst);
+        t.join().expect("thread");
+        assert!(!asked.load(Ordering::SeqCst), "the watchdog socket of a stale record is never asked");
+        assert!(r.warnings.iter().any(|w| w.contains("stale freeze record") && w.contains("another-boot")), "{r:?}");
+        assert!(r.mounts.is_empty(), "nothing thawed by it: {r:?}");
+        assert!(!path.exists(), "the stale record is cleared");
     }
 }

@@ -102,6 +102,13 @@ pub fn run(opts: Options) -> u8 {
         state: "active".to_owned(),
         thawed: None,
         thawed_unix_ms: None,
+        identity: Some(match opts.record.as_deref().and_then(Path::parent).and_then(Path::parent) {
+            Some(state_dir) => crate::identity::for_records(state_dir, Path::new(crate::facts::BOOT_ID_PATH)),
+            None => crate::identity::Identity {
+                instance_id: None,
+                boot_id: crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).unwrap_or_default(),
+            },
+        }),
     };
     // Written before the freeze: nothing is written while frozen.
     if let Some(path) = &opts.record

@@ -92,6 +92,20 @@ fn is_key_char(b: u8) -> bool {
 
 fn parse_line(text: &str) -> Result<LineKind, String> {
     let bytes = text.as_bytes();
+    // A NUL ends the value for a C reader (systemd, the shell) but not for
+    // us; a stray CR or other control character is invisible in an editor.
+    if let Some((col, c)) = text.char_indices().find(|(_, c)| c.is_control() && *c != '\t') {
+        return Err(format!(
+            "control character U+{:04X}{} at column {}: not allowed in an environment file",
+            c as u32,
+            match c {
+                '\0' => " (NUL)",
+                '\r' => " (a carriage return not ending the line)",
+                _ => "",
+            },
+            text[..col].chars().count() + 1
+        ));
+    }
     let start = bytes
         .iter()
         .position(|b| *b != b' ' && *b != b'\t')

@@ -4,7 +4,8 @@
 //!   installer picks /etc/sysconfig when systemd runs and that folder
 //!   exists), else Debian `<root>/etc/default/replicated`; the
 //!   `replicated-operator` file beside it is rewritten too (its absence is a
-//!   warning).
+//!   warning). When both sets exist, both are rewritten (with a warning
+//!   naming them): none keeps the old addresses.
 //! - Every file is parsed strictly first ([`envfile`]); one line that is not
 //!   understood fails the step, naming file and line, before anything is
 //!   written to any file.
@@ -346,8 +347,20 @@ impl Loaded {
 /// Reads the files of the layout; missing operator file -> warning.
 fn load(root: &Path, warnings: &mut Vec<String>) -> Result<(Layout, Vec<Loaded>), RewriteError> {
     let layout = detect_layout(root)?;
+    let mut layouts = vec![layout];
+    if layout == Layout::Rhel && root.join(Layout::Debian.dir()).join(FILES[0]).symlink_metadata().is_ok() {
+        // Both sets: the service reads one of them, but whoever switches to
+        // the other (a re-install, a unit edited by hand) must not find the
+        // old addresses there. Both are rewritten, RHEL's first.
+        warnings.push(format!(
+            "both {} and {} exist: rewriting both sets",
+            root.join(Layout::Rhel.dir()).join(FILES[0]).display(),
+            root.join(Layout::Debian.dir()).join(FILES[0]).display()
+        ));
+        layouts.push(Layout::Debian);
+    }
     let mut out = Vec::new();
-    for name in FILES {
+    for (layout, name) in layouts.into_iter().flat_map(|l| FILES.into_iter().map(move |n| (l, n))) {
         let rel = format!("{}/{name}", layout.dir());
         let path = root.join(&rel);
         let meta = match path.symlink_metadata() {

@@ -336,3 +336,36 @@ fn finds_the_addresses_in_the_files() {
         (None, None, 0)
     );
 }
+
+#[test]
+fn control_characters_in_values_are_refused_with_file_and_line() {
+    for (bad, what) in [("PRIVATE_ADDRESS=10.0.0.5\0evil\n", "NUL"), ("X=\"a\x01b\"\n", "U+0001"), ("X=a\rb\n", "carriage return"), ("# c\x1b[2J\n", "U+001B")] {
+        let m = machine(Layout::Debian);
+        let etc = m.path().join(Layout::Debian.dir());
+        let text = format!("{}{bad}", REPLICATED);
+        std::fs::write(etc.join("replicated"), &text).expect("write");
+        let err = execute(m.path(), &params(), false, now()).expect_err("control character").to_string();
+        let line = REPLICATED.lines().count() + 1;
+        assert!(err.contains(&format!("{}:{line}:", etc.join("replicated").display())) && err.contains(what), "{err}");
+        assert_eq!(std::fs::read_to_string(etc.join("replicated")).expect("read"), text, "nothing written");
+    }
+}
+
+#[test]
+fn with_both_rhel_and_debian_files_both_sets_are_rewritten() {
+    let m = machine(Layout::Rhel);
+    let debian = m.path().join(Layout::Debian.dir());
+    std::fs::write(debian.join("replicated"), REPLICATED).expect("write");
+    std::fs::write(debian.join("replicated-operator"), OPERATOR).expect("write");
+    let r = execute(m.path(), &params(), false, now()).expect("rewrite");
+    assert_eq!(r.layout, Layout::Rhel);
+    for dir in [Layout::Rhel.dir(), Layout::Debian.dir()] {
+        let etc = m.path().join(dir);
+        assert_eq!(std::fs::read_to_string(etc.join("replicated")).expect("read"), NEW_REPLICATED, "{dir}");
+        assert_eq!(std::fs::read_to_string(etc.join("replicated-operator")).expect("read"), NEW_OPERATOR, "{dir}");
+    }
+    assert_eq!(r.files.len(), 4, "{:?}", r.files);
+    assert!(r.warnings.iter().any(|w| w.contains("etc/sysconfig/replicated") && w.contains("etc/default/replicated") && w.contains("both")), "{:?}", r.warnings);
+    let found = find_addresses(m.path()).expect("find");
+    assert_eq!(found.private_all, vec!["10.1.2.9".parse::<IpAddr>().expect("ip")]);
+}
