@@ -14,7 +14,7 @@
 //! `DR_BENCH_REPL=clojure`: instead, 1,000 deletions in ONE real
 //! `clojure.main` session (Debian's `clojure`, with tests/clojure/admin.clj),
 //! and a one-build run to separate the JVM's start-up from the per-deletion
-//! cost.
+//! cost, next to the same 1,000 in one simulator session.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -163,11 +163,20 @@ pub fn run_bench() {
         run_agent(&config);
         let all = t.elapsed();
         assert_eq!(count_lines(&deletions), n as usize);
+        let (config, deletions, _) = config_for("sim-one");
+        let t = Instant::now();
+        run_agent(&config);
+        let sim = t.elapsed();
+        assert_eq!(count_lines(&deletions), n as usize);
         println!("  1 build (JVM start-up, session set-up): {:>8.3} s", start_up.as_secs_f64());
         println!(
             "  {n} builds, one session:               {:>8.3} s  ({:.3} ms per deletion after start-up)",
             all.as_secs_f64(),
             (all.saturating_sub(start_up)).as_secs_f64() * 1e3 / (n.max(2) - 1) as f64
+        );
+        println!(
+            "  {n} builds, one simulator session:     {:>8.3} s  (load delay {load_delay_ms} ms)",
+            sim.as_secs_f64()
         );
         return;
     }
