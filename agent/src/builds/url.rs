@@ -320,11 +320,11 @@ mod tests {
             let mut backslashes = 0usize;
             for &b in inner {
                 if b == b'"' {
-                    prop_assert!(backslashes % 2 == 1, "{}", lit);
+                    prop_assert!(!backslashes.is_multiple_of(2), "{}", lit);
                 }
                 backslashes = if b == b'\\' { backslashes + 1 } else { 0 };
             }
-            prop_assert!(backslashes % 2 == 0, "{}", lit);
+            prop_assert!(backslashes.is_multiple_of(2), "{}", lit);
             Ok(())
         });
     }
