@@ -222,7 +222,7 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
     let cutoff =
         parse_time(&params.before).map_err(|why| CleanupError::BadCutoff { value: params.before.clone(), why })?;
     let hostname = hostname(config).await?;
-    let token = api::read_token(&config.circleci.api_token_file)?;
+    let (token, token_warning) = api::read_token(&config.circleci.api_token_file)?;
     let client = api::ApiClient::new(&config.circleci.api_url, &token, config.circleci.request_timeout)?;
     let listing = client.recent_builds(MAX_PAGES).await?;
     let (mut builds, not_running) = plan(&listing.builds, cutoff, &hostname);
@@ -240,7 +240,7 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
         console_sessions: 0,
         already_done: false,
         actions: Vec::new(),
-        warnings: listing.warnings,
+        warnings: token_warning.into_iter().chain(listing.warnings).collect(),
     };
     let candidates: Vec<usize> =
         builds.iter().enumerate().filter(|(_, b)| b.outcome == BuildOutcome::WouldDelete).map(|(i, _)| i).collect();
@@ -285,6 +285,7 @@ async fn delete_all(
     let c = &config.circleci;
     let mut session = console::Console::open(&c.dev_console, c.console_load_timeout, c.console_command_timeout).await?;
     report.console_sessions = 1;
+    report.warnings.append(&mut session.warnings);
     let started = Instant::now();
     let mut last_log = Instant::now();
     let mut broken: Option<String> = None;
@@ -296,18 +297,26 @@ async fn delete_all(
             continue;
         }
         let url = b.url.as_deref().expect("candidates have a validated URL");
-        match session.eval(&url::delete_form(url)).await {
-            Ok(answer) => match console::answer_error(&answer) {
-                Some(reason) => {
-                    b.outcome = BuildOutcome::Failed;
-                    b.detail = format!("the REPL answered an error: {reason}");
-                    tracing::warn!(step = "cleanup-builds", url, answer = %answer, "delete-build failed");
+        match session.call(&url::delete_form(url)).await {
+            Ok(console::Reply { outcome: console::Outcome::Value(value), stderr }) => {
+                b.outcome = BuildOutcome::Deleted;
+                b.detail = format!("REPL answered: {}", api::excerpt(&value, 200));
+                // Stderr is a separate pipe: what arrived may belong to the
+                // call before. Logged, not put on this build.
+                if !stderr.is_empty() {
+                    tracing::warn!(step = "cleanup-builds", url, stderr = %stderr, "the REPL wrote on stderr around this call");
                 }
-                None => {
-                    b.outcome = BuildOutcome::Deleted;
-                    b.detail = format!("REPL answered: {}", api::excerpt(&answer, 200));
-                }
-            },
+            }
+            Ok(console::Reply { outcome: console::Outcome::Threw(message), .. }) => {
+                b.outcome = BuildOutcome::Failed;
+                b.detail = format!("delete-build threw: {}", api::excerpt(&message, 500));
+                tracing::warn!(step = "cleanup-builds", url, message = %message, "delete-build failed");
+            }
+            Ok(console::Reply { outcome: console::Outcome::Rejected(said), .. }) => {
+                b.outcome = BuildOutcome::Failed;
+                b.detail = format!("the REPL did not evaluate the form: {}", api::excerpt(&said, 500));
+                tracing::warn!(step = "cleanup-builds", url, said = %said, "delete-build form rejected");
+            }
             Err(e) => {
                 b.outcome = BuildOutcome::Failed;
                 b.detail = e.to_string();
@@ -381,6 +390,42 @@ pub async fn cli(args: Args) -> CliResult {
         return Err((code, format!("{} build(s) failed, {} refused", report.failed, report.refused)));
     }
     Ok(text)
+}
+
+/// Property tests: seeded, a fixed number of cases (`PROPTEST_CASES` for a
+/// longer run), no failure files; each reports the cases it ran.
+#[cfg(test)]
+pub(crate) mod prop {
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+
+    pub const SEED: u64 = 0x00c1_0e0e_5eed;
+
+    pub fn runner(default_cases: u32) -> TestRunner {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cases);
+        TestRunner::new(Config {
+            cases,
+            rng_seed: RngSeed::Fixed(SEED),
+            failure_persistence: None,
+            ..Config::default()
+        })
+    }
+
+    /// Runs `test` over `strategy`; panics with the (shrunk) failing input.
+    pub fn check<S: proptest::strategy::Strategy>(
+        name: &str,
+        default_cases: u32,
+        strategy: S,
+        test: impl Fn(S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+    ) where
+        S::Value: std::fmt::Debug,
+    {
+        let mut runner = runner(default_cases);
+        let cases = runner.config().cases;
+        if let Err(e) = runner.run(&strategy, test) {
+            panic!("{name}: {e}");
+        }
+        println!("{name}: {cases} cases, 0 failures (seed {SEED:#x})");
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,12 @@
 //! `dr-agent cleanup-builds` end to end: the real agent binary against the
-//! API v1.1 simulator and the dev-console simulator.
+//! API v1.1 simulator and a dev-console that is either a real `clojure.main`
+//! REPL with a test `admin` namespace (tests/clojure/admin.clj: deletions,
+//! failures, prompts, banners, `*read-eval*`) or the dev-console simulator
+//! (hostile URLs, a hang, a slow load: faults a real REPL cannot be made to
+//! show on demand).
 //!
-//! Needs `dr-agent` built (`cargo build --workspace --bins`, as tests/run.sh does).
+//! Needs `dr-agent` built (`cargo build --workspace --bins`, as tests/run.sh
+//! does) and Debian's `clojure` (tests/run.sh installs it).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -49,6 +54,19 @@ fn build_with_url(num: u64, lifecycle: &str, start: Option<&str>, build_url: &st
         "start_time": start,
         "stop_time": if lifecycle == "finished" { json!("2024-05-01T11:45:00.000Z") } else { Value::Null },
     })
+}
+
+/// How the real clojure.main REPL runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Repl {
+    /// `clojure -i admin.clj -i site.clj -r`: the greeting, prompt `user=> `.
+    User,
+    /// A `clojure.main/repl` in namespace `admin` (prompt `admin=> `).
+    Admin,
+    /// The same REPL started while `-i` loads a file: `load` binds
+    /// `*read-eval*` for the thread, so neither `set!` nor `alter-var-root`
+    /// can turn it off for the forms the REPL reads.
+    AdminInsideLoad,
 }
 
 struct Site {
@@ -113,7 +131,6 @@ impl Site {
 
     /// Writes the agent's config; `console_args` go to the console simulator.
     fn config(&self, console_args: &[&str], extra: &str) -> PathBuf {
-        let q = |s: &str| serde_json::to_string(s).expect("string");
         let mut argv = vec![
             bin("dr-sim-dev-console").display().to_string(),
             "--deletions".to_owned(),
@@ -124,10 +141,46 @@ impl Site {
             "300".to_owned(),
         ];
         argv.extend(console_args.iter().map(|s| (*s).to_owned()));
+        self.config_with_console(&argv, extra, "20s")
+    }
+
+    /// The agent's config with a real clojure.main REPL as its dev-console,
+    /// the test `admin` namespace (tests/clojure/admin.clj) loaded: deleting
+    /// `fail` throws, `warn` prints a warning on stderr.
+    fn clojure_config(&self, fail: &[String], warn: &[String], repl: Repl) -> PathBuf {
+        let q = |s: &str| serde_json::to_string(s).expect("string");
+        let set = |urls: &[String]| urls.iter().map(|u| q(u)).collect::<Vec<_>>().join(" ");
+        let site = self.dir.path().join("site.clj");
+        std::fs::write(
+            &site,
+            format!(
+                "(admin/configure! {{:log {} :sessions {} :fail #{{{}}} :warn #{{{}}}}})\n{}",
+                q(&self.deletions.display().to_string()),
+                q(&self.sessions.display().to_string()),
+                set(fail),
+                set(warn),
+                if repl == Repl::AdminInsideLoad { "(admin/repl-in 'admin)\n" } else { "" },
+            ),
+        )
+        .expect("site.clj");
+        let admin = Path::new(env!("CARGO_MANIFEST_DIR")).join("clojure/admin.clj");
+        let mut argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string()]
+            .map(String::from)
+            .to_vec();
+        match repl {
+            Repl::User => argv.push("-r".to_owned()),
+            Repl::Admin => argv.extend(["-e".to_owned(), "(admin/repl-in 'admin)".to_owned()]),
+            Repl::AdminInsideLoad => {}
+        }
+        self.config_with_console(&argv, "", "90s")
+    }
+
+    fn config_with_console(&self, argv: &[String], extra: &str, load_timeout: &str) -> PathBuf {
+        let q = |s: &str| serde_json::to_string(s).expect("string");
         let argv: Vec<String> = argv.iter().map(|a| q(a)).collect();
         let text = format!(
             "state_dir = {state}\n{extra}\n[circleci]\napi_url = {api}\napi_token_file = {token}\n{host}dev_console = [{argv}]\n\
-             console_load_timeout = \"20s\"\nconsole_command_timeout = \"10s\"\nrequest_timeout = \"10s\"\n",
+             console_load_timeout = \"{load_timeout}\"\nconsole_command_timeout = \"10s\"\nrequest_timeout = \"10s\"\n",
             state = q(&self.dir.path().join("state").display().to_string()),
             api = q(&self.api_url),
             token = q(&self.dir.path().join("token").display().to_string()),
@@ -158,7 +211,7 @@ impl Site {
             .stdin(std::process::Stdio::null())
             .spawn()
             .expect("spawn dr-agent");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         let status = loop {
             if let Some(s) = child.try_wait().expect("wait") {
                 break s;
@@ -167,7 +220,7 @@ impl Site {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "dr-agent cleanup-builds did not finish within 60 s: {}",
+                    "dr-agent cleanup-builds did not finish within 180 s: {}",
                     std::fs::read_to_string(&err).unwrap_or_default()
                 );
             }
@@ -197,6 +250,16 @@ impl Site {
         Self::lines(&PathBuf::from(format!("{}.raw", self.deletions.display())))
     }
 
+    /// Every expression the REPL evaluated (taken out of the agent's wrapper).
+    fn forms(&self) -> Vec<String> {
+        Self::lines(&PathBuf::from(format!("{}.forms", self.deletions.display())))
+    }
+
+    /// The `admin/delete-build` forms evaluated, in order.
+    fn delete_forms(&self) -> Vec<String> {
+        self.forms().into_iter().filter(|f| f.starts_with("(admin/delete-build ")).collect()
+    }
+
     fn sessions(&self) -> usize {
         Self::lines(&self.sessions).len()
     }
@@ -220,6 +283,12 @@ fn outcomes(report: &Value) -> Vec<(u64, String, String)> {
 fn form(url: &str) -> String {
     format!("(admin/delete-build \"{url}\")")
 }
+
+/// What the agent evaluates before the first deletion in a REPL that keeps
+/// no `set!` between forms (clojure.main, the simulator).
+const READ_EVAL_OFF: [&str; 4] =
+    ["(set! *read-eval* false)", "*read-eval*", "(alter-var-root (var *read-eval*) (constantly false))", "*read-eval*"];
+const READ_EVAL_BACK_ON: &str = "(alter-var-root (var *read-eval*) (constantly true))";
 
 #[test]
 fn deletes_running_builds_started_before_the_cutoff_in_one_session() {
@@ -259,11 +328,24 @@ fn deletes_running_builds_started_before_the_cutoff_in_one_session() {
     assert_eq!(deleted.len(), expected.len(), "each build deleted once");
     assert_eq!(deleted.iter().cloned().collect::<BTreeSet<_>>(), expected);
     assert_eq!(site.sessions(), 1, "all deletions in ONE dev-console session");
-    let raw = site.raw();
-    assert_eq!(raw.len(), expected.len() + 1);
-    assert_eq!(raw.last().map(String::as_str), Some("(System/exit 0)"));
-    let sent: BTreeSet<String> = raw[..expected.len()].iter().cloned().collect();
+    // *read-eval* off (and checked) before the first deletion; the simulator,
+    // like clojure.main, keeps no set! between forms, so it is turned off for
+    // the JVM and back on at the end.
+    let forms = site.forms();
+    assert_eq!(forms[..4], READ_EVAL_OFF, "{forms:?}");
+    assert_eq!(forms.last().map(String::as_str), Some(READ_EVAL_BACK_ON));
+    assert_eq!(forms.len(), expected.len() + 5);
+    let sent: BTreeSet<String> = forms[4..forms.len() - 1].iter().cloned().collect();
     assert_eq!(sent, expected.iter().map(|u| form(u)).collect::<BTreeSet<_>>(), "exactly the candidates' forms");
+    assert!(!site.raw().iter().any(|l| l.contains("System/exit")), "nothing may end the console's JVM");
+    assert!(
+        report["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("alter-var-root"))),
+        "{report}"
+    );
 
     // Started after the cutoff, or never started: kept, with the reason.
     for (num, outcome, detail) in outcomes(&report) {
@@ -335,7 +417,10 @@ fn hostile_urls_are_refused_and_nothing_of_theirs_reaches_the_repl() {
             .iter()
             .any(|a| a.as_str().is_some_and(|a| a.contains("by hand")))
     );
-    assert_eq!(site.raw(), vec![form(&good), "(System/exit 0)".to_owned()], "only the valid form reached the REPL");
+    assert_eq!(site.delete_forms(), vec![form(&good)], "only the valid form reached the REPL");
+    for line in site.raw() {
+        assert!(!line.contains("System/exit") && !line.contains("evil"), "hostile text reached the REPL: {line}");
+    }
     assert_eq!(site.deleted(), vec![good]);
 
     // Human output names the refused URLs safely quoted.
@@ -411,7 +496,12 @@ fn a_repl_error_fails_that_build_and_the_others_are_still_deleted() {
     for (num, outcome, detail) in outcomes(&report) {
         if num == 3 {
             assert_eq!(outcome, "failed");
-            assert!(detail.contains("Execution error (ExceptionInfo)"), "{detail}");
+            assert_eq!(
+                detail,
+                format!(
+                    "delete-build threw: clojure.lang.ExceptionInfo: Cannot delete build {locked}: build is locked"
+                )
+            );
         } else {
             assert_eq!(outcome, "deleted");
         }
@@ -440,7 +530,11 @@ fn a_console_that_stops_answering_ends_the_session_and_reports_the_rest() {
     assert!(o[1].2.contains("did not answer"), "{}", o[1].2);
     assert_eq!(o[2].1, "failed");
     assert!(o[2].2.contains("not attempted"), "{}", o[2].2);
-    assert_eq!(site.raw(), vec![form(&url("my-org", "my-project", 3)), form(&stuck)], "nothing sent after the hang");
+    assert_eq!(
+        site.delete_forms(),
+        vec![form(&url("my-org", "my-project", 3)), form(&stuck)],
+        "nothing sent after the hang"
+    );
 }
 
 #[test]
@@ -520,4 +614,142 @@ fn the_api_simulator_behaves_like_api_v1_1() {
     assert!(page.iter().all(|b| b["lifecycle"] == "running"));
     let (status, _, _) = raw_get(&site.api_url, "/api/v1.1/recent-builds", "Accept: application/json\r\n");
     assert!(status.contains("401"), "{status}");
+}
+
+/// The `admin` stand-in's record: (URL, `*read-eval*` when it was deleted).
+fn clojure_deleted(site: &Site) -> Vec<(String, String)> {
+    site.deleted()
+        .iter()
+        .map(|l| {
+            let rest = l.strip_prefix("deleted ").unwrap_or_else(|| panic!("not a deletion record: {l}"));
+            let (u, re) = rest.split_once(" read-eval=").unwrap_or_else(|| panic!("not a deletion record: {l}"));
+            (u.to_owned(), re.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn against_a_real_clojure_repl_deletes_in_one_session_and_reports_a_throwing_delete_as_failed() {
+    // 40 running before the cutoff (one throws, one warns on stderr), 5
+    // running after it, 3 finished.
+    let mut builds = Vec::new();
+    for num in (1..=48u64).rev() {
+        builds.push(match num {
+            41..=45 => build(num, "running", Some(AFTER)),
+            46..=48 => build(num, "finished", Some(BEFORE)),
+            _ => build(num, "running", Some(BEFORE)),
+        });
+    }
+    let site = Site::start(&builds);
+    let missing = url("my-org", "my-project", 17);
+    let warns = url("my-org", "my-project", 23);
+    let config = site.clojure_config(std::slice::from_ref(&missing), std::slice::from_ref(&warns), Repl::Admin);
+
+    // The dry run opens no REPL (the admin namespace records every session).
+    let dry = site.run(&config, &["--dry-run", "--output", "json"]);
+    assert_eq!(dry.code, Some(0), "{}", dry.stderr);
+    assert_eq!(dry.json()["console_sessions"], 0);
+    assert_eq!(site.sessions(), 0, "the dry run started a REPL");
+
+    let run = site.run(&config, &["--output", "json"]);
+    assert_eq!(run.code, Some(1), "a failed deletion exits 1\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+    let report = run.json();
+    assert_eq!(report["console_sessions"], 1);
+    assert_eq!(site.sessions(), 1, "ONE REPL session");
+    assert_eq!((report["deleted"].as_u64(), report["failed"].as_u64()), (Some(39), Some(1)), "{report}");
+    assert_eq!(report["kept"], 5);
+    for (num, outcome, detail) in outcomes(&report) {
+        match num {
+            17 => {
+                assert_eq!(outcome, "failed");
+                assert_eq!(
+                    detail,
+                    format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}")
+                );
+            }
+            41..=45 => assert_eq!((outcome.as_str(), detail.as_str()), ("kept", "started after the cutoff")),
+            _ => assert_eq!((outcome.as_str(), detail.as_str()), ("deleted", "REPL answered: true"), "#{num}"),
+        }
+    }
+    // What the admin namespace deleted: exactly the candidates but the one
+    // that threw, in the listing's order, each with *read-eval* off.
+    let expected: Vec<(String, String)> =
+        (1..=40u64).rev().filter(|&n| n != 17).map(|n| (url("my-org", "my-project", n), "false".to_owned())).collect();
+    assert_eq!(clojure_deleted(&site), expected);
+    assert!(run.stderr.contains("delete-build failed") && run.stderr.contains("build not found"), "{}", run.stderr);
+    // A warning on stderr does not fail a deletion; it is logged.
+    assert!(run.stderr.contains(&format!("WARNING: build {warns} has no containers left")), "{}", run.stderr);
+
+    // Human output: the failure with the REPL's message, and the action.
+    let human = site.run(&config, &[]);
+    assert_eq!(human.code, Some(1));
+    assert!(
+        human
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("FAILED") && l.contains("#17 ") && l.contains("build not found")),
+        "{}",
+        human.stdout
+    );
+    assert!(human.stdout.contains("1 build(s) could not be deleted"), "{}", human.stdout);
+}
+
+#[test]
+fn against_a_real_clojure_repl_at_the_user_prompt_the_batch_goes_on_after_an_exception() {
+    let builds: Vec<Value> = (1..=4u64).rev().map(|n| build(n, "running", Some(BEFORE))).collect();
+    let site = Site::start(&builds);
+    let missing = url("my-org", "my-project", 4);
+    let config = site.clojure_config(std::slice::from_ref(&missing), &[], Repl::User);
+    let run = site.run(&config, &["--output", "json"]);
+    assert_eq!(run.code, Some(1), "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    let o = outcomes(&run.json());
+    assert_eq!(
+        o[0],
+        (4, "failed".to_owned(), format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}"))
+    );
+    assert!(o[1..].iter().all(|(_, outcome, _)| outcome == "deleted"), "{o:?}");
+    assert_eq!(
+        clojure_deleted(&site),
+        [3, 2, 1].map(|n| (url("my-org", "my-project", n), "false".to_owned())).to_vec()
+    );
+    assert_eq!(site.sessions(), 1);
+}
+
+#[test]
+fn against_a_real_clojure_repl_where_read_eval_stays_on_nothing_is_deleted() {
+    let site = Site::start(&[build(1, "running", Some(BEFORE))]);
+    let config = site.clojure_config(&[], &[], Repl::AdminInsideLoad);
+    let run = site.run(&config, &["--output", "json"]);
+    assert_eq!(run.code, Some(1), "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("cannot turn *read-eval* off") && run.stderr.contains("nothing was deleted"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(site.sessions(), 1);
+    assert!(site.deleted().is_empty(), "{:?}", site.deleted());
+}
+
+#[test]
+fn a_token_file_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let site = Site::start(&[build(1, "finished", Some(BEFORE))]);
+    let config = site.config(&[], "");
+    let token = site.dir.path().join("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let run = site.run(&config, &["--output", "json"]);
+    assert_eq!(run.code, Some(0), "a warning, not a refusal: {}", run.stderr);
+    let warnings = run.json()["warnings"].clone();
+    let expected = format!("the API token file {} is readable by group and others (mode 0644)", token.display());
+    assert!(
+        warnings.as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains(&expected))),
+        "{warnings}"
+    );
+    assert!(run.stderr.contains(&expected), "the log carries it too: {}", run.stderr);
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let run = site.run(&config, &["--output", "json"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.json()["warnings"], json!([]));
+    assert!(!run.stderr.contains("readable by"), "{}", run.stderr);
 }

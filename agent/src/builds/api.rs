@@ -74,16 +74,57 @@ impl Build {
     }
 }
 
-/// Reads the token: the first line of the file, trimmed.
-pub fn read_token(path: &Path) -> Result<String, ApiError> {
+/// Reads the token: the first line of the file, trimmed. The second value is
+/// a warning when the file is readable by group or others (it still works:
+/// the installation may have been set up that way, but the token is an
+/// admin credential).
+pub fn read_token(path: &Path) -> Result<(String, Option<String>), ApiError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path).map_err(|source| ApiError::TokenRead { path: path.to_owned(), source })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.is_empty() {
         return Err(ApiError::TokenEmpty { path: path.to_owned() });
     }
-    Ok(token)
+    let mode = std::fs::metadata(path)
+        .map_err(|source| ApiError::TokenRead { path: path.to_owned(), source })?
+        .permissions()
+        .mode()
+        & 0o7777;
+    let warning = (mode & 0o044 != 0).then(|| {
+        let w = format!(
+            "the API token file {} is readable by {} (mode {mode:04o}): `chmod 600` it",
+            path.display(),
+            match (mode & 0o040 != 0, mode & 0o004 != 0) {
+                (true, true) => "group and others",
+                (true, false) => "its group",
+                _ => "others",
+            }
+        );
+        tracing::warn!(step = "cleanup-builds", file = %path.display(), mode = format!("{mode:04o}"), "{w}");
+        w
+    });
+    Ok((token, warning))
 }
 
+/// Reads one page of `recent-builds`: a JSON array of build objects. Anything
+/// else (not UTF-8, not JSON, not an array, an element that is not an
+/// object) is an error naming what was wrong; fields inside a build are read
+/// tolerantly ([`Build::from_json`]).
+pub fn parse_page(url: &str, content_type: &str, body: &[u8]) -> Result<Vec<Build>, ApiError> {
+    let bad = |why: String| ApiError::NotJson { url: url.to_owned(), content_type: content_type.to_owned(), why };
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                serde_json::Value::Object(_) => Ok(Build::from_json(v)),
+                other => Err(bad(format!("element {i} is not a build object: {}", excerpt(&other.to_string(), 100)))),
+            })
+            .collect(),
+        Ok(other) => Err(bad(format!("not an array: {}", excerpt(&other.to_string(), 100)))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
 
 /// A client for one installation's API.
 #[derive(Clone, Debug)]
@@ -144,11 +185,10 @@ impl ApiClient {
                 break;
             }
             let url = format!("{}/api/v1.1/recent-builds?limit={PAGE_SIZE}&offset={offset}&shallow=true", self.base);
-            let page = self.get_array(&url).await?;
+            let page = self.get_page(&url).await?;
             listing.pages += 1;
             let n = page.len();
-            for v in &page {
-                let b = Build::from_json(v);
+            for b in page {
                 let key = (b.build_url.clone(), b.username.clone(), b.reponame.clone(), b.build_num);
                 if seen.insert(key) {
                     listing.builds.push(b);
@@ -167,7 +207,7 @@ impl ApiClient {
         Ok(listing)
     }
 
-    async fn get_array(&self, url: &str) -> Result<Vec<serde_json::Value>, ApiError> {
+    async fn get_page(&self, url: &str) -> Result<Vec<Build>, ApiError> {
         let req = Request::builder()
             .method(Method::GET)
             .uri(url)
@@ -191,8 +231,8 @@ impl ApiClient {
         let (status, content_type, body) = tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| ApiError::Timeout { url: url.to_owned(), timeout: self.timeout })??;
-        let text = String::from_utf8_lossy(&body);
         if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
             let hint = match status {
                 StatusCode::UNAUTHORIZED => " (the token in circleci.api_token_file was refused)",
                 StatusCode::FORBIDDEN => " (the token lacks admin rights)",
@@ -200,11 +240,7 @@ impl ApiClient {
             };
             return Err(ApiError::Status { url: url.to_owned(), status, hint, excerpt: excerpt(&text, 300) });
         }
-        match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(serde_json::Value::Array(items)) => Ok(items),
-            Ok(_) => Err(ApiError::NotJson { url: url.to_owned(), content_type, why: "not an array".to_owned() }),
-            Err(e) => Err(ApiError::NotJson { url: url.to_owned(), content_type, why: e.to_string() }),
-        }
+        parse_page(url, &content_type, &body)
     }
 }
 
@@ -219,6 +255,7 @@ pub(crate) fn excerpt(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn builds_parse_tolerantly() {
@@ -238,7 +275,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("t");
         std::fs::write(&p, " abc \nsecond\n").expect("write");
-        assert_eq!(read_token(&p).expect("token"), "abc");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        assert_eq!(read_token(&p).expect("token"), ("abc".to_owned(), None));
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+        let (_, w) = read_token(&p).expect("token");
+        let w = w.expect("a world-readable token file is warned about");
+        assert!(w.contains(&p.display().to_string()) && w.contains("0644") && w.contains("group and others"), "{w}");
         std::fs::write(&p, "\n").expect("write");
         assert!(read_token(&p).expect_err("empty").to_string().contains(&p.display().to_string()));
     }
@@ -247,5 +289,97 @@ mod tests {
     fn https_is_refused_for_now() {
         let e = ApiClient::new("https://ci.example.com", "t", Duration::from_secs(1)).expect_err("https");
         assert!(e.to_string().contains("https"), "{e}");
+    }
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            prop::sample::select(vec![
+                "running",
+                "finished",
+                "https://ci.example.com/gh/o/r/1",
+                "2024-05-01T12:00:00Z"
+            ])
+            .prop_map(Value::from),
+        ];
+        let key = prop_oneof![
+            3 => prop::sample::select(vec!["build_url", "build_num", "username", "reponame", "lifecycle", "status", "start_time", "queued_at"])
+                .prop_map(str::to_owned),
+            1 => any::<String>(),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    #[test]
+    fn the_pages_parser_takes_only_arrays_of_objects_and_never_panics() {
+        use serde_json::Value;
+        crate::builds::prop::check("API v1.1 pages parser (JSON)", 2000, json(), |v| {
+            let body = serde_json::to_vec(&v).expect("serialize");
+            let parsed = parse_page("http://h/p", "application/json", &body);
+            let expected_ok = matches!(&v, Value::Array(items) if items.iter().all(Value::is_object));
+            prop_assert_eq!(parsed.is_ok(), expected_ok, "{}: {:?}", v, parsed);
+            if let (Ok(builds), Value::Array(items)) = (&parsed, &v) {
+                prop_assert_eq!(builds.len(), items.len());
+                for (b, item) in builds.iter().zip(items) {
+                    prop_assert_eq!(b.build_url.as_deref(), item.get("build_url").and_then(Value::as_str));
+                    prop_assert_eq!(b.lifecycle.as_deref(), item.get("lifecycle").and_then(Value::as_str));
+                }
+            }
+            if let Err(e) = &parsed {
+                prop_assert!(e.to_string().contains("http://h/p"), "the error names the page: {}", e);
+            }
+            Ok(())
+        });
+        let bytes = prop_oneof![
+            any::<Vec<u8>>(),
+            json()
+                .prop_flat_map(|v| {
+                    let b = serde_json::to_vec(&v).expect("serialize");
+                    let n = b.len();
+                    (Just(b), 0..=n, any::<u8>())
+                })
+                .prop_map(|(mut b, at, byte)| {
+                    // Truncated or with one byte changed: mostly malformed.
+                    if at < b.len() && byte % 2 == 0 {
+                        b[at] = byte
+                    } else {
+                        b.truncate(at)
+                    }
+                    b
+                }),
+        ];
+        crate::builds::prop::check("API v1.1 pages parser (bytes)", 2000, bytes, |b| {
+            let parsed = parse_page("http://h/p", "text/html", &b);
+            let oracle = serde_json::from_slice::<Value>(&b)
+                .is_ok_and(|v| matches!(&v, Value::Array(items) if items.iter().all(Value::is_object)));
+            prop_assert_eq!(parsed.is_ok(), oracle, "{:?}", String::from_utf8_lossy(&b));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn malformed_pages_are_errors_naming_what_is_wrong() {
+        for (body, why) in [
+            (&b"[{\"build_num\":1}, 3]"[..], "element 1 is not a build object"),
+            (b"{\"message\":\"x\"}", "not an array"),
+            (b"[{:build_num 1}]", "key must be a string"),
+            (b"[{\"build_url\":\"\xff\"}]", "invalid unicode"),
+            (b"", "EOF"),
+        ] {
+            let e = parse_page("http://h/p", "application/edn", body).expect_err(why);
+            assert!(e.to_string().contains(why) && e.to_string().contains("application/edn"), "{e}");
+        }
     }
 }

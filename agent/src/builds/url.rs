@@ -88,22 +88,28 @@ pub fn validate_build_url(url: &str, hostname: &str, expect: Expect<'_>) -> Resu
     if !segment_ok(org) || !segment_ok(repo) {
         return Err("org or repository is empty, `.`, `..` or has characters outside [A-Za-z0-9_.-]".to_owned());
     }
-    if num.is_empty() || num.len() > 19 || !num.chars().all(|c| c.is_ascii_digit()) {
+    if num.is_empty() || num.len() > 20 || !num.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!("build number `{num}` is not a decimal number"));
     }
     let n: u64 = num.parse().map_err(|_| format!("build number `{num}` is out of range"))?;
     match expect.build_num {
         Some(b) if b == n && *num == b.to_string() => {}
-        Some(b) => return Err(format!("build number in the URL ({num}) is not the build's number ({b})")),
+        Some(b) => {
+            return Err(format!("build number in the URL ({num}) is not the build's number ({b})"));
+        }
         None => return Err("the build has no build_num to check the URL against".to_owned()),
     }
     match expect.username {
         Some(u) if u.eq_ignore_ascii_case(org) => {}
-        other => return Err(format!("org `{org}` in the URL is not the build's username ({other:?})")),
+        other => {
+            return Err(format!("org `{org}` in the URL is not the build's username ({other:?})"));
+        }
     }
     match expect.reponame {
         Some(r) if r.eq_ignore_ascii_case(repo) => {}
-        other => return Err(format!("repository `{repo}` in the URL is not the build's reponame ({other:?})")),
+        other => {
+            return Err(format!("repository `{repo}` in the URL is not the build's reponame ({other:?})"));
+        }
     }
     Ok(())
 }
@@ -140,6 +146,7 @@ pub fn delete_form(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const HOST: &str = "ci.example.com";
 
@@ -155,6 +162,14 @@ mod tests {
     fn accepts_the_reference_shape() {
         check("https://ci.example.com/gh/my-org/my.project_1/1234").expect("valid");
         check("https://CI.example.com/bb/My-Org/my.project_1/1234").expect("case-insensitive host and org");
+        // Found by the property test: 20-digit numbers (>= 10^19) were refused.
+        let e = |n| Expect { username: Some("o"), reponame: Some("r"), build_num: Some(n) };
+        validate_build_url("https://ci.example.com/gh/o/r/18446744073709551615", HOST, e(u64::MAX)).expect("u64::MAX");
+        validate_build_url("https://ci.example.com/gh/o/r/10000000000000000000", HOST, e(10_000_000_000_000_000_000))
+            .expect("10^19");
+        let err =
+            validate_build_url("https://ci.example.com/gh/o/r/18446744073709551616", HOST, e(7)).expect_err(">u64");
+        assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]
@@ -208,5 +223,109 @@ mod tests {
         for bad in ["", "a b", "ci/x", "ci.example.com:x", "..", "a@b"] {
             assert!(normalize_hostname(bad).is_err(), "{bad}");
         }
+    }
+
+    /// What an accepted URL must be, written independently of the validator.
+    fn accepted_shape(url: &str, e: Expect<'_>) -> bool {
+        let Some(rest) = url.strip_prefix("https://") else {
+            return false;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [host, vcs, org, repo, num] = parts.as_slice() else {
+            return false;
+        };
+        let seg = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        };
+        host.eq_ignore_ascii_case(HOST)
+            && matches!(*vcs, "gh" | "bb")
+            && seg(org)
+            && seg(repo)
+            && e.build_num.is_some_and(|n| n.to_string() == *num)
+            && e.username.is_some_and(|u| u.eq_ignore_ascii_case(org))
+            && e.reponame.is_some_and(|r| r.eq_ignore_ascii_case(repo))
+    }
+
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            12 => "[A-Za-z0-9_.-]{1,8}",
+            1 => Just(String::new()),
+            1 => Just("..".to_owned()),
+            1 => any::<String>(),
+            1 => prop::sample::select(vec!["\"", "\\", "%2e", " ", "\n", "?", "#", "@", "/", ":443", "é", "\u{0}", "(System/exit 1)"])
+                .prop_map(str::to_owned),
+        ]
+    }
+
+    #[test]
+    fn the_validator_accepts_exactly_the_build_shape() {
+        // Mostly right, one part at a time wrong: both verdicts are common.
+        fn mostly<T: Clone + std::fmt::Debug + 'static>(good: T, bad: Vec<T>) -> impl Strategy<Value = T> {
+            prop_oneof![6 => Just(good), 1 => prop::sample::select(bad)]
+        }
+        let host = mostly(
+            HOST,
+            vec!["CI.Example.COM", "evil.example.com", "ci.example.com:443", "x@ci.example.com", "ci.example.com.", ""],
+        );
+        let scheme = mostly("https://", vec!["http://", "HTTPS://", "https:/", ""]);
+        let vcs = prop_oneof![3 => Just("gh"), 3 => Just("bb"), 1 => prop::sample::select(vec!["gl", "GH", ""])];
+        let num = prop_oneof![
+            3 => (0u64..100_000).prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => "0[0-9]{1,3}",
+            1 => piece(),
+        ];
+        let built = (scheme, host, vcs, piece(), piece(), num, piece(), mostly(false, vec![true])).prop_map(
+            |(s, h, v, o, r, n, tail, extra)| {
+                let url = format!("{s}{h}/{v}/{o}/{r}/{n}");
+                (if extra { format!("{url}{tail}") } else { url }, o, r, n)
+            },
+        );
+        let arbitrary = any::<String>().prop_map(|u| (u, "o".to_owned(), "r".to_owned(), "1".to_owned()));
+        let accepted = std::cell::Cell::new(0u32);
+        super::super::prop::check(
+            "build-URL validator",
+            4000,
+            (prop_oneof![3 => built, 1 => arbitrary], mostly(true, vec![false]), mostly(true, vec![false])),
+            |((url, org, repo, num), same_org, same_num)| {
+                let e = Expect {
+                    username: Some(if same_org { org.as_str() } else { "my-org" }),
+                    reponame: Some(repo.as_str()),
+                    build_num: if same_num { num.parse().ok() } else { Some(7) },
+                };
+                let verdict = validate_build_url(&url, HOST, e);
+                prop_assert_eq!(verdict.is_ok(), accepted_shape(&url, e), "{:?}: {:?}", url, verdict);
+                if verdict.is_ok() {
+                    accepted.set(accepted.get() + 1);
+                    let form = delete_form(&url);
+                    prop_assert!(form.bytes().all(|b| (0x20..0x7f).contains(&b)), "{}", form);
+                }
+                Ok(())
+            },
+        );
+        assert!(accepted.get() > 50, "the generator reaches valid URLs ({} accepted)", accepted.get());
+    }
+
+    #[test]
+    fn literals_are_printable_ascii_and_quote_only_at_the_ends() {
+        super::super::prop::check("literal writer (shape)", 2000, any::<String>(), |s| {
+            let lit = clojure_string(&s);
+            prop_assert!(lit.len() >= 2 && lit.starts_with('"') && lit.ends_with('"'));
+            prop_assert!(lit.bytes().all(|b| (0x20..0x7f).contains(&b)), "{}", lit);
+            // Every quote inside is escaped: an even run of backslashes never precedes one.
+            let inner = &lit.as_bytes()[1..lit.len() - 1];
+            let mut backslashes = 0usize;
+            for &b in inner {
+                if b == b'"' {
+                    prop_assert!(!backslashes.is_multiple_of(2), "{}", lit);
+                }
+                backslashes = if b == b'\\' { backslashes + 1 } else { 0 };
+            }
+            prop_assert!(backslashes.is_multiple_of(2), "{}", lit);
+            Ok(())
+        });
     }
 }

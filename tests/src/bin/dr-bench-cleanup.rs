@@ -10,6 +10,11 @@
 //! (a plain binary: a `cargo bench` target here would rebuild the controller in release).
 //! `DR_BENCH_BUILDS` (default 1000) and `DR_BENCH_LOAD_DELAY_MS` (default 200)
 //! change the size; `DR_BENCH_AGENT` names another dr-agent binary.
+//!
+//! `DR_BENCH_REPL=clojure`: instead, 1,000 deletions in ONE real
+//! `clojure.main` session (Debian's `clojure`, with tests/clojure/admin.clj),
+//! and a one-build run to separate the JVM's start-up from the per-deletion
+//! cost, next to the same 1,000 in one simulator session.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,23 +108,9 @@ pub fn run_bench() {
         assert!(Instant::now() < deadline, "the API simulator did not start");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let config_for = |case: &str| -> (PathBuf, PathBuf, PathBuf) {
-        let deletions = dir.path().join(format!("{case}.deletions"));
-        let sessions = dir.path().join(format!("{case}.sessions"));
+    let config_text = |argv: &[String], case: &str| -> PathBuf {
         let q = |s: &str| serde_json::to_string(s).expect("string");
-        let argv = [
-            bin("dr-sim-dev-console").display().to_string(),
-            "--deletions".to_owned(),
-            deletions.display().to_string(),
-            "--sessions".to_owned(),
-            sessions.display().to_string(),
-            "--load-delay-ms".to_owned(),
-            load_delay_ms.to_string(),
-        ]
-        .iter()
-        .map(|a| q(a))
-        .collect::<Vec<_>>()
-        .join(", ");
+        let argv = argv.iter().map(|a| q(a)).collect::<Vec<_>>().join(", ");
         let text = format!(
             "state_dir = {}\n[circleci]\napi_url = {}\napi_token_file = {}\nhostname = {}\ndev_console = [{argv}]\n\
              console_load_timeout = \"60s\"\nconsole_command_timeout = \"30s\"\nrequest_timeout = \"30s\"\n",
@@ -130,8 +121,65 @@ pub fn run_bench() {
         );
         let path = dir.path().join(format!("{case}.toml"));
         std::fs::write(&path, text).expect("config");
-        (path, deletions, sessions)
+        path
     };
+    let config_for = |case: &str| -> (PathBuf, PathBuf, PathBuf) {
+        let deletions = dir.path().join(format!("{case}.deletions"));
+        let sessions = dir.path().join(format!("{case}.sessions"));
+        let argv = [
+            bin("dr-sim-dev-console").display().to_string(),
+            "--deletions".to_owned(),
+            deletions.display().to_string(),
+            "--sessions".to_owned(),
+            sessions.display().to_string(),
+            "--load-delay-ms".to_owned(),
+            load_delay_ms.to_string(),
+        ];
+        (config_text(&argv, case), deletions, sessions)
+    };
+
+    if std::env::var("DR_BENCH_REPL").as_deref() == Ok("clojure") {
+        let clojure_for = |case: &str| -> (PathBuf, PathBuf) {
+            let deletions = dir.path().join(format!("{case}.deletions"));
+            let site = dir.path().join(format!("{case}.clj"));
+            let q = |s: &str| serde_json::to_string(s).expect("string");
+            std::fs::write(&site, format!("(admin/configure! {{:log {}}})\n", q(&deletions.display().to_string())))
+                .expect("site.clj");
+            let admin = Path::new(env!("CARGO_MANIFEST_DIR")).join("clojure/admin.clj");
+            let argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string(), "-r"]
+                .map(String::from);
+            (config_text(&argv, case), deletions)
+        };
+        println!("cleanup of {n} running builds in one real clojure.main session; agent {}", agent().display());
+        let (config, deletions) = clojure_for("clojure-one-build");
+        write_builds(&builds, std::iter::once(1));
+        let t = Instant::now();
+        run_agent(&config);
+        let start_up = t.elapsed();
+        assert_eq!(count_lines(&deletions), 1);
+        write_builds(&builds, (1..=n).rev());
+        let (config, deletions) = clojure_for("clojure-all");
+        let t = Instant::now();
+        run_agent(&config);
+        let all = t.elapsed();
+        assert_eq!(count_lines(&deletions), n as usize);
+        let (config, deletions, _) = config_for("sim-one");
+        let t = Instant::now();
+        run_agent(&config);
+        let sim = t.elapsed();
+        assert_eq!(count_lines(&deletions), n as usize);
+        println!("  1 build (JVM start-up, session set-up): {:>8.3} s", start_up.as_secs_f64());
+        println!(
+            "  {n} builds, one session:               {:>8.3} s  ({:.3} ms per deletion after start-up)",
+            all.as_secs_f64(),
+            (all.saturating_sub(start_up)).as_secs_f64() * 1e3 / (n.max(2) - 1) as f64
+        );
+        println!(
+            "  {n} builds, one simulator session:     {:>8.3} s  (load delay {load_delay_ms} ms)",
+            sim.as_secs_f64()
+        );
+        return;
+    }
 
     println!(
         "cleanup of {n} running builds; dev-console simulator load delay {load_delay_ms} ms; agent {}",

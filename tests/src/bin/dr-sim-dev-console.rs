@@ -1,20 +1,32 @@
 //! dr-sim-dev-console: a simulator of `circleci dev-console` (a Clojure REPL
-//! connected to the frontend's nREPL) for tests.
+//! connected to the frontend's nREPL) for the faults a real REPL cannot be
+//! made to show on demand (a hang, a slow load) and for the hostile-URL
+//! tests; the rest is tested against a real `clojure.main` (tests/clojure/).
 //!
-//! Prints a banner, sleeps `--load-delay-ms`, prints the prompt `user=> `
-//! (no newline) and reads forms line by line from stdin. It evaluates ONLY
-//! `(admin/delete-build "<string literal>")`: the literal is read as a
-//! Clojure string (escapes `\"`, `\\`, `\n`, `\t`, `\r`, `\b`, `\f`, `\uXXXX`);
-//! the URL is appended as one line to `--deletions FILE` (flushed) and the
-//! answer is `true` (or `nil` when `--known-builds` is given and the URL is
-//! not among the builds there). Anything else (another symbol, unbalanced
-//! input, a second form on the line) answers a REPL-style error and records
-//! nothing. `(System/exit 0)`, `(exit)`, `(quit)` or EOF end the session.
+//! It prints what a real REPL prints, where: a banner, then after
+//! `--load-delay-ms` the prompt `user=> ` (no newline); values on stdout,
+//! exceptions and reader/compiler errors on stderr, then the prompt again.
+//! It evaluates ONLY:
+//! - `(admin/delete-build "<string literal>")` (escapes `\"`, `\\`, `\n`,
+//!   `\t`, `\r`, `\b`, `\f`, `\uXXXX`): the URL is appended as one line to
+//!   `--deletions FILE` (flushed) and the value is `true` (or `nil` when
+//!   `--known-builds` is given and the URL is not among the builds there);
+//! - `(set! *read-eval* false)` (kept for that form only, as in
+//!   `clojure.main`), `*read-eval*`, and
+//!   `(alter-var-root (var *read-eval*) (constantly false|true))`;
+//! - any of these inside the agent's per-call wrapper (the exact text of
+//!   `dr_agent::builds::console::wrap`), answering the wrapper's sentinels
+//!   like Clojure would, in two writes.
 //!
-//! Every raw line received is appended to `<FILE>.raw`; each session start
-//! appends `session <pid>` to `--sessions FILE` when given. `--error-on URL`
-//! (repeatable) answers an Execution error for that URL instead of deleting;
-//! `--hang-on URL` never answers for it.
+//! Anything else (another symbol, unbalanced input, a second form on the
+//! line) is a REPL-style error on stderr and records nothing. End of input,
+//! `(exit)` or `(quit)` end the session.
+//!
+//! Every raw line received is appended to `<FILE>.raw`, and every expression
+//! evaluated (unwrapped) to `<FILE>.forms`; each session start appends
+//! `session <pid>` to `--sessions FILE` when given. `--error-on URL`
+//! (repeatable) throws for that URL instead of deleting; `--hang-on URL`
+//! never answers for it.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -60,13 +72,32 @@ fn append(path: &Path, line: &str) {
     });
 }
 
-/// What one line of input is.
+/// What one expression is.
 #[derive(Debug, PartialEq)]
 enum Form {
     Empty,
     Exit,
     Delete(String),
+    SetReadEval,
+    ReadEval,
+    RootReadEval(bool),
+    /// A reader or compiler error (printed on stderr; nothing evaluated).
     Error(String),
+}
+
+/// The agent's per-call wrapper around an expression, split at `{marker}`
+/// and `{expr}` (see `dr_agent::builds::console::wrap`).
+const WRAP_HEAD: &str = "(let [m \"";
+const WRAP_MID: &str = ":\" r (try [:ok (pr-str ";
+const WRAP_TAIL: &str = ")] (catch Throwable e [:error (str (.getName (class e)) \": \" (ex-message e))]))] \
+     (print (str \"\\n@@\" m (name (first r)) \"\\n\" (second r) \"\\n@@\" m \"end\\n\")) (flush) nil)";
+
+/// `(marker, expr)` when the line is the wrapper.
+fn unwrap(line: &str) -> Option<(&str, &str)> {
+    let rest = line.trim().strip_prefix(WRAP_HEAD)?;
+    let (marker, rest) = rest.split_once(WRAP_MID)?;
+    let expr = rest.strip_suffix(WRAP_TAIL)?;
+    Some((marker, expr))
 }
 
 /// Reads a Clojure string literal starting at `s[0] == '"'`; returns the
@@ -117,8 +148,15 @@ fn parse_line(line: &str) -> Form {
     if t.is_empty() {
         return Form::Empty;
     }
-    if matches!(t, "(System/exit 0)" | "(exit)" | "(quit)") {
-        return Form::Exit;
+    match t {
+        "(exit)" | "(quit)" => return Form::Exit,
+        "(set! *read-eval* false)" => return Form::SetReadEval,
+        "*read-eval*" => return Form::ReadEval,
+        "(alter-var-root (var *read-eval*) (constantly false))" => {
+            return Form::RootReadEval(false);
+        }
+        "(alter-var-root (var *read-eval*) (constantly true))" => return Form::RootReadEval(true),
+        _ => {}
     }
     let Some(rest) = t.strip_prefix("(admin/delete-build") else {
         let symbol: String =
@@ -134,8 +172,7 @@ fn parse_line(line: &str) -> Form {
     let rest = rest.trim_start();
     if !rest.starts_with('"') {
         return Form::Error(
-            "Execution error (IllegalArgumentException) at admin/delete-build (admin.clj:31).\nbuild url must be a string"
-                .to_owned(),
+            "Syntax error compiling at (REPL:1:1).\nadmin/delete-build takes a string literal here".to_owned(),
         );
     }
     let col = t.len() - rest.len() + 1;
@@ -176,8 +213,12 @@ fn known_builds(path: &Path) -> HashSet<String> {
 
 /// Removes a build from the builds file (atomic rewrite).
 fn forget_build(path: &Path, url: &str) {
-    let Ok(text) = std::fs::read_to_string(path) else { return };
-    let Ok(serde_json::Value::Array(builds)) = serde_json::from_str::<serde_json::Value>(&text) else { return };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let Ok(serde_json::Value::Array(builds)) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return;
+    };
     let kept: Vec<serde_json::Value> =
         builds.into_iter().filter(|b| b.get("build_url").and_then(|u| u.as_str()) != Some(url)).collect();
     let tmp = path.with_extension("json.tmp");
@@ -214,6 +255,8 @@ fn main() {
     let stdin = std::io::stdin();
     let mut line = String::new();
     let mut input = stdin.lock();
+    let forms = PathBuf::from(format!("{}.forms", args.deletions.display()));
+    let mut read_eval = true;
     loop {
         line.clear();
         match input.read_line(&mut line) {
@@ -222,20 +265,43 @@ fn main() {
         }
         let text = line.strip_suffix('\n').unwrap_or(&line);
         append(&raw, text);
-        let answer = match parse_line(text) {
-            Form::Empty => None,
+        let (marker, expr) = match unwrap(text) {
+            Some((m, e)) => (Some(m), e),
+            None => (None, text),
+        };
+        let form = parse_line(expr);
+        if !matches!(form, Form::Empty | Form::Exit | Form::Error(_)) {
+            append(&forms, expr.trim());
+        }
+        // Ok(value as pr-str prints it) or Err(exception class, message).
+        let result: Result<String, (&str, String)> = match form {
+            Form::Empty => {
+                let _ = write!(out, "{PROMPT}");
+                let _ = out.flush();
+                continue;
+            }
             Form::Exit => break,
-            Form::Error(e) => Some(e),
+            Form::Error(e) => {
+                eprintln!("{e}");
+                let _ = write!(out, "{PROMPT}");
+                let _ = out.flush();
+                continue;
+            }
+            Form::SetReadEval => Ok("false".to_owned()),
+            Form::ReadEval => Ok(read_eval.to_string()),
+            Form::RootReadEval(v) => {
+                read_eval = v;
+                Ok(v.to_string())
+            }
             Form::Delete(url) if args.hang_on.contains(&url) => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
-            Form::Delete(url) if args.error_on.contains(&url) => Some(format!(
-                "Execution error (ExceptionInfo) at circle.http.admin/delete-build (admin.clj:57).\n\
-                 Cannot delete build {url}: build is locked"
-            )),
+            Form::Delete(url) if args.error_on.contains(&url) => {
+                Err(("clojure.lang.ExceptionInfo", format!("Cannot delete build {url}: build is locked")))
+            }
             Form::Delete(url) => {
                 append(&args.deletions, &url);
-                Some(match (&known, &args.known_builds) {
+                Ok(match (&known, &args.known_builds) {
                     (Some(k), _) if !k.contains(&url) => "nil".to_owned(),
                     (Some(_), Some(path)) => {
                         // Like the real installation: a deleted build is gone
@@ -247,8 +313,29 @@ fn main() {
                 })
             }
         };
-        if let Some(a) = answer {
-            let _ = writeln!(out, "{a}");
+        match (marker, result) {
+            (Some(m), result) => {
+                let (kind, text) = match result {
+                    Ok(v) => ("ok", v),
+                    Err((class, message)) => ("error", format!("{class}: {message}")),
+                };
+                let answer = format!("\n@@{m}:{kind}\n{text}\n@@{m}:end\n");
+                // Two writes, split inside the sentinel, like a slow pipe.
+                let (a, b) = answer.split_at(answer.len() / 2);
+                let _ = out.write_all(a.as_bytes());
+                let _ = out.flush();
+                std::thread::sleep(Duration::from_millis(1));
+                let _ = write!(out, "{b}nil\n");
+            }
+            (None, Ok(v)) => {
+                let _ = writeln!(out, "{v}");
+            }
+            (None, Err((class, message))) => {
+                eprintln!(
+                    "Execution error ({}) at admin/delete-build (admin.clj:57).\n{message}",
+                    class.rsplit('.').next().unwrap_or(class)
+                );
+            }
         }
         let _ = write!(out, "{PROMPT}");
         let _ = out.flush();
@@ -258,6 +345,13 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unwraps_the_agents_wrapper() {
+        let line = format!("{WRAP_HEAD}abc:3{WRAP_MID}(admin/delete-build \"x\"){WRAP_TAIL}");
+        assert_eq!(unwrap(&line), Some(("abc:3", "(admin/delete-build \"x\")")));
+        assert_eq!(unwrap("(admin/delete-build \"x\")"), None);
+    }
 
     #[test]
     fn parses_forms() {
@@ -271,6 +365,11 @@ mod tests {
         assert!(
             matches!(parse_line("(System/exit 1)"), Form::Error(e) if e.contains("Unable to resolve symbol: System/exit"))
         );
-        assert_eq!(parse_line("(System/exit 0)"), Form::Exit);
+        assert!(
+            matches!(parse_line("(System/exit 0)"), Form::Error(_)),
+            "(System/exit 0) would end the frontend's JVM"
+        );
+        assert_eq!(parse_line("(exit)"), Form::Exit);
+        assert_eq!(parse_line("*read-eval*"), Form::ReadEval);
     }
 }
