@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dr_controller::pki::{self, Subject, Validity};
+use drctl::pki::{self, Subject, Validity};
 
 pub mod throttle;
 
@@ -233,16 +233,16 @@ pub struct Pki {
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
         let dir = dir.join("pki");
-        pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1)).expect("CA");
+        pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1).expect("one day")).expect("CA");
         pki::issue(
             &dir,
             &Subject::Controller { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] },
-            Validity::days(1),
+            Validity::days(1).expect("one day"),
             &dir,
             "controller",
         )
         .expect("controller cert");
-        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1), &dir, "operator-tester").expect("operator");
+        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &dir, "operator-tester").expect("operator");
         Pki { dir }
     }
 
@@ -255,7 +255,7 @@ impl Pki {
         let stem = format!("site-{site}");
         let cert = self.dir.join(format!("{stem}.pem"));
         if !cert.exists() {
-            pki::issue(&self.dir, &Subject::Site(site.into()), Validity::days(1), &self.dir, &stem).expect("site cert");
+            pki::issue(&self.dir, &Subject::Site(site.into()), Validity::days(1).expect("one day"), &self.dir, &stem).expect("site cert");
         }
         (cert, self.dir.join(format!("{stem}.key")))
     }
@@ -497,8 +497,8 @@ pub fn replicatedctl_calls(root: &Path, args: &str) -> usize {
         .count()
 }
 
-/// Runs drctl against a controller with the given client certificate.
-pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Output {
+/// A drctl command against a controller with the given client certificate.
+pub fn drctl_command(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("drctl"));
     aws_env(&mut cmd)
         .env("DRCTL_CONTROLLER", controller_url)
@@ -506,9 +506,14 @@ pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: 
         .env("DRCTL_CERT", cert)
         .env("DRCTL_KEY", key)
         .env_remove("DRCTL_CONFIG")
-        .args(args)
-        .output()
-        .expect("run drctl")
+        .env_remove("DRCTL_SERVER_NAME")
+        .args(args);
+    cmd
+}
+
+/// Runs drctl against a controller with the given client certificate.
+pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Output {
+    drctl_command(controller_url, ca, cert, key, args).output().expect("run drctl")
 }
 
 /// Runs drctl as the test operator.
@@ -524,6 +529,21 @@ pub fn drctl_json(pki: &Pki, controller_url: &str, args: &[&str]) -> serde_json:
     let out = drctl(pki, controller_url, &all);
     assert!(out.status.success(), "drctl {args:?} failed: {}{}", text(&out.stdout), text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drctl {args:?} printed no JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// drctl's `--output json` is JSON lines: every value it printed, in order.
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    text(stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("drctl printed a line that is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The last JSON line drctl printed (`backup --wait -o json`: the finished
+/// operation, after the line with its id).
+pub fn last_json(stdout: &[u8]) -> serde_json::Value {
+    json_lines(stdout).pop().unwrap_or_else(|| panic!("drctl printed no JSON: {}", text(stdout)))
 }
 
 pub fn text(b: &[u8]) -> String {
