@@ -104,7 +104,38 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     assert_eventually!(timeout, std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} to accept");
 }
 
-/// A child process killed (SIGKILL) when dropped.
+/// Makes `cmd`'s process die (SIGKILL) with the test process, also when the
+/// test run itself is killed (`kill -9`, a CI timeout): Linux's
+/// `PR_SET_PDEATHSIG`, set in the child between fork and exec.
+///
+/// The signal fires when the *thread* that spawned the child ends, not only
+/// the process. Tests spawn from their test thread, which ends when the
+/// test ends; the [`Proc`] is dropped (and killed) then anyway, so that is
+/// the intended lifetime. Spawning a long-lived child from a short-lived
+/// helper thread would kill it early: spawn from the test thread.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (prctl, getppid); it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test may have died between fork and prctl: then the
+            // signal will never come, so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the test process died before its child started"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped, and when the test process
+/// dies ([`die_with_test`]).
 pub struct Proc {
     pub child: Child,
     pub name: String,
@@ -114,7 +145,12 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = cmd.stdout(out).stderr(err).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = die_with_test(cmd)
+            .stdout(out)
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc { child, name: name.to_owned() }
     }
 
@@ -278,7 +314,7 @@ impl Imds {
         if let Some(ip) = public_ip {
             cmd.args(["--public-ip", ip]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn dr-sim-imds");
+        let mut child = die_with_test(&mut cmd).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn dr-sim-imds");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read IMDS address");
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected IMDS line {line:?}"));
@@ -290,7 +326,7 @@ impl Imds {
 /// Starts a simulator that prints `listening on <addr>` once bound; returns
 /// it with its `http://<addr>` URL.
 pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(bin(name))
+    let mut child = die_with_test(&mut Command::new(bin(name)))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -909,7 +945,7 @@ impl LoopFs {
     /// blocks; its write completes once the file system thaws.
     pub fn writable_within(&self, timeout: Duration) -> bool {
         let target = self.mount.join(format!("probe-{}", std::process::id()));
-        let mut child = Command::new("sh")
+        let mut child = die_with_test(&mut Command::new("sh"))
             .arg("-c")
             .arg(format!("echo x > '{}' && sync -f '{}'", target.display(), target.display()))
             .spawn()
