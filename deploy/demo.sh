@@ -152,7 +152,7 @@ pids+=($!)
 export DRCTL_CONTROLLER=https://127.0.0.1:$port DRCTL_CA=$work/pki/ca.pem
 export DRCTL_CERT=$work/pki/operator-demo.pem DRCTL_KEY=$work/pki/operator-demo.key
 for _ in $(seq 1 100); do
-  "$drctl" status --output json 2>/dev/null | grep -q '"connected": true' && break
+  "$drctl" status --output json 2>/dev/null | grep -q '"connected":true' && break
   sleep 0.2
 done
 

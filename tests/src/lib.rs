@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dr_controller::pki::{self, Subject, Validity};
+use drctl::pki::{self, Subject, Validity};
 
 pub mod throttle;
 
@@ -104,7 +104,38 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     assert_eventually!(timeout, std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port} to accept");
 }
 
-/// A child process killed (SIGKILL) when dropped.
+/// Makes `cmd`'s process die (SIGKILL) with the test process, also when the
+/// test run itself is killed (`kill -9`, a CI timeout): Linux's
+/// `PR_SET_PDEATHSIG`, set in the child between fork and exec.
+///
+/// The signal fires when the *thread* that spawned the child ends, not only
+/// the process. Tests spawn from their test thread, which ends when the
+/// test ends; the [`Proc`] is dropped (and killed) then anyway, so that is
+/// the intended lifetime. Spawning a long-lived child from a short-lived
+/// helper thread would kill it early: spawn from the test thread.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (prctl, getppid); it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test may have died between fork and prctl: then the
+            // signal will never come, so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the test process died before its child started"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped, and when the test process
+/// dies ([`die_with_test`]).
 pub struct Proc {
     pub child: Child,
     pub name: String,
@@ -114,7 +145,12 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = cmd.stdout(out).stderr(err).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = die_with_test(cmd)
+            .stdout(out)
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc { child, name: name.to_owned() }
     }
 
@@ -233,16 +269,16 @@ pub struct Pki {
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
         let dir = dir.join("pki");
-        pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1)).expect("CA");
+        pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1).expect("one day")).expect("CA");
         pki::issue(
             &dir,
             &Subject::Controller { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] },
-            Validity::days(1),
+            Validity::days(1).expect("one day"),
             &dir,
             "controller",
         )
         .expect("controller cert");
-        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1), &dir, "operator-tester").expect("operator");
+        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &dir, "operator-tester").expect("operator");
         Pki { dir }
     }
 
@@ -255,7 +291,7 @@ impl Pki {
         let stem = format!("site-{site}");
         let cert = self.dir.join(format!("{stem}.pem"));
         if !cert.exists() {
-            pki::issue(&self.dir, &Subject::Site(site.into()), Validity::days(1), &self.dir, &stem).expect("site cert");
+            pki::issue(&self.dir, &Subject::Site(site.into()), Validity::days(1).expect("one day"), &self.dir, &stem).expect("site cert");
         }
         (cert, self.dir.join(format!("{stem}.key")))
     }
@@ -278,7 +314,7 @@ impl Imds {
         if let Some(ip) = public_ip {
             cmd.args(["--public-ip", ip]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn dr-sim-imds");
+        let mut child = die_with_test(&mut cmd).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn dr-sim-imds");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read IMDS address");
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected IMDS line {line:?}"));
@@ -290,7 +326,7 @@ impl Imds {
 /// Starts a simulator that prints `listening on <addr>` once bound; returns
 /// it with its `http://<addr>` URL.
 pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(bin(name))
+    let mut child = die_with_test(&mut Command::new(bin(name)))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -497,8 +533,8 @@ pub fn replicatedctl_calls(root: &Path, args: &str) -> usize {
         .count()
 }
 
-/// Runs drctl against a controller with the given client certificate.
-pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Output {
+/// A drctl command against a controller with the given client certificate.
+pub fn drctl_command(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("drctl"));
     aws_env(&mut cmd)
         .env("DRCTL_CONTROLLER", controller_url)
@@ -506,9 +542,14 @@ pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: 
         .env("DRCTL_CERT", cert)
         .env("DRCTL_KEY", key)
         .env_remove("DRCTL_CONFIG")
-        .args(args)
-        .output()
-        .expect("run drctl")
+        .env_remove("DRCTL_SERVER_NAME")
+        .args(args);
+    cmd
+}
+
+/// Runs drctl against a controller with the given client certificate.
+pub fn drctl_as(controller_url: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Output {
+    drctl_command(controller_url, ca, cert, key, args).output().expect("run drctl")
 }
 
 /// Runs drctl as the test operator.
@@ -524,6 +565,21 @@ pub fn drctl_json(pki: &Pki, controller_url: &str, args: &[&str]) -> serde_json:
     let out = drctl(pki, controller_url, &all);
     assert!(out.status.success(), "drctl {args:?} failed: {}{}", text(&out.stdout), text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drctl {args:?} printed no JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// drctl's `--output json` is JSON lines: every value it printed, in order.
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    text(stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("drctl printed a line that is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The last JSON line drctl printed (`backup --wait -o json`: the finished
+/// operation, after the line with its id).
+pub fn last_json(stdout: &[u8]) -> serde_json::Value {
+    json_lines(stdout).pop().unwrap_or_else(|| panic!("drctl printed no JSON: {}", text(stdout)))
 }
 
 pub fn text(b: &[u8]) -> String {
@@ -894,7 +950,7 @@ impl LoopFs {
     /// blocks; its write completes once the file system thaws.
     pub fn writable_within(&self, timeout: Duration) -> bool {
         let target = self.mount.join(format!("probe-{}", std::process::id()));
-        let mut child = Command::new("sh")
+        let mut child = die_with_test(&mut Command::new("sh"))
             .arg("-c")
             .arg(format!("echo x > '{}' && sync -f '{}'", target.display(), target.display()))
             .spawn()

@@ -9,7 +9,7 @@ use dr_tests::*;
 fn backup_wait(w: &World) -> String {
     let out = drctl(&w.pki, &w.controller.url, &["backup", &w.site, "--wait", "--output", "json"]);
     assert!(out.status.success(), "backup failed: {}{}\n{}", text(&out.stdout), text(&out.stderr), w.controller.log());
-    let op: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let op = last_json(&out.stdout);
     op["id"].as_str().expect("id").to_owned()
 }
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dr_controller::pki::{self, Subject, Validity};
+use drctl::pki::{self, Subject, Validity};
 use dr_proto::pb;
 use dr_tests::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -62,11 +62,12 @@ async fn only_the_right_certificates_get_through() {
 
     // 2. A certificate from another CA.
     let other = dir.join("other-ca");
-    pki::init_ca(&other, "dr.test", Validity::days(1)).expect("other CA");
-    pki::issue(&other, &Subject::Operator("tester".into()), Validity::days(1), &other, "op").expect("issue");
+    pki::init_ca(&other, "dr.test", Validity::days(1).expect("one day")).expect("other CA");
+    pki::issue(&other, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &other, "op").expect("issue");
     let out = drctl_as(&url, &w.pki.ca(), &other.join("op.pem"), &other.join("op.key"), &["status"]);
     assert_eq!(out.status.code(), Some(4), "another CA is refused: {}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stderr).contains("refused"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("refused your certificate"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not signed by this deployment's CA"), "{}", text(&out.stderr));
 
     // 3. An expired certificate from the right CA.
     let now = time::OffsetDateTime::now_utc();
@@ -74,6 +75,7 @@ async fn only_the_right_certificates_get_through() {
     pki::issue(&w.pki.dir, &Subject::Operator("old".into()), expired, dir, "expired").expect("issue");
     let out = drctl_as(&url, &w.pki.ca(), &dir.join("expired.pem"), &dir.join("expired.key"), &["status"]);
     assert_eq!(out.status.code(), Some(4), "an expired certificate is refused: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("it expired at"), "{}", text(&out.stderr));
 
     // 4. A site certificate calling the admin API.
     let (site_cert, site_key) = w.pki.site("prod-1");

@@ -11,8 +11,9 @@ fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 
 fn backup(w: &World) -> (bool, serde_json::Value) {
     let out = drctl(&w.pki, &w.controller.url, &["backup", &w.site, "--wait", "--output", "json"]);
-    let op: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}{}\n{}", text(&out.stdout), text(&out.stderr), w.controller.log()));
+    let op = json_lines(&out.stdout)
+        .pop()
+        .unwrap_or_else(|| panic!("no JSON: {}{}\n{}", text(&out.stdout), text(&out.stderr), w.controller.log()));
     (out.status.success(), op)
 }
 

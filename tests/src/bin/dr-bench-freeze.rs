@@ -26,7 +26,7 @@ async fn main() {
     let mut rows = Vec::new();
     for _ in 0..n {
         let out = drctl(&w.pki, &w.controller.url, &["backup", "bench-1", "--wait", "--output", "json"]);
-        let op: serde_json::Value = serde_json::from_slice(&out.stdout).expect("operation json");
+        let op = last_json(&out.stdout);
         assert_eq!(op["state"], "succeeded", "{op:#}");
         let step = |name: &str| {
             op["steps"].as_array().and_then(|s| s.iter().find(|x| x["name"] == name)).cloned().unwrap_or_default()

@@ -4,6 +4,11 @@
 //! (`spiffe://<trust-domain>`, as SPIFFE CAs do), so issuing needs only the
 //! CA directory. Keys are ECDSA P-256, written with mode 0600; no file is
 //! ever overwritten.
+//!
+//! Lifetimes are 1 to [`MAX_DAYS`] days. A certificate never outlives its
+//! CA: with `--days` its end is moved to the CA's (with a warning when that
+//! takes more than an hour off), with an explicit `--not-after` past the
+//! CA's end it is refused ([`CaEnd`]).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -19,6 +24,8 @@ use time::OffsetDateTime;
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
+/// The longest lifetime `Validity::days` accepts (100 years).
+pub const MAX_DAYS: u32 = 36500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -30,6 +37,12 @@ pub enum PkiError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    #[error("a lifetime of {days} days: give 1 to {MAX_DAYS} days")]
+    Days { days: u32 },
+    #[error("the certificate would end at {not_after}, after its CA {ca} (which ends at {ca_not_after}): a certificate cannot outlive its CA; give an earlier --not-after or use --days")]
+    OutlivesCa { ca: PathBuf, not_after: String, ca_not_after: String },
+    #[error("the CA {ca} ends at {ca_not_after}, before the certificate would start ({not_before}): create a new CA with `drctl pki init`")]
+    CaEnded { ca: PathBuf, not_before: String, ca_not_after: String },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -53,11 +66,42 @@ pub struct Validity {
 }
 
 impl Validity {
-    /// From a minute ago (clock skew) for `days` days.
-    pub fn days(days: u32) -> Self {
+    /// From a minute ago (clock skew) for `days` days, 1 to [`MAX_DAYS`]
+    /// (0 days would make a certificate useless a minute later).
+    pub fn days(days: u32) -> Result<Self, PkiError> {
+        if days == 0 || days > MAX_DAYS {
+            return Err(PkiError::Days { days });
+        }
         let now = OffsetDateTime::now_utc();
-        Validity { not_before: now - time::Duration::minutes(1), not_after: now + time::Duration::days(days.into()) }
+        Ok(Validity { not_before: now - time::Duration::minutes(1), not_after: now + time::Duration::days(days.into()) })
     }
+}
+
+/// What to do with a certificate that would end after its CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaEnd {
+    /// End it with the CA (its lifetime came from `--days`).
+    Clamp,
+    /// Refuse (the end was given explicitly).
+    Refuse,
+}
+
+/// A certificate written by [`issue_with`].
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub not_after: OffsetDateTime,
+    /// The end that was asked for, when it was moved to the CA's end by
+    /// more than an hour (worth a warning).
+    pub shortened_from: Option<OffsetDateTime>,
+}
+
+/// What `issue` needs to know about the CA.
+#[derive(Clone, Debug)]
+pub struct CaInfo {
+    pub trust_domain: String,
+    pub not_after: OffsetDateTime,
 }
 
 /// Creates `dir/ca.pem` and `dir/ca.key` for `trust_domain`.
@@ -81,17 +125,19 @@ pub fn init_ca(dir: &Path, trust_domain: &str, validity: Validity) -> Result<Pat
     Ok(cert_path)
 }
 
-/// The trust domain the CA certificate at `path` was created for.
-pub fn ca_trust_domain(path: &Path) -> Result<String, PkiError> {
+/// The trust domain the CA certificate at `path` was created for, and its end.
+pub fn ca_info(path: &Path) -> Result<CaInfo, PkiError> {
     let invalid = |m: String| PkiError::Invalid { what: format!("CA certificate {}", path.display()), message: m };
     let certs = dr_proto::tls::load_certs(path).map_err(|e| invalid(e.to_string()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs[0].as_ref()).map_err(|e| invalid(e.to_string()))?;
+    let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+        .map_err(|e| invalid(format!("its end: {e}")))?;
     for ext in cert.extensions() {
         if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
             for n in &san.general_names {
                 if let x509_parser::extensions::GeneralName::URI(uri) = n {
                     if let Some(domain) = uri.strip_prefix("spiffe://").filter(|d| !d.contains('/')) {
-                        return Ok(domain.to_owned());
+                        return Ok(CaInfo { trust_domain: domain.to_owned(), not_after });
                     }
                 }
             }
@@ -100,8 +146,12 @@ pub fn ca_trust_domain(path: &Path) -> Result<String, PkiError> {
     Err(invalid("it carries no spiffe://<trust-domain> URI SAN (was it made by `drctl pki init`?)".into()))
 }
 
-/// Issues a certificate signed by the CA in `ca_dir`, written to
-/// `out/<file_stem>.pem` and `out/<file_stem>.key`.
+/// RFC 3339, as messages show times.
+pub(crate) fn stamp(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// [`issue_with`], ending the certificate with its CA if it would outlive it.
 pub fn issue(
     ca_dir: &Path,
     subject: &Subject,
@@ -109,11 +159,46 @@ pub fn issue(
     out: &Path,
     file_stem: &str,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
+    issue_with(ca_dir, subject, validity, CaEnd::Clamp, out, file_stem).map(|i| (i.cert, i.key))
+}
+
+/// Issues a certificate signed by the CA in `ca_dir`, written to
+/// `out/<file_stem>.pem` and `out/<file_stem>.key`.
+pub fn issue_with(
+    ca_dir: &Path,
+    subject: &Subject,
+    mut validity: Validity,
+    ca_end: CaEnd,
+    out: &Path,
+    file_stem: &str,
+) -> Result<Issued, PkiError> {
     let (ca_cert_path, ca_key_path) = (ca_dir.join(CA_CERT), ca_dir.join(CA_KEY));
     let ca_pem = read(&ca_cert_path)?;
     let ca_key = KeyPair::from_pem(&read(&ca_key_path)?)?;
-    let trust_domain = ca_trust_domain(&ca_cert_path)?;
+    let ca = ca_info(&ca_cert_path)?;
+    let trust_domain = ca.trust_domain;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    if validity.not_before >= ca.not_after {
+        return Err(PkiError::CaEnded {
+            ca: ca_cert_path,
+            not_before: stamp(validity.not_before),
+            ca_not_after: stamp(ca.not_after),
+        });
+    }
+    let mut shortened_from = None;
+    if validity.not_after > ca.not_after {
+        if ca_end == CaEnd::Refuse {
+            return Err(PkiError::OutlivesCa {
+                ca: ca_cert_path,
+                not_after: stamp(validity.not_after),
+                ca_not_after: stamp(ca.not_after),
+            });
+        }
+        if validity.not_after - ca.not_after > time::Duration::hours(1) {
+            shortened_from = Some(validity.not_after);
+        }
+        validity.not_after = ca.not_after;
+    }
 
     let mut params = CertificateParams::default();
     params.not_before = validity.not_before;
@@ -155,7 +240,7 @@ pub fn issue(
     std::fs::create_dir_all(out).map_err(|source| PkiError::Write { path: out.to_owned(), source })?;
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    Ok((cert_path, key_path))
+    Ok(Issued { cert: cert_path, key: key_path, not_after: validity.not_after, shortened_from })
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -198,18 +283,45 @@ mod tests {
     #[test]
     fn issues_identities_that_parse_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        init_ca(dir.path(), "dr.test", Validity::days(30)).expect("ca");
-        assert_eq!(ca_trust_domain(&dir.path().join(CA_CERT)).expect("domain"), "dr.test");
+        init_ca(dir.path(), "dr.test", Validity::days(30).expect("days")).expect("ca");
+        assert_eq!(ca_info(&dir.path().join(CA_CERT)).expect("domain").trust_domain, "dr.test");
         let (cert, key) =
-            issue(dir.path(), &Subject::Site("prod-1".into()), Validity::days(1), dir.path(), "site").expect("issue");
+            issue(dir.path(), &Subject::Site("prod-1".into()), Validity::days(1).expect("days"), dir.path(), "site").expect("issue");
         let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let der = dr_proto::tls::load_certs(&cert).expect("certs");
         let id = Identity::from_certificate_der(der[0].as_ref()).expect("identity");
         assert_eq!(id, Identity::site("dr.test", "prod-1"));
-        let again = issue(dir.path(), &Subject::Site("prod-1".into()), Validity::days(1), dir.path(), "site");
+        let again = issue(dir.path(), &Subject::Site("prod-1".into()), Validity::days(1).expect("days"), dir.path(), "site");
         assert!(matches!(again, Err(PkiError::Exists { .. })));
-        let bad = issue(dir.path(), &Subject::Operator("Bad Name".into()), Validity::days(1), dir.path(), "op");
+        let bad = issue(dir.path(), &Subject::Operator("Bad Name".into()), Validity::days(1).expect("days"), dir.path(), "op");
         assert!(matches!(bad, Err(PkiError::Invalid { .. })));
+    }
+
+    #[test]
+    fn zero_days_is_refused() {
+        assert!(matches!(Validity::days(0), Err(PkiError::Days { days: 0 })));
+        assert!(matches!(Validity::days(MAX_DAYS + 1), Err(PkiError::Days { .. })));
+        assert!(Validity::days(MAX_DAYS).is_ok());
+    }
+
+    #[test]
+    fn a_certificate_never_outlives_its_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init_ca(dir.path(), "dr.test", Validity::days(10).expect("days")).expect("ca");
+        let ca_end = ca_info(&dir.path().join(CA_CERT)).expect("ca").not_after;
+        let subject = Subject::Operator("alice".into());
+        let long = Validity::days(365).expect("days");
+        let clamped = issue_with(dir.path(), &subject, long, CaEnd::Clamp, dir.path(), "a").expect("clamped");
+        assert_eq!(clamped.not_after, ca_end);
+        assert_eq!(clamped.shortened_from, Some(long.not_after));
+        let der = dr_proto::tls::load_certs(&clamped.cert).expect("cert");
+        let (_, parsed) = x509_parser::parse_x509_certificate(der[0].as_ref()).expect("parse");
+        assert_eq!(parsed.validity().not_after.timestamp(), ca_end.unix_timestamp());
+        let refused = issue_with(dir.path(), &subject, long, CaEnd::Refuse, dir.path(), "b");
+        assert!(matches!(refused, Err(PkiError::OutlivesCa { .. })), "{refused:?}");
+        assert!(!dir.path().join("b.pem").exists() && !dir.path().join("b.key").exists());
+        let after = Validity { not_before: ca_end + time::Duration::days(1), not_after: ca_end + time::Duration::days(2) };
+        assert!(matches!(issue_with(dir.path(), &subject, after, CaEnd::Clamp, dir.path(), "c"), Err(PkiError::CaEnded { .. })));
     }
 }

@@ -1,0 +1,425 @@
+//! drctl's command-line grammar and what each command does.
+//!
+//! The connection flags (`--controller --server-name --ca --cert --key
+//! --config`, also `DRCTL_*`) belong to the commands that talk to the
+//! controller; they are accepted before the command too (`drctl
+//! --controller URL status`). `drctl pki` works on local files only and
+//! neither takes nor lists them.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dr_proto::pb;
+
+use crate::connection::Connection;
+use crate::error::CliError;
+use crate::pki::{self, Subject, Validity};
+use crate::print::{self, print_json};
+use crate::views;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    // JSON lines on stdout: each object drctl prints is one line; a failure
+    // is `{"error": {"kind", "message", "exit_code"}}`.
+    Json,
+}
+
+/// Operate disaster recovery of CircleCI Server services machines.
+#[derive(Parser)]
+#[command(name = "drctl", version)]
+pub struct Args {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Output for humans (text) or scripts (json: JSON lines on stdout).
+    #[arg(long, short, global = true, value_enum, default_value = "text")]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the controller.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ConnArgs {
+    /// Controller admin URL, e.g. https://dr.example.com:7443
+    #[arg(long, env = "DRCTL_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Name the controller's certificate must carry (default: the URL's host).
+    #[arg(long, env = "DRCTL_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// CA certificate of the deployment (PEM).
+    #[arg(long, env = "DRCTL_CA")]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate (PEM), from `drctl pki issue operator`.
+    #[arg(long, env = "DRCTL_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Your operator key (PEM).
+    #[arg(long, env = "DRCTL_KEY")]
+    pub key: Option<PathBuf>,
+    /// A TOML file with `controller`, `server_name` and `[tls] ca/cert/key`.
+    #[arg(long, env = "DRCTL_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    /// The command's own flags win over those given before the command.
+    fn or(self, outer: ConnArgs) -> ConnArgs {
+        ConnArgs {
+            controller: self.controller.or(outer.controller),
+            server_name: self.server_name.or(outer.server_name),
+            ca: self.ca.or(outer.ca),
+            cert: self.cert.or(outer.cert),
+            key: self.key.or(outer.key),
+            config: self.config.or(outer.config),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The fleet's summary and its sites: instances and their roles, last
+    /// heartbeat, last backup, problems. With more than 50 sites only those
+    /// with problems are listed unless `--all`.
+    Status {
+        /// Only this site (repeatable).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Only sites with problems.
+        #[arg(long)]
+        problems: bool,
+        /// Every site, however many (fetched page by page).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Start a backup of SITE now.
+    Backup {
+        site: String,
+        /// Follow it until it finishes; exit 1 if it fails. With `-o json`
+        /// the first line is `{"operation_id", "site_id"}`, the last the
+        /// finished operation.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The recorded backups of SITE, newest first, with copies and retention fate.
+    Backups {
+        site: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Apply SITE's retention now (deregister AMIs, delete their snapshots).
+    Prune {
+        site: String,
+        /// Show what would be deleted and why; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// One operation with all its steps: `drctl operation ID [--wait]`; or a
+    /// signal to it: `drctl operation resume ID` (retry the failed step of an
+    /// operation waiting for a human), `abort ID` (run its compensations,
+    /// then cancel it), `approve ID` / `deny ID` (an operation waiting for
+    /// an approval).
+    Operation {
+        /// `ID`, or `resume|abort|approve|deny ID`.
+        #[arg(num_args = 1..=2, required = true, value_name = "[SIGNAL] ID")]
+        words: Vec<String>,
+        /// Follow it until it finishes.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Certificates for the controller, agents and operators (local files only).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+/// Lifetimes are whole days from 1 to 36500 (0 would make a certificate
+/// that is useless at once).
+fn days_parser() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(pki::MAX_DAYS))
+}
+
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA (DIR/ca.pem, DIR/ca.key) for a trust domain.
+    Init {
+        /// Directory to create ca.pem and ca.key in (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The deployment's trust domain, e.g. dr.example.com: certificates name spiffe://<domain>/site/<SITE> and spiffe://<domain>/operator/<NAME>.
+        #[arg(long)]
+        trust_domain: String,
+        /// Lifetime of the CA in days (1 to 36500); every certificate it issues ends by then.
+        #[arg(long, default_value_t = 3650, value_parser = days_parser())]
+        days: u32,
+    },
+    /// Issue a certificate signed by the CA in --dir.
+    Issue {
+        #[command(subcommand)]
+        kind: IssueKind,
+        /// Directory of the CA (ca.pem, ca.key), as made by `drctl pki init`.
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        /// Where to write <name>.pem and <name>.key (default: --dir).
+        #[arg(long, global = true)]
+        out: Option<PathBuf>,
+        /// Lifetime in days (1 to 36500), from now; shortened (with a warning) to end with the CA.
+        #[arg(long, global = true, default_value_t = 365, value_parser = days_parser())]
+        days: u32,
+        /// Explicit validity start (RFC 3339, e.g. 2026-01-01T00:00:00Z); default: a minute ago.
+        #[arg(long, global = true)]
+        not_before: Option<String>,
+        /// Explicit validity end (RFC 3339); replaces --days; refused if after the CA's end.
+        #[arg(long, global = true)]
+        not_after: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IssueKind {
+    /// The controller's server certificate.
+    Controller {
+        /// DNS names agents and drctl dial (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses agents and drctl dial (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// File name stem: writes <NAME>.pem and <NAME>.key.
+        #[arg(long, default_value = "controller")]
+        name: String,
+    },
+    /// An agent certificate for one site (spiffe://<domain>/site/<SITE>); writes site-<SITE>.pem/.key.
+    Site {
+        /// The site id, as in the controller's config.
+        site: String,
+    },
+    /// An operator certificate (spiffe://<domain>/operator/<NAME>); writes operator-<NAME>.pem/.key.
+    Operator {
+        /// The operator's name: lower-case letters, digits and dashes.
+        name: String,
+    },
+}
+
+fn parse_time(s: &str, flag: &str) -> Result<time::OffsetDateTime, CliError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| CliError::Usage(format!("--{flag} `{s}` is not an RFC 3339 time: {e}")))
+}
+
+/// Runs one command. Errors are returned for `main` to print (as text on
+/// stderr, and with `-o json` also as a JSON error object on stdout).
+pub async fn run(args: Args) -> Result<ExitCode, CliError> {
+    let output = args.output;
+    let (command, conn) = match args.command {
+        Command::Pki { command } => return pki_command(command, output),
+        Command::Status { sites, problems, all, conn } => (Remote::Status { sites, problems, all }, conn),
+        Command::Backup { site, wait, conn } => (Remote::Backup { site, wait }, conn),
+        Command::Backups { site, conn } => (Remote::Backups { site }, conn),
+        Command::Prune { site, dry_run, conn } => (Remote::Prune { site, dry_run }, conn),
+        Command::Operation { words, wait, conn } => match words.as_slice() {
+            [id] => (Remote::Operation { id: id.clone(), wait }, conn),
+            [signal, id] if ["resume", "abort", "approve", "deny"].contains(&signal.as_str()) => {
+                (Remote::Signal { id: id.clone(), signal: signal.clone(), wait }, conn)
+            }
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "`drctl operation {}`: give an operation id, or resume|abort|approve|deny and an id",
+                    words.join(" ")
+                )));
+            }
+        },
+    };
+    let c = conn.or(args.conn);
+    let conn = Connection::resolve(c.config, c.controller, c.server_name, c.ca, c.cert, c.key)?;
+    match remote(&conn, command, output).await {
+        Ok(code) => Ok(code),
+        Err(e) => Err(conn.explain(e).await),
+    }
+}
+
+/// The commands that talk to the controller.
+enum Remote {
+    Status { sites: Vec<String>, problems: bool, all: bool },
+    Signal { id: String, signal: String, wait: bool },
+    Backup { site: String, wait: bool },
+    Backups { site: String },
+    Prune { site: String, dry_run: bool },
+    Operation { id: String, wait: bool },
+}
+
+async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<ExitCode, CliError> {
+    let mut client = conn.connect().await?;
+    match command {
+        Remote::Status { sites: only, problems, all } => {
+            // Small fleets are listed whole; large ones show their problems
+            // unless asked for everything.
+            let mut req = pb::StatusRequest { site_ids: only.clone(), problems_only: problems, ..Default::default() };
+            let first = client.status(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let summary = first.summary;
+            let large = summary.as_ref().is_some_and(|s| s.sites > 50);
+            let mut pages = vec![first];
+            if large && !all && only.is_empty() && !problems {
+                req.problems_only = true;
+                pages = vec![client.status(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner()];
+            }
+            while all && !pages.last().map(|p| p.next_page_token.is_empty()).unwrap_or(true) {
+                req.page_token = pages.last().map(|p| p.next_page_token.clone()).unwrap_or_default();
+                pages.push(client.status(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner());
+            }
+            let more = !pages.last().map(|p| p.next_page_token.is_empty()).unwrap_or(true) || (large && !all && only.is_empty());
+            let next_page_token = pages.last().map(|p| p.next_page_token.clone()).unwrap_or_default();
+            let sites: Vec<_> =
+                pages.into_iter().flat_map(|p| p.sites.into_iter().map(move |s| views::site_view(s, p.now_ms))).collect();
+            let summary = views::summary_view(summary);
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token })),
+                Output::Text => {
+                    print::print_summary(&summary, sites.len(), more, problems || !only.is_empty());
+                    print::print_status(&sites);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::Signal { id, signal, wait } => {
+            let op = client
+                .signal_operation(pb::SignalRequest { operation_id: id.clone(), signal: signal.clone() })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            if output == Output::Text {
+                println!("{signal} sent to {id} (it was {})", op.state);
+            }
+            let op = if wait { crate::watch::watch(conn, &mut client, &id, output).await? } else { op };
+            finish(op, output)
+        }
+        Remote::Backup { site, wait } => {
+            let id = client
+                .start_backup(pb::StartBackupRequest { site_id: site.clone() })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner()
+                .operation_id;
+            match output {
+                // First line, before any watch: a script has the id even if
+                // the watch is cut short.
+                Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site })),
+                Output::Text if wait => println!("Backup of {site} started: operation {id}"),
+                Output::Text => println!("Backup of {site} started: operation {id}\nFollow it with: drctl operation {id} --wait"),
+            }
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
+        }
+        Remote::Operation { id, wait } => {
+            let op = if wait {
+                crate::watch::watch(conn, &mut client, &id, output).await?
+            } else {
+                client
+                    .get_operation(pb::OperationRef { operation_id: id })
+                    .await
+                    .map_err(|s| conn.status_error(s))?
+                    .into_inner()
+            };
+            finish(op, output)
+        }
+        Remote::Prune { site, dry_run } => {
+            let reply = client
+                .prune(pb::PruneRequest { site_id: site.clone(), dry_run })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let decisions = views::decision_views(reply);
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site_id": site, "dry_run": dry_run, "decisions": decisions })),
+                Output::Text => print::print_prune(&site, dry_run, &decisions),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::Backups { site } => {
+            let reply = client
+                .list_backups(pb::ListBackupsRequest { site_id: site.clone() })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let now = views::now_ms();
+            let backups: Vec<_> = reply.backups.into_iter().map(|b| views::backup_view(b, now)).collect();
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site_id": site, "backups": backups })),
+                Output::Text => print::print_backups(&site, &backups),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints an operation; exit 0 when it succeeded (or is still running), 1 when it failed.
+fn finish(op: pb::Operation, output: Output) -> Result<ExitCode, CliError> {
+    let view = views::operation_view(op);
+    match output {
+        Output::Json => print_json(&view),
+        Output::Text => print::print_operation(&view),
+    }
+    Ok(if matches!(view.state.as_str(), "failed" | "cancelled") { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn pki_command(command: PkiCommand, output: Output) -> Result<ExitCode, CliError> {
+    let mut warnings = Vec::new();
+    let written = match command {
+        PkiCommand::Init { dir, trust_domain, days } => {
+            vec![pki::init_ca(&dir, &trust_domain, Validity::days(days)?)?, dir.join(pki::CA_KEY)]
+        }
+        PkiCommand::Issue { kind, dir, out, days, not_before, not_after } => {
+            let dir = dir.ok_or_else(|| CliError::Usage("give --dir, the CA's directory".into()))?;
+            let out = out.unwrap_or_else(|| dir.clone());
+            let mut validity = Validity::days(days)?;
+            if let Some(t) = &not_before {
+                validity.not_before = parse_time(t, "not-before")?;
+            }
+            let explicit_end = not_after.is_some();
+            if let Some(t) = &not_after {
+                validity.not_after = parse_time(t, "not-after")?;
+            }
+            if validity.not_after <= validity.not_before {
+                return Err(CliError::Usage("the certificate would end before it starts".into()));
+            }
+            let (subject, stem) = match kind {
+                IssueKind::Controller { dns, ip, name } => (Subject::Controller { dns, ips: ip }, name),
+                IssueKind::Site { site } => (Subject::Site(site.clone()), format!("site-{site}")),
+                IssueKind::Operator { name } => (Subject::Operator(name.clone()), format!("operator-{name}")),
+            };
+            let end = if explicit_end { pki::CaEnd::Refuse } else { pki::CaEnd::Clamp };
+            let issued = pki::issue_with(&dir, &subject, validity, end, &out, &stem)?;
+            if let Some(asked) = issued.shortened_from {
+                warnings.push(format!(
+                    "the certificate ends at {} with its CA, not at {} as --days asked: a certificate cannot outlive its CA",
+                    pki::stamp(issued.not_after),
+                    pki::stamp(asked)
+                ));
+            }
+            vec![issued.cert, issued.key]
+        }
+    };
+    for w in &warnings {
+        eprintln!("drctl: warning: {w}");
+    }
+    match output {
+        Output::Json => print_json(&serde_json::json!({ "written": written, "warnings": warnings })),
+        Output::Text => {
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,142 @@
+//! Printing views: aligned text for humans, or JSON lines for scripts
+//! (`--output json`: every object drctl prints is one line of JSON on
+//! stdout; progress and diagnostics go to stderr).
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::views::{BackupView, DecisionView, OperationView, SiteView, human_duration};
+
+/// One JSON value as one line on stdout.
+pub fn print_json<T: Serialize>(value: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, value);
+    let _ = writeln!(out);
+    let _ = out.flush();
+}
+
+pub fn print_status(sites: &[SiteView]) {
+    if sites.is_empty() {
+        return;
+    }
+    println!(
+        "{:<20} {:<10} {:<21} {:<16} {:<16} {:<10} {:<12} {}",
+        "SITE", "AGENT", "INSTANCE", "PRIVATE IP", "PUBLIC IP", "APP", "HEARTBEAT", "LAST BACKUP"
+    );
+    for s in sites {
+        let (agent, instance, private, public, app, hb) = match &s.agent {
+            Some(a) => (
+                if a.connected { a.role.clone() } else { "offline".into() },
+                a.instance_id.clone(),
+                a.private_ip.clone(),
+                if a.public_ip.is_empty() { "-".into() } else { a.public_ip.clone() },
+                a.app_state.clone(),
+                a.last_heartbeat_age_s.map(|s| format!("{} ago", human_duration(s * 1000))).unwrap_or("-".into()),
+            ),
+            None => ("never".into(), s.primary_instance_id.clone(), "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let backup = match &s.last_backup {
+            Some(b) => format!("{} ({} ago, {})", b.image_id, human_duration(b.age_s * 1000), b.consistency),
+            None => "none".into(),
+        };
+        println!("{:<20} {agent:<10} {instance:<21} {private:<16} {public:<16} {app:<10} {hb:<12} {backup}", s.site_id);
+        if let Some(schedule) = &s.schedule {
+            let target = s.rpo_target_s.map(|t| human_duration(t * 1000)).unwrap_or_default();
+            let now = s.rpo_s.map(|t| human_duration(t * 1000)).unwrap_or_else(|| "no backup yet".into());
+            let flag = if s.late { "  LATE" } else { "" };
+            println!("{:<20} schedule: {schedule}, quiesce {}; RPO {now} (target {target}){flag}", "", s.quiesce);
+        }
+        if let Some(op) = &s.running_operation_id {
+            println!("{:<20} running: {op}", "");
+        }
+        for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
+            let state = if i.connected { "connected" } else { "offline" };
+            let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };
+            let why = if i.reason.is_empty() { String::new() } else { format!(": {}", i.reason) };
+            println!("{:<20} also {} {}{of} ({state}){why}", "", i.instance_id, i.role);
+        }
+        for p in &s.problems {
+            println!("{:<20} ! {p}", "");
+        }
+    }
+}
+
+/// The fleet's summary line, and what a partial listing left out.
+pub fn print_summary(s: &crate::views::SummaryView, shown: usize, more: bool, filtered: bool) {
+    println!(
+        "{} site(s): {} with the primary's agent connected, {} late, {} with problems; {} agent(s) connected; {} operation(s) active",
+        s.sites, s.primary_connected, s.late, s.with_problems, s.agents_connected, s.operations_active
+    );
+    if more {
+        println!("(showing {shown}; `drctl status --all` lists every site, `--site S` one)");
+    } else if filtered && shown == 0 {
+        println!("(no site matches)");
+    }
+}
+
+pub fn print_backups(site: &str, backups: &[BackupView]) {
+    if backups.is_empty() {
+        println!("Site {site} has no backups yet.");
+        return;
+    }
+    println!(
+        "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} {}",
+        "AMI", "COMPLETED", "AGE", "CONSISTENCY", "FROZEN", "APP", "STATE", "SNAPSHOTS"
+    );
+    for b in backups {
+        let frozen = if b.frozen_ms > 0 { format!("{:.2}s", b.frozen_ms as f64 / 1000.0) } else { "-".into() };
+        println!(
+            "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} {}",
+            b.image_id,
+            b.completed_at.clone().unwrap_or_default(),
+            human_duration(b.age_s * 1000),
+            b.consistency,
+            frozen,
+            b.app_state,
+            b.state,
+            b.snapshot_ids.join(",")
+        );
+        for c in &b.copies {
+            let err = if c.error.is_empty() { String::new() } else { format!(" ({}, attempt {})", c.error, c.attempts) };
+            println!("{:<22} copy in {}: {} {}{err}", "", c.region, if c.image_id.is_empty() { "-" } else { &c.image_id }, c.state);
+        }
+        if !b.quiesce_note.is_empty() {
+            println!("{:<22} quiesce {}: {}", "", b.quiesce, b.quiesce_note);
+        }
+        if !b.fate.is_empty() {
+            println!("{:<22} retention: {}", "", b.fate);
+        }
+    }
+}
+
+pub fn print_prune(site: &str, dry_run: bool, decisions: &[DecisionView]) {
+    let verb = if dry_run { "would" } else { "did" };
+    println!("Retention of {site} ({}):", if dry_run { "dry run, nothing changed" } else { "applied" });
+    for d in decisions {
+        let action = if d.action == "keep" { "keep".to_owned() } else { format!("{verb} delete") };
+        println!("  {:<22} {:<13} {}", d.image_id, action, d.reason);
+    }
+}
+
+pub fn print_operation(op: &OperationView) {
+    println!("Operation {} ({} of site {})", op.id, op.kind, op.site_id);
+    println!("  state:        {}", op.state);
+    if !op.error.is_empty() {
+        println!("  error:        {}", op.error);
+    }
+    if !op.waiting_for.is_empty() {
+        println!("  waiting for:  {}", op.waiting_for);
+    }
+    println!("  requested by: {}", op.requested_by);
+    println!("  created:      {}", op.created_at.clone().unwrap_or_default());
+    if !op.protects.is_empty() {
+        println!("  protects:     {}", op.protects.join(", "));
+    }
+    println!("  steps:");
+    for s in &op.steps {
+        let took = s.duration_s.map(|d| format!("{d:.1}s")).unwrap_or_default();
+        let text = if s.error.is_empty() { s.detail.clone() } else { s.error.clone() };
+        println!("    {:<16} {:<8} {:>7}  {}", s.name, s.state, took, text);
+    }
+}

@@ -1,0 +1,278 @@
+//! Answers of the admin API turned into views: what `--output json` prints
+//! and what the text printers read. Times are RFC 3339, ages in seconds.
+
+use std::time::Duration;
+
+use dr_proto::pb;
+use serde::Serialize;
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) fn rfc3339(ms: u64) -> Option<String> {
+    if ms == 0 {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+}
+
+/// "3m 12s" style, to the second.
+pub fn human_duration(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    pub connected: bool,
+    pub role: String,
+    pub instance_id: String,
+    pub private_ip: String,
+    pub public_ip: String,
+    pub os_family: String,
+    pub app_state: String,
+    pub last_heartbeat_at: Option<String>,
+    pub last_heartbeat_age_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CopyView {
+    pub region: String,
+    pub image_id: String,
+    pub state: String,
+    pub attempts: u32,
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub image_id: String,
+    pub state: String,
+    pub fate: String,
+    pub quiesce: String,
+    pub frozen_ms: u64,
+    pub quiesce_note: String,
+    pub copies: Vec<CopyView>,
+    pub site_id: String,
+    pub operation_id: String,
+    pub region: String,
+    pub instance_id: String,
+    pub snapshot_ids: Vec<String>,
+    pub consistency: String,
+    pub app_state: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub age_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstanceView {
+    pub instance_id: String,
+    /// `primary`, `candidate`, `drill`, `spare`, `pending`, `passive` or `fenced`.
+    pub role: String,
+    pub reason: String,
+    pub operation_id: String,
+    pub connected: bool,
+    pub private_ip: String,
+    pub last_seen_at: Option<String>,
+}
+
+/// The whole fleet, whatever page or filter was asked for.
+#[derive(Debug, Default, Serialize)]
+pub struct SummaryView {
+    pub sites: u32,
+    pub primary_connected: u32,
+    pub agents_connected: u32,
+    pub late: u32,
+    pub operations_active: u32,
+    pub with_problems: u32,
+}
+
+pub fn summary_view(s: Option<pb::FleetSummary>) -> SummaryView {
+    let s = s.unwrap_or_default();
+    SummaryView {
+        sites: s.sites,
+        primary_connected: s.primary_connected,
+        agents_connected: s.agents_connected,
+        late: s.late,
+        operations_active: s.operations_active,
+        with_problems: s.with_problems,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteView {
+    pub site_id: String,
+    pub region: String,
+    pub primary_instance_id: String,
+    /// Every known instance of the site, primary first.
+    pub instances: Vec<InstanceView>,
+    /// What needs a human's attention.
+    pub problems: Vec<String>,
+    pub agent: Option<AgentView>,
+    pub last_backup: Option<BackupView>,
+    pub running_operation_id: Option<String>,
+    pub schedule: Option<String>,
+    pub quiesce: String,
+    /// The RPO the schedule promises.
+    pub rpo_target_s: Option<u64>,
+    /// The current RPO: age of the newest good backup.
+    pub rpo_s: Option<u64>,
+    pub late: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepView {
+    pub name: String,
+    pub state: String,
+    pub attempts: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_s: Option<f64>,
+    pub detail: String,
+    pub error: String,
+    /// The step's machine-readable result.
+    pub result: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OperationView {
+    pub id: String,
+    pub kind: String,
+    pub site_id: String,
+    pub state: String,
+    pub error: String,
+    pub requested_by: String,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// While the state is `waiting`: what for, and what a human can do.
+    pub waiting_for: String,
+    /// Images and instances it keeps from retention and reconcilers.
+    pub protects: Vec<String>,
+    pub steps: Vec<StepView>,
+}
+
+pub fn backup_view(b: pb::Backup, now: u64) -> BackupView {
+    BackupView {
+        age_s: now.saturating_sub(b.completed_at_ms) / 1000,
+        started_at: rfc3339(b.started_at_ms),
+        completed_at: rfc3339(b.completed_at_ms),
+        image_id: b.image_id,
+        state: b.state,
+        fate: b.fate,
+        quiesce: b.quiesce,
+        frozen_ms: b.frozen_ms,
+        quiesce_note: b.quiesce_note,
+        copies: b
+            .copies
+            .into_iter()
+            .map(|c| CopyView { region: c.region, image_id: c.image_id, state: c.state, attempts: c.attempts, error: c.error })
+            .collect(),
+        site_id: b.site_id,
+        operation_id: b.operation_id,
+        region: b.region,
+        instance_id: b.instance_id,
+        snapshot_ids: b.snapshot_ids,
+        consistency: b.consistency,
+        app_state: b.app_state,
+    }
+}
+
+pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
+    let agent = s.facts.map(|f| AgentView {
+        connected: s.agent_connected,
+        role: s.role.clone(),
+        instance_id: f.instance_id,
+        private_ip: f.private_ip,
+        public_ip: f.public_ip,
+        os_family: f.os_family,
+        app_state: f.app_state,
+        last_heartbeat_at: rfc3339(s.last_heartbeat_ms),
+        last_heartbeat_age_s: (s.last_heartbeat_ms > 0).then(|| now.saturating_sub(s.last_heartbeat_ms) / 1000),
+    });
+    let last_backup = s.last_backup.map(|b| backup_view(b, now));
+    let instances = s
+        .instances
+        .into_iter()
+        .map(|i| InstanceView {
+            private_ip: i.facts.map(|f| f.private_ip).unwrap_or_default(),
+            last_seen_at: rfc3339(i.last_seen_ms),
+            instance_id: i.instance_id,
+            role: i.role,
+            reason: i.reason,
+            operation_id: i.operation_id,
+            connected: i.connected,
+        })
+        .collect();
+    SiteView {
+        instances,
+        problems: s.problems,
+        rpo_s: last_backup.as_ref().map(|b| b.age_s),
+        site_id: s.site_id,
+        region: s.region,
+        primary_instance_id: s.primary_instance_id,
+        agent,
+        last_backup,
+        running_operation_id: Some(s.running_operation_id).filter(|id| !id.is_empty()),
+        schedule: Some(s.schedule).filter(|x| !x.is_empty()),
+        quiesce: s.quiesce,
+        rpo_target_s: (s.rpo_target_ms > 0).then_some(s.rpo_target_ms / 1000),
+        late: s.late,
+    }
+}
+
+pub fn operation_view(op: pb::Operation) -> OperationView {
+    OperationView {
+        waiting_for: op.waiting_for.clone(),
+        protects: op.protects.clone(),
+        created_at: rfc3339(op.created_at_ms),
+        updated_at: rfc3339(op.updated_at_ms),
+        steps: op
+            .steps
+            .into_iter()
+            .map(|s| StepView {
+                duration_s: (s.started_at_ms > 0 && s.finished_at_ms >= s.started_at_ms)
+                    .then(|| (s.finished_at_ms - s.started_at_ms) as f64 / 1000.0),
+                started_at: rfc3339(s.started_at_ms),
+                finished_at: rfc3339(s.finished_at_ms),
+                result: serde_json::from_str(&s.result_json).ok(),
+                name: s.name,
+                state: s.state,
+                attempts: s.attempts,
+                detail: s.detail,
+                error: s.error,
+            })
+            .collect(),
+        id: op.id,
+        kind: op.kind,
+        site_id: op.site_id,
+        state: op.state,
+        error: op.error,
+        requested_by: op.requested_by,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DecisionView {
+    pub image_id: String,
+    pub completed_at: Option<String>,
+    pub action: &'static str,
+    pub reason: String,
+}
+
+pub fn decision_views(reply: pb::PruneReply) -> Vec<DecisionView> {
+    reply
+        .decisions
+        .into_iter()
+        .map(|d| DecisionView {
+            completed_at: rfc3339(d.completed_at_ms),
+            action: if d.keep { "keep" } else { "delete" },
+            image_id: d.image_id,
+            reason: d.reason,
+        })
+        .collect()
+}
+
