@@ -218,12 +218,14 @@ impl AwsEc2 {
 fn assume_role_error(role: &str, text: String) -> Ec2Error {
     if ["AccessDenied", "not authorized", "InvalidClientTokenId", "SignatureDoesNotMatch"].iter().any(|c| text.contains(c))
     {
-        Ec2Error::PermissionDenied {
-            op: "AssumeRole",
-            action: "sts:AssumeRole".into(),
-            resource: role.to_owned(),
-            message: text,
-        }
+        // STS's own words when the chain carries its XML answer (it does
+        // when the SDK could not parse it), not the whole chain.
+        let message = text
+            .split_once("<Message>")
+            .and_then(|(_, rest)| rest.split_once("</Message>"))
+            .map(|(m, _)| m.to_owned())
+            .unwrap_or(text);
+        Ec2Error::PermissionDenied { op: "AssumeRole", action: "sts:AssumeRole".into(), resource: role.to_owned(), message }
     } else {
         Ec2Error::Setup { what: format!("role {role}"), message: text }
     }

@@ -15,6 +15,7 @@ pub mod model;
 pub mod ops;
 pub mod pki;
 pub mod policy;
+pub mod preflight;
 pub mod retention;
 pub mod scheduler;
 pub mod server;
