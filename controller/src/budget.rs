@@ -5,10 +5,11 @@
 //! about 100 burst / 20 per second). The controller spends its own tokens
 //! first ([`Budgeted`] waits for a token before each call), so that a fleet
 //! round does not run into `RequestLimitExceeded`; when EC2 throttles anyway
-//! the caller's `retry_ec2` backs off. DescribeImages calls that queue up
-//! while one is in flight are merged into the next call (up to 100 ids): no
-//! added latency when idle (the freeze window depends on it), few calls
-//! under load.
+//! the caller's `retry_ec2` backs off. DescribeImages and DescribeInstances
+//! calls that queue up while one is in flight are merged into the next call
+//! (up to 100 image ids, 1000 instance ids): no added latency when idle (the
+//! freeze window depends on it), few calls under load. RunInstances has its
+//! own bucket (about 5 burst / 2 per second).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -31,6 +32,8 @@ pub struct Limits {
     pub copy_burst: u32,
     pub describe_per_sec: u32,
     pub describe_burst: u32,
+    pub run_instances_per_sec: u32,
+    pub run_instances_burst: u32,
 }
 
 impl Default for Limits {
@@ -42,6 +45,8 @@ impl Default for Limits {
             copy_burst: 5,
             describe_per_sec: 20,
             describe_burst: 100,
+            run_instances_per_sec: 2,
+            run_instances_burst: 5,
         }
     }
 }
@@ -56,6 +61,7 @@ pub struct Buckets {
     mutating: DefaultDirectRateLimiter,
     copy: DefaultDirectRateLimiter,
     describe: DefaultDirectRateLimiter,
+    run_instances: DefaultDirectRateLimiter,
 }
 
 impl Buckets {
@@ -64,7 +70,14 @@ impl Buckets {
             mutating: RateLimiter::direct(quota(l.mutating_per_sec, l.mutating_burst)),
             copy: RateLimiter::direct(quota(l.copy_per_sec, l.copy_burst)),
             describe: RateLimiter::direct(quota(l.describe_per_sec, l.describe_burst)),
+            run_instances: RateLimiter::direct(quota(l.run_instances_per_sec, l.run_instances_burst)),
         }
+    }
+
+    /// Waits for a RunInstances token (EC2 also charges RunInstances to
+    /// its own bucket, not to the mutating one).
+    pub async fn until_run_instances_ready(&self) {
+        self.run_instances.until_ready().await;
     }
 }
 
@@ -93,31 +106,89 @@ pub fn account_of(role_arn: Option<&str>) -> String {
     role_arn.and_then(|arn| arn.split(':').nth(4)).filter(|a| !a.is_empty()).unwrap_or("default").to_owned()
 }
 
-type BatchReply = oneshot::Sender<Result<Vec<Image>, Ec2Error>>;
+/// Something a batched describe answers, found by its id.
+trait Described: Clone + Send + 'static {
+    fn id(&self) -> &str;
+}
+impl Described for Image {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+impl Described for Instance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
 
-/// An [`Ec2`] that spends tokens before each call and batches DescribeImages.
+type BatchReply<T> = oneshot::Sender<Result<Vec<T>, Ec2Error>>;
+type Describe<T> =
+    fn(Arc<dyn Ec2>, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<T>, Ec2Error>> + Send>>;
+
+fn describe_images(ec2: Arc<dyn Ec2>, ids: Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Image>, Ec2Error>> + Send>> {
+    Box::pin(async move { ec2.describe_images(&ids).await })
+}
+
+fn describe_instances(ec2: Arc<dyn Ec2>, ids: Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Instance>, Ec2Error>> + Send>> {
+    Box::pin(async move { ec2.describe_instances(&ids).await })
+}
+
+/// The queue of one kind of describe, merged by its [`batcher`] task.
+struct Batches<T> {
+    tx: mpsc::Sender<(Vec<String>, BatchReply<T>)>,
+    describe: Describe<T>,
+    op: &'static str,
+}
+
+impl<T: Described> Batches<T> {
+    fn spawn(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>, max_ids: usize, describe: Describe<T>, op: &'static str) -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(batcher(inner, buckets, max_ids, describe, rx));
+        Batches { tx, describe, op }
+    }
+
+    /// Queues `ids` for the next merged call.
+    async fn ask(&self, inner: &Arc<dyn Ec2>, buckets: &Buckets, ids: &[String]) -> Result<Vec<T>, Ec2Error> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send((ids.to_vec(), tx)).await.is_err() {
+            buckets.describe.until_ready().await;
+            return (self.describe)(inner.clone(), ids.to_vec()).await;
+        }
+        rx.await.unwrap_or_else(|_| Err(Ec2Error::Transport { op: self.op, message: "the batcher stopped".into() }))
+    }
+}
+
+/// An [`Ec2`] that spends tokens before each call and batches DescribeImages
+/// and DescribeInstances.
 pub struct Budgeted {
     inner: Arc<dyn Ec2>,
     buckets: Arc<Buckets>,
-    batch: mpsc::Sender<(Vec<String>, BatchReply)>,
+    images: Batches<Image>,
+    instances: Batches<Instance>,
 }
 
 impl Budgeted {
     pub fn new(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>) -> Self {
-        let (batch, rx) = mpsc::channel(1024);
-        tokio::spawn(batcher(inner.clone(), buckets.clone(), rx));
-        Budgeted { inner, buckets, batch }
+        let images = Batches::spawn(inner.clone(), buckets.clone(), 100, describe_images, "DescribeImages");
+        let instances = Batches::spawn(inner.clone(), buckets.clone(), 1000, describe_instances, "DescribeInstances");
+        Budgeted { inner, buckets, images, instances }
     }
 }
 
-/// Takes every DescribeImages request already queued (up to 100 ids) and
+/// Takes every request of one kind already queued (up to `max_ids` ids) and
 /// answers each from one call; requests arriving meanwhile wait for the
-/// next call. If the merged call fails (one unknown id fails the whole call
-/// in EC2), each request is retried on its own.
-async fn batcher(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>, mut rx: mpsc::Receiver<(Vec<String>, BatchReply)>) {
+/// next call. If the merged call fails (one unknown image id fails the
+/// whole DescribeImages in EC2), each request is retried on its own.
+async fn batcher<T: Described>(
+    inner: Arc<dyn Ec2>,
+    buckets: Arc<Buckets>,
+    max_ids: usize,
+    describe: Describe<T>,
+    mut rx: mpsc::Receiver<(Vec<String>, BatchReply<T>)>,
+) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
-        while group.iter().map(|(ids, _)| ids.len()).sum::<usize>() < 100 {
+        while group.iter().map(|(ids, _)| ids.len()).sum::<usize>() < max_ids {
             match rx.try_recv() {
                 Ok(next) => group.push(next),
                 Err(_) => break,
@@ -127,17 +198,17 @@ async fn batcher(inner: Arc<dyn Ec2>, buckets: Arc<Buckets>, mut rx: mpsc::Recei
         ids.sort();
         ids.dedup();
         buckets.describe.until_ready().await;
-        match inner.describe_images(&ids).await {
-            Ok(images) => {
+        match describe(inner.clone(), ids).await {
+            Ok(found) => {
                 for (want, reply) in group {
-                    let mine = images.iter().filter(|i| want.contains(&i.id)).cloned().collect();
+                    let mine = found.iter().filter(|i| want.iter().any(|w| w == i.id())).cloned().collect();
                     let _ = reply.send(Ok(mine));
                 }
             }
             Err(_) if group.len() > 1 => {
                 for (want, reply) in group {
                     buckets.describe.until_ready().await;
-                    let _ = reply.send(inner.describe_images(&want).await);
+                    let _ = reply.send(describe(inner.clone(), want).await);
                 }
             }
             Err(e) => {
@@ -160,22 +231,17 @@ impl Ec2 for Budgeted {
         self.inner.create_image(req).await
     }
     async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>, Ec2Error> {
-        let (tx, rx) = oneshot::channel();
-        if self.batch.send((ids.to_vec(), tx)).await.is_err() {
-            self.buckets.describe.until_ready().await;
-            return self.inner.describe_images(ids).await;
-        }
-        rx.await.unwrap_or_else(|_| {
-            Err(Ec2Error::Transport { op: "DescribeImages", message: "the batcher stopped".into() })
-        })
+        self.images.ask(&self.inner, &self.buckets, ids).await
     }
     async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error> {
         self.buckets.mutating.until_ready().await;
         self.inner.create_tags(resources, tags).await
     }
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error> {
-        self.buckets.describe.until_ready().await;
-        self.inner.describe_instance(id).await
+        Ok(self.describe_instances(&[id.to_owned()]).await?.into_iter().find(|i| i.id == id))
+    }
+    async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
+        self.instances.ask(&self.inner, &self.buckets, ids).await
     }
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
         self.buckets.describe.until_ready().await;
@@ -206,6 +272,7 @@ mod tests {
     #[derive(Default)]
     struct Counting {
         calls: Mutex<Vec<usize>>,
+        instance_calls: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
@@ -227,7 +294,21 @@ mod tests {
             Ok(())
         }
         async fn describe_instance(&self, _: &str) -> Result<Option<Instance>, Ec2Error> {
-            Ok(None)
+            panic!("Budgeted asks for instances in batches")
+        }
+        /// Knows every instance id except those ending in "-gone".
+        async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
+            self.instance_calls.lock().expect("lock").push(ids.len());
+            Ok(ids
+                .iter()
+                .filter(|id| !id.ends_with("-gone"))
+                .map(|id| Instance {
+                    id: id.clone(),
+                    state: "running".into(),
+                    private_ip: "10.0.0.1".into(),
+                    public_ip: String::new(),
+                })
+                .collect())
         }
         async fn describe_snapshots(&self, _: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
             Ok(vec![])
@@ -260,6 +341,44 @@ mod tests {
         let calls = inner.calls.lock().expect("lock").clone();
         assert!(calls.len() <= 5, "30 concurrent describes became {} calls: {calls:?}", calls.len());
         assert_eq!(calls.iter().sum::<usize>(), 30);
+    }
+
+    #[tokio::test]
+    async fn concurrent_instance_lookups_are_merged_and_unknown_ids_are_absent() {
+        let inner = Arc::new(Counting::default());
+        let budgeted = Arc::new(Budgeted::new(inner.clone(), Arc::new(Buckets::new(&Limits::default()))));
+        let mut tasks = Vec::new();
+        for i in 0..1500 {
+            let b = budgeted.clone();
+            let id = if i % 100 == 7 { format!("i-{i}-gone") } else { format!("i-{i}") };
+            tasks.push(tokio::spawn(async move { (id.clone(), b.describe_instance(&id).await) }));
+        }
+        for t in tasks {
+            let (id, found) = t.await.expect("task");
+            let found = found.expect("a batch never fails for an unknown id");
+            if id.ends_with("-gone") {
+                assert_eq!(found, None, "{id}");
+            } else {
+                assert_eq!(found.map(|i| i.id), Some(id));
+            }
+        }
+        let calls = inner.instance_calls.lock().expect("lock").clone();
+        assert!(calls.iter().all(|&n| n <= 1000), "a call carries at most 1000 ids: {calls:?}");
+        assert!(calls.len() <= 10, "1500 concurrent lookups became {} calls: {calls:?}", calls.len());
+        assert_eq!(calls.iter().sum::<usize>(), 1500);
+    }
+
+    #[test]
+    fn the_run_instances_bucket_has_ec2s_size() {
+        let limits = Limits::default();
+        assert_eq!((limits.run_instances_per_sec, limits.run_instances_burst), (2, 5));
+        let buckets = Buckets::new(&limits);
+        for _ in 0..5 {
+            assert!(buckets.run_instances.check().is_ok());
+        }
+        assert!(buckets.run_instances.check().is_err(), "the sixth RunInstances waits");
+        // The other buckets are untouched by it.
+        assert!(buckets.mutating.check().is_ok());
     }
 
     #[tokio::test]

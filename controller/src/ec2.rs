@@ -2,8 +2,11 @@
 //! resuming logic is unit-tested without AWS (moto makes every AMI available
 //! at once, which hides waits), and an implementation on aws-sdk-ec2.
 //!
-//! Invariant: nothing here retries on its own beyond the SDK's configured
-//! attempts; callers decide (see [`Ec2Error::is_retryable`]).
+//! Invariant: nothing here retries on its own; the SDK's retry layer is off
+//! unless `[aws] max_attempts` says otherwise, so every throttle reaches the
+//! controller's `retry_ec2`, which counts and budgets it (see
+//! [`Ec2Error::is_retryable`]). A permission EC2 or STS refuses becomes
+//! [`Ec2Error::PermissionDenied`], naming the action and the resource.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +56,11 @@ pub enum Ec2Error {
     Transport { op: &'static str, message: String },
     #[error("cannot set up AWS credentials for {what}: {message}")]
     Setup { what: String, message: String },
+    /// EC2 (`UnauthorizedOperation`, `AccessDenied`, `AuthFailure`, ...) or
+    /// STS (AssumeRole) refused the caller. `action` is the IAM action
+    /// (`ec2:DeregisterImage`, `sts:AssumeRole`), `resource` what it acted on.
+    #[error("permission denied: {action} on {resource} ({message})")]
+    PermissionDenied { op: &'static str, action: String, resource: String, message: String },
 }
 
 impl Ec2Error {
@@ -62,9 +70,24 @@ impl Ec2Error {
         match self {
             Ec2Error::Throttled { .. } | Ec2Error::Transport { .. } => true,
             Ec2Error::Api { code, .. } => matches!(code.as_str(), "InternalError" | "ServiceUnavailable" | "Unavailable"),
-            Ec2Error::Setup { .. } => false,
+            Ec2Error::Setup { .. } | Ec2Error::PermissionDenied { .. } => false,
         }
     }
+}
+
+/// Error codes with which EC2 and STS refuse a caller's permissions or
+/// credentials.
+pub fn is_permission_code(code: &str) -> bool {
+    matches!(
+        code,
+        "UnauthorizedOperation"
+            | "AccessDenied"
+            | "AccessDeniedException"
+            | "AuthFailure"
+            | "UnauthorizedAccess"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+    )
 }
 
 #[async_trait]
@@ -77,13 +100,12 @@ pub trait Ec2: Send + Sync {
     async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error>;
     /// `None` when EC2 does not know the instance.
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error>;
-    /// Many instances at once; unknown ids are absent from the answer.
+    /// The instances EC2 knows among `ids` (≤ 1000); unknown ids are absent,
+    /// never an error for the whole batch. The default asks one by one.
     async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(i) = self.describe_instance(id).await? {
-                out.push(i);
-            }
+            out.extend(self.describe_instance(id).await?);
         }
         Ok(out)
     }
@@ -93,8 +115,9 @@ pub trait Ec2: Send + Sync {
     async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error>;
     /// Deletes a snapshot; a snapshot EC2 no longer knows counts as done.
     async fn delete_snapshot(&self, id: &str) -> Result<(), Ec2Error>;
-    /// CopyImage into this client's region. `client_token` makes a retried
-    /// call return the first call's image instead of a second copy.
+    /// CopyImage into this client's region, tagging the new AMI and its
+    /// snapshots in the same call. `client_token` makes a retried call
+    /// return the first call's image instead of a second copy.
     async fn copy_image(&self, req: &CopyImage) -> Result<String, Ec2Error>;
 }
 
@@ -142,6 +165,7 @@ impl Ec2Clients {
 /// by an AssumeRole into the site's account.
 pub struct AwsEc2 {
     client: aws_sdk_ec2::Client,
+    role_arn: Option<String>,
 }
 
 impl AwsEc2 {
@@ -151,37 +175,105 @@ impl AwsEc2 {
         if let Some(url) = &aws.endpoint_url {
             loader = loader.endpoint_url(url);
         }
+        // One attempt per call unless configured: throttles are retried
+        // (and counted, and budgeted) by the controller's own retry_ec2.
+        let attempts = aws.max_attempts.unwrap_or(1).max(1);
+        loader = loader.retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
         let sdk = loader.load().await;
         let mut builder = aws_sdk_ec2::config::Builder::from(&sdk);
-        if let Some(n) = aws.max_attempts {
-            builder = builder.retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(n.max(1)));
-        }
         if let Some(role) = role_arn {
             let provider = aws_config::sts::AssumeRoleProvider::builder(role)
                 .session_name("dr-controller")
                 .configure(&sdk)
                 .build()
                 .await;
+            // Assume the role once now, so that a refusal is a clear error
+            // naming the role rather than a failure of some later EC2 call.
+            use aws_credential_types::provider::ProvideCredentials;
+            if let Err(e) = provider.provide_credentials().await {
+                return Err(assume_role_error(role, DisplayErrorContext(&e).to_string()));
+            }
             builder = builder.credentials_provider(provider);
         }
-        Ok(AwsEc2 { client: aws_sdk_ec2::Client::from_conf(builder.build()) })
+        Ok(AwsEc2 { client: aws_sdk_ec2::Client::from_conf(builder.build()), role_arn: role_arn.map(str::to_owned) })
+    }
+
+    /// The SDK client (for `preflight`'s DryRun calls).
+    pub fn sdk(&self) -> &aws_sdk_ec2::Client {
+        &self.client
+    }
+
+    /// Maps an SDK error of EC2 operation `op` acting on `resource`.
+    fn err<E, R>(&self, op: &'static str, resource: &str, err: SdkError<E, R>) -> Ec2Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        map_err(op, resource, self.role_arn.as_deref(), err)
     }
 }
 
-fn map_err<E, R>(op: &'static str, err: SdkError<E, R>) -> Ec2Error
+/// An AssumeRole that failed while credentials were being fetched.
+/// `text` is the whole error chain (the code is deep inside it).
+fn assume_role_error(role: &str, text: String) -> Ec2Error {
+    if ["AccessDenied", "not authorized", "InvalidClientTokenId", "SignatureDoesNotMatch"].iter().any(|c| text.contains(c))
+    {
+        // STS's own words when the chain carries its XML answer (it does
+        // when the SDK could not parse it), not the whole chain.
+        let message = text
+            .split_once("<Message>")
+            .and_then(|(_, rest)| rest.split_once("</Message>"))
+            .map(|(m, _)| m.to_owned())
+            .unwrap_or(text);
+        Ec2Error::PermissionDenied { op: "AssumeRole", action: "sts:AssumeRole".into(), resource: role.to_owned(), message }
+    } else {
+        Ec2Error::Setup { what: format!("role {role}"), message: text }
+    }
+}
+
+/// Maps an SDK error of `op` acting on `resource`. `role` is the site role
+/// the credentials come from: a refused AssumeRole while the SDK refreshes
+/// them surfaces here, without an EC2 error code.
+fn map_err<E, R>(op: &'static str, resource: &str, role: Option<&str>, err: SdkError<E, R>) -> Ec2Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
 {
     let message = err.message().map(str::to_owned).unwrap_or_else(|| DisplayErrorContext(&err).to_string());
-    match (&err, err.code()) {
-        (_, Some(code))
+    match (&err, err.code(), role) {
+        (_, Some(code), _)
             if matches!(code, "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled") =>
         {
             Ec2Error::Throttled { op, message }
         }
-        (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _) => Ec2Error::Transport { op, message },
-        (_, code) => Ec2Error::Api { op, code: code.unwrap_or("Unknown").to_owned(), message },
+        (_, Some(code), _) if is_permission_code(code) => {
+            Ec2Error::PermissionDenied { op, action: format!("ec2:{op}"), resource: resource.to_owned(), message }
+        }
+        (_, None, Some(role)) if message.contains("AssumeRole") => {
+            assume_role_error(role, DisplayErrorContext(&err).to_string())
+        }
+        (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _, _) => Ec2Error::Transport { op, message },
+        (_, code, _) => Ec2Error::Api { op, code: code.unwrap_or("Unknown").to_owned(), message },
+    }
+}
+
+/// The instance ids an `InvalidInstanceID.NotFound` message names
+/// (`The instance ID 'i-1' does not exist`, `The instance IDs 'i-1, i-2' do
+/// not exist`), among those asked for.
+fn missing_instance_ids(message: &str, asked: &[String]) -> Vec<String> {
+    message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("i-") && asked.iter().any(|a| a == w))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
+    Instance {
+        id: i.instance_id().unwrap_or_default().to_owned(),
+        state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
+        public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
     }
 }
 
@@ -217,7 +309,7 @@ impl Ec2 for AwsEc2 {
             .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
             .send()
             .await
-            .map_err(|e| map_err("DescribeImages", e))?;
+            .map_err(|e| self.err("DescribeImages", "*", e))?;
         Ok(out.images().iter().map(image_of).collect())
     }
 
@@ -234,7 +326,7 @@ impl Ec2 for AwsEc2 {
             )
             .send()
             .await
-            .map_err(|e| map_err("CreateImage", e))?;
+            .map_err(|e| self.err("CreateImage", &req.instance_id, e))?;
         out.image_id().map(str::to_owned).ok_or_else(|| Ec2Error::Api {
             op: "CreateImage",
             code: "EmptyResponse".into(),
@@ -249,7 +341,7 @@ impl Ec2 for AwsEc2 {
             .set_image_ids(Some(ids.to_vec()))
             .send()
             .await
-            .map_err(|e| map_err("DescribeImages", e))?;
+            .map_err(|e| self.err("DescribeImages", "*", e))?;
         Ok(out.images().iter().map(image_of).collect())
     }
 
@@ -260,31 +352,57 @@ impl Ec2 for AwsEc2 {
             .set_tags(Some(tags_of(tags)))
             .send()
             .await
-            .map_err(|e| map_err("CreateTags", e))?;
+            .map_err(|e| self.err("CreateTags", &resources.join(", "), e))?;
         Ok(())
     }
 
     async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error> {
-        let out = match self.client.describe_instances().instance_ids(id).send().await {
-            Ok(out) => out,
-            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),
-            Err(e) => return Err(map_err("DescribeInstances", e)),
-        };
-        Ok(out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(id)).map(|i| {
-            Instance {
-                id: id.to_owned(),
-                state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
-                private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
-                public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+        Ok(self.describe_instances(&[id.to_owned()]).await?.into_iter().find(|i| i.id == id))
+    }
+
+    async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
+        // One unknown id fails the whole call: drop the ids the error names
+        // and ask again (each round removes at least one id), or ask singly
+        // when the message names none of ours.
+        let mut asked: Vec<String> = ids.to_vec();
+        loop {
+            if asked.is_empty() {
+                return Ok(vec![]);
             }
-        }))
+            match self.client.describe_instances().set_instance_ids(Some(asked.clone())).send().await {
+                Ok(out) => {
+                    return Ok(out
+                        .reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .filter(|i| i.instance_id().is_some_and(|id| asked.iter().any(|a| a == id)))
+                        .map(instance_of)
+                        .collect());
+                }
+                Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {
+                    let missing = missing_instance_ids(e.message().unwrap_or_default(), &asked);
+                    if missing.is_empty() {
+                        if asked.len() == 1 {
+                            return Ok(vec![]);
+                        }
+                        let mut out = Vec::new();
+                        for id in &asked {
+                            out.extend(self.describe_instances(std::slice::from_ref(id)).await?);
+                        }
+                        return Ok(out);
+                    }
+                    asked.retain(|a| !missing.contains(a));
+                }
+                Err(e) => return Err(self.err("DescribeInstances", "*", e)),
+            }
+        }
     }
 
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
         let out = match self.client.describe_snapshots().set_snapshot_ids(Some(ids.to_vec())).send().await {
             Ok(out) => out,
             Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => return Ok(vec![]),
-            Err(e) => return Err(map_err("DescribeSnapshots", e)),
+            Err(e) => return Err(self.err("DescribeSnapshots", "*", e)),
         };
         Ok(out
             .snapshots()
@@ -302,7 +420,7 @@ impl Ec2 for AwsEc2 {
         match self.client.deregister_image().image_id(id).send().await {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.code(), Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")) => Ok(()),
-            Err(e) => Err(map_err("DeregisterImage", e)),
+            Err(e) => Err(self.err("DeregisterImage", id, e)),
         }
     }
 
@@ -310,7 +428,7 @@ impl Ec2 for AwsEc2 {
         match self.client.delete_snapshot().snapshot_id(id).send().await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
-            Err(e) => Err(map_err("DeleteSnapshot", e)),
+            Err(e) => Err(self.err("DeleteSnapshot", id, e)),
         }
     }
 
@@ -323,17 +441,58 @@ impl Ec2 for AwsEc2 {
             .name(&req.name)
             .description(&req.description)
             .client_token(&req.client_token)
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags_of(&req.tags))).build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(tags_of(&req.tags)))
+                    .build(),
+            )
             .send()
             .await
-            .map_err(|e| map_err("CopyImage", e))?;
-        let id = out.image_id().map(str::to_owned).ok_or_else(|| Ec2Error::Api {
+            .map_err(|e| self.err("CopyImage", &req.source_image_id, e))?;
+        out.image_id().map(str::to_owned).ok_or_else(|| Ec2Error::Api {
             op: "CopyImage",
             code: "EmptyResponse".into(),
             message: "the answer carries no image id".into(),
-        })?;
-        // CopyImage cannot tag in the same call: tag right after (a retry with
-        // the same token returns the same id, so tagging again is harmless).
-        self.create_tags(std::slice::from_ref(&id), &req.tags).await?;
-        Ok(id)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ids_are_read_from_both_message_forms() {
+        let asked: Vec<String> = ["i-0aa", "i-0bb", "i-0cc"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(missing_instance_ids("The instance ID 'i-0bb' does not exist", &asked), vec!["i-0bb"]);
+        assert_eq!(
+            missing_instance_ids("The instance IDs 'i-0aa, i-0cc' do not exist", &asked),
+            vec!["i-0aa", "i-0cc"]
+        );
+        // An id we did not ask for is never taken for one of ours.
+        assert!(missing_instance_ids("The instance ID 'i-0dd' does not exist", &asked).is_empty());
+    }
+
+    #[test]
+    fn permission_denied_names_action_and_resource_and_is_final() {
+        let e = Ec2Error::PermissionDenied {
+            op: "DeregisterImage",
+            action: "ec2:DeregisterImage".into(),
+            resource: "ami-0123456789abcdef0".into(),
+            message: "You are not authorized to perform this operation.".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "permission denied: ec2:DeregisterImage on ami-0123456789abcdef0 (You are not authorized to perform this operation.)"
+        );
+        assert!(!e.is_retryable());
+        for code in ["UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure"] {
+            assert!(is_permission_code(code), "{code}");
+        }
+        assert!(!is_permission_code("RequestLimitExceeded"));
     }
 }

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod preflight;
 pub mod reconcilers;
 pub mod server;
 pub mod store;

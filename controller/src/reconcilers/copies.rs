@@ -77,12 +77,7 @@ async fn issue(engine: &Deps, site: &Site, copy: &mut Copy, operation_id: &str) 
             name: format!("dr-{}-{}-copy", site.id, copy.source_image_id),
             description: format!("dr-controller copy of {} (site {}) from {}", copy.source_image_id, site.id, site.region),
             client_token: client_token(operation_id, &copy.region, copy.attempts),
-            tags: vec![
-                (TAG_SITE.into(), site.id.clone()),
-                (TAG_OPERATION.into(), operation_id.to_owned()),
-                (TAG_CREATED_BY.into(), CREATED_BY.into()),
-                (TAG_SOURCE_IMAGE.into(), copy.source_image_id.clone()),
-            ],
+            tags: copy_tags(site, operation_id, &copy.source_image_id),
         };
         retry_ec2("CopyImage", BUDGET, || ec2.copy_image(&req)).await
     }
@@ -103,6 +98,16 @@ async fn issue(engine: &Deps, site: &Site, copy: &mut Copy, operation_id: &str) 
     Ok(())
 }
 
+/// The tags of a copy (set by CopyImage itself).
+fn copy_tags(site: &Site, operation_id: &str, source_image_id: &str) -> Vec<(String, String)> {
+    vec![
+        (TAG_SITE.into(), site.id.clone()),
+        (TAG_OPERATION.into(), operation_id.to_owned()),
+        (TAG_CREATED_BY.into(), CREATED_BY.into()),
+        (TAG_SOURCE_IMAGE.into(), source_image_id.to_owned()),
+    ]
+}
+
 /// The reconciler: forever, every `every`.
 pub async fn run(engine: crate::workflows::Engine, every: Duration) {
     loop {
@@ -118,7 +123,7 @@ pub async fn reconcile(engine: &Deps, every: Duration) -> Result<usize, StepErro
     let copies = engine.store.unfinished_copies().await?;
     let mut changed = 0;
     // One DescribeImages per (site, region) for every pending copy there.
-    let mut pending: HashMap<(String, String), Vec<Copy>> = HashMap::new();
+    let mut pending: HashMap<(String, String), Vec<(Copy, String)>> = HashMap::new();
     for copy in copies {
         let Some((site, operation_id)) = site_of(engine, &copy.source_image_id).await? else { continue };
         if copy.state == CopyState::Failed || copy.image_id.is_empty() {
@@ -142,14 +147,26 @@ pub async fn reconcile(engine: &Deps, every: Duration) -> Result<usize, StepErro
             changed += 1;
             continue;
         }
-        pending.entry((site.id.clone(), copy.region.clone())).or_default().push(copy);
+        pending.entry((site.id.clone(), copy.region.clone())).or_default().push((copy, operation_id));
     }
     for ((site_id, region), group) in pending {
         let Some(site) = engine.store.site(site_id.clone()).await? else { continue };
         let ec2 = engine.ec2_in(&site, &region).await?;
-        let ids: Vec<String> = group.iter().map(|c| c.image_id.clone()).collect();
+        let ids: Vec<String> = group.iter().map(|(c, _)| c.image_id.clone()).collect();
         let images = retry_ec2("DescribeImages", BUDGET, || ec2.describe_images(&ids)).await?;
-        for mut copy in group {
+        for (mut copy, operation_id) in group {
+            // CopyImage tags the copy; an EC2 that dropped the tags (moto
+            // 5.2.5 accepts TagSpecifications on CopyImage and ignores them)
+            // gets them once here, so the copy is found by its tags.
+            let untagged = images
+                .iter()
+                .find(|i| i.id == copy.image_id)
+                .is_some_and(|i| !i.tags.iter().any(|(k, _)| k == TAG_OPERATION));
+            if untagged {
+                let tags = copy_tags(&site, &operation_id, &copy.source_image_id);
+                let id = [copy.image_id.clone()];
+                retry_ec2("CreateTags", BUDGET, || ec2.create_tags(&id, &tags)).await?;
+            }
             match images.iter().find(|i| i.id == copy.image_id).map(|i| (i.state.as_str(), i.state_reason.clone())) {
                 Some(("available", _)) => {
                     copy.state = CopyState::Available;
