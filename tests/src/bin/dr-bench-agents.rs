@@ -505,6 +505,9 @@ async fn main() -> std::process::ExitCode {
     // 5. Steady state.
     let pid = controller.child.id();
     println!("\nsteady state: {}s window", args.cpu_window);
+    if primary.is_none() {
+        println!("  (NOT a steady state: phase 1 did not finish; agents are still being verified or reconnecting)");
+    }
     let ended_before: u32 = shared.slots.iter().map(|s| s.ended.load(Ordering::Relaxed)).sum();
     let (c0, b0, t0) = (cpu_seconds(pid), cpu_seconds(std::process::id()), Instant::now());
     tokio::time::sleep(Duration::from_secs(args.cpu_window)).await;
