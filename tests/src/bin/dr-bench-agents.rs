@@ -278,6 +278,17 @@ fn raise_limits() {
     }
 }
 
+/// Puts net.core.somaxconn back when dropped (also when a phase panics).
+struct RestoreSomaxconn(Option<String>);
+
+impl Drop for RestoreSomaxconn {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write("/proc/sys/net/core/somaxconn", old);
+        }
+    }
+}
+
 /// Raises net.core.somaxconn to the controller's backlog; returns the old
 /// value to restore.
 fn raise_somaxconn() -> Option<String> {
@@ -395,7 +406,7 @@ async fn main() -> std::process::ExitCode {
     println!("dr-bench-agents: {n} agents, silent share {}", args.silent_share);
     println!("controller: {} [{}]", controller_bin.display(), profile_of(&controller_bin));
     raise_limits();
-    let old_somaxconn = raise_somaxconn();
+    let _somaxconn = RestoreSomaxconn(raise_somaxconn());
 
     let dir = tempfile::tempdir().expect("tempdir");
     // 1. moto and N instances.
@@ -626,9 +637,6 @@ async fn main() -> std::process::ExitCode {
         t.abort();
     }
     controller.kill();
-    if let Some(old) = old_somaxconn {
-        let _ = std::fs::write("/proc/sys/net/core/somaxconn", old);
-    }
     let warnings = std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count();
     println!("\ncontroller log: {warnings} WARN/ERROR lines");
     if args.keep {
