@@ -266,7 +266,8 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
                 private_ip: None,
                 public_ip: None,
                 offline: false,
-                force: false,
+                force: r.force,
+                // Set from the session's role when the command arrives.
                 candidate: false,
             },
             dry_run: r.dry_run,
@@ -502,6 +503,12 @@ impl Agent {
             tracing::warn!(id = %request.id, action = request.action.name(), role = role.as_str(), reason = %why, "command refused: not for this instance");
             send_answer(tx.clone(), CommandAnswer::rejected(&request.id, ErrorKind::Refused, format!("not run: {why}")));
             return;
+        }
+        let mut request = request;
+        // The controller's word that this machine is a restore candidate is
+        // the evidence `recover` needs (beside a changed instance id).
+        if let (Action::Recover { params, .. }, Role::Candidate(_)) = (&mut request.action, role) {
+            params.candidate = true;
         }
         tracing::info!(id = %request.id, action = request.action.name(), deadline = ?request.deadline, "command received");
         let agent = Arc::clone(self);

@@ -140,10 +140,17 @@ impl pb::agent_service_server::AgentService for AgentServer {
 
         let me = self.clone();
         let silence = self.heartbeat_interval * self.missed_heartbeats;
+        // The agent's first heartbeat comes one interval after it received
+        // the Welcome, which may take a while in a reconnect storm: the first
+        // wait gets one more interval, so a fresh stream is not closed for a
+        // delay of our own.
+        let mut wait = silence + self.heartbeat_interval;
         tokio::spawn(async move {
             let reason = loop {
-                match tokio::time::timeout(silence, inbound.next()).await {
-                    Err(_) => break format!("no message for {silence:?}"),
+                let waited = wait;
+                wait = silence;
+                match tokio::time::timeout(waited, inbound.next()).await {
+                    Err(_) => break format!("no message for {waited:?}"),
                     Ok(None) => break "the agent closed the stream".to_owned(),
                     Ok(Some(Err(status))) => break format!("stream error: {}", status.message()),
                     Ok(Some(Ok(msg))) => match msg.msg {
