@@ -437,6 +437,45 @@ instance_id = "i-0123456789abcdef0"
         assert!(err.contains("site[0].policy.jitter"), "{err}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Untrusted text never panics the parser, and a refusal names the file.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            if let Err(e) = Config::parse(Path::new("fuzz.toml"), &text) {
+                proptest::prop_assert!(e.to_string().contains("fuzz.toml"), "{}", e);
+            }
+        }
+
+        /// Any value in any known key of a valid config: a valid config or
+        /// an error naming the file; never a panic (durations, counts,
+        /// schedules, regions).
+        #[test]
+        fn arbitrary_values_in_known_keys_never_panic(
+            key in proptest::sample::select(vec![
+                "heartbeat_interval", "missed_heartbeats", "handshake_timeout", "listen_backlog", "liveness_flush",
+            ]),
+            policy_key in proptest::sample::select(vec!["schedule", "jitter", "keep_last", "keep_for", "copy_keep_last", "timezone"]),
+            value in proptest::prop_oneof![
+                "[0-9]{1,25}",
+                "\"[0-9]{0,20}(ns|ms|s|m|h|d|days|years|y)?\"",
+                "\"cron:[0-9* /,-]{0,30}\"",
+                "\"\\PC{0,20}\"",
+            ],
+        ) {
+            let text = GOOD.replacen("[server]\n", &format!("[server]\n{key} = {value}\n"), 1)
+                + &format!("\n[policy]\n{policy_key} = {value}\n");
+            if let Err(e) = Config::parse(Path::new("fuzz.toml"), &text) {
+                proptest::prop_assert!(e.to_string().contains("fuzz.toml"), "{}", e);
+            }
+        }
+    }
+
     #[test]
     fn errors_name_the_key() {
         let bad = GOOD.replace("prod-1", "Prod 1");

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agents;
 pub mod budget;
+pub mod catalog;
 pub mod config;
 pub mod ec2;
 pub mod engine;
@@ -35,6 +36,8 @@ pub enum ControllerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
     #[error("TLS: {0}")]
     Tls(#[from] dr_proto::tls::TlsError),
     #[error("{0}")]
@@ -69,6 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let ec2 = Arc::new(ec2::Ec2Clients::new(config.aws.clone()));
+    catalog::check(&config, &store, &ec2).await?;
     let registry = agents::Registry::default();
     let mut policies = std::collections::HashMap::new();
     for s in &config.sites {

@@ -166,9 +166,8 @@ impl IamWorld {
 
 fn backup(w: &IamWorld, url: &str, site: &str) -> (bool, serde_json::Value) {
     let out = drctl(&w.pki, url, &["backup", site, "--wait", "--output", "json"]);
-    let op: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("drctl backup printed no JSON ({e}): {}{}", text(&out.stdout), text(&out.stderr)));
-    (out.status.success(), op)
+    // JSON lines: the operation id first, the finished operation last.
+    (out.status.success(), last_json(&out.stdout))
 }
 
 fn backups(w: &IamWorld, url: &str, site: &str) -> Vec<serde_json::Value> {

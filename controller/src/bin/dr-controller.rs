@@ -32,6 +32,25 @@ enum Command {
         #[arg(long)]
         site: Option<String>,
     },
+    /// The store ([store] path): online backup, rebuild from EC2's tags.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// A consistent copy of the store while the controller runs (one
+    /// transaction, WAL included: a plain copy of state.db is not one).
+    Backup {
+        /// The copy to write (never overwritten).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Recreate the catalog of backups and copies from the dr:* tags of the
+    /// AMIs in EC2 (each configured site's region and DR regions).
+    Rebuild,
 }
 
 fn main() -> ExitCode {
@@ -58,9 +77,14 @@ fn main() -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "dr-controller failed");
                 eprintln!("dr-controller: {e}");
-                ExitCode::FAILURE
+                // Bad configuration (including TLS files it names): 2.
+                match e {
+                    dr_controller::ControllerError::Config(_) | dr_controller::ControllerError::Tls(_) => ExitCode::from(2),
+                    _ => ExitCode::FAILURE,
+                }
             }
         },
+        Command::Store { command } => runtime.block_on(store_command(&config, command)),
         Command::Preflight { site } => {
             let checks = match runtime.block_on(dr_controller::preflight::run(&config, site.as_deref())) {
                 Ok(c) => c,
@@ -77,6 +101,53 @@ fn main() -> ExitCode {
                 checks.iter().filter(|c| matches!(c.verdict, dr_controller::preflight::Verdict::NotChecked(_))).count();
             println!("preflight: {} checks, {denied} denied, {unchecked} not checked", checks.len());
             if dr_controller::preflight::all_allowed(&checks) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+async fn store_command(config: &dr_controller::config::Config, command: StoreCommand) -> ExitCode {
+    dr_proto::tls::install_crypto_provider();
+    let store = match dr_controller::store::Store::open(&config.store.path).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dr-controller: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        StoreCommand::Backup { to } => match store.backup_to(to.clone()).await {
+            Ok(n) => {
+                println!("wrote {} ({n} backup(s) in the catalog)", to.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dr-controller: store backup: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        StoreCommand::Rebuild => {
+            let ec2 = dr_controller::ec2::Ec2Clients::new(config.aws.clone());
+            match dr_controller::catalog::rebuild(config, &store, &ec2).await {
+                Ok(r) => {
+                    for b in &r.backups {
+                        println!("backup {b} recovered from its tags");
+                    }
+                    for c in &r.copies {
+                        println!("copy {c} recovered from its tags");
+                    }
+                    println!(
+                        "store rebuild: {} backup(s) and {} copy(ies) added, {} already known",
+                        r.backups.len(),
+                        r.copies.len(),
+                        r.already
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dr-controller: store rebuild: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

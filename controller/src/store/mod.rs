@@ -242,6 +242,10 @@ impl Store {
     db_call!(last_slot(site_id: String) -> Option<Millis>);
     db_call!(set_last_slot(site_id: String, slot: Millis) -> ());
     db_call!(fleet_view() -> FleetView);
+    db_call!(
+        /// A backup found in EC2 by `store rebuild`, with a stand-in for the
+        /// operation that made it (succeeded), in one transaction.
+        insert_rebuilt_backup(b: Backup) -> ());
     db_call!(count_backups() -> u64);
 
     /// Creates an operation with its steps, after `admit` decided on the
@@ -880,6 +884,20 @@ impl Db<'_> {
             b.copies = copies.remove(&b.image_id).unwrap_or_default();
         }
         Ok(out)
+    }
+
+    pub fn insert_rebuilt_backup(&self, b: Backup) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO operations (id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms,
+                 waiting_for, failure, owner, epoch, state_version, wf_state)
+             VALUES (?1, 'backup', ?2, 'succeeded', '', 'store rebuild', ?3, ?4, '', '', '', 0, 0, NULL)
+             ON CONFLICT(id) DO NOTHING",
+            params![b.operation_id, b.site_id, b.started_at_ms as i64, now_ms() as i64],
+        )?;
+        Db(&tx).record_backup(b)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn count_backups(&self) -> Result<u64, StoreError> {

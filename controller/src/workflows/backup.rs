@@ -92,6 +92,10 @@ pub struct State {
     pub create_call_ms: u64,
     pub snapshot_ids: Vec<String>,
     pub snapshots_wait_ms: u64,
+    /// When every snapshot was pending (controller clock): what a freeze had
+    /// to last until.
+    #[serde(default)]
+    pub snapshots_pending_at_ms: u64,
     pub unquiesce: Option<Unquiesced>,
     pub consistency: Option<Consistency>,
     pub copies: Vec<String>,
@@ -320,6 +324,7 @@ async fn wait_snapshots(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, Step
                     let wait_ms = start.elapsed().as_millis() as u64;
                     st.snapshot_ids = image.snapshot_ids.clone();
                     st.snapshots_wait_ms = wait_ms;
+                    st.snapshots_pending_at_ms = now_ms();
                     return Ok(Outcome::Done(format!("{} snapshot(s) pending after {wait_ms} ms", image.snapshot_ids.len())));
                 }
             }
@@ -380,9 +385,17 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
         };
         if undo == "thaw" {
             u.frozen_ms = r.get("frozen_for_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-            if recorded && r["already_done"] == true {
+            // Did the freeze last until the snapshots were pending? Lifted
+            // before our thaw (its deadline, the agent's restart), or shorter
+            // than the time it had to cover: it did not.
+            let needed = st.snapshots_pending_at_ms.saturating_sub(q.frozen_at_ms);
+            let short = q.frozen_at_ms > 0 && st.snapshots_pending_at_ms > 0 && u.frozen_ms > 0 && u.frozen_ms + 100 < needed;
+            if recorded && (r["already_done"] == true || short) {
                 let why = r["reason"].as_str().filter(|s| !s.is_empty()).unwrap_or("the freeze was lifted before the thaw");
-                u.thawed_early = Some(format!("file systems were thawed before the thaw was asked ({why})"));
+                u.thawed_early = Some(format!(
+                    "file systems were thawed before the thaw was asked ({why}; frozen {} ms, the snapshots needed {needed} ms)",
+                    u.frozen_ms
+                ));
             }
         }
         u.undone.push(undo.to_owned());
