@@ -55,40 +55,51 @@ async fn ours(ec2: &Ec2Clients, site: &Site, region: &str) -> Result<Vec<Image>,
 }
 
 /// At start: refuses a store that lost its catalog (see the module docs).
-/// Best effort: a site whose images cannot be listed is skipped, with a
-/// warning.
+/// One DescribeImages per (region, role), whatever the number of sites.
+/// Best effort: where the images cannot be listed, a warning, and the start
+/// goes on (the backups' own steps will report the cause).
 pub async fn check(config: &Config, store: &Store, ec2: &Ec2Clients) -> Result<(), CatalogError> {
     if store.count_backups().await? > 0 {
         return Ok(());
     }
+    let mut groups: std::collections::BTreeMap<(String, Option<String>), Vec<Site>> = Default::default();
     for s in &config.sites {
         let site = site_of(config, s, store.site(s.id.clone()).await?);
-        // EC2 unreachable or refusing us: nothing is known, the start goes on
-        // (the backups' own steps will report the cause).
-        let found: Vec<Image> = match ours(ec2, &site, &site.region).await {
-            Ok(images) => images.into_iter().filter(|i| tag(i, TAG_SOURCE_IMAGE).is_none()).collect(),
+        groups.entry((site.region.clone(), site.role_arn.clone())).or_default().push(site);
+    }
+    for ((region, _), sites) in groups {
+        let images = match ec2.for_site(&sites[0]).await {
+            Ok(client) => retry_ec2("DescribeImages", EC2_RETRY_BUDGET, || client.find_images_by_tag(TAG_CREATED_BY, CREATED_BY)).await,
+            Err(e) => Err(e),
+        };
+        let images = match images {
+            Ok(i) => i,
             Err(e) => {
-                tracing::warn!(site = %site.id, error = %e, "cannot check the backup catalog against EC2 at start");
+                tracing::warn!(%region, error = %e, "cannot check the backup catalog against EC2 at start");
                 continue;
             }
         };
-        // An AMI of an operation this store knows (a backup that was under
-        // way when the controller stopped) is not a sign of a lost catalog.
-        let mut unknown = Vec::new();
-        for i in found.iter().filter(|i| i.state == "available") {
-            let op = tag(i, TAG_OPERATION).unwrap_or_default().to_owned();
-            if op.is_empty() || store.operation(op).await?.is_none() {
-                unknown.push(i);
+        for site in &sites {
+            // An AMI of an operation this store knows (a backup under way when
+            // the controller stopped) is not a sign of a lost catalog.
+            let mut unknown = Vec::new();
+            for i in images.iter().filter(|i| {
+                tag(i, TAG_SITE) == Some(site.id.as_str()) && tag(i, TAG_SOURCE_IMAGE).is_none() && i.state == "available"
+            }) {
+                let op = tag(i, TAG_OPERATION).unwrap_or_default().to_owned();
+                if op.is_empty() || store.operation(op).await?.is_none() {
+                    unknown.push(i.id.clone());
+                }
             }
-        }
-        if let Some(first) = unknown.first() {
-            return Err(CatalogError::LostCatalog {
-                store: store.path().to_owned(),
-                site: site.id.clone(),
-                region: site.region.clone(),
-                count: unknown.len(),
-                example: first.id.clone(),
-            });
+            if let Some(first) = unknown.first() {
+                return Err(CatalogError::LostCatalog {
+                    store: store.path().to_owned(),
+                    site: site.id.clone(),
+                    region: region.clone(),
+                    count: unknown.len(),
+                    example: first.clone(),
+                });
+            }
         }
     }
     Ok(())
