@@ -15,11 +15,11 @@ start=$(date +%s)
 echo "== test dependencies"
 # Freeze tests use real ext4 file systems on loop devices (root required).
 if ! command -v mkfs.ext4 >/dev/null || ! command -v losetup >/dev/null || ! command -v fsfreeze >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq e2fsprogs util-linux mount
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs util-linux mount
 fi
 # Build-cleanup tests run against a real clojure.main REPL (brings a JVM).
 if ! command -v clojure >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq clojure
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clojure
 fi
 DR_MOTO_SERVER=$(tests/ensure-moto.sh)
 export DR_MOTO_SERVER
