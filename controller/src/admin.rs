@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::agents::Registry;
+use crate::agents::{LiveAgent, Registry};
 use crate::engine::EngineError;
 use crate::model::*;
 use crate::store::{FleetView, Store, StoreError};
@@ -73,11 +73,10 @@ impl AdminServer {
     }
 
     /// One site's status from the fleet view and the live sessions.
-    fn site_status(&self, site: &Site, view: &FleetView, now: Millis) -> pb::SiteStatus {
+    fn site_status(&self, site: &Site, view: &FleetView, live: &[LiveAgent], now: Millis) -> pb::SiteStatus {
         let deps = self.engine.deps();
         let mut instances: Vec<InstanceRecord> = view.instances.get(&site.id).cloned().unwrap_or_default();
-        let live = self.registry.live_of_site(&site.id);
-        for l in &live {
+        for l in live {
             match instances.iter_mut().find(|i| i.instance_id == l.record.instance_id) {
                 Some(i) => *i = l.record.clone(),
                 None => instances.push(l.record.clone()),
@@ -120,7 +119,7 @@ impl AdminServer {
             )),
             Some(_) => {}
         }
-        for l in &live {
+        for l in live {
             if let Role::Fenced { reason } = &l.role {
                 problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
             }
@@ -258,11 +257,12 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let view = self.store.fleet_view().await.map_err(internal)?;
         let now = now_ms();
         let mut summary = pb::FleetSummary { sites: view.sites.len() as u32, ..Default::default() };
-        summary.agents_connected = self.registry.counts().values().sum::<usize>() as u32;
+        let live = self.registry.live_by_site();
+        summary.agents_connected = live.values().map(Vec::len).sum::<usize>() as u32;
         let mut page = Vec::new();
         let mut next_page_token = String::new();
         for site in &view.sites {
-            let status = self.site_status(site, &view, now);
+            let status = self.site_status(site, &view, live.get(&site.id).map_or(&[][..], Vec::as_slice), now);
             summary.primary_connected += u32::from(status.role == "primary");
             summary.late += u32::from(status.late);
             summary.operations_active += view.active.get(&site.id).map_or(0, |a| a.len() as u32);

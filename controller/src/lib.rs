@@ -58,14 +58,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.sites.is_empty() {
         tracing::warn!("the configuration names no [[site]]: nothing will be backed up or recovered");
     }
-    for s in &config.sites {
-        let site = Site {
+    let configured = config
+        .sites
+        .iter()
+        .map(|s| Site {
             id: s.id.clone(),
             region: config.site_region(s),
             primary_instance_id: s.instance_id.clone(),
             role_arn: s.role_arn.clone(),
-        };
-        let stored = store.upsert_site(site).await?;
+        })
+        .collect();
+    for (s, stored) in config.sites.iter().zip(store.upsert_sites(configured).await?) {
         if stored.primary_instance_id != s.instance_id {
             tracing::info!(site = %s.id, configured = %s.instance_id, primary = %stored.primary_instance_id,
                 "the store's primary instance differs from the config's instance_id (a failover happened); the store wins");

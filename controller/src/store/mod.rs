@@ -184,6 +184,10 @@ impl Store {
         /// is taken from the config only when the site is new: after that the
         /// store is authoritative (a failover changes it).
         upsert_site(site: Site) -> Site);
+    db_call!(
+        /// [`Store::upsert_site`] for every configured site, in one
+        /// transaction (a fleet's start does not pay one call per site).
+        upsert_sites(sites: Vec<Site>) -> Vec<Site>);
     db_call!(site(id: String) -> Option<Site>);
     db_call!(sites() -> Vec<Site>);
     db_call!(set_primary(site_id: String, instance_id: String) -> ());
@@ -444,6 +448,13 @@ impl Db<'_> {
             params![site.id, site.region, site.primary_instance_id, site.role_arn, now_ms() as i64],
         )?;
         Ok(self.site(site.id.clone())?.unwrap_or(site))
+    }
+
+    pub fn upsert_sites(&self, sites: Vec<Site>) -> Result<Vec<Site>, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        let stored = sites.into_iter().map(|s| Db(&tx).upsert_site(s)).collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(stored)
     }
 
     pub fn site(&self, id: String) -> Result<Option<Site>, StoreError> {

@@ -88,7 +88,8 @@ async fn survives_reopen_admits_per_site_and_fences_stale_epochs() {
     }
     let store = Store::open(&path).await.expect("reopen");
     let moved = Site { primary_instance_id: "i-2".into(), ..site() };
-    assert_eq!(store.upsert_site(moved).await.expect("site").primary_instance_id, "i-1", "the store's primary wins");
+    let stored = store.upsert_sites(vec![moved]).await.expect("sites");
+    assert_eq!(stored[0].primary_instance_id, "i-1", "the store's primary wins");
     assert_eq!(store.active_operations().await.expect("active"), vec!["op-1".to_string()]);
     let op1 = store.operation("op-1".into()).await.expect("read").expect("exists");
     assert_eq!(op1.steps[0].state, StepState::Done);
