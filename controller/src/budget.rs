@@ -20,7 +20,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ec2::{CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance};
+use crate::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
+use crate::model::LaunchFacts;
 
 /// Token-bucket sizes (`[aws.limits]`); defaults follow EC2's documented ones.
 #[derive(Clone, Debug, Deserialize)]
@@ -260,6 +261,40 @@ impl Ec2 for Budgeted {
         self.buckets.mutating.until_ready().await;
         self.inner.copy_image(req).await
     }
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<LaunchFacts>, Ec2Error> {
+        // DescribeInstances and DescribeAddresses.
+        self.buckets.describe.until_ready().await;
+        self.buckets.describe.until_ready().await;
+        self.inner.launch_facts(instance_id).await
+    }
+    async fn find_instances_by_tag(&self, key: &str, value: &str) -> Result<Vec<Instance>, Ec2Error> {
+        self.buckets.describe.until_ready().await;
+        self.inner.find_instances_by_tag(key, value).await
+    }
+    async fn run_instance(&self, req: &RunInstance) -> Result<Instance, Ec2Error> {
+        self.buckets.until_run_instances_ready().await;
+        self.inner.run_instance(req).await
+    }
+    async fn stop_instance(&self, id: &str, force: bool) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.stop_instance(id, force).await
+    }
+    async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.terminate_instance(id).await
+    }
+    async fn keep_volumes(&self, id: &str, devices: &[String]) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.keep_volumes(id, devices).await
+    }
+    async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
+        self.buckets.describe.until_ready().await;
+        self.inner.describe_address(allocation_id).await
+    }
+    async fn associate_address(&self, allocation_id: &str, instance_id: &str) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.associate_address(allocation_id, instance_id).await
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +338,7 @@ mod tests {
                 .iter()
                 .filter(|id| !id.ends_with("-gone"))
                 .map(|id| Instance {
+                    image_id: String::new(),
                     id: id.clone(),
                     state: "running".into(),
                     private_ip: "10.0.0.1".into(),

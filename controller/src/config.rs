@@ -41,6 +41,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteConfig>,
+    /// Restore and failover timeouts.
+    #[serde(default)]
+    pub failover: crate::recovery::FailoverConfig,
 }
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
@@ -195,6 +198,35 @@ pub struct SiteConfig {
     /// Overrides of the fleet's `[policy]`.
     #[serde(default)]
     pub policy: PolicyFile,
+    /// Restore: how the old primary is fenced (`stop`, default, or
+    /// `terminate`).
+    #[serde(default)]
+    pub fence: crate::recovery::Fence,
+    /// Restore with `fence = "terminate"`: launch the replacement with the
+    /// old private IP (same subnet), so Nomad builders need no change.
+    #[serde(default)]
+    pub keep_private_ip: bool,
+    /// Restore: the CircleCI hostname the restored machine must use, when it
+    /// differs from the one in the backup.
+    pub hostname: Option<String>,
+    /// Restore: overrides of the launch facts recorded at backup time, and
+    /// one table per other region (`[site.launch.us-west-2]`).
+    #[serde(default)]
+    pub launch: crate::recovery::LaunchConfig,
+    /// Restore: a Route 53 A record that follows the primary.
+    pub dns: Option<crate::recovery::DnsRecord>,
+}
+
+impl SiteConfig {
+    pub fn recovery(&self) -> crate::recovery::SiteRecovery {
+        crate::recovery::SiteRecovery {
+            fence: self.fence,
+            keep_private_ip: self.keep_private_ip,
+            hostname: self.hostname.clone().unwrap_or_default(),
+            launch: self.launch.clone(),
+            dns: self.dns.clone(),
+        }
+    }
 }
 
 impl ControllerTls {
@@ -276,7 +308,14 @@ impl Config {
         // busy-loop, no values that overflow a deadline computation.
         let s = Duration::from_secs;
         let (sv, b) = (&self.server, &self.backup);
-        let ranges: [(&str, Duration, Duration, Duration); 17] = [
+        let f = &self.failover;
+        let ranges: [(&str, Duration, Duration, Duration); 23] = [
+            ("failover.fence_timeout", f.fence_timeout, s(1), s(3600)),
+            ("failover.launch_timeout", f.launch_timeout, s(1), s(3600)),
+            ("failover.agent_timeout", f.agent_timeout, s(1), s(3 * 3600)),
+            ("failover.app_timeout", f.app_timeout, s(1), s(3 * 3600)),
+            ("failover.dns_timeout", f.dns_timeout, s(1), s(3600)),
+            ("failover.cleanup_timeout", f.cleanup_timeout, s(1), s(6 * 3600)),
             ("server.heartbeat_interval", sv.heartbeat_interval, s(1), s(300)),
             ("server.handshake_timeout", sv.handshake_timeout, s(1), s(300)),
             ("server.shutdown_grace", sv.shutdown_grace, Duration::ZERO, s(600)),
@@ -332,6 +371,23 @@ impl Config {
                 return Err(invalid(key("region"), "no region for this site and no [aws] region".into()));
             }
             self.site_policy(site).map_err(|(k, m)| invalid(format!("site[{i}].policy.{k}"), m))?;
+            site.launch.check().map_err(|(k, m)| invalid(key(&format!("launch.{k}")), m))?;
+            if site.keep_private_ip && site.fence != crate::recovery::Fence::Terminate {
+                return Err(invalid(
+                    key("keep_private_ip"),
+                    "needs fence = \"terminate\": a stopped instance still holds its private IP".into(),
+                ));
+            }
+            if let Some(h) = &site.hostname {
+                if h.is_empty() || h.len() > 253 || !h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+                    return Err(invalid(key("hostname"), format!("`{h}` is not a DNS hostname")));
+                }
+            }
+            if let Some(d) = &site.dns {
+                if d.zone_id.is_empty() || d.name.is_empty() || !(1..=604_800).contains(&d.ttl) {
+                    return Err(invalid(key("dns"), "needs zone_id, name and a ttl between 1 and 604800 seconds".into()));
+                }
+            }
             for (k, v, max) in [
                 ("jitter", site.policy.jitter, Duration::from_secs(7 * 24 * 3600)),
                 ("keep_for", site.policy.keep_for, Duration::from_secs(100 * 365 * 24 * 3600)),

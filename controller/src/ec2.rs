@@ -36,6 +36,38 @@ pub struct Instance {
     pub state: String,
     pub private_ip: String,
     pub public_ip: String,
+    /// The AMI it was launched from.
+    pub image_id: String,
+}
+
+/// A RunInstances of one instance.
+#[derive(Clone, Debug, Default)]
+pub struct RunInstance {
+    pub image_id: String,
+    pub instance_type: String,
+    pub subnet_id: String,
+    /// Empty: EC2 picks one in the subnet.
+    pub private_ip: String,
+    pub security_group_ids: Vec<String>,
+    /// Used only without a subnet.
+    pub availability_zone: String,
+    /// ARN of an IAM instance profile, or empty.
+    pub iam_instance_profile: String,
+    pub key_name: String,
+    /// Idempotency token: a repeat of the same call returns the first
+    /// call's instance (≤ 64 ASCII characters).
+    pub client_token: String,
+    /// On the instance and its volumes.
+    pub tags: Vec<(String, String)>,
+}
+
+/// An Elastic IP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Address {
+    pub allocation_id: String,
+    pub public_ip: String,
+    /// The instance it is associated with ("" if none).
+    pub instance_id: String,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +151,51 @@ pub trait Ec2: Send + Sync {
     /// snapshots in the same call. `client_token` makes a retried call
     /// return the first call's image instead of a second copy.
     async fn copy_image(&self, req: &CopyImage) -> Result<String, Ec2Error>;
+
+    // ---- restore and failover. The defaults say "not supported", so that
+    // test doubles implement only what they exercise.
+
+    /// What a restore needs to launch a replacement of `instance_id` (its
+    /// type, placement, network, profile, volumes, Elastic IP); `None` when
+    /// EC2 does not know the instance.
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::model::LaunchFacts>, Ec2Error> {
+        Err(unsupported("DescribeInstances", instance_id))
+    }
+    /// Instances carrying tag `key=value` that are not terminated.
+    async fn find_instances_by_tag(&self, key: &str, value: &str) -> Result<Vec<Instance>, Ec2Error> {
+        Err(unsupported("DescribeInstances", &format!("tag:{key}={value}")))
+    }
+    /// RunInstances of exactly one instance.
+    async fn run_instance(&self, req: &RunInstance) -> Result<Instance, Ec2Error> {
+        Err(unsupported("RunInstances", &req.image_id))
+    }
+    /// StopInstances (`force`: without a clean OS shutdown).
+    async fn stop_instance(&self, id: &str, force: bool) -> Result<(), Ec2Error> {
+        let _ = force;
+        Err(unsupported("StopInstances", id))
+    }
+    async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        Err(unsupported("TerminateInstances", id))
+    }
+    /// Sets DeleteOnTermination=false on these devices of an instance, so
+    /// that terminating it keeps its volumes.
+    async fn keep_volumes(&self, id: &str, devices: &[String]) -> Result<(), Ec2Error> {
+        let _ = devices;
+        Err(unsupported("ModifyInstanceAttribute", id))
+    }
+    /// The Elastic IP with this allocation id; `None` if EC2 does not know it.
+    async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
+        Err(unsupported("DescribeAddresses", allocation_id))
+    }
+    /// AssociateAddress with AllowReassociation: moves the Elastic IP.
+    async fn associate_address(&self, allocation_id: &str, instance_id: &str) -> Result<(), Ec2Error> {
+        let _ = instance_id;
+        Err(unsupported("AssociateAddress", allocation_id))
+    }
+}
+
+fn unsupported(op: &'static str, resource: &str) -> Ec2Error {
+    Ec2Error::Api { op, code: "NotSupported".into(), message: format!("this EC2 client does not implement {op} ({resource})") }
 }
 
 #[derive(Clone, Debug)]
@@ -274,6 +351,44 @@ fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
         state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
         private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
         public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+        image_id: i.image_id().unwrap_or_default().to_owned(),
+    }
+}
+
+fn launch_facts_of(i: &aws_sdk_ec2::types::Instance) -> crate::model::LaunchFacts {
+    use crate::model::{BlockDevice, LaunchFacts};
+    LaunchFacts {
+        instance_id: i.instance_id().unwrap_or_default().to_owned(),
+        instance_type: i.instance_type().map(|t| t.as_str().to_owned()).unwrap_or_default(),
+        availability_zone: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_owned(),
+        subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
+        vpc_id: i.vpc_id().unwrap_or_default().to_owned(),
+        security_group_ids: i.security_groups().iter().filter_map(|g| g.group_id()).map(str::to_owned).collect(),
+        iam_instance_profile: i.iam_instance_profile().and_then(|p| p.arn()).unwrap_or_default().to_owned(),
+        key_name: i.key_name().unwrap_or_default().to_owned(),
+        private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
+        public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+        eip_allocation_id: String::new(),
+        eip_public_ip: String::new(),
+        root_device_name: i.root_device_name().unwrap_or_default().to_owned(),
+        block_devices: i
+            .block_device_mappings()
+            .iter()
+            .map(|m| BlockDevice {
+                device_name: m.device_name().unwrap_or_default().to_owned(),
+                volume_id: m.ebs().and_then(|e| e.volume_id()).unwrap_or_default().to_owned(),
+                delete_on_termination: m.ebs().and_then(|e| e.delete_on_termination()).unwrap_or(true),
+            })
+            .collect(),
+        read_at_ms: crate::model::now_ms(),
+    }
+}
+
+fn address_of(a: &aws_sdk_ec2::types::Address) -> Address {
+    Address {
+        allocation_id: a.allocation_id().unwrap_or_default().to_owned(),
+        public_ip: a.public_ip().unwrap_or_default().to_owned(),
+        instance_id: a.instance_id().unwrap_or_default().to_owned(),
     }
 }
 
@@ -458,6 +573,140 @@ impl Ec2 for AwsEc2 {
             code: "EmptyResponse".into(),
             message: "the answer carries no image id".into(),
         })
+    }
+
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::model::LaunchFacts>, Ec2Error> {
+        let out = match self.client.describe_instances().instance_ids(instance_id).send().await {
+            Ok(out) => out,
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),
+            Err(e) => return Err(self.err("DescribeInstances", instance_id, e)),
+        };
+        let Some(i) = out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(instance_id))
+        else {
+            return Ok(None);
+        };
+        let mut facts = launch_facts_of(i);
+        let addrs = self
+            .client
+            .describe_addresses()
+            .filters(Filter::builder().name("instance-id").values(instance_id).build())
+            .send()
+            .await
+            .map_err(|e| self.err("DescribeAddresses", instance_id, e))?;
+        if let Some(a) = addrs.addresses().first() {
+            facts.eip_allocation_id = a.allocation_id().unwrap_or_default().to_owned();
+            facts.eip_public_ip = a.public_ip().unwrap_or_default().to_owned();
+        }
+        Ok(Some(facts))
+    }
+
+    async fn find_instances_by_tag(&self, key: &str, value: &str) -> Result<Vec<Instance>, Ec2Error> {
+        let out = self
+            .client
+            .describe_instances()
+            .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("DescribeInstances", &format!("tag:{key}={value}"), e))?;
+        Ok(out.reservations().iter().flat_map(|r| r.instances()).map(instance_of).collect())
+    }
+
+    async fn run_instance(&self, req: &RunInstance) -> Result<Instance, Ec2Error> {
+        use aws_sdk_ec2::types::{IamInstanceProfileSpecification, InstanceType, Placement};
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let mut call = self
+            .client
+            .run_instances()
+            .image_id(&req.image_id)
+            .instance_type(InstanceType::from(req.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(&req.client_token)
+            .set_subnet_id(nonempty(&req.subnet_id))
+            .set_private_ip_address(nonempty(&req.private_ip))
+            .set_key_name(nonempty(&req.key_name))
+            .set_security_group_ids((!req.security_group_ids.is_empty()).then(|| req.security_group_ids.clone()))
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(tags_of(&req.tags))).build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Volume).set_tags(Some(tags_of(&req.tags))).build(),
+            );
+        if !req.iam_instance_profile.is_empty() {
+            call = call.iam_instance_profile(IamInstanceProfileSpecification::builder().arn(&req.iam_instance_profile).build());
+        }
+        if req.subnet_id.is_empty() && !req.availability_zone.is_empty() {
+            call = call.placement(Placement::builder().availability_zone(&req.availability_zone).build());
+        }
+        let out = call.send().await.map_err(|e| self.err("RunInstances", &req.image_id, e))?;
+        out.instances().first().map(instance_of).ok_or_else(|| Ec2Error::Api {
+            op: "RunInstances",
+            code: "EmptyResponse".into(),
+            message: "the answer carries no instance".into(),
+        })
+    }
+
+    async fn stop_instance(&self, id: &str, force: bool) -> Result<(), Ec2Error> {
+        self.client.stop_instances().instance_ids(id).force(force).send().await.map_err(|e| self.err("StopInstances", id, e))?;
+        Ok(())
+    }
+
+    async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        match self.client.terminate_instances().instance_ids(id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(self.err("TerminateInstances", id, e)),
+        }
+    }
+
+    async fn keep_volumes(&self, id: &str, devices: &[String]) -> Result<(), Ec2Error> {
+        use aws_sdk_ec2::types::{EbsInstanceBlockDeviceSpecification, InstanceBlockDeviceMappingSpecification};
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let mappings = devices
+            .iter()
+            .map(|d| {
+                InstanceBlockDeviceMappingSpecification::builder()
+                    .device_name(d)
+                    .ebs(EbsInstanceBlockDeviceSpecification::builder().delete_on_termination(false).build())
+                    .build()
+            })
+            .collect();
+        self.client
+            .modify_instance_attribute()
+            .instance_id(id)
+            .set_block_device_mappings(Some(mappings))
+            .send()
+            .await
+            .map_err(|e| self.err("ModifyInstanceAttribute", id, e))?;
+        Ok(())
+    }
+
+    async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
+        match self.client.describe_addresses().allocation_ids(allocation_id).send().await {
+            Ok(out) => Ok(out.addresses().first().map(address_of)),
+            Err(e) if matches!(e.code(), Some("InvalidAllocationID.NotFound" | "InvalidAddress.NotFound")) => Ok(None),
+            Err(e) => Err(self.err("DescribeAddresses", allocation_id, e)),
+        }
+    }
+
+    async fn associate_address(&self, allocation_id: &str, instance_id: &str) -> Result<(), Ec2Error> {
+        self.client
+            .associate_address()
+            .allocation_id(allocation_id)
+            .instance_id(instance_id)
+            .allow_reassociation(true)
+            .send()
+            .await
+            .map_err(|e| self.err("AssociateAddress", allocation_id, e))?;
+        Ok(())
     }
 }
 

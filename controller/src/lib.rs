@@ -6,6 +6,7 @@ pub mod agents;
 pub mod budget;
 pub mod catalog;
 pub mod config;
+pub mod dns;
 pub mod ec2;
 pub mod engine;
 pub mod faults;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod policy;
 pub mod preflight;
 pub mod reconcilers;
+pub mod recovery;
 pub mod server;
 pub mod store;
 pub mod workflows;
@@ -92,6 +94,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ec2: ec2.clone(),
         backup: config.backup.clone(),
         policies,
+        recovery: config.sites.iter().map(|s| (s.id.clone(), s.recovery())).collect(),
+        failover: config.failover.clone(),
+        aws: config.aws.clone(),
+        dns: tokio::sync::OnceCell::new(),
     });
     let resumed = engine.resume_all().await?;
     tokio::spawn(reconcilers::scheduler::run(engine.clone(), config.backup.scheduler_tick));

@@ -436,3 +436,36 @@ pub struct Backup {
     /// Copies in other regions (filled by the store when listing).
     pub copies: Vec<Copy>,
 }
+
+/// What a restore needs to launch a replacement of a site's services
+/// machine, read from EC2 when the backup was taken (the old instance, its
+/// AZ or its whole region may be gone when it is needed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchFacts {
+    pub instance_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub security_group_ids: Vec<String>,
+    /// ARN of the IAM instance profile ("" if none).
+    pub iam_instance_profile: String,
+    pub key_name: String,
+    pub private_ip: String,
+    pub public_ip: String,
+    /// The Elastic IP associated with the instance ("" if none).
+    pub eip_allocation_id: String,
+    pub eip_public_ip: String,
+    pub root_device_name: String,
+    pub block_devices: Vec<BlockDevice>,
+    /// When EC2 was asked (controller clock).
+    pub read_at_ms: Millis,
+}
+
+/// One EBS volume attached to an instance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    pub device_name: String,
+    pub volume_id: String,
+    pub delete_on_termination: bool,
+}

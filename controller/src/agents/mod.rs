@@ -57,6 +57,18 @@ pub enum AgentAction {
     Drain { deadline: Duration },
     /// End the drain the agent made; idempotent.
     Undrain,
+    /// Restore runbook: replace addresses (old, new) in the Replicated
+    /// files (values only, token-exact). Precondition on the agent: the files
+    /// parse; nothing is written otherwise.
+    RewriteAddresses { private: Vec<(String, String)>, public: Vec<(String, String)> },
+    /// Restore runbook: set the app's hostname setting (only if it differs).
+    SetHostname { hostname: String },
+    /// Restore runbook: empty the Nomad data dir. Refused by the agent unless
+    /// the app is stopped and no Nomad process runs.
+    WipeNomad,
+    /// Restore runbook: delete the builds that were running before
+    /// `before_ms` (the backup's point in time), in one console session.
+    CleanupBuilds { before_ms: u64 },
 }
 
 /// Why an agent did not succeed (domain side of `pb::ErrorKind`).
@@ -133,10 +145,16 @@ impl Addressee {
 /// The role the store gives an instance of `site`: the primary is whatever
 /// the site names; other instances carry their recorded role.
 pub fn role_of(site: &Site, instance_id: &str, rec: Option<&InstanceRecord>) -> Role {
+    let recorded = rec.and_then(|r| Role::from_parts(&r.role, &r.operation_id, &r.reason));
+    // A failover fences the old primary before it names the new one: from
+    // then on it gets no work even while the site still names it.
+    if let Some(fenced @ Role::Fenced { .. }) = recorded {
+        return fenced;
+    }
     if instance_id == site.primary_instance_id {
         return Role::Primary;
     }
-    match rec.and_then(|r| Role::from_parts(&r.role, &r.operation_id, &r.reason)) {
+    match recorded {
         Some(r @ (Role::Candidate { .. } | Role::Drill { .. } | Role::Spare | Role::Fenced { .. })) => r,
         _ => Role::Passive {
             reason: format!("instance {instance_id} is not the site's primary {}", site.primary_instance_id),
@@ -175,6 +193,23 @@ fn command_to_pb(id: &str, to: &Addressee, action: &AgentAction, deadline: Durat
         AgentAction::Thaw => pb::command::Kind::Thaw(pb::ThawRequest {}),
         AgentAction::Drain { deadline } => pb::command::Kind::Drain(pb::DrainRequest { deadline_ms: ms(deadline) }),
         AgentAction::Undrain => pb::command::Kind::Undrain(pb::UndrainRequest {}),
+        AgentAction::RewriteAddresses { private, public } => {
+            let pairs = |v: &[(String, String)]| {
+                v.iter().map(|(o, n)| pb::AddressChange { old_ip: o.clone(), new_ip: n.clone() }).collect()
+            };
+            pb::command::Kind::RewriteAddresses(pb::RewriteAddressesRequest {
+                private: pairs(private),
+                public: pairs(public),
+                dry_run: false,
+            })
+        }
+        AgentAction::SetHostname { hostname } => {
+            pb::command::Kind::SetHostname(pb::SetHostnameRequest { hostname: hostname.clone(), dry_run: false })
+        }
+        AgentAction::WipeNomad => pb::command::Kind::WipeNomad(pb::WipeNomadRequest { dry_run: false }),
+        AgentAction::CleanupBuilds { before_ms } => {
+            pb::command::Kind::CleanupBuilds(pb::CleanupBuildsRequest { before_ms: *before_ms, dry_run: false })
+        }
     };
     let (role, _, operation_id) = role_to_pb(&to.role);
     pb::Command {

@@ -251,6 +251,15 @@ impl Store {
         /// operation that made it (succeeded), in one transaction.
         insert_rebuilt_backup(b: Backup) -> ());
     db_call!(count_backups() -> u64);
+    db_call!(
+        /// Records the launch facts of a backup's source instance (once; a
+        /// repeat after a restart keeps the first).
+        put_launch_facts(image_id: String, site_id: String, facts: LaunchFacts) -> ());
+    db_call!(launch_facts(image_id: String) -> Option<LaunchFacts>);
+    db_call!(
+        /// A failover's promotion, in one transaction: `new` becomes the
+        /// site's primary, `old` (if any) is recorded fenced with `reason`.
+        promote(site_id: String, new: String, old: String, reason: String) -> ());
 
     /// Creates an operation with its steps, after `admit` decided on the
     /// site's active operations, in one transaction. With `slot`, the
@@ -907,6 +916,38 @@ impl Db<'_> {
             params![b.operation_id, b.site_id, b.started_at_ms as i64, now_ms() as i64],
         )?;
         Db(&tx).record_backup(b)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn put_launch_facts(&self, image_id: String, site_id: String, facts: LaunchFacts) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO launch_facts (image_id, site_id, facts, recorded_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(image_id) DO NOTHING",
+            params![image_id, site_id, serde_json::to_string(&facts).expect("launch facts serialize"), now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn launch_facts(&self, image_id: String) -> Result<Option<LaunchFacts>, StoreError> {
+        let text: Option<String> = self
+            .0
+            .query_row("SELECT facts FROM launch_facts WHERE image_id = ?1", [&image_id], |r| r.get(0))
+            .optional()?;
+        text.map(|t| serde_json::from_str(&t).map_err(|_| corrupt("launch_facts.facts", t))).transpose()
+    }
+
+    pub fn promote(&self, site_id: String, new: String, old: String, reason: String) -> Result<(), StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE sites SET primary_instance_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
+            params![site_id, new, now_ms() as i64],
+        )?;
+        let db = Db(&tx);
+        db.set_instance_role(site_id.clone(), new, "primary".into(), String::new(), String::new())?;
+        if !old.is_empty() {
+            db.set_instance_role(site_id, old, "fenced".into(), String::new(), reason)?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -144,4 +144,12 @@ pub const MIGRATIONS: &[&str] = &[
         resource_id TEXT NOT NULL,
         PRIMARY KEY (operation_id, kind, resource_id)
     );",
+    // 4: restore. The launch facts of each backup's source instance (what a
+    // restore needs when that instance is gone).
+    "CREATE TABLE launch_facts (
+        image_id TEXT PRIMARY KEY,
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        facts TEXT NOT NULL,
+        recorded_at_ms BIGINT NOT NULL
+    );",
 ];

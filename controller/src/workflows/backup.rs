@@ -100,6 +100,12 @@ pub struct State {
     pub consistency: Option<Consistency>,
     pub copies: Vec<String>,
     pub deleted: Vec<String>,
+    /// The source instance's launch facts (what a restore needs), read in
+    /// `check_agent`, before any quiesce; recorded with the backup.
+    #[serde(default)]
+    pub launch: Option<crate::model::LaunchFacts>,
+    #[serde(default)]
+    pub launch_error: Option<String>,
 }
 
 impl State {
@@ -183,6 +189,29 @@ async fn check_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErr
         ),
     };
     st.agent = Some(check);
+    // What a restore will need if this instance is lost (read now, before
+    // any quiesce, so the freeze window does not pay for it).
+    let facts = match ctx.deps().ec2(&ctx.site).await {
+        Ok(ec2) => {
+            let id = ctx.site.primary_instance_id.clone();
+            retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.launch_facts(&id)).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let detail = match facts {
+        Ok(Some(f)) => {
+            st.launch = Some(f);
+            detail
+        }
+        Ok(None) => {
+            st.launch_error = Some("EC2 does not know the instance".into());
+            format!("{detail}; launch facts not read: EC2 does not know {}", ctx.site.primary_instance_id)
+        }
+        Err(e) => {
+            st.launch_error = Some(e.clone());
+            format!("{detail}; launch facts not read ({e})")
+        }
+    };
     Ok(Outcome::Done(detail))
 }
 
@@ -578,6 +607,9 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         copies: Vec::new(),
     };
     ctx.store().record_backup(backup).await?;
+    if let Some(facts) = st.launch.clone() {
+        ctx.store().put_launch_facts(image_id.clone(), ctx.site.id.clone(), facts).await?;
+    }
     st.consistency = Some(consistency);
     Ok(Outcome::Done(format!("backup {image_id} recorded ({}-consistent)", consistency.as_str())))
 }

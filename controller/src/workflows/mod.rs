@@ -4,6 +4,7 @@
 //! calls addressed by (site, instance, role).
 
 pub mod backup;
+pub mod failover;
 pub mod retention;
 
 use std::collections::HashMap;
@@ -15,6 +16,8 @@ use serde_json::json;
 
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome, Registry};
 use crate::config::BackupConfig;
+use crate::dns::Dns;
+use crate::recovery::{FailoverConfig, SiteRecovery};
 use crate::ec2::{Ec2, Ec2Clients, Ec2Error};
 use crate::engine::{self, Ctx, ErrorKind, StepError};
 use crate::model::{Site, now_ms};
@@ -28,6 +31,12 @@ pub struct Deps {
     pub ec2: Arc<Ec2Clients>,
     pub backup: BackupConfig,
     pub policies: HashMap<String, Policy>,
+    /// Each site's recovery settings (fence, launch overrides, DNS).
+    pub recovery: HashMap<String, SiteRecovery>,
+    pub failover: FailoverConfig,
+    /// Route 53, built on first use (`[aws]` endpoint and attempts).
+    pub aws: crate::config::AwsConfig,
+    pub dns: tokio::sync::OnceCell<Arc<dyn Dns>>,
 }
 
 pub type Engine = engine::Engine<Deps>;
@@ -36,6 +45,7 @@ pub type Engine = engine::Engine<Deps>;
 pub fn engine(deps: Deps) -> Engine {
     let engine = Engine::new(deps.store.clone(), deps);
     engine.register::<backup::Backup>();
+    engine.register::<failover::Failover>();
     engine
 }
 
@@ -44,6 +54,20 @@ impl Deps {
     /// longer names).
     pub fn policy(&self, site_id: &str) -> Policy {
         self.policies.get(site_id).cloned().unwrap_or_default()
+    }
+
+    /// A site's recovery settings (defaults for a site the config no
+    /// longer names).
+    pub fn recovery(&self, site_id: &str) -> SiteRecovery {
+        self.recovery.get(site_id).cloned().unwrap_or_default()
+    }
+
+    /// Route 53.
+    pub async fn dns(&self) -> Arc<dyn Dns> {
+        self.dns
+            .get_or_init(|| async { Arc::new(crate::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> })
+            .await
+            .clone()
     }
 
     /// EC2 for a site, in its own region.

@@ -1,0 +1,119 @@
+//! Route 53: the optional A record that follows a site's primary (what
+//! makes a cross-region failover reachable under the same hostname).
+//! Same rules as [`crate::ec2`]: one attempt per call, errors mapped to
+//! [`Ec2Error`] so the one retry loop (`retry_ec2`) budgets them.
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_route53::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType};
+
+use crate::config::AwsConfig;
+use crate::ec2::{Ec2Error, is_permission_code};
+
+#[async_trait]
+pub trait Dns: Send + Sync {
+    /// UPSERTs `name` A `ip`; returns the change id to wait on.
+    async fn upsert_a(&self, zone_id: &str, name: &str, ip: &str, ttl: u32) -> Result<String, Ec2Error>;
+    /// `PENDING` or `INSYNC`.
+    async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error>;
+    /// The A record's values now (empty if none).
+    async fn a_record(&self, zone_id: &str, name: &str) -> Result<Vec<String>, Ec2Error>;
+}
+
+pub struct Route53 {
+    client: aws_sdk_route53::Client,
+}
+
+impl Route53 {
+    /// Route 53 is global: its API lives in us-east-1. `[aws] endpoint_url`
+    /// applies to it as to EC2 (tests and emulators serve both).
+    pub async fn new(aws: &AwsConfig) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new("us-east-1"));
+        if let Some(url) = &aws.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let attempts = aws.max_attempts.unwrap_or(1).max(1);
+        loader = loader.retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
+        Route53 { client: aws_sdk_route53::Client::new(&loader.load().await) }
+    }
+}
+
+fn map_err<E, R>(op: &'static str, resource: &str, err: SdkError<E, R>) -> Ec2Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let message = err.message().map(str::to_owned).unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+    match (&err, err.code()) {
+        (_, Some("Throttling" | "ThrottlingException" | "PriorRequestNotComplete")) => Ec2Error::Throttled { op, message },
+        (_, Some(code)) if is_permission_code(code) => {
+            Ec2Error::PermissionDenied { op, action: format!("route53:{op}"), resource: resource.to_owned(), message }
+        }
+        (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _) => Ec2Error::Transport { op, message },
+        (_, code) => Ec2Error::Api { op, code: code.unwrap_or("Unknown").to_owned(), message },
+    }
+}
+
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') { name.to_owned() } else { format!("{name}.") }
+}
+
+#[async_trait]
+impl Dns for Route53 {
+    async fn upsert_a(&self, zone_id: &str, name: &str, ip: &str, ttl: u32) -> Result<String, Ec2Error> {
+        let set = ResourceRecordSet::builder()
+            .name(fqdn(name))
+            .r#type(RrType::A)
+            .ttl(ttl as i64)
+            .resource_records(ResourceRecord::builder().value(ip).build().map_err(|e| Ec2Error::Setup {
+                what: "Route 53 record".into(),
+                message: e.to_string(),
+            })?)
+            .build()
+            .map_err(|e| Ec2Error::Setup { what: "Route 53 record".into(), message: e.to_string() })?;
+        let change = Change::builder()
+            .action(ChangeAction::Upsert)
+            .resource_record_set(set)
+            .build()
+            .map_err(|e| Ec2Error::Setup { what: "Route 53 change".into(), message: e.to_string() })?;
+        let batch = ChangeBatch::builder()
+            .comment("dr-controller failover")
+            .changes(change)
+            .build()
+            .map_err(|e| Ec2Error::Setup { what: "Route 53 change".into(), message: e.to_string() })?;
+        let out = self
+            .client
+            .change_resource_record_sets()
+            .hosted_zone_id(zone_id)
+            .change_batch(batch)
+            .send()
+            .await
+            .map_err(|e| map_err("ChangeResourceRecordSets", zone_id, e))?;
+        Ok(out.change_info().map(|c| c.id().to_owned()).unwrap_or_default())
+    }
+
+    async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error> {
+        let out = self.client.get_change().id(change_id).send().await.map_err(|e| map_err("GetChange", change_id, e))?;
+        Ok(out.change_info().map(|c| c.status().as_str().to_owned()).unwrap_or_default())
+    }
+
+    async fn a_record(&self, zone_id: &str, name: &str) -> Result<Vec<String>, Ec2Error> {
+        let out = self
+            .client
+            .list_resource_record_sets()
+            .hosted_zone_id(zone_id)
+            .start_record_name(fqdn(name))
+            .start_record_type(RrType::A)
+            .max_items(1)
+            .send()
+            .await
+            .map_err(|e| map_err("ListResourceRecordSets", zone_id, e))?;
+        Ok(out
+            .resource_record_sets()
+            .iter()
+            .filter(|r| r.name() == fqdn(name) && *r.r#type() == RrType::A)
+            .flat_map(|r| r.resource_records().iter().map(|v| v.value().to_owned()))
+            .collect())
+    }
+}

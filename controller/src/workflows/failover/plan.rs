@@ -1,0 +1,283 @@
+//! The plan of a failover or restore: what `drctl failover --plan` prints
+//! and what the workflow then does. One code path: [`make`] computes it
+//! read-only (store reads, describes), the workflow stores it in its state at
+//! start and its steps follow it.
+
+use serde::{Deserialize, Serialize};
+
+use super::super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::model::{Backup, BackupState, LaunchFacts, Millis, Site, now_ms};
+use crate::recovery::{Fence, LaunchSpec, SpecError, resolve_launch};
+
+/// What the operator asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// An AMI of the site's backups (its home-region id); empty: the newest
+    /// available backup.
+    pub backup_image_id: String,
+    /// Launch in this region ("" = the site's own), from the backup's copy
+    /// there.
+    pub region: String,
+    /// `restore` (an older point in time, asked for by AMI) or `failover`.
+    pub restore: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedBackup {
+    /// The backup's AMI in the site's region.
+    pub image_id: String,
+    /// The AMI launched (a copy when the region is another one).
+    pub launch_image_id: String,
+    pub completed_at_ms: Millis,
+    /// Started at: the point in time of the data, and the cutoff of build
+    /// cleanup.
+    pub started_at_ms: Millis,
+    /// Age at planning: the data loss (RPO) the operator accepts.
+    pub age_ms: u64,
+    pub consistency: String,
+    /// The instance the backup was taken of.
+    pub source_instance_id: String,
+    /// Launch facts were recorded with the backup.
+    pub has_launch_facts: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedFence {
+    /// The site's primary now ("" when the site has none).
+    pub instance_id: String,
+    pub mode: String,
+    /// Its EC2 state now (`running`, `stopped`, `gone`, or why unknown).
+    pub state: String,
+    /// Volumes kept (and tagged) before a terminate fence.
+    pub keeps_volumes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressChange {
+    /// `private` or `public`.
+    pub kind: String,
+    pub old: String,
+    /// The new address, or `assigned at launch` before it is known.
+    pub new: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedEip {
+    pub allocation_id: String,
+    pub public_ip: String,
+    /// AssociateAddress works only within a region.
+    pub movable: bool,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedDns {
+    pub zone_id: String,
+    pub name: String,
+    pub ttl: u32,
+}
+
+/// Something a human must still do after the workflow (also in JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HumanAction {
+    /// `github_oauth_callback`, `nomad_builders`, `fenced_volumes`,
+    /// `nodename`, `elastic_ip`, `build_cleanup`, `app_health`.
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub site_id: String,
+    /// `failover` or `restore`.
+    pub kind: String,
+    pub planned_at_ms: Millis,
+    pub home_region: String,
+    pub backup: PlannedBackup,
+    pub fence: PlannedFence,
+    pub launch: LaunchSpec,
+    /// In the Replicated files (`/etc/default/replicated*` or
+    /// `/etc/sysconfig/replicated*`); NODENAME values are never rewritten.
+    pub addresses: Vec<AddressChange>,
+    pub hostname: String,
+    pub eip: Option<PlannedEip>,
+    pub dns: Option<PlannedDns>,
+    /// Builds running on the restored machine that started before this are
+    /// deleted (in one console session).
+    pub cleanup_builds_before_ms: Millis,
+    pub human_actions: Vec<HumanAction>,
+    pub warnings: Vec<String>,
+}
+
+/// Why no plan can be made: nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("site `{0}` is not configured")]
+    UnknownSite(String),
+    #[error("site `{0}` has no available backup to restore from")]
+    NoBackup(String),
+    #[error("{image} is not an available backup of site `{site}` (see `drctl backups {site}`)")]
+    NotABackup { site: String, image: String },
+    #[error("backup {image} has no available copy in {region} (copy regions are set by the site's policy copy_regions)")]
+    NoCopy { image: String, region: String },
+    #[error("a restore needs --backup AMI (an older point in time); a failover takes the newest good backup by default")]
+    RestoreNeedsBackup,
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub const ASSIGNED_AT_LAUNCH: &str = "assigned at launch";
+
+/// Computes the plan without changing anything: store reads and EC2
+/// describes only (a describe that fails, e.g. the home region is down, is
+/// reported in the plan, not fatal).
+pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanError> {
+    if req.restore && req.backup_image_id.is_empty() {
+        return Err(PlanError::RestoreNeedsBackup);
+    }
+    let rec = deps.recovery(&site.id);
+    let region = if req.region.is_empty() { site.region.clone() } else { req.region.clone() };
+    let backups = deps.store.backups(site.id.clone()).await?;
+    let backup: Backup = if req.backup_image_id.is_empty() {
+        backups
+            .into_iter()
+            .filter(|b| b.state == BackupState::Available)
+            .max_by_key(|b| b.completed_at_ms)
+            .ok_or_else(|| PlanError::NoBackup(site.id.clone()))?
+    } else {
+        backups
+            .into_iter()
+            .find(|b| b.state == BackupState::Available && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id)))
+            .ok_or_else(|| PlanError::NotABackup { site: site.id.clone(), image: req.backup_image_id.clone() })?
+    };
+    let launch_image_id = if region == site.region {
+        backup.image_id.clone()
+    } else {
+        backup
+            .copies
+            .iter()
+            .find(|c| c.region == region && c.state == crate::model::CopyState::Available && !c.image_id.is_empty())
+            .map(|c| c.image_id.clone())
+            .ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?
+    };
+    let facts: Option<LaunchFacts> = deps.store.launch_facts(backup.image_id.clone()).await?;
+    let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip;
+    let launch = resolve_launch(facts.as_ref(), &rec, &site.region, &region, &launch_image_id, keep_ip)?;
+    let mut warnings = Vec::new();
+    let mut human = Vec::new();
+
+    // The old primary, as EC2 sees it now.
+    let old = site.primary_instance_id.clone();
+    let state = match deps.ec2(site).await {
+        Ok(ec2) => match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&old)).await {
+            Ok(Some(i)) => i.state,
+            Ok(None) => "gone".to_owned(),
+            Err(e) => format!("unknown ({e})"),
+        },
+        Err(e) => format!("unknown ({e})"),
+    };
+    let keeps_volumes = match (rec.fence, &facts) {
+        (Fence::Terminate, Some(f)) if f.instance_id == old => f.block_devices.iter().map(|b| b.volume_id.clone()).collect(),
+        _ => vec![],
+    };
+    if rec.fence == Fence::Terminate {
+        human.push(HumanAction {
+            kind: "fenced_volumes".into(),
+            message: format!(
+                "the volumes of {old} are kept (tagged dr:fenced-from={old}); they may hold data newer than the backup: look, then delete them by hand"
+            ),
+        });
+    }
+    let fence = PlannedFence { instance_id: old.clone(), mode: rec.fence.as_str().to_owned(), state, keeps_volumes };
+
+    // Addresses in the Replicated files: the backup's, and the new machine's.
+    let (old_private, old_public) = match &facts {
+        Some(f) => (f.private_ip.clone(), f.public_ip.clone()),
+        None => {
+            let r = deps.store.instance(site.id.clone(), backup.instance_id.clone()).await?;
+            r.map(|r| (r.facts.private_ip, r.facts.public_ip)).unwrap_or_default()
+        }
+    };
+    if old_private.is_empty() {
+        warnings.push("the backup's private IP is not known (no launch facts, no agent report): the Replicated files are rewritten only for addresses the agent finds".into());
+    }
+    let eip = facts.as_ref().filter(|f| !f.eip_allocation_id.is_empty()).map(|f| {
+        let movable = region == site.region;
+        PlannedEip {
+            allocation_id: f.eip_allocation_id.clone(),
+            public_ip: f.eip_public_ip.clone(),
+            movable,
+            note: if movable {
+                "AssociateAddress (AllowReassociation) onto the new instance".into()
+            } else {
+                format!("an Elastic IP cannot move from {} to {region}: DNS must carry the site", site.region)
+            },
+        }
+    });
+    if let Some(e) = eip.as_ref().filter(|e| !e.movable) {
+        human.push(HumanAction { kind: "elastic_ip".into(), message: format!("Elastic IP {} stays in {}: {}", e.public_ip, site.region, e.note) });
+    }
+    let new_private = if !launch.private_ip.is_empty() { launch.private_ip.clone() } else { ASSIGNED_AT_LAUNCH.to_owned() };
+    let new_public = match &eip {
+        Some(e) if e.movable => e.public_ip.clone(),
+        _ => ASSIGNED_AT_LAUNCH.to_owned(),
+    };
+    let mut addresses = Vec::new();
+    if !old_private.is_empty() && old_private != new_private {
+        addresses.push(AddressChange { kind: "private".into(), old: old_private.clone(), new: new_private.clone() });
+        human.push(HumanAction {
+            kind: "nomad_builders".into(),
+            message: format!(
+                "Nomad builders point at the services machine's old private IP {old_private}: point them at the new one (shown after launch) and restart their nomad client"
+            ),
+        });
+        human.push(HumanAction {
+            kind: "nodename".into(),
+            message: format!("NODENAME values in the Replicated files still carry the old address {old_private} (never rewritten): harmless, fix by hand if wanted"),
+        });
+    }
+    if !old_public.is_empty() && old_public != new_public {
+        addresses.push(AddressChange { kind: "public".into(), old: old_public, new: new_public });
+    }
+    if !rec.hostname.is_empty() {
+        human.push(HumanAction {
+            kind: "github_oauth_callback".into(),
+            message: format!("the hostname becomes {}: update the GitHub OAuth app's callback URL to https://{}/auth/github", rec.hostname, rec.hostname),
+        });
+    }
+    if facts.is_none() {
+        warnings.push(format!("backup {} has no recorded launch facts (taken before this version): the launch uses [site.launch] only", backup.image_id));
+    }
+    let dns = rec.dns.as_ref().map(|d| PlannedDns { zone_id: d.zone_id.clone(), name: d.name.clone(), ttl: d.ttl });
+    if region != site.region && dns.is_none() {
+        warnings.push(format!("no [site.dns]: after a failover into {region} the site is reachable only at the new instance's address"));
+    }
+    let now = now_ms();
+    Ok(Plan {
+        site_id: site.id.clone(),
+        kind: if req.restore { "restore" } else { "failover" }.into(),
+        planned_at_ms: now,
+        home_region: site.region.clone(),
+        backup: PlannedBackup {
+            image_id: backup.image_id.clone(),
+            launch_image_id,
+            completed_at_ms: backup.completed_at_ms,
+            started_at_ms: backup.started_at_ms,
+            age_ms: now.saturating_sub(backup.started_at_ms),
+            consistency: backup.consistency.as_str().to_owned(),
+            source_instance_id: backup.instance_id.clone(),
+            has_launch_facts: facts.is_some(),
+        },
+        fence,
+        launch,
+        addresses,
+        hostname: rec.hostname.clone(),
+        eip,
+        dns,
+        cleanup_builds_before_ms: backup.started_at_ms,
+        human_actions: human,
+        warnings,
+    })
+}
