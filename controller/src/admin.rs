@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agents::{LiveAgent, Registry};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Workflow};
 use crate::model::*;
 use crate::store::{FleetView, Store, StoreError};
 use crate::workflows::Engine;
@@ -205,6 +205,17 @@ fn backup_to_pb(b: &Backup) -> pb::Backup {
     }
 }
 
+/// A top-level field of a failover's typed state, as JSON ("" otherwise).
+fn wf_field(op: &Operation, name: &str) -> String {
+    if op.kind != crate::workflows::failover::Failover::KIND {
+        return String::new();
+    }
+    match op.wf_state.as_ref().and_then(|s| s.get(name)) {
+        Some(v) if !v.is_null() => v.to_string(),
+        _ => String::new(),
+    }
+}
+
 fn operation_to_pb(op: &Operation) -> pb::Operation {
     pb::Operation {
         id: op.id.clone(),
@@ -216,6 +227,8 @@ fn operation_to_pb(op: &Operation) -> pb::Operation {
         updated_at_ms: op.updated_at_ms,
         requested_by: op.requested_by.clone(),
         waiting_for: op.waiting_for.clone(),
+        plan_json: wf_field(op, "plan"),
+        report_json: wf_field(op, "report"),
         protects: op
             .protects
             .iter()
@@ -296,6 +309,32 @@ impl pb::admin_service_server::AdminService for AdminServer {
             .await
             .map_err(engine_status)?;
         Ok(Response::new(pb::OperationRef { operation_id: op.id }))
+    }
+
+    async fn start_failover(&self, request: Request<pb::StartFailoverRequest>) -> Result<Response<pb::StartFailoverReply>, Status> {
+        use crate::workflows::failover;
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self
+            .store
+            .site(r.site_id.clone())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("unknown site `{}`", r.site_id)))?;
+        if !r.region.is_empty() && !crate::recovery::is_region(&r.region) {
+            return Err(Status::invalid_argument(format!("`{}` is not a region name", r.region)));
+        }
+        let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore };
+        let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(|e| match e {
+            failover::PlanError::Store(e) => internal(e),
+            e => Status::failed_precondition(e.to_string()),
+        })?;
+        let plan_json = serde_json::to_string(&plan).expect("plans serialize");
+        if r.plan_only {
+            return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
+        }
+        let op = failover::start(&self.engine, plan, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {

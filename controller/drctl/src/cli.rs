@@ -106,6 +106,25 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Replace SITE's services machine by a new instance launched from a
+    /// backup (default: the newest good one). Shows the plan and asks for the
+    /// site id unless --yes (or -o json). Exit 8 with --wait when the
+    /// failover stopped and waits for a human (resume or abort it).
+    Failover {
+        site: String,
+        #[command(flatten)]
+        target: FailoverTarget,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Like failover, to an older point in time: --backup AMI is required.
+    Restore {
+        site: String,
+        #[command(flatten)]
+        target: FailoverTarget,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// The recorded backups of SITE, newest first, with copies and retention fate.
     Backups {
         site: String,
@@ -141,6 +160,29 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+}
+
+/// What a failover or restore launches, and how drctl runs it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FailoverTarget {
+    /// The backup's AMI (its id in the site's region, or its copy's id).
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// The newest good backup (the default of `failover`).
+    #[arg(long, conflicts_with = "backup")]
+    pub latest: bool,
+    /// Launch in this region, from the backup's copy there (a region outage).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub plan: bool,
+    /// Follow it until it ends (exit 1 failed, 8 waiting for a human).
+    #[arg(long)]
+    pub wait: bool,
+    /// Do not ask for a confirmation.
+    #[arg(long, short)]
+    pub yes: bool,
 }
 
 /// Lifetimes are whole days from 1 to 36500 (0 would make a certificate
@@ -225,6 +267,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         Command::Status { sites, problems, all, conn } => (Remote::Status { sites, problems, all }, conn),
         Command::Backup { site, wait, conn } => (Remote::Backup { site, wait }, conn),
         Command::Backups { site, conn } => (Remote::Backups { site }, conn),
+        Command::Failover { site, target, conn } => (Remote::Failover { site, target, restore: false }, conn),
+        Command::Restore { site, target, conn } => {
+            if target.backup.is_none() {
+                return Err(CliError::Usage(format!(
+                    "`drctl restore {site}` needs --backup AMI (see `drctl backups {site}`); for the newest backup use `drctl failover {site}`"
+                )));
+            }
+            (Remote::Failover { site, target, restore: true }, conn)
+        }
         Command::Prune { site, dry_run, conn } => (Remote::Prune { site, dry_run }, conn),
         Command::Operation { words, wait, conn } => match words.as_slice() {
             [id] => (Remote::Operation { id: id.clone(), wait }, conn),
@@ -253,6 +304,7 @@ enum Remote {
     Signal { id: String, signal: String, wait: bool },
     Backup { site: String, wait: bool },
     Backups { site: String },
+    Failover { site: String, target: FailoverTarget, restore: bool },
     Prune { site: String, dry_run: bool },
     Operation { id: String, wait: bool },
 }
@@ -321,6 +373,52 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             }
             finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
         }
+        Remote::Failover { site, target, restore } => {
+            let what = if restore { "restore" } else { "failover" };
+            let mut req = pb::StartFailoverRequest {
+                site_id: site.clone(),
+                backup_image_id: target.backup.clone().unwrap_or_default(),
+                region: target.region.clone().unwrap_or_default(),
+                plan_only: true,
+                restore,
+            };
+            let planned = client.start_failover(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let plan: serde_json::Value = serde_json::from_str(&planned.plan_json)
+                .map_err(|e| CliError::Failed(format!("the controller sent a plan drctl cannot read: {e}")))?;
+            if target.plan {
+                match output {
+                    Output::Json => print_json(&serde_json::json!({ "site_id": site, "plan": plan })),
+                    Output::Text => {
+                        crate::failover::print_plan(&plan);
+                        println!("Nothing was changed. Run it with: drctl {what} {site}{}", if target.backup.is_some() { format!(" --backup {}", req.backup_image_id) } else { String::new() });
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if output == Output::Text {
+                crate::failover::print_plan(&plan);
+                if !target.yes {
+                    crate::failover::confirm(&site, what)?;
+                }
+            }
+            // Run exactly the backup that was shown, even if a newer one
+            // completed in between.
+            req.plan_only = false;
+            if let Some(image) = plan["backup"]["image_id"].as_str() {
+                req.backup_image_id = image.to_owned();
+            }
+            let started = client.start_failover(req).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let id = started.operation_id;
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site, "plan": plan })),
+                Output::Text if target.wait => println!("{what} of {site} started: operation {id}"),
+                Output::Text => println!("{what} of {site} started: operation {id}\nFollow it with: drctl operation {id} --wait"),
+            }
+            if !target.wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
+        }
         Remote::Operation { id, wait } => {
             let op = if wait {
                 crate::watch::watch(conn, &mut client, &id, output).await?
@@ -370,7 +468,16 @@ fn finish(op: pb::Operation, output: Output) -> Result<ExitCode, CliError> {
         Output::Json => print_json(&view),
         Output::Text => print::print_operation(&view),
     }
-    Ok(if matches!(view.state.as_str(), "failed" | "cancelled") { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(match view.state.as_str() {
+        "failed" | "cancelled" => ExitCode::FAILURE,
+        "waiting" => {
+            if output == Output::Text {
+                println!("It waits for a human: `drctl operation resume {id}` retries the step, `drctl operation abort {id}` ends it.", id = view.id);
+            }
+            ExitCode::from(crate::error::exit::WAITING)
+        }
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 fn pki_command(command: PkiCommand, output: Output) -> Result<ExitCode, CliError> {

@@ -49,6 +49,9 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 5;
     pub const BUSY: u8 = 6;
     pub const UNTRUSTED: u8 = 7;
+    /// `--wait` ended because the operation waits for a human (`drctl
+    /// operation resume|abort ID`).
+    pub const WAITING: u8 = 8;
 }
 
 impl CliError {

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod connection;
 pub mod error;
+pub mod failover;
 pub mod pki;
 pub mod print;
 pub mod views;

@@ -137,6 +137,9 @@ pub fn print_operation(op: &OperationView) {
     for s in &op.steps {
         let took = s.duration_s.map(|d| format!("{d:.1}s")).unwrap_or_default();
         let text = if s.error.is_empty() { s.detail.clone() } else { s.error.clone() };
-        println!("    {:<16} {:<8} {:>7}  {}", s.name, s.state, took, text);
+        println!("    {:<18} {:<8} {:>7}  {}", s.name, s.state, took, text);
+    }
+    if let Some(r) = &op.report {
+        crate::failover::print_report(r);
     }
 }

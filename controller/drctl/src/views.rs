@@ -11,7 +11,7 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-pub(crate) fn rfc3339(ms: u64) -> Option<String> {
+pub fn rfc3339(ms: u64) -> Option<String> {
     if ms == 0 {
         return None;
     }
@@ -153,6 +153,11 @@ pub struct OperationView {
     /// Images and instances it keeps from retention and reconcilers.
     pub protects: Vec<String>,
     pub steps: Vec<StepView>,
+    /// A failover's plan and report (RTO by phase, what a human must do).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 pub fn backup_view(b: pb::Backup, now: u64) -> BackupView {
@@ -228,6 +233,8 @@ pub fn operation_view(op: pb::Operation) -> OperationView {
     OperationView {
         waiting_for: op.waiting_for.clone(),
         protects: op.protects.clone(),
+        plan: serde_json::from_str(&op.plan_json).ok(),
+        report: serde_json::from_str(&op.report_json).ok(),
         created_at: rfc3339(op.created_at_ms),
         updated_at: rfc3339(op.updated_at_ms),
         steps: op
