@@ -469,6 +469,26 @@ instance_id = "i-0123456789abcdef0"
         assert_eq!(format!("{cs:?}"), format!("{ds:?}"), "[server] in the example differs from the defaults");
         assert_eq!(c.default_policy().expect("policy"), Policy::default(), "[policy] in the example differs from the defaults");
         assert_eq!(format!("{:?}", c.aws.limits), format!("{:?}", d.aws.limits), "[aws.limits] differs from the defaults");
+        assert_eq!(format!("{:?}", c.failover), format!("{:?}", d.failover), "[failover] differs from the defaults");
+        assert_eq!(c.sites[0].launch.regions["us-west-2"].subnet_id.as_deref(), Some("subnet-0aaaabbbbccccdddd"));
+        assert_eq!(c.sites[0].dns.as_ref().map(|d| d.ttl), Some(60));
+    }
+
+    #[test]
+    fn recovery_settings_are_checked_naming_the_key() {
+        for (extra, key) in [
+            ("keep_private_ip = true\n", "site[0].keep_private_ip"),
+            ("hostname = \"not a host\"\n", "site[0].hostname"),
+            ("[site.launch.westus]\nsubnet_id = \"s\"\n", "site[0].launch.westus"),
+            ("[site.dns]\nzone_id = \"Z1\"\nname = \"a.b\"\nttl = 0\n", "site[0].dns"),
+        ] {
+            let text = format!("{GOOD}{extra}");
+            let err = Config::parse(Path::new("c.toml"), &text).expect_err(extra).to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let ok = format!("{GOOD}fence = \"terminate\"\nkeep_private_ip = true\nhostname = \"ci.example.com\"\n");
+        let c = Config::parse(Path::new("c.toml"), &ok).expect("valid");
+        assert_eq!(c.sites[0].recovery().fence, crate::recovery::Fence::Terminate);
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //!   (e.g. `app status=5000`), to exercise timeouts;
 //! - `DR_SIM_HOSTNAME`: the `hostname` config item of a fresh state.
 //!
+//! `DR_SIM_FAIL` and `DR_SIM_DELAY` may also be set in the file
+//! `$DR_SIM_STATE_DIR/faults` (lines `NAME=value`, read at every call, the
+//! file wins): faults that travel with a machine's disk (a backup of it, a
+//! machine restored from it) and that a test can lift while it runs.
+//!
 //! Every invocation appends `{"at_ms":..,"args":[..]}` to
 //! `$DR_SIM_STATE_DIR/calls.log`.
 
@@ -193,8 +198,11 @@ fn subcommand(args: &[String]) -> String {
     args.iter().take(2).map(String::as_str).collect::<Vec<_>>().join(" ")
 }
 
-fn listed(var: &str, sub: &str) -> Option<String> {
-    let list = std::env::var(var).ok()?;
+fn listed(dir: &Path, var: &str, sub: &str) -> Option<String> {
+    let from_file = std::fs::read_to_string(dir.join("faults")).ok().and_then(|text| {
+        text.lines().find_map(|l| l.trim().strip_prefix(var).and_then(|r| r.strip_prefix('=')).map(|v| v.trim().to_owned()))
+    });
+    let list = from_file.or_else(|| std::env::var(var).ok())?;
     list.split(',').map(str::trim).find_map(|entry| {
         let (name, value) = entry.split_once('=').unwrap_or((entry, ""));
         (name.trim() == sub).then(|| value.trim().to_owned())
@@ -235,14 +243,14 @@ fn run(args: &[String]) -> Result<String, Failure> {
     std::fs::create_dir_all(&dir).map_err(|e| Failure(format!("cannot create {}: {e}", dir.display())))?;
     log_call(&dir, args)?;
     let sub = subcommand(args);
-    if let Some(ms) = listed("DR_SIM_DELAY", &sub) {
+    if let Some(ms) = listed(&dir, "DR_SIM_DELAY", &sub) {
         let ms: u64 = ms.parse().map_err(|_| Failure(format!("DR_SIM_DELAY: `{sub}={ms}` is not milliseconds")))?;
         std::thread::sleep(Duration::from_millis(ms));
     }
     let Some(cmd) = parse(args) else {
         return Err(Failure(format!("unknown command `{}`\n{USAGE}", args.join(" "))));
     };
-    if listed("DR_SIM_FAIL", &sub).is_some() {
+    if listed(&dir, "DR_SIM_FAIL", &sub).is_some() {
         return Err(Failure(format!("Error: simulated failure of `{sub}` (DR_SIM_FAIL)")));
     }
     let stop_secs = env_secs("DR_SIM_STOP_SECS", 2.0)?;
