@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use drctl::pki::{self, Subject, Validity};
 
+pub mod dataplane;
 pub mod throttle;
 
 /// What every HTTP simulator does once its routes are built: bind, print
@@ -210,16 +211,22 @@ impl Moto {
     }
 
     pub async fn client(&self) -> aws_sdk_ec2::Client {
-        let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
-        let config = aws_sdk_ec2::config::Builder::new()
-            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-            .region(aws_sdk_ec2::config::Region::new(REGION))
-            .credentials_provider(creds)
-            .endpoint_url(&self.url)
-            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-            .build();
-        aws_sdk_ec2::Client::from_conf(config)
+        ec2_client(&self.url, REGION)
     }
+}
+
+/// An EC2 client for a loopback endpoint (moto, or a proxy in front of it):
+/// static credentials, retries off.
+pub fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
+    let config = aws_sdk_ec2::config::Builder::new()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
 }
 
 /// An instance registered in moto: the services machine to protect.
@@ -326,10 +333,14 @@ impl Imds {
 /// Starts a simulator that prints `listening on <addr>` once bound; returns
 /// it with its `http://<addr>` URL.
 pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, String) {
-    let mut child = die_with_test(&mut Command::new(bin(name)))
-        .args(args)
+    spawn_listening_cmd(name, Command::new(bin(name)).args(args), Stdio::null())
+}
+
+/// [`spawn_listening`] of a prepared command, its stderr sent to `stderr`.
+pub fn spawn_listening_cmd(name: &str, cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
+    let mut child = die_with_test(cmd)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let mut line = String::new();
@@ -362,6 +373,131 @@ pub fn services_machine_root(dir: &Path, private_ip: &str, public_ip: &str) -> P
     .expect("write");
     std::fs::write(root.join("opt/nomad/server/raft/raft.db"), b"raft").expect("write");
     root
+}
+
+/// A disk for the simulated data plane ([`dataplane`]): a services machine
+/// root (`<dir>/root`, see [`services_machine_root`]) with the site's
+/// certificate, key and CA in `etc/dr-agent/` and the agent config template
+/// `etc/dr-agent/agent.toml.in` (`@ROOT@`: the disk, `@IMDS@`: the machine's
+/// IMDS URL, filled in at each boot). `extra_agent_toml` is appended to the
+/// template (e.g. `[freeze]` tables). Use one `dir` per disk.
+pub fn site_disk(dir: &Path, pki: &Pki, site: &str, controller_url: &str, instance: &Instance, extra_agent_toml: &str) -> PathBuf {
+    let public = Some(instance.public_ip.as_str()).filter(|p| !p.is_empty()).unwrap_or("54.10.20.30");
+    let root = services_machine_root(dir, &instance.private_ip, public);
+    let etc = root.join("etc/dr-agent");
+    std::fs::create_dir_all(&etc).expect("mkdir etc/dr-agent");
+    std::fs::create_dir_all(root.join("var/lib/dr-agent")).expect("mkdir var/lib/dr-agent");
+    let (cert, key) = pki.site(site);
+    for (from, to) in [(pki.ca(), "ca.pem"), (cert, "agent.pem"), (key, "agent.key")] {
+        std::fs::copy(&from, etc.join(to)).unwrap_or_else(|e| panic!("copy {} into the disk: {e}", from.display()));
+    }
+    std::fs::write(
+        etc.join("agent.toml.in"),
+        format!(
+            "site_id = \"{site}\"\ncontroller_url = \"{controller_url}\"\nstate_dir = \"@ROOT@/var/lib/dr-agent\"\nroot = \"@ROOT@\"\n\n\
+             [tls]\nca = \"@ROOT@/etc/dr-agent/ca.pem\"\ncert = \"@ROOT@/etc/dr-agent/agent.pem\"\nkey = \"@ROOT@/etc/dr-agent/agent.key\"\n\n\
+             [imds]\nendpoint = \"@IMDS@\"\n\n\
+             [replicated]\nreplicatedctl = \"{}\"\npoll_interval = \"100ms\"\n\n[reconnect]\ninitial = \"200ms\"\nmax = \"2s\"\n\n{extra_agent_toml}\n",
+            bin("dr-sim-replicatedctl").display(),
+        ),
+    )
+    .expect("write agent.toml.in");
+    root
+}
+
+/// What the data plane's control API answered when it refused a request.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+/// A `dr-sim-dataplane` process in front of moto: use [`DataPlane::url`] as
+/// the EC2 endpoint. Its work dir is `dir`, its log `dir/dataplane.log`,
+/// each machine's agent and IMDS log `dir/machines/<instance-id>.log`.
+pub struct DataPlane {
+    pub url: String,
+    pub proc: Proc,
+    pub dir: PathBuf,
+}
+
+impl DataPlane {
+    pub fn start(dir: &Path, moto_url: &str, boot_delay: Duration) -> DataPlane {
+        std::fs::create_dir_all(dir).expect("mkdir data plane dir");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log")).expect("log file");
+        let mut cmd = Command::new(bin("dr-sim-dataplane"));
+        aws_env(&mut cmd)
+            .args(["--listen", "127.0.0.1:0", "--moto", moto_url, "--app-secs", "0.5"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--boot-delay")
+            .arg(format!("{}ms", boot_delay.as_millis()));
+        let (proc, url) = spawn_listening_cmd("dr-sim-dataplane", &mut cmd, Stdio::from(log));
+        DataPlane { url, proc, dir: dir.to_owned() }
+    }
+
+    /// `POST /dataplane/adopt`: the instance (launched by the test) runs
+    /// from `disk` in place, booted now.
+    pub async fn adopt(&self, instance_id: &str, disk: &Path) -> Result<dataplane::MachineView, ApiError> {
+        let body = serde_json::json!({ "instance_id": instance_id, "disk": disk });
+        let (status, value) = self.call("POST", "/dataplane/adopt", Some(body)).await;
+        if status == 200 {
+            Ok(serde_json::from_value(value).expect("a machine view"))
+        } else {
+            Err(ApiError { status, message: value["error"].as_str().unwrap_or_default().to_owned() })
+        }
+    }
+
+    pub async fn machines(&self) -> Vec<dataplane::MachineView> {
+        let (status, value) = self.call("GET", "/dataplane/machines", None).await;
+        assert_eq!(status, 200, "GET /dataplane/machines: {value}");
+        serde_json::from_value(value).expect("machine views")
+    }
+
+    pub async fn machine(&self, instance_id: &str) -> Option<dataplane::MachineView> {
+        self.machines().await.into_iter().find(|m| m.instance_id == instance_id)
+    }
+
+    /// `POST /dataplane/lose`: the host dies (SIGKILL) without EC2 knowing.
+    pub async fn lose(&self, instance_id: &str) -> dataplane::MachineView {
+        let body = serde_json::json!({ "instance_id": instance_id });
+        let (status, value) = self.call("POST", "/dataplane/lose", Some(body)).await;
+        assert_eq!(status, 200, "POST /dataplane/lose: {value}");
+        serde_json::from_value(value).expect("a machine view")
+    }
+
+    /// `GET /dataplane/images`: AMI id to disk.
+    pub async fn images(&self) -> std::collections::BTreeMap<String, PathBuf> {
+        let (status, value) = self.call("GET", "/dataplane/images", None).await;
+        assert_eq!(status, 200, "GET /dataplane/images: {value}");
+        serde_json::from_value(value).expect("images")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dataplane.log")).unwrap_or_default()
+    }
+
+    pub fn machine_log(&self, instance_id: &str) -> String {
+        std::fs::read_to_string(self.dir.join("machines").join(format!("{instance_id}.log"))).unwrap_or_default()
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        use http_body_util::BodyExt;
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+            .expect("request");
+        let resp = client.request(req).await.unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()));
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {path} answered {status} without JSON ({e}): {}", text(&bytes)));
+        (status, value)
+    }
 }
 
 /// Options of a controller under test.
@@ -708,6 +844,12 @@ pub mod fake_control_plane {
                 .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(cmd)) }))
                 .await
                 .expect("agent stream open");
+        }
+
+        /// Whether the agent's stream ends within `timeout` (what it sends
+        /// until then is skipped).
+        pub async fn ends_within(&mut self, timeout: Duration) -> bool {
+            tokio::time::timeout(timeout, async { while self.from_agent.recv().await.is_some() {} }).await.is_ok()
         }
 
         /// The next command result, skipping heartbeats.

@@ -39,59 +39,93 @@ pub async fn start(upstream: &str, share: f64, seed: u64) -> ThrottleProxy {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let stats = Arc::new(Stats::default());
     let rng = Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)));
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let upstream: hyper::Uri = upstream.parse().expect("upstream URL");
-    let (stats2, upstream) = (stats.clone(), Arc::new(upstream));
+    let upstream = Arc::new(Upstream::new(upstream).expect("upstream URL"));
+    let stats2 = stats.clone();
+    serve(listener, move |req: hyper::Request<hyper::body::Incoming>| {
+        let (stats, rng, upstream) = (stats2.clone(), rng.clone(), upstream.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let action = form_value(&body, "Action").unwrap_or_else(|| "?".into());
+            *stats.calls.lock().expect("lock").entry(action).or_default() += 1;
+            if rng.lock().expect("lock").random_bool(share) {
+                stats.throttled.fetch_add(1, Ordering::Relaxed);
+                return Ok::<_, hyper_util::client::legacy::Error>(
+                    hyper::Response::builder()
+                        .status(503)
+                        .header("content-type", "text/xml")
+                        .body(Full::new(Bytes::from_static(THROTTLED.as_bytes())))
+                        .expect("static response"),
+                );
+            }
+            upstream.forward(parts, body).await
+        }
+    });
+    ThrottleProxy { url, stats }
+}
+
+/// An HTTP server (moto) that requests are passed on to unchanged.
+pub struct Upstream {
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    uri: hyper::Uri,
+}
+
+impl Upstream {
+    /// `url` is `http://host:port` of the server.
+    pub fn new(url: &str) -> Result<Upstream, hyper::http::uri::InvalidUri> {
+        let uri = url.parse()?;
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        Ok(Upstream { client, uri })
+    }
+
+    /// Sends the request (method, path and query, headers but Host, body)
+    /// to the upstream server and returns its whole answer.
+    pub async fn forward(
+        &self,
+        parts: hyper::http::request::Parts,
+        body: Bytes,
+    ) -> Result<hyper::Response<Full<Bytes>>, hyper_util::client::legacy::Error> {
+        let mut uri = format!(
+            "{}://{}{}",
+            self.uri.scheme_str().unwrap_or("http"),
+            self.uri.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1"),
+            parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        if uri.ends_with('?') {
+            uri.pop();
+        }
+        let mut fwd = hyper::Request::builder().method(parts.method).uri(uri);
+        for (k, v) in parts.headers.iter() {
+            if k != hyper::header::HOST {
+                fwd = fwd.header(k, v);
+            }
+        }
+        let resp = self.client.request(fwd.body(Full::new(body)).expect("request")).await?;
+        let (rparts, rbody) = resp.into_parts();
+        let bytes = rbody.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Ok(hyper::Response::from_parts(rparts, Full::new(bytes)))
+    }
+}
+
+/// Serves HTTP/1 on `listener` in the background, each request answered by
+/// `handler`.
+pub fn serve<H, F, E>(listener: tokio::net::TcpListener, handler: H)
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<hyper::Response<Full<Bytes>>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
-            let (stats, rng, client, upstream) = (stats2.clone(), rng.clone(), client.clone(), upstream.clone());
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (stats, rng, client, upstream) = (stats.clone(), rng.clone(), client.clone(), upstream.clone());
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let action = form_value(&body, "Action").unwrap_or_else(|| "?".into());
-                        *stats.calls.lock().expect("lock").entry(action).or_default() += 1;
-                        if rng.lock().expect("lock").random_bool(share) {
-                            stats.throttled.fetch_add(1, Ordering::Relaxed);
-                            return Ok::<_, hyper_util::client::legacy::Error>(
-                                hyper::Response::builder()
-                                    .status(503)
-                                    .header("content-type", "text/xml")
-                                    .body(Full::new(Bytes::from_static(THROTTLED.as_bytes())))
-                                    .expect("static response"),
-                            );
-                        }
-                        let mut uri = format!(
-                            "{}://{}{}",
-                            upstream.scheme_str().unwrap_or("http"),
-                            upstream.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1"),
-                            parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-                        );
-                        if uri.ends_with('?') {
-                            uri.pop();
-                        }
-                        let mut fwd = hyper::Request::builder().method(parts.method).uri(uri);
-                        for (k, v) in parts.headers.iter() {
-                            if k != hyper::header::HOST {
-                                fwd = fwd.header(k, v);
-                            }
-                        }
-                        let resp = client.request(fwd.body(Full::new(body)).expect("request")).await?;
-                        let (rparts, rbody) = resp.into_parts();
-                        let bytes = rbody.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        Ok(hyper::Response::from_parts(rparts, Full::new(bytes)))
-                    }
-                });
+                let service = hyper::service::service_fn(handler);
                 let io = hyper_util::rt::TokioIo::new(tcp);
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
             });
         }
     });
-    ThrottleProxy { url, stats }
 }
 
 fn form_value(body: &[u8], key: &str) -> Option<String> {
