@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use drctl::pki::{self, Subject, Validity};
 
 pub mod dataplane;
+pub mod recovery_world;
 pub mod throttle;
 
 /// What every HTTP simulator does once its routes are built: bind, print

@@ -351,7 +351,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             if output == Output::Text {
                 println!("{signal} sent to {id} (it was {})", op.state);
             }
-            let op = if wait { crate::watch::watch(conn, &mut client, &id, output).await? } else { op };
+            let op = if wait { crate::watch::watch_after_signal(conn, &mut client, &id, output).await? } else { op };
             finish(op, output)
         }
         Remote::Backup { site, wait } => {

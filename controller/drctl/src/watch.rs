@@ -12,16 +12,38 @@ use crate::connection::Connection;
 use crate::error::CliError;
 use crate::views::human_duration;
 
-/// Follows an operation until it finishes, printing each step as it starts,
-/// progresses and ends, with the time elapsed since the watch began, plus a
-/// "still waiting" line when nothing happened for a while. Returns the final
-/// state.
+/// Follows an operation until it finishes or waits for a human, printing
+/// each step as it starts, progresses and ends, with the time elapsed since
+/// the watch began, plus a "still running" line when nothing happened for a
+/// while. Returns the last state seen.
 pub async fn watch(
     conn: &Connection,
     client: &mut AdminServiceClient<Channel>,
     id: &str,
     output: Output,
 ) -> Result<pb::Operation, CliError> {
+    watch_from(conn, client, id, output, false).await
+}
+
+/// [`watch`] after a signal was sent to a waiting operation: its first
+/// `waiting` states are the ones the signal answers, not a new wait.
+pub async fn watch_after_signal(
+    conn: &Connection,
+    client: &mut AdminServiceClient<Channel>,
+    id: &str,
+    output: Output,
+) -> Result<pb::Operation, CliError> {
+    watch_from(conn, client, id, output, true).await
+}
+
+async fn watch_from(
+    conn: &Connection,
+    client: &mut AdminServiceClient<Channel>,
+    id: &str,
+    output: Output,
+    signalled: bool,
+) -> Result<pb::Operation, CliError> {
+    let mut left_waiting = !signalled;
     let mut stream = client
         .watch_operation(pb::OperationRef { operation_id: id.to_owned() })
         .await
@@ -64,7 +86,11 @@ pub async fn watch(
                         last_print = tokio::time::Instant::now();
                     }
                 }
-                let finished = op.state != "running";
+                if op.state != "waiting" {
+                    left_waiting = true;
+                }
+                let finished = matches!(op.state.as_str(), "succeeded" | "failed" | "cancelled")
+                    || (op.state == "waiting" && left_waiting);
                 last = Some(op);
                 if finished {
                     break;
@@ -86,7 +112,9 @@ pub async fn watch(
     match last {
         // A watch ends when the operation does: ending earlier means the
         // controller went away (a restart, a shutdown).
-        Some(op) if op.state == "running" => Err(lost("the controller ended the watch before the operation finished")),
+        Some(op) if matches!(op.state.as_str(), "running" | "cancelling") || (op.state == "waiting" && !left_waiting) => {
+            Err(lost("the controller ended the watch before the operation finished"))
+        }
         Some(op) => Ok(op),
         None => Err(lost("the controller ended the watch without an answer")),
     }

@@ -1,0 +1,283 @@
+//! A world for restore and failover tests: moto behind the simulated data
+//! plane ([`crate::dataplane`]), one site whose services machine is a
+//! simulated host with a real agent, an Elastic IP, a Route 53 zone, the
+//! CircleCI API and dev-console simulators for build cleanup, and a
+//! controller whose EC2 and Route 53 endpoint is the data plane.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::*;
+
+pub const HOST: &str = "ci.example.com";
+const TOKEN: &str = "admin-token-0123";
+
+/// An EC2 client against any endpoint (here: the data plane).
+pub fn ec2_at(url: &str) -> aws_sdk_ec2::Client {
+    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
+    let config = aws_sdk_ec2::config::Builder::new()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new(REGION))
+        .credentials_provider(creds)
+        .endpoint_url(url)
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+pub fn route53_at(url: &str) -> aws_sdk_route53::Client {
+    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
+    let config = aws_sdk_route53::config::Builder::new()
+        .behavior_version(aws_sdk_route53::config::BehaviorVersion::latest())
+        .region(aws_sdk_route53::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(url)
+        .retry_config(aws_sdk_route53::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_route53::Client::from_conf(config)
+}
+
+/// A build as API v1.1 lists it (shallow), running since `start`.
+pub fn running_build(num: u64, start_ms: u64) -> Value {
+    let start = time::OffsetDateTime::from_unix_timestamp_nanos(start_ms as i128 * 1_000_000)
+        .expect("time")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format");
+    json!({
+        "build_url": format!("https://{HOST}/gh/my-org/my-project/{num}"),
+        "build_num": num, "username": "my-org", "reponame": "my-project", "vcs_type": "github",
+        "branch": "main", "committer_name": "A. Dev", "lifecycle": "running", "status": "running",
+        "outcome": null, "queued_at": start, "start_time": start, "stop_time": null,
+    })
+}
+
+pub struct RecoveryWorld {
+    pub dir: tempfile::TempDir,
+    pub moto: Moto,
+    pub pki: Pki,
+    pub dataplane: DataPlane,
+    pub ec2: aws_sdk_ec2::Client,
+    pub route53: aws_sdk_route53::Client,
+    pub instance: Instance,
+    pub allocation_id: String,
+    pub eip: String,
+    pub zone_id: String,
+    pub controller: Controller,
+    pub site: String,
+    /// The primary's disk (the adopted machine runs from it in place).
+    pub disk: PathBuf,
+    pub builds_file: PathBuf,
+    /// One line per deleted build URL, one per console session.
+    pub deletions: PathBuf,
+    pub sessions: PathBuf,
+    _api: Proc,
+}
+
+/// Options of a [`RecoveryWorld`].
+#[derive(Clone, Default)]
+pub struct RecoverySpec {
+    /// TOML lines for the `[[site]]` table (e.g. `fence = "terminate"`).
+    pub site_toml: String,
+    /// Controller TOML before the sites (e.g. `[failover]`).
+    pub controller_toml: String,
+    pub boot_delay: Duration,
+}
+
+impl RecoveryWorld {
+    pub async fn start(site: &str, spec: RecoverySpec) -> RecoveryWorld {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let moto = Moto::start(dir.path());
+        let dataplane = DataPlane::start(&dir.path().join("dataplane"), &moto.url, spec.boot_delay);
+        let ec2 = ec2_at(&dataplane.url);
+        let route53 = route53_at(&dataplane.url);
+        let mut instance = launch_instance(&ec2).await;
+        let alloc = ec2.allocate_address().domain(aws_sdk_ec2::types::DomainType::Vpc).send().await.expect("AllocateAddress");
+        let allocation_id = alloc.allocation_id().expect("allocation id").to_owned();
+        let eip = alloc.public_ip().expect("public ip").to_owned();
+        ec2.associate_address().allocation_id(&allocation_id).instance_id(&instance.id).send().await.expect("AssociateAddress");
+        // The machine's files carry the address it is reached at: its EIP.
+        instance.public_ip = eip.clone();
+        let zone = route53
+            .create_hosted_zone()
+            .name("example.com")
+            .caller_reference(format!("dr-test-{}", std::process::id()))
+            .send()
+            .await
+            .expect("CreateHostedZone");
+        let zone_id = zone.hosted_zone().map(|z| z.id().trim_start_matches("/hostedzone/").to_owned()).expect("zone id");
+        let pki = Pki::new(dir.path());
+
+        // The CircleCI API (shared by every machine: builds live in its file)
+        // and the dev-console simulator the agents' cleanup drives.
+        let builds_file = dir.path().join("builds.json");
+        std::fs::write(&builds_file, "[]").expect("builds");
+        let (api, api_url) = spawn_listening(
+            "dr-sim-circleci-api",
+            &["--listen", "127.0.0.1:0", "--token", TOKEN, "--builds", &builds_file.display().to_string()],
+        );
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
+        let deletions = dir.path().join("deletions");
+        let sessions = dir.path().join("sessions");
+        let q = |s: &str| serde_json::to_string(s).expect("string");
+        let console = [
+            bin("dr-sim-dev-console").display().to_string(),
+            "--deletions".into(),
+            deletions.display().to_string(),
+            "--sessions".into(),
+            sessions.display().to_string(),
+        ]
+        .iter()
+        .map(|a| q(a))
+        .collect::<Vec<_>>()
+        .join(", ");
+        let agent_extra = format!(
+            "[circleci]\napi_url = {}\napi_token_file = {}\nhostname = {}\ndev_console = [{console}]\n\
+             console_load_timeout = \"20s\"\nconsole_command_timeout = \"10s\"\nrequest_timeout = \"10s\"\n",
+            q(&api_url),
+            q(&dir.path().join("token").display().to_string()),
+            q(HOST),
+        );
+
+        let port = free_port();
+        let cspec = ControllerSpec {
+            port,
+            heartbeat: "1s",
+            poll_initial: "100ms",
+            sites: vec![(site.to_owned(), instance.id.clone())],
+            extra: format!("[failover]\nfence_timeout = \"20s\"\nagent_timeout = \"60s\"\napp_timeout = \"30s\"\n{}", spec.controller_toml),
+            endpoint: Some(dataplane.url.clone()),
+        };
+        let config = Controller::write_config(dir.path(), &pki, &moto, &cspec);
+        let mut text = std::fs::read_to_string(&config).expect("config");
+        text.push_str(&format!("{}\n[site.dns]\nzone_id = \"{zone_id}\"\nname = \"{HOST}\"\nttl = 60\n", spec.site_toml));
+        std::fs::write(&config, text).expect("config");
+        let mut controller = Controller { dir: dir.path().to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
+        controller.restart(&[]);
+
+        let disk_dir = dir.path().join("disk-primary");
+        std::fs::create_dir_all(&disk_dir).expect("mkdir");
+        let disk = site_disk(&disk_dir, &pki, site, &controller.url, &instance, &agent_extra);
+        dataplane.adopt(&instance.id, &disk).await.expect("adopt the primary");
+        RecoveryWorld {
+            dir,
+            moto,
+            pki,
+            dataplane,
+            ec2,
+            route53,
+            instance,
+            allocation_id,
+            eip,
+            zone_id,
+            controller,
+            site: site.to_owned(),
+            disk,
+            builds_file,
+            deletions,
+            sessions,
+            _api: api,
+        }
+    }
+
+    pub fn drctl(&self, args: &[&str]) -> std::process::Output {
+        drctl(&self.pki, &self.controller.url, args)
+    }
+
+    pub fn wait_primary(&self, instance: &str) {
+        assert_eventually!(
+            Duration::from_secs(60),
+            {
+                let s = site_status(&self.pki, &self.controller.url, &self.site);
+                s["primary_instance_id"] == instance && s["agent"]["connected"] == true && s["agent"]["role"] == "primary"
+            },
+            "{instance} connected as the primary of {}\ncontroller log:\n{}\nmachine log:\n{}",
+            self.site,
+            tail(&self.controller.log()),
+            tail(&self.dataplane.machine_log(instance))
+        );
+    }
+
+    /// A backup through drctl, waited for; its finished operation.
+    pub fn backup(&self) -> Value {
+        let out = self.drctl(&["-o", "json", "backup", &self.site, "--wait"]);
+        assert!(out.status.success(), "backup: {}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&self.controller.log()));
+        last_json(&out.stdout)
+    }
+
+    /// The instances carrying `dr:operation=op`.
+    pub async fn launched_by(&self, op: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+        self.ec2
+            .describe_instances()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op).build())
+            .send()
+            .await
+            .expect("DescribeInstances")
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().to_vec())
+            .collect()
+    }
+
+    pub async fn instance_state(&self, id: &str) -> String {
+        let out = self.ec2.describe_instances().instance_ids(id).send().await.expect("DescribeInstances");
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find_map(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()))
+            .unwrap_or_default()
+    }
+
+    pub async fn all_instances(&self) -> usize {
+        let out = self.ec2.describe_instances().send().await.expect("DescribeInstances");
+        out.reservations().iter().map(|r| r.instances().len()).sum()
+    }
+
+    pub async fn eip_holder(&self) -> String {
+        let out = self.ec2.describe_addresses().allocation_ids(&self.allocation_id).send().await.expect("DescribeAddresses");
+        out.addresses().first().and_then(|a| a.instance_id()).unwrap_or_default().to_owned()
+    }
+
+    pub async fn dns_a(&self) -> Vec<String> {
+        let out = self
+            .route53
+            .list_resource_record_sets()
+            .hosted_zone_id(&self.zone_id)
+            .send()
+            .await
+            .expect("ListResourceRecordSets");
+        out.resource_record_sets()
+            .iter()
+            .filter(|r| r.name().trim_end_matches('.') == HOST && r.r#type().as_str() == "A")
+            .flat_map(|r| r.resource_records().iter().map(|v| v.value().to_owned()))
+            .collect()
+    }
+
+    pub fn deleted_builds(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.deletions).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+}
+
+/// The last 60 lines of a log.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// The disk a machine of the data plane runs from.
+pub async fn disk_of(dp: &DataPlane, instance: &str) -> PathBuf {
+    dp.machine(instance).await.unwrap_or_else(|| panic!("the data plane knows no machine {instance}")).disk
+}
+
+/// `drctl` with stdin closed (no terminal).
+pub fn drctl_no_tty(world: &RecoveryWorld, args: &[&str]) -> std::process::Output {
+    let (cert, key) = world.pki.operator();
+    let mut cmd: Command = drctl_command(&world.controller.url, &world.pki.ca(), &cert, &key, args);
+    cmd.stdin(std::process::Stdio::null()).output().expect("run drctl")
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}

@@ -1,0 +1,229 @@
+//! Restore and failover end to end: moto behind the simulated data plane,
+//! a real agent on the primary and on the machine restored from its
+//! backup, the controller driving the whole runbook.
+
+use std::time::Duration;
+
+use dr_tests::recovery_world::*;
+use dr_tests::{assert_eventually, last_json, replicatedctl_calls, site_status, text};
+use serde_json::Value;
+
+fn steps(op: &Value) -> Vec<(String, String, String)> {
+    op["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_owned(),
+                s["state"].as_str().unwrap_or("").to_owned(),
+                format!("{}{}", s["detail"].as_str().unwrap_or(""), s["error"].as_str().unwrap_or("")),
+            )
+        })
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_is_replaced_from_its_backup() {
+    let w = RecoveryWorld::start("fo-site", RecoverySpec { boot_delay: Duration::from_millis(500), ..Default::default() }).await;
+    w.wait_primary(&w.instance.id);
+    let backup_started = now_ms();
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    let image = dr_tests::images_tagged(&w.ec2, "dr:operation", backup["id"].as_str().expect("id")).await;
+    let ami = image[0].image_id().expect("ami").to_owned();
+    // After the backup: a file written on the primary is not in the backup,
+    // and a build that starts now is not the restore's to delete.
+    std::fs::write(w.disk.join("var/lib/after-backup"), "newer than the backup").expect("write");
+    let before = backup_started - 10 * 60 * 1000;
+    std::fs::write(
+        &w.builds_file,
+        serde_json::to_vec(&[running_build(11, before), running_build(12, now_ms() + 5_000)]).expect("json"),
+    )
+    .expect("builds");
+
+    // The primary's host dies; EC2 still says running.
+    w.dataplane.lose(&w.instance.id).await;
+
+    // --plan changes nothing, and says what the run will do.
+    let instances_before = w.all_instances().await;
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--plan"]);
+    assert!(out.status.success(), "plan: {}{}", text(&out.stdout), text(&out.stderr));
+    let plan = last_json(&out.stdout)["plan"].clone();
+    assert_eq!(plan["backup"]["image_id"], ami.as_str(), "{plan}");
+    assert_eq!(plan["fence"]["instance_id"], w.instance.id.as_str());
+    assert_eq!(plan["fence"]["mode"], "stop");
+    assert_eq!(plan["launch"]["instance_type"], "m5.xlarge", "the recorded type: {plan}");
+    assert_eq!(plan["launch"]["sources"]["instance_type"], "backup");
+    assert_eq!(plan["eip"]["public_ip"], w.eip.as_str());
+    assert_eq!(plan["eip"]["movable"], true);
+    assert_eq!(plan["dns"]["name"], HOST);
+    let private = plan["addresses"].as_array().expect("addresses").iter().find(|a| a["kind"] == "private").cloned().expect("private change");
+    assert_eq!(private["old"], w.instance.private_ip.as_str());
+    assert!(plan["human_actions"].as_array().expect("actions").iter().any(|h| h["kind"] == "nomad_builders"), "{plan}");
+    let text_plan = w.drctl(&["failover", &w.site, "--plan"]);
+    let shown = text(&text_plan.stdout);
+    assert!(shown.contains("Nothing was changed") && shown.contains(&ami) && shown.contains(&w.instance.private_ip), "{shown}");
+    assert_eq!(w.all_instances().await, instances_before, "--plan launched nothing");
+    assert_eq!(w.instance_state(&w.instance.id).await, "running", "--plan fenced nothing");
+    assert!(site_status(&w.pki, &w.controller.url, &w.site)["running_operation_id"].is_null(), "--plan started no operation");
+    // Without a terminal and without --yes: refused, nothing started.
+    let refused = drctl_no_tty(&w, &["failover", &w.site]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("--yes"), "{}", text(&refused.stderr));
+
+    // The failover.
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
+    let op = last_json(&out.stdout);
+    assert!(
+        out.status.success() && op["state"] == "succeeded",
+        "failover: {}\n{}\ncontroller:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        tail(&w.controller.log())
+    );
+    let op_id = op["id"].as_str().expect("id").to_owned();
+    let launched = w.launched_by(&op_id).await;
+    assert_eq!(launched.len(), 1, "exactly one instance launched");
+    let new = launched[0].instance_id().expect("id").to_owned();
+    assert_eq!(launched[0].image_id(), Some(ami.as_str()), "launched from the backup");
+    assert_eq!(launched[0].instance_type().map(|t| t.as_str()), Some("m5.xlarge"));
+    let new_ip = launched[0].private_ip_address().expect("ip").to_owned();
+    assert_ne!(new_ip, w.instance.private_ip);
+    assert_eq!(w.instance_state(&w.instance.id).await, "stopped", "the old primary is fenced by a stop");
+    assert_eq!(w.eip_holder().await, new, "the Elastic IP is on the new instance");
+    assert_eq!(w.dns_a().await, vec![w.eip.clone()], "the DNS record names the site's address");
+
+    // The restored machine: new addresses, NODENAME untouched, Nomad wiped,
+    // app started, point in time of the backup.
+    let disk = disk_of(&w.dataplane, &new).await;
+    let replicated = read(&disk.join("etc/default/replicated"));
+    assert!(replicated.contains(&format!("PRIVATE_ADDRESS={new_ip}")), "{replicated}");
+    assert!(replicated.contains(&format!("NODENAME=ip-{}", w.instance.private_ip.replace('.', "-"))), "NODENAME is never rewritten: {replicated}");
+    let operator = read(&disk.join("etc/default/replicated-operator"));
+    assert!(operator.contains(&format!("DAEMON_ENDPOINT={new_ip}:9879")), "{operator}");
+    assert!(operator.contains(&format!("PUBLIC_ADDRESS={}", w.eip)), "the public address is the EIP, unchanged: {operator}");
+    assert!(!disk.join("opt/nomad/server/raft/raft.db").exists(), "the restored Nomad state is wiped");
+    assert!(disk.join("opt/nomad").is_dir());
+    assert!(!disk.join("var/lib/after-backup").exists(), "the restored disk is the backup's point in time");
+    assert!(replicatedctl_calls(&disk, "app start") >= 1);
+    // Builds: the one running at the backup deleted (one session), the later one not.
+    let deleted = w.deleted_builds();
+    assert!(deleted.iter().any(|d| d.ends_with("/11")), "build 11 deleted: {deleted:?}");
+    assert!(!deleted.iter().any(|d| d.ends_with("/12")), "build 12 is newer than the backup: {deleted:?}");
+
+    // The candidate is the primary now; the old instance is fenced.
+    w.wait_primary(&new);
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    let old = s["instances"].as_array().expect("instances").iter().find(|i| i["instance_id"] == w.instance.id.as_str()).cloned();
+    assert_eq!(old.as_ref().map(|o| o["role"].clone()), Some(Value::from("fenced")), "{s}");
+
+    // The report: RTO by phase and what a human must do.
+    let report = &op["report"];
+    assert!(report["rto_ms"].as_u64().unwrap_or(0) > 0, "{report}");
+    for phase in ["fence", "launch_to_running", "agent_up", "app_stop", "file_steps", "app_start", "address_moves", "cleanup"] {
+        assert!(report["phases"][phase].is_u64(), "phase {phase}: {report}");
+    }
+    let builders = report["human_actions"].as_array().expect("actions").iter().find(|h| h["kind"] == "nomad_builders").cloned().expect("builders");
+    let m = builders["message"].as_str().unwrap_or("");
+    assert!(m.contains(&w.instance.private_ip) && m.contains(&new_ip), "old and new address: {m}");
+    let names: Vec<String> = steps(&op).into_iter().map(|s| s.0).collect();
+    assert_eq!(
+        names,
+        [
+            "preflight", "fence", "launch", "wait_running", "wait_agent", "app_stop", "rewrite_addresses", "hostname",
+            "wipe_nomad", "app_start", "move_eip", "update_dns", "cleanup_builds", "verify", "promote", "release", "report"
+        ]
+    );
+    let shown = text(&w.drctl(&["operation", &op_id]).stdout);
+    assert!(shown.contains("RTO:") && shown.contains("launch_to_running") && shown.contains("nomad_builders"), "{shown}");
+
+    // The old primary comes back: its agent is fenced, gets no work, and
+    // status flags it.
+    w.ec2.start_instances().instance_ids(&w.instance.id).send().await.expect("StartInstances");
+    assert_eventually!(
+        Duration::from_secs(60),
+        {
+            let s = site_status(&w.pki, &w.controller.url, &w.site);
+            s["problems"].as_array().is_some_and(|p| p.iter().any(|x| x.as_str().unwrap_or("").contains("fenced instance")))
+        },
+        "status flags the fenced instance running its agent: {}",
+        site_status(&w.pki, &w.controller.url, &w.site)
+    );
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["primary_instance_id"], new.as_str(), "the new instance stays primary");
+    // A backup now goes to the new primary, never to the fenced one.
+    let b2 = w.backup();
+    assert_eq!(b2["state"], "succeeded", "{b2}");
+    let b2_id = b2["id"].as_str().expect("id");
+    let journal: Vec<String> = std::fs::read_dir(w.disk.join("var/lib/dr-agent/journal"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!journal.iter().any(|f| f.starts_with(b2_id)), "the fenced machine got no command of {b2_id}: {journal:?}");
+    let new_journal: Vec<String> = std::fs::read_dir(disk.join("var/lib/dr-agent/journal"))
+        .expect("the new primary's journal")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(new_journal.iter().any(|f| f.starts_with(b2_id)), "the new primary ran {b2_id}: {new_journal:?}");
+    let images2 = dr_tests::images_tagged(&w.ec2, "dr:operation", b2["id"].as_str().expect("id")).await;
+    assert_eq!(images2.len(), 1);
+    let img_of = w.dataplane.images().await;
+    assert!(img_of.contains_key(images2[0].image_id().expect("id")), "the second backup images the new primary's disk");
+
+    // A second failover while one... (none runs now): a restore needs --backup.
+    let out = w.drctl(&["restore", &w.site, "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
+    let w = RecoveryWorld::start("fo-fail", RecoverySpec::default()).await;
+    w.wait_primary(&w.instance.id);
+    // A fault that travels with the disk: `app start` fails on every
+    // machine restored from this backup.
+    std::fs::write(w.disk.join("var/lib/dr-sim/faults"), "DR_SIM_FAIL=app start\n").expect("faults");
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    std::fs::remove_file(w.disk.join("var/lib/dr-sim/faults")).expect("rm");
+
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
+    assert_eq!(out.status.code(), Some(8), "waits for a human: {}{}", text(&out.stdout), text(&out.stderr));
+    let op = last_json(&out.stdout);
+    let op_id = op["id"].as_str().expect("id").to_owned();
+    assert_eq!(op["state"], "waiting");
+    assert!(op["waiting_for"].as_str().unwrap_or("").contains("app_start"), "{op}");
+    // A second failover of the site is refused while this one waits.
+    let second = w.drctl(&["-o", "json", "failover", &w.site, "--yes"]);
+    assert_eq!(second.status.code(), Some(6), "busy: {}{}", text(&second.stdout), text(&second.stderr));
+
+    // The fault is cleared on the candidate; resume finishes the failover.
+    let cand = w.launched_by(&op_id).await[0].instance_id().expect("id").to_owned();
+    let disk = disk_of(&w.dataplane, &cand).await;
+    std::fs::remove_file(disk.join("var/lib/dr-sim/faults")).expect("clear the fault");
+    let out = w.drctl(&["-o", "json", "operation", "resume", &op_id, "--wait"]);
+    let done = last_json(&out.stdout);
+    assert_eq!(done["state"], "succeeded", "{}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    w.wait_primary(&cand);
+
+    // Again from the new primary's backup, now aborted while waiting.
+    std::fs::write(disk.join("var/lib/dr-sim/faults"), "DR_SIM_FAIL=app start\n").expect("faults");
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    std::fs::remove_file(disk.join("var/lib/dr-sim/faults")).expect("rm");
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
+    assert_eq!(out.status.code(), Some(8), "{}{}", text(&out.stdout), text(&out.stderr));
+    let op2 = last_json(&out.stdout)["id"].as_str().expect("id").to_owned();
+    let cand2 = w.launched_by(&op2).await[0].instance_id().expect("id").to_owned();
+    let out = w.drctl(&["-o", "json", "operation", "abort", &op2, "--wait"]);
+    let ended = last_json(&out.stdout);
+    assert_eq!(ended["state"], "cancelled", "{ended}");
+    assert_eq!(w.instance_state(&cand2).await, "terminated", "abort terminates what the failover launched");
+    assert_eq!(w.instance_state(&cand).await, "stopped", "the fenced primary stays fenced (stopped)");
+    let state = ended["report"]["site_state"].as_str().unwrap_or("").to_owned();
+    assert!(state.contains("no primary is running") && state.contains(&cand) && state.contains(&cand2), "{state}");
+}
