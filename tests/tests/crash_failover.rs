@@ -1,0 +1,59 @@
+//! The controller SIGKILLed after each step of a failover has acted but
+//! before its result is stored, then restarted: every failover completes
+//! once, with one new instance, each agent step run once on it (its
+//! journal answers the repeat), the old instance fenced and the Elastic IP
+//! on the new one.
+
+use std::time::Duration;
+
+use dr_controller::engine::Workflow;
+use dr_controller::workflows::failover::Failover;
+use dr_tests::recovery_world::*;
+use dr_tests::{assert_eventually, drctl_json, replicatedctl_calls};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_controller_after_any_failover_step_duplicates_nothing() {
+    let mut w = RecoveryWorld::start("crash-fo", RecoverySpec::default()).await;
+    let steps: Vec<&str> = Failover::steps().iter().map(|d| d.name).collect();
+    assert_eq!(steps.len(), 17);
+    let mut primary = w.instance.id.clone();
+    for step in &steps {
+        w.wait_primary(&primary);
+        let backup = w.backup();
+        assert_eq!(backup["state"], "succeeded", "{backup}");
+        w.controller.kill();
+        let point = format!("step.{step}.after");
+        w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point.as_str())]);
+        w.wait_primary(&primary);
+        let started = drctl_json(&w.pki, &w.controller.url, &["failover", &w.site, "--yes"]);
+        let op = started["operation_id"].as_str().expect("operation id").to_owned();
+        let status = w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(60));
+        assert!(status.is_some(), "the controller reached {point}\n{}", tail(&w.controller.log()));
+
+        w.controller.restart(&[]);
+        assert_eventually!(
+            Duration::from_secs(90),
+            !matches!(drctl_json(&w.pki, &w.controller.url, &["operation", &op])["state"].as_str(), Some("running" | "cancelling")),
+            "{op} finishes after a crash at {point}\n{}",
+            tail(&w.controller.log())
+        );
+        let done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+        assert_eq!(done["state"], "succeeded", "crash at {point}: {done:#}");
+        let launched = w.launched_by(&op).await;
+        assert_eq!(launched.len(), 1, "one instance after a crash at {point}");
+        let new = launched[0].instance_id().expect("id").to_owned();
+        assert_eq!(w.instance_state(&primary).await, "stopped", "the old primary is fenced after a crash at {point}");
+        assert_eq!(w.eip_holder().await, new, "the Elastic IP is on the new instance after a crash at {point}");
+        let disk = disk_of(&w.dataplane, &new).await;
+        // The restored disk carries the calls logged before its backup.
+        let ami = launched[0].image_id().expect("ami").to_owned();
+        let image_disk = w.dataplane.images().await.remove(&ami).expect("the image's disk");
+        for call in ["app start", "app stop"] {
+            let ran = replicatedctl_calls(&disk, call) - replicatedctl_calls(&image_disk, call);
+            assert_eq!(ran, 1, "`{call}` ran once on {new} (crash at {point})");
+        }
+        let s = drctl_json(&w.pki, &w.controller.url, &["status", "--site", &w.site]);
+        assert_eq!(s["sites"][0]["primary_instance_id"], new.as_str(), "promoted after a crash at {point}");
+        primary = new;
+    }
+}
