@@ -281,3 +281,28 @@ pub fn drctl_no_tty(world: &RecoveryWorld, args: &[&str]) -> std::process::Outpu
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
+
+/// An EC2 client of another region, through the same endpoint.
+pub fn ec2_in(url: &str, region: &str) -> aws_sdk_ec2::Client {
+    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
+    let config = aws_sdk_ec2::config::Builder::new()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+        .credentials_provider(creds)
+        .endpoint_url(url)
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+impl RecoveryWorld {
+    /// Appends TOML to the site's table (after `[site.dns]`: sub-tables
+    /// such as `[site.launch.us-west-2]`) and restarts the controller.
+    pub fn add_site_toml(&mut self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.controller.config).expect("config");
+        text.push_str(toml);
+        std::fs::write(&self.controller.config, text).expect("config");
+        self.controller.kill();
+        self.controller.restart(&[]);
+    }
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dr_tests::recovery_world::*;
-use dr_tests::{assert_eventually, last_json, replicatedctl_calls, site_status, text};
+use dr_tests::{assert_eventually, drctl_json, last_json, replicatedctl_calls, site_status, text};
 use serde_json::Value;
 
 fn steps(op: &Value) -> Vec<(String, String, String)> {
@@ -226,4 +226,106 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
     assert_eq!(w.instance_state(&cand).await, "stopped", "the fenced primary stays fenced (stopped)");
     let state = ended["report"]["site_state"].as_str().unwrap_or("").to_owned();
     assert!(state.contains("no primary is running") && state.contains(&cand) && state.contains(&cand2), "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns() {
+    let spec = RecoverySpec { controller_toml: "[policy]\ncopy_regions = [\"us-west-2\"]\n".into(), ..Default::default() };
+    let mut w = RecoveryWorld::start("fo-dr", spec).await;
+    let west = ec2_in(&w.dataplane.url, "us-west-2");
+    let subnets = west.describe_subnets().send().await.expect("DescribeSubnets");
+    let subnet = subnets.subnets()[0].subnet_id().expect("subnet").to_owned();
+    let groups = west.describe_security_groups().send().await.expect("DescribeSecurityGroups");
+    let sg = groups.security_groups()[0].group_id().expect("sg").to_owned();
+    w.add_site_toml(&format!("[site.launch.us-west-2]\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n"));
+    w.wait_primary(&w.instance.id);
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    let copy = {
+        let mut found = None;
+        for _ in 0..100 {
+            let b = drctl_json(&w.pki, &w.controller.url, &["backups", &w.site]);
+            let c = &b["backups"][0]["copies"][0];
+            if c["state"] == "available" {
+                found = c["image_id"].as_str().map(str::to_owned);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        found.expect("the DR copy becomes available")
+    };
+    w.dataplane.lose(&w.instance.id).await;
+
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--region", "us-west-2", "--plan"]);
+    let plan = last_json(&out.stdout)["plan"].clone();
+    assert_eq!(plan["backup"]["launch_image_id"], copy.as_str(), "{plan}");
+    assert_eq!(plan["launch"]["subnet_id"], subnet.as_str());
+    assert_eq!(plan["launch"]["sources"]["subnet_id"], "config");
+    assert_eq!(plan["eip"]["movable"], false);
+    assert!(plan["human_actions"].as_array().expect("actions").iter().any(|h| h["kind"] == "elastic_ip"), "{plan}");
+
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--region", "us-west-2", "--yes", "--wait"]);
+    let op = last_json(&out.stdout);
+    assert_eq!(op["state"], "succeeded", "{}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    let op_id = op["id"].as_str().expect("id");
+    let launched: Vec<_> = west
+        .describe_instances()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op_id).build())
+        .send()
+        .await
+        .expect("DescribeInstances")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances().to_vec())
+        .collect();
+    assert_eq!(launched.len(), 1, "one instance in us-west-2");
+    assert_eq!(launched[0].image_id(), Some(copy.as_str()), "launched from the DR copy");
+    assert_eq!(launched[0].subnet_id(), Some(subnet.as_str()), "with the region's launch spec");
+    let public = launched[0].public_ip_address().expect("public ip").to_owned();
+    assert_eq!(w.dns_a().await, vec![public.clone()], "DNS names the new instance");
+    assert_eq!(w.eip_holder().await, w.instance.id, "the Elastic IP stays in its region");
+    assert_eq!(w.instance_state(&w.instance.id).await, "stopped");
+    let new = launched[0].instance_id().expect("id").to_owned();
+    let disk = disk_of(&w.dataplane, &new).await;
+    let operator = read(&disk.join("etc/default/replicated-operator"));
+    assert!(operator.contains(&format!("PUBLIC_ADDRESS={public}")), "the public address follows the new instance: {operator}");
+    let eip_step = steps(&op).into_iter().find(|s| s.0 == "move_eip").expect("move_eip");
+    assert!(eip_step.2.contains("not moved"), "{eip_step:?}");
+    w.wait_primary(&new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_fence_keeps_and_tags_the_old_volumes() {
+    let spec = RecoverySpec { site_toml: "fence = \"terminate\"\n".into(), ..Default::default() };
+    let w = RecoveryWorld::start("fo-term", spec).await;
+    w.wait_primary(&w.instance.id);
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    let volumes: Vec<String> = w
+        .ec2
+        .describe_volumes()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("attachment.instance-id").values(&w.instance.id).build())
+        .send()
+        .await
+        .expect("DescribeVolumes")
+        .volumes()
+        .iter()
+        .filter_map(|v| v.volume_id().map(str::to_owned))
+        .collect();
+    assert!(!volumes.is_empty(), "moto gives the instance a root volume");
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
+    let op = last_json(&out.stdout);
+    assert_eq!(op["state"], "succeeded", "{}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    assert_eq!(w.instance_state(&w.instance.id).await, "terminated");
+    let kept = w.ec2.describe_volumes().volume_ids(volumes[0].clone()).send().await.expect("the old volume still exists");
+    let v = &kept.volumes()[0];
+    assert!(
+        v.tags().iter().any(|t| t.key() == Some("dr:fenced-from") && t.value() == Some(w.instance.id.as_str())),
+        "tagged with the fenced instance: {v:?}"
+    );
+    let report = &op["report"];
+    assert!(
+        report["human_actions"].as_array().expect("actions").iter().any(|h| h["kind"] == "fenced_volumes"),
+        "the report lists the kept volumes: {report}"
+    );
 }

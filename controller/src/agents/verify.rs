@@ -78,11 +78,22 @@ async fn run(
                 continue;
             }
         };
+        // Instances launched in another region than their site's (a
+        // failover into the DR region) are checked there.
+        let elsewhere = match store.instance_regions().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "verifier: cannot read instance regions; retrying");
+                requeue(&tx, batch);
+                continue;
+            }
+        };
         // One call per (region, role) and at most BATCH ids.
         let mut groups: HashMap<(String, Option<String>), Vec<Check>> = HashMap::new();
         for c in batch {
             let Some(site) = sites.get(&c.site) else { continue };
-            groups.entry((site.region.clone(), site.role_arn.clone())).or_default().push(c);
+            let region = elsewhere.get(&(c.site.clone(), c.instance.clone())).cloned().unwrap_or_else(|| site.region.clone());
+            groups.entry((region, site.role_arn.clone())).or_default().push(c);
         }
         for ((region, _), group) in groups {
             for chunk in group.chunks(BATCH) {
@@ -117,7 +128,8 @@ async fn verify_chunk(
     sites: &HashMap<String, Site>,
 ) {
     let ids: Vec<String> = chunk.iter().map(|c| c.instance.clone()).collect();
-    let answer = match ec2.for_site(site).await {
+    let in_region = Site { region: region.to_owned(), ..site.clone() };
+    let answer = match ec2.for_site(&in_region).await {
         Ok(client) => client.describe_instances(&ids).await,
         Err(e) => Err(e),
     };

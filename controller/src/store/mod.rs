@@ -257,9 +257,16 @@ impl Store {
         put_launch_facts(image_id: String, site_id: String, facts: LaunchFacts) -> ());
     db_call!(launch_facts(image_id: String) -> Option<LaunchFacts>);
     db_call!(
-        /// A failover's promotion, in one transaction: `new` becomes the
-        /// site's primary, `old` (if any) is recorded fenced with `reason`.
-        promote(site_id: String, new: String, old: String, reason: String) -> ());
+        /// Records that an instance of a site runs in another region than
+        /// the site's (EC2 verification asks there).
+        put_instance_region(site_id: String, instance_id: String, region: String) -> ());
+    db_call!(instance_regions() -> HashMap<(String, String), String>);
+    db_call!(
+        /// A failover's promotion, in one transaction: `new` (in `region`)
+        /// becomes the site's primary, `old` (if any) is recorded fenced with
+        /// `reason`. From then on the site's region is the primary's, whatever
+        /// the config says (as for the primary itself).
+        promote(site_id: String, new: String, old: String, reason: String, region: String) -> ());
 
     /// Creates an operation with its steps, after `admit` decided on the
     /// site's active operations, in one transaction. With `slot`, the
@@ -453,7 +460,9 @@ impl Db<'_> {
     pub fn upsert_site(&self, site: Site) -> Result<Site, StoreError> {
         self.0.execute(
             "INSERT INTO sites (id, region, primary_instance_id, role_arn, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(id) DO UPDATE SET region = excluded.region, role_arn = excluded.role_arn",
+             ON CONFLICT(id) DO UPDATE SET role_arn = excluded.role_arn,
+                 region = CASE WHEN sites.primary_instance_id = excluded.primary_instance_id
+                               THEN excluded.region ELSE sites.region END",
             params![site.id, site.region, site.primary_instance_id, site.role_arn, now_ms() as i64],
         )?;
         Ok(self.site(site.id.clone())?.unwrap_or(site))
@@ -937,11 +946,26 @@ impl Db<'_> {
         text.map(|t| serde_json::from_str(&t).map_err(|_| corrupt("launch_facts.facts", t))).transpose()
     }
 
-    pub fn promote(&self, site_id: String, new: String, old: String, reason: String) -> Result<(), StoreError> {
+    pub fn put_instance_region(&self, site_id: String, instance_id: String, region: String) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO instance_regions (site_id, instance_id, region) VALUES (?1, ?2, ?3)
+             ON CONFLICT(site_id, instance_id) DO UPDATE SET region = excluded.region",
+            params![site_id, instance_id, region],
+        )?;
+        Ok(())
+    }
+
+    pub fn instance_regions(&self) -> Result<HashMap<(String, String), String>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT site_id, instance_id, region FROM instance_regions")?;
+        let rows = stmt.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, String>(2)?)))?;
+        Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
+    }
+
+    pub fn promote(&self, site_id: String, new: String, old: String, reason: String, region: String) -> Result<(), StoreError> {
         let tx = self.0.unchecked_transaction()?;
         tx.execute(
-            "UPDATE sites SET primary_instance_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
-            params![site_id, new, now_ms() as i64],
+            "UPDATE sites SET primary_instance_id = ?2, region = ?4, updated_at_ms = ?3 WHERE id = ?1",
+            params![site_id, new, now_ms() as i64, region],
         )?;
         let db = Db(&tx);
         db.set_instance_role(site_id.clone(), new, "primary".into(), String::new(), String::new())?;

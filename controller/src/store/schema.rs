@@ -151,5 +151,11 @@ pub const MIGRATIONS: &[&str] = &[
         site_id TEXT NOT NULL REFERENCES sites(id),
         facts TEXT NOT NULL,
         recorded_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE instance_regions (
+        site_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        PRIMARY KEY (site_id, instance_id)
     );",
 ];

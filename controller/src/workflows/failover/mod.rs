@@ -214,6 +214,32 @@ async fn on_candidate(
     }
 }
 
+/// Progress of a long wait: written when what is waited for changes, and
+/// otherwise every few seconds (not at every poll: `drctl --wait` prints
+/// each change).
+struct Waiting {
+    started: tokio::time::Instant,
+    last: String,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Waiting {
+    fn new() -> Self {
+        Waiting { started: tokio::time::Instant::now(), last: String::new(), at: None }
+    }
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+    async fn say(&mut self, ctx: &Ctx<Deps>, what: String) {
+        let due = self.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if what != self.last || due {
+            ctx.progress(format!("{what} ({} so far)", secs(self.started.elapsed().as_millis() as u64))).await;
+            self.last = what;
+            self.at = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
 fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
@@ -270,7 +296,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
                 if inst.state != "stopping" {
                     retry_ec2("StopInstances", budget, || ec2.stop_instance(&old, false)).await?;
                 }
-                let started = tokio::time::Instant::now();
+                let mut wait = Waiting::new();
                 let mut forced = false;
                 loop {
                     let now = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await?;
@@ -278,7 +304,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
                     if matches!(state.as_str(), "stopped" | "terminated") {
                         break;
                     }
-                    let waited = started.elapsed();
+                    let waited = wait.elapsed();
                     if !forced && waited >= cfg.fence_timeout {
                         ctx.progress(format!("{old} did not stop within {:?}: forcing the stop", cfg.fence_timeout)).await;
                         retry_ec2("StopInstances", budget, || ec2.stop_instance(&old, true)).await?;
@@ -289,7 +315,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
                             format!("{old} is still {state} {} after a forced stop: stop it by hand, then resume", secs(waited.as_millis() as u64)),
                         ));
                     }
-                    ctx.progress(format!("waiting for {old} to stop ({state}, {} so far)", secs(waited.as_millis() as u64))).await;
+                    wait.say(ctx, format!("waiting for {old} to stop ({state})")).await;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 format!("{old} stopped{}; recorded fenced", if forced { " (forced)" } else { "" })
@@ -308,16 +334,16 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
                 st.plan.fence.keeps_volumes = volumes;
                 retry_ec2("TerminateInstances", budget, || ec2.terminate_instance(&old)).await?;
             }
-            let started = tokio::time::Instant::now();
+            let mut wait = Waiting::new();
             loop {
                 let state = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await?.map(|i| i.state);
                 if state.as_deref().is_none_or(|s| s == "terminated") {
                     break;
                 }
-                if started.elapsed() >= cfg.fence_timeout {
+                if wait.elapsed() >= cfg.fence_timeout {
                     return Err(StepError::new(ErrorKind::TimedOut, format!("{old} is not terminated after {:?}", cfg.fence_timeout)));
                 }
-                ctx.progress(format!("waiting for {old} to terminate ({})", state.unwrap_or_default())).await;
+                wait.say(ctx, format!("waiting for {old} to terminate ({})", state.unwrap_or_default())).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             format!("{old} terminated, its volumes kept and tagged ({})", st.plan.fence.keeps_volumes.join(", "))
@@ -368,7 +394,11 @@ async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         )
         .await?;
     ctx.crash_point("failover.after_launch");
-    // Recorded before its agent can dial in: it is this operation's candidate.
+    // Recorded before its agent can dial in: it is this operation's candidate
+    // (and, in another region, verified there).
+    if spec.region != ctx.site.region {
+        ctx.store().put_instance_region(ctx.site.id.clone(), id.clone(), spec.region.clone()).await?;
+    }
     ctx.store()
         .set_instance_role(ctx.site.id.clone(), id.clone(), "candidate".into(), ctx.op_id.clone(), String::new())
         .await?;
@@ -393,7 +423,7 @@ async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
     let ec2 = ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     let limit = ctx.deps().failover.launch_timeout;
-    let started = tokio::time::Instant::now();
+    let mut progress = Waiting::new();
     let mut wait = Duration::from_millis(200);
     loop {
         let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
@@ -412,10 +442,10 @@ async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
         if matches!(state.as_str(), "terminated" | "shutting-down" | "stopped" | "stopping") {
             return Err(StepError::failed(format!("{id} is {state}: it will not come up (look at its console output in EC2)")));
         }
-        if started.elapsed() >= limit {
+        if progress.elapsed() >= limit {
             return Err(StepError::new(ErrorKind::TimedOut, format!("{id} is still {state} after {limit:?} (failover.launch_timeout)")));
         }
-        ctx.progress(format!("waiting for {id} to run ({state}, {} so far)", secs(started.elapsed().as_millis() as u64))).await;
+        progress.say(ctx, format!("waiting for {id} to run ({state})")).await;
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
     }
@@ -424,7 +454,7 @@ async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
 async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let to = candidate(ctx, st)?;
     let limit = ctx.deps().failover.agent_timeout;
-    let started = tokio::time::Instant::now();
+    let mut progress = Waiting::new();
     loop {
         let live = ctx.deps().registry.live(&to.site_id, &to.instance_id);
         match &live {
@@ -444,7 +474,7 @@ async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
             }
             _ => {}
         }
-        if started.elapsed() >= limit {
+        if progress.elapsed() >= limit {
             let seen = match live {
                 Some(l) => format!("connected as {} ({})", l.role.name(), l.role.reason()),
                 None => "never connected".into(),
@@ -458,7 +488,7 @@ async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
             Some(l) => format!("connected as {}, waiting for EC2 to confirm it", l.role.name()),
             None => "waiting for its agent to connect".to_owned(),
         };
-        ctx.progress(format!("{}: {what} ({} so far)", to.instance_id, secs(started.elapsed().as_millis() as u64))).await;
+        progress.say(ctx, format!("{}: {what}", to.instance_id)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -579,16 +609,16 @@ async fn update_dns(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
     let r53 = ctx.deps().dns().await;
     let change = retry_ec2("ChangeResourceRecordSets", EC2_RETRY_BUDGET, || r53.upsert_a(&dns.zone_id, &dns.name, &value, dns.ttl)).await?;
     let limit = ctx.deps().failover.dns_timeout;
-    let started = tokio::time::Instant::now();
+    let mut progress = Waiting::new();
     loop {
         let status = retry_ec2("GetChange", EC2_RETRY_BUDGET, || r53.change_status(&change)).await?;
         if status == "INSYNC" {
             break;
         }
-        if started.elapsed() >= limit {
+        if progress.elapsed() >= limit {
             return Err(StepError::new(ErrorKind::TimedOut, format!("Route 53 change {change} is still {status} after {limit:?}")));
         }
-        ctx.progress(format!("waiting for Route 53 change {change} ({status})")).await;
+        progress.say(ctx, format!("waiting for Route 53 change {change} ({status})")).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     st.dns_value = value.clone();
@@ -658,7 +688,9 @@ async fn promote(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     let deps = ctx.deps();
     let old = st.plan.fence.instance_id.clone();
     let reason = format!("replaced by {} in {} {}", st.candidate, st.plan.kind, ctx.op_id);
-    deps.store.promote(ctx.site.id.clone(), st.candidate.clone(), old.clone(), reason.clone()).await?;
+    deps.store
+        .promote(ctx.site.id.clone(), st.candidate.clone(), old.clone(), reason.clone(), st.plan.launch.region.clone())
+        .await?;
     ctx.crash_point("failover.after_promote");
     deps.registry.set_role(&ctx.site.id, &st.candidate, Role::Primary);
     if !old.is_empty() {
