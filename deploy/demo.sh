@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The walking skeleton, end to end, on this machine only (loopback):
-#   throw-away PKI -> moto's EC2 server -> one instance registered in it ->
-#   a simulated services machine (Replicated files, /opt/nomad, fake IMDS,
-#   simulated replicatedctl) -> dr-controller -> dr-agent ->
-#   `drctl backup <site> --wait` -> `drctl status` / `drctl backups`.
-# Exits 0 only if the backup is recorded and its AMI exists in EC2 (moto).
-# Everything it starts is stopped on exit. DR_DEMO_KEEP=1 keeps the work dir.
+# Backup and failover end to end, on this machine only (loopback):
+#   throw-away PKI -> moto's EC2 server behind the simulated data plane
+#   (dr-sim-dataplane: instances launched from a backup boot a copy of the
+#   disk the backup was taken of, with a real dr-agent) -> one services
+#   machine with an Elastic IP and a Route 53 record -> dr-controller ->
+#   `drctl backup <site> --wait` -> the machine is lost (stopped in EC2 and
+#   on its simulated host) -> `drctl failover <site> --plan` ->
+#   `drctl failover <site> --wait --yes` (plan, progress, RTO, human actions).
+# Exits 0 only if EC2 then shows a new instance launched from the backup's
+# AMI holding the Elastic IP, the old one stopped, and the restored
+# machine's app started with its new addresses. Everything it starts is
+# stopped on exit. DR_DEMO_KEEP=1 keeps the work dir.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -50,50 +55,35 @@ say "Creating a throw-away PKI in $work/pki"
 "$drctl" pki issue site "$site" --dir "$work/pki" --days 1
 "$drctl" pki issue operator demo --dir "$work/pki" --days 1
 
-say "Starting moto's EC2 server on loopback"
+say "Starting moto's EC2 server on loopback, and the simulated data plane in front of it"
 moto_port=$(free_port)
 "$moto_server" -H 127.0.0.1 -p "$moto_port" > "$work/moto.log" 2>&1 &
 pids+=($!)
 wait_port "$moto_port"
-moto=http://127.0.0.1:$moto_port
+"$bin/dr-sim-dataplane" --listen 127.0.0.1:0 --moto "http://127.0.0.1:$moto_port" --dir "$work/dataplane" \
+  --boot-delay 2s --app-secs 1 > "$work/dataplane.out" 2> "$work/dataplane.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q '^listening on' "$work/dataplane.out" 2>/dev/null && break; sleep 0.1; done
+# Every EC2 and Route 53 call (the controller's and this script's) goes
+# through the data plane.
+moto=http://$(sed -n 's/^listening on //p' "$work/dataplane.out")
+echo "EC2 (moto behind the data plane) at $moto"
 
-say "Registering the services machine in EC2 (RunInstances)"
-read -r instance private_ip public_ip < <("$python" - "$moto" <<'PY'
+say "Registering the services machine in EC2 (RunInstances), its Elastic IP and DNS zone"
+read -r instance private_ip eip allocation zone < <("$python" - "$moto" <<'PY'
 import sys, boto3
 ec2 = boto3.client("ec2", endpoint_url=sys.argv[1], region_name="us-east-1")
 ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
 i = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, InstanceType="m5.xlarge")["Instances"][0]
 ec2.create_tags(Resources=[i["InstanceId"]], Tags=[{"Key": "Name", "Value": "circleci-services"}])
-print(i["InstanceId"], i["PrivateIpAddress"], i.get("PublicIpAddress", "54.10.20.30"))
+a = ec2.allocate_address(Domain="vpc")
+ec2.associate_address(AllocationId=a["AllocationId"], InstanceId=i["InstanceId"])
+r53 = boto3.client("route53", endpoint_url=sys.argv[1], region_name="us-east-1")
+z = r53.create_hosted_zone(Name="example.com", CallerReference="dr-demo")["HostedZone"]["Id"].split("/")[-1]
+print(i["InstanceId"], i["PrivateIpAddress"], a["PublicIp"], a["AllocationId"], z)
 PY
 )
-echo "instance $instance, private $private_ip, public $public_ip"
-
-say "Simulating the services machine: Replicated files, /opt/nomad, IMDS, replicatedctl"
-root=$work/root
-node="ip-${private_ip//./-}.ec2.internal"
-mkdir -p "$root/etc/default" "$root/opt/nomad/server/raft" "$root/var/lib/dr-sim"
-cat > "$root/etc/default/replicated" <<CONF
-RELEASE_CHANNEL=stable
-PRIVATE_ADDRESS=$private_ip
-SKIP_OPERATOR_INSTALL=0
-REPLICATED_OPTS=" -e DAEMON_TOKEN=abc123 -e LOG_LEVEL=info -e NODENAME=$node"
-REPLICATED_UI_OPTS=""
-CONF
-cat > "$root/etc/default/replicated-operator" <<CONF
-RELEASE_CHANNEL=stable
-DAEMON_ENDPOINT=$private_ip:9879
-DAEMON_TOKEN=abc123
-DAEMON_HOST=$private_ip
-PRIVATE_ADDRESS=$private_ip
-REPLICATED_OPERATOR_OPTS=" -e PUBLIC_ADDRESS=$public_ip -e TAGS=local -e LOG_LEVEL=info -e NODENAME=$node"
-CONF
-echo raft > "$root/opt/nomad/server/raft/raft.db"
-"$bin/dr-sim-imds" --listen 127.0.0.1:0 --instance-id "$instance" --private-ip "$private_ip" --public-ip "$public_ip" > "$work/imds.out" 2> "$work/imds.log" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q '^listening on' "$work/imds.out" 2>/dev/null && break; sleep 0.1; done
-imds=http://$(sed -n 's/^listening on //p' "$work/imds.out")
-echo "fake IMDS at $imds"
+echo "instance $instance, private $private_ip, Elastic IP $eip ($allocation), zone $zone"
 
 say "Starting dr-controller"
 port=$(free_port)
@@ -123,36 +113,105 @@ poll_max = "5s"
 [[site]]
 id = "$site"
 instance_id = "$instance"
+
+[site.dns]
+zone_id = "$zone"
+name = "circleci.example.com"
+ttl = 60
 CONF
 RUST_LOG=info,aws=warn "$bin/dr-controller" --config "$work/controller.toml" > "$work/controller.log" 2>&1 &
 pids+=($!)
 wait_port "$port"
 
-say "Starting dr-agent on the simulated machine"
-cat > "$work/agent.toml" <<CONF
+say "Simulating the CircleCI API and dev-console (build cleanup after a restore)"
+# One build running since before the backup (the restore deletes it: its
+# builder's state is gone), one started after it (left alone).
+"$python" - "$work/builds.json" <<'PY'
+import json, sys, datetime
+now = datetime.datetime.now(datetime.timezone.utc)
+def build(n, start):
+    t = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"build_url": f"https://circleci.example.com/gh/acme/api/{n}", "build_num": n, "username": "acme", "reponame": "api",
+            "vcs_type": "github", "branch": "main", "committer_name": "A. Dev", "lifecycle": "running", "status": "running",
+            "outcome": None, "queued_at": t, "start_time": t, "stop_time": None}
+json.dump([build(41, now - datetime.timedelta(minutes=20)), build(42, now + datetime.timedelta(minutes=5))], open(sys.argv[1], "w"))
+PY
+echo "demo-token" > "$work/circleci-token"
+chmod 600 "$work/circleci-token"
+"$bin/dr-sim-circleci-api" --listen 127.0.0.1:0 --token demo-token --builds "$work/builds.json" > "$work/api.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q '^listening on' "$work/api.out" 2>/dev/null && break; sleep 0.1; done
+api=http://$(sed -n 's/^listening on //p' "$work/api.out" | head -1)
+echo "CircleCI API simulator at $api"
+
+say "The services machine's disk: Replicated files, /opt/nomad, the agent and its certificate"
+root=$work/disk
+node="ip-${private_ip//./-}.ec2.internal"
+mkdir -p "$root/etc/default" "$root/opt/nomad/server/raft" "$root/var/lib/dr-sim" "$root/etc/dr-agent" "$root/var/lib/dr-agent"
+cat > "$root/etc/default/replicated" <<CONF
+RELEASE_CHANNEL=stable
+PRIVATE_ADDRESS=$private_ip
+SKIP_OPERATOR_INSTALL=0
+REPLICATED_OPTS=" -e DAEMON_TOKEN=abc123 -e LOG_LEVEL=info -e NODENAME=$node"
+REPLICATED_UI_OPTS=""
+CONF
+cat > "$root/etc/default/replicated-operator" <<CONF
+RELEASE_CHANNEL=stable
+DAEMON_ENDPOINT=$private_ip:9879
+DAEMON_TOKEN=abc123
+DAEMON_HOST=$private_ip
+PRIVATE_ADDRESS=$private_ip
+REPLICATED_OPERATOR_OPTS=" -e PUBLIC_ADDRESS=$eip -e TAGS=local -e LOG_LEVEL=info -e NODENAME=$node"
+CONF
+echo raft > "$root/opt/nomad/server/raft/raft.db"
+cp "$work/pki/ca.pem" "$root/etc/dr-agent/ca.pem"
+cp "$work/pki/site-$site.pem" "$root/etc/dr-agent/agent.pem"
+cp "$work/pki/site-$site.key" "$root/etc/dr-agent/agent.key"
+# @ROOT@ and @IMDS@ are filled in by the simulated host at every boot (on
+# AWS the paths are fixed and IMDS is 169.254.169.254).
+cat > "$root/etc/dr-agent/agent.toml.in" <<CONF
 site_id = "$site"
 controller_url = "https://127.0.0.1:$port"
-state_dir = "$work/agent"
-root = "$root"
+state_dir = "@ROOT@/var/lib/dr-agent"
+root = "@ROOT@"
 
 [tls]
-ca = "$work/pki/ca.pem"
-cert = "$work/pki/site-$site.pem"
-key = "$work/pki/site-$site.key"
+ca = "@ROOT@/etc/dr-agent/ca.pem"
+cert = "@ROOT@/etc/dr-agent/agent.pem"
+key = "@ROOT@/etc/dr-agent/agent.key"
 
 [imds]
-endpoint = "$imds"
+endpoint = "@IMDS@"
 
 [replicated]
 replicatedctl = "$bin/dr-sim-replicatedctl"
+poll_interval = "500ms"
+
+[circleci]
+api_url = "$api"
+api_token_file = "$work/circleci-token"
+hostname = "circleci.example.com"
+dev_console = ["$bin/dr-sim-dev-console", "--deletions", "$work/deleted-builds", "--sessions", "$work/console-sessions"]
+
+[reconnect]
+initial = "200ms"
+max = "2s"
 CONF
-DR_SIM_STATE_DIR="$root/var/lib/dr-sim" "$bin/dr-agent" run --config "$work/agent.toml" > "$work/agent.log" 2>&1 &
-pids+=($!)
+dp() { "$python" - "$moto" "$@" <<'PY'
+import json, sys, urllib.request
+url, method, path = sys.argv[1], sys.argv[2], sys.argv[3]
+body = sys.argv[4].encode() if len(sys.argv) > 4 else None
+req = urllib.request.Request(url + path, data=body, method=method, headers={"content-type": "application/json"})
+print(urllib.request.urlopen(req).read().decode())
+PY
+}
+dp POST /dataplane/adopt "{\"instance_id\": \"$instance\", \"disk\": \"$root\"}" > /dev/null
+echo "the simulated host of $instance booted (agent log: $work/dataplane/machines/$instance.log)"
 
 export DRCTL_CONTROLLER=https://127.0.0.1:$port DRCTL_CA=$work/pki/ca.pem
 export DRCTL_CERT=$work/pki/operator-demo.pem DRCTL_KEY=$work/pki/operator-demo.key
-for _ in $(seq 1 100); do
-  "$drctl" status --output json 2>/dev/null | grep -q '"connected":true' && break
+for _ in $(seq 1 150); do
+  "$drctl" status --output json 2>/dev/null | grep -q '"role":"primary"' && break
   sleep 0.2
 done
 
@@ -162,21 +221,52 @@ say "drctl status"
 say "drctl backup $site --wait"
 "$drctl" backup "$site" --wait
 
+say "drctl backups $site"
+"$drctl" backups "$site"
+image=$("$drctl" backups "$site" --output json | "$python" -c 'import json,sys; print(json.load(sys.stdin)["backups"][0]["image_id"])')
+
+say "Losing the services machine: StopInstances in EC2 (its simulated host stops)"
+"$python" - "$moto" "$instance" <<'PY'
+import sys, boto3
+boto3.client("ec2", endpoint_url=sys.argv[1], region_name="us-east-1").stop_instances(InstanceIds=[sys.argv[2]])
+PY
+sleep 1
+
+say "drctl failover $site --plan (changes nothing)"
+"$drctl" failover "$site" --plan
+
+say "drctl failover $site --wait --yes"
+"$drctl" failover "$site" --wait --yes
+
 say "drctl status"
 "$drctl" status
 
-say "drctl backups $site"
-"$drctl" backups "$site"
-
-say "Checking EC2: the recorded AMI exists and carries the site's tags"
-image=$("$drctl" backups "$site" --output json | "$python" -c 'import json,sys; print(json.load(sys.stdin)["backups"][0]["image_id"])')
-"$python" - "$moto" "$image" "$site" <<'PY'
-import sys, boto3
-ec2 = boto3.client("ec2", endpoint_url=sys.argv[1], region_name="us-east-1")
-img = ec2.describe_images(ImageIds=[sys.argv[2]])["Images"][0]
-tags = {t["Key"]: t["Value"] for t in img.get("Tags", [])}
-assert img["State"] == "available", img["State"]
-assert tags.get("dr:site") == sys.argv[3], tags
-print(f"{img['ImageId']} is {img['State']} in EC2, tags {tags}")
+say "Checking EC2 and the restored machine"
+op=$("$drctl" status --output json | "$python" -c 'import json,sys; print(json.load(sys.stdin)["sites"][0]["primary_instance_id"])')
+"$python" - "$moto" "$image" "$instance" "$allocation" "$op" "$bin/dr-sim-replicatedctl" <<'PY'
+import json, os, subprocess, sys, urllib.request, boto3
+url, image, old, allocation, new, ctl = sys.argv[1:7]
+ec2 = boto3.client("ec2", endpoint_url=url, region_name="us-east-1")
+def inst(i):
+    return ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]
+n, o = inst(new), inst(old)
+assert new != old, "the primary did not change"
+assert n["ImageId"] == image, f"{new} was launched from {n['ImageId']}, not the backup {image}"
+assert n["State"]["Name"] == "running", n["State"]
+assert o["State"]["Name"] == "stopped", o["State"]
+addr = ec2.describe_addresses(AllocationIds=[allocation])["Addresses"][0]
+assert addr.get("InstanceId") == new, f"the Elastic IP is on {addr.get('InstanceId')}"
+machines = json.load(urllib.request.urlopen(url + "/dataplane/machines"))
+disk = next(m["disk"] for m in machines if m["instance_id"] == new)
+replicated = open(disk + "/etc/default/replicated").read()
+assert f"PRIVATE_ADDRESS={n['PrivateIpAddress']}" in replicated, replicated
+status = subprocess.run([ctl, "app", "status"], env={**os.environ, "DR_SIM_STATE_DIR": disk + "/var/lib/dr-sim"},
+                        capture_output=True, text=True, check=True).stdout
+app = json.loads(status)[0]
+assert app["State"] == "started" and not app["IsTransitioning"], app
+print(f"{new}: launched from {image}, running, holds Elastic IP {addr['PublicIp']}; {old} stopped")
+print(f"restored machine: PRIVATE_ADDRESS={n['PrivateIpAddress']} in its Replicated files, app {app['State']}")
 PY
+echo "builds deleted on the restored machine: $(tr '\n' ' ' < "$work/deleted-builds")"
+grep -q '/41$' "$work/deleted-builds" && ! grep -q '/42$' "$work/deleted-builds"
 say "Demo succeeded"
