@@ -1,0 +1,179 @@
+//! N sites failed over at once (default 50), through the throttling proxy
+//! in front of the simulated data plane in front of moto: every site a
+//! simulated host with a real agent, every restored machine booted from its
+//! backup's disk after a simulated boot delay. Prints wall time, EC2 calls
+//! and throttles per failover, how RunInstances was paced, and the
+//! orchestration overhead per failover: its duration minus the time spent
+//! waiting for the simulated world (boot, agent up, app stop and start) and
+//! for the RunInstances bucket.
+//!
+//!   target/debug/dr-bench-failover
+//!   DR_BENCH_SITES=20 DR_BENCH_THROTTLE=0.1 DR_BENCH_BOOT=3s target/debug/dr-bench-failover
+//!
+//! A plain binary like the other benches (moto dominates; a release build
+//! of this crate would rebuild aws-sdk-ec2). Needs DR_MOTO_SERVER.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dr_proto::pb;
+use dr_tests::recovery_world::ec2_at;
+use dr_tests::*;
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn admin(pki: &Pki, url: &str) -> pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+    dr_proto::tls::install_crypto_provider();
+    let (cert, key) = pki.operator();
+    let files = dr_proto::tls::TlsFiles { ca: pki.ca(), cert, key };
+    let tls = dr_proto::tls::client_config(&files, "127.0.0.1").expect("client TLS");
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the controller");
+    pb::admin_service_client::AdminServiceClient::new(channel)
+}
+
+async fn wait_ops(
+    client: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    ids: &[String],
+    timeout: Duration,
+) -> Vec<pb::Operation> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut done = Vec::new();
+        for id in ids {
+            let op = client.get_operation(pb::OperationRef { operation_id: id.clone() }).await.expect("GetOperation").into_inner();
+            if matches!(op.state.as_str(), "running" | "cancelling") {
+                break;
+            }
+            done.push(op);
+        }
+        if done.len() == ids.len() {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "operations still running after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn step_ms(op: &pb::Operation, names: &[&str]) -> u64 {
+    op.steps
+        .iter()
+        .filter(|s| names.contains(&s.name.as_str()) && s.finished_at_ms >= s.started_at_ms && s.started_at_ms > 0)
+        .map(|s| s.finished_at_ms - s.started_at_ms)
+        .sum()
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = env("DR_BENCH_SITES", 50);
+    let share: f64 = env("DR_BENCH_THROTTLE", 0.1);
+    let boot = humantime::parse_duration(&std::env::var("DR_BENCH_BOOT").unwrap_or_else(|_| "3s".into())).expect("DR_BENCH_BOOT");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let moto = Moto::start(dir.path());
+    let dp = DataPlane::start(&dir.path().join("dataplane"), &moto.url, boot);
+    let proxy = throttle::start(&dp.url, share, 7).await;
+    let ec2 = ec2_at(&dp.url);
+    let pki = Pki::new(dir.path());
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut sites = Vec::new();
+    for i in 0..n {
+        let site = format!("bench-{i:03}");
+        let instance = launch_instance(&ec2).await;
+        let disk_dir = dir.path().join(format!("disk-{i:03}"));
+        std::fs::create_dir_all(&disk_dir).expect("mkdir");
+        let disk = site_disk(&disk_dir, &pki, &site, &url, &instance, "");
+        sites.push((site, instance, disk));
+    }
+    let spec = ControllerSpec {
+        port,
+        heartbeat: "2s",
+        poll_initial: "200ms",
+        sites: sites.iter().map(|(s, i, _)| (s.clone(), i.id.clone())).collect(),
+        extra: "[failover]\nagent_timeout = \"10m\"\n".into(),
+        endpoint: Some(proxy.url.clone()),
+    };
+    let mut controller = Controller::start(dir.path(), &pki, &moto, &spec);
+    for (_, instance, disk) in &sites {
+        dp.adopt(&instance.id, disk).await.expect("adopt");
+    }
+    let mut client = admin(&pki, &url).await;
+    let ready = Instant::now();
+    loop {
+        let s = client.status(pb::StatusRequest { page_size: 1000, ..Default::default() }).await.expect("Status").into_inner();
+        if s.summary.as_ref().is_some_and(|x| x.primary_connected as usize == n) {
+            break;
+        }
+        assert!(ready.elapsed() < Duration::from_secs(300), "not every primary connected:\n{}", controller.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut backups = Vec::new();
+    for (site, _, _) in &sites {
+        backups.push(client.start_backup(pb::StartBackupRequest { site_id: site.clone() }).await.expect("StartBackup").into_inner().operation_id);
+    }
+    let done = wait_ops(&mut client, &backups, Duration::from_secs(900)).await;
+    assert!(done.iter().all(|o| o.state == "succeeded"), "a backup failed");
+
+    let calls_before: HashMap<String, u64> = proxy.stats.calls.lock().expect("lock").clone();
+    let throttled_before = proxy.stats.throttled.load(std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    let mut ops = Vec::new();
+    for (site, _, _) in &sites {
+        let r = pb::StartFailoverRequest { site_id: site.clone(), ..Default::default() };
+        ops.push(client.start_failover(r).await.expect("StartFailover").into_inner().operation_id);
+    }
+    let started_all = start.elapsed();
+    let done = wait_ops(&mut client, &ops, Duration::from_secs(1800)).await;
+    let wall = start.elapsed();
+    let failed: Vec<&pb::Operation> = done.iter().filter(|o| o.state != "succeeded").collect();
+    let calls_after: HashMap<String, u64> = proxy.stats.calls.lock().expect("lock").clone();
+    let throttled = proxy.stats.throttled.load(std::sync::atomic::Ordering::Relaxed) - throttled_before;
+    let delta = |a: &str| calls_after.get(a).copied().unwrap_or(0) - calls_before.get(a).copied().unwrap_or(0);
+    let total: u64 = calls_after.values().sum::<u64>() - calls_before.values().sum::<u64>();
+
+    let mut overheads = Vec::new();
+    let mut launch_waits = Vec::new();
+    let mut durations = Vec::new();
+    for op in &done {
+        let end = op.steps.iter().map(|s| s.finished_at_ms).max().unwrap_or(op.updated_at_ms);
+        let total_ms = end.saturating_sub(op.created_at_ms);
+        let simulated = step_ms(op, &["wait_running", "wait_agent", "app_stop", "app_start"]);
+        let launch = step_ms(op, &["launch"]);
+        durations.push(total_ms);
+        launch_waits.push(launch);
+        overheads.push(total_ms.saturating_sub(simulated + launch));
+    }
+    let stats = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        let mean = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+        (mean / 1000.0, v.get(v.len() * 95 / 100).copied().unwrap_or(0) as f64 / 1000.0, v.last().copied().unwrap_or(0) as f64 / 1000.0)
+    };
+    let (d_mean, d_p95, d_max) = stats(&mut durations);
+    let (o_mean, o_p95, o_max) = stats(&mut overheads);
+    let (l_mean, _, l_max) = stats(&mut launch_waits);
+    println!("{n} failovers at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled", share * 100.0);
+    println!("  all started in:       {:.2} s", started_all.as_secs_f64());
+    println!("  wall time:            {:.1} s", wall.as_secs_f64());
+    println!("  failed:               {}", failed.len());
+    println!("  per failover:         mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s");
+    println!("  orchestration:        mean {o_mean:.2} s, p95 {o_p95:.2} s, max {o_max:.2} s (beyond boot, agent, app and the RunInstances bucket)");
+    println!("  RunInstances bucket:  mean wait {l_mean:.1} s, max {l_max:.1} s; {} RunInstances calls", delta("RunInstances"));
+    println!("  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)", total as f64 / n as f64, throttled as f64 / n as f64);
+    let mut actions: Vec<(&String, u64)> = calls_after.keys().map(|a| (a, delta(a))).filter(|(_, c)| *c > 0).collect();
+    actions.sort_by(|a, b| b.1.cmp(&a.1));
+    for (a, c) in actions {
+        println!("    {a:<22} {c}");
+    }
+    for op in &failed {
+        println!("  FAILED {} {}: {} {}", op.site_id, op.id, op.state, op.waiting_for);
+    }
+    controller.kill();
+    assert!(failed.is_empty(), "a failover did not succeed");
+}
