@@ -138,6 +138,9 @@ pub struct MachineView {
     pub private_ip: Option<String>,
     pub public_ip: Option<String>,
     pub imds_url: Option<String>,
+    /// Process ids of its dr-agent and dr-sim-imds while they run.
+    pub agent_pid: Option<u32>,
+    pub imds_pid: Option<u32>,
     /// Why its last boot failed, or how its agent ended by itself.
     pub error: Option<String>,
 }
@@ -186,6 +189,7 @@ struct Machine {
     private_ip: Option<String>,
     public_ip: Option<String>,
     imds_url: Option<String>,
+    pids: Option<(u32, u32)>,
     error: Option<String>,
     /// Bumped by every boot, stop or loss: a boot goes on only while it
     /// still holds the current epoch.
@@ -208,6 +212,7 @@ impl Machine {
             private_ip: None,
             public_ip: None,
             imds_url: None,
+            pids: None,
             error: None,
             epoch: 0,
             halt: None,
@@ -232,6 +237,8 @@ impl Machine {
             private_ip: self.private_ip.clone(),
             public_ip: self.public_ip.clone(),
             imds_url: self.imds_url.clone(),
+            agent_pid: self.pids.map(|p| p.0),
+            imds_pid: self.pids.map(|p| p.1),
             error: self.error.clone(),
         }
     }
@@ -688,6 +695,7 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
     m.private_ip = Some(private_ip.clone());
     m.public_ip = public_ip.clone();
     m.imds_url = Some(imds_url.clone());
+    m.pids = agent.id().zip(imds.id());
     m.halt = Some(tx);
     m.supervisor = Some(tokio::spawn(supervise(state.clone(), id.to_owned(), m.boots, agent, imds, rx)));
     tracing::info!(instance_id = id, boot = m.boots, private_ip, public_ip, imds_url, disk = %disk.display(), "machine booted");
@@ -748,6 +756,7 @@ async fn supervise(
     let mut machines = state.machines.lock().expect("machines lock");
     if let Some(m) = machines.get_mut(&id).filter(|m| m.boots == boot_no) {
         m.halt = None;
+        m.pids = None;
         // A boot requested meanwhile keeps its own phase.
         if matches!(m.phase, Phase::Running | Phase::Stopping) {
             m.phase = phase;
