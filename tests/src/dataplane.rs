@@ -270,10 +270,14 @@ impl Server {
                 return Err(DataPlaneError::MissingBinary { what, path: path.clone() });
             }
         }
+        let mut opts = opts;
         for sub in ["images", "machines"] {
             let path = opts.dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataPlaneError::Io { action: "create", path, source })?;
         }
+        // Disk paths end up in agent configs: absolute.
+        opts.dir = std::fs::canonicalize(&opts.dir)
+            .map_err(|source| DataPlaneError::Io { action: "resolve", path: opts.dir.clone(), source })?;
         let upstream = Upstream::new(&opts.moto_url)
             .map_err(|source| DataPlaneError::MotoUrl { url: opts.moto_url.clone(), source })?;
         let listener =
@@ -572,10 +576,11 @@ fn spawn_boot(state: Arc<State>, id: String, epoch: u64, delay: Duration) {
     });
 }
 
-/// Stops (or kills) a machine's processes in the background.
-fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> Option<tokio::task::JoinHandle<()>> {
+/// Stops (or kills) a machine's processes in the background; returns
+/// whether the machine is known.
+fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> bool {
     let mut machines = state.machines.lock().expect("machines lock");
-    let m = machines.get_mut(id)?;
+    let Some(m) = machines.get_mut(id) else { return false };
     m.epoch += 1;
     m.terminated |= terminate;
     let lost = matches!(how, Halt::Kill);
@@ -589,7 +594,7 @@ fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> Option<tokio::ta
             m.phase = if lost { Phase::Lost } else { Phase::Stopped };
         }
     }
-    m.supervisor.take()
+    true
 }
 
 // ---------------------------------------------------------------- boot
@@ -643,6 +648,12 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
         .append(true)
         .open(&log_path)
         .map_err(|source| MachineError::Io { action: "open", path: log_path.clone(), source })?;
+    let boot_no = state.machines.lock().expect("machines lock").get(id).map(|m| m.boots + 1).unwrap_or(1);
+    {
+        use std::io::Write;
+        let mut header = &log;
+        let _ = writeln!(header, "=== dr-sim-dataplane: boot {boot_no} of {id} ({private_ip}), disk {}", disk.display());
+    }
     let log_file = |what: &'static str| {
         log.try_clone().map_err(|source| MachineError::Io { action: what, path: log_path.clone(), source })
     };
@@ -926,12 +937,10 @@ async fn adopt(state: &Arc<State>, body: &[u8]) -> Result<serde_json::Value, Mac
 /// `POST /dataplane/lose`: the host dies; EC2 is not told.
 async fn lose(state: &Arc<State>, body: &[u8]) -> Result<serde_json::Value, MachineError> {
     let req: LoseRequest = serde_json::from_slice(body).map_err(|e| MachineError::BadBody(e.to_string()))?;
-    let supervisor = {
-        if !state.machines.lock().expect("machines lock").contains_key(&req.instance_id) {
-            return Err(MachineError::UnknownMachine(req.instance_id));
-        }
-        halt(state, &req.instance_id, Halt::Kill, false)
-    };
+    if !halt(state, &req.instance_id, Halt::Kill, false) {
+        return Err(MachineError::UnknownMachine(req.instance_id));
+    }
+    let supervisor = state.machines.lock().expect("machines lock").get_mut(&req.instance_id).and_then(|m| m.supervisor.take());
     if let Some(s) = supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
