@@ -100,6 +100,31 @@ async fn images_and_launches_run_real_agents_on_point_in_time_disks() {
     assert!(config.contains(&format!("root = \"{}\"", machine.disk.display())), "{config}");
     assert!(config.contains(machine.imds_url.as_deref().expect("imds url")), "{config}");
 
+    // An Elastic IP moved onto it shows in its IMDS, as on EC2.
+    let eip = ec2.allocate_address().send().await.expect("AllocateAddress");
+    let eip_ip = eip.public_ip().expect("public ip").to_owned();
+    ec2.associate_address()
+        .instance_id(&new_id)
+        .allocation_id(eip.allocation_id().expect("allocation"))
+        .send()
+        .await
+        .expect("AssociateAddress");
+    let imds = dr_agent::imds::ImdsClient::new(machine.imds_url.as_deref().expect("imds url"), Duration::from_secs(2)).expect("imds");
+    let mut seen = None;
+    for _ in 0..50 {
+        if let Ok(token) = imds.token().await {
+            seen = imds.meta_data(&token, "public-ipv4").await.ok().flatten();
+            if seen.as_deref() == Some(eip_ip.as_str()) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.as_deref(), Some(eip_ip.as_str()), "IMDS public-ipv4 after AssociateAddress\n{}", dp.log());
+    let moved = dp.machine(&new_id).await.expect("known");
+    assert!(moved.running && moved.public_ip.as_deref() == Some(eip_ip.as_str()), "{moved:?}");
+    assert_ne!(moved.imds_pid, machine.imds_pid, "a new IMDS process on the same port");
+
     // StopInstances stops it; the primary runs on.
     ec2.stop_instances().instance_ids(&new_id).send().await.expect("StopInstances");
     assert!(second.ends_within(Duration::from_secs(10)).await, "the stopped machine's session ends\n{}", dp.machine_log(&new_id));
