@@ -12,6 +12,9 @@
 //!   `dr-agent` configured from the disk's `etc/dr-agent/agent.toml.in`.
 //! - `StartInstances` boots known machines again, `StopInstances` and
 //!   `TerminateInstances` stop them (SIGTERM, SIGKILL after 3 s). Disks stay.
+//! - `AssociateAddress` / `DisassociateAddress`: running machines of that
+//!   region whose IPs in moto changed get their IMDS restarted on the same
+//!   port with the new ones.
 //!
 //! Each event is acted on only when moto answered 200. A control API under
 //! `/dataplane/` adopts a machine the test launched itself, lists machines
@@ -138,6 +141,9 @@ pub struct MachineView {
     pub private_ip: Option<String>,
     pub public_ip: Option<String>,
     pub imds_url: Option<String>,
+    /// Process ids of its dr-agent and dr-sim-imds while they run.
+    pub agent_pid: Option<u32>,
+    pub imds_pid: Option<u32>,
     /// Why its last boot failed, or how its agent ended by itself.
     pub error: Option<String>,
 }
@@ -168,12 +174,15 @@ impl Phase {
 }
 
 /// What the supervisor of a running machine is told.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Halt {
     /// StopInstances / TerminateInstances: SIGTERM, SIGKILL after the grace.
     Stop,
     /// A host failure or the data plane's own shutdown: SIGKILL.
     Kill,
+    /// EC2 moved an address (AssociateAddress / DisassociateAddress): the
+    /// IMDS restarts on its port with these IPs; the agent runs on.
+    Readdress { private_ip: String, public_ip: Option<String> },
 }
 
 struct Machine {
@@ -186,6 +195,7 @@ struct Machine {
     private_ip: Option<String>,
     public_ip: Option<String>,
     imds_url: Option<String>,
+    pids: Option<(u32, u32)>,
     error: Option<String>,
     /// Bumped by every boot, stop or loss: a boot goes on only while it
     /// still holds the current epoch.
@@ -208,6 +218,7 @@ impl Machine {
             private_ip: None,
             public_ip: None,
             imds_url: None,
+            pids: None,
             error: None,
             epoch: 0,
             halt: None,
@@ -232,6 +243,8 @@ impl Machine {
             private_ip: self.private_ip.clone(),
             public_ip: self.public_ip.clone(),
             imds_url: self.imds_url.clone(),
+            agent_pid: self.pids.map(|p| p.0),
+            imds_pid: self.pids.map(|p| p.1),
             error: self.error.clone(),
         }
     }
@@ -263,10 +276,14 @@ impl Server {
                 return Err(DataPlaneError::MissingBinary { what, path: path.clone() });
             }
         }
+        let mut opts = opts;
         for sub in ["images", "machines"] {
             let path = opts.dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| DataPlaneError::Io { action: "create", path, source })?;
         }
+        // Disk paths end up in agent configs: absolute.
+        opts.dir = std::fs::canonicalize(&opts.dir)
+            .map_err(|source| DataPlaneError::Io { action: "resolve", path: opts.dir.clone(), source })?;
         let upstream = Upstream::new(&opts.moto_url)
             .map_err(|source| DataPlaneError::MotoUrl { url: opts.moto_url.clone(), source })?;
         let listener =
@@ -504,6 +521,7 @@ async fn on_success(state: &Arc<State>, action: &str, params: &[(String, String)
                 }
             }
         }
+        "AssociateAddress" | "DisassociateAddress" => readdress(state, region).await,
         "StopInstances" | "TerminateInstances" => {
             let terminate = action == "TerminateInstances";
             for id in param_list(params, "InstanceId") {
@@ -511,6 +529,31 @@ async fn on_success(state: &Arc<State>, action: &str, params: &[(String, String)
             }
         }
         _ => {}
+    }
+}
+
+/// An address moved in `region`: every running machine there whose IPs in
+/// moto changed gets its IMDS restarted with them.
+async fn readdress(state: &State, region: &str) {
+    let running: Vec<(String, Option<String>, Option<String>)> = {
+        let machines = state.machines.lock().expect("machines lock");
+        machines
+            .iter()
+            .filter(|(_, m)| m.region == region && m.halt.is_some())
+            .map(|(id, m)| (id.clone(), m.private_ip.clone(), m.public_ip.clone()))
+            .collect()
+    };
+    for (id, private, public) in running {
+        match describe(state, &id, region).await {
+            Ok((private_ip, public_ip)) if (Some(&private_ip), public_ip.as_ref()) != (private.as_ref(), public.as_ref()) => {
+                let machines = state.machines.lock().expect("machines lock");
+                if let Some(tx) = machines.get(&id).and_then(|m| m.halt.as_ref()) {
+                    let _ = tx.send(Halt::Readdress { private_ip, public_ip });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(instance_id = id, error = %e, "cannot re-read the addresses"),
+        }
     }
 }
 
@@ -565,10 +608,11 @@ fn spawn_boot(state: Arc<State>, id: String, epoch: u64, delay: Duration) {
     });
 }
 
-/// Stops (or kills) a machine's processes in the background.
-fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> Option<tokio::task::JoinHandle<()>> {
+/// Stops (or kills) a machine's processes in the background; returns
+/// whether the machine is known.
+fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> bool {
     let mut machines = state.machines.lock().expect("machines lock");
-    let m = machines.get_mut(id)?;
+    let Some(m) = machines.get_mut(id) else { return false };
     m.epoch += 1;
     m.terminated |= terminate;
     let lost = matches!(how, Halt::Kill);
@@ -576,13 +620,13 @@ fn halt(state: &State, id: &str, how: Halt, terminate: bool) -> Option<tokio::ta
         Some(tx) => {
             let _ = tx.send(how);
             m.phase = if lost { Phase::Lost } else { Phase::Stopping };
-            tracing::info!(instance_id = id, ?how, "stopping the machine");
+            tracing::info!(instance_id = id, lost, "stopping the machine");
         }
         None => {
             m.phase = if lost { Phase::Lost } else { Phase::Stopped };
         }
     }
-    m.supervisor.take()
+    true
 }
 
 // ---------------------------------------------------------------- boot
@@ -630,32 +674,14 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
     let template_text = tokio::fs::read_to_string(&template)
         .await
         .map_err(|source| MachineError::Io { action: "read", path: template.clone(), source })?;
-    let log_path = state.opts.dir.join("machines").join(format!("{id}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|source| MachineError::Io { action: "open", path: log_path.clone(), source })?;
-    let log_file = |what: &'static str| {
-        log.try_clone().map_err(|source| MachineError::Io { action: what, path: log_path.clone(), source })
-    };
-
-    let mut imds_cmd = std::process::Command::new(&state.opts.imds_bin);
-    imds_cmd.args(["--listen", "127.0.0.1:0", "--instance-id", id, "--private-ip", &private_ip]);
-    if let Some(ip) = &public_ip {
-        imds_cmd.args(["--public-ip", ip]);
+    let log = open_log(state, id)?;
+    let boot_no = state.machines.lock().expect("machines lock").get(id).map(|m| m.boots + 1).unwrap_or(1);
+    {
+        use std::io::Write;
+        let mut header = &log;
+        let _ = writeln!(header, "=== dr-sim-dataplane: boot {boot_no} of {id} ({private_ip}), disk {}", disk.display());
     }
-    crate::die_with_test(&mut imds_cmd)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(log_file("open")?);
-    let mut imds = tokio::process::Command::from(imds_cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| MachineError::Imds { instance_id: id.to_owned(), detail: format!("cannot start: {e}") })?;
-    let imds_url = read_listening(&mut imds)
-        .await
-        .map_err(|detail| MachineError::Imds { instance_id: id.to_owned(), detail })?;
+    let (imds, imds_url) = spawn_imds(state, id, "127.0.0.1:0", &private_ip, public_ip.as_deref()).await?;
 
     let config = disk.join(AGENT_CONFIG);
     let text = template_text.replace("@ROOT@", &disk.to_string_lossy()).replace("@IMDS@", &imds_url);
@@ -671,8 +697,8 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
         .env("RUST_LOG", "info");
     crate::die_with_test(&mut agent_cmd)
         .stdin(std::process::Stdio::null())
-        .stdout(log_file("open")?)
-        .stderr(log_file("open")?);
+        .stdout(open_log(state, id)?)
+        .stderr(log);
     still_current(state, id, epoch)?;
     let agent = tokio::process::Command::from(agent_cmd).kill_on_drop(true).spawn().map_err(|source| MachineError::Io {
         action: "start",
@@ -688,10 +714,47 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
     m.private_ip = Some(private_ip.clone());
     m.public_ip = public_ip.clone();
     m.imds_url = Some(imds_url.clone());
+    m.pids = agent.id().zip(imds.id());
     m.halt = Some(tx);
-    m.supervisor = Some(tokio::spawn(supervise(state.clone(), id.to_owned(), m.boots, agent, imds, rx)));
+    let boot = Boot { id: id.to_owned(), boot_no: m.boots, imds_url: imds_url.clone() };
+    m.supervisor = Some(tokio::spawn(supervise(state.clone(), boot, agent, imds, rx)));
     tracing::info!(instance_id = id, boot = m.boots, private_ip, public_ip, imds_url, disk = %disk.display(), "machine booted");
     Ok(())
+}
+
+/// The machine's log (agent and IMDS output), opened for appending.
+fn open_log(state: &State, id: &str) -> Result<std::fs::File, MachineError> {
+    let path = state.opts.dir.join("machines").join(format!("{id}.log"));
+    std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|source| MachineError::Io {
+        action: "open",
+        path,
+        source,
+    })
+}
+
+/// Starts a dr-sim-imds for the instance on `listen`; returns it with its URL.
+async fn spawn_imds(
+    state: &State,
+    id: &str,
+    listen: &str,
+    private_ip: &str,
+    public_ip: Option<&str>,
+) -> Result<(tokio::process::Child, String), MachineError> {
+    let mut cmd = std::process::Command::new(&state.opts.imds_bin);
+    cmd.args(["--listen", listen, "--instance-id", id, "--private-ip", private_ip]);
+    if let Some(ip) = public_ip {
+        cmd.args(["--public-ip", ip]);
+    }
+    crate::die_with_test(&mut cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(open_log(state, id)?);
+    let mut imds = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| MachineError::Imds { instance_id: id.to_owned(), detail: format!("cannot start: {e}") })?;
+    let url = read_listening(&mut imds).await.map_err(|detail| MachineError::Imds { instance_id: id.to_owned(), detail })?;
+    Ok((imds, url))
 }
 
 /// Reads `listening on <addr>` from a simulator's stdout.
@@ -708,39 +771,69 @@ async fn read_listening(child: &mut tokio::process::Child) -> Result<String, Str
     Ok(format!("http://{addr}"))
 }
 
+/// One boot of a machine, as its supervisor knows it.
+struct Boot {
+    id: String,
+    boot_no: u32,
+    imds_url: String,
+}
+
 /// Owns a boot's processes until the agent ends or a halt comes.
 async fn supervise(
     state: Arc<State>,
-    id: String,
-    boot_no: u32,
+    boot: Boot,
     mut agent: tokio::process::Child,
     mut imds: tokio::process::Child,
     mut halt: mpsc::UnboundedReceiver<Halt>,
 ) {
-    let (phase, error) = tokio::select! {
-        status = agent.wait() => {
-            let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-            tracing::warn!(instance_id = id, status = how, "the machine's agent ended by itself");
-            (Phase::Exited, Some(format!("dr-agent ended by itself: {how}")))
-        }
-        how = halt.recv() => {
-            match how {
-                Some(Halt::Stop) => {
-                    if let Some(pid) = agent.id() {
-                        // SAFETY: kill(2) on our own child's pid, which is not
-                        // reaped yet (we still hold it).
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let Boot { id, boot_no, imds_url } = boot;
+    let (phase, error) = loop {
+        let order = tokio::select! {
+            status = agent.wait() => {
+                let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::warn!(instance_id = id, status = how, "the machine's agent ended by itself");
+                break (Phase::Exited, Some(format!("dr-agent ended by itself: {how}")));
+            }
+            order = halt.recv() => order,
+        };
+        match order {
+            Some(Halt::Readdress { private_ip, public_ip }) => {
+                let _ = imds.kill().await;
+                let listen = imds_url.trim_start_matches("http://");
+                match spawn_imds(&state, &id, listen, &private_ip, public_ip.as_deref()).await {
+                    Ok((new, _)) => {
+                        tracing::info!(instance_id = id, private_ip, public_ip, "IMDS restarted with the new addresses");
+                        let mut machines = state.machines.lock().expect("machines lock");
+                        if let Some(m) = machines.get_mut(&id).filter(|m| m.boots == boot_no) {
+                            m.private_ip = Some(private_ip);
+                            m.public_ip = public_ip;
+                            m.pids = m.pids.zip(new.id()).map(|((agent, _), imds)| (agent, imds));
+                        }
+                        imds = new;
                     }
-                    if tokio::time::timeout(STOP_GRACE, agent.wait()).await.is_err() {
-                        tracing::warn!(instance_id = id, "the agent ignored SIGTERM for {STOP_GRACE:?}; SIGKILL");
-                        let _ = agent.kill().await;
+                    Err(e) => {
+                        tracing::error!(instance_id = id, error = %e, "cannot restart the IMDS; the machine has none now");
+                        if let Some(m) = state.machines.lock().expect("machines lock").get_mut(&id) {
+                            m.error = Some(e.to_string());
+                        }
                     }
-                    (Phase::Stopped, None)
                 }
-                Some(Halt::Kill) | None => {
+            }
+            Some(Halt::Stop) => {
+                if let Some(pid) = agent.id() {
+                    // SAFETY: kill(2) on our own child's pid, which is not
+                    // reaped yet (we still hold it).
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+                if tokio::time::timeout(STOP_GRACE, agent.wait()).await.is_err() {
+                    tracing::warn!(instance_id = id, "the agent ignored SIGTERM for {STOP_GRACE:?}; SIGKILL");
                     let _ = agent.kill().await;
-                    (Phase::Lost, None)
                 }
+                break (Phase::Stopped, None);
+            }
+            Some(Halt::Kill) | None => {
+                let _ = agent.kill().await;
+                break (Phase::Lost, None);
             }
         }
     };
@@ -748,6 +841,7 @@ async fn supervise(
     let mut machines = state.machines.lock().expect("machines lock");
     if let Some(m) = machines.get_mut(&id).filter(|m| m.boots == boot_no) {
         m.halt = None;
+        m.pids = None;
         // A boot requested meanwhile keeps its own phase.
         if matches!(m.phase, Phase::Running | Phase::Stopping) {
             m.phase = phase;
@@ -917,12 +1011,10 @@ async fn adopt(state: &Arc<State>, body: &[u8]) -> Result<serde_json::Value, Mac
 /// `POST /dataplane/lose`: the host dies; EC2 is not told.
 async fn lose(state: &Arc<State>, body: &[u8]) -> Result<serde_json::Value, MachineError> {
     let req: LoseRequest = serde_json::from_slice(body).map_err(|e| MachineError::BadBody(e.to_string()))?;
-    let supervisor = {
-        if !state.machines.lock().expect("machines lock").contains_key(&req.instance_id) {
-            return Err(MachineError::UnknownMachine(req.instance_id));
-        }
-        halt(state, &req.instance_id, Halt::Kill, false)
-    };
+    if !halt(state, &req.instance_id, Halt::Kill, false) {
+        return Err(MachineError::UnknownMachine(req.instance_id));
+    }
+    let supervisor = state.machines.lock().expect("machines lock").get_mut(&req.instance_id).and_then(|m| m.supervisor.take());
     if let Some(s) = supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
