@@ -102,7 +102,11 @@ impl AdminServer {
             last_backup.is_none_or(|b| now.saturating_sub(b.completed_at_ms) > allowed)
         });
         let active = view.active.get(&site.id).cloned().unwrap_or_default();
+        let last_failover = view.last_failover.get(&site.id);
         let mut problems = Vec::new();
+        if let Some((id, state, _)) = last_failover.filter(|f| f.1 == OperationState::Failed) {
+            problems.push(format!("the last failover {id} {}", state.as_str()));
+        }
         if late {
             problems.push("the newest good backup is older than the schedule allows".to_owned());
         }
@@ -159,6 +163,9 @@ impl AdminServer {
                 })
                 .collect(),
             problems,
+            last_failover_id: last_failover.map(|f| f.0.clone()).unwrap_or_default(),
+            last_failover_state: last_failover.map(|f| f.1.as_str().to_owned()).unwrap_or_default(),
+            last_failover_at_ms: last_failover.map(|f| f.2).unwrap_or(0),
         }
     }
 }

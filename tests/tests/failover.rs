@@ -119,6 +119,8 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     // The candidate is the primary now; the old instance is fenced.
     w.wait_primary(&new);
     let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["last_failover"]["operation_id"], op_id.as_str(), "status shows the last failover: {s}");
+    assert_eq!(s["last_failover"]["state"], "succeeded");
     let old = s["instances"].as_array().expect("instances").iter().find(|i| i["instance_id"] == w.instance.id.as_str()).cloned();
     assert_eq!(old.as_ref().map(|o| o["role"].clone()), Some(Value::from("fenced")), "{s}");
 

@@ -50,6 +50,9 @@ pub fn print_status(sites: &[SiteView]) {
         if let Some(op) = &s.running_operation_id {
             println!("{:<20} running: {op}", "");
         }
+        if let Some(f) = &s.last_failover {
+            println!("{:<20} last failover: {} {} ({})", "", f.operation_id, f.state, f.at.clone().unwrap_or_default());
+        }
         for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
             let state = if i.connected { "connected" } else { "offline" };
             let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };

@@ -106,6 +106,8 @@ pub fn summary_view(s: Option<pb::FleetSummary>) -> SummaryView {
 #[derive(Debug, Serialize)]
 pub struct SiteView {
     pub site_id: String,
+    /// The most recent failover or restore: id, state, when it last changed.
+    pub last_failover: Option<LastFailoverView>,
     pub region: String,
     pub primary_instance_id: String,
     /// Every known instance of the site, primary first.
@@ -122,6 +124,13 @@ pub struct SiteView {
     /// The current RPO: age of the newest good backup.
     pub rpo_s: Option<u64>,
     pub late: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastFailoverView {
+    pub operation_id: String,
+    pub state: String,
+    pub at: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -213,6 +222,11 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         })
         .collect();
     SiteView {
+        last_failover: (!s.last_failover_id.is_empty()).then(|| LastFailoverView {
+            operation_id: s.last_failover_id.clone(),
+            state: s.last_failover_state.clone(),
+            at: rfc3339(s.last_failover_at_ms),
+        }),
         instances,
         problems: s.problems,
         rpo_s: last_backup.as_ref().map(|b| b.age_s),

@@ -84,6 +84,8 @@ pub struct FleetView {
     pub active: HashMap<String, Vec<ActiveOp>>,
     pub backup_counts: HashMap<(String, BackupState), u64>,
     pub copy_counts: HashMap<(String, String, CopyState), u64>,
+    /// Each site's most recent failover or restore (id, state, last change).
+    pub last_failover: HashMap<String, (String, OperationState, Millis)>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -1110,6 +1112,17 @@ impl Db<'_> {
         for (site, region, state, n) in rows {
             let state = CopyState::parse(&state).ok_or_else(|| corrupt("copies.state", state.clone()))?;
             view.copy_counts.insert((site, region, state), n as u64);
+        }
+        let mut stmt = self.0.prepare(
+            "SELECT site_id, id, state, updated_at_ms FROM operations o WHERE kind = 'failover' AND created_at_ms =
+                 (SELECT MAX(created_at_ms) FROM operations x WHERE x.site_id = o.site_id AND x.kind = 'failover')",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (site, id, state, at) in rows {
+            let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
+            view.last_failover.insert(site, (id, state, at as u64));
         }
         Ok(view)
     }

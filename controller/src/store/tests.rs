@@ -190,3 +190,38 @@ async fn an_online_backup_holds_what_is_still_in_the_wal() {
     assert_eq!(restored.backups("s1".into()).await.expect("backups").len(), 1);
     assert!(store.backup_to(copy).await.is_err(), "an existing file is never overwritten");
 }
+
+#[tokio::test]
+async fn a_promotion_moves_the_primary_and_its_region_and_the_config_does_not_undo_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("s.db")).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    store.promote("s1".into(), "i-2".into(), "i-1".into(), "replaced by i-2".into(), "us-west-2".into()).await.expect("promote");
+    let s = store.site("s1".into()).await.expect("read").expect("site");
+    assert_eq!((s.primary_instance_id.as_str(), s.region.as_str()), ("i-2", "us-west-2"));
+    let old = store.instance("s1".into(), "i-1".into()).await.expect("read").expect("old instance recorded");
+    assert_eq!((old.role.as_str(), old.reason.as_str()), ("fenced", "replaced by i-2"));
+    // A restart upserts the configured site (instance i-1, us-east-1): the
+    // store's primary and region win after a failover.
+    let after = store.upsert_site(site()).await.expect("upsert");
+    assert_eq!((after.primary_instance_id.as_str(), after.region.as_str()), ("i-2", "us-west-2"));
+    // Without a failover the config's region still applies.
+    let mut other = site();
+    other.id = "s2".into();
+    store.upsert_site(other.clone()).await.expect("s2");
+    other.region = "eu-west-1".into();
+    assert_eq!(store.upsert_site(other).await.expect("s2 again").region, "eu-west-1");
+}
+
+#[tokio::test]
+async fn launch_facts_are_recorded_once_per_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("s.db")).await.expect("open");
+    store.upsert_site(site()).await.expect("site");
+    let facts = LaunchFacts { instance_id: "i-1".into(), instance_type: "m5.xlarge".into(), ..LaunchFacts::default() };
+    store.put_launch_facts("ami-1".into(), "s1".into(), facts.clone()).await.expect("put");
+    let later = LaunchFacts { instance_type: "t3.small".into(), ..facts.clone() };
+    store.put_launch_facts("ami-1".into(), "s1".into(), later).await.expect("put again");
+    assert_eq!(store.launch_facts("ami-1".into()).await.expect("read"), Some(facts), "a repeat keeps the first");
+    assert_eq!(store.launch_facts("ami-2".into()).await.expect("read"), None);
+}

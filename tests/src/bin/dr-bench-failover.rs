@@ -83,10 +83,31 @@ async fn main() {
     let pki = Pki::new(dir.path());
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
+    // One RunInstances for every site's primary (moto's DescribeImages of
+    // its stock AMIs is slow: once).
+    let images = ec2.describe_images().owners("amazon").send().await.expect("DescribeImages");
+    let ami = images.images().first().and_then(|i| i.image_id()).expect("a stock AMI").to_owned();
+    let out = ec2
+        .run_instances()
+        .image_id(ami)
+        .instance_type(aws_sdk_ec2::types::InstanceType::M5Xlarge)
+        .min_count(n as i32)
+        .max_count(n as i32)
+        .send()
+        .await
+        .expect("RunInstances");
+    let primaries: Vec<Instance> = out
+        .instances()
+        .iter()
+        .map(|i| Instance {
+            id: i.instance_id().expect("id").to_owned(),
+            private_ip: i.private_ip_address().expect("ip").to_owned(),
+            public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+        })
+        .collect();
     let mut sites = Vec::new();
-    for i in 0..n {
+    for (i, instance) in primaries.into_iter().enumerate() {
         let site = format!("bench-{i:03}");
-        let instance = launch_instance(&ec2).await;
         let disk_dir = dir.path().join(format!("disk-{i:03}"));
         std::fs::create_dir_all(&disk_dir).expect("mkdir");
         let disk = site_disk(&disk_dir, &pki, &site, &url, &instance, "");
@@ -158,6 +179,16 @@ async fn main() {
     let (d_mean, d_p95, d_max) = stats(&mut durations);
     let (o_mean, o_p95, o_max) = stats(&mut overheads);
     let (l_mean, _, l_max) = stats(&mut launch_waits);
+    let mut per_step: Vec<(String, f64, f64)> = done[0]
+        .steps
+        .iter()
+        .map(|s| {
+            let mut v: Vec<u64> = done.iter().map(|op| step_ms(op, &[s.name.as_str()])).collect();
+            let (mean, _, max) = stats(&mut v);
+            (s.name.clone(), mean, max)
+        })
+        .collect();
+    per_step.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("{n} failovers at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled", share * 100.0);
     println!("  all started in:       {:.2} s", started_all.as_secs_f64());
     println!("  wall time:            {:.1} s", wall.as_secs_f64());
@@ -170,6 +201,10 @@ async fn main() {
     actions.sort_by(|a, b| b.1.cmp(&a.1));
     for (a, c) in actions {
         println!("    {a:<22} {c}");
+    }
+    println!("  by step (mean / max):");
+    for (name, mean, max) in &per_step {
+        println!("    {name:<22} {mean:>6.2} s / {max:>6.2} s");
     }
     for op in &failed {
         println!("  FAILED {} {}: {} {}", op.site_id, op.id, op.state, op.waiting_for);
