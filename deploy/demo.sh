@@ -192,6 +192,8 @@ api_url = "$api"
 api_token_file = "$work/circleci-token"
 hostname = "circleci.example.com"
 dev_console = ["$bin/dr-sim-dev-console", "--deletions", "$work/deleted-builds", "--sessions", "$work/console-sessions"]
+# On a real machine the frontend at http://127.0.0.1/health-check (the default).
+health_url = "$api/health-check"
 
 [reconnect]
 initial = "200ms"

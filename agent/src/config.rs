@@ -138,6 +138,9 @@ pub struct CircleciSection {
     /// Timeout of one HTTP call to the API.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The frontend's health check, asked from this machine after a
+    /// restore's app start (a 2xx is healthy).
+    pub health_url: String,
 }
 
 impl Default for NomadSection {
@@ -168,6 +171,7 @@ impl Default for CircleciSection {
             console_load_timeout: Duration::from_secs(300),
             console_command_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
+            health_url: "http://127.0.0.1/health-check".to_owned(),
         }
     }
 }
@@ -319,6 +323,9 @@ impl Config {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero".to_owned()));
             }
+        }
+        if !self.circleci.health_url.starts_with("http://") {
+            return Err(invalid("circleci.health_url", format!("`{}` must be an http:// URL on this machine", self.circleci.health_url)));
         }
         for (key, url) in [("nomad.api_url", &self.nomad.api_url), ("circleci.api_url", &self.circleci.api_url)] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

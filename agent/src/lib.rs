@@ -23,6 +23,7 @@ pub mod facts;
 pub mod freeze;
 pub mod identity;
 pub mod imds;
+pub mod health;
 pub mod journal;
 pub mod logging;
 pub mod nomad_state;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dr_agent::commands::{self, OutputFormat};
-use dr_agent::{app, builds, drain, freeze, nomad_state, recover, rewrite};
+use dr_agent::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
 use dr_agent::config::Config;
 use dr_agent::logging::{self, LogFormat};
 
@@ -68,6 +68,8 @@ enum Command {
     WipeNomad(nomad_state::Args),
     /// Delete builds a backup caught half-way, in one dev-console session.
     CleanupBuilds(builds::Args),
+    /// GET the frontend's health check (circleci.health_url) from this machine.
+    HealthCheck(health::Args),
     /// Freeze the configured data file systems under a watchdog.
     Freeze(freeze::FreezeArgs),
     /// Thaw file systems frozen by `freeze`.
@@ -171,6 +173,7 @@ async fn dispatch(command: Command) -> Result<(), (u8, String)> {
         Command::RewriteAddresses(a) => rewrite::cli(a).await?,
         Command::WipeNomad(a) => nomad_state::cli(a).await?,
         Command::CleanupBuilds(a) => builds::cli(a).await?,
+        Command::HealthCheck(a) => health::cli(a).await?,
         Command::Freeze(a) => freeze::freeze_cli(a).await?,
         Command::Thaw(a) => freeze::thaw_cli(a).await?,
         Command::FreezeWatchdog(a) => freeze::watchdog_cli(a).await?,

@@ -257,6 +257,7 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
             params: crate::drain::DrainParams { deadline: ms(r.deadline_ms, "drain deadline_ms")?, require_idle: false },
         },
         Kind::Undrain(_) => Action::Undrain,
+        Kind::HealthCheck(_) => Action::HealthCheck,
         Kind::Recover(r) => Action::Recover {
             params: crate::recover::RecoverParams {
                 builds_before: (r.builds_before_ms > 0).then(|| {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
-use crate::{app, builds, drain, freeze, nomad_state, recover, rewrite};
+use crate::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
 
 /// A step the agent can perform. The set is closed: there is no "run this
 /// command" action.
@@ -47,6 +47,8 @@ pub enum Action {
     Undrain,
     /// The whole restore runbook, in order.
     Recover { params: recover::RecoverParams, dry_run: bool },
+    /// GET the frontend's health check from this machine. Read-only.
+    HealthCheck,
 }
 
 impl Action {
@@ -65,6 +67,7 @@ impl Action {
             Action::Drain { .. } => "drain",
             Action::Undrain => "undrain",
             Action::Recover { .. } => "recover",
+            Action::HealthCheck => "health_check",
         }
     }
 }
@@ -161,7 +164,7 @@ macro_rules! coded {
         }
     )*};
 }
-coded!(app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
+coded!(health::HealthError, app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
 
 fn fail<E: Coded>(e: E) -> StepError {
     StepError::Step { kind: ErrorKind::from_exit_code(e.code()), message: e.to_string() }
@@ -253,6 +256,7 @@ impl Executor {
                     }
                     report(r)
                 }
+                Action::HealthCheck => report(health::check(c).await.map_err(fail)?),
             })
         };
         match deadline {

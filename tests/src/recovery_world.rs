@@ -73,6 +73,8 @@ pub struct RecoveryWorld {
     /// One line per deleted build URL, one per console session.
     pub deletions: PathBuf,
     pub sessions: PathBuf,
+    /// While this file exists the frontend's health check answers 503.
+    pub unhealthy: PathBuf,
     _api: Proc,
 }
 
@@ -84,6 +86,8 @@ pub struct RecoverySpec {
     /// Controller TOML before the sites (e.g. `[failover]`).
     pub controller_toml: String,
     pub boot_delay: Duration,
+    /// `failover.app_timeout` (default 30s).
+    pub app_timeout: Option<&'static str>,
 }
 
 impl RecoveryWorld {
@@ -116,7 +120,16 @@ impl RecoveryWorld {
         std::fs::write(&builds_file, "[]").expect("builds");
         let (api, api_url) = spawn_listening(
             "dr-sim-circleci-api",
-            &["--listen", "127.0.0.1:0", "--token", TOKEN, "--builds", &builds_file.display().to_string()],
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                TOKEN,
+                "--builds",
+                &builds_file.display().to_string(),
+                "--unhealthy-file",
+                &dir.path().join("unhealthy").display().to_string(),
+            ],
         );
         std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
         let deletions = dir.path().join("deletions");
@@ -135,10 +148,11 @@ impl RecoveryWorld {
         .join(", ");
         let agent_extra = format!(
             "[circleci]\napi_url = {}\napi_token_file = {}\nhostname = {}\ndev_console = [{console}]\n\
-             console_load_timeout = \"20s\"\nconsole_command_timeout = \"10s\"\nrequest_timeout = \"10s\"\n",
+             console_load_timeout = \"20s\"\nconsole_command_timeout = \"10s\"\nrequest_timeout = \"10s\"\nhealth_url = {}\n",
             q(&api_url),
             q(&dir.path().join("token").display().to_string()),
             q(HOST),
+            q(&format!("{api_url}/health-check")),
         );
 
         let port = free_port();
@@ -147,7 +161,11 @@ impl RecoveryWorld {
             heartbeat: "1s",
             poll_initial: "100ms",
             sites: vec![(site.to_owned(), instance.id.clone())],
-            extra: format!("[failover]\nfence_timeout = \"20s\"\nagent_timeout = \"60s\"\napp_timeout = \"30s\"\n{}", spec.controller_toml),
+            extra: format!(
+                "[failover]\nfence_timeout = \"20s\"\nagent_timeout = \"60s\"\napp_timeout = \"{}\"\n{}",
+                spec.app_timeout.unwrap_or("30s"),
+                spec.controller_toml
+            ),
             endpoint: Some(dataplane.url.clone()),
         };
         let config = Controller::write_config(dir.path(), &pki, &moto, &cspec);
@@ -161,6 +179,7 @@ impl RecoveryWorld {
         std::fs::create_dir_all(&disk_dir).expect("mkdir");
         let disk = site_disk(&disk_dir, &pki, site, &controller.url, &instance, &agent_extra);
         dataplane.adopt(&instance.id, &disk).await.expect("adopt the primary");
+        let unhealthy = dir.path().join("unhealthy");
         RecoveryWorld {
             dir,
             moto,
@@ -178,6 +197,7 @@ impl RecoveryWorld {
             builds_file,
             deletions,
             sessions,
+            unhealthy,
             _api: api,
         }
     }

@@ -141,6 +141,8 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
             "wipe_nomad", "app_start", "move_eip", "update_dns", "cleanup_builds", "verify", "promote", "release", "report"
         ]
     );
+    let app_start = steps(&op).into_iter().find(|s| s.0 == "app_start").expect("app_start");
+    assert!(app_start.2.contains("/health-check answered 200"), "the frontend's health check was asked: {app_start:?}");
     let shown = text(&w.drctl(&["operation", &op_id]).stdout);
     assert!(shown.contains("RTO:") && shown.contains("launch_to_running") && shown.contains("nomad_builders"), "{shown}");
 
@@ -330,4 +332,23 @@ async fn a_terminate_fence_keeps_and_tags_the_old_volumes() {
         report["human_actions"].as_array().expect("actions").iter().any(|h| h["kind"] == "fenced_volumes"),
         "the report lists the kept volumes: {report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_app_whose_health_check_fails_waits_then_resumes() {
+    let spec = RecoverySpec { app_timeout: Some("4s"), ..Default::default() };
+    let w = RecoveryWorld::start("fo-health", spec).await;
+    w.wait_primary(&w.instance.id);
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    std::fs::write(&w.unhealthy, "").expect("unhealthy");
+    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
+    assert_eq!(out.status.code(), Some(8), "{}{}", text(&out.stdout), text(&out.stderr));
+    let op = last_json(&out.stdout);
+    let waiting = op["waiting_for"].as_str().unwrap_or("");
+    assert!(waiting.contains("app_start") && waiting.contains("health check") && waiting.contains("503"), "{waiting}");
+    std::fs::remove_file(&w.unhealthy).expect("healthy again");
+    let id = op["id"].as_str().expect("id");
+    let out = w.drctl(&["-o", "json", "operation", "resume", id, "--wait"]);
+    assert_eq!(last_json(&out.stdout)["state"], "succeeded", "{}{}", text(&out.stdout), text(&out.stderr));
 }

@@ -69,6 +69,8 @@ pub enum AgentAction {
     /// Restore runbook: delete the builds that were running before
     /// `before_ms` (the backup's point in time), in one console session.
     CleanupBuilds { before_ms: u64 },
+    /// GET the frontend's health check from the machine. Read-only.
+    HealthCheck,
 }
 
 /// Why an agent did not succeed (domain side of `pb::ErrorKind`).
@@ -207,6 +209,7 @@ fn command_to_pb(id: &str, to: &Addressee, action: &AgentAction, deadline: Durat
             pb::command::Kind::SetHostname(pb::SetHostnameRequest { hostname: hostname.clone(), dry_run: false })
         }
         AgentAction::WipeNomad => pb::command::Kind::WipeNomad(pb::WipeNomadRequest { dry_run: false }),
+        AgentAction::HealthCheck => pb::command::Kind::HealthCheck(pb::HealthCheckRequest {}),
         AgentAction::CleanupBuilds { before_ms } => {
             pb::command::Kind::CleanupBuilds(pb::CleanupBuildsRequest { before_ms: *before_ms, dry_run: false })
         }

@@ -13,6 +13,8 @@
 //! (`application/edn`), like the real one. `--fail-every N` answers every
 //! Nth request with 500; `--page-delay-ms` delays every answer. Each request
 //! is logged on stderr (method, path and query, Accept).
+//! - `GET /health-check`: the frontend's health check, 200 `OK`, or 503
+//!   while the file named by `--unhealthy-file` exists.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +47,9 @@ struct Args {
     /// Answer every Nth request with HTTP 500 (0: never).
     #[arg(long, default_value_t = 0)]
     fail_every: u64,
+    /// `/health-check` answers 503 while this file exists.
+    #[arg(long)]
+    unhealthy_file: Option<PathBuf>,
 }
 
 struct Sim {
@@ -234,6 +239,13 @@ async fn main() -> std::process::ExitCode {
     let app = Router::new()
         .route("/api/v1.1/recent-builds", get(recent_builds))
         .route("/api/v1.1/project/github/{org}/{repo}", get(project_builds))
+        .route(
+            "/health-check",
+            get(move || {
+                let unhealthy = args.unhealthy_file.as_ref().is_some_and(|f| f.exists());
+                async move { if unhealthy { (StatusCode::SERVICE_UNAVAILABLE, "unhealthy") } else { (StatusCode::OK, "OK") } }
+            }),
+        )
         .fallback(|| async { (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"message": "Not found"}))) })
         .with_state(sim);
     dr_tests::serve_simulator("dr-sim-circleci-api", args.listen, app).await

@@ -559,18 +559,51 @@ async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
         .await
         .map_err(CallFailure::error)?;
     match o.detail {
-        AgentDetail::AppStatus { state, is_transitioning, .. } if state == "started" && !is_transitioning => {
-            st.healthy_at_ms = now_ms();
-            Ok(Outcome::Done(format!("app started ({} after the operation began)", secs(st.healthy_at_ms.saturating_sub(ctx.created_at_ms)))))
+        AgentDetail::AppStatus { state, is_transitioning, .. } if state == "started" && !is_transitioning => {}
+        AgentDetail::AppStatus { state, is_transitioning, .. } => {
+            return Err(StepError::failed(format!(
+                "the app is {state}{} after its start: look at Replicated on {} (replicatedctl app status), fix it, then `drctl operation resume {}`",
+                if is_transitioning { " (transitioning)" } else { "" },
+                st.candidate,
+                ctx.op_id
+            )));
         }
-        AgentDetail::AppStatus { state, is_transitioning, .. } => Err(StepError::failed(format!(
-            "the app is {state}{} after its start: look at Replicated on {} (replicatedctl app status), fix it, then `drctl operation resume {}`",
-            if is_transitioning { " (transitioning)" } else { "" },
-            st.candidate,
-            ctx.op_id
-        ))),
-        _ => Err(StepError::failed("the agent did not report the app state")),
+        _ => return Err(StepError::failed("the agent did not report the app state")),
     }
+    // Replicated says started; the frontend must answer its health check
+    // too (asked by the agent, on the machine), within `failover.app_timeout`.
+    let mut progress = Waiting::new();
+    let mut i = 0u32;
+    let health = loop {
+        let id = format!("health-check-{generation}-{}-{i}", ctx.attempt());
+        i += 1;
+        match agent_call(ctx, &to, &id, &AgentAction::HealthCheck, ctx.deps().backup.agent_call_timeout).await {
+            Ok(o) => break Some(report_of(&o)),
+            // An agent that predates the health check: Replicated's word only.
+            Err(CallFailure::Answered(e)) if e.kind == ErrorKind::NotSupported => break None,
+            Err(e) if progress.elapsed() >= t => {
+                return Err(StepError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the app is started but its health check did not pass within {t:?} (failover.app_timeout): {}; fix it, then `drctl operation resume {}`",
+                        e.message(),
+                        ctx.op_id
+                    ),
+                ));
+            }
+            Err(e) => progress.say(ctx, format!("app started; waiting for its health check ({})", e.message())).await,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    st.healthy_at_ms = now_ms();
+    let checked = match &health {
+        Some(h) => format!("; {} answered {}", h["url"].as_str().unwrap_or("the health check"), h["status"]),
+        None => "; the agent has no health check (older agent): Replicated's state only".to_owned(),
+    };
+    if let Some(h) = health {
+        st.reports.insert("health-check".into(), h);
+    }
+    Ok(Outcome::Done(format!("app started and healthy ({} after the operation began){checked}", secs(st.healthy_at_ms.saturating_sub(ctx.created_at_ms)))))
 }
 
 async fn move_eip(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
