@@ -4,8 +4,11 @@
 //! For each site it assumes the site's role (if any), makes the read-only
 //! calls the controller makes (DescribeInstances, DescribeImages,
 //! DescribeSnapshots), and sends every mutating call with `DryRun=true`
-//! (CreateImage, CreateTags, DeregisterImage, DeleteSnapshot, and CopyImage
-//! into each DR region plus the copy-retention calls there): EC2 answers
+//! (CreateImage, CreateTags, DeregisterImage, DeleteSnapshot; for a failover
+//! RunInstances from the newest backup, StopInstances, TerminateInstances,
+//! ModifyInstanceAttribute with `fence = "terminate"`, AssociateAddress of
+//! the instance's Elastic IP; and CopyImage into each DR region plus the
+//! copy-retention calls there): EC2 answers
 //! `DryRunOperation` when the call would be allowed and
 //! `UnauthorizedOperation` when it would not, and changes nothing.
 //!
@@ -138,6 +141,8 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
     let r = sdk.delete_snapshot().dry_run(true).snapshot_id(&snapshot).send().await;
     push(&region, "ec2:DeleteSnapshot", &snapshot, dry_run_verdict(r));
 
+    restore_checks(site, &region, sdk, &image, &mut push).await;
+
     let policy = match config.site_policy(site) {
         Ok(p) => p,
         Err((key, message)) => {
@@ -171,6 +176,83 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
         push(dr, "ec2:DeregisterImage", NO_IMAGE, dry_run_verdict(r));
         let r = sdk.delete_snapshot().dry_run(true).snapshot_id(NO_SNAPSHOT).send().await;
         push(dr, "ec2:DeleteSnapshot", NO_SNAPSHOT, dry_run_verdict(r));
+    }
+}
+
+/// What a failover of the site will ask of EC2, with `DryRun`: launching
+/// from its newest backup, fencing its instance, moving its Elastic IP.
+/// (Route 53 has no dry run: its permissions are checked when the record
+/// moves.)
+async fn restore_checks(
+    site: &SiteConfig,
+    region: &str,
+    sdk: &aws_sdk_ec2::Client,
+    image: &str,
+    push: &mut impl FnMut(&str, &'static str, &str, Verdict),
+) {
+    let instance_type = site.launch.home.instance_type.clone().unwrap_or_else(|| "m5.xlarge".to_owned());
+    let mut tags = tags_for(site, None);
+    tags.push(Tag::builder().key(crate::workflows::failover::TAG_ROLE).value("candidate").build());
+    let r = sdk
+        .run_instances()
+        .dry_run(true)
+        .image_id(image)
+        .instance_type(aws_sdk_ec2::types::InstanceType::from(instance_type.as_str()))
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tag_spec(ResourceType::Instance, &tags))
+        .send()
+        .await;
+    push(region, "ec2:RunInstances", image, dry_run_verdict(r));
+    let r = sdk.stop_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
+    push(region, "ec2:StopInstances", &site.instance_id, dry_run_verdict(r));
+    let r = sdk.terminate_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
+    push(region, "ec2:TerminateInstances", &site.instance_id, dry_run_verdict(r));
+    if site.fence == crate::recovery::Fence::Terminate {
+        let r = sdk
+            .modify_instance_attribute()
+            .dry_run(true)
+            .instance_id(&site.instance_id)
+            .disable_api_termination(aws_sdk_ec2::types::AttributeBooleanValue::builder().value(false).build())
+            .send()
+            .await;
+        push(region, "ec2:ModifyInstanceAttribute", &site.instance_id, dry_run_verdict(r));
+    }
+    let addresses = sdk
+        .describe_addresses()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("instance-id").values(&site.instance_id).build())
+        .send()
+        .await;
+    match addresses {
+        Ok(out) => {
+            push(region, "ec2:DescribeAddresses", "*", Verdict::Allowed);
+            match out.addresses().first().and_then(|a| a.allocation_id()) {
+                Some(alloc) => {
+                    let r = sdk
+                        .associate_address()
+                        .dry_run(true)
+                        .allocation_id(alloc)
+                        .instance_id(&site.instance_id)
+                        .allow_reassociation(true)
+                        .send()
+                        .await;
+                    push(region, "ec2:AssociateAddress", alloc, dry_run_verdict(r));
+                }
+                None => push(
+                    region,
+                    "ec2:AssociateAddress",
+                    "*",
+                    Verdict::NotChecked(format!("{} has no Elastic IP to move", site.instance_id)),
+                ),
+            }
+        }
+        Err(e) => {
+            let verdict = match e.code() {
+                Some(code) if is_permission_code(code) => Verdict::Denied(e.message().unwrap_or(code).to_owned()),
+                _ => Verdict::NotChecked(DisplayErrorContext(&e).to_string()),
+            };
+            push(region, "ec2:DescribeAddresses", "*", verdict);
+        }
     }
 }
 

@@ -247,10 +247,22 @@ async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial()
         assert!(tagged.iter().any(|i| i.image_id() == Some(new_copy.as_str())), "copy tagged dr:site={site}");
     }
     // After the backups, preflight acts on the newest one's AMI and
-    // snapshot: nothing is left unchecked.
+    // snapshot, and (for a failover) on the site's Elastic IP: nothing is
+    // left unchecked but the Elastic IP the cross-account site has none of.
+    let east = w.admin(REGION).await;
+    let alloc = east.allocate_address().domain(aws_sdk_ec2::types::DomainType::Vpc).send().await.expect("AllocateAddress");
+    let alloc = alloc.allocation_id().expect("allocation").to_owned();
+    east.associate_address().allocation_id(&alloc).instance_id(w.instance(0)).send().await.expect("AssociateAddress");
     let (ok, report) = w.preflight(&config, None);
     println!("preflight after the backups:\n{report}");
-    assert!(ok && report.contains(", 0 denied, 0 not checked"), "{report}");
+    assert!(ok && report.contains(", 0 denied, 1 not checked"), "{report}");
+    assert!(report.lines().any(|l| l.starts_with("own") && l.contains("ec2:AssociateAddress") && l.contains("allowed")), "{report}");
+    for line in report.lines().filter(|l| l.contains("not checked (")) {
+        assert!(line.starts_with("cross") && line.contains("has no Elastic IP to move"), "only the EIP-less site is unchecked: {line}");
+    }
+    for action in ["ec2:RunInstances", "ec2:StopInstances", "ec2:TerminateInstances", "ec2:DescribeAddresses"] {
+        assert!(report.lines().filter(|l| l.contains(action) && l.contains("allowed")).count() == 2, "{action} allowed for both sites: {report}");
+    }
     let log = w.log();
     for word in ["permission denied", "AccessDenied", "UnauthorizedOperation"] {
         assert!(!log.contains(word), "`{word}` in the controller's log:\n{log}");
