@@ -30,7 +30,7 @@ pub struct Image {
     pub tags: Vec<(String, String)>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Instance {
     pub id: String,
     pub state: String,
@@ -214,16 +214,26 @@ pub struct Ec2Clients {
     aws: AwsConfig,
     budgets: crate::budget::BudgetBook,
     cache: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Ec2>>>,
+    /// Tests: this client for every site and region.
+    fixed: Option<Arc<dyn Ec2>>,
 }
 
 impl Ec2Clients {
     pub fn new(aws: AwsConfig) -> Self {
         let budgets = crate::budget::BudgetBook::new(aws.limits.clone());
-        Ec2Clients { aws, budgets, cache: tokio::sync::Mutex::new(HashMap::new()) }
+        Ec2Clients { aws, budgets, cache: tokio::sync::Mutex::new(HashMap::new()), fixed: None }
+    }
+
+    /// Every site's client is `client` (unit tests with an in-memory EC2).
+    pub fn fixed(aws: AwsConfig, client: Arc<dyn Ec2>) -> Self {
+        Ec2Clients { fixed: Some(client), ..Self::new(aws) }
     }
 
     /// The client for a site's region and (optional) role.
     pub async fn for_site(&self, site: &Site) -> Result<Arc<dyn Ec2>, Ec2Error> {
+        if let Some(c) = &self.fixed {
+            return Ok(c.clone());
+        }
         let key = (site.region.clone(), site.role_arn.clone());
         let mut cache = self.cache.lock().await;
         if let Some(c) = cache.get(&key) {

@@ -19,6 +19,8 @@ pub mod reconcilers;
 pub mod recovery;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+pub mod testkit;
 pub mod workflows;
 
 use std::future::Future;

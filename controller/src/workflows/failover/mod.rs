@@ -34,6 +34,8 @@
 //! runs).
 
 pub mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

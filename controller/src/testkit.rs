@@ -1,0 +1,233 @@
+//! Test kit (unit tests only): an in-memory EC2 that honours ClientTokens
+//! (moto ignores them) and can lose an answer after acting, the way a
+//! timeout or a dropped connection does.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
+use crate::model::{BlockDevice, LaunchFacts};
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeInstance {
+    pub instance: Instance,
+    pub tags: Vec<(String, String)>,
+    pub client_token: String,
+    pub instance_type: String,
+    pub subnet_id: String,
+    pub keep_volumes: bool,
+}
+
+#[derive(Default)]
+pub struct Inner {
+    pub images: Vec<Image>,
+    pub instances: Vec<FakeInstance>,
+    pub addresses: Vec<Address>,
+    /// Calls by EC2 action, in order.
+    pub calls: Vec<&'static str>,
+    /// Per action: how many of the next calls act but answer a transport
+    /// error (the answer is lost).
+    pub lose: HashMap<&'static str, u32>,
+    next: u32,
+}
+
+/// An in-memory EC2 of one region.
+#[derive(Default)]
+pub struct FakeEc2 {
+    pub inner: Mutex<Inner>,
+}
+
+impl FakeEc2 {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("fake EC2 lock")
+    }
+
+    /// An instance that exists before the test (the site's primary).
+    pub fn add_instance(&self, id: &str, private_ip: &str) {
+        let mut i = self.lock();
+        i.instances.push(FakeInstance {
+            instance: Instance {
+                id: id.into(),
+                state: "running".into(),
+                private_ip: private_ip.into(),
+                public_ip: String::new(),
+                image_id: "ami-stock".into(),
+            },
+            instance_type: "m5.xlarge".into(),
+            ..FakeInstance::default()
+        });
+    }
+
+    pub fn add_image(&self, id: &str) {
+        self.lock().images.push(Image {
+            id: id.into(),
+            state: "available".into(),
+            state_reason: String::new(),
+            snapshot_ids: vec![format!("snap-of-{id}")],
+            tags: vec![],
+        });
+    }
+
+    pub fn calls_of(&self, action: &str) -> usize {
+        self.lock().calls.iter().filter(|c| **c == action).count()
+    }
+
+    pub fn instance(&self, id: &str) -> Option<FakeInstance> {
+        self.lock().instances.iter().find(|i| i.instance.id == id).cloned()
+    }
+
+    /// Records the call; `Err` when its answer is to be lost (after acting).
+    fn called(&self, action: &'static str) -> bool {
+        let mut i = self.lock();
+        i.calls.push(action);
+        match i.lose.get_mut(action) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn lost(op: &'static str) -> Ec2Error {
+    Ec2Error::Transport { op, message: "the answer was lost (fake EC2)".into() }
+}
+
+fn set_state(i: &mut Inner, id: &str, state: &str) -> Result<(), Ec2Error> {
+    match i.instances.iter_mut().find(|x| x.instance.id == id) {
+        Some(x) => {
+            x.instance.state = state.into();
+            Ok(())
+        }
+        None => Err(Ec2Error::Api { op: "StopInstances", code: "InvalidInstanceID.NotFound".into(), message: id.into() }),
+    }
+}
+
+#[async_trait]
+impl Ec2 for FakeEc2 {
+    async fn find_images_by_tag(&self, key: &str, value: &str) -> Result<Vec<Image>, Ec2Error> {
+        self.called("DescribeImages");
+        Ok(self.lock().images.iter().filter(|i| i.tags.iter().any(|(k, v)| k == key && v == value)).cloned().collect())
+    }
+    async fn create_image(&self, req: &CreateImage) -> Result<String, Ec2Error> {
+        let lose = self.called("CreateImage");
+        let mut i = self.lock();
+        i.next += 1;
+        let id = format!("ami-fake{}", i.next);
+        i.images.push(Image { id: id.clone(), state: "available".into(), state_reason: String::new(), snapshot_ids: vec![], tags: req.tags.clone() });
+        if lose { Err(lost("CreateImage")) } else { Ok(id) }
+    }
+    async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>, Ec2Error> {
+        self.called("DescribeImages");
+        Ok(self.lock().images.iter().filter(|i| ids.contains(&i.id)).cloned().collect())
+    }
+    async fn create_tags(&self, resources: &[String], tags: &[(String, String)]) -> Result<(), Ec2Error> {
+        self.called("CreateTags");
+        let mut i = self.lock();
+        for x in i.instances.iter_mut().filter(|x| resources.contains(&x.instance.id)) {
+            x.tags.extend(tags.iter().cloned());
+        }
+        Ok(())
+    }
+    async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, Ec2Error> {
+        self.called("DescribeInstances");
+        Ok(self.lock().instances.iter().find(|i| i.instance.id == id).map(|i| i.instance.clone()))
+    }
+    async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
+        self.called("DescribeSnapshots");
+        Ok(ids.iter().map(|s| (s.clone(), "completed".to_owned())).collect())
+    }
+    async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {
+        self.called("DeregisterImage");
+        self.lock().images.retain(|i| i.id != id);
+        Ok(())
+    }
+    async fn delete_snapshot(&self, _id: &str) -> Result<(), Ec2Error> {
+        self.called("DeleteSnapshot");
+        Ok(())
+    }
+    async fn copy_image(&self, req: &CopyImage) -> Result<String, Ec2Error> {
+        self.called("CopyImage");
+        Ok(format!("ami-copy-of-{}", req.source_image_id))
+    }
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<LaunchFacts>, Ec2Error> {
+        self.called("DescribeInstances");
+        Ok(self.lock().instances.iter().find(|i| i.instance.id == instance_id).map(|i| LaunchFacts {
+            instance_id: i.instance.id.clone(),
+            instance_type: i.instance_type.clone(),
+            private_ip: i.instance.private_ip.clone(),
+            block_devices: vec![BlockDevice {
+                device_name: "/dev/xvda".into(),
+                volume_id: format!("vol-of-{}", i.instance.id),
+                delete_on_termination: !i.keep_volumes,
+            }],
+            ..LaunchFacts::default()
+        }))
+    }
+    async fn find_instances_by_tag(&self, key: &str, value: &str) -> Result<Vec<Instance>, Ec2Error> {
+        self.called("DescribeInstances");
+        Ok(self
+            .lock()
+            .instances
+            .iter()
+            .filter(|i| i.instance.state != "terminated" && i.tags.iter().any(|(k, v)| k == key && v == value))
+            .map(|i| i.instance.clone())
+            .collect())
+    }
+    /// Honours the ClientToken: a repeat answers the first call's instance.
+    async fn run_instance(&self, req: &RunInstance) -> Result<Instance, Ec2Error> {
+        let lose = self.called("RunInstances");
+        let mut i = self.lock();
+        if let Some(existing) = i.instances.iter().find(|x| !req.client_token.is_empty() && x.client_token == req.client_token) {
+            return Ok(existing.instance.clone());
+        }
+        i.next += 1;
+        let n = i.next;
+        let instance = Instance {
+            id: format!("i-fake{n:013}"),
+            state: "running".into(),
+            private_ip: format!("10.0.9.{n}"),
+            public_ip: String::new(),
+            image_id: req.image_id.clone(),
+        };
+        i.instances.push(FakeInstance {
+            instance: instance.clone(),
+            tags: req.tags.clone(),
+            client_token: req.client_token.clone(),
+            instance_type: req.instance_type.clone(),
+            subnet_id: req.subnet_id.clone(),
+            keep_volumes: false,
+        });
+        if lose { Err(lost("RunInstances")) } else { Ok(instance) }
+    }
+    async fn stop_instance(&self, id: &str, _force: bool) -> Result<(), Ec2Error> {
+        self.called("StopInstances");
+        set_state(&mut self.lock(), id, "stopped")
+    }
+    async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        self.called("TerminateInstances");
+        let _ = set_state(&mut self.lock(), id, "terminated");
+        Ok(())
+    }
+    async fn keep_volumes(&self, id: &str, _devices: &[String]) -> Result<(), Ec2Error> {
+        self.called("ModifyInstanceAttribute");
+        if let Some(x) = self.lock().instances.iter_mut().find(|x| x.instance.id == id) {
+            x.keep_volumes = true;
+        }
+        Ok(())
+    }
+    async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
+        self.called("DescribeAddresses");
+        Ok(self.lock().addresses.iter().find(|a| a.allocation_id == allocation_id).cloned())
+    }
+    async fn associate_address(&self, allocation_id: &str, instance_id: &str) -> Result<(), Ec2Error> {
+        self.called("AssociateAddress");
+        if let Some(a) = self.lock().addresses.iter_mut().find(|a| a.allocation_id == allocation_id) {
+            a.instance_id = instance_id.into();
+        }
+        Ok(())
+    }
+}
