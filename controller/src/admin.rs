@@ -334,7 +334,11 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore };
         let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(|e| match e {
             failover::PlanError::Store(e) => internal(e),
-            e => Status::failed_precondition(e.to_string()),
+            e @ (failover::PlanError::UnknownSite(_)
+            | failover::PlanError::NoBackup(_)
+            | failover::PlanError::NotABackup { .. }
+            | failover::PlanError::NoCopy { .. }) => Status::not_found(e.to_string()),
+            e @ (failover::PlanError::RestoreNeedsBackup | failover::PlanError::Spec(_)) => Status::invalid_argument(e.to_string()),
         })?;
         let plan_json = serde_json::to_string(&plan).expect("plans serialize");
         if r.plan_only {

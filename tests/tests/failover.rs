@@ -71,6 +71,13 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     assert_eq!(w.all_instances().await, instances_before, "--plan launched nothing");
     assert_eq!(w.instance_state(&w.instance.id).await, "running", "--plan fenced nothing");
     assert!(site_status(&w.pki, &w.controller.url, &w.site)["running_operation_id"].is_null(), "--plan started no operation");
+    // A backup that is not the site's, or a region without its copy: named.
+    let bogus = w.drctl(&["failover", &w.site, "--backup", "ami-0123456789abcdef0", "--plan"]);
+    assert_eq!(bogus.status.code(), Some(5), "{}", text(&bogus.stderr));
+    assert!(text(&bogus.stderr).contains("ami-0123456789abcdef0 is not an available backup"), "{}", text(&bogus.stderr));
+    let no_copy = w.drctl(&["failover", &w.site, "--region", "eu-west-1", "--plan"]);
+    assert_eq!(no_copy.status.code(), Some(5), "{}", text(&no_copy.stderr));
+    assert!(text(&no_copy.stderr).contains("no available copy in eu-west-1"), "{}", text(&no_copy.stderr));
     // Without a terminal and without --yes: refused, nothing started.
     let refused = drctl_no_tty(&w, &["failover", &w.site]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));

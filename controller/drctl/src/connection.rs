@@ -304,6 +304,7 @@ impl Connection {
                 CliError::Refused(format!("the controller refused this client: {}", s.message()))
             }
             Code::NotFound => CliError::NotFound(s.message().to_owned()),
+            Code::InvalidArgument => CliError::Usage(s.message().to_owned()),
             Code::FailedPrecondition | Code::AlreadyExists => CliError::Busy(s.message().to_owned()),
             Code::Unavailable => CliError::Unreachable { url: self.url.clone(), cause: s.message().to_owned() },
             _ => CliError::Failed(format!("{:?}: {}", s.code(), s.message())),
