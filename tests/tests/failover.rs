@@ -148,6 +148,8 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
             "wipe_nomad", "app_start", "move_eip", "update_dns", "cleanup_builds", "verify", "promote", "release", "report"
         ]
     );
+    let rewrite = op["steps"].as_array().expect("steps").iter().find(|s| s["name"] == "rewrite_addresses").cloned().expect("rewrite step");
+    assert!(rewrite["result"].is_object(), "the agent's report is stored with its step: {rewrite}");
     let app_start = steps(&op).into_iter().find(|s| s.0 == "app_start").expect("app_start");
     assert!(app_start.2.contains("/health-check answered 200"), "the frontend's health check was asked: {app_start:?}");
     let shown = text(&w.drctl(&["operation", &op_id]).stdout);

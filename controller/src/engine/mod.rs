@@ -242,6 +242,11 @@ impl<D: Send + Sync + 'static> Ctx<D> {
             Err(e) => tracing::warn!(operation = %self.op_id, error = %e, "cannot record progress"),
         }
     }
+    /// Sets the running step's machine-readable result (stored with the
+    /// step when it ends; `drctl operation -o json` shows it).
+    pub fn set_result(&self, value: serde_json::Value) {
+        self.step.lock().unwrap_or_else(|p| p.into_inner()).result = Some(value);
+    }
     /// True once an abort (or preemption) was asked for: long waits check
     /// it and return early.
     pub fn abort_requested(&self) -> bool {
@@ -775,7 +780,13 @@ impl<D: Send + Sync + 'static> Engine<D> {
             // The step acted but its result is not stored yet: the worst
             // moment for a crash.
             faults::crash_point(&format!("step.{}.after", def.name));
-            rec.detail = ctx.step.lock().unwrap_or_else(|p| p.into_inner()).detail.clone();
+            {
+                let step = ctx.step.lock().unwrap_or_else(|p| p.into_inner());
+                rec.detail = step.detail.clone();
+                if step.result.is_some() {
+                    rec.result = step.result.clone();
+                }
+            }
             let snapshot = || Some((W::VERSION, serde_json::to_value(&*state).expect("workflow states serialize"), W::protects(state)));
             match outcome {
                 Ok(Outcome::Done(detail)) => {

@@ -205,7 +205,9 @@ async fn on_candidate(
     let id_name = if generation == 0 { name.to_owned() } else { format!("{name}-{generation}") };
     match agent_call(ctx, &to, &id_name, action, timeout).await {
         Ok(o) => {
-            st.reports.insert(name.to_owned(), report_of(&o));
+            let r = report_of(&o);
+            ctx.set_result(r.clone());
+            st.reports.insert(name.to_owned(), r);
             Ok(o)
         }
         Err(CallFailure::Answered(e)) => {
