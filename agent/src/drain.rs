@@ -440,29 +440,10 @@ fn load_record(path: &Path) -> Result<Option<Record>, DrainError> {
     Ok(Some(record))
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Writes the record atomically (temp file, fsync, rename, fsync dir).
+/// Writes the record atomically ([`crate::atomic::write`]).
 fn save_record(path: &Path, record: &Record) -> Result<(), DrainError> {
-    use std::io::Write;
-    let rec_err = |e: std::io::Error| DrainError::Record { path: path.to_owned(), why: e.to_string() };
-    let dir = path.parent().expect("the record lives in state_dir");
-    std::fs::create_dir_all(dir).map_err(rec_err)?;
-    let tmp = dir.join(format!(".{RECORD_FILE}.{}.tmp", std::process::id()));
     let bytes = serde_json::to_vec_pretty(record).expect("a record serializes");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        rec_err(e)
-    })
+    crate::atomic::write(path, &bytes, 0o600).map_err(|e| DrainError::Record { path: path.to_owned(), why: e.to_string() })
 }
 
 /// Node ids recorded as drained by this agent and not undrained yet (a

@@ -14,7 +14,6 @@
 //!
 //! The file is written atomically: temp file, fsync, rename, fsync of the dir.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -113,19 +112,9 @@ pub fn load(state_dir: &Path) -> Result<Option<IdentityFile>, IdentityError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same dir, fsync,
-/// rename, fsync of the dir.
+/// Writes `bytes` to `path` atomically ([`crate::atomic::write`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
-    f.write_all(bytes).map_err(io("cannot write", &tmp))?;
-    f.sync_all().map_err(io("cannot fsync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("cannot rename into", path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot fsync", dir))
+    crate::atomic::write(path, bytes, 0o644).map_err(|e| IdentityError::Io { what: e.what, path: e.path, source: e.source })
 }
 
 fn store(state_dir: &Path, file: &IdentityFile) -> Result<(), IdentityError> {

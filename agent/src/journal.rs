@@ -7,12 +7,10 @@
 //! (with the result) after it, before the answer is sent.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -134,7 +132,6 @@ pub struct Journal {
     /// Commands executing in this process (and results that could not be
     /// journaled, kept so that a repeat still gets them).
     inflight: Mutex<HashMap<String, Slot>>,
-    tmp_counter: AtomicU64,
 }
 
 /// Checks a command id: `[A-Za-z0-9._:-]{1,128}`, not `.` or `..`.
@@ -160,7 +157,7 @@ impl Journal {
             .mode(0o700)
             .create(&dir)
             .map_err(|source| JournalError::Io { path: dir.clone(), source })?;
-        Ok(Journal { dir, inflight: Mutex::new(HashMap::new()), tmp_counter: AtomicU64::new(0) })
+        Ok(Journal { dir, inflight: Mutex::new(HashMap::new()) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -211,21 +208,8 @@ impl Journal {
 
     fn write_record(&self, record: &Record) -> Result<(), JournalError> {
         let path = self.record_path(&record.id);
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!("{}.json.{}-{n}.tmp", record.id, std::process::id()));
-        let io = |p: &Path, source| JournalError::Io { path: p.to_owned(), source };
         let bytes = serde_json::to_vec_pretty(record).expect("a journal record always serializes");
-        let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| io(&tmp, e))?;
-            f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-            f.sync_all().map_err(|e| io(&tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| io(&path, e))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result?;
-        sync_dir(&self.dir)
+        crate::atomic::write(&path, &bytes, 0o600).map_err(|e| JournalError::Io { path: e.path, source: e.source })
     }
 
     /// Runs `action` through the journal and returns the answer to send.
@@ -380,7 +364,7 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|source| JournalError::Io { path: dir.to_owned(), source })
 }
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@
 //!   [`drain`] (Nomad builders), [`recover`] (the whole runbook).
 
 pub mod app;
+pub mod atomic;
 pub mod builds;
 pub mod clock;
 pub mod commands;

@@ -199,15 +199,11 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// Writes a record atomically (temp file, fsync, rename).
+/// Writes a record atomically ([`crate::atomic::write`]).
 pub fn write_record(path: &Path, record: &FreezeRecord) -> Result<(), FreezeError> {
-    let io = |what: &str, source| FreezeError::Io { what: format!("{what} {}", path.display()), source };
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
-    f.write_all(serde_json::to_string_pretty(record).expect("records serialize").as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io("cannot write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))
+    let bytes = serde_json::to_string_pretty(record).expect("records serialize");
+    crate::atomic::write(path, bytes.as_bytes(), 0o600)
+        .map_err(|e| FreezeError::Io { what: format!("cannot {} {}", e.what, e.path.display()), source: e.source })
 }
 
 fn freeze_dir(config: &Config) -> PathBuf {
