@@ -344,6 +344,6 @@ mod tests {
         let bad: Result<W, _> = toml::from_str("[launch]\ninstance_typ = \"m5.large\"\n");
         assert!(bad.is_err(), "a misspelt key is not silently ignored");
         let w: W = toml::from_str("[launch.west]\nsubnet_id = \"s\"\n").expect("parses as a table");
-        assert!(w.launch.check().unwrap_err().1.contains("region table"));
+        assert!(w.launch.check().expect_err("`west` is no region").1.contains("region table"));
     }
 }

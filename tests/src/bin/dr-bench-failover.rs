@@ -211,7 +211,7 @@ async fn main() {
     println!("  RunInstances bucket:  mean wait {l_mean:.1} s, max {l_max:.1} s; {} RunInstances calls", delta("RunInstances"));
     println!("  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)", total as f64 / n as f64, throttled as f64 / n as f64);
     let mut actions: Vec<(&String, u64)> = calls_after.keys().map(|a| (a, delta(a))).filter(|(_, c)| *c > 0).collect();
-    actions.sort_by(|a, b| b.1.cmp(&a.1));
+    actions.sort_by_key(|a| std::cmp::Reverse(a.1));
     for (a, c) in actions {
         println!("    {a:<22} {c}");
     }

@@ -14,20 +14,20 @@
 //!    recorded as this operation's candidate before its agent can dial in.
 //! 4. `wait_running`, 5. `wait_agent`: the candidate's agent (same site
 //!    certificate, new instance id) connected and confirmed by EC2.
-//! 6.–10. the runbook on the candidate, as typed agent steps with the
+//! 6. to 10. the runbook on the candidate, as typed agent steps with the
 //!    operation's command ids: app stop, rewrite addresses (old from the
 //!    backup's launch facts, new from EC2), hostname (when configured), wipe
-//!    Nomad, app start.
+//!    Nomad, app start (then the frontend's health check).
 //! 11. `move_eip`, 12. `update_dns`: the site's Elastic IP (same region) and
-//!    Route 53 record onto the new instance.
+//!     Route 53 record onto the new instance.
 //! 13. `cleanup_builds`: builds that were running at the backup's point in
-//!    time (a failure is reported for a human, not fatal).
+//!     time (a failure is reported for a human, not fatal).
 //! 14. `verify`, 15. `promote`: one store transaction makes the candidate
-//!    the primary and the old instance fenced.
+//!     the primary and the old instance fenced.
 //! 16. `release` (always): an operation that ends without promotion (abort)
-//!    terminates what it launched; the old instance stays fenced.
+//!     terminates what it launched; the old instance stays fenced.
 //! 17. `report` (always): the measured RTO by phase and what a human must
-//!    still do.
+//!     still do.
 //!
 //! A step after the fence that fails waits for a human (`Pause`): `drctl
 //! operation resume ID` retries it, `abort` ends the operation (release
@@ -694,18 +694,18 @@ async fn verify(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         return Err(StepError::failed(format!("{id} is {} in EC2", inst.map(|i| i.state).unwrap_or_else(|| "gone".into()))));
     }
     let mut checks = vec![format!("{id} running")];
-    if st.eip_moved {
-        if let Some(eip) = st.plan.eip.clone() {
-            let a = retry_ec2("DescribeAddresses", EC2_RETRY_BUDGET, || ec2.describe_address(&eip.allocation_id)).await?;
-            if a.as_ref().is_none_or(|a| a.instance_id != id) {
-                return Err(StepError::failed(format!(
-                    "Elastic IP {} is on {} instead of {id}",
-                    eip.public_ip,
-                    a.map(|a| a.instance_id).filter(|i| !i.is_empty()).unwrap_or_else(|| "nothing".into())
-                )));
-            }
-            checks.push(format!("{} on it", eip.public_ip));
+    if st.eip_moved
+        && let Some(eip) = st.plan.eip.clone()
+    {
+        let a = retry_ec2("DescribeAddresses", EC2_RETRY_BUDGET, || ec2.describe_address(&eip.allocation_id)).await?;
+        if a.as_ref().is_none_or(|a| a.instance_id != id) {
+            return Err(StepError::failed(format!(
+                "Elastic IP {} is on {} instead of {id}",
+                eip.public_ip,
+                a.map(|a| a.instance_id).filter(|i| !i.is_empty()).unwrap_or_else(|| "nothing".into())
+            )));
         }
+        checks.push(format!("{} on it", eip.public_ip));
     }
     let to = candidate(ctx, st)?;
     let o = agent_call(ctx, &to, &format!("verify-status-{}", ctx.attempt()), &AgentAction::AppStatus, ctx.deps().backup.agent_call_timeout)
