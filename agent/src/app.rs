@@ -502,7 +502,6 @@ pub async fn set_hostname_cli(args: HostnameArgs) -> CliResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
 
     #[test]
@@ -560,8 +559,7 @@ esac
 "#,
             dir = dir.display()
         );
-        std::fs::write(&path, body).expect("write script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::replicated::write_executable(&path, &body);
         path
     }
 

@@ -182,10 +182,26 @@ impl Replicatedctl {
     }
 }
 
+/// Tests: writes an executable script. A child shell writes it, so no
+/// file descriptor open for writing leaks into a process another test thread
+/// forks at that moment (which makes executing the script fail with
+/// ETXTBSY, "text file busy").
+#[cfg(test)]
+pub(crate) fn write_executable(path: &Path, body: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sh to write the script");
+    child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write the script");
+    assert!(child.wait().expect("wait for sh").success(), "sh could not write {}", path.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn parses_reference_shape() {
@@ -218,8 +234,7 @@ mod tests {
 
     fn script(dir: &Path, body: &str) -> PathBuf {
         let path = dir.join("replicatedctl");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path
     }
 
