@@ -17,8 +17,6 @@ pub trait Dns: Send + Sync {
     async fn upsert_a(&self, zone_id: &str, name: &str, ip: &str, ttl: u32) -> Result<String, Ec2Error>;
     /// `PENDING` or `INSYNC`.
     async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error>;
-    /// The A record's values now (empty if none).
-    async fn a_record(&self, zone_id: &str, name: &str) -> Result<Vec<String>, Ec2Error>;
 }
 
 pub struct Route53 {
@@ -96,24 +94,5 @@ impl Dns for Route53 {
     async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error> {
         let out = self.client.get_change().id(change_id).send().await.map_err(|e| map_err("GetChange", change_id, e))?;
         Ok(out.change_info().map(|c| c.status().as_str().to_owned()).unwrap_or_default())
-    }
-
-    async fn a_record(&self, zone_id: &str, name: &str) -> Result<Vec<String>, Ec2Error> {
-        let out = self
-            .client
-            .list_resource_record_sets()
-            .hosted_zone_id(zone_id)
-            .start_record_name(fqdn(name))
-            .start_record_type(RrType::A)
-            .max_items(1)
-            .send()
-            .await
-            .map_err(|e| map_err("ListResourceRecordSets", zone_id, e))?;
-        Ok(out
-            .resource_record_sets()
-            .iter()
-            .filter(|r| r.name() == fqdn(name) && *r.r#type() == RrType::A)
-            .flat_map(|r| r.resource_records().iter().map(|v| v.value().to_owned()))
-            .collect())
     }
 }

@@ -1046,19 +1046,24 @@ impl Fleet {
     }
 
     pub async fn admin(&self) -> dr_proto::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
-        dr_proto::tls::install_crypto_provider();
-        let (cert, key) = self.pki.operator();
-        let files = dr_proto::tls::TlsFiles { ca: self.pki.ca(), cert, key };
-        let tls = dr_proto::tls::client_config(&files, "127.0.0.1").expect("client TLS");
-        let channel = tonic::transport::Channel::from_shared(self.controller.url.clone())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-            .expect("connect to the controller");
-        dr_proto::pb::admin_service_client::AdminServiceClient::new(channel)
+        admin_client(&self.pki, &self.controller.url).await
     }
+}
+
+/// An admin API client of the controller at `url`, as the test operator.
+pub async fn admin_client(pki: &Pki, url: &str) -> dr_proto::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+    dr_proto::tls::install_crypto_provider();
+    let (cert, key) = pki.operator();
+    let files = dr_proto::tls::TlsFiles { ca: pki.ca(), cert, key };
+    let tls = dr_proto::tls::client_config(&files, "127.0.0.1").expect("client TLS");
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the controller");
+    dr_proto::pb::admin_service_client::AdminServiceClient::new(channel)
 }
 
 /// A real ext4 file system on a loop device, mounted under a temp dir;

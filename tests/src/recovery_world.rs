@@ -15,19 +15,6 @@ use crate::*;
 pub const HOST: &str = "ci.example.com";
 const TOKEN: &str = "admin-token-0123";
 
-/// An EC2 client against any endpoint (here: the data plane).
-pub fn ec2_at(url: &str) -> aws_sdk_ec2::Client {
-    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
-    let config = aws_sdk_ec2::config::Builder::new()
-        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new(REGION))
-        .credentials_provider(creds)
-        .endpoint_url(url)
-        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-        .build();
-    aws_sdk_ec2::Client::from_conf(config)
-}
-
 pub fn route53_at(url: &str) -> aws_sdk_route53::Client {
     let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
     let config = aws_sdk_route53::config::Builder::new()
@@ -95,7 +82,7 @@ impl RecoveryWorld {
         let dir = tempfile::tempdir().expect("tempdir");
         let moto = Moto::start(dir.path());
         let dataplane = DataPlane::start(&dir.path().join("dataplane"), &moto.url, spec.boot_delay);
-        let ec2 = ec2_at(&dataplane.url);
+        let ec2 = ec2_client(&dataplane.url, REGION);
         let route53 = route53_at(&dataplane.url);
         let mut instance = launch_instance(&ec2).await;
         let alloc = ec2.allocate_address().domain(aws_sdk_ec2::types::DomainType::Vpc).send().await.expect("AllocateAddress");
@@ -227,18 +214,9 @@ impl RecoveryWorld {
         last_json(&out.stdout)
     }
 
-    /// The instances carrying `dr:operation=op`.
+    /// The instances carrying `dr:operation=op` (in the site's region).
     pub async fn launched_by(&self, op: &str) -> Vec<aws_sdk_ec2::types::Instance> {
-        self.ec2
-            .describe_instances()
-            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op).build())
-            .send()
-            .await
-            .expect("DescribeInstances")
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances().to_vec())
-            .collect()
+        launched_by(&self.ec2, op).await
     }
 
     pub async fn instance_state(&self, id: &str) -> String {
@@ -280,6 +258,19 @@ impl RecoveryWorld {
     }
 }
 
+/// The instances carrying `dr:operation=op`, as `ec2` (a region) sees them.
+pub async fn launched_by(ec2: &aws_sdk_ec2::Client, op: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    ec2.describe_instances()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op).build())
+        .send()
+        .await
+        .expect("DescribeInstances")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances().to_vec())
+        .collect()
+}
+
 /// The last 60 lines of a log.
 pub fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
@@ -300,19 +291,6 @@ pub fn drctl_no_tty(world: &RecoveryWorld, args: &[&str]) -> std::process::Outpu
 
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// An EC2 client of another region, through the same endpoint.
-pub fn ec2_in(url: &str, region: &str) -> aws_sdk_ec2::Client {
-    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "static");
-    let config = aws_sdk_ec2::config::Builder::new()
-        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
-        .credentials_provider(creds)
-        .endpoint_url(url)
-        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-        .build();
-    aws_sdk_ec2::Client::from_conf(config)
 }
 
 impl RecoveryWorld {

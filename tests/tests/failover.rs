@@ -117,7 +117,12 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     assert!(!disk.join("opt/nomad/server/raft/raft.db").exists(), "the restored Nomad state is wiped");
     assert!(disk.join("opt/nomad").is_dir());
     assert!(!disk.join("var/lib/after-backup").exists(), "the restored disk is the backup's point in time");
-    assert!(replicatedctl_calls(&disk, "app start") >= 1);
+    let image_disk = w.dataplane.images().await.remove(&ami).expect("the backup's disk");
+    assert_eq!(
+        replicatedctl_calls(&disk, "app start") - replicatedctl_calls(&image_disk, "app start"),
+        1,
+        "the app was started once on the restored machine"
+    );
     // Builds: the one running at the backup deleted (one session), the later one not.
     let deleted = w.deleted_builds();
     assert!(deleted.iter().any(|d| d.ends_with("/11")), "build 11 deleted: {deleted:?}");
@@ -245,7 +250,7 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
 async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns() {
     let spec = RecoverySpec { controller_toml: "[policy]\ncopy_regions = [\"us-west-2\"]\n".into(), ..Default::default() };
     let mut w = RecoveryWorld::start("fo-dr", spec).await;
-    let west = ec2_in(&w.dataplane.url, "us-west-2");
+    let west = dr_tests::ec2_client(&w.dataplane.url, "us-west-2");
     let subnets = west.describe_subnets().send().await.expect("DescribeSubnets");
     let subnet = subnets.subnets()[0].subnet_id().expect("subnet").to_owned();
     let groups = west.describe_security_groups().send().await.expect("DescribeSecurityGroups");
@@ -281,16 +286,7 @@ async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns() {
     let op = last_json(&out.stdout);
     assert_eq!(op["state"], "succeeded", "{}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
     let op_id = op["id"].as_str().expect("id");
-    let launched: Vec<_> = west
-        .describe_instances()
-        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op_id).build())
-        .send()
-        .await
-        .expect("DescribeInstances")
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances().to_vec())
-        .collect();
+    let launched = launched_by(&west, op_id).await;
     assert_eq!(launched.len(), 1, "one instance in us-west-2");
     assert_eq!(launched[0].image_id(), Some(copy.as_str()), "launched from the DR copy");
     assert_eq!(launched[0].subnet_id(), Some(subnet.as_str()), "with the region's launch spec");

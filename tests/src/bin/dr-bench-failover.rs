@@ -17,26 +17,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dr_proto::pb;
-use dr_tests::recovery_world::ec2_at;
 use dr_tests::*;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-async fn admin(pki: &Pki, url: &str) -> pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
-    dr_proto::tls::install_crypto_provider();
-    let (cert, key) = pki.operator();
-    let files = dr_proto::tls::TlsFiles { ca: pki.ca(), cert, key };
-    let tls = dr_proto::tls::client_config(&files, "127.0.0.1").expect("client TLS");
-    let channel = tonic::transport::Channel::from_shared(url.to_owned())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect to the controller");
-    pb::admin_service_client::AdminServiceClient::new(channel)
 }
 
 async fn wait_ops(
@@ -79,7 +63,7 @@ async fn main() {
     let moto = Moto::start(dir.path());
     let dp = DataPlane::start(&dir.path().join("dataplane"), &moto.url, boot);
     let proxy = throttle::start(&dp.url, share, 7).await;
-    let ec2 = ec2_at(&dp.url);
+    let ec2 = ec2_client(&dp.url, REGION);
     let pki = Pki::new(dir.path());
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
@@ -130,7 +114,7 @@ async fn main() {
     for (_, instance, disk) in &sites {
         dp.adopt(&instance.id, disk).await.expect("adopt");
     }
-    let mut client = admin(&pki, &url).await;
+    let mut client = admin_client(&pki, &url).await;
     let ready = Instant::now();
     loop {
         let s = client.status(pb::StatusRequest { page_size: 1000, ..Default::default() }).await.expect("Status").into_inner();

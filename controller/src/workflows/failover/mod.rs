@@ -282,10 +282,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         .await?;
     deps.registry.set_role(&ctx.site.id, &old, Role::Fenced { reason: reason.clone() });
     let rec = deps.recovery(&ctx.site.id);
-    let ec2 = match deps.ec2(&ctx.site).await {
-        Ok(e) => e,
-        Err(e) => return Err(e.into()),
-    };
+    let ec2 = deps.ec2(&ctx.site).await?;
     let budget = EC2_RETRY_BUDGET;
     let Some(inst) = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await? else {
         st.fenced = Some(old.clone());
