@@ -12,7 +12,7 @@ use dr_proto::identity::{validate_name, validate_trust_domain};
 use dr_proto::tls::TlsFiles;
 use serde::Deserialize;
 
-use crate::policy::{Policy, PolicyFile};
+use crate::domain::policy::{Policy, PolicyFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,7 +43,7 @@ pub struct Config {
     pub sites: Vec<SiteConfig>,
     /// Restore and failover timeouts.
     #[serde(default)]
-    pub failover: crate::recovery::FailoverConfig,
+    pub failover: crate::domain::recovery::FailoverConfig,
 }
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
@@ -118,7 +118,7 @@ pub struct AwsConfig {
     pub max_attempts: Option<u32>,
     /// The controller's own request budget per account and region.
     #[serde(default)]
-    pub limits: crate::budget::Limits,
+    pub limits: Limits,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -201,7 +201,7 @@ pub struct SiteConfig {
     /// Restore: how the old primary is fenced (`stop`, default, or
     /// `terminate`).
     #[serde(default)]
-    pub fence: crate::recovery::Fence,
+    pub fence: crate::domain::recovery::Fence,
     /// Restore with `fence = "terminate"`: launch the replacement with the
     /// old private IP (same subnet), so Nomad builders need no change.
     #[serde(default)]
@@ -212,14 +212,14 @@ pub struct SiteConfig {
     /// Restore: overrides of the launch facts recorded at backup time, and
     /// one table per other region (`[site.launch.us-west-2]`).
     #[serde(default)]
-    pub launch: crate::recovery::LaunchConfig,
+    pub launch: crate::domain::recovery::LaunchConfig,
     /// Restore: a Route 53 A record that follows the primary.
-    pub dns: Option<crate::recovery::DnsRecord>,
+    pub dns: Option<crate::domain::recovery::DnsRecord>,
 }
 
 impl SiteConfig {
-    pub fn recovery(&self) -> crate::recovery::SiteRecovery {
-        crate::recovery::SiteRecovery {
+    pub fn recovery(&self) -> crate::domain::recovery::SiteRecovery {
+        crate::domain::recovery::SiteRecovery {
             fence: self.fence,
             keep_private_ip: self.keep_private_ip,
             hostname: self.hostname.clone().unwrap_or_default(),
@@ -372,7 +372,7 @@ impl Config {
             }
             self.site_policy(site).map_err(|(k, m)| invalid(format!("site[{i}].policy.{k}"), m))?;
             site.launch.check().map_err(|(k, m)| invalid(key(&format!("launch.{k}")), m))?;
-            if site.keep_private_ip && site.fence != crate::recovery::Fence::Terminate {
+            if site.keep_private_ip && site.fence != crate::domain::recovery::Fence::Terminate {
                 return Err(invalid(
                     key("keep_private_ip"),
                     "needs fence = \"terminate\": a stopped instance still holds its private IP".into(),
@@ -419,6 +419,35 @@ impl Config {
 /// `i-` followed by 8 or 17 hex digits (moto and AWS both use 17 today).
 pub fn is_instance_id(s: &str) -> bool {
     s.strip_prefix("i-").is_some_and(|h| (8..=17).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Token-bucket sizes (`[aws.limits]`); defaults follow EC2's documented ones.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub mutating_per_sec: u32,
+    pub mutating_burst: u32,
+    pub copy_per_sec: u32,
+    pub copy_burst: u32,
+    pub describe_per_sec: u32,
+    pub describe_burst: u32,
+    pub run_instances_per_sec: u32,
+    pub run_instances_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            mutating_per_sec: 5,
+            mutating_burst: 50,
+            copy_per_sec: 1,
+            copy_burst: 5,
+            describe_per_sec: 20,
+            describe_burst: 100,
+            run_instances_per_sec: 2,
+            run_instances_burst: 5,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -488,7 +517,7 @@ instance_id = "i-0123456789abcdef0"
         }
         let ok = format!("{GOOD}fence = \"terminate\"\nkeep_private_ip = true\nhostname = \"ci.example.com\"\n");
         let c = Config::parse(Path::new("c.toml"), &ok).expect("valid");
-        assert_eq!(c.sites[0].recovery().fence, crate::recovery::Fence::Terminate);
+        assert_eq!(c.sites[0].recovery().fence, crate::domain::recovery::Fence::Terminate);
     }
 
     #[test]

@@ -1,23 +1,16 @@
 //! dr-controller: schedules, EC2 calls and the state of every operation;
 //! directs the agents over mutual-TLS gRPC. See ARCHITECTURE.md for the map.
 
-pub mod admin;
 pub mod agents;
-pub mod budget;
-pub mod catalog;
+pub mod api;
+pub mod cloud;
 pub mod config;
-pub mod dns;
-pub mod ec2;
+pub mod domain;
 pub mod engine;
-pub mod faults;
+#[cfg(test)]
+mod layering;
 pub mod logging;
-pub mod metrics;
-pub mod model;
-pub mod policy;
-pub mod preflight;
 pub mod reconcilers;
-pub mod recovery;
-pub mod server;
 pub mod store;
 #[cfg(test)]
 pub mod testkit;
@@ -30,7 +23,9 @@ use dr_proto::pb::admin_service_server::AdminServiceServer;
 use dr_proto::pb::agent_service_server::AgentServiceServer;
 
 use crate::config::Config;
-use crate::model::Site;
+use crate::api::{admin, metrics, server};
+use crate::domain::model::Site;
+use crate::reconcilers::catalog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -78,7 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 "the store's primary instance differs from the config's instance_id (a failover happened); the store wins");
         }
     }
-    let ec2 = Arc::new(ec2::Ec2Clients::new(config.aws.clone()));
+    let ec2 = Arc::new(cloud::Ec2Clients::new(config.aws.clone()));
     catalog::check(&config, &store, &ec2).await?;
     let registry = agents::Registry::default();
     let mut policies = std::collections::HashMap::new();

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
-use crate::model::{BlockDevice, LaunchFacts};
+use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
+use crate::domain::model::{BlockDevice, LaunchFacts};
 
 #[derive(Clone, Debug, Default)]
 pub struct FakeInstance {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::engine::{ErrorKind, StepError};
-use crate::model::{InstanceRecord, Millis, Role, Site, now_ms};
+use crate::domain::model::{InstanceRecord, Millis, Role, Site, now_ms};
 
 /// How long an EC2 confirmation of an instance (its id and private IP)
 /// stays good: a reconnect within it gets its role at once.

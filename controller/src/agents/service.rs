@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::verify::Verifier;
 use super::{Pending, Registry, Session, needs_verification, recently_verified, role_of, role_to_pb};
-use crate::model::{InstanceFacts, InstanceRecord, Role, now_ms};
+use crate::domain::model::{InstanceFacts, InstanceRecord, Role, now_ms};
 use crate::store::Store;
 
 /// Serves `AgentService`.

@@ -17,8 +17,8 @@ use dr_proto::backoff::Backoff;
 use tokio::sync::mpsc;
 
 use super::{Registry, role_of};
-use crate::ec2::Ec2Clients;
-use crate::model::{Role, Site, now_ms};
+use crate::cloud::Ec2Clients;
+use crate::domain::model::{Role, Site, now_ms};
 use crate::store::Store;
 
 const BATCH: usize = 1000;

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime can start");
     match command {
-        Command::Run => match runtime.block_on(dr_controller::run(config, dr_controller::server::shutdown_signal())) {
+        Command::Run => match runtime.block_on(dr_controller::run(config, dr_controller::api::server::shutdown_signal())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "dr-controller failed");
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         },
         Command::Store { command } => runtime.block_on(store_command(&config, command)),
         Command::Preflight { site } => {
-            let checks = match runtime.block_on(dr_controller::preflight::run(&config, site.as_deref())) {
+            let checks = match runtime.block_on(dr_controller::cloud::preflight::run(&config, site.as_deref())) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("dr-controller: {e}");
@@ -96,11 +96,11 @@ fn main() -> ExitCode {
             for check in &checks {
                 println!("{check}");
             }
-            let denied = checks.iter().filter(|c| matches!(c.verdict, dr_controller::preflight::Verdict::Denied(_))).count();
+            let denied = checks.iter().filter(|c| matches!(c.verdict, dr_controller::cloud::preflight::Verdict::Denied(_))).count();
             let unchecked =
-                checks.iter().filter(|c| matches!(c.verdict, dr_controller::preflight::Verdict::NotChecked(_))).count();
+                checks.iter().filter(|c| matches!(c.verdict, dr_controller::cloud::preflight::Verdict::NotChecked(_))).count();
             println!("preflight: {} checks, {denied} denied, {unchecked} not checked", checks.len());
-            if dr_controller::preflight::all_allowed(&checks) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if dr_controller::cloud::preflight::all_allowed(&checks) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
     }
 }
@@ -126,8 +126,8 @@ async fn store_command(config: &dr_controller::config::Config, command: StoreCom
             }
         },
         StoreCommand::Rebuild => {
-            let ec2 = dr_controller::ec2::Ec2Clients::new(config.aws.clone());
-            match dr_controller::catalog::rebuild(config, &store, &ec2).await {
+            let ec2 = dr_controller::cloud::Ec2Clients::new(config.aws.clone());
+            match dr_controller::reconcilers::catalog::rebuild(config, &store, &ec2).await {
                 Ok(r) => {
                     for b in &r.backups {
                         println!("backup {b} recovered from its tags");

@@ -19,6 +19,7 @@
 //!   preempts a preemptible lower one (abort signal: its compensations run
 //!   first), an equal or lower one is refused.
 
+pub mod faults;
 mod intents;
 #[cfg(test)]
 mod tests;
@@ -35,8 +36,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, broadcast};
 
-use crate::faults;
-use crate::model::*;
+
+use crate::domain::model::*;
 use crate::store::{ActiveOp, Admission, Store, StoreError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

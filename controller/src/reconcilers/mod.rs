@@ -2,5 +2,6 @@
 //! one operation: [`scheduler`] starts due backups, [`copies`] drives
 //! DR-region copies to an end.
 
+pub mod catalog;
 pub mod copies;
 pub mod scheduler;

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use crate::engine::EngineError;
-use crate::model::{Millis, now_ms};
-use crate::policy::{Schedule, jitter_offset};
+use crate::domain::model::{Millis, now_ms};
+use crate::domain::policy::{Schedule, jitter_offset};
 use crate::store::StoreError;
 use crate::workflows::Engine;
 
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn fires_once_per_slot_after_the_offset_and_once_after_downtime() {
-        let s = crate::policy::parse_schedule("1h", "UTC").expect("ok").expect("on");
+        let s = crate::domain::policy::parse_schedule("1h", "UTC").expect("ok").expect("on");
         let h = 3_600_000;
         let off = 5 * 60_000;
         // Last handled slot 10:00; at 11:04 the 11:00 slot is not due yet (offset 5 min).

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::model::*;
+use crate::domain::model::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

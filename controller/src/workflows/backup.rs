@@ -32,16 +32,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail};
-use crate::ec2::{CreateImage, Ec2, Image};
+use crate::cloud::ec2::{CreateImage, Ec2, Image};
 use crate::engine::{BoxFuture, Ctx, Deadline, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
-use crate::model::{Backup as BackupRecord, BackupState, Consistency, Protected, now_ms};
-use crate::policy::{OnQuiesceFailure, Quiesce};
+use crate::domain::model::{Backup as BackupRecord, BackupState, Consistency, Protected, now_ms};
+use crate::domain::policy::{OnQuiesceFailure, Quiesce};
 
-/// Tag keys written on every AMI and snapshot the controller creates.
-pub const TAG_SITE: &str = "dr:site";
-pub const TAG_OPERATION: &str = "dr:operation";
-pub const TAG_CREATED_BY: &str = "dr:created-by";
-pub const CREATED_BY: &str = "dr-controller";
+use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 
 /// The backup workflow.
 pub struct Backup;
@@ -103,7 +99,7 @@ pub struct State {
     /// The source instance's launch facts (what a restore needs), read in
     /// `check_agent`, before any quiesce; recorded with the backup.
     #[serde(default)]
-    pub launch: Option<crate::model::LaunchFacts>,
+    pub launch: Option<crate::domain::model::LaunchFacts>,
     #[serde(default)]
     pub launch_error: Option<String>,
 }
@@ -155,8 +151,8 @@ pub async fn start(
     engine: &super::Engine,
     site_id: &str,
     requested_by: &str,
-    slot: Option<crate::model::Millis>,
-) -> Result<crate::model::Operation, crate::engine::EngineError> {
+    slot: Option<crate::domain::model::Millis>,
+) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
     engine.start::<Backup>(crate::engine::Start { site_id, requested_by, state: State::default(), slot }).await
 }
 
@@ -625,9 +621,9 @@ async fn copy(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     }
     let mut lines = Vec::new();
     for region in &regions {
-        let copy = crate::reconcilers::copies::start_copy(ctx.deps(), &ctx.site, &image_id, &ctx.op_id, region).await?;
+        let copy = super::copies::start_copy(ctx.deps(), &ctx.site, &image_id, &ctx.op_id, region).await?;
         lines.push(match copy.state {
-            crate::model::CopyState::Failed => format!("{region}: failed to start ({}), will retry", copy.error),
+            crate::domain::model::CopyState::Failed => format!("{region}: failed to start ({}), will retry", copy.error),
             _ => format!("{region}: {} {}", copy.image_id, copy.state.as_str()),
         });
     }
@@ -654,7 +650,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::ec2::{Ec2Error, Instance};
+    use crate::cloud::ec2::{Ec2Error, Instance};
 
     /// An EC2 whose image goes through scripted states, one per describe.
     struct Scripted {
@@ -700,7 +696,7 @@ mod tests {
         async fn delete_snapshot(&self, _: &str) -> Result<(), Ec2Error> {
             Ok(())
         }
-        async fn copy_image(&self, _: &crate::ec2::CopyImage) -> Result<String, Ec2Error> {
+        async fn copy_image(&self, _: &crate::cloud::ec2::CopyImage) -> Result<String, Ec2Error> {
             Ok("ami-copy".into())
         }
     }

@@ -4,6 +4,7 @@
 //! calls addressed by (site, instance, role).
 
 pub mod backup;
+pub mod copies;
 pub mod failover;
 pub mod retention;
 
@@ -16,12 +17,13 @@ use serde_json::json;
 
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome, Registry};
 use crate::config::BackupConfig;
-use crate::dns::Dns;
-use crate::recovery::{FailoverConfig, SiteRecovery};
-use crate::ec2::{Ec2, Ec2Clients, Ec2Error};
+use crate::cloud::dns::Dns;
+use crate::domain::recovery::{FailoverConfig, SiteRecovery};
+use crate::cloud::Ec2Clients;
+use crate::cloud::ec2::{Ec2, Ec2Error};
 use crate::engine::{self, Ctx, ErrorKind, StepError};
-use crate::model::{Site, now_ms};
-use crate::policy::Policy;
+use crate::domain::model::{Site, now_ms};
+use crate::domain::policy::Policy;
 use crate::store::Store;
 
 /// What the workflows need, given to the engine once.
@@ -65,7 +67,7 @@ impl Deps {
     /// Route 53.
     pub async fn dns(&self) -> Arc<dyn Dns> {
         self.dns
-            .get_or_init(|| async { Arc::new(crate::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> })
+            .get_or_init(|| async { Arc::new(crate::cloud::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> })
             .await
             .clone()
     }
@@ -116,8 +118,8 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && start.elapsed() < budget => {
                 let counter = match e {
-                    Ec2Error::Throttled { .. } => &crate::metrics::EC2_THROTTLED,
-                    _ => &crate::metrics::EC2_TRANSIENT,
+                    Ec2Error::Throttled { .. } => &crate::cloud::EC2_THROTTLED,
+                    _ => &crate::cloud::EC2_TRANSIENT,
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let sleep = EC2_BACKOFF.delay(attempt).min(budget.saturating_sub(start.elapsed()));

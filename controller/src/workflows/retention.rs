@@ -14,10 +14,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
-use crate::ec2::Ec2;
+use crate::cloud::ec2::Ec2;
 use crate::engine::StepError;
-use crate::model::{Backup, BackupState, Copy, CopyState, Millis, Site, now_ms};
-use crate::policy::Policy;
+use crate::domain::model::{Backup, BackupState, Copy, CopyState, Millis, Site, now_ms};
+use crate::domain::policy::Policy;
 
 /// What retention decided about one backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -70,7 +70,7 @@ pub fn plan(backups: &[Backup], policy: &Policy, in_use: &HashSet<String>, now: 
 
 /// Deregisters an AMI and deletes its snapshots (in that order: a snapshot
 /// of a registered AMI cannot be deleted).
-pub async fn delete_image(ec2: &dyn Ec2, image_id: &str, snapshot_ids: &[String]) -> Result<(), crate::ec2::Ec2Error> {
+pub async fn delete_image(ec2: &dyn Ec2, image_id: &str, snapshot_ids: &[String]) -> Result<(), crate::cloud::ec2::Ec2Error> {
     retry_ec2("DeregisterImage", EC2_RETRY_BUDGET, || ec2.deregister_image(image_id)).await?;
     for snap in snapshot_ids {
         retry_ec2("DeleteSnapshot", EC2_RETRY_BUDGET, || ec2.delete_snapshot(snap)).await?;
@@ -137,7 +137,7 @@ pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decisi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Consistency;
+    use crate::domain::model::Consistency;
 
     const H: u64 = 3_600_000;
 

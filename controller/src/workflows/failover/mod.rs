@@ -42,17 +42,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::backup::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report as report_of, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome};
-use crate::ec2::{Ec2, RunInstance};
+use crate::cloud::ec2::{Ec2, RunInstance};
 use crate::engine::{BoxFuture, Ctx, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
-use crate::model::{Millis, Protected, Role, now_ms};
-use crate::recovery::Fence;
+use crate::domain::model::{Millis, Protected, Role, now_ms};
+use crate::domain::recovery::Fence;
 pub use plan::{HumanAction, Plan, PlanError, Request};
 
-pub const TAG_ROLE: &str = "dr:role";
-pub const TAG_FENCED_FROM: &str = "dr:fenced-from";
+use crate::domain::tags::{TAG_FENCED_FROM, TAG_ROLE};
 
 /// The failover workflow.
 pub struct Failover;
@@ -170,7 +169,7 @@ pub async fn start(
     engine: &super::Engine,
     plan: Plan,
     requested_by: &str,
-) -> Result<crate::model::Operation, crate::engine::EngineError> {
+) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
     let site_id = plan.site_id.clone();
     let state = State { plan, ..State::default() };
     engine.start::<Failover>(crate::engine::Start { site_id: &site_id, requested_by, state, slot: None }).await

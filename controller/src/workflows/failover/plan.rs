@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
-use crate::model::{Backup, BackupState, LaunchFacts, Millis, Site, now_ms};
-use crate::recovery::{Fence, LaunchSpec, SpecError, resolve_launch};
+use crate::domain::model::{Backup, BackupState, LaunchFacts, Millis, Site, now_ms};
+use crate::domain::recovery::{Fence, LaunchSpec, SpecError, resolve_launch};
 
 /// What the operator asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,7 +158,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         backup
             .copies
             .iter()
-            .find(|c| c.region == region && c.state == crate::model::CopyState::Available && !c.image_id.is_empty())
+            .find(|c| c.region == region && c.state == crate::domain::model::CopyState::Available && !c.image_id.is_empty())
             .map(|c| c.image_id.clone())
             .ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?
     };

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{AwsConfig, BackupConfig};
-use crate::ec2::Ec2Clients;
-use crate::model::{Backup, BackupState, Consistency, LaunchFacts, OperationState, Signal, Site};
-use crate::recovery::FailoverConfig;
+use crate::cloud::Ec2Clients;
+use crate::domain::model::{Backup, BackupState, Consistency, LaunchFacts, OperationState, Signal, Site};
+use crate::domain::recovery::FailoverConfig;
 use crate::store::Store;
 use crate::testkit::FakeEc2;
 
-async fn until(store: &Store, id: &str, want: OperationState) -> crate::model::Operation {
+async fn until(store: &Store, id: &str, want: OperationState) -> crate::domain::model::Operation {
     for _ in 0..300 {
         let op = store.operation(id.to_owned()).await.expect("read").expect("operation");
         if op.state == want {
@@ -33,7 +33,7 @@ async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
     let store = Store::open(&dir.path().join("s.db")).await.expect("store");
     let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
     store.upsert_site(site.clone()).await.expect("site");
-    let now = crate::model::now_ms();
+    let now = crate::domain::model::now_ms();
     store
         .insert_rebuilt_backup(Backup {
             image_id: "ami-b1".into(),

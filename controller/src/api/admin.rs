@@ -1,6 +1,6 @@
 //! The admin API (`AdminService`) that drctl talks to. Only operator
 //! certificates of our trust domain may call it. Protobuf types end here:
-//! everything behind this module works on [`crate::model`] types.
+//! everything behind this module works on [`crate::domain::model`] types.
 
 use std::pin::Pin;
 
@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agents::{LiveAgent, Registry};
 use crate::engine::{EngineError, Workflow};
-use crate::model::*;
+use crate::domain::model::*;
 use crate::store::{FleetView, Store, StoreError};
 use crate::workflows::Engine;
 
@@ -328,7 +328,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("unknown site `{}`", r.site_id)))?;
-        if !r.region.is_empty() && !crate::recovery::is_region(&r.region) {
+        if !r.region.is_empty() && !crate::domain::recovery::is_region(&r.region) {
             return Err(Status::invalid_argument(format!("`{}` is not a region name", r.region)));
         }
         let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::LaunchFacts;
+use crate::domain::model::LaunchFacts;
 
 /// How the old primary is kept from coming back as a second primary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

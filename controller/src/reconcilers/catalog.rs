@@ -11,11 +11,12 @@
 //! - `dr-controller store backup --to FILE` is [`crate::store::Store::backup_to`].
 
 use crate::config::Config;
-use crate::ec2::{Ec2Clients, Image};
-use crate::model::{Backup, BackupState, Consistency, Copy, CopyState, Site, now_ms};
-use crate::reconcilers::copies::TAG_SOURCE_IMAGE;
+use crate::cloud::Ec2Clients;
+use crate::cloud::ec2::Image;
+use crate::domain::model::{Backup, BackupState, Consistency, Copy, CopyState, Site, now_ms};
+use crate::domain::tags::TAG_SOURCE_IMAGE;
 use crate::store::{Store, StoreError};
-use crate::workflows::backup::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 use crate::workflows::{EC2_RETRY_BUDGET, retry_ec2};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ pub enum CatalogError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Ec2(#[from] crate::ec2::Ec2Error),
+    Ec2(#[from] crate::cloud::ec2::Ec2Error),
     #[error(
         "the store {store} holds no backup, but EC2 holds {count} AMI(s) this deployment made for site `{site}` in {region} \
          (e.g. {example}): the store was lost or replaced. Run `dr-controller store rebuild --config ...` to recover the catalog \

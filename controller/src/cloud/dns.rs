@@ -1,6 +1,6 @@
 //! Route 53: the optional A record that follows a site's primary (what
 //! makes a cross-region failover reachable under the same hostname).
-//! Same rules as [`crate::ec2`]: one attempt per call, errors mapped to
+//! Same rules as [`crate::cloud::ec2`]: one attempt per call, errors mapped to
 //! [`Ec2Error`] so the one retry loop (`retry_ec2`) budgets them.
 
 use async_trait::async_trait;
@@ -9,7 +9,7 @@ use aws_sdk_route53::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError
 use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType};
 
 use crate::config::AwsConfig;
-use crate::ec2::{Ec2Error, is_permission_code};
+use crate::cloud::ec2::{Ec2Error, is_permission_code};
 
 #[async_trait]
 pub trait Dns: Send + Sync {

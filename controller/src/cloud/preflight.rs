@@ -21,7 +21,7 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 
 use crate::config::{Config, SiteConfig};
-use crate::ec2::{AwsEc2, Ec2, Ec2Error, is_permission_code};
+use crate::cloud::ec2::{AwsEc2, Ec2, Ec2Error, is_permission_code};
 
 /// Stand-ins when the site has no backup yet.
 const NO_IMAGE: &str = "ami-00000000000000000";
@@ -92,7 +92,7 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
     push(&region, "ec2:DescribeInstances", &site.instance_id, verdict);
 
     // The newest backup of the site, to act on real, tagged resources.
-    let (image, snapshot) = match ec2.find_images_by_tag(crate::workflows::backup::TAG_SITE, &site.id).await {
+    let (image, snapshot) = match ec2.find_images_by_tag(crate::domain::tags::TAG_SITE, &site.id).await {
         Ok(images) => {
             push(&region, "ec2:DescribeImages", "*", Verdict::Allowed);
             let newest = images.into_iter().filter(|i| i.state == "available").max_by(|a, b| a.id.cmp(&b.id));
@@ -192,7 +192,7 @@ async fn restore_checks(
 ) {
     let instance_type = site.launch.home.instance_type.clone().unwrap_or_else(|| "m5.xlarge".to_owned());
     let mut tags = tags_for(site, None);
-    tags.push(Tag::builder().key(crate::workflows::failover::TAG_ROLE).value("candidate").build());
+    tags.push(Tag::builder().key(crate::domain::tags::TAG_ROLE).value("candidate").build());
     let r = sdk
         .run_instances()
         .dry_run(true)
@@ -208,7 +208,7 @@ async fn restore_checks(
     push(region, "ec2:StopInstances", &site.instance_id, dry_run_verdict(r));
     let r = sdk.terminate_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
     push(region, "ec2:TerminateInstances", &site.instance_id, dry_run_verdict(r));
-    if site.fence == crate::recovery::Fence::Terminate {
+    if site.fence == crate::domain::recovery::Fence::Terminate {
         let r = sdk
             .modify_instance_attribute()
             .dry_run(true)
@@ -284,9 +284,9 @@ async fn connect(
 /// a copy also names its source image.
 fn tags_for(site: &SiteConfig, source_image: Option<&str>) -> Vec<Tag> {
     let mut tags = vec![
-        (crate::workflows::backup::TAG_SITE, site.id.as_str()),
-        (crate::workflows::backup::TAG_OPERATION, "preflight"),
-        (crate::workflows::backup::TAG_CREATED_BY, crate::workflows::backup::CREATED_BY),
+        (crate::domain::tags::TAG_SITE, site.id.as_str()),
+        (crate::domain::tags::TAG_OPERATION, "preflight"),
+        (crate::domain::tags::TAG_CREATED_BY, crate::domain::tags::CREATED_BY),
     ];
     if let Some(source) = source_image {
         tags.push(("dr:source-image", source));

@@ -12,7 +12,7 @@
 //! - `dr_ec2_retries_total{reason}`: EC2 calls retried (throttled, transient)
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -22,13 +22,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::agents;
-use crate::model::{BackupState, CopyState, now_ms};
+use crate::domain::model::{BackupState, CopyState, now_ms};
 use crate::workflows::Engine;
 
-/// EC2 calls retried because EC2 throttled them.
-pub static EC2_THROTTLED: AtomicU64 = AtomicU64::new(0);
-/// EC2 calls retried after a transient failure.
-pub static EC2_TRANSIENT: AtomicU64 = AtomicU64::new(0);
+use crate::cloud::{EC2_THROTTLED, EC2_TRANSIENT};
 
 type Labels = Vec<(String, String)>;
 

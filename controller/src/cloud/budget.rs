@@ -17,40 +17,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
-use crate::model::LaunchFacts;
-
-/// Token-bucket sizes (`[aws.limits]`); defaults follow EC2's documented ones.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    pub mutating_per_sec: u32,
-    pub mutating_burst: u32,
-    pub copy_per_sec: u32,
-    pub copy_burst: u32,
-    pub describe_per_sec: u32,
-    pub describe_burst: u32,
-    pub run_instances_per_sec: u32,
-    pub run_instances_burst: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            mutating_per_sec: 5,
-            mutating_burst: 50,
-            copy_per_sec: 1,
-            copy_burst: 5,
-            describe_per_sec: 20,
-            describe_burst: 100,
-            run_instances_per_sec: 2,
-            run_instances_burst: 5,
-        }
-    }
-}
+use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
+use crate::domain::model::LaunchFacts;
+use crate::config::Limits;
 
 fn quota(per_sec: u32, burst: u32) -> Quota {
     let nz = |n: u32| NonZeroU32::new(n.max(1)).expect("max(1) is non-zero");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Millis;
+use crate::domain::model::Millis;
 
 /// When backups start.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,8 +8,6 @@
 //! [`Ec2Error::is_retryable`]). A permission EC2 or STS refuses becomes
 //! [`Ec2Error::PermissionDenied`], naming the action and the resource.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
@@ -17,7 +15,6 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 
 use crate::config::AwsConfig;
-use crate::model::Site;
 
 /// An AMI as far as the controller cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,7 +155,7 @@ pub trait Ec2: Send + Sync {
     /// What a restore needs to launch a replacement of `instance_id` (its
     /// type, placement, network, profile, volumes, Elastic IP); `None` when
     /// EC2 does not know the instance.
-    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::model::LaunchFacts>, Ec2Error> {
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::domain::model::LaunchFacts>, Ec2Error> {
         Err(unsupported("DescribeInstances", instance_id))
     }
     /// Instances carrying tag `key=value` that are not terminated.
@@ -206,45 +203,6 @@ pub struct CopyImage {
     pub description: String,
     pub client_token: String,
     pub tags: Vec<(String, String)>,
-}
-
-/// EC2 clients per (region, role), built on first use, each spending the
-/// budget of its (account, region) (see [`crate::budget`]).
-pub struct Ec2Clients {
-    aws: AwsConfig,
-    budgets: crate::budget::BudgetBook,
-    cache: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Ec2>>>,
-    /// Tests: this client for every site and region.
-    fixed: Option<Arc<dyn Ec2>>,
-}
-
-impl Ec2Clients {
-    pub fn new(aws: AwsConfig) -> Self {
-        let budgets = crate::budget::BudgetBook::new(aws.limits.clone());
-        Ec2Clients { aws, budgets, cache: tokio::sync::Mutex::new(HashMap::new()), fixed: None }
-    }
-
-    /// Every site's client is `client` (unit tests with an in-memory EC2).
-    pub fn fixed(aws: AwsConfig, client: Arc<dyn Ec2>) -> Self {
-        Ec2Clients { fixed: Some(client), ..Self::new(aws) }
-    }
-
-    /// The client for a site's region and (optional) role.
-    pub async fn for_site(&self, site: &Site) -> Result<Arc<dyn Ec2>, Ec2Error> {
-        if let Some(c) = &self.fixed {
-            return Ok(c.clone());
-        }
-        let key = (site.region.clone(), site.role_arn.clone());
-        let mut cache = self.cache.lock().await;
-        if let Some(c) = cache.get(&key) {
-            return Ok(c.clone());
-        }
-        let raw: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref()).await?);
-        let buckets = self.budgets.buckets(&crate::budget::account_of(site.role_arn.as_deref()), &site.region);
-        let client: Arc<dyn Ec2> = Arc::new(crate::budget::Budgeted::new(raw, buckets));
-        cache.insert(key, client.clone());
-        Ok(client)
-    }
 }
 
 /// EC2 through aws-sdk-ec2. Credentials come from aws-config's normal chain
@@ -365,8 +323,8 @@ fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
     }
 }
 
-fn launch_facts_of(i: &aws_sdk_ec2::types::Instance) -> crate::model::LaunchFacts {
-    use crate::model::{BlockDevice, LaunchFacts};
+fn launch_facts_of(i: &aws_sdk_ec2::types::Instance) -> crate::domain::model::LaunchFacts {
+    use crate::domain::model::{BlockDevice, LaunchFacts};
     LaunchFacts {
         instance_id: i.instance_id().unwrap_or_default().to_owned(),
         instance_type: i.instance_type().map(|t| t.as_str().to_owned()).unwrap_or_default(),
@@ -390,7 +348,7 @@ fn launch_facts_of(i: &aws_sdk_ec2::types::Instance) -> crate::model::LaunchFact
                 delete_on_termination: m.ebs().and_then(|e| e.delete_on_termination()).unwrap_or(true),
             })
             .collect(),
-        read_at_ms: crate::model::now_ms(),
+        read_at_ms: crate::domain::model::now_ms(),
     }
 }
 
@@ -585,7 +543,7 @@ impl Ec2 for AwsEc2 {
         })
     }
 
-    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::model::LaunchFacts>, Ec2Error> {
+    async fn launch_facts(&self, instance_id: &str) -> Result<Option<crate::domain::model::LaunchFacts>, Ec2Error> {
         let out = match self.client.describe_instances().instance_ids(instance_id).send().await {
             Ok(out) => out,
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),

@@ -1,0 +1,7 @@
+//! The controller's edges towards humans and scrapers: the admin gRPC
+//! service (`admin`), the TLS listener (`server`) and `/metrics`.
+//! Only here and in `agents::service` are generated protobuf types used.
+
+pub mod admin;
+pub mod metrics;
+pub mod server;

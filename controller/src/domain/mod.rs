@@ -1,0 +1,8 @@
+//! The domain: records, policies and recovery settings as plain data and
+//! pure rules. Imports nothing else from the controller (checked by
+//! `crate::layering`).
+
+pub mod model;
+pub mod policy;
+pub mod recovery;
+pub mod tags;
