@@ -44,6 +44,9 @@ pub struct Config {
     /// Restore and failover timeouts.
     #[serde(default)]
     pub failover: crate::domain::recovery::FailoverConfig,
+    /// Drill lease, reaper interval, longest keep.
+    #[serde(default)]
+    pub drill: crate::domain::recovery::DrillConfig,
 }
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
@@ -215,6 +218,10 @@ pub struct SiteConfig {
     pub launch: crate::domain::recovery::LaunchConfig,
     /// Restore: a Route 53 A record that follows the primary.
     pub dns: Option<crate::domain::recovery::DnsRecord>,
+    /// Drills: the isolated subnet, security groups and hostname of a drill
+    /// copy (and one table per other region).
+    #[serde(default)]
+    pub drill: crate::domain::recovery::DrillSettings,
 }
 
 impl SiteConfig {
@@ -225,6 +232,7 @@ impl SiteConfig {
             hostname: self.hostname.clone().unwrap_or_default(),
             launch: self.launch.clone(),
             dns: self.dns.clone(),
+            drill: self.drill.clone(),
         }
     }
 }
@@ -309,7 +317,11 @@ impl Config {
         let s = Duration::from_secs;
         let (sv, b) = (&self.server, &self.backup);
         let f = &self.failover;
-        let ranges: [(&str, Duration, Duration, Duration); 23] = [
+        let d = &self.drill;
+        let ranges: [(&str, Duration, Duration, Duration); 26] = [
+            ("drill.lease", d.lease, s(10), s(7 * 24 * 3600)),
+            ("drill.reap_every", d.reap_every, s(1), s(24 * 3600)),
+            ("drill.max_keep", d.max_keep, Duration::ZERO, s(7 * 24 * 3600)),
             ("failover.fence_timeout", f.fence_timeout, s(1), s(3600)),
             ("failover.launch_timeout", f.launch_timeout, s(1), s(3600)),
             ("failover.agent_timeout", f.agent_timeout, s(1), s(3 * 3600)),
@@ -378,10 +390,16 @@ impl Config {
                     "needs fence = \"terminate\": a stopped instance still holds its private IP".into(),
                 ));
             }
-            if let Some(h) = &site.hostname {
-                if h.is_empty() || h.len() > 253 || !h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
-                    return Err(invalid(key("hostname"), format!("`{h}` is not a DNS hostname")));
+            site.drill.launch.check().map_err(|(k, m)| invalid(key(&format!("drill.{k}")), m.replace("[site.launch", "[site.drill")))?;
+            for (k, h) in [("hostname", &site.hostname), ("drill.hostname", &site.drill.hostname)] {
+                if let Some(h) = h
+                    && (h.is_empty() || h.len() > 253 || !h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')))
+                {
+                    return Err(invalid(key(k), format!("`{h}` is not a DNS hostname")));
                 }
+            }
+            if site.drill.hostname.is_some() && site.drill.hostname == site.hostname {
+                return Err(invalid(key("drill.hostname"), "is the site's own hostname: a drill copy must not answer as production".into()));
             }
             if let Some(d) = &site.dns {
                 if d.zone_id.is_empty() || d.name.is_empty() || !(1..=604_800).contains(&d.ttl) {

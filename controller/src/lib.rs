@@ -93,12 +93,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         policies,
         recovery: config.sites.iter().map(|s| (s.id.clone(), s.recovery())).collect(),
         failover: config.failover.clone(),
+        drill: config.drill.clone(),
         aws: config.aws.clone(),
         dns: tokio::sync::OnceCell::new(),
     });
     let resumed = engine.resume_all().await?;
     tokio::spawn(reconcilers::scheduler::run(engine.clone(), config.backup.scheduler_tick));
     tokio::spawn(reconcilers::copies::run(engine.clone(), config.backup.copy_poll));
+    tokio::spawn(reconcilers::drills::run(engine.clone(), config.drill.reap_every));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {

@@ -54,6 +54,7 @@ impl FakeEc2 {
                 private_ip: private_ip.into(),
                 public_ip: String::new(),
                 image_id: "ami-stock".into(),
+                tags: vec![],
             },
             instance_type: "m5.xlarge".into(),
             ..FakeInstance::default()
@@ -192,6 +193,7 @@ impl Ec2 for FakeEc2 {
             private_ip: format!("10.0.9.{n}"),
             public_ip: String::new(),
             image_id: req.image_id.clone(),
+            tags: req.tags.clone(),
         };
         i.instances.push(FakeInstance {
             instance: instance.clone(),

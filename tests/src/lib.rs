@@ -933,7 +933,7 @@ pub mod fake_control_plane {
             let config = dr_proto::tls::server_config(&files).expect("server TLS");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let port = listener.local_addr().expect("addr").port();
-            let incoming = dr_controller::server::tls_incoming(listener, config, Duration::from_secs(5));
+            let incoming = dr_controller::api::server::tls_incoming(listener, config, Duration::from_secs(5));
             let (tx, sessions) = mpsc::channel(8);
             let svc = Service { sessions: tx, heartbeat_ms: 300_000 };
             tokio::spawn(

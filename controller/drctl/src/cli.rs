@@ -8,6 +8,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -122,6 +123,45 @@ pub enum Command {
         site: String,
         #[command(flatten)]
         target: FailoverTarget,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Prove SITE can be restored, without touching production: a copy
+    /// launched from a backup into the site's [site.drill] subnet under the
+    /// drill hostname, taken through the runbook until healthy, measured
+    /// (RTO, RPO, the data it holds), then terminated with its volumes.
+    Drill {
+        site: String,
+        /// The backup's AMI (default: the newest good one).
+        #[arg(long)]
+        backup: Option<String>,
+        /// The newest good backup (the default).
+        #[arg(long, conflicts_with = "backup")]
+        latest: bool,
+        /// A random good backup that started within this long (e.g. 7d).
+        #[arg(long, value_name = "DURATION", conflicts_with_all = ["backup", "latest"])]
+        random_within: Option<humantime::Duration>,
+        /// Launch in this region, from the backup's copy there.
+        #[arg(long)]
+        region: Option<String>,
+        /// Keep the copy this long after it is verified (e.g. 30m), for a look.
+        #[arg(long, value_name = "DURATION")]
+        keep: Option<humantime::Duration>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        plan: bool,
+        /// Follow it until it ends, then print its result (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The recorded drills of SITE, newest first, with RTO, RPO and data age.
+    Drills {
+        site: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -277,6 +317,18 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             (Remote::Failover { site, target, restore: true }, conn)
         }
         Command::Prune { site, dry_run, conn } => (Remote::Prune { site, dry_run }, conn),
+        Command::Drill { site, backup, latest: _, random_within, region, keep, plan, wait, conn } => {
+            let req = pb::StartDrillRequest {
+                site_id: site,
+                backup_image_id: backup.unwrap_or_default(),
+                region: region.unwrap_or_default(),
+                random_within_ms: random_within.map(|d| Duration::from(d).as_millis() as u64).unwrap_or(0),
+                keep_ms: keep.map(|d| Duration::from(d).as_millis() as u64).unwrap_or(0),
+                plan_only: plan,
+            };
+            (Remote::Drill { req, wait }, conn)
+        }
+        Command::Drills { site, limit, conn } => (Remote::Drills { site, limit }, conn),
         Command::Operation { words, wait, conn } => match words.as_slice() {
             [id] => (Remote::Operation { id: id.clone(), wait }, conn),
             [signal, id] if ["resume", "abort", "approve", "deny"].contains(&signal.as_str()) => {
@@ -307,6 +359,8 @@ enum Remote {
     Failover { site: String, target: FailoverTarget, restore: bool },
     Prune { site: String, dry_run: bool },
     Operation { id: String, wait: bool },
+    Drill { req: pb::StartDrillRequest, wait: bool },
+    Drills { site: String, limit: u32 },
 }
 
 async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<ExitCode, CliError> {
@@ -418,6 +472,74 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                 return Ok(ExitCode::SUCCESS);
             }
             finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
+        }
+        Remote::Drill { mut req, wait } => {
+            let site = req.site_id.clone();
+            let plan_only = req.plan_only;
+            req.plan_only = true;
+            let planned = client.start_drill(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let plan: serde_json::Value = serde_json::from_str(&planned.plan_json)
+                .map_err(|e| CliError::Failed(format!("the controller sent a plan drctl cannot read: {e}")))?;
+            if plan_only {
+                match output {
+                    Output::Json => print_json(&serde_json::json!({ "site_id": site, "plan": plan })),
+                    Output::Text => {
+                        crate::failover::print_plan(&plan);
+                        println!("Nothing was changed. Run it with: drctl drill {site} --backup {}", plan["backup"]["image_id"].as_str().unwrap_or_default());
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if output == Output::Text {
+                crate::failover::print_plan(&plan);
+            }
+            // Exactly the backup that was shown (a random pick included).
+            req.plan_only = false;
+            req.random_within_ms = 0;
+            if let Some(image) = plan["backup"]["image_id"].as_str() {
+                req.backup_image_id = image.to_owned();
+            }
+            let id = client.start_drill(req).await.map_err(|s| conn.status_error(s))?.into_inner().operation_id;
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site, "plan": plan })),
+                Output::Text if wait => println!("drill of {site} started: operation {id}"),
+                Output::Text => println!("drill of {site} started: operation {id}\nFollow it with: drctl operation {id} --wait; its result: drctl drills {site}"),
+            }
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let op = crate::watch::watch(conn, &mut client, &id, output).await?;
+            let code = finish(op, output)?;
+            let drills = client
+                .list_drills(pb::ListDrillsRequest { site_id: site.clone(), limit: 5 })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner()
+                .drills;
+            if let Some(d) = drills.into_iter().find(|d| d.operation_id == id) {
+                let view = views::drill_view(d);
+                match output {
+                    Output::Json => print_json(&serde_json::json!({ "drill": view })),
+                    Output::Text => print::print_drill(&view),
+                }
+            }
+            Ok(code)
+        }
+        Remote::Drills { site, limit } => {
+            let drills: Vec<_> = client
+                .list_drills(pb::ListDrillsRequest { site_id: site.clone(), limit })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner()
+                .drills
+                .into_iter()
+                .map(views::drill_view)
+                .collect();
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site_id": site, "drills": drills })),
+                Output::Text => print::print_drills(&site, &drills),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Remote::Operation { id, wait } => {
             let op = if wait {

@@ -22,13 +22,23 @@ pub fn print_plan(plan: &Value) {
     let f = &plan["fence"];
     let l = &plan["launch"];
     let age = b["age_ms"].as_u64().unwrap_or(0);
-    println!("{} plan for site {}", if s(plan, "kind") == "restore" { "Restore" } else { "Failover" }, s(plan, "site_id"));
+    let drill = s(plan, "kind") == "drill";
+    let kind = match s(plan, "kind") {
+        "restore" => "Restore",
+        "drill" => "Drill",
+        _ => "Failover",
+    };
+    println!("{kind} plan for site {}", s(plan, "site_id"));
     println!("  backup:     {} taken {} ({} ago: the data loss you accept), {}-consistent", s(b, "image_id"),
         rfc3339(b["started_at_ms"].as_u64().unwrap_or(0)).unwrap_or_default(), human_duration(age), s(b, "consistency"));
     if s(b, "launch_image_id") != s(b, "image_id") {
         println!("              launched from its copy {} in {}", s(b, "launch_image_id"), s(l, "region"));
     }
-    println!("  fence:      {} {} (now {})", f["mode"].as_str().unwrap_or(""), or_none(s(f, "instance_id")), s(f, "state"));
+    if drill {
+        println!("  production: untouched (no fence, no Elastic IP or DNS move, no promotion); the copy is torn down at the end");
+    } else {
+        println!("  fence:      {} {} (now {})", f["mode"].as_str().unwrap_or(""), or_none(s(f, "instance_id")), s(f, "state"));
+    }
     if let Some(v) = f["keeps_volumes"].as_array().filter(|v| !v.is_empty()) {
         println!("              volumes kept: {}", v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
     }
@@ -51,15 +61,18 @@ pub fn print_plan(plan: &Value) {
         println!("  hostname:   set to {}", s(plan, "hostname"));
     }
     match plan["eip"].as_object() {
+        None if drill => {}
         Some(_) => println!("  Elastic IP: {} ({}): {}", s(&plan["eip"], "public_ip"), s(&plan["eip"], "allocation_id"), s(&plan["eip"], "note")),
         None => println!("  Elastic IP: none recorded"),
     }
     match plan["dns"].as_object() {
+        None if drill => {}
         Some(_) => println!("  DNS:        UPSERT {} A <new address> (ttl {}) in zone {}", s(&plan["dns"], "name"), plan["dns"]["ttl"], s(&plan["dns"], "zone_id")),
         None => println!("  DNS:        no record configured"),
     }
-    println!("  builds:     running builds that started before {} are deleted on the restored machine",
-        rfc3339(plan["cleanup_builds_before_ms"].as_u64().unwrap_or(0)).unwrap_or_default());
+    println!("  builds:     running builds that started before {} are deleted on the {}",
+        rfc3339(plan["cleanup_builds_before_ms"].as_u64().unwrap_or(0)).unwrap_or_default(),
+        if drill { "drill copy (its own data only)" } else { "restored machine" });
     print_actions(&plan["human_actions"], "  still for a human afterwards:");
     for w in plan["warnings"].as_array().into_iter().flatten() {
         println!("  warning: {}", w.as_str().unwrap_or(""));

@@ -53,6 +53,9 @@ pub fn print_status(sites: &[SiteView]) {
         if let Some(f) = &s.last_failover {
             println!("{:<20} last failover: {} {} ({})", "", f.operation_id, f.state, f.at.clone().unwrap_or_default());
         }
+        if let Some(d) = &s.last_drill {
+            println!("{:<20} last drill: {}", "", drill_line(d));
+        }
         for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
             let state = if i.connected { "connected" } else { "offline" };
             let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };
@@ -144,5 +147,69 @@ pub fn print_operation(op: &OperationView) {
     }
     if let Some(r) = &op.report {
         crate::failover::print_report(r);
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s >= 120.0 { human_duration((s * 1000.0) as u64) } else { format!("{s:.1} s") }
+}
+
+/// One line: when, outcome, RTO and RPO.
+pub fn drill_line(d: &crate::views::DrillView) -> String {
+    let when = d.started_at.clone().unwrap_or_default();
+    if d.ok {
+        format!(
+            "{} {when} ok: RTO {}, RPO {} (worst {} over {})",
+            d.operation_id,
+            secs(d.rto_s),
+            secs(d.rpo_s),
+            secs(d.worst_rpo_s),
+            secs(d.worst_rpo_window_s)
+        )
+    } else {
+        format!("{} {when} FAILED: {}", d.operation_id, d.error)
+    }
+}
+
+/// `drctl drills SITE`: newest first, then the newest one in detail.
+pub fn print_drills(site: &str, drills: &[crate::views::DrillView]) {
+    if drills.is_empty() {
+        println!("No drill of {site} is recorded. Run one with: drctl drill {site} --wait");
+        return;
+    }
+    println!("{:<34} {:<21} {:<7} {:>9} {:>9} {:>11} {:>10}  BACKUP", "DRILL", "STARTED", "RESULT", "RTO", "RPO", "WORST RPO", "DATA AGE");
+    for d in drills {
+        println!(
+            "{:<34} {:<21} {:<7} {:>9} {:>9} {:>11} {:>10}  {}",
+            d.operation_id,
+            d.started_at.clone().unwrap_or_default(),
+            if d.ok { "ok" } else { "FAILED" },
+            if d.rto_s > 0.0 { secs(d.rto_s) } else { "-".into() },
+            secs(d.rpo_s),
+            secs(d.worst_rpo_s),
+            d.data_age_s.map(secs).unwrap_or_else(|| "-".into()),
+            d.backup_image_id
+        );
+    }
+    print_drill(&drills[0]);
+}
+
+/// One drill in detail.
+pub fn print_drill(d: &crate::views::DrillView) {
+    println!();
+    println!("Drill {} of backup {} ({}), copy {} as {} in {}:", d.operation_id, d.backup_image_id, d.backup_started_at.clone().unwrap_or_default(), if d.instance_id.is_empty() { "(none launched)" } else { &d.instance_id }, d.hostname, d.region);
+    println!("  result:   {}", if d.ok { "ok".to_owned() } else { format!("FAILED: {}", d.error) });
+    if d.rto_s > 0.0 {
+        let phases: Vec<String> = d.phases_s.iter().filter(|(_, v)| **v > 0.0).map(|(k, v)| format!("{k} {}", secs(*v))).collect();
+        println!("  RTO:      {} ({})", secs(d.rto_s), phases.join(", "));
+    }
+    println!("  RPO:      {} (the backup's age at the start); worst {} over the {} before", secs(d.rpo_s), secs(d.worst_rpo_s), secs(d.worst_rpo_window_s));
+    match (&d.newest_build_at, d.data_age_s) {
+        (Some(at), Some(age)) => println!("  data:     the copy's newest build started {at} ({} before the drill)", secs(age)),
+        _ => println!("  data:     the copy reported no build start time"),
+    }
+    println!("  teardown: {}", d.teardown);
+    if !d.leaked.is_empty() {
+        println!("  LEFT RUNNING: {} (the drill reaper terminates them after their dr:keep-until)", d.leaked.join(", "));
     }
 }

@@ -108,6 +108,8 @@ pub struct SiteView {
     pub site_id: String,
     /// The most recent failover or restore: id, state, when it last changed.
     pub last_failover: Option<LastFailoverView>,
+    /// The most recent recorded drill.
+    pub last_drill: Option<DrillView>,
     pub region: String,
     pub primary_instance_id: String,
     /// Every known instance of the site, primary first.
@@ -227,6 +229,7 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
             state: s.last_failover_state.clone(),
             at: rfc3339(s.last_failover_at_ms),
         }),
+        last_drill: s.last_drill.map(drill_view),
         instances,
         problems: s.problems,
         rpo_s: last_backup.as_ref().map(|b| b.age_s),
@@ -297,3 +300,58 @@ pub fn decision_views(reply: pb::PruneReply) -> Vec<DecisionView> {
         .collect()
 }
 
+
+/// One drill's measured result (`drctl drills`, status, `drill --wait`).
+#[derive(Debug, Serialize)]
+pub struct DrillView {
+    pub operation_id: String,
+    pub ok: bool,
+    pub error: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub backup_image_id: String,
+    pub backup_started_at: Option<String>,
+    pub region: String,
+    pub instance_id: String,
+    pub hostname: String,
+    /// Drill start to app healthy on the copy.
+    pub rto_s: f64,
+    /// The backup's age at the drill's start.
+    pub rpo_s: f64,
+    /// The worst RPO over the window before the drill.
+    pub worst_rpo_s: f64,
+    pub worst_rpo_window_s: f64,
+    /// The newest build the copy holds, and the drill start minus it.
+    pub newest_build_at: Option<String>,
+    pub data_age_s: Option<f64>,
+    pub phases_s: std::collections::BTreeMap<String, f64>,
+    pub teardown: String,
+    pub leaked: Vec<String>,
+    pub requested_by: String,
+}
+
+pub fn drill_view(d: pb::Drill) -> DrillView {
+    let s = |ms: u64| ms as f64 / 1000.0;
+    DrillView {
+        ok: d.ok,
+        error: d.error,
+        started_at: rfc3339(d.started_at_ms),
+        finished_at: rfc3339(d.finished_at_ms),
+        backup_image_id: d.backup_image_id,
+        backup_started_at: rfc3339(d.backup_started_at_ms),
+        region: d.region,
+        instance_id: d.instance_id,
+        hostname: d.hostname,
+        rto_s: s(d.rto_ms),
+        rpo_s: s(d.rpo_ms),
+        worst_rpo_s: s(d.worst_rpo_ms),
+        worst_rpo_window_s: s(d.worst_rpo_window_ms),
+        newest_build_at: rfc3339(d.newest_build_at_ms),
+        data_age_s: (d.newest_build_at_ms > 0).then(|| s(d.data_age_ms)),
+        phases_s: d.phases.into_iter().map(|(k, v)| (k, s(v))).collect(),
+        teardown: d.teardown,
+        leaked: d.leaked,
+        requested_by: d.requested_by,
+        operation_id: d.operation_id,
+    }
+}

@@ -104,6 +104,10 @@ impl AdminServer {
         let active = view.active.get(&site.id).cloned().unwrap_or_default();
         let last_failover = view.last_failover.get(&site.id);
         let mut problems = Vec::new();
+        let last_drill = view.last_drill.get(&site.id);
+        if let Some(d) = last_drill.filter(|d| !d.ok) {
+            problems.push(format!("the last drill {} failed: {}", d.operation_id, d.error));
+        }
         if let Some((id, state, _)) = last_failover.filter(|f| f.1 == OperationState::Failed) {
             problems.push(format!("the last failover {id} {}", state.as_str()));
         }
@@ -166,6 +170,7 @@ impl AdminServer {
             last_failover_id: last_failover.map(|f| f.0.clone()).unwrap_or_default(),
             last_failover_state: last_failover.map(|f| f.1.as_str().to_owned()).unwrap_or_default(),
             last_failover_at_ms: last_failover.map(|f| f.2).unwrap_or(0),
+            last_drill: last_drill.map(drill_to_pb),
         }
     }
 }
@@ -214,7 +219,7 @@ fn backup_to_pb(b: &Backup) -> pb::Backup {
 
 /// A top-level field of a failover's typed state, as JSON ("" otherwise).
 fn wf_field(op: &Operation, name: &str) -> String {
-    if op.kind != crate::workflows::failover::Failover::KIND {
+    if op.kind != crate::workflows::failover::Failover::KIND && op.kind != crate::workflows::drill::Drill::KIND {
         return String::new();
     }
     match op.wf_state.as_ref().and_then(|s| s.get(name)) {
@@ -331,21 +336,59 @@ impl pb::admin_service_server::AdminService for AdminServer {
         if !r.region.is_empty() && !crate::domain::recovery::is_region(&r.region) {
             return Err(Status::invalid_argument(format!("`{}` is not a region name", r.region)));
         }
-        let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore };
-        let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(|e| match e {
-            failover::PlanError::Store(e) => internal(e),
-            e @ (failover::PlanError::UnknownSite(_)
-            | failover::PlanError::NoBackup(_)
-            | failover::PlanError::NotABackup { .. }
-            | failover::PlanError::NoCopy { .. }) => Status::not_found(e.to_string()),
-            e @ (failover::PlanError::RestoreNeedsBackup | failover::PlanError::Spec(_)) => Status::invalid_argument(e.to_string()),
-        })?;
+        let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore, ..Default::default() };
+        let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(plan_status)?;
         let plan_json = serde_json::to_string(&plan).expect("plans serialize");
         if r.plan_only {
             return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
         }
         let op = failover::start(&self.engine, plan, &format!("operator/{operator}")).await.map_err(engine_status)?;
         Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
+    }
+
+    async fn start_drill(&self, request: Request<pb::StartDrillRequest>) -> Result<Response<pb::StartFailoverReply>, Status> {
+        use crate::workflows::{drill, failover};
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self.known_site(&r.site_id).await?;
+        if !r.region.is_empty() && !crate::domain::recovery::is_region(&r.region) {
+            return Err(Status::invalid_argument(format!("`{}` is not a region name", r.region)));
+        }
+        let max_keep = self.engine.deps().drill.max_keep;
+        let keep = std::time::Duration::from_millis(r.keep_ms);
+        if keep > max_keep {
+            return Err(Status::invalid_argument(format!(
+                "--keep {} is longer than [drill] max_keep ({})",
+                humantime::format_duration(keep),
+                humantime::format_duration(max_keep)
+            )));
+        }
+        if !r.backup_image_id.is_empty() && r.random_within_ms > 0 {
+            return Err(Status::invalid_argument("--backup and --random-within exclude each other"));
+        }
+        let req = failover::Request {
+            backup_image_id: r.backup_image_id,
+            region: r.region,
+            drill: true,
+            random_within_ms: r.random_within_ms,
+            ..Default::default()
+        };
+        let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(plan_status)?;
+        let plan_json = serde_json::to_string(&plan).expect("plans serialize");
+        if r.plan_only {
+            return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
+        }
+        let op = drill::start(&self.engine, plan, keep, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
+    }
+
+    async fn list_drills(&self, request: Request<pb::ListDrillsRequest>) -> Result<Response<pb::ListDrillsReply>, Status> {
+        self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self.known_site(&r.site_id).await?;
+        let limit = if r.limit == 0 { 20 } else { r.limit.min(1000) };
+        let drills = self.store.drills(site.id.clone(), limit).await.map_err(internal)?;
+        Ok(Response::new(pb::ListDrillsReply { drills: drills.iter().map(drill_to_pb).collect() }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {
@@ -437,5 +480,44 @@ impl pb::admin_service_server::AdminService for AdminServer {
         })?;
         let op = self.engine.signal(&req.operation_id, signal, &format!("operator/{operator}")).await.map_err(engine_status)?;
         Ok(Response::new(operation_to_pb(&op)))
+    }
+}
+
+fn plan_status(e: crate::workflows::failover::PlanError) -> Status {
+    use crate::workflows::failover::PlanError;
+    match e {
+        PlanError::Store(e) => internal(e),
+        e @ (PlanError::UnknownSite(_)
+        | PlanError::NoBackup(_)
+        | PlanError::NoBackupWithin { .. }
+        | PlanError::NotABackup { .. }
+        | PlanError::NoCopy { .. }) => Status::not_found(e.to_string()),
+        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_)) => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn drill_to_pb(d: &crate::domain::model::DrillRecord) -> pb::Drill {
+    pb::Drill {
+        operation_id: d.operation_id.clone(),
+        site_id: d.site_id.clone(),
+        started_at_ms: d.started_at_ms,
+        finished_at_ms: d.finished_at_ms,
+        ok: d.ok,
+        error: d.error.clone(),
+        backup_image_id: d.backup_image_id.clone(),
+        region: d.region.clone(),
+        instance_id: d.instance_id.clone(),
+        hostname: d.hostname.clone(),
+        rto_ms: d.rto_ms,
+        rpo_ms: d.rpo_ms,
+        worst_rpo_ms: d.worst_rpo_ms,
+        worst_rpo_window_ms: d.worst_rpo_window_ms,
+        newest_build_at_ms: d.newest_build_at_ms,
+        data_age_ms: d.data_age_ms,
+        teardown: d.teardown.clone(),
+        leaked: d.leaked.clone(),
+        phases: d.phases.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        requested_by: d.requested_by.clone(),
+        backup_started_at_ms: d.backup_started_at_ms,
     }
 }

@@ -46,6 +46,11 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     let copies = Family::<Labels, Gauge>::default();
     let running = Gauge::<i64>::default();
     let retries = Family::<Labels, Gauge>::default();
+    let drill_ok = Family::<Labels, Gauge>::default();
+    let drill_at = Family::<Labels, Gauge>::default();
+    let drill_rto = Family::<Labels, Gauge>::default();
+    let drill_rpo = Family::<Labels, Gauge>::default();
+    let drill_worst_rpo = Family::<Labels, Gauge>::default();
     let view = engine.store().fleet_view().await?;
     let deps = engine.deps();
     let now = now_ms();
@@ -68,6 +73,13 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             backups.get_or_create(&label(&[("site", &site.id), ("state", state.as_str())])).set(n as i64);
         }
         running.inc_by(view.active.get(&site.id).map_or(0, |a| a.len()) as i64);
+        if let Some(d) = view.last_drill.get(&site.id) {
+            drill_ok.get_or_create(&l).set(i64::from(d.ok));
+            drill_at.get_or_create(&l).set((d.started_at_ms / 1000) as i64);
+            drill_rto.get_or_create(&l).set((d.rto_ms / 1000) as i64);
+            drill_rpo.get_or_create(&l).set((d.rpo_ms / 1000) as i64);
+            drill_worst_rpo.get_or_create(&l).set((d.worst_rpo_ms / 1000) as i64);
+        }
     }
     for ((site, region, state), n) in &view.copy_counts {
         let state: &CopyState = state;
@@ -86,6 +98,11 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     reg.register("dr_backups", "Backups by retention state", backups);
     reg.register("dr_copies", "Copies in DR regions by state", copies);
     reg.register("dr_operations_running", "Operations that have not ended", running);
+    reg.register("dr_drill_last_ok", "1 when the site's last drill succeeded and was torn down", drill_ok);
+    reg.register("dr_drill_last_started_timestamp_seconds", "When the site's last drill started (Unix time)", drill_at);
+    reg.register("dr_drill_last_rto_seconds", "The last drill's RTO: start to app healthy on the copy", drill_rto);
+    reg.register("dr_drill_last_rpo_seconds", "The last drill's RPO: its backup's age at the drill's start", drill_rpo);
+    reg.register("dr_drill_last_worst_rpo_seconds", "The worst RPO over the window before the last drill", drill_worst_rpo);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

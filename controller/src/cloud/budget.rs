@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
+use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance, Volume};
 use crate::domain::model::LaunchFacts;
 use crate::config::Limits;
 
@@ -258,6 +258,14 @@ impl Ec2 for Budgeted {
         self.buckets.mutating.until_ready().await;
         self.inner.keep_volumes(id, devices).await
     }
+    async fn find_volumes_by_tag(&self, key: &str, value: &str) -> Result<Vec<Volume>, Ec2Error> {
+        self.buckets.describe.until_ready().await;
+        self.inner.find_volumes_by_tag(key, value).await
+    }
+    async fn delete_volume(&self, id: &str) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.delete_volume(id).await
+    }
     async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
         self.buckets.describe.until_ready().await;
         self.inner.describe_address(allocation_id).await
@@ -314,6 +322,7 @@ mod tests {
                     state: "running".into(),
                     private_ip: "10.0.0.1".into(),
                     public_ip: String::new(),
+                    tags: vec![],
                 })
                 .collect())
         }

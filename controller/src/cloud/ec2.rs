@@ -35,6 +35,16 @@ pub struct Instance {
     pub public_ip: String,
     /// The AMI it was launched from.
     pub image_id: String,
+    pub tags: Vec<(String, String)>,
+}
+
+/// An EBS volume, as the drill teardown and reaper see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    /// `creating`, `available`, `in-use`, `deleting`, `deleted`, `error`.
+    pub state: String,
+    pub tags: Vec<(String, String)>,
 }
 
 /// A RunInstances of one instance.
@@ -180,6 +190,14 @@ pub trait Ec2: Send + Sync {
         let _ = devices;
         Err(unsupported("ModifyInstanceAttribute", id))
     }
+    /// Volumes carrying the tag `key=value`.
+    async fn find_volumes_by_tag(&self, key: &str, value: &str) -> Result<Vec<Volume>, Ec2Error> {
+        Err(unsupported("DescribeVolumes", &format!("tag:{key}={value}")))
+    }
+    /// DeleteVolume (a volume already gone is not an error).
+    async fn delete_volume(&self, id: &str) -> Result<(), Ec2Error> {
+        Err(unsupported("DeleteVolume", id))
+    }
     /// The Elastic IP with this allocation id; `None` if EC2 does not know it.
     async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
         Err(unsupported("DescribeAddresses", allocation_id))
@@ -320,6 +338,7 @@ fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
         private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
         public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
         image_id: i.image_id().unwrap_or_default().to_owned(),
+        tags: i.tags().iter().map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned())).collect(),
     }
 }
 
@@ -630,6 +649,33 @@ impl Ec2 for AwsEc2 {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
             Err(e) => Err(self.err("TerminateInstances", id, e)),
+        }
+    }
+
+    async fn find_volumes_by_tag(&self, key: &str, value: &str) -> Result<Vec<Volume>, Ec2Error> {
+        let out = self
+            .client
+            .describe_volumes()
+            .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
+            .send()
+            .await
+            .map_err(|e| self.err("DescribeVolumes", &format!("tag:{key}={value}"), e))?;
+        Ok(out
+            .volumes()
+            .iter()
+            .map(|v| Volume {
+                id: v.volume_id().unwrap_or_default().to_owned(),
+                state: v.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                tags: v.tags().iter().map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned())).collect(),
+            })
+            .collect())
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), Ec2Error> {
+        match self.client.delete_volume().volume_id(id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(()),
+            Err(e) => Err(self.err("DeleteVolume", id, e)),
         }
     }
 

@@ -469,3 +469,84 @@ pub struct BlockDevice {
     pub volume_id: String,
     pub delete_on_termination: bool,
 }
+
+/// The measured result of one drill (`drctl drills SITE`, status, metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DrillRecord {
+    pub operation_id: String,
+    pub site_id: String,
+    pub requested_by: String,
+    pub started_at_ms: Millis,
+    pub finished_at_ms: Millis,
+    /// The copy came up healthy and was verified.
+    pub ok: bool,
+    /// Why not, when not.
+    pub error: String,
+    pub backup_image_id: String,
+    pub launch_image_id: String,
+    pub region: String,
+    /// The backup's point in time.
+    pub backup_started_at_ms: Millis,
+    /// The drill copy, and the hostname it used.
+    pub instance_id: String,
+    pub hostname: String,
+    /// Drill start → app healthy on the copy (0 if never).
+    pub rto_ms: u64,
+    /// By phase (launch_to_running, agent_up, app_stop, file_steps,
+    /// app_start, cleanup).
+    pub phases: std::collections::BTreeMap<String, u64>,
+    /// The backup's age when the drill started.
+    pub rpo_ms: u64,
+    /// The worst RPO the site had over the window before the drill (since
+    /// the previous drill, at most 30 days), from the backup history.
+    pub worst_rpo_ms: u64,
+    pub worst_rpo_window_ms: u64,
+    /// What the copy itself holds: the newest build's start time read from
+    /// the CircleCI API on the copy (0 = not known), and the drill start
+    /// minus it: the real data age.
+    pub newest_build_at_ms: Millis,
+    pub data_age_ms: u64,
+    /// What teardown did; instances it could not terminate (left to the
+    /// drill reaper, by their `dr:keep-until` tag).
+    pub teardown: String,
+    pub leaked: Vec<String>,
+}
+
+/// The worst recovery point a site had over `[from, to]`: the longest time
+/// at any moment in the window since the start of the newest backup taken
+/// before that moment. `starts` are the start times of the site's good
+/// backups (any order). With no backup before `from`, the window's start
+/// counts as the last one (the site was not protected before it, which the
+/// caller states separately).
+pub fn worst_rpo(starts: &[Millis], from: Millis, to: Millis) -> u64 {
+    let mut points: Vec<Millis> = starts.iter().copied().filter(|s| *s <= to).collect();
+    points.sort_unstable();
+    let before = points.iter().copied().filter(|s| *s <= from).max().unwrap_or(from);
+    let mut last = before;
+    let mut worst = 0;
+    for s in points.into_iter().filter(|s| *s > from) {
+        worst = worst.max(s - last);
+        last = s;
+    }
+    worst.max(to - last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worst_rpo;
+
+    #[test]
+    fn worst_rpo_is_the_longest_gap_in_the_window_including_its_ends() {
+        // Backups at 0, 10, 40, 45; window [5, 60].
+        assert_eq!(worst_rpo(&[40, 0, 45, 10], 5, 60), 30, "10 -> 40 is the worst gap");
+        // The open end counts: nothing since 45 until 100.
+        assert_eq!(worst_rpo(&[0, 10, 40, 45], 5, 100), 55);
+        // The backup before the window counts from its own start.
+        assert_eq!(worst_rpo(&[0], 50, 60), 60);
+        // No backup at all: the whole window.
+        assert_eq!(worst_rpo(&[], 50, 60), 10);
+        // Backups after the window end are not counted.
+        assert_eq!(worst_rpo(&[0, 70], 10, 60), 60);
+    }
+}

@@ -136,6 +136,66 @@ pub struct SiteRecovery {
     pub hostname: String,
     pub launch: LaunchConfig,
     pub dns: Option<DnsRecord>,
+    pub drill: DrillSettings,
+}
+
+/// `[site.drill]`: where a drill copy runs, isolated from production: its
+/// own subnet and security groups (per region: `[site.drill.us-west-2]`),
+/// and the hostname the copy takes. Other launch settings fall back to
+/// `[site.launch]` and then to the backup's recorded facts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillSettings {
+    pub hostname: Option<String>,
+    #[serde(flatten)]
+    pub launch: LaunchConfig,
+}
+
+impl DrillSettings {
+    /// The site's launch settings with the drill's on top, so that
+    /// [`resolve_launch`] gives the drill copy's spec. Refused when the
+    /// drill's own subnet, security groups or hostname are missing for
+    /// `region`: a drill never lands in production's network by default.
+    pub fn launch_over(&self, site: &LaunchConfig, region: &str, home: &str) -> Result<LaunchConfig, SpecError> {
+        let d = self.launch.for_region(region, home);
+        let mut missing = vec![];
+        if d.subnet_id.as_deref().is_none_or(str::is_empty) {
+            missing.push("subnet_id");
+        }
+        if d.security_group_ids.as_ref().is_none_or(Vec::is_empty) {
+            missing.push("security_group_ids");
+        }
+        if self.hostname.as_deref().is_none_or(str::is_empty) {
+            missing.push("hostname");
+        }
+        if !missing.is_empty() {
+            let table = if region == home { "[site.drill]".to_owned() } else { format!("[site.drill.{region}]") };
+            return Err(SpecError::DrillNotIsolated { table, missing: missing.join(", ") });
+        }
+        let s = site.for_region(region, home);
+        let merged = LaunchOverrides {
+            instance_type: d.instance_type.or(s.instance_type),
+            subnet_id: d.subnet_id,
+            // The production subnet's AZ may not be the drill subnet's.
+            availability_zone: d.availability_zone,
+            security_group_ids: d.security_group_ids,
+            iam_instance_profile: d.iam_instance_profile.or(s.iam_instance_profile),
+            key_name: d.key_name.or(s.key_name),
+        };
+        let mut out = LaunchConfig::default();
+        if region == home {
+            out.home = LaunchOverridesHome {
+                instance_type: merged.instance_type,
+                subnet_id: merged.subnet_id,
+                availability_zone: merged.availability_zone,
+                security_group_ids: merged.security_group_ids,
+                iam_instance_profile: merged.iam_instance_profile,
+                key_name: merged.key_name,
+            };
+        } else {
+            out.regions.insert(region.to_owned(), merged);
+        }
+        Ok(out)
+    }
 }
 
 /// `[failover]`: how long each wait of a failover may take.
@@ -177,6 +237,29 @@ impl Default for FailoverConfig {
     }
 }
 
+/// `[drill]`: the fleet's drill settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrillConfig {
+    /// A drill copy's `dr:keep-until` is its drill's start plus `--keep`
+    /// plus this: time enough for the drill to finish, after which the
+    /// reaper may terminate the copy if the drill has not.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the drill reaper looks for expired drill copies.
+    #[serde(with = "humantime_serde")]
+    pub reap_every: Duration,
+    /// The longest `--keep` accepted.
+    #[serde(with = "humantime_serde")]
+    pub max_keep: Duration,
+}
+
+impl Default for DrillConfig {
+    fn default() -> Self {
+        DrillConfig { lease: Duration::from_secs(2 * 3600), reap_every: Duration::from_secs(60), max_keep: Duration::from_secs(24 * 3600) }
+    }
+}
+
 /// What RunInstances will be asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {
@@ -203,6 +286,8 @@ pub enum SpecError {
         "launching into region {region} needs [site.launch.{region}] with subnet_id and security_group_ids (the backup's are in {home})"
     )]
     NoRegionalNetwork { region: String, home: String },
+    #[error("a drill needs {table} with {missing}: its copy must run in its own subnet, behind its own security groups, under its own hostname")]
+    DrillNotIsolated { table: String, missing: String },
 }
 
 /// Merges the facts recorded at backup time with the site's overrides for

@@ -199,6 +199,10 @@ pub trait Workflow: Send + Sync + 'static {
     /// preemptible, and is refused beside one of equal or higher priority.
     const PRIORITY: u8;
     const PREEMPTIBLE: bool;
+    /// Touches nothing production relies on (a drill into its own subnet):
+    /// runs beside the site's other operations, never beside another of
+    /// its own kind. A failover neither waits for it nor preempts it.
+    const ISOLATED: bool = false;
     fn steps() -> Vec<StepDef<Self::Deps, Self::State>>;
     /// The images and instances the operation relies on, given its state.
     fn protects(state: &Self::State) -> Vec<Protected>;
@@ -276,7 +280,7 @@ struct Live {
 /// Drives one kind of workflow (type-erased so the engine can hold many).
 trait Driver<D>: Send + Sync {
     fn drive(&self, engine: Engine<D>, id: String, epoch: i64) -> BoxFuture<'static, ()>;
-    fn priority(&self) -> (u8, bool);
+    fn priority(&self) -> Rank;
 }
 
 struct Typed<W>(std::marker::PhantomData<W>);
@@ -285,8 +289,8 @@ impl<W: Workflow> Driver<W::Deps> for Typed<W> {
     fn drive(&self, engine: Engine<W::Deps>, id: String, epoch: i64) -> BoxFuture<'static, ()> {
         Box::pin(async move { engine.run::<W>(id, epoch).await })
     }
-    fn priority(&self) -> (u8, bool) {
-        (W::PRIORITY, W::PREEMPTIBLE)
+    fn priority(&self) -> Rank {
+        Rank { priority: W::PRIORITY, preemptible: W::PREEMPTIBLE, isolated: W::ISOLATED }
     }
 }
 
@@ -419,7 +423,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
             wf_state: Some(serde_json::to_value(&start.state).expect("workflow states serialize")),
             protects: W::protects(&start.state),
         };
-        let priorities: HashMap<&'static str, (u8, bool)> = self
+        let priorities: HashMap<&'static str, Rank> = self
             .inner
             .drivers
             .lock()
@@ -427,7 +431,8 @@ impl<D: Send + Sync + 'static> Engine<D> {
             .iter()
             .map(|(k, d)| (*k, d.priority()))
             .collect();
-        let admit = move |active: &[ActiveOp]| admission(W::PRIORITY, &priorities, active);
+        let rank = Rank { priority: W::PRIORITY, preemptible: W::PREEMPTIBLE, isolated: W::ISOLATED };
+        let admit = move |active: &[ActiveOp]| admission(W::KIND, rank, &priorities, active);
         let preempted = self.inner.store.create_operation(op.clone(), start.slot, admit).await?;
         for id in &preempted {
             tracing::warn!(operation = %id, by = %op.id, "operation preempted: its compensations run, then it is cancelled");
@@ -908,13 +913,29 @@ enum StepEnd {
     Aborted(String),
 }
 
+/// Where a workflow stands among the others at admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rank {
+    pub priority: u8,
+    pub preemptible: bool,
+    pub isolated: bool,
+}
+
 /// Per-site admission: `new` preempts active operations of lower priority
-/// that are preemptible and is refused beside any other.
-pub fn admission(new: u8, priorities: &HashMap<&'static str, (u8, bool)>, active: &[ActiveOp]) -> Admission {
+/// that are preemptible and is refused beside any other. An isolated
+/// workflow (or an isolated active one) is refused only beside one of the
+/// same kind.
+pub fn admission(kind: &str, new: Rank, ranks: &HashMap<&'static str, Rank>, active: &[ActiveOp]) -> Admission {
     let mut preempt = Vec::new();
     for a in active {
-        let (p, preemptible) = priorities.get(a.kind.as_str()).copied().unwrap_or((u8::MAX, false));
-        if p < new && preemptible {
+        let r = ranks.get(a.kind.as_str()).copied().unwrap_or(Rank { priority: u8::MAX, preemptible: false, isolated: false });
+        if new.isolated || r.isolated {
+            if a.kind == kind {
+                return Admission::Refuse(a.id.clone());
+            }
+            continue;
+        }
+        if r.priority < new.priority && r.preemptible {
             if a.state != OperationState::Cancelling {
                 preempt.push(a.id.clone());
             }

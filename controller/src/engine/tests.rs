@@ -334,3 +334,20 @@ async fn protected_resources_follow_the_state_and_end_with_the_operation() {
     wait_state(&store, &op.id, &[OperationState::Succeeded]).await;
     assert!(store.protected_images().await.expect("protected").is_empty());
 }
+
+#[test]
+fn an_isolated_workflow_runs_beside_others_but_never_beside_its_own_kind() {
+    let rank = |priority, preemptible, isolated| Rank { priority, preemptible, isolated };
+    let ranks: HashMap<&'static str, Rank> =
+        [("backup", rank(10, true, false)), ("failover", rank(100, false, false)), ("drill", rank(5, true, true))].into();
+    let op = |id: &str, kind: &str| ActiveOp { id: id.into(), kind: kind.into(), state: OperationState::Running };
+    let drill = ranks["drill"];
+    assert_eq!(admission("drill", drill, &ranks, &[op("b", "backup")]), Admission::Admit);
+    assert_eq!(admission("drill", drill, &ranks, &[op("f", "failover")]), Admission::Admit);
+    assert_eq!(admission("drill", drill, &ranks, &[op("d", "drill")]), Admission::Refuse("d".into()));
+    assert_eq!(admission("backup", ranks["backup"], &ranks, &[op("d", "drill")]), Admission::Admit);
+    assert_eq!(admission("failover", ranks["failover"], &ranks, &[op("d", "drill")]), Admission::Admit);
+    // The others keep their rules.
+    assert_eq!(admission("failover", ranks["failover"], &ranks, &[op("b", "backup"), op("d", "drill")]), Admission::Preempt(vec!["b".into()]));
+    assert_eq!(admission("backup", ranks["backup"], &ranks, &[op("f", "failover")]), Admission::Refuse("f".into()));
+}

@@ -86,6 +86,8 @@ pub struct FleetView {
     pub copy_counts: HashMap<(String, String, CopyState), u64>,
     /// Each site's most recent failover or restore (id, state, last change).
     pub last_failover: HashMap<String, (String, OperationState, Millis)>,
+    /// Each site's most recent recorded drill.
+    pub last_drill: HashMap<String, DrillRecord>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -258,6 +260,8 @@ impl Store {
         /// repeat after a restart keeps the first).
         put_launch_facts(image_id: String, site_id: String, facts: LaunchFacts) -> ());
     db_call!(launch_facts(image_id: String) -> Option<LaunchFacts>);
+    db_call!(put_drill(record: DrillRecord) -> ());
+    db_call!(drills(site_id: String, limit: u32) -> Vec<DrillRecord>);
     db_call!(
         /// Records that an instance of a site runs in another region than
         /// the site's (EC2 verification asks there).
@@ -940,6 +944,30 @@ impl Db<'_> {
         Ok(())
     }
 
+    /// Records (or, for the same operation, replaces) a drill's result.
+    pub fn put_drill(&self, record: DrillRecord) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO drills (operation_id, site_id, started_at_ms, finished_at_ms, ok, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(operation_id) DO UPDATE SET finished_at_ms = ?4, ok = ?5, record = ?6",
+            params![
+                record.operation_id,
+                record.site_id,
+                record.started_at_ms as i64,
+                record.finished_at_ms as i64,
+                record.ok,
+                serde_json::to_string(&record).expect("drill records serialize")
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A site's drills, newest first.
+    pub fn drills(&self, site_id: String, limit: u32) -> Result<Vec<DrillRecord>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT record FROM drills WHERE site_id = ?1 ORDER BY started_at_ms DESC LIMIT ?2")?;
+        let rows = stmt.query_map(params![site_id, limit], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|t| serde_json::from_str(&t).map_err(|_| corrupt("drills.record", t))).collect()
+    }
+
     pub fn launch_facts(&self, image_id: String) -> Result<Option<LaunchFacts>, StoreError> {
         let text: Option<String> = self
             .0
@@ -1123,6 +1151,14 @@ impl Db<'_> {
         for (site, id, state, at) in rows {
             let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
             view.last_failover.insert(site, (id, state, at as u64));
+        }
+        let mut stmt = self.0.prepare(
+            "SELECT record FROM drills d WHERE started_at_ms = (SELECT MAX(started_at_ms) FROM drills x WHERE x.site_id = d.site_id)",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        for t in rows {
+            let d: DrillRecord = serde_json::from_str(&t).map_err(|_| corrupt("drills.record", t))?;
+            view.last_drill.insert(d.site_id.clone(), d);
         }
         Ok(view)
     }

@@ -158,4 +158,15 @@ pub const MIGRATIONS: &[&str] = &[
         region TEXT NOT NULL,
         PRIMARY KEY (site_id, instance_id)
     );",
+    // 5: drills. One row per drill, written by its `record` step (always),
+    // the measured result as JSON (`DrillRecord`).
+    "CREATE TABLE drills (
+        operation_id TEXT PRIMARY KEY REFERENCES operations(id),
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        started_at_ms BIGINT NOT NULL,
+        finished_at_ms BIGINT NOT NULL,
+        ok INTEGER NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX drills_by_site ON drills(site_id, started_at_ms);",
 ];

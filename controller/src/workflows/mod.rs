@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod copies;
+pub mod drill;
 pub mod failover;
 pub mod retention;
 
@@ -36,6 +37,7 @@ pub struct Deps {
     /// Each site's recovery settings (fence, launch overrides, DNS).
     pub recovery: HashMap<String, SiteRecovery>,
     pub failover: FailoverConfig,
+    pub drill: crate::domain::recovery::DrillConfig,
     /// Route 53, built on first use (`[aws]` endpoint and attempts).
     pub aws: crate::config::AwsConfig,
     pub dns: tokio::sync::OnceCell<Arc<dyn Dns>>,
@@ -48,6 +50,7 @@ pub fn engine(deps: Deps) -> Engine {
     let engine = Engine::new(deps.store.clone(), deps);
     engine.register::<backup::Backup>();
     engine.register::<failover::Failover>();
+    engine.register::<drill::Drill>();
     engine
 }
 

@@ -51,13 +51,15 @@ use crate::domain::model::{Millis, Protected, Role, now_ms};
 use crate::domain::recovery::Fence;
 pub use plan::{HumanAction, Plan, PlanError, Request};
 
-use crate::domain::tags::{TAG_FENCED_FROM, TAG_ROLE};
+use crate::domain::tags::{TAG_FENCED_FROM, TAG_KEEP_UNTIL, TAG_ROLE};
 
 /// The failover workflow.
 pub struct Failover;
 
-/// The typed state of a failover, stored with each step (version 1).
+/// The typed state of a failover, stored with each step (version 1). A
+/// drill (`super::drill`) runs on the same state and step functions.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct State {
     pub plan: Plan,
     /// The old primary was fenced (stopped or terminated) or was gone.
@@ -85,6 +87,24 @@ pub struct State {
     /// is asked again with the same id and replayed from the journal).
     pub generations: BTreeMap<String, u32>,
     pub report: Option<Report>,
+    /// Drills: the copy is kept until then (also its `dr:keep-until` tag).
+    pub keep_until_ms: Millis,
+    /// Drills: how long to keep the copy after it is verified.
+    pub keep_ms: u64,
+    /// Drills: what teardown terminated, and what it could not.
+    pub torn_down: Option<String>,
+    pub leaked: Vec<String>,
+}
+
+impl State {
+    /// The role the launched instance has: a drill's copy or a candidate.
+    pub fn launched_role(&self, op_id: &str) -> Role {
+        if self.plan.kind == "drill" {
+            Role::Drill { operation_id: op_id.to_owned() }
+        } else {
+            Role::Candidate { operation_id: op_id.to_owned() }
+        }
+    }
 }
 
 /// The operation's outcome for a human (also `--output json`).
@@ -182,17 +202,17 @@ fn candidate(ctx: &Ctx<Deps>, st: &State) -> Result<Addressee, StepError> {
     Ok(Addressee {
         site_id: ctx.site.id.clone(),
         instance_id: st.candidate.clone(),
-        role: Role::Candidate { operation_id: ctx.op_id.clone() },
+        role: st.launched_role(&ctx.op_id),
     })
 }
 
 /// EC2 in the region the candidate is launched in.
-async fn ec2_launch(ctx: &Ctx<Deps>, st: &State) -> Result<std::sync::Arc<dyn Ec2>, StepError> {
+pub(super) async fn ec2_launch(ctx: &Ctx<Deps>, st: &State) -> Result<std::sync::Arc<dyn Ec2>, StepError> {
     Ok(ctx.deps().ec2_in(&ctx.site, &st.plan.launch.region).await?)
 }
 
 /// Sends one runbook step to the candidate (see [`State::generations`]).
-async fn on_candidate(
+pub(super) async fn on_candidate(
     ctx: &Ctx<Deps>,
     st: &mut State,
     name: &str,
@@ -220,20 +240,20 @@ async fn on_candidate(
 /// Progress of a long wait: written when what is waited for changes, and
 /// otherwise every few seconds (not at every poll: `drctl --wait` prints
 /// each change).
-struct Waiting {
+pub(super) struct Waiting {
     started: tokio::time::Instant,
     last: String,
     at: Option<tokio::time::Instant>,
 }
 
 impl Waiting {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Waiting { started: tokio::time::Instant::now(), last: String::new(), at: None }
     }
-    fn elapsed(&self) -> Duration {
+    pub(super) fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
-    async fn say(&mut self, ctx: &Ctx<Deps>, what: String) {
+    pub(super) async fn say(&mut self, ctx: &Ctx<Deps>, what: String) {
         let due = self.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
         if what != self.last || due {
             ctx.progress(format!("{what} ({} so far)", secs(self.started.elapsed().as_millis() as u64))).await;
@@ -243,11 +263,11 @@ impl Waiting {
     }
 }
 
-fn secs(ms: u64) -> String {
+pub(super) fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
-async fn preflight(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn preflight(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let image = st.plan.backup.launch_image_id.clone();
     if image.is_empty() {
         return Err(StepError::new(ErrorKind::Invalid, "the plan names no AMI to launch"));
@@ -353,7 +373,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     Ok(Outcome::Done(detail))
 }
 
-async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let ec2 = ec2_launch(ctx, st).await?;
     let op_id = ctx.op_id.clone();
     let spec = st.plan.launch.clone();
@@ -361,10 +381,14 @@ async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let tags = vec![
         (TAG_SITE.to_owned(), ctx.site.id.clone()),
         (TAG_OPERATION.to_owned(), op_id.clone()),
-        (TAG_ROLE.to_owned(), "candidate".to_owned()),
+        (TAG_ROLE.to_owned(), st.launched_role(&op_id).name().to_owned()),
         (TAG_CREATED_BY.to_owned(), CREATED_BY.to_owned()),
-        ("Name".to_owned(), format!("{} services (restored by {op_id})", ctx.site.id)),
+        ("Name".to_owned(), format!("{} services ({} {op_id})", ctx.site.id, if st.plan.kind == "drill" { "drill" } else { "restored by" })),
     ];
+    let mut tags = tags;
+    if st.keep_until_ms > 0 {
+        tags.push((TAG_KEEP_UNTIL.to_owned(), crate::domain::tags::keep_until_value(st.keep_until_ms)));
+    }
     let req = RunInstance {
         image_id: spec.image_id.clone(),
         instance_type: spec.instance_type.clone(),
@@ -399,10 +423,11 @@ async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     if spec.region != ctx.site.region {
         ctx.store().put_instance_region(ctx.site.id.clone(), id.clone(), spec.region.clone()).await?;
     }
+    let role = st.launched_role(&ctx.op_id);
     ctx.store()
-        .set_instance_role(ctx.site.id.clone(), id.clone(), "candidate".into(), ctx.op_id.clone(), String::new())
+        .set_instance_role(ctx.site.id.clone(), id.clone(), role.name().into(), ctx.op_id.clone(), String::new())
         .await?;
-    ctx.deps().registry.set_role(&ctx.site.id, &id, Role::Candidate { operation_id: ctx.op_id.clone() });
+    ctx.deps().registry.set_role(&ctx.site.id, &id, role);
     st.candidate = id.clone();
     st.launched_at_ms = now_ms();
     Ok(Outcome::Done(if reused {
@@ -419,7 +444,7 @@ async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     }))
 }
 
-async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let ec2 = ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     let limit = ctx.deps().failover.launch_timeout;
@@ -451,7 +476,7 @@ async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
     }
 }
 
-async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let to = candidate(ctx, st)?;
     let limit = ctx.deps().failover.agent_timeout;
     let mut progress = Waiting::new();
@@ -493,14 +518,14 @@ async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
     }
 }
 
-async fn app_stop(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn app_stop(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     ctx.progress(format!("stopping the app on {} (a restored machine may have started it with its old addresses)", st.candidate)).await;
     let t = ctx.deps().failover.app_timeout;
     let o = on_candidate(ctx, st, "app-stop", &AgentAction::AppStop, t).await?;
     Ok(Outcome::Done(if report_of(&o)["already"] == true { "the app was already stopped".into() } else { "app stopped".into() }))
 }
 
-async fn rewrite_addresses(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn rewrite_addresses(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let eip_public = st.plan.eip.as_ref().filter(|e| e.movable).map(|e| e.public_ip.clone());
     let mut private = vec![];
     let mut public = vec![];
@@ -532,7 +557,7 @@ async fn rewrite_addresses(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
     Ok(Outcome::Done(format!("{} ({files} file(s) reported)", summary.join(", "))))
 }
 
-async fn hostname(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn hostname(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let hostname = st.plan.hostname.clone();
     if hostname.is_empty() {
         return Ok(Outcome::Done("no hostname configured for the site: the backup's is kept".into()));
@@ -543,13 +568,13 @@ async fn hostname(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
     Ok(Outcome::Done(if r["changed"] == false { format!("hostname already {hostname}") } else { format!("hostname set to {hostname}") }))
 }
 
-async fn wipe_nomad(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn wipe_nomad(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let t = ctx.deps().failover.app_timeout;
     on_candidate(ctx, st, "wipe-nomad", &AgentAction::WipeNomad, t).await?;
     Ok(Outcome::Done("the restored Nomad state (/opt/nomad) is wiped".into()))
 }
 
-async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let t = ctx.deps().failover.app_timeout;
     ctx.progress(format!("starting the app on {} and waiting until it is started", st.candidate)).await;
     on_candidate(ctx, st, "app-start", &AgentAction::AppStart, t).await?;
@@ -658,7 +683,7 @@ async fn update_dns(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
     Ok(Outcome::Done(format!("{} A {value} (ttl {}) in sync", dns.name, dns.ttl)))
 }
 
-async fn cleanup_builds(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn cleanup_builds(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let before = st.plan.cleanup_builds_before_ms;
     let t = ctx.deps().failover.cleanup_timeout;
     match on_candidate(ctx, st, "cleanup-builds", &AgentAction::CleanupBuilds { before_ms: before }, t).await {
@@ -682,7 +707,7 @@ async fn cleanup_builds(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, Step
     }
 }
 
-async fn verify(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn verify(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let ec2 = ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;

@@ -20,6 +20,12 @@ pub struct Request {
     pub region: String,
     /// `restore` (an older point in time, asked for by AMI) or `failover`.
     pub restore: bool,
+    /// A drill: the copy runs isolated (`[site.drill]`), nothing of
+    /// production is touched, and it is torn down at the end.
+    pub drill: bool,
+    /// A drill without `backup_image_id`: a random available backup that
+    /// started within this long before now (0 = the newest).
+    pub random_within_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +95,7 @@ pub struct HumanAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub site_id: String,
-    /// `failover` or `restore`.
+    /// `failover`, `restore` or `drill`.
     pub kind: String,
     pub planned_at_ms: Millis,
     pub home_region: String,
@@ -120,6 +126,8 @@ pub enum PlanError {
     NotABackup { site: String, image: String },
     #[error("backup {image} has no available copy in {region} (copy regions are set by the site's policy copy_regions)")]
     NoCopy { image: String, region: String },
+    #[error("site `{site}` has no available backup that started within the last {within}")]
+    NoBackupWithin { site: String, within: String },
     #[error("a restore needs --backup AMI (an older point in time); a failover takes the newest good backup by default")]
     RestoreNeedsBackup,
     #[error("{0}")]
@@ -140,7 +148,18 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let rec = deps.recovery(&site.id);
     let region = if req.region.is_empty() { site.region.clone() } else { req.region.clone() };
     let backups = deps.store.backups(site.id.clone()).await?;
-    let backup: Backup = if req.backup_image_id.is_empty() {
+    let backup: Backup = if req.backup_image_id.is_empty() && req.random_within_ms > 0 {
+        let since = now_ms().saturating_sub(req.random_within_ms);
+        let pool: Vec<Backup> = backups.into_iter().filter(|b| b.state == BackupState::Available && b.started_at_ms >= since).collect();
+        if pool.is_empty() {
+            return Err(PlanError::NoBackupWithin {
+                site: site.id.clone(),
+                within: humantime::format_duration(std::time::Duration::from_secs(req.random_within_ms / 1000)).to_string(),
+            });
+        }
+        let i = rand::random_range(0..pool.len());
+        pool.into_iter().nth(i).expect("index within the pool")
+    } else if req.backup_image_id.is_empty() {
         backups
             .into_iter()
             .filter(|b| b.state == BackupState::Available)
@@ -163,6 +182,9 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             .ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?
     };
     let facts: Option<LaunchFacts> = deps.store.launch_facts(backup.image_id.clone()).await?;
+    if req.drill {
+        return drill_plan(site, &rec, &region, backup, launch_image_id, facts);
+    }
     let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip;
     let launch = resolve_launch(facts.as_ref(), &rec, &site.region, &region, &launch_image_id, keep_ip)?;
     let mut warnings = Vec::new();
@@ -260,16 +282,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         kind: if req.restore { "restore" } else { "failover" }.into(),
         planned_at_ms: now,
         home_region: site.region.clone(),
-        backup: PlannedBackup {
-            image_id: backup.image_id.clone(),
-            launch_image_id,
-            completed_at_ms: backup.completed_at_ms,
-            started_at_ms: backup.started_at_ms,
-            age_ms: now.saturating_sub(backup.started_at_ms),
-            consistency: backup.consistency.as_str().to_owned(),
-            source_instance_id: backup.instance_id.clone(),
-            has_launch_facts: facts.is_some(),
-        },
+        backup: planned_backup(&backup, launch_image_id, facts.is_some(), now),
         fence,
         launch,
         addresses,
@@ -278,6 +291,67 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         dns,
         cleanup_builds_before_ms: backup.started_at_ms,
         human_actions: human,
+        warnings,
+    })
+}
+
+fn planned_backup(backup: &Backup, launch_image_id: String, has_launch_facts: bool, now: Millis) -> PlannedBackup {
+    PlannedBackup {
+        image_id: backup.image_id.clone(),
+        launch_image_id,
+        completed_at_ms: backup.completed_at_ms,
+        started_at_ms: backup.started_at_ms,
+        age_ms: now.saturating_sub(backup.started_at_ms),
+        consistency: backup.consistency.as_str().to_owned(),
+        source_instance_id: backup.instance_id.clone(),
+        has_launch_facts,
+    }
+}
+
+/// A drill's plan: the copy in `[site.drill]`'s subnet and security groups
+/// under its hostname, its own addresses written into the Replicated files;
+/// no fence, no Elastic IP, no DNS, no promotion, and nothing for a human.
+fn drill_plan(
+    site: &Site,
+    rec: &crate::domain::recovery::SiteRecovery,
+    region: &str,
+    backup: Backup,
+    launch_image_id: String,
+    facts: Option<LaunchFacts>,
+) -> Result<Plan, PlanError> {
+    let mut drill_rec = rec.clone();
+    drill_rec.launch = rec.drill.launch_over(&rec.launch, region, &site.region)?;
+    let launch = resolve_launch(facts.as_ref(), &drill_rec, &site.region, region, &launch_image_id, false)?;
+    let (old_private, old_public) = facts.as_ref().map(|f| (f.private_ip.clone(), f.public_ip.clone())).unwrap_or_default();
+    let mut addresses = vec![];
+    if !old_private.is_empty() {
+        addresses.push(AddressChange { kind: "private".into(), old: old_private, new: ASSIGNED_AT_LAUNCH.into() });
+    }
+    if !old_public.is_empty() {
+        addresses.push(AddressChange { kind: "public".into(), old: old_public, new: ASSIGNED_AT_LAUNCH.into() });
+    }
+    let mut warnings = vec![];
+    if facts.is_none() {
+        warnings.push(format!(
+            "backup {} has no recorded launch facts: the copy's Replicated files are rewritten only for addresses the agent finds",
+            backup.image_id
+        ));
+    }
+    let now = now_ms();
+    Ok(Plan {
+        site_id: site.id.clone(),
+        kind: "drill".into(),
+        planned_at_ms: now,
+        home_region: site.region.clone(),
+        backup: planned_backup(&backup, launch_image_id, facts.is_some(), now),
+        fence: PlannedFence { mode: "none (drill)".into(), ..PlannedFence::default() },
+        launch,
+        addresses,
+        hostname: rec.drill.hostname.clone().unwrap_or_default(),
+        eip: None,
+        dns: None,
+        cleanup_builds_before_ms: backup.started_at_ms,
+        human_actions: vec![],
         warnings,
     })
 }

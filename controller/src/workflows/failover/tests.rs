@@ -76,6 +76,7 @@ async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
         policies: HashMap::new(),
         recovery: HashMap::new(),
         failover: FailoverConfig { agent_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
+        drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
     };

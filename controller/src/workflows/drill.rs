@@ -1,0 +1,317 @@
+//! Drills: the restore workflow into an isolated place, measured, then torn
+//! down. Proves on a schedule, without touching production, that a site can
+//! be restored, and how fast.
+//!
+//! The steps are the failover's (same state, same step functions, same
+//! command ids on the copy) minus everything that touches production: no
+//! fence, no Elastic IP, no DNS, no promotion. The copy is launched into
+//! `[site.drill]`'s subnet and security groups, tagged `dr:role=drill` and
+//! `dr:keep-until`, and its agent (same certificate, new instance id) is
+//! the drill's: it gets this drill's commands only.
+//!
+//! 1. `preflight`, 2. `launch`, 3. `wait_running`, 4. `wait_agent`,
+//! 5.–9. the runbook on the copy (app stop, addresses, the drill hostname,
+//! Nomad wipe, app start and health check), 10. `cleanup_builds` (on the
+//! copy's own data), 11. `verify`, 12. `measure` (the data the copy holds:
+//! the newest build it knows), 13. `keep` (`--keep`), 14. `teardown`
+//! (always: terminate what this drill launched, delete its left volumes),
+//! 15. `record` (always: the result in the store, whatever happened).
+//!
+//! A failed step ends the drill (no pause for a human): teardown and record
+//! still run. A controller killed anywhere resumes the drill at its next
+//! start; a drill whose teardown could not finish leaves its copy to the
+//! drill reaper (`reconcilers::drills`), which terminates every
+//! `dr:role=drill` instance whose `dr:keep-until` has passed.
+
+use std::time::Duration;
+
+use super::failover::{self, State, Waiting, secs};
+use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, Role, now_ms, worst_rpo};
+use crate::domain::tags::TAG_OPERATION;
+use crate::engine::{BoxFuture, Ctx, ErrorKind, Outcome, Retry, StepDef, StepError, Workflow};
+
+/// The drill workflow.
+pub struct Drill;
+
+/// How far back the worst RPO is looked for when the site had no drill
+/// before, and at most.
+const RPO_WINDOW_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
+const RPO_WINDOW_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
+
+macro_rules! step {
+    ($f:path) => {
+        |c: &Ctx<Deps>, s: &mut State| -> BoxFuture<'_, Result<Outcome, StepError>> { Box::pin($f(c, s)) }
+    };
+}
+
+const AGENT_RETRY: Retry = Retry {
+    on: &[ErrorKind::Unavailable, ErrorKind::Interrupted, ErrorKind::Transient, ErrorKind::Throttled],
+    attempts: 5,
+    backoff: dr_proto::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
+};
+
+impl Workflow for Drill {
+    type Deps = Deps;
+    type State = State;
+    const KIND: &'static str = "drill";
+    const VERSION: u32 = 1;
+    const PRIORITY: u8 = 5;
+    const PREEMPTIBLE: bool = true;
+    const ISOLATED: bool = true;
+
+    fn steps() -> Vec<StepDef<Deps, State>> {
+        vec![
+            StepDef::new("preflight", step!(failover::preflight)).retry(Retry::TRANSIENT),
+            StepDef::new("launch", step!(failover::launch)).retry(Retry::TRANSIENT),
+            StepDef::new("wait_running", step!(failover::wait_running)).retry(Retry::TRANSIENT),
+            StepDef::new("wait_agent", step!(failover::wait_agent)),
+            StepDef::new("app_stop", step!(failover::app_stop)).retry(AGENT_RETRY),
+            StepDef::new("rewrite_addresses", step!(failover::rewrite_addresses)).retry(AGENT_RETRY),
+            StepDef::new("hostname", step!(failover::hostname)).retry(AGENT_RETRY),
+            StepDef::new("wipe_nomad", step!(failover::wipe_nomad)).retry(AGENT_RETRY),
+            StepDef::new("app_start", step!(failover::app_start)).retry(AGENT_RETRY),
+            StepDef::new("cleanup_builds", step!(failover::cleanup_builds)).retry(AGENT_RETRY),
+            StepDef::new("verify", step!(failover::verify)).retry(AGENT_RETRY),
+            StepDef::new("measure", step!(measure)),
+            StepDef::new("keep", step!(keep)),
+            StepDef::new("teardown", step!(teardown)).retry(Retry::TRANSIENT).always(),
+            StepDef::new("record", step!(record)).always(),
+        ]
+    }
+
+    fn protects(state: &State) -> Vec<Protected> {
+        <failover::Failover as Workflow>::protects(state)
+    }
+}
+
+/// Starts a drill with a plan made by `failover::plan::make` (`drill`
+/// set). The copy is kept `keep` after its verification; its
+/// `dr:keep-until` allows `[drill] lease` beyond that before the reaper
+/// may terminate it.
+pub async fn start(
+    engine: &super::Engine,
+    plan: failover::Plan,
+    keep: Duration,
+    requested_by: &str,
+) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
+    let site_id = plan.site_id.clone();
+    let lease = engine.deps().drill.lease;
+    let state = State {
+        plan,
+        keep_ms: keep.as_millis() as u64,
+        keep_until_ms: now_ms() + (lease + keep).as_millis() as u64,
+        ..State::default()
+    };
+    engine.start::<Drill>(crate::engine::Start { site_id: &site_id, requested_by, state, slot: None }).await
+}
+
+/// What the copy holds: the newest build its CircleCI API lists (reported
+/// by the agent's build cleanup on the copy), so the drill states the real
+/// age of the restored data, not only the backup's.
+async fn measure(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    let newest = newest_build_ms(st);
+    Ok(Outcome::Done(match newest {
+        Some(t) => format!(
+            "the copy's newest build started {} before the drill; the backup is {} old",
+            secs(ctx.created_at_ms.saturating_sub(t)),
+            secs(ctx.created_at_ms.saturating_sub(st.plan.backup.started_at_ms))
+        ),
+        None => "the copy's agent reported no build start time (no builds, or an older agent): the data age is the backup's".into(),
+    }))
+}
+
+fn newest_build_ms(st: &State) -> Option<Millis> {
+    let v = st.reports.get("cleanup-builds")?.get("newest_build_started_at")?.as_str()?;
+    let t = humantime::parse_rfc3339_weak(v).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+/// `--keep`: the copy stays up this long after its verification, for a
+/// human to look at it (`drctl operation abort ID` ends the wait).
+async fn keep(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    if st.keep_ms == 0 {
+        return Ok(Outcome::Done("not kept (no --keep)".into()));
+    }
+    let verified = ctx
+        .store()
+        .operation(ctx.op_id.clone())
+        .await?
+        .and_then(|o| o.steps.iter().find(|s| s.name == "verify").map(|s| s.finished_at_ms))
+        .filter(|t| *t > 0)
+        .unwrap_or_else(now_ms);
+    let until = verified + st.keep_ms;
+    let mut progress = Waiting::new();
+    while now_ms() < until {
+        if ctx.abort_requested() {
+            return Ok(Outcome::Done(format!("kept {} of {} (ended by abort)", secs(progress.elapsed().as_millis() as u64), secs(st.keep_ms))));
+        }
+        let left = until - now_ms();
+        progress.say(ctx, format!("keeping the copy {} for inspection: {} left", st.candidate, secs(left))).await;
+        tokio::time::sleep(Duration::from_millis(left.min(1000))).await;
+    }
+    Ok(Outcome::Done(format!("kept {} after verification", secs(st.keep_ms))))
+}
+
+/// Always runs: terminates every instance this drill launched (by its
+/// `dr:operation` tag, so also one whose launch answer was lost), waits for
+/// them to end, then deletes the volumes carrying the tag that EC2 left.
+/// What it cannot end is listed in `leaked` (and `record` fails the drill);
+/// the reaper finishes it after `dr:keep-until`.
+async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let op_id = ctx.op_id.clone();
+    let mut ids: Vec<String> = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.find_instances_by_tag(TAG_OPERATION, &op_id))
+        .await?
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    if !st.candidate.is_empty() && !ids.contains(&st.candidate) {
+        ids.push(st.candidate.clone());
+    }
+    let site = ctx.site.clone();
+    for id in ids.iter().filter(|id| **id != site.primary_instance_id) {
+        retry_ec2("TerminateInstances", EC2_RETRY_BUDGET, || ec2.terminate_instance(id)).await?;
+        let reason = format!("terminated: drill {op_id} torn down");
+        ctx.store().set_instance_role(site.id.clone(), id.clone(), "passive".into(), String::new(), reason.clone()).await?;
+        ctx.deps().registry.set_role(&site.id, id, Role::Passive { reason });
+    }
+    let limit = ctx.deps().failover.fence_timeout;
+    let mut progress = Waiting::new();
+    let mut leaked = vec![];
+    for id in &ids {
+        loop {
+            let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
+            if state.as_deref().is_none_or(|s| s == "terminated") {
+                break;
+            }
+            if progress.elapsed() >= limit {
+                leaked.push(id.clone());
+                break;
+            }
+            progress.say(ctx, format!("waiting for the copy {id} to terminate ({})", state.unwrap_or_default())).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let volumes = retry_ec2("DescribeVolumes", EC2_RETRY_BUDGET, || ec2.find_volumes_by_tag(TAG_OPERATION, &op_id)).await?;
+    let mut deleted = vec![];
+    for v in volumes.iter().filter(|v| v.state == "available") {
+        retry_ec2("DeleteVolume", EC2_RETRY_BUDGET, || ec2.delete_volume(&v.id)).await?;
+        deleted.push(v.id.clone());
+    }
+    let left: Vec<String> = volumes.iter().filter(|v| v.state != "available" && v.state != "deleting" && v.state != "deleted").map(|v| v.id.clone()).collect();
+    let ended: Vec<&String> = ids.iter().filter(|i| !leaked.contains(i)).collect();
+    let detail = if ids.is_empty() {
+        "nothing was launched".to_owned()
+    } else {
+        format!(
+            "terminated {}{}{}",
+            ended.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            if deleted.is_empty() { String::new() } else { format!("; deleted volumes {}", deleted.join(", ")) },
+            if leaked.is_empty() && left.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; NOT ended within {}: {} (the drill reaper terminates them after their dr:keep-until)",
+                    secs(limit.as_millis() as u64),
+                    leaked.iter().chain(left.iter()).cloned().collect::<Vec<_>>().join(", ")
+                )
+            }
+        )
+    };
+    st.leaked = leaked.into_iter().chain(left).collect();
+    st.torn_down = Some(detail.clone());
+    Ok(Outcome::Done(detail))
+}
+
+/// Always runs: stores the drill's result (also when it failed) and fails
+/// the drill when teardown left something behind.
+async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    let store = ctx.store();
+    let op = store.operation(ctx.op_id.clone()).await?;
+    let dur = |names: &[&str]| -> u64 {
+        op.as_ref()
+            .map(|o| {
+                o.steps
+                    .iter()
+                    .filter(|s| names.contains(&s.name.as_str()) && s.finished_at_ms >= s.started_at_ms && s.started_at_ms > 0)
+                    .map(|s| s.finished_at_ms - s.started_at_ms)
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut phases = std::collections::BTreeMap::new();
+    for (phase, steps) in [
+        ("launch_to_running", &["launch", "wait_running"][..]),
+        ("agent_up", &["wait_agent"][..]),
+        ("app_stop", &["app_stop"][..]),
+        ("file_steps", &["rewrite_addresses", "hostname", "wipe_nomad"][..]),
+        ("app_start", &["app_start"][..]),
+        ("cleanup", &["cleanup_builds"][..]),
+    ] {
+        phases.insert(phase.to_owned(), dur(steps));
+    }
+    let failure = op.as_ref().map(|o| o.failure.clone()).unwrap_or_default();
+    let verified = op.as_ref().is_some_and(|o| o.steps.iter().any(|s| s.name == "verify" && s.state == crate::domain::model::StepState::Done));
+    let started = ctx.created_at_ms;
+    // The worst RPO over the window since the previous drill.
+    let previous = store.drills(ctx.site.id.clone(), 2).await?.into_iter().find(|d| d.operation_id != ctx.op_id);
+    let from = previous
+        .map(|d| d.started_at_ms)
+        .unwrap_or_else(|| started.saturating_sub(RPO_WINDOW_DEFAULT.as_millis() as u64))
+        .max(started.saturating_sub(RPO_WINDOW_MAX.as_millis() as u64));
+    let starts: Vec<Millis> = store
+        .backups(ctx.site.id.clone())
+        .await?
+        .into_iter()
+        .filter(|b| matches!(b.state, BackupState::Available | BackupState::Deleting | BackupState::Deleted) && b.completed_at_ms > 0)
+        .map(|b| b.started_at_ms)
+        .collect();
+    let newest = newest_build_ms(st).unwrap_or(0);
+    let error = if !failure.is_empty() {
+        failure
+    } else if !st.leaked.is_empty() {
+        format!("teardown left {} running", st.leaked.join(", "))
+    } else if !verified {
+        "the drill ended before its copy was verified".into()
+    } else {
+        String::new()
+    };
+    let rec = DrillRecord {
+        operation_id: ctx.op_id.clone(),
+        site_id: ctx.site.id.clone(),
+        requested_by: ctx.requested_by.clone(),
+        started_at_ms: started,
+        finished_at_ms: now_ms(),
+        ok: error.is_empty(),
+        error: error.clone(),
+        backup_image_id: st.plan.backup.image_id.clone(),
+        launch_image_id: st.plan.backup.launch_image_id.clone(),
+        region: st.plan.launch.region.clone(),
+        backup_started_at_ms: st.plan.backup.started_at_ms,
+        instance_id: st.candidate.clone(),
+        hostname: st.plan.hostname.clone(),
+        rto_ms: if st.healthy_at_ms > 0 { st.healthy_at_ms.saturating_sub(started) } else { 0 },
+        phases,
+        rpo_ms: started.saturating_sub(st.plan.backup.started_at_ms),
+        worst_rpo_ms: worst_rpo(&starts, from, started),
+        worst_rpo_window_ms: started - from,
+        newest_build_at_ms: newest,
+        data_age_ms: if newest > 0 { started.saturating_sub(newest) } else { 0 },
+        teardown: st.torn_down.clone().unwrap_or_default(),
+        leaked: st.leaked.clone(),
+    };
+    store.put_drill(rec.clone()).await?;
+    if !st.leaked.is_empty() {
+        return Err(StepError::failed(format!(
+            "recorded, but teardown left {}: the drill reaper terminates them after {}",
+            st.leaked.join(", "),
+            crate::domain::tags::keep_until_value(st.keep_until_ms)
+        )));
+    }
+    Ok(Outcome::Done(if rec.ok {
+        format!("RTO {}, RPO {} (worst {} over {}); torn down", secs(rec.rto_ms), secs(rec.rpo_ms), secs(rec.worst_rpo_ms), secs(rec.worst_rpo_window_ms))
+    } else {
+        format!("drill failed: {error}; torn down")
+    }))
+}
