@@ -24,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 
 /// Largest answer accepted from Nomad (allocation lists can be large).
@@ -35,31 +35,6 @@ const POLL: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// File (under `state_dir`) recording the nodes this agent drained.
 pub const RECORD_FILE: &str = "drain.json";
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct DrainArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// How long running allocations may take to end (Nomad's drain deadline
-    /// too: then Nomad stops them). Default: nomad.drain_deadline.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub deadline: Option<Duration>,
-    /// Exit 1 if allocations still run at the deadline.
-    #[arg(long)]
-    pub require_idle: bool,
-    /// Show the nodes that would be drained; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct UndrainArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Show the nodes whose drain would end; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// How to drain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,9 +107,12 @@ pub struct UndrainReport {
     pub already: Vec<String>,
     /// Recorded nodes Nomad no longer knows.
     pub not_found: Vec<String>,
-    /// The node list came from `state_dir/drain.json` (else: every node
-    /// Nomad shows draining or ineligible).
+    /// A drain record was found in `state_dir/drain.json` (without one,
+    /// nothing is touched).
     pub from_record: bool,
+    /// Nothing was (or would be) asked of Nomad.
+    #[serde(default)]
+    pub already_done: bool,
     pub dry_run: bool,
     pub actions: Vec<String>,
     pub warnings: Vec<String>,
@@ -171,10 +149,10 @@ pub enum DrainError {
 }
 
 impl DrainError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            DrainError::Url { .. } | DrainError::ZeroDeadline => EXIT_INPUT,
-            _ => EXIT_FAILED,
+            DrainError::Url { .. } | DrainError::ZeroDeadline => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
         }
     }
 }
@@ -615,11 +593,13 @@ async fn wait_idle(
     }
 }
 
-/// Ends the drain of the nodes this agent recorded (or, with no record file
-/// at all, of every node Nomad shows draining or ineligible), then empties
-/// the record (kept as `{"nodes":[]}` so a repeated undrain changes
-/// nothing). Idempotent.
+/// Ends the drain of the nodes this agent recorded, then empties the record
+/// (kept as `{"nodes":[]}` so a repeated undrain changes nothing).
+/// Idempotent. Without a record (this agent never drained), nothing is
+/// touched and Nomad is not asked: nodes an operator drained stay drained,
+/// whether the controller or a human asks.
 pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, DrainError> {
+    // A bad `nomad.api_url` is named even when there is nothing to undrain.
     let client = NomadClient::new(&config.nomad.api_url, config.nomad.request_timeout)?;
     let path = record_path(config);
     let mut stale_warnings = Vec::new();
@@ -629,49 +609,39 @@ pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, Dr
         already: Vec::new(),
         not_found: Vec::new(),
         from_record: record.is_some(),
+        already_done: false,
         dry_run,
         actions: Vec::new(),
         warnings: stale_warnings,
     };
-    let nodes = match (client.nodes().await, &record) {
-        (Ok(n), _) => Some(n),
+    let Some(record) = record else {
+        tracing::info!(step = "undrain", record = %path.display(), "no drain record: this agent has not drained any node");
+        report.already_done = true;
+        report.warnings.push(format!(
+            "no drain record in {}: this agent has not drained any node, so none is touched (end an operator's drain with `nomad node drain -disable`)",
+            path.display()
+        ));
+        return Ok(report);
+    };
+    let nodes = match client.nodes().await {
+        Ok(n) => Some(n),
         // With a record, a failing list must not keep nodes drained: end them blindly.
-        (Err(e), Some(_)) => {
+        Err(e) => {
             tracing::warn!(step = "undrain", error = %e, "cannot list nodes; ending the recorded drains anyway");
             report.warnings.push(format!("could not list nodes ({e}); ended every recorded drain"));
             None
         }
-        (Err(e), None) => return Err(e),
     };
     // (id, name, MarkEligible)
     let mut plan: Vec<(String, String, bool)> = Vec::new();
-    match &record {
-        Some(rec) => {
-            for r in &rec.nodes {
-                match nodes.as_ref().map(|ns| ns.iter().find(|n| n.id == r.id)) {
-                    Some(None) => report.not_found.push(r.id.clone()),
-                    Some(Some(n)) if !n.drain && (n.eligibility == "ineligible") != r.was_eligible => {
-                        report.already.push(r.id.clone())
-                    }
-                    _ => plan.push((r.id.clone(), r.name.clone(), r.was_eligible)),
-                }
-            }
-        }
-        None => {
-            for n in nodes.as_deref().unwrap_or_default() {
-                if n.drain || n.eligibility == "ineligible" {
-                    validate_node_id(&n.id, "/v1/nodes")?;
-                    plan.push((n.id.clone(), n.name.clone(), true));
-                }
-            }
-            if !plan.is_empty() {
-                report.warnings.push(format!(
-                    "no drain record in {}: ending the drain of every node that is draining or ineligible",
-                    path.display()
-                ));
-            }
+    for r in &record.nodes {
+        match nodes.as_ref().map(|ns| ns.iter().find(|n| n.id == r.id)) {
+            Some(None) => report.not_found.push(r.id.clone()),
+            Some(Some(n)) if !n.drain && (n.eligibility == "ineligible") != r.was_eligible => report.already.push(r.id.clone()),
+            _ => plan.push((r.id.clone(), r.name.clone(), r.was_eligible)),
         }
     }
+    report.already_done = plan.is_empty();
     if dry_run {
         for (id, name, eligible) in &plan {
             report.actions.push(format!(
@@ -778,81 +748,6 @@ where
         (Ok(value), Err(error)) => Err(WithDrainError::Undrain { value, drain: drain_report, error }),
         (Err(error), undrain) => Err(WithDrainError::Step { error, drain: drain_report, undrain }),
     }
-}
-
-fn names(nodes: &[NodeRef]) -> String {
-    nodes.iter().map(|n| format!("{} ({})", n.name, n.id)).collect::<Vec<_>>().join(", ")
-}
-
-fn human_drain(r: &DrainReport) -> String {
-    let mut out = String::new();
-    if r.dry_run {
-        out.push_str(&format!("Dry run: would drain {} ready node(s): {}\n", r.drained.len(), names(&r.drained)));
-    } else {
-        if !r.drained.is_empty() {
-            out.push_str(&format!("Drained {} ready node(s): {}\n", r.drained.len(), names(&r.drained)));
-        }
-        if !r.already_drained.is_empty() {
-            out.push_str(&format!("Already drained by dr-agent: {}\n", names(&r.already_drained)));
-        }
-        if r.drained.is_empty() && r.already_drained.is_empty() && r.drained_by_others.is_empty() {
-            out.push_str("No ready node to drain.\n");
-        }
-        if r.idle {
-            out.push_str(&format!("No allocation running after {:.1}s.\n", r.waited_ms as f64 / 1000.0));
-        } else {
-            out.push_str(&format!(
-                "Deadline of {:.0}s passed; {} allocation(s) still running:\n",
-                r.deadline_ms as f64 / 1000.0,
-                r.still_running.len()
-            ));
-            for a in &r.still_running {
-                out.push_str(&format!("  {} {} (job {}) on node {}: {}\n", a.id, a.name, a.job_id, a.node_id, a.client_status));
-            }
-        }
-        out.push_str(&format!("Recorded in {}; `dr-agent undrain` ends the drain.\n", r.record.display()));
-    }
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-fn human_undrain(r: &UndrainReport) -> String {
-    let mut out = String::new();
-    if r.dry_run {
-        out.push_str(&format!("Dry run: would end the drain of {} node(s): {}\n", r.undrained.len(), r.undrained.join(", ")));
-    } else if r.undrained.is_empty() {
-        out.push_str("No node to undrain; nothing to do.\n");
-    } else {
-        out.push_str(&format!("Ended the drain of {} node(s): {}\n", r.undrained.len(), r.undrained.join(", ")));
-    }
-    if !r.already.is_empty() {
-        out.push_str(&format!("Already undrained: {}\n", r.already.join(", ")));
-    }
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-pub async fn drain_cli(args: DrainArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = DrainParams { deadline: args.deadline.unwrap_or(config.nomad.drain_deadline), require_idle: args.require_idle };
-    let report = drain(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_drain))
-}
-
-pub async fn undrain_cli(args: UndrainArgs) -> CliResult {
-    let config = args.common.load()?;
-    let report = undrain(&config, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_undrain))
 }
 
 #[cfg(test)]
@@ -1069,13 +964,38 @@ mod tests {
         assert_eq!(f.lock().expect("lock").nodes["cccc-3"], (true, false));
     }
 
+    /// Issue 7 §4: without a drain record (this agent never drained), an
+    /// undrain, hand-run or from the controller, leaves an operator's
+    /// drained and ineligible nodes alone and asks Nomad nothing.
+    #[tokio::test]
+    async fn undrain_without_a_record_touches_no_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fake(&["aaaa-1", "bbbb-2", "cccc-3"]);
+        {
+            let mut g = f.lock().expect("lock");
+            g.nodes.insert("aaaa-1".to_owned(), (true, false)); // drained by an operator
+            g.nodes.insert("bbbb-2".to_owned(), (false, false)); // marked ineligible by an operator
+        }
+        let c = config(&serve(f.clone()).await, dir.path());
+        let before = f.lock().expect("lock").nodes.clone();
+        for dry_run in [true, false] {
+            let r = undrain(&c, dry_run).await.expect("undrain");
+            assert!(r.undrained.is_empty() && r.actions.is_empty(), "{r:?}");
+            assert!(!r.from_record && r.already_done, "{r:?}");
+            assert!(r.warnings.iter().any(|w| w.contains("no drain record") && w.contains("none is touched")), "{r:?}");
+        }
+        assert_eq!(f.lock().expect("lock").nodes, before, "every node as the operator left it");
+        assert!(f.lock().expect("lock").calls.is_empty(), "Nomad not asked: {:?}", f.lock().expect("lock").calls);
+        assert!(!dir.path().join(RECORD_FILE).exists(), "no record invented");
+    }
+
     #[tokio::test]
     async fn bad_inputs() {
         let dir = tempfile::tempdir().expect("tempdir");
         for url in ["https://127.0.0.1:4646", "http://127.0.0.1:4646/v1", "nomad"] {
             let c = config(url, dir.path());
             let err = drain(&c, &P, false).await.expect_err(url);
-            assert_eq!(err.exit_code(), EXIT_INPUT, "{url}: {err}");
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{url}: {err}");
             assert!(err.to_string().contains("nomad.api_url"), "{err}");
         }
         assert!(validate_node_id("../../v1/jobs", "x").is_err());

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::steps::ErrorKind;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HealthReport {
@@ -36,10 +37,10 @@ pub enum HealthError {
 impl HealthError {
     /// Exit code (hand-run) and error kind (controller): bad configuration
     /// is input; everything else a failure.
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            HealthError::BadUrl { .. } => crate::commands::EXIT_INPUT,
-            _ => crate::commands::EXIT_FAILED,
+            HealthError::BadUrl { .. } => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
         }
     }
 }
@@ -69,17 +70,4 @@ pub async fn check(config: &Config) -> Result<HealthReport, HealthError> {
         return Err(HealthError::Unhealthy { url, status: status.as_u16(), excerpt: text.trim().chars().take(200).collect() });
     }
     Ok(HealthReport { url, status: status.as_u16(), elapsed_ms: started.elapsed().as_millis() as u64 })
-}
-
-/// `dr-agent health-check`.
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: crate::commands::Common,
-}
-
-pub async fn cli(args: Args) -> crate::commands::CliResult {
-    let config = args.common.load()?;
-    let report = check(&config).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, |r| format!("{} answered {} in {} ms\n", r.url, r.status, r.elapsed_ms)))
 }
