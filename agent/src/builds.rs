@@ -232,9 +232,7 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
     };
     let candidates: Vec<usize> =
         builds.iter().enumerate().filter(|(_, b)| b.outcome == BuildOutcome::WouldDelete).map(|(i, _)| i).collect();
-    if candidates.is_empty() {
-        report.already_done = true;
-    } else if !dry_run {
+    if !candidates.is_empty() && !dry_run {
         delete_all(config, &mut builds, &candidates, &mut report).await?;
     }
     for b in &builds {
@@ -246,6 +244,8 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
             BuildOutcome::WouldDelete => {}
         }
     }
+    // Nothing to delete and nothing refused: a refused build is not done.
+    report.already_done = candidates.is_empty() && report.refused == 0;
     if report.refused > 0 {
         report.actions.push(format!(
             "{} running build(s) have a URL that failed validation and were not deleted: check them by hand",

@@ -16,16 +16,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
+use crate::http::{EXCERPT, HttpClient, HttpError, excerpt};
+use crate::steps::ErrorKind;
 
 /// Largest answer accepted from Nomad (allocation lists can be large).
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -210,73 +206,44 @@ pub fn validate_node_id(id: &str, origin: &str) -> Result<(), DrainError> {
 /// A small client for the parts of Nomad's HTTP API a drain needs.
 #[derive(Clone, Debug)]
 pub struct NomadClient {
-    base: String,
-    timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    http: HttpClient,
 }
 
 impl NomadClient {
     /// `api_url` is `http://host:port` (no path).
     pub fn new(api_url: &str, timeout: Duration) -> Result<Self, DrainError> {
-        let base = api_url.trim_end_matches('/').to_owned();
-        let bad = |why: &str| DrainError::Url { url: api_url.to_owned(), why: why.to_owned() };
-        let uri: hyper::Uri = base.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported (Nomad's API on the services machine)"));
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(bad("no host"));
-        }
+        let bad = |why: String| DrainError::Url { url: api_url.to_owned(), why };
+        let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| bad(e.to_string()))?;
+        let uri = http.base_uri();
         if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
-            return Err(bad("must not carry a path or query"));
+            return Err(bad("must not carry a path or query".to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(NomadClient { base, timeout, client })
+        Ok(NomadClient { http })
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, String), DrainError> {
-        let url = format!("{}{path}", self.base);
         let m: &'static str = if method == Method::POST { "POST" } else { "GET" };
-        let mut req = Request::builder().method(method).uri(&url).header("Accept", "application/json");
+        let mut headers = vec![("Accept", "application/json")];
         if body.is_some() {
-            req = req.header("Content-Type", "application/json");
+            headers.push(("Content-Type", "application/json"));
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: e.to_string() })?;
-        let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: error_chain(&e) })?;
-            let status = resp.status();
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: format!("reading the body: {e}") })?
-                .to_bytes();
-            Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        tokio::time::timeout(self.timeout, fut).await.map_err(|_| DrainError::Timeout {
-            method: m,
-            url: url.clone(),
-            timeout: self.timeout,
-        })?
+        let r = self.http.send(method, path, &headers, body.map(String::into_bytes)).await.map_err(|e| match e {
+            HttpError::Timeout(timeout) => DrainError::Timeout { method: m, url: self.http.url(path), timeout },
+            e => DrainError::Http { method: m, url: self.http.url(path), error: e.to_string() },
+        })?;
+        Ok((r.status, r.text().into_owned()))
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, path: &str, body: &str) -> Result<T, DrainError> {
         serde_json::from_str(body).map_err(|e| DrainError::Json {
-            url: format!("{}{path}", self.base),
+            url: self.http.url(path),
             why: e.to_string(),
-            excerpt: excerpt(body, 300),
+            excerpt: excerpt(body, EXCERPT),
         })
     }
 
     fn status_err(&self, method: &'static str, path: &str, status: StatusCode, body: &str) -> DrainError {
-        DrainError::Status { method, url: format!("{}{path}", self.base), status: status.as_u16(), body: excerpt(body, 300) }
+        DrainError::Status { method, url: self.http.url(path), status: status.as_u16(), body: excerpt(body, EXCERPT) }
     }
 
     async fn nodes(&self) -> Result<Vec<RawNode>, DrainError> {
@@ -312,25 +279,6 @@ impl NomadClient {
             (StatusCode::NOT_FOUND, _) => Ok(false),
             (status, body) => Err(self.status_err("POST", &path, status, &body)),
         }
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
-
-fn excerpt(s: &str, max: usize) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_owned(),
     }
 }
 
@@ -462,7 +410,7 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
     };
     let mut to_drain = Vec::new();
     for node in &nodes {
-        validate_node_id(&node.id, &format!("{}/v1/nodes", client.base))?;
+        validate_node_id(&node.id, &client.http.url("/v1/nodes"))?;
         if node.status != "ready" {
             report.skipped.push(node.to_ref());
             continue;
@@ -754,6 +702,9 @@ where
 mod tests {
     //! Library-level tests against a small in-process Nomad (hyper server).
     use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper::Request;
+    use hyper::body::Bytes;
     use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 

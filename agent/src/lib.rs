@@ -28,6 +28,7 @@ pub mod freeze;
 pub mod identity;
 pub mod imds;
 pub mod health;
+pub mod http;
 pub mod journal;
 pub mod logging;
 pub mod nomad_state;

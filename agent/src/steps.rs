@@ -460,3 +460,64 @@ impl Executor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A clean-up that refused a build's URL is not answered "ok" to the
+    /// controller (the hand-run CLI already exited 3): the executor says
+    /// `refused`, and its report, kept in the error, names the build.
+    #[tokio::test]
+    async fn a_cleanup_that_refused_a_build_is_not_ok() {
+        let page = serde_json::json!([{
+            "build_url": "https://evil.example.com/gh/org/repo/7",
+            "build_num": 7, "username": "org", "reponame": "repo",
+            "lifecycle": "running", "status": "running", "start_time": "2024-05-01T11:00:00Z"
+        }])
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        let (url, seen) = crate::http::tests::listener(answer.into_bytes(), Duration::ZERO).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0k3n\n").expect("token");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut config = Config::default();
+        config.circleci.api_url = url;
+        config.circleci.api_token_file = token;
+        config.circleci.hostname = Some("ci.example.com".into());
+        // No console may open: nothing valid to delete.
+        config.circleci.dev_console = vec!["/nonexistent/dev-console".into()];
+        let executor = Executor::new(Arc::new(config));
+        let action = Action::CleanupBuilds { params: builds::CleanupParams { before: "2024-05-01T12:00:00Z".into() }, dry_run: false };
+        let err = executor.execute(&action, None).await.expect_err("a refused build is not ok");
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        assert_eq!(err.to_string(), "0 build(s) failed, 1 refused");
+        let Some(Report::Cleanup(r)) = err.report() else { panic!("the report is kept: {err:?}") };
+        assert_eq!((r.refused, r.deleted, r.console_sessions), (1, 0, 0), "{r:?}");
+        assert!(!r.already_done, "a refused build is not done: {r:?}");
+        assert!(r.builds[0].detail.contains("URL refused"), "{r:?}");
+        assert!(r.actions.iter().any(|a| a.contains("check them by hand")), "{r:?}");
+        assert_eq!(seen.lock().expect("lock").len(), 1, "one page listed");
+    }
+
+    /// Fields added for the hand-run CLI do not change how the daemon's
+    /// actions are journaled (an older agent's record still matches).
+    #[test]
+    fn default_cli_fields_are_not_serialized() {
+        for (a, json) in [
+            (Action::AppStart { dry_run: false }, r#"{"kind":"app_start"}"#),
+            (Action::Undrain { dry_run: false }, r#"{"kind":"undrain"}"#),
+            (Action::Thaw { params: freeze::ThawParams::default(), dry_run: false }, r#"{"kind":"thaw"}"#),
+            (Action::AppStop { force: true, dry_run: false }, r#"{"kind":"app_stop","force":true}"#),
+            (Action::WipeNomad { dry_run: false, offline: false }, r#"{"kind":"wipe_nomad","dry_run":false}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&a).expect("serializes"), json);
+            assert_eq!(serde_json::from_str::<Action>(json).expect("parses"), a);
+        }
+    }
+}
