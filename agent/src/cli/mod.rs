@@ -121,6 +121,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         output: OutputFormat,
     },
+    /// (internal) The watchdog process that thaws at the deadline.
+    #[command(hide = true)]
+    FreezeWatchdog(WatchdogArgs),
+    #[command(flatten)]
+    Step(StepCommand),
+}
+
+/// The subcommands that are steps: each becomes one [`Action`].
+#[derive(Subcommand)]
+enum StepCommand {
     /// Stop the Replicated app and wait until it is stopped.
     AppStop(StopArgs),
     /// Start the Replicated app and wait until it is started.
@@ -139,9 +149,6 @@ enum Command {
     Freeze(FreezeArgs),
     /// Thaw file systems frozen by `freeze`.
     Thaw(ThawArgs),
-    /// (internal) The watchdog process that thaws at the deadline.
-    #[command(hide = true)]
-    FreezeWatchdog(WatchdogArgs),
     /// Drain Nomad builder nodes and wait for their running allocations.
     Drain(DrainArgs),
     /// End the drain of the Nomad builder nodes this agent drained.
@@ -387,47 +394,47 @@ fn step_failure(e: &StepError, output: OutputFormat) -> Failure {
     Failure { code: exit_code(e.kind()), message: e.to_string(), stdout: e.report().map(|r| render::report(r, output)) }
 }
 
-/// The [`Action`] a step subcommand asks for (with its configuration and
-/// output format), or `None` for the commands that are not steps.
-fn action_of(command: &Command) -> Result<Option<(Config, Action, OutputFormat)>, Failure> {
+/// The [`Action`] a step subcommand asks for, with its configuration and
+/// output format.
+fn action_of(command: &StepCommand) -> Result<(Config, Action, OutputFormat), Failure> {
     let (common, action) = match command {
-        Command::AppStop(a) => (&a.common, Action::AppStop { force: a.force, dry_run: a.dry_run }),
-        Command::AppStart(a) => (&a.common, Action::AppStart { dry_run: a.dry_run }),
-        Command::SetHostname(a) => (
+        StepCommand::AppStop(a) => (&a.common, Action::AppStop { force: a.force, dry_run: a.dry_run }),
+        StepCommand::AppStart(a) => (&a.common, Action::AppStart { dry_run: a.dry_run }),
+        StepCommand::SetHostname(a) => (
             &a.common,
             Action::SetHostname { params: app::HostnameParams { hostname: a.hostname.clone() }, dry_run: a.dry_run },
         ),
-        Command::RewriteAddresses(a) => {
+        StepCommand::RewriteAddresses(a) => {
             let params = rewrite::RewriteParams::from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
             (&a.common, Action::RewriteAddresses { params, dry_run: a.dry_run })
         }
-        Command::WipeNomad(a) => (&a.common, Action::WipeNomad { dry_run: a.dry_run, offline: a.offline }),
-        Command::CleanupBuilds(a) => (
+        StepCommand::WipeNomad(a) => (&a.common, Action::WipeNomad { dry_run: a.dry_run, offline: a.offline }),
+        StepCommand::CleanupBuilds(a) => (
             &a.common,
             Action::CleanupBuilds { params: builds::CleanupParams { before: a.before.clone() }, dry_run: a.dry_run },
         ),
-        Command::HealthCheck(a) => (&a.common, Action::HealthCheck),
-        Command::Freeze(a) => {
+        StepCommand::HealthCheck(a) => (&a.common, Action::HealthCheck),
+        StepCommand::Freeze(a) => {
             let config = a.common.load()?;
             let params = freeze::FreezeParams {
                 mounts: a.mounts.clone(),
                 deadline: a.deadline.map(Into::into).unwrap_or(config.freeze.deadline),
             };
-            return Ok(Some((config, Action::Freeze { params, dry_run: a.dry_run }, a.common.output)));
+            return Ok((config, Action::Freeze { params, dry_run: a.dry_run }, a.common.output));
         }
-        Command::Thaw(a) => {
+        StepCommand::Thaw(a) => {
             (&a.common, Action::Thaw { params: freeze::ThawParams { mounts: a.mounts.clone() }, dry_run: a.dry_run })
         }
-        Command::Drain(a) => {
+        StepCommand::Drain(a) => {
             let config = a.common.load()?;
             let params = drain::DrainParams {
                 deadline: a.deadline.unwrap_or(config.nomad.drain_deadline),
                 require_idle: a.require_idle,
             };
-            return Ok(Some((config, Action::Drain { params, dry_run: a.dry_run }, a.common.output)));
+            return Ok((config, Action::Drain { params, dry_run: a.dry_run }, a.common.output));
         }
-        Command::Undrain(a) => (&a.common, Action::Undrain { dry_run: a.dry_run }),
-        Command::Recover(a) => (
+        StepCommand::Undrain(a) => (&a.common, Action::Undrain { dry_run: a.dry_run }),
+        StepCommand::Recover(a) => (
             &a.common,
             Action::Recover {
                 params: recover::RecoverParams {
@@ -442,24 +449,17 @@ fn action_of(command: &Command) -> Result<Option<(Config, Action, OutputFormat)>
                 dry_run: a.dry_run,
             },
         ),
-        Command::Run { .. } | Command::AppStatus { .. } | Command::Facts { .. } | Command::FreezeWatchdog(_) => {
-            return Ok(None);
-        }
     };
-    Ok(Some((common.load()?, action, common.output)))
+    Ok((common.load()?, action, common.output))
 }
 
 async fn dispatch(command: Command) -> Result<String, Failure> {
-    if let Command::Freeze(a) = &command
-        && a.hold
-        && !a.dry_run
-    {
-        return freeze_hold(a).await;
-    }
-    if let Some((config, action, output)) = action_of(&command)? {
-        return run_step(config, &action, output).await;
-    }
     match command {
+        Command::Step(StepCommand::Freeze(a)) if a.hold && !a.dry_run => freeze_hold(&a).await,
+        Command::Step(step) => {
+            let (config, action, output) = action_of(&step)?;
+            run_step(config, &action, output).await
+        }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             crate::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
@@ -505,7 +505,6 @@ async fn dispatch(command: Command) -> Result<String, Failure> {
                 code => Err(Failure { code, message: "the freeze watchdog failed (see its `error` line)".to_owned(), stdout: None }),
             }
         }
-        _ => unreachable!("every step subcommand has an action"),
     }
 }
 
@@ -555,7 +554,8 @@ mod tests {
     fn flags_become_the_daemons_actions() {
         let parse = |args: &[&str]| {
             let cli = Cli::try_parse_from(std::iter::once("dr-agent").chain(args.iter().copied())).expect("parses");
-            action_of(&cli.command).expect("an action").expect("a step").1
+            let Command::Step(step) = cli.command else { panic!("{args:?} is a step") };
+            action_of(&step).expect("an action").1
         };
         assert_eq!(parse(&["app-stop", "--force"]), Action::AppStop { force: true, dry_run: false });
         assert_eq!(parse(&["undrain", "--dry-run"]), Action::Undrain { dry_run: true });
@@ -566,7 +566,8 @@ mod tests {
         );
         // Bad input is named, exit 2, before anything runs.
         let cli = Cli::try_parse_from(["dr-agent", "rewrite-addresses", "--private", "10.0.0.1"]).expect("parses");
-        let err = action_of(&cli.command).expect_err("no NEW");
+        let Command::Step(step) = cli.command else { panic!("a step") };
+        let err = action_of(&step).expect_err("no NEW");
         assert_eq!(err.code, EXIT_INPUT);
         assert!(err.message.contains("--private"), "{}", err.message);
     }
