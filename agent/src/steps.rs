@@ -1,7 +1,8 @@
-//! Typed local steps. Nothing here knows about gRPC: the session converts
-//! wire messages into [`Action`]s and [`Outcome`]s back into wire messages.
-//! The same step functions serve the hand-run subcommands (`dr-agent
-//! <step>`), so a controller command and a human run the same code.
+//! Typed local steps. Nothing here knows about gRPC or the command line:
+//! the session converts wire messages into [`Action`]s and [`Outcome`]s
+//! back into wire messages; the CLI (`crate::cli`) converts flags into
+//! [`Action`]s and renders [`Report`]s. Both run them through an
+//! [`Executor`], so a controller command and a human follow the same rules.
 
 use std::sync::Arc;
 use std::time::Duration;

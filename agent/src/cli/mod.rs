@@ -1,5 +1,5 @@
 //! The hand-run command line (`dr-agent <step> ...`), a layer on top of the
-//! step library: it parses flags into a [`steps::Action`], runs it through
+//! step library: it parses flags into a [`Action`], runs it through
 //! the same [`Executor`] the daemon uses ([`Executor::hand_run`]), maps the
 //! [`ErrorKind`] of a failure to the exit code ([`exit_code`], the one
 //! place) and renders the report ([`render`]).
