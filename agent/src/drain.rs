@@ -213,7 +213,12 @@ impl NomadClient {
     /// `api_url` is `http://host:port` (no path).
     pub fn new(api_url: &str, timeout: Duration) -> Result<Self, DrainError> {
         let bad = |why: String| DrainError::Url { url: api_url.to_owned(), why };
-        let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| bad(e.to_string()))?;
+        let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| match e {
+            HttpError::NotHttp => {
+                bad("only http:// is supported (Nomad's API on the services machine)".to_owned())
+            }
+            e => bad(e.to_string()),
+        })?;
         let uri = http.base_uri();
         if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
             return Err(bad("must not carry a path or query".to_owned()));

@@ -25,6 +25,8 @@ use hyper_util::rt::TokioExecutor;
 /// [`Response::success`]). The caller names the URL and what it asked.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error("must be an http:// URL")]
+    NotHttp,
     #[error("{0}")]
     BadUrl(String),
     #[error("no answer within {0:?}")]
@@ -112,7 +114,7 @@ impl HttpClient {
     pub fn new(base: &str, timeout: Duration, max_body: usize) -> Result<HttpClient, HttpError> {
         let uri = parse(base)?;
         if uri.scheme_str() != Some("http") {
-            return Err(HttpError::BadUrl("must be an http:// URL".to_owned()));
+            return Err(HttpError::NotHttp);
         }
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err(HttpError::BadUrl("must not carry user information".to_owned()));

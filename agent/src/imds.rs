@@ -36,7 +36,7 @@ impl ImdsClient {
     pub fn new(endpoint: &str, timeout: Duration) -> Result<Self, ImdsError> {
         let bad = |why: String| ImdsError::Endpoint { endpoint: endpoint.to_owned(), why };
         let http = HttpClient::new(endpoint.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| match e {
-            HttpError::BadUrl(why) if why.contains("http://") => bad("IMDS is plain HTTP: use an http:// URL".to_owned()),
+            HttpError::NotHttp => bad("IMDS is plain HTTP: use an http:// URL".to_owned()),
             e => bad(e.to_string()),
         })?;
         let path = http.base_uri().path();
