@@ -10,45 +10,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 
 /// `State` values replicatedctl is known to print; others are tolerated.
 const KNOWN_STATES: &[&str] = &["started", "starting", "stopped", "stopping"];
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct StopArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// `replicatedctl app stop -f`.
-    #[arg(long)]
-    pub force: bool,
-    /// Show whether the app would be stopped; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct StartArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Show whether the app would be started; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct HostnameArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// The hostname the installation must answer on.
-    #[arg(long)]
-    pub hostname: String,
-    /// Show what would change; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// The state an app step drives the app to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,10 +127,10 @@ pub enum AppError {
 }
 
 impl AppError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            AppError::InvalidHostname { .. } | AppError::InvalidItem { .. } | AppError::ItemMissing { .. } => EXIT_INPUT,
-            AppError::Replicated(_) | AppError::Timeout { .. } | AppError::NotApplied { .. } => EXIT_FAILED,
+            AppError::InvalidHostname { .. } | AppError::InvalidItem { .. } | AppError::ItemMissing { .. } => ErrorKind::Invalid,
+            AppError::Replicated(_) | AppError::Timeout { .. } | AppError::NotApplied { .. } => ErrorKind::Failed,
         }
     }
 }
@@ -431,74 +398,6 @@ pub async fn set_hostname(config: &Config, params: &HostnameParams, dry_run: boo
     Ok(report)
 }
 
-fn human_app(r: &AppReport) -> String {
-    let mut out = if r.already {
-        format!("App already {} (State {}); nothing to do.\n", r.target.state(), r.previous_state)
-    } else if r.dry_run {
-        format!(
-            "Dry run: the app is {}{}; it would be {}.\n",
-            r.previous_state,
-            if r.previous_transitioning { " (transitioning)" } else { "" },
-            r.target.state()
-        )
-    } else {
-        format!(
-            "App {}: {} -> {} in {:.1}s ({} status polls).\n",
-            r.target.state(),
-            r.previous_state,
-            r.final_state,
-            r.elapsed_ms as f64 / 1000.0,
-            r.polls
-        )
-    };
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-fn human_hostname(r: &HostnameReport) -> String {
-    let old = r.old.as_deref().unwrap_or("(no value)");
-    let mut out = if !r.changed {
-        format!("Hostname already set: {} = {}; nothing to do.\n", r.item, old)
-    } else if r.dry_run {
-        format!("Dry run: {} would change {} -> {} (set + apply-config); nothing changed.\n", r.item, old, r.new)
-    } else {
-        format!("Hostname changed: {} {} -> {} (set and applied).\n", r.item, old, r.new)
-    };
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-pub async fn app_stop_cli(args: StopArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = AppParams { target: Target::Stopped, force: args.force };
-    let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_app))
-}
-
-pub async fn app_start_cli(args: StartArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = AppParams { target: Target::Started, force: false };
-    let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_app))
-}
-
-pub async fn set_hostname_cli(args: HostnameArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = HostnameParams { hostname: args.hostname.clone() };
-    let report = set_hostname(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_hostname))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,7 +422,7 @@ mod tests {
             "[::1]",
         ] {
             let err = validate_hostname(bad).expect_err(bad);
-            assert_eq!(err.exit_code(), EXIT_INPUT, "{bad}");
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{bad}");
         }
         assert!(validate_item("hostname").is_ok());
         assert!(validate_item("--value").is_err());
@@ -613,6 +512,6 @@ esac
         let msg = err.to_string();
         assert!(matches!(err, AppError::Timeout { .. }), "{msg}");
         assert!(msg.contains("stopping (transitioning)") && msg.contains("stopped"), "{msg}");
-        assert_eq!(err.exit_code(), EXIT_FAILED);
+        assert_eq!(err.kind(), ErrorKind::Failed);
     }
 }

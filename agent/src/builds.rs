@@ -17,24 +17,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{ReplicatedError, Replicatedctl};
 
 /// At most this many pages of 100 builds are listed.
 pub const MAX_PAGES: usize = 1000;
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: Common,
-    /// The backup's point in time (RFC 3339): only builds started before it are deleted.
-    #[arg(long)]
-    pub before: String,
-    /// List the candidates; delete nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// What to clean up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +47,7 @@ pub enum BuildOutcome {
 }
 
 impl BuildOutcome {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             BuildOutcome::Deleted => "deleted",
             BuildOutcome::Failed => "FAILED",
@@ -123,15 +111,15 @@ pub enum CleanupError {
 }
 
 impl CleanupError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             CleanupError::BadCutoff { .. } | CleanupError::BadHostname(_) | CleanupError::HostnameItem { .. } => {
-                EXIT_INPUT
+                ErrorKind::Invalid
             }
             CleanupError::Api(
                 api::ApiError::BadUrl { .. } | api::ApiError::TokenRead { .. } | api::ApiError::TokenEmpty { .. },
-            ) => EXIT_INPUT,
-            _ => EXIT_FAILED,
+            ) => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
         }
     }
 }
@@ -244,9 +232,7 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
     };
     let candidates: Vec<usize> =
         builds.iter().enumerate().filter(|(_, b)| b.outcome == BuildOutcome::WouldDelete).map(|(i, _)| i).collect();
-    if candidates.is_empty() {
-        report.already_done = true;
-    } else if !dry_run {
+    if !candidates.is_empty() && !dry_run {
         delete_all(config, &mut builds, &candidates, &mut report).await?;
     }
     for b in &builds {
@@ -258,6 +244,8 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
             BuildOutcome::WouldDelete => {}
         }
     }
+    // Nothing to delete and nothing refused: a refused build is not done.
+    report.already_done = candidates.is_empty() && report.refused == 0;
     if report.refused > 0 {
         report.actions.push(format!(
             "{} running build(s) have a URL that failed validation and were not deleted: check them by hand",
@@ -336,60 +324,6 @@ async fn delete_all(
     }
     tracing::info!(step = "cleanup-builds", total = candidates.len(), elapsed = ?started.elapsed(), "deletions done");
     Ok(())
-}
-
-fn human(r: &CleanupReport) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let mode = if r.dry_run { " (dry run: nothing deleted)" } else { "" };
-    let _ = writeln!(s, "Clean up builds started before {} on {}{mode}", r.before, r.hostname);
-    let _ = writeln!(s, "Listed {} builds; {} not running (untouched).", r.listed, r.not_running);
-    for b in &r.builds {
-        let _ = writeln!(
-            s,
-            "  {:<12} #{} {} started {}  {}  [{}]",
-            b.outcome.label(),
-            b.build_num.map(|n| n.to_string()).unwrap_or_else(|| "?".to_owned()),
-            b.project,
-            b.started_at.as_deref().unwrap_or("(never)"),
-            b.url.as_deref().map(|u| format!("{u:?}")).unwrap_or_else(|| "(no url)".to_owned()),
-            b.detail
-        );
-    }
-    if r.already_done {
-        let _ = writeln!(s, "Already done: no running build started before the cutoff.");
-    } else if r.dry_run {
-        let n = r.builds.iter().filter(|b| b.outcome == BuildOutcome::WouldDelete).count();
-        let _ = writeln!(s, "Would delete {n} build(s) in one dev-console session.");
-    } else {
-        let _ = writeln!(
-            s,
-            "Deleted {} build(s) in {} dev-console session(s); {} failed, {} refused, {} kept.",
-            r.deleted, r.console_sessions, r.failed, r.refused, r.kept
-        );
-    }
-    for w in &r.warnings {
-        let _ = writeln!(s, "Warning: {w}");
-    }
-    for a in &r.actions {
-        let _ = writeln!(s, "Action: {a}");
-    }
-    s
-}
-
-/// `dr-agent cleanup-builds`. Exit 1 when a deletion failed, 3 when a URL was
-/// refused (the report is printed in both cases).
-pub async fn cli(args: Args) -> CliResult {
-    let config = args.common.load()?;
-    let params = CleanupParams { before: args.before.clone() };
-    let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    let text = args.common.render(&report, human);
-    if report.failed > 0 || report.refused > 0 {
-        print!("{text}");
-        let code = if report.failed > 0 { EXIT_FAILED } else { EXIT_REFUSED };
-        return Err((code, format!("{} build(s) failed, {} refused", report.failed, report.refused)));
-    }
-    Ok(text)
 }
 
 /// Property tests: seeded, a fixed number of cases (`PROPTEST_CASES` for a
@@ -477,6 +411,6 @@ mod tests {
     fn bad_cutoff_is_input_error() {
         assert!(parse_time("2024-05-01").is_err());
         let e = CleanupError::BadCutoff { value: "x".into(), why: "y".into() };
-        assert_eq!(e.exit_code(), EXIT_INPUT);
+        assert_eq!(e.kind(), ErrorKind::Invalid);
     }
 }

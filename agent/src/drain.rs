@@ -16,16 +16,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT};
 use crate::config::Config;
+use crate::http::{EXCERPT, HttpClient, HttpError, excerpt};
+use crate::steps::ErrorKind;
 
 /// Largest answer accepted from Nomad (allocation lists can be large).
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -35,31 +31,6 @@ const POLL: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// File (under `state_dir`) recording the nodes this agent drained.
 pub const RECORD_FILE: &str = "drain.json";
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct DrainArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// How long running allocations may take to end (Nomad's drain deadline
-    /// too: then Nomad stops them). Default: nomad.drain_deadline.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub deadline: Option<Duration>,
-    /// Exit 1 if allocations still run at the deadline.
-    #[arg(long)]
-    pub require_idle: bool,
-    /// Show the nodes that would be drained; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct UndrainArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Show the nodes whose drain would end; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// How to drain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,9 +103,12 @@ pub struct UndrainReport {
     pub already: Vec<String>,
     /// Recorded nodes Nomad no longer knows.
     pub not_found: Vec<String>,
-    /// The node list came from `state_dir/drain.json` (else: every node
-    /// Nomad shows draining or ineligible).
+    /// A drain record was found in `state_dir/drain.json` (without one,
+    /// nothing is touched).
     pub from_record: bool,
+    /// Nothing was (or would be) asked of Nomad.
+    #[serde(default)]
+    pub already_done: bool,
     pub dry_run: bool,
     pub actions: Vec<String>,
     pub warnings: Vec<String>,
@@ -171,10 +145,10 @@ pub enum DrainError {
 }
 
 impl DrainError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            DrainError::Url { .. } | DrainError::ZeroDeadline => EXIT_INPUT,
-            _ => EXIT_FAILED,
+            DrainError::Url { .. } | DrainError::ZeroDeadline => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
         }
     }
 }
@@ -232,73 +206,49 @@ pub fn validate_node_id(id: &str, origin: &str) -> Result<(), DrainError> {
 /// A small client for the parts of Nomad's HTTP API a drain needs.
 #[derive(Clone, Debug)]
 pub struct NomadClient {
-    base: String,
-    timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    http: HttpClient,
 }
 
 impl NomadClient {
     /// `api_url` is `http://host:port` (no path).
     pub fn new(api_url: &str, timeout: Duration) -> Result<Self, DrainError> {
-        let base = api_url.trim_end_matches('/').to_owned();
-        let bad = |why: &str| DrainError::Url { url: api_url.to_owned(), why: why.to_owned() };
-        let uri: hyper::Uri = base.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported (Nomad's API on the services machine)"));
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(bad("no host"));
-        }
+        let bad = |why: String| DrainError::Url { url: api_url.to_owned(), why };
+        let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| match e {
+            HttpError::NotHttp => {
+                bad("only http:// is supported (Nomad's API on the services machine)".to_owned())
+            }
+            e => bad(e.to_string()),
+        })?;
+        let uri = http.base_uri();
         if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
-            return Err(bad("must not carry a path or query"));
+            return Err(bad("must not carry a path or query".to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(NomadClient { base, timeout, client })
+        Ok(NomadClient { http })
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, String), DrainError> {
-        let url = format!("{}{path}", self.base);
         let m: &'static str = if method == Method::POST { "POST" } else { "GET" };
-        let mut req = Request::builder().method(method).uri(&url).header("Accept", "application/json");
+        let mut headers = vec![("Accept", "application/json")];
         if body.is_some() {
-            req = req.header("Content-Type", "application/json");
+            headers.push(("Content-Type", "application/json"));
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: e.to_string() })?;
-        let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: error_chain(&e) })?;
-            let status = resp.status();
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| DrainError::Http { method: m, url: url.clone(), error: format!("reading the body: {e}") })?
-                .to_bytes();
-            Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        tokio::time::timeout(self.timeout, fut).await.map_err(|_| DrainError::Timeout {
-            method: m,
-            url: url.clone(),
-            timeout: self.timeout,
-        })?
+        let r = self.http.send(method, path, &headers, body.map(String::into_bytes)).await.map_err(|e| match e {
+            HttpError::Timeout(timeout) => DrainError::Timeout { method: m, url: self.http.url(path), timeout },
+            e => DrainError::Http { method: m, url: self.http.url(path), error: e.to_string() },
+        })?;
+        Ok((r.status, r.text().into_owned()))
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, path: &str, body: &str) -> Result<T, DrainError> {
         serde_json::from_str(body).map_err(|e| DrainError::Json {
-            url: format!("{}{path}", self.base),
+            url: self.http.url(path),
             why: e.to_string(),
-            excerpt: excerpt(body, 300),
+            excerpt: excerpt(body, EXCERPT),
         })
     }
 
     fn status_err(&self, method: &'static str, path: &str, status: StatusCode, body: &str) -> DrainError {
-        DrainError::Status { method, url: format!("{}{path}", self.base), status: status.as_u16(), body: excerpt(body, 300) }
+        DrainError::Status { method, url: self.http.url(path), status: status.as_u16(), body: excerpt(body, EXCERPT) }
     }
 
     async fn nodes(&self) -> Result<Vec<RawNode>, DrainError> {
@@ -334,25 +284,6 @@ impl NomadClient {
             (StatusCode::NOT_FOUND, _) => Ok(false),
             (status, body) => Err(self.status_err("POST", &path, status, &body)),
         }
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
-
-fn excerpt(s: &str, max: usize) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_owned(),
     }
 }
 
@@ -484,7 +415,7 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
     };
     let mut to_drain = Vec::new();
     for node in &nodes {
-        validate_node_id(&node.id, &format!("{}/v1/nodes", client.base))?;
+        validate_node_id(&node.id, &client.http.url("/v1/nodes"))?;
         if node.status != "ready" {
             report.skipped.push(node.to_ref());
             continue;
@@ -615,11 +546,13 @@ async fn wait_idle(
     }
 }
 
-/// Ends the drain of the nodes this agent recorded (or, with no record file
-/// at all, of every node Nomad shows draining or ineligible), then empties
-/// the record (kept as `{"nodes":[]}` so a repeated undrain changes
-/// nothing). Idempotent.
+/// Ends the drain of the nodes this agent recorded, then empties the record
+/// (kept as `{"nodes":[]}` so a repeated undrain changes nothing).
+/// Idempotent. Without a record (this agent never drained), nothing is
+/// touched and Nomad is not asked: nodes an operator drained stay drained,
+/// whether the controller or a human asks.
 pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, DrainError> {
+    // A bad `nomad.api_url` is named even when there is nothing to undrain.
     let client = NomadClient::new(&config.nomad.api_url, config.nomad.request_timeout)?;
     let path = record_path(config);
     let mut stale_warnings = Vec::new();
@@ -629,49 +562,39 @@ pub async fn undrain(config: &Config, dry_run: bool) -> Result<UndrainReport, Dr
         already: Vec::new(),
         not_found: Vec::new(),
         from_record: record.is_some(),
+        already_done: false,
         dry_run,
         actions: Vec::new(),
         warnings: stale_warnings,
     };
-    let nodes = match (client.nodes().await, &record) {
-        (Ok(n), _) => Some(n),
+    let Some(record) = record else {
+        tracing::info!(step = "undrain", record = %path.display(), "no drain record: this agent has not drained any node");
+        report.already_done = true;
+        report.warnings.push(format!(
+            "no drain record in {}: this agent has not drained any node, so none is touched (end an operator's drain with `nomad node drain -disable`)",
+            path.display()
+        ));
+        return Ok(report);
+    };
+    let nodes = match client.nodes().await {
+        Ok(n) => Some(n),
         // With a record, a failing list must not keep nodes drained: end them blindly.
-        (Err(e), Some(_)) => {
+        Err(e) => {
             tracing::warn!(step = "undrain", error = %e, "cannot list nodes; ending the recorded drains anyway");
             report.warnings.push(format!("could not list nodes ({e}); ended every recorded drain"));
             None
         }
-        (Err(e), None) => return Err(e),
     };
     // (id, name, MarkEligible)
     let mut plan: Vec<(String, String, bool)> = Vec::new();
-    match &record {
-        Some(rec) => {
-            for r in &rec.nodes {
-                match nodes.as_ref().map(|ns| ns.iter().find(|n| n.id == r.id)) {
-                    Some(None) => report.not_found.push(r.id.clone()),
-                    Some(Some(n)) if !n.drain && (n.eligibility == "ineligible") != r.was_eligible => {
-                        report.already.push(r.id.clone())
-                    }
-                    _ => plan.push((r.id.clone(), r.name.clone(), r.was_eligible)),
-                }
-            }
-        }
-        None => {
-            for n in nodes.as_deref().unwrap_or_default() {
-                if n.drain || n.eligibility == "ineligible" {
-                    validate_node_id(&n.id, "/v1/nodes")?;
-                    plan.push((n.id.clone(), n.name.clone(), true));
-                }
-            }
-            if !plan.is_empty() {
-                report.warnings.push(format!(
-                    "no drain record in {}: ending the drain of every node that is draining or ineligible",
-                    path.display()
-                ));
-            }
+    for r in &record.nodes {
+        match nodes.as_ref().map(|ns| ns.iter().find(|n| n.id == r.id)) {
+            Some(None) => report.not_found.push(r.id.clone()),
+            Some(Some(n)) if !n.drain && (n.eligibility == "ineligible") != r.was_eligible => report.already.push(r.id.clone()),
+            _ => plan.push((r.id.clone(), r.name.clone(), r.was_eligible)),
         }
     }
+    report.already_done = plan.is_empty();
     if dry_run {
         for (id, name, eligible) in &plan {
             report.actions.push(format!(
@@ -780,85 +703,13 @@ where
     }
 }
 
-fn names(nodes: &[NodeRef]) -> String {
-    nodes.iter().map(|n| format!("{} ({})", n.name, n.id)).collect::<Vec<_>>().join(", ")
-}
-
-fn human_drain(r: &DrainReport) -> String {
-    let mut out = String::new();
-    if r.dry_run {
-        out.push_str(&format!("Dry run: would drain {} ready node(s): {}\n", r.drained.len(), names(&r.drained)));
-    } else {
-        if !r.drained.is_empty() {
-            out.push_str(&format!("Drained {} ready node(s): {}\n", r.drained.len(), names(&r.drained)));
-        }
-        if !r.already_drained.is_empty() {
-            out.push_str(&format!("Already drained by dr-agent: {}\n", names(&r.already_drained)));
-        }
-        if r.drained.is_empty() && r.already_drained.is_empty() && r.drained_by_others.is_empty() {
-            out.push_str("No ready node to drain.\n");
-        }
-        if r.idle {
-            out.push_str(&format!("No allocation running after {:.1}s.\n", r.waited_ms as f64 / 1000.0));
-        } else {
-            out.push_str(&format!(
-                "Deadline of {:.0}s passed; {} allocation(s) still running:\n",
-                r.deadline_ms as f64 / 1000.0,
-                r.still_running.len()
-            ));
-            for a in &r.still_running {
-                out.push_str(&format!("  {} {} (job {}) on node {}: {}\n", a.id, a.name, a.job_id, a.node_id, a.client_status));
-            }
-        }
-        out.push_str(&format!("Recorded in {}; `dr-agent undrain` ends the drain.\n", r.record.display()));
-    }
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-fn human_undrain(r: &UndrainReport) -> String {
-    let mut out = String::new();
-    if r.dry_run {
-        out.push_str(&format!("Dry run: would end the drain of {} node(s): {}\n", r.undrained.len(), r.undrained.join(", ")));
-    } else if r.undrained.is_empty() {
-        out.push_str("No node to undrain; nothing to do.\n");
-    } else {
-        out.push_str(&format!("Ended the drain of {} node(s): {}\n", r.undrained.len(), r.undrained.join(", ")));
-    }
-    if !r.already.is_empty() {
-        out.push_str(&format!("Already undrained: {}\n", r.already.join(", ")));
-    }
-    for a in &r.actions {
-        out.push_str(&format!("Action: {a}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("Warning: {w}\n"));
-    }
-    out
-}
-
-pub async fn drain_cli(args: DrainArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = DrainParams { deadline: args.deadline.unwrap_or(config.nomad.drain_deadline), require_idle: args.require_idle };
-    let report = drain(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_drain))
-}
-
-pub async fn undrain_cli(args: UndrainArgs) -> CliResult {
-    let config = args.common.load()?;
-    let report = undrain(&config, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human_undrain))
-}
-
 #[cfg(test)]
 mod tests {
     //! Library-level tests against a small in-process Nomad (hyper server).
     use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper::Request;
+    use hyper::body::Bytes;
     use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 
@@ -1069,13 +920,38 @@ mod tests {
         assert_eq!(f.lock().expect("lock").nodes["cccc-3"], (true, false));
     }
 
+    /// Issue 7 §4: without a drain record (this agent never drained), an
+    /// undrain, hand-run or from the controller, leaves an operator's
+    /// drained and ineligible nodes alone and asks Nomad nothing.
+    #[tokio::test]
+    async fn undrain_without_a_record_touches_no_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fake(&["aaaa-1", "bbbb-2", "cccc-3"]);
+        {
+            let mut g = f.lock().expect("lock");
+            g.nodes.insert("aaaa-1".to_owned(), (true, false)); // drained by an operator
+            g.nodes.insert("bbbb-2".to_owned(), (false, false)); // marked ineligible by an operator
+        }
+        let c = config(&serve(f.clone()).await, dir.path());
+        let before = f.lock().expect("lock").nodes.clone();
+        for dry_run in [true, false] {
+            let r = undrain(&c, dry_run).await.expect("undrain");
+            assert!(r.undrained.is_empty() && r.actions.is_empty(), "{r:?}");
+            assert!(!r.from_record && r.already_done, "{r:?}");
+            assert!(r.warnings.iter().any(|w| w.contains("no drain record") && w.contains("none is touched")), "{r:?}");
+        }
+        assert_eq!(f.lock().expect("lock").nodes, before, "every node as the operator left it");
+        assert!(f.lock().expect("lock").calls.is_empty(), "Nomad not asked: {:?}", f.lock().expect("lock").calls);
+        assert!(!dir.path().join(RECORD_FILE).exists(), "no record invented");
+    }
+
     #[tokio::test]
     async fn bad_inputs() {
         let dir = tempfile::tempdir().expect("tempdir");
         for url in ["https://127.0.0.1:4646", "http://127.0.0.1:4646/v1", "nomad"] {
             let c = config(url, dir.path());
             let err = drain(&c, &P, false).await.expect_err(url);
-            assert_eq!(err.exit_code(), EXIT_INPUT, "{url}: {err}");
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{url}: {err}");
             assert!(err.to_string().contains("nomad.api_url"), "{err}");
         }
         assert!(validate_node_id("../../v1/jobs", "x").is_err());

@@ -5,16 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::http::HttpError;
+use crate::steps::ErrorKind;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HealthReport {
     pub url: String,
     pub status: u16,
@@ -36,50 +33,38 @@ pub enum HealthError {
 impl HealthError {
     /// Exit code (hand-run) and error kind (controller): bad configuration
     /// is input; everything else a failure.
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            HealthError::BadUrl { .. } => crate::commands::EXIT_INPUT,
-            _ => crate::commands::EXIT_FAILED,
+            HealthError::BadUrl { .. } => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
         }
     }
 }
+
+/// Largest health-check body read (it is only quoted on failure).
+const MAX_BODY: usize = 1024 * 1024;
 
 /// One GET of the health URL: a 2xx is healthy.
 pub async fn check(config: &Config) -> Result<HealthReport, HealthError> {
     let url = config.circleci.health_url.clone();
     let timeout = config.circleci.request_timeout;
-    let uri: hyper::Uri = url.parse().map_err(|e| HealthError::BadUrl { url: url.clone(), why: format!("{e}") })?;
-    if uri.scheme_str() != Some("http") {
-        return Err(HealthError::BadUrl { url, why: "must be an http:// URL on this machine".into() });
-    }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = crate::http::HttpClient::new(&url, timeout, MAX_BODY).map_err(|e| match e {
+        HttpError::NotHttp => {
+            HealthError::BadUrl { url: url.clone(), why: "must be an http:// URL on this machine".into() }
+        }
+        e => HealthError::BadUrl { url: url.clone(), why: e.to_string() },
+    })?;
     let started = Instant::now();
-    let fut = async {
-        let resp = client.get(uri).await.map_err(|e| HealthError::Unreachable { url: url.clone(), why: e.to_string() })?;
-        let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), 4096).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        Ok::<_, HealthError>((status, body))
-    };
-    let (status, body) =
-        tokio::time::timeout(timeout, fut).await.map_err(|_| HealthError::Timeout { url: url.clone(), timeout })??;
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body);
-        return Err(HealthError::Unhealthy { url, status: status.as_u16(), excerpt: text.trim().chars().take(200).collect() });
-    }
+    let resp = client.get("", &[]).await.map_err(|e| match e {
+        HttpError::Timeout(timeout) => HealthError::Timeout { url: url.clone(), timeout },
+        e => HealthError::Unreachable { url: url.clone(), why: e.to_string() },
+    })?;
+    let status = resp.status;
+    resp.success().map_err(|e| match e {
+        HttpError::Status { status, excerpt } => {
+            HealthError::Unhealthy { url: url.clone(), status: status.as_u16(), excerpt: excerpt.chars().take(200).collect() }
+        }
+        e => HealthError::Unreachable { url: url.clone(), why: e.to_string() },
+    })?;
     Ok(HealthReport { url, status: status.as_u16(), elapsed_ms: started.elapsed().as_millis() as u64 })
-}
-
-/// `dr-agent health-check`.
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: crate::commands::Common,
-}
-
-pub async fn cli(args: Args) -> crate::commands::CliResult {
-    let config = args.common.load()?;
-    let report = check(&config).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, |r| format!("{} answered {} in {} ms\n", r.url, r.status, r.elapsed_ms)))
 }

@@ -259,6 +259,8 @@ impl Journal {
             Err(e) => {
                 record.kind = Some(e.kind());
                 record.error = e.to_string();
+                // A step that failed after it ran keeps its report.
+                record.outcome = e.report().map(|r| r.clone().into_outcome());
             }
         }
         if let Err(e) = self.write_record(&record) {
@@ -434,13 +436,13 @@ mod tests {
         let j = Journal::open(dir.path()).expect("open");
         let first = j.run("op-1.x", &Action::AppStatus, || async { Ok(status()) }).await;
         assert!(first.ok);
-        let other = Action::WipeNomad { dry_run: false };
+        let other = Action::WipeNomad { dry_run: false, offline: false };
         let again = j.run("op-1.x", &other, || async { panic!("must not run") }).await;
         assert!(!again.ok && !again.replayed, "{again:?}");
         assert_eq!(again.kind, Some(ErrorKind::Invalid));
         assert!(again.error.contains("already used for another request (app_status)"), "{}", again.error);
         // Same action, other parameters: refused too.
-        let dry = Action::WipeNomad { dry_run: true };
+        let dry = Action::WipeNomad { dry_run: true, offline: false };
         assert!(j.run("op-1.w", &dry, || async { Ok(status()) }).await.ok);
         let wet = j.run("op-1.w", &other, || async { panic!("must not run") }).await;
         assert!(!wet.ok && wet.error.contains("another request"), "{}", wet.error);

@@ -7,7 +7,9 @@
 //! - [`steps`]: the typed actions and their executor (no gRPC here).
 //! - [`journal`]: `id -> result` on disk so a command runs once.
 //! - [`session`]: the gRPC stream with the controller (pb <-> domain).
-//! - [`commands`], [`logging`]: the CLI's subcommands and log setup.
+//! - [`cli`]: the hand-run command line, a layer over [`steps`] (parse,
+//!   run through the same executor, exit code, render); [`commands`]: the
+//!   hand-run reads (app status, facts); [`logging`]: log setup.
 //! - Runbook steps: [`app`] (stop/start/hostname), [`rewrite`] (addresses in
 //!   the Replicated files), [`nomad_state`] (wipe), [`builds`] (clean up
 //!   half-finished builds), [`freeze`] (FIFREEZE/FITHAW + watchdog),
@@ -16,6 +18,7 @@
 pub mod app;
 pub mod atomic;
 pub mod builds;
+pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -25,6 +28,7 @@ pub mod freeze;
 pub mod identity;
 pub mod imds;
 pub mod health;
+pub mod http;
 pub mod journal;
 pub mod logging;
 pub mod nomad_state;

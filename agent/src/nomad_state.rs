@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{ReplicatedError, Replicatedctl};
 
@@ -47,14 +47,14 @@ fn list_paths(p: &[PathBuf]) -> String {
 }
 
 impl WipeError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             WipeError::AppRunning { .. }
             | WipeError::NomadRunning { .. }
             | WipeError::UnsafePath { .. }
-            | WipeError::MountsBelow { .. } => EXIT_REFUSED,
-            WipeError::BadDataDir(_) => EXIT_INPUT,
-            WipeError::Replicated(_) | WipeError::Io { .. } => EXIT_FAILED,
+            | WipeError::MountsBelow { .. } => ErrorKind::Refused,
+            WipeError::BadDataDir(_) => ErrorKind::Invalid,
+            WipeError::Replicated(_) | WipeError::Io { .. } => ErrorKind::Failed,
         }
     }
 }
@@ -697,68 +697,6 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
     Ok(report)
 }
 
-fn human(r: &WipeReport) -> String {
-    let mut s = match r.state.as_str() {
-        "already done" => format!("Already done: {} is empty or absent.\n", r.path.display()),
-        "would wipe" => format!(
-            "Would wipe {} (dry run): {} files, {} directories, {} bytes.\n",
-            r.path.display(),
-            r.removed.files,
-            r.removed.dirs,
-            r.removed.bytes
-        ),
-        _ => format!(
-            "Wiped {}: removed {} files, {} directories, {} bytes. Move aside + recreate took {:.3} ms; delete took {:.1} ms.\n",
-            r.path.display(),
-            r.removed.files,
-            r.removed.dirs,
-            r.removed.bytes,
-            r.rename_ms,
-            r.delete_ms
-        ),
-    };
-    if let (Some(o), Some(m)) = (&r.owner, &r.mode)
-        && r.state != "already done"
-    {
-        s.push_str(&format!("  owner {o}, mode {m}\n"));
-    }
-    for e in &r.entries {
-        s.push_str(&format!("  {e}\n"));
-    }
-    for m in &r.mounts_below {
-        s.push_str(&format!("  mount point below: {}\n", m.display()));
-    }
-    for a in &r.actions {
-        s.push_str(&format!("  - {a}\n"));
-    }
-    for w in &r.warnings {
-        s.push_str(&format!("  warning: {w}\n"));
-    }
-    for b in &r.blocked_by {
-        s.push_str(&format!("  the real run would refuse now: {b}\n"));
-    }
-    s
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: Common,
-    /// Show what would be removed; remove nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// The data dir is on a mounted disk (with --root): skip the checks of
-    /// this host's app and Nomad processes.
-    #[arg(long)]
-    pub offline: bool,
-}
-
-pub async fn cli(args: Args) -> CliResult {
-    let config = args.common.load()?;
-    let report = run(&config, &WipeParams { offline: args.offline }, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, human))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,6 +748,6 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.join("nomad"), root.join("opt/nomad")).expect("symlink");
         let err = check_path(&root, &path).expect_err("symlink");
         assert!(err.to_string().contains("is a symlink"), "{err}");
-        assert_eq!(err.exit_code(), EXIT_REFUSED);
+        assert_eq!(err.kind(), ErrorKind::Refused);
     }
 }

@@ -21,40 +21,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::{app, builds, facts, identity, imds, nomad_state, rewrite};
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: Common,
-    /// Print the plan; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// The backup's point in time (RFC 3339): running builds that started
-    /// before it are deleted. Without it the build clean-up is skipped.
-    #[arg(long)]
-    pub builds_before: Option<String>,
-    /// The hostname the installation must answer on (default: unchanged).
-    #[arg(long)]
-    pub hostname: Option<String>,
-    /// This machine's private IP (default: from IMDS; required with --root).
-    #[arg(long)]
-    pub private_ip: Option<IpAddr>,
-    /// This machine's public IP (default: from IMDS; none if it has none).
-    #[arg(long)]
-    pub public_ip: Option<IpAddr>,
-    /// Act on a mounted disk (with --root): only rewrite the files and wipe
-    /// the Nomad state; needs --private-ip.
-    #[arg(long)]
-    pub offline: bool,
-    /// Go on although nothing shows this machine was restored (its
-    /// identity record names this same instance). Stops the app and wipes
-    /// the Nomad state of a machine that may be a healthy primary.
-    #[arg(long)]
-    pub force: bool,
-}
 
 /// What `recover` is asked to do (also sent by the controller).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -120,13 +89,13 @@ pub enum RecoverError {
 }
 
 impl RecoverError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            RecoverError::NeedAddresses | RecoverError::OfflineNeedsRoot => EXIT_INPUT,
-            RecoverError::NotRestored { .. } => EXIT_REFUSED,
-            RecoverError::Identity(_) => EXIT_FAILED,
-            RecoverError::Find(e) => e.exit_code(),
-            RecoverError::Imds(_) => EXIT_FAILED,
+            RecoverError::NeedAddresses | RecoverError::OfflineNeedsRoot => ErrorKind::Invalid,
+            RecoverError::NotRestored { .. } => ErrorKind::Refused,
+            RecoverError::Identity(_) => ErrorKind::Failed,
+            RecoverError::Find(e) => e.kind(),
+            RecoverError::Imds(_) => ErrorKind::Failed,
         }
     }
 }
@@ -400,59 +369,4 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     }
     report.actions.dedup();
     Ok(report)
-}
-
-fn render_human(r: &RecoverReport) -> String {
-    let mut out = String::new();
-    let head = if r.dry_run { "Recovery plan (dry run: nothing changed)" } else { "Recovery" };
-    out.push_str(&format!(
-        "{head}{}: private IP {}, public IP {}\n",
-        if r.offline { " of a mounted disk" } else { "" },
-        r.private_ip.map(|i| i.to_string()).unwrap_or("-".into()),
-        r.public_ip.map(|i| i.to_string()).unwrap_or("-".into()),
-    ));
-    if !r.evidence.is_empty() {
-        out.push_str(&format!("  (going on: {})\n", r.evidence));
-    }
-    for (i, s) in r.steps.iter().enumerate() {
-        out.push_str(&format!("  {}. {:<18} {:<13} {}\n", i + 1, s.name, s.outcome, s.summary));
-    }
-    if let Some(f) = &r.failed {
-        out.push_str(&format!("Stopped at a failure: {f}\n"));
-    }
-    for w in &r.warnings {
-        out.push_str(&format!("warning: {w}\n"));
-    }
-    if !r.actions.is_empty() {
-        out.push_str("For a human:\n");
-        for a in &r.actions {
-            out.push_str(&format!("  - {a}\n"));
-        }
-    }
-    if r.dry_run {
-        if let Some(diff) = r.steps.iter().find(|s| s.name == "rewrite-addresses").and_then(|s| s.report["diff"].as_str()) {
-            out.push_str("\nChanges to the Replicated files:\n");
-            out.push_str(diff);
-        }
-    }
-    out
-}
-
-pub async fn cli(args: Args) -> CliResult {
-    let config = args.common.load()?;
-    let params = RecoverParams {
-        builds_before: args.builds_before.clone(),
-        hostname: args.hostname.clone(),
-        private_ip: args.private_ip,
-        public_ip: args.public_ip,
-        offline: args.offline,
-        force: args.force,
-        candidate: false,
-    };
-    let report = run(&config, &params, args.dry_run).await.map_err(|e| (e.exit_code(), e.to_string()))?;
-    let text = args.common.render(&report, render_human);
-    if report.failed.is_some() {
-        return Err((EXIT_FAILED, text));
-    }
-    Ok(text)
 }

@@ -225,8 +225,8 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
     };
     Ok(match kind {
         Kind::AppStatus(_) => Action::AppStatus,
-        Kind::AppStop(r) => Action::AppStop { force: r.force },
-        Kind::AppStart(_) => Action::AppStart,
+        Kind::AppStop(r) => Action::AppStop { force: r.force, dry_run: false },
+        Kind::AppStart(_) => Action::AppStart { dry_run: false },
         Kind::SetHostname(r) => {
             crate::app::validate_hostname(&r.hostname).map_err(|e| e.to_string())?;
             Action::SetHostname { params: crate::app::HostnameParams { hostname: r.hostname }, dry_run: r.dry_run }
@@ -235,7 +235,7 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
             params: crate::rewrite::RewriteParams { private: changes(r.private, "private")?, public: changes(r.public, "public")? },
             dry_run: r.dry_run,
         },
-        Kind::WipeNomad(r) => Action::WipeNomad { dry_run: r.dry_run },
+        Kind::WipeNomad(r) => Action::WipeNomad { dry_run: r.dry_run, offline: false },
         Kind::CleanupBuilds(r) => {
             if r.before_ms == 0 {
                 return Err("cleanup_builds needs before_ms (the backup's point in time)".into());
@@ -251,12 +251,14 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
                 mounts: r.mounts.into_iter().map(PathBuf::from).collect(),
                 deadline: ms(r.deadline_ms, "freeze deadline_ms")?,
             },
+            dry_run: false,
         },
-        Kind::Thaw(_) => Action::Thaw,
+        Kind::Thaw(_) => Action::Thaw { params: Default::default(), dry_run: false },
         Kind::Drain(r) => Action::Drain {
             params: crate::drain::DrainParams { deadline: ms(r.deadline_ms, "drain deadline_ms")?, require_idle: false },
+            dry_run: false,
         },
-        Kind::Undrain(_) => Action::Undrain,
+        Kind::Undrain(_) => Action::Undrain { dry_run: false },
         Kind::HealthCheck(_) => Action::HealthCheck,
         Kind::Recover(r) => Action::Recover {
             params: crate::recover::RecoverParams {

@@ -1,7 +1,8 @@
-//! Typed local steps. Nothing here knows about gRPC: the session converts
-//! wire messages into [`Action`]s and [`Outcome`]s back into wire messages.
-//! The same step functions serve the hand-run subcommands (`dr-agent
-//! <step>`), so a controller command and a human run the same code.
+//! Typed local steps. Nothing here knows about gRPC or the command line:
+//! the session converts wire messages into [`Action`]s and [`Outcome`]s
+//! back into wire messages; the CLI (`crate::cli`) converts flags into
+//! [`Action`]s and renders [`Report`]s. Both run them through an
+//! [`Executor`], so a controller command and a human follow the same rules.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,14 @@ use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 use crate::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A step the agent can perform. The set is closed: there is no "run this
-/// command" action.
+/// command" action. Fields added for the hand-run CLI (`dry_run`, ...) are
+/// left out of the serialized form at their defaults, so journal records
+/// written before they existed still compare equal.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Action {
@@ -21,30 +28,59 @@ pub enum Action {
     AppStatus,
     /// Stop the app and wait until State is `stopped` and not transitioning
     /// (deadline `replicated.app_timeout`). Already stopped: nothing is done.
-    AppStop { force: bool },
+    AppStop {
+        force: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
     /// Start the app and wait until it is `started` and not transitioning.
-    AppStart,
+    AppStart {
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
     /// Set the hostname app-config item and apply it, only when it differs.
     SetHostname { params: app::HostnameParams, dry_run: bool },
     /// Replace old IPs in the Replicated files (crash-safe, token-exact).
     RewriteAddresses { params: rewrite::RewriteParams, dry_run: bool },
     /// Remove the Nomad server's data dir. Precondition: the app is stopped
-    /// and no Nomad process runs (else refused).
-    WipeNomad { dry_run: bool },
+    /// and no Nomad process runs (else refused); `offline` (a mounted disk)
+    /// skips those checks of this host.
+    WipeNomad {
+        dry_run: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        offline: bool,
+    },
     /// Delete running builds that started before the cutoff, in one
     /// dev-console session.
     CleanupBuilds { params: builds::CleanupParams, dry_run: bool },
     /// Freeze data file systems under a watchdog that thaws at the deadline,
-    /// or at once if this agent dies. Precondition: nothing frozen by this
-    /// agent already (then the existing freeze is reported).
-    Freeze { params: freeze::FreezeParams },
-    /// Thaw what `Freeze` froze (or whatever the freeze records name).
-    Thaw,
+    /// or at once if the executor's process dies ([`Executor::new`]); a
+    /// hand-run executor leaves a detached watchdog ([`Executor::hand_run`]).
+    Freeze {
+        params: freeze::FreezeParams,
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
+    /// Thaw what `Freeze` froze (or whatever the freeze records name; with
+    /// mounts, those).
+    Thaw {
+        #[serde(default, skip_serializing_if = "freeze::ThawParams::is_default")]
+        params: freeze::ThawParams,
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
     /// Drain Nomad builder nodes and wait for their work (or the deadline).
-    Drain { params: drain::DrainParams },
+    Drain {
+        params: drain::DrainParams,
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
     /// End the drains this agent made (recorded in `state_dir/drain.json`);
     /// with no record, nothing is touched.
-    Undrain,
+    Undrain {
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
     /// The whole restore runbook, in order.
     Recover { params: recover::RecoverParams, dry_run: bool },
     /// GET the frontend's health check from this machine. Read-only.
@@ -57,69 +93,181 @@ impl Action {
         match self {
             Action::AppStatus => "app_status",
             Action::AppStop { .. } => "app_stop",
-            Action::AppStart => "app_start",
+            Action::AppStart { .. } => "app_start",
             Action::SetHostname { .. } => "set_hostname",
             Action::RewriteAddresses { .. } => "rewrite_addresses",
             Action::WipeNomad { .. } => "wipe_nomad",
             Action::CleanupBuilds { .. } => "cleanup_builds",
             Action::Freeze { .. } => "freeze",
-            Action::Thaw => "thaw",
+            Action::Thaw { .. } => "thaw",
             Action::Drain { .. } => "drain",
-            Action::Undrain => "undrain",
+            Action::Undrain { .. } => "undrain",
             Action::Recover { .. } => "recover",
             Action::HealthCheck => "health_check",
         }
     }
 }
 
-/// What a successful step returns.
+/// What a successful step returns (the wire's form: a report as JSON).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Outcome {
     AppStatus(AppStatus),
-    /// Every other step: its report (what it did, what a human must do).
+    /// Every other step: its report (what it did, what a human must do),
+    /// with the [`Envelope`] fields always present.
     Report { report: serde_json::Value },
 }
 
+/// The part every report has, whatever the step: the one shape the CLI
+/// renders and the controller may read (`dry_run`, `already_done`,
+/// `actions` for a human or, in a dry run, the plan; `warnings`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub dry_run: bool,
+    /// Nothing needed doing (or, in a dry run, would be done).
+    pub already_done: bool,
+    pub actions: &'a [String],
+    pub warnings: &'a [String],
+}
+
+/// A step report that has an [`Envelope`].
+pub trait Enveloped: Serialize {
+    fn envelope(&self) -> Envelope<'_>;
+}
+
+macro_rules! enveloped {
+    ($($t:ty => |$r:ident| $already:expr, $actions:expr, $warnings:expr;)*) => {$(
+        impl Enveloped for $t {
+            fn envelope(&self) -> Envelope<'_> {
+                let $r = self;
+                Envelope { dry_run: $r.dry_run, already_done: $already, actions: $actions, warnings: $warnings }
+            }
+        }
+    )*};
+}
+
+enveloped! {
+    app::AppReport => |r| r.already, &r.actions, &r.warnings;
+    app::HostnameReport => |r| !r.changed, &r.actions, &r.warnings;
+    rewrite::RewriteReport => |r| r.up_to_date, &r.actions, &r.warnings;
+    nomad_state::WipeReport => |r| r.state == "already done", &r.actions, &r.warnings;
+    builds::CleanupReport => |r| r.already_done, &r.actions, &r.warnings;
+    freeze::FreezeReport => |r| r.state == "already frozen", &r.actions, &r.warnings;
+    freeze::ThawReport => |r| r.already_done, &[], &r.warnings;
+    drain::DrainReport => |r| r.drained.is_empty(), &r.actions, &r.warnings;
+    drain::UndrainReport => |r| r.already_done, &r.actions, &r.warnings;
+    recover::RecoverReport => |r| r.steps.iter().all(|s| s.outcome == "already done" || s.outcome == "skipped"), &r.actions, &r.warnings;
+}
+
+impl Enveloped for health::HealthReport {
+    fn envelope(&self) -> Envelope<'_> {
+        Envelope { dry_run: false, already_done: false, actions: &[], warnings: &[] }
+    }
+}
+
+/// A step's typed report: what the executor returns to the CLI, and (as
+/// JSON, [`Report::to_json`]) to the controller.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    AppStatus(AppStatus),
+    App(app::AppReport),
+    Hostname(app::HostnameReport),
+    Rewrite(rewrite::RewriteReport),
+    Wipe(nomad_state::WipeReport),
+    Cleanup(builds::CleanupReport),
+    Freeze(freeze::FreezeReport),
+    Thaw(freeze::ThawReport),
+    Drain(drain::DrainReport),
+    Undrain(drain::UndrainReport),
+    Recover(recover::RecoverReport),
+    Health(health::HealthReport),
+}
+
+impl Report {
+    fn enveloped(&self) -> Option<&dyn EnvelopedDyn> {
+        Some(match self {
+            Report::AppStatus(_) => return None,
+            Report::App(r) => r,
+            Report::Hostname(r) => r,
+            Report::Rewrite(r) => r,
+            Report::Wipe(r) => r,
+            Report::Cleanup(r) => r,
+            Report::Freeze(r) => r,
+            Report::Thaw(r) => r,
+            Report::Drain(r) => r,
+            Report::Undrain(r) => r,
+            Report::Recover(r) => r,
+            Report::Health(r) => r,
+        })
+    }
+
+    /// The envelope (an app status has none: it is read-only, never a dry
+    /// run, nothing for a human).
+    pub fn envelope(&self) -> Envelope<'_> {
+        match self.enveloped() {
+            Some(r) => r.envelope_dyn(),
+            None => Envelope { dry_run: false, already_done: false, actions: &[], warnings: &[] },
+        }
+    }
+
+    /// The report as JSON: the step's own fields, plus every [`Envelope`]
+    /// field (a report lacking one gets it).
+    pub fn to_json(&self) -> serde_json::Value {
+        let (mut v, env) = match (self, self.enveloped()) {
+            (Report::AppStatus(s), _) => return serde_json::to_value(s).expect("an app status serializes"),
+            (_, Some(r)) => (r.to_json_dyn(), r.envelope_dyn()),
+            (_, None) => unreachable!("every report but the app status has an envelope"),
+        };
+        if let Some(m) = v.as_object_mut() {
+            m.entry("dry_run").or_insert(env.dry_run.into());
+            m.entry("already_done").or_insert(env.already_done.into());
+            m.entry("actions").or_insert_with(|| serde_json::json!(env.actions));
+            m.entry("warnings").or_insert_with(|| serde_json::json!(env.warnings));
+        }
+        v
+    }
+
+    /// The wire's form.
+    pub fn into_outcome(self) -> Outcome {
+        match self {
+            Report::AppStatus(s) => Outcome::AppStatus(s),
+            other => Outcome::Report { report: other.to_json() },
+        }
+    }
+}
+
+/// Object-safe view of [`Enveloped`] (serialization without generics).
+trait EnvelopedDyn {
+    fn envelope_dyn(&self) -> Envelope<'_>;
+    fn to_json_dyn(&self) -> serde_json::Value;
+}
+
+impl<T: Enveloped> EnvelopedDyn for T {
+    fn envelope_dyn(&self) -> Envelope<'_> {
+        self.envelope()
+    }
+    fn to_json_dyn(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("reports serialize")
+    }
+}
+
 /// Why a step did not succeed. The controller keys its retries on it; the
-/// hand-run CLI maps it to its exit code.
+/// hand-run CLI maps it to its exit code (`cli::exit_code`, the one place).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// Malformed request or configuration (exit 2).
+    /// Malformed request or configuration.
     Invalid,
-    /// A safety rule or precondition refused the step; nothing changed (exit 3).
+    /// A safety rule or precondition refused the step; nothing changed.
     Refused,
-    /// The step ran and failed (exit 1).
+    /// The step ran and failed.
     Failed,
-    /// The agent restarted while the step ran; it is not re-run (exit 1).
+    /// The agent restarted while the step ran; it is not re-run.
     Interrupted,
-    /// The step did not finish within its deadline (exit 1).
+    /// The step did not finish within its deadline.
     TimedOut,
-    /// This agent does not know the request (exit 2).
+    /// This agent does not know the request.
     NotSupported,
-}
-
-impl ErrorKind {
-    /// The hand-run CLI's exit status for this kind.
-    pub fn exit_code(self) -> u8 {
-        use crate::commands::{EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
-        match self {
-            ErrorKind::Invalid | ErrorKind::NotSupported => EXIT_INPUT,
-            ErrorKind::Refused => EXIT_REFUSED,
-            ErrorKind::Failed | ErrorKind::Interrupted | ErrorKind::TimedOut => EXIT_FAILED,
-        }
-    }
-
-    /// The kind a step module's exit code stands for.
-    pub fn from_exit_code(code: u8) -> Self {
-        use crate::commands::{EXIT_INPUT, EXIT_REFUSED};
-        match code {
-            EXIT_INPUT => ErrorKind::Invalid,
-            EXIT_REFUSED => ErrorKind::Refused,
-            _ => ErrorKind::Failed,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +278,10 @@ pub enum StepError {
     DeadlineExceeded(Duration),
     #[error("{message}")]
     Step { kind: ErrorKind, message: String },
+    /// The step ran and has a report saying what failed (a recover stopped
+    /// at a step, deletions that failed or were refused).
+    #[error("{message}")]
+    Reported { kind: ErrorKind, message: String, report: Box<Report> },
 }
 
 impl StepError {
@@ -137,40 +289,46 @@ impl StepError {
         match self {
             StepError::Replicated(_) => ErrorKind::Failed,
             StepError::DeadlineExceeded(_) => ErrorKind::TimedOut,
-            StepError::Step { kind, .. } => *kind,
+            StepError::Step { kind, .. } | StepError::Reported { kind, .. } => *kind,
         }
     }
 
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         StepError::Step { kind, message: message.into() }
     }
+
+    /// The report of a step that failed after it ran, if it has one.
+    pub fn report(&self) -> Option<&Report> {
+        match self {
+            StepError::Reported { report, .. } => Some(report),
+            _ => None,
+        }
+    }
 }
 
-fn report<T: Serialize>(r: T) -> Outcome {
-    Outcome::Report { report: serde_json::to_value(r).expect("reports serialize") }
+/// A step module's error: what kind of failure it is.
+pub trait Kinded: std::fmt::Display {
+    fn kind(&self) -> ErrorKind;
 }
 
-/// A step module's error, with the kind its exit code stands for.
-pub trait Coded: std::fmt::Display {
-    fn code(&self) -> u8;
-}
-
-macro_rules! coded {
+macro_rules! kinded {
     ($($t:ty),* $(,)?) => {$(
-        impl Coded for $t {
-            fn code(&self) -> u8 {
-                self.exit_code()
+        impl Kinded for $t {
+            fn kind(&self) -> ErrorKind {
+                <$t>::kind(self)
             }
         }
     )*};
 }
-coded!(health::HealthError, app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
+kinded!(health::HealthError, app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
 
-fn fail<E: Coded>(e: E) -> StepError {
-    StepError::Step { kind: ErrorKind::from_exit_code(e.code()), message: e.to_string() }
+fn fail<E: Kinded>(e: E) -> StepError {
+    StepError::Step { kind: e.kind(), message: e.to_string() }
 }
 
-/// Runs [`Action`]s on this machine.
+/// Runs [`Action`]s on this machine: the daemon's executor and the
+/// hand-run CLI's are the same code, so a step follows the same rules
+/// whoever asks.
 ///
 /// Invariant: at most one freeze is held; its handle lives here so that the
 /// watchdog's pipe closes (and the watchdog thaws) if the agent dies.
@@ -179,43 +337,88 @@ pub struct Executor {
     replicatedctl: Replicatedctl,
     /// The freeze this agent holds (its watchdog's pipe): dropping it thaws.
     frozen: tokio::sync::Mutex<Option<freeze::FreezeHandle>>,
+    /// A hand-run process ends after one step: its freezes are held by a
+    /// detached watchdog until `thaw` or the deadline.
+    detached_freezes: bool,
 }
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor").field("replicatedctl", &self.replicatedctl).finish_non_exhaustive()
+        f.debug_struct("Executor")
+            .field("replicatedctl", &self.replicatedctl)
+            .field("detached_freezes", &self.detached_freezes)
+            .finish_non_exhaustive()
     }
 }
 
 impl Executor {
+    /// The daemon's executor: a freeze is held by this process (its
+    /// watchdog thaws if the process dies).
     pub fn new(config: Arc<Config>) -> Self {
         let replicatedctl = Replicatedctl::new(config.replicated.replicatedctl.clone(), config.replicated.command_timeout);
-        Executor { config, replicatedctl, frozen: tokio::sync::Mutex::new(None) }
+        Executor { config, replicatedctl, frozen: tokio::sync::Mutex::new(None), detached_freezes: false }
+    }
+
+    /// The executor of one hand-run step (`dr-agent <step>`): the same
+    /// steps and rules, but a freeze outlives the process (a detached
+    /// watchdog holds it until `dr-agent thaw` or its deadline, and a
+    /// second freeze of the same mounts is reported as already frozen).
+    pub fn hand_run(config: Arc<Config>) -> Self {
+        Executor { detached_freezes: true, ..Executor::new(config) }
     }
 
     pub fn replicatedctl(&self) -> &Replicatedctl {
         &self.replicatedctl
     }
 
-    /// Runs one action, bounded by `deadline` when one is given.
+    /// Runs one action, bounded by `deadline` when one is given, and
+    /// answers in the wire's form.
     pub async fn execute(&self, action: &Action, deadline: Option<Duration>) -> Result<Outcome, StepError> {
+        self.run(action, deadline).await.map(Report::into_outcome)
+    }
+
+    /// Waits until the watchdog of the freeze this executor holds has
+    /// thawed by itself (deadline, error); at once when none is held.
+    pub async fn freeze_lifted(&self) {
+        let mut held = self.frozen.lock().await;
+        if let Some(h) = held.as_mut() {
+            h.lifted().await;
+        }
+    }
+
+    /// Runs one action, bounded by `deadline` when one is given.
+    pub async fn run(&self, action: &Action, deadline: Option<Duration>) -> Result<Report, StepError> {
         let c = self.config.as_ref();
         let work = async {
             Ok(match action {
-                Action::AppStatus => Outcome::AppStatus(self.replicatedctl.app_status().await?),
-                Action::AppStop { force } => report(
-                    app::run(c, &app::AppParams { target: app::Target::Stopped, force: *force }, false).await.map_err(fail)?,
+                Action::AppStatus => Report::AppStatus(self.replicatedctl.app_status().await?),
+                Action::AppStop { force, dry_run } => Report::App(
+                    app::run(c, &app::AppParams { target: app::Target::Stopped, force: *force }, *dry_run).await.map_err(fail)?,
                 ),
-                Action::AppStart => report(
-                    app::run(c, &app::AppParams { target: app::Target::Started, force: false }, false).await.map_err(fail)?,
+                Action::AppStart { dry_run } => Report::App(
+                    app::run(c, &app::AppParams { target: app::Target::Started, force: false }, *dry_run).await.map_err(fail)?,
                 ),
-                Action::SetHostname { params, dry_run } => report(app::set_hostname(c, params, *dry_run).await.map_err(fail)?),
-                Action::RewriteAddresses { params, dry_run } => report(rewrite::run(c, params, *dry_run).await.map_err(fail)?),
-                Action::WipeNomad { dry_run } => {
-                    report(nomad_state::run(c, &nomad_state::WipeParams::default(), *dry_run).await.map_err(fail)?)
+                Action::SetHostname { params, dry_run } => Report::Hostname(app::set_hostname(c, params, *dry_run).await.map_err(fail)?),
+                Action::RewriteAddresses { params, dry_run } => Report::Rewrite(rewrite::run(c, params, *dry_run).await.map_err(fail)?),
+                Action::WipeNomad { dry_run, offline } => Report::Wipe(
+                    nomad_state::run(c, &nomad_state::WipeParams { offline: *offline }, *dry_run).await.map_err(fail)?,
+                ),
+                Action::CleanupBuilds { params, dry_run } => {
+                    let r = builds::run(c, params, *dry_run).await.map_err(fail)?;
+                    if r.failed > 0 || r.refused > 0 {
+                        let kind = if r.failed > 0 { ErrorKind::Failed } else { ErrorKind::Refused };
+                        let message = format!("{} build(s) failed, {} refused", r.failed, r.refused);
+                        return Err(StepError::Reported { kind, message, report: Box::new(Report::Cleanup(r)) });
+                    }
+                    Report::Cleanup(r)
                 }
-                Action::CleanupBuilds { params, dry_run } => report(builds::run(c, params, *dry_run).await.map_err(fail)?),
-                Action::Freeze { params } => {
+                Action::Freeze { params, dry_run } if *dry_run || self.detached_freezes => {
+                    if self.frozen.lock().await.is_some() {
+                        return Err(StepError::new(ErrorKind::Refused, "already frozen by this agent; thaw first"));
+                    }
+                    Report::Freeze(freeze::run(c, params, *dry_run).await.map_err(fail)?)
+                }
+                Action::Freeze { params, .. } => {
                     let mut held = self.frozen.lock().await;
                     if let Some(h) = held.as_ref() {
                         return Err(StepError::new(
@@ -224,44 +427,98 @@ impl Executor {
                         ));
                     }
                     let handle = freeze::freeze(c, params).await.map_err(fail)?;
-                    let r = report(handle.report().clone());
+                    let r = Report::Freeze(handle.report().clone());
                     *held = Some(handle);
                     r
                 }
-                Action::Thaw => {
-                    let held = self.frozen.lock().await.take();
+                Action::Thaw { params, dry_run } => {
+                    let held = if *dry_run || !params.mounts.is_empty() { None } else { self.frozen.lock().await.take() };
                     match held {
-                        Some(handle) => report(freeze::thaw(handle).await.map_err(fail)?),
-                        // Nothing held by this process (e.g. it restarted): thaw
-                        // whatever the freeze records name; "already" is fine.
-                        None => report(
-                            freeze::run_thaw(c, &freeze::ThawParams { mounts: Vec::new() }, false).await.map_err(fail)?,
-                        ),
+                        Some(handle) => Report::Thaw(freeze::thaw(handle).await.map_err(fail)?),
+                        // Nothing held by this process (hand-run, or it
+                        // restarted): thaw whatever the freeze records name;
+                        // "already" is fine.
+                        None => Report::Thaw(freeze::run_thaw(c, params, *dry_run).await.map_err(fail)?),
                     }
                 }
-                Action::Drain { params } => report(drain::drain(c, params, false).await.map_err(fail)?),
-                // From the controller, only drains this agent recorded are
-                // ended: without a record (it never drained), nodes an
-                // operator drained are left alone.
-                Action::Undrain if !c.state_dir.join("drain.json").exists() => report(serde_json::json!({
-                    "undrained": [],
-                    "already_done": true,
-                    "note": "this agent has not drained any node"
-                })),
-                Action::Undrain => report(drain::undrain(c, false).await.map_err(fail)?),
+                Action::Drain { params, dry_run } => Report::Drain(drain::drain(c, params, *dry_run).await.map_err(fail)?),
+                // Only drains this agent recorded are ended (drain::undrain).
+                Action::Undrain { dry_run } => Report::Undrain(drain::undrain(c, *dry_run).await.map_err(fail)?),
                 Action::Recover { params, dry_run } => {
                     let r = recover::run(c, params, *dry_run).await.map_err(fail)?;
                     if let Some(f) = &r.failed {
-                        return Err(StepError::new(ErrorKind::Failed, format!("recover stopped: {f}")));
+                        let message = format!("recover stopped: {f}");
+                        return Err(StepError::Reported { kind: ErrorKind::Failed, message, report: Box::new(Report::Recover(r)) });
                     }
-                    report(r)
+                    Report::Recover(r)
                 }
-                Action::HealthCheck => report(health::check(c).await.map_err(fail)?),
+                Action::HealthCheck => Report::Health(health::check(c).await.map_err(fail)?),
             })
         };
         match deadline {
             Some(d) => tokio::time::timeout(d, work).await.map_err(|_| StepError::DeadlineExceeded(d))?,
             None => work.await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A clean-up that refused a build's URL is not answered "ok" to the
+    /// controller (the hand-run CLI already exited 3): the executor says
+    /// `refused`, and its report, kept in the error, names the build.
+    #[tokio::test]
+    async fn a_cleanup_that_refused_a_build_is_not_ok() {
+        let page = serde_json::json!([{
+            "build_url": "https://evil.example.com/gh/org/repo/7",
+            "build_num": 7, "username": "org", "reponame": "repo",
+            "lifecycle": "running", "status": "running", "start_time": "2024-05-01T11:00:00Z"
+        }])
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        let (url, seen) = crate::http::tests::listener(answer.into_bytes(), Duration::ZERO).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0k3n\n").expect("token");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut config = Config::default();
+        config.circleci.api_url = url;
+        config.circleci.api_token_file = token;
+        config.circleci.hostname = Some("ci.example.com".into());
+        // No console may open: nothing valid to delete.
+        config.circleci.dev_console = vec!["/nonexistent/dev-console".into()];
+        let executor = Executor::new(Arc::new(config));
+        let action = Action::CleanupBuilds { params: builds::CleanupParams { before: "2024-05-01T12:00:00Z".into() }, dry_run: false };
+        let err = executor.execute(&action, None).await.expect_err("a refused build is not ok");
+        assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+        assert_eq!(err.to_string(), "0 build(s) failed, 1 refused");
+        let Some(Report::Cleanup(r)) = err.report() else { panic!("the report is kept: {err:?}") };
+        assert_eq!((r.refused, r.deleted, r.console_sessions), (1, 0, 0), "{r:?}");
+        assert!(!r.already_done, "a refused build is not done: {r:?}");
+        assert!(r.builds[0].detail.contains("URL refused"), "{r:?}");
+        assert!(r.actions.iter().any(|a| a.contains("check them by hand")), "{r:?}");
+        assert_eq!(seen.lock().expect("lock").len(), 1, "one page listed");
+    }
+
+    /// Fields added for the hand-run CLI do not change how the daemon's
+    /// actions are journaled (an older agent's record still matches).
+    #[test]
+    fn default_cli_fields_are_not_serialized() {
+        for (a, json) in [
+            (Action::AppStart { dry_run: false }, r#"{"kind":"app_start"}"#),
+            (Action::Undrain { dry_run: false }, r#"{"kind":"undrain"}"#),
+            (Action::Thaw { params: freeze::ThawParams::default(), dry_run: false }, r#"{"kind":"thaw"}"#),
+            (Action::AppStop { force: true, dry_run: false }, r#"{"kind":"app_stop","force":true}"#),
+            (Action::WipeNomad { dry_run: false, offline: false }, r#"{"kind":"wipe_nomad","dry_run":false}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&a).expect("serializes"), json);
+            assert_eq!(serde_json::from_str::<Action>(json).expect("parses"), a);
         }
     }
 }

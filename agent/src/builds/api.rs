@@ -5,13 +5,11 @@ use base64::Engine as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
+
+pub(crate) use crate::http::excerpt;
+use crate::http::{EXCERPT, HttpClient, HttpError};
 
 /// Builds per page (the API's maximum).
 pub const PAGE_SIZE: usize = 100;
@@ -29,7 +27,7 @@ pub enum ApiError {
     #[error("GET {url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("GET {url}: {source}")]
-    Http { url: String, source: hyper_util::client::legacy::Error },
+    Http { url: String, source: HttpError },
     #[error("GET {url}: reading the body: {why}")]
     Body { url: String, why: String },
     #[error("GET {url}: HTTP {status}{hint}: {excerpt}")]
@@ -129,10 +127,8 @@ pub fn parse_page(url: &str, content_type: &str, body: &[u8]) -> Result<Vec<Buil
 /// A client for one installation's API.
 #[derive(Clone, Debug)]
 pub struct ApiClient {
-    base: String,
+    http: HttpClient,
     authorization: String,
-    timeout: Duration,
-    client: Client<HttpConnector, Empty<Bytes>>,
 }
 
 /// What listing returned: the builds, and warnings (e.g. the page bound).
@@ -146,25 +142,19 @@ pub struct Listing {
 impl ApiClient {
     /// `api_url` is `http://host[:port][/prefix]`; https is not supported yet.
     pub fn new(api_url: &str, token: &str, timeout: Duration) -> Result<ApiClient, ApiError> {
-        let base = api_url.trim_end_matches('/').to_owned();
         let bad = |why: String| ApiError::BadUrl { url: api_url.to_owned(), why };
-        let uri: hyper::Uri = base.parse().map_err(|e| bad(format!("{e}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(bad(
+        if api_url.starts_with("https://") {
+            return Err(bad(
                 "https is not supported yet: use the installation's http:// endpoint (e.g. from the machine itself)"
                     .to_owned(),
-            )),
-            _ => return Err(bad("must be an http:// URL".to_owned())),
+            ));
         }
-        if uri.query().is_some() {
+        let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| bad(e.to_string()))?;
+        if http.base_uri().query().is_some() {
             return Err(bad("must not carry a query".to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
         let authorization = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{token}:")));
-        Ok(ApiClient { base, authorization, timeout, client })
+        Ok(ApiClient { http, authorization })
     }
 
     /// `GET /api/v1.1/recent-builds?limit=100&offset=N&shallow=true` until a
@@ -184,8 +174,7 @@ impl ApiClient {
                 ));
                 break;
             }
-            let url = format!("{}/api/v1.1/recent-builds?limit={PAGE_SIZE}&offset={offset}&shallow=true", self.base);
-            let page = self.get_page(&url).await?;
+            let page = self.get_page(&format!("/api/v1.1/recent-builds?limit={PAGE_SIZE}&offset={offset}&shallow=true")).await?;
             listing.pages += 1;
             let n = page.len();
             for b in page {
@@ -207,48 +196,23 @@ impl ApiClient {
         Ok(listing)
     }
 
-    async fn get_page(&self, url: &str) -> Result<Vec<Build>, ApiError> {
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(url)
-            .header("Authorization", &self.authorization)
-            .header("Accept", "application/json")
-            .body(Empty::new())
-            .map_err(|e| ApiError::BadUrl { url: url.to_owned(), why: e.to_string() })?;
-        let fut = async {
-            let resp =
-                self.client.request(req).await.map_err(|source| ApiError::Http { url: url.to_owned(), source })?;
-            let status = resp.status();
-            let content_type =
-                resp.headers().get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| ApiError::Body { url: url.to_owned(), why: e.to_string() })?
-                .to_bytes();
-            Ok((status, content_type, body))
-        };
-        let (status, content_type, body) = tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| ApiError::Timeout { url: url.to_owned(), timeout: self.timeout })??;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            let hint = match status {
+    async fn get_page(&self, path: &str) -> Result<Vec<Build>, ApiError> {
+        let url = self.http.url(path);
+        let headers = [("Authorization", self.authorization.as_str()), ("Accept", "application/json")];
+        let resp = self.http.get(path, &headers).await.map_err(|e| match e {
+            HttpError::Timeout(timeout) => ApiError::Timeout { url: url.clone(), timeout },
+            e @ (HttpError::Body(_) | HttpError::TooLarge { .. }) => ApiError::Body { url: url.clone(), why: e.to_string() },
+            source => ApiError::Http { url: url.clone(), source },
+        })?;
+        if !resp.status.is_success() {
+            let hint = match resp.status {
                 StatusCode::UNAUTHORIZED => " (the token in circleci.api_token_file was refused)",
                 StatusCode::FORBIDDEN => " (the token lacks admin rights)",
                 _ => "",
             };
-            return Err(ApiError::Status { url: url.to_owned(), status, hint, excerpt: excerpt(&text, 300) });
+            return Err(ApiError::Status { url, status: resp.status, hint, excerpt: excerpt(&resp.text(), EXCERPT) });
         }
-        parse_page(url, &content_type, &body)
-    }
-}
-
-pub(crate) fn excerpt(s: &str, max: usize) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_owned(),
+        parse_page(&url, &resp.content_type, &resp.body)
     }
 }
 

@@ -239,15 +239,15 @@ mod tests {
         let policy = Policy { allow_root: false, allow_journal_fs: true, state_dir: state.path(), table: &table };
         let err = check_mounts(&[PathBuf::from("/")], &policy).expect_err("root refused");
         assert!(matches!(err, FreezeError::RootRefused { .. }), "{err}");
-        assert_eq!(err.exit_code(), crate::commands::EXIT_REFUSED);
+        assert_eq!(err.kind(), crate::steps::ErrorKind::Refused);
         let err = check_mounts(&[], &policy).expect_err("nothing to freeze");
-        assert_eq!(err.exit_code(), crate::commands::EXIT_INPUT);
+        assert_eq!(err.kind(), crate::steps::ErrorKind::Invalid);
         let err = check_mounts(&[PathBuf::from("relative")], &policy).expect_err("relative");
-        assert_eq!(err.exit_code(), crate::commands::EXIT_INPUT);
+        assert_eq!(err.kind(), crate::steps::ErrorKind::Invalid);
         // /proc is a mount point but shares no device with / ; a plain
         // directory of the root fs is refused as root (same device) first.
         let err = check_mounts(&[state.path().to_path_buf()], &policy).expect_err("plain dir");
-        assert_eq!(err.exit_code(), crate::commands::EXIT_REFUSED, "{err}");
+        assert_eq!(err.kind(), crate::steps::ErrorKind::Refused, "{err}");
         let policy = Policy { allow_root: true, allow_journal_fs: true, state_dir: state.path(), table: &table };
         let err = check_mounts(&[state.path().to_path_buf()], &policy).expect_err("plain dir");
         assert!(matches!(err, FreezeError::NotAMountPoint { .. }), "{err}");

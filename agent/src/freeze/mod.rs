@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::steps::ErrorKind;
 use crate::config::Config;
 
 /// `auto` (default): run the watchdog through `systemd-run --scope` when the
@@ -69,14 +69,14 @@ pub enum FreezeError {
 }
 
 impl FreezeError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            FreezeError::Input(_) => EXIT_INPUT,
+            FreezeError::Input(_) => ErrorKind::Invalid,
             FreezeError::RootRefused { .. }
             | FreezeError::JournalFsRefused { .. }
             | FreezeError::NotAMountPoint { .. }
-            | FreezeError::AlreadyFrozen { .. } => EXIT_REFUSED,
-            FreezeError::Io { .. } | FreezeError::Watchdog(_) => EXIT_FAILED,
+            | FreezeError::AlreadyFrozen { .. } => ErrorKind::Refused,
+            FreezeError::Io { .. } | FreezeError::Watchdog(_) => ErrorKind::Failed,
         }
     }
 }
@@ -117,6 +117,13 @@ pub struct ThawParams {
     /// Empty: `freeze.mounts` from the configuration, or else every freeze
     /// recorded in state_dir/freeze.
     pub mounts: Vec<PathBuf>,
+}
+
+impl ThawParams {
+    /// No mounts named (serialized actions leave it out).
+    pub fn is_default(&self) -> bool {
+        self.mounts.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +202,7 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -804,158 +811,6 @@ pub async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Re
     Ok(ThawReport { mounts, frozen_for_ms, reason: reasons.join("; "), already_done, dry_run, warnings })
 }
 
-#[derive(clap::Args, Clone, Debug)]
-pub struct FreezeArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Mount point to freeze (repeatable); default: freeze.mounts.
-    #[arg(long = "mount")]
-    pub mounts: Vec<PathBuf>,
-    /// Thaw at this deadline whatever happens (default: freeze.deadline).
-    #[arg(long)]
-    pub deadline: Option<humantime::Duration>,
-    /// Show what would be frozen; freeze nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Keep this process alive holding the watchdog's pipe until SIGTERM or
-    /// SIGINT (then thaw), as the agent daemon does. For tests and drills.
-    #[arg(long, hide = true)]
-    pub hold: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct ThawArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Mount point to thaw (repeatable); default: freeze.mounts, or every recorded freeze.
-    #[arg(long = "mount")]
-    pub mounts: Vec<PathBuf>,
-    /// Show what would be thawed; thaw nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct WatchdogArgs {
-    #[command(flatten)]
-    pub common: Common,
-    #[arg(long)]
-    pub id: String,
-    #[arg(long = "mount", required = true)]
-    pub mounts: Vec<PathBuf>,
-    #[arg(long)]
-    pub deadline_ms: u64,
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
-    #[arg(long)]
-    pub record: Option<PathBuf>,
-    /// Stdin is not the agent's pipe (hand-run freeze).
-    #[arg(long)]
-    pub detached: bool,
-}
-
-fn human_freeze(r: &FreezeReport) -> String {
-    let mut s = String::new();
-    let mounts = r.mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ");
-    match r.state.as_str() {
-        "would freeze" => s.push_str(&format!("Would freeze {mounts} for at most {} ms (dry run).\n", r.deadline_ms)),
-        "already frozen" => s.push_str(&format!(
-            "Already done: {mounts} already frozen by watchdog pid {}; it thaws by {}.\n",
-            r.watchdog_pid.unwrap_or_default(),
-            rfc3339(r.thaw_by_unix_ms)
-        )),
-        _ => s.push_str(&format!(
-            "Frozen: {mounts} (FIFREEZE took {} ms). Watchdog pid {} thaws by {} (deadline {} ms).\n",
-            r.freeze_took_ms,
-            r.watchdog_pid.unwrap_or_default(),
-            rfc3339(r.thaw_by_unix_ms),
-            r.deadline_ms
-        )),
-    }
-    for a in &r.actions {
-        s.push_str(&format!("  - {a}\n"));
-    }
-    for w in &r.warnings {
-        s.push_str(&format!("  warning: {w}\n"));
-    }
-    s
-}
-
-fn human_thaw(r: &ThawReport) -> String {
-    let mut s = String::new();
-    if r.mounts.is_empty() {
-        s.push_str("Already done: nothing is frozen.\n");
-    } else if r.already_done {
-        s.push_str("Already done: already thawed.\n");
-    } else if r.dry_run {
-        s.push_str("Would thaw (dry run):\n");
-    } else {
-        s.push_str(&format!("Thawed after {} ms frozen.\n", r.frozen_for_ms));
-    }
-    for m in &r.mounts {
-        s.push_str(&format!("  {}: {}\n", m.path.display(), m.outcome));
-    }
-    s.push_str(&format!("  ({})\n", r.reason));
-    for w in &r.warnings {
-        s.push_str(&format!("  warning: {w}\n"));
-    }
-    s
-}
-
-fn cli_err(e: FreezeError) -> (u8, String) {
-    (e.exit_code(), e.to_string())
-}
-
-pub async fn freeze_cli(args: FreezeArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = FreezeParams {
-        mounts: args.mounts.clone(),
-        deadline: args.deadline.map(Into::into).unwrap_or(config.freeze.deadline),
-    };
-    if !args.hold || args.dry_run {
-        let report = run(&config, &params, args.dry_run).await.map_err(cli_err)?;
-        return Ok(args.common.render(&report, human_freeze));
-    }
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| (EXIT_FAILED, e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| (EXIT_FAILED, e.to_string()))?;
-    let mut handle = freeze(&config, &params).await.map_err(cli_err)?;
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(args.common.render(handle.report(), human_freeze).as_bytes());
-        let _ = out.flush();
-    }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = handle.lifted() => {}
-    }
-    let report = thaw(handle).await.map_err(cli_err)?;
-    Ok(args.common.render(&report, human_thaw))
-}
-
-pub async fn thaw_cli(args: ThawArgs) -> CliResult {
-    let config = args.common.load()?;
-    let params = ThawParams { mounts: args.mounts.clone() };
-    let report = run_thaw(&config, &params, args.dry_run).await.map_err(cli_err)?;
-    Ok(args.common.render(&report, human_thaw))
-}
-
-pub async fn watchdog_cli(args: WatchdogArgs) -> CliResult {
-    let opts = watchdog::Options {
-        id: args.id,
-        mounts: args.mounts,
-        deadline: Duration::from_millis(args.deadline_ms),
-        socket: args.socket,
-        record: args.record,
-        detached: args.detached,
-    };
-    match watchdog::run(opts) {
-        0 => Ok(String::new()),
-        code => Err((code, "the freeze watchdog failed (see its `error` line)".to_owned())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -964,8 +819,7 @@ mod tests {
     async fn a_freeze_record_of_another_boot_is_cleared_and_never_thawed_by() {
         use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = crate::config::Config::default();
-        config.state_dir = dir.path().to_owned();
+        let config = crate::config::Config { state_dir: dir.path().to_owned(), ..Default::default() };
         let fdir = dir.path().join("freeze");
         std::fs::create_dir_all(&fdir).expect("mkdir");
         // A live socket at the recorded path: the old code asks it to thaw.

@@ -20,30 +20,14 @@ pub mod atomic;
 mod diff;
 pub mod envfile;
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{CliResult, Common, EXIT_FAILED, EXIT_INPUT, EXIT_REFUSED};
+use crate::steps::ErrorKind;
 use crate::config::Config;
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: Common,
-    /// OLD=NEW private IP (repeatable).
-    #[arg(long = "private")]
-    pub private: Vec<String>,
-    /// OLD=NEW public IP (repeatable).
-    #[arg(long = "public")]
-    pub public: Vec<String>,
-    /// Print a unified diff; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
@@ -99,7 +83,7 @@ pub enum RewriteError {
 }
 
 impl RewriteError {
-    pub fn exit_code(&self) -> u8 {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             RewriteError::BadChange { .. }
             | RewriteError::NothingRequested
@@ -107,10 +91,10 @@ impl RewriteError {
             | RewriteError::NoFiles { .. }
             | RewriteError::Parse { .. }
             | RewriteError::NotUtf8 { .. }
-            | RewriteError::BadAddress { .. } => EXIT_INPUT,
-            RewriteError::NotRegular { .. } | RewriteError::Busy { .. } => EXIT_REFUSED,
+            | RewriteError::BadAddress { .. } => ErrorKind::Invalid,
+            RewriteError::NotRegular { .. } | RewriteError::Busy { .. } => ErrorKind::Refused,
             RewriteError::Changed { .. } | RewriteError::Io { .. } | RewriteError::Internal(_) => {
-                EXIT_FAILED
+                ErrorKind::Failed
             }
         }
     }
@@ -696,91 +680,6 @@ fn fmt_host(ip: IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     }
-}
-
-/// The human rendering of a report.
-pub fn render_human(r: &RewriteReport) -> String {
-    let mut s = String::new();
-    let layout = match r.layout {
-        Layout::Debian => "Debian",
-        Layout::Rhel => "RHEL",
-    };
-    let _ = writeln!(
-        s,
-        "Rewrite addresses under {} ({layout} layout){}",
-        r.root.display(),
-        if r.dry_run {
-            ", dry run: nothing is written"
-        } else {
-            ""
-        }
-    );
-    for c in &r.private {
-        let _ = writeln!(s, "  private {} -> {}", c.old, c.new);
-    }
-    for c in &r.public {
-        let _ = writeln!(s, "  public  {} -> {}", c.old, c.new);
-    }
-    for f in &r.files {
-        if f.changed_lines == 0 {
-            let _ = writeln!(s, "{}: already up to date", f.path.display());
-        } else if r.dry_run {
-            let _ = writeln!(
-                s,
-                "{}: would change {} line(s) ({} address(es))",
-                f.path.display(),
-                f.changed_lines,
-                f.replacements
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                "{}: changed {} line(s) ({} address(es)); backup {}",
-                f.path.display(),
-                f.changed_lines,
-                f.replacements,
-                f.backup
-                    .as_ref()
-                    .map(|b| b.display().to_string())
-                    .unwrap_or_else(|| "none".into())
-            );
-        }
-    }
-    for t in &r.removed_temp_files {
-        let verb = if r.dry_run { "would remove" } else { "removed" };
-        let _ = writeln!(s, "{verb} {} (left by an interrupted run)", t.display());
-    }
-    if r.up_to_date {
-        let _ = writeln!(s, "Already up to date: nothing to change.");
-    }
-    if !r.warnings.is_empty() {
-        let _ = writeln!(s, "Warnings:");
-        for w in &r.warnings {
-            let _ = writeln!(s, "  - {w}");
-        }
-    }
-    if !r.actions.is_empty() {
-        let _ = writeln!(s, "Actions for a human:");
-        for a in &r.actions {
-            let _ = writeln!(s, "  - {a}");
-        }
-    }
-    if r.dry_run && !r.diff.is_empty() {
-        let _ = writeln!(s);
-        s.push_str(&r.diff);
-    }
-    s
-}
-
-/// `dr-agent rewrite-addresses`.
-pub async fn cli(args: Args) -> CliResult {
-    let config = args.common.load()?;
-    let params = RewriteParams::from_flags(&args.private, &args.public)
-        .map_err(|e| (e.exit_code(), e.to_string()))?;
-    let report = run(&config, &params, args.dry_run)
-        .await
-        .map_err(|e| (e.exit_code(), e.to_string()))?;
-    Ok(args.common.render(&report, render_human))
 }
 
 #[cfg(test)]

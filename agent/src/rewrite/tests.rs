@@ -83,7 +83,7 @@ fn rewrites_both_layouts_and_is_idempotent() {
             execute(m.path(), &params(), false, now() + Duration::from_secs(1)).expect("again");
         assert!(again.up_to_date);
         assert!(again.files.iter().all(|f| !f.written && f.backup.is_none()));
-        assert!(render_human(&again).contains("Already up to date"));
+        assert!(crate::cli::render::human(&crate::steps::Report::Rewrite(again.clone())).contains("Already up to date"));
         let backups = std::fs::read_dir(&etc)
             .expect("ls")
             .filter(|e| {
@@ -123,7 +123,7 @@ fn dry_run_writes_nothing_and_shows_the_plan() {
         "{}",
         r.diff
     );
-    let human = render_human(&r);
+    let human = crate::cli::render::human(&crate::steps::Report::Rewrite(r.clone()));
     assert!(human.contains("would change 2 line(s)"));
     assert!(human.contains("+PRIVATE_ADDRESS=10.1.2.9"));
     let real = execute(m.path(), &params(), false, now()).expect("real");
@@ -145,7 +145,7 @@ fn a_bad_line_in_either_file_writes_nothing() {
             .collect();
         for dry_run in [true, false] {
             let e = execute(m.path(), &params(), dry_run, now()).expect_err("bad line");
-            assert_eq!(e.exit_code(), EXIT_INPUT);
+            assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
             let msg = e.to_string();
             assert!(
                 msg.contains(&format!("{}:{line}:", etc.join(file).display())),
@@ -213,12 +213,12 @@ fn missing_files_symlinks_and_stray_temps() {
 
     std::os::unix::fs::symlink("/etc/hostname", etc.join("replicated-operator")).expect("symlink");
     let e = execute(m.path(), &params(), false, now()).expect_err("symlink");
-    assert_eq!(e.exit_code(), EXIT_REFUSED);
+    assert_eq!(e.kind(), crate::steps::ErrorKind::Refused);
 
     let empty = tempfile::tempdir().expect("tempdir");
     let e = execute(empty.path(), &params(), false, now()).expect_err("no files");
     assert!(e.to_string().contains("etc/sysconfig/replicated"), "{e}");
-    assert_eq!(e.exit_code(), EXIT_INPUT);
+    assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
 }
 
 #[test]
@@ -230,7 +230,7 @@ fn params_are_validated() {
         e.to_string().contains("--public") && e.to_string().contains("NEW"),
         "{e}"
     );
-    assert_eq!(e.exit_code(), EXIT_INPUT);
+    assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
     assert!(RewriteParams::from_flags(&["10.0.0.5=fd00::1".into()], &[]).is_err());
     assert!(matches!(
         RewriteParams::from_flags(&[], &[]),
