@@ -78,6 +78,10 @@ pub struct CleanupReport {
     pub dry_run: bool,
     /// Builds listed through the API.
     pub listed: usize,
+    /// The newest start time among the listed builds (any lifecycle), RFC
+    /// 3339: what the data on this machine reaches up to. A drill reports
+    /// it as the restored data's real age.
+    pub newest_build_started_at: Option<String>,
     /// Builds not in lifecycle `running` (never touched, not itemized).
     pub not_running: usize,
     /// Every running build, with its outcome.
@@ -154,6 +158,15 @@ async fn hostname(config: &Config) -> Result<String, CleanupError> {
     url::normalize_hostname(value).map_err(|e| bad(&e))
 }
 
+/// The newest parseable start time among `builds`, normalized to RFC 3339.
+pub fn newest_start(builds: &[api::Build]) -> Option<String> {
+    builds
+        .iter()
+        .filter_map(|b| b.start_time.as_deref().and_then(|t| parse_time(t).ok()))
+        .max()
+        .and_then(|t| t.to_offset(time::UtcOffset::UTC).format(&Rfc3339).ok())
+}
+
 /// The plan: one entry per running build; `WouldDelete` for candidates.
 pub fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (Vec<BuildResult>, usize) {
     let mut out = Vec::new();
@@ -219,6 +232,7 @@ pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Resu
         hostname,
         dry_run,
         listed: listing.builds.len(),
+        newest_build_started_at: newest_start(&listing.builds),
         not_running,
         builds: Vec::new(),
         deleted: 0,
@@ -376,6 +390,19 @@ mod tests {
             start_time: start.map(str::to_owned),
             ..api::Build::default()
         }
+    }
+
+    #[test]
+    fn the_newest_start_is_over_every_lifecycle_and_skips_unreadable_times() {
+        let u = "https://ci.example.com/gh/org/repo/1";
+        let builds = vec![
+            b(1, "finished", Some("2024-05-01T10:00:00Z"), u),
+            b(2, "running", Some("2024-05-01T13:00:00+02:00"), u),
+            b(3, "queued", None, u),
+            b(4, "finished", Some("not a time"), u),
+        ];
+        assert_eq!(newest_start(&builds).as_deref(), Some("2024-05-01T11:00:00Z"));
+        assert_eq!(newest_start(&builds[2..]), None);
     }
 
     #[test]

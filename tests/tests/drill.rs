@@ -9,6 +9,10 @@ use dr_tests::recovery_world::*;
 use dr_tests::{assert_eventually, drctl_json, last_json, replicatedctl_calls, site_status, text};
 use serde_json::Value;
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
 const DRILL_HOST: &str = "drill.circleci.example.com";
 
 /// A subnet and a security group of their own for drill copies (in moto's
@@ -65,6 +69,9 @@ async fn volumes_of(w: &RecoveryWorld, op: &str) -> Vec<String> {
 async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untouched() {
     let mut w = RecoveryWorld::start("drill-site", RecoverySpec { boot_delay: Duration::from_millis(500), ..Default::default() }).await;
     w.wait_primary(&w.instance.id);
+    // The newest build the data holds started 10 minutes before the backup.
+    let newest_build = now_ms() - 10 * 60 * 1000;
+    std::fs::write(&w.builds_file, serde_json::to_vec(&[running_build(21, newest_build)]).expect("json")).expect("builds");
     let backup = w.backup();
     assert_eq!(backup["state"], "succeeded", "{backup}");
 
@@ -114,6 +121,8 @@ async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untou
     assert!(drill["rpo_s"].as_f64().expect("rpo") > 0.0, "RPO measured: {drill}");
     assert!(drill["worst_rpo_s"].as_f64().expect("worst") >= drill["rpo_s"].as_f64().expect("rpo"), "{drill}");
     assert_eq!(drill["hostname"], DRILL_HOST);
+    let data_age = drill["data_age_s"].as_f64().expect("the copy reported its newest build");
+    assert!((600.0..700.0).contains(&data_age), "the data age is the newest build's on the copy: {drill}");
 
     // The copy: launched once in the drill subnet from the backup, taken
     // through the runbook with its own address and the drill hostname, then
@@ -158,20 +167,24 @@ async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untou
     assert!(shown.contains(&op_id) && shown.contains("RTO") && shown.contains("ok"), "{shown}");
 
     // Two drills of one site never run at once; a backup runs beside one.
-    let first = drctl_json(&w.pki, &w.controller.url, &["drill", &w.site, "--keep", "30s"]);
+    let first = drctl_json(&w.pki, &w.controller.url, &["drill", &w.site, "--keep", "5m"]);
     let kept = first["operation_id"].as_str().expect("id").to_owned();
     let second = w.drctl(&["drill", &w.site]);
     assert_eq!(second.status.code(), Some(6), "busy: {}{}", text(&second.stdout), text(&second.stderr));
-    let beside = w.backup();
-    assert_eq!(beside["state"], "succeeded", "a backup runs beside a drill: {beside}");
-    // Abort ends the keep; teardown still runs.
     assert_eventually!(
         Duration::from_secs(60),
         drctl_json(&w.pki, &w.controller.url, &["operation", &kept])["steps"]
             .as_array()
             .is_some_and(|s| s.iter().any(|s| s["name"] == "keep" && s["state"] == "running")),
-        "the drill {kept} reaches its keep"
+        "the drill {kept} reaches its keep: {:#}\n{}",
+        drctl_json(&w.pki, &w.controller.url, &["operation", &kept]),
+        tail(&w.controller.log())
     );
+    let t = std::time::Instant::now();
+    let beside = w.backup();
+    assert_eq!(beside["state"], "succeeded", "a backup runs beside a drill: {beside}");
+    assert!(t.elapsed() < Duration::from_secs(60), "the backup beside the drill took {:?}: {beside:#}\n{}", t.elapsed(), tail(&w.controller.log()));
+    // Abort ends the keep; teardown still runs.
     let aborted = w.drctl(&["-o", "json", "operation", "abort", &kept, "--wait"]);
     let end = last_json(&aborted.stdout);
     assert!(matches!(end["state"].as_str(), Some("cancelled" | "succeeded")), "{end}");

@@ -423,14 +423,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
             wf_state: Some(serde_json::to_value(&start.state).expect("workflow states serialize")),
             protects: W::protects(&start.state),
         };
-        let priorities: HashMap<&'static str, Rank> = self
-            .inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, d)| (*k, d.priority()))
-            .collect();
+        let priorities = self.ranks();
         let rank = Rank { priority: W::PRIORITY, preemptible: W::PREEMPTIBLE, isolated: W::ISOLATED };
         let admit = move |active: &[ActiveOp]| admission(W::KIND, rank, &priorities, active);
         let preempted = self.inner.store.create_operation(op.clone(), start.slot, admit).await?;
@@ -604,7 +597,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
             .collect();
 
         // Preemption: wait until the operations this one preempted ended.
-        self.wait_for_preempted(&op, epoch).await?;
+        self.wait_for_preempted(&op, epoch, W::ISOLATED).await?;
 
         for (i, def) in defs.iter().enumerate() {
             let Some(rec) = op.steps.get(i).cloned() else { break };
@@ -680,11 +673,33 @@ impl<D: Send + Sync + 'static> Engine<D> {
         Ok(())
     }
 
-    async fn wait_for_preempted(&self, op: &Operation, epoch: i64) -> Result<(), StoreError> {
+    /// Every registered workflow's rank, by kind.
+    fn ranks(&self) -> HashMap<&'static str, Rank> {
+        self.inner.drivers.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, d)| (*k, d.priority())).collect()
+    }
+
+    /// Before its first step, an operation waits for the site's operations
+    /// it conflicts with (those it preempted) to end. Isolated workflows
+    /// conflict only with their own kind, and nothing waits for them.
+    async fn wait_for_preempted(&self, op: &Operation, epoch: i64, isolated: bool) -> Result<(), StoreError> {
+        let ranks = self.ranks();
+        let conflicts = |a: &ActiveOp| {
+            if isolated {
+                a.kind == op.kind
+            } else {
+                !ranks.get(a.kind.as_str()).is_some_and(|r| r.isolated)
+            }
+        };
         let mut announced = false;
         loop {
-            let others: Vec<ActiveOp> =
-                self.inner.store.active_operations_of(op.site_id.clone()).await?.into_iter().filter(|a| a.id != op.id).collect();
+            let others: Vec<ActiveOp> = self
+                .inner
+                .store
+                .active_operations_of(op.site_id.clone())
+                .await?
+                .into_iter()
+                .filter(|a| a.id != op.id && conflicts(a))
+                .collect();
             if others.is_empty() {
                 if announced {
                     self.inner

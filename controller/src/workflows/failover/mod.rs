@@ -491,8 +491,9 @@ pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
                     st.candidate_private_ip = l.record.facts.private_ip.clone();
                 }
                 return Ok(Outcome::Done(format!(
-                    "the agent of {} is connected as candidate ({} after running; app {})",
+                    "the agent of {} is connected as {} ({} after running; app {})",
                     to.instance_id,
+                    to.role.name(),
                     secs(st.agent_up_at_ms.saturating_sub(st.running_at_ms)),
                     if l.record.facts.app_state.is_empty() { "unknown" } else { &l.record.facts.app_state }
                 )));
@@ -506,7 +507,7 @@ pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
             };
             return Err(StepError::new(
                 ErrorKind::TimedOut,
-                format!("the agent of {} did not come up as candidate within {limit:?} (failover.agent_timeout): {seen}", to.instance_id),
+                format!("the agent of {} did not come up as {} within {limit:?} (failover.agent_timeout): {seen}", to.instance_id, to.role.name()),
             ));
         }
         let what = match live {
