@@ -517,6 +517,9 @@ instance_id = "i-0123456789abcdef0"
         assert_eq!(c.default_policy().expect("policy"), Policy::default(), "[policy] in the example differs from the defaults");
         assert_eq!(format!("{:?}", c.aws.limits), format!("{:?}", d.aws.limits), "[aws.limits] differs from the defaults");
         assert_eq!(format!("{:?}", c.failover), format!("{:?}", d.failover), "[failover] differs from the defaults");
+        assert_eq!(format!("{:?}", c.drill), format!("{:?}", d.drill), "[drill] differs from the defaults");
+        assert_eq!(c.sites[0].drill.hostname.as_deref(), Some("drill.circleci.example.com"));
+        assert_eq!(c.sites[0].drill.launch.regions["us-west-2"].subnet_id.as_deref(), Some("subnet-0eeeeffff22223333"));
         assert_eq!(c.sites[0].launch.regions["us-west-2"].subnet_id.as_deref(), Some("subnet-0aaaabbbbccccdddd"));
         assert_eq!(c.sites[0].dns.as_ref().map(|d| d.ttl), Some(60));
     }
@@ -527,6 +530,8 @@ instance_id = "i-0123456789abcdef0"
             ("keep_private_ip = true\n", "site[0].keep_private_ip"),
             ("hostname = \"not a host\"\n", "site[0].hostname"),
             ("[site.launch.westus]\nsubnet_id = \"s\"\n", "site[0].launch.westus"),
+            ("[site.drill]\nhostnme = \"d.example.com\"\n", "[site.drill]"),
+            ("[site.drill]\nhostname = \"not a host\"\n", "site[0].drill.hostname"),
             ("[site.dns]\nzone_id = \"Z1\"\nname = \"a.b\"\nttl = 0\n", "site[0].dns"),
         ] {
             let text = format!("{GOOD}{extra}");

@@ -304,3 +304,29 @@ impl RecoveryWorld {
         self.controller.restart(&[]);
     }
 }
+
+impl RecoveryWorld {
+    /// A crash test's round: restarts the controller armed to SIGKILL
+    /// itself at `point` (`step.<name>.after`), waits for `primary` to be
+    /// connected, starts an operation with `drctl args` (its JSON names
+    /// `operation_id`), waits for the crash, restarts the controller unarmed
+    /// and waits for the operation to end. Returns its id and final JSON.
+    pub fn crash_during(&mut self, primary: &str, point: &str, args: &[&str]) -> (String, Value) {
+        self.controller.kill();
+        self.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point)]);
+        self.wait_primary(primary);
+        let started = drctl_json(&self.pki, &self.controller.url, args);
+        let op = started["operation_id"].as_str().unwrap_or_else(|| panic!("an operation id: {started}")).to_owned();
+        let status = self.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(60));
+        assert!(status.is_some(), "the controller reached {point}\n{}", tail(&self.controller.log()));
+        self.controller.restart(&[]);
+        assert_eventually!(
+            Duration::from_secs(90),
+            !matches!(drctl_json(&self.pki, &self.controller.url, &["operation", &op])["state"].as_str(), Some("running" | "cancelling")),
+            "{op} finishes after a crash at {point}\n{}",
+            tail(&self.controller.log())
+        );
+        let done = drctl_json(&self.pki, &self.controller.url, &["operation", &op]);
+        (op, done)
+    }
+}

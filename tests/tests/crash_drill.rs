@@ -3,12 +3,11 @@
 //! (nothing it launched is left running, counted in moto by tag), its
 //! result is recorded once, and production is untouched.
 
-use std::time::Duration;
 
 use dr_controller::engine::Workflow;
 use dr_controller::workflows::drill::Drill;
 use dr_tests::recovery_world::*;
-use dr_tests::{assert_eventually, drctl_json};
+use dr_tests::drctl_json;
 
 /// Instances tagged `dr:role=drill` that are not terminated.
 async fn drill_copies_alive(w: &RecoveryWorld) -> Vec<String> {
@@ -43,23 +42,9 @@ async fn killing_the_controller_after_any_drill_step_leaks_nothing() {
     assert_eq!(steps.len(), 15);
     for step in &steps {
         w.wait_primary(&w.instance.id);
-        w.controller.kill();
         let point = format!("step.{step}.after");
-        w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point.as_str())]);
-        w.wait_primary(&w.instance.id);
-        let started = drctl_json(&w.pki, &w.controller.url, &["drill", &w.site]);
-        let op = started["operation_id"].as_str().expect("operation id").to_owned();
-        let status = w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(60));
-        assert!(status.is_some(), "the controller reached {point}\n{}", tail(&w.controller.log()));
-
-        w.controller.restart(&[]);
-        assert_eventually!(
-            Duration::from_secs(90),
-            !matches!(drctl_json(&w.pki, &w.controller.url, &["operation", &op])["state"].as_str(), Some("running" | "cancelling")),
-            "{op} finishes after a crash at {point}\n{}",
-            tail(&w.controller.log())
-        );
-        let done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+        let (site, primary) = (w.site.clone(), w.instance.id.clone());
+        let (op, done) = w.crash_during(&primary, &point, &["drill", &site]);
         assert_eq!(done["state"], "succeeded", "crash at {point}: {done:#}");
         let launched = w.launched_by(&op).await;
         assert_eq!(launched.len(), 1, "one copy after a crash at {point}");

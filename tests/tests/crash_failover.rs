@@ -4,12 +4,11 @@
 //! journal answers the repeat), the old instance fenced and the Elastic IP
 //! on the new one.
 
-use std::time::Duration;
 
 use dr_controller::engine::Workflow;
 use dr_controller::workflows::failover::Failover;
 use dr_tests::recovery_world::*;
-use dr_tests::{assert_eventually, drctl_json, replicatedctl_calls};
+use dr_tests::{drctl_json, replicatedctl_calls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_controller_after_any_failover_step_duplicates_nothing() {
@@ -21,23 +20,9 @@ async fn killing_the_controller_after_any_failover_step_duplicates_nothing() {
         w.wait_primary(&primary);
         let backup = w.backup();
         assert_eq!(backup["state"], "succeeded", "{backup}");
-        w.controller.kill();
         let point = format!("step.{step}.after");
-        w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point.as_str())]);
-        w.wait_primary(&primary);
-        let started = drctl_json(&w.pki, &w.controller.url, &["failover", &w.site, "--yes"]);
-        let op = started["operation_id"].as_str().expect("operation id").to_owned();
-        let status = w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(60));
-        assert!(status.is_some(), "the controller reached {point}\n{}", tail(&w.controller.log()));
-
-        w.controller.restart(&[]);
-        assert_eventually!(
-            Duration::from_secs(90),
-            !matches!(drctl_json(&w.pki, &w.controller.url, &["operation", &op])["state"].as_str(), Some("running" | "cancelling")),
-            "{op} finishes after a crash at {point}\n{}",
-            tail(&w.controller.log())
-        );
-        let done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+        let site = w.site.clone();
+        let (op, done) = w.crash_during(&primary.clone(), &point, &["failover", &site, "--yes"]);
         assert_eq!(done["state"], "succeeded", "crash at {point}: {done:#}");
         let launched = w.launched_by(&op).await;
         assert_eq!(launched.len(), 1, "one instance after a crash at {point}");

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail};
 use crate::cloud::ec2::{CreateImage, Ec2, Image};
-use crate::engine::{BoxFuture, Ctx, Deadline, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
+use crate::engine::{Ctx, Deadline, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 use crate::domain::model::{Backup as BackupRecord, BackupState, Consistency, Protected, now_ms};
 use crate::domain::policy::{OnQuiesceFailure, Quiesce};
 
@@ -110,11 +110,6 @@ impl State {
     }
 }
 
-macro_rules! step {
-    ($f:ident) => {
-        |c: &Ctx<Deps>, s: &mut State| -> BoxFuture<'_, Result<Outcome, StepError>> { Box::pin($f(c, s)) }
-    };
-}
 
 impl Workflow for Backup {
     type Deps = Deps;

@@ -29,7 +29,7 @@ use super::failover::{self, State, Waiting, secs};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, Role, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
-use crate::engine::{BoxFuture, Ctx, ErrorKind, Outcome, Retry, StepDef, StepError, Workflow};
+use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// The drill workflow.
 pub struct Drill;
@@ -39,17 +39,7 @@ pub struct Drill;
 const RPO_WINDOW_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
 const RPO_WINDOW_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
-macro_rules! step {
-    ($f:path) => {
-        |c: &Ctx<Deps>, s: &mut State| -> BoxFuture<'_, Result<Outcome, StepError>> { Box::pin($f(c, s)) }
-    };
-}
-
-const AGENT_RETRY: Retry = Retry {
-    on: &[ErrorKind::Unavailable, ErrorKind::Interrupted, ErrorKind::Transient, ErrorKind::Throttled],
-    attempts: 5,
-    backoff: dr_proto::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
-};
+use failover::AGENT_RETRY;
 
 impl Workflow for Drill {
     type Deps = Deps;

@@ -3,6 +3,18 @@
 //! dependencies ([`Deps`]), EC2 calls with the one retry policy, and agent
 //! calls addressed by (site, instance, role).
 
+/// A step function of this module's workflows (`async fn(&Ctx<Deps>, &mut
+/// State) -> Result<Outcome, StepError>`, `State` being the workflow's) as
+/// the engine's `StepFn`.
+macro_rules! step {
+    ($f:path) => {
+        |c: &crate::engine::Ctx<crate::workflows::Deps>, s: &mut State| -> crate::engine::BoxFuture<'_, Result<crate::engine::Outcome, crate::engine::StepError>> {
+            Box::pin($f(c, s))
+        }
+    };
+}
+
+
 pub mod backup;
 pub mod copies;
 pub mod drill;

@@ -46,7 +46,7 @@ use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report as report_of, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome};
 use crate::cloud::ec2::{Ec2, RunInstance};
-use crate::engine::{BoxFuture, Ctx, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
+use crate::engine::{Ctx, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 use crate::domain::model::{Millis, Protected, Role, now_ms};
 use crate::domain::recovery::Fence;
 pub use plan::{HumanAction, Plan, PlanError, Request};
@@ -124,15 +124,10 @@ pub struct Report {
     pub human_actions: Vec<HumanAction>,
 }
 
-macro_rules! step {
-    ($f:ident) => {
-        |c: &Ctx<Deps>, s: &mut State| -> BoxFuture<'_, Result<Outcome, StepError>> { Box::pin($f(c, s)) }
-    };
-}
 
 /// Agent steps that meet a reconnecting agent are retried a few times
 /// before the operation waits for a human.
-const AGENT_RETRY: Retry = Retry {
+pub(super) const AGENT_RETRY: Retry = Retry {
     on: &[ErrorKind::Unavailable, ErrorKind::Interrupted, ErrorKind::Transient, ErrorKind::Throttled],
     attempts: 5,
     backoff: dr_proto::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
