@@ -3,7 +3,7 @@
 //! timeout or a dropped connection does.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -221,6 +221,11 @@ impl Ec2 for FakeEc2 {
         }
         Ok(())
     }
+    /// Volumes are not modelled: EC2 deleted them with their instances.
+    async fn find_volumes_by_tag(&self, _key: &str, _value: &str) -> Result<Vec<crate::cloud::ec2::Volume>, Ec2Error> {
+        self.called("DescribeVolumes");
+        Ok(vec![])
+    }
     async fn describe_address(&self, allocation_id: &str) -> Result<Option<Address>, Ec2Error> {
         self.called("DescribeAddresses");
         Ok(self.lock().addresses.iter().find(|a| a.allocation_id == allocation_id).cloned())
@@ -231,5 +236,100 @@ impl Ec2 for FakeEc2 {
             a.instance_id = instance_id.into();
         }
         Ok(())
+    }
+}
+
+/// An agent without a process or a network: registered in a [`Registry`]
+/// as one instance with a role, it answers each command with what
+/// `answer` says (by the command's action name), records every command it
+/// got, and follows `RoleChange`s. Lets a workflow's unit test run its agent
+/// steps in memory.
+pub struct FakeAgent {
+    pub commands: Arc<Mutex<Vec<String>>>,
+    pub role: Arc<Mutex<String>>,
+}
+
+/// What the fake agent answers to an action: a JSON report, or an error.
+pub type FakeAnswer = Result<serde_json::Value, (dr_proto::pb::ErrorKind, String)>;
+
+impl FakeAgent {
+    /// Attaches an agent for `site`/`instance` with `role`; `answer` maps an
+    /// action name (`app_stop`, `app_status`, `health_check`, ...) to its
+    /// answer. `app_status` answers started unless `answer` says otherwise.
+    pub fn attach(
+        registry: &crate::agents::Registry,
+        site: &str,
+        instance: &str,
+        role: crate::domain::model::Role,
+        answer: impl Fn(&str) -> FakeAnswer + Send + 'static,
+    ) -> FakeAgent {
+        use dr_proto::pb;
+        let record = crate::domain::model::InstanceRecord {
+            site_id: site.to_owned(),
+            instance_id: instance.to_owned(),
+            last_seen_ms: crate::domain::model::now_ms(),
+            ..Default::default()
+        };
+        let (serial, mut rx) = registry.attach(record, role.clone());
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let role_name = Arc::new(Mutex::new(role.name().to_owned()));
+        let (reg, site, instance) = (registry.clone(), site.to_owned(), instance.to_owned());
+        let (log, current) = (commands.clone(), role_name.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = rx.recv().await {
+                match msg.msg {
+                    Some(pb::controller_message::Msg::Command(c)) => {
+                        let action = fake_action_name(c.kind.as_ref());
+                        log.lock().expect("lock").push(format!("{}:{action}", c.id));
+                        let mut r = pb::CommandResult { id: c.id.clone(), ..Default::default() };
+                        match answer(action) {
+                            Ok(_) if action == "app_status" => {
+                                r.ok = true;
+                                r.detail = Some(pb::command_result::Detail::AppStatus(pb::AppStatusResult {
+                                    state: "started".into(),
+                                    ..Default::default()
+                                }));
+                            }
+                            Ok(report) => {
+                                r.ok = true;
+                                r.report_json = report.to_string();
+                            }
+                            Err((kind, error)) => {
+                                r.error_kind = kind as i32;
+                                r.error = error;
+                            }
+                        }
+                        reg.deliver(&site, &instance, serial, r);
+                    }
+                    Some(pb::controller_message::Msg::RoleChange(rc)) => *current.lock().expect("lock") = rc.role,
+                    _ => {}
+                }
+            }
+        });
+        FakeAgent { commands, role: role_name }
+    }
+
+    /// The action names of the commands it got, in order.
+    pub fn actions(&self) -> Vec<String> {
+        self.commands.lock().expect("lock").iter().map(|c| c.rsplit(':').next().unwrap_or_default().to_owned()).collect()
+    }
+}
+
+fn fake_action_name(kind: Option<&dr_proto::pb::command::Kind>) -> &'static str {
+    use dr_proto::pb::command::Kind;
+    match kind {
+        Some(Kind::AppStatus(_)) => "app_status",
+        Some(Kind::AppStop(_)) => "app_stop",
+        Some(Kind::AppStart(_)) => "app_start",
+        Some(Kind::Freeze(_)) => "freeze",
+        Some(Kind::Thaw(_)) => "thaw",
+        Some(Kind::Drain(_)) => "drain",
+        Some(Kind::Undrain(_)) => "undrain",
+        Some(Kind::SetHostname(_)) => "set_hostname",
+        Some(Kind::RewriteAddresses(_)) => "rewrite_addresses",
+        Some(Kind::WipeNomad(_)) => "wipe_nomad",
+        Some(Kind::CleanupBuilds(_)) => "cleanup_builds",
+        Some(Kind::HealthCheck(_)) => "health_check",
+        _ => "other",
     }
 }

@@ -456,3 +456,21 @@ pub async fn flush_liveness(store: crate::store::Store, registry: Registry, ever
         }
     }
 }
+
+/// Tests: sessions without a network stream (the test kit's fake agent).
+#[cfg(test)]
+impl Registry {
+    /// Registers a session for `record` with `role`; what the controller
+    /// sends to it arrives on the returned receiver.
+    pub fn attach(&self, record: InstanceRecord, role: Role) -> (u64, mpsc::Receiver<Result<pb::ControllerMessage, Status>>) {
+        let (tx, rx) = mpsc::channel(64);
+        let serial = self.next_serial();
+        self.register(Session { serial, tx, pending: Pending::default(), role, record });
+        (serial, rx)
+    }
+
+    /// Delivers a command's result from an attached session.
+    pub fn deliver(&self, site: &str, instance: &str, serial: u64, result: pb::CommandResult) {
+        self.answer(site, instance, serial, result);
+    }
+}

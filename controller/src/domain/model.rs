@@ -106,7 +106,7 @@ impl Role {
 
 /// One instance of a site as the store knows it: its agent's last report,
 /// its recorded role, and when EC2 last confirmed it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     pub site_id: String,
     pub instance_id: String,

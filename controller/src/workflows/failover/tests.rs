@@ -27,8 +27,9 @@ async fn until(store: &Store, id: &str, want: OperationState) -> crate::domain::
     panic!("{id} never became {want:?}: {:#?}", store.operation(id.to_owned()).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
+/// A site `s1` with primary `i-old` and one available backup `ami-b1`
+/// (with launch facts) on `fake`, and the engine over it.
+async fn world(fake: Arc<FakeEc2>, recovery: HashMap<String, crate::domain::recovery::SiteRecovery>) -> (tempfile::TempDir, Store, Site, super::super::Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("s.db")).await.expect("store");
     let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
@@ -64,23 +65,29 @@ async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
         ..LaunchFacts::default()
     };
     store.put_launch_facts("ami-b1".into(), "s1".into(), facts).await.expect("facts");
-    let fake = Arc::new(FakeEc2::default());
     fake.add_instance("i-old", "10.0.0.5");
     fake.add_image("ami-b1");
-    fake.lock().lose.insert("RunInstances", 1);
     let deps = Deps {
         store: store.clone(),
         registry: crate::agents::Registry::default(),
         ec2: Arc::new(Ec2Clients::fixed(AwsConfig::default(), fake.clone())),
         backup: BackupConfig::default(),
         policies: HashMap::new(),
-        recovery: HashMap::new(),
+        recovery,
         failover: FailoverConfig { agent_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
     };
     let engine = super::super::engine(deps);
+    (dir, store, site, engine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
+    let fake = Arc::new(FakeEc2::default());
+    fake.lock().lose.insert("RunInstances", 1);
+    let (_dir, store, site, engine) = world(fake.clone(), HashMap::new()).await;
     let plan = plan::make(engine.deps(), &site, &Request::default()).await.expect("plan");
     assert_eq!(plan.launch.subnet_id, "subnet-1");
     assert_eq!(plan.launch.private_ip, "", "a new private IP with a stop fence");
@@ -109,4 +116,66 @@ async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
     let report = state.report.expect("the report step ran");
     assert!(report.site_state.contains("no primary is running"), "{}", report.site_state);
     assert_eq!(store.site("s1".into()).await.expect("read").expect("site").primary_instance_id, "i-old", "not promoted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_records_it() {
+    use crate::domain::recovery::{DrillSettings, LaunchConfig, LaunchOverridesHome, SiteRecovery};
+    use crate::testkit::FakeAgent;
+    let fake = Arc::new(FakeEc2::default());
+    let drill = DrillSettings {
+        hostname: Some("drill.example.com".into()),
+        launch: LaunchConfig {
+            home: LaunchOverridesHome {
+                subnet_id: Some("subnet-drill".into()),
+                security_group_ids: Some(vec!["sg-drill".into()]),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    };
+    let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill, ..Default::default() })]);
+    let (_dir, store, site, engine) = world(fake.clone(), recovery).await;
+    // The primary's agent: it must get no command of the drill.
+    let primary = FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, |_| Ok(serde_json::json!({})));
+    let req = Request { drill: true, ..Default::default() };
+    let plan = plan::make(engine.deps(), &site, &req).await.expect("plan");
+    assert_eq!((plan.launch.subnet_id.as_str(), plan.hostname.as_str()), ("subnet-drill", "drill.example.com"));
+    let op = crate::workflows::drill::start(&engine, plan, Duration::ZERO, "operator/t").await.expect("start");
+
+    // The copy's agent comes up once EC2 has the instance.
+    let copy = loop {
+        let id = fake.lock().instances.iter().find(|i| i.instance.id != "i-old").map(|i| i.instance.id.clone());
+        if let Some(id) = id {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let agent = FakeAgent::attach(
+        &engine.deps().registry,
+        "s1",
+        &copy,
+        crate::domain::model::Role::Drill { operation_id: op.id.clone() },
+        |action| match action {
+            "cleanup_builds" => Ok(serde_json::json!({"deleted": 1, "newest_build_started_at": "2026-01-01T00:00:00Z"})),
+            "health_check" => Ok(serde_json::json!({"url": "http://127.0.0.1/health-check", "status": 200})),
+            _ => Ok(serde_json::json!({})),
+        },
+    );
+    let done = until(&store, &op.id, OperationState::Succeeded).await;
+    assert_eq!(
+        agent.actions(),
+        ["app_stop", "rewrite_addresses", "set_hostname", "wipe_nomad", "app_start", "app_status", "health_check", "cleanup_builds", "app_status"],
+        "the runbook on the copy, in order"
+    );
+    assert!(primary.actions().is_empty(), "the primary got nothing: {:?}", primary.actions());
+    assert_eq!(fake.instance(&copy).expect("copy").instance.state, "terminated", "torn down");
+    assert_eq!(fake.instance("i-old").expect("old").instance.state, "running", "production untouched");
+    assert!(fake.lock().instances.iter().find(|i| i.instance.id == copy).expect("copy").tags.iter().any(|(k, v)| k == "dr:role" && v == "drill"));
+    assert_eq!(store.site("s1".into()).await.expect("read").expect("site").primary_instance_id, "i-old", "never promoted");
+    let rec = store.drills("s1".into(), 5).await.expect("drills");
+    assert_eq!(rec.len(), 1, "recorded once");
+    assert!(rec[0].ok && rec[0].rto_ms > 0 && rec[0].instance_id == copy, "{:?}", rec[0]);
+    assert_eq!(rec[0].newest_build_at_ms, 1_767_225_600_000, "the copy's newest build: {:?}", rec[0]);
+    assert_eq!(done.steps.iter().find(|s| s.name == "teardown").map(|s| s.state), Some(crate::domain::model::StepState::Done));
 }
