@@ -142,21 +142,35 @@ async fn verify_chunk(
         }
     };
     let now = now_ms();
+    let found: HashMap<&str, &crate::cloud::ec2::Instance> = found.iter().map(|i| (i.id.as_str(), i)).collect();
+    // Every confirmation recorded in one transaction (not one commit per
+    // agent: in a reconnect storm that was the verifier's bottleneck).
+    let confirmed: Vec<&Check> = chunk
+        .iter()
+        .filter(|c| found.get(c.instance.as_str()).is_some_and(|i| i.private_ip == c.private_ip && !matches!(i.state.as_str(), "terminated" | "shutting-down")))
+        .collect();
+    let records: HashMap<(String, String), Option<crate::domain::model::InstanceRecord>> =
+        match store.set_verified(confirmed.iter().map(|c| (c.site.clone(), c.instance.clone(), c.private_ip.clone())).collect(), now).await {
+            Ok(recs) => confirmed.iter().map(|c| (c.site.clone(), c.instance.clone())).zip(recs).collect(),
+            Err(e) => {
+                tracing::error!(instances = confirmed.len(), error = %e, "cannot record the verifications; checked again");
+                requeue(tx, confirmed.into_iter().cloned().collect());
+                HashMap::new()
+            }
+        };
     for c in chunk {
         let Some(site) = sites.get(&c.site) else { continue };
         // Only a session still waiting for this check gets a role from it.
         let still_pending = registry.live(&c.site, &c.instance).is_some_and(|l| l.role == Role::Pending);
-        let role = match found.iter().find(|i| i.id == c.instance) {
+        let role = match found.get(c.instance.as_str()) {
             Some(i) if matches!(i.state.as_str(), "terminated" | "shutting-down") => {
                 Role::Passive { reason: format!("EC2 says instance {} is {}", i.id, i.state) }
             }
-            Some(i) if i.private_ip == c.private_ip => {
-                if let Err(e) = store.set_verified(c.site.clone(), c.instance.clone(), c.private_ip.clone(), now).await {
-                    tracing::error!(site = %c.site, instance = %c.instance, error = %e, "cannot record the verification");
-                }
-                let rec = store.instance(c.site.clone(), c.instance.clone()).await.ok().flatten();
-                role_of(site, &c.instance, rec.as_ref())
-            }
+            Some(i) if i.private_ip == c.private_ip => match records.get(&(c.site.clone(), c.instance.clone())) {
+                Some(rec) => role_of(site, &c.instance, rec.as_ref()),
+                // Its record could not be written: checked again, stays pending.
+                None => continue,
+            },
             Some(i) => Role::Passive {
                 reason: format!("EC2 says instance {} has private IP {}, the agent reports {}", i.id, i.private_ip, c.private_ip),
             },

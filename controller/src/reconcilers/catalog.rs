@@ -64,8 +64,10 @@ pub async fn check(config: &Config, store: &Store, ec2: &Ec2Clients) -> Result<(
         return Ok(());
     }
     let mut groups: std::collections::BTreeMap<(String, Option<String>), Vec<Site>> = Default::default();
+    // One read of every site, not one per configured site (10,000 at start).
+    let mut stored: std::collections::HashMap<String, Site> = store.sites().await?.into_iter().map(|s| (s.id.clone(), s)).collect();
     for s in &config.sites {
-        let site = site_of(config, s, store.site(s.id.clone()).await?);
+        let site = site_of(config, s, stored.remove(&s.id));
         groups.entry((site.region.clone(), site.role_arn.clone())).or_default().push(site);
     }
     for ((region, _), sites) in groups {

@@ -201,7 +201,10 @@ impl Store {
     db_call!(
         /// Records a role for a non-primary instance.
         set_instance_role(site_id: String, instance_id: String, role: String, operation_id: String, reason: String) -> ());
-    db_call!(set_verified(site_id: String, instance_id: String, private_ip: String, at_ms: Millis) -> ());
+    db_call!(
+        /// Records EC2's confirmation of many instances (site, instance,
+        /// private IP) in one transaction, and returns their records.
+        set_verified(checks: Vec<(String, String, String)>, at_ms: Millis) -> Vec<Option<InstanceRecord>>);
     db_call!(
         /// Marks every instance disconnected (at start-up: no stream survives a restart).
         mark_all_disconnected() -> ());
@@ -571,12 +574,20 @@ impl Db<'_> {
         Ok(())
     }
 
-    pub fn set_verified(&self, site_id: String, instance_id: String, private_ip: String, at_ms: Millis) -> Result<(), StoreError> {
-        self.0.execute(
-            "UPDATE instances SET verified_private_ip = ?3, verified_at_ms = ?4 WHERE site_id = ?1 AND instance_id = ?2",
-            params![site_id, instance_id, private_ip, at_ms as i64],
-        )?;
-        Ok(())
+    pub fn set_verified(&self, checks: Vec<(String, String, String)>, at_ms: Millis) -> Result<Vec<Option<InstanceRecord>>, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        let mut out = Vec::with_capacity(checks.len());
+        {
+            let mut update =
+                tx.prepare("UPDATE instances SET verified_private_ip = ?3, verified_at_ms = ?4 WHERE site_id = ?1 AND instance_id = ?2")?;
+            let mut read = tx.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"))?;
+            for (site, instance, ip) in &checks {
+                update.execute(params![site, instance, ip, at_ms as i64])?;
+                out.push(read.query_row(params![site, instance], instance_row).optional()?);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     pub fn mark_all_disconnected(&self) -> Result<(), StoreError> {
