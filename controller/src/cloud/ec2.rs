@@ -338,7 +338,7 @@ fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
         private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
         public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
         image_id: i.image_id().unwrap_or_default().to_owned(),
-        tags: i.tags().iter().map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned())).collect(),
+        tags: tag_pairs(i.tags()),
     }
 }
 
@@ -393,12 +393,13 @@ fn image_of(i: &aws_sdk_ec2::types::Image) -> Image {
             .iter()
             .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
             .collect(),
-        tags: i
-            .tags()
-            .iter()
-            .map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned()))
-            .collect(),
+        tags: tag_pairs(i.tags()),
     }
+}
+
+/// EC2's tags as (key, value) pairs.
+fn tag_pairs(tags: &[aws_sdk_ec2::types::Tag]) -> Vec<(String, String)> {
+    tags.iter().map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned())).collect()
 }
 
 #[async_trait]
@@ -666,7 +667,7 @@ impl Ec2 for AwsEc2 {
             .map(|v| Volume {
                 id: v.volume_id().unwrap_or_default().to_owned(),
                 state: v.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
-                tags: v.tags().iter().map(|t| (t.key().unwrap_or_default().to_owned(), t.value().unwrap_or_default().to_owned())).collect(),
+                tags: tag_pairs(v.tags()),
             })
             .collect())
     }

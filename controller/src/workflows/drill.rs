@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use super::failover::{self, State, Waiting, secs};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
-use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, Role, now_ms, worst_rpo};
+use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
@@ -151,20 +151,11 @@ async fn keep(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
 async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let ec2 = failover::ec2_launch(ctx, st).await?;
     let op_id = ctx.op_id.clone();
-    let mut ids: Vec<String> = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.find_instances_by_tag(TAG_OPERATION, &op_id))
-        .await?
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
-    if !st.candidate.is_empty() && !ids.contains(&st.candidate) {
-        ids.push(st.candidate.clone());
-    }
-    let site = ctx.site.clone();
-    for id in ids.iter().filter(|id| **id != site.primary_instance_id) {
-        retry_ec2("TerminateInstances", EC2_RETRY_BUDGET, || ec2.terminate_instance(id)).await?;
-        let reason = format!("terminated: drill {op_id} torn down");
-        ctx.store().set_instance_role(site.id.clone(), id.clone(), "passive".into(), String::new(), reason.clone()).await?;
-        ctx.deps().registry.set_role(&site.id, id, Role::Passive { reason });
+    let mut ids = failover::launched_by_operation(ctx, st, ec2.as_ref()).await?;
+    // Never the primary, whatever carried the tag.
+    ids.retain(|id| *id != ctx.site.primary_instance_id);
+    for id in &ids {
+        failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
     }
     let limit = ctx.deps().failover.fence_timeout;
     let mut progress = Waiting::new();
@@ -219,28 +210,17 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
 async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let store = ctx.store();
     let op = store.operation(ctx.op_id.clone()).await?;
-    let dur = |names: &[&str]| -> u64 {
-        op.as_ref()
-            .map(|o| {
-                o.steps
-                    .iter()
-                    .filter(|s| names.contains(&s.name.as_str()) && s.finished_at_ms >= s.started_at_ms && s.started_at_ms > 0)
-                    .map(|s| s.finished_at_ms - s.started_at_ms)
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
-    let mut phases = std::collections::BTreeMap::new();
-    for (phase, steps) in [
-        ("launch_to_running", &["launch", "wait_running"][..]),
-        ("agent_up", &["wait_agent"][..]),
-        ("app_stop", &["app_stop"][..]),
-        ("file_steps", &["rewrite_addresses", "hostname", "wipe_nomad"][..]),
-        ("app_start", &["app_start"][..]),
-        ("cleanup", &["cleanup_builds"][..]),
-    ] {
-        phases.insert(phase.to_owned(), dur(steps));
-    }
+    let phases = failover::phase_durations(
+        op.as_ref(),
+        &[
+            ("launch_to_running", &["launch", "wait_running"]),
+            ("agent_up", &["wait_agent"]),
+            ("app_stop", &["app_stop"]),
+            ("file_steps", &["rewrite_addresses", "hostname", "wipe_nomad"]),
+            ("app_start", &["app_start"]),
+            ("cleanup", &["cleanup_builds"]),
+        ],
+    );
     let failure = op.as_ref().map(|o| o.failure.clone()).unwrap_or_default();
     let verified = op.as_ref().is_some_and(|o| o.steps.iter().any(|s| s.name == "verify" && s.state == crate::domain::model::StepState::Done));
     let started = ctx.created_at_ms;

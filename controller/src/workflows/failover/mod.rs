@@ -766,8 +766,23 @@ async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     if st.promoted {
         return Ok(Outcome::Done("nothing to release: the candidate was promoted".into()));
     }
-    // A crash between RunInstances and its record leaves only the tag.
     let ec2 = ec2_launch(ctx, st).await?;
+    let ids = launched_by_operation(ctx, st, ec2.as_ref()).await?;
+    if ids.is_empty() {
+        st.released = Some(String::new());
+        return Ok(Outcome::Done("nothing was launched".into()));
+    }
+    for id in &ids {
+        terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: {} {} ended without promoting it", st.plan.kind, ctx.op_id)).await?;
+    }
+    st.released = Some(ids.join(", "));
+    Ok(Outcome::Done(format!("terminated {} (launched by this operation)", ids.join(", "))))
+}
+
+/// Every instance this operation launched: those carrying its
+/// `dr:operation` tag (a crash between RunInstances and its record leaves
+/// only the tag) and the one recorded in its state.
+pub(super) async fn launched_by_operation(ctx: &Ctx<Deps>, st: &State, ec2: &dyn Ec2) -> Result<Vec<String>, StepError> {
     let op_id = ctx.op_id.clone();
     let mut ids: Vec<String> = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.find_instances_by_tag(TAG_OPERATION, &op_id))
         .await?
@@ -777,46 +792,49 @@ async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     if !st.candidate.is_empty() && !ids.contains(&st.candidate) {
         ids.push(st.candidate.clone());
     }
-    if ids.is_empty() {
-        st.released = Some(String::new());
-        return Ok(Outcome::Done("nothing was launched".into()));
-    }
-    for id in &ids {
-        retry_ec2("TerminateInstances", EC2_RETRY_BUDGET, || ec2.terminate_instance(id)).await?;
-        let reason = format!("terminated: {} {op_id} ended without promoting it", st.plan.kind);
-        ctx.store().set_instance_role(ctx.site.id.clone(), id.clone(), "passive".into(), String::new(), reason.clone()).await?;
-        ctx.deps().registry.set_role(&ctx.site.id, id, Role::Passive { reason });
-    }
-    st.released = Some(ids.join(", "));
-    Ok(Outcome::Done(format!("terminated {} (launched by this operation)", ids.join(", "))))
+    Ok(ids)
+}
+
+/// TerminateInstances of one launched instance, recorded passive (store and
+/// live session) with `reason`.
+pub(super) async fn terminate_as_passive(ctx: &Ctx<Deps>, ec2: &dyn Ec2, id: &str, reason: String) -> Result<(), StepError> {
+    retry_ec2("TerminateInstances", EC2_RETRY_BUDGET, || ec2.terminate_instance(id)).await?;
+    ctx.store().set_instance_role(ctx.site.id.clone(), id.to_owned(), "passive".into(), String::new(), reason.clone()).await?;
+    ctx.deps().registry.set_role(&ctx.site.id, id, Role::Passive { reason });
+    Ok(())
+}
+
+/// The time spent in each phase (a named group of steps), from the
+/// operation's step records.
+pub(super) fn phase_durations(op: Option<&crate::domain::model::Operation>, phases: &[(&str, &[&str])]) -> BTreeMap<String, u64> {
+    let dur = |names: &[&str]| -> u64 {
+        op.map(|o| {
+            o.steps
+                .iter()
+                .filter(|s| names.contains(&s.name.as_str()) && s.finished_at_ms >= s.started_at_ms && s.started_at_ms > 0)
+                .map(|s| s.finished_at_ms - s.started_at_ms)
+                .sum()
+        })
+        .unwrap_or(0)
+    };
+    phases.iter().map(|(phase, steps)| ((*phase).to_owned(), dur(steps))).collect()
 }
 
 async fn report(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let op = ctx.store().operation(ctx.op_id.clone()).await?;
-    let dur = |names: &[&str]| -> u64 {
-        op.as_ref()
-            .map(|o| {
-                o.steps
-                    .iter()
-                    .filter(|s| names.contains(&s.name.as_str()) && s.finished_at_ms >= s.started_at_ms && s.started_at_ms > 0)
-                    .map(|s| s.finished_at_ms - s.started_at_ms)
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
-    let mut phases = BTreeMap::new();
-    for (phase, steps) in [
-        ("fence", &["fence"][..]),
-        ("launch_to_running", &["launch", "wait_running"][..]),
-        ("agent_up", &["wait_agent"][..]),
-        ("app_stop", &["app_stop"][..]),
-        ("file_steps", &["rewrite_addresses", "hostname", "wipe_nomad"][..]),
-        ("app_start", &["app_start"][..]),
-        ("address_moves", &["move_eip", "update_dns"][..]),
-        ("cleanup", &["cleanup_builds"][..]),
-    ] {
-        phases.insert(phase.to_owned(), dur(steps));
-    }
+    let phases = phase_durations(
+        op.as_ref(),
+        &[
+            ("fence", &["fence"]),
+            ("launch_to_running", &["launch", "wait_running"]),
+            ("agent_up", &["wait_agent"]),
+            ("app_stop", &["app_stop"]),
+            ("file_steps", &["rewrite_addresses", "hostname", "wipe_nomad"]),
+            ("app_start", &["app_start"]),
+            ("address_moves", &["move_eip", "update_dns"]),
+            ("cleanup", &["cleanup_builds"]),
+        ],
+    );
     let mut human = st.plan.human_actions.clone();
     // Now that the new addresses are known, say them.
     for h in human.iter_mut().filter(|h| h.kind == "nomad_builders") {
