@@ -22,8 +22,10 @@ use crate::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeats (or kernel keep-alive probes) unacknowledged by the
+/// controller's kernel this long end the connection (`TCP_USER_TIMEOUT`):
+/// a controller gone without a reset is noticed within it.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the stream to open and for the Welcome.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -408,11 +410,9 @@ impl Agent {
             .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
             .tls_config(tls)
             .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect()).await {
+            .connect_timeout(CONNECT_TIMEOUT);
+        let connector = dr_proto::transport::Connector { user_timeout: USER_TIMEOUT };
+        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect_with_connector(connector)).await {
             Err(_) => Err(SessionError::Connect(format!("no connection within {CONNECT_TIMEOUT:?}"))),
             Ok(Err(e)) => Err(SessionError::Connect(error_chain(&e))),
             Ok(Ok(channel)) => Ok(channel),

@@ -91,7 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ec2: ec2.clone(),
         backup: config.backup.clone(),
         policies,
-        recovery: config.sites.iter().map(|s| (s.id.clone(), s.recovery())).collect(),
+        recovery: config.sites.iter().map(|s| (s.id.clone(), s.recovery(config.site_region(s)))).collect(),
         failover: config.failover.clone(),
         drill: config.drill.clone(),
         aws: config.aws.clone(),

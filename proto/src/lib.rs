@@ -7,10 +7,14 @@
 //! - [`backoff`]: the one retry/backoff curve both ends use.
 //! - [`tls`]: loading PEM material and building the rustls configurations
 //!   both ends use (TLS 1.3, client certificates required, aws-lc provider).
+//! - [`transport`]: the agent's TCP connector (a dead controller is noticed
+//!   by the kernel, `TCP_USER_TIMEOUT`, not by HTTP/2 pings the controller
+//!   would have to answer 10,000 times over).
 
 pub mod backoff;
 pub mod identity;
 pub mod tls;
+pub mod transport;
 
 /// Generated protobuf and gRPC code (package `dr.v1`).
 #[allow(clippy::all, missing_docs)]

@@ -232,3 +232,51 @@ async fn a_drill_whose_teardown_failed_is_finished_by_the_reaper() {
     assert!(w.controller.log().contains("drill copy past its dr:keep-until terminated"), "the reaper says so");
     assert_eq!(w.instance_state(&w.instance.id).await, "running", "the primary is never reaped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_drill_runs_once_per_slot_and_survives_a_restart() {
+    let mut w = RecoveryWorld::start("sched-drill-site", RecoverySpec::default()).await;
+    w.wait_primary(&w.instance.id);
+    assert_eq!(w.backup()["state"], "succeeded");
+    let (subnet, sg) = drill_network(&w).await;
+    // A drill every 30 s (cron with seconds), of a random backup of the last day.
+    w.add_site_toml(&format!(
+        "{}\n[site.policy]\ndrill_schedule = \"cron:0/30 * * * * *\"\ndrill_backup = \"random-within:1d\"\n",
+        drill_toml(&subnet, &sg)
+    ));
+    w.wait_primary(&w.instance.id);
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["drill_schedule"], "cron `0/30 * * * * *` (UTC)", "{s}");
+    assert_eq!(s["drill_backup"], "random-within:1day");
+    assert_eq!(s["drill_overdue"], false);
+
+    let drills = |w: &RecoveryWorld| drctl_json(&w.pki, &w.controller.url, &["drills", &w.site])["drills"].as_array().cloned().unwrap_or_default();
+    assert_eventually!(Duration::from_secs(90), !drills(&w).is_empty(), "a scheduled drill is recorded\n{}", tail(&w.controller.log()));
+    let first = drills(&w)[0].clone();
+    assert_eq!((first["requested_by"].as_str(), first["ok"].as_bool()), (Some("schedule"), Some(true)), "{first}");
+
+    // A SIGKILL and a restart neither repeat a slot nor stop the schedule.
+    w.controller.kill();
+    w.controller.restart(&[]);
+    assert_eventually!(Duration::from_secs(90), drills(&w).len() >= 2, "the schedule goes on after a restart\n{}", tail(&w.controller.log()));
+    let all = drills(&w);
+    let started: Vec<u64> = all
+        .iter()
+        .map(|d| {
+            let t = humantime::parse_rfc3339(d["started_at"].as_str().expect("started_at")).expect("rfc3339");
+            t.duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+        })
+        .collect();
+    for pair in started.windows(2) {
+        // Listed newest first; one drill per 30 s slot at most.
+        assert!(pair[0] >= pair[1] + 25_000, "two drills for one slot: {all:#?}");
+    }
+    assert!(all.iter().all(|d| d["requested_by"] == "schedule" && d["ok"] == true), "{all:#?}");
+    // Everything each drill launched is gone.
+    for d in &all {
+        for i in w.launched_by(d["operation_id"].as_str().expect("id")).await {
+            assert_eq!(w.instance_state(i.instance_id().expect("id")).await, "terminated");
+        }
+    }
+    assert_eq!(w.instance_state(&w.instance.id).await, "running", "production untouched");
+}

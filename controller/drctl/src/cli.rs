@@ -118,6 +118,18 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// After a failover into a DR region, return SITE to its home region:
+    /// the newest backup of the DR primary, from its copy at home (backups
+    /// are copied home while the primary is away), launched with the home
+    /// machine's settings; the DR instance is fenced, the home Elastic IP
+    /// and the DNS record move back.
+    Failback {
+        site: String,
+        #[command(flatten)]
+        target: FailoverTarget,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Like failover, to an older point in time: --backup AMI is required.
     Restore {
         site: String,
@@ -307,14 +319,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         Command::Status { sites, problems, all, conn } => (Remote::Status { sites, problems, all }, conn),
         Command::Backup { site, wait, conn } => (Remote::Backup { site, wait }, conn),
         Command::Backups { site, conn } => (Remote::Backups { site }, conn),
-        Command::Failover { site, target, conn } => (Remote::Failover { site, target, restore: false }, conn),
+        Command::Failover { site, target, conn } => (Remote::Failover { site, target, restore: false, failback: false }, conn),
+        Command::Failback { site, target, conn } => (Remote::Failover { site, target, restore: false, failback: true }, conn),
         Command::Restore { site, target, conn } => {
             if target.backup.is_none() {
                 return Err(CliError::Usage(format!(
                     "`drctl restore {site}` needs --backup AMI (see `drctl backups {site}`); for the newest backup use `drctl failover {site}`"
                 )));
             }
-            (Remote::Failover { site, target, restore: true }, conn)
+            (Remote::Failover { site, target, restore: true, failback: false }, conn)
         }
         Command::Prune { site, dry_run, conn } => (Remote::Prune { site, dry_run }, conn),
         Command::Drill { site, backup, latest: _, random_within, region, keep, plan, wait, conn } => {
@@ -356,7 +369,7 @@ enum Remote {
     Signal { id: String, signal: String, wait: bool },
     Backup { site: String, wait: bool },
     Backups { site: String },
-    Failover { site: String, target: FailoverTarget, restore: bool },
+    Failover { site: String, target: FailoverTarget, restore: bool, failback: bool },
     Prune { site: String, dry_run: bool },
     Operation { id: String, wait: bool },
     Drill { req: pb::StartDrillRequest, wait: bool },
@@ -427,14 +440,21 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             }
             finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
         }
-        Remote::Failover { site, target, restore } => {
-            let what = if restore { "restore" } else { "failover" };
+        Remote::Failover { site, target, restore, failback } => {
+            let what = if failback {
+                "failback"
+            } else if restore {
+                "restore"
+            } else {
+                "failover"
+            };
             let mut req = pb::StartFailoverRequest {
                 site_id: site.clone(),
                 backup_image_id: target.backup.clone().unwrap_or_default(),
                 region: target.region.clone().unwrap_or_default(),
                 plan_only: true,
                 restore,
+                failback,
             };
             let planned = client.start_failover(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
             let plan: serde_json::Value = serde_json::from_str(&planned.plan_json)

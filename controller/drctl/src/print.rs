@@ -53,6 +53,10 @@ pub fn print_status(sites: &[SiteView]) {
         if let Some(f) = &s.last_failover {
             println!("{:<20} last failover: {} {} ({})", "", f.operation_id, f.state, f.at.clone().unwrap_or_default());
         }
+        if let Some(schedule) = &s.drill_schedule {
+            let flag = if s.drill_overdue { "  OVERDUE" } else { "" };
+            println!("{:<20} drills: {schedule}, backup {}{flag}", "", s.drill_backup.as_deref().unwrap_or("latest"));
+        }
         if let Some(d) = &s.last_drill {
             println!("{:<20} last drill: {}", "", drill_line(d));
         }

@@ -126,6 +126,11 @@ pub struct SiteView {
     /// The current RPO: age of the newest good backup.
     pub rpo_s: Option<u64>,
     pub late: bool,
+    /// The drill schedule and which backup it drills (absent: not scheduled).
+    pub drill_schedule: Option<String>,
+    pub drill_backup: Option<String>,
+    /// Scheduled drills are overdue.
+    pub drill_overdue: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -243,6 +248,9 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         quiesce: s.quiesce,
         rpo_target_s: (s.rpo_target_ms > 0).then_some(s.rpo_target_ms / 1000),
         late: s.late,
+        drill_schedule: Some(s.drill_schedule).filter(|x| !x.is_empty()),
+        drill_backup: Some(s.drill_backup).filter(|x| !x.is_empty()),
+        drill_overdue: s.drill_overdue,
     }
 }
 

@@ -144,27 +144,43 @@ impl pb::agent_service_server::AgentService for AgentServer {
         // the Welcome, which may take a while in a reconnect storm: the first
         // wait gets one more interval, so a fresh stream is not closed for a
         // delay of our own.
-        let mut wait = silence + self.heartbeat_interval;
+        let first_wait = silence + self.heartbeat_interval;
         tokio::spawn(async move {
+            // One timer per stream, re-armed only when it fires (once per
+            // silence window), not at every message: at 10,000 agents that
+            // is 2,000 timer insertions a second less.
+            let mut last = tokio::time::Instant::now();
+            let mut allowed = first_wait;
+            let deadline = tokio::time::sleep(first_wait);
+            tokio::pin!(deadline);
             let reason = loop {
-                let waited = wait;
-                wait = silence;
-                match tokio::time::timeout(waited, inbound.next()).await {
-                    Err(_) => break format!("no message for {waited:?}"),
-                    Ok(None) => break "the agent closed the stream".to_owned(),
-                    Ok(Some(Err(status))) => break format!("stream error: {}", status.message()),
-                    Ok(Some(Ok(msg))) => match msg.msg {
-                        Some(pb::agent_message::Msg::Heartbeat(hb)) => {
-                            me.registry.touch(&cert_site, &instance, serial, Some(hb.app_state));
-                        }
-                        Some(pb::agent_message::Msg::Result(result)) => {
-                            me.registry.touch(&cert_site, &instance, serial, None);
-                            me.registry.answer(&cert_site, &instance, serial, result);
-                        }
-                        Some(pb::agent_message::Msg::Hello(_)) | None => {
-                            tracing::warn!(site = %cert_site, %instance, "unexpected message on an established stream; ignored");
+                tokio::select! {
+                    m = inbound.next() => match m {
+                        None => break "the agent closed the stream".to_owned(),
+                        Some(Err(status)) => break format!("stream error: {}", status.message()),
+                        Some(Ok(msg)) => {
+                            (last, allowed) = (tokio::time::Instant::now(), silence);
+                            match msg.msg {
+                                Some(pb::agent_message::Msg::Heartbeat(hb)) => {
+                                    me.registry.touch(&cert_site, &instance, serial, Some(hb.app_state));
+                                }
+                                Some(pb::agent_message::Msg::Result(result)) => {
+                                    me.registry.touch(&cert_site, &instance, serial, None);
+                                    me.registry.answer(&cert_site, &instance, serial, result);
+                                }
+                                Some(pb::agent_message::Msg::Hello(_)) | None => {
+                                    tracing::warn!(site = %cert_site, %instance, "unexpected message on an established stream; ignored");
+                                }
+                            }
                         }
                     },
+                    () = &mut deadline => {
+                        let (now, due) = (tokio::time::Instant::now(), last + allowed);
+                        if now >= due {
+                            break format!("no message for {:?}", now - last);
+                        }
+                        deadline.as_mut().reset(due);
+                    }
                 }
             };
             if let Some(record) = me.registry.unregister(&cert_site, &instance, serial) {

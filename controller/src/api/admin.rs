@@ -108,6 +108,14 @@ impl AdminServer {
         if let Some(d) = last_drill.filter(|d| !d.ok) {
             problems.push(format!("the last drill {} failed: {}", d.operation_id, d.error));
         }
+        let drill_slot = view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
+        let drill_overdue = policy.drill_overdue(deps.drill.lease, last_drill.map(|d| d.started_at_ms), drill_slot, now);
+        if drill_overdue {
+            problems.push(match last_drill {
+                Some(d) => format!("drills are overdue: the last one started {} ago", humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(d.started_at_ms) / 1000))),
+                None => "drills are overdue: none was recorded since the drill schedule began".to_owned(),
+            });
+        }
         if let Some((id, state, _)) = last_failover.filter(|f| f.1 == OperationState::Failed) {
             problems.push(format!("the last failover {id} {}", state.as_str()));
         }
@@ -171,6 +179,9 @@ impl AdminServer {
             last_failover_state: last_failover.map(|f| f.1.as_str().to_owned()).unwrap_or_default(),
             last_failover_at_ms: last_failover.map(|f| f.2).unwrap_or(0),
             last_drill: last_drill.map(drill_to_pb),
+            drill_schedule: policy.drill_schedule.as_ref().map(|s| s.describe()).unwrap_or_default(),
+            drill_backup: policy.drill_schedule.as_ref().map(|_| policy.drill_backup.describe()).unwrap_or_default(),
+            drill_overdue,
         }
     }
 }
@@ -336,7 +347,16 @@ impl pb::admin_service_server::AdminService for AdminServer {
         if !r.region.is_empty() && !crate::domain::recovery::is_region(&r.region) {
             return Err(Status::invalid_argument(format!("`{}` is not a region name", r.region)));
         }
-        let req = failover::Request { backup_image_id: r.backup_image_id, region: r.region, restore: r.restore, ..Default::default() };
+        if r.failback && r.restore {
+            return Err(Status::invalid_argument("a failback is not a restore: give one of them"));
+        }
+        let req = failover::Request {
+            backup_image_id: r.backup_image_id,
+            region: r.region,
+            restore: r.restore,
+            failback: r.failback,
+            ..Default::default()
+        };
         let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(plan_status)?;
         let plan_json = serde_json::to_string(&plan).expect("plans serialize");
         if r.plan_only {
@@ -378,7 +398,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
         if r.plan_only {
             return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
         }
-        let op = drill::start(&self.engine, plan, keep, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        let op = drill::start(&self.engine, plan, keep, &format!("operator/{operator}"), None).await.map_err(engine_status)?;
         Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
     }
 
@@ -492,7 +512,8 @@ fn plan_status(e: crate::workflows::failover::PlanError) -> Status {
         | PlanError::NoBackupWithin { .. }
         | PlanError::NotABackup { .. }
         | PlanError::NoCopy { .. }) => Status::not_found(e.to_string()),
-        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_)) => Status::invalid_argument(e.to_string()),
+        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_) | PlanError::FailbackRegion { .. }) => Status::invalid_argument(e.to_string()),
+        e @ PlanError::AtHome { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 

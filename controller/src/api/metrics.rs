@@ -51,6 +51,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     let drill_rto = Family::<Labels, Gauge>::default();
     let drill_rpo = Family::<Labels, Gauge>::default();
     let drill_worst_rpo = Family::<Labels, Gauge>::default();
+    let drill_overdue = Family::<Labels, Gauge>::default();
     let view = engine.store().fleet_view().await?;
     let deps = engine.deps();
     let now = now_ms();
@@ -80,6 +81,11 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             drill_rpo.get_or_create(&l).set((d.rpo_ms / 1000) as i64);
             drill_worst_rpo.get_or_create(&l).set((d.worst_rpo_ms / 1000) as i64);
         }
+        if policy.drill_schedule.is_some() {
+            let slot = view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
+            let overdue = policy.drill_overdue(deps.drill.lease, view.last_drill.get(&site.id).map(|d| d.started_at_ms), slot, now);
+            drill_overdue.get_or_create(&l).set(i64::from(overdue));
+        }
     }
     for ((site, region, state), n) in &view.copy_counts {
         let state: &CopyState = state;
@@ -103,6 +109,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     reg.register("dr_drill_last_rto_seconds", "The last drill's RTO: start to app healthy on the copy", drill_rto);
     reg.register("dr_drill_last_rpo_seconds", "The last drill's RPO: its backup's age at the drill's start", drill_rpo);
     reg.register("dr_drill_last_worst_rpo_seconds", "The worst RPO over the window before the last drill", drill_worst_rpo);
+    reg.register("dr_drill_overdue", "1 when the site's scheduled drills are overdue (sites with a drill_schedule)", drill_overdue);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

@@ -18,6 +18,42 @@ pub enum Schedule {
     Cron { expr: String, schedule: Box<cron::Schedule>, tz: chrono_tz::Tz },
 }
 
+/// Which backup a scheduled drill restores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DrillBackup {
+    /// The newest available backup.
+    #[default]
+    Latest,
+    /// A random available backup that started within this long before the
+    /// drill (so older backups are proven too).
+    RandomWithin(Duration),
+}
+
+impl DrillBackup {
+    /// `latest` or `random-within:<duration>`.
+    pub fn parse(s: &str) -> Result<DrillBackup, String> {
+        let s = s.trim();
+        if s == "latest" {
+            return Ok(DrillBackup::Latest);
+        }
+        let Some(d) = s.strip_prefix("random-within:") else {
+            return Err(format!("`{s}` is neither \"latest\" nor \"random-within:<duration>\" (e.g. \"random-within:7d\")"));
+        };
+        let d = humantime::parse_duration(d.trim()).map_err(|e| format!("`{s}`: {e}"))?;
+        if d < Duration::from_secs(60) || d > Duration::from_secs(366 * 24 * 3600) {
+            return Err(format!("`{s}`: the window must be between 1 minute and 366 days"));
+        }
+        Ok(DrillBackup::RandomWithin(d))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            DrillBackup::Latest => "latest".into(),
+            DrillBackup::RandomWithin(d) => format!("random-within:{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
 /// How a backup quiesces the machine while CreateImage runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +108,10 @@ pub struct Policy {
     pub copy_regions: Vec<String>,
     /// Copies kept per region (newest first).
     pub copy_keep_last: u32,
+    /// When drills start (None: never by schedule). Needs `[site.drill]`.
+    pub drill_schedule: Option<Schedule>,
+    /// Which backup a scheduled drill restores.
+    pub drill_backup: DrillBackup,
 }
 
 impl Default for Policy {
@@ -85,6 +125,8 @@ impl Default for Policy {
             keep_for: None,
             copy_regions: Vec::new(),
             copy_keep_last: 7,
+            drill_schedule: None,
+            drill_backup: DrillBackup::Latest,
         }
     }
 }
@@ -95,7 +137,8 @@ impl Default for Policy {
 pub struct PolicyFile {
     /// "15m", "1h", ... or "cron:<sec min hour dom month dow>".
     pub schedule: Option<String>,
-    /// IANA time zone of a cron schedule (default UTC).
+    /// IANA time zone of the cron schedules of this table (`schedule` and
+    /// `drill_schedule`; default UTC).
     pub timezone: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub jitter: Option<Duration>,
@@ -106,17 +149,28 @@ pub struct PolicyFile {
     pub keep_for: Option<Duration>,
     pub copy_regions: Option<Vec<String>>,
     pub copy_keep_last: Option<u32>,
+    /// Like `schedule`, for drills: "off", "7d" or "cron:<expr>".
+    pub drill_schedule: Option<String>,
+    /// "latest" or "random-within:<duration>".
+    pub drill_backup: Option<String>,
 }
 
 impl PolicyFile {
     /// Applies this table over `base`. Errors name the key.
     pub fn apply(&self, base: &Policy) -> Result<Policy, (String, String)> {
         let mut p = base.clone();
+        let tz = self.timezone.as_deref().unwrap_or("UTC");
         if let Some(s) = &self.schedule {
-            let tz = self.timezone.as_deref().unwrap_or("UTC");
             p.schedule = parse_schedule(s, tz).map_err(|m| ("schedule".to_owned(), m))?;
-        } else if self.timezone.is_some() {
-            return Err(("timezone".into(), "a timezone needs a cron schedule in the same table".into()));
+        }
+        if let Some(s) = &self.drill_schedule {
+            p.drill_schedule = parse_schedule(s, tz).map_err(|m| ("drill_schedule".to_owned(), m))?;
+        }
+        if self.timezone.is_some() && self.schedule.is_none() && self.drill_schedule.is_none() {
+            return Err(("timezone".into(), "a timezone needs a cron schedule (schedule or drill_schedule) in the same table".into()));
+        }
+        if let Some(b) = &self.drill_backup {
+            p.drill_backup = DrillBackup::parse(b).map_err(|m| ("drill_backup".to_owned(), m))?;
         }
         if let Some(j) = self.jitter {
             p.jitter = j;
@@ -152,6 +206,38 @@ impl PolicyFile {
     }
 }
 
+impl Policy {
+    /// Where the backups of a site whose primary runs in `current` are
+    /// copied: `copy_regions`, but while the primary is away from `home`
+    /// (after a failover into a DR region) the copies go home instead of to
+    /// the region the backups are now taken in, so a failback has them.
+    pub fn copy_regions_from(&self, current: &str, home: &str) -> Vec<String> {
+        let mut out: Vec<String> = vec![];
+        if !home.is_empty() && current != home {
+            out.push(home.to_owned());
+        }
+        for r in &self.copy_regions {
+            if r != current && !out.contains(r) {
+                out.push(r.clone());
+            }
+        }
+        out
+    }
+
+    /// Scheduled drills are overdue when none started within the drill
+    /// schedule's interval plus the jitter window plus `lease` (the time a
+    /// drill may take) since the last one; with none recorded, since the
+    /// schedule's last handled slot (`slot`, first set when the scheduler
+    /// saw the schedule).
+    pub fn drill_overdue(&self, lease: Duration, last_started: Option<Millis>, slot: Option<Millis>, now: Millis) -> bool {
+        let Some(schedule) = &self.drill_schedule else { return false };
+        let Some(since) = last_started.or(slot) else { return false };
+        let Some(interval) = schedule.nominal_interval(since) else { return false };
+        let allowed = interval.saturating_add(self.jitter).saturating_add(lease).as_millis() as u64;
+        now.saturating_sub(since) > allowed
+    }
+}
+
 pub fn is_region(r: &str) -> bool {
     let parts: Vec<&str> = r.split('-').collect();
     parts.len() >= 3
@@ -173,7 +259,7 @@ pub fn parse_schedule(s: &str, tz: &str) -> Result<Option<Schedule>, String> {
     let every = humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is neither an interval like \"15m\" nor \"cron:<expr>\": {e}"))?;
     if every < Duration::from_secs(60) {
-        return Err(format!("`{s}`: backups more often than once a minute are not supported"));
+        return Err(format!("`{s}`: more often than once a minute is not supported"));
     }
     Ok(Some(Schedule::Every(every)))
 }
@@ -253,6 +339,56 @@ mod tests {
         assert_eq!(s.nominal_interval(noon_utc), Some(Duration::from_secs(86_400)));
         assert!(parse_schedule("cron:not a cron", "UTC").is_err());
         assert!(parse_schedule("cron:0 0 * * * *", "Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn drill_schedules_and_backup_choice() {
+        let base = Policy::default();
+        let f = PolicyFile {
+            drill_schedule: Some("cron:0 0 3 * * Sun".into()),
+            timezone: Some("Europe/Berlin".into()),
+            drill_backup: Some("random-within:7d".into()),
+            ..Default::default()
+        };
+        let p = f.apply(&base).expect("ok");
+        assert!(matches!(&p.drill_schedule, Some(Schedule::Cron { tz: chrono_tz::Tz::Europe__Berlin, .. })));
+        assert_eq!(p.schedule, None, "the backup schedule is untouched");
+        assert_eq!(p.drill_backup, DrillBackup::RandomWithin(Duration::from_secs(7 * 86_400)));
+        assert_eq!(p.drill_backup.describe(), "random-within:7days");
+        for bad in ["newest", "random-within:", "random-within:10s", "random-within:400d"] {
+            let f = PolicyFile { drill_backup: Some(bad.into()), ..Default::default() };
+            assert_eq!(f.apply(&base).expect_err(bad).0, "drill_backup", "{bad}");
+        }
+        let f = PolicyFile { drill_schedule: Some("soon".into()), ..Default::default() };
+        assert_eq!(f.apply(&base).expect_err("bad").0, "drill_schedule");
+    }
+
+    #[test]
+    fn copies_go_home_while_the_primary_is_away() {
+        let p = Policy { copy_regions: vec!["us-west-2".into(), "eu-west-1".into()], ..Policy::default() };
+        assert_eq!(p.copy_regions_from("us-east-1", "us-east-1"), ["us-west-2", "eu-west-1"], "at home: as configured");
+        assert_eq!(p.copy_regions_from("us-west-2", "us-east-1"), ["us-east-1", "eu-west-1"], "away: home first, never to itself");
+        assert_eq!(Policy::default().copy_regions_from("us-west-2", "us-east-1"), ["us-east-1"], "home even with no copy regions");
+        assert_eq!(p.copy_regions_from("us-east-1", ""), ["us-west-2", "eu-west-1"], "no home known: as configured");
+    }
+
+    #[test]
+    fn drills_are_overdue_after_interval_jitter_and_lease() {
+        let h = 3_600_000;
+        let lease = Duration::from_secs(2 * 3600);
+        let unscheduled = Policy::default();
+        assert!(!unscheduled.drill_overdue(lease, Some(0), None, 1000 * h), "no schedule, never overdue");
+        let p = PolicyFile { drill_schedule: Some("24h".into()), jitter: Some(Duration::from_secs(3600)), ..Default::default() }
+            .apply(&Policy::default())
+            .expect("ok");
+        // Last drill at 0: allowed 24 h + 1 h jitter + 2 h lease.
+        assert!(!p.drill_overdue(lease, Some(0), None, 27 * h));
+        assert!(p.drill_overdue(lease, Some(0), None, 27 * h + 1));
+        // None recorded: counted from the schedule's slot; the last drill wins over it.
+        assert!(!p.drill_overdue(lease, None, Some(10 * h), 37 * h));
+        assert!(p.drill_overdue(lease, None, Some(10 * h), 38 * h));
+        assert!(!p.drill_overdue(lease, Some(30 * h), Some(10 * h), 38 * h));
+        assert!(!p.drill_overdue(lease, None, None, 1000 * h), "the scheduler has not seen it yet");
     }
 
     #[test]

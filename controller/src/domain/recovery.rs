@@ -130,6 +130,9 @@ fn default_ttl() -> u32 {
 /// A site's recovery settings, as the workflows use them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SiteRecovery {
+    /// The site's home region (its `region` in the config): where
+    /// `drctl failback` returns it after a failover into a DR region.
+    pub home_region: String,
     pub fence: Fence,
     pub keep_private_ip: bool,
     /// The CircleCI hostname to set on the restored machine ("" = keep).

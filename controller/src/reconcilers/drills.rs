@@ -34,6 +34,7 @@ pub async fn run(engine: Engine, every: Duration) {
 fn regions(deps: &Deps, site: &Site) -> BTreeSet<String> {
     let mut r: BTreeSet<String> = [site.region.clone()].into();
     r.extend(deps.policy(&site.id).copy_regions);
+    r.extend(deps.copy_regions(site));
     r.extend(deps.recovery(&site.id).drill.launch.regions.keys().cloned());
     r
 }

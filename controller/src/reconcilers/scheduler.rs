@@ -1,21 +1,51 @@
-//! Starts backups when they are due according to each site's schedule.
+//! Starts backups and drills when they are due according to each site's
+//! schedules (`schedule`, `drill_schedule`).
 //!
 //! Each site fires at `slot + jitter_offset(site)`, where slots come from its
 //! schedule (an interval or cron in a time zone). The last slot handled is
-//! stored, so a restart neither repeats a backup nor floods: after downtime
-//! a site fires once for the latest missed slot. A site whose last slot is
-//! unknown (new) starts counting from now. A backup still running at the
-//! next slot is not doubled: the slot is recorded as skipped. A slot is
-//! recorded in the same transaction as the backup it starts, so a crash
-//! can neither lose a slot nor start its backup twice.
+//! stored per site and kind, so a restart neither repeats an operation nor
+//! floods: after downtime a site fires once for the latest missed slot. A
+//! schedule whose last slot is unknown (new) starts counting from now. An
+//! operation of the kind still running at the next slot is not doubled: the
+//! slot is recorded as skipped. A slot is recorded in the same transaction
+//! as the operation it starts, so a crash can neither lose a slot nor start
+//! its operation twice. A drill that cannot be planned (no backup in its
+//! window) consumes its slot and is logged; `drctl status` then flags the
+//! site's drills as overdue.
 
 use std::time::Duration;
 
+use crate::domain::model::{Millis, Site, now_ms};
+use crate::domain::policy::{DrillBackup, Policy, Schedule, jitter_offset};
 use crate::engine::EngineError;
-use crate::domain::model::{Millis, now_ms};
-use crate::domain::policy::{Schedule, jitter_offset};
 use crate::store::StoreError;
-use crate::workflows::Engine;
+use crate::workflows::{Engine, backup, drill, failover};
+
+/// The kinds of operation a schedule starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduled {
+    Backup,
+    Drill,
+}
+
+impl Scheduled {
+    pub const ALL: [Scheduled; 2] = [Scheduled::Backup, Scheduled::Drill];
+
+    /// The operation kind, which is also the key of its slot in the store.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Scheduled::Backup => <backup::Backup as crate::engine::Workflow>::KIND,
+            Scheduled::Drill => <drill::Drill as crate::engine::Workflow>::KIND,
+        }
+    }
+
+    pub fn schedule(self, policy: &Policy) -> Option<&Schedule> {
+        match self {
+            Scheduled::Backup => policy.schedule.as_ref(),
+            Scheduled::Drill => policy.drill_schedule.as_ref(),
+        }
+    }
+}
 
 pub async fn run(engine: Engine, tick: Duration) {
     loop {
@@ -37,32 +67,64 @@ pub fn due_slot(schedule: &Schedule, offset: Millis, last: Millis, now: Millis) 
     Some(latest)
 }
 
-/// One pass at time `now`. Returns the sites a backup was started for.
-pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<String>, StoreError> {
+/// One pass at time `now` (two store reads however many sites). Returns
+/// the (site, kind) pairs an operation was started for.
+pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Scheduled)>, StoreError> {
     let mut started = Vec::new();
     let store = engine.store();
+    let slots = store.slots().await?;
     for site in store.sites().await? {
         let policy = engine.deps().policy(&site.id);
-        let Some(schedule) = &policy.schedule else { continue };
         let offset = jitter_offset(&site.id, policy.jitter).as_millis() as Millis;
-        let Some(last) = store.last_slot(site.id.clone()).await? else {
-            store.set_last_slot(site.id.clone(), now.saturating_sub(offset)).await?;
-            continue;
-        };
-        let Some(latest) = due_slot(schedule, offset, last, now) else { continue };
-        match crate::workflows::backup::start(engine, &site.id, "schedule", Some(latest)).await {
-            Ok(op) => {
-                tracing::info!(site = %site.id, operation = %op.id, schedule = %schedule.describe(), "scheduled backup started");
-                started.push(site.id.clone());
+        for what in Scheduled::ALL {
+            let Some(schedule) = what.schedule(&policy) else { continue };
+            let Some(&last) = slots.get(&(site.id.clone(), what.kind().to_owned())) else {
+                store.set_last_slot(site.id.clone(), what.kind().into(), now.saturating_sub(offset)).await?;
+                continue;
+            };
+            let Some(latest) = due_slot(schedule, offset, last, now) else { continue };
+            match start(engine, &site, &policy, what, latest).await {
+                Ok(op) => {
+                    tracing::info!(site = %site.id, operation = %op, kind = what.kind(), schedule = %schedule.describe(), "scheduled operation started");
+                    started.push((site.id.clone(), what));
+                }
+                Err(Start::Engine(EngineError::Store(StoreError::Busy { operation, .. }))) => {
+                    store.set_last_slot(site.id.clone(), what.kind().into(), latest).await?;
+                    tracing::warn!(site = %site.id, kind = what.kind(), running = %operation, "scheduled operation skipped: one is still running");
+                }
+                Err(Start::Plan(e)) => {
+                    store.set_last_slot(site.id.clone(), what.kind().into(), latest).await?;
+                    tracing::error!(site = %site.id, error = %e, "scheduled drill skipped: it cannot be planned");
+                }
+                Err(Start::Engine(e)) => tracing::error!(site = %site.id, kind = what.kind(), error = %e, "scheduled operation could not start"),
             }
-            Err(EngineError::Store(StoreError::Busy { operation, .. })) => {
-                store.set_last_slot(site.id.clone(), latest).await?;
-                tracing::warn!(site = %site.id, running = %operation, "scheduled backup skipped: an operation is still running");
-            }
-            Err(e) => tracing::error!(site = %site.id, error = %e, "scheduled backup could not start"),
         }
     }
     Ok(started)
+}
+
+enum Start {
+    Engine(EngineError),
+    Plan(failover::plan::PlanError),
+}
+
+/// Starts the scheduled operation for `slot`; returns its id.
+async fn start(engine: &Engine, site: &Site, policy: &Policy, what: Scheduled, slot: Millis) -> Result<String, Start> {
+    match what {
+        Scheduled::Backup => backup::start(engine, &site.id, "schedule", Some(slot)).await.map(|o| o.id).map_err(Start::Engine),
+        Scheduled::Drill => {
+            let req = failover::Request {
+                drill: true,
+                random_within_ms: match policy.drill_backup {
+                    DrillBackup::Latest => 0,
+                    DrillBackup::RandomWithin(d) => d.as_millis() as u64,
+                },
+                ..Default::default()
+            };
+            let plan = failover::plan::make(engine.deps(), site, &req).await.map_err(Start::Plan)?;
+            drill::start(engine, plan, Duration::ZERO, "schedule", Some(slot)).await.map(|o| o.id).map_err(Start::Engine)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ pub struct FleetView {
     pub last_failover: HashMap<String, (String, OperationState, Millis)>,
     /// Each site's most recent recorded drill.
     pub last_drill: HashMap<String, DrillRecord>,
+    /// Each schedule's last handled slot, by (site, kind).
+    pub slots: HashMap<(String, String), Millis>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -250,8 +252,10 @@ impl Store {
         /// backup first (by the backup's completion, which retries never
         /// change).
         available_copies_in(site_id: String, region: String) -> Vec<Copy>);
-    db_call!(last_slot(site_id: String) -> Option<Millis>);
-    db_call!(set_last_slot(site_id: String, slot: Millis) -> ());
+    db_call!(
+        /// Every schedule's last handled slot, by (site, kind), in one query.
+        slots() -> HashMap<(String, String), Millis>);
+    db_call!(set_last_slot(site_id: String, kind: String, slot: Millis) -> ());
     db_call!(fleet_view() -> FleetView);
     db_call!(
         /// A backup found in EC2 by `store rebuild`, with a stand-in for the
@@ -299,7 +303,7 @@ impl Store {
                 Db(&tx).add_signal(id.clone(), Signal::Abort, format!("preempted by {}", op.id))?;
             }
             if let Some(slot) = slot {
-                Db(&tx).set_last_slot(op.site_id.clone(), slot)?;
+                Db(&tx).set_last_slot(op.site_id.clone(), op.kind.clone(), slot)?;
             }
             tx.commit()?;
             Ok(preempted)
@@ -1088,26 +1092,27 @@ impl Db<'_> {
 
     // ------------------------------------------------------------ schedules
 
-    pub fn last_slot(&self, site_id: String) -> Result<Option<Millis>, StoreError> {
-        Ok(self
-            .0
-            .query_row("SELECT last_slot_ms FROM schedules WHERE site_id = ?1", [site_id], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(|v| v as u64))
+    pub fn slots(&self) -> Result<HashMap<(String, String), Millis>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT site_id, kind, last_slot_ms FROM schedule_slots")?;
+        let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as Millis)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn set_last_slot(&self, site_id: String, slot: Millis) -> Result<(), StoreError> {
+    /// Records the last slot handled of a site's schedule of `kind`
+    /// (`backup`, `drill`: the operation kind it starts).
+    pub fn set_last_slot(&self, site_id: String, kind: String, slot: Millis) -> Result<(), StoreError> {
         self.0.execute(
-            "INSERT INTO schedules (site_id, last_slot_ms) VALUES (?1, ?2)
-             ON CONFLICT(site_id) DO UPDATE SET last_slot_ms = excluded.last_slot_ms",
-            params![site_id, slot as i64],
+            "INSERT INTO schedule_slots (site_id, kind, last_slot_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(site_id, kind) DO UPDATE SET last_slot_ms = excluded.last_slot_ms",
+            params![site_id, kind, slot as i64],
         )?;
         Ok(())
     }
 
     // ------------------------------------------------------------ fleet
 
-    /// Everything `drctl status` and `/metrics` show, in six queries.
+    /// Everything `drctl status` and `/metrics` show, in a fixed number of
+    /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
         let mut view = FleetView { sites: self.sites()?, ..FleetView::default() };
         let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
@@ -1171,6 +1176,7 @@ impl Db<'_> {
             let d: DrillRecord = serde_json::from_str(&t).map_err(|_| corrupt("drills.record", t))?;
             view.last_drill.insert(d.site_id.clone(), d);
         }
+        view.slots = self.slots()?;
         Ok(view)
     }
 }

@@ -169,4 +169,14 @@ pub const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL
     );
     CREATE INDEX drills_by_site ON drills(site_id, started_at_ms);",
+    // 6: one schedule slot per site and kind (backups, drills); the
+    // backup slots of migration 2 move over.
+    "CREATE TABLE schedule_slots (
+        site_id TEXT NOT NULL REFERENCES sites(id),
+        kind TEXT NOT NULL,
+        last_slot_ms BIGINT NOT NULL,
+        PRIMARY KEY (site_id, kind)
+    );
+    INSERT INTO schedule_slots (site_id, kind, last_slot_ms) SELECT site_id, 'backup', last_slot_ms FROM schedules;
+    DROP TABLE schedules;",
 ];

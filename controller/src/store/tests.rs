@@ -108,12 +108,17 @@ async fn a_scheduled_slot_is_recorded_with_its_operation_or_not_at_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("s.db")).await.expect("open");
     store.upsert_site(site()).await.expect("site");
+    let slot = |kind: &str| (String::from("s1"), kind.to_owned());
     store.create_operation(op("op-1"), Some(1000), one_per_site).await.expect("op");
-    assert_eq!(store.last_slot("s1".into()).await.expect("slot"), Some(1000));
+    assert_eq!(store.slots().await.expect("slots").get(&slot("backup")), Some(&1000));
     // Refused: neither the operation nor the slot is written.
     assert!(store.create_operation(op("op-2"), Some(2000), one_per_site).await.is_err());
-    assert_eq!(store.last_slot("s1".into()).await.expect("slot"), Some(1000));
+    assert_eq!(store.slots().await.expect("slots").get(&slot("backup")), Some(&1000));
     assert!(store.operation("op-2".into()).await.expect("read").is_none());
+    // Each kind has its own slot.
+    store.set_last_slot("s1".into(), "drill".into(), 5000).await.expect("drill slot");
+    let slots = store.slots().await.expect("slots");
+    assert_eq!((slots.get(&slot("backup")), slots.get(&slot("drill"))), (Some(&1000), Some(&5000)));
 }
 
 #[tokio::test]

@@ -605,12 +605,14 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     Ok(Outcome::Done(format!("backup {image_id} recorded ({}-consistent)", consistency.as_str())))
 }
 
-/// Starts a copy of the new AMI in every DR region of the site's policy.
-/// A copy that fails to start is recorded as failed: the reconciler retries
-/// it; the backup itself does not fail for it.
+/// Starts a copy of the new AMI in every DR region of the site's policy
+/// (home instead of the region it now runs in, after a failover into a DR
+/// region: `Deps::copy_regions`). A copy that fails to start is recorded
+/// as failed: the reconciler retries it; the backup itself does not fail
+/// for it.
 async fn copy(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let image_id = st.image()?.to_owned();
-    let regions = ctx.deps().policy(&ctx.site.id).copy_regions;
+    let regions = ctx.deps().copy_regions(&ctx.site);
     if regions.is_empty() {
         return Ok(Outcome::Done("no DR region configured".into()));
     }

@@ -78,12 +78,14 @@ impl Workflow for Drill {
 /// Starts a drill with a plan made by `failover::plan::make` (`drill`
 /// set). The copy is kept `keep` after its verification; its
 /// `dr:keep-until` allows `[drill] lease` beyond that before the reaper
-/// may terminate it.
+/// may terminate it. `slot`: the scheduler's drill slot, recorded with the
+/// drill in one transaction.
 pub async fn start(
     engine: &super::Engine,
     plan: failover::Plan,
     keep: Duration,
     requested_by: &str,
+    slot: Option<Millis>,
 ) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
     let site_id = plan.site_id.clone();
     let lease = engine.deps().drill.lease;
@@ -93,7 +95,7 @@ pub async fn start(
         keep_until_ms: now_ms() + (lease + keep).as_millis() as u64,
         ..State::default()
     };
-    engine.start::<Drill>(crate::engine::Start { site_id: &site_id, requested_by, state, slot: None }).await
+    engine.start::<Drill>(crate::engine::Start { site_id: &site_id, requested_by, state, slot }).await
 }
 
 /// What the copy holds: the newest build its CircleCI API lists (reported

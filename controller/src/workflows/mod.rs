@@ -73,6 +73,12 @@ impl Deps {
         self.policies.get(site_id).cloned().unwrap_or_default()
     }
 
+    /// Where a new backup of `site` is copied: the policy's `copy_regions`,
+    /// or home first while the primary is away from its home region.
+    pub fn copy_regions(&self, site: &Site) -> Vec<String> {
+        self.policy(&site.id).copy_regions_from(&site.region, &self.recovery(&site.id).home_region)
+    }
+
     /// A site's recovery settings (defaults for a site the config no
     /// longer names).
     pub fn recovery(&self, site_id: &str) -> SiteRecovery {

@@ -114,7 +114,10 @@ pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decisi
         deps.store.set_backup_state(b.image_id.clone(), BackupState::Deleted, d.reason.clone()).await?;
         tracing::info!(site = %site.id, image = %b.image_id, reason = %d.reason, "backup deleted by retention");
     }
-    for region in &policy.copy_regions {
+    // The configured DR regions, and home while the primary is away.
+    let mut regions = policy.copy_regions.clone();
+    regions.extend(deps.copy_regions(site).into_iter().filter(|r| !policy.copy_regions.contains(r)));
+    for region in &regions {
         let copies = deps.store.available_copies_in(site.id.clone(), region.clone()).await?;
         for old in copies_to_delete(&copies, policy.copy_keep_last, &protected) {
             let rec2 = deps.ec2_in(site, region).await?;

@@ -130,11 +130,10 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
         .map_err(|e| e.to_string())?
         .tls_config(slot.tls.clone())
         .map_err(|e| e.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect()).await {
+        .connect_timeout(CONNECT_TIMEOUT);
+    // As dr-agent connects: TCP_USER_TIMEOUT, no HTTP/2 pings.
+    let connector = dr_proto::transport::Connector { user_timeout: Duration::from_secs(30) };
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect_with_connector(connector)).await {
         Err(_) => return Err("connect: timed out".into()),
         Ok(Err(e)) => return Err(format!("connect: {}", error_chain(&e))),
         Ok(Ok(c)) => c,

@@ -26,6 +26,10 @@ pub struct Request {
     /// A drill without `backup_image_id`: a random available backup that
     /// started within this long before now (0 = the newest).
     pub random_within_ms: u64,
+    /// A failback: back to the site's home region after a failover into a
+    /// DR region, from the home copy of the newest backup of the current
+    /// primary, with the home launch settings and Elastic IP.
+    pub failback: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +99,7 @@ pub struct HumanAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub site_id: String,
-    /// `failover`, `restore` or `drill`.
+    /// `failover`, `restore`, `failback` or `drill`.
     pub kind: String,
     pub planned_at_ms: Millis,
     pub home_region: String,
@@ -130,6 +134,10 @@ pub enum PlanError {
     NoBackupWithin { site: String, within: String },
     #[error("a restore needs --backup AMI (an older point in time); a failover takes the newest good backup by default")]
     RestoreNeedsBackup,
+    #[error("site `{site}` runs in its home region {home}: there is nothing to fail back")]
+    AtHome { site: String, home: String },
+    #[error("a failback goes to the site's home region {home}, not {region}")]
+    FailbackRegion { home: String, region: String },
     #[error("{0}")]
     Spec(#[from] SpecError),
     #[error("store: {0}")]
@@ -146,7 +154,21 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         return Err(PlanError::RestoreNeedsBackup);
     }
     let rec = deps.recovery(&site.id);
-    let region = if req.region.is_empty() { site.region.clone() } else { req.region.clone() };
+    if req.failback {
+        if rec.home_region.is_empty() || rec.home_region == site.region {
+            return Err(PlanError::AtHome { site: site.id.clone(), home: if rec.home_region.is_empty() { site.region.clone() } else { rec.home_region.clone() } });
+        }
+        if !req.region.is_empty() && req.region != rec.home_region {
+            return Err(PlanError::FailbackRegion { home: rec.home_region.clone(), region: req.region.clone() });
+        }
+    }
+    let region = if req.failback {
+        rec.home_region.clone()
+    } else if req.region.is_empty() {
+        site.region.clone()
+    } else {
+        req.region.clone()
+    };
     let backups = deps.store.backups(site.id.clone()).await?;
     let backup: Backup = if req.backup_image_id.is_empty() && req.random_within_ms > 0 {
         let since = now_ms().saturating_sub(req.random_within_ms);
@@ -185,8 +207,15 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if req.drill {
         return drill_plan(site, &rec, &region, backup, launch_image_id, facts);
     }
-    let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip;
-    let launch = resolve_launch(facts.as_ref(), &rec, &site.region, &region, &launch_image_id, keep_ip)?;
+    let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip && !req.failback;
+    // A failback launches with the home machine's recorded facts (subnet,
+    // groups, type, its Elastic IP): those of the newest backup taken at
+    // home. The backup's own facts still say which addresses its files hold.
+    let home_facts = if req.failback { home_launch_facts(deps, site, &region).await? } else { None };
+    let launch = match &home_facts {
+        Some(h) => resolve_launch(Some(h), &rec, &region, &region, &launch_image_id, false)?,
+        None => resolve_launch(facts.as_ref(), &rec, &site.region, &region, &launch_image_id, keep_ip)?,
+    };
     let mut warnings = Vec::new();
     let mut human = Vec::new();
 
@@ -225,8 +254,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if old_private.is_empty() {
         warnings.push("the backup's private IP is not known (no launch facts, no agent report): the Replicated files are rewritten only for addresses the agent finds".into());
     }
-    let eip = facts.as_ref().filter(|f| !f.eip_allocation_id.is_empty()).map(|f| {
-        let movable = region == site.region;
+    let eip_facts = if req.failback { home_facts.as_ref() } else { facts.as_ref() };
+    let eip_region = if req.failback { region.as_str() } else { site.region.as_str() };
+    let eip = eip_facts.filter(|f| !f.eip_allocation_id.is_empty()).map(|f| {
+        let movable = region == eip_region;
         PlannedEip {
             allocation_id: f.eip_allocation_id.clone(),
             public_ip: f.eip_public_ip.clone(),
@@ -279,7 +310,14 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let now = now_ms();
     Ok(Plan {
         site_id: site.id.clone(),
-        kind: if req.restore { "restore" } else { "failover" }.into(),
+        kind: if req.failback {
+            "failback"
+        } else if req.restore {
+            "restore"
+        } else {
+            "failover"
+        }
+        .into(),
         planned_at_ms: now,
         home_region: site.region.clone(),
         backup: planned_backup(&backup, launch_image_id, facts.is_some(), now),
@@ -293,6 +331,19 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         human_actions: human,
         warnings,
     })
+}
+
+/// The launch facts of the newest available backup taken in `home` (the
+/// machine the site ran on there), if any.
+async fn home_launch_facts(deps: &Deps, site: &Site, home: &str) -> Result<Option<LaunchFacts>, PlanError> {
+    let mut at_home: Vec<Backup> = deps.store.backups(site.id.clone()).await?.into_iter().filter(|b| b.region == home).collect();
+    at_home.sort_by_key(|b| std::cmp::Reverse(b.completed_at_ms));
+    for b in at_home {
+        if let Some(f) = deps.store.launch_facts(b.image_id.clone()).await? {
+            return Ok(Some(f));
+        }
+    }
+    Ok(None)
 }
 
 fn planned_backup(backup: &Backup, launch_image_id: String, has_launch_facts: bool, now: Millis) -> PlannedBackup {

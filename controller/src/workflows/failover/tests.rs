@@ -30,6 +30,14 @@ async fn until(store: &Store, id: &str, want: OperationState) -> crate::domain::
 /// A site `s1` with primary `i-old` and one available backup `ami-b1`
 /// (with launch facts) on `fake`, and the engine over it.
 async fn world(fake: Arc<FakeEc2>, recovery: HashMap<String, crate::domain::recovery::SiteRecovery>) -> (tempfile::TempDir, Store, Site, super::super::Engine) {
+    world_with(fake, recovery, HashMap::new()).await
+}
+
+async fn world_with(
+    fake: Arc<FakeEc2>,
+    recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
+    policies: HashMap<String, crate::domain::policy::Policy>,
+) -> (tempfile::TempDir, Store, Site, super::super::Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("s.db")).await.expect("store");
     let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
@@ -67,20 +75,30 @@ async fn world(fake: Arc<FakeEc2>, recovery: HashMap<String, crate::domain::reco
     store.put_launch_facts("ami-b1".into(), "s1".into(), facts).await.expect("facts");
     fake.add_instance("i-old", "10.0.0.5");
     fake.add_image("ami-b1");
+    let engine = engine_over(&store, fake, recovery, policies);
+    (dir, store, site, engine)
+}
+
+/// An engine over `store` (a controller start: call again for a restart).
+fn engine_over(
+    store: &Store,
+    fake: Arc<FakeEc2>,
+    recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
+    policies: HashMap<String, crate::domain::policy::Policy>,
+) -> super::super::Engine {
     let deps = Deps {
         store: store.clone(),
         registry: crate::agents::Registry::default(),
         ec2: Arc::new(Ec2Clients::fixed(AwsConfig::default(), fake.clone())),
         backup: BackupConfig::default(),
-        policies: HashMap::new(),
+        policies,
         recovery,
         failover: FailoverConfig { agent_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
     };
-    let engine = super::super::engine(deps);
-    (dir, store, site, engine)
+    super::super::engine(deps)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,12 +136,9 @@ async fn a_lost_run_instances_answer_launches_once_and_an_abort_releases_it() {
     assert_eq!(store.site("s1".into()).await.expect("read").expect("site").primary_instance_id, "i-old", "not promoted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_records_it() {
-    use crate::domain::recovery::{DrillSettings, LaunchConfig, LaunchOverridesHome, SiteRecovery};
-    use crate::testkit::FakeAgent;
-    let fake = Arc::new(FakeEc2::default());
-    let drill = DrillSettings {
+fn drill_settings() -> crate::domain::recovery::DrillSettings {
+    use crate::domain::recovery::{DrillSettings, LaunchConfig, LaunchOverridesHome};
+    DrillSettings {
         hostname: Some("drill.example.com".into()),
         launch: LaunchConfig {
             home: LaunchOverridesHome {
@@ -133,15 +148,22 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
             },
             ..Default::default()
         },
-    };
-    let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill, ..Default::default() })]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_records_it() {
+    use crate::domain::recovery::SiteRecovery;
+    use crate::testkit::FakeAgent;
+    let fake = Arc::new(FakeEc2::default());
+    let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill: drill_settings(), ..Default::default() })]);
     let (_dir, store, site, engine) = world(fake.clone(), recovery).await;
     // The primary's agent: it must get no command of the drill.
     let primary = FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, |_| Ok(serde_json::json!({})));
     let req = Request { drill: true, ..Default::default() };
     let plan = plan::make(engine.deps(), &site, &req).await.expect("plan");
     assert_eq!((plan.launch.subnet_id.as_str(), plan.hostname.as_str()), ("subnet-drill", "drill.example.com"));
-    let op = crate::workflows::drill::start(&engine, plan, Duration::ZERO, "operator/t").await.expect("start");
+    let op = crate::workflows::drill::start(&engine, plan, Duration::ZERO, "operator/t", None).await.expect("start");
 
     // The copy's agent comes up once EC2 has the instance.
     let copy = loop {
@@ -178,4 +200,60 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
     assert!(rec[0].ok && rec[0].rto_ms > 0 && rec[0].instance_id == copy, "{:?}", rec[0]);
     assert_eq!(rec[0].newest_build_at_ms, 1_767_225_600_000, "the copy's newest build: {:?}", rec[0]);
     assert_eq!(done.steps.iter().find(|s| s.name == "teardown").map(|s| s.state), Some(crate::domain::model::StepState::Done));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_drill_fires_once_per_slot_and_a_restart_does_not_repeat_it() {
+    use crate::domain::policy::{DrillBackup, Policy, parse_schedule};
+    use crate::domain::recovery::SiteRecovery;
+    use crate::reconcilers::scheduler::{Scheduled, tick_once};
+    let fake = Arc::new(FakeEc2::default());
+    let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill: drill_settings(), ..Default::default() })]);
+    let policy = Policy {
+        drill_schedule: parse_schedule("1h", "UTC").expect("ok"),
+        drill_backup: DrillBackup::RandomWithin(Duration::from_secs(86_400)),
+        ..Policy::default()
+    };
+    let policies = HashMap::from([("s1".to_owned(), policy)]);
+    let (_dir, store, _site, engine) = world_with(fake.clone(), recovery.clone(), policies.clone()).await;
+    let h = 3_600_000;
+    // A minute into an hour (slots of "1h" are whole hours).
+    let t0 = crate::domain::model::now_ms() / h * h + 60_000;
+    let running_drills = || async {
+        let active = store.active_operations_of("s1".into()).await.expect("active");
+        let mut ops = vec![];
+        for a in active.into_iter().filter(|a| a.kind == "drill") {
+            ops.push(store.operation(a.id).await.expect("read").expect("op"));
+        }
+        ops
+    };
+
+    assert!(tick_once(&engine, t0).await.expect("tick").is_empty(), "a new schedule starts counting from now");
+    assert!(tick_once(&engine, t0 + h / 2).await.expect("tick").is_empty(), "no slot yet");
+    let slot = (t0 / h + 1) * h;
+    assert_eq!(tick_once(&engine, slot + 1000).await.expect("tick"), [("s1".to_owned(), Scheduled::Drill)]);
+    assert!(tick_once(&engine, slot + 2000).await.expect("tick").is_empty(), "one drill per slot");
+    // A controller restart on the same store: the slot is not fired again.
+    let restarted = engine_over(&store, fake.clone(), recovery.clone(), policies.clone());
+    assert!(tick_once(&restarted, slot + 3000).await.expect("tick").is_empty(), "not repeated after a restart");
+    let first = running_drills().await;
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0].requested_by, "schedule");
+
+    // No agent comes up on the copy: the drill fails at wait_agent, tears
+    // its copy down and records itself.
+    let ended = until(&store, &first[0].id, OperationState::Failed).await;
+    assert!(ended.error.contains("wait_agent") || ended.steps.iter().any(|s| s.name == "wait_agent"), "{ended:#?}");
+    let rec = store.drills("s1".into(), 5).await.expect("drills");
+    assert_eq!(rec.len(), 1);
+    assert!(!rec[0].ok);
+    // The next slot fires again, once, on the restarted controller.
+    assert_eq!(tick_once(&restarted, slot + h + 1000).await.expect("tick"), [("s1".to_owned(), Scheduled::Drill)]);
+    assert!(tick_once(&restarted, slot + h + 2000).await.expect("tick").is_empty());
+    let second = running_drills().await;
+    assert_eq!(second.len(), 1, "{second:#?}");
+    assert_ne!(second[0].id, first[0].id);
+    let slots = store.slots().await.expect("slots");
+    assert_eq!(slots.get(&("s1".to_owned(), "drill".to_owned())), Some(&(slot + h)));
+    assert_eq!(slots.get(&("s1".to_owned(), "backup".to_owned())), None, "no backup schedule, no backup slot");
 }
