@@ -220,12 +220,7 @@ impl RecoveryWorld {
     }
 
     pub async fn instance_state(&self, id: &str) -> String {
-        let out = self.ec2.describe_instances().instance_ids(id).send().await.expect("DescribeInstances");
-        out.reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find_map(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()))
-            .unwrap_or_default()
+        instance_state_in(&self.ec2, id).await
     }
 
     pub async fn all_instances(&self) -> usize {
@@ -259,6 +254,16 @@ impl RecoveryWorld {
 }
 
 /// The instances carrying `dr:operation=op`, as `ec2` (a region) sees them.
+/// An instance's EC2 state through `ec2` (any region); "" if unknown.
+pub async fn instance_state_in(ec2: &aws_sdk_ec2::Client, id: &str) -> String {
+    let out = ec2.describe_instances().instance_ids(id).send().await.expect("DescribeInstances");
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .find_map(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()))
+        .unwrap_or_default()
+}
+
 pub async fn launched_by(ec2: &aws_sdk_ec2::Client, op: &str) -> Vec<aws_sdk_ec2::types::Instance> {
     ec2.describe_instances()
         .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:operation").values(op).build())
@@ -294,6 +299,38 @@ pub fn read(path: &Path) -> String {
 }
 
 impl RecoveryWorld {
+    /// Makes `region` a place the site can fail over to: `[site.launch.<region>]`
+    /// with moto's first subnet and security group there (restarts the
+    /// controller). Returns that region's EC2 client and the subnet.
+    pub async fn dr_region(&mut self, region: &str) -> (aws_sdk_ec2::Client, String) {
+        let ec2 = crate::ec2_client(&self.dataplane.url, region);
+        let subnets = ec2.describe_subnets().send().await.expect("DescribeSubnets");
+        let subnet = subnets.subnets()[0].subnet_id().expect("subnet").to_owned();
+        let groups = ec2.describe_security_groups().send().await.expect("DescribeSecurityGroups");
+        let sg = groups.security_groups()[0].group_id().expect("sg").to_owned();
+        self.add_site_toml(&format!("[site.launch.{region}]\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n"));
+        (ec2, subnet)
+    }
+
+    /// Waits for the newest backup's copy in `region` to be available and
+    /// returns its AMI; `of` (if given) must be the backup's instance.
+    pub async fn newest_copy_in(&self, region: &str, of: Option<&str>) -> String {
+        for _ in 0..150 {
+            let b = crate::drctl_json(&self.pki, &self.controller.url, &["backups", &self.site]);
+            let newest = &b["backups"][0];
+            if let Some(of) = of {
+                assert_eq!(newest["instance_id"], of, "the newest backup is {of}'s: {newest}");
+            }
+            let copies = newest["copies"].as_array().cloned().unwrap_or_default();
+            assert!(copies.iter().all(|c| c["region"] == region), "copied to {region} only: {copies:?}");
+            if let Some(c) = copies.iter().find(|c| c["state"] == "available") {
+                return c["image_id"].as_str().expect("copy id").to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("no available copy in {region} of the newest backup\n{}", tail(&self.controller.log()));
+    }
+
     /// Appends TOML to the site's table (after `[site.dns]`: sub-tables
     /// such as `[site.launch.us-west-2]`) and restarts the controller.
     pub fn add_site_toml(&mut self, toml: &str) {

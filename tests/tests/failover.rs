@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dr_tests::recovery_world::*;
-use dr_tests::{assert_eventually, drctl_json, last_json, replicatedctl_calls, site_status, text};
+use dr_tests::{assert_eventually, last_json, replicatedctl_calls, site_status, text};
 use serde_json::Value;
 
 fn steps(op: &Value) -> Vec<(String, String, String)> {
@@ -247,31 +247,14 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns() {
+async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns_then_failback_returns_it_home() {
     let spec = RecoverySpec { controller_toml: "[policy]\ncopy_regions = [\"us-west-2\"]\n".into(), ..Default::default() };
     let mut w = RecoveryWorld::start("fo-dr", spec).await;
-    let west = dr_tests::ec2_client(&w.dataplane.url, "us-west-2");
-    let subnets = west.describe_subnets().send().await.expect("DescribeSubnets");
-    let subnet = subnets.subnets()[0].subnet_id().expect("subnet").to_owned();
-    let groups = west.describe_security_groups().send().await.expect("DescribeSecurityGroups");
-    let sg = groups.security_groups()[0].group_id().expect("sg").to_owned();
-    w.add_site_toml(&format!("[site.launch.us-west-2]\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n"));
+    let (west, subnet) = w.dr_region("us-west-2").await;
     w.wait_primary(&w.instance.id);
     let backup = w.backup();
     assert_eq!(backup["state"], "succeeded", "{backup}");
-    let copy = {
-        let mut found = None;
-        for _ in 0..100 {
-            let b = drctl_json(&w.pki, &w.controller.url, &["backups", &w.site]);
-            let c = &b["backups"][0]["copies"][0];
-            if c["state"] == "available" {
-                found = c["image_id"].as_str().map(str::to_owned);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        found.expect("the DR copy becomes available")
-    };
+    let copy = w.newest_copy_in("us-west-2", None).await;
     w.dataplane.lose(&w.instance.id).await;
 
     let out = w.drctl(&["-o", "json", "failover", &w.site, "--region", "us-west-2", "--plan"]);
@@ -301,6 +284,40 @@ async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns() {
     let eip_step = steps(&op).into_iter().find(|s| s.0 == "move_eip").expect("move_eip");
     assert!(eip_step.2.contains("not moved"), "{eip_step:?}");
     w.wait_primary(&new);
+
+    // Failback. Not before a backup of the DR primary exists at home.
+    let early = w.drctl(&["failback", &w.site, "--plan"]);
+    assert_eq!(early.status.code(), Some(5), "not found: {}{}", text(&early.stdout), text(&early.stderr));
+    assert!(text(&early.stderr).contains(&format!("no available backup of its primary {new}")), "{}", text(&early.stderr));
+    // While the primary is away, its backups are copied home.
+    let dr_backup = w.backup();
+    assert_eq!(dr_backup["state"], "succeeded", "{dr_backup}");
+    // Copied home only (not to the region it is taken in).
+    let home_copy = w.newest_copy_in("us-east-1", Some(&new)).await;
+    let out = w.drctl(&["-o", "json", "failback", &w.site, "--plan"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let plan = last_json(&out.stdout)["plan"].clone();
+    assert_eq!(plan["kind"], "failback", "{plan}");
+    assert_eq!(plan["launch"]["region"], "us-east-1");
+    assert_eq!(plan["backup"]["launch_image_id"], home_copy.as_str());
+    assert_eq!(plan["fence"]["instance_id"], new.as_str(), "the DR instance is fenced");
+    assert_eq!(plan["eip"]["movable"], true, "the home Elastic IP comes back: {plan}");
+    let out = w.drctl(&["-o", "json", "failback", &w.site, "--yes", "--wait"]);
+    let op = last_json(&out.stdout);
+    assert_eq!(op["state"], "succeeded", "{}{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    let home = w.launched_by(op["id"].as_str().expect("id")).await;
+    assert_eq!(home.len(), 1, "one instance at home");
+    assert_eq!(home[0].image_id(), Some(home_copy.as_str()), "from the home copy of the DR backup");
+    let back = home[0].instance_id().expect("id").to_owned();
+    assert_eq!(w.eip_holder().await, back, "the home Elastic IP moved back");
+    assert_eq!(w.dns_a().await, vec![w.eip.clone()], "DNS names the Elastic IP again");
+    assert_eq!(instance_state_in(&west, &new).await, "stopped", "the DR instance is fenced");
+    w.wait_primary(&back);
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!((s["region"].as_str(), s["primary_instance_id"].as_str()), (Some("us-east-1"), Some(back.as_str())), "{s}");
+    let again = w.drctl(&["failback", &w.site, "--plan"]);
+    assert_eq!(again.status.code(), Some(2), "home: nothing to fail back");
+    assert!(text(&again.stderr).contains("home region us-east-1"), "{}", text(&again.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -511,9 +511,11 @@ fn plan_status(e: crate::workflows::failover::PlanError) -> Status {
         | PlanError::NoBackup(_)
         | PlanError::NoBackupWithin { .. }
         | PlanError::NotABackup { .. }
-        | PlanError::NoCopy { .. }) => Status::not_found(e.to_string()),
-        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_) | PlanError::FailbackRegion { .. }) => Status::invalid_argument(e.to_string()),
-        e @ PlanError::AtHome { .. } => Status::failed_precondition(e.to_string()),
+        | PlanError::NoCopy { .. }
+        | PlanError::NoBackupOfPrimary { .. }) => Status::not_found(e.to_string()),
+        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_) | PlanError::FailbackRegion { .. } | PlanError::AtHome { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
     }
 }
 

@@ -100,7 +100,6 @@ pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decisi
     if dry_run {
         return Ok(decisions);
     }
-    let ec2 = deps.ec2(site).await?;
     for d in &decisions {
         let Some(b) = backups.iter().find(|b| b.image_id == d.image_id) else { continue };
         if d.keep {
@@ -110,6 +109,9 @@ pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decisi
             continue;
         }
         deps.store.set_backup_state(b.image_id.clone(), BackupState::Deleting, d.reason.clone()).await?;
+        // In the region the backup was taken in: after a failover into a DR
+        // region the site's backups live in two.
+        let ec2 = if b.region.is_empty() { deps.ec2(site).await? } else { deps.ec2_in(site, &b.region).await? };
         delete_image(ec2.as_ref(), &b.image_id, &b.snapshot_ids).await?;
         deps.store.set_backup_state(b.image_id.clone(), BackupState::Deleted, d.reason.clone()).await?;
         tracing::info!(site = %site.id, image = %b.image_id, reason = %d.reason, "backup deleted by retention");

@@ -134,6 +134,10 @@ pub enum PlanError {
     NoBackupWithin { site: String, within: String },
     #[error("a restore needs --backup AMI (an older point in time); a failover takes the newest good backup by default")]
     RestoreNeedsBackup,
+    #[error(
+        "site `{site}` has no available backup of its primary {primary} yet: take one (`drctl backup {site} --wait`) and wait for its copy home (`drctl backups {site}`)"
+    )]
+    NoBackupOfPrimary { site: String, primary: String },
     #[error("site `{site}` runs in its home region {home}: there is nothing to fail back")]
     AtHome { site: String, home: String },
     #[error("a failback goes to the site's home region {home}, not {region}")]
@@ -181,6 +185,14 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         }
         let i = rand::random_range(0..pool.len());
         pool.into_iter().nth(i).expect("index within the pool")
+    } else if req.backup_image_id.is_empty() && req.failback {
+        // Never back to an older point than the machine running now: the
+        // newest backup of the current (DR) primary.
+        backups
+            .into_iter()
+            .filter(|b| b.state == BackupState::Available && b.instance_id == site.primary_instance_id)
+            .max_by_key(|b| b.completed_at_ms)
+            .ok_or_else(|| PlanError::NoBackupOfPrimary { site: site.id.clone(), primary: site.primary_instance_id.clone() })?
     } else if req.backup_image_id.is_empty() {
         backups
             .into_iter()
@@ -193,7 +205,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             .find(|b| b.state == BackupState::Available && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id)))
             .ok_or_else(|| PlanError::NotABackup { site: site.id.clone(), image: req.backup_image_id.clone() })?
     };
-    let launch_image_id = if region == site.region {
+    // The backup itself where it was taken (its region; older rows: the
+    // site's), else its copy in the launch region.
+    let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
+    let launch_image_id = if region == taken_in {
         backup.image_id.clone()
     } else {
         backup
@@ -214,7 +229,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let home_facts = if req.failback { home_launch_facts(deps, site, &region).await? } else { None };
     let launch = match &home_facts {
         Some(h) => resolve_launch(Some(h), &rec, &region, &region, &launch_image_id, false)?,
-        None => resolve_launch(facts.as_ref(), &rec, &site.region, &region, &launch_image_id, keep_ip)?,
+        None => resolve_launch(facts.as_ref(), &rec, taken_in, &region, &launch_image_id, keep_ip)?,
     };
     let mut warnings = Vec::new();
     let mut human = Vec::new();
@@ -255,7 +270,8 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         warnings.push("the backup's private IP is not known (no launch facts, no agent report): the Replicated files are rewritten only for addresses the agent finds".into());
     }
     let eip_facts = if req.failback { home_facts.as_ref() } else { facts.as_ref() };
-    let eip_region = if req.failback { region.as_str() } else { site.region.as_str() };
+    // An Elastic IP belongs to the region of the machine it was recorded on.
+    let eip_region = if req.failback { region.as_str() } else { taken_in };
     let eip = eip_facts.filter(|f| !f.eip_allocation_id.is_empty()).map(|f| {
         let movable = region == eip_region;
         PlannedEip {
@@ -265,12 +281,12 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             note: if movable {
                 "AssociateAddress (AllowReassociation) onto the new instance".into()
             } else {
-                format!("an Elastic IP cannot move from {} to {region}: DNS must carry the site", site.region)
+                format!("an Elastic IP cannot move from {eip_region} to {region}: DNS must carry the site")
             },
         }
     });
     if let Some(e) = eip.as_ref().filter(|e| !e.movable) {
-        human.push(HumanAction { kind: "elastic_ip".into(), message: format!("Elastic IP {} stays in {}: {}", e.public_ip, site.region, e.note) });
+        human.push(HumanAction { kind: "elastic_ip".into(), message: format!("Elastic IP {} stays in {eip_region}: {}", e.public_ip, e.note) });
     }
     let new_private = if !launch.private_ip.is_empty() { launch.private_ip.clone() } else { ASSIGNED_AT_LAUNCH.to_owned() };
     let new_public = match &eip {
@@ -372,7 +388,8 @@ fn drill_plan(
 ) -> Result<Plan, PlanError> {
     let mut drill_rec = rec.clone();
     drill_rec.launch = rec.drill.launch_over(&rec.launch, region, &site.region)?;
-    let launch = resolve_launch(facts.as_ref(), &drill_rec, &site.region, region, &launch_image_id, false)?;
+    let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
+    let launch = resolve_launch(facts.as_ref(), &drill_rec, taken_in, region, &launch_image_id, false)?;
     let (old_private, old_public) = facts.as_ref().map(|f| (f.private_ip.clone(), f.public_ip.clone())).unwrap_or_default();
     let mut addresses = vec![];
     if !old_private.is_empty() {
