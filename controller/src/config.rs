@@ -502,6 +502,24 @@ instance_id = "i-0123456789abcdef0"
 "#;
 
     #[test]
+    fn a_misspelt_launch_or_drill_key_is_named() {
+        let cases = [
+            ("[site.drill]\nhostname = \"d.example.com\"\nsubnet = \"subnet-1\"\n", "unknown key `subnet`"),
+            ("[site.launch]\ninstance_typ = \"m5.xlarge\"\n", "unknown key `instance_typ`"),
+            ("[site.launch.us-west-2]\nsubnet = \"subnet-1\"\n", "in the `us-west-2` table: unknown field `subnet`"),
+            ("[site.launch.uswest2]\nsubnet_id = \"subnet-1\"\n", "site[0].launch.uswest2"),
+        ];
+        for (extra, want) in cases {
+            let e = Config::parse(Path::new("c.toml"), &format!("{GOOD}{extra}")).expect_err(extra).to_string();
+            assert!(e.contains(want) && e.contains("c.toml"), "{extra}: {e}");
+        }
+        let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}[site.launch]\nsubnet_id = \"subnet-1\"\n[site.launch.us-west-2]\nsubnet_id = \"subnet-2\"\n"))
+            .expect("valid");
+        assert_eq!(c.sites[0].launch.for_region("us-west-2", "us-east-1").subnet_id.as_deref(), Some("subnet-2"));
+        assert_eq!(c.sites[0].launch.for_region("us-east-1", "us-east-1").subnet_id.as_deref(), Some("subnet-1"));
+    }
+
+    #[test]
     fn parses_a_minimal_config_with_defaults() {
         let c = Config::parse(Path::new("c.toml"), GOOD).expect("valid config");
         assert_eq!(c.server.heartbeat_interval, Duration::from_secs(6));

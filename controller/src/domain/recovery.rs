@@ -49,12 +49,41 @@ pub struct LaunchOverrides {
 /// `[site.launch]`: overrides for the site's own region, and one table per
 /// other region (`[site.launch.us-west-2]`), whose subnet and security
 /// groups necessarily differ.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LaunchConfig {
     #[serde(flatten)]
     pub home: LaunchOverridesHome,
     #[serde(flatten)]
     pub regions: BTreeMap<String, LaunchOverrides>,
+}
+
+const LAUNCH_KEYS: &str = "instance_type, subnet_id, availability_zone, security_group_ids, iam_instance_profile, key_name";
+
+/// By hand, so that a misspelt key is named as such ("unknown key
+/// `subnet`") instead of serde's "expected struct LaunchOverrides" for the
+/// flattened region tables.
+impl<'de> Deserialize<'de> for LaunchConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        let mut home = serde_json::Map::new();
+        let mut regions = BTreeMap::new();
+        for (key, value) in raw {
+            if LAUNCH_KEYS.split(", ").any(|k| k == key) {
+                home.insert(key, value);
+            } else if !value.is_object() {
+                return Err(D::Error::custom(format!(
+                    "unknown key `{key}`: the launch settings are {LAUNCH_KEYS}, and per other region a table such as `.us-west-2`"
+                )));
+            } else {
+                // Its name is checked by `check`, which can name the key.
+                let o: LaunchOverrides = serde_json::from_value(value).map_err(|e| D::Error::custom(format!("in the `{key}` table: {e}")))?;
+                regions.insert(key, o);
+            }
+        }
+        let home = serde_json::from_value(serde_json::Value::Object(home)).map_err(D::Error::custom)?;
+        Ok(LaunchConfig { home, regions })
+    }
 }
 
 /// The home-region fields of `[site.launch]` (flattened beside the region
@@ -92,12 +121,7 @@ impl LaunchConfig {
     pub fn check(&self) -> Result<(), (String, String)> {
         for name in self.regions.keys() {
             if !is_region(name) {
-                return Err((
-                    name.clone(),
-                    "is neither a launch setting (instance_type, subnet_id, availability_zone, security_group_ids, \
-                     iam_instance_profile, key_name) nor a region table such as [site.launch.us-west-2]"
-                        .into(),
-                ));
+                return Err((name.clone(), format!("is neither a launch setting ({LAUNCH_KEYS}) nor a region table such as [site.launch.us-west-2]")));
             }
         }
         Ok(())
