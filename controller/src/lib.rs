@@ -101,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::spawn(reconcilers::scheduler::run(engine.clone(), config.backup.scheduler_tick));
     tokio::spawn(reconcilers::copies::run(engine.clone(), config.backup.copy_poll));
     tokio::spawn(reconcilers::drills::run(engine.clone(), config.drill.reap_every));
+    tokio::spawn(reconcilers::spares::run(engine.clone(), config.backup.scheduler_tick));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {

@@ -209,6 +209,10 @@ impl Ec2 for FakeEc2 {
         self.called("StopInstances");
         set_state(&mut self.lock(), id, "stopped")
     }
+    async fn start_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        self.called("StartInstances");
+        set_state(&mut self.lock(), id, "running")
+    }
     async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
         self.called("TerminateInstances");
         let _ = set_state(&mut self.lock(), id, "terminated");

@@ -226,6 +226,14 @@ pub struct FailoverTarget {
     /// Launch in this region, from the backup's copy there (a region outage).
     #[arg(long)]
     pub region: Option<String>,
+    /// Launch from the newest backup even when the site's policy prefers
+    /// its hot spare (failover only).
+    #[arg(long, conflicts_with_all = ["backup", "use_spare"])]
+    pub fresh: bool,
+    /// Take the site's hot spare even when its policy prefers the freshest
+    /// backup (failover only; refused when it has no usable spare).
+    #[arg(long, conflicts_with = "backup")]
+    pub use_spare: bool,
     /// Print the plan and change nothing.
     #[arg(long)]
     pub plan: bool,
@@ -455,6 +463,8 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                 plan_only: true,
                 restore,
                 failback,
+                fresh: target.fresh,
+                use_spare: target.use_spare,
             };
             let planned = client.start_failover(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
             let plan: serde_json::Value = serde_json::from_str(&planned.plan_json)

@@ -31,7 +31,11 @@ pub fn print_plan(plan: &Value) {
     println!("{kind} plan for site {}", s(plan, "site_id"));
     println!("  backup:     {} taken {} ({} ago: the data loss you accept), {}-consistent", s(b, "image_id"),
         rfc3339(b["started_at_ms"].as_u64().unwrap_or(0)).unwrap_or_default(), human_duration(age), s(b, "consistency"));
-    if s(b, "launch_image_id") != s(b, "image_id") {
+    let spare = plan["spare"].as_object().map(|_| &plan["spare"]);
+    if let Some(sp) = spare {
+        println!("  hot spare:  {} ({} now): no launch, no disk hydration; its data is {} older than the newest backup {}",
+            s(sp, "instance_id"), s(sp, "state"), human_duration(sp["lag_ms"].as_u64().unwrap_or(0)), s(sp, "newest_backup_image_id"));
+    } else if s(b, "launch_image_id") != s(b, "image_id") {
         println!("              launched from its copy {} in {}", s(b, "launch_image_id"), s(l, "region"));
     }
     if drill {
@@ -41,6 +45,10 @@ pub fn print_plan(plan: &Value) {
     }
     if let Some(v) = f["keeps_volumes"].as_array().filter(|v| !v.is_empty()) {
         println!("              volumes kept: {}", v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
+    }
+    if spare.is_some() {
+        // The launch settings below are not used: the spare is started.
+        println!("  (the launch settings below apply only if the spare is not used: drctl failover --fresh)");
     }
     let sources = &l["sources"];
     let src = |k: &str| sources[k].as_str().map(|x| format!(" [{x}]")).unwrap_or_default();

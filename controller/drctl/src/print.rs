@@ -60,6 +60,21 @@ pub fn print_status(sites: &[SiteView]) {
         if let Some(d) = &s.last_drill {
             println!("{:<20} last drill: {}", "", drill_line(d));
         }
+        if let Some(p) = &s.spare {
+            let kept = match (&p.instance_id, &p.backup_image_id) {
+                (Some(i), Some(b)) => format!("{i} from {b} ({} behind the newest backup)", human_duration(p.lag_s * 1000)),
+                _ => "none installed yet".to_owned(),
+            };
+            let next = p.preparing_operation_id.as_ref().map(|o| format!("; preparing the next: {o}")).unwrap_or_default();
+            println!(
+                "{:<20} spare ({} in {}, failover prefers {}, max lag {}): {kept}{next}",
+                "",
+                p.mode,
+                p.region,
+                p.failover_prefers,
+                human_duration(p.max_lag_s * 1000)
+            );
+        }
         for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
             let state = if i.connected { "connected" } else { "offline" };
             let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };

@@ -131,6 +131,23 @@ pub struct SiteView {
     pub drill_backup: Option<String>,
     /// Scheduled drills are overdue.
     pub drill_overdue: bool,
+    /// The hot spare (absent: the policy keeps none).
+    pub spare: Option<SpareView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SpareView {
+    pub mode: String,
+    pub region: String,
+    pub failover_prefers: String,
+    pub max_lag_s: u64,
+    /// Absent: none installed yet.
+    pub instance_id: Option<String>,
+    pub backup_image_id: Option<String>,
+    pub backup_started_at: Option<String>,
+    /// How much older its backup is than the newest good backup.
+    pub lag_s: u64,
+    pub preparing_operation_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -251,6 +268,17 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         drill_schedule: Some(s.drill_schedule).filter(|x| !x.is_empty()),
         drill_backup: Some(s.drill_backup).filter(|x| !x.is_empty()),
         drill_overdue: s.drill_overdue,
+        spare: s.spare.map(|p| SpareView {
+            instance_id: Some(p.instance_id).filter(|x| !x.is_empty()),
+            backup_image_id: Some(p.backup_image_id).filter(|x| !x.is_empty()),
+            backup_started_at: (p.backup_started_at_ms > 0).then(|| rfc3339(p.backup_started_at_ms)).flatten(),
+            lag_s: p.lag_ms / 1000,
+            preparing_operation_id: Some(p.preparing_operation_id).filter(|x| !x.is_empty()),
+            mode: p.mode,
+            region: p.region,
+            failover_prefers: p.failover_prefers,
+            max_lag_s: p.max_lag_ms / 1000,
+        }),
     }
 }
 

@@ -145,7 +145,26 @@ impl AdminServer {
                 problems.push(format!("operation {} waits for a human", a.id));
             }
         }
+        let spare = (policy.spare != crate::domain::policy::SpareMode::Off).then(|| {
+            let installed = view.spares.get(&site.id);
+            let region = crate::workflows::failover::plan::spare_region(&policy, &deps.recovery(&site.id), site);
+            if installed.is_none() {
+                problems.push("the policy keeps a hot spare but none is installed yet".to_owned());
+            }
+            pb::SpareStatus {
+                mode: policy.spare.as_str().to_owned(),
+                region,
+                failover_prefers: policy.failover_prefers.as_str().to_owned(),
+                max_lag_ms: policy.spare_max_lag.as_millis() as u64,
+                instance_id: installed.map(|s| s.instance_id.clone()).unwrap_or_default(),
+                backup_image_id: installed.map(|s| s.backup_image_id.clone()).unwrap_or_default(),
+                backup_started_at_ms: installed.map(|s| s.backup_started_at_ms).unwrap_or(0),
+                lag_ms: spare_lag_ms(installed, last_backup),
+                preparing_operation_id: active.iter().find(|a| a.kind == "spare").map(|a| a.id.clone()).unwrap_or_default(),
+            }
+        });
         pb::SiteStatus {
+            spare,
             site_id: site.id.clone(),
             region: site.region.clone(),
             primary_instance_id: site.primary_instance_id.clone(),
@@ -183,6 +202,14 @@ impl AdminServer {
             drill_backup: policy.drill_schedule.as_ref().map(|_| policy.drill_backup.describe()).unwrap_or_default(),
             drill_overdue,
         }
+    }
+}
+
+/// How much older a spare's backup is than the site's newest good backup.
+pub(crate) fn spare_lag_ms(spare: Option<&crate::domain::model::SpareRecord>, newest: Option<&Backup>) -> u64 {
+    match (spare, newest) {
+        (Some(s), Some(b)) => b.started_at_ms.saturating_sub(s.backup_started_at_ms),
+        _ => 0,
     }
 }
 
@@ -355,6 +382,8 @@ impl pb::admin_service_server::AdminService for AdminServer {
             region: r.region,
             restore: r.restore,
             failback: r.failback,
+            fresh: r.fresh,
+            use_spare: r.use_spare,
             ..Default::default()
         };
         let plan = failover::plan::make(self.engine.deps(), &site, &req).await.map_err(plan_status)?;
@@ -512,8 +541,14 @@ fn plan_status(e: crate::workflows::failover::PlanError) -> Status {
         | PlanError::NoBackupWithin { .. }
         | PlanError::NotABackup { .. }
         | PlanError::NoCopy { .. }
-        | PlanError::NoBackupOfPrimary { .. }) => Status::not_found(e.to_string()),
-        e @ (PlanError::RestoreNeedsBackup | PlanError::Spec(_) | PlanError::FailbackRegion { .. } | PlanError::AtHome { .. }) => {
+        | PlanError::NoBackupOfPrimary { .. }
+        | PlanError::NoBackupIn { .. }
+        | PlanError::NoSpare { .. }) => Status::not_found(e.to_string()),
+        e @ (PlanError::RestoreNeedsBackup
+        | PlanError::Spec(_)
+        | PlanError::FailbackRegion { .. }
+        | PlanError::AtHome { .. }
+        | PlanError::Conflict(_)) => {
             Status::invalid_argument(e.to_string())
         }
     }

@@ -52,6 +52,9 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     let drill_rpo = Family::<Labels, Gauge>::default();
     let drill_worst_rpo = Family::<Labels, Gauge>::default();
     let drill_overdue = Family::<Labels, Gauge>::default();
+    let spare_present = Family::<Labels, Gauge>::default();
+    let spare_lag = Family::<Labels, Gauge>::default();
+    let spare_age = Family::<Labels, Gauge>::default();
     let view = engine.store().fleet_view().await?;
     let deps = engine.deps();
     let now = now_ms();
@@ -86,6 +89,14 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             let overdue = policy.drill_overdue(deps.drill.lease, view.last_drill.get(&site.id).map(|d| d.started_at_ms), slot, now);
             drill_overdue.get_or_create(&l).set(i64::from(overdue));
         }
+        if policy.spare != crate::domain::policy::SpareMode::Off {
+            let installed = view.spares.get(&site.id);
+            spare_present.get_or_create(&l).set(i64::from(installed.is_some()));
+            if let Some(s) = installed {
+                spare_lag.get_or_create(&l).set((super::admin::spare_lag_ms(Some(s), newest) / 1000) as i64);
+                spare_age.get_or_create(&l).set((now.saturating_sub(s.backup_started_at_ms) / 1000) as i64);
+            }
+        }
     }
     for ((site, region, state), n) in &view.copy_counts {
         let state: &CopyState = state;
@@ -110,6 +121,9 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     reg.register("dr_drill_last_rpo_seconds", "The last drill's RPO: its backup's age at the drill's start", drill_rpo);
     reg.register("dr_drill_last_worst_rpo_seconds", "The worst RPO over the window before the last drill", drill_worst_rpo);
     reg.register("dr_drill_overdue", "1 when the site's scheduled drills are overdue (sites with a drill_schedule)", drill_overdue);
+    reg.register("dr_spare_present", "1 when the site's hot spare is installed (sites whose policy keeps one)", spare_present);
+    reg.register("dr_spare_lag_seconds", "How much older the spare's backup is than the newest good backup", spare_lag);
+    reg.register("dr_spare_data_age_seconds", "Age of the spare's data (its backup's start): the RPO a failover onto it takes", spare_age);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

@@ -254,6 +254,10 @@ impl Ec2 for Budgeted {
         self.buckets.mutating.until_ready().await;
         self.inner.terminate_instance(id).await
     }
+    async fn start_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        self.buckets.mutating.until_ready().await;
+        self.inner.start_instance(id).await
+    }
     async fn keep_volumes(&self, id: &str, devices: &[String]) -> Result<(), Ec2Error> {
         self.buckets.mutating.until_ready().await;
         self.inner.keep_volumes(id, devices).await

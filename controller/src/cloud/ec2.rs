@@ -184,6 +184,10 @@ pub trait Ec2: Send + Sync {
     async fn terminate_instance(&self, id: &str) -> Result<(), Ec2Error> {
         Err(unsupported("TerminateInstances", id))
     }
+    /// StartInstances of a stopped instance (a hot spare).
+    async fn start_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        Err(unsupported("StartInstances", id))
+    }
     /// Sets DeleteOnTermination=false on these devices of an instance, so
     /// that terminating it keeps its volumes.
     async fn keep_volumes(&self, id: &str, devices: &[String]) -> Result<(), Ec2Error> {
@@ -642,6 +646,11 @@ impl Ec2 for AwsEc2 {
 
     async fn stop_instance(&self, id: &str, force: bool) -> Result<(), Ec2Error> {
         self.client.stop_instances().instance_ids(id).force(force).send().await.map_err(|e| self.err("StopInstances", id, e))?;
+        Ok(())
+    }
+
+    async fn start_instance(&self, id: &str) -> Result<(), Ec2Error> {
+        self.client.start_instances().instance_ids(id).send().await.map_err(|e| self.err("StartInstances", id, e))?;
         Ok(())
     }
 

@@ -470,6 +470,33 @@ pub struct BlockDevice {
     pub delete_on_termination: bool,
 }
 
+/// A site's hot spare, as installed by the `spare` operation that prepared
+/// it (one per site; `drctl status`, metrics, the failover plan).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpareRecord {
+    pub site_id: String,
+    pub instance_id: String,
+    pub region: String,
+    /// `stopped` or `running` (the app stopped either way).
+    pub mode: String,
+    /// The operation that prepared it.
+    pub operation_id: String,
+    /// The backup it was launched from (its id in the region it was taken
+    /// in) and the AMI launched (a copy in another region).
+    pub backup_image_id: String,
+    pub launch_image_id: String,
+    /// The backup's point in time: the spare's data age.
+    pub backup_started_at_ms: Millis,
+    pub installed_at_ms: Millis,
+    /// What its Replicated files hold now (after the runbook rewrote them
+    /// to the spare's own addresses): a failover rewrites from these.
+    pub files_private_ip: String,
+    pub files_public_ip: String,
+    /// Its hostname after the runbook ("" = the backup's).
+    pub hostname: String,
+}
+
 /// The measured result of one drill (`drctl drills SITE`, status, metrics).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

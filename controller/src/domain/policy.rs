@@ -18,6 +18,56 @@ pub enum Schedule {
     Cron { expr: String, schedule: Box<cron::Schedule>, tz: chrono_tz::Tz },
 }
 
+/// Whether a site keeps a hot spare (policy `spare`), and in what state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpareMode {
+    /// No spare (the default); an existing one is terminated.
+    #[default]
+    Off,
+    /// Prepared through the runbook, checked healthy, then the instance is
+    /// stopped: costs its EBS volumes only; a failover starts it.
+    Stopped,
+    /// Prepared and kept running with the app stopped: a failover only
+    /// starts the app.
+    Running,
+}
+
+impl SpareMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpareMode::Off => "off",
+            SpareMode::Stopped => "stopped",
+            SpareMode::Running => "running",
+        }
+    }
+}
+
+/// What a failover launches from when the site has a hot spare (policy
+/// `failover_prefers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverPrefers {
+    /// The spare (no launch, no disk hydration), trading its data age (at
+    /// most `spare_max_lag` behind the newest backup) for speed.
+    #[default]
+    Spare,
+    /// A fresh launch from the newest backup; the spare is left alone.
+    Freshest,
+}
+
+impl FailoverPrefers {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverPrefers::Spare => "spare",
+            FailoverPrefers::Freshest => "freshest",
+        }
+    }
+}
+
+/// The longest `spare_max_lag` accepted.
+pub const SPARE_MAX_LAG_LIMIT: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Which backup a scheduled drill restores.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DrillBackup {
@@ -112,6 +162,15 @@ pub struct Policy {
     pub drill_schedule: Option<Schedule>,
     /// Which backup a scheduled drill restores.
     pub drill_backup: DrillBackup,
+    /// Keep a hot spare of the site.
+    pub spare: SpareMode,
+    /// Where the spare lives ("" = the site's home region).
+    pub spare_region: String,
+    /// A spare is replaced when a newer good backup exists and the spare's
+    /// backup started longer ago than this.
+    pub spare_max_lag: Duration,
+    /// Whether a failover uses the spare.
+    pub failover_prefers: FailoverPrefers,
 }
 
 impl Default for Policy {
@@ -127,6 +186,10 @@ impl Default for Policy {
             copy_keep_last: 7,
             drill_schedule: None,
             drill_backup: DrillBackup::Latest,
+            spare: SpareMode::Off,
+            spare_region: String::new(),
+            spare_max_lag: Duration::from_secs(24 * 3600),
+            failover_prefers: FailoverPrefers::Spare,
         }
     }
 }
@@ -153,6 +216,14 @@ pub struct PolicyFile {
     pub drill_schedule: Option<String>,
     /// "latest" or "random-within:<duration>".
     pub drill_backup: Option<String>,
+    /// "off", "stopped" or "running".
+    pub spare: Option<SpareMode>,
+    /// The region the spare lives in (default: the site's home region).
+    pub spare_region: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub spare_max_lag: Option<Duration>,
+    /// "spare" or "freshest".
+    pub failover_prefers: Option<FailoverPrefers>,
 }
 
 impl PolicyFile {
@@ -201,6 +272,24 @@ impl PolicyFile {
                 return Err(("copy_keep_last".into(), "must be at least 1".into()));
             }
             p.copy_keep_last = n;
+        }
+        if let Some(m) = self.spare {
+            p.spare = m;
+        }
+        if let Some(r) = &self.spare_region {
+            if !is_region(r) {
+                return Err(("spare_region".into(), format!("`{r}` is not an AWS region name")));
+            }
+            p.spare_region = r.clone();
+        }
+        if let Some(l) = self.spare_max_lag {
+            if l > SPARE_MAX_LAG_LIMIT {
+                return Err(("spare_max_lag".into(), format!("{} is longer than 366 days", humantime::format_duration(l))));
+            }
+            p.spare_max_lag = l;
+        }
+        if let Some(f) = self.failover_prefers {
+            p.failover_prefers = f;
         }
         Ok(p)
     }

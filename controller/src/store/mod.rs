@@ -90,6 +90,8 @@ pub struct FleetView {
     pub last_drill: HashMap<String, DrillRecord>,
     /// Each schedule's last handled slot, by (site, kind).
     pub slots: HashMap<(String, String), Millis>,
+    /// Each site's installed hot spare.
+    pub spares: HashMap<String, SpareRecord>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -238,7 +240,8 @@ impl Store {
     db_call!(intent(op_id: String, name: String) -> Option<(String, String)>);
     db_call!(put_intent(op_id: String, epoch: i64, name: String, token: String, resource_id: String) -> ());
     db_call!(
-        /// Images named by active operations (retention must keep them).
+        /// Images named by active operations and installed spares
+        /// (retention must keep them).
         protected_images() -> HashSet<String>);
     db_call!(record_backup(b: Backup) -> ());
     db_call!(backups(site_id: String) -> Vec<Backup>);
@@ -267,6 +270,23 @@ impl Store {
         /// repeat after a restart keeps the first).
         put_launch_facts(image_id: String, site_id: String, facts: LaunchFacts) -> ());
     db_call!(launch_facts(image_id: String) -> Option<LaunchFacts>);
+    db_call!(
+        /// Installs a site's spare, in one transaction with its instance's
+        /// `spare` role; returns the spare it replaces (to be retired).
+        install_spare(record: SpareRecord) -> Option<SpareRecord>);
+    db_call!(spare(site_id: String) -> Option<SpareRecord>);
+    db_call!(
+        /// Every installed spare, by site, in one query.
+        spares() -> HashMap<String, SpareRecord>);
+    db_call!(
+        /// A failover takes the spare: the row goes and the instance becomes
+        /// the operation's candidate, in one transaction. False when the
+        /// site's spare is not (or no longer) `instance_id`.
+        claim_spare(site_id: String, instance_id: String, operation_id: String) -> bool);
+    db_call!(
+        /// Forgets the site's spare if it is `instance_id` (it was
+        /// terminated); returns whether it was.
+        drop_spare(site_id: String, instance_id: String) -> bool);
     db_call!(put_drill(record: DrillRecord) -> ());
     db_call!(drills(site_id: String, limit: u32) -> Vec<DrillRecord>);
     db_call!(
@@ -878,7 +898,8 @@ impl Db<'_> {
     pub fn protected_images(&self) -> Result<HashSet<String>, StoreError> {
         let mut stmt = self.0.prepare(&format!(
             "SELECT p.resource_id FROM protected p JOIN operations o ON o.id = p.operation_id
-             WHERE p.kind = 'image' AND o.state IN {ACTIVE_SQL}"
+             WHERE p.kind = 'image' AND o.state IN {ACTIVE_SQL}
+             UNION SELECT backup_image_id FROM spares UNION SELECT launch_image_id FROM spares"
         ))?;
         Ok(stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<HashSet<_>, _>>()?)
     }
@@ -957,6 +978,56 @@ impl Db<'_> {
             params![image_id, site_id, serde_json::to_string(&facts).expect("launch facts serialize"), now_ms() as i64],
         )?;
         Ok(())
+    }
+
+    pub fn install_spare(&self, record: SpareRecord) -> Result<Option<SpareRecord>, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        let db = Db(&tx);
+        let previous = db.spare(record.site_id.clone())?.filter(|p| p.instance_id != record.instance_id);
+        tx.execute(
+            "INSERT INTO spares (site_id, instance_id, backup_image_id, launch_image_id, record) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(site_id) DO UPDATE SET instance_id = ?2, backup_image_id = ?3, launch_image_id = ?4, record = ?5",
+            params![
+                record.site_id,
+                record.instance_id,
+                record.backup_image_id,
+                record.launch_image_id,
+                serde_json::to_string(&record).expect("spare records serialize")
+            ],
+        )?;
+        db.set_instance_role(record.site_id.clone(), record.instance_id.clone(), "spare".into(), String::new(), String::new())?;
+        tx.commit()?;
+        Ok(previous)
+    }
+
+    pub fn spare(&self, site_id: String) -> Result<Option<SpareRecord>, StoreError> {
+        let text: Option<String> = self.0.query_row("SELECT record FROM spares WHERE site_id = ?1", [&site_id], |r| r.get(0)).optional()?;
+        text.map(|t| serde_json::from_str(&t).map_err(|_| corrupt("spares.record", t))).transpose()
+    }
+
+    pub fn spares(&self) -> Result<HashMap<String, SpareRecord>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT record FROM spares")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for t in rows {
+            let rec: SpareRecord = serde_json::from_str(&t).map_err(|_| corrupt("spares.record", t))?;
+            out.insert(rec.site_id.clone(), rec);
+        }
+        Ok(out)
+    }
+
+    pub fn claim_spare(&self, site_id: String, instance_id: String, operation_id: String) -> Result<bool, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        let n = tx.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])?;
+        if n > 0 {
+            Db(&tx).set_instance_role(site_id, instance_id, "candidate".into(), operation_id, String::new())?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    pub fn drop_spare(&self, site_id: String, instance_id: String) -> Result<bool, StoreError> {
+        Ok(self.0.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])? > 0)
     }
 
     /// Records (or, for the same operation, replaces) a drill's result.
@@ -1177,6 +1248,7 @@ impl Db<'_> {
             view.last_drill.insert(d.site_id.clone(), d);
         }
         view.slots = self.slots()?;
+        view.spares = self.spares()?;
         Ok(view)
     }
 }

@@ -179,4 +179,13 @@ pub const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO schedule_slots (site_id, kind, last_slot_ms) SELECT site_id, 'backup', last_slot_ms FROM schedules;
     DROP TABLE schedules;",
+    // 7: hot spares. One installed spare per site (`SpareRecord` as JSON);
+    // its AMIs are protected from retention while it exists.
+    "CREATE TABLE spares (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        instance_id TEXT NOT NULL,
+        backup_image_id TEXT NOT NULL,
+        launch_image_id TEXT NOT NULL,
+        record TEXT NOT NULL
+    );",
 ];

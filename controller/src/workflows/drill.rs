@@ -39,7 +39,6 @@ pub struct Drill;
 const RPO_WINDOW_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
 const RPO_WINDOW_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
-use failover::AGENT_RETRY;
 
 impl Workflow for Drill {
     type Deps = Deps;
@@ -51,23 +50,14 @@ impl Workflow for Drill {
     const ISOLATED: bool = true;
 
     fn steps() -> Vec<StepDef<Deps, State>> {
-        vec![
-            StepDef::new("preflight", step!(failover::preflight)).retry(Retry::TRANSIENT),
-            StepDef::new("launch", step!(failover::launch)).retry(Retry::TRANSIENT),
-            StepDef::new("wait_running", step!(failover::wait_running)).retry(Retry::TRANSIENT),
-            StepDef::new("wait_agent", step!(failover::wait_agent)),
-            StepDef::new("app_stop", step!(failover::app_stop)).retry(AGENT_RETRY),
-            StepDef::new("rewrite_addresses", step!(failover::rewrite_addresses)).retry(AGENT_RETRY),
-            StepDef::new("hostname", step!(failover::hostname)).retry(AGENT_RETRY),
-            StepDef::new("wipe_nomad", step!(failover::wipe_nomad)).retry(AGENT_RETRY),
-            StepDef::new("app_start", step!(failover::app_start)).retry(AGENT_RETRY),
-            StepDef::new("cleanup_builds", step!(failover::cleanup_builds)).retry(AGENT_RETRY),
-            StepDef::new("verify", step!(failover::verify)).retry(AGENT_RETRY),
+        let mut steps = failover::isolated_restore_steps();
+        steps.extend([
             StepDef::new("measure", step!(measure)),
             StepDef::new("keep", step!(keep)),
             StepDef::new("teardown", step!(teardown)).retry(Retry::TRANSIENT).always(),
             StepDef::new("record", step!(record)).always(),
-        ]
+        ]);
+        steps
     }
 
     fn protects(state: &State) -> Vec<Protected> {

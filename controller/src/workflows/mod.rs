@@ -20,6 +20,7 @@ pub mod copies;
 pub mod drill;
 pub mod failover;
 pub mod retention;
+pub mod spare;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +64,7 @@ pub fn engine(deps: Deps) -> Engine {
     engine.register::<backup::Backup>();
     engine.register::<failover::Failover>();
     engine.register::<drill::Drill>();
+    engine.register::<spare::Spare>();
     engine
 }
 

@@ -9,6 +9,11 @@
 //!
 //!   target/debug/dr-bench-failover
 //!   DR_BENCH_SITES=20 DR_BENCH_THROTTLE=0.1 DR_BENCH_BOOT=3s target/debug/dr-bench-failover
+//!   DR_BENCH_KIND=drill target/debug/dr-bench-failover   # drills instead (same world, same delays)
+//!
+//! Also prints the RTO (operation start to the app healthy on the new
+//! machine: the end of `app_start`) and the RPO (the backup's age at the
+//! start), so a drill and a failover compare like for like.
 //!
 //! A plain binary like the other benches (moto dominates; a release build
 //! of this crate would rebuild aws-sdk-ec2). Needs DR_MOTO_SERVER.
@@ -57,6 +62,8 @@ fn step_ms(op: &pb::Operation, names: &[&str]) -> u64 {
 #[tokio::main]
 async fn main() {
     let n: usize = env("DR_BENCH_SITES", 50);
+    let kind = std::env::var("DR_BENCH_KIND").unwrap_or_else(|_| "failover".into());
+    assert!(kind == "failover" || kind == "drill", "DR_BENCH_KIND is failover or drill, not `{kind}`");
     let share: f64 = env("DR_BENCH_THROTTLE", 0.1);
     let boot = humantime::parse_duration(&std::env::var("DR_BENCH_BOOT").unwrap_or_else(|_| "3s".into())).expect("DR_BENCH_BOOT");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -111,6 +118,24 @@ async fn main() {
         endpoint: Some(proxy.url.clone()),
     };
     let mut controller = Controller::start(dir.path(), &pki, &moto, &spec);
+    if kind == "drill" {
+        // Every site's [site.drill]: moto's default subnet and group (the
+        // drill only needs them to be its own settings).
+        let subnet = ec2.describe_subnets().send().await.expect("DescribeSubnets").subnets()[0].subnet_id().expect("subnet").to_owned();
+        let sg = ec2.describe_security_groups().send().await.expect("DescribeSecurityGroups").security_groups()[0].group_id().expect("sg").to_owned();
+        let text = std::fs::read_to_string(&controller.config).expect("config");
+        let mut out = String::new();
+        for line in text.lines() {
+            out.push_str(line);
+            out.push('\n');
+            if line.starts_with("instance_id = ") {
+                out.push_str(&format!("[site.drill]\nhostname = \"drill.example.com\"\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n"));
+            }
+        }
+        std::fs::write(&controller.config, out).expect("config");
+        controller.kill();
+        controller.restart(&[]);
+    }
     for (_, instance, disk) in &sites {
         dp.adopt(&instance.id, disk).await.expect("adopt");
     }
@@ -130,6 +155,7 @@ async fn main() {
     }
     let done = wait_ops(&mut client, &backups, Duration::from_secs(900)).await;
     assert!(done.iter().all(|o| o.state == "succeeded"), "a backup failed");
+    let backup_started: HashMap<String, u64> = done.iter().map(|o| (o.site_id.clone(), o.created_at_ms)).collect();
 
     // The backup round spent the account's mutating budget (CreateImage,
     // CreateTags); let it refill as it would have before a real outage, so
@@ -141,8 +167,14 @@ async fn main() {
     let start = Instant::now();
     let mut ops = Vec::new();
     for (site, _, _) in &sites {
-        let r = pb::StartFailoverRequest { site_id: site.clone(), ..Default::default() };
-        ops.push(client.start_failover(r).await.expect("StartFailover").into_inner().operation_id);
+        let id = if kind == "drill" {
+            let r = pb::StartDrillRequest { site_id: site.clone(), ..Default::default() };
+            client.start_drill(r).await.expect("StartDrill").into_inner().operation_id
+        } else {
+            let r = pb::StartFailoverRequest { site_id: site.clone(), ..Default::default() };
+            client.start_failover(r).await.expect("StartFailover").into_inner().operation_id
+        };
+        ops.push(id);
     }
     let started_all = start.elapsed();
     let done = wait_ops(&mut client, &ops, Duration::from_secs(1800)).await;
@@ -153,6 +185,16 @@ async fn main() {
     let delta = |a: &str| calls_after.get(a).copied().unwrap_or(0) - calls_before.get(a).copied().unwrap_or(0);
     let total: u64 = calls_after.values().sum::<u64>() - calls_before.values().sum::<u64>();
 
+    let mut rtos = Vec::new();
+    let mut rpos = Vec::new();
+    for op in &done {
+        let healthy = op.steps.iter().find(|s| s.name == "app_start").map(|s| s.finished_at_ms).unwrap_or(0);
+        rtos.push(healthy.saturating_sub(op.created_at_ms));
+        // The data's point in time is its backup's start.
+        if let Some(b) = backup_started.get(&op.site_id) {
+            rpos.push(op.created_at_ms.saturating_sub(*b));
+        }
+    }
     let mut overheads = Vec::new();
     let mut launch_waits = Vec::new();
     let mut durations = Vec::new();
@@ -173,6 +215,8 @@ async fn main() {
     let (d_mean, d_p95, d_max) = stats(&mut durations);
     let (o_mean, o_p95, o_max) = stats(&mut overheads);
     let (l_mean, _, l_max) = stats(&mut launch_waits);
+    let (r_mean, r_p95, r_max) = stats(&mut rtos);
+    let (p_mean, _, p_max) = stats(&mut rpos);
     let mut per_step: Vec<(String, f64, f64)> = done[0]
         .steps
         .iter()
@@ -184,13 +228,15 @@ async fn main() {
         .collect();
     per_step.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!(
-        "{n} failovers at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled, started {refill:?} after the backup round",
+        "{n} {kind}s at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled, started {refill:?} after the backup round",
         share * 100.0
     );
+    println!("  RTO (start to app healthy): mean {r_mean:.1} s, p95 {r_p95:.1} s, max {r_max:.1} s");
+    println!("  RPO (backup age at start):  mean {p_mean:.1} s, max {p_max:.1} s");
     println!("  all started in:       {:.2} s", started_all.as_secs_f64());
     println!("  wall time:            {:.1} s", wall.as_secs_f64());
     println!("  failed:               {}", failed.len());
-    println!("  per failover:         mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s");
+    println!("  per {kind}:{:<w$}mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s", "", w = 17 - kind.len());
     println!("  orchestration:        mean {o_mean:.2} s, p95 {o_p95:.2} s, max {o_max:.2} s (beyond boot, agent, app and the RunInstances bucket)");
     println!("  RunInstances bucket:  mean wait {l_mean:.1} s, max {l_max:.1} s; {} RunInstances calls", delta("RunInstances"));
     println!("  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)", total as f64 / n as f64, throttled as f64 / n as f64);
@@ -214,5 +260,5 @@ async fn main() {
         println!("  FAILED {} {}: {} {}", op.site_id, op.id, op.state, op.waiting_for);
     }
     controller.kill();
-    assert!(failed.is_empty(), "a failover did not succeed");
+    assert!(failed.is_empty(), "a {kind} did not succeed");
 }

@@ -94,6 +94,10 @@ pub struct State {
     /// Drills: what teardown terminated, and what it could not.
     pub torn_down: Option<String>,
     pub leaked: Vec<String>,
+    /// Spares: installed as the site's spare, and the one it replaced.
+    pub installed: bool,
+    pub replaces: String,
+    pub replaces_region: String,
 }
 
 impl State {
@@ -101,6 +105,8 @@ impl State {
     pub fn launched_role(&self, op_id: &str) -> Role {
         if self.plan.kind == "drill" {
             Role::Drill { operation_id: op_id.to_owned() }
+        } else if self.plan.kind == "spare" {
+            Role::Spare
         } else {
             Role::Candidate { operation_id: op_id.to_owned() }
         }
@@ -132,6 +138,26 @@ pub(super) const AGENT_RETRY: Retry = Retry {
     attempts: 5,
     backoff: dr_proto::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
 };
+
+/// The restore steps of a machine that production does not rely on (a
+/// drill copy, a spare), up to its verification: launch, the runbook with
+/// its own addresses, the health check. A failure ends the operation (no
+/// pause for a human); the workflow's own steps follow.
+pub(super) fn isolated_restore_steps() -> Vec<StepDef<Deps, State>> {
+    vec![
+        StepDef::new("preflight", step!(preflight)).retry(Retry::TRANSIENT),
+        StepDef::new("launch", step!(launch)).retry(Retry::TRANSIENT),
+        StepDef::new("wait_running", step!(wait_running)).retry(Retry::TRANSIENT),
+        StepDef::new("wait_agent", step!(wait_agent)),
+        StepDef::new("app_stop", step!(app_stop)).retry(AGENT_RETRY),
+        StepDef::new("rewrite_addresses", step!(rewrite_addresses)).retry(AGENT_RETRY),
+        StepDef::new("hostname", step!(hostname)).retry(AGENT_RETRY),
+        StepDef::new("wipe_nomad", step!(wipe_nomad)).retry(AGENT_RETRY),
+        StepDef::new("app_start", step!(app_start)).retry(AGENT_RETRY),
+        StepDef::new("cleanup_builds", step!(cleanup_builds)).retry(AGENT_RETRY),
+        StepDef::new("verify", step!(verify)).retry(AGENT_RETRY),
+    ]
+}
 
 impl Workflow for Failover {
     type Deps = Deps;
@@ -369,6 +395,9 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
 }
 
 pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    if let Some(spare) = st.plan.spare.clone() {
+        return take_spare(ctx, st, spare).await;
+    }
     let ec2 = ec2_launch(ctx, st).await?;
     let op_id = ctx.op_id.clone();
     let spec = st.plan.launch.clone();
@@ -378,7 +407,18 @@ pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
         (TAG_OPERATION.to_owned(), op_id.clone()),
         (TAG_ROLE.to_owned(), st.launched_role(&op_id).name().to_owned()),
         (TAG_CREATED_BY.to_owned(), CREATED_BY.to_owned()),
-        ("Name".to_owned(), format!("{} services ({} {op_id})", ctx.site.id, if st.plan.kind == "drill" { "drill" } else { "restored by" })),
+        (
+            "Name".to_owned(),
+            format!(
+                "{} services ({} {op_id})",
+                ctx.site.id,
+                match st.plan.kind.as_str() {
+                    "drill" => "drill",
+                    "spare" => "spare",
+                    _ => "restored by",
+                }
+            ),
+        ),
     ];
     let mut tags = tags;
     if st.keep_until_ms > 0 {
@@ -437,6 +477,60 @@ pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
             if spec.private_ip.is_empty() { String::new() } else { format!(", private IP {}", spec.private_ip) }
         )
     }))
+}
+
+/// `launch` with a hot spare: the spare becomes this operation's candidate
+/// (store and live session, in one transaction with the spare's removal),
+/// is retagged as the candidate of this operation, and is started if it was
+/// stopped. No RunInstances, no disk hydration.
+async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) -> Result<Outcome, StepError> {
+    let ec2 = ec2_launch(ctx, st).await?;
+    let id = spare.instance_id.clone();
+    let op_id = ctx.op_id.clone();
+    let store = ctx.store();
+    if !store.claim_spare(ctx.site.id.clone(), id.clone(), op_id.clone()).await? {
+        // Claimed by this operation before a restart, or replaced since the plan.
+        let rec = store.instance(ctx.site.id.clone(), id.clone()).await?;
+        if !rec.is_some_and(|r| r.role == "candidate" && r.operation_id == op_id) {
+            return Err(StepError::new(
+                ErrorKind::Refused,
+                format!("{id} is no longer the site's hot spare (replaced or retired since the plan): abort, then start the failover again"),
+            ));
+        }
+    }
+    ctx.crash_point("failover.after_take_spare");
+    let role = st.launched_role(&op_id);
+    ctx.deps().registry.set_role(&ctx.site.id, &id, role.clone());
+    st.candidate = id.clone();
+    let tags = vec![(TAG_ROLE.to_owned(), role.name().to_owned()), (TAG_OPERATION.to_owned(), op_id.clone())];
+    retry_ec2("CreateTags", EC2_RETRY_BUDGET, || ec2.create_tags(std::slice::from_ref(&id), &tags)).await?;
+    let mut progress = Waiting::new();
+    let state = loop {
+        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state).unwrap_or_else(|| "gone".into());
+        if state != "stopping" {
+            break state;
+        }
+        if progress.elapsed() >= ctx.deps().failover.fence_timeout {
+            return Err(StepError::new(ErrorKind::TimedOut, format!("the spare {id} is still stopping after {:?}", ctx.deps().failover.fence_timeout)));
+        }
+        progress.say(ctx, format!("waiting for the spare {id} to finish stopping")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let started = match state.as_str() {
+        "stopped" => {
+            retry_ec2("StartInstances", EC2_RETRY_BUDGET, || ec2.start_instance(&id)).await?;
+            true
+        }
+        "running" | "pending" => false,
+        other => return Err(StepError::failed(format!("the spare {id} is {other}: it cannot be used; abort and start the failover again with --fresh"))),
+    };
+    st.launched_at_ms = now_ms();
+    Ok(Outcome::Done(format!(
+        "took the hot spare {id} ({}, from backup {}, {} older than the newest): no launch, no disk hydration",
+        if started { "stopped: started it" } else { "running" },
+        spare.backup_image_id,
+        secs(spare.lag_ms)
+    )))
 }
 
 pub(super) async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
@@ -762,7 +856,7 @@ async fn promote(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
 
 /// Always runs. After an operation that ended without promotion: terminate
 /// the candidate it launched. The old instance stays fenced.
-async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+pub(super) async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     if st.promoted {
         return Ok(Outcome::Done("nothing to release: the candidate was promoted".into()));
     }

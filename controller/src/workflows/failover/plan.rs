@@ -30,6 +30,33 @@ pub struct Request {
     /// DR region, from the home copy of the newest backup of the current
     /// primary, with the home launch settings and Elastic IP.
     pub failback: bool,
+    /// The plan of a hot spare (`spare` operation): the newest backup
+    /// launchable in the spare's region, the production launch settings
+    /// with a private IP of its own; nothing of production touched.
+    pub spare: bool,
+    /// A failover that launches fresh even when the policy prefers the
+    /// site's spare.
+    pub fresh: bool,
+    /// A failover that takes the site's spare even when the policy prefers
+    /// the freshest backup (refused when there is no usable spare).
+    pub use_spare: bool,
+}
+
+/// The hot spare a failover takes instead of launching.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedSpare {
+    pub instance_id: String,
+    /// `stopped` or `running`, as prepared.
+    pub mode: String,
+    /// Its EC2 state when planned.
+    pub state: String,
+    /// The spare's private IP (kept across a stop and start).
+    pub private_ip: String,
+    /// Its backup, and how much older that is than the newest backup: the
+    /// data the operator trades for speed.
+    pub backup_image_id: String,
+    pub newest_backup_image_id: String,
+    pub lag_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +144,9 @@ pub struct Plan {
     pub cleanup_builds_before_ms: Millis,
     pub human_actions: Vec<HumanAction>,
     pub warnings: Vec<String>,
+    /// The failover takes this hot spare (no launch).
+    #[serde(default)]
+    pub spare: Option<PlannedSpare>,
 }
 
 /// Why no plan can be made: nothing was changed.
@@ -142,6 +172,12 @@ pub enum PlanError {
     AtHome { site: String, home: String },
     #[error("a failback goes to the site's home region {home}, not {region}")]
     FailbackRegion { home: String, region: String },
+    #[error("site `{site}` has no available backup launchable in {region} (the backup there, or its copy): a spare needs one")]
+    NoBackupIn { site: String, region: String },
+    #[error("site `{site}` has no usable hot spare in {region}: {why}")]
+    NoSpare { site: String, region: String, why: String },
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Spec(#[from] SpecError),
     #[error("store: {0}")]
@@ -157,7 +193,16 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if req.restore && req.backup_image_id.is_empty() {
         return Err(PlanError::RestoreNeedsBackup);
     }
+    if req.fresh && req.use_spare {
+        return Err(PlanError::Conflict("--fresh and --use-spare ask for opposite things: give one".into()));
+    }
+    if (req.fresh || req.use_spare) && (req.drill || req.spare || req.restore || req.failback || !req.backup_image_id.is_empty()) {
+        return Err(PlanError::Conflict(
+            "--fresh and --use-spare choose between the spare and the newest backup of a failover: not with --backup, a restore, a failback or a drill".into(),
+        ));
+    }
     let rec = deps.recovery(&site.id);
+    let policy = deps.policy(&site.id);
     if req.failback {
         if rec.home_region.is_empty() || rec.home_region == site.region {
             return Err(PlanError::AtHome { site: site.id.clone(), home: if rec.home_region.is_empty() { site.region.clone() } else { rec.home_region.clone() } });
@@ -168,13 +213,22 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     }
     let region = if req.failback {
         rec.home_region.clone()
+    } else if req.spare {
+        spare_region(&policy, &rec, site)
     } else if req.region.is_empty() {
         site.region.clone()
     } else {
         req.region.clone()
     };
     let backups = deps.store.backups(site.id.clone()).await?;
-    let backup: Backup = if req.backup_image_id.is_empty() && req.random_within_ms > 0 {
+    let all_backups = backups.clone();
+    let backup: Backup = if req.spare {
+        backups
+            .into_iter()
+            .filter(|b| b.state == BackupState::Available && launch_image_in(b, site, &region).is_some())
+            .max_by_key(|b| b.completed_at_ms)
+            .ok_or_else(|| PlanError::NoBackupIn { site: site.id.clone(), region: region.clone() })?
+    } else if req.backup_image_id.is_empty() && req.random_within_ms > 0 {
         let since = now_ms().saturating_sub(req.random_within_ms);
         let pool: Vec<Backup> = backups.into_iter().filter(|b| b.state == BackupState::Available && b.started_at_ms >= since).collect();
         if pool.is_empty() {
@@ -205,22 +259,30 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             .find(|b| b.state == BackupState::Available && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id)))
             .ok_or_else(|| PlanError::NotABackup { site: site.id.clone(), image: req.backup_image_id.clone() })?
     };
+    // A failover may take the site's hot spare instead: then the data is the
+    // spare's backup.
+    let mut spare_notes = Vec::new();
+    let spare = if req.drill || req.spare || req.restore || req.failback || !req.backup_image_id.is_empty() || req.fresh {
+        None
+    } else {
+        choose_spare(deps, site, &policy, &region, req.use_spare, &backup, &all_backups, &mut spare_notes).await?
+    };
+    let backup = match &spare {
+        Some((_, b)) => b.clone(),
+        None => backup,
+    };
+    let spare = spare.map(|(s, _)| s);
     // The backup itself where it was taken (its region; older rows: the
     // site's), else its copy in the launch region.
     let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
-    let launch_image_id = if region == taken_in {
-        backup.image_id.clone()
-    } else {
-        backup
-            .copies
-            .iter()
-            .find(|c| c.region == region && c.state == crate::domain::model::CopyState::Available && !c.image_id.is_empty())
-            .map(|c| c.image_id.clone())
-            .ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?
-    };
+    let launch_image_id =
+        launch_image_in(&backup, site, &region).ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?;
     let facts: Option<LaunchFacts> = deps.store.launch_facts(backup.image_id.clone()).await?;
     if req.drill {
         return drill_plan(site, &rec, &region, backup, launch_image_id, facts);
+    }
+    if req.spare {
+        return spare_plan(site, &rec, &policy, &region, backup, launch_image_id, facts);
     }
     let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip && !req.failback;
     // A failback launches with the home machine's recorded facts (subnet,
@@ -319,12 +381,44 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if facts.is_none() {
         warnings.push(format!("backup {} has no recorded launch facts (taken before this version): the launch uses [site.launch] only", backup.image_id));
     }
+    if req.failback && home_facts.is_none() {
+        warnings.push(format!(
+            "no backup taken in {region} recorded launch facts: the launch uses [site.launch] and the DR backup's facts, and no home Elastic IP is moved"
+        ));
+    }
+    if req.failback && backup.instance_id != site.primary_instance_id {
+        warnings.push(format!(
+            "backup {} is of {}, not of the running primary {}: what the site did since that backup is lost",
+            backup.image_id, backup.instance_id, site.primary_instance_id
+        ));
+    }
     let dns = rec.dns.as_ref().map(|d| PlannedDns { zone_id: d.zone_id.clone(), name: d.name.clone(), ttl: d.ttl });
     if region != site.region && dns.is_none() {
         warnings.push(format!("no [site.dns]: after a failover into {region} the site is reachable only at the new instance's address"));
     }
+    warnings.extend(spare_notes);
+    if let Some(sp) = &spare {
+        // The spare's files already hold its own addresses (rewritten when
+        // it was prepared): rewrite from those. Its private IP stays.
+        let rec_spare = deps.store.spare(site.id.clone()).await?.unwrap_or_default();
+        addresses.clear();
+        if !rec_spare.files_public_ip.is_empty() {
+            let new = match &eip {
+                Some(e) if e.movable => e.public_ip.clone(),
+                _ => "assigned at start".to_owned(),
+            };
+            addresses.push(AddressChange { kind: "public".into(), old: rec_spare.files_public_ip.clone(), new });
+        }
+        for h in human.iter_mut().filter(|h| h.kind == "nomad_builders") {
+            h.message = format!(
+                "Nomad builders point at the services machine's old private IP {old_private}: point them at the spare's {} and restart their nomad client",
+                sp.private_ip
+            );
+        }
+    }
     let now = now_ms();
     Ok(Plan {
+        spare,
         site_id: site.id.clone(),
         kind: if req.failback {
             "failback"
@@ -375,6 +469,18 @@ fn planned_backup(backup: &Backup, launch_image_id: String, has_launch_facts: bo
     }
 }
 
+/// The address changes of a machine that gets addresses of its own (a drill
+/// copy, a spare): each address the backup's files hold, to the one
+/// assigned at launch.
+fn own_addresses(facts: Option<&LaunchFacts>) -> Vec<AddressChange> {
+    let (old_private, old_public) = facts.map(|f| (f.private_ip.clone(), f.public_ip.clone())).unwrap_or_default();
+    [("private", old_private), ("public", old_public)]
+        .into_iter()
+        .filter(|(_, old)| !old.is_empty())
+        .map(|(kind, old)| AddressChange { kind: kind.into(), old, new: ASSIGNED_AT_LAUNCH.into() })
+        .collect()
+}
+
 /// A drill's plan: the copy in `[site.drill]`'s subnet and security groups
 /// under its hostname, its own addresses written into the Replicated files;
 /// no fence, no Elastic IP, no DNS, no promotion, and nothing for a human.
@@ -388,38 +494,172 @@ fn drill_plan(
 ) -> Result<Plan, PlanError> {
     let mut drill_rec = rec.clone();
     drill_rec.launch = rec.drill.launch_over(&rec.launch, region, &site.region)?;
+    let isolated = Isolated { kind: "drill", fence_mode: "none (drill)".into(), hostname: rec.drill.hostname.clone().unwrap_or_default() };
+    isolated_plan(site, &drill_rec, isolated, region, backup, launch_image_id, facts)
+}
+
+/// What tells a drill's plan from a spare's.
+struct Isolated {
+    kind: &'static str,
+    fence_mode: String,
+    hostname: String,
+}
+
+/// The plan of a machine production does not rely on (a drill copy, a
+/// spare): launched with `launch_rec`'s settings but a private IP of its
+/// own, its own addresses written into its files; no fence, no Elastic IP,
+/// no DNS, nothing for a human.
+fn isolated_plan(
+    site: &Site,
+    launch_rec: &crate::domain::recovery::SiteRecovery,
+    what: Isolated,
+    region: &str,
+    backup: Backup,
+    launch_image_id: String,
+    facts: Option<LaunchFacts>,
+) -> Result<Plan, PlanError> {
     let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
-    let launch = resolve_launch(facts.as_ref(), &drill_rec, taken_in, region, &launch_image_id, false)?;
-    let (old_private, old_public) = facts.as_ref().map(|f| (f.private_ip.clone(), f.public_ip.clone())).unwrap_or_default();
-    let mut addresses = vec![];
-    if !old_private.is_empty() {
-        addresses.push(AddressChange { kind: "private".into(), old: old_private, new: ASSIGNED_AT_LAUNCH.into() });
-    }
-    if !old_public.is_empty() {
-        addresses.push(AddressChange { kind: "public".into(), old: old_public, new: ASSIGNED_AT_LAUNCH.into() });
-    }
+    let mut launch = resolve_launch(facts.as_ref(), launch_rec, taken_in, region, &launch_image_id, false)?;
     let mut warnings = vec![];
+    if !launch.private_ip.is_empty() {
+        warnings.push(format!("the configured private_ip {} is the primary's: the {} gets one of its own", launch.private_ip, what.kind));
+        launch.private_ip.clear();
+    }
     if facts.is_none() {
         warnings.push(format!(
-            "backup {} has no recorded launch facts: the copy's Replicated files are rewritten only for addresses the agent finds",
-            backup.image_id
+            "backup {} has no recorded launch facts: the {}'s Replicated files are rewritten only for addresses the agent finds",
+            backup.image_id, what.kind
         ));
     }
     let now = now_ms();
     Ok(Plan {
         site_id: site.id.clone(),
-        kind: "drill".into(),
+        kind: what.kind.into(),
         planned_at_ms: now,
         home_region: site.region.clone(),
         backup: planned_backup(&backup, launch_image_id, facts.is_some(), now),
-        fence: PlannedFence { mode: "none (drill)".into(), ..PlannedFence::default() },
+        fence: PlannedFence { mode: what.fence_mode, ..PlannedFence::default() },
         launch,
-        addresses,
-        hostname: rec.drill.hostname.clone().unwrap_or_default(),
+        addresses: own_addresses(facts.as_ref()),
+        hostname: what.hostname,
         eip: None,
         dns: None,
         cleanup_builds_before_ms: backup.started_at_ms,
         human_actions: vec![],
         warnings,
+        spare: None,
     })
+}
+
+/// Where a site's spare lives: the policy's `spare_region`, else the
+/// site's home region.
+pub fn spare_region(policy: &crate::domain::policy::Policy, rec: &crate::domain::recovery::SiteRecovery, site: &Site) -> String {
+    if !policy.spare_region.is_empty() {
+        policy.spare_region.clone()
+    } else if !rec.home_region.is_empty() {
+        rec.home_region.clone()
+    } else {
+        site.region.clone()
+    }
+}
+
+/// The AMI of `backup` that launches in `region`: the backup itself where
+/// it was taken, else its available copy there.
+pub fn launch_image_in(backup: &Backup, site: &Site, region: &str) -> Option<String> {
+    let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
+    if region == taken_in {
+        return Some(backup.image_id.clone());
+    }
+    backup
+        .copies
+        .iter()
+        .find(|c| c.region == region && c.state == crate::domain::model::CopyState::Available && !c.image_id.is_empty())
+        .map(|c| c.image_id.clone())
+}
+
+/// Whether a failover into `region` takes the site's spare (policy
+/// `failover_prefers`, or `--use-spare`), with the spare's backup. A spare
+/// that cannot be used is said in `notes` (a fresh launch follows), or
+/// refused with `--use-spare`.
+#[allow(clippy::too_many_arguments)]
+async fn choose_spare(
+    deps: &Deps,
+    site: &Site,
+    policy: &crate::domain::policy::Policy,
+    region: &str,
+    insist: bool,
+    newest: &Backup,
+    backups: &[Backup],
+    notes: &mut Vec<String>,
+) -> Result<Option<(PlannedSpare, Backup)>, PlanError> {
+    let refuse = |why: String| PlanError::NoSpare { site: site.id.clone(), region: region.to_owned(), why };
+    let Some(s) = deps.store.spare(site.id.clone()).await? else {
+        return if insist { Err(refuse("the site has none (policy spare)".into())) } else { Ok(None) };
+    };
+    if policy.failover_prefers == crate::domain::policy::FailoverPrefers::Freshest && !insist {
+        notes.push(format!(
+            "the hot spare {} is not used (failover_prefers = \"freshest\"): a fresh launch from the newest backup; --use-spare takes it",
+            s.instance_id
+        ));
+        return Ok(None);
+    }
+    let unusable = |why: String, notes: &mut Vec<String>| {
+        if insist {
+            Err(refuse(why))
+        } else {
+            notes.push(format!("the hot spare {} is not used: {why}; a fresh launch instead", s.instance_id));
+            Ok(None)
+        }
+    };
+    if s.region != region {
+        return unusable(format!("it is in {}, the failover goes to {region}", s.region), notes);
+    }
+    let Some(backup) = backups.iter().find(|b| b.image_id == s.backup_image_id && b.state == BackupState::Available) else {
+        return unusable(format!("its backup {} is no longer available", s.backup_image_id), notes);
+    };
+    let state = match deps.ec2_in(site, region).await {
+        Ok(ec2) => match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&s.instance_id)).await {
+            Ok(Some(i)) => i.state,
+            Ok(None) => "gone".to_owned(),
+            Err(e) => return unusable(format!("its state is unknown ({e})"), notes),
+        },
+        Err(e) => return unusable(format!("its state is unknown ({e})"), notes),
+    };
+    if !matches!(state.as_str(), "stopped" | "stopping" | "running" | "pending") {
+        return unusable(format!("it is {state} in EC2"), notes);
+    }
+    let lag_ms = newest.started_at_ms.saturating_sub(backup.started_at_ms);
+    notes.push(format!(
+        "takes the hot spare {} ({state}, prepared from backup {}): no launch, no disk hydration; its data is {} older than the newest backup {} (the RPO traded for speed; --fresh launches from the newest)",
+        s.instance_id,
+        s.backup_image_id,
+        humantime::format_duration(std::time::Duration::from_secs(lag_ms / 1000)),
+        newest.image_id
+    ));
+    let planned = PlannedSpare {
+        instance_id: s.instance_id.clone(),
+        mode: s.mode.clone(),
+        state,
+        private_ip: s.files_private_ip.clone(),
+        backup_image_id: s.backup_image_id.clone(),
+        newest_backup_image_id: newest.image_id.clone(),
+        lag_ms,
+    };
+    Ok(Some((planned, backup.clone())))
+}
+
+/// A spare's plan: the production launch settings (`[site.launch]`, the
+/// backup's facts) in the spare's region, with a private IP of its own (the
+/// primary holds the site's) and the site's hostname.
+fn spare_plan(
+    site: &Site,
+    rec: &crate::domain::recovery::SiteRecovery,
+    policy: &crate::domain::policy::Policy,
+    region: &str,
+    backup: Backup,
+    launch_image_id: String,
+    facts: Option<LaunchFacts>,
+) -> Result<Plan, PlanError> {
+    let isolated = Isolated { kind: "spare", fence_mode: format!("none (spare, kept {})", policy.spare.as_str()), hostname: rec.hostname.clone() };
+    isolated_plan(site, rec, isolated, region, backup, launch_image_id, facts)
 }

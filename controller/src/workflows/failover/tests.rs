@@ -43,28 +43,35 @@ async fn world_with(
     let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
     store.upsert_site(site.clone()).await.expect("site");
     let now = crate::domain::model::now_ms();
-    store
-        .insert_rebuilt_backup(Backup {
-            image_id: "ami-b1".into(),
-            site_id: "s1".into(),
-            operation_id: "backup-1".into(),
-            region: "us-east-1".into(),
-            instance_id: "i-old".into(),
-            snapshot_ids: vec![],
-            started_at_ms: now - 60_000,
-            completed_at_ms: now - 30_000,
-            consistency: Consistency::Crash,
-            app_state: "started".into(),
-            state: BackupState::Available,
-            fate: String::new(),
-            deleted_at_ms: 0,
-            quiesce: "none".into(),
-            frozen_ms: 0,
-            quiesce_note: String::new(),
-            copies: vec![],
-        })
-        .await
-        .expect("backup");
+    add_backup(&store, &fake, "ami-b1", now - 60_000, now - 30_000).await;
+    fake.add_instance("i-old", "10.0.0.5");
+    let engine = engine_over(&store, fake, recovery, policies);
+    (dir, store, site, engine)
+}
+
+/// An available backup `image` of `i-old` in site `s1` (with launch facts),
+/// in the store and in `fake`.
+async fn add_backup(store: &Store, fake: &FakeEc2, image: &str, started_at_ms: u64, completed_at_ms: u64) {
+    let b = Backup {
+        image_id: image.into(),
+        site_id: "s1".into(),
+        operation_id: format!("backup-{image}"),
+        region: "us-east-1".into(),
+        instance_id: "i-old".into(),
+        snapshot_ids: vec![],
+        started_at_ms,
+        completed_at_ms,
+        consistency: Consistency::Crash,
+        app_state: "started".into(),
+        state: BackupState::Available,
+        fate: String::new(),
+        deleted_at_ms: 0,
+        quiesce: "none".into(),
+        frozen_ms: 0,
+        quiesce_note: String::new(),
+        copies: vec![],
+    };
+    store.insert_rebuilt_backup(b).await.expect("backup");
     let facts = LaunchFacts {
         instance_id: "i-old".into(),
         instance_type: "m5.xlarge".into(),
@@ -72,11 +79,8 @@ async fn world_with(
         private_ip: "10.0.0.5".into(),
         ..LaunchFacts::default()
     };
-    store.put_launch_facts("ami-b1".into(), "s1".into(), facts).await.expect("facts");
-    fake.add_instance("i-old", "10.0.0.5");
-    fake.add_image("ami-b1");
-    let engine = engine_over(&store, fake, recovery, policies);
-    (dir, store, site, engine)
+    store.put_launch_facts(image.into(), "s1".into(), facts).await.expect("facts");
+    fake.add_image(image);
 }
 
 /// An engine over `store` (a controller start: call again for a restart).
@@ -256,4 +260,127 @@ async fn a_scheduled_drill_fires_once_per_slot_and_a_restart_does_not_repeat_it(
     let slots = store.slots().await.expect("slots");
     assert_eq!(slots.get(&("s1".to_owned(), "drill".to_owned())), Some(&(slot + h)));
     assert_eq!(slots.get(&("s1".to_owned(), "backup".to_owned())), None, "no backup schedule, no backup slot");
+}
+
+/// Waits until `fake` has an instance that `known` does not list, and
+/// returns it.
+async fn new_instance(fake: &FakeEc2, known: &[&str]) -> String {
+    for _ in 0..500 {
+        let id = fake.lock().instances.iter().find(|i| !known.contains(&i.instance.id.as_str())).map(|i| i.instance.id.clone());
+        if let Some(id) = id {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no new instance was launched");
+}
+
+fn spare_answers(action: &str) -> crate::testkit::FakeAnswer {
+    match action {
+        "health_check" => Ok(serde_json::json!({"url": "http://127.0.0.1/health-check", "status": 200})),
+        _ => Ok(serde_json::json!({})),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_is_kept_refreshed_without_a_gap_protected_from_retention_and_taken_by_a_failover() {
+    use crate::domain::model::Role;
+    use crate::domain::policy::{Policy, SpareMode};
+    use crate::reconcilers::spares::{Kept, tick_once};
+    use crate::testkit::FakeAgent;
+    let fake = Arc::new(FakeEc2::default());
+    let policy = Policy { spare: SpareMode::Stopped, spare_max_lag: Duration::from_secs(1), keep_last: 1, ..Policy::default() };
+    let policies = HashMap::from([("s1".to_owned(), policy)]);
+    let (_dir, store, site, engine) = world_with(fake.clone(), HashMap::new(), policies).await;
+    let registry = engine.deps().registry.clone();
+    let primary = FakeAgent::attach(&registry, "s1", "i-old", Role::Primary, |_| Ok(serde_json::json!({})));
+
+    // No spare yet: the keeper prepares one from the newest backup.
+    let kept = tick_once(&engine, crate::domain::model::now_ms()).await.expect("tick");
+    let [(_, Kept::Started { operation_id: first_op, .. })] = kept.as_slice() else { panic!("{kept:?}") };
+    let first = new_instance(&fake, &["i-old"]).await;
+    let first_agent = FakeAgent::attach(&registry, "s1", &first, Role::Spare, spare_answers);
+    until(&store, first_op, OperationState::Succeeded).await;
+    let installed = store.spare("s1".into()).await.expect("read").expect("a spare is installed");
+    assert_eq!((installed.instance_id.as_str(), installed.backup_image_id.as_str(), installed.mode.as_str()), (first.as_str(), "ami-b1", "stopped"));
+    let spare_ec2 = fake.instance(&first).expect("spare");
+    assert_eq!(spare_ec2.instance.state, "stopped", "parked stopped");
+    assert!(spare_ec2.tags.iter().any(|(k, v)| k == "dr:role" && v == "spare"), "{:?}", spare_ec2.tags);
+    assert_eq!(
+        first_agent.actions(),
+        ["app_stop", "rewrite_addresses", "wipe_nomad", "app_start", "app_status", "health_check", "cleanup_builds", "app_status", "app_stop"],
+        "the runbook with its own addresses, checked healthy, then the app stopped"
+    );
+    assert!(primary.actions().is_empty(), "the primary got nothing: {:?}", primary.actions());
+    assert_eq!(fake.instance("i-old").expect("old").instance.state, "running", "production untouched");
+    assert!(tick_once(&engine, crate::domain::model::now_ms()).await.expect("tick").is_empty(), "no newer backup: kept");
+
+    // A newer backup, and the spare is older than spare_max_lag: a fresh
+    // spare is prepared, and the old one is terminated only once the new
+    // one is installed.
+    let now = crate::domain::model::now_ms();
+    add_backup(&store, &fake, "ami-b2", now - 10_000, now - 5_000).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let kept = tick_once(&engine, crate::domain::model::now_ms()).await.expect("tick");
+    let [(_, Kept::Started { operation_id: second_op, why })] = kept.as_slice() else { panic!("{kept:?}") };
+    assert!(why.contains("ami-b2"), "{why}");
+    let gaps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watch = {
+        let (store, gaps, op) = (store.clone(), gaps.clone(), second_op.clone());
+        tokio::spawn(async move {
+            loop {
+                if store.spare("s1".into()).await.expect("read").is_none() {
+                    gaps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let o = store.operation(op.clone()).await.expect("read").expect("op");
+                if o.state.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let second = new_instance(&fake, &["i-old", &first]).await;
+    let _second_agent = FakeAgent::attach(&registry, "s1", &second, Role::Spare, spare_answers);
+    until(&store, second_op, OperationState::Succeeded).await;
+    watch.await.expect("watcher");
+    assert_eq!(gaps.load(std::sync::atomic::Ordering::Relaxed), 0, "the site never had no spare while it was refreshed");
+    let installed = store.spare("s1".into()).await.expect("read").expect("spare");
+    assert_eq!((installed.instance_id.as_str(), installed.backup_image_id.as_str()), (second.as_str(), "ami-b2"));
+    assert_eq!(fake.instance(&first).expect("first").instance.state, "terminated", "the old spare is retired");
+    assert_eq!(fake.instance(&second).expect("second").instance.state, "stopped");
+
+    // Retention (keep_last 1) keeps the spare's backup even when a newer
+    // one would push it out.
+    add_backup(&store, &fake, "ami-b3", now - 2_000, now - 1_000).await;
+    let decisions = crate::workflows::retention::apply(engine.deps(), &site, false).await.expect("retention");
+    let fate = |id: &str| decisions.iter().find(|d| d.image_id == id).map(|d| d.keep);
+    assert_eq!(fate("ami-b2"), Some(true), "the spare's backup is kept: {decisions:?}");
+    assert_eq!(fate("ami-b1"), Some(false), "an unprotected older backup goes: {decisions:?}");
+
+    // The failover takes the spare (failover_prefers = spare by default):
+    // no RunInstances; the plan states the data it trades.
+    let plan = plan::make(engine.deps(), &site, &Request::default()).await.expect("plan");
+    let planned = plan.spare.clone().expect("the plan takes the spare");
+    assert_eq!((planned.instance_id.as_str(), planned.backup_image_id.as_str(), planned.newest_backup_image_id.as_str()), (second.as_str(), "ami-b2", "ami-b3"));
+    assert_eq!(plan.backup.image_id, "ami-b2", "the data is the spare's");
+    assert!(planned.lag_ms >= 8_000, "{planned:?}");
+    assert!(plan.warnings.iter().any(|w| w.contains("hot spare") && w.contains("ami-b3")), "{:?}", plan.warnings);
+    let fresh = plan::make(engine.deps(), &site, &Request { fresh: true, ..Default::default() }).await.expect("plan");
+    assert!(fresh.spare.is_none() && fresh.backup.image_id == "ami-b3", "--fresh launches from the newest");
+    let launches = fake.calls_of("RunInstances");
+    let op = start(&engine, plan, "operator/t").await.expect("start");
+    let done = until(&store, &op.id, OperationState::Succeeded).await;
+    assert_eq!(fake.calls_of("RunInstances"), launches, "no launch: the spare was started");
+    assert_eq!(fake.calls_of("StartInstances"), 1);
+    assert_eq!(store.site("s1".into()).await.expect("read").expect("site").primary_instance_id, second, "the spare is the primary");
+    assert!(store.spare("s1".into()).await.expect("read").is_none(), "taken: no longer the spare");
+    assert_eq!(fake.instance("i-old").expect("old").instance.state, "stopped", "the old primary is fenced");
+    let retagged = fake.instance(&second).expect("second");
+    assert!(retagged.tags.iter().any(|(k, v)| k == "dr:operation" && v == &op.id), "retagged as the failover's: {:?}", retagged.tags);
+    let launch = done.steps.iter().find(|s| s.name == "launch").expect("launch step");
+    assert!(launch.detail.contains("took the hot spare"), "{}", launch.detail);
+    let pinned = Request { use_spare: true, ..Default::default() };
+    let refused = plan::make(engine.deps(), &site, &pinned).await.expect_err("no spare left");
+    assert!(refused.to_string().contains("no usable hot spare"), "{refused}");
 }
