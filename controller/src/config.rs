@@ -389,6 +389,21 @@ impl Config {
                 return Err(invalid(key("region"), "no region for this site and no [aws] region".into()));
             }
             let policy = self.site_policy(site).map_err(|(k, m)| invalid(format!("site[{i}].policy.{k}"), m))?;
+            let home = self.site_region(site);
+            if policy.spare != crate::domain::policy::SpareMode::Off
+                && !policy.spare_region.is_empty()
+                && policy.spare_region != home
+                && !policy.copy_regions.contains(&policy.spare_region)
+            {
+                return Err(invalid(
+                    key("policy.spare_region"),
+                    format!(
+                        "site `{}`: the spare is launched from a copy in {r}, but copy_regions does not copy backups there: add \"{r}\" to copy_regions",
+                        site.id,
+                        r = policy.spare_region
+                    ),
+                ));
+            }
             if policy.drill_schedule.is_some() {
                 let region = self.site_region(site);
                 site.drill
@@ -517,6 +532,26 @@ instance_id = "i-0123456789abcdef0"
             .expect("valid");
         assert_eq!(c.sites[0].launch.for_region("us-west-2", "us-east-1").subnet_id.as_deref(), Some("subnet-2"));
         assert_eq!(c.sites[0].launch.for_region("us-east-1", "us-east-1").subnet_id.as_deref(), Some("subnet-1"));
+    }
+
+    #[test]
+    fn spare_keys_are_checked_and_name_what_is_wrong() {
+        let cases = [
+            ("[site.policy]\nspare = \"warm\"\n", "unknown variant `warm`, expected one of `off`, `stopped`, `running`"),
+            ("[site.policy]\nspare = \"stopped\"\nspare_region = \"mars-1\"\n", "`mars-1` is not an AWS region"),
+            ("[site.policy]\nspare = \"stopped\"\nspare_region = \"us-west-2\"\n", "add \"us-west-2\" to copy_regions"),
+            ("[site.policy]\nspare_max_lag = \"400d\"\n", "spare_max_lag"),
+            ("[site.policy]\nfailover_prefers = \"fastest\"\n", "failover_prefers"),
+        ];
+        for (extra, want) in cases {
+            let e = Config::parse(Path::new("c.toml"), &format!("{GOOD}{extra}")).expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let ok = "[site.policy]\nspare = \"running\"\nspare_region = \"us-west-2\"\ncopy_regions = [\"us-west-2\"]\nspare_max_lag = \"12h\"\nfailover_prefers = \"freshest\"\n";
+        let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}{ok}")).expect("valid");
+        let p = c.site_policy(&c.sites[0]).expect("policy");
+        assert_eq!((p.spare, p.spare_region.as_str(), p.spare_max_lag), (crate::domain::policy::SpareMode::Running, "us-west-2", Duration::from_secs(12 * 3600)));
+        assert_eq!(p.failover_prefers, crate::domain::policy::FailoverPrefers::Freshest);
     }
 
     #[test]

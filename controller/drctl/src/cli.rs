@@ -485,10 +485,12 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                     crate::failover::confirm(&site, what)?;
                 }
             }
-            // Run exactly the backup that was shown, even if a newer one
-            // completed in between.
+            // Run what was shown: the hot spare it takes, else exactly the
+            // backup shown, even if a newer one completed in between.
             req.plan_only = false;
-            if let Some(image) = plan["backup"]["image_id"].as_str() {
+            if plan["spare"].is_object() {
+                req.use_spare = true;
+            } else if let Some(image) = plan["backup"]["image_id"].as_str() {
                 req.backup_image_id = image.to_owned();
             }
             let started = client.start_failover(req).await.map_err(|s| conn.status_error(s))?.into_inner();
