@@ -277,7 +277,7 @@ impl PolicyFile {
             p.spare = m;
         }
         if let Some(r) = &self.spare_region {
-            if !is_region(r) {
+            if !r.is_empty() && !is_region(r) {
                 return Err(("spare_region".into(), format!("`{r}` is not an AWS region name")));
             }
             p.spare_region = r.clone();

@@ -10,13 +10,16 @@
 //! The old spare is terminated by the new one's `retire` step, after the new
 //! one is installed: a site that had a spare never has none while it is
 //! refreshed. With `spare = "off"` an existing spare is terminated here.
-//! A site with a failover running is left alone (the failover may be
-//! taking the spare). Per pass: two store reads, plus one per site that
-//! keeps a spare.
+//! A site with a failover (running or waiting) is left alone: it may be
+//! taking the spare. No spare is prepared while any failover of the fleet
+//! runs: spares never compete with a failover for the RunInstances budget
+//! (50 failovers at once need all of it); they are replaced once the
+//! failovers have ended. Per pass: three store reads, plus one per site
+//! whose spare is missing, misplaced or older than `spare_max_lag`.
 
 use std::time::Duration;
 
-use crate::domain::model::{BackupState, Millis, Role, Site, SpareRecord, now_ms};
+use crate::domain::model::{BackupState, Millis, OperationState, Role, Site, SpareRecord, now_ms};
 use crate::domain::policy::{Policy, SpareMode};
 use crate::store::StoreError;
 use crate::workflows::failover::plan::{self, launch_image_in, spare_region};
@@ -66,6 +69,9 @@ pub fn needs_spare(policy: &Policy, region: &str, spare: Option<&SpareRecord>, n
 pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Kept)>, StoreError> {
     let store = engine.store();
     let spares = store.spares().await?;
+    let active = store.active_by_site().await?;
+    // Running failovers (one waiting for a human does not hold spares back).
+    let failovers = active.values().flatten().filter(|a| a.kind == "failover" && a.state == OperationState::Running).count();
     let mut done = vec![];
     for site in store.sites().await? {
         let policy = engine.deps().policy(&site.id);
@@ -79,11 +85,16 @@ pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Kept
             }
             continue;
         }
-        let active = store.active_operations_of(site.id.clone()).await?;
-        if active.iter().any(|a| a.kind == "failover" || a.kind == "spare") {
+        if failovers > 0 || active.get(&site.id).is_some_and(|a| a.iter().any(|a| a.kind == "spare" || a.kind == "failover")) {
             continue;
         }
         let region = spare_region(&policy, &engine.deps().recovery(&site.id), &site);
+        // The steady state, without reading the site's backups.
+        if current.is_some_and(|s| {
+            s.region == region && s.mode == policy.spare.as_str() && now.saturating_sub(s.backup_started_at_ms) <= policy.spare_max_lag.as_millis() as u64
+        }) {
+            continue;
+        }
         let backups = store.backups(site.id.clone()).await?;
         let newest = backups
             .iter()

@@ -275,6 +275,7 @@ impl Store {
         /// `spare` role; returns the spare it replaces (to be retired).
         install_spare(record: SpareRecord) -> Option<SpareRecord>);
     db_call!(spare(site_id: String) -> Option<SpareRecord>);
+    db_call!(active_by_site() -> HashMap<String, Vec<ActiveOp>>);
     db_call!(
         /// Every installed spare, by site, in one query.
         spares() -> HashMap<String, SpareRecord>);
@@ -1182,6 +1183,22 @@ impl Db<'_> {
 
     // ------------------------------------------------------------ fleet
 
+    /// Every active operation, by site, oldest first, in one query.
+    pub fn active_by_site(&self) -> Result<HashMap<String, Vec<ActiveOp>>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
+        ))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out: HashMap<String, Vec<ActiveOp>> = HashMap::new();
+        for (site, id, kind, state) in rows {
+            let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
+            out.entry(site).or_default().push(ActiveOp { id, kind, state });
+        }
+        Ok(out)
+    }
+
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
@@ -1199,16 +1216,7 @@ impl Db<'_> {
             let b = backup_of(row?)?;
             view.newest_backup.insert(b.site_id.clone(), b);
         }
-        let mut stmt = self.0.prepare(&format!(
-            "SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
-        ))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (site, id, kind, state) in rows {
-            let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
-            view.active.entry(site).or_default().push(ActiveOp { id, kind, state });
-        }
+        view.active = self.active_by_site()?;
         let mut stmt = self.0.prepare("SELECT site_id, state, COUNT(*) FROM backups GROUP BY site_id, state")?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?

@@ -10,6 +10,7 @@
 //!   target/debug/dr-bench-failover
 //!   DR_BENCH_SITES=20 DR_BENCH_THROTTLE=0.1 DR_BENCH_BOOT=3s target/debug/dr-bench-failover
 //!   DR_BENCH_KIND=drill target/debug/dr-bench-failover   # drills instead (same world, same delays)
+//!   DR_BENCH_KIND=spare target/debug/dr-bench-failover   # failovers onto hot spares (`spare = "stopped"`)
 //!
 //! Also prints the RTO (operation start to the app healthy on the new
 //! machine: the end of `app_start`) and the RPO (the backup's age at the
@@ -63,7 +64,7 @@ fn step_ms(op: &pb::Operation, names: &[&str]) -> u64 {
 async fn main() {
     let n: usize = env("DR_BENCH_SITES", 50);
     let kind = std::env::var("DR_BENCH_KIND").unwrap_or_else(|_| "failover".into());
-    assert!(kind == "failover" || kind == "drill", "DR_BENCH_KIND is failover or drill, not `{kind}`");
+    assert!(["failover", "drill", "spare"].contains(&kind.as_str()), "DR_BENCH_KIND is failover, drill or spare, not `{kind}`");
     let share: f64 = env("DR_BENCH_THROTTLE", 0.1);
     let boot = humantime::parse_duration(&std::env::var("DR_BENCH_BOOT").unwrap_or_else(|_| "3s".into())).expect("DR_BENCH_BOOT");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -118,18 +119,23 @@ async fn main() {
         endpoint: Some(proxy.url.clone()),
     };
     let mut controller = Controller::start(dir.path(), &pki, &moto, &spec);
-    if kind == "drill" {
-        // Every site's [site.drill]: moto's default subnet and group (the
-        // drill only needs them to be its own settings).
+    if kind != "failover" {
+        // Every site's [site.drill] (moto's default subnet and group: the
+        // drill only needs them to be its own settings), or its spare.
         let subnet = ec2.describe_subnets().send().await.expect("DescribeSubnets").subnets()[0].subnet_id().expect("subnet").to_owned();
         let sg = ec2.describe_security_groups().send().await.expect("DescribeSecurityGroups").security_groups()[0].group_id().expect("sg").to_owned();
+        let per_site = if kind == "drill" {
+            format!("[site.drill]\nhostname = \"drill.example.com\"\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n")
+        } else {
+            "[site.policy]\nspare = \"stopped\"\n".to_owned()
+        };
         let text = std::fs::read_to_string(&controller.config).expect("config");
         let mut out = String::new();
         for line in text.lines() {
             out.push_str(line);
             out.push('\n');
             if line.starts_with("instance_id = ") {
-                out.push_str(&format!("[site.drill]\nhostname = \"drill.example.com\"\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n"));
+                out.push_str(&per_site);
             }
         }
         std::fs::write(&controller.config, out).expect("config");
@@ -156,6 +162,20 @@ async fn main() {
     let done = wait_ops(&mut client, &backups, Duration::from_secs(900)).await;
     assert!(done.iter().all(|o| o.state == "succeeded"), "a backup failed");
     let backup_started: HashMap<String, u64> = done.iter().map(|o| (o.site_id.clone(), o.created_at_ms)).collect();
+    if kind == "spare" {
+        // Every site's spare prepared from this round's backup (and stopped).
+        let since = Instant::now();
+        loop {
+            let s = client.status(pb::StatusRequest { page_size: 1000, ..Default::default() }).await.expect("Status").into_inner();
+            let ready = s.sites.iter().filter(|x| x.spare.as_ref().is_some_and(|p| !p.instance_id.is_empty())).count();
+            if ready == n {
+                println!("{n} spares prepared in {:.1} s", since.elapsed().as_secs_f64());
+                break;
+            }
+            assert!(since.elapsed() < Duration::from_secs(1800), "{ready} of {n} spares prepared:\n{}", controller.log());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 
     // The backup round spent the account's mutating budget (CreateImage,
     // CreateTags); let it refill as it would have before a real outage, so
@@ -171,6 +191,7 @@ async fn main() {
             let r = pb::StartDrillRequest { site_id: site.clone(), ..Default::default() };
             client.start_drill(r).await.expect("StartDrill").into_inner().operation_id
         } else {
+            // With spares, the default policy takes them (failover_prefers = "spare").
             let r = pb::StartFailoverRequest { site_id: site.clone(), ..Default::default() };
             client.start_failover(r).await.expect("StartFailover").into_inner().operation_id
         };
@@ -228,7 +249,12 @@ async fn main() {
         .collect();
     per_step.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!(
-        "{n} {kind}s at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled, started {refill:?} after the backup round",
+        "{n} {} at once: boot delay {boot:?}, app stop/start 0.5 s each, {:.0}% of EC2 requests throttled, started {refill:?} after the backup round",
+        match kind.as_str() {
+            "spare" => "failovers onto hot spares",
+            "drill" => "drills",
+            _ => "failovers",
+        },
         share * 100.0
     );
     println!("  RTO (start to app healthy): mean {r_mean:.1} s, p95 {r_p95:.1} s, max {r_max:.1} s");
@@ -236,7 +262,7 @@ async fn main() {
     println!("  all started in:       {:.2} s", started_all.as_secs_f64());
     println!("  wall time:            {:.1} s", wall.as_secs_f64());
     println!("  failed:               {}", failed.len());
-    println!("  per {kind}:{:<w$}mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s", "", w = 17 - kind.len());
+    println!("  per operation:        mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s");
     println!("  orchestration:        mean {o_mean:.2} s, p95 {o_p95:.2} s, max {o_max:.2} s (beyond boot, agent, app and the RunInstances bucket)");
     println!("  RunInstances bucket:  mean wait {l_mean:.1} s, max {l_max:.1} s; {} RunInstances calls", delta("RunInstances"));
     println!("  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)", total as f64 / n as f64, throttled as f64 / n as f64);
@@ -260,5 +286,9 @@ async fn main() {
         println!("  FAILED {} {}: {} {}", op.site_id, op.id, op.state, op.waiting_for);
     }
     controller.kill();
+    if kind == "spare" {
+        let taken = done.iter().filter(|o| o.steps.iter().any(|s| s.name == "launch" && s.detail.contains("took the hot spare"))).count();
+        println!("  failovers onto a spare: {taken} of {n}");
+    }
     assert!(failed.is_empty(), "a {kind} did not succeed");
 }
