@@ -148,6 +148,8 @@ pub struct SpareView {
     /// How much older its backup is than the newest good backup.
     pub lag_s: u64,
     pub preparing_operation_id: Option<String>,
+    /// The operation that prepared the installed spare.
+    pub operation_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -274,6 +276,7 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
             backup_started_at: (p.backup_started_at_ms > 0).then(|| rfc3339(p.backup_started_at_ms)).flatten(),
             lag_s: p.lag_ms / 1000,
             preparing_operation_id: Some(p.preparing_operation_id).filter(|x| !x.is_empty()),
+            operation_id: Some(p.operation_id).filter(|x| !x.is_empty()),
             mode: p.mode,
             region: p.region,
             failover_prefers: p.failover_prefers,

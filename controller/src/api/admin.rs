@@ -161,6 +161,7 @@ impl AdminServer {
                 backup_started_at_ms: installed.map(|s| s.backup_started_at_ms).unwrap_or(0),
                 lag_ms: spare_lag_ms(installed, last_backup),
                 preparing_operation_id: active.iter().find(|a| a.kind == "spare").map(|a| a.id.clone()).unwrap_or_default(),
+                operation_id: installed.map(|s| s.operation_id.clone()).unwrap_or_default(),
             }
         });
         pb::SiteStatus {

@@ -13,7 +13,8 @@
 //! (app stop, its own addresses, the site's hostname, Nomad wipe, app start
 //! and health check), 10. `cleanup_builds`, 11. `verify`, 12. `park`,
 //! 13. `install`: the store's spare of the site, in one transaction;
-//! 14. `retire`: the spare it replaced is terminated only now, so once a
+//! 14. `retire`: the spares it replaced (every other instance the store
+//! still records as the site's spare) are terminated only now, so once a
 //! site had a spare it never has none while a newer one is prepared;
 //! 15. `release` (always): a spare that was not installed is terminated.
 //!
@@ -82,13 +83,18 @@ fn mode(ctx: &Ctx<Deps>) -> crate::domain::policy::SpareMode {
 /// The app stopped (it must not run beside the primary), and with
 /// `spare = "stopped"` the instance stopped too.
 async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let t = ctx.deps().failover.app_timeout;
-    failover::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
-    if mode(ctx) == crate::domain::policy::SpareMode::Running {
-        return Ok(Outcome::Done(format!("the app on {} is stopped; the instance is kept running", st.candidate)));
-    }
     let ec2 = failover::ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
+    // The instance is stopped only after its app: a stop already asked (a
+    // restart after it) needs no app stop, and its agent is gone.
+    let now = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
+    if !matches!(now.as_deref(), Some("stopping" | "stopped")) {
+        let t = ctx.deps().failover.app_timeout;
+        failover::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
+    }
+    if mode(ctx) == crate::domain::policy::SpareMode::Running {
+        return Ok(Outcome::Done(format!("the app on {id} is stopped; the instance is kept running")));
+    }
     let limit = ctx.deps().failover.fence_timeout;
     let mut progress = Waiting::new();
     let mut asked = false;
@@ -115,7 +121,7 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
 }
 
 /// The site's spare becomes this one (one transaction); the one it
-/// replaces is remembered for `retire`.
+/// replaces is named in its detail (`retire` terminates it).
 async fn install(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     // What the files hold now: the address each kind was rewritten to, else
     // what the backup had.
@@ -147,7 +153,6 @@ async fn install(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     st.installed = true;
     if let Some(p) = &previous {
         st.replaces = p.instance_id.clone();
-        st.replaces_region = p.region.clone();
     }
     Ok(Outcome::Done(match previous {
         Some(p) => format!("{} is the site's spare (from backup {}); it replaces {} (from {})", st.candidate, st.plan.backup.image_id, p.instance_id, p.backup_image_id),
@@ -155,26 +160,32 @@ async fn install(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     }))
 }
 
-/// Terminates the spare this one replaced, now that this one is installed
-/// (never the site's primary, nor an instance some operation took since).
+/// Terminates the spares this one replaced, now that this one is
+/// installed: every instance of the site the store still records as a
+/// spare, but this one (also one whose replacement was installed just
+/// before a crash). Never the site's primary, nor an instance some
+/// operation took since (its role is no longer `spare`).
 async fn retire(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let old = st.replaces.clone();
+    let store = ctx.store();
+    let primary = store.site(ctx.site.id.clone()).await?.map(|s| s.primary_instance_id).unwrap_or_default();
+    let old: Vec<String> = store
+        .instances_of(ctx.site.id.clone())
+        .await?
+        .into_iter()
+        .filter(|r| r.role == "spare" && r.instance_id != st.candidate && r.instance_id != primary)
+        .map(|r| r.instance_id)
+        .collect();
     if old.is_empty() {
         return Ok(Outcome::Done("no earlier spare to retire".into()));
     }
-    let site = ctx.store().site(ctx.site.id.clone()).await?;
-    let rec = ctx.store().instance(ctx.site.id.clone(), old.clone()).await?;
-    if site.is_some_and(|s| s.primary_instance_id == old) || rec.as_ref().is_some_and(|r| r.role != "spare") {
-        return Ok(Outcome::Done(format!(
-            "{old} is not retired: it is no longer a spare ({})",
-            rec.map(|r| r.role).unwrap_or_else(|| "primary".into())
-        )));
+    let regions = store.instance_regions().await?;
+    for id in &old {
+        // An earlier spare may live in another region (the policy moved it).
+        let region = regions.get(&(ctx.site.id.clone(), id.clone())).cloned().unwrap_or_else(|| ctx.site.region.clone());
+        let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
+        failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: replaced as the site's spare by {} ({})", st.candidate, ctx.op_id)).await?;
     }
-    // The earlier spare may live in another region (the policy moved it).
-    let region = if st.replaces_region.is_empty() { ctx.site.region.clone() } else { st.replaces_region.clone() };
-    let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
-    failover::terminate_as_passive(ctx, ec2.as_ref(), &old, format!("terminated: replaced as the site's spare by {} ({})", st.candidate, ctx.op_id)).await?;
-    Ok(Outcome::Done(format!("terminated the earlier spare {old}")))
+    Ok(Outcome::Done(format!("terminated the earlier spare {}", old.join(", "))))
 }
 
 /// Always runs: a spare that was not installed is terminated.

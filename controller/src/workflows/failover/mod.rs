@@ -97,7 +97,6 @@ pub struct State {
     /// Spares: installed as the site's spare, and the one it replaced.
     pub installed: bool,
     pub replaces: String,
-    pub replaces_region: String,
 }
 
 impl State {
