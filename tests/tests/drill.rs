@@ -229,7 +229,13 @@ async fn a_drill_whose_teardown_failed_is_finished_by_the_reaper() {
         "the reaper terminates {copy}\n{}",
         tail(&w.controller.log())
     );
-    assert!(w.controller.log().contains("drill copy past its dr:keep-until terminated"), "the reaper says so");
+    // Its log line follows the TerminateInstances answer.
+    assert_eventually!(
+        Duration::from_secs(10),
+        w.controller.log().contains("drill copy past its dr:keep-until terminated"),
+        "the reaper says so\n{}",
+        tail(&w.controller.log())
+    );
     assert_eq!(w.instance_state(&w.instance.id).await, "running", "the primary is never reaped");
 }
 

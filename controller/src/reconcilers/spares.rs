@@ -15,7 +15,9 @@
 //! runs: spares never compete with a failover for the RunInstances budget
 //! (50 failovers at once need all of it); they are replaced once the
 //! failovers have ended. Per pass: three store reads, plus one per site
-//! whose spare is missing, misplaced or older than `spare_max_lag`.
+//! whose spare is missing, misplaced or older than `spare_max_lag`. Every
+//! [`CHECK_EVERY`] the installed spares are looked up in EC2 in batches; one
+//! terminated behind the controller's back is forgotten and replaced.
 
 use std::time::Duration;
 
@@ -32,16 +34,76 @@ pub enum Kept {
     Started { operation_id: String, why: String },
     /// The spare was terminated (policy `off`).
     Retired { instance_id: String },
+    /// The spare is gone from EC2 (terminated behind the controller's
+    /// back) and forgotten; the next pass prepares another.
+    Gone { instance_id: String, state: String },
 }
 
+/// How often the installed spares are looked up in EC2 (batched).
+pub const CHECK_EVERY: Duration = Duration::from_secs(60);
+
 pub async fn run(engine: Engine, tick: Duration) {
+    let mut checked: Option<tokio::time::Instant> = None;
     loop {
+        if checked.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+            checked = Some(tokio::time::Instant::now());
+            if let Err(e) = check_spares(&engine).await {
+                tracing::error!(error = %e, "spare check failed");
+            }
+        }
         match tick_once(&engine, now_ms()).await {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "spare keeper pass failed"),
         }
         tokio::time::sleep(tick).await;
     }
+}
+
+/// Looks every installed spare up in EC2, one DescribeInstances per
+/// account and region for up to 1,000 spares, and forgets those EC2 no
+/// longer has (terminated, shutting down, unknown). A lookup that fails is
+/// logged and changes nothing.
+pub async fn check_spares(engine: &Engine) -> Result<Vec<(String, Kept)>, StoreError> {
+    let store = engine.store();
+    let spares = store.spares().await?;
+    let sites: std::collections::HashMap<String, Site> = store.sites().await?.into_iter().map(|s| (s.id.clone(), s)).collect();
+    let mut groups: std::collections::BTreeMap<(Option<String>, String), Vec<&SpareRecord>> = Default::default();
+    for s in spares.values() {
+        if let Some(site) = sites.get(&s.site_id) {
+            groups.entry((site.role_arn.clone(), s.region.clone())).or_default().push(s);
+        }
+    }
+    let mut done = vec![];
+    for ((_, region), group) in groups {
+        for chunk in group.chunks(1000) {
+            let site = &sites[&chunk[0].site_id];
+            let ids: Vec<String> = chunk.iter().map(|s| s.instance_id.clone()).collect();
+            let found = match engine.deps().ec2_in(site, &region).await {
+                Ok(ec2) => retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instances(&ids)).await,
+                Err(e) => Err(e),
+            };
+            let found = match found {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(region = %region, spares = ids.len(), error = %e, "cannot look the spares up in EC2; kept as they are");
+                    continue;
+                }
+            };
+            for s in chunk {
+                let state = found.iter().find(|i| i.id == s.instance_id).map(|i| i.state.clone()).unwrap_or_else(|| "gone".into());
+                if !matches!(state.as_str(), "terminated" | "shutting-down" | "gone") {
+                    continue;
+                }
+                if store.drop_spare(s.site_id.clone(), s.instance_id.clone()).await? {
+                    let reason = format!("the spare is {state} in EC2 (not by this controller)");
+                    store.set_instance_role(s.site_id.clone(), s.instance_id.clone(), "passive".into(), String::new(), reason).await?;
+                    tracing::warn!(site = %s.site_id, spare = %s.instance_id, state = %state, "the hot spare is gone from EC2: forgotten, a new one is prepared");
+                    done.push((s.site_id.clone(), Kept::Gone { instance_id: s.instance_id.clone(), state }));
+                }
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Why `site` needs a new spare now, if it does.

@@ -358,6 +358,22 @@ async fn a_spare_is_kept_refreshed_without_a_gap_protected_from_retention_and_ta
     assert_eq!(fate("ami-b2"), Some(true), "the spare's backup is kept: {decisions:?}");
     assert_eq!(fate("ami-b1"), Some(false), "an unprotected older backup goes: {decisions:?}");
 
+    // A spare EC2 no longer has is noticed by the check and replaced.
+    let mut ghost = fake.instance(&second).expect("second");
+    ghost.instance.id = "i-ghost".into();
+    fake.lock().instances.push(ghost);
+    fake.lock().instances.iter_mut().find(|i| i.instance.id == "i-ghost").expect("ghost").instance.state = "terminated".into();
+    let mut rec = store.spare("s1".into()).await.expect("read").expect("spare");
+    let real = rec.instance_id.clone();
+    rec.instance_id = "i-ghost".into();
+    store.install_spare(rec.clone()).await.expect("install");
+    let gone = crate::reconcilers::spares::check_spares(&engine).await.expect("check");
+    assert_eq!(gone, [("s1".to_owned(), Kept::Gone { instance_id: "i-ghost".into(), state: "terminated".into() })]);
+    assert!(store.spare("s1".into()).await.expect("read").is_none(), "forgotten");
+    rec.instance_id = real;
+    store.install_spare(rec).await.expect("reinstall the real one");
+    assert!(crate::reconcilers::spares::check_spares(&engine).await.expect("check").is_empty(), "a stopped spare is kept");
+
     // The failover takes the spare (failover_prefers = spare by default):
     // no RunInstances; the plan states the data it trades.
     let plan = plan::make(engine.deps(), &site, &Request::default()).await.expect("plan");
