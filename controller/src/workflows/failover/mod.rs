@@ -479,9 +479,10 @@ pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
 }
 
 /// `launch` with a hot spare: the spare becomes this operation's candidate
-/// (store and live session, in one transaction with the spare's removal),
-/// is retagged as the candidate of this operation, and is started if it was
-/// stopped. No RunInstances, no disk hydration.
+/// (store and live session, in one transaction with the spare's removal)
+/// and is started if it was stopped. No RunInstances, no disk hydration.
+/// Its `dr:role=spare` tag stays until `promote` (the IAM policy allows
+/// StartInstances on spares only; the retag is off the RTO's path).
 async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) -> Result<Outcome, StepError> {
     let ec2 = ec2_launch(ctx, st).await?;
     let id = spare.instance_id.clone();
@@ -499,10 +500,8 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
     }
     ctx.crash_point("failover.after_take_spare");
     let role = st.launched_role(&op_id);
-    ctx.deps().registry.set_role(&ctx.site.id, &id, role.clone());
+    ctx.deps().registry.set_role(&ctx.site.id, &id, role);
     st.candidate = id.clone();
-    let tags = vec![(TAG_ROLE.to_owned(), role.name().to_owned()), (TAG_OPERATION.to_owned(), op_id.clone())];
-    retry_ec2("CreateTags", EC2_RETRY_BUDGET, || ec2.create_tags(std::slice::from_ref(&id), &tags)).await?;
     let mut progress = Waiting::new();
     let state = loop {
         let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state).unwrap_or_else(|| "gone".into());
@@ -845,6 +844,13 @@ async fn promote(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     }
     st.promoted = true;
     st.promoted_at_ms = now_ms();
+    // A spare taken: no longer tagged as one (retried on the next attempt;
+    // the store already says what it is).
+    if st.plan.spare.is_some() {
+        let ec2 = ec2_launch(ctx, st).await?;
+        let tags = vec![(TAG_ROLE.to_owned(), "candidate".to_owned()), (TAG_OPERATION.to_owned(), ctx.op_id.clone())];
+        retry_ec2("CreateTags", EC2_RETRY_BUDGET, || ec2.create_tags(std::slice::from_ref(&st.candidate), &tags)).await?;
+    }
     Ok(Outcome::Done(format!(
         "{} is the primary of site {}{}; backups follow it on the site's schedule",
         st.candidate,
