@@ -223,6 +223,40 @@ impl RecoveryWorld {
         instance_state_in(&self.ec2, id).await
     }
 
+    /// Instances tagged `dr:role=<role>` that are not terminated.
+    pub async fn alive_with_role(&self, role: &str) -> Vec<String> {
+        self.ec2
+            .describe_instances()
+            .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:role").values(role).build())
+            .send()
+            .await
+            .expect("DescribeInstances")
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| i.state().and_then(|s| s.name()).is_none_or(|n| n.as_str() != "terminated"))
+            .map(|i| i.instance_id().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// `drctl -o json <args>` of an operation with `--wait` that must
+    /// succeed; its final JSON.
+    pub fn run_ok(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.drctl(&all);
+        let op = crate::last_json(&out.stdout);
+        assert!(
+            out.status.success() && op["state"] == "succeeded",
+            "{}: {}\n{}\ncontroller:\n{}",
+            args.join(" "),
+            crate::text(&out.stdout),
+            crate::text(&out.stderr),
+            tail(&self.controller.log())
+        );
+        op
+    }
+
     pub async fn all_instances(&self) -> usize {
         let out = self.ec2.describe_instances().send().await.expect("DescribeInstances");
         out.reservations().iter().map(|r| r.instances().len()).sum()

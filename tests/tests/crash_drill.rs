@@ -9,22 +9,6 @@ use dr_controller::workflows::drill::Drill;
 use dr_tests::recovery_world::*;
 use dr_tests::drctl_json;
 
-/// Instances tagged `dr:role=drill` that are not terminated.
-async fn drill_copies_alive(w: &RecoveryWorld) -> Vec<String> {
-    w.ec2
-        .describe_instances()
-        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:role").values("drill").build())
-        .send()
-        .await
-        .expect("DescribeInstances")
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.state().and_then(|s| s.name()).is_none_or(|n| n.as_str() != "terminated"))
-        .map(|i| i.instance_id().unwrap_or_default().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_controller_after_any_drill_step_leaks_nothing() {
     let mut w = RecoveryWorld::start("crash-drill", RecoverySpec::default()).await;
@@ -48,7 +32,7 @@ async fn killing_the_controller_after_any_drill_step_leaks_nothing() {
         assert_eq!(done["state"], "succeeded", "crash at {point}: {done:#}");
         let launched = w.launched_by(&op).await;
         assert_eq!(launched.len(), 1, "one copy after a crash at {point}");
-        assert_eq!(drill_copies_alive(&w).await, Vec::<String>::new(), "nothing left running after a crash at {point}");
+        assert_eq!(w.alive_with_role("drill").await, Vec::<String>::new(), "nothing left running after a crash at {point}");
         let drills = drctl_json(&w.pki, &w.controller.url, &["drills", &w.site]);
         let recorded: Vec<_> = drills["drills"].as_array().expect("drills").iter().filter(|d| d["operation_id"] == op.as_str()).collect();
         assert_eq!(recorded.len(), 1, "recorded once after a crash at {point}: {drills}");

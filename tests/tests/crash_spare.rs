@@ -11,22 +11,6 @@ use dr_controller::workflows::spare::Spare;
 use dr_tests::recovery_world::*;
 use dr_tests::{assert_eventually, drctl_json, site_status};
 
-/// Instances tagged `dr:role=spare` that are not terminated.
-async fn spares_alive(w: &RecoveryWorld) -> Vec<String> {
-    w.ec2
-        .describe_instances()
-        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:dr:role").values("spare").build())
-        .send()
-        .await
-        .expect("DescribeInstances")
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.state().and_then(|s| s.name()).is_none_or(|n| !matches!(n.as_str(), "terminated" | "shutting-down")))
-        .map(|i| i.instance_id().unwrap_or_default().to_owned())
-        .collect()
-}
-
 fn spare_op(w: &RecoveryWorld) -> Option<String> {
     site_status(&w.pki, &w.controller.url, &w.site)["spare"]["operation_id"].as_str().map(str::to_owned)
 }
@@ -65,9 +49,9 @@ async fn killing_the_controller_after_any_spare_step_leaves_one_spare() {
         let installed = site_status(&w.pki, &w.controller.url, &w.site)["spare"]["instance_id"].as_str().expect("spare").to_owned();
         assert_eventually!(
             Duration::from_secs(30),
-            spares_alive(&w).await == vec![installed.clone()],
+            w.alive_with_role("spare").await == vec![installed.clone()],
             "one live spare, the installed one, after a crash at {point}: {:?}",
-            spares_alive(&w).await
+            w.alive_with_role("spare").await
         );
         assert_eq!(w.instance_state(&w.instance.id).await, "running", "production untouched after a crash at {point}");
         assert_eq!(w.eip_holder().await, w.instance.id);

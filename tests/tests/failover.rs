@@ -84,15 +84,7 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     assert!(text(&refused.stderr).contains("--yes"), "{}", text(&refused.stderr));
 
     // The failover.
-    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
-    let op = last_json(&out.stdout);
-    assert!(
-        out.status.success() && op["state"] == "succeeded",
-        "failover: {}\n{}\ncontroller:\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        tail(&w.controller.log())
-    );
+    let op = w.run_ok(&["failover", &w.site, "--yes", "--wait"]);
     let op_id = op["id"].as_str().expect("id").to_owned();
     let launched = w.launched_by(&op_id).await;
     assert_eq!(launched.len(), 1, "exactly one instance launched");

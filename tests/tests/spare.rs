@@ -95,15 +95,7 @@ async fn a_hot_spare_is_kept_refreshed_without_a_gap_and_taken_by_a_failover() {
     let fresh = w.drctl(&["-o", "json", "failover", &w.site, "--plan", "--fresh"]);
     assert!(last_json(&fresh.stdout)["plan"]["spare"].is_null(), "--fresh does not take it: {}", text(&fresh.stdout));
 
-    let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
-    let op = last_json(&out.stdout);
-    assert!(
-        out.status.success() && op["state"] == "succeeded",
-        "failover: {}\n{}\ncontroller:\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        tail(&w.controller.log())
-    );
+    let op = w.run_ok(&["failover", &w.site, "--yes", "--wait"]);
     let op_id = op["id"].as_str().expect("id").to_owned();
     let taken: Vec<String> = w.launched_by(&op_id).await.iter().map(|i| i.instance_id().unwrap_or_default().to_owned()).collect();
     assert_eq!(taken, [second.clone()], "no instance launched: the spare, retagged as the failover's: {}", op["plan"]["warnings"]);

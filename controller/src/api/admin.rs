@@ -159,7 +159,7 @@ impl AdminServer {
                 instance_id: installed.map(|s| s.instance_id.clone()).unwrap_or_default(),
                 backup_image_id: installed.map(|s| s.backup_image_id.clone()).unwrap_or_default(),
                 backup_started_at_ms: installed.map(|s| s.backup_started_at_ms).unwrap_or(0),
-                lag_ms: spare_lag_ms(installed, last_backup),
+                lag_ms: installed.map_or(0, |s| s.lag_behind(last_backup)),
                 preparing_operation_id: active.iter().find(|a| a.kind == "spare").map(|a| a.id.clone()).unwrap_or_default(),
                 operation_id: installed.map(|s| s.operation_id.clone()).unwrap_or_default(),
             }
@@ -203,14 +203,6 @@ impl AdminServer {
             drill_backup: policy.drill_schedule.as_ref().map(|_| policy.drill_backup.describe()).unwrap_or_default(),
             drill_overdue,
         }
-    }
-}
-
-/// How much older a spare's backup is than the site's newest good backup.
-pub(crate) fn spare_lag_ms(spare: Option<&crate::domain::model::SpareRecord>, newest: Option<&Backup>) -> u64 {
-    match (spare, newest) {
-        (Some(s), Some(b)) => b.started_at_ms.saturating_sub(s.backup_started_at_ms),
-        _ => 0,
     }
 }
 

@@ -93,7 +93,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             let installed = view.spares.get(&site.id);
             spare_present.get_or_create(&l).set(i64::from(installed.is_some()));
             if let Some(s) = installed {
-                spare_lag.get_or_create(&l).set((super::admin::spare_lag_ms(Some(s), newest) / 1000) as i64);
+                spare_lag.get_or_create(&l).set((s.lag_behind(newest) / 1000) as i64);
                 spare_age.get_or_create(&l).set((now.saturating_sub(s.backup_started_at_ms) / 1000) as i64);
             }
         }

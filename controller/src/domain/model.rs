@@ -497,6 +497,14 @@ pub struct SpareRecord {
     pub hostname: String,
 }
 
+impl SpareRecord {
+    /// How much older its backup is than `newest` (the site's newest good
+    /// backup): the data a failover onto it gives up.
+    pub fn lag_behind(&self, newest: Option<&Backup>) -> u64 {
+        newest.map_or(0, |b| b.started_at_ms.saturating_sub(self.backup_started_at_ms))
+    }
+}
+
 /// The measured result of one drill (`drctl drills SITE`, status, metrics).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

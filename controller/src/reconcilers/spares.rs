@@ -110,21 +110,33 @@ pub async fn check_spares(engine: &Engine) -> Result<Vec<(String, Kept)>, StoreE
 pub fn needs_spare(policy: &Policy, region: &str, spare: Option<&SpareRecord>, newest: Option<(&str, Millis)>, now: Millis) -> Option<String> {
     let (newest_id, newest_started) = newest?;
     let Some(s) = spare else { return Some("the site has no spare".into()) };
+    if let Some(why) = misfit(policy, region, s) {
+        return Some(why);
+    }
+    if newest_id != s.backup_image_id && newest_started > s.backup_started_at_ms && stale(policy, s, now) {
+        return Some(format!(
+            "the spare's data is {} old (spare_max_lag {}) and backup {newest_id} is newer",
+            humantime::format_duration(Duration::from_secs(now.saturating_sub(s.backup_started_at_ms) / 1000)),
+            humantime::format_duration(policy.spare_max_lag)
+        ));
+    }
+    None
+}
+
+/// Why the installed spare is not where or how the policy wants it.
+fn misfit(policy: &Policy, region: &str, s: &SpareRecord) -> Option<String> {
     if s.region != region {
         return Some(format!("the spare {} is in {}, the policy wants it in {region}", s.instance_id, s.region));
     }
     if s.mode != policy.spare.as_str() {
         return Some(format!("the spare {} is kept {}, the policy wants {}", s.instance_id, s.mode, policy.spare.as_str()));
     }
-    let age = now.saturating_sub(s.backup_started_at_ms);
-    if newest_id != s.backup_image_id && newest_started > s.backup_started_at_ms && age > policy.spare_max_lag.as_millis() as u64 {
-        return Some(format!(
-            "the spare's data is {} old (spare_max_lag {}) and backup {newest_id} is newer",
-            humantime::format_duration(Duration::from_secs(age / 1000)),
-            humantime::format_duration(policy.spare_max_lag)
-        ));
-    }
     None
+}
+
+/// The spare's backup started longer ago than `spare_max_lag`.
+fn stale(policy: &Policy, s: &SpareRecord, now: Millis) -> bool {
+    now.saturating_sub(s.backup_started_at_ms) > policy.spare_max_lag.as_millis() as u64
 }
 
 /// One pass at `now`: what was done, by site.
@@ -152,9 +164,7 @@ pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Kept
         }
         let region = spare_region(&policy, &engine.deps().recovery(&site.id), &site);
         // The steady state, without reading the site's backups.
-        if current.is_some_and(|s| {
-            s.region == region && s.mode == policy.spare.as_str() && now.saturating_sub(s.backup_started_at_ms) <= policy.spare_max_lag.as_millis() as u64
-        }) {
+        if current.is_some_and(|s| misfit(&policy, &region, s).is_none() && !stale(&policy, s, now)) {
             continue;
         }
         let backups = store.backups(site.id.clone()).await?;

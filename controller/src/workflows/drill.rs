@@ -77,7 +77,6 @@ pub async fn start(
     requested_by: &str,
     slot: Option<Millis>,
 ) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
-    let site_id = plan.site_id.clone();
     let lease = engine.deps().drill.lease;
     let state = State {
         plan,
@@ -85,7 +84,7 @@ pub async fn start(
         keep_until_ms: now_ms() + (lease + keep).as_millis() as u64,
         ..State::default()
     };
-    engine.start::<Drill>(crate::engine::Start { site_id: &site_id, requested_by, state, slot }).await
+    failover::start_state::<Drill>(engine, state, requested_by, slot).await
 }
 
 /// What the copy holds: the newest build its CircleCI API lists (reported

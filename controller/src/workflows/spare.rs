@@ -67,9 +67,7 @@ pub async fn start(
     plan: failover::Plan,
     requested_by: &str,
 ) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
-    let site_id = plan.site_id.clone();
-    let state = State { plan, ..State::default() };
-    engine.start::<Spare>(crate::engine::Start { site_id: &site_id, requested_by, state, slot: None }).await
+    failover::start_state::<Spare>(engine, State { plan, ..State::default() }, requested_by, None).await
 }
 
 /// The mode the site's policy asks for (`stopped` unless `running`).
@@ -151,9 +149,6 @@ async fn install(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     ctx.crash_point("spare.after_install");
     ctx.deps().registry.set_role(&ctx.site.id, &st.candidate, Role::Spare);
     st.installed = true;
-    if let Some(p) = &previous {
-        st.replaces = p.instance_id.clone();
-    }
     Ok(Outcome::Done(match previous {
         Some(p) => format!("{} is the site's spare (from backup {}); it replaces {} (from {})", st.candidate, st.plan.backup.image_id, p.instance_id, p.backup_image_id),
         None => format!("{} is the site's spare (from backup {})", st.candidate, st.plan.backup.image_id),

@@ -94,9 +94,8 @@ pub struct State {
     /// Drills: what teardown terminated, and what it could not.
     pub torn_down: Option<String>,
     pub leaked: Vec<String>,
-    /// Spares: installed as the site's spare, and the one it replaced.
+    /// Spares: installed as the site's spare.
     pub installed: bool,
-    pub replaces: String,
 }
 
 impl State {
@@ -210,9 +209,19 @@ pub async fn start(
     plan: Plan,
     requested_by: &str,
 ) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
-    let site_id = plan.site_id.clone();
-    let state = State { plan, ..State::default() };
-    engine.start::<Failover>(crate::engine::Start { site_id: &site_id, requested_by, state, slot: None }).await
+    start_state::<Failover>(engine, State { plan, ..State::default() }, requested_by, None).await
+}
+
+/// Starts workflow `W` (a failover, drill or spare: they share [`State`])
+/// for the site its plan names.
+pub(super) async fn start_state<W: Workflow<Deps = Deps, State = State>>(
+    engine: &super::Engine,
+    state: State,
+    requested_by: &str,
+    slot: Option<Millis>,
+) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
+    let site_id = state.plan.site_id.clone();
+    engine.start::<W>(crate::engine::Start { site_id: &site_id, requested_by, state, slot }).await
 }
 
 fn candidate(ctx: &Ctx<Deps>, st: &State) -> Result<Addressee, StepError> {

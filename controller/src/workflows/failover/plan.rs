@@ -42,6 +42,14 @@ pub struct Request {
     pub use_spare: bool,
 }
 
+impl Request {
+    /// A plain failover: the only kind that may take the site's spare
+    /// (not a restore, failback, drill or spare, and no backup named).
+    fn may_take_spare(&self) -> bool {
+        !(self.drill || self.spare || self.restore || self.failback || !self.backup_image_id.is_empty())
+    }
+}
+
 /// The hot spare a failover takes instead of launching.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedSpare {
@@ -50,8 +58,10 @@ pub struct PlannedSpare {
     pub mode: String,
     /// Its EC2 state when planned.
     pub state: String,
-    /// The spare's private IP (kept across a stop and start).
+    /// The spare's private IP (kept across a stop and start), and the
+    /// public address its Replicated files hold (rewritten from).
     pub private_ip: String,
+    pub files_public_ip: String,
     /// Its backup, and how much older that is than the newest backup: the
     /// data the operator trades for speed.
     pub backup_image_id: String,
@@ -196,7 +206,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if req.fresh && req.use_spare {
         return Err(PlanError::Conflict("--fresh and --use-spare ask for opposite things: give one".into()));
     }
-    if (req.fresh || req.use_spare) && (req.drill || req.spare || req.restore || req.failback || !req.backup_image_id.is_empty()) {
+    if (req.fresh || req.use_spare) && !req.may_take_spare() {
         return Err(PlanError::Conflict(
             "--fresh and --use-spare choose between the spare and the newest backup of a failover: not with --backup, a restore, a failback or a drill".into(),
         ));
@@ -221,16 +231,16 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         req.region.clone()
     };
     let backups = deps.store.backups(site.id.clone()).await?;
-    let all_backups = backups.clone();
     let backup: Backup = if req.spare {
         backups
-            .into_iter()
+            .iter()
             .filter(|b| b.state == BackupState::Available && launch_image_in(b, site, &region).is_some())
             .max_by_key(|b| b.completed_at_ms)
+            .cloned()
             .ok_or_else(|| PlanError::NoBackupIn { site: site.id.clone(), region: region.clone() })?
     } else if req.backup_image_id.is_empty() && req.random_within_ms > 0 {
         let since = now_ms().saturating_sub(req.random_within_ms);
-        let pool: Vec<Backup> = backups.into_iter().filter(|b| b.state == BackupState::Available && b.started_at_ms >= since).collect();
+        let pool: Vec<&Backup> = backups.iter().filter(|b| b.state == BackupState::Available && b.started_at_ms >= since).collect();
         if pool.is_empty() {
             return Err(PlanError::NoBackupWithin {
                 site: site.id.clone(),
@@ -238,34 +248,37 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             });
         }
         let i = rand::random_range(0..pool.len());
-        pool.into_iter().nth(i).expect("index within the pool")
+        pool[i].clone()
     } else if req.backup_image_id.is_empty() && req.failback {
         // Never back to an older point than the machine running now: the
         // newest backup of the current (DR) primary.
         backups
-            .into_iter()
+            .iter()
             .filter(|b| b.state == BackupState::Available && b.instance_id == site.primary_instance_id)
             .max_by_key(|b| b.completed_at_ms)
+            .cloned()
             .ok_or_else(|| PlanError::NoBackupOfPrimary { site: site.id.clone(), primary: site.primary_instance_id.clone() })?
     } else if req.backup_image_id.is_empty() {
         backups
-            .into_iter()
+            .iter()
             .filter(|b| b.state == BackupState::Available)
             .max_by_key(|b| b.completed_at_ms)
+            .cloned()
             .ok_or_else(|| PlanError::NoBackup(site.id.clone()))?
     } else {
         backups
-            .into_iter()
+            .iter()
             .find(|b| b.state == BackupState::Available && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id)))
+            .cloned()
             .ok_or_else(|| PlanError::NotABackup { site: site.id.clone(), image: req.backup_image_id.clone() })?
     };
     // A failover may take the site's hot spare instead: then the data is the
     // spare's backup.
     let mut spare_notes = Vec::new();
-    let spare = if req.drill || req.spare || req.restore || req.failback || !req.backup_image_id.is_empty() || req.fresh {
-        None
+    let spare = if req.may_take_spare() && !req.fresh {
+        choose_spare(deps, site, &policy, &region, req.use_spare, &backup, &backups, &mut spare_notes).await?
     } else {
-        choose_spare(deps, site, &policy, &region, req.use_spare, &backup, &all_backups, &mut spare_notes).await?
+        None
     };
     let backup = match &spare {
         Some((_, b)) => b.clone(),
@@ -400,14 +413,13 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if let Some(sp) = &spare {
         // The spare's files already hold its own addresses (rewritten when
         // it was prepared): rewrite from those. Its private IP stays.
-        let rec_spare = deps.store.spare(site.id.clone()).await?.unwrap_or_default();
         addresses.clear();
-        if !rec_spare.files_public_ip.is_empty() {
+        if !sp.files_public_ip.is_empty() {
             let new = match &eip {
                 Some(e) if e.movable => e.public_ip.clone(),
                 _ => "assigned at start".to_owned(),
             };
-            addresses.push(AddressChange { kind: "public".into(), old: rec_spare.files_public_ip.clone(), new });
+            addresses.push(AddressChange { kind: "public".into(), old: sp.files_public_ip.clone(), new });
         }
         for h in human.iter_mut().filter(|h| h.kind == "nomad_builders") {
             h.message = format!(
@@ -641,6 +653,7 @@ async fn choose_spare(
         mode: s.mode.clone(),
         state,
         private_ip: s.files_private_ip.clone(),
+        files_public_ip: s.files_public_ip.clone(),
         backup_image_id: s.backup_image_id.clone(),
         newest_backup_image_id: newest.image_id.clone(),
         lag_ms,
