@@ -47,7 +47,109 @@ pub struct Config {
     /// Drill lease, reaper interval, longest keep.
     #[serde(default)]
     pub drill: crate::domain::recovery::DrillConfig,
+    /// The health monitor: how often, and the fleet-wide guards.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Webhooks that receive events (`[[notify]]`).
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
 }
+
+/// `[health]`: the fleet-wide side of health checking.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often every site's signals are gathered (one batched EC2 call
+    /// per 100 instances of an account and region, one probe per site).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// More than this share of the sites with a silent agent at once: the
+    /// fault is taken to be on the controller's side and nothing fails over.
+    pub max_down_fraction: f64,
+    /// Automatic failovers running at once, fleet-wide.
+    pub max_concurrent_failovers: u32,
+    /// Probes running at once.
+    pub probe_concurrency: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { interval: Duration::from_secs(30), max_down_fraction: 0.2, max_concurrent_failovers: 5, probe_concurrency: 64 }
+    }
+}
+
+/// What a webhook's body looks like.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    /// The event as JSON (id, at, site, kind, severity, summary, evidence).
+    #[default]
+    Json,
+    /// `{"text": ...}`, for Slack-compatible incoming webhooks.
+    Slack,
+}
+
+/// `[[notify]]`: one webhook.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// http:// or https:// URL the events are POSTed to.
+    pub url: String,
+    /// Event kinds sent (`site.down`, or a prefix with `*`: `failover.*`);
+    /// empty or absent: every event.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// HMAC-SHA256 key of the `X-DR-Signature` header; the key itself, or
+    /// `secret_file` naming a file that holds it.
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// PEM file of the CA an https:// URL is checked against (default: the
+    /// system's roots).
+    pub ca: Option<PathBuf>,
+}
+
+impl NotifyConfig {
+    /// Whether this webhook takes events of `kind`.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.events.is_empty()
+            || self.events.iter().any(|e| e == "*" || e == kind || e.strip_suffix('*').is_some_and(|p| kind.starts_with(p)))
+    }
+
+    /// The HMAC key ("" for unsigned deliveries).
+    pub fn secret(&self) -> Result<String, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), None) => Ok(s.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f).map(|s| s.trim().to_owned()).map_err(|e| format!("cannot read {}: {e}", f.display())),
+            (None, None) => Ok(String::new()),
+            (Some(_), Some(_)) => Err("give secret or secret_file, not both".into()),
+        }
+    }
+}
+
+/// Every event kind the controller raises (what `[[notify]] events` may name).
+pub const EVENT_KINDS: &[&str] = &[
+    "site.suspect",
+    "site.down",
+    "site.recovered",
+    "site.partitioned",
+    "site.needs_human",
+    "fleet.guard",
+    "fleet.guard_cleared",
+    "repair.started",
+    "repair.succeeded",
+    "repair.failed",
+    "failover.awaiting_approval",
+    "failover.approval_overdue",
+    "failover.not_started",
+    "failover.started",
+    "failover.succeeded",
+    "failover.failed",
+    "backup.failed",
+    "backup.late",
+    "drill.failed",
+];
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -375,6 +477,32 @@ impl Config {
             return Err(invalid("backup.poll_max".into(), "must be at least poll_initial".into()));
         }
         self.default_policy().map_err(|(k, m)| invalid(format!("policy.{k}"), m))?;
+        let h = &self.health;
+        if h.interval < Duration::from_millis(100) || h.interval > s(3600) {
+            return Err(invalid("health.interval".into(), "must be between 100ms and 1h".into()));
+        }
+        if !(0.0..=1.0).contains(&h.max_down_fraction) {
+            return Err(invalid("health.max_down_fraction".into(), format!("{} is not a fraction between 0 and 1", h.max_down_fraction)));
+        }
+        if !(1..=1000).contains(&h.max_concurrent_failovers) {
+            return Err(invalid("health.max_concurrent_failovers".into(), "must be between 1 and 1000".into()));
+        }
+        if !(1..=1024).contains(&h.probe_concurrency) {
+            return Err(invalid("health.probe_concurrency".into(), "must be between 1 and 1024".into()));
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            let key = |f: &str| format!("notify[{i}].{f}");
+            if !(n.url.starts_with("https://") || n.url.starts_with("http://")) || n.url.parse::<hyper::Uri>().is_err() {
+                return Err(invalid(key("url"), format!("`{}` is not an http:// or https:// URL", n.url)));
+            }
+            if let Some(bad) = n.events.iter().find(|e| {
+                let e = e.as_str();
+                e != "*" && !EVENT_KINDS.contains(&e) && !e.strip_suffix('*').is_some_and(|p| EVENT_KINDS.iter().any(|k| k.starts_with(p)))
+            }) {
+                return Err(invalid(key("events"), format!("`{bad}` names no event (known: {})", EVENT_KINDS.join(", "))));
+            }
+            n.secret().map_err(|m| invalid(key("secret"), m))?;
+        }
         let mut seen = HashSet::new();
         for (i, site) in self.sites.iter().enumerate() {
             let key = |field: &str| format!("site[{i}].{field}");

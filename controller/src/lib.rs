@@ -102,6 +102,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::spawn(reconcilers::copies::run(engine.clone(), config.backup.copy_poll));
     tokio::spawn(reconcilers::drills::run(engine.clone(), config.drill.reap_every));
     tokio::spawn(reconcilers::spares::run(engine.clone(), config.backup.scheduler_tick));
+    let http = cloud::http::HttpClients::default();
+    let notifier = reconcilers::notify::Notifier { store: store.clone(), sinks: std::sync::Arc::new(config.notify.clone()) };
+    let monitor = reconcilers::health::Monitor::new(
+        engine.clone(),
+        config.health.clone(),
+        notifier,
+        http.clone(),
+        config.server.heartbeat_interval * (config.server.missed_heartbeats + 1),
+    )
+    .await?;
+    tokio::spawn(monitor.run());
+    tokio::spawn(reconcilers::notify::run(store.clone(), std::sync::Arc::new(config.notify.clone()), http, std::time::Duration::from_secs(1)));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {

@@ -18,6 +18,10 @@ pub struct FakeInstance {
     pub instance_type: String,
     pub subnet_id: String,
     pub keep_volumes: bool,
+    /// DescribeInstanceStatus: the system status check fails.
+    pub impaired: bool,
+    /// DescribeInstanceStatus: scheduled events (code, not-before).
+    pub events: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -30,6 +34,8 @@ pub struct Inner {
     /// Per action: how many of the next calls act but answer a transport
     /// error (the answer is lost).
     pub lose: HashMap<&'static str, u32>,
+    /// DescribeInstanceStatus fails with this message (a region's API down).
+    pub fail_status: Option<String>,
     next: u32,
 }
 
@@ -201,9 +207,34 @@ impl Ec2 for FakeEc2 {
             client_token: req.client_token.clone(),
             instance_type: req.instance_type.clone(),
             subnet_id: req.subnet_id.clone(),
-            keep_volumes: false,
+            ..FakeInstance::default()
         });
         if lose { Err(lost("RunInstances")) } else { Ok(instance) }
+    }
+    async fn describe_instance_status(&self, ids: &[String]) -> Result<Vec<crate::cloud::ec2::InstanceStatus>, Ec2Error> {
+        if self.called("DescribeInstanceStatus") {
+            return Err(lost("DescribeInstanceStatus"));
+        }
+        let i = self.lock();
+        if let Some(e) = &i.fail_status {
+            return Err(Ec2Error::Api { op: "DescribeInstanceStatus", code: "Unavailable".into(), message: e.clone() });
+        }
+        Ok(i.instances
+            .iter()
+            .filter(|x| ids.contains(&x.instance.id))
+            .map(|x| {
+                let running = x.instance.state == "running";
+                let check = |impaired: bool| if !running { "not-applicable" } else if impaired { "impaired" } else { "ok" }.to_owned();
+                crate::cloud::ec2::InstanceStatus {
+                    id: x.instance.id.clone(),
+                    state: x.instance.state.clone(),
+                    system: check(x.impaired),
+                    instance: check(false),
+                    ebs: String::new(),
+                    events: x.events.clone(),
+                }
+            })
+            .collect())
     }
     async fn stop_instance(&self, id: &str, _force: bool) -> Result<(), Ec2Error> {
         self.called("StopInstances");
@@ -335,5 +366,29 @@ fn fake_action_name(kind: Option<&dr_proto::pb::command::Kind>) -> &'static str 
         Some(Kind::CleanupBuilds(_)) => "cleanup_builds",
         Some(Kind::HealthCheck(_)) => "health_check",
         _ => "other",
+    }
+}
+
+/// An available, crash-consistent backup `image` of `instance` in `site`
+/// (us-east-1), as a test puts it in the store.
+pub fn available_backup(site: &str, instance: &str, image: &str, started_at_ms: u64, completed_at_ms: u64) -> crate::domain::model::Backup {
+    crate::domain::model::Backup {
+        image_id: image.into(),
+        site_id: site.into(),
+        operation_id: format!("backup-{image}"),
+        region: "us-east-1".into(),
+        instance_id: instance.into(),
+        snapshot_ids: vec![],
+        started_at_ms,
+        completed_at_ms,
+        consistency: crate::domain::model::Consistency::Crash,
+        app_state: "started".into(),
+        state: crate::domain::model::BackupState::Available,
+        fate: String::new(),
+        deleted_at_ms: 0,
+        quiesce: "none".into(),
+        frozen_ms: 0,
+        quiesce_note: String::new(),
+        copies: vec![],
     }
 }

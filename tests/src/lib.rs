@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use drctl::pki::{self, Subject, Validity};
 
 pub mod dataplane;
+pub mod faults;
 pub mod recovery_world;
 pub mod throttle;
+pub mod webhook;
 
 /// What every HTTP simulator does once its routes are built: bind, print
 /// `listening on <addr>` (tests read it to learn the port), serve until

@@ -62,6 +62,8 @@ pub struct RecoveryWorld {
     pub sessions: PathBuf,
     /// While this file exists the frontend's health check answers 503.
     pub unhealthy: PathBuf,
+    /// The fault proxy, with `RecoverySpec::fault_proxy`.
+    pub faults: Option<crate::faults::FaultProxy>,
     _api: Proc,
 }
 
@@ -75,6 +77,12 @@ pub struct RecoverySpec {
     pub boot_delay: Duration,
     /// `failover.app_timeout` (default 30s).
     pub app_timeout: Option<&'static str>,
+    /// Put a fault-injecting proxy ([`crate::faults`]) between the
+    /// controller and the data plane.
+    pub fault_proxy: bool,
+    /// `[site.policy]` lines for health checking; the app probe's
+    /// `health_url` is set to the CircleCI API simulator's health check.
+    pub health_policy: Option<String>,
 }
 
 impl RecoveryWorld {
@@ -142,6 +150,7 @@ impl RecoveryWorld {
             q(&format!("{api_url}/health-check")),
         );
 
+        let faults = if spec.fault_proxy { Some(crate::faults::start(&dataplane.url).await) } else { None };
         let port = free_port();
         let cspec = ControllerSpec {
             port,
@@ -153,11 +162,16 @@ impl RecoveryWorld {
                 spec.app_timeout.unwrap_or("30s"),
                 spec.controller_toml
             ),
-            endpoint: Some(dataplane.url.clone()),
+            endpoint: Some(faults.as_ref().map(|f| f.url.clone()).unwrap_or_else(|| dataplane.url.clone())),
         };
         let config = Controller::write_config(dir.path(), &pki, &moto, &cspec);
         let mut text = std::fs::read_to_string(&config).expect("config");
-        text.push_str(&format!("{}\n[site.dns]\nzone_id = \"{zone_id}\"\nname = \"{HOST}\"\nttl = 60\n", spec.site_toml));
+        // The site's own keys first, then its sub-tables.
+        text.push_str(&format!("{}\n", spec.site_toml));
+        if let Some(h) = &spec.health_policy {
+            text.push_str(&format!("[site.policy]\nhealth_url = {}\n{h}\n", q(&format!("{api_url}/health-check"))));
+        }
+        text.push_str(&format!("[site.dns]\nzone_id = \"{zone_id}\"\nname = \"{HOST}\"\nttl = 60\n"));
         std::fs::write(&config, text).expect("config");
         let mut controller = Controller { dir: dir.path().to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
         controller.restart(&[]);
@@ -185,6 +199,7 @@ impl RecoveryWorld {
             deletions,
             sessions,
             unhealthy,
+            faults,
             _api: api,
         }
     }

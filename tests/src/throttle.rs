@@ -128,7 +128,8 @@ where
     });
 }
 
-fn form_value(body: &[u8], key: &str) -> Option<String> {
+/// The raw (not percent-decoded) value of `key` in a form-encoded body.
+pub fn form_value(body: &[u8], key: &str) -> Option<String> {
     let text = std::str::from_utf8(body).ok()?;
     text.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;

@@ -207,6 +207,45 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Approve an operation waiting for an approval (an automatic failover
+    /// of a site in `auto_failover = "approve"` mode): it runs.
+    Approve {
+        operation: String,
+        /// Follow it until it ends.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Deny an operation waiting for an approval: it ends, nothing changed.
+    Deny {
+        operation: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// One site in full: its status, health with the evidence of each
+    /// signal (agent, EC2, app probe), and its latest events.
+    Site {
+        site: String,
+        /// How many of its latest events to show.
+        #[arg(long, default_value_t = 10)]
+        events: u32,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The event log: every health decision (taken or not, with its
+    /// evidence), alert and operation end; of SITE or of the whole fleet.
+    Events {
+        site: Option<String>,
+        /// The latest this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Keep printing new events as they are recorded (Ctrl-C ends).
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Certificates for the controller, agents and operators (local files only).
     Pki {
         #[command(subcommand)]
@@ -350,10 +389,14 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             (Remote::Drill { req, wait }, conn)
         }
         Command::Drills { site, limit, conn } => (Remote::Drills { site, limit }, conn),
+        Command::Approve { operation, wait, conn } => (Remote::Signal { id: operation, signal: "approve".into(), wait, stored_is_success: true }, conn),
+        Command::Deny { operation, conn } => (Remote::Signal { id: operation, signal: "deny".into(), wait: false, stored_is_success: true }, conn),
+        Command::Site { site, events, conn } => (Remote::Site { site, events }, conn),
+        Command::Events { site, limit, follow, conn } => (Remote::Events { site: site.unwrap_or_default(), limit, follow }, conn),
         Command::Operation { words, wait, conn } => match words.as_slice() {
             [id] => (Remote::Operation { id: id.clone(), wait }, conn),
             [signal, id] if ["resume", "abort", "approve", "deny"].contains(&signal.as_str()) => {
-                (Remote::Signal { id: id.clone(), signal: signal.clone(), wait }, conn)
+                (Remote::Signal { id: id.clone(), signal: signal.clone(), wait, stored_is_success: false }, conn)
             }
             _ => {
                 return Err(CliError::Usage(format!(
@@ -374,7 +417,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 /// The commands that talk to the controller.
 enum Remote {
     Status { sites: Vec<String>, problems: bool, all: bool },
-    Signal { id: String, signal: String, wait: bool },
+    /// `stored_is_success`: without `wait`, exit 0 once the signal is
+    /// stored (`approve`, `deny`), not the operation's state.
+    Signal { id: String, signal: String, wait: bool, stored_is_success: bool },
     Backup { site: String, wait: bool },
     Backups { site: String },
     Failover { site: String, target: FailoverTarget, restore: bool, failback: bool },
@@ -382,6 +427,8 @@ enum Remote {
     Operation { id: String, wait: bool },
     Drill { req: pb::StartDrillRequest, wait: bool },
     Drills { site: String, limit: u32 },
+    Site { site: String, events: u32 },
+    Events { site: String, limit: u32, follow: bool },
 }
 
 async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<ExitCode, CliError> {
@@ -417,7 +464,68 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             }
             Ok(ExitCode::SUCCESS)
         }
-        Remote::Signal { id, signal, wait } => {
+        Remote::Site { site, events } => {
+            let reply = client
+                .status(pb::StatusRequest { site_ids: vec![site.clone()], ..Default::default() })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let now = reply.now_ms;
+            let sites: Vec<_> = reply.sites.into_iter().map(|s| views::site_view(s, now)).collect();
+            let ev = client
+                .list_events(pb::ListEventsRequest { site_id: site.clone(), after_seq: 0, limit: events, newest: true })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let ev: Vec<_> = ev.events.into_iter().map(views::event_view).collect();
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site": sites.first(), "events": ev })),
+                Output::Text => {
+                    print::print_status(&sites);
+                    if let Some(h) = sites.first().and_then(|s| s.health.as_ref()) {
+                        println!("\nHealth: {} ({})\n  decision: {}", h.state, h.condition, h.decision);
+                        for e in &h.evidence {
+                            println!("  {e}");
+                        }
+                    }
+                    if !ev.is_empty() {
+                        println!("\nLatest events:");
+                        print::print_events(&ev);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::Events { site, limit, follow } => {
+            let mut req = pb::ListEventsRequest { site_id: site, after_seq: 0, limit: limit.max(1), newest: true };
+            loop {
+                let got = client.list_events(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner().events;
+                if let Some(last) = got.last() {
+                    req.after_seq = last.seq;
+                }
+                let views: Vec<_> = got.into_iter().map(views::event_view).collect();
+                match output {
+                    // One JSON object per line when following.
+                    Output::Json if follow => {
+                        for v in &views {
+                            println!("{}", serde_json::to_string(v).expect("events serialize"));
+                        }
+                    }
+                    Output::Json => print_json(&serde_json::json!({ "events": views })),
+                    Output::Text => print::print_events(&views),
+                }
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                // Follow: new events oldest first.
+                req.newest = false;
+                req.limit = 1000;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Remote::Signal { id, signal, wait, stored_is_success } => {
             let op = client
                 .signal_operation(pb::SignalRequest { operation_id: id.clone(), signal: signal.clone() })
                 .await
@@ -425,6 +533,12 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                 .into_inner();
             if output == Output::Text {
                 println!("{signal} sent to {id} (it was {})", op.state);
+            }
+            if stored_is_success && !wait {
+                if output == Output::Json {
+                    print_json(&serde_json::json!({ "operation_id": id, "signal": signal, "state": op.state }));
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let op = if wait { crate::watch::watch_after_signal(conn, &mut client, &id, output).await? } else { op };
             finish(op, output)

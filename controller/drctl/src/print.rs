@@ -75,6 +75,22 @@ pub fn print_status(sites: &[SiteView]) {
                 human_duration(p.max_lag_s * 1000)
             );
         }
+        if let Some(h) = &s.health {
+            println!(
+                "{:<20} health: {} ({}, for {}), automatic recovery {}: {}",
+                "",
+                h.state.to_uppercase(),
+                h.condition,
+                human_duration(h.condition_for_s * 1000),
+                h.mode,
+                h.decision
+            );
+            if h.state != "healthy" {
+                for e in &h.evidence {
+                    println!("{:<20}   {e}", "");
+                }
+            }
+        }
         for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
             let state = if i.connected { "connected" } else { "offline" };
             let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };
@@ -230,5 +246,14 @@ pub fn print_drill(d: &crate::views::DrillView) {
     println!("  teardown: {}", d.teardown);
     if !d.leaked.is_empty() {
         println!("  LEFT RUNNING: {} (the drill reaper terminates them after their dr:keep-until)", d.leaked.join(", "));
+    }
+}
+
+/// Events, one line each: time, site, kind, summary.
+pub fn print_events(events: &[crate::views::EventView]) {
+    for e in events {
+        let site = if e.site_id.is_empty() { "(fleet)" } else { &e.site_id };
+        let op = if e.operation_id.is_empty() { String::new() } else { format!(" [{}]", e.operation_id) };
+        println!("{} {:<8} {site:<20} {:<27} {}{op}", e.at.as_deref().unwrap_or("-"), e.severity, e.kind, e.summary);
     }
 }

@@ -133,6 +133,52 @@ pub struct SiteView {
     pub drill_overdue: bool,
     /// The hot spare (absent: the policy keeps none).
     pub spare: Option<SpareView>,
+    /// The health monitor's view (absent: not checked yet).
+    pub health: Option<HealthView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthView {
+    /// `healthy`, `suspect`, `down` or `recovering`.
+    pub state: String,
+    pub condition: String,
+    pub since: Option<String>,
+    /// How long the current condition has lasted.
+    pub condition_for_s: u64,
+    /// One line per signal: agent, ec2, probe.
+    pub evidence: Vec<String>,
+    pub decision: String,
+    /// `auto_failover`: off, approve or auto.
+    pub mode: String,
+    pub checked_at: Option<String>,
+}
+
+/// One event of the log (`drctl events`).
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub id: String,
+    pub at: Option<String>,
+    pub site_id: String,
+    pub kind: String,
+    pub severity: String,
+    pub summary: String,
+    pub operation_id: String,
+    pub evidence: serde_json::Value,
+}
+
+pub fn event_view(e: pb::Event) -> EventView {
+    EventView {
+        at: rfc3339(e.at_ms),
+        evidence: serde_json::from_str(&e.evidence_json).unwrap_or(serde_json::Value::Null),
+        seq: e.seq,
+        id: e.id,
+        site_id: e.site_id,
+        kind: e.kind,
+        severity: e.severity,
+        summary: e.summary,
+        operation_id: e.operation_id,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -270,6 +316,16 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
         drill_schedule: Some(s.drill_schedule).filter(|x| !x.is_empty()),
         drill_backup: Some(s.drill_backup).filter(|x| !x.is_empty()),
         drill_overdue: s.drill_overdue,
+        health: s.health.map(|h| HealthView {
+            since: (h.since_ms > 0).then(|| rfc3339(h.since_ms)).flatten(),
+            condition_for_s: now.saturating_sub(h.condition_since_ms) / 1000,
+            checked_at: (h.checked_at_ms > 0).then(|| rfc3339(h.checked_at_ms)).flatten(),
+            state: h.state,
+            condition: h.condition,
+            evidence: h.evidence,
+            decision: h.decision,
+            mode: h.mode,
+        }),
         spare: s.spare.map(|p| SpareView {
             instance_id: Some(p.instance_id).filter(|x| !x.is_empty()),
             backup_image_id: Some(p.backup_image_id).filter(|x| !x.is_empty()),

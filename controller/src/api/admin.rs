@@ -164,7 +164,23 @@ impl AdminServer {
                 operation_id: installed.map(|s| s.operation_id.clone()).unwrap_or_default(),
             }
         });
+        let health = view.health.get(&site.id).map(|h| {
+            if matches!(h.state, crate::domain::health::HealthState::Down | crate::domain::health::HealthState::Suspect) {
+                problems.push(format!("health: {} ({}): {}", h.state.as_str(), h.condition.as_str(), h.decision));
+            }
+            pb::SiteHealth {
+                state: h.state.as_str().to_owned(),
+                condition: h.condition.as_str().to_owned(),
+                since_ms: h.since_ms,
+                condition_since_ms: h.condition_since_ms,
+                evidence: h.evidence.as_ref().map(|e| e.lines(now)).unwrap_or_default(),
+                decision: h.decision.clone(),
+                mode: policy.health.mode.as_str().to_owned(),
+                checked_at_ms: h.checked_at_ms,
+            }
+        });
         pb::SiteStatus {
+            health,
             spare,
             site_id: site.id.clone(),
             region: site.region.clone(),
@@ -431,6 +447,32 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let limit = if r.limit == 0 { 20 } else { r.limit.min(1000) };
         let drills = self.store.drills(site.id.clone(), limit).await.map_err(internal)?;
         Ok(Response::new(pb::ListDrillsReply { drills: drills.iter().map(drill_to_pb).collect() }))
+    }
+
+    async fn list_events(&self, request: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsReply>, Status> {
+        self.operator(&request)?;
+        let r = request.into_inner();
+        if !r.site_id.is_empty() {
+            self.known_site(&r.site_id).await?;
+        }
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
+        let events = self.store.events(r.site_id, r.after_seq, limit, r.newest).await.map_err(internal)?;
+        Ok(Response::new(pb::ListEventsReply {
+            events: events
+                .into_iter()
+                .map(|e| pb::Event {
+                    seq: e.seq,
+                    id: e.id,
+                    at_ms: e.at_ms,
+                    site_id: e.site_id,
+                    kind: e.kind,
+                    severity: e.severity,
+                    summary: e.summary,
+                    evidence_json: serde_json::to_string(&e.evidence).unwrap_or_default(),
+                    operation_id: e.operation_id,
+                })
+                .collect(),
+        }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {

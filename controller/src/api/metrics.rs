@@ -55,6 +55,9 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     let spare_present = Family::<Labels, Gauge>::default();
     let spare_lag = Family::<Labels, Gauge>::default();
     let spare_age = Family::<Labels, Gauge>::default();
+    let health = Family::<Labels, Gauge>::default();
+    let health_since = Family::<Labels, Gauge>::default();
+    let outbox = Family::<Labels, Gauge>::default();
     let view = engine.store().fleet_view().await?;
     let deps = engine.deps();
     let now = now_ms();
@@ -98,6 +101,19 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             }
         }
     }
+    for site in &view.sites {
+        let h = view.health.get(&site.id);
+        for state in crate::domain::health::HealthState::ALL {
+            let on = h.is_some_and(|h| h.state == state);
+            health.get_or_create(&label(&[("site", &site.id), ("state", state.as_str())])).set(i64::from(on));
+        }
+        if let Some(h) = h {
+            health_since.get_or_create(&label(&[("site", &site.id)])).set((h.since_ms / 1000) as i64);
+        }
+    }
+    for (sink, n, _) in engine.store().outbox_backlog().await? {
+        outbox.get_or_create(&label(&[("webhook", &sink)])).set(n as i64);
+    }
     for ((site, region, state), n) in &view.copy_counts {
         let state: &CopyState = state;
         copies.get_or_create(&label(&[("site", site), ("region", region), ("state", state.as_str())])).set(*n as i64);
@@ -124,6 +140,9 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     reg.register("dr_spare_present", "1 when the site's hot spare is installed (sites whose policy keeps one)", spare_present);
     reg.register("dr_spare_lag_seconds", "How much older the spare's backup is than the newest good backup", spare_lag);
     reg.register("dr_spare_data_age_seconds", "Age of the spare's data (its backup's start): the RPO a failover onto it takes", spare_age);
+    reg.register("dr_site_health", "1 for the site's current health state (healthy, suspect, down, recovering)", health);
+    reg.register("dr_site_health_since_timestamp_seconds", "When the site entered its current health state (Unix time)", health_since);
+    reg.register("dr_webhook_backlog", "Events not yet delivered, by webhook URL", outbox);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

@@ -215,6 +215,10 @@ impl Ec2 for Budgeted {
     async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
         self.instances.ask(&self.inner, &self.buckets, ids).await
     }
+    async fn describe_instance_status(&self, ids: &[String]) -> Result<Vec<crate::cloud::ec2::InstanceStatus>, Ec2Error> {
+        self.buckets.describe.until_ready().await;
+        self.inner.describe_instance_status(ids).await
+    }
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {
         self.buckets.describe.until_ready().await;
         self.inner.describe_snapshots(ids).await

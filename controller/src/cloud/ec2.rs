@@ -38,6 +38,26 @@ pub struct Instance {
     pub tags: Vec<(String, String)>,
 }
 
+/// DescribeInstanceStatus of one instance (with IncludeAllInstances).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub id: String,
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
+    pub state: String,
+    /// The system status check: `ok`, `impaired`, `initializing`,
+    /// `insufficient-data`, `not-applicable`.
+    pub system: String,
+    /// The instance status check (same values).
+    pub instance: String,
+    /// The attached EBS status check (same values; "" when not reported).
+    pub ebs: String,
+    /// Scheduled events not yet completed: (code, not-before, RFC 3339).
+    pub events: Vec<(String, String)>,
+}
+
+/// At most this many instance ids per DescribeInstanceStatus (EC2's limit).
+pub const STATUS_IDS_PER_CALL: usize = 100;
+
 /// An EBS volume, as the drill teardown and reaper see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Volume {
@@ -147,6 +167,11 @@ pub trait Ec2: Send + Sync {
             out.extend(self.describe_instance(id).await?);
         }
         Ok(out)
+    }
+    /// DescribeInstanceStatus with IncludeAllInstances of at most
+    /// [`STATUS_IDS_PER_CALL`] instances; ids EC2 does not know are absent.
+    async fn describe_instance_status(&self, ids: &[String]) -> Result<Vec<InstanceStatus>, Ec2Error> {
+        Err(unsupported("DescribeInstanceStatus", &ids.join(",")))
     }
     /// States of snapshots (`pending`, `completed`, `error`); unknown ids are absent.
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error>;
@@ -503,6 +528,61 @@ impl Ec2 for AwsEc2 {
                 Err(e) => return Err(self.err("DescribeInstances", "*", e)),
             }
         }
+    }
+
+    async fn describe_instance_status(&self, ids: &[String]) -> Result<Vec<InstanceStatus>, Ec2Error> {
+        // As describe_instances: one unknown id fails the whole call.
+        let mut asked: Vec<String> = ids.to_vec();
+        for _ in 0..=ids.len() {
+            if asked.is_empty() {
+                break;
+            }
+            let call = self.client.describe_instance_status().include_all_instances(true).set_instance_ids(Some(asked.clone()));
+            match call.send().await {
+                Ok(out) => {
+                    let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
+                        s.and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default()
+                    };
+                    return Ok(out
+                        .instance_statuses()
+                        .iter()
+                        .map(|st| InstanceStatus {
+                            id: st.instance_id().unwrap_or_default().to_owned(),
+                            state: st.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+                            system: summary(st.system_status()),
+                            instance: summary(st.instance_status()),
+                            ebs: st.attached_ebs_status().and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                            events: st
+                                .events()
+                                .iter()
+                                .filter(|e| !e.description().unwrap_or_default().starts_with("[Completed]") && !e.description().unwrap_or_default().starts_with("[Canceled]"))
+                                .map(|e| {
+                                    let nb = e.not_before().and_then(|t| t.fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime).ok()).unwrap_or_default();
+                                    (e.code().map(|c| c.as_str().to_owned()).unwrap_or_default(), nb)
+                                })
+                                .collect(),
+                        })
+                        .collect());
+                }
+                Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {
+                    let missing = missing_instance_ids(e.message().unwrap_or_default(), &asked);
+                    if missing.is_empty() {
+                        // The message names none of ours: ask one by one.
+                        let mut out = Vec::new();
+                        for id in &asked {
+                            if asked.len() == 1 {
+                                return Ok(out);
+                            }
+                            out.extend(self.describe_instance_status(std::slice::from_ref(id)).await?);
+                        }
+                        return Ok(out);
+                    }
+                    asked.retain(|a| !missing.contains(a));
+                }
+                Err(e) => return Err(self.err("DescribeInstanceStatus", "*", e)),
+            }
+        }
+        Ok(vec![])
     }
 
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {

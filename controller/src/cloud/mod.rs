@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod dns;
+pub mod http;
 pub mod ec2;
 pub mod preflight;
 

@@ -585,3 +585,24 @@ mod tests {
         assert_eq!(worst_rpo(&[0, 70], 10, 60), 60);
     }
 }
+
+/// One entry of the event log: a health decision (taken or not), an
+/// operation's end, an alert. What `drctl events` shows and webhooks carry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log (assigned by the store; 0 before).
+    pub seq: u64,
+    /// Unique and stable: webhook receivers deduplicate on it.
+    pub id: String,
+    pub at_ms: Millis,
+    /// "" for fleet-wide events.
+    pub site_id: String,
+    /// `site.down`, `failover.started`, ... (`config::EVENT_KINDS`).
+    pub kind: String,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    pub summary: String,
+    /// The signals and numbers behind it.
+    pub evidence: serde_json::Value,
+    pub operation_id: String,
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::health::{AutoMode, HealthPolicy};
 use crate::domain::model::Millis;
 
 /// When backups start.
@@ -171,6 +172,9 @@ pub struct Policy {
     pub spare_max_lag: Duration,
     /// Whether a failover uses the spare.
     pub failover_prefers: FailoverPrefers,
+    /// Health checking and automatic recovery (`auto_failover`, `health_*`,
+    /// `confirm_for`, ...).
+    pub health: HealthPolicy,
 }
 
 impl Default for Policy {
@@ -190,6 +194,7 @@ impl Default for Policy {
             spare_region: String::new(),
             spare_max_lag: Duration::from_secs(24 * 3600),
             failover_prefers: FailoverPrefers::Spare,
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -224,6 +229,26 @@ pub struct PolicyFile {
     pub spare_max_lag: Option<Duration>,
     /// "spare" or "freshest".
     pub failover_prefers: Option<FailoverPrefers>,
+    /// "off", "approve" or "auto".
+    pub auto_failover: Option<AutoMode>,
+    /// The app probe's URL; `{hostname}` is the site's hostname; "" = none.
+    pub health_url: Option<String>,
+    /// The HTTP status a healthy app answers (default 200).
+    pub health_expect_status: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    pub health_timeout: Option<Duration>,
+    /// PEM file of the CA the probe trusts (default: the system's roots).
+    pub health_ca: Option<std::path::PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub confirm_for: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub repair_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub approval_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub host_restart_deadline: Option<Duration>,
 }
 
 impl PolicyFile {
@@ -291,7 +316,51 @@ impl PolicyFile {
         if let Some(f) = self.failover_prefers {
             p.failover_prefers = f;
         }
+        self.apply_health(&mut p.health)?;
         Ok(p)
+    }
+
+    fn apply_health(&self, h: &mut HealthPolicy) -> Result<(), (String, String)> {
+        if let Some(m) = self.auto_failover {
+            h.mode = m;
+        }
+        if let Some(u) = &self.health_url {
+            let probe = u.replace("{hostname}", "host.invalid");
+            if !u.is_empty() && !(probe.starts_with("https://") || probe.starts_with("http://")) || probe.parse::<hyper::Uri>().is_err() {
+                return Err(("health_url".into(), format!("`{u}` is not an http:// or https:// URL")));
+            }
+            h.url = u.clone();
+        }
+        if let Some(s) = self.health_expect_status {
+            if !(100..=599).contains(&s) {
+                return Err(("health_expect_status".into(), format!("{s} is not an HTTP status")));
+            }
+            h.expect_status = s;
+        }
+        if let Some(ca) = &self.health_ca {
+            h.ca = Some(ca.clone());
+        }
+        let s = Duration::from_secs;
+        let windows: [(&str, Option<Duration>, &mut Duration, Duration, Duration); 6] = [
+            ("health_timeout", self.health_timeout, &mut h.timeout, Duration::from_millis(100), s(120)),
+            ("confirm_for", self.confirm_for, &mut h.confirm_for, Duration::ZERO, s(24 * 3600)),
+            ("repair_after", self.repair_after, &mut h.repair_after, Duration::ZERO, s(24 * 3600)),
+            ("cooldown", self.cooldown, &mut h.cooldown, Duration::ZERO, s(30 * 24 * 3600)),
+            ("approval_timeout", self.approval_timeout, &mut h.approval_timeout, s(1), s(30 * 24 * 3600)),
+            ("host_restart_deadline", self.host_restart_deadline, &mut h.host_restart_deadline, s(10), s(24 * 3600)),
+        ];
+        for (key, value, slot, min, max) in windows {
+            if let Some(v) = value {
+                if v < min || v > max {
+                    return Err((
+                        key.into(),
+                        format!("{} is out of range: must be between {} and {}", humantime::format_duration(v), humantime::format_duration(min), humantime::format_duration(max)),
+                    ));
+                }
+                *slot = v;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,10 +2,22 @@
 //! one operation: [`scheduler`] starts due backups, [`copies`] drives
 //! DR-region copies to an end, [`drills`] terminates drill copies whose
 //! `dr:keep-until` has passed, [`spares`] keeps each site's hot spare
-//! current. [`catalog`] checks the store against EC2 at start.
+//! current, [`health`] watches every site and climbs the recovery ladder,
+//! [`notify`] records events and delivers them to webhooks. [`catalog`]
+//! checks the store against EC2 at start.
 
 pub mod catalog;
 pub mod copies;
 pub mod drills;
+pub mod health;
+pub mod notify;
 pub mod scheduler;
 pub mod spares;
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// The process's rustls provider (the app probe's HTTPS client needs one).
+    pub fn install_crypto() {
+        dr_proto::tls::install_crypto_provider();
+    }
+}

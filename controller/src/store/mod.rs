@@ -22,6 +22,8 @@
 
 mod schema;
 
+pub use health::{ActiveDetail, EndedOp, OutboxItem};
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -92,6 +94,8 @@ pub struct FleetView {
     pub slots: HashMap<(String, String), Millis>,
     /// Each site's installed hot spare.
     pub spares: HashMap<String, SpareRecord>,
+    /// Each site's health, as the monitor last stored it.
+    pub health: HashMap<String, crate::domain::health::SiteHealth>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -184,6 +188,9 @@ macro_rules! db_call {
         }
     };
 }
+
+// After the macro: its queries use `db_call!`.
+mod health;
 
 /// The async API: one line per query, each on the blocking pool.
 impl Store {
@@ -1202,7 +1209,7 @@ impl Db<'_> {
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
-        let mut view = FleetView { sites: self.sites()?, ..FleetView::default() };
+        let mut view = FleetView { sites: self.sites()?, health: self.health_all()?, ..FleetView::default() };
         let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
         for rec in stmt.query_map([], instance_row)? {
             let rec = rec?;

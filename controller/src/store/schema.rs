@@ -188,4 +188,35 @@ pub const MIGRATIONS: &[&str] = &[
         launch_image_id TEXT NOT NULL,
         record TEXT NOT NULL
     );",
+    // 8: automatic failover. Each site's health (`SiteHealth` as JSON),
+    // the event log every decision is written to, and the webhook outbox
+    // (one row per event and webhook, delivered at least once).
+    "CREATE TABLE site_health (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        state TEXT NOT NULL,
+        record TEXT NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        at_ms BIGINT NOT NULL,
+        site_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        operation_id TEXT NOT NULL
+    );
+    CREATE INDEX events_by_site ON events(site_id, seq);
+    CREATE TABLE outbox (
+        event_seq INTEGER NOT NULL REFERENCES events(seq),
+        sink TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_at_ms BIGINT NOT NULL,
+        last_error TEXT NOT NULL,
+        delivered_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (event_seq, sink)
+    );
+    CREATE INDEX outbox_due ON outbox(delivered_at_ms, next_at_ms);",
 ];

@@ -19,6 +19,7 @@ pub mod backup;
 pub mod copies;
 pub mod drill;
 pub mod failover;
+pub mod repair;
 pub mod retention;
 pub mod spare;
 
@@ -65,6 +66,8 @@ pub fn engine(deps: Deps) -> Engine {
     engine.register::<failover::Failover>();
     engine.register::<drill::Drill>();
     engine.register::<spare::Spare>();
+    engine.register::<repair::AppRestart>();
+    engine.register::<repair::HostRestart>();
     engine
 }
 

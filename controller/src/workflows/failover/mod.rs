@@ -105,6 +105,9 @@ impl State {
             Role::Drill { operation_id: op_id.to_owned() }
         } else if self.plan.kind == "spare" {
             Role::Spare
+        } else if self.plan.kind == "repair" {
+            // A repair works on the site's own primary.
+            Role::Primary
         } else {
             Role::Candidate { operation_id: op_id.to_owned() }
         }
@@ -305,11 +308,19 @@ pub(super) async fn preflight(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome
     let ids = [image.clone()];
     let found = retry_ec2("DescribeImages", EC2_RETRY_BUDGET, || ec2.describe_images(&ids)).await?;
     match found.iter().find(|i| i.id == image) {
-        Some(i) if i.state == "available" => Ok(Outcome::Done(format!(
-            "{image} is available in {}; backup age {} (the data loss taken)",
-            st.plan.launch.region,
-            humantime::format_duration(Duration::from_secs(st.plan.backup.age_ms / 1000))
-        ))),
+        Some(i) if i.state == "available" => {
+            let detail = format!(
+                "{image} is available in {}; backup age {} (the data loss taken)",
+                st.plan.launch.region,
+                humantime::format_duration(Duration::from_secs(st.plan.backup.age_ms / 1000))
+            );
+            // An automatic failover of a site in `approve` mode waits here,
+            // before anything changes (the engine records the approval).
+            if !st.plan.approval.is_empty() && st.plan.kind == "failover" {
+                return Ok(Outcome::AwaitApproval(format!("{}; {detail}", st.plan.approval)));
+            }
+            Ok(Outcome::Done(detail))
+        }
         Some(i) => Err(StepError::new(ErrorKind::Refused, format!("{image} is {} in {}, not available", i.state, st.plan.launch.region))),
         None => Err(StepError::new(ErrorKind::Refused, format!("{image} does not exist in {}", st.plan.launch.region))),
     }
@@ -342,31 +353,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
             if matches!(inst.state.as_str(), "stopped" | "terminated") {
                 format!("{old} is already {}; recorded fenced", inst.state)
             } else {
-                if inst.state != "stopping" {
-                    retry_ec2("StopInstances", budget, || ec2.stop_instance(&old, false)).await?;
-                }
-                let mut wait = Waiting::new();
-                let mut forced = false;
-                loop {
-                    let now = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await?;
-                    let state = now.map(|i| i.state).unwrap_or_else(|| "terminated".into());
-                    if matches!(state.as_str(), "stopped" | "terminated") {
-                        break;
-                    }
-                    let waited = wait.elapsed();
-                    if !forced && waited >= cfg.fence_timeout {
-                        ctx.progress(format!("{old} did not stop within {:?}: forcing the stop", cfg.fence_timeout)).await;
-                        retry_ec2("StopInstances", budget, || ec2.stop_instance(&old, true)).await?;
-                        forced = true;
-                    } else if forced && waited >= cfg.fence_timeout * 2 {
-                        return Err(StepError::new(
-                            ErrorKind::TimedOut,
-                            format!("{old} is still {state} {} after a forced stop: stop it by hand, then resume", secs(waited.as_millis() as u64)),
-                        ));
-                    }
-                    wait.say(ctx, format!("waiting for {old} to stop ({state})")).await;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                let forced = stop_and_wait(ctx, &ec2, &old, &inst.state).await?;
                 format!("{old} stopped{}; recorded fenced", if forced { " (forced)" } else { "" })
             }
         }
@@ -400,6 +387,39 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     };
     st.fenced = Some(old);
     Ok(Outcome::Done(detail))
+}
+
+/// StopInstances (unless `state` says it is stopping already), then waits
+/// until it is stopped; forced after `failover.fence_timeout`, given as long
+/// again. Whether the stop had to be forced.
+pub(super) async fn stop_and_wait(ctx: &Ctx<Deps>, ec2: &std::sync::Arc<dyn Ec2>, id: &str, state: &str) -> Result<bool, StepError> {
+    let budget = EC2_RETRY_BUDGET;
+    let timeout = ctx.deps().failover.fence_timeout;
+    if state != "stopping" {
+        retry_ec2("StopInstances", budget, || ec2.stop_instance(id, false)).await?;
+    }
+    let mut wait = Waiting::new();
+    let mut forced = false;
+    loop {
+        let now = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(id)).await?;
+        let state = now.map(|i| i.state).unwrap_or_else(|| "terminated".into());
+        if matches!(state.as_str(), "stopped" | "terminated") {
+            return Ok(forced);
+        }
+        let waited = wait.elapsed();
+        if !forced && waited >= timeout {
+            ctx.progress(format!("{id} did not stop within {timeout:?}: forcing the stop")).await;
+            retry_ec2("StopInstances", budget, || ec2.stop_instance(id, true)).await?;
+            forced = true;
+        } else if forced && waited >= timeout * 2 {
+            return Err(StepError::new(
+                ErrorKind::TimedOut,
+                format!("{id} is still {state} {} after a forced stop: stop it by hand, then resume", secs(waited.as_millis() as u64)),
+            ));
+        }
+        wait.say(ctx, format!("waiting for {id} to stop ({state})")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {

@@ -157,6 +157,10 @@ pub struct Plan {
     /// The failover takes this hot spare (no launch).
     #[serde(default)]
     pub spare: Option<PlannedSpare>,
+    /// Not empty: an automatic failover that waits for `drctl approve`
+    /// (policy `auto_failover = "approve"`) after its preflight; why.
+    #[serde(default)]
+    pub approval: String,
 }
 
 /// Why no plan can be made: nothing was changed.
@@ -430,6 +434,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     }
     let now = now_ms();
     Ok(Plan {
+        approval: String::new(),
         spare,
         site_id: site.id.clone(),
         kind: if req.failback {
@@ -545,6 +550,7 @@ fn isolated_plan(
     }
     let now = now_ms();
     Ok(Plan {
+        approval: String::new(),
         site_id: site.id.clone(),
         kind: what.kind.into(),
         planned_at_ms: now,

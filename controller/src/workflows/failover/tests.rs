@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::*;
 use crate::config::{AwsConfig, BackupConfig};
 use crate::cloud::Ec2Clients;
-use crate::domain::model::{Backup, BackupState, Consistency, LaunchFacts, OperationState, Signal, Site};
+use crate::domain::model::{LaunchFacts, OperationState, Signal, Site};
 use crate::domain::recovery::FailoverConfig;
 use crate::store::Store;
 use crate::testkit::FakeEc2;
@@ -52,25 +52,7 @@ async fn world_with(
 /// An available backup `image` of `i-old` in site `s1` (with launch facts),
 /// in the store and in `fake`.
 async fn add_backup(store: &Store, fake: &FakeEc2, image: &str, started_at_ms: u64, completed_at_ms: u64) {
-    let b = Backup {
-        image_id: image.into(),
-        site_id: "s1".into(),
-        operation_id: format!("backup-{image}"),
-        region: "us-east-1".into(),
-        instance_id: "i-old".into(),
-        snapshot_ids: vec![],
-        started_at_ms,
-        completed_at_ms,
-        consistency: Consistency::Crash,
-        app_state: "started".into(),
-        state: BackupState::Available,
-        fate: String::new(),
-        deleted_at_ms: 0,
-        quiesce: "none".into(),
-        frozen_ms: 0,
-        quiesce_note: String::new(),
-        copies: vec![],
-    };
+    let b = crate::testkit::available_backup("s1", "i-old", image, started_at_ms, completed_at_ms);
     store.insert_rebuilt_backup(b).await.expect("backup");
     let facts = LaunchFacts {
         instance_id: "i-old".into(),

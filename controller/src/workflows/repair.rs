@@ -1,0 +1,127 @@
+//! Repairs of a site's own primary, the first two rungs of the health
+//! ladder (`domain::health`), started by the health monitor. No data is
+//! lost by either: the instance, its volumes, private IP and Elastic IP
+//! stay what they are.
+//!
+//! - [`AppRestart`] (rung 1): the app is down but the agent and the
+//!   instance are fine. Steps: `app_stop`, `app_start` (Replicated says
+//!   started and the agent's health check passes within
+//!   `failover.app_timeout`).
+//! - [`HostRestart`] (rung 2): EC2 reports the instance impaired, retiring
+//!   or stopped. Steps: `stop` (forced after `failover.fence_timeout`),
+//!   `start`, `wait_running`, `wait_agent` (the same instance's agent back
+//!   as the primary), `app_start`. A stop and start moves the instance to
+//!   other hardware.
+//!
+//! Both run on the failover state (`failover::State`, plan kind `repair`,
+//! the primary as its "candidate") and reuse its agent steps. A failed
+//! step ends the operation (no pause): the monitor climbs the ladder.
+
+use super::failover::{self, State};
+use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::domain::model::{Millis, Protected};
+use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
+
+/// Rung 1: restart the app through the agent.
+pub struct AppRestart;
+/// Rung 2: stop and start the same instance.
+pub struct HostRestart;
+
+impl Workflow for AppRestart {
+    type Deps = Deps;
+    type State = State;
+    const KIND: &'static str = "app_restart";
+    const VERSION: u32 = 1;
+    /// Above backups (preempted, their quiesce lifted first), below a
+    /// failover (which preempts a repair).
+    const PRIORITY: u8 = 50;
+    const PREEMPTIBLE: bool = true;
+
+    fn steps() -> Vec<StepDef<Deps, State>> {
+        vec![
+            StepDef::new("app_stop", step!(failover::app_stop)).retry(failover::AGENT_RETRY),
+            StepDef::new("app_start", step!(failover::app_start)).retry(failover::AGENT_RETRY),
+        ]
+    }
+
+    fn protects(_: &State) -> Vec<Protected> {
+        vec![]
+    }
+}
+
+impl Workflow for HostRestart {
+    type Deps = Deps;
+    type State = State;
+    const KIND: &'static str = "host_restart";
+    const VERSION: u32 = 1;
+    const PRIORITY: u8 = 50;
+    const PREEMPTIBLE: bool = true;
+
+    fn steps() -> Vec<StepDef<Deps, State>> {
+        vec![
+            StepDef::new("stop", step!(stop_host)).retry(Retry::TRANSIENT),
+            StepDef::new("start", step!(start_host)).retry(Retry::TRANSIENT),
+            StepDef::new("wait_running", step!(failover::wait_running)).retry(Retry::TRANSIENT),
+            StepDef::new("wait_agent", step!(failover::wait_agent)),
+            StepDef::new("app_start", step!(failover::app_start)).retry(failover::AGENT_RETRY),
+        ]
+    }
+
+    fn protects(_: &State) -> Vec<Protected> {
+        vec![]
+    }
+}
+
+/// The state of a repair of `site`'s primary `instance_id` in `region`.
+pub fn state(site_id: &str, instance_id: &str, region: &str, why: &str) -> State {
+    let mut st = State::default();
+    st.plan.site_id = site_id.to_owned();
+    st.plan.kind = "repair".into();
+    st.plan.launch.region = region.to_owned();
+    st.plan.fence.instance_id = instance_id.to_owned();
+    st.plan.warnings = vec![why.to_owned()];
+    st.candidate = instance_id.to_owned();
+    st
+}
+
+/// Starts workflow `W` (a repair) of a site's primary.
+pub async fn start<W: Workflow<Deps = Deps, State = State>>(
+    engine: &super::Engine,
+    state: State,
+    requested_by: &str,
+    slot: Option<Millis>,
+) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
+    let site_id = state.plan.site_id.clone();
+    engine.start::<W>(crate::engine::Start { site_id: &site_id, requested_by, state, slot }).await
+}
+
+async fn stop_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    let id = st.candidate.clone();
+    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
+    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
+    match state.as_str() {
+        "stopped" => return Ok(Outcome::Done(format!("{id} is stopped already"))),
+        "terminated" | "shutting-down" | "gone" => {
+            return Err(StepError::failed(format!("{id} is {state}: a stop and start cannot bring it back")));
+        }
+        _ => {}
+    }
+    ctx.progress(format!("stopping {id} so that EC2 starts it on healthy hardware")).await;
+    let forced = failover::stop_and_wait(ctx, &ec2, &id, &state).await?;
+    Ok(Outcome::Done(format!("{id} stopped{}", if forced { " (forced)" } else { "" })))
+}
+
+async fn start_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
+    let id = st.candidate.clone();
+    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
+    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
+    if matches!(state.as_str(), "pending" | "running") {
+        st.launched_at_ms = crate::domain::model::now_ms();
+        return Ok(Outcome::Done(format!("{id} is {state} already")));
+    }
+    retry_ec2("StartInstances", EC2_RETRY_BUDGET, || ec2.start_instance(&id)).await?;
+    st.launched_at_ms = crate::domain::model::now_ms();
+    Ok(Outcome::Done(format!("StartInstances {id} (same instance, volumes and addresses)")))
+}

@@ -1,0 +1,236 @@
+//! Automatic recovery end to end: the health monitor against moto behind
+//! the simulated data plane, with the fault-injecting proxy in front of
+//! EC2, the CircleCI API simulator as the app probe's target and a webhook
+//! receiver on loopback. Windows are shortened (`repair_after` 1 s,
+//! `confirm_for` 3 s, a pass every 500 ms); the logic is the default one.
+
+use std::time::Duration;
+
+use dr_tests::recovery_world::{RecoverySpec, RecoveryWorld, tail};
+use dr_tests::*;
+use serde_json::Value;
+
+const HEALTH: &str = "[health]\ninterval = \"500ms\"\n";
+
+fn policy(mode: &str) -> String {
+    format!("auto_failover = \"{mode}\"\nrepair_after = \"1s\"\nconfirm_for = \"3s\"\nhealth_timeout = \"2s\"\n")
+}
+
+fn events(w: &RecoveryWorld) -> Vec<Value> {
+    let v = drctl_json(&w.pki, &w.controller.url, &["events", &w.site, "--limit", "1000"]);
+    v["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits for the first event of `kind` after `after` events (by seq).
+fn wait_event(w: &RecoveryWorld, kind: &str, after: u64, within: Duration) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(e) = events(w).into_iter().find(|e| e["kind"] == kind && e["seq"].as_u64().unwrap_or(0) > after) {
+            return e;
+        }
+        assert!(
+            start.elapsed() < within,
+            "an event {kind} within {within:?}; events:\n{}\ncontroller:\n{}",
+            events(w).iter().map(|e| format!("{} {} {}", e["seq"], e["kind"], e["summary"])).collect::<Vec<_>>().join("\n"),
+            tail(&w.controller.log())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An operation's JSON, whatever drctl's exit code (8: it waits).
+fn op_json(w: &RecoveryWorld, op: &str) -> Value {
+    last_json(&w.drctl(&["-o", "json", "operation", op]).stdout)
+}
+
+fn last_seq(w: &RecoveryWorld) -> u64 {
+    events(w).last().and_then(|e| e["seq"].as_u64()).unwrap_or(0)
+}
+
+fn health(w: &RecoveryWorld) -> Value {
+    site_status(&w.pki, &w.controller.url, &w.site)["health"].clone()
+}
+
+fn wait_healthy(w: &RecoveryWorld) {
+    assert_eventually!(Duration::from_secs(60), health(w)["state"] == "healthy", "the site healthy: {}\n{}", health(w), tail(&w.controller.log()));
+}
+
+/// EC2 calls that change something, as the fault proxy counted them.
+fn mutating(w: &RecoveryWorld) -> u64 {
+    let f = w.faults.as_ref().expect("fault proxy");
+    ["RunInstances", "StopInstances", "StartInstances", "TerminateInstances", "CreateImage", "AssociateAddress", "CreateTags"]
+        .iter()
+        .map(|a| f.stats.calls_of(a))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_in_place() {
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("auto")), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-a", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    wait_healthy(&w);
+
+    // Rung 1: the frontend answers 503, the agent and EC2 are fine.
+    let before = mutating(&w);
+    let seq = last_seq(&w);
+    std::fs::write(&w.unhealthy, "").expect("unhealthy");
+    let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
+    let op = started["operation_id"].as_str().expect("operation").to_owned();
+    assert!(op.starts_with("app_restart"), "rung 1 is an app restart: {started}");
+    assert!(started["summary"].as_str().unwrap_or_default().contains("app probe fails"), "{started}");
+    std::fs::remove_file(&w.unhealthy).expect("healthy again");
+    wait_event(&w, "repair.succeeded", seq, Duration::from_secs(60));
+    wait_event(&w, "site.recovered", seq, Duration::from_secs(30));
+    assert_eq!(mutating(&w), before, "an app restart changes nothing in EC2");
+    let done = op_json(&w, &op);
+    let steps: Vec<&str> = done["steps"].as_array().expect("steps").iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(steps, ["app_stop", "app_start"], "{done}");
+
+    // Rung 2: EC2 reports the system status check failed.
+    let seq = last_seq(&w);
+    let faults = w.faults.as_ref().expect("fault proxy");
+    faults.faults.impair_system(&primary);
+    let impaired = wait_event(&w, "site.suspect", seq, Duration::from_secs(30));
+    assert!(impaired["summary"].as_str().unwrap_or_default().contains("system status check failed"), "the evidence names the check: {impaired}");
+    let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
+    let op = started["operation_id"].as_str().expect("operation").to_owned();
+    assert!(op.starts_with("host_restart"), "rung 2 is a stop and start: {started}");
+    // The new hardware is healthy: EC2 stops reporting the impairment once
+    // the instance was stopped.
+    assert_eventually!(Duration::from_secs(30), faults.faults.stop_calls().contains(&primary), "StopInstances of {primary}");
+    faults.faults.clear(&primary);
+    wait_event(&w, "repair.succeeded", seq, Duration::from_secs(90));
+    wait_healthy(&w);
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["primary_instance_id"], primary.as_str(), "the same instance id");
+    assert_eq!(w.instance_state(&primary).await, "running");
+    assert_eq!(faults.stats.calls_of("RunInstances"), 0, "no AMI restore");
+    assert_eq!(faults.stats.calls_of("StartInstances"), 1, "started once");
+    assert_eq!(w.eip_holder().await, primary, "the Elastic IP stayed on it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_instance_fails_over_once_after_approval_and_every_event_reaches_a_webhook_that_was_down() {
+    let hook = webhook::start("s3cret").await;
+    hook.set_down(true);
+    let toml = format!("{HEALTH}[[notify]]\nurl = \"{}/dr\"\nsecret = \"s3cret\"\n", hook.url);
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: toml, ..Default::default() };
+    let mut w = RecoveryWorld::start("site-b", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    w.backup();
+    wait_healthy(&w);
+
+    let seq = last_seq(&w);
+    w.ec2.terminate_instances().instance_ids(&primary).send().await.expect("TerminateInstances");
+    let waiting = wait_event(&w, "failover.awaiting_approval", seq, Duration::from_secs(60));
+    let op = waiting["operation_id"].as_str().expect("operation").to_owned();
+    let evidence = waiting["evidence"]["lines"].to_string();
+    assert!(evidence.contains("agent: silent") && evidence.contains("ec2: terminated"), "two signals agree: {evidence}");
+    assert_eventually!(
+        Duration::from_secs(30),
+        op_json(&w, &op)["waiting_for"].as_str().unwrap_or_default().starts_with("approval"),
+        "{op} waits for an approval"
+    );
+    assert!(w.launched_by(&op).await.is_empty(), "nothing launched before the approval");
+
+    // A controller restart while it waits starts no second failover.
+    w.controller.kill();
+    w.controller.restart(&[]);
+    std::thread::sleep(Duration::from_secs(5));
+    let out = w.drctl(&["-o", "json", "approve", &op, "--wait"]);
+    let done = last_json(&out.stdout);
+    assert_eq!(done["state"], "succeeded", "{}\n{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    let launched = w.launched_by(&op).await;
+    assert_eq!(launched.len(), 1, "one instance launched");
+    let new = launched[0].instance_id().expect("id").to_owned();
+    wait_healthy(&w);
+    std::thread::sleep(Duration::from_secs(4));
+    let all = events(&w);
+    let failovers: Vec<&Value> = all.iter().filter(|e| e["kind"] == "failover.awaiting_approval" || e["kind"] == "failover.started").collect();
+    assert_eq!(failovers.len(), 1, "exactly one automatic failover: {failovers:?}");
+    assert!(all.iter().any(|e| e["kind"] == "failover.succeeded" && e["operation_id"] == op.as_str()));
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["primary_instance_id"], new.as_str());
+    assert_eq!(w.eip_holder().await, new, "the Elastic IP moved");
+
+    // The webhook was down the whole time: it now gets every event, once.
+    hook.set_down(false);
+    let ids: Vec<String> = all.iter().filter_map(|e| e["id"].as_str().map(str::to_owned)).collect();
+    assert_eventually!(
+        Duration::from_secs(60),
+        ids.iter().all(|id| hook.event_ids().contains(id)),
+        "every event delivered: {} of {}",
+        hook.event_ids().len(),
+        ids.len()
+    );
+    assert!(hook.refused() > 0, "deliveries were tried while it was down");
+    let got = hook.event_ids();
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "each id once: {got:?}");
+    assert!(hook.deliveries().iter().all(|d| d.signature_valid), "every delivery signed");
+    let approval = hook.deliveries().into_iter().find(|d| d.body["kind"] == "failover.awaiting_approval").expect("the approval request was notified");
+    assert_eq!(approval.body["operation_id"], op.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_alone_is_a_partition_and_a_denied_failover_ends_with_nothing_changed() {
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-c", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    w.backup();
+    wait_healthy(&w);
+
+    // The machine's agent dies; EC2 and the app probe say it works.
+    let seq = last_seq(&w);
+    let instances = w.all_instances().await;
+    w.dataplane.lose(&primary).await;
+    let alert = wait_event(&w, "site.partitioned", seq, Duration::from_secs(30));
+    assert!(alert["summary"].as_str().unwrap_or_default().contains("partition"), "{alert}");
+    // Well past confirm_for: no failover, nothing launched or stopped.
+    std::thread::sleep(Duration::from_secs(6));
+    let after: Vec<Value> = events(&w).into_iter().filter(|e| e["seq"].as_u64().unwrap_or(0) > seq).collect();
+    assert!(!after.iter().any(|e| e["kind"].as_str().unwrap_or_default().starts_with("failover.")), "no failover: {after:?}");
+    assert_eq!(
+        after.iter().filter(|e| e["kind"] == "site.partitioned").count(),
+        1,
+        "alerted once: {}",
+        after.iter().map(|e| format!("{} {} {}", e["seq"], e["kind"], e["summary"])).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(w.all_instances().await, instances);
+    assert_eq!(w.faults.as_ref().expect("proxy").stats.calls_of("StopInstances"), 0);
+    let h = health(&w);
+    assert_eq!(h["state"], "suspect", "{h}");
+    assert_eq!(h["condition"], "partitioned", "{h}");
+
+    // Now EC2 says it is gone too: a failover is asked for; deny ends it.
+    let seq = last_seq(&w);
+    w.ec2.terminate_instances().instance_ids(&primary).send().await.expect("TerminateInstances");
+    let waiting = wait_event(&w, "failover.awaiting_approval", seq, Duration::from_secs(60));
+    let op = waiting["operation_id"].as_str().expect("operation").to_owned();
+    assert_eventually!(
+        Duration::from_secs(30),
+        op_json(&w, &op)["waiting_for"].as_str().unwrap_or_default().starts_with("approval"),
+        "{op} waits for an approval"
+    );
+    let out = w.drctl(&["deny", &op]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eventually!(
+        Duration::from_secs(30),
+        op_json(&w, &op)["state"] == "cancelled",
+        "{op} ends after the deny: {}",
+        op_json(&w, &op)
+    );
+    wait_event(&w, "failover.failed", seq, Duration::from_secs(30));
+    assert!(w.launched_by(&op).await.is_empty(), "nothing launched");
+    std::thread::sleep(Duration::from_secs(3));
+    let again = events(&w).into_iter().filter(|e| e["kind"] == "failover.awaiting_approval").count();
+    assert_eq!(again, 1, "a denied failover is not asked again in the same episode");
+    let h = health(&w);
+    assert_eq!(h["state"], "down", "{h}");
+}
