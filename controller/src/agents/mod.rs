@@ -457,8 +457,8 @@ pub async fn flush_liveness(store: crate::store::Store, registry: Registry, ever
     }
 }
 
-/// Tests: sessions without a network stream (the test kit's fake agent).
-#[cfg(test)]
+/// Sessions without a network stream: the test kit's fake agent, and the
+/// health benchmark's fleet of agents.
 impl Registry {
     /// Registers a session for `record` with `role`; what the controller
     /// sends to it arrives on the returned receiver.
@@ -468,6 +468,10 @@ impl Registry {
         self.register(Session { serial, tx, pending: Pending::default(), role, record });
         (serial, rx)
     }
+}
+
+#[cfg(test)]
+impl Registry {
 
     /// Delivers a command's result from an attached session.
     pub fn deliver(&self, site: &str, instance: &str, serial: u64, result: pb::CommandResult) {

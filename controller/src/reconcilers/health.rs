@@ -62,6 +62,8 @@ pub struct Monitor {
 pub struct Pass {
     pub health: HashMap<String, SiteHealth>,
     pub started: Vec<(String, Rung, String)>,
+    /// Every rung the ladder called for this pass (started or held).
+    pub decided: Vec<(String, Rung)>,
     pub events: Vec<Event>,
     pub guard: bool,
     pub ec2_calls: usize,
@@ -174,6 +176,7 @@ impl Monitor {
         // Decisions.
         let mut auto_failovers = active.iter().filter(|a| a.kind == "failover" && a.requested_by == REQUESTED_BY).count();
         let mut started = vec![];
+        let mut decided = vec![];
         for site in &sites {
             let policy = deps.policy(&site.id).health;
             let h = records.get_mut(&site.id).expect("every site has a record");
@@ -196,6 +199,7 @@ impl Monitor {
             }
 
             if let Decision::Start(rung, why) = decision.clone() {
+                decided.push((site.id.clone(), rung));
                 match self.start(site, h, rung, &why, &policy, &ops, guard, auto_failovers, now).await {
                     Ok(Some(op)) => {
                         if rung == Rung::Failover {
@@ -256,7 +260,7 @@ impl Monitor {
 
         events.extend(self.ended_events(now).await?);
         let recorded = self.notifier.record(records.values().cloned().collect(), events).await?;
-        Ok(Pass { health: records, started, events: recorded, guard, ec2_calls })
+        Ok(Pass { health: records, started, decided, events: recorded, guard, ec2_calls })
     }
 
     /// Starts `rung` for a site, or says why it is held. `Ok(None)`: not now
