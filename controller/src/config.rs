@@ -70,11 +70,21 @@ pub struct HealthConfig {
     pub max_concurrent_failovers: u32,
     /// Probes running at once.
     pub probe_concurrency: u32,
+    /// An agent whose certificate ends within this raises
+    /// `agent.cert_expiring` (once per certificate).
+    #[serde(with = "humantime_serde")]
+    pub cert_warning: Duration,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { interval: Duration::from_secs(30), max_down_fraction: 0.2, max_concurrent_failovers: 5, probe_concurrency: 64 }
+        HealthConfig {
+            interval: Duration::from_secs(30),
+            max_down_fraction: 0.2,
+            max_concurrent_failovers: 5,
+            probe_concurrency: 64,
+            cert_warning: Duration::from_secs(30 * 24 * 3600),
+        }
     }
 }
 
@@ -149,6 +159,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "backup.failed",
     "backup.late",
     "drill.failed",
+    "agent.cert_expiring",
 ];
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
@@ -662,6 +673,15 @@ instance_id = "i-0123456789abcdef0"
         assert_eq!(c.sites[0].launch.for_region("us-east-1", "us-east-1").subnet_id.as_deref(), Some("subnet-1"));
     }
 
+    /// Each `(extra, want)`: GOOD plus `extra` is refused with an error
+    /// containing `want`.
+    fn assert_refused(cases: &[(&str, &str)]) {
+        for (extra, want) in cases {
+            let e = Config::parse(Path::new("c.toml"), &format!("{GOOD}{extra}")).expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
     #[test]
     fn spare_keys_are_checked_and_name_what_is_wrong() {
         let cases = [
@@ -671,15 +691,38 @@ instance_id = "i-0123456789abcdef0"
             ("[site.policy]\nspare_max_lag = \"400d\"\n", "spare_max_lag"),
             ("[site.policy]\nfailover_prefers = \"fastest\"\n", "failover_prefers"),
         ];
-        for (extra, want) in cases {
-            let e = Config::parse(Path::new("c.toml"), &format!("{GOOD}{extra}")).expect_err(extra).to_string();
-            assert!(e.contains(want), "{extra}: {e}");
-        }
+        assert_refused(&cases);
         let ok = "[site.policy]\nspare = \"running\"\nspare_region = \"us-west-2\"\ncopy_regions = [\"us-west-2\"]\nspare_max_lag = \"12h\"\nfailover_prefers = \"freshest\"\n";
         let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}{ok}")).expect("valid");
         let p = c.site_policy(&c.sites[0]).expect("policy");
         assert_eq!((p.spare, p.spare_region.as_str(), p.spare_max_lag), (crate::domain::policy::SpareMode::Running, "us-west-2", Duration::from_secs(12 * 3600)));
         assert_eq!(p.failover_prefers, crate::domain::policy::FailoverPrefers::Freshest);
+    }
+
+    #[test]
+    fn health_and_notify_keys_are_checked_and_name_what_is_wrong() {
+        let cases = [
+            ("[site.policy]\nauto_failover = \"yes\"\n", "unknown variant `yes`, expected one of `off`, `approve`, `auto`"),
+            ("[site.policy]\nhealth_url = \"ftp://ci/health\"\n", "site[0].policy.health_url: `ftp://ci/health` is not an http:// or https:// URL"),
+            ("[site.policy]\nhealth_expect_status = 42\n", "health_expect_status: 42 is not an HTTP status"),
+            ("[site.policy]\nconfirm_for = \"40days\"\n", "site[0].policy.confirm_for: 1month 9days 13h 26m 24s is out of range: must be between 0s and 1day"),
+            ("[site.policy]\nhealth_timeout = \"0s\"\n", "health_timeout"),
+            ("[health]\nmax_down_fraction = 2.0\n", "health.max_down_fraction: 2 is not a fraction"),
+            ("[health]\nmax_concurrent_failovers = 0\n", "health.max_concurrent_failovers"),
+            ("[health]\nintervall = \"1s\"\n", "unknown field `intervall`"),
+            ("[[notify]]\nurl = \"mailto:ops@example.com\"\n", "notify[0].url"),
+            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"site.dwon\"]\n", "notify[0].events: `site.dwon` names no event"),
+            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret = \"a\"\nsecret_file = \"/b\"\n", "notify[0].secret: give secret or secret_file, not both"),
+            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret_file = \"/nonexistent/dr-secret\"\n", "cannot read /nonexistent/dr-secret"),
+        ];
+        assert_refused(&cases);
+        let ok = "[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"failover.*\", \"site.down\"]\nformat = \"slack\"\n[site.policy]\nauto_failover = \"approve\"\nconfirm_for = \"5m\"\n";
+        let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}{ok}")).expect("valid");
+        let p = c.site_policy(&c.sites[0]).expect("policy");
+        assert_eq!((p.health.mode, p.health.confirm_for), (crate::domain::health::AutoMode::Approve, Duration::from_secs(300)));
+        let n = &c.notify[0];
+        assert!(n.wants("failover.started") && n.wants("site.down") && !n.wants("site.suspect"));
+        assert_eq!(n.format, NotifyFormat::Slack);
     }
 
     #[test]
@@ -711,6 +754,7 @@ instance_id = "i-0123456789abcdef0"
         assert_eq!(format!("{:?}", c.aws.limits), format!("{:?}", d.aws.limits), "[aws.limits] differs from the defaults");
         assert_eq!(format!("{:?}", c.failover), format!("{:?}", d.failover), "[failover] differs from the defaults");
         assert_eq!(format!("{:?}", c.drill), format!("{:?}", d.drill), "[drill] differs from the defaults");
+        assert_eq!(format!("{:?}", c.health), format!("{:?}", d.health), "[health] differs from the defaults");
         assert_eq!(c.sites[0].drill.hostname.as_deref(), Some("drill.circleci.example.com"));
         assert_eq!(c.sites[0].drill.launch.regions["us-west-2"].subnet_id.as_deref(), Some("subnet-0eeeeffff22223333"));
         assert_eq!(c.sites[0].launch.regions["us-west-2"].subnet_id.as_deref(), Some("subnet-0aaaabbbbccccdddd"));

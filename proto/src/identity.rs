@@ -185,6 +185,13 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, Identit
     Identity::from_certificate_der(leaf.as_ref())
 }
 
+/// When the peer's certificate ends (Unix milliseconds), if it has one.
+pub fn peer_not_after_ms<T>(request: &tonic::Request<T>) -> Option<u64> {
+    let certs = request.peer_certs()?;
+    let (_, cert) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok().map(|s| s * 1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -234,3 +234,87 @@ async fn a_silent_agent_alone_is_a_partition_and_a_denied_failover_ends_with_not
     let h = health(&w);
     assert_eq!(h["state"], "down", "{h}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_region_is_no_evidence_and_an_instance_that_will_not_stop_needs_a_human() {
+    let policy = format!("{}host_restart_deadline = \"10s\"\n", policy("auto"));
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-d", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    wait_healthy(&w);
+    let faults = w.faults.as_ref().expect("fault proxy");
+
+    // EC2's API fails in the site's region: its view is unknown, not "down".
+    let seq = last_seq(&w);
+    faults.faults.fail_region("us-east-1");
+    assert_eventually!(
+        Duration::from_secs(30),
+        health(&w)["evidence"].to_string().contains("ec2: unknown"),
+        "EC2's view is unknown: {}",
+        health(&w)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(health(&w)["state"], "healthy", "an API outage is no evidence against the site: {}", health(&w));
+    assert!(events(&w).iter().all(|e| e["seq"].as_u64().unwrap_or(0) <= seq), "no event: {:?}", events(&w));
+    faults.faults.heal_region("us-east-1");
+
+    // Impaired, and StopInstances does not stop it: the host restart runs
+    // out of host_restart_deadline; the agent still talks, so no failover.
+    let seq = last_seq(&w);
+    faults.faults.impair_system(&primary);
+    faults.faults.wont_stop(&primary);
+    let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
+    assert!(started["operation_id"].as_str().unwrap_or_default().starts_with("host_restart"), "{started}");
+    let failed = wait_event(&w, "repair.failed", seq, Duration::from_secs(60));
+    assert!(failed["summary"].as_str().unwrap_or_default().contains("host_restart"), "{failed}");
+    let human = wait_event(&w, "site.needs_human", seq, Duration::from_secs(30));
+    assert!(human["summary"].as_str().unwrap_or_default().contains("agent still talks"), "{human}");
+    assert!(!faults.faults.stop_calls().is_empty(), "the stop was tried");
+    assert_eq!(w.instance_state(&primary).await, "running", "it would not stop");
+    assert_eq!(faults.stats.calls_of("RunInstances"), 0, "no failover");
+    assert!(!events(&w).iter().any(|e| e["kind"].as_str().unwrap_or_default().starts_with("failover.")), "no failover event");
+    assert_eq!(health(&w)["state"], "down", "{}", health(&w));
+}
+
+/// The controller's own network fails: no agent of any site is heard and no
+/// app probe is answered, while EC2 (moto) still says every instance runs.
+/// Every site looks dead by two signals, so only the fleet guard stands
+/// between this and ten failovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cut_off_from_every_site_fails_over_nothing_and_alerts_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let extra = format!(
+        "[health]\ninterval = \"300ms\"\n[policy]\nauto_failover = \"auto\"\nhealth_url = \"http://{closed}/health-check\"\n\
+         health_timeout = \"500ms\"\nconfirm_for = \"1s\"\nrepair_after = \"1s\"\n"
+    );
+    let fleet = Fleet::start(10, 0.0, &extra).await;
+    let all = |fleet: &Fleet| drctl_json(&fleet.pki, &fleet.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
+    // Agents get the heartbeat window (10 s × 4 here) to connect after a
+    // start before a silent one counts.
+    assert_eventually!(
+        Duration::from_secs(90),
+        all(&fleet).iter().any(|e| e["kind"] == "fleet.guard"),
+        "the fleet guard trips\n{}",
+        tail(&fleet.controller.log())
+    );
+    // Well past confirm_for, over many passes.
+    std::thread::sleep(Duration::from_secs(4));
+    let events = all(&fleet);
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "fleet.guard").count(), 1, "one alert: {kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("failover.") || k.starts_with("repair.")), "nothing started or held per site: {kinds:?}");
+    let guard = events.iter().find(|e| e["kind"] == "fleet.guard").expect("guard");
+    assert_eq!(guard["site_id"], "", "a fleet event");
+    assert!(guard["summary"].as_str().unwrap_or_default().contains("10 of 10 sites"), "{guard}");
+    for action in ["RunInstances", "StopInstances", "StartInstances", "TerminateInstances"] {
+        assert_eq!(fleet.proxy.stats.calls_of(action), 0, "no {action}");
+    }
+    let status = drctl_json(&fleet.pki, &fleet.controller.url, &["status", "--all"]);
+    let sites = status["sites"].as_array().cloned().unwrap_or_default();
+    assert_eq!(sites.len(), 10);
+    for s in &sites {
+        assert_eq!(s["health"]["condition"], "machine_dead", "{}", s["health"]);
+        assert!(s["health"]["decision"].as_str().unwrap_or_default().contains("fleet guard"), "{}", s["health"]);
+    }
+}

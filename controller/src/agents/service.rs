@@ -67,6 +67,7 @@ impl pb::agent_service_server::AgentService for AgentServer {
             tracing::warn!(%peer, site = %cert_site, "agent stream refused: site not configured");
             return Err(Status::permission_denied(format!("site `{cert_site}` is not configured on this controller")));
         };
+        let cert_not_after_ms = dr_proto::identity::peer_not_after_ms(&request).unwrap_or(0);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.next())
             .await
@@ -111,6 +112,7 @@ impl pb::agent_service_server::AgentService for AgentServer {
             connected_at_ms: now,
             last_seen_ms: now,
             peer: peer.clone(),
+            cert_not_after_ms,
         };
         self.store.put_instance(record.clone()).await.map_err(internal)?;
         match &role {

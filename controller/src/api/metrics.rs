@@ -112,7 +112,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
         }
     }
     for (sink, n, _) in engine.store().outbox_backlog().await? {
-        outbox.get_or_create(&label(&[("webhook", &sink)])).set(n as i64);
+        outbox.get_or_create(&label(&[("webhook", &crate::cloud::http::redacted(&sink))])).inc_by(n as i64);
     }
     for ((site, region, state), n) in &view.copy_counts {
         let state: &CopyState = state;
@@ -142,7 +142,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     reg.register("dr_spare_data_age_seconds", "Age of the spare's data (its backup's start): the RPO a failover onto it takes", spare_age);
     reg.register("dr_site_health", "1 for the site's current health state (healthy, suspect, down, recovering)", health);
     reg.register("dr_site_health_since_timestamp_seconds", "When the site entered its current health state (Unix time)", health_since);
-    reg.register("dr_webhook_backlog", "Events not yet delivered, by webhook URL", outbox);
+    reg.register("dr_webhook_backlog", "Events not yet delivered, by webhook (scheme, host and port of its URL)", outbox);
     reg.register("dr_ec2_retries", "EC2 calls retried since start, by reason", retries);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

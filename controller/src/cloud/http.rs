@@ -98,7 +98,9 @@ impl HttpClients {
         let call = async {
             let resp = client.request(req).await.map_err(|e| HttpError::Transport(error_chain(&e)))?;
             let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            // At most 64 KiB is read: a probe target or webhook answering
+            // a huge body costs nothing more.
+            let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let body = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
             Ok(Answer { status, body })
         };
@@ -120,4 +122,27 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+/// A URL as logs and metrics may show it: scheme, host and port only (a
+/// webhook's path and query often carry its secret, as Slack's do).
+pub fn redacted(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) => {
+            let host = u.authority().map(|a| a.as_str().rsplit('@').next().unwrap_or_default().to_owned()).unwrap_or_default();
+            let rest = if u.path().len() > 1 || u.query().is_some() { "/…" } else { "" };
+            format!("{}://{host}{rest}", u.scheme_str().unwrap_or("?"))
+        }
+        Err(_) => "(invalid URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(super::redacted("https://hooks.slack.com/services/T000/B000/XXXX"), "https://hooks.slack.com/…");
+        assert_eq!(super::redacted("https://user:pw@example.com:8443/x?token=1"), "https://example.com:8443/…");
+        assert_eq!(super::redacted("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
+    }
 }

@@ -127,6 +127,10 @@ pub struct InstanceRecord {
     /// `server.liveness_flush`), so that "recently seen" survives a restart.
     pub last_seen_ms: Millis,
     pub peer: String,
+    /// When the certificate of its agent's live session ends (0: unknown;
+    /// in memory only, not stored).
+    #[serde(default)]
+    pub cert_not_after_ms: Millis,
 }
 
 /// `<kind>-<utc timestamp>-<random>`: sortable, unique, safe in EC2 tags, AMI

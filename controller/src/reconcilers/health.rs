@@ -38,6 +38,9 @@ use crate::workflows::{Engine, repair, retry_ec2};
 
 /// Who the monitor's operations are requested by.
 pub const REQUESTED_BY: &str = "auto/health";
+/// Events are kept this long (longer while a webhook still waits for one).
+const EVENT_RETENTION_MS: Millis = 90 * 24 * 3600 * 1000;
+const PRUNE_EVERY_MS: Millis = 3600 * 1000;
 /// How far back operation ends are turned into events (each once).
 const ENDED_LOOKBACK_MS: Millis = 10 * 60 * 1000;
 /// Budget of one DescribeInstanceStatus (throttling): short, the next pass
@@ -55,6 +58,7 @@ pub struct Monitor {
     /// agents' heartbeat window): after a controller start every agent is
     /// silent until it has reconnected.
     quiet_until_ms: Millis,
+    pruned_at_ms: Millis,
 }
 
 /// What one pass saw and did (tests and the benchmark read it).
@@ -78,7 +82,7 @@ impl Monitor {
         let off = store.last_event(String::new(), "fleet.guard_cleared".into()).await?.map(|e| e.seq);
         let guard = on.is_some_and(|on| off.is_none_or(|off| off < on));
         let quiet_until_ms = now_ms() + agent_grace.as_millis() as u64;
-        Ok(Monitor { engine, config, notifier, http, guard, quiet_until_ms })
+        Ok(Monitor { engine, config, notifier, http, guard, quiet_until_ms, pruned_at_ms: 0 })
     }
 
     pub async fn run(mut self) {
@@ -185,6 +189,11 @@ impl Monitor {
             let before = h.state;
             let evidence = h.evidence.clone().map(|e| json!({"lines": e.lines(now), "signals": e, "condition": h.condition.as_str()})).unwrap_or(json!({}));
             let mut decision = if recovering { Decision::Wait("a recovery of the site is running".into()) } else { decide(h, &policy, now) };
+            // A backup may stop or freeze the app on purpose (quiesce): the
+            // app probe failing then is no reason to restart it.
+            if matches!(decision, Decision::Start(Rung::AppRestart, _)) && ops.iter().any(|o| o.kind == "backup") {
+                decision = Decision::Wait("the app probe fails while a backup runs (its quiesce may stop or freeze the app): waiting for it to end".into());
+            }
 
             // Deadlines and approvals of what runs.
             for o in ops.iter().filter(|o| o.requested_by == REQUESTED_BY) {
@@ -219,7 +228,8 @@ impl Monitor {
                     }
                     Ok(None) => {}
                     Err(held) => {
-                        if once(h, &format!("held-{}-{}", rung.as_str(), held.key)) {
+                        // The fleet guard is one fleet-wide alert, not one per site.
+                        if held.key != "guard" && once(h, &format!("held-{}-{}", rung.as_str(), held.key)) {
                             events.push(event(&site.id, held.kind, "warning", format!("{why}, but {}", held.why), evidence.clone(), ""));
                         }
                         decision = Decision::Wait(held.why);
@@ -259,6 +269,15 @@ impl Monitor {
         }
 
         events.extend(self.ended_events(now).await?);
+        events.extend(self.late_backups(&sites, now).await?);
+        events.extend(self.expiring_certificates(&live, now));
+        if now.saturating_sub(self.pruned_at_ms) >= PRUNE_EVERY_MS {
+            self.pruned_at_ms = now;
+            let n = store.prune_events(now.saturating_sub(EVENT_RETENTION_MS)).await?;
+            if n > 0 {
+                tracing::info!(events = n, "events older than 90 days forgotten (every webhook had them)");
+            }
+        }
         let recorded = self.notifier.record(records.values().cloned().collect(), events).await?;
         Ok(Pass { health: records, started, decided, events: recorded, guard, ec2_calls })
     }
@@ -349,7 +368,16 @@ impl Monitor {
         let mut out = HashMap::new();
         let mut calls = 0;
         for ((_, region), group) in groups {
+            // A region whose API fails is asked once per pass, not once per
+            // chunk: the rest of its sites are unknown too.
+            let mut failed: Option<String> = None;
             for chunk in group.chunks(STATUS_IDS_PER_CALL) {
+                if let Some(error) = &failed {
+                    for s in chunk {
+                        out.insert(s.id.clone(), Ec2Signal::Unknown { error: error.clone() });
+                    }
+                    continue;
+                }
                 let ids: Vec<String> = chunk.iter().map(|s| s.primary_instance_id.clone()).collect();
                 calls += 1;
                 let answer = match deps.ec2_in(chunk[0], &region).await {
@@ -368,6 +396,7 @@ impl Monitor {
                         for s in chunk {
                             out.insert(s.id.clone(), Ec2Signal::Unknown { error: e.to_string() });
                         }
+                        failed = Some(e.to_string());
                     }
                 }
             }
@@ -404,10 +433,63 @@ impl Monitor {
             .await
     }
 
+    /// `backup.late` for each site whose newest good backup is older than
+    /// its schedule allows (the interval, the jitter window and the time a
+    /// backup may take: what `drctl status` calls late); once per backup.
+    async fn late_backups(&self, sites: &[Site], now: Millis) -> Result<Vec<Event>, StoreError> {
+        let deps = self.engine.deps();
+        let newest = self.engine.store().newest_backups().await?;
+        let mut out = vec![];
+        for site in sites {
+            let policy = deps.policy(&site.id);
+            let Some(target) = policy.schedule.as_ref().and_then(|s| s.nominal_interval(now)) else { continue };
+            let Some(b) = newest.get(&site.id) else { continue };
+            let allowed = target.saturating_add(policy.jitter).saturating_add(deps.backup.timeout);
+            let age = now.saturating_sub(b.completed_at_ms);
+            if age <= allowed.as_millis() as u64 {
+                continue;
+            }
+            let summary = format!(
+                "the newest good backup {} is {} old; the schedule allows {}",
+                b.image_id,
+                humantime::format_duration(Duration::from_secs(age / 1000)),
+                humantime::format_duration(Duration::from_secs(allowed.as_secs()))
+            );
+            let mut e = event(&site.id, "backup.late", "warning", summary, json!({"image_id": b.image_id, "age_s": age / 1000}), "");
+            e.id = format!("backup-late-{}-{}", site.id, b.image_id);
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// `agent.cert_expiring` for each live agent whose certificate ends
+    /// within `[health] cert_warning`; once per certificate.
+    fn expiring_certificates(&self, live: &HashMap<String, Vec<crate::agents::LiveAgent>>, now: Millis) -> Vec<Event> {
+        let warn = self.config.cert_warning.as_millis() as u64;
+        let mut out = vec![];
+        for l in live.values().flatten() {
+            let end = l.record.cert_not_after_ms;
+            if end == 0 || end.saturating_sub(now) > warn {
+                continue;
+            }
+            let left = humantime::format_duration(Duration::from_secs(end.saturating_sub(now) / 1000));
+            let summary = format!(
+                "the agent certificate of {} ends in {left}: issue a new one (`drctl pki issue site {}`) and restart its agent",
+                l.record.instance_id, l.record.site_id
+            );
+            let mut e = event(&l.record.site_id, "agent.cert_expiring", "warning", summary, json!({"instance_id": l.record.instance_id, "not_after_ms": end}), "");
+            e.id = format!("cert-{}-{}-{end}", l.record.site_id, l.record.instance_id);
+            out.push(e);
+        }
+        out
+    }
+
     /// Events for operations that ended (each once, by operation id).
     async fn ended_events(&self, now: Millis) -> Result<Vec<Event>, StoreError> {
         let mut out = vec![];
-        for o in self.engine.store().ended_since(now.saturating_sub(ENDED_LOOKBACK_MS)).await? {
+        // Operation times are the store's (wall clock), whatever `now` is.
+        let _ = now;
+        for o in self.engine.store().ended_since(now_ms().saturating_sub(ENDED_LOOKBACK_MS)).await? {
             let ok = o.state == OperationState::Succeeded;
             let kind = match (o.kind.as_str(), ok) {
                 ("backup", false) => "backup.failed",
@@ -551,7 +633,9 @@ mod tests {
             store.insert_rebuilt_backup(b).await.expect("backup");
             let facts = LaunchFacts { instance_id: inst, instance_type: "m5.xlarge".into(), subnet_id: "subnet-1".into(), private_ip: "10.0.0.5".into(), ..LaunchFacts::default() };
             store.put_launch_facts(image, site.clone(), facts).await.expect("facts");
-            let url = format!("http://{closed}/health-check");
+            // "closed": a probe that always fails; else the policy's URL
+            // (the default needs a hostname these sites lack: no probe).
+            let url = if health.url == "closed" { format!("http://{closed}/health-check") } else { health.url.clone() };
             policies.insert(site, crate::domain::policy::Policy { health: HealthPolicy { url, ..health.clone() }, ..Default::default() });
         }
         let deps = crate::workflows::Deps {
@@ -573,7 +657,7 @@ mod tests {
     }
 
     fn auto(confirm_for: Duration) -> HealthPolicy {
-        HealthPolicy { mode: AutoMode::Auto, confirm_for, timeout: Duration::from_millis(500), ..HealthPolicy::default() }
+        HealthPolicy { mode: AutoMode::Auto, confirm_for, timeout: Duration::from_millis(500), url: "closed".into(), ..HealthPolicy::default() }
     }
 
     fn kinds(p: &Pass, kind: &str) -> usize {
@@ -631,6 +715,64 @@ mod tests {
         assert_ne!(p.started[0].0, site, "not the site that just failed over (one failover per episode)");
         let h = &p.health[&site];
         assert!(h.tried(Rung::Failover).is_some_and(|a| a.failed), "the aborted failover counts as failed: {h:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unanswered_approval_is_reported_once_and_a_second_failure_within_the_cooldown_is_held() {
+        crate::reconcilers::tests_support::install_crypto();
+        let min = 60_000;
+        let policy = HealthPolicy { mode: AutoMode::Approve, url: String::new(), approval_timeout: Duration::from_secs(600), ..auto(Duration::ZERO) };
+        let (_dir, fake, mut m) = fleet(1, HealthConfig::default(), policy).await;
+        let (site, inst) = ("s0".to_owned(), "i-00000000".to_owned());
+        fake.lock().instances[0].instance.state = "terminated".into();
+        let t0 = now_ms();
+        let p = m.pass(t0).await.expect("pass");
+        assert_eq!(p.started.len(), 1, "{:?}", p.events);
+        assert_eq!(kinds(&p, "failover.awaiting_approval"), 1);
+        let op = p.started[0].2.clone();
+        let store = m.engine.store().clone();
+        for _ in 0..200 {
+            if store.operation(op.clone()).await.expect("op").is_some_and(|o| o.waiting_for.starts_with("approval")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = m.pass(t0 + 11 * min).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.approval_overdue"), 1, "reported after approval_timeout: {:?}", p.events);
+        let p = m.pass(t0 + 12 * min).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.approval_overdue"), 0, "once");
+        assert!(p.started.is_empty(), "still one failover");
+        assert_eq!(fake.calls_of("RunInstances"), 0, "nothing launched without the approval");
+
+        // Denied: the site needs a human; then it comes back by itself.
+        m.engine.signal(&op, Signal::Deny, "test").await.expect("deny");
+        for _ in 0..200 {
+            if store.active_detail().await.expect("active").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = m.pass(t0 + 13 * min).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.failed"), 1, "the denied failover ended: {:?}", p.events);
+        assert_eq!(kinds(&p, "site.needs_human"), 1, "{:?}", p.events);
+        fake.lock().instances[0].instance.state = "running".into();
+        let record = crate::domain::model::InstanceRecord { site_id: site.clone(), instance_id: inst.clone(), ..Default::default() };
+        let _session = m.engine.deps().registry.attach(record, Role::Primary);
+        let p = m.pass(t0 + 14 * min).await.expect("pass");
+        assert_eq!(p.health[&site].state, HealthState::Healthy, "{:?}", p.health[&site]);
+        assert_eq!(kinds(&p, "site.recovered"), 1);
+
+        // A second failure within the hour: held by the cooldown, once.
+        fake.lock().instances[0].instance.state = "terminated".into();
+        m.engine.deps().registry.set_role(&site, &inst, Role::Passive { reason: "test: gone".into() });
+        let p = m.pass(t0 + 20 * min).await.expect("pass");
+        assert!(p.started.is_empty(), "cooldown: {:?}", p.started);
+        let held: Vec<&Event> = p.events.iter().filter(|e| e.kind == "failover.not_started").collect();
+        assert!(held.len() == 1 && held[0].summary.contains("cooldown"), "{held:?}");
+        let p = m.pass(t0 + 30 * min).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.not_started"), 0, "reported once");
+        let p = m.pass(t0 + 61 * min).await.expect("pass");
+        assert_eq!(p.started.len(), 1, "after the cooldown it fails over: {:?}", p.events);
     }
 }
 

@@ -138,7 +138,7 @@ pub async fn deliver_due(store: &Store, sinks: &[NotifyConfig], http: &HttpClien
         match sink.secret() {
             Ok(secret) if !secret.is_empty() => headers.push(("x-dr-signature", signature(&secret, &ts, &body))),
             Ok(_) => {}
-            Err(e) => tracing::warn!(webhook = %sink.url, error = %e, "webhook secret unreadable: sent unsigned"),
+            Err(e) => tracing::warn!(webhook = %crate::cloud::http::redacted(&sink.url), error = %e, "webhook secret unreadable: sent unsigned"),
         }
         let result = http.post_json(&sink.url, &headers, body, sink.ca.as_deref(), DELIVERY_TIMEOUT).await;
         match result {
@@ -152,7 +152,7 @@ pub async fn deliver_due(store: &Store, sinks: &[NotifyConfig], http: &HttpClien
                     Err(e) => e.to_string(),
                 };
                 let wait = BACKOFF.delay(item.attempts);
-                tracing::warn!(webhook = %sink.url, event = %item.event.id, attempt = item.attempts + 1, retry_in = ?wait, error = %error, "webhook delivery failed");
+                tracing::warn!(webhook = %crate::cloud::http::redacted(&sink.url), event = %item.event.id, attempt = item.attempts + 1, retry_in = ?wait, error = %error, "webhook delivery failed");
                 store.outbox_retry(item.event.seq, item.sink.clone(), now_ms() + wait.as_millis() as u64, error).await?;
                 failed_sinks.push(item.sink.clone());
             }
@@ -167,7 +167,6 @@ mod tests {
 
     #[test]
     fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
-        // RFC 4231 test case 2 ("Jefe"), with the message split at the dot.
         let sig = signature("Jefe", "what do ya want for nothing?", b"");
         assert_ne!(sig, signature("Jefe", "what do ya want for nothing?", b"x"));
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"key"));

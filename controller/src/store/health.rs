@@ -197,6 +197,16 @@ impl Db<'_> {
         Ok(out)
     }
 
+    /// Forgets delivered outbox rows older than `before`, then events older
+    /// than `before` that no webhook still waits for. How many events went.
+    pub fn prune_events(&self, before: Millis) -> Result<u64, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        tx.execute("DELETE FROM outbox WHERE delivered_at_ms > 0 AND delivered_at_ms < ?1", [before as i64])?;
+        let n = tx.execute("DELETE FROM events WHERE at_ms < ?1 AND seq NOT IN (SELECT event_seq FROM outbox)", [before as i64])?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+
     /// The last event of a kind for a site (e.g. the last `failover.started`).
     pub fn last_event(&self, site: String, kind: String) -> Result<Option<Event>, StoreError> {
         Ok(self
@@ -219,4 +229,5 @@ impl Store {
     db_call!(active_detail() -> Vec<ActiveDetail>);
     db_call!(ended_since(since: Millis) -> Vec<EndedOp>);
     db_call!(last_event(site: String, kind: String) -> Option<Event>);
+    db_call!(prune_events(before: Millis) -> u64);
 }

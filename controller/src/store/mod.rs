@@ -204,6 +204,7 @@ impl Store {
         /// transaction (a fleet's start does not pay one call per site).
         upsert_sites(sites: Vec<Site>) -> Vec<Site>);
     db_call!(site(id: String) -> Option<Site>);
+    db_call!(newest_backups() -> HashMap<String, Backup>);
     db_call!(sites() -> Vec<Site>);
     db_call!(set_primary(site_id: String, instance_id: String) -> ());
     db_call!(put_instance(rec: InstanceRecord) -> ());
@@ -425,6 +426,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
         connected_at_ms: r.get::<_, i64>(13)? as u64,
         last_seen_ms: r.get::<_, i64>(14)? as u64,
         peer: r.get(15)?,
+        cert_not_after_ms: 0,
     })
 }
 
@@ -1206,6 +1208,20 @@ impl Db<'_> {
         Ok(out)
     }
 
+    /// Each site's newest good backup (one query).
+    pub fn newest_backups(&self) -> Result<HashMap<String, Backup>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT {BACKUP_COLS} FROM backups b WHERE state = 'available' AND completed_at_ms =
+                 (SELECT MAX(completed_at_ms) FROM backups x WHERE x.site_id = b.site_id AND x.state = 'available')"
+        ))?;
+        let mut out = HashMap::new();
+        for row in stmt.query_map([], backup_row)? {
+            let b = backup_of(row?)?;
+            out.insert(b.site_id.clone(), b);
+        }
+        Ok(out)
+    }
+
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
@@ -1215,14 +1231,7 @@ impl Db<'_> {
             let rec = rec?;
             view.instances.entry(rec.site_id.clone()).or_default().push(rec);
         }
-        let mut stmt = self.0.prepare(&format!(
-            "SELECT {BACKUP_COLS} FROM backups b WHERE state = 'available' AND completed_at_ms =
-                 (SELECT MAX(completed_at_ms) FROM backups x WHERE x.site_id = b.site_id AND x.state = 'available')"
-        ))?;
-        for row in stmt.query_map([], backup_row)? {
-            let b = backup_of(row?)?;
-            view.newest_backup.insert(b.site_id.clone(), b);
-        }
+        view.newest_backup = self.newest_backups()?;
         view.active = self.active_by_site()?;
         let mut stmt = self.0.prepare("SELECT site_id, state, COUNT(*) FROM backups GROUP BY site_id, state")?;
         let rows = stmt

@@ -406,6 +406,9 @@ pub(super) async fn stop_and_wait(ctx: &Ctx<Deps>, ec2: &std::sync::Arc<dyn Ec2>
         if matches!(state.as_str(), "stopped" | "terminated") {
             return Ok(forced);
         }
+        if ctx.abort_requested() {
+            return Err(StepError::new(ErrorKind::Failed, format!("aborted while waiting for {id} to stop ({state})")));
+        }
         let waited = wait.elapsed();
         if !forced && waited >= timeout {
             ctx.progress(format!("{id} did not stop within {timeout:?}: forcing the stop")).await;
