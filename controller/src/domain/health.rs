@@ -387,6 +387,9 @@ pub fn decide(h: &SiteHealth, policy: &HealthPolicy, now: Millis) -> Decision {
         Condition::Partitioned => Decision::Alert(
             "the agent is silent but EC2 and the app probe say the site works: a partition between the site and the controller; nothing destructive is done".into(),
         ),
+        // EC2 sees a termination before the agent's heartbeats are missed:
+        // give the agent the confirmation window to fall silent.
+        Condition::Contradictory if lasted < policy.confirm_for => wait(policy.confirm_for, "EC2 says the instance is gone while its agent still talks: waiting for the agent to fall silent; alert"),
         Condition::Contradictory => {
             Decision::Alert("EC2 says the instance is gone but its agent still talks: the signals contradict each other; nothing is done".into())
         }
@@ -503,6 +506,9 @@ mod tests {
         imp_failed.evidence = Some(ev(AgentSignal::Live, Ec2Signal::Impaired { detail: "system".into() }, failed()));
         assert!(matches!(decide(&imp_failed, &p, 2 * min), Decision::Human(_)), "a live agent: no failover");
 
+        let odd = health(Condition::Contradictory, 0, ev(AgentSignal::Live, Ec2Signal::Gone { state: "terminated".into() }, ProbeSignal::NotConfigured));
+        assert!(matches!(decide(&odd, &p, min), Decision::Wait(_)), "the agent gets confirm_for to fall silent");
+        assert!(matches!(decide(&odd, &p, 3 * min), Decision::Alert(_)));
         let part = health(Condition::Partitioned, 0, ev(SILENT, Ec2Signal::Ok, ProbeSignal::Ok { status: 200 }));
         assert!(matches!(decide(&part, &p, 60 * min), Decision::Alert(_)), "a partition never fails over");
     }

@@ -241,7 +241,8 @@ impl Monitor {
                     events.push(event(&site.id, "site.needs_human", "critical", why.clone(), evidence.clone(), ""));
                 }
                 Decision::Alert(why) if once(h, &format!("alert-{}", h.condition.as_str())) => {
-                    events.push(event(&site.id, "site.partitioned", "warning", why.clone(), evidence.clone(), ""));
+                    let kind = if h.condition == Condition::Partitioned { "site.partitioned" } else { "site.needs_human" };
+                    events.push(event(&site.id, kind, "warning", why.clone(), evidence.clone(), ""));
                 }
                 _ => {}
             }
