@@ -76,16 +76,18 @@ pub fn print_status(sites: &[SiteView]) {
             );
         }
         if let Some(h) = &s.health {
-            println!(
-                "{:<20} health: {} ({}, for {}), automatic recovery {}: {}",
-                "",
-                h.state.to_uppercase(),
-                h.condition,
-                human_duration(h.condition_for_s * 1000),
-                h.mode,
-                h.decision
-            );
-            if h.state != "healthy" {
+            if h.state == "healthy" {
+                println!("{:<20} health: healthy (automatic recovery: {})", "", h.mode);
+            } else {
+                println!(
+                    "{:<20} health: {} ({} for {}; automatic recovery: {}): {}",
+                    "",
+                    h.state.to_uppercase(),
+                    h.condition,
+                    human_duration(h.condition_for_s * 1000),
+                    h.mode,
+                    h.decision
+                );
                 for e in &h.evidence {
                     println!("{:<20}   {e}", "");
                 }
