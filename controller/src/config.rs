@@ -145,6 +145,8 @@ pub const EVENT_KINDS: &[&str] = &[
     "site.recovered",
     "site.partitioned",
     "site.needs_human",
+    "site.paused",
+    "site.unpaused",
     "fleet.guard",
     "fleet.guard_cleared",
     "repair.started",

@@ -107,7 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let monitor = reconcilers::health::Monitor::new(
         engine.clone(),
         config.health.clone(),
-        notifier,
+        notifier.clone(),
         http.clone(),
         config.server.heartbeat_interval * (config.server.missed_heartbeats + 1),
     )
@@ -138,6 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store: store.clone(),
         registry: registry.clone(),
         engine,
+        notifier,
     };
 
     let listener = server::bind(config.server.listen, config.server.listen_backlog)?;

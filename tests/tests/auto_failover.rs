@@ -72,10 +72,24 @@ async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_i
     w.wait_primary(&primary);
     wait_healthy(&w);
 
-    // Rung 1: the frontend answers 503, the agent and EC2 are fine.
+    // Rung 1: the frontend answers 503, the agent and EC2 are fine. First
+    // while an operator has paused automatic recovery (maintenance).
     let before = mutating(&w);
     let seq = last_seq(&w);
+    let out = w.drctl(&["pause", &w.site, "--for", "1h", "--reason", "replicated upgrade"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    wait_event(&w, "site.paused", seq, Duration::from_secs(10));
     std::fs::write(&w.unhealthy, "").expect("unhealthy");
+    assert_eventually!(Duration::from_secs(30), health(&w)["state"] == "suspect", "suspect while paused: {}", health(&w));
+    std::thread::sleep(Duration::from_secs(3));
+    let h = health(&w);
+    assert!(h["decision"].as_str().unwrap_or_default().contains("paused by operator/"), "{h}");
+    assert_eq!(h["paused_by"].as_str().map(|b| b.starts_with("operator/")), Some(true), "{h}");
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert!(s["problems"].to_string().contains("replicated upgrade"), "the pause is shown: {}", s["problems"]);
+    assert!(!events(&w).iter().any(|e| e["kind"] == "repair.started"), "nothing starts while paused");
+    let out = w.drctl(&["unpause", &w.site]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
     let op = started["operation_id"].as_str().expect("operation").to_owned();
     assert!(op.starts_with("app_restart"), "rung 1 is an app restart: {started}");

@@ -233,6 +233,26 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Pause SITE's automatic recovery for maintenance (health is still
+    /// checked and shown; no repair or failover starts). It lifts by
+    /// itself after --for.
+    Pause {
+        site: String,
+        /// How long (at most 7 days).
+        #[arg(long = "for", value_name = "DURATION", default_value = "2h")]
+        duration: humantime::Duration,
+        /// Why (shown in status and events).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Resume SITE's automatic recovery now.
+    Unpause {
+        site: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// The event log: every health decision (taken or not, with its
     /// evidence), alert and operation end; of SITE or of the whole fleet.
     Events {
@@ -392,6 +412,14 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         Command::Approve { operation, wait, conn } => (Remote::Signal { id: operation, signal: "approve".into(), wait, stored_is_success: true }, conn),
         Command::Deny { operation, conn } => (Remote::Signal { id: operation, signal: "deny".into(), wait: false, stored_is_success: true }, conn),
         Command::Site { site, events, conn } => (Remote::Site { site, events }, conn),
+        Command::Pause { site, duration, reason, conn } => {
+            let for_ms = Duration::from(duration).as_millis() as u64;
+            if for_ms == 0 {
+                return Err(CliError::Usage("--for must be longer than 0 (to resume, `drctl unpause SITE`)".into()));
+            }
+            (Remote::Pause { site, for_ms, reason }, conn)
+        }
+        Command::Unpause { site, conn } => (Remote::Pause { site, for_ms: 0, reason: String::new() }, conn),
         Command::Events { site, limit, follow, conn } => (Remote::Events { site: site.unwrap_or_default(), limit, follow }, conn),
         Command::Operation { words, wait, conn } => match words.as_slice() {
             [id] => (Remote::Operation { id: id.clone(), wait }, conn),
@@ -428,6 +456,8 @@ enum Remote {
     Drill { req: pb::StartDrillRequest, wait: bool },
     Drills { site: String, limit: u32 },
     Site { site: String, events: u32 },
+    /// `for_ms` 0: resume.
+    Pause { site: String, for_ms: u64, reason: String },
     Events { site: String, limit: u32, follow: bool },
 }
 
@@ -493,6 +523,20 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                         print::print_events(&ev);
                     }
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::Pause { site, for_ms, reason } => {
+            let r = client
+                .pause_recovery(pb::PauseRecoveryRequest { site_id: site.clone(), for_ms, reason })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let until = views::rfc3339(r.paused_until_ms);
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site_id": site, "paused_until": until })),
+                Output::Text if r.paused_until_ms == 0 => println!("automatic recovery of {site} resumed"),
+                Output::Text => println!("automatic recovery of {site} paused until {} (`drctl unpause {site}` to resume)", until.unwrap_or_default()),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -76,16 +76,19 @@ pub fn print_status(sites: &[SiteView]) {
             );
         }
         if let Some(h) = &s.health {
+            let mode = match (&h.paused_until, &h.paused_by) {
+                (Some(until), Some(by)) => format!("{}, PAUSED by {by} until {until}", h.mode),
+                _ => h.mode.clone(),
+            };
             if h.state == "healthy" {
-                println!("{:<20} health: healthy (automatic recovery: {})", "", h.mode);
+                println!("{:<20} health: healthy (automatic recovery: {mode})", "");
             } else {
                 println!(
-                    "{:<20} health: {} ({} for {}; automatic recovery: {}): {}",
+                    "{:<20} health: {} ({} for {}; automatic recovery: {mode}): {}",
                     "",
                     h.state.to_uppercase(),
                     h.condition,
                     human_duration(h.condition_for_s * 1000),
-                    h.mode,
                     h.decision
                 );
                 for e in &h.evidence {

@@ -151,6 +151,10 @@ pub struct HealthView {
     /// `auto_failover`: off, approve or auto.
     pub mode: String,
     pub checked_at: Option<String>,
+    /// Automatic recovery paused until then (absent: not paused), by whom, why.
+    pub paused_until: Option<String>,
+    pub paused_by: Option<String>,
+    pub pause_reason: Option<String>,
 }
 
 /// One event of the log (`drctl events`).
@@ -320,6 +324,9 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
             since: (h.since_ms > 0).then(|| rfc3339(h.since_ms)).flatten(),
             condition_for_s: now.saturating_sub(h.condition_since_ms) / 1000,
             checked_at: (h.checked_at_ms > 0).then(|| rfc3339(h.checked_at_ms)).flatten(),
+            paused_until: (h.paused_until_ms > 0).then(|| rfc3339(h.paused_until_ms)).flatten(),
+            paused_by: Some(h.paused_by).filter(|x| !x.is_empty()),
+            pause_reason: Some(h.pause_reason).filter(|x| !x.is_empty()),
             state: h.state,
             condition: h.condition,
             evidence: h.evidence,

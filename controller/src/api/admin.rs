@@ -23,6 +23,8 @@ pub struct AdminServer {
     pub store: Store,
     pub registry: Registry,
     pub engine: Engine,
+    /// Records operator events (pauses) with their webhook deliveries.
+    pub notifier: crate::reconcilers::notify::Notifier,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -164,6 +166,10 @@ impl AdminServer {
                 operation_id: installed.map(|s| s.operation_id.clone()).unwrap_or_default(),
             }
         });
+        let pause = view.pauses.get(&site.id);
+        if let Some(p) = pause {
+            problems.push(format!("automatic recovery is paused by {} ({})", p.by, p.reason));
+        }
         let health = view.health.get(&site.id).map(|h| {
             if matches!(h.state, crate::domain::health::HealthState::Down | crate::domain::health::HealthState::Suspect) {
                 problems.push(format!("health: {} ({}): {}", h.state.as_str(), h.condition.as_str(), h.decision));
@@ -177,6 +183,9 @@ impl AdminServer {
                 decision: h.decision.clone(),
                 mode: policy.health.mode.as_str().to_owned(),
                 checked_at_ms: h.checked_at_ms,
+                paused_until_ms: pause.map_or(0, |p| p.until_ms),
+                paused_by: pause.map(|p| p.by.clone()).unwrap_or_default(),
+                pause_reason: pause.map(|p| p.reason.clone()).unwrap_or_default(),
             }
         });
         pb::SiteStatus {
@@ -473,6 +482,25 @@ impl pb::admin_service_server::AdminService for AdminServer {
                 })
                 .collect(),
         }))
+    }
+
+    async fn pause_recovery(&self, request: Request<pb::PauseRecoveryRequest>) -> Result<Response<pb::PauseRecoveryReply>, Status> {
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self.known_site(&r.site_id).await?;
+        let max = crate::domain::health::MAX_PAUSE.as_millis() as u64;
+        if r.for_ms > max {
+            return Err(Status::invalid_argument(format!("a pause is at most {} (asked: {})", humantime::format_duration(crate::domain::health::MAX_PAUSE), humantime::format_duration(std::time::Duration::from_millis(r.for_ms)))));
+        }
+        if r.reason.len() > 500 || r.reason.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("the reason must be one line of at most 500 bytes"));
+        }
+        let now = now_ms();
+        let until_ms = if r.for_ms == 0 { 0 } else { now + r.for_ms };
+        let pause = crate::domain::health::Pause { site_id: site.id.clone(), by: format!("operator/{operator}"), reason: r.reason, at_ms: now, until_ms };
+        self.notifier.set_pause(pause).await.map_err(internal)?;
+        tracing::warn!(site = %site.id, %operator, until_ms, "automatic recovery {}", if until_ms == 0 { "resumed" } else { "paused" });
+        Ok(Response::new(pb::PauseRecoveryReply { paused_until_ms: until_ms }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {

@@ -295,6 +295,22 @@ impl Default for HealthPolicy {
     }
 }
 
+/// Automatic recovery of a site paused by an operator (maintenance):
+/// signals are still gathered and shown, nothing is started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    pub site_id: String,
+    /// `operator/<name>`.
+    pub by: String,
+    pub reason: String,
+    pub at_ms: Millis,
+    /// It lifts by itself then.
+    pub until_ms: Millis,
+}
+
+/// The longest pause an operator may ask for.
+pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What was tried in the current episode (since the site was last healthy).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {

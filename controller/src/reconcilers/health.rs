@@ -110,6 +110,7 @@ impl Monitor {
             by_site.entry(a.site_id.as_str()).or_default().push(a);
         }
         let live = deps.registry.live_by_site();
+        let pauses = store.pauses(now_ms().max(now)).await?;
         let (ec2, ec2_calls) = self.ec2_signals(&sites).await;
         let probes = self.probes(&sites).await;
         let mut events: Vec<Event> = vec![];
@@ -189,6 +190,9 @@ impl Monitor {
             let before = h.state;
             let evidence = h.evidence.clone().map(|e| json!({"lines": e.lines(now), "signals": e, "condition": h.condition.as_str()})).unwrap_or(json!({}));
             let mut decision = if recovering { Decision::Wait("a recovery of the site is running".into()) } else { decide(h, &policy, now) };
+            if let (Some(p), Decision::Start(rung, why)) = (pauses.get(&site.id), &decision) {
+                decision = Decision::Wait(format!("{why}: {} is not started, automatic recovery is paused by {} ({})", rung.as_str(), p.by, p.reason));
+            }
             // A backup may stop or freeze the app on purpose (quiesce): the
             // app probe failing then is no reason to restart it.
             if matches!(decision, Decision::Start(Rung::AppRestart, _)) && ops.iter().any(|o| o.kind == "backup") {

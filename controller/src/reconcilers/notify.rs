@@ -67,6 +67,24 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// Pauses (`until_ms` > 0) or resumes (`until_ms` 0) a site's automatic
+    /// recovery, with its `site.paused` / `site.unpaused` event.
+    pub async fn set_pause(&self, pause: crate::domain::health::Pause) -> Result<Event, StoreError> {
+        let e = if pause.until_ms > 0 {
+            let until = time::OffsetDateTime::from_unix_timestamp((pause.until_ms / 1000) as i64)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_default();
+            event(&pause.site_id, "site.paused", "warning", format!("automatic recovery paused by {} until {until}: {}", pause.by, pause.reason), json!({"until_ms": pause.until_ms, "by": pause.by}), "")
+        } else {
+            event(&pause.site_id, "site.unpaused", "info", format!("automatic recovery resumed by {}", pause.by), json!({"by": pause.by}), "")
+        };
+        let sinks = self.sinks.iter().filter(|s| s.wants(&e.kind)).map(|s| s.url.clone()).collect();
+        self.store.set_pause(pause, (e, sinks)).await
+    }
+}
+
 /// The body sent for an event in a webhook's format.
 pub fn body(e: &Event, format: NotifyFormat) -> serde_json::Value {
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(e.at_ms as i128 * 1_000_000)

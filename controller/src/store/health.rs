@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use rusqlite::{OptionalExtension, params};
 
 use super::{ACTIVE_SQL, Db, Store, StoreError, corrupt};
-use crate::domain::health::SiteHealth;
+use crate::domain::health::{Pause, SiteHealth};
 use crate::domain::model::{Event, Millis, OperationState};
 
 /// An active operation with what the health monitor needs of it.
@@ -79,34 +79,7 @@ impl Db<'_> {
     /// recorded, with their `seq`.
     pub fn put_health(&self, rows: Vec<SiteHealth>, events: Vec<(Event, Vec<String>)>) -> Result<Vec<Event>, StoreError> {
         let tx = self.0.unchecked_transaction()?;
-        for h in &rows {
-            let record = serde_json::to_string(h).expect("health records serialize");
-            tx.execute(
-                "INSERT INTO site_health (site_id, state, record, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (site_id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms",
-                params![h.site_id, h.state.as_str(), record, h.checked_at_ms as i64],
-            )?;
-        }
-        let mut recorded = vec![];
-        for (mut e, sinks) in events {
-            let evidence = serde_json::to_string(&e.evidence).expect("JSON values serialize");
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO events (id, at_ms, site_id, kind, severity, summary, evidence, operation_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![e.id, e.at_ms as i64, e.site_id, e.kind, e.severity, e.summary, evidence, e.operation_id],
-            )?;
-            if n == 0 {
-                continue;
-            }
-            e.seq = tx.last_insert_rowid() as u64;
-            for sink in sinks {
-                tx.execute(
-                    "INSERT INTO outbox (event_seq, sink, attempts, next_at_ms, last_error, delivered_at_ms) VALUES (?1, ?2, 0, ?3, '', 0)",
-                    params![e.seq as i64, sink, e.at_ms as i64],
-                )?;
-            }
-            recorded.push(e);
-        }
+        let recorded = write_health(&tx, rows, events)?;
         tx.commit()?;
         Ok(recorded)
     }
@@ -207,6 +180,39 @@ impl Db<'_> {
         Ok(n as u64)
     }
 
+    /// Pauses (or with `until_ms` 0 lifts the pause of) a site's automatic
+    /// recovery, recording `event` (with its outbox rows) in the same
+    /// transaction.
+    pub fn set_pause(&self, pause: Pause, event: (Event, Vec<String>)) -> Result<Event, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        if pause.until_ms == 0 {
+            tx.execute("DELETE FROM recovery_pauses WHERE site_id = ?1", [&pause.site_id])?;
+        } else {
+            tx.execute(
+                "INSERT INTO recovery_pauses (site_id, paused_by, reason, at_ms, until_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (site_id) DO UPDATE SET paused_by = excluded.paused_by, reason = excluded.reason, at_ms = excluded.at_ms, until_ms = excluded.until_ms",
+                params![pause.site_id, pause.by, pause.reason, pause.at_ms as i64, pause.until_ms as i64],
+            )?;
+        }
+        let recorded = write_health(&tx, vec![], vec![event])?;
+        tx.commit()?;
+        recorded.into_iter().next().ok_or_else(|| StoreError::NotFound("the pause event was recorded already".into()))
+    }
+
+    /// Every pause still in force at `now`.
+    pub fn pauses(&self, now: Millis) -> Result<HashMap<String, Pause>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT site_id, paused_by, reason, at_ms, until_ms FROM recovery_pauses WHERE until_ms > ?1")?;
+        let rows = stmt.query_map([now as i64], |r| {
+            Ok(Pause { site_id: r.get(0)?, by: r.get(1)?, reason: r.get(2)?, at_ms: r.get::<_, i64>(3)? as u64, until_ms: r.get::<_, i64>(4)? as u64 })
+        })?;
+        let mut out = HashMap::new();
+        for p in rows {
+            let p = p?;
+            out.insert(p.site_id.clone(), p);
+        }
+        Ok(out)
+    }
+
     /// The last event of a kind for a site (e.g. the last `failover.started`).
     pub fn last_event(&self, site: String, kind: String) -> Result<Option<Event>, StoreError> {
         Ok(self
@@ -214,6 +220,39 @@ impl Db<'_> {
             .query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE site_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1"), params![site, kind], event_row)
             .optional()?)
     }
+}
+
+/// The writes of [`Db::put_health`], inside the caller's transaction.
+fn write_health(tx: &rusqlite::Connection, rows: Vec<SiteHealth>, events: Vec<(Event, Vec<String>)>) -> Result<Vec<Event>, StoreError> {
+    for h in &rows {
+        let record = serde_json::to_string(h).expect("health records serialize");
+        tx.execute(
+            "INSERT INTO site_health (site_id, state, record, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (site_id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms",
+            params![h.site_id, h.state.as_str(), record, h.checked_at_ms as i64],
+        )?;
+    }
+    let mut recorded = vec![];
+    for (mut e, sinks) in events {
+        let evidence = serde_json::to_string(&e.evidence).expect("JSON values serialize");
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO events (id, at_ms, site_id, kind, severity, summary, evidence, operation_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![e.id, e.at_ms as i64, e.site_id, e.kind, e.severity, e.summary, evidence, e.operation_id],
+        )?;
+        if n == 0 {
+            continue;
+        }
+        e.seq = tx.last_insert_rowid() as u64;
+        for sink in sinks {
+            tx.execute(
+                "INSERT INTO outbox (event_seq, sink, attempts, next_at_ms, last_error, delivered_at_ms) VALUES (?1, ?2, 0, ?3, '', 0)",
+                params![e.seq as i64, sink, e.at_ms as i64],
+            )?;
+        }
+        recorded.push(e);
+    }
+    Ok(recorded)
 }
 
 impl Store {
@@ -230,4 +269,8 @@ impl Store {
     db_call!(ended_since(since: Millis) -> Vec<EndedOp>);
     db_call!(last_event(site: String, kind: String) -> Option<Event>);
     db_call!(prune_events(before: Millis) -> u64);
+    db_call!(
+        /// See [`Db::set_pause`].
+        set_pause(pause: Pause, event: (Event, Vec<String>)) -> Event);
+    db_call!(pauses(now: Millis) -> HashMap<String, Pause>);
 }

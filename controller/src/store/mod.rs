@@ -96,6 +96,8 @@ pub struct FleetView {
     pub spares: HashMap<String, SpareRecord>,
     /// Each site's health, as the monitor last stored it.
     pub health: HashMap<String, crate::domain::health::SiteHealth>,
+    /// Pauses of automatic recovery still in force.
+    pub pauses: HashMap<String, crate::domain::health::Pause>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -1225,7 +1227,7 @@ impl Db<'_> {
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
-        let mut view = FleetView { sites: self.sites()?, health: self.health_all()?, ..FleetView::default() };
+        let mut view = FleetView { sites: self.sites()?, health: self.health_all()?, pauses: self.pauses(now_ms())?, ..FleetView::default() };
         let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
         for rec in stmt.query_map([], instance_row)? {
             let rec = rec?;

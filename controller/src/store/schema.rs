@@ -219,4 +219,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (event_seq, sink)
     );
     CREATE INDEX outbox_due ON outbox(delivered_at_ms, next_at_ms);",
+    // 9: automatic recovery paused per site by an operator (maintenance).
+    "CREATE TABLE recovery_pauses (
+        site_id TEXT PRIMARY KEY REFERENCES sites(id),
+        paused_by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        until_ms BIGINT NOT NULL
+    );",
 ];
