@@ -282,7 +282,7 @@ async fn a_missing_action_fails_its_step_with_a_clear_final_error() {
     assert_eq!(denied.len(), 2, "DeregisterImage in the site's region and in the DR region:\n{report}");
     assert!(denied.iter().all(|l| l.contains("ec2:DeregisterImage")), "{report}");
     assert!(denied.iter().any(|l| l.contains(REGION)) && denied.iter().any(|l| l.contains("us-west-2")), "{report}");
-    for action in ["ec2:CreateImage", "ec2:CopyImage", "ec2:DeleteSnapshot", "ec2:DescribeInstances"] {
+    for action in ["ec2:CreateImage", "ec2:CopyImage", "ec2:DeleteSnapshot", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus"] {
         assert!(report.lines().any(|l| l.contains(action) && l.contains("allowed")), "{action} allowed:\n{report}");
     }
     assert!(report.contains("preflight: ") && report.contains(" 2 denied"), "{report}");

@@ -90,6 +90,12 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
         Err(e) => verdict_of_error(e),
     };
     push(&region, "ec2:DescribeInstances", &site.instance_id, verdict);
+    // The health monitor's view of the instance (status checks, events).
+    let verdict = match ec2.describe_instance_status(std::slice::from_ref(&site.instance_id)).await {
+        Ok(_) => Verdict::Allowed,
+        Err(e) => verdict_of_error(e),
+    };
+    push(&region, "ec2:DescribeInstanceStatus", &site.instance_id, verdict);
 
     // The newest backup of the site, to act on real, tagged resources.
     let (image, snapshot) = match ec2.find_images_by_tag(crate::domain::tags::TAG_SITE, &site.id).await {
