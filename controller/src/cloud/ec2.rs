@@ -303,6 +303,48 @@ impl AwsEc2 {
     {
         map_err(op, resource, self.role_arn.as_deref(), err)
     }
+
+    /// A describe by instance ids, where one id EC2 does not know fails the
+    /// whole call (`InvalidInstanceID.NotFound`): drops the ids the error
+    /// names and asks again (each round removes at least one), or asks one
+    /// by one when the message names none of ours. Unknown ids are absent
+    /// from the answer.
+    async fn without_unknown_ids<T, E, R, F, Fut>(&self, op: &'static str, ids: &[String], call: F) -> Result<Vec<T>, Ec2Error>
+    where
+        F: Fn(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        const NOT_FOUND: Option<&str> = Some("InvalidInstanceID.NotFound");
+        let mut asked: Vec<String> = ids.to_vec();
+        while !asked.is_empty() {
+            match call(asked.clone()).await {
+                Ok(found) => return Ok(found),
+                Err(e) if e.code() == NOT_FOUND => {
+                    let missing = missing_instance_ids(e.message().unwrap_or_default(), &asked);
+                    if !missing.is_empty() {
+                        asked.retain(|a| !missing.contains(a));
+                        continue;
+                    }
+                    if asked.len() == 1 {
+                        return Ok(vec![]);
+                    }
+                    let mut out = Vec::new();
+                    for id in &asked {
+                        match call(vec![id.clone()]).await {
+                            Ok(found) => out.extend(found),
+                            Err(e) if e.code() == NOT_FOUND => {}
+                            Err(e) => return Err(self.err(op, id, e)),
+                        }
+                    }
+                    return Ok(out);
+                }
+                Err(e) => return Err(self.err(op, "*", e)),
+            }
+        }
+        Ok(vec![])
+    }
 }
 
 /// An AssumeRole that failed while credentials were being fetched.
@@ -352,6 +394,32 @@ where
 /// The instance ids an `InvalidInstanceID.NotFound` message names
 /// (`The instance ID 'i-1' does not exist`, `The instance IDs 'i-1, i-2' do
 /// not exist`), among those asked for.
+/// One entry of a DescribeInstanceStatus answer; events already
+/// completed or canceled are left out.
+fn instance_status_of(st: &aws_sdk_ec2::types::InstanceStatus) -> InstanceStatus {
+    let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| s.and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default();
+    let done = |e: &&aws_sdk_ec2::types::InstanceStatusEvent| {
+        let d = e.description().unwrap_or_default();
+        d.starts_with("[Completed]") || d.starts_with("[Canceled]")
+    };
+    InstanceStatus {
+        id: st.instance_id().unwrap_or_default().to_owned(),
+        state: st.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        system: summary(st.system_status()),
+        instance: summary(st.instance_status()),
+        ebs: st.attached_ebs_status().and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        events: st
+            .events()
+            .iter()
+            .filter(|e| !done(e))
+            .map(|e| {
+                let nb = e.not_before().and_then(|t| t.fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime).ok()).unwrap_or_default();
+                (e.code().map(|c| c.as_str().to_owned()).unwrap_or_default(), nb)
+            })
+            .collect(),
+    }
+}
+
 fn missing_instance_ids(message: &str, asked: &[String]) -> Vec<String> {
     message
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
@@ -493,96 +561,27 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Instance>, Ec2Error> {
-        // One unknown id fails the whole call: drop the ids the error names
-        // and ask again (each round removes at least one id), or ask singly
-        // when the message names none of ours.
-        let mut asked: Vec<String> = ids.to_vec();
-        loop {
-            if asked.is_empty() {
-                return Ok(vec![]);
-            }
-            match self.client.describe_instances().set_instance_ids(Some(asked.clone())).send().await {
-                Ok(out) => {
-                    return Ok(out
-                        .reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .filter(|i| i.instance_id().is_some_and(|id| asked.iter().any(|a| a == id)))
-                        .map(instance_of)
-                        .collect());
-                }
-                Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {
-                    let missing = missing_instance_ids(e.message().unwrap_or_default(), &asked);
-                    if missing.is_empty() {
-                        if asked.len() == 1 {
-                            return Ok(vec![]);
-                        }
-                        let mut out = Vec::new();
-                        for id in &asked {
-                            out.extend(self.describe_instances(std::slice::from_ref(id)).await?);
-                        }
-                        return Ok(out);
-                    }
-                    asked.retain(|a| !missing.contains(a));
-                }
-                Err(e) => return Err(self.err("DescribeInstances", "*", e)),
-            }
-        }
+        let client = &self.client;
+        self.without_unknown_ids("DescribeInstances", ids, move |asked: Vec<String>| async move {
+            let out = client.describe_instances().set_instance_ids(Some(asked.clone())).send().await?;
+            Ok(out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| i.instance_id().is_some_and(|id| asked.iter().any(|a| a == id)))
+                .map(instance_of)
+                .collect())
+        })
+        .await
     }
 
     async fn describe_instance_status(&self, ids: &[String]) -> Result<Vec<InstanceStatus>, Ec2Error> {
-        // As describe_instances: one unknown id fails the whole call.
-        let mut asked: Vec<String> = ids.to_vec();
-        for _ in 0..=ids.len() {
-            if asked.is_empty() {
-                break;
-            }
-            let call = self.client.describe_instance_status().include_all_instances(true).set_instance_ids(Some(asked.clone()));
-            match call.send().await {
-                Ok(out) => {
-                    let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
-                        s.and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default()
-                    };
-                    return Ok(out
-                        .instance_statuses()
-                        .iter()
-                        .map(|st| InstanceStatus {
-                            id: st.instance_id().unwrap_or_default().to_owned(),
-                            state: st.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
-                            system: summary(st.system_status()),
-                            instance: summary(st.instance_status()),
-                            ebs: st.attached_ebs_status().and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default(),
-                            events: st
-                                .events()
-                                .iter()
-                                .filter(|e| !e.description().unwrap_or_default().starts_with("[Completed]") && !e.description().unwrap_or_default().starts_with("[Canceled]"))
-                                .map(|e| {
-                                    let nb = e.not_before().and_then(|t| t.fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime).ok()).unwrap_or_default();
-                                    (e.code().map(|c| c.as_str().to_owned()).unwrap_or_default(), nb)
-                                })
-                                .collect(),
-                        })
-                        .collect());
-                }
-                Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {
-                    let missing = missing_instance_ids(e.message().unwrap_or_default(), &asked);
-                    if missing.is_empty() {
-                        // The message names none of ours: ask one by one.
-                        let mut out = Vec::new();
-                        for id in &asked {
-                            if asked.len() == 1 {
-                                return Ok(out);
-                            }
-                            out.extend(self.describe_instance_status(std::slice::from_ref(id)).await?);
-                        }
-                        return Ok(out);
-                    }
-                    asked.retain(|a| !missing.contains(a));
-                }
-                Err(e) => return Err(self.err("DescribeInstanceStatus", "*", e)),
-            }
-        }
-        Ok(vec![])
+        let client = &self.client;
+        self.without_unknown_ids("DescribeInstanceStatus", ids, move |asked: Vec<String>| async move {
+            let out = client.describe_instance_status().include_all_instances(true).set_instance_ids(Some(asked)).send().await?;
+            Ok(out.instance_statuses().iter().map(instance_status_of).collect())
+        })
+        .await
     }
 
     async fn describe_snapshots(&self, ids: &[String]) -> Result<Vec<(String, String)>, Ec2Error> {

@@ -49,9 +49,6 @@ impl HealthState {
             HealthState::Recovering => "recovering",
         }
     }
-    pub fn parse(s: &str) -> Option<HealthState> {
-        HealthState::ALL.into_iter().find(|h| h.as_str() == s)
-    }
 }
 
 /// Policy `auto_failover`: what the controller may do on its own.
@@ -188,21 +185,6 @@ impl Condition {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Condition> {
-        [
-            Condition::Healthy,
-            Condition::AppDown,
-            Condition::HostImpaired,
-            Condition::HostStopped,
-            Condition::InstanceGone,
-            Condition::MachineDead,
-            Condition::Partitioned,
-            Condition::Contradictory,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
-    }
-
     /// The agent is silent (what the fleet guard counts).
     pub fn agent_silent(e: &Evidence) -> bool {
         matches!(e.agent, AgentSignal::Silent { .. })
@@ -245,13 +227,6 @@ impl Rung {
             Rung::HostRestart => "host_restart",
             Rung::Failover => "failover",
         }
-    }
-    pub fn parse(s: &str) -> Option<Rung> {
-        [Rung::AppRestart, Rung::HostRestart, Rung::Failover].into_iter().find(|r| r.as_str() == s)
-    }
-    /// The operation kind (workflow) of the rung.
-    pub fn kind(self) -> &'static str {
-        self.as_str()
     }
 }
 

@@ -273,7 +273,7 @@ impl Monitor {
             }
         }
 
-        events.extend(self.ended_events(now).await?);
+        events.extend(self.ended_events().await?);
         events.extend(self.late_backups(&sites, now).await?);
         events.extend(self.expiring_certificates(&live, now));
         if now.saturating_sub(self.pruned_at_ms) >= PRUNE_EVERY_MS {
@@ -337,8 +337,8 @@ impl Monitor {
         let requested_by = REQUESTED_BY;
         let region = site.region.clone();
         let started = match rung {
-            Rung::AppRestart => repair::start::<repair::AppRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
-            Rung::HostRestart => repair::start::<repair::HostRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
+            Rung::AppRestart => failover::start_state::<repair::AppRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
+            Rung::HostRestart => failover::start_state::<repair::HostRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
             Rung::Failover => {
                 // Same region when EC2 answers there; else the first DR
                 // region the site can launch in.
@@ -490,10 +490,10 @@ impl Monitor {
     }
 
     /// Events for operations that ended (each once, by operation id).
-    async fn ended_events(&self, now: Millis) -> Result<Vec<Event>, StoreError> {
+    /// Operation times are the store's (wall clock), whatever a pass's
+    /// `now` is.
+    async fn ended_events(&self) -> Result<Vec<Event>, StoreError> {
         let mut out = vec![];
-        // Operation times are the store's (wall clock), whatever `now` is.
-        let _ = now;
         for o in self.engine.store().ended_since(now_ms().saturating_sub(ENDED_LOOKBACK_MS)).await? {
             let ok = o.state == OperationState::Succeeded;
             let kind = match (o.kind.as_str(), ok) {

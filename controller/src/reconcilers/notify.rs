@@ -119,8 +119,7 @@ pub fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(ctx.sign().as_ref()))
 }
 
-/// Delivers the outbox until the process ends (every `tick`, or at once
-/// when new events were recorded).
+/// Delivers the outbox every `tick` until the process ends.
 pub async fn run(store: Store, sinks: Arc<Vec<NotifyConfig>>, http: HttpClients, tick: Duration) {
     if sinks.is_empty() {
         return;

@@ -43,25 +43,7 @@ fn one_per_site(active: &[ActiveOp]) -> Admission {
 }
 
 fn backup(id: &str, completed: Millis, op: &str) -> Backup {
-    Backup {
-        image_id: id.into(),
-        site_id: "s1".into(),
-        operation_id: op.into(),
-        region: "us-east-1".into(),
-        instance_id: "i-1".into(),
-        snapshot_ids: vec![],
-        started_at_ms: completed,
-        completed_at_ms: completed,
-        consistency: Consistency::Crash,
-        app_state: "started".into(),
-        state: BackupState::Available,
-        fate: String::new(),
-        deleted_at_ms: 0,
-        quiesce: "none".into(),
-        frozen_ms: 0,
-        quiesce_note: String::new(),
-        copies: vec![],
-    }
+    Backup { operation_id: op.into(), ..crate::testkit::available_backup("s1", "i-1", id, completed, completed) }
 }
 
 #[tokio::test]

@@ -14,12 +14,13 @@
 //!   other hardware.
 //!
 //! Both run on the failover state (`failover::State`, plan kind `repair`,
-//! the primary as its "candidate") and reuse its agent steps. A failed
+//! the primary as its "candidate"), start through `failover::start_state`
+//! and reuse its agent steps. A failed
 //! step ends the operation (no pause): the monitor climbs the ladder.
 
 use super::failover::{self, State};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
-use crate::domain::model::{Millis, Protected};
+use crate::domain::model::Protected;
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// Rung 1: restart the app through the agent.
@@ -82,17 +83,6 @@ pub fn state(site_id: &str, instance_id: &str, region: &str, why: &str) -> State
     st.plan.warnings = vec![why.to_owned()];
     st.candidate = instance_id.to_owned();
     st
-}
-
-/// Starts workflow `W` (a repair) of a site's primary.
-pub async fn start<W: Workflow<Deps = Deps, State = State>>(
-    engine: &super::Engine,
-    state: State,
-    requested_by: &str,
-    slot: Option<Millis>,
-) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
-    let site_id = state.plan.site_id.clone();
-    engine.start::<W>(crate::engine::Start { site_id: &site_id, requested_by, state, slot }).await
 }
 
 async fn stop_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {

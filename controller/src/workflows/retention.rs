@@ -142,29 +142,14 @@ pub async fn apply(deps: &Deps, site: &Site, dry_run: bool) -> Result<Vec<Decisi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::Consistency;
 
     const H: u64 = 3_600_000;
 
     fn backup(id: &str, completed: Millis) -> Backup {
         Backup {
-            image_id: id.into(),
-            site_id: "s".into(),
             operation_id: format!("op-{id}"),
-            region: "us-east-1".into(),
-            instance_id: "i-1".into(),
             snapshot_ids: vec![format!("snap-{id}")],
-            started_at_ms: completed,
-            completed_at_ms: completed,
-            consistency: Consistency::Crash,
-            app_state: "started".into(),
-            state: BackupState::Available,
-            fate: String::new(),
-            deleted_at_ms: 0,
-            quiesce: "none".into(),
-            frozen_ms: 0,
-            quiesce_note: String::new(),
-            copies: vec![],
+            ..crate::testkit::available_backup("s", "i-1", id, completed, completed)
         }
     }
 

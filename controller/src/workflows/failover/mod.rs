@@ -215,9 +215,9 @@ pub async fn start(
     start_state::<Failover>(engine, State { plan, ..State::default() }, requested_by, None).await
 }
 
-/// Starts workflow `W` (a failover, drill or spare: they share [`State`])
-/// for the site its plan names.
-pub(super) async fn start_state<W: Workflow<Deps = Deps, State = State>>(
+/// Starts workflow `W` (a failover, drill, spare or repair: they share
+/// [`State`]) for the site its plan names.
+pub async fn start_state<W: Workflow<Deps = Deps, State = State>>(
     engine: &super::Engine,
     state: State,
     requested_by: &str,
