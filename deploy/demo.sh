@@ -85,6 +85,27 @@ PY
 )
 echo "instance $instance, private $private_ip, Elastic IP $eip ($allocation), zone $zone"
 
+say "Simulating the CircleCI API and dev-console (build cleanup after a restore)"
+# One build running since before the backup (the restore deletes it: its
+# builder's state is gone), one started after it (left alone).
+"$python" - "$work/builds.json" <<'PY'
+import json, sys, datetime
+now = datetime.datetime.now(datetime.timezone.utc)
+def build(n, start):
+    t = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"build_url": f"https://circleci.example.com/gh/acme/api/{n}", "build_num": n, "username": "acme", "reponame": "api",
+            "vcs_type": "github", "branch": "main", "committer_name": "A. Dev", "lifecycle": "running", "status": "running",
+            "outcome": None, "queued_at": t, "start_time": t, "stop_time": None}
+json.dump([build(41, now - datetime.timedelta(minutes=20)), build(42, now + datetime.timedelta(minutes=5))], open(sys.argv[1], "w"))
+PY
+echo "demo-token" > "$work/circleci-token"
+chmod 600 "$work/circleci-token"
+"$bin/dr-sim-circleci-api" --listen 127.0.0.1:0 --token demo-token --builds "$work/builds.json" > "$work/api.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q '^listening on' "$work/api.out" 2>/dev/null && break; sleep 0.1; done
+api=http://$(sed -n 's/^listening on //p' "$work/api.out" | head -1)
+echo "CircleCI API simulator at $api"
+
 say "Starting dr-controller"
 port=$(free_port)
 cat > "$work/controller.toml" <<CONF
@@ -114,6 +135,11 @@ poll_max = "5s"
 id = "$site"
 instance_id = "$instance"
 
+# The controller's app probe, on loopback (on AWS the site's own URL, by
+# default https://<hostname>/health-check): nothing here leaves the machine.
+[site.policy]
+health_url = "$api/health-check"
+
 [site.dns]
 zone_id = "$zone"
 name = "circleci.example.com"
@@ -123,26 +149,6 @@ RUST_LOG=info,aws=warn "$bin/dr-controller" --config "$work/controller.toml" > "
 pids+=($!)
 wait_port "$port"
 
-say "Simulating the CircleCI API and dev-console (build cleanup after a restore)"
-# One build running since before the backup (the restore deletes it: its
-# builder's state is gone), one started after it (left alone).
-"$python" - "$work/builds.json" <<'PY'
-import json, sys, datetime
-now = datetime.datetime.now(datetime.timezone.utc)
-def build(n, start):
-    t = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {"build_url": f"https://circleci.example.com/gh/acme/api/{n}", "build_num": n, "username": "acme", "reponame": "api",
-            "vcs_type": "github", "branch": "main", "committer_name": "A. Dev", "lifecycle": "running", "status": "running",
-            "outcome": None, "queued_at": t, "start_time": t, "stop_time": None}
-json.dump([build(41, now - datetime.timedelta(minutes=20)), build(42, now + datetime.timedelta(minutes=5))], open(sys.argv[1], "w"))
-PY
-echo "demo-token" > "$work/circleci-token"
-chmod 600 "$work/circleci-token"
-"$bin/dr-sim-circleci-api" --listen 127.0.0.1:0 --token demo-token --builds "$work/builds.json" > "$work/api.out" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q '^listening on' "$work/api.out" 2>/dev/null && break; sleep 0.1; done
-api=http://$(sed -n 's/^listening on //p' "$work/api.out" | head -1)
-echo "CircleCI API simulator at $api"
 
 say "The services machine's disk: Replicated files, /opt/nomad, the agent and its certificate"
 root=$work/disk

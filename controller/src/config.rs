@@ -63,11 +63,15 @@ pub struct HealthConfig {
     /// per 100 instances of an account and region, one probe per site).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// More than this share of the sites with a silent agent at once: the
-    /// fault is taken to be on the controller's side and nothing fails over.
+    /// More than this share of the sites with a silent agent at once, or
+    /// with a failing app probe: the fault is taken to be on the
+    /// controller's side and no rung starts anywhere (one alert).
     pub max_down_fraction: f64,
     /// Automatic failovers running at once, fleet-wide.
     pub max_concurrent_failovers: u32,
+    /// Automatic repairs (app restarts, host stop/starts) running at once,
+    /// fleet-wide.
+    pub max_concurrent_repairs: u32,
     /// Probes running at once.
     pub probe_concurrency: u32,
     /// An agent whose certificate ends within this raises
@@ -79,9 +83,10 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            interval: Duration::from_secs(30),
+            interval: Duration::from_secs(15),
             max_down_fraction: 0.2,
             max_concurrent_failovers: 5,
+            max_concurrent_repairs: 5,
             probe_concurrency: 64,
             cert_warning: Duration::from_secs(30 * 24 * 3600),
         }
@@ -499,6 +504,9 @@ impl Config {
         }
         if !(1..=1000).contains(&h.max_concurrent_failovers) {
             return Err(invalid("health.max_concurrent_failovers".into(), "must be between 1 and 1000".into()));
+        }
+        if !(1..=1000).contains(&h.max_concurrent_repairs) {
+            return Err(invalid("health.max_concurrent_repairs".into(), "must be between 1 and 1000".into()));
         }
         if !(1..=1024).contains(&h.probe_concurrency) {
             return Err(invalid("health.probe_concurrency".into(), "must be between 1 and 1024".into()));

@@ -139,6 +139,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registry: registry.clone(),
         engine,
         notifier,
+        health_interval: config.health.interval,
     };
 
     let listener = server::bind(config.server.listen, config.server.listen_backlog)?;

@@ -12,7 +12,11 @@
 //! - instances that will not stop: StopInstances naming them is answered
 //!   with a success without reaching moto, so they keep running;
 //! - a failed region: every request signed for it is answered HTTP 503
-//!   `Unavailable`, as during a regional outage.
+//!   `Unavailable`, as during a regional outage;
+//! - Route 53 health checks (GetHealthCheckStatus, which moto always
+//!   answers with one healthy checker): a scripted check is answered by the
+//!   proxy with eight checkers in Route 53's regions, all reaching the
+//!   endpoint or all failing, as AWS's checkers would report.
 //!
 //! Everything else passes through unchanged. Faults are keyed by instance
 //! id and apply in every region; moto keeps instances of each region apart
@@ -58,6 +62,11 @@ struct State {
     stop_calls: Vec<String>,
     /// Numbers the events' ids.
     next_event: u64,
+    /// Route 53 health check id -> whether its checkers reach the endpoint.
+    health_checks: HashMap<String, bool>,
+    /// Instance id -> the state DescribeInstanceStatus reports instead of
+    /// moto's (a transient or wrong view of EC2).
+    states: HashMap<String, String>,
 }
 
 /// A scheduled event as DescribeInstanceStatus lists it.
@@ -116,6 +125,19 @@ impl Faults {
         state.instance_impaired.remove(instance_id);
         state.events.remove(instance_id);
         state.wont_stop.remove(instance_id);
+        state.states.remove(instance_id);
+    }
+
+    /// DescribeInstanceStatus reports the running instance in `state`
+    /// (e.g. `shutting-down`) until [`Faults::clear`].
+    pub fn report_state(&self, instance_id: &str, state: &str) {
+        self.lock().states.insert(instance_id.to_owned(), state.to_owned());
+    }
+
+    /// GetHealthCheckStatus of `id` is answered by the proxy: eight
+    /// checkers, all reaching the endpoint (`healthy`) or all failing.
+    pub fn health_check(&self, id: &str, healthy: bool) {
+        self.lock().health_checks.insert(id.to_owned(), healthy);
     }
 
     /// Requests signed for `region` pass through again.
@@ -154,6 +176,15 @@ pub async fn start(upstream: &str) -> FaultProxy {
         async move {
             let (parts, body) = req.into_parts();
             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            // Route 53 is a REST API: GET /2013-04-01/healthcheck/<id>/status.
+            if let Some(id) = parts.uri.path().strip_prefix("/2013-04-01/healthcheck/").and_then(|p| p.strip_suffix("/status")) {
+                *stats.calls.lock().expect("lock").entry("GetHealthCheckStatus".into()).or_default() += 1;
+                let scripted = faults.lock().health_checks.get(id).copied();
+                if let Some(healthy) = scripted {
+                    return Ok(health_check_status(healthy));
+                }
+                return upstream.forward(parts, body).await;
+            }
             let action = form_value(&body, "Action").unwrap_or_else(|| "?".into());
             *stats.calls.lock().expect("lock").entry(action.clone()).or_default() += 1;
             if signing_region(&parts.headers).is_some_and(|r| faults.region_failed(&r)) {
@@ -173,6 +204,24 @@ pub async fn start(upstream: &str) -> FaultProxy {
 }
 
 const UNAVAILABLE: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>Unavailable</Code><Message>The service is unavailable. Please try again shortly.</Message></Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>";
+
+/// A GetHealthCheckStatus answer: one observation per Route 53 checker
+/// region, in the shape of AWS's documented response.
+fn health_check_status(healthy: bool) -> hyper::Response<Full<Bytes>> {
+    let regions = ["us-east-1", "us-west-1", "us-west-2", "eu-west-1", "ap-southeast-1", "ap-southeast-2", "ap-northeast-1", "sa-east-1"];
+    let status = if healthy { "Success: HTTP Status Code 200, OK" } else { "Failure: Connection timed out. The endpoint or the internet connection is down, or requests are being blocked by your firewall." };
+    let checked = timestamp(time::Duration::ZERO);
+    let mut obs = String::new();
+    for (i, r) in regions.iter().enumerate() {
+        obs.push_str(&format!(
+            "<HealthCheckObservation><Region>{r}</Region><IPAddress>15.177.{i}.10</IPAddress><StatusReport><Status>{status}</Status><CheckedTime>{checked}</CheckedTime></StatusReport></HealthCheckObservation>"
+        ));
+    }
+    xml_response(
+        200,
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<GetHealthCheckStatusResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><HealthCheckObservations>{obs}</HealthCheckObservations></GetHealthCheckStatusResponse>"),
+    )
+}
 
 /// The region a request is signed for: the third field of the SigV4
 /// credential scope in its `Authorization` header
@@ -260,7 +309,7 @@ impl Faults {
     async fn rewrite_instance_status(&self, resp: hyper::Response<Full<Bytes>>) -> hyper::Response<Full<Bytes>> {
         {
             let state = self.lock();
-            if state.system_impaired.is_empty() && state.instance_impaired.is_empty() && state.events.is_empty() {
+            if state.system_impaired.is_empty() && state.instance_impaired.is_empty() && state.events.is_empty() && state.states.is_empty() {
                 return resp;
             }
         }
@@ -273,6 +322,12 @@ impl Faults {
                 let Some(id) = child(item, "instanceId").and_then(|n| n.text()) else { continue };
                 let running = child(item, "instanceState").and_then(|s| child(s, "name")).and_then(|n| n.text()) == Some("running");
                 if !running {
+                    continue;
+                }
+                if let Some(name) = state.states.get(id) {
+                    if let Some(n) = child(item, "instanceState").and_then(|s| child(s, "name")) {
+                        edits.push((n.range(), format!("<name>{}</name>", escape(name))));
+                    }
                     continue;
                 }
                 for (tag, impaired) in [("systemStatus", &state.system_impaired), ("instanceStatus", &state.instance_impaired)] {

@@ -150,6 +150,7 @@ impl RecoveryWorld {
             q(&format!("{api_url}/health-check")),
         );
 
+        let probe = format!("health_url = {}\n", q(&format!("{api_url}/health-check")));
         let faults = if spec.fault_proxy { Some(crate::faults::start(&dataplane.url).await) } else { None };
         let port = free_port();
         let cspec = ControllerSpec {
@@ -160,7 +161,12 @@ impl RecoveryWorld {
             extra: format!(
                 "[failover]\nfence_timeout = \"20s\"\nagent_timeout = \"60s\"\napp_timeout = \"{}\"\n{}",
                 spec.app_timeout.unwrap_or("30s"),
-                spec.controller_toml
+                // The app probe is always on loopback: the site's hostname is
+                // a public name that nothing here may resolve.
+                match spec.controller_toml.contains("[policy]\n") {
+                    true => spec.controller_toml.replacen("[policy]\n", &format!("[policy]\n{probe}"), 1),
+                    false => format!("[policy]\n{probe}{}", spec.controller_toml),
+                }
             ),
             endpoint: Some(faults.as_ref().map(|f| f.url.clone()).unwrap_or_else(|| dataplane.url.clone())),
         };

@@ -157,6 +157,18 @@ async fn a_terminated_instance_fails_over_once_after_approval_and_every_event_re
     let out = w.drctl(&["-o", "json", "approve", &op, "--wait"]);
     let done = last_json(&out.stdout);
     assert_eq!(done["state"], "succeeded", "{}\n{}\n{}", text(&out.stdout), text(&out.stderr), tail(&w.controller.log()));
+    // The RTO an operator recognises: from the first evidence of the loss
+    // until the site is reachable again (Elastic IP and DNS moved), with
+    // the approval's wait in it.
+    let report = &done["report"];
+    assert_eq!(report["rto_from"], "first_evidence", "{report}");
+    let at = |k: &str| report[k].as_u64().unwrap_or(0);
+    let (detected, decided, restored, reachable) = (at("detected_at_ms"), at("decided_at_ms"), at("restored_at_ms"), at("reachable_at_ms"));
+    assert!(detected > 0 && detected <= decided && decided <= restored && restored <= reachable, "milestones in order: {report}");
+    assert_eq!(at("rto_ms"), reachable - detected, "{report}");
+    assert!(report["phases"]["detection"].is_u64() && report["phases"]["decision_to_start"].is_u64(), "{report}");
+    let approved = events(&w).into_iter().find(|e| e["kind"] == "failover.approved").expect("the approval is an event");
+    assert!(approved["summary"].as_str().unwrap_or_default().contains("instance_gone"), "it names the evidence approved: {approved}");
     let launched = w.launched_by(&op).await;
     assert_eq!(launched.len(), 1, "one instance launched");
     let new = launched[0].instance_id().expect("id").to_owned();
@@ -270,8 +282,14 @@ async fn a_failing_region_is_no_evidence_and_an_instance_that_will_not_stop_need
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(health(&w)["state"], "healthy", "an API outage is no evidence against the site: {}", health(&w));
-    assert!(events(&w).iter().all(|e| e["seq"].as_u64().unwrap_or(0) <= seq), "no event: {:?}", events(&w));
+    // It is the controller's problem: one fleet alert naming the region,
+    // nothing about the site.
+    let raised: Vec<Value> = events(&w).into_iter().filter(|e| e["seq"].as_u64().unwrap_or(0) > seq).collect();
+    let kinds: Vec<&str> = raised.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["fleet.guard"], "{raised:?}");
+    assert!(raised[0]["summary"].as_str().unwrap_or_default().contains("EC2's API fails in us-east-1"), "{raised:?}");
     faults.faults.heal_region("us-east-1");
+    wait_event(&w, "fleet.guard_cleared", seq, Duration::from_secs(30));
 
     // Impaired, and StopInstances does not stop it: the host restart runs
     // out of host_restart_deadline; the agent still talks, so no failover.
@@ -328,7 +346,203 @@ async fn a_controller_cut_off_from_every_site_fails_over_nothing_and_alerts_once
     let sites = status["sites"].as_array().cloned().unwrap_or_default();
     assert_eq!(sites.len(), 10);
     for s in &sites {
-        assert_eq!(s["health"]["condition"], "machine_dead", "{}", s["health"]);
-        assert!(s["health"]["decision"].as_str().unwrap_or_default().contains("fleet guard"), "{}", s["health"]);
+        // Agent silent and probe failing, EC2 fine: one path, a partition.
+        assert_eq!(s["health"]["condition"], "partitioned", "{}", s["health"]);
+        assert!(s["health"]["decision"].as_str().unwrap_or_default().contains("partition"), "{}", s["health"]);
     }
+}
+
+/// The pid of the `dr-agent run` of the machine whose disk is `disk`.
+fn agent_pid(disk: &std::path::Path) -> u32 {
+    let want = disk.display().to_string();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().is_some_and(|a| a.ends_with("dr-agent")) && args.iter().any(|a| a == "run") && args.iter().any(|a| a.starts_with(&want)) {
+            return pid;
+        }
+    }
+    panic!("no dr-agent running from {want}");
+}
+
+/// Sends `sig` (STOP, CONT) to a process.
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// Finding 2: the agent's stream and the controller's probe both cross the
+/// controller's own network; with EC2 saying running and healthy, the two
+/// failing together are a partition: an alert, never a stop or a failover.
+/// Only an outside vantage (the site's Route 53 health check, its checkers
+/// simulated by the fault proxy) makes it a dead machine, and then the
+/// least destructive rung first: a stop and start of the same instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_site_partition_with_ec2_healthy_fails_over_nothing_until_route_53_agrees() {
+    let check = "7a1c5e2d-0000-4000-8000-00000000ab01";
+    let policy = format!("{}route53_health_check = \"{check}\"\n", policy("auto"));
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-p", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    w.backup();
+    wait_healthy(&w);
+    let faults = w.faults.as_ref().expect("fault proxy");
+    faults.faults.health_check(check, true);
+
+    // The site is cut off from the controller: no heartbeat reaches it and
+    // its probe fails; EC2 says running with its checks ok, and AWS's
+    // checkers still reach the endpoint.
+    let seq = last_seq(&w);
+    let agent = agent_pid(&w.disk);
+    signal(agent, "STOP");
+    std::fs::write(&w.unhealthy, "").expect("probe fails");
+    let alert = wait_event(&w, "site.partitioned", seq, Duration::from_secs(30));
+    assert!(alert["summary"].as_str().unwrap_or_default().contains("partition"), "{alert}");
+    // Well past confirm_for (3 s) and repair_after (1 s), many passes.
+    let quiet_from = last_seq(&w);
+    std::thread::sleep(Duration::from_secs(8));
+    let after: Vec<Value> = events(&w).into_iter().filter(|e| e["seq"].as_u64().unwrap_or(0) > seq).collect();
+    let kinds: Vec<&str> = after.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(!kinds.iter().any(|k| k.starts_with("failover.") || k.starts_with("repair.")), "nothing started: {kinds:?}");
+    assert!(events(&w).iter().all(|e| e["seq"].as_u64().unwrap_or(0) <= quiet_from), "nothing more was raised: {kinds:?}");
+    let h = health(&w);
+    assert_eq!((h["state"].as_str(), h["condition"].as_str()), (Some("suspect"), Some("partitioned")), "{h}");
+    assert!(h["evidence"].to_string().contains("route 53: healthy"), "the vantage was asked: {h}");
+    for action in ["StopInstances", "RunInstances", "StartInstances"] {
+        assert_eq!(faults.stats.calls_of(action), 0, "no {action}");
+    }
+
+    // Now Route 53's checkers fail from every region too: the machine is
+    // dead by evidence from outside our path. Rung 2, not a failover.
+    let seq = last_seq(&w);
+    faults.faults.health_check(check, false);
+    let down = wait_event(&w, "site.down", seq, Duration::from_secs(30));
+    assert!(down["summary"].as_str().unwrap_or_default().contains("machine_dead"), "{down}");
+    let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
+    assert!(started["operation_id"].as_str().unwrap_or_default().starts_with("host_restart"), "a stop and start first: {started}");
+    assert_eventually!(Duration::from_secs(30), faults.faults.stop_calls().contains(&primary), "StopInstances of {primary}");
+    // The new host is fine: AWS reaches it, the app answers.
+    faults.faults.health_check(check, true);
+    std::fs::remove_file(&w.unhealthy).expect("probe passes");
+    wait_event(&w, "repair.succeeded", seq, Duration::from_secs(90));
+    wait_healthy(&w);
+    assert_eq!(faults.stats.calls_of("RunInstances"), 0, "no failover");
+    assert_eq!(site_status(&w.pki, &w.controller.url, &w.site)["primary_instance_id"], primary.as_str(), "the same instance");
+}
+
+/// Finding 3: an approval is for the evidence it was asked with. EC2
+/// briefly reports the primary shutting down while its agent is cut off:
+/// a failover is asked for; then both are back: the request is withdrawn,
+/// and an approval given afterwards is refused, showing today's evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_sites_pending_approval_is_withdrawn_and_a_late_approve_is_refused() {
+    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-w", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    w.backup();
+    wait_healthy(&w);
+    let faults = w.faults.as_ref().expect("fault proxy");
+
+    let seq = last_seq(&w);
+    let agent = agent_pid(&w.disk);
+    signal(agent, "STOP");
+    faults.faults.report_state(&primary, "shutting-down");
+    let waiting = wait_event(&w, "failover.awaiting_approval", seq, Duration::from_secs(60));
+    let op = waiting["operation_id"].as_str().expect("operation").to_owned();
+    assert_eventually!(
+        Duration::from_secs(30),
+        op_json(&w, &op)["waiting_for"].as_str().unwrap_or_default().starts_with("approval"),
+        "{op} waits for an approval"
+    );
+    // Waiting for a human is not recovering: the site shows what it is.
+    assert_eventually!(Duration::from_secs(10), health(&w)["state"] == "down", "down while the approval waits: {}", health(&w));
+
+    // The site heals before anyone answers.
+    signal(agent, "CONT");
+    faults.faults.clear(&primary);
+    let withdrawn = wait_event(&w, "failover.withdrawn", seq, Duration::from_secs(30));
+    assert_eq!(withdrawn["operation_id"], op.as_str(), "{withdrawn}");
+    wait_healthy(&w);
+    assert_eventually!(Duration::from_secs(30), op_json(&w, &op)["state"] == "cancelled", "{op} ends: {}", op_json(&w, &op));
+    assert!(!events(&w).iter().any(|e| e["kind"] == "failover.failed" && e["operation_id"] == op.as_str()), "a withdrawal is not a failure");
+
+    // A late approval is refused, with the evidence as it is now.
+    let out = w.drctl(&["approve", &op]);
+    assert!(!out.status.success(), "a withdrawn failover cannot be approved: {}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("withdrawn") && err.contains("healthy now (checked") && err.contains("agent: connected"), "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    for action in ["StopInstances", "RunInstances", "TerminateInstances"] {
+        assert_eq!(faults.stats.calls_of(action), 0, "nothing changed in EC2: {action}");
+    }
+    assert!(w.launched_by(&op).await.is_empty());
+    assert_eq!(site_status(&w.pki, &w.controller.url, &w.site)["primary_instance_id"], primary.as_str());
+}
+
+/// Finding 1: the controller's own probe breaks (its proxy, DNS or CA
+/// bundle) and every site's probe fails at once, while agents and apps are
+/// fine. Nothing is restarted; one fleet alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_failing_for_every_site_at_once_restart_nothing_and_raise_one_alert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let moto = Moto::start(dir.path());
+    let ec2 = moto.client().await;
+    let pki = Pki::new(dir.path());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    // The apps' own health check, as each agent asks it on its machine.
+    let builds = dir.path().join("builds.json");
+    std::fs::write(&builds, "[]").expect("builds");
+    let (_api, api_url) = spawn_listening(
+        "dr-sim-circleci-api",
+        &["--listen", "127.0.0.1:0", "--token", "t0k3n", "--builds", &builds.display().to_string(), "--unhealthy-file", &dir.path().join("unhealthy").display().to_string()],
+    );
+    let n = 5;
+    let mut instances = vec![];
+    for _ in 0..n {
+        instances.push(launch_instance(&ec2).await);
+    }
+    let sites: Vec<(String, String)> = instances.iter().enumerate().map(|(i, inst)| (format!("site-{i}"), inst.id.clone())).collect();
+    let extra = format!(
+        "[health]\ninterval = \"300ms\"\n[policy]\nauto_failover = \"auto\"\nhealth_url = \"http://{closed}/health-check\"\n\
+         health_timeout = \"500ms\"\nconfirm_for = \"1s\"\nrepair_after = \"1s\"\n"
+    );
+    let spec = ControllerSpec { port: free_port(), heartbeat: "1s", poll_initial: "100ms", sites: sites.clone(), extra, endpoint: None };
+    let controller = Controller::start(dir.path(), &pki, &moto, &spec);
+    let mut machines = vec![];
+    for (i, inst) in instances.iter().enumerate() {
+        let d = dir.path().join(format!("machine-{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let public = Some(inst.public_ip.as_str()).filter(|p| !p.is_empty());
+        let imds = Imds::start(&d, inst, public);
+        let root = services_machine_root(&d, &inst.private_ip, public.unwrap_or("54.10.20.30"));
+        let agent = Agent::start_with(&d, &pki, &sites[i].0, &controller.url, &imds, &root, &format!("[circleci]\nhealth_url = \"{api_url}/health-check\"\n"));
+        machines.push((imds, agent, root));
+    }
+    for (site, _) in &sites {
+        assert_eventually!(Duration::from_secs(60), agent_connected(&pki, &controller.url, site), "{site} connected\n{}", tail(&controller.log()));
+    }
+    let all = || drctl_json(&pki, &controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
+    assert_eventually!(Duration::from_secs(60), all().iter().any(|e| e["kind"] == "fleet.guard"), "the fleet guard trips\n{}", tail(&controller.log()));
+    // Well past repair_after, over many passes.
+    std::thread::sleep(Duration::from_secs(5));
+    let events = all();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "fleet.guard").count(), 1, "one alert: {kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("repair.") || k.starts_with("failover.")), "nothing started: {kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("site.")), "no alert per site while the fleet alert holds: {kinds:?}");
+    let guard = events.iter().find(|e| e["kind"] == "fleet.guard").expect("guard");
+    assert!(guard["summary"].as_str().unwrap_or_default().contains("probe fails for 5 of 5"), "{guard}");
+    for (_, _, root) in &machines {
+        assert_eq!(replicatedctl_calls(root, "app stop"), 0, "no app was stopped");
+    }
+    let status = drctl_json(&pki, &controller.url, &["status", "--all"]);
+    for s in status["sites"].as_array().cloned().unwrap_or_default() {
+        // The agent checked the app on its machine: the path is broken.
+        assert_eq!(s["health"]["condition"], "app_unreachable", "{}", s["health"]);
+        assert!(s["health"]["evidence"].to_string().contains("on the machine: app healthy"), "{}", s["health"]);
+    }
+    let _ = &controller;
 }

@@ -3,6 +3,7 @@
 //! everything behind this module works on [`crate::domain::model`] types.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use dr_proto::identity::peer_identity;
 use dr_proto::pb;
@@ -25,6 +26,8 @@ pub struct AdminServer {
     pub engine: Engine,
     /// Records operator events (pauses) with their webhook deliveries.
     pub notifier: crate::reconcilers::notify::Notifier,
+    /// `[health] interval`: evidence older than three passes is stale.
+    pub health_interval: Duration,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -590,8 +593,66 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let signal = Signal::parse(&req.signal).ok_or_else(|| {
             Status::invalid_argument(format!("unknown signal `{}`: approve, deny, resume or abort", req.signal))
         })?;
+        let approved_on = if signal == Signal::Approve { self.check_approval(&req.operation_id).await? } else { None };
         let op = self.engine.signal(&req.operation_id, signal, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        if let Some(evidence) = approved_on {
+            let e = crate::reconcilers::notify::event(
+                &op.site_id,
+                "failover.approved",
+                "critical",
+                format!("operator/{operator} approved the automatic failover {} on this evidence: {evidence}", op.id),
+                serde_json::json!({"by": format!("operator/{operator}"), "evidence": evidence}),
+                &op.id,
+            );
+            self.notifier.record(vec![], vec![e]).await.map_err(internal)?;
+        }
         Ok(Response::new(operation_to_pb(&op)))
+    }
+}
+
+impl AdminServer {
+    /// An approval is for the evidence it was asked with: an automatic
+    /// failover is approved only while the site's current health, checked
+    /// recently, still calls for it. Returns the evidence approved (one
+    /// line), `None` for an operation the health monitor did not start.
+    async fn check_approval(&self, id: &str) -> Result<Option<String>, Status> {
+        use crate::reconcilers::health::REQUESTED_BY;
+        let Some(op) = self.store.operation(id.to_owned()).await.map_err(internal)? else { return Ok(None) };
+        if op.kind != "failover" || op.requested_by != REQUESTED_BY {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let health = self.store.health_all().await.map_err(internal)?.remove(&op.site_id);
+        let (condition, lines, age) = match &health {
+            Some(h) => (
+                h.condition,
+                h.evidence.as_ref().map(|e| e.lines(now).join("; ")).unwrap_or_default(),
+                Duration::from_secs(now.saturating_sub(h.checked_at_ms) / 1000),
+            ),
+            None => (crate::domain::health::Condition::Healthy, "never checked".into(), Duration::ZERO),
+        };
+        let current = format!("the site is {} now (checked {} ago: {lines})", condition.as_str(), humantime::format_duration(age));
+        if op.state.is_finished() {
+            let how = if op.error.contains("denied") { "was withdrawn or denied" } else { "has ended" };
+            return Err(Status::failed_precondition(format!(
+                "the automatic failover {id} {how} ({}); {current}. Nothing was started. If the site needs a failover now, plan one: `drctl failover {} --plan`",
+                op.error, op.site_id
+            )));
+        }
+        if !condition.may_need_failover() {
+            return Err(Status::failed_precondition(format!(
+                "the automatic failover {id} was asked on evidence that no longer holds: {current}. Refused; the health monitor withdraws it"
+            )));
+        }
+        let stale = self.health_interval.saturating_mul(3).max(Duration::from_secs(30));
+        if age > stale {
+            return Err(Status::failed_precondition(format!(
+                "the evidence for {id} is {} old, older than three health passes: the health monitor has not checked the site since. Refused; look at `drctl site {}`",
+                humantime::format_duration(age),
+                op.site_id
+            )));
+        }
+        Ok(Some(format!("{} (checked {} ago): {lines}", condition.as_str(), humantime::format_duration(age))))
     }
 }
 

@@ -17,6 +17,24 @@ pub trait Dns: Send + Sync {
     async fn upsert_a(&self, zone_id: &str, name: &str, ip: &str, ttl: u32) -> Result<String, Ec2Error>;
     /// `PENDING` or `INSYNC`.
     async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error>;
+    /// The latest observation of each Route 53 health checker of a health
+    /// check (GetHealthCheckStatus): (checker region, status report).
+    async fn health_check_status(&self, id: &str) -> Result<Vec<(String, String)>, Ec2Error> {
+        Err(Ec2Error::Api { op: "GetHealthCheckStatus", code: "NotSupported".into(), message: format!("no Route 53 health checks here ({id})") })
+    }
+}
+
+/// Route 53's own rule: an endpoint is healthy when more than 18 % of its
+/// health checkers report it healthy. `Some(detail)` when it is not.
+pub fn unhealthy_by_checkers(observations: &[(String, String)]) -> Result<String, String> {
+    let ok = observations.iter().filter(|(_, s)| s.starts_with("Success")).count();
+    let n = observations.len();
+    let first_failure = observations.iter().find(|(_, s)| !s.starts_with("Success")).map(|(r, s)| format!("{r}: {s}")).unwrap_or_default();
+    if n > 0 && (ok as f64) <= 0.18 * n as f64 {
+        Ok(format!("{ok} of {n} checkers reach it; {first_failure}"))
+    } else {
+        Err(format!("{ok} of {n} checkers reach it"))
+    }
 }
 
 pub struct Route53 {
@@ -94,5 +112,39 @@ impl Dns for Route53 {
     async fn change_status(&self, change_id: &str) -> Result<String, Ec2Error> {
         let out = self.client.get_change().id(change_id).send().await.map_err(|e| map_err("GetChange", change_id, e))?;
         Ok(out.change_info().map(|c| c.status().as_str().to_owned()).unwrap_or_default())
+    }
+
+    async fn health_check_status(&self, id: &str) -> Result<Vec<(String, String)>, Ec2Error> {
+        let out = self.client.get_health_check_status().health_check_id(id).send().await.map_err(|e| map_err("GetHealthCheckStatus", id, e))?;
+        Ok(out
+            .health_check_observations()
+            .iter()
+            .map(|o| {
+                let region = o.region().map(|r| r.as_str().to_owned()).unwrap_or_default();
+                let status = o.status_report().and_then(|r| r.status()).unwrap_or_default().to_owned();
+                (region, status)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_53s_rule_unhealthy_at_18_percent_or_fewer_healthy_checkers() {
+        let obs = |ok: usize, failing: usize| -> Vec<(String, String)> {
+            (0..ok)
+                .map(|i| (format!("r{i}"), "Success: HTTP Status Code 200, OK".to_owned()))
+                .chain((0..failing).map(|i| (format!("f{i}"), "Failure: Connection timed out.".to_owned())))
+                .collect()
+        };
+        assert!(unhealthy_by_checkers(&obs(0, 8)).is_ok());
+        assert!(unhealthy_by_checkers(&obs(1, 7)).is_ok(), "1 of 8 = 12.5 %");
+        assert!(unhealthy_by_checkers(&obs(2, 6)).is_err(), "2 of 8 = 25 % > 18 %");
+        assert!(unhealthy_by_checkers(&obs(8, 0)).is_err());
+        assert!(unhealthy_by_checkers(&[]).is_err(), "no observation is no evidence");
+        assert!(unhealthy_by_checkers(&obs(0, 3)).is_ok_and(|d| d.contains("Connection timed out")));
     }
 }

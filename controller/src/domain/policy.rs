@@ -249,6 +249,9 @@ pub struct PolicyFile {
     pub approval_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub host_restart_deadline: Option<Duration>,
+    /// The id of a Route 53 health check of the site's public endpoint: a
+    /// vantage point outside the controller's network ("" = none).
+    pub route53_health_check: Option<String>,
 }
 
 impl PolicyFile {
@@ -326,7 +329,8 @@ impl PolicyFile {
         }
         if let Some(u) = &self.health_url {
             let probe = u.replace("{hostname}", "host.invalid");
-            if !u.is_empty() && !(probe.starts_with("https://") || probe.starts_with("http://")) || probe.parse::<hyper::Uri>().is_err() {
+            // "" turns the probe off (documented); anything else must be a URL.
+            if !u.is_empty() && (!(probe.starts_with("https://") || probe.starts_with("http://")) || probe.parse::<hyper::Uri>().is_err()) {
                 return Err(("health_url".into(), format!("`{u}` is not an http:// or https:// URL")));
             }
             h.url = u.clone();
@@ -339,6 +343,14 @@ impl PolicyFile {
         }
         if let Some(ca) = &self.health_ca {
             h.ca = Some(ca.clone());
+        }
+        if let Some(id) = &self.route53_health_check {
+            // Route 53 health check ids are UUIDs; refuse anything that
+            // would not be one rather than ask Route 53 for it every pass.
+            if !id.is_empty() && !(id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+                return Err(("route53_health_check".into(), format!("`{id}` is not a Route 53 health check id")));
+            }
+            h.route53_health_check = id.clone();
         }
         let s = Duration::from_secs;
         let windows: [(&str, Option<Duration>, &mut Duration, Duration, Duration); 6] = [

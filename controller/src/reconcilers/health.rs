@@ -10,23 +10,34 @@
 //!   budget; a failing region makes its sites' EC2 signal `unknown`;
 //! - the app probe: one GET per site, `probe_concurrency` at a time.
 //!
-//! Guards, in this order, before a failover starts:
+//! Only for the sites that look unwell, the paths outside the controller's
+//! network: the site's Route 53 health check (GetHealthCheckStatus) when
+//! the agent is silent or the probe fails while EC2 says running, and the
+//! agent's own check of the app on its machine when the probe (or Route 53)
+//! fails while the agent talks.
+//!
+//! Guards, in this order, before any rung starts (app restart, host
+//! restart or failover alike):
+//! - the site's mode (`auto_failover`);
 //! - the fleet guard (`[health] max_down_fraction`): too many silent agents
-//!   at once means the controller is cut off; nothing fails over, one
-//!   `fleet.guard` event;
-//! - the site's mode (`auto_failover`), its `cooldown`;
-//! - `[health] max_concurrent_failovers` automatic failovers at once;
+//!   or failing probes at once means the controller is cut off or its probe
+//!   is broken; a region whose EC2 API failed two passes in a row holds its
+//!   sites; nothing starts there, one `fleet.guard` event;
+//! - EC2's view of the site unknown this pass;
+//! - the rung's `cooldown` per site;
+//! - `[health] max_concurrent_failovers` / `max_concurrent_repairs`;
 //! - a running drill or spare preparation of the site is aborted first; a
 //!   running backup is preempted by the engine (its quiesce lifted first);
 //!   another failover or repair of the site means it is recovering already.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
 
 use super::notify::{Notifier, event};
+use crate::agents::{Addressee, AgentAction, AgentErrorKind};
 use crate::cloud::ec2::{InstanceStatus, STATUS_IDS_PER_CALL};
 use crate::cloud::http::HttpClients;
 use crate::config::HealthConfig;
@@ -46,14 +57,26 @@ const ENDED_LOOKBACK_MS: Millis = 10 * 60 * 1000;
 /// Budget of one DescribeInstanceStatus (throttling): short, the next pass
 /// asks again.
 const EC2_BUDGET: Duration = Duration::from_secs(10);
+/// Route 53's API allows 5 requests a second per account.
+const ROUTE53_CONCURRENCY: usize = 4;
+/// The agent's check gets the probe's timeout and this for the round trip.
+const LOCAL_CHECK_SLACK: Duration = Duration::from_secs(5);
+
+/// Automatic operations running now, fleet-wide (concurrency limits).
+struct Running {
+    failovers: usize,
+    repairs: usize,
+}
 
 pub struct Monitor {
     pub engine: Engine,
     pub config: HealthConfig,
     pub notifier: Notifier,
     pub http: HttpClients,
-    /// Whether the fleet guard holds (from the event log at start).
-    guard: bool,
+    /// The fleet guard's reasons now (from the event log at start).
+    guard: BTreeSet<String>,
+    /// Regions whose EC2 view was unknown, and for how many passes in a row.
+    unknown_passes: HashMap<String, u32>,
     /// No pass decides anything until this (the monitor's start plus the
     /// agents' heartbeat window): after a controller start every agent is
     /// silent until it has reconnected.
@@ -78,11 +101,18 @@ impl Monitor {
     /// before a silent one counts (the heartbeat window).
     pub async fn new(engine: Engine, config: HealthConfig, notifier: Notifier, http: HttpClients, agent_grace: Duration) -> Result<Monitor, StoreError> {
         let store = engine.store();
-        let on = store.last_event(String::new(), "fleet.guard".into()).await?.map(|e| e.seq);
+        let on = store.last_event(String::new(), "fleet.guard".into()).await?;
         let off = store.last_event(String::new(), "fleet.guard_cleared".into()).await?.map(|e| e.seq);
-        let guard = on.is_some_and(|on| off.is_none_or(|off| off < on));
+        let guard = match on {
+            Some(on) if off.is_none_or(|off| off < on.seq) => {
+                let keys: BTreeSet<String> = on.evidence["keys"].as_array().map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                // An older controller's event names no keys: the silent agents.
+                if keys.is_empty() { ["agents_silent".to_owned()].into() } else { keys }
+            }
+            _ => BTreeSet::new(),
+        };
         let quiet_until_ms = now_ms() + agent_grace.as_millis() as u64;
-        Ok(Monitor { engine, config, notifier, http, guard, quiet_until_ms, pruned_at_ms: 0 })
+        Ok(Monitor { engine, config, notifier, http, guard, unknown_passes: HashMap::new(), quiet_until_ms, pruned_at_ms: 0 })
     }
 
     pub async fn run(mut self) {
@@ -116,9 +146,9 @@ impl Monitor {
         let mut events: Vec<Event> = vec![];
         let mut records: HashMap<String, SiteHealth> = HashMap::new();
 
-        // Signals and conditions.
+        // The signals every pass gathers.
+        let mut evidence: HashMap<String, Evidence> = HashMap::new();
         for site in &sites {
-            let mut h = stored.remove(&site.id).unwrap_or_else(|| SiteHealth::new(&site.id, now));
             let agent = match live.get(&site.id).and_then(|l| l.iter().find(|l| l.record.instance_id == site.primary_instance_id)) {
                 Some(l) if matches!(l.role, Role::Primary | Role::Pending) => AgentSignal::Live,
                 Some(l) => AgentSignal::Silent { last_seen_ms: Some(l.record.last_seen_ms) },
@@ -126,14 +156,31 @@ impl Monitor {
                     last_seen_ms: store.instance(site.id.clone(), site.primary_instance_id.clone()).await?.map(|r| r.last_seen_ms).filter(|t| *t > 0),
                 },
             };
+            let policy = deps.policy(&site.id).health;
             let e = Evidence {
                 agent,
                 ec2: ec2.get(&site.id).cloned().unwrap_or(Ec2Signal::Unknown { error: "not asked".into() }),
                 probe: probes.get(&site.id).cloned().unwrap_or(ProbeSignal::NotConfigured),
+                vantage: if policy.route53_health_check.is_empty() { VantageSignal::NotConfigured } else { VantageSignal::NotAsked },
+                local: LocalSignal::NotAsked,
             };
+            evidence.insert(site.id.clone(), e);
+        }
+        // The paths that do not cross the controller's network, asked only
+        // for the sites that look unwell.
+        self.vantage_signals(&sites, &mut evidence).await;
+        self.local_checks(&sites, &mut evidence).await;
+
+        // Conditions.
+        for site in &sites {
+            let mut h = stored.remove(&site.id).unwrap_or_else(|| SiteHealth::new(&site.id, now));
+            let e = evidence.remove(&site.id).expect("every site has evidence");
             let condition = Condition::of(&e);
             if !same_episode_class(h.condition, condition) {
                 h.condition_since_ms = now;
+            }
+            if condition != Condition::Healthy && h.episode_since_ms == 0 {
+                h.episode_since_ms = now;
             }
             h.condition = condition;
             h.evidence = Some(e);
@@ -160,36 +207,87 @@ impl Monitor {
             }
         }
 
-        // The fleet guard.
-        let silent = records.values().filter(|h| h.evidence.as_ref().is_some_and(Condition::agent_silent)).count();
-        let guard = fleet_guard_trips(silent, sites.len(), self.config.max_down_fraction);
-        if guard != self.guard {
-            let kind = if guard { "fleet.guard" } else { "fleet.guard_cleared" };
-            let summary = if guard {
-                format!(
-                    "{silent} of {} sites have a silent agent at once (more than {:.0} %): the fault is taken to be on the controller's side; no site is failed over while this holds",
-                    sites.len(),
-                    self.config.max_down_fraction * 100.0
-                )
+        // The fleet guard: whatever many sites show at once is taken to be
+        // the controller's own fault, for every rung.
+        let guard = self.guard(&sites, &records);
+        let keys: BTreeSet<String> = guard.iter().map(GuardReason::key).collect();
+        let describe = |g: &[GuardReason]| g.iter().map(|r| r.describe(self.config.max_down_fraction)).collect::<Vec<_>>().join("; ");
+        if !keys.is_subset(&self.guard) || (keys.is_empty() && !self.guard.is_empty()) {
+            let (kind, severity, summary) = if keys.is_empty() {
+                ("fleet.guard_cleared", "info", "every signal looks like the sites' own again: the fleet guard is lifted".to_owned())
             } else {
-                format!("{silent} of {} sites have a silent agent: the fleet guard is lifted", sites.len())
+                (
+                    "fleet.guard",
+                    "critical",
+                    format!(
+                        "{}: the fault is taken to be on the controller's side (its network, its probe, its view of EC2); no app restart, stop or failover starts where this holds",
+                        describe(&guard)
+                    ),
+                )
             };
-            events.push(event("", kind, if guard { "critical" } else { "info" }, summary, json!({"silent": silent, "sites": sites.len()}), ""));
-            self.guard = guard;
+            events.push(event("", kind, severity, summary, json!({"reasons": guard, "keys": keys}), ""));
         }
+        self.guard = keys;
 
         // Decisions.
-        let mut auto_failovers = active.iter().filter(|a| a.kind == "failover" && a.requested_by == REQUESTED_BY).count();
+        let count = |kinds: &[&str]| active.iter().filter(|a| kinds.contains(&a.kind.as_str()) && a.requested_by == REQUESTED_BY).count();
+        let mut running = Running { failovers: count(&["failover"]), repairs: count(&["app_restart", "host_restart"]) };
         let mut started = vec![];
         let mut decided = vec![];
         for site in &sites {
             let policy = deps.policy(&site.id).health;
             let h = records.get_mut(&site.id).expect("every site has a record");
             let ops: Vec<&ActiveDetail> = by_site.get(site.id.as_str()).cloned().unwrap_or_default();
-            let recovering = ops.iter().any(|o| matches!(o.kind.as_str(), "failover" | "app_restart" | "host_restart"));
             let before = h.state;
             let evidence = h.evidence.clone().map(|e| json!({"lines": e.lines(now), "signals": e, "condition": h.condition.as_str()})).unwrap_or(json!({}));
-            let mut decision = if recovering { Decision::Wait("a recovery of the site is running".into()) } else { decide(h, &policy, now) };
+
+            // Approvals expire with their evidence: a failover waiting for
+            // one is withdrawn once the site no longer looks like it needs it.
+            let mut withdrawn = vec![];
+            for o in ops.iter().filter(|o| o.kind == "failover" && o.requested_by == REQUESTED_BY && o.waiting_for.starts_with("approval")) {
+                if h.condition.may_need_failover() {
+                    continue;
+                }
+                let lines = h.evidence.as_ref().map(|e| e.lines(now).join("; ")).unwrap_or_default();
+                match engine.signal(&o.id, Signal::Deny, &format!("{REQUESTED_BY} (withdrawn)")).await {
+                    Ok(_) => {
+                        let mut e = event(
+                            &site.id,
+                            "failover.withdrawn",
+                            "warning",
+                            format!("the automatic failover {} is withdrawn: the site is {} now ({lines}); nothing was changed", o.id, h.condition.as_str()),
+                            evidence.clone(),
+                            &o.id,
+                        );
+                        // Same id as its end event (a denied operation ends
+                        // cancelled): the end is this event.
+                        e.id = format!("{}-cancelled", o.id);
+                        events.push(e);
+                        withdrawn.push(o.id.clone());
+                    }
+                    Err(e) => tracing::warn!(site = %site.id, operation = %o.id, error = %e, "could not withdraw the automatic failover"),
+                }
+            }
+            if !withdrawn.is_empty() {
+                // A withdrawn request is no try: the next loss may ask again,
+                // and its cooldown does not count.
+                h.attempts.retain(|a| !withdrawn.contains(&a.operation_id));
+                let last = h.attempts.iter().filter(|a| a.rung == Some(Rung::Failover)).map(|a| a.at_ms).max().unwrap_or(0);
+                h.last_auto_failover_ms = last;
+                h.last_auto_ms.insert(Rung::Failover.as_str().into(), last);
+            }
+            let ops: Vec<&ActiveDetail> = ops.into_iter().filter(|o| !withdrawn.contains(&o.id)).collect();
+            // Waiting for an approval is not recovering: the site shows its
+            // real health meanwhile.
+            let recovering = ops.iter().any(|o| matches!(o.kind.as_str(), "failover" | "app_restart" | "host_restart") && !o.waiting_for.starts_with("approval"));
+            let awaiting = ops.iter().any(|o| o.kind == "failover" && o.waiting_for.starts_with("approval"));
+            let mut decision = if recovering {
+                Decision::Wait("a recovery of the site is running".into())
+            } else if awaiting {
+                Decision::Wait("an automatic failover waits for an approval (`drctl approve`), on this evidence".into())
+            } else {
+                decide(h, &policy, now)
+            };
             if let (Some(p), Decision::Start(rung, why)) = (pauses.get(&site.id), &decision) {
                 decision = Decision::Wait(format!("{why}: {} is not started, automatic recovery is paused by {} ({})", rung.as_str(), p.by, p.reason));
             }
@@ -213,15 +311,20 @@ impl Monitor {
 
             if let Decision::Start(rung, why) = decision.clone() {
                 decided.push((site.id.clone(), rung));
-                match self.start(site, h, rung, &why, &policy, &ops, guard, auto_failovers, now).await {
+                let held_by_guard = guard.iter().find(|g| g.holds(&site.region)).map(|g| g.describe(self.config.max_down_fraction));
+                match self.start(site, h, rung, &why, &policy, &ops, held_by_guard, &running, now).await {
                     Ok(Some(op)) => {
-                        if rung == Rung::Failover {
-                            auto_failovers += 1;
-                            h.last_auto_failover_ms = now;
+                        match rung {
+                            Rung::Failover => {
+                                running.failovers += 1;
+                                h.last_auto_failover_ms = now;
+                            }
+                            Rung::AppRestart | Rung::HostRestart => running.repairs += 1,
                         }
+                        h.last_auto_ms.insert(rung.as_str().into(), now);
                         h.attempts.push(Attempt { rung: Some(rung), operation_id: op.clone(), at_ms: now, failed: false });
                         let (kind, summary) = match rung {
-                            Rung::Failover if policy.mode == AutoMode::Approve => ("failover.awaiting_approval", format!("{why}: an automatic failover waits for an approval: `drctl approve {op}` or `drctl deny {op}`")),
+                            Rung::Failover if policy.mode == AutoMode::Approve => ("failover.awaiting_approval", format!("{why}: an automatic failover waits for an approval: `drctl approve {op}` or `drctl deny {op}`; it is withdrawn if the site recovers first")),
                             Rung::Failover => ("failover.started", format!("{why}: automatic failover {op} started")),
                             Rung::AppRestart => ("repair.started", format!("{why}: restarting the app through the agent ({op})")),
                             Rung::HostRestart => ("repair.started", format!("{why}: stopping and starting the instance {} ({op})", site.primary_instance_id)),
@@ -240,12 +343,21 @@ impl Monitor {
                     }
                 }
             }
+            // While the fleet guard holds for the site, what it shows is
+            // taken to be the controller's fault: the fleet alert is the one
+            // alert, none per site.
+            let fleet_held = guard.iter().any(|g| g.holds(&site.region));
             match &decision {
+                Decision::Alert(_) if fleet_held => {}
                 Decision::Human(why) if once(h, &format!("human-{}", h.condition.as_str())) => {
                     events.push(event(&site.id, "site.needs_human", "critical", why.clone(), evidence.clone(), ""));
                 }
                 Decision::Alert(why) if once(h, &format!("alert-{}", h.condition.as_str())) => {
-                    let kind = if h.condition == Condition::Partitioned { "site.partitioned" } else { "site.needs_human" };
+                    let kind = match h.condition {
+                        Condition::Partitioned => "site.partitioned",
+                        Condition::AppUnreachable => "site.unreachable",
+                        _ => "site.needs_human",
+                    };
                     events.push(event(&site.id, kind, "warning", why.clone(), evidence.clone(), ""));
                 }
                 _ => {}
@@ -253,12 +365,13 @@ impl Monitor {
             h.decision = match &decision {
                 Decision::Wait(s) | Decision::Start(_, s) | Decision::Human(s) | Decision::Alert(s) => s.clone(),
             };
-            let recovering_now = recovering || started.iter().any(|(s, _, _)| s == &site.id);
+            let recovering_now = recovering || started.iter().any(|(s, r, _)| s == &site.id && !(*r == Rung::Failover && policy.mode == AutoMode::Approve));
             h.state = state_of(h.condition, recovering_now, &decision);
             if h.state != before {
                 h.since_ms = now;
                 let lines = h.evidence.as_ref().map(|e| e.lines(now).join("; ")).unwrap_or_default();
                 match h.state {
+                    HealthState::Suspect if fleet_held => {}
                     HealthState::Suspect => events.push(event(&site.id, "site.suspect", "warning", format!("{}: {lines}", h.condition.as_str()), evidence.clone(), "")),
                     HealthState::Down => events.push(event(&site.id, "site.down", "critical", format!("{}: {lines}", h.condition.as_str()), evidence.clone(), "")),
                     HealthState::Healthy => {
@@ -270,6 +383,7 @@ impl Monitor {
             if h.state == HealthState::Healthy {
                 h.attempts.clear();
                 h.alerted.clear();
+                h.episode_since_ms = 0;
             }
         }
 
@@ -284,11 +398,45 @@ impl Monitor {
             }
         }
         let recorded = self.notifier.record(records.values().cloned().collect(), events).await?;
-        Ok(Pass { health: records, started, decided, events: recorded, guard, ec2_calls })
+        Ok(Pass { health: records, started, decided, events: recorded, guard: !self.guard.is_empty(), ec2_calls })
+    }
+
+    /// The guard's reasons this pass. A region whose EC2 view is unknown
+    /// counts from its second pass in a row (one throttled call is no
+    /// outage); its sites are held from the first by [`Self::start`].
+    fn guard(&mut self, sites: &[Site], records: &HashMap<String, SiteHealth>) -> Vec<GuardReason> {
+        let mut c = FleetCounts { sites: sites.len(), ..Default::default() };
+        let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
+        for site in sites {
+            let Some(e) = records.get(&site.id).and_then(|h| h.evidence.as_ref()) else { continue };
+            if Condition::agent_silent(e) {
+                c.silent += 1;
+            }
+            if !matches!(e.probe, ProbeSignal::NotConfigured) {
+                c.probed += 1;
+            }
+            if matches!(e.probe, ProbeSignal::Failed { .. }) {
+                c.probe_failed += 1;
+            }
+            if matches!(e.ec2, Ec2Signal::Unknown { .. }) {
+                *unknown.entry(site.region.clone()).or_default() += 1;
+            }
+        }
+        self.unknown_passes.retain(|r, _| unknown.contains_key(r));
+        for (region, n) in unknown {
+            let passes = self.unknown_passes.entry(region.clone()).or_default();
+            *passes += 1;
+            if *passes >= 2 {
+                c.unknown_regions.insert(region, n);
+            }
+        }
+        fleet_guard(&c, self.config.max_down_fraction)
     }
 
     /// Starts `rung` for a site, or says why it is held. `Ok(None)`: not now
-    /// (waiting for an aborted drill to end), nothing to report.
+    /// (waiting for an aborted drill to end), nothing to report. Every rung
+    /// passes the same guards: the mode, the fleet guard, EC2's view, the
+    /// rung's cooldown and the fleet-wide concurrency.
     #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
@@ -298,29 +446,43 @@ impl Monitor {
         why: &str,
         policy: &HealthPolicy,
         ops: &[&ActiveDetail],
-        guard: bool,
-        auto_failovers: usize,
+        guard: Option<String>,
+        running: &Running,
         now: Millis,
     ) -> Result<Option<String>, Held> {
         let engine = &self.engine;
+        let not_started = if rung == Rung::Failover { "failover.not_started" } else { "repair.not_started" };
         if policy.mode == AutoMode::Off {
-            return Err(Held::new("failover.not_started", "mode", "auto_failover = \"off\" for this site: nothing automatic is done (set it to \"approve\" or \"auto\")"));
+            return Err(Held::new(not_started, "mode", "auto_failover = \"off\" for this site: nothing automatic is done (set it to \"approve\" or \"auto\")"));
         }
-        if rung == Rung::Failover {
-            if guard {
-                return Err(Held::new("failover.not_started", "guard", "the fleet guard holds (too many sites look down at once): no failover"));
+        if let Some(g) = guard {
+            return Err(Held::new(not_started, "guard", format!("the fleet guard holds ({g}): nothing is started")));
+        }
+        if let Some(Ec2Signal::Unknown { error }) = h.evidence.as_ref().map(|e| &e.ec2) {
+            return Err(Held::new(not_started, "ec2_unknown", format!("EC2's view of the instance is unknown this pass ({error}): nothing is started until EC2 answers")));
+        }
+        let last = h.last_auto(rung);
+        let since = now.saturating_sub(last);
+        if last > 0 && since < policy.cooldown.as_millis() as u64 {
+            return Err(Held::new(
+                not_started,
+                "cooldown",
+                format!(
+                    "the site's last automatic {} started {} ago (cooldown {})",
+                    rung.as_str(),
+                    humantime::format_duration(Duration::from_secs(since / 1000)),
+                    humantime::format_duration(policy.cooldown)
+                ),
+            ));
+        }
+        match rung {
+            Rung::Failover if running.failovers >= self.config.max_concurrent_failovers as usize => {
+                return Err(Held::new(not_started, "concurrency", format!("{} automatic failovers run already (max_concurrent_failovers {})", running.failovers, self.config.max_concurrent_failovers)));
             }
-            let since = now.saturating_sub(h.last_auto_failover_ms);
-            if h.last_auto_failover_ms > 0 && since < policy.cooldown.as_millis() as u64 {
-                return Err(Held::new(
-                    "failover.not_started",
-                    "cooldown",
-                    format!("the site's last automatic failover started {} ago (cooldown {})", humantime::format_duration(Duration::from_secs(since / 1000)), humantime::format_duration(policy.cooldown)),
-                ));
+            Rung::AppRestart | Rung::HostRestart if running.repairs >= self.config.max_concurrent_repairs as usize => {
+                return Err(Held::new(not_started, "concurrency", format!("{} automatic repairs run already (max_concurrent_repairs {})", running.repairs, self.config.max_concurrent_repairs)));
             }
-            if auto_failovers >= self.config.max_concurrent_failovers as usize {
-                return Err(Held::new("failover.not_started", "concurrency", format!("{auto_failovers} automatic failovers run already (max_concurrent_failovers {})", self.config.max_concurrent_failovers)));
-            }
+            _ => {}
         }
         // Isolated work of the site (drills, spare preparation) is aborted
         // first; the next pass starts the rung once it has ended.
@@ -340,17 +502,20 @@ impl Monitor {
             Rung::AppRestart => failover::start_state::<repair::AppRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
             Rung::HostRestart => failover::start_state::<repair::HostRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
             Rung::Failover => {
-                // Same region when EC2 answers there; else the first DR
-                // region the site can launch in.
-                let home_down = matches!(h.evidence.as_ref().map(|e| &e.ec2), Some(Ec2Signal::Unknown { .. }));
-                let dr = engine.deps().recovery(&site.id).launch.regions.keys().find(|r| **r != site.region).cloned();
-                let req = plan::Request { region: if home_down { dr.unwrap_or_default() } else { String::new() }, ..Default::default() };
+                let req = plan::Request::default();
                 let mut plan = plan::make(engine.deps(), site, &req)
                     .await
-                    .map_err(|e| Held::new("failover.not_started", "plan", format!("no failover can be planned: {e}")))?;
+                    .map_err(|e| Held::new(not_started, "plan", format!("no failover can be planned: {e}")))?;
+                let lines = h.evidence.as_ref().map(|e| e.lines(now)).unwrap_or_default();
                 if policy.mode == AutoMode::Approve {
                     plan.approval = format!("automatic failover of `{}`: {why}", site.id);
                 }
+                plan.trigger = Some(plan::Trigger {
+                    first_evidence_ms: if h.episode_since_ms > 0 { h.episode_since_ms } else { h.condition_since_ms },
+                    decided_ms: now,
+                    condition: h.condition.as_str().into(),
+                    evidence: lines,
+                });
                 failover::start(engine, plan, requested_by).await
             }
         };
@@ -359,7 +524,94 @@ impl Monitor {
                 tracing::warn!(site = %site.id, operation = %op.id, rung = rung.as_str(), why, "automatic recovery started");
                 Ok(Some(op.id))
             }
-            Err(e) => Err(Held::new(if rung == Rung::Failover { "failover.not_started" } else { "repair.failed" }, "start", format!("it could not start: {e}"))),
+            Err(e) => Err(Held::new(not_started, "start", format!("it could not start: {e}"))),
+        }
+    }
+
+    /// The Route 53 health check of each site that has one and looks
+    /// unwell on the controller's side (agent silent or probe failing)
+    /// while EC2 says running: the vantage outside our network.
+    async fn vantage_signals(&self, sites: &[Site], evidence: &mut HashMap<String, Evidence>) {
+        let deps = self.engine.deps();
+        let jobs: Vec<(String, String)> = sites
+            .iter()
+            .filter_map(|s| {
+                let e = evidence.get(&s.id)?;
+                let id = deps.policy(&s.id).health.route53_health_check;
+                let unwell = Condition::agent_silent(e) || matches!(e.probe, ProbeSignal::Failed { .. });
+                (!id.is_empty() && unwell && matches!(e.ec2, Ec2Signal::Ok)).then(|| (s.id.clone(), id))
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let dns = deps.dns().await;
+        let answers: Vec<(String, VantageSignal)> = futures::stream::iter(jobs)
+            .map(|(site, id)| {
+                let dns = dns.clone();
+                async move {
+                    let sig = match retry_ec2("GetHealthCheckStatus", EC2_BUDGET, || dns.health_check_status(&id)).await {
+                        Ok(obs) => match crate::cloud::dns::unhealthy_by_checkers(&obs) {
+                            Ok(detail) => VantageSignal::Unhealthy { detail: format!("health check {id}: {detail}") },
+                            Err(detail) => VantageSignal::Healthy { detail: format!("health check {id}: {detail}") },
+                        },
+                        Err(e) => VantageSignal::Unknown { error: format!("health check {id}: {e}") },
+                    };
+                    (site, sig)
+                }
+            })
+            .buffer_unordered(ROUTE53_CONCURRENCY)
+            .collect()
+            .await;
+        for (site, sig) in answers {
+            if let Some(e) = evidence.get_mut(&site) {
+                e.vantage = sig;
+            }
+        }
+    }
+
+    /// The agent's own check of the app on its machine, for each site whose
+    /// app looks unreachable while its agent talks and EC2 has no complaint:
+    /// tells a broken path (the controller's network, DNS, a proxy) from a
+    /// broken app before anything is restarted.
+    async fn local_checks(&self, sites: &[Site], evidence: &mut HashMap<String, Evidence>) {
+        let deps = self.engine.deps();
+        let jobs: Vec<(Site, Duration)> = sites
+            .iter()
+            .filter(|s| {
+                evidence.get(&s.id).is_some_and(|e| {
+                    matches!(e.agent, AgentSignal::Live) && e.app_unreachable() && matches!(e.ec2, Ec2Signal::Ok | Ec2Signal::Unknown { .. })
+                })
+            })
+            .map(|s| (s.clone(), deps.policy(&s.id).health.timeout))
+            .collect();
+        let registry = deps.registry.clone();
+        let answers: Vec<(String, LocalSignal)> = futures::stream::iter(jobs)
+            .map(|(site, timeout)| {
+                let registry = registry.clone();
+                async move {
+                    let to = Addressee::primary(&site);
+                    // A new id each time: the agent journals answers by id.
+                    let id = format!("health-{}", crate::domain::model::new_operation_id("check"));
+                    let sig = match registry.call(&to, &id, &AgentAction::HealthCheck, timeout + LOCAL_CHECK_SLACK).await {
+                        Ok(o) if o.ok => {
+                            let r = crate::workflows::report(&o);
+                            LocalSignal::Ok { detail: format!("{} answered {}", r["url"].as_str().unwrap_or("the health check"), r["status"]) }
+                        }
+                        Ok(o) if o.kind == Some(AgentErrorKind::NotSupported) => LocalSignal::Unknown { error: "the agent has no health check (an older agent)".into() },
+                        Ok(o) => LocalSignal::Failed { detail: o.error },
+                        Err(e) => LocalSignal::Unknown { error: e.to_string() },
+                    };
+                    (site.id, sig)
+                }
+            })
+            .buffer_unordered(self.config.probe_concurrency as usize)
+            .collect()
+            .await;
+        for (site, sig) in answers {
+            if let Some(e) = evidence.get_mut(&site) {
+                e.local = sig;
+            }
         }
     }
 
@@ -543,7 +795,8 @@ fn once(h: &mut SiteHealth, key: &str) -> bool {
 /// Conditions that continue one another keep their clock (a terminated
 /// instance seen first as "dead" does not restart `confirm_for`).
 fn same_episode_class(a: Condition, b: Condition) -> bool {
-    a == b || (a.confirmed_down() && b.confirmed_down()) || matches!((a, b), (Condition::HostImpaired | Condition::HostStopped, Condition::HostImpaired | Condition::HostStopped))
+    let gone = |c: Condition| matches!(c, Condition::InstanceGone | Condition::Contradictory);
+    a == b || (a.confirmed_down() && b.confirmed_down()) || (gone(a) && gone(b)) || matches!((a, b), (Condition::HostImpaired | Condition::HostStopped, Condition::HostImpaired | Condition::HostStopped))
 }
 
 /// The probe URL of a site: `{hostname}` is its hostname (the configured
@@ -678,7 +931,8 @@ mod tests {
             let p = m.pass(now_ms() + pass * 1000).await.expect("pass");
             assert!(p.guard, "the guard holds with 10 of 10 sites silent");
             assert!(p.started.is_empty(), "nothing started: {:?}", p.started);
-            assert!(p.health.values().all(|h| h.condition == Condition::MachineDead), "{:?}", p.health.values().map(|h| h.condition).collect::<Vec<_>>());
+            // Agent silent and probe failing cross one path: a partition.
+            assert!(p.health.values().all(|h| h.condition == Condition::Partitioned), "{:?}", p.health.values().map(|h| h.condition).collect::<Vec<_>>());
             guards += kinds(&p, "fleet.guard");
             assert_eq!(p.ec2_calls, 1, "10 sites of one region: one DescribeInstanceStatus");
         }
@@ -779,5 +1033,91 @@ mod tests {
         let p = m.pass(t0 + 61 * min).await.expect("pass");
         assert_eq!(p.started.len(), 1, "after the cooldown it fails over: {:?}", p.events);
     }
-}
 
+    /// Agents of every site attached, answering `health_check` with `local`.
+    fn attach_agents(m: &Monitor, n: usize, local: fn() -> crate::testkit::FakeAnswer) -> Vec<crate::testkit::FakeAgent> {
+        (0..n).map(|i| crate::testkit::FakeAgent::attach(&m.engine.deps().registry, &format!("s{i}"), &format!("i-{i:08x}"), Role::Primary, move |a| if a == "health_check" { local() } else { Ok(json!({})) })).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_outage_of_the_controller_restarts_no_app_anywhere() {
+        crate::reconcilers::tests_support::install_crypto();
+        let policy = HealthPolicy { repair_after: Duration::ZERO, ..auto(Duration::ZERO) };
+        let (_dir, fake, mut m) = fleet(5, HealthConfig::default(), policy).await;
+        // Every agent talks; the app answers on every machine.
+        let agents = attach_agents(&m, 5, || Ok(json!({"url": "http://127.0.0.1/health-check", "status": 200})));
+        let t0 = now_ms();
+        let mut guards = 0;
+        for pass in 0..3 {
+            let p = m.pass(t0 + pass * 1000).await.expect("pass");
+            assert!(p.started.is_empty(), "nothing restarted: {:?}", p.started);
+            assert!(p.health.values().all(|h| h.condition == Condition::AppUnreachable), "{:?}", p.health.values().map(|h| h.condition).collect::<Vec<_>>());
+            assert!(p.guard, "5 of 5 probes failing: the controller's probe is at fault");
+            assert!(!p.events.iter().any(|e| e.kind.starts_with("site.") || e.kind.starts_with("repair.")), "one fleet alert, none per site: {:?}", p.events);
+            guards += kinds(&p, "fleet.guard");
+        }
+        assert_eq!(guards, 1);
+        for a in &agents {
+            let cmds = a.commands.lock().expect("lock").clone();
+            assert!(cmds.iter().all(|c| c.ends_with(":health_check")), "only health checks: {cmds:?}");
+        }
+        assert_eq!(fake.calls_of("StopInstances"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_the_app_failing_on_its_machine_too_rung_1_runs_within_its_cooldown_and_concurrency() {
+        crate::reconcilers::tests_support::install_crypto();
+        let config = HealthConfig { max_down_fraction: 1.0, max_concurrent_repairs: 1, ..HealthConfig::default() };
+        let policy = HealthPolicy { repair_after: Duration::ZERO, ..auto(Duration::ZERO) };
+        let (_dir, _fake, mut m) = fleet(2, config, policy).await;
+        let _agents = attach_agents(&m, 2, || Err((dr_proto::pb::ErrorKind::Failed, "HTTP 503 from http://127.0.0.1/health-check".into())));
+        let t0 = now_ms();
+        let p = m.pass(t0).await.expect("pass");
+        assert!(p.health.values().all(|h| h.condition == Condition::AppDown), "{:?}", p.health);
+        assert_eq!(p.started.len(), 1, "max_concurrent_repairs = 1: {:?}", p.started);
+        assert_eq!(p.started[0].1, Rung::AppRestart);
+        assert_eq!(kinds(&p, "repair.not_started"), 1, "the other is told why: {:?}", p.events);
+        assert!(p.events.iter().any(|e| e.kind == "repair.not_started" && e.summary.contains("max_concurrent_repairs")), "{:?}", p.events);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approval_asked_on_evidence_that_heals_is_withdrawn_and_not_counted() {
+        crate::reconcilers::tests_support::install_crypto();
+        let policy = HealthPolicy { mode: AutoMode::Approve, url: String::new(), ..auto(Duration::ZERO) };
+        let (_dir, fake, mut m) = fleet(1, HealthConfig::default(), policy).await;
+        fake.lock().instances[0].instance.state = "terminated".into();
+        let t0 = now_ms();
+        let p = m.pass(t0).await.expect("pass");
+        let op = p.started.first().map(|s| s.2.clone()).expect("a failover asks for an approval");
+        let store = m.engine.store().clone();
+        for _ in 0..200 {
+            if store.operation(op.clone()).await.expect("op").is_some_and(|o| o.waiting_for.starts_with("approval")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = m.pass(t0 + 1000).await.expect("pass");
+        assert_eq!(p.health["s0"].state, HealthState::Down, "awaiting an approval is not recovering: {:?}", p.health["s0"]);
+        // EC2 and the agent are back.
+        fake.lock().instances[0].instance.state = "running".into();
+        let _agent = attach_agents(&m, 1, || Ok(json!({})));
+        let p = m.pass(t0 + 2000).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.withdrawn"), 1, "{:?}", p.events);
+        assert_eq!(p.health["s0"].state, HealthState::Healthy);
+        for _ in 0..200 {
+            if store.operation(op.clone()).await.expect("op").is_some_and(|o| o.state.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = m.pass(t0 + 3000).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.failed"), 0, "its end is the withdrawal: {:?}", p.events);
+        // Lost again a minute later: asked again, no cooldown from the
+        // withdrawn request.
+        fake.lock().instances[0].instance.state = "terminated".into();
+        m.engine.deps().registry.set_role("s0", "i-00000000", Role::Passive { reason: "test: gone".into() });
+        let p = m.pass(t0 + 60_000).await.expect("pass");
+        assert_eq!(kinds(&p, "failover.awaiting_approval"), 1, "{:?}", p.events);
+        assert_eq!(fake.calls_of("RunInstances") + fake.calls_of("StopInstances"), 0, "nothing without an approval");
+    }
+}

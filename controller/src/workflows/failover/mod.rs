@@ -71,6 +71,9 @@ pub struct State {
     pub running_at_ms: Millis,
     pub agent_up_at_ms: Millis,
     pub healthy_at_ms: Millis,
+    /// The Elastic IP and the DNS record point at the new machine.
+    #[serde(default)]
+    pub reachable_at_ms: Millis,
     /// The address changes actually applied.
     pub addresses: Vec<plan::AddressChange>,
     pub eip_moved: bool,
@@ -117,8 +120,25 @@ impl State {
 /// The operation's outcome for a human (also `--output json`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
-    /// Operation start → app healthy on the new primary (0 if never).
+    /// The outage as an operator counts it: from `rto_from` until the site
+    /// is reachable again (app healthy, Elastic IP and DNS moved); 0 if
+    /// never.
     pub rto_ms: u64,
+    /// `first_evidence` (an automatic failover: the health monitor's first
+    /// sight of the loss) or `request` (a failover asked by a human).
+    #[serde(default)]
+    pub rto_from: String,
+    /// Milestones (ms since the epoch, 0 = not reached): the first evidence
+    /// of the loss (automatic only), the decision (or the request), the app
+    /// healthy on the new machine, the site reachable.
+    #[serde(default)]
+    pub detected_at_ms: Millis,
+    #[serde(default)]
+    pub decided_at_ms: Millis,
+    #[serde(default)]
+    pub restored_at_ms: Millis,
+    #[serde(default)]
+    pub reachable_at_ms: Millis,
     /// By phase: fence, launch_to_running, agent_up, app_stop, file_steps,
     /// app_start, address_moves, cleanup.
     pub phases: BTreeMap<String, u64>,
@@ -777,6 +797,8 @@ async fn move_eip(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
 
 async fn update_dns(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let Some(dns) = st.plan.dns.clone() else {
+        // Reachable once its addresses moved (the Elastic IP, if any).
+        st.reachable_at_ms = now_ms();
         return Ok(Outcome::Done("no [site.dns] record configured".into()));
     };
     let value = match st.plan.eip.as_ref().filter(|e| e.movable) {
@@ -800,6 +822,7 @@ async fn update_dns(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     st.dns_value = value.clone();
+    st.reachable_at_ms = now_ms();
     Ok(Outcome::Done(format!("{} A {value} (ttl {}) in sync", dns.name, dns.ttl)))
 }
 
@@ -1000,9 +1023,26 @@ async fn report(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     } else {
         format!("nothing changed: {old} is still the primary")
     };
-    let rto_ms = if st.healthy_at_ms > 0 && st.promoted { st.healthy_at_ms.saturating_sub(ctx.created_at_ms) } else { 0 };
+    let mut phases = phases;
+    let (rto_from, detected_at_ms, decided_at_ms) = match &st.plan.trigger {
+        Some(t) => ("first_evidence", t.first_evidence_ms, t.decided_ms),
+        None => ("request", 0, ctx.created_at_ms),
+    };
+    if detected_at_ms > 0 {
+        phases.insert("detection".into(), decided_at_ms.saturating_sub(detected_at_ms));
+        // Decided → this operation began (an approval waits here too).
+        phases.insert("decision_to_start".into(), ctx.created_at_ms.saturating_sub(decided_at_ms));
+    }
+    let reachable_at_ms = if st.reachable_at_ms > 0 { st.reachable_at_ms } else { st.healthy_at_ms };
+    let from = if detected_at_ms > 0 { detected_at_ms } else { ctx.created_at_ms };
+    let rto_ms = if reachable_at_ms > 0 && st.promoted { reachable_at_ms.saturating_sub(from) } else { 0 };
     let r = Report {
         rto_ms,
+        rto_from: rto_from.into(),
+        detected_at_ms,
+        decided_at_ms,
+        restored_at_ms: st.healthy_at_ms,
+        reachable_at_ms: if st.promoted { reachable_at_ms } else { 0 },
         phases,
         rpo_ms: ctx.created_at_ms.saturating_sub(st.plan.backup.started_at_ms),
         new_primary: if st.promoted { st.candidate.clone() } else { String::new() },
@@ -1011,7 +1051,13 @@ async fn report(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         human_actions: human,
     };
     let detail = if st.promoted {
-        format!("RTO {} (data loss {}); {} action(s) for a human", secs(r.rto_ms), secs(r.rpo_ms), r.human_actions.len())
+        format!(
+            "RTO {} from the {} until reachable (data loss {}); {} action(s) for a human",
+            secs(r.rto_ms),
+            if r.rto_from == "first_evidence" { "first evidence of the loss" } else { "request" },
+            secs(r.rpo_ms),
+            r.human_actions.len()
+        )
     } else {
         site_state
     };

@@ -161,6 +161,22 @@ pub struct Plan {
     /// (policy `auto_failover = "approve"`) after its preflight; why.
     #[serde(default)]
     pub approval: String,
+    /// What the health monitor saw, for an automatic failover: its RTO runs
+    /// from the first evidence, and an approval is for this evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+}
+
+/// The evidence an automatic recovery was decided on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    /// The first pass that saw the site unwell in this episode.
+    pub first_evidence_ms: Millis,
+    /// The pass that decided.
+    pub decided_ms: Millis,
+    pub condition: String,
+    /// One line per signal, as `drctl site` shows them.
+    pub evidence: Vec<String>,
 }
 
 /// Why no plan can be made: nothing was changed.
@@ -435,6 +451,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let now = now_ms();
     Ok(Plan {
         approval: String::new(),
+        trigger: None,
         spare,
         site_id: site.id.clone(),
         kind: if req.failback {
@@ -551,6 +568,7 @@ fn isolated_plan(
     let now = now_ms();
     Ok(Plan {
         approval: String::new(),
+        trigger: None,
         site_id: site.id.clone(),
         kind: what.kind.into(),
         planned_at_ms: now,
