@@ -287,6 +287,11 @@ pub struct FakeAgent {
 /// What the fake agent answers to an action: a JSON report, or an error.
 pub type FakeAnswer = Result<serde_json::Value, (dr_proto::pb::ErrorKind, String)>;
 
+/// A step the fake agent ran and that failed (`ErrorKind::Failed`).
+pub fn fake_failure(message: &str) -> FakeAnswer {
+    Err((dr_proto::pb::ErrorKind::Failed, message.to_owned()))
+}
+
 impl FakeAgent {
     /// Attaches an agent for `site`/`instance` with `role`; `answer` maps an
     /// action name (`app_stop`, `app_status`, `health_check`, ...) to its

@@ -1070,7 +1070,7 @@ mod tests {
         let config = HealthConfig { max_down_fraction: 1.0, max_concurrent_repairs: 1, ..HealthConfig::default() };
         let policy = HealthPolicy { repair_after: Duration::ZERO, ..auto(Duration::ZERO) };
         let (_dir, _fake, mut m) = fleet(2, config, policy).await;
-        let _agents = attach_agents(&m, 2, || Err((dr_proto::pb::ErrorKind::Failed, "HTTP 503 from http://127.0.0.1/health-check".into())));
+        let _agents = attach_agents(&m, 2, || crate::testkit::fake_failure("HTTP 503 from http://127.0.0.1/health-check"));
         let t0 = now_ms();
         let p = m.pass(t0).await.expect("pass");
         assert!(p.health.values().all(|h| h.condition == Condition::AppDown), "{:?}", p.health);
