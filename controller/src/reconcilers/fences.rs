@@ -306,14 +306,17 @@ impl Keeper {
     }
 
     /// What one fenced instance needs this pass; the event it raises.
-    async fn keep(&mut self, deps: &Deps, site: &Site, rec: &InstanceRecord, view: &Ec2View, app_state: Option<String>, now: Millis) -> Result<Option<Event>, StoreError> {
+    async fn keep(&self, deps: &Deps, site: &Site, rec: &InstanceRecord, view: &Ec2View, app_state: Option<String>, now: Millis) -> Result<Option<Event>, StoreError> {
         let key = (site.id.clone(), rec.instance_id.clone());
         let open = self.fences.lock().get(&key).cloned();
         let agent_connected = app_state.is_some();
         let (ec2_state, region) = match view {
             Ec2View::State { state, region } => (state.clone(), region.clone()),
             Ec2View::Absent => ("gone".to_owned(), String::new()),
-            Ec2View::Unknown(_) => ("unknown".to_owned(), String::new()),
+            Ec2View::Unknown(why) => {
+                tracing::debug!(site = %site.id, instance = %rec.instance_id, error = %why, "EC2's view of a fenced instance is unknown this pass");
+                ("unknown".to_owned(), String::new())
+            }
         };
         let stopped = matches!(ec2_state.as_str(), "stopped" | "terminated" | "shutting-down" | "gone");
         if stopped {
@@ -494,6 +497,7 @@ mod tests {
             if self.deny_stop.load(Ordering::SeqCst) {
                 self.ec2.lock().calls.push("StopInstances(denied)");
                 return Err(Ec2Error::PermissionDenied {
+                    op: "StopInstances",
                     action: "ec2:StopInstances".into(),
                     resource: id.into(),
                     message: "UnauthorizedOperation".into(),
@@ -533,8 +537,7 @@ mod tests {
                 .expect("site");
             store.set_instance_role(site.into(), old.into(), "fenced".into(), String::new(), "fenced by failover f-1".into()).await.expect("fence");
         }
-        let mut failover = crate::domain::recovery::FailoverConfig::default();
-        failover.fence_timeout = Duration::from_secs(60);
+        let failover = crate::domain::recovery::FailoverConfig { fence_timeout: Duration::from_secs(60), ..Default::default() };
         let engine = crate::workflows::engine(crate::workflows::Deps {
             store: store.clone(),
             registry: crate::agents::Registry::default(),
