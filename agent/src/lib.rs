@@ -14,6 +14,7 @@
 //!   the Replicated files), [`nomad_state`] (wipe), [`builds`] (clean up
 //!   half-finished builds), [`freeze`] (FIFREEZE/FITHAW + watchdog),
 //!   [`drain`] (Nomad builders), [`recover`] (the whole runbook).
+//! - [`fence`]: an old primary told it is fenced keeps its app stopped.
 
 pub mod app;
 pub mod atomic;
@@ -24,6 +25,7 @@ pub mod commands;
 pub mod config;
 pub mod drain;
 pub mod facts;
+pub mod fence;
 pub mod freeze;
 pub mod identity;
 pub mod imds;

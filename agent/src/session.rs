@@ -3,7 +3,7 @@
 //! domain types of [`crate::steps`], [`crate::facts`] and [`crate::journal`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use dr_proto::backoff::Backoff;
 use crate::config::{Config, RunSettings};
 use crate::facts::{self, FactsError, InstanceFacts};
+use crate::fence::{self, FenceRecord};
 use crate::imds::{ImdsClient, ImdsError};
 use crate::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
@@ -341,6 +342,15 @@ pub struct Agent {
     reconnect: (Duration, Duration),
     app_state: Mutex<String>,
     refreshing: AtomicBool,
+    state_dir: PathBuf,
+    /// The fence in force on this machine (see [`crate::fence`]); the
+    /// keeper task watches it.
+    fence: tokio::sync::watch::Sender<Option<FenceRecord>>,
+    /// Poked when a heartbeat's app state shows a fenced app not stopped.
+    fence_poke: tokio::sync::Notify,
+    /// The last Welcome's heartbeat interval (ms): how often the keeper
+    /// looks by itself.
+    heartbeat_ms: AtomicU64,
 }
 
 impl Agent {
@@ -350,6 +360,7 @@ impl Agent {
         let journal = Journal::open(config.state_dir.join("journal"))?;
         let pruned = journal.prune(journal::RETENTION, std::time::SystemTime::now())?;
         tracing::info!(dir = %journal.dir().display(), pruned, "journal opened");
+        let fence = load_fence(&config.state_dir);
         Ok(Agent {
             settings,
             tls: TlsFiles { ca: config.tls.ca.clone(), cert: config.tls.cert.clone(), key: config.tls.key.clone() },
@@ -360,6 +371,10 @@ impl Agent {
             reconnect: (config.reconnect.initial, config.reconnect.max),
             app_state: Mutex::new("unknown".to_owned()),
             refreshing: AtomicBool::new(false),
+            state_dir: config.state_dir.clone(),
+            fence: tokio::sync::watch::Sender::new(fence),
+            fence_poke: tokio::sync::Notify::new(),
+            heartbeat_ms: AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64),
         })
     }
 
@@ -368,14 +383,18 @@ impl Agent {
     }
 
     async fn read_app_state(&self) -> String {
-        let state = match self.executor.replicatedctl().app_status().await {
-            Ok(s) => s.state,
+        let (state, transitioning) = match self.executor.replicatedctl().app_status().await {
+            Ok(s) => (s.state, s.is_transitioning),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the app state");
-                "unknown".to_owned()
+                ("unknown".to_owned(), false)
             }
         };
         *self.app_state.lock().expect("app state lock poisoned") = state.clone();
+        if self.fence.borrow().is_some() && fence::needs_stop(&state, transitioning) {
+            tracing::warn!(app_state = %state, transitioning, "fenced, and the app is not stopped: the fence keeper stops it");
+            self.fence_poke.notify_one();
+        }
         state
     }
 
@@ -451,6 +470,8 @@ impl Agent {
         let mut welcome = welcome_from_pb(&w);
         on_welcome();
         log_welcome(&welcome);
+        self.heartbeat_ms.store(welcome.heartbeat_interval.as_millis() as u64, Ordering::Relaxed);
+        self.apply_role(&welcome.role, &own_instance);
 
         // The Hello just carried fresh facts: the first heartbeat is due one
         // interval from now, not at once.
@@ -467,10 +488,13 @@ impl Agent {
                         welcome = welcome_from_pb(&w);
                         log_welcome(&welcome);
                         ticker = heartbeat_ticker(welcome.heartbeat_interval);
+                        self.heartbeat_ms.store(welcome.heartbeat_interval.as_millis() as u64, Ordering::Relaxed);
+                        self.apply_role(&welcome.role, &own_instance);
                     }
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::RoleChange(r)) }) => {
                         let role = role_change_from_pb(&r);
                         tracing::info!(from = welcome.role.as_str(), to = role.as_str(), operation = role.operation_id(), reason = %r.reason, "the controller changed this instance's role");
+                        self.apply_role(&role, &own_instance);
                         welcome.role = role;
                         welcome.reason = r.reason;
                     }
@@ -526,6 +550,10 @@ impl Agent {
 
     /// Runs sessions until `shutdown` resolves, reconnecting with backoff.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        // The fence holds with or without a controller: its keeper runs
+        // beside the sessions for the daemon's life.
+        let keeper = tokio::spawn(Arc::clone(&self).keep_fence());
+        let _keeper = AbortOnDrop(keeper);
         let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1);
         tokio::pin!(shutdown);
         loop {
@@ -552,6 +580,172 @@ impl Agent {
                 _ = tokio::time::sleep(delay) => {}
                 _ = &mut shutdown => return,
             }
+        }
+    }
+}
+
+/// Ends a task when dropped (the fence keeper ends with the daemon's loop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The fence recorded in `state_dir`, if it applies on this instance (as
+/// `identity.json` names it). Unreadable: logged, none.
+fn load_fence(state_dir: &std::path::Path) -> Option<FenceRecord> {
+    let record = match fence::load(state_dir) {
+        Ok(r) => r?,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the fence record: no fence in force until the controller says so");
+            return None;
+        }
+    };
+    let current = crate::identity::load(state_dir).ok().flatten().and_then(|f| f.current.instance_id);
+    if !record.applies_to(current.as_deref()) {
+        tracing::warn!(fenced = %record.instance_id, instance = current.as_deref().unwrap_or(""),
+            "a fence record of another instance (a copied disk) does not apply here; removed");
+        if let Err(e) = fence::remove(state_dir) {
+            tracing::warn!(error = %e, "cannot remove the stale fence record");
+        }
+        return None;
+    }
+    tracing::warn!(instance = %record.instance_id, reason = %record.reason, since = %record.since,
+        "this instance is fenced (recorded): its app is kept stopped until the controller says otherwise");
+    Some(record)
+}
+
+impl Agent {
+    /// Follows the role the controller gives this instance: `fenced` puts
+    /// the fence in force (recorded, then the keeper stops the app); any
+    /// settled role other than `fenced` lifts it; `pending` changes nothing.
+    fn apply_role(&self, role: &Role, own_instance: &str) {
+        match role {
+            Role::Fenced(reason) => {
+                let started = self.fence.send_if_modified(|f| match f {
+                    Some(r) if r.instance_id == own_instance => {
+                        r.reason.clone_from(reason);
+                        false
+                    }
+                    _ => {
+                        let stops = f.as_ref().map_or(0, |r| r.stops);
+                        *f = Some(FenceRecord {
+                            instance_id: own_instance.to_owned(),
+                            reason: reason.clone(),
+                            since: crate::clock::utc_stamp(std::time::SystemTime::now()),
+                            stops,
+                        });
+                        true
+                    }
+                });
+                if started {
+                    tracing::warn!(instance = own_instance, reason = %reason, "the controller fenced this instance: stopping the app and keeping it stopped");
+                } else {
+                    // Told again (a reconnect): look once more now.
+                    self.fence_poke.notify_one();
+                }
+                let current = self.fence.borrow().clone();
+                if let Some(r) = current {
+                    if let Err(e) = fence::save(&self.state_dir, &r) {
+                        tracing::error!(error = %e, "cannot record the fence: it holds until this agent restarts");
+                    }
+                }
+            }
+            Role::Pending => {}
+            other => {
+                if self.fence.send_replace(None).is_some() {
+                    tracing::warn!(instance = own_instance, role = other.as_str(), "the controller lifted this instance's fence");
+                    if let Err(e) = fence::remove(&self.state_dir) {
+                        tracing::error!(error = %e, "cannot remove the fence record: it would come back at the next start");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds the fence while one is in force: looks at once, then every
+    /// heartbeat interval and whenever a heartbeat saw the app not
+    /// stopped; after a failed stop, waits with backoff (pokes ignored).
+    async fn keep_fence(self: Arc<Self>) {
+        let mut rx = self.fence.subscribe();
+        let mut backoff = Backoff::new(fence::RETRY_INITIAL, fence::RETRY_MAX);
+        loop {
+            let in_force = rx.borrow_and_update().clone();
+            let Some(record) = in_force else {
+                backoff.reset();
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            if self.hold_fence(&record).await {
+                backoff.reset();
+                let every = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed)).max(MIN_HEARTBEAT);
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = self.fence_poke.notified() => {}
+                    r = rx.changed() => if r.is_err() { return },
+                }
+            } else {
+                let delay = backoff.next_delay();
+                tracing::warn!(retry_in_ms = delay.as_millis() as u64, attempt = backoff.attempt(), "fence: the app could not be stopped; retrying after backoff");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    r = rx.changed() => if r.is_err() { return },
+                }
+            }
+        }
+    }
+
+    /// One look: the app stopped and settled is left alone; anything else
+    /// is stopped through the journal (the controller's `app_stop` step).
+    /// False when the stop failed.
+    async fn hold_fence(&self, record: &FenceRecord) -> bool {
+        let state = match self.executor.replicatedctl().app_status().await {
+            Ok(s) => {
+                *self.app_state.lock().expect("app state lock poisoned") = s.state.clone();
+                if !fence::needs_stop(&s.state, s.is_transitioning) {
+                    return true;
+                }
+                s.state
+            }
+            // Stop anyway: the step issues the stop and waits for it.
+            Err(e) => {
+                tracing::warn!(error = %e, "fence: cannot read the app state; stopping it anyway");
+                "unknown".to_owned()
+            }
+        };
+        let mut n = 0;
+        self.fence.send_if_modified(|f| {
+            if let Some(r) = f {
+                r.stops += 1;
+                n = r.stops;
+            }
+            false
+        });
+        if n == 0 {
+            return true; // lifted meanwhile
+        }
+        let current = self.fence.borrow().clone();
+        if let Some(r) = current {
+            if let Err(e) = fence::save(&self.state_dir, &r) {
+                tracing::warn!(error = %e, "cannot record the fence's stop count");
+            }
+        }
+        let id = fence::journal_id(&record.instance_id, n);
+        let action = Action::AppStop { force: false, dry_run: false };
+        tracing::warn!(id = %id, instance = %record.instance_id, app_state = %state, reason = %record.reason, "fenced: stopping the app");
+        let answer = self.journal.run(&id, &action, || self.executor.execute(&action, None)).await;
+        // The next heartbeat reports what is there now.
+        let now = self.read_app_state().await;
+        if answer.ok {
+            tracing::warn!(id = %id, instance = %record.instance_id, app_state = %now, replayed = answer.replayed, "fenced: app stopped");
+            true
+        } else {
+            tracing::error!(id = %id, instance = %record.instance_id, app_state = %now, error = %answer.error, "fenced: the app stop failed");
+            false
         }
     }
 }

@@ -78,6 +78,11 @@ pub struct HealthConfig {
     /// `agent.cert_expiring` (once per certificate).
     #[serde(with = "humantime_serde")]
     pub cert_warning: Duration,
+    /// How often the fenced instances of every site are looked up in EC2
+    /// (one DescribeInstances per account and region) and their agents in
+    /// the live sessions; one seen running again is stopped again.
+    #[serde(with = "humantime_serde")]
+    pub fence_interval: Duration,
 }
 
 impl Default for HealthConfig {
@@ -89,6 +94,7 @@ impl Default for HealthConfig {
             max_concurrent_repairs: 5,
             probe_concurrency: 64,
             cert_warning: Duration::from_secs(30 * 24 * 3600),
+            fence_interval: Duration::from_secs(20),
         }
     }
 }
@@ -167,6 +173,8 @@ pub const EVENT_KINDS: &[&str] = &[
     "backup.late",
     "drill.failed",
     "agent.cert_expiring",
+    "fence.breached",
+    "fence.restored",
 ];
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
@@ -511,6 +519,9 @@ impl Config {
         if !(1..=1024).contains(&h.probe_concurrency) {
             return Err(invalid("health.probe_concurrency".into(), "must be between 1 and 1024".into()));
         }
+        if h.fence_interval < Duration::from_millis(100) || h.fence_interval > s(600) {
+            return Err(invalid("health.fence_interval".into(), "must be between 100ms and 10m".into()));
+        }
         for (i, n) in self.notify.iter().enumerate() {
             let key = |f: &str| format!("notify[{i}].{f}");
             if !(n.url.starts_with("https://") || n.url.starts_with("http://")) || n.url.parse::<hyper::Uri>().is_err() {
@@ -719,6 +730,7 @@ instance_id = "i-0123456789abcdef0"
             ("[site.policy]\nhealth_timeout = \"0s\"\n", "health_timeout"),
             ("[health]\nmax_down_fraction = 2.0\n", "health.max_down_fraction: 2 is not a fraction"),
             ("[health]\nmax_concurrent_failovers = 0\n", "health.max_concurrent_failovers"),
+            ("[health]\nfence_interval = \"1h\"\n", "health.fence_interval: must be between 100ms and 10m"),
             ("[health]\nintervall = \"1s\"\n", "unknown field `intervall`"),
             ("[[notify]]\nurl = \"mailto:ops@example.com\"\n", "notify[0].url"),
             ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"site.dwon\"]\n", "notify[0].events: `site.dwon` names no event"),

@@ -113,6 +113,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     tokio::spawn(monitor.run());
+    let fences = reconcilers::fences::Fences::default();
+    let keeper = reconcilers::fences::Keeper::new(engine.clone(), notifier.clone(), fences.clone(), config.health.fence_interval).await?;
+    tokio::spawn(keeper.run());
     tokio::spawn(reconcilers::notify::run(store.clone(), std::sync::Arc::new(config.notify.clone()), http, std::time::Duration::from_secs(1)));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
@@ -139,6 +142,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registry: registry.clone(),
         engine,
         notifier,
+        fences,
         health_interval: config.health.interval,
     };
 

@@ -11,6 +11,8 @@
 //!   answer is edited for the affected instances;
 //! - instances that will not stop: StopInstances naming them is answered
 //!   with a success without reaching moto, so they keep running;
+//! - instances the caller may not stop: StopInstances naming them is
+//!   answered HTTP 403 `UnauthorizedOperation`, as IAM refuses it;
 //! - a failed region: every request signed for it is answered HTTP 503
 //!   `Unavailable`, as during a regional outage;
 //! - Route 53 health checks (GetHealthCheckStatus, which moto always
@@ -57,9 +59,12 @@ struct State {
     /// Instance id -> its scheduled events, in the order scheduled.
     events: HashMap<String, Vec<Event>>,
     wont_stop: HashSet<String>,
+    deny_stop: HashSet<String>,
     failed_regions: HashSet<String>,
     /// Instance ids of every StopInstances seen, in arrival order.
     stop_calls: Vec<String>,
+    /// The same, with their arrival time (Unix ms).
+    stop_times: Vec<(String, u64)>,
     /// Numbers the events' ids.
     next_event: u64,
     /// Route 53 health check id -> whether its checkers reach the endpoint.
@@ -112,6 +117,13 @@ impl Faults {
         self.lock().wont_stop.insert(instance_id.to_owned());
     }
 
+    /// StopInstances naming the instance is answered HTTP 403
+    /// `UnauthorizedOperation` (nothing is stopped), as when the IAM policy
+    /// does not allow it.
+    pub fn deny_stop(&self, instance_id: &str) {
+        self.lock().deny_stop.insert(instance_id.to_owned());
+    }
+
     /// Every request signed for `region` is answered HTTP 503 with EC2's
     /// error code `Unavailable`.
     pub fn fail_region(&self, region: &str) {
@@ -125,6 +137,7 @@ impl Faults {
         state.instance_impaired.remove(instance_id);
         state.events.remove(instance_id);
         state.wont_stop.remove(instance_id);
+        state.deny_stop.remove(instance_id);
         state.states.remove(instance_id);
     }
 
@@ -151,6 +164,12 @@ impl Faults {
     /// failed region (answered 503, neither forwarded nor swallowed).
     pub fn stop_calls(&self) -> Vec<String> {
         self.lock().stop_calls.clone()
+    }
+
+    /// [`Faults::stop_calls`] with the time each arrived (Unix ms); denied
+    /// ones included.
+    pub fn stop_times(&self) -> Vec<(String, u64)> {
+        self.lock().stop_times.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -202,6 +221,8 @@ pub async fn start(upstream: &str) -> FaultProxy {
     });
     FaultProxy { url, stats, faults }
 }
+
+const UNAUTHORIZED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>";
 
 const UNAVAILABLE: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>Unavailable</Code><Message>The service is unavailable. Please try again shortly.</Message></Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>";
 
@@ -255,6 +276,11 @@ async fn stop_instances(
     let swallowed: HashSet<String> = {
         let mut state = faults.lock();
         state.stop_calls.extend(named.iter().map(|(_, id)| id.clone()));
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        state.stop_times.extend(named.iter().map(|(_, id)| (id.clone(), at)));
+        if named.iter().any(|(_, id)| state.deny_stop.contains(id)) {
+            return Ok(xml_response(403, UNAUTHORIZED.to_owned()));
+        }
         named.iter().filter(|(_, id)| state.wont_stop.contains(id)).map(|(_, id)| id.clone()).collect()
     };
     if swallowed.is_empty() {

@@ -366,3 +366,170 @@ async fn a_started_app_whose_health_check_fails_waits_then_resumes() {
     let out = w.drctl(&["-o", "json", "operation", "resume", id, "--wait"]);
     assert_eq!(last_json(&out.stdout)["state"], "succeeded", "{}{}", text(&out.stdout), text(&out.stderr));
 }
+
+/// The simulated app's state on a machine's disk (`stopped`, `started`, ...).
+fn app_state_on(disk: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(disk.join("var/lib/dr-sim/replicated.json")).unwrap_or_default();
+    serde_json::from_str::<Value>(&text).ok().and_then(|v| v["state"].as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// When the machine's replicatedctl got `args` after `since` (Unix ms).
+fn replicatedctl_calls_since(disk: &std::path::Path, args: &str, since: u64) -> Vec<u64> {
+    let log = std::fs::read_to_string(disk.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).as_deref() == Some(args))
+        .filter_map(|v| v["at_ms"].as_u64())
+        .filter(|t| *t >= since)
+        .collect()
+}
+
+fn site_events(w: &RecoveryWorld) -> Vec<Value> {
+    dr_tests::drctl_json(&w.pki, &w.controller.url, &["events", &w.site, "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// The first event of `kind` after seq `after`, waited for `within`.
+fn wait_site_event(w: &RecoveryWorld, kind: &str, after: u64, within: Duration) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(e) = site_events(w).into_iter().find(|e| e["kind"] == kind && e["seq"].as_u64().unwrap_or(0) > after) {
+            return e;
+        }
+        assert!(
+            start.elapsed() < within,
+            "an event {kind} within {within:?}; events:\n{}\ncontroller:\n{}",
+            site_events(w).iter().map(|e| format!("{} {} {}", e["seq"], e["kind"], e["summary"])).collect::<Vec<_>>().join("\n"),
+            tail(&w.controller.log())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn fence_problems(w: &RecoveryWorld, instance: &str) -> Vec<String> {
+    site_status(&w.pki, &w.controller.url, &w.site)["problems"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|x| x.as_str()).filter(|x| x.contains(&format!("fenced instance {instance} is running again"))).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The fence holds: the old primary, started again by hand after a
+/// failover, has its app stopped by its own agent (told it is fenced)
+/// before the controller's StopInstances arrives; the controller stops the
+/// instance again within a minute, with `fence.breached` then
+/// `fence.restored`, and status shows the breach in between. Started again
+/// while StopInstances is denied: the agent keeps the app stopped (also
+/// when someone starts it again), and the problem stays shown until the
+/// stop is allowed and done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_primary_started_again_is_stopped_by_its_agent_then_by_the_controller() {
+    let w = RecoveryWorld::start(
+        "fence-site",
+        RecoverySpec {
+            boot_delay: Duration::from_millis(500),
+            fault_proxy: true,
+            // The keeper's passes are the only DescribeInstances once the
+            // failover is over (the drill reaper's are pushed away).
+            controller_toml: "[health]\nfence_interval = \"30s\"\n[drill]\nreap_every = \"1h\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let faults = w.faults.as_ref().expect("fault proxy");
+    let old = w.instance.id.clone();
+    w.wait_primary(&old);
+    let backup = w.backup();
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    w.dataplane.lose(&old).await;
+    let op = w.run_ok(&["failover", &w.site, "--yes", "--wait"]);
+    let launched = w.launched_by(op["id"].as_str().expect("id")).await;
+    let new = launched[0].instance_id().expect("id").to_owned();
+    w.wait_primary(&new);
+    assert_eq!(w.instance_state(&old).await, "stopped", "fenced by a stop");
+    assert_eq!(app_state_on(&w.disk), "started", "the old disk still says started: the host was lost, not stopped");
+    let seq0 = site_events(&w).last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+
+    // Start the old primary just after a keeper pass: the next pass is 30 s
+    // away, the agent has that long to act on its own.
+    let describes = faults.stats.calls_of("DescribeInstances");
+    assert_eventually!(Duration::from_secs(45), faults.stats.calls_of("DescribeInstances") > describes, "a fence keeper pass");
+    let started_at = now_ms();
+    w.ec2.start_instances().instance_ids(&old).send().await.expect("StartInstances");
+    assert_eventually!(
+        Duration::from_secs(20),
+        app_state_on(&w.disk) == "stopped",
+        "the fenced machine's agent stops its app: {}\n{:?}",
+        app_state_on(&w.disk),
+        replicatedctl_calls_since(&w.disk, "app stop", started_at)
+    );
+    let agent_stop = replicatedctl_calls_since(&w.disk, "app stop", started_at);
+    assert_eq!(agent_stop.len(), 1, "one local stop: {agent_stop:?}");
+    let stops_of_old = |since: u64| faults.faults.stop_times().into_iter().filter(|(id, t)| *id == old && *t >= since).map(|(_, t)| t).collect::<Vec<_>>();
+    assert!(stops_of_old(started_at).is_empty(), "the agent acted before any StopInstances from the controller");
+    let journal: Vec<String> = std::fs::read_dir(w.disk.join("var/lib/dr-agent/journal"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(journal.iter().any(|f| f.starts_with(&format!("fence.{old}.app-stop-"))), "the local stop is journaled: {journal:?}");
+    assert!(w.disk.join("var/lib/dr-agent/fence.json").exists(), "the fence is recorded on the machine");
+
+    // The controller: breached (status shows it), then stopped again.
+    let breached = wait_site_event(&w, "fence.breached", seq0, Duration::from_secs(45));
+    let problems = fence_problems(&w, &old);
+    let summary = breached["summary"].as_str().unwrap_or_default().to_owned();
+    assert!(summary.contains(&old) && summary.contains("StopInstances sent"), "{breached}");
+    assert!(summary.contains("EC2 says running") || summary.contains("its agent connected"), "{breached}");
+    assert_eq!(breached["severity"], "critical");
+    let restored = wait_site_event(&w, "fence.restored", breached["seq"].as_u64().unwrap_or(0), Duration::from_secs(30));
+    assert!(restored["summary"].as_str().unwrap_or_default().contains(&old), "{restored}");
+    assert_eq!(w.instance_state(&old).await, "stopped");
+    assert!(now_ms() - started_at < 60_000, "stopped again within a minute of its start ({} ms)", now_ms() - started_at);
+    assert!(stops_of_old(started_at).iter().all(|t| *t > agent_stop[0]), "the agent's stop came first");
+    assert!(problems.len() == 1 && problems[0].contains("StopInstances sent"), "status showed the breach until the stop: {problems:?}");
+    assert_eventually!(Duration::from_secs(10), fence_problems(&w, &old).is_empty(), "the problem is gone once stopped: {:?}", fence_problems(&w, &old));
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_eq!(s["primary_instance_id"], new.as_str(), "the new primary is untouched: {s}");
+    assert_eq!(w.instance_state(&new).await, "running");
+
+    // Again, with StopInstances denied to the controller: the agent alone
+    // holds the fence, and the problem stays shown.
+    faults.faults.deny_stop(&old);
+    let seq1 = site_events(&w).last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    let restarted_at = now_ms();
+    // The disk says started again (as after someone started the app).
+    let sim = |args: &[&str]| {
+        let out = std::process::Command::new(dr_tests::bin("dr-sim-replicatedctl"))
+            .args(args)
+            .env("DR_SIM_STATE_DIR", w.disk.join("var/lib/dr-sim"))
+            .output()
+            .expect("run the replicatedctl simulator");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    sim(&["app", "start"]);
+    assert_eventually!(Duration::from_secs(10), app_state_on(&w.disk) == "started", "started by hand");
+    w.ec2.start_instances().instance_ids(&old).send().await.expect("StartInstances");
+    let breached = wait_site_event(&w, "fence.breached", seq1, Duration::from_secs(45));
+    let summary = breached["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("StopInstances failed") && summary.contains("permission denied"), "{breached}");
+    assert_eventually!(Duration::from_secs(20), app_state_on(&w.disk) == "stopped", "the agent stops the app: {}", app_state_on(&w.disk));
+    assert!(!replicatedctl_calls_since(&w.disk, "app stop", restarted_at).is_empty());
+    // Someone starts the app on the fenced machine: its agent stops it again.
+    let before = replicatedctl_calls_since(&w.disk, "app stop", restarted_at).len();
+    sim(&["app", "start"]);
+    assert_eventually!(
+        Duration::from_secs(20),
+        app_state_on(&w.disk) == "stopped" && replicatedctl_calls_since(&w.disk, "app stop", restarted_at).len() > before,
+        "stopped again by the agent: {}",
+        app_state_on(&w.disk)
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let problems = fence_problems(&w, &old);
+    assert!(problems.len() == 1 && problems[0].contains("StopInstances failed") && problems[0].contains("app stopped"), "{problems:?}");
+    assert_eq!(w.instance_state(&old).await, "running", "the controller could not stop it");
+    assert!(site_events(&w).iter().all(|e| e["kind"] != "fence.restored" || e["seq"].as_u64().unwrap_or(0) <= seq1), "not restored");
+    assert!(stops_of_old(restarted_at).len() >= 2, "the stop is tried again (with backoff): {:?}", stops_of_old(restarted_at));
+
+    // Allowed again: stopped, restored, the problem gone.
+    faults.faults.clear(&old);
+    wait_site_event(&w, "fence.restored", breached["seq"].as_u64().unwrap_or(0), Duration::from_secs(60));
+    assert_eq!(w.instance_state(&old).await, "stopped");
+    assert_eventually!(Duration::from_secs(10), fence_problems(&w, &old).is_empty(), "{:?}", fence_problems(&w, &old));
+}

@@ -26,6 +26,9 @@ pub struct AdminServer {
     pub engine: Engine,
     /// Records operator events (pauses) with their webhook deliveries.
     pub notifier: crate::reconcilers::notify::Notifier,
+    /// Open fence breaches (fenced instances running again), shown as
+    /// problems of their site.
+    pub fences: crate::reconcilers::fences::Fences,
     /// `[health] interval`: evidence older than three passes is stale.
     pub health_interval: Duration,
 }
@@ -142,9 +145,13 @@ impl AdminServer {
         }
         for l in live {
             if let Role::Fenced { reason } = &l.role {
-                problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
+                if !self.fences.is_open(&site.id, &l.record.instance_id) {
+                    problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
+                }
             }
         }
+        // A fenced instance running again, until it is stopped again.
+        problems.extend(self.fences.problems(&site.id, now));
         for a in &active {
             if a.state == OperationState::Waiting {
                 problems.push(format!("operation {} waits for a human", a.id));

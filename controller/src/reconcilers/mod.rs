@@ -1,7 +1,8 @@
 //! Loops that drive the fleet towards what the policies ask, outside any
 //! one operation: [`scheduler`] starts due backups, [`copies`] drives
 //! DR-region copies to an end, [`drills`] terminates drill copies whose
-//! `dr:keep-until` has passed, [`spares`] keeps each site's hot spare
+//! `dr:keep-until` has passed, [`fences`] stops again a fenced old primary
+//! seen running, [`spares`] keeps each site's hot spare
 //! current, [`health`] watches every site and climbs the recovery ladder,
 //! [`notify`] records events and delivers them to webhooks. [`catalog`]
 //! checks the store against EC2 at start.
@@ -9,6 +10,7 @@
 pub mod catalog;
 pub mod copies;
 pub mod drills;
+pub mod fences;
 pub mod health;
 pub mod notify;
 pub mod scheduler;

@@ -213,6 +213,9 @@ impl Store {
     db_call!(instance(site_id: String, instance_id: String) -> Option<InstanceRecord>);
     db_call!(instances_of(site_id: String) -> Vec<InstanceRecord>);
     db_call!(
+        /// Every instance recorded `fenced`, of every site, in one query.
+        fenced_instances() -> Vec<InstanceRecord>);
+    db_call!(
         /// Records a role for a non-primary instance.
         set_instance_role(site_id: String, instance_id: String, role: String, operation_id: String, reason: String) -> ());
     db_call!(
@@ -589,6 +592,11 @@ impl Db<'_> {
             .0
             .prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
         Ok(stmt.query_map([site_id], instance_row)?.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn fenced_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE role = 'fenced' ORDER BY site_id, instance_id"))?;
+        Ok(stmt.query_map([], instance_row)?.collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn set_instance_role(
