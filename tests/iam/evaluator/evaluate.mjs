@@ -5,19 +5,24 @@
 // denied call, and when the recordings miss a kind of call the controller's
 // workflows make (so it cannot pass by recording nothing).
 //
-//   node evaluate.mjs RECORD_DIR [DEPLOY_DIR]
+//   node evaluate.mjs RECORD_DIR [DEPLOY_DIR] [--partial]
+//
+// --partial: the recordings of a subset of the tests; denials only, no
+// coverage requirement.
 import { readdirSync, readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { dirname, join } from 'node:path'
 import { evaluate, loadPolicies, principalOf } from './iam.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
-const dir = process.argv[2]
+const args = process.argv.slice(2).filter((a) => a !== '--partial')
+const partial = process.argv.includes('--partial')
+const dir = args[0]
 if (!dir) {
-  console.error('usage: node evaluate.mjs RECORD_DIR [DEPLOY_DIR]')
+  console.error('usage: node evaluate.mjs RECORD_DIR [DEPLOY_DIR] [--partial]')
   process.exit(2)
 }
-const policies = loadPolicies(process.argv[3] ?? join(here, '../../../deploy'))
+const policies = loadPolicies(args[1] ?? join(here, '../../../deploy'))
 
 // The calls of backup, retention, copy, failover, drill, spare, failback,
 // both repair rungs and the health monitor (the Ec2 trait's methods and
@@ -111,7 +116,7 @@ for (const d of denied) {
       `  why: ${d.why}`,
   )
 }
-const missing = REQUIRED.filter((q) => seen.get(q.name) === 0)
+const missing = partial ? [] : REQUIRED.filter((q) => seen.get(q.name) === 0)
 for (const q of missing) console.log(`NOT COVERED ${q.name} (${q.why}): no recorded call made it`)
 console.log(`IAM evaluation: ${denied.length} denied, ${missing.length} kind(s) of call not covered`)
-if (calls === 0 || denied.length > 0 || missing.length > 0) process.exitCode = 1
+if ((calls === 0 && !partial) || denied.length > 0 || missing.length > 0) process.exitCode = 1
