@@ -35,15 +35,27 @@ pub const ACCOUNT: &str = "123456789012";
 /// The environment variable naming the directory of the recordings.
 pub const RECORD_DIR: &str = "DR_IAM_RECORD_DIR";
 
+static RECORD_INTO: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Records this test process's controllers into `dir`, whatever
+/// `DR_IAM_RECORD_DIR` says (a test that evaluates its own calls). The
+/// first call wins.
+pub fn record_into(dir: &std::path::Path) -> &'static std::path::Path {
+    RECORD_INTO.get_or_init(|| dir.to_owned())
+}
+
 /// The endpoint the controller should use: `endpoint` itself, or a
 /// recording proxy in front of it when `DR_IAM_RECORD_DIR` is set. `moto`
 /// is moto's own URL, asked for the resources' tags (not through the
 /// proxies, whose call counts tests check).
 pub fn wrap(endpoint: &str, moto: &str) -> String {
-    let Some(dir) = std::env::var_os(RECORD_DIR) else {
-        return endpoint.to_owned();
+    let dir = match RECORD_INTO.get() {
+        Some(dir) => dir.clone(),
+        None => match std::env::var_os(RECORD_DIR) {
+            Some(dir) => std::path::PathBuf::from(dir),
+            None => return endpoint.to_owned(),
+        },
     };
-    let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).expect("create DR_IAM_RECORD_DIR");
     let (endpoint, moto) = (endpoint.to_owned(), moto.to_owned());
     let (tx, rx) = std::sync::mpsc::channel();
