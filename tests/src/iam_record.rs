@@ -270,7 +270,8 @@ fn ec2_authz(action: &str, region: &str, p: &BTreeMap<String, String>) -> Vec<Au
 /// Route 53's REST API: the action and resource from method and path.
 fn route53_authz(method: &hyper::Method, path: &str) -> Vec<Authz> {
     let rest = path.trim_start_matches('/').split_once('/').map(|(_, r)| r).unwrap_or_default();
-    let segs: Vec<&str> = rest.split('/').collect();
+    // The SDK's paths end with a `/` (`/2013-04-01/hostedzone/Z1/rrset/`).
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let (action, resource) = match (method.as_str(), segs.as_slice()) {
         ("POST", ["hostedzone", id, "rrset"]) => ("ChangeResourceRecordSets", format!("arn:aws:route53:::hostedzone/{id}")),
         ("GET", ["hostedzone", id, "rrset"]) => ("ListResourceRecordSets", format!("arn:aws:route53:::hostedzone/{id}")),
