@@ -23,6 +23,11 @@ if ! command -v clojure >/dev/null; then
 fi
 DR_MOTO_SERVER=$(tests/ensure-moto.sh)
 export DR_MOTO_SERVER
+# The IAM evaluator (tests/iam/evaluator: @cloud-copilot/iam-simulate, a test
+# tool, not shipped), pinned by its package-lock.json; first its own checks
+# against AWS's documented condition semantics and the policies' negatives.
+(cd tests/iam/evaluator && npm ci --no-audit --no-fund --silent && node selftest.mjs >/dev/null) \
+  || { echo "tests/iam/evaluator: npm ci or its selftest failed (node selftest.mjs shows which check)"; exit 1; }
 
 # Never let the AWS SDK look for credentials or a region on the network.
 export AWS_EC2_METADATA_DISABLED=true
@@ -33,7 +38,16 @@ echo "== building"
 # such as tokio's test-util are unified), so nothing is compiled twice.
 cargo build --workspace --all-targets --locked
 echo "== testing"
+# Every AWS call the controllers under test make is recorded
+# (tests/src/iam_record.rs) and then evaluated under the shipped IAM policies.
+DR_IAM_RECORD_DIR=$(mktemp -d /tmp/dr-iam-record.XXXXXX)
+export DR_IAM_RECORD_DIR
 # The end-to-end tests start several processes each: two at a time fits a
 # 2-core machine.
 cargo test --workspace --locked "$@" -- --test-threads 2
+echo "== IAM evaluation of the recorded calls (deploy/iam-*.json)"
+# A partial run (extra arguments) cannot cover every kind of call: it is
+# checked for denials only.
+node tests/iam/evaluator/evaluate.mjs "$DR_IAM_RECORD_DIR" deploy $([ $# -gt 0 ] && echo --partial)
+rm -rf "$DR_IAM_RECORD_DIR"
 echo "== tests/run.sh took $(( $(date +%s) - start ))s"

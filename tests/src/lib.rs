@@ -14,6 +14,7 @@ use drctl::pki::{self, Subject, Validity};
 
 pub mod dataplane;
 pub mod faults;
+pub mod iam_record;
 pub mod recovery_world;
 pub mod throttle;
 pub mod webhook;
@@ -539,7 +540,7 @@ impl Controller {
             pki.dir.join("controller.pem").display(),
             pki.dir.join("controller.key").display(),
             dir.join("state.db").display(),
-            spec.endpoint.as_deref().unwrap_or(&moto.url),
+            iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url),
             spec.poll_initial,
             spec.extra,
         );

@@ -203,7 +203,33 @@ async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial()
     let sites = [("own", w.instance(0), None), ("cross", w.instance(1), Some(w.role()))];
     let (config, port) = w.config(POLICY, &sites);
 
-    // Preflight first, as the README says: everything allowed.
+    // Preflight first, as the README says. The services machines carry no
+    // `dr:site` tag yet (no agent has connected: the controller adds it
+    // when it adopts a site's primary): preflight names it and its fix.
+    let (ok, report) = w.preflight(&config, None);
+    println!("preflight before the primaries are tagged:\n{report}");
+    assert!(!ok, "an untagged primary fails preflight:\n{report}");
+    let untagged: Vec<&str> = report.lines().filter(|l| l.contains("DENIED")).collect();
+    assert_eq!(untagged.len(), 2, "one line per site, nothing else denied:\n{report}");
+    for (site, instance, _) in &sites {
+        assert!(
+            untagged.iter().any(|l| l.starts_with(site)
+                && l.contains("tag dr:site")
+                && l.contains(&format!("aws ec2 create-tags --resources {instance} --tags Key=dr:site,Value={site}"))),
+            "{site}'s line names the tag and the command that adds it:\n{report}"
+        );
+    }
+    // Tagged as the adoption (or that command) tags them: everything allowed.
+    let admin = w.admin(REGION).await;
+    for (site, instance, _) in &sites {
+        admin
+            .create_tags()
+            .resources(instance)
+            .tags(aws_sdk_ec2::types::Tag::builder().key("dr:site").value(*site).build())
+            .send()
+            .await
+            .expect("tag the primary");
+    }
     let (ok, report) = w.preflight(&config, None);
     println!("preflight with the shipped policy:\n{report}");
     assert!(ok, "preflight denies something the shipped policy grants:\n{report}");

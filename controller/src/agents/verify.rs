@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use super::{Registry, role_of};
 use crate::cloud::Ec2Clients;
+use crate::cloud::ec2::{Ec2, Ec2Error, Instance};
 use crate::domain::model::{Role, Site, now_ms};
+use crate::domain::tags::TAG_SITE;
 use crate::store::Store;
 
 const BATCH: usize = 1000;
@@ -26,6 +28,8 @@ const BATCH: usize = 1000;
 /// little added latency when one agent connects.
 const GATHER: Duration = Duration::from_millis(100);
 const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// Tries of the adoption tag before it waits for the agent's next connection.
+const ADOPT_ATTEMPTS: u32 = 8;
 
 #[derive(Clone, Debug)]
 struct Check {
@@ -130,11 +134,11 @@ async fn verify_chunk(
     let ids: Vec<String> = chunk.iter().map(|c| c.instance.clone()).collect();
     let in_region = Site { region: region.to_owned(), ..site.clone() };
     let answer = match ec2.for_site(&in_region).await {
-        Ok(client) => client.describe_instances(&ids).await,
+        Ok(client) => client.describe_instances(&ids).await.map(|found| (client, found)),
         Err(e) => Err(e),
     };
-    let found = match answer {
-        Ok(found) => found,
+    let (client, found) = match answer {
+        Ok(answer) => answer,
         Err(e) => {
             tracing::warn!(region, instances = ids.len(), error = %e, "cannot verify instances with EC2 now; their agents stay pending and are checked again");
             requeue(tx, chunk.to_vec());
@@ -176,8 +180,97 @@ async fn verify_chunk(
             },
             None => Role::Passive { reason: format!("EC2 does not know instance {} in {region}", c.instance) },
         };
+        if role == Role::Primary
+            && let Some(i) = found.get(c.instance.as_str())
+        {
+            adopt(&client, &c.site, i);
+        }
         if still_pending {
             registry.set_role(&c.site, &c.instance, role);
         }
     }
+}
+
+/// Primaries being tagged now (one task per instance however often its
+/// agent reconnects).
+static ADOPTING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> = std::sync::LazyLock::new(Default::default);
+
+/// Adoption: a site's primary carries `dr:site=<site>`, the tag the IAM
+/// policy's instance statements (Stop/Start/Terminate/ModifyInstanceAttribute)
+/// require, so that rung 2 (host restart) and the fence may act on it.
+/// Instances the controller launches are tagged at launch; the site's
+/// original primary is tagged here, the one place every primary passes
+/// before it gets work (its agent's Hello, verified against EC2 with the
+/// instance's tags in the same DescribeInstances answer: no extra call
+/// when the tag is there). Idempotent; budgeted (the site's `Ec2` client);
+/// a failure is logged and tried again with backoff, then at the agent's
+/// next connection; never fatal (`dr-controller preflight` names a
+/// missing tag).
+fn adopt(client: &Arc<dyn Ec2>, site: &str, instance: &Instance) {
+    match site_tag(instance) {
+        Some(v) if v == site => return,
+        Some(other) => {
+            tracing::error!(
+                site,
+                instance = %instance.id,
+                tag = TAG_SITE,
+                value = other,
+                "the site's primary is tagged as another site's; not retagged (fix the tag by hand)"
+            );
+            return;
+        }
+        None => {}
+    }
+    {
+        let Ok(mut adopting) = ADOPTING.lock() else { return };
+        if !adopting.insert(instance.id.clone()) {
+            return;
+        }
+    }
+    let (client, site, id) = (client.clone(), site.to_owned(), instance.id.clone());
+    tokio::spawn(async move {
+        tag_primary(client.as_ref(), &site, &id).await;
+        if let Ok(mut adopting) = ADOPTING.lock() {
+            adopting.remove(&id);
+        }
+    });
+}
+
+fn site_tag(instance: &Instance) -> Option<&str> {
+    instance.tags.iter().find(|(k, _)| k == TAG_SITE).map(|(_, v)| v.as_str())
+}
+
+async fn tag_primary(client: &dyn Ec2, site: &str, id: &str) {
+    let tags = [(TAG_SITE.to_owned(), site.to_owned())];
+    for attempt in 0..ADOPT_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(RETRY.delay(attempt - 1)).await;
+            // A tag whose answer was lost is there already (and the policy
+            // allows tagging an instance without `dr:site` only).
+            match client.describe_instance(id).await {
+                Ok(Some(i)) if site_tag(&i).is_some() => return,
+                Ok(None) => return,
+                _ => {}
+            }
+        }
+        match client.create_tags(&[id.to_owned()], &tags).await {
+            Ok(()) => {
+                tracing::info!(site, instance = id, tag = TAG_SITE, "adopted the site's primary: tagged with its site");
+                return;
+            }
+            Err(e @ Ec2Error::PermissionDenied { .. }) => {
+                tracing::error!(
+                    site,
+                    instance = id,
+                    error = %e,
+                    "cannot tag the site's primary `dr:site`; host restarts and fences of it will be denied (see `dr-controller preflight`)"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(site, instance = id, attempt, error = %e, "cannot tag the site's primary `dr:site` now; trying again");
+            }
+        }
+    }
+    tracing::error!(site, instance = id, "gave up tagging the site's primary `dr:site`; tried again when its agent next connects");
 }

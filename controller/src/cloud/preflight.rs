@@ -5,12 +5,17 @@
 //! calls the controller makes (DescribeInstances, DescribeImages,
 //! DescribeSnapshots), and sends every mutating call with `DryRun=true`
 //! (CreateImage, CreateTags, DeregisterImage, DeleteSnapshot; for a failover
-//! RunInstances from the newest backup, StopInstances, TerminateInstances,
+//! RunInstances from the newest backup, StopInstances, StartInstances (host
+//! restart), TerminateInstances,
 //! ModifyInstanceAttribute with `fence = "terminate"`, AssociateAddress of
 //! the instance's Elastic IP; and CopyImage into each DR region plus the
 //! copy-retention calls there): EC2 answers
 //! `DryRunOperation` when the call would be allowed and
 //! `UnauthorizedOperation` when it would not, and changes nothing.
+//!
+//! The site's primary must carry the tag `dr:site=<site>` (the policy's
+//! instance statements require it; the controller adds it at adoption):
+//! a missing or wrong tag is reported with the command that fixes it.
 //!
 //! Tag conditions are evaluated on real resources: the site's newest backup
 //! (found by its `dr:site` tag) is the AMI and snapshot acted on. Before the
@@ -84,12 +89,15 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
     };
     let Some(ec2) = connect(config, site, &region, &mut push).await else { return };
 
-    let verdict = match ec2.describe_instance(&site.instance_id).await {
-        Ok(Some(_)) => Verdict::Allowed,
-        Ok(None) => Verdict::NotChecked(format!("allowed, but EC2 does not know instance {}", site.instance_id)),
-        Err(e) => verdict_of_error(e),
+    let (verdict, primary) = match ec2.describe_instance(&site.instance_id).await {
+        Ok(Some(i)) => (Verdict::Allowed, Some(i)),
+        Ok(None) => (Verdict::NotChecked(format!("allowed, but EC2 does not know instance {}", site.instance_id)), None),
+        Err(e) => (verdict_of_error(e), None),
     };
     push(&region, "ec2:DescribeInstances", &site.instance_id, verdict);
+    if let Some(primary) = &primary {
+        push(&region, "tag dr:site", &site.instance_id, site_tag_verdict(site, primary));
+    }
     // The health monitor's view of the instance (status checks, events).
     let verdict = match ec2.describe_instance_status(std::slice::from_ref(&site.instance_id)).await {
         Ok(_) => Verdict::Allowed,
@@ -210,8 +218,13 @@ async fn restore_checks(
         .send()
         .await;
     push(region, "ec2:RunInstances", image, dry_run_verdict(r));
+    // The fence and rung 2 (host restart: stop, then start the same
+    // instance), on the primary itself: the policy allows them on
+    // instances tagged `dr:site` only.
     let r = sdk.stop_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
     push(region, "ec2:StopInstances", &site.instance_id, dry_run_verdict(r));
+    let r = sdk.start_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
+    push(region, "ec2:StartInstances", &site.instance_id, dry_run_verdict(r));
     let r = sdk.terminate_instances().dry_run(true).instance_ids(&site.instance_id).send().await;
     push(region, "ec2:TerminateInstances", &site.instance_id, dry_run_verdict(r));
     if site.fence == crate::domain::recovery::Fence::Terminate {
@@ -302,6 +315,29 @@ fn tags_for(site: &SiteConfig, source_image: Option<&str>) -> Vec<Tag> {
 
 fn tag_spec(kind: ResourceType, tags: &[Tag]) -> TagSpecification {
     TagSpecification::builder().resource_type(kind).set_tags(Some(tags.to_vec())).build()
+}
+
+/// The site's primary must carry `dr:site=<site>`: the shipped policy
+/// allows StopInstances, StartInstances, TerminateInstances and
+/// ModifyInstanceAttribute only on instances with that tag. The controller
+/// adds it when the site's agent first connects (adoption); until then, or
+/// when the tag is wrong, say how to fix it.
+fn site_tag_verdict(site: &SiteConfig, primary: &crate::cloud::ec2::Instance) -> Verdict {
+    let tag = crate::domain::tags::TAG_SITE;
+    let fix = format!("aws ec2 create-tags --resources {} --tags Key={tag},Value={}", primary.id, site.id);
+    match primary.tags.iter().find(|(k, _)| k == tag) {
+        Some((_, v)) if *v == site.id => Verdict::Allowed,
+        Some((_, v)) => Verdict::Denied(format!(
+            "{} is tagged {tag}={v}, not {}: the controller does not retag it, and host restarts and fences act on \
+             another site's instance (fix the tag: aws ec2 delete-tags, then {fix})",
+            primary.id, site.id
+        )),
+        None => Verdict::Denied(format!(
+            "{} has no {tag} tag: the policy denies stopping, starting or terminating it (host restart, fence) until it \
+             has; the controller adds it when the site's agent connects, or run: {fix}",
+            primary.id
+        )),
+    }
 }
 
 fn verdict_of_error(e: Ec2Error) -> Verdict {
