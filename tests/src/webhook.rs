@@ -40,6 +40,8 @@ pub struct Delivery {
     /// Whether `X-DR-Signature` is `sign(secret, timestamp, body)`
     /// (compared in constant time); false when a header is missing.
     pub signature_valid: bool,
+    /// `X-DR-Signature` as sent (empty when missing).
+    pub signature: String,
     /// The request's path, e.g. `/hooks/dr`.
     pub path: String,
 }
@@ -119,6 +121,7 @@ async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, he
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let timestamp = header("x-dr-timestamp");
+    let signature = header("x-dr-signature").unwrap_or_default();
     let signature_valid = match (&timestamp, header("x-dr-signature")) {
         (Some(ts), Some(sig)) => sig
             .strip_prefix("sha256=")
@@ -134,6 +137,7 @@ async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, he
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         raw: String::from_utf8_lossy(&body).into_owned(),
         signature_valid,
+        signature,
         path: uri.path().to_owned(),
     };
     shared.deliveries.lock().expect("lock").push(delivery);

@@ -137,6 +137,39 @@ async fn a_controller_dying_under_backup_wait_is_unreachable() {
     assert_lost_controller(&out, &id, "after SIGTERM");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_dying_before_it_answers_a_start_says_it_may_have_started_and_how_to_check() {
+    let mut w = World::start("prod-1", "200ms").await;
+    w.wait_agent();
+    // The controller starts the backup, then dies before its answer.
+    w.controller.kill();
+    w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", "api.start_backup.before_reply")]);
+    w.wait_agent();
+    let (cert, key) = w.pki.operator();
+    let out = drctl_as(&w.controller.url, &w.pki.ca(), &cert, &key, &["-o", "json", "backup", &w.site]);
+    let m = assert_fails(&out, 3, "unreachable", "got no answer");
+    assert!(m.contains("it may have started") && m.contains("nothing may have started"), "{m}");
+    for check in [format!("`drctl status --site {}`", w.site), format!("`drctl events {}`", w.site), format!("`drctl backups {}`", w.site)] {
+        assert!(m.contains(&check), "says how to check ({check}): {m}");
+    }
+    // And it had started: the restarted controller finishes it.
+    w.controller.kill();
+    w.controller.restart(&[]);
+    w.wait_agent();
+    assert_eventually!(
+        Duration::from_secs(60),
+        drctl_json(&w.pki, &w.controller.url, &["backups", &w.site])["backups"].as_array().is_some_and(|b| b.iter().any(|b| b["state"] == "available")),
+        "the unanswered backup ran: {}",
+        drctl_json(&w.pki, &w.controller.url, &["backups", &w.site])
+    );
+
+    // A read that breaks says nothing of the kind.
+    w.controller.kill();
+    let out = drctl_as(&w.controller.url, &w.pki.ca(), &cert, &key, &["-o", "json", "status"]);
+    let m = assert_fails(&out, 3, "unreachable", "cannot reach the controller");
+    assert!(!m.contains("may have started"), "{m}");
+}
+
 fn run_drctl(args: &[&str]) -> Output {
     Command::new(bin("drctl")).args(args).env_remove("DRCTL_CONTROLLER").output().expect("run drctl")
 }

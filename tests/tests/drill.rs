@@ -158,6 +158,13 @@ async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untou
         "nothing fenced: {s}"
     );
     assert_eq!(s["last_drill"]["operation_id"], op_id.as_str(), "status shows the last drill: {s}");
+    // The terminated copy does not stay listed under the site.
+    assert_eventually!(
+        Duration::from_secs(30),
+        !site_status(&w.pki, &w.controller.url, &w.site)["instances"].to_string().contains(&copy),
+        "the torn-down copy {copy} is no longer listed: {}",
+        site_status(&w.pki, &w.controller.url, &w.site)["instances"]
+    );
     assert_eq!(s["last_drill"]["ok"], true);
 
     // Listed, with the measurements.

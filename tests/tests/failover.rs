@@ -123,6 +123,10 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     // The candidate is the primary now; the old instance is fenced.
     w.wait_primary(&new);
     let s = site_status(&w.pki, &w.controller.url, &w.site);
+    let launch_ip = launched[0].public_ip_address().unwrap_or_default().to_owned();
+    assert_eq!(s["agent"]["public_ip"], w.eip.as_str(), "status shows the Elastic IP, not the launch address {launch_ip}: {s}");
+    let shown = text(&w.drctl(&["status", "--site", &w.site]).stdout);
+    assert!(shown.contains(&w.eip), "{shown}");
     assert_eq!(s["last_failover"]["operation_id"], op_id.as_str(), "status shows the last failover: {s}");
     assert_eq!(s["last_failover"]["state"], "succeeded");
     let old = s["instances"].as_array().expect("instances").iter().find(|i| i["instance_id"] == w.instance.id.as_str()).cloned();
@@ -200,6 +204,33 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
     let backup = w.backup();
     assert_eq!(backup["state"], "succeeded", "{backup}");
     std::fs::remove_file(w.disk.join("var/lib/dr-sim/faults")).expect("rm");
+
+    // The plan of a failover of this healthy, connected primary warns.
+    let plan = last_json(&w.drctl(&["-o", "json", "failover", &w.site, "--plan"]).stdout)["plan"].clone();
+    let warnings = plan["warnings"].to_string();
+    assert!(warnings.contains(&format!("the primary {} looks healthy", w.instance.id)) && warnings.contains("connected as primary"), "{plan}");
+    let shown = text(&w.drctl(&["failover", &w.site, "--plan"]).stdout);
+    assert!(shown.contains("warning: the primary") && shown.contains("looks healthy"), "{shown}");
+
+    // `-o json` is a format, not a confirmation: without --yes it refuses
+    // with a JSON error naming --yes, and nothing changes.
+    let instances = w.all_instances().await;
+    let refused = w.drctl(&["-o", "json", "failover", &w.site]);
+    assert_eq!(refused.status.code(), Some(2), "{}{}", text(&refused.stdout), text(&refused.stderr));
+    let error = last_json(&refused.stdout);
+    assert_eq!(error["error"]["kind"], "usage", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--yes") && message.contains("Nothing was sent"), "{message}");
+    assert!(text(&refused.stderr).contains("--yes"), "{}", text(&refused.stderr));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(w.all_instances().await, instances, "nothing launched");
+    assert_eq!(w.instance_state(&w.instance.id).await, "running", "nothing fenced");
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert!(s["running_operation_id"].is_null() && s["last_failover"].is_null(), "no operation: {s}");
+    // Restore and failback too.
+    let refused = w.drctl(&["-o", "json", "restore", &w.site, "--backup", "ami-0123456789abcdef0"]);
+    assert_eq!(refused.status.code(), Some(2), "{}{}", text(&refused.stdout), text(&refused.stderr));
+    assert!(last_json(&refused.stdout)["error"]["message"].as_str().unwrap_or_default().contains("--yes"), "{}", text(&refused.stdout));
 
     let out = w.drctl(&["-o", "json", "failover", &w.site, "--yes", "--wait"]);
     assert_eq!(out.status.code(), Some(8), "waits for a human: {}{}", text(&out.stdout), text(&out.stderr));
@@ -290,6 +321,8 @@ async fn a_failover_into_the_dr_region_launches_the_copy_and_moves_dns_then_fail
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let plan = last_json(&out.stdout)["plan"].clone();
     assert_eq!(plan["kind"], "failback", "{plan}");
+    let shown = text(&w.drctl(&["failback", &w.site, "--plan"]).stdout);
+    assert!(shown.starts_with(&format!("Failback plan for site {}", w.site)), "{shown}");
     assert_eq!(plan["launch"]["region"], "us-east-1");
     assert_eq!(plan["backup"]["launch_image_id"], home_copy.as_str());
     assert_eq!(plan["fence"]["instance_id"], new.as_str(), "the DR instance is fenced");

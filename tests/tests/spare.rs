@@ -78,6 +78,12 @@ async fn a_hot_spare_is_kept_refreshed_without_a_gap_and_taken_by_a_failover() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eventually!(Duration::from_secs(30), w.instance_state(&first).await == "terminated", "the old spare is retired");
+    assert_eventually!(
+        Duration::from_secs(30),
+        !site_status(&w.pki, &w.controller.url, &w.site)["instances"].to_string().contains(&first),
+        "the retired spare {first} is no longer listed: {}",
+        site_status(&w.pki, &w.controller.url, &w.site)["instances"]
+    );
     assert_eq!(w.instance_state(&second).await, "stopped");
     let s = site_status(&w.pki, &w.controller.url, &w.site);
     assert_ne!(s["spare"]["backup_image_id"].as_str(), Some(b1_image.as_str()), "from the newer backup: {s}");

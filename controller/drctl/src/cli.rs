@@ -109,7 +109,7 @@ pub enum Command {
     },
     /// Replace SITE's services machine by a new instance launched from a
     /// backup (default: the newest good one). Shows the plan and asks for the
-    /// site id unless --yes (or -o json). Exit 8 with --wait when the
+    /// site id unless --yes (`-o json` does not confirm: it needs --yes too). Exit 8 with --wait when the
     /// failover stopped and waits for a human (resume or abort it).
     Failover {
         site: String,
@@ -434,6 +434,16 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             }
         },
     };
+    if let Remote::Failover { site, target, restore, failback } = &command {
+        // A format flag never confirms: with `-o json` a change needs
+        // `--yes` like anywhere else. Refused before anything is sent.
+        if output == Output::Json && !target.plan && !target.yes {
+            let what = failover_word(*restore, *failback);
+            return Err(CliError::Usage(format!(
+                "{what} of {site} needs a confirmation: -o json only chooses the output, it does not confirm. Nothing was sent to the controller; read the plan with `drctl -o json {what} {site} --plan`, then run it with --yes"
+            )));
+        }
+    }
     let c = conn.or(args.conn);
     let conn = Connection::resolve(c.config, c.controller, c.server_name, c.ca, c.cert, c.key)?;
     match remote(&conn, command, output).await {
@@ -573,7 +583,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let op = client
                 .signal_operation(pb::SignalRequest { operation_id: id.clone(), signal: signal.clone() })
                 .await
-                .map_err(|s| conn.status_error(s))?
+                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("{signal} operation {id}"), &[format!("drctl operation {id}"), "drctl events".to_owned()]))?
                 .into_inner();
             if output == Output::Text {
                 println!("{signal} sent to {id} (it was {})", op.state);
@@ -591,7 +601,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let id = client
                 .start_backup(pb::StartBackupRequest { site_id: site.clone() })
                 .await
-                .map_err(|s| conn.status_error(s))?
+                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a backup of {site}"), &[format!("drctl status --site {site}"), format!("drctl backups {site}"), format!("drctl events {site}")]))?
                 .into_inner()
                 .operation_id;
             match output {
@@ -607,13 +617,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             finish(crate::watch::watch(conn, &mut client, &id, output).await?, output)
         }
         Remote::Failover { site, target, restore, failback } => {
-            let what = if failback {
-                "failback"
-            } else if restore {
-                "restore"
-            } else {
-                "failover"
-            };
+            let what = failover_word(restore, failback);
             let mut req = pb::StartFailoverRequest {
                 site_id: site.clone(),
                 backup_image_id: target.backup.clone().unwrap_or_default(),
@@ -651,7 +655,11 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             } else if let Some(image) = plan["backup"]["image_id"].as_str() {
                 req.backup_image_id = image.to_owned();
             }
-            let started = client.start_failover(req).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let started = client
+                .start_failover(req)
+                .await
+                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a {what} of {site}"), &[format!("drctl status --site {site}"), format!("drctl events {site}")]))?
+                .into_inner();
             let id = started.operation_id;
             match output {
                 Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site, "plan": plan })),
@@ -689,7 +697,12 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             if let Some(image) = plan["backup"]["image_id"].as_str() {
                 req.backup_image_id = image.to_owned();
             }
-            let id = client.start_drill(req).await.map_err(|s| conn.status_error(s))?.into_inner().operation_id;
+            let id = client
+                .start_drill(req)
+                .await
+                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a drill of {site}"), &[format!("drctl status --site {site}"), format!("drctl drills {site}"), format!("drctl events {site}")]))?
+                .into_inner()
+                .operation_id;
             match output {
                 Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site, "plan": plan })),
                 Output::Text if wait => println!("drill of {site} started: operation {id}"),
@@ -770,6 +783,16 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn failover_word(restore: bool, failback: bool) -> &'static str {
+    if failback {
+        "failback"
+    } else if restore {
+        "restore"
+    } else {
+        "failover"
     }
 }
 

@@ -288,6 +288,21 @@ impl Connection {
         }
     }
 
+    /// A request that starts or changes something (`what`, e.g. "start a
+    /// backup of prod-1") broke without an answer: the controller may have
+    /// acted on it before it went away, or not. Says so, and how to find
+    /// out (`check`: commands) before trying again. Other errors pass.
+    pub fn unanswered(&self, e: CliError, what: &str, check: &[String]) -> CliError {
+        let CliError::Unreachable { url, cause } = e else { return e };
+        let check = check.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+        CliError::Unreachable {
+            url,
+            cause: format!(
+                "{cause}; the request to {what} got no answer: it may have started before the controller went away, or nothing may have started. Check with {check} once the controller is back, before asking again"
+            ),
+        }
+    }
+
     /// Turns a gRPC status into what the operator should read. A status
     /// carrying a source came from our transport (connection broken), not
     /// from the controller.

@@ -25,6 +25,7 @@ pub fn print_plan(plan: &Value) {
     let drill = s(plan, "kind") == "drill";
     let kind = match s(plan, "kind") {
         "restore" => "Restore",
+        "failback" => "Failback",
         "drill" => "Drill",
         _ => "Failover",
     };
@@ -115,7 +116,7 @@ pub fn print_report(report: &Value) {
 }
 
 /// Asks a human at a terminal to type the site id. Scripts pass `--yes`
-/// (or use `-o json`).
+/// (`-o json` alone never confirms).
 pub fn confirm(site: &str, what: &str) -> Result<(), CliError> {
     if !std::io::stdin().is_terminal() {
         return Err(CliError::Usage(format!(

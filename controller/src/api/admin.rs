@@ -86,7 +86,15 @@ impl AdminServer {
         let mut instances: Vec<InstanceRecord> = view.instances.get(&site.id).cloned().unwrap_or_default();
         for l in live {
             match instances.iter_mut().find(|i| i.instance_id == l.record.instance_id) {
-                Some(i) => *i = l.record.clone(),
+                Some(i) => {
+                    // The stored public address is the newer one: each Hello
+                    // writes both, a failover's Elastic IP move the store's.
+                    let public_ip = std::mem::take(&mut i.facts.public_ip);
+                    *i = l.record.clone();
+                    if !public_ip.is_empty() {
+                        i.facts.public_ip = public_ip;
+                    }
+                }
                 None => instances.push(l.record.clone()),
             }
         }
@@ -386,6 +394,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let op = crate::workflows::backup::start(&self.engine, &site_id, &format!("operator/{operator}"), None)
             .await
             .map_err(engine_status)?;
+        crate::engine::faults::crash_point("api.start_backup.before_reply");
         Ok(Response::new(pb::OperationRef { operation_id: op.id }))
     }
 
@@ -420,6 +429,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
             return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
         }
         let op = failover::start(&self.engine, plan, &format!("operator/{operator}")).await.map_err(engine_status)?;
+        crate::engine::faults::crash_point("api.start_failover.before_reply");
         Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
     }
 
@@ -456,6 +466,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
             return Ok(Response::new(pb::StartFailoverReply { operation_id: String::new(), plan_json }));
         }
         let op = drill::start(&self.engine, plan, keep, &format!("operator/{operator}"), None).await.map_err(engine_status)?;
+        crate::engine::faults::crash_point("api.start_drill.before_reply");
         Ok(Response::new(pb::StartFailoverReply { operation_id: op.id, plan_json }))
     }
 
@@ -613,6 +624,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
             );
             self.notifier.record(vec![], vec![e]).await.map_err(internal)?;
         }
+        crate::engine::faults::crash_point("api.signal_operation.before_reply");
         Ok(Response::new(operation_to_pb(&op)))
     }
 }

@@ -10,6 +10,9 @@
 //!   step's result is not yet stored.
 //! - `step.<name>.before`: a step is marked running, it has not acted.
 //! - `step.<name>.after`: a step has acted, its result is not stored.
+//! - `api.<rpc>.before_reply` (`start_backup`, `start_failover`,
+//!   `start_drill`, `signal_operation`): the admin API has started the
+//!   operation (or stored the signal), its answer is not sent.
 //!
 //! `DR_CONTROLLER_FAIL_AT=<step>` instead makes that step of a backup fail
 //! (with an error saying so) before it acts: the tests use it to show that a

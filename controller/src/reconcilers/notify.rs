@@ -192,6 +192,105 @@ mod tests {
         assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64, "{sig}");
     }
 
+    /// A webhook on loopback that answers 503 while `down`, else 200 and
+    /// records the `seq` of each body it took, in arrival order.
+    async fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>, std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, g) = (down.clone(), got.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let (d, g) = (d.clone(), g.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then Content-Length bytes of body.
+                    let body = loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break buf[end + 4..end + 4 + len].to_vec();
+                            }
+                        }
+                    };
+                    let status = if d.load(Ordering::SeqCst) {
+                        "503 Service Unavailable"
+                    } else {
+                        let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+                        g.lock().expect("lock").push(v["seq"].as_u64().expect("seq"));
+                        "200 OK"
+                    };
+                    let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let _ = sock.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, down, got)
+    }
+
+    #[tokio::test]
+    async fn a_webhook_waiting_out_its_backoff_holds_back_its_later_events_only() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state.db")).await.expect("open");
+        let (slow_url, slow_down, slow_got) = receiver().await;
+        let (fast_url, _, fast_got) = receiver().await;
+        let sink = |url: &str| NotifyConfig {
+            url: url.to_owned(),
+            events: vec![],
+            secret: None,
+            secret_file: None,
+            format: NotifyFormat::Json,
+            ca: None,
+        };
+        let sinks = vec![sink(&slow_url), sink(&fast_url)];
+        let notifier = Notifier { store: store.clone(), sinks: Arc::new(sinks.clone()) };
+        let http = HttpClients::default();
+        let record = |n: u32| {
+            let notifier = notifier.clone();
+            async move {
+                let events = (0..n).map(|i| event("s1", "site.paused", "warning", format!("event {i}"), json!({}), "")).collect();
+                notifier.record(vec![], events).await.expect("record")
+            }
+        };
+
+        // The slow webhook refuses the first event: it waits out a backoff.
+        slow_down.store(true, Ordering::SeqCst);
+        let first = record(1).await;
+        deliver_due(&store, &sinks, &http, now_ms()).await.expect("pass");
+        assert_eq!(*fast_got.lock().expect("lock"), vec![first[0].seq]);
+        // The backoff is jittered (0 to 1 s): make it a sure minute.
+        store.outbox_retry(first[0].seq, slow_url.clone(), now_ms() + 60_000, "HTTP 503".into()).await.expect("retry");
+
+        // It is back before its head's retry is due; newer events arrive.
+        slow_down.store(false, Ordering::SeqCst);
+        let later = record(3).await;
+        deliver_due(&store, &sinks, &http, now_ms()).await.expect("pass");
+        assert!(slow_got.lock().expect("lock").is_empty(), "nothing overtakes the head in its backoff: {:?}", slow_got.lock().expect("lock"));
+        let all: Vec<u64> = first.iter().chain(&later).map(|e| e.seq).collect();
+        assert_eq!(*fast_got.lock().expect("lock"), all, "the other webhook is not held back");
+
+        // Once the head is due, the queue goes in order.
+        let delivered = deliver_due(&store, &sinks, &http, now_ms() + 600_000).await.expect("pass");
+        assert_eq!(delivered, 4);
+        assert_eq!(*slow_got.lock().expect("lock"), all, "in event order");
+        assert_eq!(*fast_got.lock().expect("lock"), all, "each once");
+    }
+
     #[test]
     fn slack_bodies_are_one_text_line() {
         let e = event("s1", "site.down", "critical", "it is down", json!({}), "op-1");

@@ -201,7 +201,10 @@ async fn retire(engine: &Engine, site: &Site, s: &SpareRecord) -> Result<(), cra
     let store = engine.store();
     let forget = async {
         store.drop_spare(site.id.clone(), s.instance_id.clone()).await?;
-        store.set_instance_role(site.id.clone(), s.instance_id.clone(), "passive".into(), String::new(), reason.clone()).await
+        store.set_instance_role(site.id.clone(), s.instance_id.clone(), "passive".into(), String::new(), reason.clone()).await?;
+        // TerminateInstances answered (a termination is final): no longer
+        // listed under the site.
+        store.forget_terminated(site.id.clone(), s.instance_id.clone()).await.map(|_| ())
     };
     if let Err(e) = forget.await {
         tracing::error!(site = %site.id, error = %e, "the terminated spare could not be forgotten in the store");

@@ -98,12 +98,19 @@ impl Db<'_> {
         Ok(out)
     }
 
-    /// Deliveries due at `now`, oldest event first.
+    /// Deliveries due at `now`, oldest event first. Each webhook's queue is
+    /// strictly ordered: a delivery is due only when it and every older
+    /// undelivered one of the same webhook are due, so a head waiting out
+    /// its backoff holds back the later events of its webhook (and only
+    /// those).
     pub fn outbox_due(&self, now: Millis, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
         let cols: String = EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
         let mut stmt = self.0.prepare(&format!(
             "SELECT {cols}, o.sink, o.attempts FROM outbox o JOIN events e ON e.seq = o.event_seq
-             WHERE o.delivered_at_ms = 0 AND o.next_at_ms <= ?1 ORDER BY o.event_seq LIMIT ?2"
+             WHERE o.delivered_at_ms = 0 AND o.next_at_ms <= ?1
+               AND NOT EXISTS (SELECT 1 FROM outbox h WHERE h.sink = o.sink AND h.delivered_at_ms = 0
+                               AND h.event_seq < o.event_seq AND h.next_at_ms > ?1)
+             ORDER BY o.event_seq LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![now as i64, limit as i64], |r| {
             Ok(OutboxItem { event: event_row(r)?, sink: r.get(9)?, attempts: r.get::<_, i64>(10)? as u32 })

@@ -216,6 +216,12 @@ impl Store {
         /// Every instance recorded `fenced`, of every site, in one query.
         fenced_instances() -> Vec<InstanceRecord>);
     db_call!(
+        /// See [`Db::set_public_ip`].
+        set_public_ip(site_id: String, instance_id: String, public_ip: String) -> ());
+    db_call!(
+        /// See [`Db::forget_terminated`].
+        forget_terminated(site_id: String, instance_id: String) -> bool);
+    db_call!(
         /// Records a role for a non-primary instance.
         set_instance_role(site_id: String, instance_id: String, role: String, operation_id: String, reason: String) -> ());
     db_call!(
@@ -651,6 +657,36 @@ impl Db<'_> {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records the public address an instance is reached at once the
+    /// controller moved the site's Elastic IP onto it (its agent reported
+    /// the launch address when it connected). The next Hello overwrites it
+    /// with what the instance itself says.
+    pub fn set_public_ip(&self, site_id: String, instance_id: String, public_ip: String) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE instances SET public_ip = ?3 WHERE site_id = ?1 AND instance_id = ?2",
+            params![site_id, instance_id, public_ip],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets an instance EC2 terminated for us (a drill copy torn down,
+    /// a spare retired): it is no longer listed under its site. Never the
+    /// site's primary nor a fenced instance (an old primary stays listed).
+    /// Whether a record was forgotten.
+    pub fn forget_terminated(&self, site_id: String, instance_id: String) -> Result<bool, StoreError> {
+        let tx = self.0.unchecked_transaction()?;
+        let n = tx.execute(
+            "DELETE FROM instances WHERE site_id = ?1 AND instance_id = ?2 AND role <> 'fenced'
+               AND instance_id <> COALESCE((SELECT primary_instance_id FROM sites WHERE id = ?1), '')",
+            params![site_id, instance_id],
+        )?;
+        if n > 0 {
+            tx.execute("DELETE FROM instance_regions WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
     }
 
     pub fn set_disconnected(&self, site_id: String, instance_id: String, last_seen_ms: Millis) -> Result<(), StoreError> {

@@ -173,6 +173,10 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
     }
     let left: Vec<String> = volumes.iter().filter(|v| v.state != "available" && v.state != "deleting" && v.state != "deleted").map(|v| v.id.clone()).collect();
     let ended: Vec<&String> = ids.iter().filter(|i| !leaked.contains(i)).collect();
+    // EC2 says they are gone: no longer listed under the site.
+    for id in &ended {
+        ctx.store().forget_terminated(ctx.site.id.clone(), (*id).clone()).await?;
+    }
     let detail = if ids.is_empty() {
         "nothing was launched".to_owned()
     } else {

@@ -179,6 +179,9 @@ async fn retire(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         let region = regions.get(&(ctx.site.id.clone(), id.clone())).cloned().unwrap_or_else(|| ctx.site.region.clone());
         let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
         failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: replaced as the site's spare by {} ({})", st.candidate, ctx.op_id)).await?;
+        // TerminateInstances answered: EC2 ends it (a termination is final),
+        // so it is no longer listed under the site.
+        store.forget_terminated(ctx.site.id.clone(), id.clone()).await?;
     }
     Ok(Outcome::Done(format!("terminated the earlier spare {}", old.join(", "))))
 }

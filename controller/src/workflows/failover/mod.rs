@@ -714,6 +714,20 @@ pub(super) async fn wipe_nomad(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
     Ok(Outcome::Done("the restored Nomad state (/opt/nomad) is wiped".into()))
 }
 
+/// What an operator does after fixing what failed a runbook step. Only a
+/// failover (restore, failback) waits for a human and can be resumed; a
+/// drill, a spare or a repair ends at its failure.
+fn after_fix(st: &State, op_id: &str) -> String {
+    match st.plan.kind.as_str() {
+        "drill" => format!(
+            "the drill ends here (it cannot be resumed) and its copy is torn down: fix it, then start a new drill (`drctl drill {}`)",
+            st.plan.site_id
+        ),
+        "spare" | "repair" => format!("the {} operation ends here (it cannot be resumed)", st.plan.kind),
+        _ => format!("fix it, then `drctl operation resume {op_id}`"),
+    }
+}
+
 pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let t = ctx.deps().failover.app_timeout;
     ctx.progress(format!("starting the app on {} and waiting until it is started", st.candidate)).await;
@@ -727,10 +741,10 @@ pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome
         AgentDetail::AppStatus { state, is_transitioning, .. } if state == "started" && !is_transitioning => {}
         AgentDetail::AppStatus { state, is_transitioning, .. } => {
             return Err(StepError::failed(format!(
-                "the app is {state}{} after its start: look at Replicated on {} (replicatedctl app status), fix it, then `drctl operation resume {}`",
+                "the app is {state}{} after its start: look at Replicated on {} (replicatedctl app status); {}",
                 if is_transitioning { " (transitioning)" } else { "" },
                 st.candidate,
-                ctx.op_id
+                after_fix(st, &ctx.op_id)
             )));
         }
         _ => return Err(StepError::failed("the agent did not report the app state")),
@@ -750,9 +764,9 @@ pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome
                 return Err(StepError::new(
                     ErrorKind::TimedOut,
                     format!(
-                        "the app is started but its health check did not pass within {t:?} (failover.app_timeout): {}; fix it, then `drctl operation resume {}`",
+                        "the app is started but its health check did not pass within {t:?} (failover.app_timeout): {}; {}",
                         e.message(),
-                        ctx.op_id
+                        after_fix(st, &ctx.op_id)
                     ),
                 ));
             }
@@ -788,6 +802,9 @@ async fn move_eip(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
         retry_ec2("AssociateAddress", EC2_RETRY_BUDGET, || ec2.associate_address(&eip.allocation_id, &id)).await?;
     }
     st.eip_moved = true;
+    // Status shows the address the site is reached at, not the launch one
+    // the new instance's agent reported when it connected.
+    ctx.store().set_public_ip(ctx.site.id.clone(), id.clone(), eip.public_ip.clone()).await?;
     Ok(Outcome::Done(format!(
         "Elastic IP {} moved to {id}{}",
         eip.public_ip,

@@ -328,6 +328,11 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     };
     let mut warnings = Vec::new();
     let mut human = Vec::new();
+    if !req.failback {
+        if let Some(w) = healthy_primary_warning(deps, site).await? {
+            warnings.push(w);
+        }
+    }
 
     // The old primary, as EC2 sees it now.
     let old = site.primary_instance_id.clone();
@@ -475,6 +480,33 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         human_actions: human,
         warnings,
     })
+}
+
+/// A warning when the primary this plan fences looks fine: its agent is
+/// connected as primary and the health monitor's record says healthy (or
+/// the site's health is not monitored). A failover then stops a working
+/// site and loses what it did since the backup.
+async fn healthy_primary_warning(deps: &Deps, site: &Site) -> Result<Option<String>, PlanError> {
+    let connected = deps
+        .registry
+        .live(&site.id, &site.primary_instance_id)
+        .is_some_and(|l| l.role == crate::domain::model::Role::Primary);
+    if !connected {
+        return Ok(None);
+    }
+    let health = deps.store.health_all().await?.remove(&site.id);
+    let said = match health {
+        Some(h) if h.state == crate::domain::health::HealthState::Healthy => {
+            let ago = now_ms().saturating_sub(h.checked_at_ms);
+            format!("the health monitor says healthy (checked {} ago)", humantime::format_duration(std::time::Duration::from_secs(ago / 1000)))
+        }
+        Some(_) => return Ok(None),
+        None => "its health is not monitored".to_owned(),
+    };
+    Ok(Some(format!(
+        "the primary {} looks healthy: its agent is connected as primary and {said}; this stops a working site, and what it did since the backup is lost",
+        site.primary_instance_id
+    )))
 }
 
 /// The launch facts of the newest available backup taken in `home` (the

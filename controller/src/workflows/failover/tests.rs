@@ -189,6 +189,48 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its_copy() {
+    use crate::domain::recovery::SiteRecovery;
+    use crate::testkit::FakeAgent;
+    let fake = Arc::new(FakeEc2::default());
+    let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill: drill_settings(), ..Default::default() })]);
+    let (_dir, store, site, _) = world(fake.clone(), recovery.clone()).await;
+    let deps = Deps {
+        store: store.clone(),
+        registry: crate::agents::Registry::default(),
+        ec2: Arc::new(Ec2Clients::fixed(AwsConfig::default(), fake.clone())),
+        backup: BackupConfig::default(),
+        policies: HashMap::new(),
+        recovery,
+        failover: FailoverConfig { agent_timeout: Duration::from_secs(5), app_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
+        drill: Default::default(),
+        aws: AwsConfig::default(),
+        dns: tokio::sync::OnceCell::new(),
+    };
+    let engine = super::super::engine(deps);
+    let plan = plan::make(engine.deps(), &site, &Request { drill: true, ..Default::default() }).await.expect("plan");
+    let op = crate::workflows::drill::start(&engine, plan, Duration::ZERO, "operator/t", None).await.expect("start");
+    let copy = new_instance(&fake, &["i-old"]).await;
+    // The copy's app starts but its health check never passes.
+    let record = crate::domain::model::InstanceRecord { site_id: "s1".into(), instance_id: copy.clone(), role: "drill".into(), operation_id: op.id.clone(), ..Default::default() };
+    store.put_instance(record).await.expect("the copy's Hello");
+    let agent = FakeAgent::attach(&engine.deps().registry, "s1", &copy, crate::domain::model::Role::Drill { operation_id: op.id.clone() }, |action| match action {
+        "health_check" => Err((dr_proto::pb::ErrorKind::Failed, "GET /health-check answered 503".into())),
+        _ => Ok(serde_json::json!({})),
+    });
+    let ended = until(&store, &op.id, OperationState::Failed).await;
+    let rec = store.drills("s1".into(), 5).await.expect("drills");
+    let said = format!("{} | {}", ended.error, rec[0].error);
+    assert!(said.contains("health check did not pass"), "{said}");
+    assert!(!said.contains("operation resume"), "a drill cannot be resumed: {said}");
+    assert!(said.contains("start a new drill") && said.contains("drctl drill s1"), "{said}");
+    assert!(agent.actions().contains(&"health_check".to_owned()), "{:?}", agent.actions());
+    // Torn down: EC2 terminated it, so the store no longer lists it.
+    assert_eq!(fake.instance(&copy).expect("copy").instance.state, "terminated");
+    assert!(store.instance("s1".into(), copy.clone()).await.expect("read").is_none(), "the terminated copy is forgotten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_drill_fires_once_per_slot_and_a_restart_does_not_repeat_it() {
     use crate::domain::policy::{DrillBackup, Policy, parse_schedule};
     use crate::domain::recovery::SiteRecovery;
