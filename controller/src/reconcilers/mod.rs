@@ -3,7 +3,8 @@
 //! DR-region copies to an end, [`drills`] terminates drill copies whose
 //! `dr:keep-until` has passed, [`spares`] keeps each site's hot spare
 //! current, [`health`] watches every site and climbs the recovery ladder,
-//! [`notify`] records events and delivers them to webhooks. [`catalog`]
+//! [`notify`] records events and delivers them to webhooks, [`refusals`]
+//! records refused agents and raises `agent.refused`. [`catalog`]
 //! checks the store against EC2 at start.
 
 pub mod catalog;
@@ -11,6 +12,7 @@ pub mod copies;
 pub mod drills;
 pub mod health;
 pub mod notify;
+pub mod refusals;
 pub mod scheduler;
 pub mod spares;
 
