@@ -587,7 +587,7 @@ fn isolated_plan(
         ));
     }
     let now = now_ms();
-    let mut plan = Plan {
+    Ok(Plan {
         approval: String::new(),
         site_id: site.id.clone(),
         kind: what.kind.into(),
