@@ -51,7 +51,10 @@ pub enum ControllerError {
 /// most `server.shutdown_grace` for the rest.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
     dr_proto::tls::install_crypto_provider();
-    let tls = dr_proto::tls::server_config(&config.tls.files())?;
+    let registry = agents::Registry::default();
+    // Refused agent certificates are recorded per site (after the refusal).
+    let observer: Arc<dyn dr_proto::tls::RefusalObserver> = Arc::new(registry.refusals().clone());
+    let tls = dr_proto::tls::server_config_observed(&config.tls.files(), Some(observer))?;
     let store = store::Store::open(&config.store.path).await?;
     store.mark_all_disconnected().await?;
     if config.sites.is_empty() {
@@ -75,7 +78,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let ec2 = Arc::new(cloud::Ec2Clients::new(config.aws.clone()));
     catalog::check(&config, &store, &ec2).await?;
-    let registry = agents::Registry::default();
     let mut policies = std::collections::HashMap::new();
     for s in &config.sites {
         let policy = config.site_policy(s).map_err(|(key, message)| config::ConfigError::Invalid {
@@ -117,6 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let keeper = reconcilers::fences::Keeper::new(engine.clone(), notifier.clone(), fences.clone(), config.health.fence_interval).await?;
     tokio::spawn(keeper.run());
     tokio::spawn(reconcilers::notify::run(store.clone(), std::sync::Arc::new(config.notify.clone()), http, std::time::Duration::from_secs(1)));
+    tokio::spawn(reconcilers::refusals::run(registry.refusals().clone(), notifier.clone()));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {

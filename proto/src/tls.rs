@@ -8,9 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::DistinguishedName;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::identity::{Identity, IdentityError};
 
 /// Paths of the PEM files one end needs.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -79,11 +85,24 @@ pub fn install_crypto_provider() {
 /// The controller's server configuration: TLS 1.3 only, a client certificate
 /// chaining to the CA is required, ALPN h2 for gRPC.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_observed(files, None)
+}
+
+/// [`server_config`], with an observer told about every client certificate
+/// the verifier refuses. The real verifier decides first and its answer is
+/// returned unchanged: the observer only learns of a refusal afterwards.
+pub fn server_config_observed(
+    files: &TlsFiles,
+    observer: Option<Arc<dyn RefusalObserver>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&files.ca)? {
         roots.add(ca)?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+    if let Some(observer) = observer {
+        verifier = Arc::new(ObservedVerifier { inner: verifier, observer });
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -106,4 +125,118 @@ pub fn client_config(files: &TlsFiles, server_name: &str) -> Result<tonic::trans
         .ca_certificate(ca)
         .identity(identity)
         .domain_name(server_name))
+}
+
+/// Told about each client certificate the server's verifier refused, after
+/// the refusal (it cannot change the outcome). Called inside the handshake:
+/// it must be quick and must not block.
+pub trait RefusalObserver: Send + Sync + std::fmt::Debug {
+    fn refused(&self, refusal: &Refused<'_>);
+}
+
+/// A client certificate the verifier refused, and why.
+pub struct Refused<'a> {
+    pub end_entity: &'a CertificateDer<'a>,
+    pub intermediates: &'a [CertificateDer<'a>],
+    /// The time the certificate was checked at.
+    pub now: UnixTime,
+    /// The verifier's answer (what the client was refused with).
+    pub error: &'a rustls::Error,
+    verifier: &'a dyn ClientCertVerifier,
+}
+
+impl Refused<'_> {
+    /// Runs the same verifier again as if it were `unix_secs`: whether the
+    /// chain is this deployment's apart from the time (an expired
+    /// certificate of ours, checked at its own not-after, passes; one from
+    /// another CA does not). Changes nothing.
+    pub fn verify_at(&self, unix_secs: u64) -> Result<(), rustls::Error> {
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(unix_secs));
+        self.verifier.verify_client_cert(self.end_entity, self.intermediates, at).map(|_| ())
+    }
+}
+
+/// What a certificate says about itself, read without trusting it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PresentedCert {
+    /// Its spiffe:// identity, or why it has none.
+    pub identity: Result<Identity, IdentityError>,
+    /// The serial number, hex bytes separated by `:`.
+    pub serial: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+impl PresentedCert {
+    /// `None` when the DER is not a certificate.
+    pub fn from_der(der: &[u8]) -> Option<PresentedCert> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let ms = |t: i64| u64::try_from(t).unwrap_or(0).saturating_mul(1000);
+        Some(PresentedCert {
+            identity: Identity::from_certificate_der(der),
+            serial: cert.raw_serial_as_string(),
+            not_before_ms: ms(cert.validity().not_before.timestamp()),
+            not_after_ms: ms(cert.validity().not_after.timestamp()),
+        })
+    }
+}
+
+/// The real client verifier, and an observer told about its refusals.
+#[derive(Debug)]
+struct ObservedVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    observer: Arc<dyn RefusalObserver>,
+}
+
+impl ClientCertVerifier for ObservedVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let result = self.inner.verify_client_cert(end_entity, intermediates, now);
+        if let Err(error) = &result {
+            self.observer.refused(&Refused { end_entity, intermediates, now, error, verifier: self.inner.as_ref() });
+        }
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
 }

@@ -103,3 +103,86 @@ async fn only_the_right_certificates_get_through() {
     // And the genuine agent is still the connected one.
     assert!(agent_connected(&w.pki, &url, "prod-1"));
 }
+
+/// An agent whose certificate expired is refused as before, and the
+/// operator sees why: `drctl status` shows the refusal (reason `expired`,
+/// its count over many retries), the health evidence says `agent: refused
+/// (certificate expired ...)` instead of `silent`, and `drctl events` has
+/// one `agent.refused` for it however often the agent retried. A
+/// certificate of another CA naming the site is shown as such.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_agent_certificate_is_shown_as_such() {
+    let mut w = World::start_full("prod-1", "200ms", &[], "[health]\ninterval = \"1s\"\n").await;
+    let url = w.controller.url.clone();
+    let dir = w.dir.path().to_owned();
+    w.wait_agent();
+
+    // A certificate of another CA that names the site: refused, and shown
+    // as not ours (its chain is not verified).
+    let other = dir.join("other-ca");
+    pki::init_ca(&other, TRUST_DOMAIN, Validity::days(1).expect("one day")).expect("other CA");
+    pki::issue(&other, &Subject::Site("prod-1".into()), Validity::days(1).expect("one day"), &other, "forged").expect("issue");
+    assert!(hello(&url, &w.pki.ca(), &other.join("forged.pem"), &other.join("forged.key"), "prod-1").await.is_err(), "another CA is refused");
+
+    // The agent restarts with an expired certificate of our CA (valid
+    // after the CA began, ended seconds ago).
+    if let Some(mut p) = w.agent.proc.take() {
+        p.kill();
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let expired = Validity { not_before: now - time::Duration::seconds(40), not_after: now - time::Duration::seconds(2) };
+    pki::issue(&w.pki.dir, &Subject::Site("prod-1".into()), expired, &dir, "expired-site").expect("issue");
+    let (cert, key) = w.pki.site("prod-1");
+    let config = std::fs::read_to_string(&w.agent.config).expect("agent config")
+        .replace(&cert.display().to_string(), &dir.join("expired-site.pem").display().to_string())
+        .replace(&key.display().to_string(), &dir.join("expired-site.key").display().to_string());
+    std::fs::write(&w.agent.config, config).expect("write agent config");
+    w.agent.restart();
+    // Many more attempts with the same certificate.
+    for _ in 0..40 {
+        let refused = hello(&url, &w.pki.ca(), &dir.join("expired-site.pem"), &dir.join("expired-site.key"), "prod-1").await;
+        assert!(refused.is_err(), "an expired certificate is still refused");
+    }
+
+    let expired_refusal = |s: &serde_json::Value| {
+        s["refusals"].as_array().and_then(|a| a.iter().find(|r| r["reason"] == "expired").cloned()).unwrap_or_default()
+    };
+    assert_eventually!(
+        Duration::from_secs(60),
+        {
+            let s = site_status(&w.pki, &url, "prod-1");
+            expired_refusal(&s)["count"].as_u64().unwrap_or(0) >= 40
+                && s["health"]["evidence"].as_array().is_some_and(|e| e.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("agent: refused (certificate expired"))))
+        },
+        "the refusal and the health line; status: {}\ncontroller log:\n{}",
+        site_status(&w.pki, &url, "prod-1"),
+        w.controller.log()
+    );
+    let s = site_status(&w.pki, &url, "prod-1");
+    let r = expired_refusal(&s);
+    assert_eq!(r["ca_verified"], true, "{r}");
+    assert_eq!(r["current"], true, "{r}");
+    assert!(r["description"].as_str().unwrap_or("").starts_with("certificate expired"), "{r}");
+    assert!(r["remedy"].as_str().unwrap_or("").contains("drctl pki issue site prod-1"), "{r}");
+    assert!(r["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"), "{r}");
+    let forged = s["refusals"].as_array().and_then(|a| a.iter().find(|r| r["reason"] == "unknown_ca").cloned()).unwrap_or_default();
+    assert_eq!(forged["ca_verified"], false, "another CA's certificate: {s}");
+    let problems: Vec<&str> = s["problems"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+    assert!(problems.iter().any(|p| p.contains("agent refused: certificate expired")), "{problems:?}");
+    assert!(!s["health"]["evidence"].as_array().into_iter().flatten().any(|l| l.as_str().unwrap_or("").starts_with("agent: silent")), "{s}");
+
+    // Text: the site's lines say it too.
+    let out = drctl(&w.pki, &url, &["site", "prod-1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("agent: refused (certificate expired"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("! agent refused: certificate expired"), "{}", text(&out.stdout));
+
+    // One event per site, reason and certificate, not one per retry.
+    let events = drctl_json(&w.pki, &url, &["events", "prod-1", "--limit", "1000"]);
+    let refused: Vec<&serde_json::Value> =
+        events["events"].as_array().into_iter().flatten().filter(|e| e["kind"] == "agent.refused").collect();
+    let expired_events = refused.iter().filter(|e| e["evidence"]["reason"] == "expired").count();
+    assert_eq!(expired_events, 1, "{refused:#?}");
+    assert_eq!(refused.iter().filter(|e| e["evidence"]["reason"] == "unknown_ca").count(), 1, "{refused:#?}");
+    assert!(refused.iter().all(|e| e["site_id"] == "prod-1"), "{refused:#?}");
+}

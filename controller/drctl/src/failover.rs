@@ -32,6 +32,9 @@ pub fn print_plan(plan: &Value) {
     println!("{kind} plan for site {}", s(plan, "site_id"));
     println!("  backup:     {} taken {} ({} ago: the data loss you accept), {}-consistent", s(b, "image_id"),
         rfc3339(b["started_at_ms"].as_u64().unwrap_or(0)).unwrap_or_default(), human_duration(age), s(b, "consistency"));
+    if !s(b, "agent_cert").is_empty() {
+        println!("  agent cert: {}", s(b, "agent_cert"));
+    }
     let spare = plan["spare"].as_object().map(|_| &plan["spare"]);
     if let Some(sp) = spare {
         println!("  hot spare:  {} ({} now): no launch, no disk hydration; its data is {} older than the newest backup {}",

@@ -102,6 +102,18 @@ pub fn print_status(sites: &[SiteView]) {
             let why = if i.reason.is_empty() { String::new() } else { format!(": {}", i.reason) };
             println!("{:<20} also {} {}{of} ({state}){why}", "", i.instance_id, i.role);
         }
+        // Current refusals are among the problems below.
+        for r in s.refusals.iter().filter(|r| !r.current) {
+            println!(
+                "{:<20} agent refused earlier: {} (serial {}, from {}), {} time(s), last at {}",
+                "",
+                r.description,
+                r.serial,
+                r.peer,
+                r.count,
+                r.last_at.as_deref().unwrap_or("-")
+            );
+        }
         for p in &s.problems {
             println!("{:<20} ! {p}", "");
         }

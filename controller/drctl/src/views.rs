@@ -135,6 +135,55 @@ pub struct SiteView {
     pub spare: Option<SpareView>,
     /// The health monitor's view (absent: not checked yet).
     pub health: Option<HealthView>,
+    /// Agents of the site refused within the last day (expired certificate,
+    /// another CA, a Hello naming another site...), the most recent first.
+    pub refusals: Vec<RefusalView>,
+}
+
+/// Agents refused with one certificate for one reason, over their retries.
+#[derive(Debug, Serialize)]
+pub struct RefusalView {
+    /// `expired`, `not_yet_valid`, `unknown_ca`, `invalid_certificate`,
+    /// `wrong_site`, `unknown_site`, `wrong_trust_domain`, `not_a_site`.
+    pub reason: String,
+    /// "certificate expired 3 days ago".
+    pub description: String,
+    pub remedy: String,
+    pub serial: String,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub identity: String,
+    pub fingerprint: String,
+    /// The chain is this deployment's CA's (apart from the time).
+    pub ca_verified: bool,
+    pub detail: String,
+    /// Where the last attempt came from.
+    pub peer: String,
+    pub first_at: Option<String>,
+    pub last_at: Option<String>,
+    pub count: u64,
+    /// Still going on (also in `problems`).
+    pub current: bool,
+}
+
+pub fn refusal_view(r: pb::AgentRefusal) -> RefusalView {
+    RefusalView {
+        not_before: rfc3339(r.not_before_ms),
+        not_after: rfc3339(r.not_after_ms),
+        first_at: rfc3339(r.first_ms),
+        last_at: rfc3339(r.last_ms),
+        reason: r.reason,
+        description: r.description,
+        remedy: r.remedy,
+        serial: r.serial,
+        identity: r.identity,
+        fingerprint: r.fingerprint,
+        ca_verified: r.ca_verified,
+        detail: r.detail,
+        peer: r.peer,
+        count: r.count,
+        current: r.current,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -304,6 +353,7 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
             at: rfc3339(s.last_failover_at_ms),
         }),
         last_drill: s.last_drill.map(drill_view),
+        refusals: s.refusals.into_iter().map(refusal_view).collect(),
         instances,
         problems: s.problems,
         rpo_s: last_backup.as_ref().map(|b| b.age_s),

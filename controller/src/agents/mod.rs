@@ -19,6 +19,7 @@
 //!
 //! Generated protobuf types are converted here and in [`service`] only.
 
+pub mod refusals;
 pub mod service;
 pub mod verify;
 
@@ -278,6 +279,7 @@ type Key = (String, String);
 pub struct Registry {
     sessions: Arc<Mutex<HashMap<Key, Session>>>,
     serial: Arc<AtomicU64>,
+    refusals: refusals::Refusals,
 }
 
 /// A live view of one agent.
@@ -288,6 +290,19 @@ pub struct LiveAgent {
 }
 
 impl Registry {
+    /// The agents refused (TLS handshake or stream), in this process.
+    pub fn refusals(&self) -> &refusals::Refusals {
+        &self.refusals
+    }
+
+    /// The site's most recent refusal in this process: an agent of the site
+    /// tried and was refused (its certificate expired, ...). For the health
+    /// evidence: `refusal.agent_line(now)` says `agent: refused
+    /// (certificate expired 3 days ago)`.
+    pub fn refusal(&self, site: &str) -> Option<crate::domain::refusal::AgentRefusal> {
+        self.refusals.latest(site)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use dr_proto::identity::peer_identity;
+use dr_proto::identity::{Role as IdentityRole, peer_identity};
 use dr_proto::pb;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::verify::Verifier;
 use super::{Pending, Registry, Session, needs_verification, recently_verified, role_of, role_to_pb};
 use crate::domain::model::{InstanceFacts, InstanceRecord, Role, now_ms};
+use crate::domain::refusal::RefusalReason;
 use crate::store::Store;
 
 /// Serves `AgentService`.
@@ -52,20 +53,33 @@ impl pb::agent_service_server::AgentService for AgentServer {
 
     async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let leaf = request.peer_certs().and_then(|c| c.first().map(|d| d.as_ref().to_vec()));
+        // Every refusal of the stream is recorded for the site the
+        // certificate names (`agents::refusals`), besides the log line.
+        let refused = |site: &str, reason: RefusalReason, identity: &str, detail: &str| {
+            self.registry.refusals().record_stream(site, reason, leaf.as_deref(), &peer, identity, detail);
+        };
         let identity = peer_identity(&request).map_err(|e| {
             tracing::warn!(%peer, error = %e, "agent stream refused");
+            refused("", RefusalReason::NotASite, "", &e.to_string());
             Status::unauthenticated(e.to_string())
         })?;
         let cert_site = identity
             .require_site(&self.trust_domain)
             .map_err(|e| {
                 tracing::warn!(%peer, %identity, error = %e, "agent stream refused");
+                match &identity.role {
+                    IdentityRole::Site(site) => refused(site, RefusalReason::WrongTrustDomain, &identity.to_string(), &e.to_string()),
+                    IdentityRole::Operator(_) => refused("", RefusalReason::NotASite, &identity.to_string(), &e.to_string()),
+                }
                 Status::permission_denied(e.to_string())
             })?
             .to_owned();
         let Some(site) = self.store.site(cert_site.clone()).await.map_err(internal)? else {
             tracing::warn!(%peer, site = %cert_site, "agent stream refused: site not configured");
-            return Err(Status::permission_denied(format!("site `{cert_site}` is not configured on this controller")));
+            let why = format!("site `{cert_site}` is not configured on this controller");
+            refused(&cert_site, RefusalReason::UnknownSite, &identity.to_string(), &why);
+            return Err(Status::permission_denied(why));
         };
         let cert_not_after_ms = dr_proto::identity::peer_not_after_ms(&request).unwrap_or(0);
         let mut inbound = request.into_inner();
@@ -78,10 +92,9 @@ impl pb::agent_service_server::AgentService for AgentServer {
         };
         if hello.site_id != cert_site {
             tracing::warn!(%peer, cert_site, hello_site = hello.site_id, "agent stream refused: Hello names another site than its certificate");
-            return Err(Status::permission_denied(format!(
-                "Hello names site `{}` but the certificate is for site `{cert_site}`",
-                hello.site_id
-            )));
+            let why = format!("Hello names site `{}` but the certificate is for site `{cert_site}`", hello.site_id);
+            refused(&cert_site, RefusalReason::WrongSite, &identity.to_string(), &why);
+            return Err(Status::permission_denied(why));
         }
         let facts = facts_from_pb(hello.facts);
         if !crate::config::is_instance_id(&facts.instance_id) {

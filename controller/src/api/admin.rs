@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::agents::{LiveAgent, Registry};
 use crate::engine::{EngineError, Workflow};
 use crate::domain::model::*;
+use crate::domain::refusal::AgentRefusal;
 use crate::store::{FleetView, Store, StoreError};
 use crate::workflows::Engine;
 
@@ -151,6 +152,22 @@ impl AdminServer {
             )),
             Some(_) => {}
         }
+        // Agents of the site refused (expired certificate, ...): current
+        // ones are problems, and a silent primary reads as refused.
+        let refusals: Vec<(AgentRefusal, bool)> = view
+            .refusals
+            .get(&site.id)
+            .into_iter()
+            .flatten()
+            .map(|r| (r.clone(), refusal_is_current(r, primary_live, now)))
+            .collect();
+        for (r, _) in refusals.iter().filter(|(_, current)| *current) {
+            problems.push(format!("{}; {}", r.line(now), r.remedy()));
+        }
+        // The health line names the most telling one: a certificate of ours
+        // (expired, ...) before one that only claims the site.
+        let current_refusal =
+            refusals.iter().filter(|(_, current)| *current).max_by_key(|(r, _)| (r.ca_verified, r.last_ms)).map(|(r, _)| r);
         for l in live {
             if let Role::Fenced { reason } = &l.role {
                 if !self.fences.is_open(&site.id, &l.record.instance_id) {
@@ -197,7 +214,7 @@ impl AdminServer {
                 condition: h.condition.as_str().to_owned(),
                 since_ms: h.since_ms,
                 condition_since_ms: h.condition_since_ms,
-                evidence: h.evidence.as_ref().map(|e| e.lines(now)).unwrap_or_default(),
+                evidence: h.evidence.as_ref().map(|e| refused_evidence(e.lines(now), current_refusal, now)).unwrap_or_default(),
                 decision: h.decision.clone(),
                 mode: policy.health.mode.as_str().to_owned(),
                 checked_at_ms: h.checked_at_ms,
@@ -245,7 +262,49 @@ impl AdminServer {
             drill_schedule: policy.drill_schedule.as_ref().map(|s| s.describe()).unwrap_or_default(),
             drill_backup: policy.drill_schedule.as_ref().map(|_| policy.drill_backup.describe()).unwrap_or_default(),
             drill_overdue,
+            refusals: refusals.iter().map(|(r, current)| refusal_to_pb(r, *current, now)).collect(),
         }
+    }
+}
+
+/// How long a refusal stays a problem without a new attempt.
+const REFUSAL_CURRENT_MS: Millis = 3600 * 1000;
+
+/// A refusal still going on: seen within the last hour, and the site's
+/// primary has not connected since (a primary that connected after it was
+/// probably the refused agent, given a new certificate).
+fn refusal_is_current(r: &AgentRefusal, primary_live: Option<&LiveAgent>, now: Millis) -> bool {
+    now.saturating_sub(r.last_ms) <= REFUSAL_CURRENT_MS && primary_live.is_none_or(|l| l.record.connected_at_ms <= r.last_ms)
+}
+
+/// The health evidence with the agent line saying why the agent is silent
+/// when it was refused: `agent: refused (certificate expired 3 days ago)`.
+fn refused_evidence(mut lines: Vec<String>, refusal: Option<&AgentRefusal>, now: Millis) -> Vec<String> {
+    if let Some(r) = refusal {
+        if let Some(agent) = lines.iter_mut().find(|l| l.starts_with("agent: silent")) {
+            *agent = r.agent_line(now);
+        }
+    }
+    lines
+}
+
+fn refusal_to_pb(r: &AgentRefusal, current: bool, now: Millis) -> pb::AgentRefusal {
+    pb::AgentRefusal {
+        reason: r.reason.as_str().to_owned(),
+        description: r.describe(now),
+        remedy: r.remedy(),
+        serial: r.serial.clone(),
+        not_before_ms: r.not_before_ms,
+        not_after_ms: r.not_after_ms,
+        identity: r.identity.clone(),
+        fingerprint: r.fingerprint.clone(),
+        ca_verified: r.ca_verified,
+        detail: r.detail.clone(),
+        peer: r.peer.clone(),
+        first_ms: r.first_ms,
+        last_ms: r.last_ms,
+        count: r.count,
+        current,
     }
 }
 

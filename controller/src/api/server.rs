@@ -14,7 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 /// Accepts TCP connections and completes TLS handshakes concurrently (a
 /// slow or hostile client cannot stall the accept loop), each bounded by
 /// `handshake_timeout`. Refused handshakes (no certificate, another CA,
-/// expired) are logged with the peer address.
+/// expired) are logged with the peer address; a refused site certificate
+/// is also recorded (the server config's observer, `agents::refusals`).
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -39,7 +40,11 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                // The peer's address is known to the refusal observer
+                // (`agents::refusals`), which the verifier calls inside
+                // the handshake.
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+                match crate::agents::refusals::with_peer(peer, handshake).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }

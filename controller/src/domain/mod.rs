@@ -6,4 +6,5 @@ pub mod health;
 pub mod model;
 pub mod policy;
 pub mod recovery;
+pub mod refusal;
 pub mod tags;

@@ -4,7 +4,8 @@
 //! `dr:keep-until` has passed, [`fences`] stops again a fenced old primary
 //! seen running, [`spares`] keeps each site's hot spare
 //! current, [`health`] watches every site and climbs the recovery ladder,
-//! [`notify`] records events and delivers them to webhooks. [`catalog`]
+//! [`notify`] records events and delivers them to webhooks, [`refusals`]
+//! records refused agents and raises `agent.refused`. [`catalog`]
 //! checks the store against EC2 at start.
 
 pub mod catalog;
@@ -13,6 +14,7 @@ pub mod drills;
 pub mod fences;
 pub mod health;
 pub mod notify;
+pub mod refusals;
 pub mod scheduler;
 pub mod spares;
 

@@ -98,7 +98,13 @@ pub struct FleetView {
     pub health: HashMap<String, crate::domain::health::SiteHealth>,
     /// Pauses of automatic recovery still in force.
     pub pauses: HashMap<String, crate::domain::health::Pause>,
+    /// Agents refused within [`REFUSALS_SHOWN_MS`], by the site their
+    /// certificate names, the most recent first.
+    pub refusals: HashMap<String, Vec<crate::domain::refusal::AgentRefusal>>,
 }
+
+/// How far back the fleet view reads refused agents: a day.
+pub const REFUSALS_SHOWN_MS: Millis = 24 * 3600 * 1000;
 
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
@@ -193,6 +199,7 @@ macro_rules! db_call {
 
 // After the macro: its queries use `db_call!`.
 mod health;
+mod refusals;
 
 /// The async API: one line per query, each on the blocking pool.
 impl Store {
@@ -1319,6 +1326,7 @@ impl Db<'_> {
         }
         view.slots = self.slots()?;
         view.spares = self.spares()?;
+        view.refusals = self.agent_refusals(String::new(), now_ms().saturating_sub(REFUSALS_SHOWN_MS))?;
         Ok(view)
     }
 }

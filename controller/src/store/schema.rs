@@ -227,4 +227,26 @@ pub const MIGRATIONS: &[&str] = &[
         at_ms BIGINT NOT NULL,
         until_ms BIGINT NOT NULL
     );",
+    // 10: agents refused (TLS handshake or Hello), one row per site, reason
+    // and certificate with a count and first/last time (retries are
+    // aggregated, never one row each); the agent certificate's not-after
+    // recorded with each backup (0: not recorded).
+    "CREATE TABLE agent_refusals (
+        site_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        not_before_ms BIGINT NOT NULL,
+        not_after_ms BIGINT NOT NULL,
+        identity TEXT NOT NULL,
+        ca_verified INTEGER NOT NULL,
+        detail TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        first_ms BIGINT NOT NULL,
+        last_ms BIGINT NOT NULL,
+        count BIGINT NOT NULL,
+        PRIMARY KEY (site_id, reason, fingerprint)
+    );
+    CREATE INDEX agent_refusals_by_last ON agent_refusals(last_ms);
+    ALTER TABLE backups ADD COLUMN agent_cert_not_after_ms BIGINT NOT NULL DEFAULT 0;",
 ];

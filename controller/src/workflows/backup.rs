@@ -102,6 +102,10 @@ pub struct State {
     pub launch: Option<crate::domain::model::LaunchFacts>,
     #[serde(default)]
     pub launch_error: Option<String>,
+    /// When the certificate the primary's agent presented ends (0: no
+    /// agent connected): the one a restore of this backup will present.
+    #[serde(default)]
+    pub agent_cert_not_after_ms: u64,
 }
 
 impl State {
@@ -180,6 +184,9 @@ async fn check_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErr
         ),
     };
     st.agent = Some(check);
+    // The image carries the agent's certificate: a restore presents it.
+    st.agent_cert_not_after_ms =
+        ctx.deps().registry.live(&ctx.site.id, &ctx.site.primary_instance_id).map_or(0, |l| l.record.cert_not_after_ms);
     // What a restore will need if this instance is lost (read now, before
     // any quiesce, so the freeze window does not pay for it).
     let facts = match ctx.deps().ec2(&ctx.site).await {
@@ -600,6 +607,9 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     ctx.store().record_backup(backup).await?;
     if let Some(facts) = st.launch.clone() {
         ctx.store().put_launch_facts(image_id.clone(), ctx.site.id.clone(), facts).await?;
+    }
+    if st.agent_cert_not_after_ms > 0 {
+        ctx.store().set_backup_agent_cert(image_id.clone(), st.agent_cert_not_after_ms).await?;
     }
     st.consistency = Some(consistency);
     Ok(Outcome::Done(format!("backup {image_id} recorded ({}-consistent)", consistency.as_str())))

@@ -639,6 +639,25 @@ pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
             }
             _ => {}
         }
+        // An agent refused since the launch (its certificate expired, ...)
+        // will not come up by waiting: say why and stop now.
+        if live.is_none() {
+            if let Some(r) = refused_restored_agent(ctx, st, &to) {
+                let now = now_ms();
+                return Err(StepError::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "the restored agent's certificate was refused: {} (not after {}, serial {}, from {}, {} time(s)); {}",
+                        r.describe(now),
+                        crate::domain::refusal::rfc3339(r.not_after_ms),
+                        r.serial,
+                        if r.peer.is_empty() { "?" } else { &r.peer },
+                        r.count,
+                        r.remedy()
+                    ),
+                ));
+            }
+        }
         if progress.elapsed() >= limit {
             let seen = match live {
                 Some(l) => format!("connected as {} ({})", l.role.name(), l.role.reason()),
@@ -656,6 +675,22 @@ pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
         progress.say(ctx, format!("{}: {what}", to.instance_id)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A refusal of the site's agents since the instance was launched (or
+/// started) that is the restored agent's: its certificate ends when the one
+/// recorded with the backup does; when the backup recorded none (older
+/// backups, repairs), one whose chain is this deployment's CA's (a stray
+/// certificate from elsewhere does not end the wait).
+fn refused_restored_agent(ctx: &Ctx<Deps>, st: &State, to: &Addressee) -> Option<crate::domain::refusal::AgentRefusal> {
+    let since = [st.launched_at_ms, st.running_at_ms].into_iter().filter(|t| *t > 0).min().unwrap_or(ctx.created_at_ms);
+    let recorded = st.plan.backup.agent_cert_not_after_ms / 1000;
+    ctx.deps()
+        .registry
+        .refusals()
+        .since(&to.site_id, since)
+        .into_iter()
+        .find(|r| if recorded > 0 { r.not_after_ms / 1000 == recorded } else { r.ca_verified })
 }
 
 pub(super) async fn app_stop(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {

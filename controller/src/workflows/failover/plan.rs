@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::domain::model::{Backup, BackupState, LaunchFacts, Millis, Site, now_ms};
 use crate::domain::recovery::{Fence, LaunchSpec, SpecError, resolve_launch};
+use crate::domain::refusal::CertOutlook;
 
 /// What the operator asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +87,14 @@ pub struct PlannedBackup {
     pub source_instance_id: String,
     /// Launch facts were recorded with the backup.
     pub has_launch_facts: bool,
+    /// When the agent certificate in the backup ends (0: not recorded, an
+    /// older backup): the restored agent presents it.
+    #[serde(default)]
+    pub agent_cert_not_after_ms: Millis,
+    /// That certificate for a human: "valid until ...", "EXPIRED at ...",
+    /// "unknown (...)".
+    #[serde(default)]
+    pub agent_cert: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,11 +320,17 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let launch_image_id =
         launch_image_in(&backup, site, &region).ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?;
     let facts: Option<LaunchFacts> = deps.store.launch_facts(backup.image_id.clone()).await?;
+    let cert_not_after = deps.store.backup_agent_cert(backup.image_id.clone()).await?;
+    let agent_due = deps.failover.agent_timeout;
     if req.drill {
-        return drill_plan(site, &rec, &region, backup, launch_image_id, facts);
+        let mut plan = drill_plan(site, &rec, &region, backup, launch_image_id, facts)?;
+        note_agent_cert(&mut plan, cert_not_after, agent_due);
+        return Ok(plan);
     }
     if req.spare {
-        return spare_plan(site, &rec, &policy, &region, backup, launch_image_id, facts);
+        let mut plan = spare_plan(site, &rec, &policy, &region, backup, launch_image_id, facts)?;
+        note_agent_cert(&mut plan, cert_not_after, agent_due);
+        return Ok(plan);
     }
     let keep_ip = rec.fence == Fence::Terminate && rec.keep_private_ip && !req.failback;
     // A failback launches with the home machine's recorded facts (subnet,
@@ -454,7 +469,7 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         }
     }
     let now = now_ms();
-    Ok(Plan {
+    let mut plan = Plan {
         approval: String::new(),
         trigger: None,
         spare,
@@ -479,7 +494,27 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         cleanup_builds_before_ms: backup.started_at_ms,
         human_actions: human,
         warnings,
-    })
+    };
+    note_agent_cert(&mut plan, cert_not_after, agent_due);
+    Ok(plan)
+}
+
+/// How close after the restored agent is due an ending certificate is
+/// worth a warning.
+const CERT_SOON: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Notes the agent certificate the backup carries (recorded at backup
+/// time) in the plan, and warns when it is expired or will be before the
+/// restored agent is due (`agent_due` from now: `failover.agent_timeout`),
+/// or soon after. A backup that recorded none: "unknown", no warning.
+pub fn note_agent_cert(plan: &mut Plan, not_after_ms: Option<Millis>, agent_due: std::time::Duration) {
+    let now = now_ms();
+    let outlook = CertOutlook::of(not_after_ms.unwrap_or(0), now, now.saturating_add(agent_due.as_millis() as u64), CERT_SOON);
+    plan.backup.agent_cert_not_after_ms = not_after_ms.unwrap_or(0);
+    plan.backup.agent_cert = outlook.describe(now);
+    if let Some(w) = outlook.warning(&plan.site_id, &plan.backup.image_id, now) {
+        plan.warnings.push(w);
+    }
 }
 
 /// A warning when the primary this plan fences looks fine: its agent is
@@ -532,6 +567,9 @@ fn planned_backup(backup: &Backup, launch_image_id: String, has_launch_facts: bo
         consistency: backup.consistency.as_str().to_owned(),
         source_instance_id: backup.instance_id.clone(),
         has_launch_facts,
+        // Set by `note_agent_cert`.
+        agent_cert_not_after_ms: 0,
+        agent_cert: String::new(),
     }
 }
 

@@ -16,6 +16,8 @@ use crate::domain::recovery::FailoverConfig;
 use crate::store::Store;
 use crate::testkit::FakeEc2;
 
+mod refused;
+
 async fn until(store: &Store, id: &str, want: OperationState) -> crate::domain::model::Operation {
     for _ in 0..300 {
         let op = store.operation(id.to_owned()).await.expect("read").expect("operation");
