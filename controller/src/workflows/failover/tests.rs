@@ -217,7 +217,7 @@ async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its
     let record = crate::domain::model::InstanceRecord { site_id: "s1".into(), instance_id: copy.clone(), role: "drill".into(), operation_id: op.id.clone(), ..Default::default() };
     store.put_instance(record).await.expect("the copy's Hello");
     let agent = FakeAgent::attach(&engine.deps().registry, "s1", &copy, crate::domain::model::Role::Drill { operation_id: op.id.clone() }, |action| match action {
-        "health_check" => Err((dr_proto::pb::ErrorKind::Failed, "GET /health-check answered 503".into())),
+        "health_check" => crate::testkit::fake_failure("GET /health-check answered 503"),
         _ => Ok(serde_json::json!({})),
     });
     let ended = until(&store, &op.id, OperationState::Failed).await;
