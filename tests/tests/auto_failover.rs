@@ -280,10 +280,11 @@ async fn a_failing_region_is_no_evidence_and_an_instance_that_will_not_stop_need
         "EC2's view is unknown: {}",
         health(&w)
     );
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(health(&w)["state"], "healthy", "an API outage is no evidence against the site: {}", health(&w));
-    // It is the controller's problem: one fleet alert naming the region,
+    // It is the controller's problem: one fleet alert naming the region
+    // (from its second pass in a row; each pass waits out its retries),
     // nothing about the site.
+    wait_event(&w, "fleet.guard", seq, Duration::from_secs(90));
+    assert_eq!(health(&w)["state"], "healthy", "an API outage is no evidence against the site: {}", health(&w));
     let raised: Vec<Value> = events(&w).into_iter().filter(|e| e["seq"].as_u64().unwrap_or(0) > seq).collect();
     let kinds: Vec<&str> = raised.iter().filter_map(|e| e["kind"].as_str()).collect();
     assert_eq!(kinds, ["fleet.guard"], "{raised:?}");
