@@ -537,7 +537,16 @@ async fn a_fenced_primary_started_again_is_stopped_by_its_agent_then_by_the_cont
         assert!(out.status.success(), "{}", text(&out.stderr));
     };
     sim(&["app", "start"]);
-    assert_eventually!(Duration::from_secs(10), app_state_on(&w.disk) == "started", "started by hand");
+    // The simulator moves its state on when asked.
+    assert_eventually!(
+        Duration::from_secs(20),
+        {
+            sim(&["app", "status"]);
+            app_state_on(&w.disk) == "started"
+        },
+        "started by hand: {}",
+        app_state_on(&w.disk)
+    );
     w.ec2.start_instances().instance_ids(&old).send().await.expect("StartInstances");
     let breached = wait_site_event(&w, "fence.breached", seq1, Duration::from_secs(45));
     let summary = breached["summary"].as_str().unwrap_or_default();

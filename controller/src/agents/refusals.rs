@@ -106,7 +106,9 @@ fn reason_of(error: &rustls::Error) -> RefusalReason {
         rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
             RefusalReason::NotYetValid
         }
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => RefusalReason::UnknownCa,
+        // Another CA, also one whose name equals ours (its signature does
+        // not verify with our key).
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => RefusalReason::UnknownCa,
         _ => RefusalReason::InvalidCertificate,
     }
 }
@@ -276,7 +278,7 @@ impl RefusalObserver for Refusals {
                 let at = if first == RefusalReason::Expired { cert.not_after_ms } else { cert.not_before_ms } / 1000;
                 match refused.verify_at(at) {
                     Ok(()) => (first, true),
-                    Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => (RefusalReason::UnknownCa, false),
+                    Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => (RefusalReason::UnknownCa, false),
                     Err(_) => (first, false),
                 }
             }
