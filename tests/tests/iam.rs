@@ -313,7 +313,7 @@ async fn a_missing_action_fails_its_step_with_a_clear_final_error() {
     for action in ["ec2:CreateImage", "ec2:CopyImage", "ec2:DeleteSnapshot", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus"] {
         assert!(report.lines().any(|l| l.contains(action) && l.contains("allowed")), "{action} allowed:\n{report}");
     }
-    assert!(report.contains("preflight: ") && report.contains(" 2 denied"), "{report}");
+    assert!(report.contains("preflight: ") && report.contains(" 3 denied"), "the two DeregisterImage and the tag: {report}");
 
     let _controller = w.start_controller(&config, port);
     let url = format!("https://127.0.0.1:{port}");
