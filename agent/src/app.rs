@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
+use crate::steps::ErrorKind;
 
 /// `State` values replicatedctl is known to print; others are tolerated.
 const KNOWN_STATES: &[&str] = &["started", "starting", "stopped", "stopping"];
@@ -377,9 +377,7 @@ pub async fn set_hostname(config: &Config, params: &HostnameParams, dry_run: boo
         https_base(&new)
     );
     if dry_run {
-        report.actions.push(format!(
-            "would run `replicatedctl app-config set {item} --value {new}` then `replicatedctl app apply-config`"
-        ));
+        report.actions.push(format!("would run `replicatedctl app-config set {item} --value {new}` then `replicatedctl app apply-config`"));
         report.actions.push(format!("after the change, {oauth}"));
         return Ok(report);
     }
@@ -479,18 +477,10 @@ esac
         let dir = tempfile::tempdir().expect("tempdir");
         let rc = flaky_script(dir.path());
         // 1: before; 2,3: failures; 4: unknown; 5: stopped but moving; 6: stopped.
-        let states = [
-            st("started", false),
-            String::new(),
-            String::new(),
-            st("quiescing", true),
-            st("stopped", true),
-            st("stopped", false),
-        ];
+        let states = [st("started", false), String::new(), String::new(), st("quiescing", true), st("stopped", true), st("stopped", false)];
         std::fs::write(dir.path().join("states"), states.join("\n") + "\n").expect("states");
-        let report = run(&config(&rc, Duration::from_secs(10)), &AppParams { target: Target::Stopped, force: false }, false)
-            .await
-            .expect("stops");
+        let report =
+            run(&config(&rc, Duration::from_secs(10)), &AppParams { target: Target::Stopped, force: false }, false).await.expect("stops");
         assert_eq!(report.previous_state, "started");
         assert_eq!(report.final_state, "stopped");
         assert_eq!(report.polls, 5, "{report:?}");

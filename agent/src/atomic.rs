@@ -75,7 +75,10 @@ mod tests {
         let e = write(&target, b"new", 0o600).expect_err("cannot replace a non-empty directory");
         assert!(e.to_string().contains("adir"), "{e}");
         assert_eq!(std::fs::read(&p).expect("read"), b"old");
-        let left = std::fs::read_dir(dir.path()).expect("ls").filter(|e| e.as_ref().expect("e").file_name().to_string_lossy().ends_with(".tmp")).count();
+        let left = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .filter(|e| e.as_ref().expect("e").file_name().to_string_lossy().ends_with(".tmp"))
+            .count();
         assert_eq!(left, 0, "the temporary file is removed");
     }
 }

@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{ReplicatedError, Replicatedctl};
+use crate::steps::ErrorKind;
 
 /// At most this many pages of 100 builds are listed.
 pub const MAX_PAGES: usize = 1000;
@@ -117,12 +117,10 @@ pub enum CleanupError {
 impl CleanupError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CleanupError::BadCutoff { .. } | CleanupError::BadHostname(_) | CleanupError::HostnameItem { .. } => {
+            CleanupError::BadCutoff { .. } | CleanupError::BadHostname(_) | CleanupError::HostnameItem { .. } => ErrorKind::Invalid,
+            CleanupError::Api(api::ApiError::BadUrl { .. } | api::ApiError::TokenRead { .. } | api::ApiError::TokenEmpty { .. }) => {
                 ErrorKind::Invalid
             }
-            CleanupError::Api(
-                api::ApiError::BadUrl { .. } | api::ApiError::TokenRead { .. } | api::ApiError::TokenEmpty { .. },
-            ) => ErrorKind::Invalid,
             _ => ErrorKind::Failed,
         }
     }
@@ -140,13 +138,9 @@ async fn hostname(config: &Config) -> Result<String, CleanupError> {
     }
     let item = config.replicated.hostname_item.clone();
     let ctl = Replicatedctl::new(config.replicated.replicatedctl.clone(), config.replicated.command_timeout);
-    let out = ctl
-        .run(&["app-config", "export"])
-        .await
-        .map_err(|source| CleanupError::HostnameRead { item: item.clone(), source })?;
+    let out = ctl.run(&["app-config", "export"]).await.map_err(|source| CleanupError::HostnameRead { item: item.clone(), source })?;
     let bad = |why: &str| CleanupError::HostnameItem { item: item.clone(), why: why.to_owned() };
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).map_err(|e| bad(&format!("cannot be read: not JSON ({e})")))?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| bad(&format!("cannot be read: not JSON ({e})")))?;
     let entry = v.get(&item).ok_or_else(|| bad("is missing"))?;
     let value = match entry {
         serde_json::Value::String(s) => s.as_str(),
@@ -189,11 +183,7 @@ pub fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (V
             Some(Err(e)) => r.detail = format!("start time is not ISO-8601 ({e}): never touched"),
             Some(Ok(t)) if t >= cutoff => r.detail = "started after the cutoff".to_owned(),
             Some(Ok(_)) => {
-                let expect = url::Expect {
-                    username: b.username.as_deref(),
-                    reponame: b.reponame.as_deref(),
-                    build_num: b.build_num,
-                };
+                let expect = url::Expect { username: b.username.as_deref(), reponame: b.reponame.as_deref(), build_num: b.build_num };
                 match b.build_url.as_deref().map(|u| url::validate_build_url(u, hostname, expect)) {
                     None => {
                         r.outcome = BuildOutcome::Refused;
@@ -220,8 +210,7 @@ pub fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (V
 /// means nothing was deleted (except `Console` errors after the session
 /// opened, which are per build too).
 pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Result<CleanupReport, CleanupError> {
-    let cutoff =
-        parse_time(&params.before).map_err(|why| CleanupError::BadCutoff { value: params.before.clone(), why })?;
+    let cutoff = parse_time(&params.before).map_err(|why| CleanupError::BadCutoff { value: params.before.clone(), why })?;
     let hostname = hostname(config).await?;
     let (token, token_warning) = api::read_token(&config.circleci.api_token_file)?;
     let client = api::ApiClient::new(&config.circleci.api_url, &token, config.circleci.request_timeout)?;
@@ -350,12 +339,7 @@ pub(crate) mod prop {
 
     pub fn runner(default_cases: u32) -> TestRunner {
         let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cases);
-        TestRunner::new(Config {
-            cases,
-            rng_seed: RngSeed::Fixed(SEED),
-            failure_persistence: None,
-            ..Config::default()
-        })
+        TestRunner::new(Config { cases, rng_seed: RngSeed::Fixed(SEED), failure_persistence: None, ..Config::default() })
     }
 
     /// Runs `test` over `strategy`; panics with the (shrunk) failing input.

@@ -249,8 +249,7 @@ pub struct RunSettings {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
@@ -301,10 +300,7 @@ impl Config {
             return Err(invalid("controller_name", format!("`{name}` is not a DNS name or IP address")));
         }
         if !self.imds.endpoint.starts_with("http://") {
-            return Err(invalid(
-                "imds.endpoint",
-                format!("`{}` must be an http:// URL (IMDS is plain HTTP)", self.imds.endpoint),
-            ));
+            return Err(invalid("imds.endpoint", format!("`{}` must be an http:// URL (IMDS is plain HTTP)", self.imds.endpoint)));
         }
         for (key, d) in [
             ("imds.timeout", self.imds.timeout),
@@ -355,8 +351,11 @@ impl Config {
         let controller_url = self.controller_url.clone().ok_or_else(|| missing("controller_url"))?;
         let controller_name = match &self.controller_name {
             Some(n) => n.clone(),
-            None => controller_host(&controller_url)
-                .map_err(|message| ConfigError::Invalid { origin: origin.to_owned(), key: "controller_url", message })?,
+            None => controller_host(&controller_url).map_err(|message| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: "controller_url",
+                message,
+            })?,
         };
         Ok(RunSettings { site_id, controller_url, controller_name })
     }

@@ -214,9 +214,7 @@ impl NomadClient {
     pub fn new(api_url: &str, timeout: Duration) -> Result<Self, DrainError> {
         let bad = |why: String| DrainError::Url { url: api_url.to_owned(), why };
         let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| match e {
-            HttpError::NotHttp => {
-                bad("only http:// is supported (Nomad's API on the services machine)".to_owned())
-            }
+            HttpError::NotHttp => bad("only http:// is supported (Nomad's API on the services machine)".to_owned()),
             e => bad(e.to_string()),
         })?;
         let uri = http.base_uri();
@@ -275,9 +273,8 @@ impl NomadClient {
     async fn set_drain(&self, id: &str, deadline: Option<Duration>, mark_eligible: bool) -> Result<bool, DrainError> {
         validate_node_id(id, "the node list")?;
         let path = format!("/v1/node/{id}/drain");
-        let spec = deadline.map(|d| {
-            serde_json::json!({ "Deadline": i64::try_from(d.as_nanos()).unwrap_or(i64::MAX), "IgnoreSystemJobs": false })
-        });
+        let spec =
+            deadline.map(|d| serde_json::json!({ "Deadline": i64::try_from(d.as_nanos()).unwrap_or(i64::MAX), "IgnoreSystemJobs": false }));
         let body = serde_json::json!({ "NodeID": id, "DrainSpec": spec, "MarkEligible": mark_eligible }).to_string();
         match self.call(Method::POST, &path, Some(body)).await? {
             (status, _) if status.is_success() => Ok(true),
@@ -347,7 +344,8 @@ fn load_current_record(config: &Config, dry_run: bool, warnings: &mut Vec<String
     tracing::warn!(record = %path.display(), written = %written, "stale drain record from another instance");
     let empty = Record { nodes: Vec::new(), identity: Some(now) };
     if !dry_run {
-        std::fs::rename(&path, &aside).map_err(|e| DrainError::Record { path: path.clone(), why: format!("cannot move the stale record aside: {e}") })?;
+        std::fs::rename(&path, &aside)
+            .map_err(|e| DrainError::Record { path: path.clone(), why: format!("cannot move the stale record aside: {e}") })?;
         save_record(&path, &empty)?;
     }
     Ok(Some(empty))
@@ -487,12 +485,7 @@ pub async fn drain(config: &Config, params: &DrainParams, dry_run: bool) -> Resu
 
 /// Polls the allocations of `nodes` until none runs or is pending, or the
 /// deadline passes. Failing polls are retried until the deadline.
-async fn wait_idle(
-    client: &NomadClient,
-    nodes: &[String],
-    params: &DrainParams,
-    report: &mut DrainReport,
-) -> Result<(), DrainError> {
+async fn wait_idle(client: &NomadClient, nodes: &[String], params: &DrainParams, report: &mut DrainReport) -> Result<(), DrainError> {
     let began = Instant::now();
     let deadline = began + params.deadline;
     let mut last_log = began;
@@ -503,11 +496,11 @@ async fn wait_idle(
         let live: Vec<&String> = nodes.iter().filter(|id| !gone.contains(id)).collect();
         for id in live {
             match client.allocations(id).await {
-                Ok(Some(allocs)) => busy.extend(
-                    allocs.into_iter().filter(|a| a.client_status == "running" || a.client_status == "pending").map(|a| {
+                Ok(Some(allocs)) => {
+                    busy.extend(allocs.into_iter().filter(|a| a.client_status == "running" || a.client_status == "pending").map(|a| {
                         AllocRef { node_id: id.clone(), id: a.id, name: a.name, job_id: a.job_id, client_status: a.client_status }
-                    }),
-                ),
+                    }))
+                }
                 Ok(None) => {
                     report.warnings.push(format!("node {id} vanished while draining"));
                     gone.push(id.clone());
@@ -746,9 +739,7 @@ mod tests {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -817,7 +808,8 @@ mod tests {
         let old = serde_json::json!({"instance_id": "i-0aaa", "boot_id": "old-boot"});
         std::fs::write(
             state.join(crate::identity::IDENTITY_FILE),
-            serde_json::json!({"current": {"instance_id": "i-0bbb", "boot_id": live_boot}, "previous": old, "restored_from": old}).to_string(),
+            serde_json::json!({"current": {"instance_id": "i-0bbb", "boot_id": live_boot}, "previous": old, "restored_from": old})
+                .to_string(),
         )
         .expect("identity");
         let mut rec = serde_json::json!({"nodes": [{"id": "aaaa-1", "name": "n-aaaa-1", "was_eligible": true}]});
@@ -876,7 +868,10 @@ mod tests {
         .await;
         assert!(*seen.lock().expect("lock"), "the step ran");
         let err = res.expect_err("the step failed");
-        assert!(matches!(&err, WithDrainError::Step { error, undrain: Ok(u), .. } if error == "CreateImage failed" && u.undrained.len() == 2), "{err}");
+        assert!(
+            matches!(&err, WithDrainError::Step { error, undrain: Ok(u), .. } if error == "CreateImage failed" && u.undrained.len() == 2),
+            "{err}"
+        );
         assert!(all_undrained(&f), "nodes must be undrained after a failing step");
         assert!(recorded_nodes(&c).expect("record").is_empty(), "record emptied");
     }

@@ -65,10 +65,7 @@ pub struct ImdsFacts {
 /// Reads instance id and addresses from IMDSv2 and validates them.
 pub async fn imds_facts(imds: &ImdsClient) -> Result<ImdsFacts, FactsError> {
     let token = imds.token().await?;
-    let instance_id = imds
-        .meta_data(&token, "instance-id")
-        .await?
-        .ok_or(FactsError::Missing { item: "instance-id" })?;
+    let instance_id = imds.meta_data(&token, "instance-id").await?.ok_or(FactsError::Missing { item: "instance-id" })?;
     if !valid_instance_id(&instance_id) {
         return Err(FactsError::Invalid { item: "instance-id", value: instance_id, expected: "an instance id (i-...)" });
     }
@@ -83,9 +80,7 @@ pub async fn imds_facts(imds: &ImdsClient) -> Result<ImdsFacts, FactsError> {
 }
 
 fn parse_ip(item: &'static str, value: &str) -> Result<IpAddr, FactsError> {
-    value
-        .parse()
-        .map_err(|_| FactsError::Invalid { item, value: value.to_owned(), expected: "an IP address" })
+    value.parse().map_err(|_| FactsError::Invalid { item, value: value.to_owned(), expected: "an IP address" })
 }
 
 /// `i-` followed by lower-case hex digits.
@@ -131,9 +126,7 @@ pub fn os_release_family(text: &str) -> OsFamily {
     if let Some(f) = value("ID").as_deref().and_then(classify) {
         return f;
     }
-    value("ID_LIKE")
-        .and_then(|like| like.split_whitespace().find_map(classify))
-        .unwrap_or(OsFamily::Unknown)
+    value("ID_LIKE").and_then(|like| like.split_whitespace().find_map(classify)).unwrap_or(OsFamily::Unknown)
 }
 
 /// Gathers every fact; `app_state` is supplied by the caller.

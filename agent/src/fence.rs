@@ -114,7 +114,12 @@ mod tests {
     fn the_record_round_trips_and_is_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(load(dir.path()).expect("load"), None);
-        let r = FenceRecord { instance_id: "i-0abc".into(), reason: "fenced by failover f-1".into(), since: "20261207T150000Z".into(), stops: 2 };
+        let r = FenceRecord {
+            instance_id: "i-0abc".into(),
+            reason: "fenced by failover f-1".into(),
+            since: "20261207T150000Z".into(),
+            stops: 2,
+        };
         save(dir.path(), &r).expect("save");
         assert_eq!(load(dir.path()).expect("load"), Some(r));
         assert!(remove(dir.path()).expect("remove"));

@@ -49,9 +49,7 @@ pub async fn check(config: &Config) -> Result<HealthReport, HealthError> {
     let url = config.circleci.health_url.clone();
     let timeout = config.circleci.request_timeout;
     let client = crate::http::HttpClient::new(&url, timeout, MAX_BODY).map_err(|e| match e {
-        HttpError::NotHttp => {
-            HealthError::BadUrl { url: url.clone(), why: "must be an http:// URL on this machine".into() }
-        }
+        HttpError::NotHttp => HealthError::BadUrl { url: url.clone(), why: "must be an http:// URL on this machine".into() },
         e => HealthError::BadUrl { url: url.clone(), why: e.to_string() },
     })?;
     let started = Instant::now();

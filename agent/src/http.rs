@@ -153,13 +153,7 @@ impl HttpClient {
     }
 
     /// One exchange: request, answer and whole body within the timeout.
-    pub async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<Vec<u8>>,
-    ) -> Result<Response, HttpError> {
+    pub async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Result<Response, HttpError> {
         let url = self.url(path);
         let mut req = Request::builder().method(method).uri(parse(&url)?);
         for (k, v) in headers {
@@ -169,8 +163,7 @@ impl HttpClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| HttpError::Transport(error_chain(&e)))?;
             let status = resp.status();
-            let content_type =
-                resp.headers().get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let body = http_body_util::Limited::new(resp.into_body(), self.max_body).collect().await.map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     HttpError::TooLarge { limit: self.max_body }

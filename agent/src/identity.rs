@@ -91,7 +91,9 @@ pub enum Change {
     Same,
     NewBoot,
     /// Another instance (restored from an image of `from`).
-    NewInstance { from: String },
+    NewInstance {
+        from: String,
+    },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IdentityError + 'a {
@@ -210,7 +212,10 @@ pub fn restore_evidence(state_dir: &Path, live: &Identity, candidate: bool) -> R
     {
         if let Some(at) = &file.recovered_at {
             if candidate {
-                return Ok(Evidence { restored: true, reason: format!("the controller says instance {here} is a restore candidate (already recovered at {at})") });
+                return Ok(Evidence {
+                    restored: true,
+                    reason: format!("the controller says instance {here} is a restore candidate (already recovered at {at})"),
+                });
             }
             return Ok(Evidence {
                 restored: false,

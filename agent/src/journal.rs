@@ -152,11 +152,7 @@ impl Journal {
     /// Opens (creating it, mode 0700) the journal directory.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Journal, JournalError> {
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| JournalError::Io { path: dir.clone(), source })?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|source| JournalError::Io { path: dir.clone(), source })?;
         Ok(Journal { dir, inflight: Mutex::new(HashMap::new()) })
     }
 
@@ -237,11 +233,9 @@ impl Journal {
                         answer.replayed = true;
                         answer
                     }
-                    Err(_) => CommandAnswer::rejected(
-                        id,
-                        ErrorKind::Interrupted,
-                        "the first delivery of this command ended without a result",
-                    ),
+                    Err(_) => {
+                        CommandAnswer::rejected(id, ErrorKind::Interrupted, "the first delivery of this command ended without a result")
+                    }
                 };
             }
             Begin::Run(tx, record) => (tx, record),
@@ -286,10 +280,7 @@ impl Journal {
                 return Begin::Answer(CommandAnswer::rejected(
                     id,
                     ErrorKind::Invalid,
-                    format!(
-                        "command id `{id}` was already used for another request ({}); not run: ids must not be reused",
-                        record.action
-                    ),
+                    format!("command id `{id}` was already used for another request ({}); not run: ids must not be reused", record.action),
                 ));
             }
             Ok(Some(record)) if record.state == RecordState::Finished => {
@@ -325,11 +316,7 @@ impl Journal {
             outcome: None,
         };
         if let Err(e) = self.write_record(&started) {
-            return Begin::Answer(CommandAnswer::rejected(
-                id,
-                ErrorKind::Failed,
-                format!("not run: cannot journal the command: {e}"),
-            ));
+            return Begin::Answer(CommandAnswer::rejected(id, ErrorKind::Failed, format!("not run: cannot journal the command: {e}")));
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(id.to_owned(), rx);
@@ -342,7 +329,6 @@ enum Begin {
     Join(Slot),
     Run(watch::Sender<Option<CommandAnswer>>, Record),
 }
-
 
 /// Removes an id from the in-flight map when its run ends (also on panic or
 /// cancellation, so that waiters are released).
@@ -454,9 +440,7 @@ mod tests {
     async fn failures_are_journaled_too() {
         let dir = tempfile::tempdir().expect("tempdir");
         let j = Journal::open(dir.path()).expect("open");
-        let a = j
-            .run("f", &Action::AppStatus, || async { Err(StepError::DeadlineExceeded(Duration::from_secs(1))) })
-            .await;
+        let a = j.run("f", &Action::AppStatus, || async { Err(StepError::DeadlineExceeded(Duration::from_secs(1))) }).await;
         assert!(!a.ok && a.error.contains("deadline"));
         assert_eq!(a.kind, Some(ErrorKind::TimedOut));
         let b = j.run("f", &Action::AppStatus, || async { Ok(status()) }).await;
@@ -553,11 +537,7 @@ mod tests {
         fs::write(dir.path().join("x.json.1-0.tmp"), "partial").expect("write");
         fs::write(dir.path().join("unrelated.txt"), "keep").expect("write");
         let eight_days_ago = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
-        File::options()
-            .write(true)
-            .open(dir.path().join("old.json"))
-            .and_then(|f| f.set_modified(eight_days_ago))
-            .expect("set mtime");
+        File::options().write(true).open(dir.path().join("old.json")).and_then(|f| f.set_modified(eight_days_ago)).expect("set mtime");
         let removed = j.prune(RETENTION, SystemTime::now()).expect("prune");
         assert_eq!(removed, 2);
         assert!(!dir.path().join("old.json").exists());

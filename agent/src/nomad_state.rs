@@ -10,23 +10,25 @@
 //! (`std::fs::remove_dir_all` uses openat/unlinkat with O_NOFOLLOW). A tree
 //! left aside by an interrupted run is deleted by the next run.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::collections::HashSet;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
 use crate::replicated::{ReplicatedError, Replicatedctl};
+use crate::steps::ErrorKind;
 
 /// At most this many entries are listed in a report.
 const MAX_LISTED: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WipeError {
-    #[error("refusing to wipe {path}: the app is not stopped (State `{state}`, IsTransitioning {transitioning}); run `dr-agent app-stop` first")]
+    #[error(
+        "refusing to wipe {path}: the app is not stopped (State `{state}`, IsTransitioning {transitioning}); run `dr-agent app-stop` first"
+    )]
     AppRunning { path: PathBuf, state: String, transitioning: bool },
     #[error("refusing to wipe {path}: Nomad is running ({processes})")]
     NomadRunning { path: PathBuf, processes: String },
@@ -225,7 +227,15 @@ fn open_dir(path: &Path) -> Result<nix::dir::Dir, WipeError> {
 /// device id differs from `dev` or that `mounts` lists: those are recorded
 /// in `out.crossings` and left in place (with their parents). Entries of the
 /// top level named in `keep` are left alone.
-fn walk(dir: &mut nix::dir::Dir, path: &Path, dev: u64, mounts: &HashSet<PathBuf>, delete: bool, keep: &[&str], out: &mut Walk) -> Result<(), WipeError> {
+fn walk(
+    dir: &mut nix::dir::Dir,
+    path: &Path,
+    dev: u64,
+    mounts: &HashSet<PathBuf>,
+    delete: bool,
+    keep: &[&str],
+    out: &mut Walk,
+) -> Result<(), WipeError> {
     use nix::sys::stat::{FileStat, SFlag, fstat, fstatat};
     use nix::unistd::{UnlinkatFlags, unlinkat};
     use std::os::unix::ffi::OsStrExt;
@@ -557,10 +567,9 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         }
     }
     if in_place {
-        report.warnings.push(format!(
-            "{} is a mount point: emptying it in place (keeping lost+found), staying on its file system",
-            path.display()
-        ));
+        report
+            .warnings
+            .push(format!("{} is a mount point: emptying it in place (keeping lost+found), staying on its file system", path.display()));
     }
     // Then the app and Nomad must be stopped. A dry run reports what would
     // refuse now (so that a plan can show the wipe after an app stop).
@@ -635,14 +644,18 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
         // unmount_below is set (else refused above). Stacked mounts need
         // more than one pass; a mount that comes back is refused.
         for _ in 0..8 {
-            let now = mounts_below(&mounts, &path).into_iter().chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l))).collect::<Vec<_>>();
+            let now = mounts_below(&mounts, &path)
+                .into_iter()
+                .chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l)))
+                .collect::<Vec<_>>();
             if now.is_empty() {
                 break;
             }
             unmount(&now)?;
             mounts = mount_points()?;
         }
-        let left: Vec<PathBuf> = mounts_below(&mounts, &path).into_iter().chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l))).collect();
+        let left: Vec<PathBuf> =
+            mounts_below(&mounts, &path).into_iter().chain(found_leftovers.iter().flat_map(|l| mounts_below(&mounts, l))).collect();
         if !left.is_empty() {
             return Err(WipeError::MountsBelow { path: path.clone(), mounts: left });
         }
@@ -700,7 +713,6 @@ pub async fn run(config: &Config, params: &WipeParams, dry_run: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn data_dir_rules() {

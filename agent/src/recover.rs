@@ -21,8 +21,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
+use crate::steps::ErrorKind;
 use crate::{app, builds, facts, identity, imds, nomad_state, rewrite};
 
 /// What `recover` is asked to do (also sent by the controller).
@@ -74,11 +74,17 @@ pub struct RecoverReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
-    #[error("with --offline (a mounted disk), give --private-ip (and --public-ip if it has one): IMDS describes this instance, not the one that will boot the disk")]
+    #[error(
+        "with --offline (a mounted disk), give --private-ip (and --public-ip if it has one): IMDS describes this instance, not the one that will boot the disk"
+    )]
     NeedAddresses,
-    #[error("refusing to recover: {reason}. Recover stops the app and wipes the Nomad state; on a healthy primary that is an outage. If this machine really is a restored copy, run it again with --force")]
+    #[error(
+        "refusing to recover: {reason}. Recover stops the app and wipes the Nomad state; on a healthy primary that is an outage. If this machine really is a restored copy, run it again with --force"
+    )]
     NotRestored { reason: String },
-    #[error("--offline acts on a mounted disk: give --root DIR (the disk's mount point); it would otherwise rewrite and wipe this machine's own `/`")]
+    #[error(
+        "--offline acts on a mounted disk: give --root DIR (the disk's mount point); it would otherwise rewrite and wipe this machine's own `/`"
+    )]
     OfflineNeedsRoot,
     #[error("cannot record this machine's identity: {0}")]
     Identity(#[from] identity::IdentityError),
@@ -163,8 +169,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     if !offline {
         // Was this machine restored? Its identity record (captured with the
         // image) names the instance it was taken on.
-        let client = imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout)
-            .map_err(|e| RecoverError::Imds(e.to_string()))?;
+        let client = imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout).map_err(|e| RecoverError::Imds(e.to_string()))?;
         let (live, imds_down) = identity::live(&client, std::path::Path::new(facts::BOOT_ID_PATH)).await?;
         let e = identity::restore_evidence(&config.state_dir, &live, params.candidate)?;
         if let Some(why) = imds_down {
@@ -184,24 +189,15 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
         (Some(p), _) => (Some(p), params.public_ip),
         (None, true) => return Err(RecoverError::NeedAddresses),
         (None, false) => {
-            let client = imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout)
-                .map_err(|e| RecoverError::Imds(e.to_string()))?;
+            let client =
+                imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout).map_err(|e| RecoverError::Imds(e.to_string()))?;
             let f = facts::imds_facts(&client).await.map_err(|e| RecoverError::Imds(e.to_string()))?;
             (Some(f.private_ip), params.public_ip.or(f.public_ip))
         }
     };
     let found = rewrite::find_addresses(&config.root)?;
-    let mut report = RecoverReport {
-        dry_run,
-        offline,
-        private_ip,
-        public_ip,
-        evidence,
-        steps: Vec::new(),
-        failed: None,
-        actions: Vec::new(),
-        warnings,
-    };
+    let mut report =
+        RecoverReport { dry_run, offline, private_ip, public_ip, evidence, steps: Vec::new(), failed: None, actions: Vec::new(), warnings };
 
     // 2. Rewrite addresses: every old address in the files to the current one.
     let pairs = |all: &[IpAddr], new: Option<IpAddr>| -> Vec<rewrite::AddressChange> {
@@ -210,14 +206,11 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
             None => Vec::new(),
         }
     };
-    let rp = rewrite::RewriteParams {
-        private: pairs(&found.private_all, private_ip),
-        public: pairs(&found.public_all, public_ip),
-    };
+    let rp = rewrite::RewriteParams { private: pairs(&found.private_all, private_ip), public: pairs(&found.public_all, public_ip) };
     // Is anything on disk still to change? If not, the app is left running
     // (recover run again after a success changes nothing).
-    let needs_rewrite = !(rp.private.is_empty() && rp.public.is_empty())
-        && rewrite::run(config, &rp, true).await.map(|r| !r.up_to_date).unwrap_or(true);
+    let needs_rewrite =
+        !(rp.private.is_empty() && rp.public.is_empty()) && rewrite::run(config, &rp, true).await.map(|r| !r.up_to_date).unwrap_or(true);
     let needs_hostname = match (&params.hostname, offline) {
         (Some(h), false) => {
             app::set_hostname(config, &app::HostnameParams { hostname: h.clone() }, true).await.map(|r| r.changed).unwrap_or(true)
@@ -346,9 +339,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     match (&params.builds_before, offline) {
         (None, _) => {
             skipped(&mut report, "cleanup-builds", "no --builds-before given");
-            report.actions.push(
-                "delete the builds the backup caught half-way: `dr-agent cleanup-builds --before <backup time>`".into(),
-            );
+            report.actions.push("delete the builds the backup caught half-way: `dr-agent cleanup-builds --before <backup time>`".into());
         }
         (Some(_), true) => skipped(&mut report, "cleanup-builds", "offline: run it once the app runs"),
         (Some(before), false) => {

@@ -51,11 +51,7 @@ struct RawStatus {
 /// Parses the stdout of `replicatedctl app status`: a JSON array with one
 /// object, or a bare object.
 pub fn parse_app_status(stdout: &str) -> Result<AppStatus, ReplicatedError> {
-    let bad = |why: String| ReplicatedError::UnexpectedJson {
-        args: "app status".to_owned(),
-        why,
-        excerpt: excerpt(stdout, 300),
-    };
+    let bad = |why: String| ReplicatedError::UnexpectedJson { args: "app status".to_owned(), why, excerpt: excerpt(stdout, 300) };
     let value: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| bad(e.to_string()))?;
     let object = match value {
         serde_json::Value::Array(mut items) => match items.len() {
@@ -71,11 +67,7 @@ pub fn parse_app_status(stdout: &str) -> Result<AppStatus, ReplicatedError> {
 
 /// Parses the stdout of `replicatedctl app-config export`: one JSON object.
 pub fn parse_app_config(stdout: &str) -> Result<serde_json::Map<String, serde_json::Value>, ReplicatedError> {
-    let bad = |why: String| ReplicatedError::UnexpectedJson {
-        args: "app-config export".to_owned(),
-        why,
-        excerpt: excerpt(stdout, 300),
-    };
+    let bad = |why: String| ReplicatedError::UnexpectedJson { args: "app-config export".to_owned(), why, excerpt: excerpt(stdout, 300) };
     match serde_json::from_str::<serde_json::Value>(stdout.trim()).map_err(|e| bad(e.to_string()))? {
         serde_json::Value::Object(map) => Ok(map),
         _ => Err(bad("expected a JSON object of config items".to_owned())),
@@ -155,12 +147,7 @@ impl Replicatedctl {
     pub async fn run(&self, args: &[&str]) -> Result<String, ReplicatedError> {
         let joined = args.join(" ");
         let mut cmd = tokio::process::Command::new(&self.path);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
         let child = cmd.spawn().map_err(|source| ReplicatedError::Spawn { path: self.path.clone(), source })?;
         let pid = child.id();
         match tokio::time::timeout(self.timeout, child.wait_with_output()).await {

@@ -14,13 +14,13 @@ use dr_proto::tls::TlsFiles;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use dr_proto::backoff::Backoff;
 use crate::config::{Config, RunSettings};
 use crate::facts::{self, FactsError, InstanceFacts};
 use crate::fence::{self, FenceRecord};
 use crate::imds::{ImdsClient, ImdsError};
 use crate::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
+use dr_proto::backoff::Backoff;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats (or kernel keep-alive probes) unacknowledged by the
@@ -690,7 +690,11 @@ impl Agent {
                 }
             } else {
                 let delay = backoff.next_delay();
-                tracing::warn!(retry_in_ms = delay.as_millis() as u64, attempt = backoff.attempt(), "fence: the app could not be stopped; retrying after backoff");
+                tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    attempt = backoff.attempt(),
+                    "fence: the app could not be stopped; retrying after backoff"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     r = rx.changed() => if r.is_err() { return },
@@ -792,12 +796,7 @@ mod tests {
     #[test]
     fn welcome_clamps_and_roles() {
         let welcome = |ms: u32, role: &str, reason: &str, op: &str| {
-            welcome_from_pb(&pb::Welcome {
-                heartbeat_interval_ms: ms,
-                role: role.into(),
-                reason: reason.into(),
-                operation_id: op.into(),
-            })
+            welcome_from_pb(&pb::Welcome { heartbeat_interval_ms: ms, role: role.into(), reason: reason.into(), operation_id: op.into() })
         };
         let w = welcome(10, "primary", "", "");
         assert_eq!(w.heartbeat_interval, MIN_HEARTBEAT);
@@ -841,8 +840,7 @@ mod tests {
         .expect("known kind");
         assert_eq!(ok.action, Action::AppStatus);
         assert_eq!(ok.deadline, Some(Duration::from_secs(5)));
-        let empty =
-            command_from_pb(pb::Command { id: "x".into(), deadline_ms: 0, target: None, kind: None }).expect_err("empty kind");
+        let empty = command_from_pb(pb::Command { id: "x".into(), deadline_ms: 0, target: None, kind: None }).expect_err("empty kind");
         assert!(!empty.ok && empty.id == "x" && empty.error.contains("unknown or empty"));
     }
 

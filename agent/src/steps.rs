@@ -115,7 +115,9 @@ pub enum Outcome {
     AppStatus(AppStatus),
     /// Every other step: its report (what it did, what a human must do),
     /// with the [`Envelope`] fields always present.
-    Report { report: serde_json::Value },
+    Report {
+        report: serde_json::Value,
+    },
 }
 
 /// The part every report has, whatever the step: the one shape the CLI
@@ -320,7 +322,16 @@ macro_rules! kinded {
         }
     )*};
 }
-kinded!(health::HealthError, app::AppError, builds::CleanupError, drain::DrainError, nomad_state::WipeError, recover::RecoverError, freeze::FreezeError, rewrite::RewriteError);
+kinded!(
+    health::HealthError,
+    app::AppError,
+    builds::CleanupError,
+    drain::DrainError,
+    nomad_state::WipeError,
+    recover::RecoverError,
+    freeze::FreezeError,
+    rewrite::RewriteError
+);
 
 fn fail<E: Kinded>(e: E) -> StepError {
     StepError::Step { kind: e.kind(), message: e.to_string() }
@@ -392,17 +403,17 @@ impl Executor {
         let work = async {
             Ok(match action {
                 Action::AppStatus => Report::AppStatus(self.replicatedctl.app_status().await?),
-                Action::AppStop { force, dry_run } => Report::App(
-                    app::run(c, &app::AppParams { target: app::Target::Stopped, force: *force }, *dry_run).await.map_err(fail)?,
-                ),
-                Action::AppStart { dry_run } => Report::App(
-                    app::run(c, &app::AppParams { target: app::Target::Started, force: false }, *dry_run).await.map_err(fail)?,
-                ),
+                Action::AppStop { force, dry_run } => {
+                    Report::App(app::run(c, &app::AppParams { target: app::Target::Stopped, force: *force }, *dry_run).await.map_err(fail)?)
+                }
+                Action::AppStart { dry_run } => {
+                    Report::App(app::run(c, &app::AppParams { target: app::Target::Started, force: false }, *dry_run).await.map_err(fail)?)
+                }
                 Action::SetHostname { params, dry_run } => Report::Hostname(app::set_hostname(c, params, *dry_run).await.map_err(fail)?),
                 Action::RewriteAddresses { params, dry_run } => Report::Rewrite(rewrite::run(c, params, *dry_run).await.map_err(fail)?),
-                Action::WipeNomad { dry_run, offline } => Report::Wipe(
-                    nomad_state::run(c, &nomad_state::WipeParams { offline: *offline }, *dry_run).await.map_err(fail)?,
-                ),
+                Action::WipeNomad { dry_run, offline } => {
+                    Report::Wipe(nomad_state::run(c, &nomad_state::WipeParams { offline: *offline }, *dry_run).await.map_err(fail)?)
+                }
                 Action::CleanupBuilds { params, dry_run } => {
                     let r = builds::run(c, params, *dry_run).await.map_err(fail)?;
                     if r.failed > 0 || r.refused > 0 {

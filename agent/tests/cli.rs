@@ -33,7 +33,11 @@ fn operator_drained_nomad() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Stri
             let _ = reader.read_line(&mut line);
             s.lock().expect("lock").push(line.trim().to_owned());
             let body = r#"[{"ID":"aaaa-1","Name":"builder-1","Status":"ready","Drain":true,"SchedulingEligibility":"ineligible"}]"#;
-            let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     (url, seen)

@@ -142,7 +142,9 @@ impl NotifyConfig {
     pub fn secret(&self) -> Result<String, String> {
         match (&self.secret, &self.secret_file) {
             (Some(s), None) => Ok(s.clone()),
-            (None, Some(f)) => std::fs::read_to_string(f).map(|s| s.trim().to_owned()).map_err(|e| format!("cannot read {}: {e}", f.display())),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).map(|s| s.trim().to_owned()).map_err(|e| format!("cannot read {}: {e}", f.display()))
+            }
             (None, None) => Ok(String::new()),
             (Some(_), Some(_)) => Err("give secret or secret_file, not both".into()),
         }
@@ -431,14 +433,12 @@ fn default_agent_call_timeout() -> Duration {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -580,13 +580,20 @@ impl Config {
             site.drill.launch.check().map_err(|(k, m)| invalid(key(&format!("drill.{k}")), m.replace("[site.launch", "[site.drill")))?;
             for (k, h) in [("hostname", &site.hostname), ("drill.hostname", &site.drill.hostname)] {
                 if let Some(h) = h
-                    && (h.is_empty() || h.len() > 253 || !h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')))
+                    && (h.is_empty()
+                        || h.len() > 253
+                        || !h
+                            .split('.')
+                            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')))
                 {
                     return Err(invalid(key(k), format!("`{h}` is not a DNS hostname")));
                 }
             }
             if site.drill.hostname.is_some() && site.drill.hostname == site.hostname {
-                return Err(invalid(key("drill.hostname"), "is the site's own hostname: a drill copy must not answer as production".into()));
+                return Err(invalid(
+                    key("drill.hostname"),
+                    "is the site's own hostname: a drill copy must not answer as production".into(),
+                ));
             }
             if let Some(d) = &site.dns {
                 if d.zone_id.is_empty() || d.name.is_empty() || !(1..=604_800).contains(&d.ttl) {
@@ -688,8 +695,11 @@ instance_id = "i-0123456789abcdef0"
             let e = Config::parse(Path::new("c.toml"), &format!("{GOOD}{extra}")).expect_err(extra).to_string();
             assert!(e.contains(want) && e.contains("c.toml"), "{extra}: {e}");
         }
-        let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}[site.launch]\nsubnet_id = \"subnet-1\"\n[site.launch.us-west-2]\nsubnet_id = \"subnet-2\"\n"))
-            .expect("valid");
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &format!("{GOOD}[site.launch]\nsubnet_id = \"subnet-1\"\n[site.launch.us-west-2]\nsubnet_id = \"subnet-2\"\n"),
+        )
+        .expect("valid");
         assert_eq!(c.sites[0].launch.for_region("us-west-2", "us-east-1").subnet_id.as_deref(), Some("subnet-2"));
         assert_eq!(c.sites[0].launch.for_region("us-east-1", "us-east-1").subnet_id.as_deref(), Some("subnet-1"));
     }
@@ -716,7 +726,10 @@ instance_id = "i-0123456789abcdef0"
         let ok = "[site.policy]\nspare = \"running\"\nspare_region = \"us-west-2\"\ncopy_regions = [\"us-west-2\"]\nspare_max_lag = \"12h\"\nfailover_prefers = \"freshest\"\n";
         let c = Config::parse(Path::new("c.toml"), &format!("{GOOD}{ok}")).expect("valid");
         let p = c.site_policy(&c.sites[0]).expect("policy");
-        assert_eq!((p.spare, p.spare_region.as_str(), p.spare_max_lag), (crate::domain::policy::SpareMode::Running, "us-west-2", Duration::from_secs(12 * 3600)));
+        assert_eq!(
+            (p.spare, p.spare_region.as_str(), p.spare_max_lag),
+            (crate::domain::policy::SpareMode::Running, "us-west-2", Duration::from_secs(12 * 3600))
+        );
         assert_eq!(p.failover_prefers, crate::domain::policy::FailoverPrefers::Freshest);
     }
 
@@ -724,18 +737,33 @@ instance_id = "i-0123456789abcdef0"
     fn health_and_notify_keys_are_checked_and_name_what_is_wrong() {
         let cases = [
             ("[site.policy]\nauto_failover = \"yes\"\n", "unknown variant `yes`, expected one of `off`, `approve`, `auto`"),
-            ("[site.policy]\nhealth_url = \"ftp://ci/health\"\n", "site[0].policy.health_url: `ftp://ci/health` is not an http:// or https:// URL"),
+            (
+                "[site.policy]\nhealth_url = \"ftp://ci/health\"\n",
+                "site[0].policy.health_url: `ftp://ci/health` is not an http:// or https:// URL",
+            ),
             ("[site.policy]\nhealth_expect_status = 42\n", "health_expect_status: 42 is not an HTTP status"),
-            ("[site.policy]\nconfirm_for = \"40days\"\n", "site[0].policy.confirm_for: 1month 9days 13h 26m 24s is out of range: must be between 0s and 1day"),
+            (
+                "[site.policy]\nconfirm_for = \"40days\"\n",
+                "site[0].policy.confirm_for: 1month 9days 13h 26m 24s is out of range: must be between 0s and 1day",
+            ),
             ("[site.policy]\nhealth_timeout = \"0s\"\n", "health_timeout"),
             ("[health]\nmax_down_fraction = 2.0\n", "health.max_down_fraction: 2 is not a fraction"),
             ("[health]\nmax_concurrent_failovers = 0\n", "health.max_concurrent_failovers"),
             ("[health]\nfence_interval = \"1h\"\n", "health.fence_interval: must be between 100ms and 10m"),
             ("[health]\nintervall = \"1s\"\n", "unknown field `intervall`"),
             ("[[notify]]\nurl = \"mailto:ops@example.com\"\n", "notify[0].url"),
-            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"site.dwon\"]\n", "notify[0].events: `site.dwon` names no event"),
-            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret = \"a\"\nsecret_file = \"/b\"\n", "notify[0].secret: give secret or secret_file, not both"),
-            ("[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret_file = \"/nonexistent/dr-secret\"\n", "cannot read /nonexistent/dr-secret"),
+            (
+                "[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"site.dwon\"]\n",
+                "notify[0].events: `site.dwon` names no event",
+            ),
+            (
+                "[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret = \"a\"\nsecret_file = \"/b\"\n",
+                "notify[0].secret: give secret or secret_file, not both",
+            ),
+            (
+                "[[notify]]\nurl = \"https://hooks.example.com/x\"\nsecret_file = \"/nonexistent/dr-secret\"\n",
+                "cannot read /nonexistent/dr-secret",
+            ),
         ];
         assert_refused(&cases);
         let ok = "[[notify]]\nurl = \"https://hooks.example.com/x\"\nevents = [\"failover.*\", \"site.down\"]\nformat = \"slack\"\n[site.policy]\nauto_failover = \"approve\"\nconfirm_for = \"5m\"\n";
@@ -811,15 +839,14 @@ instance_id = "i-0123456789abcdef0"
             ("policy.jitter", "[policy]\njitter = \"100years\""),
         ] {
             let (section, assignment) = line.split_once('\n').expect("two lines");
-            let text = if GOOD.contains(section) {
-                GOOD.replacen(section, line, 1)
-            } else {
-                format!("{GOOD}\n{section}\n{assignment}\n")
-            };
+            let text = if GOOD.contains(section) { GOOD.replacen(section, line, 1) } else { format!("{GOOD}\n{section}\n{assignment}\n") };
             let err = Config::parse(Path::new("c.toml"), &text).expect_err(key).to_string();
             assert!(err.contains(key) && err.contains("out of range"), "{key}: {err}");
         }
-        let bad = GOOD.replace("instance_id = \"i-0123456789abcdef0\"", "instance_id = \"i-0123456789abcdef0\"\n[site.policy]\njitter = \"999years\"");
+        let bad = GOOD.replace(
+            "instance_id = \"i-0123456789abcdef0\"",
+            "instance_id = \"i-0123456789abcdef0\"\n[site.policy]\njitter = \"999years\"",
+        );
         let err = Config::parse(Path::new("c.toml"), &bad).expect_err("site jitter").to_string();
         assert!(err.contains("site[0].policy.jitter"), "{err}");
     }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use dr_proto::pb::admin_service_server::AdminServiceServer;
 use dr_proto::pb::agent_service_server::AgentServiceServer;
 
-use crate::config::Config;
 use crate::api::{admin, metrics, server};
+use crate::config::Config;
 use crate::domain::model::Site;
 use crate::reconcilers::catalog;
 
@@ -118,7 +118,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let fences = reconcilers::fences::Fences::default();
     let keeper = reconcilers::fences::Keeper::new(engine.clone(), notifier.clone(), fences.clone(), config.health.fence_interval).await?;
     tokio::spawn(keeper.run());
-    tokio::spawn(reconcilers::notify::run(store.clone(), std::sync::Arc::new(config.notify.clone()), http, std::time::Duration::from_secs(1)));
+    tokio::spawn(reconcilers::notify::run(
+        store.clone(),
+        std::sync::Arc::new(config.notify.clone()),
+        http,
+        std::time::Duration::from_secs(1),
+    ));
     tokio::spawn(reconcilers::refusals::run(registry.refusals().clone(), notifier.clone()));
     tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());

@@ -124,7 +124,13 @@ impl Ec2 for FakeEc2 {
         let mut i = self.lock();
         i.next += 1;
         let id = format!("ami-fake{}", i.next);
-        i.images.push(Image { id: id.clone(), state: "available".into(), state_reason: String::new(), snapshot_ids: vec![], tags: req.tags.clone() });
+        i.images.push(Image {
+            id: id.clone(),
+            state: "available".into(),
+            state_reason: String::new(),
+            snapshot_ids: vec![],
+            tags: req.tags.clone(),
+        });
         if lose { Err(lost("CreateImage")) } else { Ok(id) }
     }
     async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>, Ec2Error> {
@@ -224,7 +230,16 @@ impl Ec2 for FakeEc2 {
             .filter(|x| ids.contains(&x.instance.id))
             .map(|x| {
                 let running = x.instance.state == "running";
-                let check = |impaired: bool| if !running { "not-applicable" } else if impaired { "impaired" } else { "ok" }.to_owned();
+                let check = |impaired: bool| {
+                    if !running {
+                        "not-applicable"
+                    } else if impaired {
+                        "impaired"
+                    } else {
+                        "ok"
+                    }
+                    .to_owned()
+                };
                 crate::cloud::ec2::InstanceStatus {
                     id: x.instance.id.clone(),
                     state: x.instance.state.clone(),

@@ -59,10 +59,7 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return Err("a name must start with a lower-case letter or a digit");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
-    {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')) {
         return Err("a name may contain only a-z, 0-9, '-', '_' and '.'");
     }
     Ok(())
@@ -73,10 +70,7 @@ pub fn validate_trust_domain(domain: &str) -> Result<(), &'static str> {
     if domain.is_empty() || domain.len() > 255 {
         return Err("a trust domain must be 1 to 255 characters long");
     }
-    if !domain
-        .split('.')
-        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
-    {
+    if !domain.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')) {
         return Err("a trust domain is dot-separated labels of a-z, 0-9 and '-'");
     }
     Ok(())
@@ -101,8 +95,7 @@ impl Identity {
         let bad = |why| IdentityError::BadUri { uri: uri.to_owned(), why };
         let rest = uri.strip_prefix("spiffe://").ok_or_else(|| bad("it does not start with spiffe://"))?;
         let mut parts = rest.split('/');
-        let (Some(domain), Some(kind), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(domain), Some(kind), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(bad("expected spiffe://<trust-domain>/<site|operator>/<name>"));
         };
         validate_trust_domain(domain).map_err(bad)?;
@@ -117,8 +110,7 @@ impl Identity {
 
     /// Reads the single spiffe:// URI SAN of a DER certificate.
     pub fn from_certificate_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
         let mut uris = Vec::new();
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {

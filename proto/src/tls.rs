@@ -91,10 +91,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
 /// [`server_config`], with an observer told about every client certificate
 /// the verifier refuses. The real verifier decides first and its answer is
 /// returned unchanged: the observer only learns of a refusal afterwards.
-pub fn server_config_observed(
-    files: &TlsFiles,
-    observer: Option<Arc<dyn RefusalObserver>>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config_observed(files: &TlsFiles, observer: Option<Arc<dyn RefusalObserver>>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&files.ca)? {
         roots.add(ca)?;
@@ -121,10 +118,7 @@ pub fn client_config(files: &TlsFiles, server_name: &str) -> Result<tonic::trans
     load_key(&files.key)?;
     let ca = tonic::transport::Certificate::from_pem(read(&files.ca)?);
     let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(ca)
-        .identity(identity)
-        .domain_name(server_name))
+    Ok(tonic::transport::ClientTlsConfig::new().ca_certificate(ca).identity(identity).domain_name(server_name))
 }
 
 /// Told about each client certificate the server's verifier refused, after

@@ -227,11 +227,7 @@ impl Machine {
     }
 
     fn view(&self, instance_id: &str) -> MachineView {
-        let state = if self.terminated && !matches!(self.phase, Phase::Stopping) {
-            "terminated"
-        } else {
-            self.phase.name()
-        };
+        let state = if self.terminated && !matches!(self.phase, Phase::Stopping) { "terminated" } else { self.phase.name() };
         MachineView {
             instance_id: instance_id.to_owned(),
             region: self.region.clone(),
@@ -282,12 +278,10 @@ impl Server {
             std::fs::create_dir_all(&path).map_err(|source| DataPlaneError::Io { action: "create", path, source })?;
         }
         // Disk paths end up in agent configs: absolute.
-        opts.dir = std::fs::canonicalize(&opts.dir)
-            .map_err(|source| DataPlaneError::Io { action: "resolve", path: opts.dir.clone(), source })?;
-        let upstream = Upstream::new(&opts.moto_url)
-            .map_err(|source| DataPlaneError::MotoUrl { url: opts.moto_url.clone(), source })?;
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.map_err(|source| DataPlaneError::Listen { addr: listen, source })?;
+        opts.dir =
+            std::fs::canonicalize(&opts.dir).map_err(|source| DataPlaneError::Io { action: "resolve", path: opts.dir.clone(), source })?;
+        let upstream = Upstream::new(&opts.moto_url).map_err(|source| DataPlaneError::MotoUrl { url: opts.moto_url.clone(), source })?;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| DataPlaneError::Listen { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| DataPlaneError::Listen { addr: listen, source })?;
         let state = Arc::new(State {
             opts,
@@ -671,9 +665,8 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
     let (private_ip, public_ip) = describe(state, id, &region).await?;
     still_current(state, id, epoch)?;
     let template = disk.join(AGENT_TEMPLATE);
-    let template_text = tokio::fs::read_to_string(&template)
-        .await
-        .map_err(|source| MachineError::Io { action: "read", path: template.clone(), source })?;
+    let template_text =
+        tokio::fs::read_to_string(&template).await.map_err(|source| MachineError::Io { action: "read", path: template.clone(), source })?;
     let log = open_log(state, id)?;
     let boot_no = state.machines.lock().expect("machines lock").get(id).map(|m| m.boots + 1).unwrap_or(1);
     {
@@ -695,10 +688,7 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
         .env("DR_SIM_STOP_SECS", state.opts.app_secs.to_string())
         .env("DR_SIM_START_SECS", state.opts.app_secs.to_string())
         .env("RUST_LOG", "info");
-    crate::die_with_test(&mut agent_cmd)
-        .stdin(std::process::Stdio::null())
-        .stdout(open_log(state, id)?)
-        .stderr(log);
+    crate::die_with_test(&mut agent_cmd).stdin(std::process::Stdio::null()).stdout(open_log(state, id)?).stderr(log);
     still_current(state, id, epoch)?;
     let agent = tokio::process::Command::from(agent_cmd).kill_on_drop(true).spawn().map_err(|source| MachineError::Io {
         action: "start",
@@ -725,11 +715,7 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
 /// The machine's log (agent and IMDS output), opened for appending.
 fn open_log(state: &State, id: &str) -> Result<std::fs::File, MachineError> {
     let path = state.opts.dir.join("machines").join(format!("{id}.log"));
-    std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|source| MachineError::Io {
-        action: "open",
-        path,
-        source,
-    })
+    std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|source| MachineError::Io { action: "open", path, source })
 }
 
 /// Starts a dr-sim-imds for the instance on `listen`; returns it with its URL.
@@ -745,10 +731,7 @@ async fn spawn_imds(
     if let Some(ip) = public_ip {
         cmd.args(["--public-ip", ip]);
     }
-    crate::die_with_test(&mut cmd)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(open_log(state, id)?);
+    crate::die_with_test(&mut cmd).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(open_log(state, id)?);
     let mut imds = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
@@ -864,26 +847,18 @@ async fn describe(state: &State, id: &str, region: &str) -> Result<(String, Opti
             return Err(MachineError::Ec2 { instance_id: id.to_owned(), message });
         }
     };
-    let instance = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .find(|i| i.instance_id() == Some(id))
-        .ok_or_else(unknown)?;
-    let private = instance.private_ip_address().filter(|ip| !ip.is_empty()).ok_or_else(|| MachineError::Ec2 {
-        instance_id: id.to_owned(),
-        message: "the instance has no private IP".into(),
-    })?;
+    let instance = out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(id)).ok_or_else(unknown)?;
+    let private = instance
+        .private_ip_address()
+        .filter(|ip| !ip.is_empty())
+        .ok_or_else(|| MachineError::Ec2 { instance_id: id.to_owned(), message: "the instance has no private IP".into() })?;
     let public = instance.public_ip_address().filter(|ip| !ip.is_empty()).map(str::to_owned);
     Ok((private.to_owned(), public))
 }
 
 fn moto_client(state: &State, region: &str) -> aws_sdk_ec2::Client {
     let mut clients = state.ec2.lock().expect("ec2 lock");
-    clients
-        .entry(region.to_owned())
-        .or_insert_with(|| crate::ec2_client(&state.opts.moto_url, region))
-        .clone()
+    clients.entry(region.to_owned()).or_insert_with(|| crate::ec2_client(&state.opts.moto_url, region)).clone()
 }
 
 async fn copy_dir(from: &Path, to: &Path) -> Result<(), MachineError> {
@@ -898,11 +873,7 @@ async fn copy_dir(from: &Path, to: &Path) -> Result<(), MachineError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(MachineError::Copy {
-            from: from.to_owned(),
-            to: to.to_owned(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        Err(MachineError::Copy { from: from.to_owned(), to: to.to_owned(), detail: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
     }
 }
 
@@ -1032,11 +1003,13 @@ mod tests {
 <RunInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15"><reservationId>r-1</reservationId>
 <instancesSet><item><instanceId>i-0123456789abcdef0</instanceId><blockDeviceMapping><item><instanceId>i-99999999</instanceId></item></blockDeviceMapping></item>
 <item><instanceId>i-0123456789abcdef1</instanceId></item></instancesSet></RunInstancesResponse>"#;
-        assert_eq!(
-            answer_instance_ids(xml).expect("parse"),
-            vec!["i-0123456789abcdef0".to_owned(), "i-0123456789abcdef1".to_owned()]
+        assert_eq!(answer_instance_ids(xml).expect("parse"), vec!["i-0123456789abcdef0".to_owned(), "i-0123456789abcdef1".to_owned()]);
+        assert!(
+            answer_instance_ids(
+                "<RunInstancesResponse><instancesSet><item><instanceId>../x</instanceId></item></instancesSet></RunInstancesResponse>"
+            )
+            .is_err()
         );
-        assert!(answer_instance_ids("<RunInstancesResponse><instancesSet><item><instanceId>../x</instanceId></item></instancesSet></RunInstancesResponse>").is_err());
         assert!(answer_instance_ids("not xml").is_err());
     }
 

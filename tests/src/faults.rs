@@ -230,7 +230,11 @@ const UNAVAILABLE: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response
 /// region, in the shape of AWS's documented response.
 fn health_check_status(healthy: bool) -> hyper::Response<Full<Bytes>> {
     let regions = ["us-east-1", "us-west-1", "us-west-2", "eu-west-1", "ap-southeast-1", "ap-southeast-2", "ap-northeast-1", "sa-east-1"];
-    let status = if healthy { "Success: HTTP Status Code 200, OK" } else { "Failure: Connection timed out. The endpoint or the internet connection is down, or requests are being blocked by your firewall." };
+    let status = if healthy {
+        "Success: HTTP Status Code 200, OK"
+    } else {
+        "Failure: Connection timed out. The endpoint or the internet connection is down, or requests are being blocked by your firewall."
+    };
     let checked = timestamp(time::Duration::ZERO);
     let mut obs = String::new();
     for (i, r) in regions.iter().enumerate() {
@@ -240,7 +244,9 @@ fn health_check_status(healthy: bool) -> hyper::Response<Full<Bytes>> {
     }
     xml_response(
         200,
-        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<GetHealthCheckStatusResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><HealthCheckObservations>{obs}</HealthCheckObservations></GetHealthCheckStatusResponse>"),
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<GetHealthCheckStatusResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><HealthCheckObservations>{obs}</HealthCheckObservations></GetHealthCheckStatusResponse>"
+        ),
     )
 }
 
@@ -335,7 +341,8 @@ impl Faults {
     async fn rewrite_instance_status(&self, resp: hyper::Response<Full<Bytes>>) -> hyper::Response<Full<Bytes>> {
         {
             let state = self.lock();
-            if state.system_impaired.is_empty() && state.instance_impaired.is_empty() && state.events.is_empty() && state.states.is_empty() {
+            if state.system_impaired.is_empty() && state.instance_impaired.is_empty() && state.events.is_empty() && state.states.is_empty()
+            {
                 return resp;
             }
         }
@@ -457,8 +464,7 @@ fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree:
 /// An EC2 timestamp (`2026-12-03T01:09:17.000Z`), `from_now` ahead.
 fn timestamp(from_now: time::Duration) -> String {
     let at = time::OffsetDateTime::now_utc() + from_now;
-    at.format(time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z"))
-        .expect("a UTC date formats")
+    at.format(time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z")).expect("a UTC date formats")
 }
 
 fn escape(s: &str) -> String {

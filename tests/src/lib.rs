@@ -150,12 +150,7 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = die_with_test(cmd)
-            .stdout(out)
-            .stderr(err)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = die_with_test(cmd).stdout(out).stderr(err).stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc { child, name: name.to_owned() }
     }
 
@@ -205,11 +200,8 @@ impl Moto {
         });
         assert!(server.exists(), "{} is missing: tests/run.sh installs moto[server] into .venv", server.display());
         let port = free_port();
-        let proc = Proc::spawn(
-            "moto",
-            aws_env(Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()])),
-            &dir.join("moto.log"),
-        );
+        let proc =
+            Proc::spawn("moto", aws_env(Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()])), &dir.join("moto.log"));
         wait_for_port(port, Duration::from_secs(30));
         Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
     }
@@ -289,7 +281,8 @@ impl Pki {
             "controller",
         )
         .expect("controller cert");
-        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &dir, "operator-tester").expect("operator");
+        pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &dir, "operator-tester")
+            .expect("operator");
         Pki { dir }
     }
 
@@ -342,11 +335,7 @@ pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, String) {
 
 /// [`spawn_listening`] of a prepared command, its stderr sent to `stderr`.
 pub fn spawn_listening_cmd(name: &str, cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
-    let mut child = die_with_test(cmd)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut child = die_with_test(cmd).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read the address");
     let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{name} printed {line:?}"));
@@ -554,13 +543,8 @@ impl Controller {
 
     pub fn start(dir: &Path, pki: &Pki, moto: &Moto, spec: &ControllerSpec) -> Controller {
         let config = Self::write_config(dir, pki, moto, spec);
-        let mut c = Controller {
-            dir: dir.to_owned(),
-            port: spec.port,
-            url: format!("https://127.0.0.1:{}", spec.port),
-            config,
-            proc: None,
-        };
+        let mut c =
+            Controller { dir: dir.to_owned(), port: spec.port, url: format!("https://127.0.0.1:{}", spec.port), config, proc: None };
         c.restart(&[]);
         c
     }
@@ -603,15 +587,7 @@ impl Agent {
 
     /// Like [`Agent::start`], with extra TOML appended to the agent's config
     /// (e.g. `[freeze]` or `[nomad]` tables).
-    pub fn start_with(
-        dir: &Path,
-        pki: &Pki,
-        site: &str,
-        controller_url: &str,
-        imds: &Imds,
-        root: &Path,
-        extra: &str,
-    ) -> Agent {
+    pub fn start_with(dir: &Path, pki: &Pki, site: &str, controller_url: &str, imds: &Imds, root: &Path, extra: &str) -> Agent {
         let (cert, key) = pki.site(site);
         let state_dir = dir.join(format!("agent-{site}"));
         std::fs::create_dir_all(&state_dir).expect("mkdir");
@@ -667,8 +643,7 @@ pub fn replicatedctl_calls(root: &Path, args: &str) -> usize {
     log.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| {
-            v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
-                == Some(args.to_owned())
+            v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")) == Some(args.to_owned())
         })
         .count()
 }
@@ -762,12 +737,7 @@ impl World {
     }
 
     /// Like [`World::start_with`], with extra controller TOML (policies, metrics).
-    pub async fn start_full(
-        site: &str,
-        poll_initial: &'static str,
-        extra_sites: &[(&str, &str)],
-        extra_config: &str,
-    ) -> World {
+    pub async fn start_full(site: &str, poll_initial: &'static str, extra_sites: &[(&str, &str)], extra_config: &str) -> World {
         Self::start_custom(site, poll_initial, extra_sites, extra_config, "").await
     }
 
@@ -887,24 +857,19 @@ pub mod fake_control_plane {
     impl pb::agent_service_server::AgentService for Service {
         type SessionStream = Out;
 
-        async fn session(
-            &self,
-            request: Request<Streaming<pb::AgentMessage>>,
-        ) -> Result<Response<Self::SessionStream>, Status> {
+        async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
             let mut inbound = request.into_inner();
-            let Some(Ok(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })) = inbound.next().await
-            else {
+            let Some(Ok(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) })) = inbound.next().await else {
                 return Err(Status::invalid_argument("expected Hello"));
             };
             let (to_agent, rx) = mpsc::channel(16);
             let (from_tx, from_agent) = mpsc::channel(64);
-            let welcome =
-                pb::Welcome {
-                    heartbeat_interval_ms: self.heartbeat_ms,
-                    role: "primary".into(),
-                    reason: String::new(),
-                    operation_id: String::new(),
-                };
+            let welcome = pb::Welcome {
+                heartbeat_interval_ms: self.heartbeat_ms,
+                role: "primary".into(),
+                reason: String::new(),
+                operation_id: String::new(),
+            };
             to_agent
                 .send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }))
                 .await
@@ -928,11 +893,7 @@ pub mod fake_control_plane {
         /// run steps on the agent.
         pub async fn start(pki: &Pki) -> FakeControlPlane {
             dr_proto::tls::install_crypto_provider();
-            let files = dr_proto::tls::TlsFiles {
-                ca: pki.ca(),
-                cert: pki.dir.join("controller.pem"),
-                key: pki.dir.join("controller.key"),
-            };
+            let files = dr_proto::tls::TlsFiles { ca: pki.ca(), cert: pki.dir.join("controller.pem"), key: pki.dir.join("controller.key") };
             let config = dr_proto::tls::server_config(&files).expect("server TLS");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let port = listener.local_addr().expect("addr").port();
@@ -979,14 +940,8 @@ impl Fleet {
         let mut left = n;
         while left > 0 {
             let batch = left.min(50);
-            let out = ec2
-                .run_instances()
-                .image_id(&ami)
-                .min_count(batch as i32)
-                .max_count(batch as i32)
-                .send()
-                .await
-                .expect("RunInstances");
+            let out =
+                ec2.run_instances().image_id(&ami).min_count(batch as i32).max_count(batch as i32).send().await.expect("RunInstances");
             launched.extend(out.instances().iter().map(|i| i.instance_id().expect("id").to_owned()));
             left -= batch;
         }
@@ -1013,11 +968,8 @@ impl Fleet {
         let mut client = self.admin().await;
         let mut ids = Vec::new();
         for site in &self.sites {
-            let op = client
-                .start_backup(dr_proto::pb::StartBackupRequest { site_id: site.clone() })
-                .await
-                .expect("StartBackup")
-                .into_inner();
+            let op =
+                client.start_backup(dr_proto::pb::StartBackupRequest { site_id: site.clone() }).await.expect("StartBackup").into_inner();
             ids.push(op.operation_id);
         }
         ids
@@ -1030,11 +982,8 @@ impl Fleet {
         loop {
             let mut done = Vec::new();
             for id in ids {
-                let op = client
-                    .get_operation(dr_proto::pb::OperationRef { operation_id: id.clone() })
-                    .await
-                    .expect("GetOperation")
-                    .into_inner();
+                let op =
+                    client.get_operation(dr_proto::pb::OperationRef { operation_id: id.clone() }).await.expect("GetOperation").into_inner();
                 if op.state == "running" {
                     break;
                 }

@@ -289,13 +289,7 @@ impl RecoveryWorld {
     }
 
     pub async fn dns_a(&self) -> Vec<String> {
-        let out = self
-            .route53
-            .list_resource_record_sets()
-            .hosted_zone_id(&self.zone_id)
-            .send()
-            .await
-            .expect("ListResourceRecordSets");
+        let out = self.route53.list_resource_record_sets().hosted_zone_id(&self.zone_id).send().await.expect("ListResourceRecordSets");
         out.resource_record_sets()
             .iter()
             .filter(|r| r.name().trim_end_matches('.') == HOST && r.r#type().as_str() == "A")

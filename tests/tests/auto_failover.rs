@@ -52,7 +52,13 @@ fn health(w: &RecoveryWorld) -> Value {
 }
 
 fn wait_healthy(w: &RecoveryWorld) {
-    assert_eventually!(Duration::from_secs(60), health(w)["state"] == "healthy", "the site healthy: {}\n{}", health(w), tail(&w.controller.log()));
+    assert_eventually!(
+        Duration::from_secs(60),
+        health(w)["state"] == "healthy",
+        "the site healthy: {}\n{}",
+        health(w),
+        tail(&w.controller.log())
+    );
 }
 
 /// EC2 calls that change something, as the fault proxy counted them.
@@ -66,7 +72,8 @@ fn mutating(w: &RecoveryWorld) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_in_place() {
-    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("auto")), controller_toml: HEALTH.into(), ..Default::default() };
+    let spec =
+        RecoverySpec { fault_proxy: true, health_policy: Some(policy("auto")), controller_toml: HEALTH.into(), ..Default::default() };
     let w = RecoveryWorld::start("site-a", spec).await;
     let primary = w.instance.id.clone();
     w.wait_primary(&primary);
@@ -107,7 +114,10 @@ async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_i
     let faults = w.faults.as_ref().expect("fault proxy");
     faults.faults.impair_system(&primary);
     let impaired = wait_event(&w, "site.suspect", seq, Duration::from_secs(30));
-    assert!(impaired["summary"].as_str().unwrap_or_default().contains("system status check failed"), "the evidence names the check: {impaired}");
+    assert!(
+        impaired["summary"].as_str().unwrap_or_default().contains("system status check failed"),
+        "the evidence names the check: {impaired}"
+    );
     let started = wait_event(&w, "repair.started", seq, Duration::from_secs(30));
     let op = started["operation_id"].as_str().expect("operation").to_owned();
     assert!(op.starts_with("host_restart"), "rung 2 is a stop and start: {started}");
@@ -175,7 +185,8 @@ async fn a_terminated_instance_fails_over_once_after_approval_and_every_event_re
     wait_healthy(&w);
     std::thread::sleep(Duration::from_secs(4));
     let all = events(&w);
-    let failovers: Vec<&Value> = all.iter().filter(|e| e["kind"] == "failover.awaiting_approval" || e["kind"] == "failover.started").collect();
+    let failovers: Vec<&Value> =
+        all.iter().filter(|e| e["kind"] == "failover.awaiting_approval" || e["kind"] == "failover.started").collect();
     assert_eq!(failovers.len(), 1, "exactly one automatic failover: {failovers:?}");
     assert!(all.iter().any(|e| e["kind"] == "failover.succeeded" && e["operation_id"] == op.as_str()));
     let s = site_status(&w.pki, &w.controller.url, &w.site);
@@ -199,13 +210,15 @@ async fn a_terminated_instance_fails_over_once_after_approval_and_every_event_re
     unique.dedup();
     assert_eq!(unique.len(), got.len(), "each id once: {got:?}");
     assert!(hook.deliveries().iter().all(|d| d.signature_valid), "every delivery signed");
-    let approval = hook.deliveries().into_iter().find(|d| d.body["kind"] == "failover.awaiting_approval").expect("the approval request was notified");
+    let approval =
+        hook.deliveries().into_iter().find(|d| d.body["kind"] == "failover.awaiting_approval").expect("the approval request was notified");
     assert_eq!(approval.body["operation_id"], op.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_alone_is_a_partition_and_a_denied_failover_ends_with_nothing_changed() {
-    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
+    let spec =
+        RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
     let w = RecoveryWorld::start("site-c", spec).await;
     let primary = w.instance.id.clone();
     w.wait_primary(&primary);
@@ -246,12 +259,7 @@ async fn a_silent_agent_alone_is_a_partition_and_a_denied_failover_ends_with_not
     );
     let out = w.drctl(&["deny", &op]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert_eventually!(
-        Duration::from_secs(30),
-        op_json(&w, &op)["state"] == "cancelled",
-        "{op} ends after the deny: {}",
-        op_json(&w, &op)
-    );
+    assert_eventually!(Duration::from_secs(30), op_json(&w, &op)["state"] == "cancelled", "{op} ends after the deny: {}", op_json(&w, &op));
     wait_event(&w, "failover.failed", seq, Duration::from_secs(30));
     assert!(w.launched_by(&op).await.is_empty(), "nothing launched");
     std::thread::sleep(Duration::from_secs(3));
@@ -284,7 +292,9 @@ async fn a_failing_region_is_no_evidence_and_an_instance_that_will_not_stop_need
     // (from its second pass in a row; each pass waits out its retries),
     // nothing about the site.
     // Fleet events have no site: read the whole log.
-    let all = |w: &RecoveryWorld| drctl_json(&w.pki, &w.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
+    let all = |w: &RecoveryWorld| {
+        drctl_json(&w.pki, &w.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default()
+    };
     assert_eventually!(
         Duration::from_secs(90),
         all(&w).iter().any(|e| e["kind"] == "fleet.guard" && e["seq"].as_u64().unwrap_or(0) > seq),
@@ -297,7 +307,11 @@ async fn a_failing_region_is_no_evidence_and_an_instance_that_will_not_stop_need
     assert_eq!(kinds, ["fleet.guard"], "{raised:?}");
     assert!(raised[0]["summary"].as_str().unwrap_or_default().contains("EC2's API fails in us-east-1"), "{raised:?}");
     faults.faults.heal_region("us-east-1");
-    assert_eventually!(Duration::from_secs(60), all(&w).iter().any(|e| e["kind"] == "fleet.guard_cleared" && e["seq"].as_u64().unwrap_or(0) > seq), "the guard lifts");
+    assert_eventually!(
+        Duration::from_secs(60),
+        all(&w).iter().any(|e| e["kind"] == "fleet.guard_cleared" && e["seq"].as_u64().unwrap_or(0) > seq),
+        "the guard lifts"
+    );
 
     // Impaired, and StopInstances does not stop it: the host restart runs
     // out of host_restart_deadline; the agent still talks, so no failover.
@@ -329,7 +343,9 @@ async fn a_controller_cut_off_from_every_site_fails_over_nothing_and_alerts_once
          health_timeout = \"500ms\"\nconfirm_for = \"1s\"\nrepair_after = \"1s\"\n"
     );
     let fleet = Fleet::start(10, 0.0, &extra).await;
-    let all = |fleet: &Fleet| drctl_json(&fleet.pki, &fleet.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
+    let all = |fleet: &Fleet| {
+        drctl_json(&fleet.pki, &fleet.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default()
+    };
     // Agents get the heartbeat window (10 s × 4 here) to connect after a
     // start before a silent one counts.
     assert_eventually!(
@@ -367,7 +383,10 @@ fn agent_pid(disk: &std::path::Path) -> u32 {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.first().is_some_and(|a| a.ends_with("dr-agent")) && args.iter().any(|a| a == "run") && args.iter().any(|a| a.starts_with(&want)) {
+        if args.first().is_some_and(|a| a.ends_with("dr-agent"))
+            && args.iter().any(|a| a == "run")
+            && args.iter().any(|a| a.starts_with(&want))
+        {
             return pid;
         }
     }
@@ -446,7 +465,8 @@ async fn a_one_site_partition_with_ec2_healthy_fails_over_nothing_until_route_53
 /// and an approval given afterwards is refused, showing today's evidence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_sites_pending_approval_is_withdrawn_and_a_late_approve_is_refused() {
-    let spec = RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
+    let spec =
+        RecoverySpec { fault_proxy: true, health_policy: Some(policy("approve")), controller_toml: HEALTH.into(), ..Default::default() };
     let w = RecoveryWorld::start("site-w", spec).await;
     let primary = w.instance.id.clone();
     w.wait_primary(&primary);
@@ -475,7 +495,10 @@ async fn a_healed_sites_pending_approval_is_withdrawn_and_a_late_approve_is_refu
     assert_eq!(withdrawn["operation_id"], op.as_str(), "{withdrawn}");
     wait_healthy(&w);
     assert_eventually!(Duration::from_secs(30), op_json(&w, &op)["state"] == "cancelled", "{op} ends: {}", op_json(&w, &op));
-    assert!(!events(&w).iter().any(|e| e["kind"] == "failover.failed" && e["operation_id"] == op.as_str()), "a withdrawal is not a failure");
+    assert!(
+        !events(&w).iter().any(|e| e["kind"] == "failover.failed" && e["operation_id"] == op.as_str()),
+        "a withdrawal is not a failure"
+    );
 
     // A late approval is refused, with the evidence as it is now.
     let out = w.drctl(&["approve", &op]);
@@ -505,7 +528,16 @@ async fn probes_failing_for_every_site_at_once_restart_nothing_and_raise_one_ale
     std::fs::write(&builds, "[]").expect("builds");
     let (_api, api_url) = spawn_listening(
         "dr-sim-circleci-api",
-        &["--listen", "127.0.0.1:0", "--token", "t0k3n", "--builds", &builds.display().to_string(), "--unhealthy-file", &dir.path().join("unhealthy").display().to_string()],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "t0k3n",
+            "--builds",
+            &builds.display().to_string(),
+            "--unhealthy-file",
+            &dir.path().join("unhealthy").display().to_string(),
+        ],
     );
     let n = 5;
     let mut instances = vec![];
@@ -526,14 +558,32 @@ async fn probes_failing_for_every_site_at_once_restart_nothing_and_raise_one_ale
         let public = Some(inst.public_ip.as_str()).filter(|p| !p.is_empty());
         let imds = Imds::start(&d, inst, public);
         let root = services_machine_root(&d, &inst.private_ip, public.unwrap_or("54.10.20.30"));
-        let agent = Agent::start_with(&d, &pki, &sites[i].0, &controller.url, &imds, &root, &format!("[circleci]\nhealth_url = \"{api_url}/health-check\"\n"));
+        let agent = Agent::start_with(
+            &d,
+            &pki,
+            &sites[i].0,
+            &controller.url,
+            &imds,
+            &root,
+            &format!("[circleci]\nhealth_url = \"{api_url}/health-check\"\n"),
+        );
         machines.push((imds, agent, root));
     }
     for (site, _) in &sites {
-        assert_eventually!(Duration::from_secs(60), agent_connected(&pki, &controller.url, site), "{site} connected\n{}", tail(&controller.log()));
+        assert_eventually!(
+            Duration::from_secs(60),
+            agent_connected(&pki, &controller.url, site),
+            "{site} connected\n{}",
+            tail(&controller.log())
+        );
     }
     let all = || drctl_json(&pki, &controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
-    assert_eventually!(Duration::from_secs(60), all().iter().any(|e| e["kind"] == "fleet.guard"), "the fleet guard trips\n{}", tail(&controller.log()));
+    assert_eventually!(
+        Duration::from_secs(60),
+        all().iter().any(|e| e["kind"] == "fleet.guard"),
+        "the fleet guard trips\n{}",
+        tail(&controller.log())
+    );
     // Well past repair_after, over many passes.
     std::thread::sleep(Duration::from_secs(5));
     let events = all();

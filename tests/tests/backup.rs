@@ -1,6 +1,5 @@
 //! A backup through controller and agent, against moto on loopback.
 
-
 use dr_tests::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -18,7 +17,18 @@ async fn a_backup_produces_exactly_one_tagged_ami_visible_in_drctl() {
     let out = drctl(&w.pki, &w.controller.url, &["backup", "prod-1", "--wait"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "backup failed: {stdout}{}\n{}", text(&out.stderr), w.controller.log());
-    for step in ["check_agent", "quiesce", "create_image", "wait_snapshots", "unquiesce", "wait_available", "tag_snapshots", "record", "copy", "retention"] {
+    for step in [
+        "check_agent",
+        "quiesce",
+        "create_image",
+        "wait_snapshots",
+        "unquiesce",
+        "wait_available",
+        "tag_snapshots",
+        "record",
+        "copy",
+        "retention",
+    ] {
         assert!(stdout.contains(step), "progress shows step {step}: {stdout}");
     }
     assert!(stdout.contains("succeeded"), "{stdout}");
@@ -43,12 +53,7 @@ async fn a_backup_produces_exactly_one_tagged_ami_visible_in_drctl() {
     assert!(!snaps.is_empty());
 
     // The snapshots got the operation's tags through CreateTags.
-    let snap_out = ec2
-        .describe_snapshots()
-        .snapshot_ids(snaps[0].as_str().expect("id"))
-        .send()
-        .await
-        .expect("DescribeSnapshots");
+    let snap_out = ec2.describe_snapshots().snapshot_ids(snaps[0].as_str().expect("id")).send().await.expect("DescribeSnapshots");
     let snap_tags = snap_out.snapshots()[0].tags();
     assert!(snap_tags.iter().any(|t| t.key() == Some("dr:operation") && t.value() == Some(op_id.as_str())));
 

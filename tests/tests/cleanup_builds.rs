@@ -86,8 +86,7 @@ struct Run {
 
 impl Run {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
     }
 }
 
@@ -99,10 +98,7 @@ impl Site {
         let log = dir.path().join("api.log");
         let api = Proc::spawn(
             "dr-sim-circleci-api",
-            Command::new(bin("dr-sim-circleci-api"))
-                .args(["--listen", "127.0.0.1:0", "--token", TOKEN])
-                .arg("--builds")
-                .arg(&builds_file),
+            Command::new(bin("dr-sim-circleci-api")).args(["--listen", "127.0.0.1:0", "--token", TOKEN]).arg("--builds").arg(&builds_file),
             &log,
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -164,9 +160,7 @@ impl Site {
         )
         .expect("site.clj");
         let admin = Path::new(env!("CARGO_MANIFEST_DIR")).join("clojure/admin.clj");
-        let mut argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string()]
-            .map(String::from)
-            .to_vec();
+        let mut argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string()].map(String::from).to_vec();
         match repl {
             Repl::User => argv.push("-r".to_owned()),
             Repl::Admin => argv.extend(["-e".to_owned(), "(admin/repl-in 'admin)".to_owned()]),
@@ -219,10 +213,7 @@ impl Site {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "dr-agent cleanup-builds did not finish within 180 s: {}",
-                    std::fs::read_to_string(&err).unwrap_or_default()
-                );
+                panic!("dr-agent cleanup-builds did not finish within 180 s: {}", std::fs::read_to_string(&err).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -339,11 +330,7 @@ fn deletes_running_builds_started_before_the_cutoff_in_one_session() {
     assert_eq!(sent, expected.iter().map(|u| form(u)).collect::<BTreeSet<_>>(), "exactly the candidates' forms");
     assert!(!site.raw().iter().any(|l| l.contains("System/exit")), "nothing may end the console's JVM");
     assert!(
-        report["warnings"]
-            .as_array()
-            .expect("warnings")
-            .iter()
-            .any(|w| w.as_str().is_some_and(|w| w.contains("alter-var-root"))),
+        report["warnings"].as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains("alter-var-root"))),
         "{report}"
     );
 
@@ -362,8 +349,7 @@ fn deletes_running_builds_started_before_the_cutoff_in_one_session() {
     }
 
     // The server forgets deleted builds: a second run has nothing to do.
-    let remaining: Vec<Value> =
-        builds.into_iter().filter(|b| !expected.contains(b["build_url"].as_str().expect("url"))).collect();
+    let remaining: Vec<Value> = builds.into_iter().filter(|b| !expected.contains(b["build_url"].as_str().expect("url"))).collect();
     site.set_builds(&remaining);
     let again = site.run(&config, &[]);
     assert_eq!(again.code, Some(0), "{}", again.stderr);
@@ -410,13 +396,7 @@ fn hostile_urls_are_refused_and_nothing_of_theirs_reaches_the_repl() {
             assert!(detail.starts_with("URL refused: "), "#{num}: {detail}");
         }
     }
-    assert!(
-        report["actions"]
-            .as_array()
-            .expect("actions")
-            .iter()
-            .any(|a| a.as_str().is_some_and(|a| a.contains("by hand")))
-    );
+    assert!(report["actions"].as_array().expect("actions").iter().any(|a| a.as_str().is_some_and(|a| a.contains("by hand"))));
     assert_eq!(site.delete_forms(), vec![form(&good)], "only the valid form reached the REPL");
     for line in site.raw() {
         assert!(!line.contains("System/exit") && !line.contains("evil"), "hostile text reached the REPL: {line}");
@@ -445,8 +425,7 @@ fn dry_run_lists_the_candidates_and_opens_no_console() {
     let report = dry.json();
     assert_eq!(report["dry_run"], true);
     assert_eq!(report["console_sessions"], 0);
-    let would: Vec<u64> =
-        outcomes(&report).into_iter().filter(|(_, o, _)| o == "would_delete").map(|(n, _, _)| n).collect();
+    let would: Vec<u64> = outcomes(&report).into_iter().filter(|(_, o, _)| o == "would_delete").map(|(n, _, _)| n).collect();
     assert_eq!(would, vec![3, 1, 0]);
     assert!(!site.sessions.exists(), "the dry run started a console");
     assert!(site.raw().is_empty());
@@ -456,8 +435,7 @@ fn dry_run_lists_the_candidates_and_opens_no_console() {
     // The real run does exactly what the dry run showed.
     let real = site.run(&config, &["--output", "json"]);
     assert_eq!(real.code, Some(0), "{}", real.stderr);
-    let deleted: Vec<u64> =
-        outcomes(&real.json()).into_iter().filter(|(_, o, _)| o == "deleted").map(|(n, _, _)| n).collect();
+    let deleted: Vec<u64> = outcomes(&real.json()).into_iter().filter(|(_, o, _)| o == "deleted").map(|(n, _, _)| n).collect();
     assert_eq!(deleted, would);
     assert_eq!(site.deleted(), [3, 1, 0].map(|n| url("my-org", "my-project", n)).to_vec());
 }
@@ -496,12 +474,7 @@ fn a_repl_error_fails_that_build_and_the_others_are_still_deleted() {
     for (num, outcome, detail) in outcomes(&report) {
         if num == 3 {
             assert_eq!(outcome, "failed");
-            assert_eq!(
-                detail,
-                format!(
-                    "delete-build threw: clojure.lang.ExceptionInfo: Cannot delete build {locked}: build is locked"
-                )
-            );
+            assert_eq!(detail, format!("delete-build threw: clojure.lang.ExceptionInfo: Cannot delete build {locked}: build is locked"));
         } else {
             assert_eq!(outcome, "deleted");
         }
@@ -516,9 +489,8 @@ fn a_console_that_stops_answering_ends_the_session_and_reports_the_rest() {
     let site = Site::start(&builds);
     let stuck = url("my-org", "my-project", 2);
     let config = site.config(&["--hang-on", &stuck], "");
-    let text = std::fs::read_to_string(&config)
-        .expect("config")
-        .replace("console_command_timeout = \"10s\"", "console_command_timeout = \"1s\"");
+    let text =
+        std::fs::read_to_string(&config).expect("config").replace("console_command_timeout = \"10s\"", "console_command_timeout = \"1s\"");
     std::fs::write(&config, text).expect("config");
     let started = Instant::now();
     let run = site.run(&config, &["--output", "json"]);
@@ -530,11 +502,7 @@ fn a_console_that_stops_answering_ends_the_session_and_reports_the_rest() {
     assert!(o[1].2.contains("did not answer"), "{}", o[1].2);
     assert_eq!(o[2].1, "failed");
     assert!(o[2].2.contains("not attempted"), "{}", o[2].2);
-    assert_eq!(
-        site.delete_forms(),
-        vec![form(&url("my-org", "my-project", 3)), form(&stuck)],
-        "nothing sent after the hang"
-    );
+    assert_eq!(site.delete_forms(), vec![form(&url("my-org", "my-project", 3)), form(&stuck)], "nothing sent after the hang");
 }
 
 #[test]
@@ -574,24 +542,18 @@ fn raw_get(api_url: &str, path: &str, headers: &str) -> (String, String, String)
     s.read_to_string(&mut text).expect("read");
     let (head, body) = text.split_once("\r\n\r\n").expect("http answer");
     let status = head.lines().next().unwrap_or("").to_owned();
-    let ctype = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
-        .unwrap_or_default();
+    let ctype =
+        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned())).unwrap_or_default();
     (status, ctype, body.to_owned())
 }
 
 #[test]
 fn the_api_simulator_behaves_like_api_v1_1() {
-    let builds: Vec<Value> =
-        (1..=150).rev().map(|n| build(n, if n % 2 == 0 { "running" } else { "finished" }, Some(BEFORE))).collect();
+    let builds: Vec<Value> = (1..=150).rev().map(|n| build(n, if n % 2 == 0 { "running" } else { "finished" }, Some(BEFORE))).collect();
     let site = Site::start(&builds);
     let auth = "Authorization: Basic YWRtaW4tdG9rZW4tMDEyMzo=\r\n"; // admin-token-0123:
-    let (status, ctype, body) = raw_get(
-        &site.api_url,
-        "/api/v1.1/recent-builds?limit=500&offset=0",
-        &format!("{auth}Accept: application/json\r\n"),
-    );
+    let (status, ctype, body) =
+        raw_get(&site.api_url, "/api/v1.1/recent-builds?limit=500&offset=0", &format!("{auth}Accept: application/json\r\n"));
     assert!(status.contains("200"), "{status}");
     assert!(ctype.starts_with("application/json"), "{ctype}");
     let page: Vec<Value> = serde_json::from_str(&body).expect("json");
@@ -662,10 +624,7 @@ fn against_a_real_clojure_repl_deletes_in_one_session_and_reports_a_throwing_del
         match num {
             17 => {
                 assert_eq!(outcome, "failed");
-                assert_eq!(
-                    detail,
-                    format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}")
-                );
+                assert_eq!(detail, format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}"));
             }
             41..=45 => assert_eq!((outcome.as_str(), detail.as_str()), ("kept", "started after the cutoff")),
             _ => assert_eq!((outcome.as_str(), detail.as_str()), ("deleted", "REPL answered: true"), "#{num}"),
@@ -684,10 +643,7 @@ fn against_a_real_clojure_repl_deletes_in_one_session_and_reports_a_throwing_del
     let human = site.run(&config, &[]);
     assert_eq!(human.code, Some(1));
     assert!(
-        human
-            .stdout
-            .lines()
-            .any(|l| l.trim_start().starts_with("FAILED") && l.contains("#17 ") && l.contains("build not found")),
+        human.stdout.lines().any(|l| l.trim_start().starts_with("FAILED") && l.contains("#17 ") && l.contains("build not found")),
         "{}",
         human.stdout
     );
@@ -703,15 +659,9 @@ fn against_a_real_clojure_repl_at_the_user_prompt_the_batch_goes_on_after_an_exc
     let run = site.run(&config, &["--output", "json"]);
     assert_eq!(run.code, Some(1), "stdout: {}\nstderr: {}", run.stdout, run.stderr);
     let o = outcomes(&run.json());
-    assert_eq!(
-        o[0],
-        (4, "failed".to_owned(), format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}"))
-    );
+    assert_eq!(o[0], (4, "failed".to_owned(), format!("delete-build threw: clojure.lang.ExceptionInfo: build not found: {missing}")));
     assert!(o[1..].iter().all(|(_, outcome, _)| outcome == "deleted"), "{o:?}");
-    assert_eq!(
-        clojure_deleted(&site),
-        [3, 2, 1].map(|n| (url("my-org", "my-project", n), "false".to_owned())).to_vec()
-    );
+    assert_eq!(clojure_deleted(&site), [3, 2, 1].map(|n| (url("my-org", "my-project", n), "false".to_owned())).to_vec());
     assert_eq!(site.sessions(), 1);
 }
 
@@ -721,11 +671,7 @@ fn against_a_real_clojure_repl_where_read_eval_stays_on_nothing_is_deleted() {
     let config = site.clojure_config(&[], &[], Repl::AdminInsideLoad);
     let run = site.run(&config, &["--output", "json"]);
     assert_eq!(run.code, Some(1), "stdout: {}\nstderr: {}", run.stdout, run.stderr);
-    assert!(
-        run.stderr.contains("cannot turn *read-eval* off") && run.stderr.contains("nothing was deleted"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("cannot turn *read-eval* off") && run.stderr.contains("nothing was deleted"), "{}", run.stderr);
     assert_eq!(site.sessions(), 1);
     assert!(site.deleted().is_empty(), "{:?}", site.deleted());
 }
@@ -741,10 +687,7 @@ fn a_token_file_readable_by_others_is_warned_about() {
     assert_eq!(run.code, Some(0), "a warning, not a refusal: {}", run.stderr);
     let warnings = run.json()["warnings"].clone();
     let expected = format!("the API token file {} is readable by group and others (mode 0644)", token.display());
-    assert!(
-        warnings.as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains(&expected))),
-        "{warnings}"
-    );
+    assert!(warnings.as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains(&expected))), "{warnings}");
     assert!(run.stderr.contains(&expected), "the log carries it too: {}", run.stderr);
 
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");

@@ -20,8 +20,8 @@ const SEED: u64 = 0x00c1_0e0e_5eed;
 
 /// Pieces a hostile or unlucky string is made of.
 fn piece() -> impl Strategy<Value = String> {
-    let plane_char = (0u32..17, 0u32..0x1_0000)
-        .prop_filter_map("a scalar value", |(plane, low)| char::from_u32(plane << 16 | low).map(String::from));
+    let plane_char =
+        (0u32..17, 0u32..0x1_0000).prop_filter_map("a scalar value", |(plane, low)| char::from_u32(plane << 16 | low).map(String::from));
     let control = prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0]
         .prop_map(|c| char::from_u32(c).expect("control characters are scalar values").to_string());
     let special = prop::sample::select(vec![
@@ -92,8 +92,7 @@ fn counts(out: &str, label: &str) -> (usize, usize, usize) {
 #[test]
 fn every_literal_reads_back_as_exactly_its_input_and_nothing_is_evaluated() {
     let cases: u32 = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-    let mut runner =
-        TestRunner::new(Config { rng_seed: RngSeed::Fixed(SEED), failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config { rng_seed: RngSeed::Fixed(SEED), failure_persistence: None, ..Config::default() });
     let strategy = prop::collection::vec(piece(), 0..24).prop_map(|p| p.concat());
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("cases.txt");

@@ -3,11 +3,10 @@
 //! (nothing it launched is left running, counted in moto by tag), its
 //! result is recorded once, and production is untouched.
 
-
 use dr_controller::engine::Workflow;
 use dr_controller::workflows::drill::Drill;
-use dr_tests::recovery_world::*;
 use dr_tests::drctl_json;
+use dr_tests::recovery_world::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_controller_after_any_drill_step_leaks_nothing() {

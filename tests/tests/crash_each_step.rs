@@ -38,8 +38,7 @@ fn nodes_undrained(nomad_url: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_controller_after_any_step_duplicates_nothing_and_leaves_nothing_quiesced() {
     let fs = LoopFs::new(64);
-    let (_nomad, nomad_url) =
-        spawn_listening("dr-sim-nomad", &["--nodes", "2", "--allocs-per-node", "1", "--alloc-secs", "0.2"]);
+    let (_nomad, nomad_url) = spawn_listening("dr-sim-nomad", &["--nodes", "2", "--allocs-per-node", "1", "--alloc-secs", "0.2"]);
     let agent_toml = format!(
         "[freeze]\nmounts = [\"{}\"]\ndeadline = \"90s\"\n\n[nomad]\napi_url = \"{nomad_url}\"\ndrain_deadline = \"20s\"\n",
         fs.mount.display()
@@ -54,10 +53,7 @@ async fn killing_the_controller_after_any_step_duplicates_nothing_and_leaves_not
         let point = format!("step.{step}.after");
         w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", point.as_str())]);
         w.wait_agent();
-        let op = drctl_json(&w.pki, &w.controller.url, &["backup", "prod-1"])["operation_id"]
-            .as_str()
-            .expect("operation id")
-            .to_owned();
+        let op = drctl_json(&w.pki, &w.controller.url, &["backup", "prod-1"])["operation_id"].as_str().expect("operation id").to_owned();
         let status = w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(60));
         assert!(status.is_some(), "the controller reached {point}\n{}", w.controller.log());
 
@@ -75,7 +71,11 @@ async fn killing_the_controller_after_any_step_duplicates_nothing_and_leaves_not
             Duration::from_secs(20),
             {
                 let b = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"]);
-                b["backups"].as_array().expect("list").iter().any(|x| x["operation_id"] == op.as_str() && x["copies"][0]["state"] == "available")
+                b["backups"]
+                    .as_array()
+                    .expect("list")
+                    .iter()
+                    .any(|x| x["operation_id"] == op.as_str() && x["copies"][0]["state"] == "available")
             },
             "the copy of {op} becomes available"
         );

@@ -4,7 +4,6 @@
 //! journal answers the repeat), the old instance fenced and the Elastic IP
 //! on the new one.
 
-
 use dr_controller::engine::Workflow;
 use dr_controller::workflows::failover::Failover;
 use dr_tests::recovery_world::*;

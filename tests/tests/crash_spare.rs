@@ -17,10 +17,7 @@ fn spare_op(w: &RecoveryWorld) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_controller_after_any_spare_step_leaves_one_spare() {
-    let spec = RecoverySpec {
-        site_toml: "[site.policy]\nspare = \"stopped\"\nspare_max_lag = \"1s\"\n".into(),
-        ..Default::default()
-    };
+    let spec = RecoverySpec { site_toml: "[site.policy]\nspare = \"stopped\"\nspare_max_lag = \"1s\"\n".into(), ..Default::default() };
     let mut w = RecoveryWorld::start("crash-spare", spec).await;
     let steps: Vec<&str> = Spare::steps().iter().map(|d| d.name).collect();
     assert_eq!(steps.len(), 15);

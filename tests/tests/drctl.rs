@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use drctl::pki::{self, Subject, Validity};
 use dr_tests::*;
+use drctl::pki::{self, Subject, Validity};
 
 /// Asserts a failed drctl run with `-o json`: the exit code, the message on
 /// stderr, and on stdout one JSON error object agreeing with both.
@@ -149,7 +149,8 @@ async fn a_controller_dying_before_it_answers_a_start_says_it_may_have_started_a
     let out = drctl_as(&w.controller.url, &w.pki.ca(), &cert, &key, &["-o", "json", "backup", &w.site]);
     let m = assert_fails(&out, 3, "unreachable", "got no answer");
     assert!(m.contains("it may have started") && m.contains("nothing may have started"), "{m}");
-    for check in [format!("`drctl status --site {}`", w.site), format!("`drctl events {}`", w.site), format!("`drctl backups {}`", w.site)] {
+    for check in [format!("`drctl status --site {}`", w.site), format!("`drctl events {}`", w.site), format!("`drctl backups {}`", w.site)]
+    {
         assert!(m.contains(&check), "says how to check ({check}): {m}");
     }
     // And it had started: the restarted controller finishes it.
@@ -158,7 +159,9 @@ async fn a_controller_dying_before_it_answers_a_start_says_it_may_have_started_a
     w.wait_agent();
     assert_eventually!(
         Duration::from_secs(60),
-        drctl_json(&w.pki, &w.controller.url, &["backups", &w.site])["backups"].as_array().is_some_and(|b| b.iter().any(|b| b["state"] == "available")),
+        drctl_json(&w.pki, &w.controller.url, &["backups", &w.site])["backups"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["state"] == "available")),
         "the unanswered backup ran: {}",
         drctl_json(&w.pki, &w.controller.url, &["backups", &w.site])
     );

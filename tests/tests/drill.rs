@@ -153,10 +153,7 @@ async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untou
     assert_eq!(replicatedctl_calls(&primary_disk, "app stop"), primary_stops, "the primary's app was never stopped");
     w.wait_primary(&w.instance.id);
     let s = site_status(&w.pki, &w.controller.url, &w.site);
-    assert!(
-        !s["instances"].as_array().expect("instances").iter().any(|i| i["role"] == "fenced"),
-        "nothing fenced: {s}"
-    );
+    assert!(!s["instances"].as_array().expect("instances").iter().any(|i| i["role"] == "fenced"), "nothing fenced: {s}");
     assert_eq!(s["last_drill"]["operation_id"], op_id.as_str(), "status shows the last drill: {s}");
     // The terminated copy does not stay listed under the site.
     assert_eventually!(
@@ -190,7 +187,12 @@ async fn a_drill_restores_a_healthy_copy_measures_it_and_leaves_production_untou
     let t = std::time::Instant::now();
     let beside = w.backup();
     assert_eq!(beside["state"], "succeeded", "a backup runs beside a drill: {beside}");
-    assert!(t.elapsed() < Duration::from_secs(60), "the backup beside the drill took {:?}: {beside:#}\n{}", t.elapsed(), tail(&w.controller.log()));
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the backup beside the drill took {:?}: {beside:#}\n{}",
+        t.elapsed(),
+        tail(&w.controller.log())
+    );
     // Abort ends the keep; teardown still runs.
     let aborted = w.drctl(&["-o", "json", "operation", "abort", &kept, "--wait"]);
     let end = last_json(&aborted.stdout);
@@ -263,7 +265,8 @@ async fn a_scheduled_drill_runs_once_per_slot_and_survives_a_restart() {
     assert_eq!(s["drill_backup"], "random-within:1day");
     assert_eq!(s["drill_overdue"], false);
 
-    let drills = |w: &RecoveryWorld| drctl_json(&w.pki, &w.controller.url, &["drills", &w.site])["drills"].as_array().cloned().unwrap_or_default();
+    let drills =
+        |w: &RecoveryWorld| drctl_json(&w.pki, &w.controller.url, &["drills", &w.site])["drills"].as_array().cloned().unwrap_or_default();
     assert_eventually!(Duration::from_secs(90), !drills(&w).is_empty(), "a scheduled drill is recorded\n{}", tail(&w.controller.log()));
     let first = drills(&w)[0].clone();
     assert_eq!((first["requested_by"].as_str(), first["ok"].as_bool()), (Some("schedule"), Some(true)), "{first}");
@@ -271,7 +274,12 @@ async fn a_scheduled_drill_runs_once_per_slot_and_survives_a_restart() {
     // A SIGKILL and a restart neither repeat a slot nor stop the schedule.
     w.controller.kill();
     w.controller.restart(&[]);
-    assert_eventually!(Duration::from_secs(90), drills(&w).len() >= 2, "the schedule goes on after a restart\n{}", tail(&w.controller.log()));
+    assert_eventually!(
+        Duration::from_secs(90),
+        drills(&w).len() >= 2,
+        "the schedule goes on after a restart\n{}",
+        tail(&w.controller.log())
+    );
     let all = drills(&w);
     let started: Vec<u64> = all
         .iter()

@@ -40,11 +40,8 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     // and a build that starts now is not the restore's to delete.
     std::fs::write(w.disk.join("var/lib/after-backup"), "newer than the backup").expect("write");
     let before = backup_started - 10 * 60 * 1000;
-    std::fs::write(
-        &w.builds_file,
-        serde_json::to_vec(&[running_build(11, before), running_build(12, now_ms() + 5_000)]).expect("json"),
-    )
-    .expect("builds");
+    std::fs::write(&w.builds_file, serde_json::to_vec(&[running_build(11, before), running_build(12, now_ms() + 5_000)]).expect("json"))
+        .expect("builds");
 
     // The primary's host dies; EC2 still says running.
     w.dataplane.lose(&w.instance.id).await;
@@ -62,7 +59,8 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     assert_eq!(plan["eip"]["public_ip"], w.eip.as_str());
     assert_eq!(plan["eip"]["movable"], true);
     assert_eq!(plan["dns"]["name"], HOST);
-    let private = plan["addresses"].as_array().expect("addresses").iter().find(|a| a["kind"] == "private").cloned().expect("private change");
+    let private =
+        plan["addresses"].as_array().expect("addresses").iter().find(|a| a["kind"] == "private").cloned().expect("private change");
     assert_eq!(private["old"], w.instance.private_ip.as_str());
     assert!(plan["human_actions"].as_array().expect("actions").iter().any(|h| h["kind"] == "nomad_builders"), "{plan}");
     let text_plan = w.drctl(&["failover", &w.site, "--plan"]);
@@ -102,7 +100,10 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     let disk = disk_of(&w.dataplane, &new).await;
     let replicated = read(&disk.join("etc/default/replicated"));
     assert!(replicated.contains(&format!("PRIVATE_ADDRESS={new_ip}")), "{replicated}");
-    assert!(replicated.contains(&format!("NODENAME=ip-{}", w.instance.private_ip.replace('.', "-"))), "NODENAME is never rewritten: {replicated}");
+    assert!(
+        replicated.contains(&format!("NODENAME=ip-{}", w.instance.private_ip.replace('.', "-"))),
+        "NODENAME is never rewritten: {replicated}"
+    );
     let operator = read(&disk.join("etc/default/replicated-operator"));
     assert!(operator.contains(&format!("DAEMON_ENDPOINT={new_ip}:9879")), "{operator}");
     assert!(operator.contains(&format!("PUBLIC_ADDRESS={}", w.eip)), "the public address is the EIP, unchanged: {operator}");
@@ -138,15 +139,31 @@ async fn a_lost_primary_is_replaced_from_its_backup() {
     for phase in ["fence", "launch_to_running", "agent_up", "app_stop", "file_steps", "app_start", "address_moves", "cleanup"] {
         assert!(report["phases"][phase].is_u64(), "phase {phase}: {report}");
     }
-    let builders = report["human_actions"].as_array().expect("actions").iter().find(|h| h["kind"] == "nomad_builders").cloned().expect("builders");
+    let builders =
+        report["human_actions"].as_array().expect("actions").iter().find(|h| h["kind"] == "nomad_builders").cloned().expect("builders");
     let m = builders["message"].as_str().unwrap_or("");
     assert!(m.contains(&w.instance.private_ip) && m.contains(&new_ip), "old and new address: {m}");
     let names: Vec<String> = steps(&op).into_iter().map(|s| s.0).collect();
     assert_eq!(
         names,
         [
-            "preflight", "fence", "launch", "wait_running", "wait_agent", "app_stop", "rewrite_addresses", "hostname",
-            "wipe_nomad", "app_start", "move_eip", "update_dns", "cleanup_builds", "verify", "promote", "release", "report"
+            "preflight",
+            "fence",
+            "launch",
+            "wait_running",
+            "wait_agent",
+            "app_stop",
+            "rewrite_addresses",
+            "hostname",
+            "wipe_nomad",
+            "app_start",
+            "move_eip",
+            "update_dns",
+            "cleanup_builds",
+            "verify",
+            "promote",
+            "release",
+            "report"
         ]
     );
     let rewrite = op["steps"].as_array().expect("steps").iter().find(|s| s["name"] == "rewrite_addresses").cloned().expect("rewrite step");
@@ -208,7 +225,10 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
     // The plan of a failover of this healthy, connected primary warns.
     let plan = last_json(&w.drctl(&["-o", "json", "failover", &w.site, "--plan"]).stdout)["plan"].clone();
     let warnings = plan["warnings"].to_string();
-    assert!(warnings.contains(&format!("the primary {} looks healthy", w.instance.id)) && warnings.contains("connected as primary"), "{plan}");
+    assert!(
+        warnings.contains(&format!("the primary {} looks healthy", w.instance.id)) && warnings.contains("connected as primary"),
+        "{plan}"
+    );
     let shown = text(&w.drctl(&["failover", &w.site, "--plan"]).stdout);
     assert!(shown.contains("warning: the primary") && shown.contains("looks healthy"), "{shown}");
 
@@ -411,14 +431,19 @@ fn replicatedctl_calls_since(disk: &std::path::Path, args: &str, since: u64) -> 
     let log = std::fs::read_to_string(disk.join("var/lib/dr-sim/calls.log")).unwrap_or_default();
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).as_deref() == Some(args))
+        .filter(|v| {
+            v["args"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).as_deref() == Some(args)
+        })
         .filter_map(|v| v["at_ms"].as_u64())
         .filter(|t| *t >= since)
         .collect()
 }
 
 fn site_events(w: &RecoveryWorld) -> Vec<Value> {
-    dr_tests::drctl_json(&w.pki, &w.controller.url, &["events", &w.site, "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default()
+    dr_tests::drctl_json(&w.pki, &w.controller.url, &["events", &w.site, "--limit", "1000"])["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The first event of `kind` after seq `after`, waited for `within`.
@@ -441,7 +466,13 @@ fn wait_site_event(w: &RecoveryWorld, kind: &str, after: u64, within: Duration) 
 fn fence_problems(w: &RecoveryWorld, instance: &str) -> Vec<String> {
     site_status(&w.pki, &w.controller.url, &w.site)["problems"]
         .as_array()
-        .map(|p| p.iter().filter_map(|x| x.as_str()).filter(|x| x.contains(&format!("fenced instance {instance} is running again"))).map(str::to_owned).collect())
+        .map(|p| {
+            p.iter()
+                .filter_map(|x| x.as_str())
+                .filter(|x| x.contains(&format!("fenced instance {instance} is running again")))
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -496,7 +527,8 @@ async fn a_fenced_primary_started_again_is_stopped_by_its_agent_then_by_the_cont
     );
     let agent_stop = replicatedctl_calls_since(&w.disk, "app stop", started_at);
     assert_eq!(agent_stop.len(), 1, "one local stop: {agent_stop:?}");
-    let stops_of_old = |since: u64| faults.faults.stop_times().into_iter().filter(|(id, t)| *id == old && *t >= since).map(|(_, t)| t).collect::<Vec<_>>();
+    let stops_of_old =
+        |since: u64| faults.faults.stop_times().into_iter().filter(|(id, t)| *id == old && *t >= since).map(|(_, t)| t).collect::<Vec<_>>();
     assert!(stops_of_old(started_at).is_empty(), "the agent acted before any StopInstances from the controller");
     let journal: Vec<String> = std::fs::read_dir(w.disk.join("var/lib/dr-agent/journal"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -517,7 +549,12 @@ async fn a_fenced_primary_started_again_is_stopped_by_its_agent_then_by_the_cont
     assert!(now_ms() - started_at < 60_000, "stopped again within a minute of its start ({} ms)", now_ms() - started_at);
     assert!(stops_of_old(started_at).iter().all(|t| *t > agent_stop[0]), "the agent's stop came first");
     assert!(problems.len() == 1 && problems[0].contains("StopInstances sent"), "status showed the breach until the stop: {problems:?}");
-    assert_eventually!(Duration::from_secs(10), fence_problems(&w, &old).is_empty(), "the problem is gone once stopped: {:?}", fence_problems(&w, &old));
+    assert_eventually!(
+        Duration::from_secs(10),
+        fence_problems(&w, &old).is_empty(),
+        "the problem is gone once stopped: {:?}",
+        fence_problems(&w, &old)
+    );
     let s = site_status(&w.pki, &w.controller.url, &w.site);
     assert_eq!(s["primary_instance_id"], new.as_str(), "the new primary is untouched: {s}");
     assert_eq!(w.instance_state(&new).await, "running");

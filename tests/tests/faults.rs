@@ -119,8 +119,16 @@ async fn failed_checks_and_scheduled_events_show_for_the_faulty_instances_only()
     assert_eq!(codes, [EventCode::SystemReboot, EventCode::InstanceStop], "expected both events in the order scheduled, got {s:?}");
 
     let s = status_of(&ec2, &healthy).await;
-    assert_eq!(s.system_status().and_then(|i| i.status()), Some(&SummaryStatus::Ok), "expected the healthy instance's systemStatus ok, got {s:?}");
-    assert_eq!(s.instance_status().and_then(|i| i.status()), Some(&SummaryStatus::Ok), "expected the healthy instance's instanceStatus ok, got {s:?}");
+    assert_eq!(
+        s.system_status().and_then(|i| i.status()),
+        Some(&SummaryStatus::Ok),
+        "expected the healthy instance's systemStatus ok, got {s:?}"
+    );
+    assert_eq!(
+        s.instance_status().and_then(|i| i.status()),
+        Some(&SummaryStatus::Ok),
+        "expected the healthy instance's instanceStatus ok, got {s:?}"
+    );
     assert!(s.events().is_empty(), "expected no events on the healthy instance, got {s:?}");
 
     // All three in one call, as a poller asks: each item edited on its own.
@@ -138,7 +146,11 @@ async fn failed_checks_and_scheduled_events_show_for_the_faulty_instances_only()
         (s.system_status().and_then(|x| x.status()).cloned(), s.instance_status().and_then(|x| x.status()).cloned(), s.events().len())
     };
     assert_eq!(summary(&sick_host), (Some(SummaryStatus::Impaired), Some(SummaryStatus::Ok), 1), "expected the host impaired with 1 event");
-    assert_eq!(summary(&sick_guest), (Some(SummaryStatus::Ok), Some(SummaryStatus::Impaired), 2), "expected the guest impaired with 2 events");
+    assert_eq!(
+        summary(&sick_guest),
+        (Some(SummaryStatus::Ok), Some(SummaryStatus::Impaired), 2),
+        "expected the guest impaired with 2 events"
+    );
     assert_eq!(summary(&healthy), (Some(SummaryStatus::Ok), Some(SummaryStatus::Ok), 0), "expected the healthy one untouched");
 
     // Cleared, the host is healthy again.
@@ -200,8 +212,16 @@ async fn an_instance_that_wont_stop_keeps_running_while_others_stop() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(state_of(&ec2, &stuck).await, InstanceStateName::Running, "expected the wont_stop instance still running");
     assert_eq!(state_of(&ec2, &stuck2).await, InstanceStateName::Running, "expected the second wont_stop instance still running");
-    assert_eq!(wait_state(&ec2, &normal, InstanceStateName::Stopped).await, InstanceStateName::Stopped, "expected the normal instance stopped");
-    assert_eq!(wait_state(&ec2, &normal2, InstanceStateName::Stopped).await, InstanceStateName::Stopped, "expected the normal instance of the mixed call stopped");
+    assert_eq!(
+        wait_state(&ec2, &normal, InstanceStateName::Stopped).await,
+        InstanceStateName::Stopped,
+        "expected the normal instance stopped"
+    );
+    assert_eq!(
+        wait_state(&ec2, &normal2, InstanceStateName::Stopped).await,
+        InstanceStateName::Stopped,
+        "expected the normal instance of the mixed call stopped"
+    );
     assert_eq!(
         proxy.faults.stop_calls(),
         [stuck.clone(), normal.clone(), stuck2.clone(), normal2.clone()],
@@ -212,7 +232,11 @@ async fn an_instance_that_wont_stop_keeps_running_while_others_stop() {
     // Cleared, it stops like any other.
     proxy.faults.clear(&stuck);
     ec2.stop_instances().instance_ids(&stuck).send().await.expect("expected StopInstances to succeed");
-    assert_eq!(wait_state(&ec2, &stuck, InstanceStateName::Stopped).await, InstanceStateName::Stopped, "expected the cleared instance stopped");
+    assert_eq!(
+        wait_state(&ec2, &stuck, InstanceStateName::Stopped).await,
+        InstanceStateName::Stopped,
+        "expected the cleared instance stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,7 +252,12 @@ async fn a_failed_region_answers_unavailable_while_others_work() {
     let err = west.describe_instances().send().await.expect_err("expected us-west-2 to fail while its region is down");
     assert_eq!(err.code(), Some("Unavailable"), "expected EC2 error code Unavailable, got {err:?}");
     assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(503), "expected HTTP 503, got {err:?}");
-    let err = west.stop_instances().instance_ids("i-0123456789abcdef0").send().await.expect_err("expected StopInstances in the failed region to fail");
+    let err = west
+        .stop_instances()
+        .instance_ids("i-0123456789abcdef0")
+        .send()
+        .await
+        .expect_err("expected StopInstances in the failed region to fail");
     assert_eq!(err.code(), Some("Unavailable"), "expected every action of the failed region Unavailable, got {err:?}");
     assert!(proxy.faults.stop_calls().is_empty(), "expected a refused StopInstances not recorded as a stop call");
     let i = launch(&east, 1).await.remove(0);
@@ -266,7 +295,10 @@ async fn the_webhook_receiver_checks_signatures_and_refuses_while_down() {
     assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64, "expected sha256= and 64 hex digits, got {sig}");
     assert_eq!(
         webhook::sign("key", "1", b"x"),
-        format!("sha256={}", hex::encode(aws_lc_rs::hmac::sign(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"key"), b"1.x").as_ref())),
+        format!(
+            "sha256={}",
+            hex::encode(aws_lc_rs::hmac::sign(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"key"), b"1.x").as_ref())
+        ),
         "expected the signature over the bytes \"{{timestamp}}.{{body}}\""
     );
 
@@ -311,6 +343,10 @@ async fn the_webhook_receiver_checks_signatures_and_refuses_while_down() {
     // Back up: the retry is accepted; duplicates are kept in order.
     rx.set_down(false);
     assert_eq!(post(&rx.url, &good, body).await, 200, "expected 200 once back up");
-    assert_eq!(rx.event_ids(), ["ev-1", "ev-2", "ev-3", "ev-4", "ev-5", "ev-6", "ev-1"], "expected event ids in arrival order, duplicates kept");
+    assert_eq!(
+        rx.event_ids(),
+        ["ev-1", "ev-2", "ev-3", "ev-4", "ev-5", "ev-6", "ev-1"],
+        "expected event ids in arrival order, duplicates kept"
+    );
     assert_eq!(rx.refused(), 2, "expected the refused count unchanged once up");
 }

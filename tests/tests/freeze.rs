@@ -7,8 +7,8 @@
 
 use std::borrow::BorrowMut;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -48,11 +48,7 @@ impl LoopFs {
         std::fs::File::create(&img).expect("image").set_len(64 << 20).expect("truncate");
         ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
         let out = run(Command::new("losetup").args(["--find", "--show"]).arg(&img));
-        assert!(
-            out.status.success(),
-            "these tests need root and loop devices (losetup --find --show failed: {})",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "these tests need root and loop devices (losetup --find --show failed: {})", text(&out.stderr));
         let dev = text(&out.stdout).trim().to_owned();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
@@ -250,10 +246,7 @@ fn refuses_root_the_journal_fs_and_non_mount_points() {
     // The agent's journal on the loop fs: that fs cannot be frozen.
     let config = fs.dir.path().join("journal-on-fs.toml");
     std::fs::write(&config, format!("state_dir = \"{}\"\n", fs.mnt.join("state").display())).expect("config");
-    let out = run(Command::new(bin("dr-agent"))
-        .args(["freeze", "--config"])
-        .arg(&config)
-        .args(["--mount", fs.mnt(), "--deadline", "3s"]));
+    let out = run(Command::new(bin("dr-agent")).args(["freeze", "--config"]).arg(&config).args(["--mount", fs.mnt(), "--deadline", "3s"]));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("journal"), "{}", text(&out.stderr));
     fs.assert_writable("after the refusals");

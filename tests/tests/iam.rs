@@ -36,9 +36,7 @@ fn repo() -> PathBuf {
 
 /// The moto venv's python (it has boto3).
 fn python() -> PathBuf {
-    let server = std::env::var("DR_MOTO_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join(".venv/bin/moto_server"));
+    let server = std::env::var("DR_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|_| repo().join(".venv/bin/moto_server"));
     server.with_file_name("python")
 }
 
@@ -50,12 +48,7 @@ fn iam_world(instances: usize, drop: &[&str]) -> IamWorld {
     let port = free_port();
     let moto = Proc::spawn(
         "moto",
-        aws_env(Command::new(python()).arg(repo().join("tests/iam/moto_server.py")).args([
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])),
+        aws_env(Command::new(python()).arg(repo().join("tests/iam/moto_server.py")).args(["-H", "127.0.0.1", "-p", &port.to_string()])),
         &dir.path().join("moto.log"),
     );
     wait_for_port(port, Duration::from_secs(30));
@@ -287,7 +280,10 @@ async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial()
         assert!(line.starts_with("cross") && line.contains("has no Elastic IP to move"), "only the EIP-less site is unchecked: {line}");
     }
     for action in ["ec2:RunInstances", "ec2:StopInstances", "ec2:TerminateInstances", "ec2:DescribeAddresses"] {
-        assert!(report.lines().filter(|l| l.contains(action) && l.contains("allowed")).count() == 2, "{action} allowed for both sites: {report}");
+        assert!(
+            report.lines().filter(|l| l.contains(action) && l.contains("allowed")).count() == 2,
+            "{action} allowed for both sites: {report}"
+        );
     }
     let log = w.log();
     for word in ["permission denied", "AccessDenied", "UnauthorizedOperation"] {
@@ -337,10 +333,7 @@ async fn a_missing_action_fails_its_step_with_a_clear_final_error() {
     assert!(human.contains(&expected), "drctl operation shows it: {human}");
     // Not retried as if it were transient.
     let log = w.log();
-    assert!(
-        !log.lines().any(|l| l.contains("will be retried") && l.contains("DeregisterImage")),
-        "a denial is never retried:\n{log}"
-    );
+    assert!(!log.lines().any(|l| l.contains("will be retried") && l.contains("DeregisterImage")), "a denial is never retried:\n{log}");
     // Nothing was lost: the AMI that could not be deleted is still there
     // and marked as being deleted, to be finished once the policy is fixed.
     assert!(image_exists(&w.admin(REGION).await, &first_image).await);

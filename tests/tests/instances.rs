@@ -99,14 +99,8 @@ async fn a_resumed_quiesce_waits_for_an_agent_seen_just_before_the_crash() {
 async fn a_freeze_that_expired_before_the_snapshots_makes_the_backup_crash_consistent() {
     let fs = LoopFs::new(64);
     let agent_toml = format!("[freeze]\nmounts = [\"{}\"]\ndeadline = \"60s\"\n", fs.mount.display());
-    let mut w = World::start_custom(
-        "prod-1",
-        "200ms",
-        &[],
-        "freeze_deadline = \"2s\"\n[policy]\nquiesce = \"freeze\"\n",
-        &agent_toml,
-    )
-    .await;
+    let mut w =
+        World::start_custom("prod-1", "200ms", &[], "freeze_deadline = \"2s\"\n[policy]\nquiesce = \"freeze\"\n", &agent_toml).await;
     w.controller.kill();
     w.controller.restart(&[("DR_CONTROLLER_DELAY_AT", "step.create_image.before=4s")]);
     w.wait_agent();

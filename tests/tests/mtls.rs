@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use drctl::pki::{self, Subject, Validity};
 use dr_proto::pb;
 use dr_tests::*;
+use drctl::pki::{self, Subject, Validity};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 async fn channel(url: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Channel, tonic::transport::Error> {
@@ -122,7 +122,10 @@ async fn an_expired_agent_certificate_is_shown_as_such() {
     let other = dir.join("other-ca");
     pki::init_ca(&other, TRUST_DOMAIN, Validity::days(1).expect("one day")).expect("other CA");
     pki::issue(&other, &Subject::Site("prod-1".into()), Validity::days(1).expect("one day"), &other, "forged").expect("issue");
-    assert!(hello(&url, &w.pki.ca(), &other.join("forged.pem"), &other.join("forged.key"), "prod-1").await.is_err(), "another CA is refused");
+    assert!(
+        hello(&url, &w.pki.ca(), &other.join("forged.pem"), &other.join("forged.key"), "prod-1").await.is_err(),
+        "another CA is refused"
+    );
 
     // The agent restarts with an expired certificate of our CA (valid
     // after the CA began, ended seconds ago).
@@ -133,7 +136,8 @@ async fn an_expired_agent_certificate_is_shown_as_such() {
     let expired = Validity { not_before: now - time::Duration::seconds(40), not_after: now - time::Duration::seconds(2) };
     pki::issue(&w.pki.dir, &Subject::Site("prod-1".into()), expired, &dir, "expired-site").expect("issue");
     let (cert, key) = w.pki.site("prod-1");
-    let config = std::fs::read_to_string(&w.agent.config).expect("agent config")
+    let config = std::fs::read_to_string(&w.agent.config)
+        .expect("agent config")
         .replace(&cert.display().to_string(), &dir.join("expired-site.pem").display().to_string())
         .replace(&key.display().to_string(), &dir.join("expired-site.key").display().to_string());
     std::fs::write(&w.agent.config, config).expect("write agent config");
@@ -152,7 +156,9 @@ async fn an_expired_agent_certificate_is_shown_as_such() {
         {
             let s = site_status(&w.pki, &url, "prod-1");
             expired_refusal(&s)["count"].as_u64().unwrap_or(0) >= 40
-                && s["health"]["evidence"].as_array().is_some_and(|e| e.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("agent: refused (certificate expired"))))
+                && s["health"]["evidence"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("agent: refused (certificate expired"))))
         },
         "the refusal and the health line; status: {}\ncontroller log:\n{}",
         site_status(&w.pki, &url, "prod-1"),
@@ -169,7 +175,10 @@ async fn an_expired_agent_certificate_is_shown_as_such() {
     assert_eq!(forged["ca_verified"], false, "another CA's certificate: {s}");
     let problems: Vec<&str> = s["problems"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
     assert!(problems.iter().any(|p| p.contains("agent refused: certificate expired")), "{problems:?}");
-    assert!(!s["health"]["evidence"].as_array().into_iter().flatten().any(|l| l.as_str().unwrap_or("").starts_with("agent: silent")), "{s}");
+    assert!(
+        !s["health"]["evidence"].as_array().into_iter().flatten().any(|l| l.as_str().unwrap_or("").starts_with("agent: silent")),
+        "{s}"
+    );
 
     // Text: the site's lines say it too.
     let out = drctl(&w.pki, &url, &["site", "prod-1"]);

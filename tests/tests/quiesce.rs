@@ -74,18 +74,15 @@ async fn a_controller_killed_while_frozen_still_ends_thawed() {
 async fn drain_undrains_the_builders_afterwards() {
     let fs = LoopFs::new(64);
     let (_nomad, nomad_url) = spawn_listening("dr-sim-nomad", &["--nodes", "2", "--allocs-per-node", "1", "--alloc-secs", "0.5"]);
-    let agent_toml = format!(
-        "[freeze]\nmounts = [\"{}\"]\n\n[nomad]\napi_url = \"{nomad_url}\"\ndrain_deadline = \"20s\"\n",
-        fs.mount.display()
-    );
+    let agent_toml =
+        format!("[freeze]\nmounts = [\"{}\"]\n\n[nomad]\napi_url = \"{nomad_url}\"\ndrain_deadline = \"20s\"\n", fs.mount.display());
     let w = World::start_custom("prod-1", "200ms", &[], "[policy]\nquiesce = \"drain\"\n", &agent_toml).await;
     w.wait_agent();
     let (ok, op) = backup(&w);
     assert!(ok, "{op:#}\n{}", w.agent.log());
     assert!(step(&op, "quiesce")["detail"].as_str().expect("detail").contains("drain, freeze"), "{op:#}");
     assert!(step(&op, "unquiesce")["detail"].as_str().expect("detail").contains("undrain"), "{op:#}");
-    let nodes: serde_json::Value =
-        serde_json::from_str(&http_get(&nomad_url, "/v1/nodes")).expect("nodes json");
+    let nodes: serde_json::Value = serde_json::from_str(&http_get(&nomad_url, "/v1/nodes")).expect("nodes json");
     for n in nodes.as_array().expect("nodes") {
         assert_eq!(n["Drain"], false, "{n}");
         assert_eq!(n["SchedulingEligibility"], "eligible", "{n}");

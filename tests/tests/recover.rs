@@ -121,8 +121,7 @@ fn snapshot(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn app_state(m: &Machine) -> String {
-    let v: Value = serde_json::from_slice(&std::fs::read(m.root.join("var/lib/dr-sim/replicated.json")).expect("sim state"))
-        .expect("json");
+    let v: Value = serde_json::from_slice(&std::fs::read(m.root.join("var/lib/dr-sim/replicated.json")).expect("sim state")).expect("json");
     v["state"].as_str().unwrap_or_default().to_owned()
 }
 
@@ -229,5 +228,9 @@ fn recover_offline_without_root_is_refused() {
         .output()
         .expect("run dr-agent recover");
     assert_eq!(out.status.code(), Some(2), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stderr).contains("--offline acts on a mounted disk") && text(&out.stderr).contains("--root"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--offline acts on a mounted disk") && text(&out.stderr).contains("--root"),
+        "{}",
+        text(&out.stderr)
+    );
 }

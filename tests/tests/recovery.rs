@@ -87,7 +87,12 @@ async fn an_agent_reconnects_by_itself_when_the_controller_returns() {
     w.wait_agent();
     w.controller.kill();
     // The agent notices and retries with backoff while the controller is away.
-    assert_eventually!(Duration::from_secs(20), w.agent.log().matches("retry").count() >= 2 || w.agent.log().matches("backoff").count() >= 2, "agent retries; log:\n{}", w.agent.log());
+    assert_eventually!(
+        Duration::from_secs(20),
+        w.agent.log().matches("retry").count() >= 2 || w.agent.log().matches("backoff").count() >= 2,
+        "agent retries; log:\n{}",
+        w.agent.log()
+    );
     w.controller.restart(&[]);
     w.wait_agent();
     // The reconnected agent takes work again.

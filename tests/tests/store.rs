@@ -12,10 +12,7 @@ async fn a_lost_store_is_refused_and_rebuilt_from_ec2_tags() {
     w.wait_agent();
     let out = last_json(&drctl(&w.pki, &w.controller.url, &["--output", "json", "backup", "prod-1", "--wait"]).stdout);
     assert_eq!(out["state"], "succeeded", "{out:#}");
-    let ami = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"])["backups"][0]["image_id"]
-        .as_str()
-        .expect("ami")
-        .to_owned();
+    let ami = drctl_json(&w.pki, &w.controller.url, &["backups", "prod-1"])["backups"][0]["image_id"].as_str().expect("ami").to_owned();
 
     // An online backup while the controller runs holds the backup.
     let copy = w.dir.path().join("copy.db");

@@ -65,11 +65,8 @@ async fn a_webhook_that_was_down_gets_every_event_in_order_and_the_others_are_no
     // up backoffs of different lengths.
     flaky.set_down(true);
     for i in 0..10 {
-        let args: Vec<&str> = if i % 2 == 0 {
-            vec!["pause", "hook-site", "--for", "1h", "--reason", "maintenance"]
-        } else {
-            vec!["unpause", "hook-site"]
-        };
+        let args: Vec<&str> =
+            if i % 2 == 0 { vec!["pause", "hook-site", "--for", "1h", "--reason", "maintenance"] } else { vec!["unpause", "hook-site"] };
         let out = drctl(&w.pki, &w.controller.url, &args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         std::thread::sleep(Duration::from_millis(900));
@@ -83,7 +80,12 @@ async fn a_webhook_that_was_down_gets_every_event_in_order_and_the_others_are_no
         now.starts_with(got)
     };
     // The steady one got each event meanwhile, in order.
-    assert_eventually!(Duration::from_secs(30), first_arrivals(&steady).len() >= all.len(), "steady: {:?} of {all:?}", first_arrivals(&steady));
+    assert_eventually!(
+        Duration::from_secs(30),
+        first_arrivals(&steady).len() >= all.len(),
+        "steady: {:?} of {all:?}",
+        first_arrivals(&steady)
+    );
     assert!(in_order(&first_arrivals(&steady)), "steady in order: {:?}", first_arrivals(&steady));
     assert!(flaky.refused() > 0, "the flaky one was tried while down");
     assert!(first_arrivals(&flaky).len() < all.len(), "the flaky one was down: {:?}", first_arrivals(&flaky));

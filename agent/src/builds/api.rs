@@ -83,11 +83,8 @@ pub fn read_token(path: &Path) -> Result<(String, Option<String>), ApiError> {
     if token.is_empty() {
         return Err(ApiError::TokenEmpty { path: path.to_owned() });
     }
-    let mode = std::fs::metadata(path)
-        .map_err(|source| ApiError::TokenRead { path: path.to_owned(), source })?
-        .permissions()
-        .mode()
-        & 0o7777;
+    let mode =
+        std::fs::metadata(path).map_err(|source| ApiError::TokenRead { path: path.to_owned(), source })?.permissions().mode() & 0o7777;
     let warning = (mode & 0o044 != 0).then(|| {
         let w = format!(
             "the API token file {} is readable by {} (mode {mode:04o}): `chmod 600` it",
@@ -145,8 +142,7 @@ impl ApiClient {
         let bad = |why: String| ApiError::BadUrl { url: api_url.to_owned(), why };
         if api_url.starts_with("https://") {
             return Err(bad(
-                "https is not supported yet: use the installation's http:// endpoint (e.g. from the machine itself)"
-                    .to_owned(),
+                "https is not supported yet: use the installation's http:// endpoint (e.g. from the machine itself)".to_owned()
             ));
         }
         let http = HttpClient::new(api_url.trim_end_matches('/'), timeout, MAX_BODY).map_err(|e| bad(e.to_string()))?;
@@ -264,13 +260,8 @@ mod tests {
             any::<i64>().prop_map(Value::from),
             any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(Value::from),
             any::<String>().prop_map(Value::String),
-            prop::sample::select(vec![
-                "running",
-                "finished",
-                "https://ci.example.com/gh/o/r/1",
-                "2024-05-01T12:00:00Z"
-            ])
-            .prop_map(Value::from),
+            prop::sample::select(vec!["running", "finished", "https://ci.example.com/gh/o/r/1", "2024-05-01T12:00:00Z"])
+                .prop_map(Value::from),
         ];
         let key = prop_oneof![
             3 => prop::sample::select(vec!["build_url", "build_num", "username", "reponame", "lifecycle", "status", "start_time", "queued_at"])
@@ -280,8 +271,7 @@ mod tests {
         leaf.prop_recursive(4, 64, 8, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-                prop::collection::btree_map(key.clone(), inner, 0..8)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::collection::btree_map(key.clone(), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }
@@ -326,8 +316,8 @@ mod tests {
         ];
         crate::builds::prop::check("API v1.1 pages parser (bytes)", 2000, bytes, |b| {
             let parsed = parse_page("http://h/p", "text/html", &b);
-            let oracle = serde_json::from_slice::<Value>(&b)
-                .is_ok_and(|v| matches!(&v, Value::Array(items) if items.iter().all(Value::is_object)));
+            let oracle =
+                serde_json::from_slice::<Value>(&b).is_ok_and(|v| matches!(&v, Value::Array(items) if items.iter().all(Value::is_object)));
             prop_assert_eq!(parsed.is_ok(), oracle, "{:?}", String::from_utf8_lossy(&b));
             Ok(())
         });

@@ -39,9 +39,7 @@ const REJECT_GRACE: Duration = Duration::from_millis(500);
 pub enum ConsoleError {
     #[error("cannot start the dev-console `{argv}`: {source}")]
     Spawn { argv: String, source: std::io::Error },
-    #[error(
-        "the dev-console printed no prompt (`<namespace>=> `) within {timeout:?}; last output: {output:?}; stderr: {stderr:?}"
-    )]
+    #[error("the dev-console printed no prompt (`<namespace>=> `) within {timeout:?}; last output: {output:?}; stderr: {stderr:?}")]
     LoadTimeout { timeout: Duration, output: String, stderr: String },
     #[error("the dev-console did not answer within {timeout:?}; partial output: {output:?}; stderr: {stderr:?}")]
     CommandTimeout { timeout: Duration, output: String, stderr: String },
@@ -166,11 +164,7 @@ impl Console {
     /// (nREPL sessions), else for the JVM (`alter-var-root`, as
     /// `clojure.main` binds it afresh for every form), checked by reading it
     /// back in a later form. If it stays on, nothing is deleted.
-    pub async fn open(
-        argv: &[String],
-        load_timeout: Duration,
-        command_timeout: Duration,
-    ) -> Result<Console, ConsoleError> {
+    pub async fn open(argv: &[String], load_timeout: Duration, command_timeout: Duration) -> Result<Console, ConsoleError> {
         let joined = argv.join(" ");
         let (program, args) = argv.split_first().ok_or_else(|| ConsoleError::Spawn {
             argv: joined.clone(),
@@ -232,11 +226,7 @@ impl Console {
             match self.read_some(&mut out, deadline.min(tokio::time::Instant::now() + Duration::from_secs(5))).await? {
                 true => {}
                 false if tokio::time::Instant::now() >= deadline => {
-                    return Err(ConsoleError::LoadTimeout {
-                        timeout,
-                        output: tail(&out),
-                        stderr: self.stderr_since(0),
-                    });
+                    return Err(ConsoleError::LoadTimeout { timeout, output: tail(&out), stderr: self.stderr_since(0) });
                 }
                 false => {
                     tracing::info!(step = "cleanup-builds", elapsed = ?started.elapsed(), "waiting for the dev-console prompt");
@@ -303,19 +293,14 @@ impl Console {
         line.push(b'\n');
         let mark = self.stderr_mark();
         let timeout = self.command_timeout;
-        let stdin =
-            self.stdin.as_mut().ok_or_else(|| ConsoleError::Closed { output: String::new(), stderr: String::new() })?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| ConsoleError::Closed { output: String::new(), stderr: String::new() })?;
         let write = async {
             stdin.write_all(&line).await?;
             stdin.flush().await
         };
         match tokio::time::timeout(timeout, write).await {
             Err(_) => {
-                return Err(ConsoleError::CommandTimeout {
-                    timeout,
-                    output: String::new(),
-                    stderr: self.stderr_since(mark),
-                });
+                return Err(ConsoleError::CommandTimeout { timeout, output: String::new(), stderr: self.stderr_since(mark) });
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 return Err(ConsoleError::Closed { output: String::new(), stderr: self.stderr_since(0) });
@@ -353,11 +338,7 @@ impl Console {
                 _ => {}
             }
             if !self.read_some(&mut out, deadline).await? {
-                return Err(ConsoleError::CommandTimeout {
-                    timeout,
-                    output: tail(&out),
-                    stderr: self.stderr_since(mark),
-                });
+                return Err(ConsoleError::CommandTimeout { timeout, output: tail(&out), stderr: self.stderr_since(mark) });
             }
         }
     }
@@ -425,10 +406,7 @@ mod tests {
         assert_eq!(o, Outcome::Value("\"a\nb\"".to_owned()));
         assert_eq!(&out[end..], b"nil\nuser=> ");
         let out = b"\n@@n0:7:error\nclojure.lang.ExceptionInfo: build not found\n@@n0:7:end\n";
-        assert_eq!(
-            parse_sentinel(out, m).map(|x| x.0),
-            Some(Outcome::Threw("clojure.lang.ExceptionInfo: build not found".to_owned()))
-        );
+        assert_eq!(parse_sentinel(out, m).map(|x| x.0), Some(Outcome::Threw("clojure.lang.ExceptionInfo: build not found".to_owned())));
         // Another call's (or a forged) sentinel, or an unfinished one: no answer.
         assert_eq!(parse_sentinel(b"\n@@n0:6:ok\ntrue\n@@n0:6:end\n", m), None);
         assert_eq!(parse_sentinel(b"\n@@n0:7:ok\ntrue", m), None);
@@ -479,11 +457,7 @@ done"#;
         let r = c.call("(boom)").await.expect("call");
         assert_eq!(r.outcome, Outcome::Threw("clojure.lang.ExceptionInfo: build not found".to_owned()));
         let r = c.call("(unknown/fn)").await.expect("call");
-        assert!(
-            matches!(&r.outcome, Outcome::Rejected(m) if m.contains("No such namespace: unknown")),
-            "{:?}",
-            r.outcome
-        );
+        assert!(matches!(&r.outcome, Outcome::Rejected(m) if m.contains("No such namespace: unknown")), "{:?}", r.outcome);
         // The session still works after an exception and a rejection.
         let r = c.call("(admin/delete-build \"y\")").await.expect("call");
         assert_eq!(r.outcome, Outcome::Value("true".to_owned()));
@@ -511,8 +485,7 @@ done"#;
         assert!(matches!(e, ConsoleError::LoadTimeout { .. }), "{e}");
         assert!(e.to_string().contains("banner"), "{e}");
         let argv = script(dir.path(), "printf 'user=> '; read l; sleep 30");
-        let e =
-            Console::open(&argv, Duration::from_secs(5), Duration::from_millis(300)).await.err().expect("no answer");
+        let e = Console::open(&argv, Duration::from_secs(5), Duration::from_millis(300)).await.err().expect("no answer");
         assert!(matches!(e, ConsoleError::CommandTimeout { .. }), "{e}");
         let argv = script(dir.path(), "printf 'user=> '; read l; echo bye >&2; exit 3");
         let e = Console::open(&argv, Duration::from_secs(5), Duration::from_secs(5)).await.err().expect("exited");

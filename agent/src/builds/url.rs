@@ -39,10 +39,7 @@ pub struct Expect<'a> {
 }
 
 fn segment_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
+    !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
 }
 
 /// Validates a build URL: `https://<hostname>/(gh|bb)/<org>/<repo>/<number>`,
@@ -151,11 +148,7 @@ mod tests {
     const HOST: &str = "ci.example.com";
 
     fn check(url: &str) -> Result<(), String> {
-        validate_build_url(
-            url,
-            HOST,
-            Expect { username: Some("my-org"), reponame: Some("my.project_1"), build_num: Some(1234) },
-        )
+        validate_build_url(url, HOST, Expect { username: Some("my-org"), reponame: Some("my.project_1"), build_num: Some(1234) })
     }
 
     #[test]
@@ -165,10 +158,8 @@ mod tests {
         // Found by the property test: 20-digit numbers (>= 10^19) were refused.
         let e = |n| Expect { username: Some("o"), reponame: Some("r"), build_num: Some(n) };
         validate_build_url("https://ci.example.com/gh/o/r/18446744073709551615", HOST, e(u64::MAX)).expect("u64::MAX");
-        validate_build_url("https://ci.example.com/gh/o/r/10000000000000000000", HOST, e(10_000_000_000_000_000_000))
-            .expect("10^19");
-        let err =
-            validate_build_url("https://ci.example.com/gh/o/r/18446744073709551616", HOST, e(7)).expect_err(">u64");
+        validate_build_url("https://ci.example.com/gh/o/r/10000000000000000000", HOST, e(10_000_000_000_000_000_000)).expect("10^19");
+        let err = validate_build_url("https://ci.example.com/gh/o/r/18446744073709551616", HOST, e(7)).expect_err(">u64");
         assert!(err.contains("out of range"), "{err}");
     }
 
@@ -234,12 +225,7 @@ mod tests {
         let [host, vcs, org, repo, num] = parts.as_slice() else {
             return false;
         };
-        let seg = |s: &str| {
-            !s.is_empty()
-                && s != "."
-                && s != ".."
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        };
+        let seg = |s: &str| !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         host.eq_ignore_ascii_case(HOST)
             && matches!(*vcs, "gh" | "bb")
             && seg(org)
@@ -266,10 +252,8 @@ mod tests {
         fn mostly<T: Clone + std::fmt::Debug + 'static>(good: T, bad: Vec<T>) -> impl Strategy<Value = T> {
             prop_oneof![6 => Just(good), 1 => prop::sample::select(bad)]
         }
-        let host = mostly(
-            HOST,
-            vec!["CI.Example.COM", "evil.example.com", "ci.example.com:443", "x@ci.example.com", "ci.example.com.", ""],
-        );
+        let host =
+            mostly(HOST, vec!["CI.Example.COM", "evil.example.com", "ci.example.com:443", "x@ci.example.com", "ci.example.com.", ""]);
         let scheme = mostly("https://", vec!["http://", "HTTPS://", "https:/", ""]);
         let vcs = prop_oneof![3 => Just("gh"), 3 => Just("bb"), 1 => prop::sample::select(vec!["gl", "GH", ""])];
         let num = prop_oneof![
@@ -278,12 +262,11 @@ mod tests {
             1 => "0[0-9]{1,3}",
             1 => piece(),
         ];
-        let built = (scheme, host, vcs, piece(), piece(), num, piece(), mostly(false, vec![true])).prop_map(
-            |(s, h, v, o, r, n, tail, extra)| {
+        let built =
+            (scheme, host, vcs, piece(), piece(), num, piece(), mostly(false, vec![true])).prop_map(|(s, h, v, o, r, n, tail, extra)| {
                 let url = format!("{s}{h}/{v}/{o}/{r}/{n}");
                 (if extra { format!("{url}{tail}") } else { url }, o, r, n)
-            },
-        );
+            });
         let arbitrary = any::<String>().prop_map(|u| (u, "o".to_owned(), "r".to_owned(), "1".to_owned()));
         let accepted = std::cell::Cell::new(0u32);
         super::super::prop::check(

@@ -364,10 +364,8 @@ pub fn main() -> ExitCode {
         LogFmt::Json => logging::LogFormat::Json,
     });
     dr_proto::tls::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread tokio runtime can always be built");
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread tokio runtime can always be built");
     match runtime.block_on(dispatch(cli.command)) {
         Ok(text) => {
             print!("{text}");
@@ -400,37 +398,28 @@ fn action_of(command: &StepCommand) -> Result<(Config, Action, OutputFormat), Fa
     let (common, action) = match command {
         StepCommand::AppStop(a) => (&a.common, Action::AppStop { force: a.force, dry_run: a.dry_run }),
         StepCommand::AppStart(a) => (&a.common, Action::AppStart { dry_run: a.dry_run }),
-        StepCommand::SetHostname(a) => (
-            &a.common,
-            Action::SetHostname { params: app::HostnameParams { hostname: a.hostname.clone() }, dry_run: a.dry_run },
-        ),
+        StepCommand::SetHostname(a) => {
+            (&a.common, Action::SetHostname { params: app::HostnameParams { hostname: a.hostname.clone() }, dry_run: a.dry_run })
+        }
         StepCommand::RewriteAddresses(a) => {
             let params = rewrite::RewriteParams::from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
             (&a.common, Action::RewriteAddresses { params, dry_run: a.dry_run })
         }
         StepCommand::WipeNomad(a) => (&a.common, Action::WipeNomad { dry_run: a.dry_run, offline: a.offline }),
-        StepCommand::CleanupBuilds(a) => (
-            &a.common,
-            Action::CleanupBuilds { params: builds::CleanupParams { before: a.before.clone() }, dry_run: a.dry_run },
-        ),
+        StepCommand::CleanupBuilds(a) => {
+            (&a.common, Action::CleanupBuilds { params: builds::CleanupParams { before: a.before.clone() }, dry_run: a.dry_run })
+        }
         StepCommand::HealthCheck(a) => (&a.common, Action::HealthCheck),
         StepCommand::Freeze(a) => {
             let config = a.common.load()?;
-            let params = freeze::FreezeParams {
-                mounts: a.mounts.clone(),
-                deadline: a.deadline.map(Into::into).unwrap_or(config.freeze.deadline),
-            };
+            let params =
+                freeze::FreezeParams { mounts: a.mounts.clone(), deadline: a.deadline.map(Into::into).unwrap_or(config.freeze.deadline) };
             return Ok((config, Action::Freeze { params, dry_run: a.dry_run }, a.common.output));
         }
-        StepCommand::Thaw(a) => {
-            (&a.common, Action::Thaw { params: freeze::ThawParams { mounts: a.mounts.clone() }, dry_run: a.dry_run })
-        }
+        StepCommand::Thaw(a) => (&a.common, Action::Thaw { params: freeze::ThawParams { mounts: a.mounts.clone() }, dry_run: a.dry_run }),
         StepCommand::Drain(a) => {
             let config = a.common.load()?;
-            let params = drain::DrainParams {
-                deadline: a.deadline.unwrap_or(config.nomad.drain_deadline),
-                require_idle: a.require_idle,
-            };
+            let params = drain::DrainParams { deadline: a.deadline.unwrap_or(config.nomad.drain_deadline), require_idle: a.require_idle };
             return Ok((config, Action::Drain { params, dry_run: a.dry_run }, a.common.output));
         }
         StepCommand::Undrain(a) => (&a.common, Action::Undrain { dry_run: a.dry_run }),
@@ -514,8 +503,7 @@ async fn dispatch(command: Command) -> Result<String, Failure> {
 async fn freeze_hold(a: &FreezeArgs) -> Result<String, Failure> {
     use tokio::signal::unix::{SignalKind, signal};
     let config = a.common.load()?;
-    let params =
-        freeze::FreezeParams { mounts: a.mounts.clone(), deadline: a.deadline.map(Into::into).unwrap_or(config.freeze.deadline) };
+    let params = freeze::FreezeParams { mounts: a.mounts.clone(), deadline: a.deadline.map(Into::into).unwrap_or(config.freeze.deadline) };
     let signals = |e: std::io::Error| Failure::new(ErrorKind::Failed, format!("cannot install signal handlers: {e}"));
     let mut term = signal(SignalKind::terminate()).map_err(signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(signals)?;
@@ -586,7 +574,8 @@ mod tests {
             actions: vec!["check node n-1".into()],
             warnings: vec![],
         };
-        let e = StepError::Reported { kind: ErrorKind::Refused, message: "refused".into(), report: Box::new(crate::steps::Report::Undrain(r)) };
+        let e =
+            StepError::Reported { kind: ErrorKind::Refused, message: "refused".into(), report: Box::new(crate::steps::Report::Undrain(r)) };
         let f = step_failure(&e, OutputFormat::Json);
         assert_eq!((f.code, f.message.as_str()), (EXIT_REFUSED, "refused"));
         let v: serde_json::Value = serde_json::from_str(f.stdout.as_deref().expect("stdout")).expect("json");

@@ -138,11 +138,7 @@ fn rewrite(r: &rewrite::RewriteReport) -> String {
         s,
         "Rewrite addresses under {} ({layout} layout){}",
         r.root.display(),
-        if r.dry_run {
-            ", dry run: nothing is written"
-        } else {
-            ""
-        }
+        if r.dry_run { ", dry run: nothing is written" } else { "" }
     );
     for c in &r.private {
         let _ = writeln!(s, "  private {} -> {}", c.old, c.new);
@@ -154,13 +150,7 @@ fn rewrite(r: &rewrite::RewriteReport) -> String {
         if f.changed_lines == 0 {
             let _ = writeln!(s, "{}: already up to date", f.path.display());
         } else if r.dry_run {
-            let _ = writeln!(
-                s,
-                "{}: would change {} line(s) ({} address(es))",
-                f.path.display(),
-                f.changed_lines,
-                f.replacements
-            );
+            let _ = writeln!(s, "{}: would change {} line(s) ({} address(es))", f.path.display(), f.changed_lines, f.replacements);
         } else {
             let _ = writeln!(
                 s,
@@ -168,10 +158,7 @@ fn rewrite(r: &rewrite::RewriteReport) -> String {
                 f.path.display(),
                 f.changed_lines,
                 f.replacements,
-                f.backup
-                    .as_ref()
-                    .map(|b| b.display().to_string())
-                    .unwrap_or_else(|| "none".into())
+                f.backup.as_ref().map(|b| b.display().to_string()).unwrap_or_else(|| "none".into())
             );
         }
     }

@@ -100,10 +100,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
-        {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             let v = (bytes[i + 1] - b'0') as u32 * 64 + (bytes[i + 2] - b'0') as u32 * 8 + (bytes[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
@@ -163,9 +160,7 @@ pub fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<C
     if requested.is_empty() {
         return Err(FreezeError::Input("no mount to freeze: give --mount PATH or set freeze.mounts".to_owned()));
     }
-    let root_dev = std::fs::metadata("/")
-        .map_err(|source| FreezeError::Io { what: "cannot stat /".to_owned(), source })?
-        .dev();
+    let root_dev = std::fs::metadata("/").map_err(|source| FreezeError::Io { what: "cannot stat /".to_owned(), source })?.dev();
     let (journal_at, journal_dev) = dev_of_nearest(policy.state_dir)?;
     let mut out: Vec<CheckedMount> = Vec::new();
     let mut warnings = Vec::new();
@@ -188,7 +183,11 @@ pub fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<C
         }
         if meta.dev() == journal_dev {
             if !policy.allow_journal_fs {
-                return Err(FreezeError::JournalFsRefused { path: path.clone(), state_dir: policy.state_dir.to_owned(), at: journal_at.clone() });
+                return Err(FreezeError::JournalFsRefused {
+                    path: path.clone(),
+                    state_dir: policy.state_dir.to_owned(),
+                    at: journal_at.clone(),
+                });
             }
             warnings.push(format!(
                 "{} holds the agent's journal ({}) (freeze.allow_journal_fs is set)",
@@ -202,11 +201,7 @@ pub fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<C
             return Err(FreezeError::NotAMountPoint { path: path.clone() });
         };
         if let Some(prev) = out.iter().find(|m| m.dev == meta.dev()) {
-            warnings.push(format!(
-                "{} is the same file system as {}: frozen once",
-                path.display(),
-                prev.path.display()
-            ));
+            warnings.push(format!("{} is the same file system as {}: frozen once", path.display(), prev.path.display()));
             continue;
         }
         out.push(CheckedMount { path: canonical, fs_type: entry.fs_type.clone(), source: entry.source.clone(), dev: meta.dev() });

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
+use crate::steps::ErrorKind;
 
 /// `auto` (default): run the watchdog through `systemd-run --scope` when the
 /// agent runs under systemd (INVOCATION_ID set, /run/systemd/system exists,
@@ -234,9 +234,10 @@ fn load_records(config: &Config, dry_run: bool, warnings: &mut Vec<String>) -> V
         if path.extension().and_then(|x| x.to_str()) != Some("json") {
             continue;
         }
-        match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| {
-            serde_json::from_str::<FreezeRecord>(&t).map_err(|e| e.to_string())
-        }) {
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<FreezeRecord>(&t).map_err(|e| e.to_string()))
+        {
             Ok(r) => {
                 let written = r.identity.clone().or_else(|| assumed.clone());
                 match written {
@@ -376,14 +377,13 @@ async fn spawn_watchdog(
     detached: bool,
 ) -> Result<(Spawned, PathBuf), FreezeError> {
     let dir = freeze_dir(config);
-    std::fs::create_dir_all(&dir)
-        .map_err(|source| FreezeError::Io { what: format!("cannot create {}", dir.display()), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| FreezeError::Io { what: format!("cannot create {}", dir.display()), source })?;
     let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     let id = format!("{}-{}", unix_ms(), std::process::id());
     let record = dir.join(format!("{id}.json"));
     let socket = dir.join(format!("{id}.sock"));
-    let exe = std::env::current_exe()
-        .map_err(|source| FreezeError::Io { what: "cannot find the dr-agent executable".to_owned(), source })?;
+    let exe =
+        std::env::current_exe().map_err(|source| FreezeError::Io { what: "cannot find the dr-agent executable".to_owned(), source })?;
     let mut args: Vec<std::ffi::OsString> = vec!["freeze-watchdog".into(), "--id".into(), id.clone().into()];
     for m in mounts {
         args.push("--mount".into());
@@ -430,10 +430,8 @@ async fn spawn_watchdog(
         unsafe {
             cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
         }
-        let mut child = cmd.spawn().map_err(|source| FreezeError::Io {
-            what: format!("cannot start the watchdog {}", exe.display()),
-            source,
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|source| FreezeError::Io { what: format!("cannot start the watchdog {}", exe.display()), source })?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
@@ -513,7 +511,11 @@ fn guard(pid: u32, mounts: Vec<PathBuf>, socket: PathBuf, record: PathBuf, deadl
             }
             let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
             let _ = std::fs::remove_file(&socket);
-            tracing::error!(watchdog_pid = pid, ?outcomes, "the freeze watchdog did not lift the freeze at its deadline and does not answer: thawed by the agent, watchdog killed");
+            tracing::error!(
+                watchdog_pid = pid,
+                ?outcomes,
+                "the freeze watchdog did not lift the freeze at its deadline and does not answer: thawed by the agent, watchdog killed"
+            );
             rec.state = "thawed".to_owned();
             rec.thawed = Some(WatchdogThawed {
                 reason: format!("the watchdog (pid {pid}) was stuck past its deadline: thawed by the agent, watchdog killed"),
@@ -635,10 +637,7 @@ pub async fn thaw(handle: FreezeHandle) -> Result<ThawReport, FreezeError> {
     let thawed = match answer {
         Some(t) => t,
         None => {
-            warnings.push(format!(
-                "the watchdog (pid {:?}) did not answer: thawed directly",
-                report.watchdog_pid
-            ));
+            warnings.push(format!("the watchdog (pid {:?}) did not answer: thawed directly", report.watchdog_pid));
             let mut mounts = Vec::new();
             for m in &report.mounts {
                 let outcome = match fs::thaw_path(m) {
@@ -702,7 +701,15 @@ pub async fn run(config: &Config, params: &FreezeParams, dry_run: bool) -> Resul
             dry_run: true,
             actions: mounts
                 .iter()
-                .map(|m| format!("freeze {} ({} on {}) for at most {}", m.path.display(), m.fs_type, m.source, humantime::format_duration(params.deadline)))
+                .map(|m| {
+                    format!(
+                        "freeze {} ({} on {}) for at most {}",
+                        m.path.display(),
+                        m.fs_type,
+                        m.source,
+                        humantime::format_duration(params.deadline)
+                    )
+                })
                 .collect(),
             warnings,
         });
@@ -718,8 +725,8 @@ pub async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Re
     let requested = if params.mounts.is_empty() { config.freeze.mounts.clone() } else { params.mounts.clone() };
     let mut targets: Vec<PathBuf> = Vec::new();
     for m in &requested {
-        let c = std::fs::canonicalize(m)
-            .map_err(|source| FreezeError::Io { what: format!("cannot resolve mount {}", m.display()), source })?;
+        let c =
+            std::fs::canonicalize(m).map_err(|source| FreezeError::Io { what: format!("cannot resolve mount {}", m.display()), source })?;
         targets.push(c);
     }
     let all = targets.is_empty();

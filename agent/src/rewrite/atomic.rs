@@ -20,11 +20,7 @@ pub const TMP_MARK: &str = ".dr-tmp-";
 pub const BACKUP_MARK: &str = ".dr-backup-";
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RewriteError + 'a {
-    move |source| RewriteError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| RewriteError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// An exclusive `flock` on a directory, held while files in it are
@@ -42,9 +38,7 @@ impl DirLock {
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(RewriteError::Busy {
-                    dir: dir.to_path_buf(),
-                });
+                return Err(RewriteError::Busy { dir: dir.to_path_buf() });
             }
             return Err(io("lock directory", dir)(e));
         }
@@ -59,11 +53,7 @@ pub fn stray_temps(file: &Path) -> Result<Vec<PathBuf>, RewriteError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io("list directory", dir))? {
         let entry = entry.map_err(io("list directory", dir))?;
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(&prefix))
-        {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
             out.push(entry.path());
         }
     }
@@ -79,26 +69,16 @@ fn parent(file: &Path) -> &Path {
 }
 
 fn name(file: &Path) -> String {
-    file.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<(), RewriteError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))
 }
 
 /// Writes `bytes` to a fresh temporary file beside `file` with the given
 /// owner and mode, fsynced. The caller renames or links it.
-fn write_temp(
-    file: &Path,
-    bytes: &[u8],
-    uid: u32,
-    gid: u32,
-    mode: u32,
-) -> Result<PathBuf, RewriteError> {
+fn write_temp(file: &Path, bytes: &[u8], uid: u32, gid: u32, mode: u32) -> Result<PathBuf, RewriteError> {
     let tmp = parent(file).join(format!("{}{TMP_MARK}{}", name(file), std::process::id()));
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -112,13 +92,10 @@ fn write_temp(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io("create temporary file", &tmp))?;
-    f.write_all(bytes)
-        .map_err(io("write temporary file", &tmp))?;
+    f.write_all(bytes).map_err(io("write temporary file", &tmp))?;
     // Owner first: chown may clear set-id bits, chmod then sets them.
-    std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
-        .map_err(io("chown temporary file", &tmp))?;
-    f.set_permissions(Permissions::from_mode(mode))
-        .map_err(io("chmod temporary file", &tmp))?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io("chown temporary file", &tmp))?;
+    f.set_permissions(Permissions::from_mode(mode)).map_err(io("chmod temporary file", &tmp))?;
     f.sync_all().map_err(io("fsync temporary file", &tmp))?;
     Ok(tmp)
 }
@@ -127,23 +104,14 @@ fn write_temp(
 /// overwriting an existing backup: one with the same name and the same
 /// content is reused, otherwise `.1`, `.2`... are tried. The backup appears
 /// complete or not at all (written to a temporary file, then linked).
-pub fn backup(
-    file: &Path,
-    old: &[u8],
-    meta: &std::fs::Metadata,
-    now: SystemTime,
-) -> Result<PathBuf, RewriteError> {
+pub fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime) -> Result<PathBuf, RewriteError> {
     let stamp = utc_stamp(now);
     let base = format!("{}{BACKUP_MARK}{stamp}", name(file));
     let mode = meta.mode() & 0o7777;
     let tmp = write_temp(file, old, meta.uid(), meta.gid(), mode)?;
     let mut result = None;
     for n in 0..1000 {
-        let candidate = parent(file).join(if n == 0 {
-            base.clone()
-        } else {
-            format!("{base}.{n}")
-        });
+        let candidate = parent(file).join(if n == 0 { base.clone() } else { format!("{base}.{n}") });
         match std::fs::hard_link(&tmp, &candidate) {
             Ok(()) => {
                 result = Some(candidate);
@@ -203,10 +171,7 @@ mod tests {
         // Same second, same content: reused. Different content: a new name.
         assert_eq!(backup(&f, b"A=1\n", &meta, now).expect("backup"), b1);
         let b2 = backup(&f, b"A=2\n", &meta, now).expect("backup");
-        assert_eq!(
-            b2,
-            dir.path().join("replicated.dr-backup-20231114T221320Z.1")
-        );
+        assert_eq!(b2, dir.path().join("replicated.dr-backup-20231114T221320Z.1"));
         assert_eq!(std::fs::read(&b1).expect("read"), b"A=1\n");
         replace(&f, b"A=3\n", &meta).expect("replace");
         assert_eq!(std::fs::read(&f).expect("read"), b"A=3\n");
@@ -218,10 +183,7 @@ mod tests {
     fn the_lock_is_exclusive() {
         let dir = tempfile::tempdir().expect("tempdir");
         let held = DirLock::acquire(dir.path()).expect("lock");
-        assert!(matches!(
-            DirLock::acquire(dir.path()),
-            Err(RewriteError::Busy { .. })
-        ));
+        assert!(matches!(DirLock::acquire(dir.path()), Err(RewriteError::Busy { .. })));
         drop(held);
         DirLock::acquire(dir.path()).expect("lock again");
     }

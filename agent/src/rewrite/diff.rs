@@ -11,9 +11,7 @@ const CONTEXT: usize = 3;
 /// `lines`: (old, new) pairs, each with its line ending (`"\n"`, or nothing
 /// for a last line without one).
 pub fn unified(old_name: &str, new_name: &str, lines: &[(&str, &str)]) -> String {
-    let changed: Vec<usize> = (0..lines.len())
-        .filter(|i| lines[*i].0 != lines[*i].1)
-        .collect();
+    let changed: Vec<usize> = (0..lines.len()).filter(|i| lines[*i].0 != lines[*i].1).collect();
     if changed.is_empty() {
         return String::new();
     }
@@ -32,17 +30,9 @@ pub fn unified(old_name: &str, new_name: &str, lines: &[(&str, &str)]) -> String
         let end = (last + 1 + CONTEXT).min(lines.len());
         let len = end - start;
         let range = |s: usize, l: usize| {
-            if l == 1 {
-                format!("{}", s + 1)
-            } else {
-                format!("{},{}", s + 1, l)
-            }
+            if l == 1 { format!("{}", s + 1) } else { format!("{},{}", s + 1, l) }
         };
-        out.push_str(&format!(
-            "@@ -{} +{} @@\n",
-            range(start, len),
-            range(start, len)
-        ));
+        out.push_str(&format!("@@ -{} +{} @@\n", range(start, len), range(start, len)));
         let mut i = start;
         while i < end {
             if lines[i].0 == lines[i].1 {
@@ -99,43 +89,23 @@ mod tests {
     #[test]
     fn hunks_and_context() {
         let old: String = (1..=20).map(|i| format!("l{i}\n")).collect();
-        let new = old
-            .replace("l2\n", "L2\n")
-            .replace("l9\n", "L9\n")
-            .replace("l18\n", "L18\n")
-            .replace("l19\n", "L19\n");
+        let new = old.replace("l2\n", "L2\n").replace("l9\n", "L9\n").replace("l18\n", "L18\n").replace("l19\n", "L19\n");
         let d = unified("a/f", "b/f", &pairs(&old, &new));
         let expected = "--- a/f\n+++ b/f\n@@ -1,12 +1,12 @@\n l1\n-l2\n+L2\n l3\n l4\n l5\n l6\n l7\n l8\n-l9\n+L9\n l10\n l11\n l12\n@@ -15,6 +15,6 @@\n l15\n l16\n l17\n-l18\n-l19\n+L18\n+L19\n l20\n";
         assert_eq!(d, expected);
         // Seven unchanged lines between changes: two hunks (what diff -u does).
         let new2 = old.replace("l2\n", "L2\n").replace("l10\n", "L10\n");
-        assert_eq!(
-            unified("a", "b", &pairs(&old, &new2))
-                .matches("@@ -")
-                .count(),
-            2
-        );
+        assert_eq!(unified("a", "b", &pairs(&old, &new2)).matches("@@ -").count(), 2);
         let new3 = old.replace("l2\n", "L2\n").replace("l9\n", "L9\n");
-        assert_eq!(
-            unified("a", "b", &pairs(&old, &new3))
-                .matches("@@ -")
-                .count(),
-            1
-        );
+        assert_eq!(unified("a", "b", &pairs(&old, &new3)).matches("@@ -").count(), 1);
     }
 
     #[test]
     fn last_line_without_newline() {
         let d = unified("a", "b", &pairs("x\ny", "x\nz"));
-        assert_eq!(
-            d,
-            "--- a\n+++ b\n@@ -1,2 +1,2 @@\n x\n-y\n\\ No newline at end of file\n+z\n\\ No newline at end of file\n"
-        );
+        assert_eq!(d, "--- a\n+++ b\n@@ -1,2 +1,2 @@\n x\n-y\n\\ No newline at end of file\n+z\n\\ No newline at end of file\n");
         let d = unified("a", "b", &pairs("y\nx", "z\nx"));
-        assert_eq!(
-            d,
-            "--- a\n+++ b\n@@ -1,2 +1,2 @@\n-y\n+z\n x\n\\ No newline at end of file\n"
-        );
+        assert_eq!(d, "--- a\n+++ b\n@@ -1,2 +1,2 @@\n-y\n+z\n x\n\\ No newline at end of file\n");
         let d = unified("a", "b", &pairs("y\n", "z\n"));
         assert_eq!(d, "--- a\n+++ b\n@@ -1 +1 @@\n-y\n+z\n");
     }

@@ -68,16 +68,8 @@ pub fn parse(text: &str) -> Result<Vec<Line<'_>>, LineError> {
         } else {
             (chunk, "")
         };
-        let kind = parse_line(body).map_err(|message| LineError {
-            line: number,
-            message,
-        })?;
-        lines.push(Line {
-            number,
-            text: body,
-            ending,
-            kind,
-        });
+        let kind = parse_line(body).map_err(|message| LineError { line: number, message })?;
+        lines.push(Line { number, text: body, ending, kind });
     }
     Ok(lines)
 }
@@ -106,10 +98,7 @@ fn parse_line(text: &str) -> Result<LineKind, String> {
             text[..col].chars().count() + 1
         ));
     }
-    let start = bytes
-        .iter()
-        .position(|b| *b != b' ' && *b != b'\t')
-        .unwrap_or(bytes.len());
+    let start = bytes.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(bytes.len());
     if start == bytes.len() {
         return Ok(LineKind::Blank);
     }
@@ -120,10 +109,7 @@ fn parse_line(text: &str) -> Result<LineKind, String> {
         return Err("no '=' in the line (expected KEY=value, a comment or a blank line)".into());
     }
     if !is_key_start(bytes[start]) {
-        return Err(
-            "expected KEY=value, a comment or a blank line (a key starts with a letter or '_')"
-                .into(),
-        );
+        return Err("expected KEY=value, a comment or a blank line (a key starts with a letter or '_')".into());
     }
     let mut i = start;
     while i < bytes.len() && is_key_char(bytes[i]) {
@@ -134,10 +120,7 @@ fn parse_line(text: &str) -> Result<LineKind, String> {
         if &text[key.clone()] == "export" {
             return Err("`export KEY=value` is not supported (systemd does not read it)".into());
         }
-        return Err(format!(
-            "expected '=' right after the key `{}` (characters allowed in a key: A-Z a-z 0-9 _)",
-            &text[key]
-        ));
+        return Err(format!("expected '=' right after the key `{}` (characters allowed in a key: A-Z a-z 0-9 _)", &text[key]));
     }
     let vstart = i + 1;
     let mut vend = bytes.len();
@@ -146,10 +129,7 @@ fn parse_line(text: &str) -> Result<LineKind, String> {
     }
     let value = &bytes[vstart..vend];
     check_value(value)?;
-    Ok(LineKind::Assign {
-        key,
-        value: vstart..vend,
-    })
+    Ok(LineKind::Assign { key, value: vstart..vend })
 }
 
 fn check_value(v: &[u8]) -> Result<(), String> {
@@ -165,10 +145,7 @@ fn check_value(v: &[u8]) -> Result<(), String> {
                 }
             }
             if i >= v.len() {
-                return Err(
-                    "unbalanced double quote (a value must close its quote on the same line)"
-                        .into(),
-                );
+                return Err("unbalanced double quote (a value must close its quote on the same line)".into());
             }
             if i + 1 != v.len() {
                 return Err("text after the closing double quote".into());
@@ -176,17 +153,12 @@ fn check_value(v: &[u8]) -> Result<(), String> {
             Ok(())
         }
         Some(b'\'') => match v[1..].iter().position(|b| *b == b'\'') {
-            None => Err(
-                "unbalanced single quote (a value must close its quote on the same line)".into(),
-            ),
+            None => Err("unbalanced single quote (a value must close its quote on the same line)".into()),
             Some(p) if p + 2 != v.len() => Err("text after the closing single quote".into()),
             Some(_) => Ok(()),
         },
         Some(_) => {
-            if let Some(b) = v
-                .iter()
-                .find(|b| matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'\\'))
-            {
+            if let Some(b) = v.iter().find(|b| matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'\\')) {
                 return Err(match b {
                     b'"' | b'\'' => "unbalanced quote inside an unquoted value".into(),
                     b'\\' => "backslash in an unquoted value (escape or line continuation) is not supported".into(),
@@ -294,10 +266,7 @@ pub fn find_ips(s: &str, skip: &[Range<usize>]) -> Vec<Token> {
             && after_ok(end)
             && let Ok(a) = run.parse::<std::net::Ipv6Addr>()
         {
-            out.push(Token {
-                range: i..end,
-                addr: IpAddr::V6(a),
-            });
+            out.push(Token { range: i..end, addr: IpAddr::V6(a) });
             i = end;
             continue;
         }
@@ -311,10 +280,7 @@ pub fn find_ips(s: &str, skip: &[Range<usize>]) -> Vec<Token> {
             && let Ok(a) = s[i..end].parse::<std::net::Ipv4Addr>()
             && a.to_string() == s[i..end]
         {
-            out.push(Token {
-                range: i..end,
-                addr: IpAddr::V4(a),
-            });
+            out.push(Token { range: i..end, addr: IpAddr::V4(a) });
             i = end;
             continue;
         }
@@ -387,20 +353,14 @@ mod tests {
         assert_eq!(lines[3].key(), Some("PRIVATE_ADDRESS"));
         assert_eq!(lines[3].raw_value(), Some("10.128.0.11"));
         assert_eq!(lines[4].key(), Some("INDENTED"));
-        assert_eq!(
-            unquote(lines[5].raw_value().expect("value")),
-            " -e DAEMON_TOKEN=abc123 -e NODENAME=ip-10-128-0-11.ec2.internal"
-        );
+        assert_eq!(unquote(lines[5].raw_value().expect("value")), " -e DAEMON_TOKEN=abc123 -e NODENAME=ip-10-128-0-11.ec2.internal");
         assert_eq!(lines[6].raw_value(), Some("\"\""));
         assert_eq!(lines[7].raw_value(), Some(""));
         assert_eq!(unquote(lines[8].raw_value().expect("value")), "a b");
         assert_eq!(unquote(lines[9].raw_value().expect("value")), "a \" b");
         assert_eq!(lines[10].ending, "");
         assert_eq!(lines[9].ending, "\n");
-        let rebuilt: String = lines
-            .iter()
-            .map(|l| format!("{}{}", l.text, l.ending))
-            .collect();
+        let rebuilt: String = lines.iter().map(|l| format!("{}{}", l.text, l.ending)).collect();
         assert_eq!(rebuilt, text);
     }
 
@@ -450,20 +410,14 @@ mod tests {
         ] {
             assert_eq!(rw(untouched, &pairs), untouched);
         }
-        assert_eq!(
-            rw("10.0.0.5,10.0.0.50,110.0.0.5,10.0.0.5", &pairs),
-            "10.1.1.9,10.0.0.50,110.0.0.5,10.1.1.9"
-        );
+        assert_eq!(rw("10.0.0.5,10.0.0.50,110.0.0.5,10.0.0.5", &pairs), "10.1.1.9,10.0.0.50,110.0.0.5,10.1.1.9");
         assert_eq!(rw("[10.0.0.5]:9879", &pairs), "[10.1.1.9]:9879");
         assert_eq!(rw("[10.0.0.5]", &pairs), "[10.1.1.9]");
         assert_eq!(rw("10.0.0.5:9879", &pairs), "10.1.1.9:9879");
         assert_eq!(rw("http://10.0.0.5:80/x", &pairs), "http://10.1.1.9:80/x");
         assert_eq!(rw("10.0.0.5/32", &pairs), "10.1.1.9/32");
         assert_eq!(
-            rw(
-                "\" -e NO_PROXY=localhost,127.0.0.1,10.0.0.5,10.0.0.50 -e X=y\"",
-                &pairs
-            ),
+            rw("\" -e NO_PROXY=localhost,127.0.0.1,10.0.0.5,10.0.0.50 -e X=y\"", &pairs),
             "\" -e NO_PROXY=localhost,127.0.0.1,10.1.1.9,10.0.0.50 -e X=y\""
         );
     }
@@ -473,10 +427,7 @@ mod tests {
         let pairs = [("10.0.0.5", "10.0.0.6"), ("10.0.0.6", "10.0.0.5")];
         assert_eq!(rw("10.0.0.5 10.0.0.6", &pairs), "10.0.0.6 10.0.0.5");
         let opts = "\" -e NODENAME=10.0.0.5 -e PUBLIC_ADDRESS=10.0.0.5 -e XNODENAME=10.0.0.5\"";
-        assert_eq!(
-            rw(opts, &[("10.0.0.5", "10.0.0.9")]),
-            "\" -e NODENAME=10.0.0.5 -e PUBLIC_ADDRESS=10.0.0.9 -e XNODENAME=10.0.0.9\""
-        );
+        assert_eq!(rw(opts, &[("10.0.0.5", "10.0.0.9")]), "\" -e NODENAME=10.0.0.5 -e PUBLIC_ADDRESS=10.0.0.9 -e XNODENAME=10.0.0.9\"");
     }
 
     #[test]
@@ -496,14 +447,8 @@ mod tests {
         assert!(hostname_encodes("ip-10-0-0-5.ec2.internal", ip("10.0.0.5")));
         assert!(hostname_encodes("ip-10-0-0-5", ip("10.0.0.5")));
         assert!(hostname_encodes("10.0.0.5", ip("10.0.0.5")));
-        assert!(!hostname_encodes(
-            "ip-10-0-0-50.ec2.internal",
-            ip("10.0.0.5")
-        ));
-        assert!(!hostname_encodes(
-            "ip-110-0-0-5.ec2.internal",
-            ip("10.0.0.5")
-        ));
+        assert!(!hostname_encodes("ip-10-0-0-50.ec2.internal", ip("10.0.0.5")));
+        assert!(!hostname_encodes("ip-110-0-0-5.ec2.internal", ip("10.0.0.5")));
         assert!(!hostname_encodes("ci.example.com", ip("10.0.0.5")));
     }
 }

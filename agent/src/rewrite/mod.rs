@@ -26,46 +26,25 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::steps::ErrorKind;
 use crate::config::Config;
+use crate::steps::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
     #[error("{flag} {value:?}: {message}")]
-    BadChange {
-        flag: String,
-        value: String,
-        message: String,
-    },
+    BadChange { flag: String, value: String, message: String },
     #[error("nothing to rewrite: give at least one --private OLD=NEW or --public OLD=NEW")]
     NothingRequested,
     #[error("{old} is rewritten to {first} and to {second}: give one new address per old address")]
-    Conflict {
-        old: IpAddr,
-        first: IpAddr,
-        second: IpAddr,
-    },
+    Conflict { old: IpAddr, first: IpAddr, second: IpAddr },
     #[error("no Replicated environment file under {root}: looked for {rhel} and {debian}")]
-    NoFiles {
-        root: PathBuf,
-        rhel: PathBuf,
-        debian: PathBuf,
-    },
+    NoFiles { root: PathBuf, rhel: PathBuf, debian: PathBuf },
     #[error("{path}:{line}: {message}; nothing was written")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Parse { path: PathBuf, line: usize, message: String },
     #[error("{path}:{line}: not valid UTF-8; nothing was written")]
     NotUtf8 { path: PathBuf, line: usize },
     #[error("{path}:{line}: {key} {value:?} is not an IP address")]
-    BadAddress {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        value: String,
-    },
+    BadAddress { path: PathBuf, line: usize, key: String, value: String },
     #[error("{path} is not a regular file (symlink or other); refusing to replace it")]
     NotRegular { path: PathBuf },
     #[error("another rewrite is running (it holds the lock on {dir})")]
@@ -73,11 +52,7 @@ pub enum RewriteError {
     #[error("{path} changed while it was being rewritten; run the step again")]
     Changed { path: PathBuf },
     #[error("cannot {op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -93,9 +68,7 @@ impl RewriteError {
             | RewriteError::NotUtf8 { .. }
             | RewriteError::BadAddress { .. } => ErrorKind::Invalid,
             RewriteError::NotRegular { .. } | RewriteError::Busy { .. } => ErrorKind::Refused,
-            RewriteError::Changed { .. } | RewriteError::Io { .. } | RewriteError::Internal(_) => {
-                ErrorKind::Failed
-            }
+            RewriteError::Changed { .. } | RewriteError::Io { .. } | RewriteError::Internal(_) => ErrorKind::Failed,
         }
     }
 }
@@ -130,11 +103,7 @@ pub fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
     } else if debian.symlink_metadata().is_ok() {
         Ok(Layout::Debian)
     } else {
-        Err(RewriteError::NoFiles {
-            root: root.to_path_buf(),
-            rhel,
-            debian,
-        })
+        Err(RewriteError::NoFiles { root: root.to_path_buf(), rhel, debian })
     }
 }
 
@@ -148,27 +117,14 @@ pub struct AddressChange {
 impl AddressChange {
     /// Parses `OLD=NEW` (IPv6 may be bracketed); errors name `flag`.
     pub fn parse(flag: &str, value: &str) -> Result<AddressChange, RewriteError> {
-        let bad = |message: String| RewriteError::BadChange {
-            flag: flag.to_owned(),
-            value: value.to_owned(),
-            message,
-        };
-        let (old, new) = value
-            .split_once('=')
-            .ok_or_else(|| bad("expected OLD=NEW".into()))?;
+        let bad = |message: String| RewriteError::BadChange { flag: flag.to_owned(), value: value.to_owned(), message };
+        let (old, new) = value.split_once('=').ok_or_else(|| bad("expected OLD=NEW".into()))?;
         let ip = |s: &str, which: &str| {
             let t = s.trim();
-            let t = t
-                .strip_prefix('[')
-                .and_then(|t| t.strip_suffix(']'))
-                .unwrap_or(t);
-            t.parse::<IpAddr>()
-                .map_err(|_| bad(format!("{which} {s:?} is not an IP address")))
+            let t = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(t);
+            t.parse::<IpAddr>().map_err(|_| bad(format!("{which} {s:?} is not an IP address")))
         };
-        let change = AddressChange {
-            old: ip(old, "OLD")?,
-            new: ip(new, "NEW")?,
-        };
+        let change = AddressChange { old: ip(old, "OLD")?, new: ip(new, "NEW")? };
         if change.old.is_ipv4() != change.new.is_ipv4() {
             return Err(bad("OLD and NEW must both be IPv4 or both IPv6".into()));
         }
@@ -185,18 +141,9 @@ pub struct RewriteParams {
 
 impl RewriteParams {
     /// From the CLI's `--private` / `--public` values.
-    pub fn from_flags(
-        private: &[String],
-        public: &[String],
-    ) -> Result<RewriteParams, RewriteError> {
-        let private = private
-            .iter()
-            .map(|v| AddressChange::parse("--private", v))
-            .collect::<Result<_, _>>()?;
-        let public = public
-            .iter()
-            .map(|v| AddressChange::parse("--public", v))
-            .collect::<Result<_, _>>()?;
+    pub fn from_flags(private: &[String], public: &[String]) -> Result<RewriteParams, RewriteError> {
+        let private = private.iter().map(|v| AddressChange::parse("--private", v)).collect::<Result<_, _>>()?;
+        let public = public.iter().map(|v| AddressChange::parse("--public", v)).collect::<Result<_, _>>()?;
         let p = RewriteParams { private, public };
         p.validate()?;
         Ok(p)
@@ -207,12 +154,8 @@ impl RewriteParams {
         if self.private.is_empty() && self.public.is_empty() {
             return Err(RewriteError::NothingRequested);
         }
-        let all: Vec<(&str, &AddressChange)> = self
-            .private
-            .iter()
-            .map(|c| ("--private", c))
-            .chain(self.public.iter().map(|c| ("--public", c)))
-            .collect();
+        let all: Vec<(&str, &AddressChange)> =
+            self.private.iter().map(|c| ("--private", c)).chain(self.public.iter().map(|c| ("--public", c))).collect();
         for (i, (flag, c)) in all.iter().enumerate() {
             if c.old.is_ipv4() != c.new.is_ipv4() {
                 return Err(RewriteError::BadChange {
@@ -221,15 +164,8 @@ impl RewriteParams {
                     message: "OLD and NEW must both be IPv4 or both IPv6".into(),
                 });
             }
-            if let Some((_, d)) = all[..i]
-                .iter()
-                .find(|(_, d)| d.old == c.old && d.new != c.new)
-            {
-                return Err(RewriteError::Conflict {
-                    old: c.old,
-                    first: d.new,
-                    second: c.new,
-                });
+            if let Some((_, d)) = all[..i].iter().find(|(_, d)| d.old == c.old && d.new != c.new) {
+                return Err(RewriteError::Conflict { old: c.old, first: d.new, second: c.new });
             }
         }
         Ok(())
@@ -238,11 +174,7 @@ impl RewriteParams {
     /// (kind, change) for every change that moves an address.
     fn effective(&self) -> Vec<(&'static str, AddressChange)> {
         let mut out: Vec<(&'static str, AddressChange)> = Vec::new();
-        let all = self
-            .private
-            .iter()
-            .map(|c| ("private", *c))
-            .chain(self.public.iter().map(|c| ("public", *c)));
+        let all = self.private.iter().map(|c| ("private", *c)).chain(self.public.iter().map(|c| ("public", *c)));
         for (kind, c) in all {
             if c.old != c.new && !out.iter().any(|(_, d)| d.old == c.old) {
                 out.push((kind, c));
@@ -311,20 +243,12 @@ impl Loaded {
     fn text(&self) -> Result<&str, RewriteError> {
         std::str::from_utf8(&self.bytes).map_err(|e| RewriteError::NotUtf8 {
             path: self.path.clone(),
-            line: self.bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                + 1,
+            line: self.bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1,
         })
     }
 
     fn lines(&self) -> Result<Vec<envfile::Line<'_>>, RewriteError> {
-        envfile::parse(self.text()?).map_err(|e| RewriteError::Parse {
-            path: self.path.clone(),
-            line: e.line,
-            message: e.message,
-        })
+        envfile::parse(self.text()?).map_err(|e| RewriteError::Parse { path: self.path.clone(), line: e.line, message: e.message })
     }
 }
 
@@ -350,34 +274,18 @@ fn load(root: &Path, warnings: &mut Vec<String>) -> Result<(Layout, Vec<Loaded>)
         let meta = match path.symlink_metadata() {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                warnings.push(format!(
-                    "{} is missing; only the other file was read",
-                    path.display()
-                ));
+                warnings.push(format!("{} is missing; only the other file was read", path.display()));
                 continue;
             }
             Err(source) => {
-                return Err(RewriteError::Io {
-                    op: "stat",
-                    path,
-                    source,
-                });
+                return Err(RewriteError::Io { op: "stat", path, source });
             }
         };
         if !meta.file_type().is_file() {
             return Err(RewriteError::NotRegular { path });
         }
-        let bytes = std::fs::read(&path).map_err(|source| RewriteError::Io {
-            op: "read",
-            path: path.clone(),
-            source,
-        })?;
-        out.push(Loaded {
-            rel,
-            path,
-            bytes,
-            meta,
-        });
+        let bytes = std::fs::read(&path).map_err(|source| RewriteError::Io { op: "read", path: path.clone(), source })?;
+        out.push(Loaded { rel, path, bytes, meta });
     }
     Ok((layout, out))
 }
@@ -400,10 +308,7 @@ pub fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
             };
             let value = envfile::unquote(raw);
             let parse = |key: &str, v: &str| {
-                let t = v
-                    .strip_prefix('[')
-                    .and_then(|t| t.strip_suffix(']'))
-                    .unwrap_or(v);
+                let t = v.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(v);
                 t.parse::<IpAddr>().map_err(|_| RewriteError::BadAddress {
                     path: f.path.clone(),
                     line: line.number,
@@ -412,12 +317,8 @@ pub fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
                 })
             };
             match key {
-                "PRIVATE_ADDRESS" if !value.trim().is_empty() => {
-                    note(&mut private_all, parse(key, value.trim())?)
-                }
-                "PUBLIC_ADDRESS" if !value.trim().is_empty() => {
-                    note(&mut public_all, parse(key, value.trim())?)
-                }
+                "PRIVATE_ADDRESS" if !value.trim().is_empty() => note(&mut private_all, parse(key, value.trim())?),
+                "PUBLIC_ADDRESS" if !value.trim().is_empty() => note(&mut public_all, parse(key, value.trim())?),
                 _ => {}
             }
             for word in value.split_whitespace() {
@@ -429,13 +330,7 @@ pub fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
             }
         }
     }
-    Ok(FoundAddresses {
-        layout,
-        private: private_all.first().copied(),
-        public: public_all.first().copied(),
-        private_all,
-        public_all,
-    })
+    Ok(FoundAddresses { layout, private: private_all.first().copied(), public: public_all.first().copied(), private_all, public_all })
 }
 
 /// The rewrite of one file.
@@ -449,11 +344,7 @@ struct FilePlan {
 
 /// Computes the new content of every file; fails on the first bad line of
 /// any file. Pure: reads only.
-fn plan(
-    files: Vec<Loaded>,
-    changes: &[(&'static str, AddressChange)],
-    warnings: &mut Vec<String>,
-) -> Result<Vec<FilePlan>, RewriteError> {
+fn plan(files: Vec<Loaded>, changes: &[(&'static str, AddressChange)], warnings: &mut Vec<String>) -> Result<Vec<FilePlan>, RewriteError> {
     let map: Vec<(IpAddr, IpAddr)> = changes.iter().map(|(_, c)| (c.old, c.new)).collect();
     let mut seen: Vec<IpAddr> = Vec::new();
     let mut per_old = vec![0usize; changes.len()];
@@ -471,11 +362,7 @@ fn plan(
                 envfile::LineKind::Assign { key, value } => {
                     let raw = &line.text[value.clone()];
                     let whole_nodename = &line.text[key.clone()] == "NODENAME";
-                    let skip = if whole_nodename {
-                        std::iter::once(0..raw.len()).collect()
-                    } else {
-                        envfile::nodename_ranges(raw)
-                    };
+                    let skip = if whole_nodename { std::iter::once(0..raw.len()).collect() } else { envfile::nodename_ranges(raw) };
                     for t in envfile::find_ips(raw, &skip) {
                         seen.push(t.addr);
                         if let Some(i) = changes.iter().position(|(_, c)| c.old == t.addr) {
@@ -486,9 +373,7 @@ fn plan(
                     let hosts: Vec<String> = if whole_nodename {
                         vec![envfile::unquote(raw)]
                     } else {
-                        skip.iter()
-                            .map(|r| raw[r.start + "NODENAME=".len()..r.end].to_owned())
-                            .collect()
+                        skip.iter().map(|r| raw[r.start + "NODENAME=".len()..r.end].to_owned()).collect()
                     };
                     for host in hosts {
                         for (kind, c) in changes {
@@ -506,13 +391,7 @@ fn plan(
                     }
                     let (rewritten, n) = envfile::replace_ips(raw, &skip, &map);
                     replacements += n;
-                    format!(
-                        "{}{}{}{}",
-                        &line.text[..value.start],
-                        rewritten,
-                        &line.text[value.end..],
-                        line.ending
-                    )
+                    format!("{}{}{}{}", &line.text[..value.start], rewritten, &line.text[value.end..], line.ending)
                 }
                 _ => old_line.clone(),
             };
@@ -522,22 +401,9 @@ fn plan(
             new.push_str(&new_line);
             pairs.push((old_line, new_line));
         }
-        let refs: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        let diff = diff::unified(
-            &format!("a/{}", loaded.rel),
-            &format!("b/{}", loaded.rel),
-            &refs,
-        );
-        plans.push(FilePlan {
-            loaded,
-            new,
-            changed_lines,
-            replacements,
-            diff,
-        });
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let diff = diff::unified(&format!("a/{}", loaded.rel), &format!("b/{}", loaded.rel), &refs);
+        plans.push(FilePlan { loaded, new, changed_lines, replacements, diff });
     }
     for (i, (kind, c)) in changes.iter().enumerate() {
         if per_old[i] == 0 && !seen.contains(&c.new) {
@@ -551,11 +417,7 @@ fn plan(
 }
 
 /// Runs the step on the machine under `config.root`.
-pub async fn run(
-    config: &Config,
-    params: &RewriteParams,
-    dry_run: bool,
-) -> Result<RewriteReport, RewriteError> {
+pub async fn run(config: &Config, params: &RewriteParams, dry_run: bool) -> Result<RewriteReport, RewriteError> {
     let root = config.root.clone();
     let params = params.clone();
     tokio::task::spawn_blocking(move || execute(&root, &params, dry_run, SystemTime::now()))
@@ -564,22 +426,13 @@ pub async fn run(
 }
 
 /// The step, synchronously (`now` names the backups).
-pub fn execute(
-    root: &Path,
-    params: &RewriteParams,
-    dry_run: bool,
-    now: SystemTime,
-) -> Result<RewriteReport, RewriteError> {
+pub fn execute(root: &Path, params: &RewriteParams, dry_run: bool, now: SystemTime) -> Result<RewriteReport, RewriteError> {
     params.validate()?;
     let changes = params.effective();
     let mut warnings = Vec::new();
     let layout = detect_layout(root)?;
     let dir = root.join(layout.dir());
-    let _lock = if dry_run {
-        None
-    } else {
-        Some(atomic::DirLock::acquire(&dir)?)
-    };
+    let _lock = if dry_run { None } else { Some(atomic::DirLock::acquire(&dir)?) };
     let (layout, files) = load(root, &mut warnings)?;
     let plans = plan(files, &changes, &mut warnings)?;
 
@@ -614,11 +467,7 @@ pub fn execute(
         };
         if p.changed_lines > 0 && !dry_run {
             let path = &p.loaded.path;
-            let current = std::fs::read(path).map_err(|source| RewriteError::Io {
-                op: "read",
-                path: path.clone(),
-                source,
-            })?;
+            let current = std::fs::read(path).map_err(|source| RewriteError::Io { op: "read", path: path.clone(), source })?;
             if current != p.loaded.bytes {
                 return Err(RewriteError::Changed { path: path.clone() });
             }
@@ -640,10 +489,8 @@ pub fn execute(
 
     let mut actions = Vec::new();
     if !up_to_date {
-        actions.push(
-            "restart Replicated for the new addresses to take effect: systemctl restart replicated replicated-operator"
-                .to_owned(),
-        );
+        actions
+            .push("restart Replicated for the new addresses to take effect: systemctl restart replicated replicated-operator".to_owned());
     }
     for (kind, c) in &changes {
         match *kind {
@@ -653,10 +500,7 @@ pub fn execute(
                 fmt_host(c.old),
                 fmt_host(c.new)
             )),
-            _ => actions.push(format!(
-                "update DNS records and firewall rules that name the old public IP {} (now {})",
-                c.old, c.new
-            )),
+            _ => actions.push(format!("update DNS records and firewall rules that name the old public IP {} (now {})", c.old, c.new)),
         }
     }
 

@@ -13,11 +13,7 @@ fn machine(layout: Layout) -> tempfile::TempDir {
     if layout == Layout::Rhel {
         // A RHEL machine may also have /etc/default; sysconfig wins.
         std::fs::create_dir_all(dir.path().join("etc/default")).expect("mkdir");
-        std::fs::write(
-            dir.path().join("etc/default/replicated"),
-            "PRIVATE_ADDRESS=1.1.1.1\n",
-        )
-        .expect("write");
+        std::fs::write(dir.path().join("etc/default/replicated"), "PRIVATE_ADDRESS=1.1.1.1\n").expect("write");
     }
     std::fs::write(etc.join("replicated"), REPLICATED).expect("write");
     std::fs::write(etc.join("replicated-operator"), OPERATOR).expect("write");
@@ -25,8 +21,7 @@ fn machine(layout: Layout) -> tempfile::TempDir {
 }
 
 fn params() -> RewriteParams {
-    RewriteParams::from_flags(&["10.0.0.5=10.1.2.9".into()], &["54.1.2.3=3.3.3.3".into()])
-        .expect("params")
+    RewriteParams::from_flags(&["10.0.0.5=10.1.2.9".into()], &["54.1.2.3=3.3.3.3".into()]).expect("params")
 }
 
 fn now() -> SystemTime {
@@ -44,55 +39,27 @@ fn rewrites_both_layouts_and_is_idempotent() {
         let r = execute(m.path(), &params(), false, now()).expect("rewrite");
         assert_eq!(r.layout, layout);
         assert!(!r.up_to_date);
-        assert_eq!(
-            std::fs::read_to_string(etc.join("replicated")).expect("read"),
-            NEW_REPLICATED
-        );
-        assert_eq!(
-            std::fs::read_to_string(etc.join("replicated-operator")).expect("read"),
-            NEW_OPERATOR
-        );
+        assert_eq!(std::fs::read_to_string(etc.join("replicated")).expect("read"), NEW_REPLICATED);
+        assert_eq!(std::fs::read_to_string(etc.join("replicated-operator")).expect("read"), NEW_OPERATOR);
         assert_eq!(r.files[0].changed_lines, 2);
         assert_eq!(r.files[1].changed_lines, 4);
         assert_eq!(r.files[1].replacements, 4);
         let backup = r.files[0].backup.clone().expect("backup");
         assert_eq!(backup, etc.join("replicated.dr-backup-20231114T221320Z"));
         assert_eq!(std::fs::read_to_string(&backup).expect("read"), REPLICATED);
-        assert_eq!(
-            r.warnings
-                .iter()
-                .filter(|w| w.contains("NODENAME=ip-10-0-0-5.ec2.internal"))
-                .count(),
-            2
-        );
-        assert!(
-            r.actions
-                .iter()
-                .any(|a| a.contains("old private IP 10.0.0.5:4647")),
-            "{:?}",
-            r.actions
-        );
+        assert_eq!(r.warnings.iter().filter(|w| w.contains("NODENAME=ip-10-0-0-5.ec2.internal")).count(), 2);
+        assert!(r.actions.iter().any(|a| a.contains("old private IP 10.0.0.5:4647")), "{:?}", r.actions);
         if layout == Layout::Rhel {
-            assert_eq!(
-                std::fs::read_to_string(m.path().join("etc/default/replicated")).expect("read"),
-                "PRIVATE_ADDRESS=1.1.1.1\n"
-            );
+            assert_eq!(std::fs::read_to_string(m.path().join("etc/default/replicated")).expect("read"), "PRIVATE_ADDRESS=1.1.1.1\n");
         }
         // Again, a second later: nothing to do, no new backup.
-        let again =
-            execute(m.path(), &params(), false, now() + Duration::from_secs(1)).expect("again");
+        let again = execute(m.path(), &params(), false, now() + Duration::from_secs(1)).expect("again");
         assert!(again.up_to_date);
         assert!(again.files.iter().all(|f| !f.written && f.backup.is_none()));
         assert!(crate::cli::render::human(&crate::steps::Report::Rewrite(again.clone())).contains("Already up to date"));
         let backups = std::fs::read_dir(&etc)
             .expect("ls")
-            .filter(|e| {
-                e.as_ref()
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".dr-backup-")
-            })
+            .filter(|e| e.as_ref().expect("entry").file_name().to_string_lossy().contains(".dr-backup-"))
             .count();
         assert_eq!(backups, 2);
     }
@@ -104,20 +71,9 @@ fn dry_run_writes_nothing_and_shows_the_plan() {
     let r = execute(m.path(), &params(), true, now()).expect("dry run");
     assert!(r.dry_run && !r.up_to_date);
     assert!(r.files.iter().all(|f| !f.written && f.backup.is_none()));
-    assert_eq!(
-        std::fs::read_to_string(m.path().join("etc/default/replicated")).expect("read"),
-        REPLICATED
-    );
-    assert_eq!(
-        std::fs::read_dir(m.path().join("etc/default"))
-            .expect("ls")
-            .count(),
-        2
-    );
-    assert!(
-        r.diff
-            .contains("--- a/etc/default/replicated\n+++ b/etc/default/replicated\n")
-    );
+    assert_eq!(std::fs::read_to_string(m.path().join("etc/default/replicated")).expect("read"), REPLICATED);
+    assert_eq!(std::fs::read_dir(m.path().join("etc/default")).expect("ls").count(), 2);
+    assert!(r.diff.contains("--- a/etc/default/replicated\n+++ b/etc/default/replicated\n"));
     assert!(
         r.diff.contains("-DAEMON_HOST=[10.0.0.5]\n-PRIVATE_ADDRESS=10.0.0.5\n+DAEMON_HOST=[10.1.2.9]\n+PRIVATE_ADDRESS=10.1.2.9\n"),
         "{}",
@@ -132,40 +88,23 @@ fn dry_run_writes_nothing_and_shows_the_plan() {
 
 #[test]
 fn a_bad_line_in_either_file_writes_nothing() {
-    for (file, text, line) in [
-        ("replicated-operator", format!("{OPERATOR}BROKEN LINE\n"), 8),
-        ("replicated", format!("{REPLICATED}X=\"unterminated\n"), 7),
-    ] {
+    for (file, text, line) in
+        [("replicated-operator", format!("{OPERATOR}BROKEN LINE\n"), 8), ("replicated", format!("{REPLICATED}X=\"unterminated\n"), 7)]
+    {
         let m = machine(Layout::Debian);
         let etc = m.path().join("etc/default");
         std::fs::write(etc.join(file), &text).expect("write");
-        let before: Vec<_> = FILES
-            .iter()
-            .map(|f| std::fs::read(etc.join(f)).expect("read"))
-            .collect();
+        let before: Vec<_> = FILES.iter().map(|f| std::fs::read(etc.join(f)).expect("read")).collect();
         for dry_run in [true, false] {
             let e = execute(m.path(), &params(), dry_run, now()).expect_err("bad line");
             assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
             let msg = e.to_string();
-            assert!(
-                msg.contains(&format!("{}:{line}:", etc.join(file).display())),
-                "{msg}"
-            );
-            assert!(
-                !msg.contains("abc123"),
-                "the message must not leak values: {msg}"
-            );
+            assert!(msg.contains(&format!("{}:{line}:", etc.join(file).display())), "{msg}");
+            assert!(!msg.contains("abc123"), "the message must not leak values: {msg}");
         }
-        let after: Vec<_> = FILES
-            .iter()
-            .map(|f| std::fs::read(etc.join(f)).expect("read"))
-            .collect();
+        let after: Vec<_> = FILES.iter().map(|f| std::fs::read(etc.join(f)).expect("read")).collect();
         assert_eq!(before, after);
-        assert_eq!(
-            std::fs::read_dir(&etc).expect("ls").count(),
-            2,
-            "no backup, no temp file"
-        );
+        assert_eq!(std::fs::read_dir(&etc).expect("ls").count(), 2, "no backup, no temp file");
     }
 }
 
@@ -177,10 +116,7 @@ fn keeps_owner_and_mode() {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let r = execute(m.path(), &params(), false, now()).expect("rewrite");
     let meta = std::fs::metadata(&f).expect("meta");
-    assert_eq!(
-        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
-        (1000, 1001, 0o640)
-    );
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1000, 1001, 0o640));
     let b = std::fs::metadata(r.files[1].backup.as_ref().expect("backup")).expect("meta");
     assert_eq!((b.uid(), b.gid(), b.mode() & 0o7777), (1000, 1001, 0o640));
 }
@@ -192,24 +128,11 @@ fn missing_files_symlinks_and_stray_temps() {
     std::fs::remove_file(etc.join("replicated-operator")).expect("rm");
     std::fs::write(etc.join("replicated.dr-tmp-999999"), "torn").expect("write");
     let r = execute(m.path(), &params(), false, now()).expect("rewrite");
-    assert!(
-        r.warnings
-            .iter()
-            .any(|w| w.contains("replicated-operator is missing"))
-    );
-    assert_eq!(
-        r.removed_temp_files,
-        vec![etc.join("replicated.dr-tmp-999999")]
-    );
+    assert!(r.warnings.iter().any(|w| w.contains("replicated-operator is missing")));
+    assert_eq!(r.removed_temp_files, vec![etc.join("replicated.dr-tmp-999999")]);
     assert!(!etc.join("replicated.dr-tmp-999999").exists());
     // The public IP only lives in the operator file: reported as not found.
-    assert!(
-        r.warnings
-            .iter()
-            .any(|w| w.contains("neither the old public IP 54.1.2.3")),
-        "{:?}",
-        r.warnings
-    );
+    assert!(r.warnings.iter().any(|w| w.contains("neither the old public IP 54.1.2.3")), "{:?}", r.warnings);
 
     std::os::unix::fs::symlink("/etc/hostname", etc.join("replicated-operator")).expect("symlink");
     let e = execute(m.path(), &params(), false, now()).expect_err("symlink");
@@ -226,25 +149,15 @@ fn params_are_validated() {
     let e = RewriteParams::from_flags(&["10.0.0.5".into()], &[]).expect_err("no =");
     assert!(e.to_string().starts_with("--private \"10.0.0.5\""), "{e}");
     let e = RewriteParams::from_flags(&[], &["1.2.3.4=1.2.3.x".into()]).expect_err("bad new");
-    assert!(
-        e.to_string().contains("--public") && e.to_string().contains("NEW"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("--public") && e.to_string().contains("NEW"), "{e}");
     assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
     assert!(RewriteParams::from_flags(&["10.0.0.5=fd00::1".into()], &[]).is_err());
-    assert!(matches!(
-        RewriteParams::from_flags(&[], &[]),
-        Err(RewriteError::NothingRequested)
-    ));
+    assert!(matches!(RewriteParams::from_flags(&[], &[]), Err(RewriteError::NothingRequested)));
     assert!(matches!(
         RewriteParams::from_flags(&["10.0.0.5=10.0.0.6".into()], &["10.0.0.5=10.0.0.7".into()]),
         Err(RewriteError::Conflict { .. })
     ));
-    let p = RewriteParams::from_flags(
-        &["[fd00::5]=[fd00::9]".into(), "10.0.0.5=10.0.0.5".into()],
-        &[],
-    )
-    .expect("ok");
+    let p = RewriteParams::from_flags(&["[fd00::5]=[fd00::9]".into(), "10.0.0.5=10.0.0.5".into()], &[]).expect("ok");
     assert_eq!(p.effective().len(), 1);
 }
 
@@ -271,11 +184,7 @@ fn ipv6_bracketed() {
 #[test]
 fn finds_the_addresses_in_the_files() {
     let m = machine(Layout::Debian);
-    let ips = |v: &[&str]| {
-        v.iter()
-            .map(|s| s.parse::<IpAddr>().expect("ip"))
-            .collect::<Vec<_>>()
-    };
+    let ips = |v: &[&str]| v.iter().map(|s| s.parse::<IpAddr>().expect("ip")).collect::<Vec<_>>();
     let found = find_addresses(m.path()).expect("find");
     assert_eq!(
         found,
@@ -289,57 +198,32 @@ fn finds_the_addresses_in_the_files() {
     );
     // Interrupted between the two files: both addresses are listed, and
     // rewriting each of them to the current one finishes the job.
-    std::fs::write(
-        m.path().join("etc/default/replicated"),
-        "PRIVATE_ADDRESS=10.0.0.6\n",
-    )
-    .expect("write");
+    std::fs::write(m.path().join("etc/default/replicated"), "PRIVATE_ADDRESS=10.0.0.6\n").expect("write");
     let found = find_addresses(m.path()).expect("find");
     assert_eq!(found.private, Some("10.0.0.6".parse().expect("ip")));
     assert_eq!(found.private_all, ips(&["10.0.0.6", "10.0.0.5"]));
     let current: IpAddr = "10.0.0.6".parse().expect("ip");
-    let p = RewriteParams {
-        private: found
-            .private_all
-            .iter()
-            .map(|old| AddressChange {
-                old: *old,
-                new: current,
-            })
-            .collect(),
-        public: vec![],
-    };
+    let p =
+        RewriteParams { private: found.private_all.iter().map(|old| AddressChange { old: *old, new: current }).collect(), public: vec![] };
     execute(m.path(), &p, false, now()).expect("finish");
-    assert_eq!(
-        find_addresses(m.path()).expect("find").private_all,
-        ips(&["10.0.0.6"])
-    );
-    std::fs::write(
-        m.path().join("etc/default/replicated"),
-        "PRIVATE_ADDRESS=10.0.0.x\n",
-    )
-    .expect("write");
+    assert_eq!(find_addresses(m.path()).expect("find").private_all, ips(&["10.0.0.6"]));
+    std::fs::write(m.path().join("etc/default/replicated"), "PRIVATE_ADDRESS=10.0.0.x\n").expect("write");
     let e = find_addresses(m.path()).expect_err("bad address");
-    assert!(
-        e.to_string().contains("replicated:1: PRIVATE_ADDRESS"),
-        "{e}"
-    );
-    std::fs::write(
-        m.path().join("etc/default/replicated"),
-        "RELEASE_CHANNEL=stable\n",
-    )
-    .expect("write");
+    assert!(e.to_string().contains("replicated:1: PRIVATE_ADDRESS"), "{e}");
+    std::fs::write(m.path().join("etc/default/replicated"), "RELEASE_CHANNEL=stable\n").expect("write");
     std::fs::write(m.path().join("etc/default/replicated-operator"), "A=1\n").expect("write");
     let found = find_addresses(m.path()).expect("find");
-    assert_eq!(
-        (found.private, found.public, found.private_all.len()),
-        (None, None, 0)
-    );
+    assert_eq!((found.private, found.public, found.private_all.len()), (None, None, 0));
 }
 
 #[test]
 fn control_characters_in_values_are_refused_with_file_and_line() {
-    for (bad, what) in [("PRIVATE_ADDRESS=10.0.0.5\0evil\n", "NUL"), ("X=\"a\x01b\"\n", "U+0001"), ("X=a\rb\n", "carriage return"), ("# c\x1b[2J\n", "U+001B")] {
+    for (bad, what) in [
+        ("PRIVATE_ADDRESS=10.0.0.5\0evil\n", "NUL"),
+        ("X=\"a\x01b\"\n", "U+0001"),
+        ("X=a\rb\n", "carriage return"),
+        ("# c\x1b[2J\n", "U+001B"),
+    ] {
         let m = machine(Layout::Debian);
         let etc = m.path().join(Layout::Debian.dir());
         let text = format!("{}{bad}", REPLICATED);
@@ -365,7 +249,11 @@ fn with_both_rhel_and_debian_files_both_sets_are_rewritten() {
         assert_eq!(std::fs::read_to_string(etc.join("replicated-operator")).expect("read"), NEW_OPERATOR, "{dir}");
     }
     assert_eq!(r.files.len(), 4, "{:?}", r.files);
-    assert!(r.warnings.iter().any(|w| w.contains("etc/sysconfig/replicated") && w.contains("etc/default/replicated") && w.contains("both")), "{:?}", r.warnings);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("etc/sysconfig/replicated") && w.contains("etc/default/replicated") && w.contains("both")),
+        "{:?}",
+        r.warnings
+    );
     let found = find_addresses(m.path()).expect("find");
     assert_eq!(found.private_all, vec!["10.1.2.9".parse::<IpAddr>().expect("ip")]);
 }

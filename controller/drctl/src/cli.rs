@@ -8,8 +8,8 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dr_proto::pb;
@@ -409,8 +409,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             (Remote::Drill { req, wait }, conn)
         }
         Command::Drills { site, limit, conn } => (Remote::Drills { site, limit }, conn),
-        Command::Approve { operation, wait, conn } => (Remote::Signal { id: operation, signal: "approve".into(), wait, stored_is_success: true }, conn),
-        Command::Deny { operation, conn } => (Remote::Signal { id: operation, signal: "deny".into(), wait: false, stored_is_success: true }, conn),
+        Command::Approve { operation, wait, conn } => {
+            (Remote::Signal { id: operation, signal: "approve".into(), wait, stored_is_success: true }, conn)
+        }
+        Command::Deny { operation, conn } => {
+            (Remote::Signal { id: operation, signal: "deny".into(), wait: false, stored_is_success: true }, conn)
+        }
         Command::Site { site, events, conn } => (Remote::Site { site, events }, conn),
         Command::Pause { site, duration, reason, conn } => {
             let for_ms = Duration::from(duration).as_millis() as u64;
@@ -454,21 +458,63 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
 /// The commands that talk to the controller.
 enum Remote {
-    Status { sites: Vec<String>, problems: bool, all: bool },
+    Status {
+        sites: Vec<String>,
+        problems: bool,
+        all: bool,
+    },
     /// `stored_is_success`: without `wait`, exit 0 once the signal is
     /// stored (`approve`, `deny`), not the operation's state.
-    Signal { id: String, signal: String, wait: bool, stored_is_success: bool },
-    Backup { site: String, wait: bool },
-    Backups { site: String },
-    Failover { site: String, target: FailoverTarget, restore: bool, failback: bool },
-    Prune { site: String, dry_run: bool },
-    Operation { id: String, wait: bool },
-    Drill { req: pb::StartDrillRequest, wait: bool },
-    Drills { site: String, limit: u32 },
-    Site { site: String, events: u32 },
+    Signal {
+        id: String,
+        signal: String,
+        wait: bool,
+        stored_is_success: bool,
+    },
+    Backup {
+        site: String,
+        wait: bool,
+    },
+    Backups {
+        site: String,
+    },
+    Failover {
+        site: String,
+        target: FailoverTarget,
+        restore: bool,
+        failback: bool,
+    },
+    Prune {
+        site: String,
+        dry_run: bool,
+    },
+    Operation {
+        id: String,
+        wait: bool,
+    },
+    Drill {
+        req: pb::StartDrillRequest,
+        wait: bool,
+    },
+    Drills {
+        site: String,
+        limit: u32,
+    },
+    Site {
+        site: String,
+        events: u32,
+    },
     /// `for_ms` 0: resume.
-    Pause { site: String, for_ms: u64, reason: String },
-    Events { site: String, limit: u32, follow: bool },
+    Pause {
+        site: String,
+        for_ms: u64,
+        reason: String,
+    },
+    Events {
+        site: String,
+        limit: u32,
+        follow: bool,
+    },
 }
 
 async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<ExitCode, CliError> {
@@ -492,8 +538,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             }
             let more = !pages.last().map(|p| p.next_page_token.is_empty()).unwrap_or(true) || (large && !all && only.is_empty());
             let next_page_token = pages.last().map(|p| p.next_page_token.clone()).unwrap_or_default();
-            let sites: Vec<_> =
-                pages.into_iter().flat_map(|p| p.sites.into_iter().map(move |s| views::site_view(s, p.now_ms))).collect();
+            let sites: Vec<_> = pages.into_iter().flat_map(|p| p.sites.into_iter().map(move |s| views::site_view(s, p.now_ms))).collect();
             let summary = views::summary_view(summary);
             match output {
                 Output::Json => print_json(&serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token })),
@@ -546,7 +591,9 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             match output {
                 Output::Json => print_json(&serde_json::json!({ "site_id": site, "paused_until": until })),
                 Output::Text if r.paused_until_ms == 0 => println!("automatic recovery of {site} resumed"),
-                Output::Text => println!("automatic recovery of {site} paused until {} (`drctl unpause {site}` to resume)", until.unwrap_or_default()),
+                Output::Text => {
+                    println!("automatic recovery of {site} paused until {} (`drctl unpause {site}` to resume)", until.unwrap_or_default())
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -583,7 +630,13 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let op = client
                 .signal_operation(pb::SignalRequest { operation_id: id.clone(), signal: signal.clone() })
                 .await
-                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("{signal} operation {id}"), &[format!("drctl operation {id}"), "drctl events".to_owned()]))?
+                .map_err(|s| {
+                    conn.unanswered(
+                        conn.status_error(s),
+                        &format!("{signal} operation {id}"),
+                        &[format!("drctl operation {id}"), "drctl events".to_owned()],
+                    )
+                })?
                 .into_inner();
             if output == Output::Text {
                 println!("{signal} sent to {id} (it was {})", op.state);
@@ -601,7 +654,13 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let id = client
                 .start_backup(pb::StartBackupRequest { site_id: site.clone() })
                 .await
-                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a backup of {site}"), &[format!("drctl status --site {site}"), format!("drctl backups {site}"), format!("drctl events {site}")]))?
+                .map_err(|s| {
+                    conn.unanswered(
+                        conn.status_error(s),
+                        &format!("start a backup of {site}"),
+                        &[format!("drctl status --site {site}"), format!("drctl backups {site}"), format!("drctl events {site}")],
+                    )
+                })?
                 .into_inner()
                 .operation_id;
             match output {
@@ -636,7 +695,10 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                     Output::Json => print_json(&serde_json::json!({ "site_id": site, "plan": plan })),
                     Output::Text => {
                         crate::failover::print_plan(&plan);
-                        println!("Nothing was changed. Run it with: drctl {what} {site}{}", if target.backup.is_some() { format!(" --backup {}", req.backup_image_id) } else { String::new() });
+                        println!(
+                            "Nothing was changed. Run it with: drctl {what} {site}{}",
+                            if target.backup.is_some() { format!(" --backup {}", req.backup_image_id) } else { String::new() }
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -658,7 +720,13 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let started = client
                 .start_failover(req)
                 .await
-                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a {what} of {site}"), &[format!("drctl status --site {site}"), format!("drctl events {site}")]))?
+                .map_err(|s| {
+                    conn.unanswered(
+                        conn.status_error(s),
+                        &format!("start a {what} of {site}"),
+                        &[format!("drctl status --site {site}"), format!("drctl events {site}")],
+                    )
+                })?
                 .into_inner();
             let id = started.operation_id;
             match output {
@@ -683,7 +751,10 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                     Output::Json => print_json(&serde_json::json!({ "site_id": site, "plan": plan })),
                     Output::Text => {
                         crate::failover::print_plan(&plan);
-                        println!("Nothing was changed. Run it with: drctl drill {site} --backup {}", plan["backup"]["image_id"].as_str().unwrap_or_default());
+                        println!(
+                            "Nothing was changed. Run it with: drctl drill {site} --backup {}",
+                            plan["backup"]["image_id"].as_str().unwrap_or_default()
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -700,13 +771,21 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let id = client
                 .start_drill(req)
                 .await
-                .map_err(|s| conn.unanswered(conn.status_error(s), &format!("start a drill of {site}"), &[format!("drctl status --site {site}"), format!("drctl drills {site}"), format!("drctl events {site}")]))?
+                .map_err(|s| {
+                    conn.unanswered(
+                        conn.status_error(s),
+                        &format!("start a drill of {site}"),
+                        &[format!("drctl status --site {site}"), format!("drctl drills {site}"), format!("drctl events {site}")],
+                    )
+                })?
                 .into_inner()
                 .operation_id;
             match output {
                 Output::Json => print_json(&serde_json::json!({ "operation_id": id, "site_id": site, "plan": plan })),
                 Output::Text if wait => println!("drill of {site} started: operation {id}"),
-                Output::Text => println!("drill of {site} started: operation {id}\nFollow it with: drctl operation {id} --wait; its result: drctl drills {site}"),
+                Output::Text => println!(
+                    "drill of {site} started: operation {id}\nFollow it with: drctl operation {id} --wait; its result: drctl drills {site}"
+                ),
             }
             if !wait {
                 return Ok(ExitCode::SUCCESS);
@@ -748,20 +827,13 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let op = if wait {
                 crate::watch::watch(conn, &mut client, &id, output).await?
             } else {
-                client
-                    .get_operation(pb::OperationRef { operation_id: id })
-                    .await
-                    .map_err(|s| conn.status_error(s))?
-                    .into_inner()
+                client.get_operation(pb::OperationRef { operation_id: id }).await.map_err(|s| conn.status_error(s))?.into_inner()
             };
             finish(op, output)
         }
         Remote::Prune { site, dry_run } => {
-            let reply = client
-                .prune(pb::PruneRequest { site_id: site.clone(), dry_run })
-                .await
-                .map_err(|s| conn.status_error(s))?
-                .into_inner();
+            let reply =
+                client.prune(pb::PruneRequest { site_id: site.clone(), dry_run }).await.map_err(|s| conn.status_error(s))?.into_inner();
             let decisions = views::decision_views(reply);
             match output {
                 Output::Json => print_json(&serde_json::json!({ "site_id": site, "dry_run": dry_run, "decisions": decisions })),
@@ -770,11 +842,8 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             Ok(ExitCode::SUCCESS)
         }
         Remote::Backups { site } => {
-            let reply = client
-                .list_backups(pb::ListBackupsRequest { site_id: site.clone() })
-                .await
-                .map_err(|s| conn.status_error(s))?
-                .into_inner();
+            let reply =
+                client.list_backups(pb::ListBackupsRequest { site_id: site.clone() }).await.map_err(|s| conn.status_error(s))?.into_inner();
             let now = views::now_ms();
             let backups: Vec<_> = reply.backups.into_iter().map(|b| views::backup_view(b, now)).collect();
             match output {
@@ -807,7 +876,10 @@ fn finish(op: pb::Operation, output: Output) -> Result<ExitCode, CliError> {
         "failed" | "cancelled" => ExitCode::FAILURE,
         "waiting" => {
             if output == Output::Text {
-                println!("It waits for a human: `drctl operation resume {id}` retries the step, `drctl operation abort {id}` ends it.", id = view.id);
+                println!(
+                    "It waits for a human: `drctl operation resume {id}` retries the step, `drctl operation abort {id}` ends it.",
+                    id = view.id
+                );
             }
             ExitCode::from(crate::error::exit::WAITING)
         }

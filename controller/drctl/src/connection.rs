@@ -81,20 +81,17 @@ impl Connection {
     ) -> Result<Self, CliError> {
         let from_file = match &file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
                 toml::from_str::<ClientFile>(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?
             }
             None => ClientFile::default(),
         };
-        let url = url.or(from_file.controller).ok_or_else(|| {
-            CliError::Usage("no controller address: give --controller URL (or DRCTL_CONTROLLER, or --config)".into())
-        })?;
+        let url = url
+            .or(from_file.controller)
+            .ok_or_else(|| CliError::Usage("no controller address: give --controller URL (or DRCTL_CONTROLLER, or --config)".into()))?;
         let ftls = from_file.tls;
         let pick = |flag: Option<PathBuf>, f: Option<PathBuf>, name: &str| {
-            flag.or(f).ok_or_else(|| {
-                CliError::Usage(format!("no --{name} given (flag, DRCTL_{}, or --config)", name.to_uppercase()))
-            })
+            flag.or(f).ok_or_else(|| CliError::Usage(format!("no --{name} given (flag, DRCTL_{}, or --config)", name.to_uppercase())))
         };
         let tls = TlsFiles {
             ca: pick(ca, ftls.as_ref().map(|t| t.ca.clone()), "ca")?,
@@ -118,9 +115,7 @@ impl Connection {
     pub fn client_tls(&self) -> Result<rustls::ClientConfig, CliError> {
         let mut roots = rustls::RootCertStore::empty();
         for ca in dr_proto::tls::load_certs(&self.tls.ca)? {
-            roots.add(ca).map_err(|e| {
-                CliError::LocalTls(format!("--ca {}: not a usable CA certificate: {e}", self.tls.ca.display()))
-            })?;
+            roots.add(ca).map_err(|e| CliError::LocalTls(format!("--ca {}: not a usable CA certificate: {e}", self.tls.ca.display())))?;
         }
         let certs = dr_proto::tls::load_certs(&self.tls.cert)?;
         let key = dr_proto::tls::load_key(&self.tls.key)?;
@@ -150,10 +145,7 @@ impl Connection {
             .map_err(|e| CliError::LocalTls(format!("TLS configuration: {}", error_chain(&e))))?
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::Unreachable { url: self.url.clone(), cause: error_chain(&e) })?;
+        let channel = endpoint.connect().await.map_err(|e| CliError::Unreachable { url: self.url.clone(), cause: error_chain(&e) })?;
         Ok(AdminServiceClient::new(channel))
     }
 
@@ -165,8 +157,7 @@ impl Connection {
             Ok(c) => c,
             Err(e) => return Probe::Unreachable(e.to_string()),
         };
-        let tcp = match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&self.authority)).await
-        {
+        let tcp = match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&self.authority)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Probe::Unreachable(format!("TCP connection to {}: {e}", self.authority)),
             Err(_) => return Probe::Unreachable(format!("TCP connection to {}: no answer within 5s", self.authority)),
@@ -259,18 +250,17 @@ impl Connection {
             #[allow(deprecated)]
             CertificateError::BadSignature
             | CertificateError::UnsupportedSignatureAlgorithm
-            | CertificateError::UnsupportedSignatureAlgorithmContext { .. } => format!(
-                "{head}: it is not signed by the CA in --ca {ca} (a CA of the same name but another key: was the CA re-created?)"
-            ),
+            | CertificateError::UnsupportedSignatureAlgorithmContext { .. } => {
+                format!("{head}: it is not signed by the CA in --ca {ca} (a CA of the same name but another key: was the CA re-created?)")
+            }
             CertificateError::NotValidForNameContext { presented, .. } => format!(
                 "{head}: it is not valid for the name `{}` (it names {}); give --server-name with one of its names",
                 self.server_name,
                 presented.join(", ")
             ),
-            CertificateError::NotValidForName => format!(
-                "{head}: it is not valid for the name `{}`; give --server-name with one of its names",
-                self.server_name
-            ),
+            CertificateError::NotValidForName => {
+                format!("{head}: it is not valid for the name `{}`; give --server-name with one of its names", self.server_name)
+            }
             CertificateError::ExpiredContext { not_after, .. } => {
                 format!("{head}: it expired at {}; the controller needs a new certificate", unix_stamp(*not_after))
             }
@@ -309,10 +299,7 @@ impl Connection {
     pub fn status_error(&self, s: tonic::Status) -> CliError {
         use tonic::Code;
         if let Some(src) = std::error::Error::source(&s) {
-            return CliError::Unreachable {
-                url: self.url.clone(),
-                cause: format!("the connection broke: {}", error_chain(src)),
-            };
+            return CliError::Unreachable { url: self.url.clone(), cause: format!("the connection broke: {}", error_chain(src)) };
         }
         match s.code() {
             Code::Unauthenticated | Code::PermissionDenied => {

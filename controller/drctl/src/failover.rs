@@ -30,15 +30,25 @@ pub fn print_plan(plan: &Value) {
         _ => "Failover",
     };
     println!("{kind} plan for site {}", s(plan, "site_id"));
-    println!("  backup:     {} taken {} ({} ago: the data loss you accept), {}-consistent", s(b, "image_id"),
-        rfc3339(b["started_at_ms"].as_u64().unwrap_or(0)).unwrap_or_default(), human_duration(age), s(b, "consistency"));
+    println!(
+        "  backup:     {} taken {} ({} ago: the data loss you accept), {}-consistent",
+        s(b, "image_id"),
+        rfc3339(b["started_at_ms"].as_u64().unwrap_or(0)).unwrap_or_default(),
+        human_duration(age),
+        s(b, "consistency")
+    );
     if !s(b, "agent_cert").is_empty() {
         println!("  agent cert: {}", s(b, "agent_cert"));
     }
     let spare = plan["spare"].as_object().map(|_| &plan["spare"]);
     if let Some(sp) = spare {
-        println!("  hot spare:  {} ({} now): no launch, no disk hydration; its data is {} older than the newest backup {}",
-            s(sp, "instance_id"), s(sp, "state"), human_duration(sp["lag_ms"].as_u64().unwrap_or(0)), s(sp, "newest_backup_image_id"));
+        println!(
+            "  hot spare:  {} ({} now): no launch, no disk hydration; its data is {} older than the newest backup {}",
+            s(sp, "instance_id"),
+            s(sp, "state"),
+            human_duration(sp["lag_ms"].as_u64().unwrap_or(0)),
+            s(sp, "newest_backup_image_id")
+        );
     } else if s(b, "launch_image_id") != s(b, "image_id") {
         println!("              launched from its copy {} in {}", s(b, "launch_image_id"), s(l, "region"));
     }
@@ -59,7 +69,10 @@ pub fn print_plan(plan: &Value) {
     println!("  launch in:  {}", s(l, "region"));
     println!("    type              {}{}", s(l, "instance_type"), src("instance_type"));
     println!("    subnet            {}{}", or_none(s(l, "subnet_id")), src("subnet_id"));
-    println!("    private IP        {}", if s(l, "private_ip").is_empty() { "new (from the subnet)".to_owned() } else { format!("{} (kept)", s(l, "private_ip")) });
+    println!(
+        "    private IP        {}",
+        if s(l, "private_ip").is_empty() { "new (from the subnet)".to_owned() } else { format!("{} (kept)", s(l, "private_ip")) }
+    );
     let sgs: Vec<&str> = l["security_group_ids"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
     println!("    security groups   {}{}", or_none(&sgs.join(", ")), src("security_group_ids"));
     println!("    instance profile  {}{}", or_none(s(l, "iam_instance_profile")), src("iam_instance_profile"));
@@ -74,17 +87,26 @@ pub fn print_plan(plan: &Value) {
     }
     match plan["eip"].as_object() {
         None if drill => {}
-        Some(_) => println!("  Elastic IP: {} ({}): {}", s(&plan["eip"], "public_ip"), s(&plan["eip"], "allocation_id"), s(&plan["eip"], "note")),
+        Some(_) => {
+            println!("  Elastic IP: {} ({}): {}", s(&plan["eip"], "public_ip"), s(&plan["eip"], "allocation_id"), s(&plan["eip"], "note"))
+        }
         None => println!("  Elastic IP: none recorded"),
     }
     match plan["dns"].as_object() {
         None if drill => {}
-        Some(_) => println!("  DNS:        UPSERT {} A <new address> (ttl {}) in zone {}", s(&plan["dns"], "name"), plan["dns"]["ttl"], s(&plan["dns"], "zone_id")),
+        Some(_) => println!(
+            "  DNS:        UPSERT {} A <new address> (ttl {}) in zone {}",
+            s(&plan["dns"], "name"),
+            plan["dns"]["ttl"],
+            s(&plan["dns"], "zone_id")
+        ),
         None => println!("  DNS:        no record configured"),
     }
-    println!("  builds:     running builds that started before {} are deleted on the {}",
+    println!(
+        "  builds:     running builds that started before {} are deleted on the {}",
         rfc3339(plan["cleanup_builds_before_ms"].as_u64().unwrap_or(0)).unwrap_or_default(),
-        if drill { "drill copy (its own data only)" } else { "restored machine" });
+        if drill { "drill copy (its own data only)" } else { "restored machine" }
+    );
     print_actions(&plan["human_actions"], "  still for a human afterwards:");
     for w in plan["warnings"].as_array().into_iter().flatten() {
         println!("  warning: {}", w.as_str().unwrap_or(""));
@@ -105,8 +127,11 @@ pub fn print_report(report: &Value) {
     println!("  result:       {}", s(report, "site_state"));
     let rto = report["rto_ms"].as_u64().unwrap_or(0);
     if rto > 0 {
-        println!("  RTO:          {:.1} s (operation start to app started), data loss (RPO) {}", rto as f64 / 1000.0,
-            human_duration(report["rpo_ms"].as_u64().unwrap_or(0)));
+        println!(
+            "  RTO:          {:.1} s (operation start to app started), data loss (RPO) {}",
+            rto as f64 / 1000.0,
+            human_duration(report["rpo_ms"].as_u64().unwrap_or(0))
+        );
         if let Some(p) = report["phases"].as_object() {
             for k in ["fence", "launch_to_running", "agent_up", "app_stop", "file_steps", "app_start", "address_moves", "cleanup"] {
                 if let Some(ms) = p.get(k).and_then(|v| v.as_u64()) {

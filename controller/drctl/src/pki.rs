@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use dr_proto::identity::{Identity, validate_name, validate_trust_domain};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use time::OffsetDateTime;
 
@@ -39,7 +39,9 @@ pub enum PkiError {
     Invalid { what: String, message: String },
     #[error("a lifetime of {days} days: give 1 to {MAX_DAYS} days")]
     Days { days: u32 },
-    #[error("the certificate would end at {not_after}, after its CA {ca} (which ends at {ca_not_after}): a certificate cannot outlive its CA; give an earlier --not-after or use --days")]
+    #[error(
+        "the certificate would end at {not_after}, after its CA {ca} (which ends at {ca_not_after}): a certificate cannot outlive its CA; give an earlier --not-after or use --days"
+    )]
     OutlivesCa { ca: PathBuf, not_after: String, ca_not_after: String },
     #[error("the CA {ca} ends at {ca_not_after}, before the certificate would start ({not_before}): create a new CA with `drctl pki init`")]
     CaEnded { ca: PathBuf, not_before: String, ca_not_after: String },
@@ -130,8 +132,8 @@ pub fn ca_info(path: &Path) -> Result<CaInfo, PkiError> {
     let invalid = |m: String| PkiError::Invalid { what: format!("CA certificate {}", path.display()), message: m };
     let certs = dr_proto::tls::load_certs(path).map_err(|e| invalid(e.to_string()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs[0].as_ref()).map_err(|e| invalid(e.to_string()))?;
-    let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-        .map_err(|e| invalid(format!("its end: {e}")))?;
+    let not_after =
+        OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).map_err(|e| invalid(format!("its end: {e}")))?;
     for ext in cert.extensions() {
         if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
             for n in &san.general_names {
@@ -152,13 +154,7 @@ pub(crate) fn stamp(t: OffsetDateTime) -> String {
 }
 
 /// [`issue_with`], ending the certificate with its CA if it would outlive it.
-pub fn issue(
-    ca_dir: &Path,
-    subject: &Subject,
-    validity: Validity,
-    out: &Path,
-    file_stem: &str,
-) -> Result<(PathBuf, PathBuf), PkiError> {
+pub fn issue(ca_dir: &Path, subject: &Subject, validity: Validity, out: &Path, file_stem: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     issue_with(ca_dir, subject, validity, CaEnd::Clamp, out, file_stem).map(|i| (i.cert, i.key))
 }
 
@@ -179,20 +175,12 @@ pub fn issue_with(
     let trust_domain = ca.trust_domain;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     if validity.not_before >= ca.not_after {
-        return Err(PkiError::CaEnded {
-            ca: ca_cert_path,
-            not_before: stamp(validity.not_before),
-            ca_not_after: stamp(ca.not_after),
-        });
+        return Err(PkiError::CaEnded { ca: ca_cert_path, not_before: stamp(validity.not_before), ca_not_after: stamp(ca.not_after) });
     }
     let mut shortened_from = None;
     if validity.not_after > ca.not_after {
         if ca_end == CaEnd::Refuse {
-            return Err(PkiError::OutlivesCa {
-                ca: ca_cert_path,
-                not_after: stamp(validity.not_after),
-                ca_not_after: stamp(ca.not_after),
-            });
+            return Err(PkiError::OutlivesCa { ca: ca_cert_path, not_after: stamp(validity.not_after), ca_not_after: stamp(ca.not_after) });
         }
         if validity.not_after - ca.not_after > time::Duration::hours(1) {
             shortened_from = Some(validity.not_after);
@@ -250,8 +238,7 @@ fn name(common_name: &str) -> DistinguishedName {
 }
 
 fn ia5(s: &str) -> Result<rcgen::string::Ia5String, PkiError> {
-    rcgen::string::Ia5String::try_from(s.to_owned())
-        .map_err(|e| PkiError::Invalid { what: format!("`{s}`"), message: e.to_string() })
+    rcgen::string::Ia5String::try_from(s.to_owned()).map_err(|e| PkiError::Invalid { what: format!("`{s}`"), message: e.to_string() })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {

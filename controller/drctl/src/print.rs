@@ -249,13 +249,26 @@ pub fn print_drills(site: &str, drills: &[crate::views::DrillView]) {
 /// One drill in detail.
 pub fn print_drill(d: &crate::views::DrillView) {
     println!();
-    println!("Drill {} of backup {} ({}), copy {} as {} in {}:", d.operation_id, d.backup_image_id, d.backup_started_at.clone().unwrap_or_default(), if d.instance_id.is_empty() { "(none launched)" } else { &d.instance_id }, d.hostname, d.region);
+    println!(
+        "Drill {} of backup {} ({}), copy {} as {} in {}:",
+        d.operation_id,
+        d.backup_image_id,
+        d.backup_started_at.clone().unwrap_or_default(),
+        if d.instance_id.is_empty() { "(none launched)" } else { &d.instance_id },
+        d.hostname,
+        d.region
+    );
     println!("  result:   {}", if d.ok { "ok".to_owned() } else { format!("FAILED: {}", d.error) });
     if d.rto_s > 0.0 {
         let phases: Vec<String> = d.phases_s.iter().filter(|(_, v)| **v > 0.0).map(|(k, v)| format!("{k} {}", secs(*v))).collect();
         println!("  RTO:      {} ({})", secs(d.rto_s), phases.join(", "));
     }
-    println!("  RPO:      {} (the backup's age at the start); worst {} over the {} before", secs(d.rpo_s), secs(d.worst_rpo_s), secs(d.worst_rpo_window_s));
+    println!(
+        "  RPO:      {} (the backup's age at the start); worst {} over the {} before",
+        secs(d.rpo_s),
+        secs(d.worst_rpo_s),
+        secs(d.worst_rpo_window_s)
+    );
     match (&d.newest_build_at, d.data_age_s) {
         (Some(at), Some(age)) => println!("  data:     the copy's newest build started {at} ({} before the drill)", secs(age)),
         _ => println!("  data:     the copy reported no build start time"),

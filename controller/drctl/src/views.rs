@@ -452,7 +452,6 @@ pub fn decision_views(reply: pb::PruneReply) -> Vec<DecisionView> {
         .collect()
 }
 
-
 /// One drill's measured result (`drctl drills`, status, `drill --wait`).
 #[derive(Debug, Serialize)]
 pub struct DrillView {

@@ -44,11 +44,8 @@ async fn watch_from(
     signalled: bool,
 ) -> Result<pb::Operation, CliError> {
     let mut left_waiting = !signalled;
-    let mut stream = client
-        .watch_operation(pb::OperationRef { operation_id: id.to_owned() })
-        .await
-        .map_err(|s| conn.status_error(s))?
-        .into_inner();
+    let mut stream =
+        client.watch_operation(pb::OperationRef { operation_id: id.to_owned() }).await.map_err(|s| conn.status_error(s))?.into_inner();
     let start = tokio::time::Instant::now();
     let mut seen: std::collections::HashMap<String, (String, String)> = Default::default();
     let mut last: Option<pb::Operation> = None;

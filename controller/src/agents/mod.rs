@@ -32,8 +32,8 @@ use dr_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::engine::{ErrorKind, StepError};
 use crate::domain::model::{InstanceRecord, Millis, Role, Site, now_ms};
+use crate::engine::{ErrorKind, StepError};
 
 /// How long an EC2 confirmation of an instance (its id and private IP)
 /// stays good: a reconnect within it gets its role at once.
@@ -99,7 +99,11 @@ pub struct AgentOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentDetail {
     None,
-    AppStatus { state: String, is_transitioning: bool, desired_state: String },
+    AppStatus {
+        state: String,
+        is_transitioning: bool,
+        desired_state: String,
+    },
     /// A step's report, as the agent wrote it.
     Report(serde_json::Value),
 }
@@ -159,9 +163,7 @@ pub fn role_of(site: &Site, instance_id: &str, rec: Option<&InstanceRecord>) -> 
     }
     match recorded {
         Some(r @ (Role::Candidate { .. } | Role::Drill { .. } | Role::Spare | Role::Fenced { .. })) => r,
-        _ => Role::Passive {
-            reason: format!("instance {instance_id} is not the site's primary {}", site.primary_instance_id),
-        },
+        _ => Role::Passive { reason: format!("instance {instance_id} is not the site's primary {}", site.primary_instance_id) },
     }
 }
 
@@ -190,16 +192,13 @@ fn command_to_pb(id: &str, to: &Addressee, action: &AgentAction, deadline: Durat
         AgentAction::AppStatus => pb::command::Kind::AppStatus(pb::AppStatusRequest {}),
         AgentAction::AppStop => pb::command::Kind::AppStop(pb::AppStopRequest { force: false }),
         AgentAction::AppStart => pb::command::Kind::AppStart(pb::AppStartRequest {}),
-        AgentAction::Freeze { deadline } => {
-            pb::command::Kind::Freeze(pb::FreezeRequest { mounts: vec![], deadline_ms: ms(deadline) })
-        }
+        AgentAction::Freeze { deadline } => pb::command::Kind::Freeze(pb::FreezeRequest { mounts: vec![], deadline_ms: ms(deadline) }),
         AgentAction::Thaw => pb::command::Kind::Thaw(pb::ThawRequest {}),
         AgentAction::Drain { deadline } => pb::command::Kind::Drain(pb::DrainRequest { deadline_ms: ms(deadline) }),
         AgentAction::Undrain => pb::command::Kind::Undrain(pb::UndrainRequest {}),
         AgentAction::RewriteAddresses { private, public } => {
-            let pairs = |v: &[(String, String)]| {
-                v.iter().map(|(o, n)| pb::AddressChange { old_ip: o.clone(), new_ip: n.clone() }).collect()
-            };
+            let pairs =
+                |v: &[(String, String)]| v.iter().map(|(o, n)| pb::AddressChange { old_ip: o.clone(), new_ip: n.clone() }).collect();
             pb::command::Kind::RewriteAddresses(pb::RewriteAddressesRequest {
                 private: pairs(private),
                 public: pairs(public),
@@ -308,9 +307,7 @@ impl Registry {
     }
 
     pub fn live(&self, site: &str, instance: &str) -> Option<LiveAgent> {
-        self.lock()
-            .get(&(site.to_owned(), instance.to_owned()))
-            .map(|s| LiveAgent { record: s.record.clone(), role: s.role.clone() })
+        self.lock().get(&(site.to_owned(), instance.to_owned())).map(|s| LiveAgent { record: s.record.clone(), role: s.role.clone() })
     }
 
     /// Every live session, by site: one pass under the lock (status of a
@@ -360,18 +357,10 @@ impl Registry {
     /// Sends a command and waits for its result. Calling again with the same
     /// id (after a disconnect or a controller restart) is safe: the agent
     /// answers from its journal without running the step again.
-    pub async fn call(
-        &self,
-        to: &Addressee,
-        id: &str,
-        action: &AgentAction,
-        timeout: Duration,
-    ) -> Result<AgentOutcome, AgentCallError> {
+    pub async fn call(&self, to: &Addressee, id: &str, action: &AgentAction, timeout: Duration) -> Result<AgentOutcome, AgentCallError> {
         let (tx, pending, rx) = {
             let sessions = self.lock();
-            let s = sessions
-                .get(&(to.site_id.clone(), to.instance_id.clone()))
-                .ok_or_else(|| AgentCallError::NotConnected(to.who()))?;
+            let s = sessions.get(&(to.site_id.clone(), to.instance_id.clone())).ok_or_else(|| AgentCallError::NotConnected(to.who()))?;
             if s.role != to.role {
                 return Err(AgentCallError::WrongRole {
                     who: to.who(),
@@ -387,9 +376,7 @@ impl Registry {
             s.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().push(otx);
             (s.tx.clone(), s.pending.clone(), orx)
         };
-        let msg = pb::ControllerMessage {
-            msg: Some(pb::controller_message::Msg::Command(command_to_pb(id, to, action, timeout))),
-        };
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(command_to_pb(id, to, action, timeout))) };
         let forget = || {
             pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         };
@@ -487,7 +474,6 @@ impl Registry {
 
 #[cfg(test)]
 impl Registry {
-
     /// Delivers a command's result from an attached session.
     pub fn deliver(&self, site: &str, instance: &str, serial: u64, result: pb::CommandResult) {
         self.answer(site, instance, serial, result);

@@ -240,8 +240,12 @@ impl Refusals {
     /// The site's refusals last seen at or after `since_ms` (in this
     /// process), the most recent first.
     pub fn since(&self, site: &str, since_ms: Millis) -> Vec<AgentRefusal> {
-        let mut out: Vec<AgentRefusal> =
-            self.lock().values().filter(|e| e.refusal.site_id == site && e.refusal.last_ms >= since_ms).map(|e| e.refusal.clone()).collect();
+        let mut out: Vec<AgentRefusal> = self
+            .lock()
+            .values()
+            .filter(|e| e.refusal.site_id == site && e.refusal.last_ms >= since_ms)
+            .map(|e| e.refusal.clone())
+            .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.last_ms));
         out
     }
@@ -278,7 +282,9 @@ impl RefusalObserver for Refusals {
                 let at = if first == RefusalReason::Expired { cert.not_after_ms } else { cert.not_before_ms } / 1000;
                 match refused.verify_at(at) {
                     Ok(()) => (first, true),
-                    Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => (RefusalReason::UnknownCa, false),
+                    Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => {
+                        (RefusalReason::UnknownCa, false)
+                    }
                     Err(_) => (first, false),
                 }
             }
@@ -319,7 +325,14 @@ mod tests {
     fn retries_are_counted_not_kept() {
         let r = Refusals::default();
         for _ in 0..10_000 {
-            r.record_stream("s1", RefusalReason::WrongSite, Some(b"not a certificate"), "127.0.0.1:1", "spiffe://d/site/s1", "Hello names s2");
+            r.record_stream(
+                "s1",
+                RefusalReason::WrongSite,
+                Some(b"not a certificate"),
+                "127.0.0.1:1",
+                "spiffe://d/site/s1",
+                "Hello names s2",
+            );
         }
         let batch = r.take();
         assert_eq!(batch.rows.len(), 1);

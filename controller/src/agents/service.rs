@@ -129,20 +129,23 @@ impl pb::agent_service_server::AgentService for AgentServer {
         };
         self.store.put_instance(record.clone()).await.map_err(internal)?;
         match &role {
-            Role::Primary => tracing::info!(site = %cert_site, %instance, %peer, version = %hello.agent_version, "agent connected as primary"),
-            Role::Pending => tracing::info!(site = %cert_site, %instance, %peer, wanted = wanted.name(), "agent connected; its instance is verified with EC2 before it gets work"),
-            other if other.takes_work() => tracing::info!(site = %cert_site, %instance, %peer, role = other.name(), operation = other.operation_id(), "agent connected"),
-            other => tracing::warn!(site = %cert_site, %instance, %peer, role = other.name(), reason = other.reason(), "agent connected; it gets no work"),
+            Role::Primary => {
+                tracing::info!(site = %cert_site, %instance, %peer, version = %hello.agent_version, "agent connected as primary")
+            }
+            Role::Pending => {
+                tracing::info!(site = %cert_site, %instance, %peer, wanted = wanted.name(), "agent connected; its instance is verified with EC2 before it gets work")
+            }
+            other if other.takes_work() => {
+                tracing::info!(site = %cert_site, %instance, %peer, role = other.name(), operation = other.operation_id(), "agent connected")
+            }
+            other => {
+                tracing::warn!(site = %cert_site, %instance, %peer, role = other.name(), reason = other.reason(), "agent connected; it gets no work")
+            }
         }
 
         let (tx, rx) = mpsc::channel(64);
         let (name, reason, operation_id) = role_to_pb(&role);
-        let welcome = pb::Welcome {
-            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
-            role: name,
-            reason,
-            operation_id,
-        };
+        let welcome = pb::Welcome { heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32, role: name, reason, operation_id };
         tx.send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }))
             .await
             .map_err(|_| Status::cancelled("the agent went away"))?;

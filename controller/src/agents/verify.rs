@@ -151,10 +151,15 @@ async fn verify_chunk(
     // agent: in a reconnect storm that was the verifier's bottleneck).
     let confirmed: Vec<&Check> = chunk
         .iter()
-        .filter(|c| found.get(c.instance.as_str()).is_some_and(|i| i.private_ip == c.private_ip && !matches!(i.state.as_str(), "terminated" | "shutting-down")))
+        .filter(|c| {
+            found
+                .get(c.instance.as_str())
+                .is_some_and(|i| i.private_ip == c.private_ip && !matches!(i.state.as_str(), "terminated" | "shutting-down"))
+        })
         .collect();
     let records: HashMap<(String, String), Option<crate::domain::model::InstanceRecord>> =
-        match store.set_verified(confirmed.iter().map(|c| (c.site.clone(), c.instance.clone(), c.private_ip.clone())).collect(), now).await {
+        match store.set_verified(confirmed.iter().map(|c| (c.site.clone(), c.instance.clone(), c.private_ip.clone())).collect(), now).await
+        {
             Ok(recs) => confirmed.iter().map(|c| (c.site.clone(), c.instance.clone())).zip(recs).collect(),
             Err(e) => {
                 tracing::error!(instances = confirmed.len(), error = %e, "cannot record the verifications; checked again");

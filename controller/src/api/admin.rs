@@ -13,9 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agents::{LiveAgent, Registry};
-use crate::engine::{EngineError, Workflow};
 use crate::domain::model::*;
 use crate::domain::refusal::AgentRefusal;
+use crate::engine::{EngineError, Workflow};
 use crate::store::{FleetView, Store, StoreError};
 use crate::workflows::Engine;
 
@@ -66,19 +66,11 @@ impl AdminServer {
     }
 
     async fn known_site(&self, site_id: &str) -> Result<Site, Status> {
-        self.store
-            .site(site_id.to_owned())
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("unknown site `{site_id}`")))
+        self.store.site(site_id.to_owned()).await.map_err(internal)?.ok_or_else(|| Status::not_found(format!("unknown site `{site_id}`")))
     }
 
     async fn operation(&self, id: &str) -> Result<Operation, Status> {
-        self.store
-            .operation(id.to_owned())
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("unknown operation `{id}`")))
+        self.store.operation(id.to_owned()).await.map_err(internal)?.ok_or_else(|| Status::not_found(format!("unknown operation `{id}`")))
     }
 
     /// One site's status from the fleet view and the live sessions.
@@ -125,11 +117,15 @@ impl AdminServer {
         if let Some(d) = last_drill.filter(|d| !d.ok) {
             problems.push(format!("the last drill {} failed: {}", d.operation_id, d.error));
         }
-        let drill_slot = view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
+        let drill_slot =
+            view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
         let drill_overdue = policy.drill_overdue(deps.drill.lease, last_drill.map(|d| d.started_at_ms), drill_slot, now);
         if drill_overdue {
             problems.push(match last_drill {
-                Some(d) => format!("drills are overdue: the last one started {} ago", humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(d.started_at_ms) / 1000))),
+                Some(d) => format!(
+                    "drills are overdue: the last one started {} ago",
+                    humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(d.started_at_ms) / 1000))
+                ),
                 None => "drills are overdue: none was recorded since the drill schedule began".to_owned(),
             });
         }
@@ -144,23 +140,15 @@ impl AdminServer {
             Some(l) if l.role == Role::Pending => {
                 problems.push(format!("the agent of primary {} is not confirmed by EC2 yet", site.primary_instance_id))
             }
-            Some(l) if l.role != Role::Primary => problems.push(format!(
-                "the agent of primary {} is {}: {}",
-                site.primary_instance_id,
-                l.role.name(),
-                l.role.reason()
-            )),
+            Some(l) if l.role != Role::Primary => {
+                problems.push(format!("the agent of primary {} is {}: {}", site.primary_instance_id, l.role.name(), l.role.reason()))
+            }
             Some(_) => {}
         }
         // Agents of the site refused (expired certificate, ...): current
         // ones are problems, and a silent primary reads as refused.
-        let refusals: Vec<(AgentRefusal, bool)> = view
-            .refusals
-            .get(&site.id)
-            .into_iter()
-            .flatten()
-            .map(|r| (r.clone(), refusal_is_current(r, primary_live, now)))
-            .collect();
+        let refusals: Vec<(AgentRefusal, bool)> =
+            view.refusals.get(&site.id).into_iter().flatten().map(|r| (r.clone(), refusal_is_current(r, primary_live, now))).collect();
         for (r, _) in refusals.iter().filter(|(_, current)| *current) {
             problems.push(format!("{}; {}", r.line(now), r.remedy()));
         }
@@ -450,9 +438,8 @@ impl pb::admin_service_server::AdminService for AdminServer {
     async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let operator = self.operator(&request)?;
         let site_id = request.into_inner().site_id;
-        let op = crate::workflows::backup::start(&self.engine, &site_id, &format!("operator/{operator}"), None)
-            .await
-            .map_err(engine_status)?;
+        let op =
+            crate::workflows::backup::start(&self.engine, &site_id, &format!("operator/{operator}"), None).await.map_err(engine_status)?;
         crate::engine::faults::crash_point("api.start_backup.before_reply");
         Ok(Response::new(pb::OperationRef { operation_id: op.id }))
     }
@@ -570,14 +557,24 @@ impl pb::admin_service_server::AdminService for AdminServer {
         let site = self.known_site(&r.site_id).await?;
         let max = crate::domain::health::MAX_PAUSE.as_millis() as u64;
         if r.for_ms > max {
-            return Err(Status::invalid_argument(format!("a pause is at most {} (asked: {})", humantime::format_duration(crate::domain::health::MAX_PAUSE), humantime::format_duration(std::time::Duration::from_millis(r.for_ms)))));
+            return Err(Status::invalid_argument(format!(
+                "a pause is at most {} (asked: {})",
+                humantime::format_duration(crate::domain::health::MAX_PAUSE),
+                humantime::format_duration(std::time::Duration::from_millis(r.for_ms))
+            )));
         }
         if r.reason.len() > 500 || r.reason.chars().any(char::is_control) {
             return Err(Status::invalid_argument("the reason must be one line of at most 500 bytes"));
         }
         let now = now_ms();
         let until_ms = if r.for_ms == 0 { 0 } else { now + r.for_ms };
-        let pause = crate::domain::health::Pause { site_id: site.id.clone(), by: format!("operator/{operator}"), reason: r.reason, at_ms: now, until_ms };
+        let pause = crate::domain::health::Pause {
+            site_id: site.id.clone(),
+            by: format!("operator/{operator}"),
+            reason: r.reason,
+            at_ms: now,
+            until_ms,
+        };
         self.notifier.set_pause(pause).await.map_err(internal)?;
         tracing::warn!(site = %site.id, %operator, until_ms, "automatic recovery {}", if until_ms == 0 { "resumed" } else { "paused" });
         Ok(Response::new(pb::PauseRecoveryReply { paused_until_ms: until_ms }))
@@ -647,12 +644,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
             dry_run: req.dry_run,
             decisions: decisions
                 .into_iter()
-                .map(|d| pb::RetentionDecision {
-                    image_id: d.image_id,
-                    completed_at_ms: d.completed_at_ms,
-                    keep: d.keep,
-                    reason: d.reason,
-                })
+                .map(|d| pb::RetentionDecision { image_id: d.image_id, completed_at_ms: d.completed_at_ms, keep: d.keep, reason: d.reason })
                 .collect(),
         }))
     }
@@ -667,9 +659,8 @@ impl pb::admin_service_server::AdminService for AdminServer {
     async fn signal_operation(&self, request: Request<pb::SignalRequest>) -> Result<Response<pb::Operation>, Status> {
         let operator = self.operator(&request)?;
         let req = request.into_inner();
-        let signal = Signal::parse(&req.signal).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown signal `{}`: approve, deny, resume or abort", req.signal))
-        })?;
+        let signal = Signal::parse(&req.signal)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown signal `{}`: approve, deny, resume or abort", req.signal)))?;
         let approved_on = if signal == Signal::Approve { self.check_approval(&req.operation_id).await? } else { None };
         let op = self.engine.signal(&req.operation_id, signal, &format!("operator/{operator}")).await.map_err(engine_status)?;
         if let Some(evidence) = approved_on {
@@ -750,9 +741,7 @@ fn plan_status(e: crate::workflows::failover::PlanError) -> Status {
         | PlanError::Spec(_)
         | PlanError::FailbackRegion { .. }
         | PlanError::AtHome { .. }
-        | PlanError::Conflict(_)) => {
-            Status::invalid_argument(e.to_string())
-        }
+        | PlanError::Conflict(_)) => Status::invalid_argument(e.to_string()),
     }
 }
 

@@ -88,7 +88,8 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
             drill_worst_rpo.get_or_create(&l).set((d.worst_rpo_ms / 1000) as i64);
         }
         if policy.drill_schedule.is_some() {
-            let slot = view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
+            let slot =
+                view.slots.get(&(site.id.clone(), <crate::workflows::drill::Drill as crate::engine::Workflow>::KIND.to_owned())).copied();
             let overdue = policy.drill_overdue(deps.drill.lease, view.last_drill.get(&site.id).map(|d| d.started_at_ms), slot, now);
             drill_overdue.get_or_create(&l).set(i64::from(overdue));
         }

@@ -97,8 +97,7 @@ fn main() -> ExitCode {
                 println!("{check}");
             }
             let denied = checks.iter().filter(|c| matches!(c.verdict, dr_controller::cloud::preflight::Verdict::Denied(_))).count();
-            let unchecked =
-                checks.iter().filter(|c| matches!(c.verdict, dr_controller::cloud::preflight::Verdict::NotChecked(_))).count();
+            let unchecked = checks.iter().filter(|c| matches!(c.verdict, dr_controller::cloud::preflight::Verdict::NotChecked(_))).count();
             println!("preflight: {} checks, {denied} denied, {unchecked} not checked", checks.len());
             if dr_controller::cloud::preflight::all_allowed(&checks) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }

@@ -20,8 +20,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance, Volume};
-use crate::domain::model::LaunchFacts;
 use crate::config::Limits;
+use crate::domain::model::LaunchFacts;
 
 fn quota(per_sec: u32, burst: u32) -> Quota {
     let nz = |n: u32| NonZeroU32::new(n.max(1)).expect("max(1) is non-zero");
@@ -94,14 +94,19 @@ impl Described for Instance {
 }
 
 type BatchReply<T> = oneshot::Sender<Result<Vec<T>, Ec2Error>>;
-type Describe<T> =
-    fn(Arc<dyn Ec2>, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<T>, Ec2Error>> + Send>>;
+type Describe<T> = fn(Arc<dyn Ec2>, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<T>, Ec2Error>> + Send>>;
 
-fn describe_images(ec2: Arc<dyn Ec2>, ids: Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Image>, Ec2Error>> + Send>> {
+fn describe_images(
+    ec2: Arc<dyn Ec2>,
+    ids: Vec<String>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Image>, Ec2Error>> + Send>> {
     Box::pin(async move { ec2.describe_images(&ids).await })
 }
 
-fn describe_instances(ec2: Arc<dyn Ec2>, ids: Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Instance>, Ec2Error>> + Send>> {
+fn describe_instances(
+    ec2: Arc<dyn Ec2>,
+    ids: Vec<String>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Instance>, Ec2Error>> + Send>> {
     Box::pin(async move { ec2.describe_instances(&ids).await })
 }
 
@@ -309,7 +314,13 @@ mod tests {
             self.calls.lock().expect("lock").push(ids.len());
             Ok(ids
                 .iter()
-                .map(|id| Image { id: id.clone(), state: "available".into(), state_reason: String::new(), snapshot_ids: vec![], tags: vec![] })
+                .map(|id| Image {
+                    id: id.clone(),
+                    state: "available".into(),
+                    state_reason: String::new(),
+                    snapshot_ids: vec![],
+                    tags: vec![],
+                })
                 .collect())
         }
         async fn create_tags(&self, _: &[String], _: &[(String, String)]) -> Result<(), Ec2Error> {

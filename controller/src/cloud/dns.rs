@@ -8,8 +8,8 @@ use aws_config::BehaviorVersion;
 use aws_sdk_route53::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType};
 
-use crate::config::AwsConfig;
 use crate::cloud::ec2::{Ec2Error, is_permission_code};
+use crate::config::AwsConfig;
 
 #[async_trait]
 pub trait Dns: Send + Sync {
@@ -20,7 +20,11 @@ pub trait Dns: Send + Sync {
     /// The latest observation of each Route 53 health checker of a health
     /// check (GetHealthCheckStatus): (checker region, status report).
     async fn health_check_status(&self, id: &str) -> Result<Vec<(String, String)>, Ec2Error> {
-        Err(Ec2Error::Api { op: "GetHealthCheckStatus", code: "NotSupported".into(), message: format!("no Route 53 health checks here ({id})") })
+        Err(Ec2Error::Api {
+            op: "GetHealthCheckStatus",
+            code: "NotSupported".into(),
+            message: format!("no Route 53 health checks here ({id})"),
+        })
     }
 }
 
@@ -82,10 +86,12 @@ impl Dns for Route53 {
             .name(fqdn(name))
             .r#type(RrType::A)
             .ttl(ttl as i64)
-            .resource_records(ResourceRecord::builder().value(ip).build().map_err(|e| Ec2Error::Setup {
-                what: "Route 53 record".into(),
-                message: e.to_string(),
-            })?)
+            .resource_records(
+                ResourceRecord::builder()
+                    .value(ip)
+                    .build()
+                    .map_err(|e| Ec2Error::Setup { what: "Route 53 record".into(), message: e.to_string() })?,
+            )
             .build()
             .map_err(|e| Ec2Error::Setup { what: "Route 53 record".into(), message: e.to_string() })?;
         let change = Change::builder()
@@ -115,7 +121,8 @@ impl Dns for Route53 {
     }
 
     async fn health_check_status(&self, id: &str) -> Result<Vec<(String, String)>, Ec2Error> {
-        let out = self.client.get_health_check_status().health_check_id(id).send().await.map_err(|e| map_err("GetHealthCheckStatus", id, e))?;
+        let out =
+            self.client.get_health_check_status().health_check_id(id).send().await.map_err(|e| map_err("GetHealthCheckStatus", id, e))?;
         Ok(out
             .health_check_observations()
             .iter()

@@ -8,7 +8,6 @@
 //! [`Ec2Error::is_retryable`]). A permission EC2 or STS refuses becomes
 //! [`Ec2Error::PermissionDenied`], naming the action and the resource.
 
-
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -262,8 +261,7 @@ pub struct AwsEc2 {
 
 impl AwsEc2 {
     pub async fn new(aws: &AwsConfig, region: &str, role_arn: Option<&str>) -> Result<Self, Ec2Error> {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new(region.to_owned()));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new(region.to_owned()));
         if let Some(url) = &aws.endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -274,11 +272,7 @@ impl AwsEc2 {
         let sdk = loader.load().await;
         let mut builder = aws_sdk_ec2::config::Builder::from(&sdk);
         if let Some(role) = role_arn {
-            let provider = aws_config::sts::AssumeRoleProvider::builder(role)
-                .session_name("dr-controller")
-                .configure(&sdk)
-                .build()
-                .await;
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role).session_name("dr-controller").configure(&sdk).build().await;
             // Assume the role once now, so that a refusal is a clear error
             // naming the role rather than a failure of some later EC2 call.
             use aws_credential_types::provider::ProvideCredentials;
@@ -350,15 +344,11 @@ impl AwsEc2 {
 /// An AssumeRole that failed while credentials were being fetched.
 /// `text` is the whole error chain (the code is deep inside it).
 fn assume_role_error(role: &str, text: String) -> Ec2Error {
-    if ["AccessDenied", "not authorized", "InvalidClientTokenId", "SignatureDoesNotMatch"].iter().any(|c| text.contains(c))
-    {
+    if ["AccessDenied", "not authorized", "InvalidClientTokenId", "SignatureDoesNotMatch"].iter().any(|c| text.contains(c)) {
         // STS's own words when the chain carries its XML answer (it does
         // when the SDK could not parse it), not the whole chain.
-        let message = text
-            .split_once("<Message>")
-            .and_then(|(_, rest)| rest.split_once("</Message>"))
-            .map(|(m, _)| m.to_owned())
-            .unwrap_or(text);
+        let message =
+            text.split_once("<Message>").and_then(|(_, rest)| rest.split_once("</Message>")).map(|(m, _)| m.to_owned()).unwrap_or(text);
         Ec2Error::PermissionDenied { op: "AssumeRole", action: "sts:AssumeRole".into(), resource: role.to_owned(), message }
     } else {
         Ec2Error::Setup { what: format!("role {role}"), message: text }
@@ -375,17 +365,13 @@ where
 {
     let message = err.message().map(str::to_owned).unwrap_or_else(|| DisplayErrorContext(&err).to_string());
     match (&err, err.code(), role) {
-        (_, Some(code), _)
-            if matches!(code, "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled") =>
-        {
+        (_, Some(code), _) if matches!(code, "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled") => {
             Ec2Error::Throttled { op, message }
         }
         (_, Some(code), _) if is_permission_code(code) => {
             Ec2Error::PermissionDenied { op, action: format!("ec2:{op}"), resource: resource.to_owned(), message }
         }
-        (_, None, Some(role)) if message.contains("AssumeRole") => {
-            assume_role_error(role, DisplayErrorContext(&err).to_string())
-        }
+        (_, None, Some(role)) if message.contains("AssumeRole") => assume_role_error(role, DisplayErrorContext(&err).to_string()),
         (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _, _) => Ec2Error::Transport { op, message },
         (_, code, _) => Ec2Error::Api { op, code: code.unwrap_or("Unknown").to_owned(), message },
     }
@@ -397,7 +383,9 @@ where
 /// One entry of a DescribeInstanceStatus answer; events already
 /// completed or canceled are left out.
 fn instance_status_of(st: &aws_sdk_ec2::types::InstanceStatus) -> InstanceStatus {
-    let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| s.and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default();
+    let summary = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
+        s.and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default()
+    };
     let done = |e: &&aws_sdk_ec2::types::InstanceStatusEvent| {
         let d = e.description().unwrap_or_default();
         d.starts_with("[Completed]") || d.starts_with("[Canceled]")
@@ -485,11 +473,7 @@ fn image_of(i: &aws_sdk_ec2::types::Image) -> Image {
         id: i.image_id().unwrap_or_default().to_owned(),
         state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
         state_reason: i.state_reason().and_then(|r| r.message()).unwrap_or_default().to_owned(),
-        snapshot_ids: i
-            .block_device_mappings()
-            .iter()
-            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
-            .collect(),
+        snapshot_ids: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned)).collect(),
         tags: tag_pairs(i.tags()),
     }
 }
@@ -521,9 +505,7 @@ impl Ec2 for AwsEc2 {
             .name(&req.name)
             .description(&req.description)
             .no_reboot(true)
-            .tag_specifications(
-                TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags_of(&req.tags))).build(),
-            )
+            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags_of(&req.tags))).build())
             .send()
             .await
             .map_err(|e| self.err("CreateImage", &req.instance_id, e))?;
@@ -535,13 +517,8 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>, Ec2Error> {
-        let out = self
-            .client
-            .describe_images()
-            .set_image_ids(Some(ids.to_vec()))
-            .send()
-            .await
-            .map_err(|e| self.err("DescribeImages", "*", e))?;
+        let out =
+            self.client.describe_images().set_image_ids(Some(ids.to_vec())).send().await.map_err(|e| self.err("DescribeImages", "*", e))?;
         Ok(out.images().iter().map(image_of).collect())
     }
 
@@ -593,12 +570,7 @@ impl Ec2 for AwsEc2 {
         Ok(out
             .snapshots()
             .iter()
-            .map(|s| {
-                (
-                    s.snapshot_id().unwrap_or_default().to_owned(),
-                    s.state().map(|st| st.as_str().to_owned()).unwrap_or_default(),
-                )
-            })
+            .map(|s| (s.snapshot_id().unwrap_or_default().to_owned(), s.state().map(|st| st.as_str().to_owned()).unwrap_or_default()))
             .collect())
     }
 
@@ -627,14 +599,9 @@ impl Ec2 for AwsEc2 {
             .name(&req.name)
             .description(&req.description)
             .client_token(&req.client_token)
+            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags_of(&req.tags))).build())
             .tag_specifications(
-                TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags_of(&req.tags))).build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Snapshot)
-                    .set_tags(Some(tags_of(&req.tags)))
-                    .build(),
+                TagSpecification::builder().resource_type(ResourceType::Snapshot).set_tags(Some(tags_of(&req.tags))).build(),
             )
             .send()
             .await
@@ -652,8 +619,7 @@ impl Ec2 for AwsEc2 {
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => return Ok(None),
             Err(e) => return Err(self.err("DescribeInstances", instance_id, e)),
         };
-        let Some(i) = out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(instance_id))
-        else {
+        let Some(i) = out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(instance_id)) else {
             return Ok(None);
         };
         let mut facts = launch_facts_of(i);
@@ -706,9 +672,7 @@ impl Ec2 for AwsEc2 {
             .tag_specifications(
                 TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(tags_of(&req.tags))).build(),
             )
-            .tag_specifications(
-                TagSpecification::builder().resource_type(ResourceType::Volume).set_tags(Some(tags_of(&req.tags))).build(),
-            );
+            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Volume).set_tags(Some(tags_of(&req.tags))).build());
         if !req.iam_instance_profile.is_empty() {
             call = call.iam_instance_profile(IamInstanceProfileSpecification::builder().arn(&req.iam_instance_profile).build());
         }
@@ -821,10 +785,7 @@ mod tests {
     fn missing_ids_are_read_from_both_message_forms() {
         let asked: Vec<String> = ["i-0aa", "i-0bb", "i-0cc"].iter().map(|s| s.to_string()).collect();
         assert_eq!(missing_instance_ids("The instance ID 'i-0bb' does not exist", &asked), vec!["i-0bb"]);
-        assert_eq!(
-            missing_instance_ids("The instance IDs 'i-0aa, i-0cc' do not exist", &asked),
-            vec!["i-0aa", "i-0cc"]
-        );
+        assert_eq!(missing_instance_ids("The instance IDs 'i-0aa, i-0cc' do not exist", &asked), vec!["i-0aa", "i-0cc"]);
         // An id we did not ask for is never taken for one of ours.
         assert!(missing_instance_ids("The instance ID 'i-0dd' does not exist", &asked).is_empty());
     }

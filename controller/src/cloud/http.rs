@@ -50,7 +50,8 @@ impl HttpClients {
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(path) => {
-                let certs = dr_proto::tls::load_certs(path).map_err(|e| HttpError::Ca { path: path.display().to_string(), message: e.to_string() })?;
+                let certs = dr_proto::tls::load_certs(path)
+                    .map_err(|e| HttpError::Ca { path: path.display().to_string(), message: e.to_string() })?;
                 for c in certs {
                     roots.add(c).map_err(|e| HttpError::Ca { path: path.display().to_string(), message: e.to_string() })?;
                 }
@@ -82,7 +83,14 @@ impl HttpClients {
     }
 
     /// POST a JSON `body` with extra headers within `timeout`.
-    pub async fn post_json(&self, url: &str, headers: &[(&str, String)], body: Vec<u8>, ca: Option<&Path>, timeout: Duration) -> Result<Answer, HttpError> {
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        ca: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Answer, HttpError> {
         let mut b = hyper::Request::post(url)
             .header("content-type", "application/json")
             .header("user-agent", concat!("dr-controller/", env!("CARGO_PKG_VERSION")));

@@ -4,8 +4,8 @@
 
 pub mod budget;
 pub mod dns;
-pub mod http;
 pub mod ec2;
+pub mod http;
 pub mod preflight;
 
 use std::collections::HashMap;
@@ -59,4 +59,3 @@ impl Ec2Clients {
         Ok(client)
     }
 }
-

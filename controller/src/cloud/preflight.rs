@@ -25,8 +25,8 @@
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 
-use crate::config::{Config, SiteConfig};
 use crate::cloud::ec2::{AwsEc2, Ec2, Ec2Error, is_permission_code};
+use crate::config::{Config, SiteConfig};
 
 /// Stand-ins when the site has no backup yet.
 const NO_IMAGE: &str = "ami-00000000000000000";
@@ -142,13 +142,7 @@ async fn check_site(config: &Config, site: &SiteConfig, out: &mut Vec<Check>) {
         .send()
         .await;
     push(&region, "ec2:CreateImage", &site.instance_id, dry_run_verdict(r));
-    let r = sdk
-        .create_tags()
-        .dry_run(true)
-        .resources(&snapshot)
-        .set_tags(Some(tags.clone()))
-        .send()
-        .await;
+    let r = sdk.create_tags().dry_run(true).resources(&snapshot).set_tags(Some(tags.clone())).send().await;
     push(&region, "ec2:CreateTags", &snapshot, dry_run_verdict(r));
     let r = sdk.deregister_image().dry_run(true).image_id(&image).send().await;
     push(&region, "ec2:DeregisterImage", &image, dry_run_verdict(r));

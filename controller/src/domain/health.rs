@@ -116,8 +116,12 @@ pub enum Ec2Signal {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "probe", rename_all = "snake_case")]
 pub enum ProbeSignal {
-    Ok { status: u16 },
-    Failed { detail: String },
+    Ok {
+        status: u16,
+    },
+    Failed {
+        detail: String,
+    },
     /// No URL to probe (the site has no hostname and no `health_url`).
     NotConfigured,
 }
@@ -149,10 +153,16 @@ pub enum VantageSignal {
 pub enum LocalSignal {
     #[default]
     NotAsked,
-    Ok { detail: String },
-    Failed { detail: String },
+    Ok {
+        detail: String,
+    },
+    Failed {
+        detail: String,
+    },
     /// The agent could not say (an older agent, a timeout).
-    Unknown { error: String },
+    Unknown {
+        error: String,
+    },
 }
 
 /// The signals of one pass.
@@ -569,7 +579,9 @@ impl GuardReason {
     pub fn describe(&self, max_down_fraction: f64) -> String {
         let pct = max_down_fraction * 100.0;
         match self {
-            GuardReason::AgentsSilent { silent, sites } => format!("{silent} of {sites} sites have a silent agent at once (more than {pct:.0} %)"),
+            GuardReason::AgentsSilent { silent, sites } => {
+                format!("{silent} of {sites} sites have a silent agent at once (more than {pct:.0} %)")
+            }
             GuardReason::ProbesFailing { failing, probed } => {
                 format!("the controller's app probe fails for {failing} of {probed} probed sites at once (more than {pct:.0} %)")
             }
@@ -669,9 +681,30 @@ mod tests {
             (with(ev(SILENT, Ec2Signal::Ok, ProbeSignal::NotConfigured), down(), LocalSignal::NotAsked), Condition::MachineDead),
             (with(ev(SILENT, Ec2Signal::Unknown { error: "x".into() }, failed()), down(), LocalSignal::NotAsked), Condition::Partitioned),
             // The app answers on its machine: the path is broken, not the app.
-            (with(ev(AgentSignal::Live, Ec2Signal::Ok, failed()), VantageSignal::NotConfigured, LocalSignal::Ok { detail: "HTTP 200".into() }), Condition::AppUnreachable),
-            (with(ev(AgentSignal::Live, Ec2Signal::Ok, ProbeSignal::Ok { status: 200 }), down(), LocalSignal::Ok { detail: "HTTP 200".into() }), Condition::AppUnreachable),
-            (with(ev(AgentSignal::Live, Ec2Signal::Ok, failed()), VantageSignal::NotConfigured, LocalSignal::Failed { detail: "HTTP 503".into() }), Condition::AppDown),
+            (
+                with(
+                    ev(AgentSignal::Live, Ec2Signal::Ok, failed()),
+                    VantageSignal::NotConfigured,
+                    LocalSignal::Ok { detail: "HTTP 200".into() },
+                ),
+                Condition::AppUnreachable,
+            ),
+            (
+                with(
+                    ev(AgentSignal::Live, Ec2Signal::Ok, ProbeSignal::Ok { status: 200 }),
+                    down(),
+                    LocalSignal::Ok { detail: "HTTP 200".into() },
+                ),
+                Condition::AppUnreachable,
+            ),
+            (
+                with(
+                    ev(AgentSignal::Live, Ec2Signal::Ok, failed()),
+                    VantageSignal::NotConfigured,
+                    LocalSignal::Failed { detail: "HTTP 503".into() },
+                ),
+                Condition::AppDown,
+            ),
             (ev(SILENT, Ec2Signal::Ok, ok.clone()), Condition::Partitioned),
             (ev(SILENT, Ec2Signal::Ok, ProbeSignal::NotConfigured), Condition::Partitioned),
             (ev(SILENT, Ec2Signal::Unknown { error: "x".into() }, ok), Condition::Partitioned),
@@ -698,9 +731,13 @@ mod tests {
         tried.attempts[0].failed = true;
         assert!(matches!(decide(&tried, &p, 2 * min), Decision::Human(_)), "never a failover for a live agent");
 
-        let gone = health(Condition::InstanceGone, 0, ev(SILENT, Ec2Signal::Gone { state: "terminated".into() }, ProbeSignal::NotConfigured));
+        let gone =
+            health(Condition::InstanceGone, 0, ev(SILENT, Ec2Signal::Gone { state: "terminated".into() }, ProbeSignal::NotConfigured));
         assert!(matches!(decide(&gone, &p, 29_999), Decision::Wait(_)), "confirm_for");
-        assert!(matches!(decide(&gone, &p, 30_000), Decision::Start(Rung::Failover, _)), "a termination decided within a minute by default");
+        assert!(
+            matches!(decide(&gone, &p, 30_000), Decision::Start(Rung::Failover, _)),
+            "a termination decided within a minute by default"
+        );
 
         let imp = health(Condition::HostImpaired, 0, ev(SILENT, Ec2Signal::Impaired { detail: "system".into() }, failed()));
         assert!(matches!(decide(&imp, &p, min), Decision::Start(Rung::HostRestart, _)));
@@ -720,7 +757,11 @@ mod tests {
         let path = health(Condition::AppUnreachable, 0, ev(AgentSignal::Live, Ec2Signal::Ok, failed()));
         assert!(matches!(decide(&path, &p, 60 * min), Decision::Alert(_)), "a broken path restarts nothing");
 
-        let odd = health(Condition::Contradictory, 0, ev(AgentSignal::Live, Ec2Signal::Gone { state: "terminated".into() }, ProbeSignal::NotConfigured));
+        let odd = health(
+            Condition::Contradictory,
+            0,
+            ev(AgentSignal::Live, Ec2Signal::Gone { state: "terminated".into() }, ProbeSignal::NotConfigured),
+        );
         assert!(matches!(decide(&odd, &p, 20_000), Decision::Wait(_)), "the agent gets confirm_for to fall silent");
         assert!(matches!(decide(&odd, &p, 3 * min), Decision::Alert(_)));
         let part = health(Condition::Partitioned, 0, ev(SILENT, Ec2Signal::Ok, ProbeSignal::Ok { status: 200 }));

@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 pub type Millis = u64;
 
 pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,15 +134,8 @@ pub struct InstanceRecord {
 /// names and agent command ids.
 pub fn new_operation_id(kind: &str) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let stamp = format!(
-        "{:04}{:02}{:02}t{:02}{:02}{:02}",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    );
+    let stamp =
+        format!("{:04}{:02}{:02}t{:02}{:02}{:02}", now.year(), u8::from(now.month()), now.day(), now.hour(), now.minute(), now.second());
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{kind}-{stamp}-{}", &random[..8])
 }

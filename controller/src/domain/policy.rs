@@ -366,7 +366,12 @@ impl PolicyFile {
                 if v < min || v > max {
                     return Err((
                         key.into(),
-                        format!("{} is out of range: must be between {} and {}", humantime::format_duration(v), humantime::format_duration(min), humantime::format_duration(max)),
+                        format!(
+                            "{} is out of range: must be between {} and {}",
+                            humantime::format_duration(v),
+                            humantime::format_duration(min),
+                            humantime::format_duration(max)
+                        ),
                     ));
                 }
                 *slot = v;
@@ -426,8 +431,7 @@ pub fn parse_schedule(s: &str, tz: &str) -> Result<Option<Schedule>, String> {
         let tz: chrono_tz::Tz = tz.parse().map_err(|_| format!("`{tz}` is not an IANA time zone"))?;
         return Ok(Some(Schedule::Cron { expr: expr.trim().to_owned(), schedule: Box::new(schedule), tz }));
     }
-    let every = humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is neither an interval like \"15m\" nor \"cron:<expr>\": {e}"))?;
+    let every = humantime::parse_duration(s).map_err(|e| format!("`{s}` is neither an interval like \"15m\" nor \"cron:<expr>\": {e}"))?;
     if every < Duration::from_secs(60) {
         return Err(format!("`{s}`: more often than once a minute is not supported"));
     }

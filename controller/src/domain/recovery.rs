@@ -77,7 +77,8 @@ impl<'de> Deserialize<'de> for LaunchConfig {
                 )));
             } else {
                 // Its name is checked by `check`, which can name the key.
-                let o: LaunchOverrides = serde_json::from_value(value).map_err(|e| D::Error::custom(format!("in the `{key}` table: {e}")))?;
+                let o: LaunchOverrides =
+                    serde_json::from_value(value).map_err(|e| D::Error::custom(format!("in the `{key}` table: {e}")))?;
                 regions.insert(key, o);
             }
         }
@@ -121,7 +122,10 @@ impl LaunchConfig {
     pub fn check(&self) -> Result<(), (String, String)> {
         for name in self.regions.keys() {
             if !is_region(name) {
-                return Err((name.clone(), format!("is neither a launch setting ({LAUNCH_KEYS}) nor a region table such as [site.launch.us-west-2]")));
+                return Err((
+                    name.clone(),
+                    format!("is neither a launch setting ({LAUNCH_KEYS}) nor a region table such as [site.launch.us-west-2]"),
+                ));
             }
         }
         Ok(())
@@ -313,7 +317,9 @@ pub enum SpecError {
         "launching into region {region} needs [site.launch.{region}] with subnet_id and security_group_ids (the backup's are in {home})"
     )]
     NoRegionalNetwork { region: String, home: String },
-    #[error("a drill needs {table} with {missing}: its copy must run in its own subnet, behind its own security groups, under its own hostname")]
+    #[error(
+        "a drill needs {table} with {missing}: its copy must run in its own subnet, behind its own security groups, under its own hostname"
+    )]
     DrillNotIsolated { table: String, missing: String },
 }
 

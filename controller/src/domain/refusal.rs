@@ -184,12 +184,20 @@ pub enum CertOutlook {
     /// The backup recorded no certificate (taken before this was recorded,
     /// or without a connected agent).
     Unknown,
-    Expired { not_after_ms: Millis },
+    Expired {
+        not_after_ms: Millis,
+    },
     /// Valid now, but not by the time the restored agent is due.
-    ExpiresBeforeLaunch { not_after_ms: Millis },
+    ExpiresBeforeLaunch {
+        not_after_ms: Millis,
+    },
     /// Valid then, ending within `soon` after.
-    ExpiresSoon { not_after_ms: Millis },
-    Valid { not_after_ms: Millis },
+    ExpiresSoon {
+        not_after_ms: Millis,
+    },
+    Valid {
+        not_after_ms: Millis,
+    },
 }
 
 impl CertOutlook {

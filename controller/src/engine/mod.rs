@@ -36,7 +36,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, broadcast};
 
-
 use crate::domain::model::*;
 use crate::store::{ActiveOp, Admission, Store, StoreError};
 
@@ -340,16 +339,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
     pub fn new(store: Store, deps: D) -> Self {
         let (changes, _) = broadcast::channel(1024);
         let owner = format!("controller-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Engine {
-            inner: Arc::new(Inner {
-                store,
-                deps,
-                owner,
-                drivers: Mutex::default(),
-                live: Mutex::default(),
-                changes,
-            }),
-        }
+        Engine { inner: Arc::new(Inner { store, deps, owner, drivers: Mutex::default(), live: Mutex::default(), changes }) }
     }
 
     /// Makes a workflow known (before [`Engine::resume_all`]).
@@ -684,11 +674,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
     async fn wait_for_preempted(&self, op: &Operation, epoch: i64, isolated: bool) -> Result<(), StoreError> {
         let ranks = self.ranks();
         let conflicts = |a: &ActiveOp| {
-            if isolated {
-                a.kind == op.kind
-            } else {
-                !ranks.get(a.kind.as_str()).is_some_and(|r| r.isolated)
-            }
+            if isolated { a.kind == op.kind } else { !ranks.get(a.kind.as_str()).is_some_and(|r| r.isolated) }
         };
         let mut announced = false;
         loop {
@@ -713,10 +699,7 @@ impl<D: Send + Sync + 'static> Engine<D> {
                 let names: Vec<&str> = others.iter().map(|a| a.id.as_str()).collect();
                 let why = format!("{} to end (preempted: its compensations run first)", names.join(", "));
                 tracing::info!(operation = %op.id, waiting_for = %why, "waiting before the first step");
-                self.inner
-                    .store
-                    .set_operation_state(op.id.clone(), epoch, op.state, why, op.failure.clone(), String::new())
-                    .await?;
+                self.inner.store.set_operation_state(op.id.clone(), epoch, op.state, why, op.failure.clone(), String::new()).await?;
                 self.notify(&op.id);
                 announced = true;
             }
@@ -834,7 +817,14 @@ impl<D: Send + Sync + 'static> Engine<D> {
                                 rec.finished_at_ms = now_ms();
                                 store.put_step(id.clone(), epoch, rec.clone(), snapshot()).await?;
                                 store
-                                    .set_operation_state(id.clone(), epoch, OperationState::Running, String::new(), String::new(), String::new())
+                                    .set_operation_state(
+                                        id.clone(),
+                                        epoch,
+                                        OperationState::Running,
+                                        String::new(),
+                                        String::new(),
+                                        String::new(),
+                                    )
                                     .await?;
                                 return Ok(StepEnd::Done);
                             }
@@ -855,7 +845,12 @@ impl<D: Send + Sync + 'static> Engine<D> {
                     if retry {
                         let wait = def.retry.backoff.delay(tries_here - 1);
                         tracing::warn!(operation = %id, step = def.name, error = %e, kind = ?e.kind, retry_in = ?wait, "step failed; retrying");
-                        rec.detail = format!("attempt {} failed ({}); retrying in {}", rec.attempts, e.message, humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)));
+                        rec.detail = format!(
+                            "attempt {} failed ({}); retrying in {}",
+                            rec.attempts,
+                            e.message,
+                            humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
+                        );
                         store.put_step(id.clone(), epoch, rec.clone(), snapshot()).await?;
                         tokio::time::sleep(wait).await;
                         continue;
@@ -960,4 +955,3 @@ pub fn admission(kind: &str, new: Rank, ranks: &HashMap<&'static str, Rank>, act
     }
     if preempt.is_empty() { Admission::Admit } else { Admission::Preempt(preempt) }
 }
-

@@ -111,10 +111,7 @@ test_workflow!(Compensating, "comp", 1, false, [s("quiesce").on_failure(OnFailur
 async fn world() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("state.db")).await.expect("open");
-    store
-        .upsert_site(Site { id: "s1".into(), region: "r".into(), primary_instance_id: "i-1".into(), role_arn: None })
-        .await
-        .expect("site");
+    store.upsert_site(Site { id: "s1".into(), region: "r".into(), primary_instance_id: "i-1".into(), role_arn: None }).await.expect("site");
     (dir, store)
 }
 
@@ -348,6 +345,9 @@ fn an_isolated_workflow_runs_beside_others_but_never_beside_its_own_kind() {
     assert_eq!(admission("backup", ranks["backup"], &ranks, &[op("d", "drill")]), Admission::Admit);
     assert_eq!(admission("failover", ranks["failover"], &ranks, &[op("d", "drill")]), Admission::Admit);
     // The others keep their rules.
-    assert_eq!(admission("failover", ranks["failover"], &ranks, &[op("b", "backup"), op("d", "drill")]), Admission::Preempt(vec!["b".into()]));
+    assert_eq!(
+        admission("failover", ranks["failover"], &ranks, &[op("b", "backup"), op("d", "drill")]),
+        Admission::Preempt(vec!["b".into()])
+    );
     assert_eq!(admission("backup", ranks["backup"], &ranks, &[op("f", "failover")]), Admission::Refuse("f".into()));
 }

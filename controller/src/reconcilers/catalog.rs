@@ -10,13 +10,13 @@
 //!   site, in its region and its DR regions.
 //! - `dr-controller store backup --to FILE` is [`crate::store::Store::backup_to`].
 
-use crate::config::Config;
 use crate::cloud::Ec2Clients;
 use crate::cloud::ec2::Image;
+use crate::config::Config;
 use crate::domain::model::{Backup, BackupState, Consistency, Copy, CopyState, Site, now_ms};
 use crate::domain::tags::TAG_SOURCE_IMAGE;
-use crate::store::{Store, StoreError};
 use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::store::{Store, StoreError};
 use crate::workflows::{EC2_RETRY_BUDGET, retry_ec2};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +86,10 @@ pub async fn check(config: &Config, store: &Store, ec2: &Ec2Clients) -> Result<(
             // An AMI of an operation this store knows (a backup under way when
             // the controller stopped) is not a sign of a lost catalog.
             let mut unknown = Vec::new();
-            for i in images.iter().filter(|i| {
-                tag(i, TAG_SITE) == Some(site.id.as_str()) && tag(i, TAG_SOURCE_IMAGE).is_none() && i.state == "available"
-            }) {
+            for i in images
+                .iter()
+                .filter(|i| tag(i, TAG_SITE) == Some(site.id.as_str()) && tag(i, TAG_SOURCE_IMAGE).is_none() && i.state == "available")
+            {
                 let op = tag(i, TAG_OPERATION).unwrap_or_default().to_owned();
                 if op.is_empty() || store.operation(op).await?.is_none() {
                     unknown.push(i.id.clone());
@@ -140,8 +141,7 @@ pub async fn rebuild(config: &Config, store: &Store, ec2: &Ec2Clients) -> Result
                 out.already += 1;
                 continue;
             }
-            let operation_id =
-                tag(&image, TAG_OPERATION).map(str::to_owned).unwrap_or_else(|| format!("backup-rebuilt-{}", image.id));
+            let operation_id = tag(&image, TAG_OPERATION).map(str::to_owned).unwrap_or_else(|| format!("backup-rebuilt-{}", image.id));
             let at = time_of(&operation_id).unwrap_or(0);
             let backup = Backup {
                 image_id: image.id.clone(),

@@ -83,11 +83,18 @@ impl Breach {
             self.ec2_state
         );
         if self.agent_connected {
-            line.push_str(&format!(", its agent is connected (app {})", if self.app_state.is_empty() { "state unknown" } else { &self.app_state }));
+            line.push_str(&format!(
+                ", its agent is connected (app {})",
+                if self.app_state.is_empty() { "state unknown" } else { &self.app_state }
+            ));
         }
         match (self.stops, self.last_error.as_str()) {
             (0, _) => line.push_str("; not stopped yet"),
-            (n, "") => line.push_str(&format!("; {n} StopInstances sent{}, the first {} ago", if self.forced { " (forced)" } else { "" }, ago(self.first_stop_ms))),
+            (n, "") => line.push_str(&format!(
+                "; {n} StopInstances sent{}, the first {} ago",
+                if self.forced { " (forced)" } else { "" },
+                ago(self.first_stop_ms)
+            )),
             (n, e) => line.push_str(&format!("; StopInstances failed ({n} tries): {e}; stop it by hand")),
         }
         line
@@ -243,7 +250,12 @@ impl Keeper {
     /// EC2's view of every fenced instance: one DescribeInstances per
     /// account and region (≤ [`BATCH`] ids); an instance whose region is not
     /// recorded is asked for in the site's region and its home region.
-    async fn look_up(&self, deps: &Deps, sites: &HashMap<String, Site>, fenced: &[InstanceRecord]) -> Result<HashMap<(String, String), Ec2View>, StoreError> {
+    async fn look_up(
+        &self,
+        deps: &Deps,
+        sites: &HashMap<String, Site>,
+        fenced: &[InstanceRecord],
+    ) -> Result<HashMap<(String, String), Ec2View>, StoreError> {
         let recorded = self.engine.store().instance_regions().await?;
         // (account, region) -> (a site of that account, instances asked there).
         let mut groups: BTreeMap<(Option<String>, String), (String, Vec<(String, String)>)> = BTreeMap::new();
@@ -306,7 +318,15 @@ impl Keeper {
     }
 
     /// What one fenced instance needs this pass; the event it raises.
-    async fn keep(&self, deps: &Deps, site: &Site, rec: &InstanceRecord, view: &Ec2View, app_state: Option<String>, now: Millis) -> Result<Option<Event>, StoreError> {
+    async fn keep(
+        &self,
+        deps: &Deps,
+        site: &Site,
+        rec: &InstanceRecord,
+        view: &Ec2View,
+        app_state: Option<String>,
+        now: Millis,
+    ) -> Result<Option<Event>, StoreError> {
         let key = (site.id.clone(), rec.instance_id.clone());
         let open = self.fences.lock().get(&key).cloned();
         let agent_connected = app_state.is_some();
@@ -522,7 +542,12 @@ mod tests {
     /// and running again, and two other sites' fenced instances stopped.
     async fn world() -> World {
         let dir = tempfile::tempdir().expect("tempdir");
-        let gate = Arc::new(Gate { ec2: FakeEc2::default(), describes: AtomicUsize::new(0), deny_stop: AtomicBool::new(false), fail_describe: AtomicBool::new(false) });
+        let gate = Arc::new(Gate {
+            ec2: FakeEc2::default(),
+            describes: AtomicUsize::new(0),
+            deny_stop: AtomicBool::new(false),
+            fail_describe: AtomicBool::new(false),
+        });
         for (id, ip) in [("i-new", "10.0.0.2"), ("i-old", "10.0.0.1"), ("i-old2", "10.0.1.1"), ("i-old3", "10.0.2.1")] {
             gate.ec2.add_instance(id, ip);
         }
@@ -535,7 +560,10 @@ mod tests {
                 .upsert_site(Site { id: site.into(), region: "us-east-1".into(), primary_instance_id: primary.into(), role_arn: None })
                 .await
                 .expect("site");
-            store.set_instance_role(site.into(), old.into(), "fenced".into(), String::new(), "fenced by failover f-1".into()).await.expect("fence");
+            store
+                .set_instance_role(site.into(), old.into(), "fenced".into(), String::new(), "fenced by failover f-1".into())
+                .await
+                .expect("fence");
         }
         let failover = crate::domain::recovery::FailoverConfig { fence_timeout: Duration::from_secs(60), ..Default::default() };
         let engine = crate::workflows::engine(crate::workflows::Deps {
@@ -573,7 +601,11 @@ mod tests {
         assert_eq!(events.len(), 1, "{events:?}");
         let e = &events[0];
         assert_eq!((e.kind.as_str(), e.site_id.as_str(), e.severity.as_str()), ("fence.breached", "s1", "critical"));
-        assert!(e.summary.contains("i-old") && e.summary.contains("EC2 says running") && e.summary.contains("StopInstances sent"), "{}", e.summary);
+        assert!(
+            e.summary.contains("i-old") && e.summary.contains("EC2 says running") && e.summary.contains("StopInstances sent"),
+            "{}",
+            e.summary
+        );
         assert_eq!(e.evidence["instance_id"], "i-old");
         assert_eq!(w.gate.ec2.calls_of("StopInstances"), 1, "only the breached instance is stopped");
         assert_eq!(state(&w, "i-old"), "stopped");
@@ -585,7 +617,11 @@ mod tests {
         // The next pass sees it stopped: restored, the problem gone.
         let events = w.keeper.pass(t0 + 5_000).await.expect("pass");
         assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["fence.restored"]);
-        assert!(events[0].summary.contains("i-old is stopped again") && events[0].summary.contains("after 1 StopInstances"), "{}", events[0].summary);
+        assert!(
+            events[0].summary.contains("i-old is stopped again") && events[0].summary.contains("after 1 StopInstances"),
+            "{}",
+            events[0].summary
+        );
         assert!(w.fences.problems("s1", t0 + 5_000).is_empty());
         assert_eq!(kinds(&w).await, ["fence.breached", "fence.restored"], "recorded in the event log");
         // A quiet fleet: nothing more.
@@ -627,7 +663,8 @@ mod tests {
     async fn an_agent_connecting_is_a_breach_even_when_ec2_cannot_say() {
         let mut w = world().await;
         w.gate.ec2.lock().instances.retain(|i| i.instance.id != "i-old");
-        let _agent = FakeAgent::attach(&w.engine.deps().registry, "s1", "i-old", Role::Fenced { reason: "fenced".into() }, |_| Ok(json!({})));
+        let _agent =
+            FakeAgent::attach(&w.engine.deps().registry, "s1", "i-old", Role::Fenced { reason: "fenced".into() }, |_| Ok(json!({})));
         let events = w.keeper.pass(1_000_000).await.expect("pass");
         // EC2 no longer knows it (gone): its session is a leftover, not a breach.
         assert!(events.is_empty(), "{events:?}");
@@ -636,8 +673,15 @@ mod tests {
         w.gate.fail_describe.store(true, Ordering::SeqCst);
         let events = w.keeper.pass(1_001_000).await.expect("pass");
         assert_eq!(events.len(), 1, "{events:?}");
-        assert!(events[0].summary.contains("seen: its agent connected") && events[0].summary.contains("StopInstances sent"), "{}", events[0].summary);
-        assert_eq!((events[0].evidence["agent_connected"].clone(), events[0].evidence["ec2_state"].clone()), (json!(true), json!("unknown")));
+        assert!(
+            events[0].summary.contains("seen: its agent connected") && events[0].summary.contains("StopInstances sent"),
+            "{}",
+            events[0].summary
+        );
+        assert_eq!(
+            (events[0].evidence["agent_connected"].clone(), events[0].evidence["ec2_state"].clone()),
+            (json!(true), json!("unknown"))
+        );
         assert_eq!(state(&w, "i-old"), "stopped");
         // Unknown again: the breach stays open (no restoration on no evidence).
         assert!(w.keeper.pass(1_006_000).await.expect("pass").is_empty());

@@ -99,13 +99,22 @@ pub struct Pass {
 impl Monitor {
     /// `agent_grace`: how long after the start agents get to reconnect
     /// before a silent one counts (the heartbeat window).
-    pub async fn new(engine: Engine, config: HealthConfig, notifier: Notifier, http: HttpClients, agent_grace: Duration) -> Result<Monitor, StoreError> {
+    pub async fn new(
+        engine: Engine,
+        config: HealthConfig,
+        notifier: Notifier,
+        http: HttpClients,
+        agent_grace: Duration,
+    ) -> Result<Monitor, StoreError> {
         let store = engine.store();
         let on = store.last_event(String::new(), "fleet.guard".into()).await?;
         let off = store.last_event(String::new(), "fleet.guard_cleared".into()).await?.map(|e| e.seq);
         let guard = match on {
             Some(on) if off.is_none_or(|off| off < on.seq) => {
-                let keys: BTreeSet<String> = on.evidence["keys"].as_array().map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                let keys: BTreeSet<String> = on.evidence["keys"]
+                    .as_array()
+                    .map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
                 // An older controller's event names no keys: the silent agents.
                 if keys.is_empty() { ["agents_silent".to_owned()].into() } else { keys }
             }
@@ -153,7 +162,11 @@ impl Monitor {
                 Some(l) if matches!(l.role, Role::Primary | Role::Pending) => AgentSignal::Live,
                 Some(l) => AgentSignal::Silent { last_seen_ms: Some(l.record.last_seen_ms) },
                 None => AgentSignal::Silent {
-                    last_seen_ms: store.instance(site.id.clone(), site.primary_instance_id.clone()).await?.map(|r| r.last_seen_ms).filter(|t| *t > 0),
+                    last_seen_ms: store
+                        .instance(site.id.clone(), site.primary_instance_id.clone())
+                        .await?
+                        .map(|r| r.last_seen_ms)
+                        .filter(|t| *t > 0),
                 },
             };
             let policy = deps.policy(&site.id).health;
@@ -239,12 +252,17 @@ impl Monitor {
             let h = records.get_mut(&site.id).expect("every site has a record");
             let ops: Vec<&ActiveDetail> = by_site.get(site.id.as_str()).cloned().unwrap_or_default();
             let before = h.state;
-            let evidence = h.evidence.clone().map(|e| json!({"lines": e.lines(now), "signals": e, "condition": h.condition.as_str()})).unwrap_or(json!({}));
+            let evidence = h
+                .evidence
+                .clone()
+                .map(|e| json!({"lines": e.lines(now), "signals": e, "condition": h.condition.as_str()}))
+                .unwrap_or(json!({}));
 
             // Approvals expire with their evidence: a failover waiting for
             // one is withdrawn once the site no longer looks like it needs it.
             let mut withdrawn = vec![];
-            for o in ops.iter().filter(|o| o.kind == "failover" && o.requested_by == REQUESTED_BY && o.waiting_for.starts_with("approval")) {
+            for o in ops.iter().filter(|o| o.kind == "failover" && o.requested_by == REQUESTED_BY && o.waiting_for.starts_with("approval"))
+            {
                 if h.condition.may_need_failover() {
                     continue;
                 }
@@ -255,7 +273,11 @@ impl Monitor {
                             &site.id,
                             "failover.withdrawn",
                             "warning",
-                            format!("the automatic failover {} is withdrawn: the site is {} now ({lines}); nothing was changed", o.id, h.condition.as_str()),
+                            format!(
+                                "the automatic failover {} is withdrawn: the site is {} now ({lines}); nothing was changed",
+                                o.id,
+                                h.condition.as_str()
+                            ),
                             evidence.clone(),
                             &o.id,
                         );
@@ -279,7 +301,9 @@ impl Monitor {
             let ops: Vec<&ActiveDetail> = ops.into_iter().filter(|o| !withdrawn.contains(&o.id)).collect();
             // Waiting for an approval is not recovering: the site shows its
             // real health meanwhile.
-            let recovering = ops.iter().any(|o| matches!(o.kind.as_str(), "failover" | "app_restart" | "host_restart") && !o.waiting_for.starts_with("approval"));
+            let recovering = ops
+                .iter()
+                .any(|o| matches!(o.kind.as_str(), "failover" | "app_restart" | "host_restart") && !o.waiting_for.starts_with("approval"));
             let awaiting = ops.iter().any(|o| o.kind == "failover" && o.waiting_for.starts_with("approval"));
             let mut decision = if recovering {
                 Decision::Wait("a recovery of the site is running".into())
@@ -289,12 +313,19 @@ impl Monitor {
                 decide(h, &policy, now)
             };
             if let (Some(p), Decision::Start(rung, why)) = (pauses.get(&site.id), &decision) {
-                decision = Decision::Wait(format!("{why}: {} is not started, automatic recovery is paused by {} ({})", rung.as_str(), p.by, p.reason));
+                decision = Decision::Wait(format!(
+                    "{why}: {} is not started, automatic recovery is paused by {} ({})",
+                    rung.as_str(),
+                    p.by,
+                    p.reason
+                ));
             }
             // A backup may stop or freeze the app on purpose (quiesce): the
             // app probe failing then is no reason to restart it.
             if matches!(decision, Decision::Start(Rung::AppRestart, _)) && ops.iter().any(|o| o.kind == "backup") {
-                decision = Decision::Wait("the app probe fails while a backup runs (its quiesce may stop or freeze the app): waiting for it to end".into());
+                decision = Decision::Wait(
+                    "the app probe fails while a backup runs (its quiesce may stop or freeze the app): waiting for it to end".into(),
+                );
             }
 
             // Deadlines and approvals of what runs.
@@ -302,10 +333,38 @@ impl Monitor {
                 let age = Duration::from_millis(now.saturating_sub(o.created_at_ms));
                 if o.kind == "host_restart" && age > policy.host_restart_deadline && o.state != OperationState::Cancelling {
                     let _ = engine.signal(&o.id, Signal::Abort, REQUESTED_BY).await;
-                    events.push(event(&site.id, "repair.failed", "critical", format!("the host restart {} did not finish within host_restart_deadline {}: aborted", o.id, humantime::format_duration(policy.host_restart_deadline)), evidence.clone(), &o.id));
+                    events.push(event(
+                        &site.id,
+                        "repair.failed",
+                        "critical",
+                        format!(
+                            "the host restart {} did not finish within host_restart_deadline {}: aborted",
+                            o.id,
+                            humantime::format_duration(policy.host_restart_deadline)
+                        ),
+                        evidence.clone(),
+                        &o.id,
+                    ));
                 }
-                if o.kind == "failover" && o.waiting_for.starts_with("approval") && age > policy.approval_timeout && once(h, &format!("approval-overdue-{}", o.id)) {
-                    events.push(event(&site.id, "failover.approval_overdue", "critical", format!("the automatic failover {} has waited for an approval for more than {}: `drctl approve {}` or `drctl deny {}`", o.id, humantime::format_duration(policy.approval_timeout), o.id, o.id), evidence.clone(), &o.id));
+                if o.kind == "failover"
+                    && o.waiting_for.starts_with("approval")
+                    && age > policy.approval_timeout
+                    && once(h, &format!("approval-overdue-{}", o.id))
+                {
+                    events.push(event(
+                        &site.id,
+                        "failover.approval_overdue",
+                        "critical",
+                        format!(
+                            "the automatic failover {} has waited for an approval for more than {}: `drctl approve {}` or `drctl deny {}`",
+                            o.id,
+                            humantime::format_duration(policy.approval_timeout),
+                            o.id,
+                            o.id
+                        ),
+                        evidence.clone(),
+                        &o.id,
+                    ));
                 }
             }
 
@@ -324,10 +383,17 @@ impl Monitor {
                         h.last_auto_ms.insert(rung.as_str().into(), now);
                         h.attempts.push(Attempt { rung: Some(rung), operation_id: op.clone(), at_ms: now, failed: false });
                         let (kind, summary) = match rung {
-                            Rung::Failover if policy.mode == AutoMode::Approve => ("failover.awaiting_approval", format!("{why}: an automatic failover waits for an approval: `drctl approve {op}` or `drctl deny {op}`; it is withdrawn if the site recovers first")),
+                            Rung::Failover if policy.mode == AutoMode::Approve => (
+                                "failover.awaiting_approval",
+                                format!(
+                                    "{why}: an automatic failover waits for an approval: `drctl approve {op}` or `drctl deny {op}`; it is withdrawn if the site recovers first"
+                                ),
+                            ),
                             Rung::Failover => ("failover.started", format!("{why}: automatic failover {op} started")),
                             Rung::AppRestart => ("repair.started", format!("{why}: restarting the app through the agent ({op})")),
-                            Rung::HostRestart => ("repair.started", format!("{why}: stopping and starting the instance {} ({op})", site.primary_instance_id)),
+                            Rung::HostRestart => {
+                                ("repair.started", format!("{why}: stopping and starting the instance {} ({op})", site.primary_instance_id))
+                            }
                         };
                         events.push(event(&site.id, kind, "critical", summary, evidence.clone(), &op));
                         started.push((site.id.clone(), rung, op));
@@ -365,17 +431,39 @@ impl Monitor {
             h.decision = match &decision {
                 Decision::Wait(s) | Decision::Start(_, s) | Decision::Human(s) | Decision::Alert(s) => s.clone(),
             };
-            let recovering_now = recovering || started.iter().any(|(s, r, _)| s == &site.id && !(*r == Rung::Failover && policy.mode == AutoMode::Approve));
+            let recovering_now =
+                recovering || started.iter().any(|(s, r, _)| s == &site.id && !(*r == Rung::Failover && policy.mode == AutoMode::Approve));
             h.state = state_of(h.condition, recovering_now, &decision);
             if h.state != before {
                 h.since_ms = now;
                 let lines = h.evidence.as_ref().map(|e| e.lines(now).join("; ")).unwrap_or_default();
                 match h.state {
                     HealthState::Suspect if fleet_held => {}
-                    HealthState::Suspect => events.push(event(&site.id, "site.suspect", "warning", format!("{}: {lines}", h.condition.as_str()), evidence.clone(), "")),
-                    HealthState::Down => events.push(event(&site.id, "site.down", "critical", format!("{}: {lines}", h.condition.as_str()), evidence.clone(), "")),
+                    HealthState::Suspect => events.push(event(
+                        &site.id,
+                        "site.suspect",
+                        "warning",
+                        format!("{}: {lines}", h.condition.as_str()),
+                        evidence.clone(),
+                        "",
+                    )),
+                    HealthState::Down => events.push(event(
+                        &site.id,
+                        "site.down",
+                        "critical",
+                        format!("{}: {lines}", h.condition.as_str()),
+                        evidence.clone(),
+                        "",
+                    )),
                     HealthState::Healthy => {
-                        events.push(event(&site.id, "site.recovered", "info", format!("healthy again after {} ({lines})", before.as_str()), evidence.clone(), ""));
+                        events.push(event(
+                            &site.id,
+                            "site.recovered",
+                            "info",
+                            format!("healthy again after {} ({lines})", before.as_str()),
+                            evidence.clone(),
+                            "",
+                        ));
                     }
                     HealthState::Recovering => {}
                 }
@@ -453,13 +541,21 @@ impl Monitor {
         let engine = &self.engine;
         let not_started = if rung == Rung::Failover { "failover.not_started" } else { "repair.not_started" };
         if policy.mode == AutoMode::Off {
-            return Err(Held::new(not_started, "mode", "auto_failover = \"off\" for this site: nothing automatic is done (set it to \"approve\" or \"auto\")"));
+            return Err(Held::new(
+                not_started,
+                "mode",
+                "auto_failover = \"off\" for this site: nothing automatic is done (set it to \"approve\" or \"auto\")",
+            ));
         }
         if let Some(g) = guard {
             return Err(Held::new(not_started, "guard", format!("the fleet guard holds ({g}): nothing is started")));
         }
         if let Some(Ec2Signal::Unknown { error }) = h.evidence.as_ref().map(|e| &e.ec2) {
-            return Err(Held::new(not_started, "ec2_unknown", format!("EC2's view of the instance is unknown this pass ({error}): nothing is started until EC2 answers")));
+            return Err(Held::new(
+                not_started,
+                "ec2_unknown",
+                format!("EC2's view of the instance is unknown this pass ({error}): nothing is started until EC2 answers"),
+            ));
         }
         let last = h.last_auto(rung);
         let since = now.saturating_sub(last);
@@ -477,10 +573,24 @@ impl Monitor {
         }
         match rung {
             Rung::Failover if running.failovers >= self.config.max_concurrent_failovers as usize => {
-                return Err(Held::new(not_started, "concurrency", format!("{} automatic failovers run already (max_concurrent_failovers {})", running.failovers, self.config.max_concurrent_failovers)));
+                return Err(Held::new(
+                    not_started,
+                    "concurrency",
+                    format!(
+                        "{} automatic failovers run already (max_concurrent_failovers {})",
+                        running.failovers, self.config.max_concurrent_failovers
+                    ),
+                ));
             }
             Rung::AppRestart | Rung::HostRestart if running.repairs >= self.config.max_concurrent_repairs as usize => {
-                return Err(Held::new(not_started, "concurrency", format!("{} automatic repairs run already (max_concurrent_repairs {})", running.repairs, self.config.max_concurrent_repairs)));
+                return Err(Held::new(
+                    not_started,
+                    "concurrency",
+                    format!(
+                        "{} automatic repairs run already (max_concurrent_repairs {})",
+                        running.repairs, self.config.max_concurrent_repairs
+                    ),
+                ));
             }
             _ => {}
         }
@@ -499,8 +609,24 @@ impl Monitor {
         let requested_by = REQUESTED_BY;
         let region = site.region.clone();
         let started = match rung {
-            Rung::AppRestart => failover::start_state::<repair::AppRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
-            Rung::HostRestart => failover::start_state::<repair::HostRestart>(engine, repair::state(&site.id, &site.primary_instance_id, &region, why), requested_by, None).await,
+            Rung::AppRestart => {
+                failover::start_state::<repair::AppRestart>(
+                    engine,
+                    repair::state(&site.id, &site.primary_instance_id, &region, why),
+                    requested_by,
+                    None,
+                )
+                .await
+            }
+            Rung::HostRestart => {
+                failover::start_state::<repair::HostRestart>(
+                    engine,
+                    repair::state(&site.id, &site.primary_instance_id, &region, why),
+                    requested_by,
+                    None,
+                )
+                .await
+            }
             Rung::Failover => {
                 let req = plan::Request::default();
                 let mut plan = plan::make(engine.deps(), site, &req)
@@ -580,7 +706,9 @@ impl Monitor {
             .iter()
             .filter(|s| {
                 evidence.get(&s.id).is_some_and(|e| {
-                    matches!(e.agent, AgentSignal::Live) && e.app_unreachable() && matches!(e.ec2, Ec2Signal::Ok | Ec2Signal::Unknown { .. })
+                    matches!(e.agent, AgentSignal::Live)
+                        && e.app_unreachable()
+                        && matches!(e.ec2, Ec2Signal::Ok | Ec2Signal::Unknown { .. })
                 })
             })
             .map(|s| (s.clone(), deps.policy(&s.id).health.timeout))
@@ -596,9 +724,13 @@ impl Monitor {
                     let sig = match registry.call(&to, &id, &AgentAction::HealthCheck, timeout + LOCAL_CHECK_SLACK).await {
                         Ok(o) if o.ok => {
                             let r = crate::workflows::report(&o);
-                            LocalSignal::Ok { detail: format!("{} answered {}", r["url"].as_str().unwrap_or("the health check"), r["status"]) }
+                            LocalSignal::Ok {
+                                detail: format!("{} answered {}", r["url"].as_str().unwrap_or("the health check"), r["status"]),
+                            }
                         }
-                        Ok(o) if o.kind == Some(AgentErrorKind::NotSupported) => LocalSignal::Unknown { error: "the agent has no health check (an older agent)".into() },
+                        Ok(o) if o.kind == Some(AgentErrorKind::NotSupported) => {
+                            LocalSignal::Unknown { error: "the agent has no health check (an older agent)".into() }
+                        }
                         Ok(o) => LocalSignal::Failed { detail: o.error },
                         Err(e) => LocalSignal::Unknown { error: e.to_string() },
                     };
@@ -644,7 +776,11 @@ impl Monitor {
                 match answer {
                     Ok(found) => {
                         for s in chunk {
-                            let sig = found.iter().find(|f| f.id == s.primary_instance_id).map(ec2_signal).unwrap_or(Ec2Signal::Gone { state: "unknown to EC2".into() });
+                            let sig = found
+                                .iter()
+                                .find(|f| f.id == s.primary_instance_id)
+                                .map(ec2_signal)
+                                .unwrap_or(Ec2Signal::Gone { state: "unknown to EC2".into() });
                             out.insert(s.id.clone(), sig);
                         }
                     }
@@ -679,7 +815,9 @@ impl Monitor {
                     let Some((url, policy)) = job else { return (site, ProbeSignal::NotConfigured) };
                     let sig = match http.get(&url, policy.ca.as_deref(), policy.timeout).await {
                         Ok(a) if a.status == policy.expect_status => ProbeSignal::Ok { status: a.status },
-                        Ok(a) => ProbeSignal::Failed { detail: format!("{url} answered HTTP {} (expected {})", a.status, policy.expect_status) },
+                        Ok(a) => {
+                            ProbeSignal::Failed { detail: format!("{url} answered HTTP {} (expected {})", a.status, policy.expect_status) }
+                        }
                         Err(e) => ProbeSignal::Failed { detail: format!("{url}: {e}") },
                     };
                     (site, sig)
@@ -734,7 +872,14 @@ impl Monitor {
                 "the agent certificate of {} ends in {left}: issue a new one (`drctl pki issue site {}`) and restart its agent",
                 l.record.instance_id, l.record.site_id
             );
-            let mut e = event(&l.record.site_id, "agent.cert_expiring", "warning", summary, json!({"instance_id": l.record.instance_id, "not_after_ms": end}), "");
+            let mut e = event(
+                &l.record.site_id,
+                "agent.cert_expiring",
+                "warning",
+                summary,
+                json!({"instance_id": l.record.instance_id, "not_after_ms": end}),
+                "",
+            );
             e.id = format!("cert-{}-{}-{end}", l.record.site_id, l.record.instance_id);
             out.push(e);
         }
@@ -761,7 +906,14 @@ impl Monitor {
                 true => format!("{} {} succeeded (requested by {})", o.kind, o.id, o.requested_by),
                 false => format!("{} {} {}: {} (requested by {})", o.kind, o.id, o.state.as_str(), o.error, o.requested_by),
             };
-            let mut e = event(&o.site_id, kind, if ok { "info" } else { "critical" }, summary, json!({"state": o.state.as_str(), "error": o.error}), &o.id);
+            let mut e = event(
+                &o.site_id,
+                kind,
+                if ok { "info" } else { "critical" },
+                summary,
+                json!({"state": o.state.as_str(), "error": o.error}),
+                &o.id,
+            );
             e.id = format!("{}-{}", o.id, o.state.as_str());
             e.at_ms = o.updated_at_ms;
             out.push(e);
@@ -796,7 +948,10 @@ fn once(h: &mut SiteHealth, key: &str) -> bool {
 /// instance seen first as "dead" does not restart `confirm_for`).
 fn same_episode_class(a: Condition, b: Condition) -> bool {
     let gone = |c: Condition| matches!(c, Condition::InstanceGone | Condition::Contradictory);
-    a == b || (a.confirmed_down() && b.confirmed_down()) || (gone(a) && gone(b)) || matches!((a, b), (Condition::HostImpaired | Condition::HostStopped, Condition::HostImpaired | Condition::HostStopped))
+    a == b
+        || (a.confirmed_down() && b.confirmed_down())
+        || (gone(a) && gone(b))
+        || matches!((a, b), (Condition::HostImpaired | Condition::HostStopped, Condition::HostImpaired | Condition::HostStopped))
 }
 
 /// The probe URL of a site: `{hostname}` is its hostname (the configured
@@ -829,7 +984,9 @@ pub fn ec2_signal(s: &InstanceStatus) -> Ec2Signal {
         return Ec2Signal::Impaired { detail: failed.join(", ") };
     }
     // Events that take the host away; scheduled reboots EC2 does itself.
-    if let Some((code, nb)) = s.events.iter().find(|(c, _)| matches!(c.as_str(), "instance-retirement" | "instance-stop" | "system-maintenance")) {
+    if let Some((code, nb)) =
+        s.events.iter().find(|(c, _)| matches!(c.as_str(), "instance-retirement" | "instance-stop" | "system-maintenance"))
+    {
         return Ec2Signal::Retiring { event: code.clone(), not_before: nb.clone() };
     }
     Ec2Signal::Ok
@@ -852,7 +1009,10 @@ mod tests {
         assert_eq!(ec2_signal(&st("running", "ok", vec![])), Ec2Signal::Ok);
         assert_eq!(ec2_signal(&st("pending", "initializing", vec![])), Ec2Signal::Ok);
         assert!(matches!(ec2_signal(&st("running", "impaired", vec![])), Ec2Signal::Impaired { .. }));
-        assert!(matches!(ec2_signal(&st("running", "ok", vec![("instance-retirement", "2026-12-03T00:00:00Z")])), Ec2Signal::Retiring { .. }));
+        assert!(matches!(
+            ec2_signal(&st("running", "ok", vec![("instance-retirement", "2026-12-03T00:00:00Z")])),
+            Ec2Signal::Retiring { .. }
+        ));
         assert_eq!(ec2_signal(&st("running", "ok", vec![("system-reboot", "x")])), Ec2Signal::Ok, "EC2 reboots it itself");
         assert!(matches!(ec2_signal(&st("stopped", "not-applicable", vec![])), Ec2Signal::Stopped { .. }));
         assert!(matches!(ec2_signal(&st("terminated", "not-applicable", vec![])), Ec2Signal::Gone { .. }));
@@ -873,7 +1033,11 @@ mod tests {
     /// A fleet of `n` sites on one fake EC2 (primaries `i-0000000N`, each
     /// with one available backup), no agent connected, the app probe
     /// pointing at a closed port; and its monitor.
-    async fn fleet(n: usize, config: HealthConfig, health: HealthPolicy) -> (tempfile::TempDir, std::sync::Arc<crate::testkit::FakeEc2>, Monitor) {
+    async fn fleet(
+        n: usize,
+        config: HealthConfig,
+        health: HealthPolicy,
+    ) -> (tempfile::TempDir, std::sync::Arc<crate::testkit::FakeEc2>, Monitor) {
         use crate::domain::model::LaunchFacts;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::Store::open(&dir.path().join("s.db")).await.expect("store");
@@ -884,12 +1048,21 @@ mod tests {
         let now = now_ms();
         for i in 0..n {
             let (site, inst, image) = (format!("s{i}"), format!("i-{i:08x}"), format!("ami-{i:08x}"));
-            store.upsert_site(Site { id: site.clone(), region: "us-east-1".into(), primary_instance_id: inst.clone(), role_arn: None }).await.expect("site");
+            store
+                .upsert_site(Site { id: site.clone(), region: "us-east-1".into(), primary_instance_id: inst.clone(), role_arn: None })
+                .await
+                .expect("site");
             fake.add_instance(&inst, "10.0.0.5");
             fake.add_image(&image);
             let b = crate::testkit::available_backup(&site, &inst, &image, now - 60_000, now - 30_000);
             store.insert_rebuilt_backup(b).await.expect("backup");
-            let facts = LaunchFacts { instance_id: inst, instance_type: "m5.xlarge".into(), subnet_id: "subnet-1".into(), private_ip: "10.0.0.5".into(), ..LaunchFacts::default() };
+            let facts = LaunchFacts {
+                instance_id: inst,
+                instance_type: "m5.xlarge".into(),
+                subnet_id: "subnet-1".into(),
+                private_ip: "10.0.0.5".into(),
+                ..LaunchFacts::default()
+            };
             store.put_launch_facts(image, site.clone(), facts).await.expect("facts");
             // "closed": a probe that always fails; else the policy's URL
             // (the default needs a hostname these sites lack: no probe).
@@ -915,7 +1088,13 @@ mod tests {
     }
 
     fn auto(confirm_for: Duration) -> HealthPolicy {
-        HealthPolicy { mode: AutoMode::Auto, confirm_for, timeout: Duration::from_millis(500), url: "closed".into(), ..HealthPolicy::default() }
+        HealthPolicy {
+            mode: AutoMode::Auto,
+            confirm_for,
+            timeout: Duration::from_millis(500),
+            url: "closed".into(),
+            ..HealthPolicy::default()
+        }
     }
 
     fn kinds(p: &Pass, kind: &str) -> usize {
@@ -932,7 +1111,11 @@ mod tests {
             assert!(p.guard, "the guard holds with 10 of 10 sites silent");
             assert!(p.started.is_empty(), "nothing started: {:?}", p.started);
             // Agent silent and probe failing cross one path: a partition.
-            assert!(p.health.values().all(|h| h.condition == Condition::Partitioned), "{:?}", p.health.values().map(|h| h.condition).collect::<Vec<_>>());
+            assert!(
+                p.health.values().all(|h| h.condition == Condition::Partitioned),
+                "{:?}",
+                p.health.values().map(|h| h.condition).collect::<Vec<_>>()
+            );
             guards += kinds(&p, "fleet.guard");
             assert_eq!(p.ec2_calls, 1, "10 sites of one region: one DescribeInstanceStatus");
         }
@@ -961,7 +1144,16 @@ mod tests {
         assert!(p.started.is_empty(), "the first still runs: no second one");
         assert_eq!(kinds(&p, "failover.not_started"), 0, "each hold is reported once");
         // The running failover ends (aborted): the site keeps its cooldown.
-        let (site, _, op) = m.engine.store().active_detail().await.expect("active").into_iter().map(|a| (a.site_id, a.kind, a.id)).find(|a| a.1 == "failover").expect("one failover");
+        let (site, _, op) = m
+            .engine
+            .store()
+            .active_detail()
+            .await
+            .expect("active")
+            .into_iter()
+            .map(|a| (a.site_id, a.kind, a.id))
+            .find(|a| a.1 == "failover")
+            .expect("one failover");
         m.engine.signal(&op, Signal::Abort, "test").await.expect("abort");
         for _ in 0..200 {
             if m.engine.store().active_detail().await.expect("active").iter().all(|a| a.id != op) {
@@ -980,7 +1172,12 @@ mod tests {
     async fn an_unanswered_approval_is_reported_once_and_a_second_failure_within_the_cooldown_is_held() {
         crate::reconcilers::tests_support::install_crypto();
         let min = 60_000;
-        let policy = HealthPolicy { mode: AutoMode::Approve, url: String::new(), approval_timeout: Duration::from_secs(600), ..auto(Duration::ZERO) };
+        let policy = HealthPolicy {
+            mode: AutoMode::Approve,
+            url: String::new(),
+            approval_timeout: Duration::from_secs(600),
+            ..auto(Duration::ZERO)
+        };
         let (_dir, fake, mut m) = fleet(1, HealthConfig::default(), policy).await;
         let (site, inst) = ("s0".to_owned(), "i-00000000".to_owned());
         fake.lock().instances[0].instance.state = "terminated".into();
@@ -1036,7 +1233,17 @@ mod tests {
 
     /// Agents of every site attached, answering `health_check` with `local`.
     fn attach_agents(m: &Monitor, n: usize, local: fn() -> crate::testkit::FakeAnswer) -> Vec<crate::testkit::FakeAgent> {
-        (0..n).map(|i| crate::testkit::FakeAgent::attach(&m.engine.deps().registry, &format!("s{i}"), &format!("i-{i:08x}"), Role::Primary, move |a| if a == "health_check" { local() } else { Ok(json!({})) })).collect()
+        (0..n)
+            .map(|i| {
+                crate::testkit::FakeAgent::attach(
+                    &m.engine.deps().registry,
+                    &format!("s{i}"),
+                    &format!("i-{i:08x}"),
+                    Role::Primary,
+                    move |a| if a == "health_check" { local() } else { Ok(json!({})) },
+                )
+            })
+            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1051,9 +1258,17 @@ mod tests {
         for pass in 0..3 {
             let p = m.pass(t0 + pass * 1000).await.expect("pass");
             assert!(p.started.is_empty(), "nothing restarted: {:?}", p.started);
-            assert!(p.health.values().all(|h| h.condition == Condition::AppUnreachable), "{:?}", p.health.values().map(|h| h.condition).collect::<Vec<_>>());
+            assert!(
+                p.health.values().all(|h| h.condition == Condition::AppUnreachable),
+                "{:?}",
+                p.health.values().map(|h| h.condition).collect::<Vec<_>>()
+            );
             assert!(p.guard, "5 of 5 probes failing: the controller's probe is at fault");
-            assert!(!p.events.iter().any(|e| e.kind.starts_with("site.") || e.kind.starts_with("repair.")), "one fleet alert, none per site: {:?}", p.events);
+            assert!(
+                !p.events.iter().any(|e| e.kind.starts_with("site.") || e.kind.starts_with("repair.")),
+                "one fleet alert, none per site: {:?}",
+                p.events
+            );
             guards += kinds(&p, "fleet.guard");
         }
         assert_eq!(guards, 1);

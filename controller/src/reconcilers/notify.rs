@@ -59,7 +59,9 @@ impl Notifier {
         let recorded = self.store.put_health(health, with_sinks).await?;
         for e in &recorded {
             match e.severity.as_str() {
-                "critical" | "warning" => tracing::warn!(event = %e.kind, site = %e.site_id, operation = %e.operation_id, summary = %e.summary, "event"),
+                "critical" | "warning" => {
+                    tracing::warn!(event = %e.kind, site = %e.site_id, operation = %e.operation_id, summary = %e.summary, "event")
+                }
                 _ => tracing::info!(event = %e.kind, site = %e.site_id, operation = %e.operation_id, summary = %e.summary, "event"),
             }
         }
@@ -76,9 +78,23 @@ impl Notifier {
                 .ok()
                 .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
                 .unwrap_or_default();
-            event(&pause.site_id, "site.paused", "warning", format!("automatic recovery paused by {} until {until}: {}", pause.by, pause.reason), json!({"until_ms": pause.until_ms, "by": pause.by}), "")
+            event(
+                &pause.site_id,
+                "site.paused",
+                "warning",
+                format!("automatic recovery paused by {} until {until}: {}", pause.by, pause.reason),
+                json!({"until_ms": pause.until_ms, "by": pause.by}),
+                "",
+            )
         } else {
-            event(&pause.site_id, "site.unpaused", "info", format!("automatic recovery resumed by {}", pause.by), json!({"by": pause.by}), "")
+            event(
+                &pause.site_id,
+                "site.unpaused",
+                "info",
+                format!("automatic recovery resumed by {}", pause.by),
+                json!({"by": pause.by}),
+                "",
+            )
         };
         let sinks = self.sinks.iter().filter(|s| s.wants(&e.kind)).map(|s| s.url.clone()).collect();
         self.store.set_pause(pause, (e, sinks)).await
@@ -151,11 +167,14 @@ pub async fn deliver_due(store: &Store, sinks: &[NotifyConfig], http: &HttpClien
         };
         let body = serde_json::to_vec(&body(&item.event, sink.format)).expect("JSON values serialize");
         let ts = (now_ms() / 1000).to_string();
-        let mut headers = vec![("x-dr-event-id", item.event.id.clone()), ("x-dr-timestamp", ts.clone()), ("x-dr-event-kind", item.event.kind.clone())];
+        let mut headers =
+            vec![("x-dr-event-id", item.event.id.clone()), ("x-dr-timestamp", ts.clone()), ("x-dr-event-kind", item.event.kind.clone())];
         match sink.secret() {
             Ok(secret) if !secret.is_empty() => headers.push(("x-dr-signature", signature(&secret, &ts, &body))),
             Ok(_) => {}
-            Err(e) => tracing::warn!(webhook = %crate::cloud::http::redacted(&sink.url), error = %e, "webhook secret unreadable: sent unsigned"),
+            Err(e) => {
+                tracing::warn!(webhook = %crate::cloud::http::redacted(&sink.url), error = %e, "webhook secret unreadable: sent unsigned")
+            }
         }
         let result = http.post_json(&sink.url, &headers, body, sink.ca.as_deref(), DELIVERY_TIMEOUT).await;
         match result {
@@ -220,7 +239,9 @@ mod tests {
                         if let Some(end) = text.find("\r\n\r\n") {
                             let len = text[..end]
                                 .lines()
-                                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                                })
                                 .unwrap_or(0);
                             if buf.len() >= end + 4 + len {
                                 break buf[end + 4..end + 4 + len].to_vec();
@@ -280,7 +301,11 @@ mod tests {
         slow_down.store(false, Ordering::SeqCst);
         let later = record(3).await;
         deliver_due(&store, &sinks, &http, now_ms()).await.expect("pass");
-        assert!(slow_got.lock().expect("lock").is_empty(), "nothing overtakes the head in its backoff: {:?}", slow_got.lock().expect("lock"));
+        assert!(
+            slow_got.lock().expect("lock").is_empty(),
+            "nothing overtakes the head in its backoff: {:?}",
+            slow_got.lock().expect("lock")
+        );
         let all: Vec<u64> = first.iter().chain(&later).map(|e| e.seq).collect();
         assert_eq!(*fast_got.lock().expect("lock"), all, "the other webhook is not held back");
 

@@ -96,7 +96,9 @@ pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Sche
                     store.set_last_slot(site.id.clone(), what.kind().into(), latest).await?;
                     tracing::error!(site = %site.id, error = %e, "scheduled drill skipped: it cannot be planned");
                 }
-                Err(Start::Engine(e)) => tracing::error!(site = %site.id, kind = what.kind(), error = %e, "scheduled operation could not start"),
+                Err(Start::Engine(e)) => {
+                    tracing::error!(site = %site.id, kind = what.kind(), error = %e, "scheduled operation could not start")
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::domain::model::{BackupState, Millis, OperationState, Role, Site, Spar
 use crate::domain::policy::{Policy, SpareMode};
 use crate::store::StoreError;
 use crate::workflows::failover::plan::{self, launch_image_in, spare_region};
-use crate::workflows::{Engine, retry_ec2, spare, EC2_RETRY_BUDGET};
+use crate::workflows::{EC2_RETRY_BUDGET, Engine, retry_ec2, spare};
 
 /// Why the keeper acted on a site.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,7 +107,13 @@ pub async fn check_spares(engine: &Engine) -> Result<Vec<(String, Kept)>, StoreE
 }
 
 /// Why `site` needs a new spare now, if it does.
-pub fn needs_spare(policy: &Policy, region: &str, spare: Option<&SpareRecord>, newest: Option<(&str, Millis)>, now: Millis) -> Option<String> {
+pub fn needs_spare(
+    policy: &Policy,
+    region: &str,
+    spare: Option<&SpareRecord>,
+    newest: Option<(&str, Millis)>,
+    now: Millis,
+) -> Option<String> {
     let (newest_id, newest_started) = newest?;
     let Some(s) = spare else { return Some("the site has no spare".into()) };
     if let Some(why) = misfit(policy, region, s) {
@@ -154,7 +160,9 @@ pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Kept
             if let Some(s) = current {
                 match retire(engine, &site, s).await {
                     Ok(()) => done.push((site.id.clone(), Kept::Retired { instance_id: s.instance_id.clone() })),
-                    Err(e) => tracing::error!(site = %site.id, spare = %s.instance_id, error = %e, "the spare could not be terminated (policy spare = off); retried next pass"),
+                    Err(e) => {
+                        tracing::error!(site = %site.id, spare = %s.instance_id, error = %e, "the spare could not be terminated (policy spare = off); retried next pass")
+                    }
                 }
             }
             continue;
@@ -172,7 +180,9 @@ pub async fn tick_once(engine: &Engine, now: Millis) -> Result<Vec<(String, Kept
             .iter()
             .filter(|b| b.state == BackupState::Available && launch_image_in(b, &site, &region).is_some())
             .max_by_key(|b| b.completed_at_ms);
-        let Some(why) = needs_spare(&policy, &region, current, newest.map(|b| (b.image_id.as_str(), b.started_at_ms)), now) else { continue };
+        let Some(why) = needs_spare(&policy, &region, current, newest.map(|b| (b.image_id.as_str(), b.started_at_ms)), now) else {
+            continue;
+        };
         let req = plan::Request { spare: true, ..Default::default() };
         let plan = match plan::make(engine.deps(), &site, &req).await {
             Ok(p) => p,

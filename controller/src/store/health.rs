@@ -148,7 +148,15 @@ impl Db<'_> {
             "SELECT id, site_id, kind, state, requested_by, created_at_ms, waiting_for FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
         ))?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?, r.get::<_, i64>(5)?, r.get::<_, String>(6)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+            ))
         })?;
         let mut out = vec![];
         for row in rows {
@@ -166,7 +174,15 @@ impl Db<'_> {
              WHERE updated_at_ms > ?1 AND state NOT IN {ACTIVE_SQL} ORDER BY updated_at_ms"
         ))?;
         let rows = stmt.query_map([since as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?, r.get::<_, String>(5)?, r.get::<_, i64>(6)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
         })?;
         let mut out = vec![];
         for row in rows {
@@ -210,7 +226,13 @@ impl Db<'_> {
     pub fn pauses(&self, now: Millis) -> Result<HashMap<String, Pause>, StoreError> {
         let mut stmt = self.0.prepare("SELECT site_id, paused_by, reason, at_ms, until_ms FROM recovery_pauses WHERE until_ms > ?1")?;
         let rows = stmt.query_map([now as i64], |r| {
-            Ok(Pause { site_id: r.get(0)?, by: r.get(1)?, reason: r.get(2)?, at_ms: r.get::<_, i64>(3)? as u64, until_ms: r.get::<_, i64>(4)? as u64 })
+            Ok(Pause {
+                site_id: r.get(0)?,
+                by: r.get(1)?,
+                reason: r.get(2)?,
+                at_ms: r.get::<_, i64>(3)? as u64,
+                until_ms: r.get::<_, i64>(4)? as u64,
+            })
         })?;
         let mut out = HashMap::new();
         for p in rows {
@@ -224,7 +246,11 @@ impl Db<'_> {
     pub fn last_event(&self, site: String, kind: String) -> Result<Option<Event>, StoreError> {
         Ok(self
             .0
-            .query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE site_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1"), params![site, kind], event_row)
+            .query_row(
+                &format!("SELECT {EVENT_COLS} FROM events WHERE site_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1"),
+                params![site, kind],
+                event_row,
+            )
             .optional()?)
     }
 }

@@ -117,9 +117,7 @@ impl Store {
     /// Opens (creating if missing) and migrates the store.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path))
-            .await
-            .map_err(|e| StoreError::Worker(e.to_string()))?
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await.map_err(|e| StoreError::Worker(e.to_string()))?
     }
 
     pub fn open_blocking(path: &Path) -> Result<Self, StoreError> {
@@ -472,8 +470,24 @@ fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupRow> {
     ))
 }
 fn backup_of(row: BackupRow) -> Result<Backup, StoreError> {
-    let (image_id, site_id, operation_id, region, instance_id, snaps, started, completed, cons, app_state, state, fate, deleted, quiesce, frozen, note) =
-        row;
+    let (
+        image_id,
+        site_id,
+        operation_id,
+        region,
+        instance_id,
+        snaps,
+        started,
+        completed,
+        cons,
+        app_state,
+        state,
+        fate,
+        deleted,
+        quiesce,
+        frozen,
+        note,
+    ) = row;
     Ok(Backup {
         snapshot_ids: serde_json::from_str(&snaps).map_err(|_| corrupt("backups.snapshot_ids", snaps))?,
         consistency: Consistency::parse(&cons).ok_or_else(|| corrupt("backups.consistency", cons.clone()))?,
@@ -601,14 +615,13 @@ impl Db<'_> {
     }
 
     pub fn instances_of(&self, site_id: String) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut stmt = self
-            .0
-            .prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
+        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
         Ok(stmt.query_map([site_id], instance_row)?.collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn fenced_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE role = 'fenced' ORDER BY site_id, instance_id"))?;
+        let mut stmt =
+            self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE role = 'fenced' ORDER BY site_id, instance_id"))?;
         Ok(stmt.query_map([], instance_row)?.collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -655,9 +668,8 @@ impl Db<'_> {
     pub fn touch_seen(&self, seen: Vec<(String, String, Millis)>) -> Result<(), StoreError> {
         let tx = self.0.unchecked_transaction()?;
         {
-            let mut stmt = tx.prepare(
-                "UPDATE instances SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2",
-            )?;
+            let mut stmt =
+                tx.prepare("UPDATE instances SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2")?;
             for (site, instance, at) in &seen {
                 stmt.execute(params![site, instance, *at as i64])?;
             }
@@ -734,8 +746,7 @@ impl Db<'_> {
                 },
             )
             .optional()?;
-        let Some((id, kind, site_id, state, error, requested_by, created, updated, waiting_for, failure, owner, epoch, version, wf)) =
-            head
+        let Some((id, kind, site_id, state, error, requested_by, created, updated, waiting_for, failure, owner, epoch, version, wf)) = head
         else {
             return Ok(None);
         };
@@ -805,8 +816,7 @@ impl Db<'_> {
     }
 
     pub fn active_operations(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt =
-            self.0.prepare(&format!("SELECT id FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
+        let mut stmt = self.0.prepare(&format!("SELECT id FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
         Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?)
     }
 
@@ -828,9 +838,7 @@ impl Db<'_> {
         let epoch: Option<i64> = self
             .0
             .query_row(
-                &format!(
-                    "UPDATE operations SET owner = ?2, epoch = epoch + 1 WHERE id = ?1 AND state IN {ACTIVE_SQL} RETURNING epoch"
-                ),
+                &format!("UPDATE operations SET owner = ?2, epoch = epoch + 1 WHERE id = ?1 AND state IN {ACTIVE_SQL} RETURNING epoch"),
                 params![id, owner],
                 |r| r.get(0),
             )
@@ -923,10 +931,8 @@ impl Db<'_> {
     }
 
     pub fn pending_signals(&self, op_id: String) -> Result<Vec<(i64, Signal)>, StoreError> {
-        let mut stmt =
-            self.0.prepare("SELECT id, signal FROM signals WHERE operation_id = ?1 AND consumed_at_ms = 0 ORDER BY id")?;
-        let rows =
-            stmt.query_map([op_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.0.prepare("SELECT id, signal FROM signals WHERE operation_id = ?1 AND consumed_at_ms = 0 ORDER BY id")?;
+        let rows = stmt.query_map([op_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(|(id, s)| Ok((id, Signal::parse(&s).ok_or_else(|| corrupt("signals.signal", s))?))).collect()
     }
 
@@ -938,11 +944,9 @@ impl Db<'_> {
     pub fn intent(&self, op_id: String, name: String) -> Result<Option<(String, String)>, StoreError> {
         Ok(self
             .0
-            .query_row(
-                "SELECT token, resource_id FROM intents WHERE operation_id = ?1 AND name = ?2",
-                params![op_id, name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT token, resource_id FROM intents WHERE operation_id = ?1 AND name = ?2", params![op_id, name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?)
     }
 
@@ -1001,9 +1005,8 @@ impl Db<'_> {
 
     /// A site's backups, newest first, with their copies.
     pub fn backups(&self, site_id: String) -> Result<Vec<Backup>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
-            "SELECT {BACKUP_COLS} FROM backups WHERE site_id = ?1 ORDER BY completed_at_ms DESC, image_id"
-        ))?;
+        let mut stmt =
+            self.0.prepare(&format!("SELECT {BACKUP_COLS} FROM backups WHERE site_id = ?1 ORDER BY completed_at_ms DESC, image_id"))?;
         let rows = stmt.query_map([&site_id], backup_row)?.collect::<Result<Vec<_>, _>>()?;
         let mut out = rows.into_iter().map(backup_of).collect::<Result<Vec<_>, _>>()?;
         let mut copies: HashMap<String, Vec<Copy>> = HashMap::new();
@@ -1118,10 +1121,8 @@ impl Db<'_> {
     }
 
     pub fn launch_facts(&self, image_id: String) -> Result<Option<LaunchFacts>, StoreError> {
-        let text: Option<String> = self
-            .0
-            .query_row("SELECT facts FROM launch_facts WHERE image_id = ?1", [&image_id], |r| r.get(0))
-            .optional()?;
+        let text: Option<String> =
+            self.0.query_row("SELECT facts FROM launch_facts WHERE image_id = ?1", [&image_id], |r| r.get(0)).optional()?;
         text.map(|t| serde_json::from_str(&t).map_err(|_| corrupt("launch_facts.facts", t))).transpose()
     }
 
@@ -1247,9 +1248,9 @@ impl Db<'_> {
 
     /// Every active operation, by site, oldest first, in one query.
     pub fn active_by_site(&self) -> Result<HashMap<String, Vec<ActiveOp>>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
-            "SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
-        ))?;
+        let mut stmt = self
+            .0
+            .prepare(&format!("SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -1278,7 +1279,8 @@ impl Db<'_> {
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
-        let mut view = FleetView { sites: self.sites()?, health: self.health_all()?, pauses: self.pauses(now_ms())?, ..FleetView::default() };
+        let mut view =
+            FleetView { sites: self.sites()?, health: self.health_all()?, pauses: self.pauses(now_ms())?, ..FleetView::default() };
         let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
         for rec in stmt.query_map([], instance_row)? {
             let rec = rec?;

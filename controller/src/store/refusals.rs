@@ -114,20 +114,15 @@ impl Db<'_> {
     /// Records the not-after of the agent certificate the backup's source
     /// instance presented (what a restore of it will present).
     pub fn set_backup_agent_cert(&self, image_id: String, not_after_ms: Millis) -> Result<(), StoreError> {
-        self.0.execute(
-            "UPDATE backups SET agent_cert_not_after_ms = ?2 WHERE image_id = ?1",
-            params![image_id, not_after_ms as i64],
-        )?;
+        self.0.execute("UPDATE backups SET agent_cert_not_after_ms = ?2 WHERE image_id = ?1", params![image_id, not_after_ms as i64])?;
         Ok(())
     }
 
     /// The not-after recorded by [`Db::set_backup_agent_cert`]; `None`
     /// when the backup recorded none (older backups) or is unknown.
     pub fn backup_agent_cert(&self, image_id: String) -> Result<Option<Millis>, StoreError> {
-        let t: Option<i64> = self
-            .0
-            .query_row("SELECT agent_cert_not_after_ms FROM backups WHERE image_id = ?1", [image_id], |r| r.get(0))
-            .optional()?;
+        let t: Option<i64> =
+            self.0.query_row("SELECT agent_cert_not_after_ms FROM backups WHERE image_id = ?1", [image_id], |r| r.get(0)).optional()?;
         Ok(t.filter(|t| *t > 0).map(|t| t as u64))
     }
 }

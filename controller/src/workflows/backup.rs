@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail};
 use crate::cloud::ec2::{CreateImage, Ec2, Image};
-use crate::engine::{Ctx, Deadline, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 use crate::domain::model::{Backup as BackupRecord, BackupState, Consistency, Protected, now_ms};
 use crate::domain::policy::{OnQuiesceFailure, Quiesce};
+use crate::engine::{Ctx, Deadline, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 
 use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 
@@ -114,7 +114,6 @@ impl State {
     }
 }
 
-
 impl Workflow for Backup {
     type Deps = Deps;
     type State = State;
@@ -130,8 +129,7 @@ impl Workflow for Backup {
             StepDef::new("create_image", step!(create_image)),
             StepDef::new("wait_snapshots", step!(wait_snapshots)).retry(Retry::TRANSIENT),
             StepDef::new("unquiesce", step!(unquiesce)).always(),
-            StepDef::new("wait_available", step!(wait_available_step))
-                .deadline(Deadline::FromStart(|d: &Deps| d.backup.timeout)),
+            StepDef::new("wait_available", step!(wait_available_step)).deadline(Deadline::FromStart(|d: &Deps| d.backup.timeout)),
             StepDef::new("tag_snapshots", step!(tag_snapshots)).retry(Retry::TRANSIENT),
             StepDef::new("record", step!(record)),
             StepDef::new("copy", step!(copy)),
@@ -319,11 +317,7 @@ async fn create_image(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepEr
 }
 
 fn tags(ctx: &Ctx<Deps>) -> Vec<(String, String)> {
-    vec![
-        (TAG_SITE.into(), ctx.site.id.clone()),
-        (TAG_OPERATION.into(), ctx.op_id.clone()),
-        (TAG_CREATED_BY.into(), CREATED_BY.into()),
-    ]
+    vec![(TAG_SITE.into(), ctx.site.id.clone()), (TAG_OPERATION.into(), ctx.op_id.clone()), (TAG_CREATED_BY.into(), CREATED_BY.into())]
 }
 
 /// Waits until every snapshot of the new AMI exists and is pending (or
@@ -341,8 +335,7 @@ async fn wait_snapshots(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, Step
                 return Err(StepError::failed(format!("{image_id} failed: {}", image.state_reason)));
             }
             if !image.snapshot_ids.is_empty() {
-                let states =
-                    retry_ec2("DescribeSnapshots", EC2_RETRY_BUDGET, || ec2.describe_snapshots(&image.snapshot_ids)).await?;
+                let states = retry_ec2("DescribeSnapshots", EC2_RETRY_BUDGET, || ec2.describe_snapshots(&image.snapshot_ids)).await?;
                 let ready = image
                     .snapshot_ids
                     .iter()
@@ -447,12 +440,7 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
 /// the same command id (the agent answers from its journal if it ran);
 /// after the agent itself reported a failure, a new id (`<undo>-1`, ...)
 /// makes it really try again.
-async fn undo_until_done(
-    ctx: &Ctx<Deps>,
-    undo: &str,
-    action: &AgentAction,
-    timeout: Duration,
-) -> Result<serde_json::Value, StepError> {
+async fn undo_until_done(ctx: &Ctx<Deps>, undo: &str, action: &AgentAction, timeout: Duration) -> Result<serde_json::Value, StepError> {
     let patience = ctx.deps().backup.unquiesce_patience;
     let start = tokio::time::Instant::now();
     let backoff = dr_proto::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));

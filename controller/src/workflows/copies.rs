@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::cloud::ec2::CopyImage;
-use crate::engine::StepError;
 use crate::domain::model::{Copy, CopyState, Site, now_ms};
-use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 use crate::domain::tags::TAG_SOURCE_IMAGE;
+use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::engine::StepError;
 use crate::workflows::{Deps, EC2_RETRY_BUDGET as BUDGET, retry_ec2};
 
 /// A copy recorded as pending without an image id for this long was left by
@@ -29,13 +29,7 @@ pub fn client_token(operation_id: &str, region: &str, attempt: u32) -> String {
 }
 
 /// Starts (or, if already recorded, leaves alone) the copy of `image_id` to `region`.
-pub async fn start_copy(
-    engine: &Deps,
-    site: &Site,
-    image_id: &str,
-    operation_id: &str,
-    region: &str,
-) -> Result<Copy, StepError> {
+pub async fn start_copy(engine: &Deps, site: &Site, image_id: &str, operation_id: &str, region: &str) -> Result<Copy, StepError> {
     if let Some(existing) = engine.store.copies_of(image_id.to_owned()).await?.into_iter().find(|c| c.region == region) {
         if !existing.image_id.is_empty() || existing.state == CopyState::Failed {
             return Ok(existing);
@@ -146,10 +140,7 @@ pub async fn reconcile(engine: &Deps, every: Duration) -> Result<usize, StepErro
             // CopyImage tags the copy; an EC2 that dropped the tags (moto
             // 5.2.5 accepts TagSpecifications on CopyImage and ignores them)
             // gets them once here, so the copy is found by its tags.
-            let untagged = images
-                .iter()
-                .find(|i| i.id == copy.image_id)
-                .is_some_and(|i| !i.tags.iter().any(|(k, _)| k == TAG_OPERATION));
+            let untagged = images.iter().find(|i| i.id == copy.image_id).is_some_and(|i| !i.tags.iter().any(|(k, _)| k == TAG_OPERATION));
             if untagged {
                 let tags = copy_tags(&site, &operation_id, &copy.source_image_id);
                 let id = [copy.image_id.clone()];
@@ -184,4 +175,3 @@ async fn site_of(engine: &Deps, image_id: &str) -> Result<Option<(Site, String)>
     let Some((site_id, operation_id)) = engine.store.backup_origin(image_id.to_owned()).await? else { return Ok(None) };
     Ok(engine.store.site(site_id).await?.map(|s| (s, operation_id)))
 }
-

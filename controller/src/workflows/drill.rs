@@ -39,7 +39,6 @@ pub struct Drill;
 const RPO_WINDOW_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
 const RPO_WINDOW_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
-
 impl Workflow for Drill {
     type Deps = Deps;
     type State = State;
@@ -78,12 +77,8 @@ pub async fn start(
     slot: Option<Millis>,
 ) -> Result<crate::domain::model::Operation, crate::engine::EngineError> {
     let lease = engine.deps().drill.lease;
-    let state = State {
-        plan,
-        keep_ms: keep.as_millis() as u64,
-        keep_until_ms: now_ms() + (lease + keep).as_millis() as u64,
-        ..State::default()
-    };
+    let state =
+        State { plan, keep_ms: keep.as_millis() as u64, keep_until_ms: now_ms() + (lease + keep).as_millis() as u64, ..State::default() };
     failover::start_state::<Drill>(engine, state, requested_by, slot).await
 }
 
@@ -125,7 +120,11 @@ async fn keep(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let mut progress = Waiting::new();
     while now_ms() < until {
         if ctx.abort_requested() {
-            return Ok(Outcome::Done(format!("kept {} of {} (ended by abort)", secs(progress.elapsed().as_millis() as u64), secs(st.keep_ms))));
+            return Ok(Outcome::Done(format!(
+                "kept {} of {} (ended by abort)",
+                secs(progress.elapsed().as_millis() as u64),
+                secs(st.keep_ms)
+            )));
         }
         let left = until - now_ms();
         progress.say(ctx, format!("keeping the copy {} for inspection: {} left", st.candidate, secs(left))).await;
@@ -171,7 +170,8 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
         retry_ec2("DeleteVolume", EC2_RETRY_BUDGET, || ec2.delete_volume(&v.id)).await?;
         deleted.push(v.id.clone());
     }
-    let left: Vec<String> = volumes.iter().filter(|v| v.state != "available" && v.state != "deleting" && v.state != "deleted").map(|v| v.id.clone()).collect();
+    let left: Vec<String> =
+        volumes.iter().filter(|v| v.state != "available" && v.state != "deleting" && v.state != "deleted").map(|v| v.id.clone()).collect();
     let ended: Vec<&String> = ids.iter().filter(|i| !leaked.contains(i)).collect();
     // EC2 says they are gone: no longer listed under the site.
     for id in &ended {
@@ -217,7 +217,8 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         ],
     );
     let failure = op.as_ref().map(|o| o.failure.clone()).unwrap_or_default();
-    let verified = op.as_ref().is_some_and(|o| o.steps.iter().any(|s| s.name == "verify" && s.state == crate::domain::model::StepState::Done));
+    let verified =
+        op.as_ref().is_some_and(|o| o.steps.iter().any(|s| s.name == "verify" && s.state == crate::domain::model::StepState::Done));
     let started = ctx.created_at_ms;
     // The worst RPO over the window since the previous drill.
     let previous = store.drills(ctx.site.id.clone(), 2).await?.into_iter().find(|d| d.operation_id != ctx.op_id);
@@ -275,7 +276,13 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         )));
     }
     Ok(Outcome::Done(if rec.ok {
-        format!("RTO {}, RPO {} (worst {} over {}); torn down", secs(rec.rto_ms), secs(rec.rpo_ms), secs(rec.worst_rpo_ms), secs(rec.worst_rpo_window_ms))
+        format!(
+            "RTO {}, RPO {} (worst {} over {}); torn down",
+            secs(rec.rto_ms),
+            secs(rec.rpo_ms),
+            secs(rec.worst_rpo_ms),
+            secs(rec.worst_rpo_window_ms)
+        )
     } else {
         format!("drill failed: {error}; torn down")
     }))

@@ -8,12 +8,11 @@
 /// the engine's `StepFn`.
 macro_rules! step {
     ($f:path) => {
-        |c: &crate::engine::Ctx<crate::workflows::Deps>, s: &mut State| -> crate::engine::BoxFuture<'_, Result<crate::engine::Outcome, crate::engine::StepError>> {
-            Box::pin($f(c, s))
-        }
+        |c: &crate::engine::Ctx<crate::workflows::Deps>,
+         s: &mut State|
+         -> crate::engine::BoxFuture<'_, Result<crate::engine::Outcome, crate::engine::StepError>> { Box::pin($f(c, s)) }
     };
 }
-
 
 pub mod backup;
 pub mod copies;
@@ -31,14 +30,14 @@ use dr_proto::backoff::Backoff;
 use serde_json::json;
 
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome, Registry};
-use crate::config::BackupConfig;
-use crate::cloud::dns::Dns;
-use crate::domain::recovery::{FailoverConfig, SiteRecovery};
 use crate::cloud::Ec2Clients;
+use crate::cloud::dns::Dns;
 use crate::cloud::ec2::{Ec2, Ec2Error};
-use crate::engine::{self, Ctx, ErrorKind, StepError};
+use crate::config::BackupConfig;
 use crate::domain::model::{Site, now_ms};
 use crate::domain::policy::Policy;
+use crate::domain::recovery::{FailoverConfig, SiteRecovery};
+use crate::engine::{self, Ctx, ErrorKind, StepError};
 use crate::store::Store;
 
 /// What the workflows need, given to the engine once.
@@ -92,10 +91,7 @@ impl Deps {
 
     /// Route 53.
     pub async fn dns(&self) -> Arc<dyn Dns> {
-        self.dns
-            .get_or_init(|| async { Arc::new(crate::cloud::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> })
-            .await
-            .clone()
+        self.dns.get_or_init(|| async { Arc::new(crate::cloud::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> }).await.clone()
     }
 
     /// EC2 for a site, in its own region.

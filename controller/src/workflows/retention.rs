@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::cloud::ec2::Ec2;
-use crate::engine::StepError;
 use crate::domain::model::{Backup, BackupState, Copy, CopyState, Millis, Site, now_ms};
 use crate::domain::policy::Policy;
+use crate::engine::StepError;
 
 /// What retention decided about one backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -51,11 +51,7 @@ pub fn plan(backups: &[Backup], policy: &Policy, in_use: &HashSet<String>, now: 
             match policy.keep_for {
                 Some(limit) => (
                     false,
-                    format!(
-                        "beyond the newest {} and {age_text} old (older than {})",
-                        policy.keep_last,
-                        humantime::format_duration(limit)
-                    ),
+                    format!("beyond the newest {} and {age_text} old (older than {})", policy.keep_last, humantime::format_duration(limit)),
                 ),
                 None => (false, format!("beyond the newest {} ({age_text} old)", policy.keep_last)),
             }
@@ -161,8 +157,7 @@ mod tests {
     fn count_and_age_rules_combine() {
         let now = 100 * H;
         // Newest first: ages 1h, 2h, 3h, 30h, 50h, 70h.
-        let list: Vec<Backup> =
-            [1, 2, 3, 30, 50, 70].iter().map(|age| backup(&format!("ami-{age}"), now - age * H)).collect();
+        let list: Vec<Backup> = [1, 2, 3, 30, 50, 70].iter().map(|age| backup(&format!("ami-{age}"), now - age * H)).collect();
         let policy = Policy { keep_last: 2, keep_for: Some(Duration::from_secs(48 * 3600)), ..Policy::default() };
         let d = plan(&list, &policy, &HashSet::new(), now);
         assert_eq!(kept(&d), vec!["ami-1", "ami-2", "ami-3", "ami-30"]);

@@ -110,7 +110,10 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
             _ => {}
         }
         if progress.elapsed() >= limit {
-            return Err(StepError::new(ErrorKind::TimedOut, format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)")));
+            return Err(StepError::new(
+                ErrorKind::TimedOut,
+                format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"),
+            ));
         }
         progress.say(ctx, format!("stopping the spare {id} ({})", state.unwrap_or_default())).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -150,7 +153,10 @@ async fn install(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     ctx.deps().registry.set_role(&ctx.site.id, &st.candidate, Role::Spare);
     st.installed = true;
     Ok(Outcome::Done(match previous {
-        Some(p) => format!("{} is the site's spare (from backup {}); it replaces {} (from {})", st.candidate, st.plan.backup.image_id, p.instance_id, p.backup_image_id),
+        Some(p) => format!(
+            "{} is the site's spare (from backup {}); it replaces {} (from {})",
+            st.candidate, st.plan.backup.image_id, p.instance_id, p.backup_image_id
+        ),
         None => format!("{} is the site's spare (from backup {})", st.candidate, st.plan.backup.image_id),
     }))
 }
@@ -178,7 +184,13 @@ async fn retire(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         // An earlier spare may live in another region (the policy moved it).
         let region = regions.get(&(ctx.site.id.clone(), id.clone())).cloned().unwrap_or_else(|| ctx.site.region.clone());
         let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
-        failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: replaced as the site's spare by {} ({})", st.candidate, ctx.op_id)).await?;
+        failover::terminate_as_passive(
+            ctx,
+            ec2.as_ref(),
+            id,
+            format!("terminated: replaced as the site's spare by {} ({})", st.candidate, ctx.op_id),
+        )
+        .await?;
         // TerminateInstances answered: EC2 ends it (a termination is final),
         // so it is no longer listed under the site.
         store.forget_terminated(ctx.site.id.clone(), id.clone()).await?;

@@ -267,11 +267,19 @@ fn raise_limits() {
             // Without CAP_SYS_RESOURCE the hard limit cannot rise: take it.
             let soft = libc::rlimit { rlim_cur: NOFILE.min(lim.rlim_max), rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
-                println!("changed: RLIMIT_NOFILE {}/{} -> {}/{} (this process and the controller it starts)", old.0, old.1, new.rlim_cur, new.rlim_max);
+                println!(
+                    "changed: RLIMIT_NOFILE {}/{} -> {}/{} (this process and the controller it starts)",
+                    old.0, old.1, new.rlim_cur, new.rlim_max
+                );
             } else if soft.rlim_cur > old.0 && libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
                 println!("changed: RLIMIT_NOFILE {}/{} -> {}/{} (hard limit cannot rise here)", old.0, old.1, soft.rlim_cur, soft.rlim_max);
             } else {
-                println!("note: RLIMIT_NOFILE stays {}/{} (raising it: {}); the bench and the controller each need about one descriptor per agent", old.0, old.1, std::io::Error::last_os_error());
+                println!(
+                    "note: RLIMIT_NOFILE stays {}/{} (raising it: {}); the bench and the controller each need about one descriptor per agent",
+                    old.0,
+                    old.1,
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }
@@ -419,10 +427,7 @@ async fn main() -> std::process::ExitCode {
         let batch = (n - instances.len()).min(500) as i32;
         let out = ec2.run_instances().image_id(&ami).min_count(batch).max_count(batch).send().await.expect("RunInstances");
         for i in out.instances() {
-            instances.push((
-                i.instance_id().expect("id").to_owned(),
-                i.private_ip_address().expect("private ip").to_owned(),
-            ));
+            instances.push((i.instance_id().expect("id").to_owned(), i.private_ip_address().expect("private ip").to_owned()));
         }
     }
     println!("setup: moto and {n} instances in {:.1} s", t.elapsed().as_secs_f64());
@@ -576,18 +581,22 @@ async fn main() -> std::process::ExitCode {
         }
         since_silence.sort_unstable();
         since_last.sort_unstable();
-        let q = |v: &[u64], f: f64| v.get(((v.len() as f64 - 1.0) * f).round() as usize).map_or("-".into(), |ms| format!("{:.1} s", *ms as f64 / 1000.0));
-        let others_ended = (0..n)
-            .filter(|i| !chosen.contains(i))
-            .filter(|&i| shared.slots[i].ended.load(Ordering::Relaxed) != ended0[i])
-            .count();
+        let q = |v: &[u64], f: f64| {
+            v.get(((v.len() as f64 - 1.0) * f).round() as usize).map_or("-".into(), |ms| format!("{:.1} s", *ms as f64 / 1000.0))
+        };
+        let others_ended =
+            (0..n).filter(|i| !chosen.contains(i)).filter(|&i| shared.slots[i].ended.load(Ordering::Relaxed) != ended0[i]).count();
         println!("  closed by the controller:     {} of {silent_n}", since_last.len());
         println!("  after the agent's last message: p50 {}, max {}", q(&since_last, 0.5), q(&since_last, 1.0));
         println!("  after silence began:            p50 {}, max {}", q(&since_silence, 0.5), q(&since_silence, 1.0));
         println!("  other agents whose stream ended meanwhile: {others_ended} of {}", n - silent_n);
         let max_last = since_last.last().copied().map(Duration::from_millis);
         if since_last.len() < silent_n || max_last.is_none_or(|m| m > TARGET_SILENT) {
-            missed.push(format!("silent agents: {} of {silent_n} noticed, max {} (target ≤ {TARGET_SILENT:?})", since_last.len(), q(&since_last, 1.0)));
+            missed.push(format!(
+                "silent agents: {} of {silent_n} noticed, max {} (target ≤ {TARGET_SILENT:?})",
+                since_last.len(),
+                q(&since_last, 1.0)
+            ));
         }
         if others_ended > 0 {
             missed.push(format!("{others_ended} agents that kept heartbeating lost their stream"));
@@ -613,11 +622,7 @@ async fn main() -> std::process::ExitCode {
     controller = spawn_controller(&controller_bin, &config_path, &log);
     let listening = wait_port(port, Duration::from_secs(300)).await;
     println!("  controller listening again after {:.1} s", killed.elapsed().as_secs_f64());
-    let (connected, primary) = if listening {
-        wait_all_primary(&shared, killed, deadline, "restart").await
-    } else {
-        (None, None)
-    };
+    let (connected, primary) = if listening { wait_all_primary(&shared, killed, deadline, "restart").await } else { (None, None) };
     let [_, pending, prim, other] = shared.counts();
     println!("  all connected after the kill: {}", secs(connected));
     println!("  all primary after the kill:   {}", secs(primary));

@@ -92,17 +92,12 @@ pub fn run_bench() {
     let log = dir.path().join("api.log");
     let _api = Proc::spawn(
         "dr-sim-circleci-api",
-        Command::new(bin("dr-sim-circleci-api"))
-            .args(["--listen", "127.0.0.1:0", "--token", TOKEN])
-            .arg("--builds")
-            .arg(&builds),
+        Command::new(bin("dr-sim-circleci-api")).args(["--listen", "127.0.0.1:0", "--token", TOKEN]).arg("--builds").arg(&builds),
         &log,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let addr = loop {
-        if let Some(a) =
-            std::fs::read_to_string(&log).unwrap_or_default().lines().find_map(|l| l.strip_prefix("listening on "))
-        {
+        if let Some(a) = std::fs::read_to_string(&log).unwrap_or_default().lines().find_map(|l| l.strip_prefix("listening on ")) {
             break a.trim().to_owned();
         }
         assert!(Instant::now() < deadline, "the API simulator did not start");
@@ -143,11 +138,9 @@ pub fn run_bench() {
             let deletions = dir.path().join(format!("{case}.deletions"));
             let site = dir.path().join(format!("{case}.clj"));
             let q = |s: &str| serde_json::to_string(s).expect("string");
-            std::fs::write(&site, format!("(admin/configure! {{:log {}}})\n", q(&deletions.display().to_string())))
-                .expect("site.clj");
+            std::fs::write(&site, format!("(admin/configure! {{:log {}}})\n", q(&deletions.display().to_string()))).expect("site.clj");
             let admin = Path::new(env!("CARGO_MANIFEST_DIR")).join("clojure/admin.clj");
-            let argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string(), "-r"]
-                .map(String::from);
+            let argv = ["clojure", "-i", &admin.display().to_string(), "-i", &site.display().to_string(), "-r"].map(String::from);
             (config_text(&argv, case), deletions)
         };
         println!("cleanup of {n} running builds in one real clojure.main session; agent {}", agent().display());
@@ -174,28 +167,18 @@ pub fn run_bench() {
             all.as_secs_f64(),
             (all.saturating_sub(start_up)).as_secs_f64() * 1e3 / (n.max(2) - 1) as f64
         );
-        println!(
-            "  {n} builds, one simulator session:     {:>8.3} s  (load delay {load_delay_ms} ms)",
-            sim.as_secs_f64()
-        );
+        println!("  {n} builds, one simulator session:     {:>8.3} s  (load delay {load_delay_ms} ms)", sim.as_secs_f64());
         return;
     }
 
-    println!(
-        "cleanup of {n} running builds; dev-console simulator load delay {load_delay_ms} ms; agent {}",
-        agent().display()
-    );
+    println!("cleanup of {n} running builds; dev-console simulator load delay {load_delay_ms} ms; agent {}", agent().display());
     let (config, deletions, sessions) = config_for("one");
     let t = Instant::now();
     run_agent(&config);
     let one = t.elapsed();
     assert_eq!(count_lines(&deletions), n as usize);
     assert_eq!(count_lines(&sessions), 1);
-    println!(
-        "  one session:           {:>9.3} s  ({:.3} ms per build)",
-        one.as_secs_f64(),
-        one.as_secs_f64() * 1e3 / n as f64
-    );
+    println!("  one session:           {:>9.3} s  ({:.3} ms per build)", one.as_secs_f64(), one.as_secs_f64() * 1e3 / n as f64);
 
     let (config, deletions, sessions) = config_for("each");
     let t = Instant::now();
@@ -206,11 +189,7 @@ pub fn run_bench() {
     let each = t.elapsed();
     assert_eq!(count_lines(&deletions), n as usize);
     assert_eq!(count_lines(&sessions), n as usize);
-    println!(
-        "  one session per build: {:>9.3} s  ({:.3} ms per build)",
-        each.as_secs_f64(),
-        each.as_secs_f64() * 1e3 / n as f64
-    );
+    println!("  one session per build: {:>9.3} s  ({:.3} ms per build)", each.as_secs_f64(), each.as_secs_f64() * 1e3 / n as f64);
     println!("  ratio (per build / one session): {:.1}x", each.as_secs_f64() / one.as_secs_f64());
 }
 

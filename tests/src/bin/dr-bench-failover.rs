@@ -123,7 +123,10 @@ async fn main() {
         // Every site's [site.drill] (moto's default subnet and group: the
         // drill only needs them to be its own settings), or its spare.
         let subnet = ec2.describe_subnets().send().await.expect("DescribeSubnets").subnets()[0].subnet_id().expect("subnet").to_owned();
-        let sg = ec2.describe_security_groups().send().await.expect("DescribeSecurityGroups").security_groups()[0].group_id().expect("sg").to_owned();
+        let sg = ec2.describe_security_groups().send().await.expect("DescribeSecurityGroups").security_groups()[0]
+            .group_id()
+            .expect("sg")
+            .to_owned();
         let per_site = if kind == "drill" {
             format!("[site.drill]\nhostname = \"drill.example.com\"\nsubnet_id = \"{subnet}\"\nsecurity_group_ids = [\"{sg}\"]\n")
         } else {
@@ -157,7 +160,9 @@ async fn main() {
     }
     let mut backups = Vec::new();
     for (site, _, _) in &sites {
-        backups.push(client.start_backup(pb::StartBackupRequest { site_id: site.clone() }).await.expect("StartBackup").into_inner().operation_id);
+        backups.push(
+            client.start_backup(pb::StartBackupRequest { site_id: site.clone() }).await.expect("StartBackup").into_inner().operation_id,
+        );
     }
     let done = wait_ops(&mut client, &backups, Duration::from_secs(900)).await;
     assert!(done.iter().all(|o| o.state == "succeeded"), "a backup failed");
@@ -263,9 +268,15 @@ async fn main() {
     println!("  wall time:            {:.1} s", wall.as_secs_f64());
     println!("  failed:               {}", failed.len());
     println!("  per operation:        mean {d_mean:.1} s, p95 {d_p95:.1} s, max {d_max:.1} s");
-    println!("  orchestration:        mean {o_mean:.2} s, p95 {o_p95:.2} s, max {o_max:.2} s (beyond boot, agent, app and the RunInstances bucket)");
+    println!(
+        "  orchestration:        mean {o_mean:.2} s, p95 {o_p95:.2} s, max {o_max:.2} s (beyond boot, agent, app and the RunInstances bucket)"
+    );
     println!("  RunInstances bucket:  mean wait {l_mean:.1} s, max {l_max:.1} s; {} RunInstances calls", delta("RunInstances"));
-    println!("  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)", total as f64 / n as f64, throttled as f64 / n as f64);
+    println!(
+        "  EC2 calls:            {total} ({:.1} per failover), throttled and absorbed {throttled} ({:.1} per failover)",
+        total as f64 / n as f64,
+        throttled as f64 / n as f64
+    );
     let mut actions: Vec<(&String, u64)> = calls_after.keys().map(|a| (a, delta(a))).filter(|(_, c)| *c > 0).collect();
     actions.sort_by_key(|a| std::cmp::Reverse(a.1));
     for (a, c) in actions {
@@ -276,7 +287,11 @@ async fn main() {
         println!("    {name:<22} {mean:>6.2} s / {max:>6.2} s");
     }
     if let Some(slowest) = done.iter().max_by_key(|op| step_ms(op, &["fence"])) {
-        println!("  slowest fence: {} {}", slowest.id, slowest.steps.iter().find(|s| s.name == "fence").map(|s| s.detail.as_str()).unwrap_or(""));
+        println!(
+            "  slowest fence: {} {}",
+            slowest.id,
+            slowest.steps.iter().find(|s| s.name == "fence").map(|s| s.detail.as_str()).unwrap_or("")
+        );
     }
     if std::env::var("DR_BENCH_KEEP").is_ok() {
         println!("  kept: {}", dir.keep().display());

@@ -28,9 +28,7 @@ async fn main() {
         let out = drctl(&w.pki, &w.controller.url, &["backup", "bench-1", "--wait", "--output", "json"]);
         let op = last_json(&out.stdout);
         assert_eq!(op["state"], "succeeded", "{op:#}");
-        let step = |name: &str| {
-            op["steps"].as_array().and_then(|s| s.iter().find(|x| x["name"] == name)).cloned().unwrap_or_default()
-        };
+        let step = |name: &str| op["steps"].as_array().and_then(|s| s.iter().find(|x| x["name"] == name)).cloned().unwrap_or_default();
         let un = step("unquiesce")["result"].clone();
         rows.push((
             ms(&un["frozen_ms"]),

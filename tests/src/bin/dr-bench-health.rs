@@ -55,7 +55,15 @@ async fn main() {
     let mut ids = vec![];
     while ids.len() < n {
         let count = (n - ids.len()).min(500) as i32;
-        let out = ec2.run_instances().image_id(&ami).min_count(count).max_count(count).instance_type(aws_sdk_ec2::types::InstanceType::T3Micro).send().await.expect("RunInstances");
+        let out = ec2
+            .run_instances()
+            .image_id(&ami)
+            .min_count(count)
+            .max_count(count)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .send()
+            .await
+            .expect("RunInstances");
         ids.extend(out.instances().iter().filter_map(|i| i.instance_id().map(str::to_owned)));
     }
 
@@ -66,7 +74,13 @@ async fn main() {
         "/health-check/{site}",
         axum::routing::get(move |axum::extract::Path(site): axum::extract::Path<String>| {
             let d = d.clone();
-            async move { if d.lock().expect("lock").contains(&site) { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK } }
+            async move {
+                if d.lock().expect("lock").contains(&site) {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -84,12 +98,19 @@ async fn main() {
         .collect();
     store.upsert_sites(sites.clone()).await.expect("sites");
     for s in &sites {
-        let health = HealthPolicy { mode: AutoMode::Auto, url: format!("http://{probe_at}/health-check/{}", s.id), ..HealthPolicy::default() };
+        let health =
+            HealthPolicy { mode: AutoMode::Auto, url: format!("http://{probe_at}/health-check/{}", s.id), ..HealthPolicy::default() };
         policies.insert(s.id.clone(), Policy { health, ..Policy::default() });
-        let record = InstanceRecord { site_id: s.id.clone(), instance_id: s.primary_instance_id.clone(), last_seen_ms: now_ms(), ..Default::default() };
+        let record = InstanceRecord {
+            site_id: s.id.clone(),
+            instance_id: s.primary_instance_id.clone(),
+            last_seen_ms: now_ms(),
+            ..Default::default()
+        };
         sessions.push(registry.attach(record, Role::Primary));
     }
-    let aws = AwsConfig { region: Some(REGION.into()), endpoint_url: Some(proxy.url.clone()), max_attempts: Some(1), ..AwsConfig::default() };
+    let aws =
+        AwsConfig { region: Some(REGION.into()), endpoint_url: Some(proxy.url.clone()), max_attempts: Some(1), ..AwsConfig::default() };
     let deps = Deps {
         store: store.clone(),
         registry: registry.clone(),
@@ -106,7 +127,8 @@ async fn main() {
     let config = HealthConfig::default();
     let interval = config.interval.as_millis() as u64;
     let notifier = Notifier { store: store.clone(), sinks: Arc::new(vec![]) };
-    let mut monitor = Monitor::new(engine, config, notifier, dr_controller::cloud::http::HttpClients::default(), Duration::ZERO).await.expect("monitor");
+    let mut monitor =
+        Monitor::new(engine, config, notifier, dr_controller::cloud::http::HttpClients::default(), Duration::ZERO).await.expect("monitor");
 
     // Two rounds of the three failures: at a pass (the best case) and just
     // after one (the worst: the next pass sees it `interval` later).
@@ -120,7 +142,11 @@ async fn main() {
     let mut silenced = [false; 2];
     let wanted = |round: usize| {
         let base = rounds[round].0;
-        [(sites[base].id.clone(), Rung::AppRestart), (sites[base + 1].id.clone(), Rung::HostRestart), (sites[base + 2].id.clone(), Rung::Failover)]
+        [
+            (sites[base].id.clone(), Rung::AppRestart),
+            (sites[base + 1].id.clone(), Rung::HostRestart),
+            (sites[base + 2].id.clone(), Rung::Failover),
+        ]
     };
     for k in 0..40u64 {
         let at = t0 + k * interval;
@@ -162,11 +188,18 @@ async fn main() {
     println!("health monitor: {n} sites in {REGION}, default windows (interval 30s, repair_after 1m, confirm_for 2m, heartbeat 6s x 3)");
     for rung in [Rung::AppRestart, Rung::HostRestart, Rung::Failover] {
         let at = |round: usize| {
-            decided.iter().find(|(r, w, _)| *r == round && *w == rung).map(|(_, _, ms)| format!("{:.1} s", *ms as f64 / 1000.0)).unwrap_or_else(|| "never".into())
+            decided
+                .iter()
+                .find(|(r, w, _)| *r == round && *w == rung)
+                .map(|(_, _, ms)| format!("{:.1} s", *ms as f64 / 1000.0))
+                .unwrap_or_else(|| "never".into())
         };
         println!("  failure to decision, {:<13} {:>8} (failure at a pass)  {:>8} (1 s after a pass)", rung.as_str(), at(0), at(1));
     }
-    println!("  DescribeInstanceStatus per pass: {per_pass} ({:.0} per minute at one pass every 30 s)", per_pass as f64 * 60_000.0 / interval as f64);
+    println!(
+        "  DescribeInstanceStatus per pass: {per_pass} ({:.0} per minute at one pass every 30 s)",
+        per_pass as f64 * 60_000.0 / interval as f64
+    );
     println!("  one pass (signals, decisions, store): mean {mean_pass:.0} ms, worst {worst_pass:.0} ms");
     assert_eq!(decided.len(), 6, "every rung was decided in both rounds");
 }

@@ -140,10 +140,9 @@ fn edn(v: &serde_json::Value, out: &mut String) {
 fn num(query: &HashMap<String, String>, key: &str, default: usize) -> Result<usize, Response> {
     match query.get(key) {
         None => Ok(default),
-        Some(v) => v.parse().map_err(|_| {
-            (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"message": format!("invalid {key}")})))
-                .into_response()
-        }),
+        Some(v) => v
+            .parse()
+            .map_err(|_| (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"message": format!("invalid {key}")}))).into_response()),
     }
 }
 
@@ -161,8 +160,7 @@ async fn answer(
         tokio::time::sleep(sim.page_delay).await;
     }
     if !authorized(sim, headers, query) {
-        return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"message": "You must log in first."})))
-            .into_response();
+        return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"message": "You must log in first."}))).into_response();
     }
     if sim.fail_every > 0 && n % sim.fail_every == 0 {
         return (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error (injected)\n").into_response();

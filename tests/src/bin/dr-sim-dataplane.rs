@@ -37,10 +37,7 @@ struct Args {
 }
 
 fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(name)))
-        .unwrap_or_else(|| PathBuf::from(name))
+    std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join(name))).unwrap_or_else(|| PathBuf::from(name))
 }
 
 // Current-thread: every child is forked by the main thread, so their

@@ -118,18 +118,15 @@ fn read_string(s: &str, col: usize) -> Result<(String, &str), String> {
                 Some((_, 'f')) => out.push('\u{c}'),
                 Some((j, 'u')) => {
                     let hex = s.get(j + 1..j + 5).ok_or_else(|| eof_string(col))?;
-                    let n = u32::from_str_radix(hex, 16).map_err(|_| {
-                        format!("Syntax error reading source at (REPL:1:{col}).\nInvalid unicode escape: \\u{hex}")
-                    })?;
+                    let n = u32::from_str_radix(hex, 16)
+                        .map_err(|_| format!("Syntax error reading source at (REPL:1:{col}).\nInvalid unicode escape: \\u{hex}"))?;
                     out.push(char::from_u32(n).unwrap_or('\u{fffd}'));
                     for _ in 0..4 {
                         chars.next();
                     }
                 }
                 Some((_, other)) => {
-                    return Err(format!(
-                        "Syntax error reading source at (REPL:1:{col}).\nUnsupported escape character: \\{other}"
-                    ));
+                    return Err(format!("Syntax error reading source at (REPL:1:{col}).\nUnsupported escape character: \\{other}"));
                 }
                 None => return Err(eof_string(col)),
             },
@@ -159,11 +156,8 @@ fn parse_line(line: &str) -> Form {
         _ => {}
     }
     let Some(rest) = t.strip_prefix("(admin/delete-build") else {
-        let symbol: String =
-            t.trim_start_matches('(').chars().take_while(|c| !c.is_whitespace() && *c != ')').collect();
-        return Form::Error(format!(
-            "Syntax error compiling at (REPL:1:1).\nUnable to resolve symbol: {symbol} in this context"
-        ));
+        let symbol: String = t.trim_start_matches('(').chars().take_while(|c| !c.is_whitespace() && *c != ')').collect();
+        return Form::Error(format!("Syntax error compiling at (REPL:1:1).\nUnable to resolve symbol: {symbol} in this context"));
     };
     if !rest.starts_with(char::is_whitespace) {
         let symbol: String = t[1..].chars().take_while(|c| !c.is_whitespace() && *c != ')').collect();
@@ -171,9 +165,7 @@ fn parse_line(line: &str) -> Form {
     }
     let rest = rest.trim_start();
     if !rest.starts_with('"') {
-        return Form::Error(
-            "Syntax error compiling at (REPL:1:1).\nadmin/delete-build takes a string literal here".to_owned(),
-        );
+        return Form::Error("Syntax error compiling at (REPL:1:1).\nadmin/delete-build takes a string literal here".to_owned());
     }
     let col = t.len() - rest.len() + 1;
     let (url, after) = match read_string(rest, col) {
@@ -182,10 +174,7 @@ fn parse_line(line: &str) -> Form {
     };
     let after = after.trim_start();
     let Some(trailing) = after.strip_prefix(')') else {
-        return Form::Error(format!(
-            "Syntax error reading source at (REPL:1:{}).\nEOF while reading, starting at line 1",
-            t.len() + 1
-        ));
+        return Form::Error(format!("Syntax error reading source at (REPL:1:{}).\nEOF while reading, starting at line 1", t.len() + 1));
     };
     if !trailing.trim().is_empty() {
         return Form::Error(format!(
@@ -206,9 +195,7 @@ fn known_builds(path: &Path) -> HashSet<String> {
         eprintln!("dr-sim-dev-console: {}: {e}", path.display());
         std::process::exit(65)
     });
-    v.as_array()
-        .map(|a| a.iter().filter_map(|b| b.get("build_url")?.as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().filter_map(|b| b.get("build_url")?.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
 /// Removes a build from the builds file (atomic rewrite).
@@ -219,8 +206,7 @@ fn forget_build(path: &Path, url: &str) {
     let Ok(serde_json::Value::Array(builds)) = serde_json::from_str::<serde_json::Value>(&text) else {
         return;
     };
-    let kept: Vec<serde_json::Value> =
-        builds.into_iter().filter(|b| b.get("build_url").and_then(|u| u.as_str()) != Some(url)).collect();
+    let kept: Vec<serde_json::Value> = builds.into_iter().filter(|b| b.get("build_url").and_then(|u| u.as_str()) != Some(url)).collect();
     let tmp = path.with_extension("json.tmp");
     if std::fs::write(&tmp, serde_json::Value::Array(kept).to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, path);
@@ -355,20 +341,12 @@ mod tests {
 
     #[test]
     fn parses_forms() {
-        assert_eq!(
-            parse_line(r#"(admin/delete-build "https://h/gh/o/r/1")"#),
-            Form::Delete("https://h/gh/o/r/1".into())
-        );
+        assert_eq!(parse_line(r#"(admin/delete-build "https://h/gh/o/r/1")"#), Form::Delete("https://h/gh/o/r/1".into()));
         assert_eq!(parse_line(r#"(admin/delete-build "a\"b\\c")"#), Form::Delete("a\"b\\c".into()));
         assert!(matches!(parse_line(r#"(admin/delete-build "a") (System/exit 1)"#), Form::Error(_)));
         assert!(matches!(parse_line(r#"(admin/delete-build "a"#), Form::Error(e) if e.contains("EOF")));
-        assert!(
-            matches!(parse_line("(System/exit 1)"), Form::Error(e) if e.contains("Unable to resolve symbol: System/exit"))
-        );
-        assert!(
-            matches!(parse_line("(System/exit 0)"), Form::Error(_)),
-            "(System/exit 0) would end the frontend's JVM"
-        );
+        assert!(matches!(parse_line("(System/exit 1)"), Form::Error(e) if e.contains("Unable to resolve symbol: System/exit")));
+        assert!(matches!(parse_line("(System/exit 0)"), Form::Error(_)), "(System/exit 0) would end the frontend's JVM");
         assert_eq!(parse_line("(exit)"), Form::Exit);
         assert_eq!(parse_line("*read-eval*"), Form::ReadEval);
     }

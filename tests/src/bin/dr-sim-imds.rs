@@ -39,10 +39,7 @@ struct Sim {
 type Shared = Arc<Sim>;
 
 async fn token(State(sim): State<Shared>, headers: HeaderMap) -> Response {
-    let ttl = headers
-        .get("x-aws-ec2-metadata-token-ttl-seconds")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u32>().ok());
+    let ttl = headers.get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u32>().ok());
     if !matches!(ttl, Some(1..=21600)) {
         return (StatusCode::BAD_REQUEST, "missing or invalid X-aws-ec2-metadata-token-ttl-seconds\n").into_response();
     }

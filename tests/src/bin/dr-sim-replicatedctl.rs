@@ -124,8 +124,7 @@ fn log_call(dir: &Path, args: &[String]) -> Result<(), Failure> {
         .open(&path)
         .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
     lock(&f)?;
-    let mut line = serde_json::to_string(&serde_json::json!({ "at_ms": now_ms(), "args": args }))
-        .expect("a JSON object serializes");
+    let mut line = serde_json::to_string(&serde_json::json!({ "at_ms": now_ms(), "args": args })).expect("a JSON object serializes");
     line.push('\n');
     f.write_all(line.as_bytes()).map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))
 }
@@ -227,10 +226,9 @@ fn parse(args: &[String]) -> Option<Cmd> {
         ["app", "apply-config"] => Cmd::ApplyConfig,
         ["app-config", "export"] | ["app-config", "export", "--hidden"] => Cmd::Export,
         ["app-config", "set", name, "--value", value] => Cmd::Set { name: (*name).to_owned(), value: (*value).to_owned() },
-        ["app-config", "set", name, flag] if flag.starts_with("--value=") => Cmd::Set {
-            name: (*name).to_owned(),
-            value: flag.trim_start_matches("--value=").to_owned(),
-        },
+        ["app-config", "set", name, flag] if flag.starts_with("--value=") => {
+            Cmd::Set { name: (*name).to_owned(), value: flag.trim_start_matches("--value=").to_owned() }
+        }
         _ => return None,
     })
 }

@@ -42,13 +42,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
 use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report as report_of, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome};
 use crate::cloud::ec2::{Ec2, RunInstance};
-use crate::engine::{Ctx, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 use crate::domain::model::{Millis, Protected, Role, now_ms};
 use crate::domain::recovery::Fence;
+use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_OPERATION, TAG_SITE};
+use crate::engine::{Ctx, ErrorKind, OnFailure, Outcome, Retry, StepDef, StepError, Workflow};
 pub use plan::{HumanAction, Plan, PlanError, Request};
 
 use crate::domain::tags::{TAG_FENCED_FROM, TAG_KEEP_UNTIL, TAG_ROLE};
@@ -151,7 +151,6 @@ pub struct Report {
     pub human_actions: Vec<HumanAction>,
 }
 
-
 /// Agent steps that meet a reconnecting agent are retried a few times
 /// before the operation waits for a human.
 pub(super) const AGENT_RETRY: Retry = Retry {
@@ -251,11 +250,7 @@ fn candidate(ctx: &Ctx<Deps>, st: &State) -> Result<Addressee, StepError> {
     if st.candidate.is_empty() {
         return Err(StepError::new(ErrorKind::Invalid, "no candidate instance was recorded by launch"));
     }
-    Ok(Addressee {
-        site_id: ctx.site.id.clone(),
-        instance_id: st.candidate.clone(),
-        role: st.launched_role(&ctx.op_id),
-    })
+    Ok(Addressee { site_id: ctx.site.id.clone(), instance_id: st.candidate.clone(), role: st.launched_role(&ctx.op_id) })
 }
 
 /// EC2 in the region the candidate is launched in.
@@ -356,9 +351,7 @@ async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let reason = format!("fenced by {} {}", st.plan.kind, ctx.op_id);
     // First in the store: from now on its agent is told to stay passive
     // and gets no work, whatever EC2 does.
-    deps.store
-        .set_instance_role(ctx.site.id.clone(), old.clone(), "fenced".into(), String::new(), reason.clone())
-        .await?;
+    deps.store.set_instance_role(ctx.site.id.clone(), old.clone(), "fenced".into(), String::new(), reason.clone()).await?;
     deps.registry.set_role(&ctx.site.id, &old, Role::Fenced { reason: reason.clone() });
     let rec = deps.recovery(&ctx.site.id);
     let ec2 = deps.ec2(&ctx.site).await?;
@@ -510,9 +503,7 @@ pub(super) async fn launch(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
         ctx.store().put_instance_region(ctx.site.id.clone(), id.clone(), spec.region.clone()).await?;
     }
     let role = st.launched_role(&ctx.op_id);
-    ctx.store()
-        .set_instance_role(ctx.site.id.clone(), id.clone(), role.name().into(), ctx.op_id.clone(), String::new())
-        .await?;
+    ctx.store().set_instance_role(ctx.site.id.clone(), id.clone(), role.name().into(), ctx.op_id.clone(), String::new()).await?;
     ctx.deps().registry.set_role(&ctx.site.id, &id, role);
     st.candidate = id.clone();
     st.launched_at_ms = now_ms();
@@ -546,7 +537,9 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
         if !rec.is_some_and(|r| r.role == "candidate" && r.operation_id == op_id) {
             return Err(StepError::new(
                 ErrorKind::Refused,
-                format!("{id} is no longer the site's hot spare (replaced or retired since the plan): abort, then start the failover again"),
+                format!(
+                    "{id} is no longer the site's hot spare (replaced or retired since the plan): abort, then start the failover again"
+                ),
             ));
         }
     }
@@ -556,12 +549,18 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
     st.candidate = id.clone();
     let mut progress = Waiting::new();
     let state = loop {
-        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state).unwrap_or_else(|| "gone".into());
+        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id))
+            .await?
+            .map(|i| i.state)
+            .unwrap_or_else(|| "gone".into());
         if state != "stopping" {
             break state;
         }
         if progress.elapsed() >= ctx.deps().failover.fence_timeout {
-            return Err(StepError::new(ErrorKind::TimedOut, format!("the spare {id} is still stopping after {:?}", ctx.deps().failover.fence_timeout)));
+            return Err(StepError::new(
+                ErrorKind::TimedOut,
+                format!("the spare {id} is still stopping after {:?}", ctx.deps().failover.fence_timeout),
+            ));
         }
         progress.say(ctx, format!("waiting for the spare {id} to finish stopping")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -572,7 +571,11 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
             true
         }
         "running" | "pending" => false,
-        other => return Err(StepError::failed(format!("the spare {id} is {other}: it cannot be used; abort and start the failover again with --fresh"))),
+        other => {
+            return Err(StepError::failed(format!(
+                "the spare {id} is {other}: it cannot be used; abort and start the failover again with --fresh"
+            )));
+        }
     };
     st.launched_at_ms = now_ms();
     Ok(Outcome::Done(format!(
@@ -665,7 +668,11 @@ pub(super) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcom
             };
             return Err(StepError::new(
                 ErrorKind::TimedOut,
-                format!("the agent of {} did not come up as {} within {limit:?} (failover.agent_timeout): {seen}", to.instance_id, to.role.name()),
+                format!(
+                    "the agent of {} did not come up as {} within {limit:?} (failover.agent_timeout): {seen}",
+                    to.instance_id,
+                    to.role.name()
+                ),
             ));
         }
         let what = match live {
@@ -769,9 +776,15 @@ pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome
     on_candidate(ctx, st, "app-start", &AgentAction::AppStart, t).await?;
     let to = candidate(ctx, st)?;
     let generation = st.generations.get("app-start").copied().unwrap_or(0);
-    let o = agent_call(ctx, &to, &format!("app-status-{generation}-{}", ctx.attempt()), &AgentAction::AppStatus, ctx.deps().backup.agent_call_timeout)
-        .await
-        .map_err(CallFailure::error)?;
+    let o = agent_call(
+        ctx,
+        &to,
+        &format!("app-status-{generation}-{}", ctx.attempt()),
+        &AgentAction::AppStatus,
+        ctx.deps().backup.agent_call_timeout,
+    )
+    .await
+    .map_err(CallFailure::error)?;
     match o.detail {
         AgentDetail::AppStatus { state, is_transitioning, .. } if state == "started" && !is_transitioning => {}
         AgentDetail::AppStatus { state, is_transitioning, .. } => {
@@ -817,7 +830,10 @@ pub(super) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome
     if let Some(h) = health {
         st.reports.insert("health-check".into(), h);
     }
-    Ok(Outcome::Done(format!("app started and healthy ({} after the operation began){checked}", secs(st.healthy_at_ms.saturating_sub(ctx.created_at_ms)))))
+    Ok(Outcome::Done(format!(
+        "app started and healthy ({} after the operation began){checked}",
+        secs(st.healthy_at_ms.saturating_sub(ctx.created_at_ms))
+    )))
 }
 
 async fn move_eip(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
@@ -924,9 +940,10 @@ pub(super) async fn verify(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, S
         checks.push(format!("{} on it", eip.public_ip));
     }
     let to = candidate(ctx, st)?;
-    let o = agent_call(ctx, &to, &format!("verify-status-{}", ctx.attempt()), &AgentAction::AppStatus, ctx.deps().backup.agent_call_timeout)
-        .await
-        .map_err(CallFailure::error)?;
+    let o =
+        agent_call(ctx, &to, &format!("verify-status-{}", ctx.attempt()), &AgentAction::AppStatus, ctx.deps().backup.agent_call_timeout)
+            .await
+            .map_err(CallFailure::error)?;
     match o.detail {
         AgentDetail::AppStatus { state, .. } if state == "started" => checks.push("app started".into()),
         AgentDetail::AppStatus { state, .. } => {
@@ -941,9 +958,7 @@ async fn promote(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     let deps = ctx.deps();
     let old = st.plan.fence.instance_id.clone();
     let reason = format!("replaced by {} in {} {}", st.candidate, st.plan.kind, ctx.op_id);
-    deps.store
-        .promote(ctx.site.id.clone(), st.candidate.clone(), old.clone(), reason.clone(), st.plan.launch.region.clone())
-        .await?;
+    deps.store.promote(ctx.site.id.clone(), st.candidate.clone(), old.clone(), reason.clone(), st.plan.launch.region.clone()).await?;
     ctx.crash_point("failover.after_promote");
     deps.registry.set_role(&ctx.site.id, &st.candidate, Role::Primary);
     if !old.is_empty() {
@@ -979,7 +994,8 @@ pub(super) async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, 
         return Ok(Outcome::Done("nothing was launched".into()));
     }
     for id in &ids {
-        terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: {} {} ended without promoting it", st.plan.kind, ctx.op_id)).await?;
+        terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: {} {} ended without promoting it", st.plan.kind, ctx.op_id))
+            .await?;
     }
     st.released = Some(ids.join(", "));
     Ok(Outcome::Done(format!("terminated {} (launched by this operation)", ids.join(", "))))

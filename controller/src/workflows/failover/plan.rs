@@ -244,7 +244,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     let policy = deps.policy(&site.id);
     if req.failback {
         if rec.home_region.is_empty() || rec.home_region == site.region {
-            return Err(PlanError::AtHome { site: site.id.clone(), home: if rec.home_region.is_empty() { site.region.clone() } else { rec.home_region.clone() } });
+            return Err(PlanError::AtHome {
+                site: site.id.clone(),
+                home: if rec.home_region.is_empty() { site.region.clone() } else { rec.home_region.clone() },
+            });
         }
         if !req.region.is_empty() && req.region != rec.home_region {
             return Err(PlanError::FailbackRegion { home: rec.home_region.clone(), region: req.region.clone() });
@@ -297,7 +300,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     } else {
         backups
             .iter()
-            .find(|b| b.state == BackupState::Available && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id)))
+            .find(|b| {
+                b.state == BackupState::Available
+                    && (b.image_id == req.backup_image_id || b.copies.iter().any(|c| c.image_id == req.backup_image_id))
+            })
             .cloned()
             .ok_or_else(|| PlanError::NotABackup { site: site.id.clone(), image: req.backup_image_id.clone() })?
     };
@@ -317,8 +323,8 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     // The backup itself where it was taken (its region; older rows: the
     // site's), else its copy in the launch region.
     let taken_in = if backup.region.is_empty() { site.region.as_str() } else { backup.region.as_str() };
-    let launch_image_id =
-        launch_image_in(&backup, site, &region).ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?;
+    let launch_image_id = launch_image_in(&backup, site, &region)
+        .ok_or_else(|| PlanError::NoCopy { image: backup.image_id.clone(), region: region.clone() })?;
     let facts: Option<LaunchFacts> = deps.store.launch_facts(backup.image_id.clone()).await?;
     let cert_not_after = deps.store.backup_agent_cert(backup.image_id.clone()).await?;
     let agent_due = deps.failover.agent_timeout;
@@ -352,11 +358,15 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     // The old primary, as EC2 sees it now.
     let old = site.primary_instance_id.clone();
     let state = match deps.ec2(site).await {
-        Ok(ec2) => match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&old)).await {
-            Ok(Some(i)) => i.state,
-            Ok(None) => "gone".to_owned(),
-            Err(e) => format!("unknown ({e})"),
-        },
+        Ok(ec2) => {
+            match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&old))
+                .await
+            {
+                Ok(Some(i)) => i.state,
+                Ok(None) => "gone".to_owned(),
+                Err(e) => format!("unknown ({e})"),
+            }
+        }
         Err(e) => format!("unknown ({e})"),
     };
     let keeps_volumes = match (rec.fence, &facts) {
@@ -401,7 +411,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
         }
     });
     if let Some(e) = eip.as_ref().filter(|e| !e.movable) {
-        human.push(HumanAction { kind: "elastic_ip".into(), message: format!("Elastic IP {} stays in {eip_region}: {}", e.public_ip, e.note) });
+        human.push(HumanAction {
+            kind: "elastic_ip".into(),
+            message: format!("Elastic IP {} stays in {eip_region}: {}", e.public_ip, e.note),
+        });
     }
     let new_private = if !launch.private_ip.is_empty() { launch.private_ip.clone() } else { ASSIGNED_AT_LAUNCH.to_owned() };
     let new_public = match &eip {
@@ -428,11 +441,17 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     if !rec.hostname.is_empty() {
         human.push(HumanAction {
             kind: "github_oauth_callback".into(),
-            message: format!("the hostname becomes {}: update the GitHub OAuth app's callback URL to https://{}/auth/github", rec.hostname, rec.hostname),
+            message: format!(
+                "the hostname becomes {}: update the GitHub OAuth app's callback URL to https://{}/auth/github",
+                rec.hostname, rec.hostname
+            ),
         });
     }
     if facts.is_none() {
-        warnings.push(format!("backup {} has no recorded launch facts (taken before this version): the launch uses [site.launch] only", backup.image_id));
+        warnings.push(format!(
+            "backup {} has no recorded launch facts (taken before this version): the launch uses [site.launch] only",
+            backup.image_id
+        ));
     }
     if req.failback && home_facts.is_none() {
         warnings.push(format!(
@@ -522,10 +541,7 @@ pub fn note_agent_cert(plan: &mut Plan, not_after_ms: Option<Millis>, agent_due:
 /// the site's health is not monitored). A failover then stops a working
 /// site and loses what it did since the backup.
 async fn healthy_primary_warning(deps: &Deps, site: &Site) -> Result<Option<String>, PlanError> {
-    let connected = deps
-        .registry
-        .live(&site.id, &site.primary_instance_id)
-        .is_some_and(|l| l.role == crate::domain::model::Role::Primary);
+    let connected = deps.registry.live(&site.id, &site.primary_instance_id).is_some_and(|l| l.role == crate::domain::model::Role::Primary);
     if !connected {
         return Ok(None);
     }
@@ -533,7 +549,10 @@ async fn healthy_primary_warning(deps: &Deps, site: &Site) -> Result<Option<Stri
     let said = match health {
         Some(h) if h.state == crate::domain::health::HealthState::Healthy => {
             let ago = now_ms().saturating_sub(h.checked_at_ms);
-            format!("the health monitor says healthy (checked {} ago)", humantime::format_duration(std::time::Duration::from_secs(ago / 1000)))
+            format!(
+                "the health monitor says healthy (checked {} ago)",
+                humantime::format_duration(std::time::Duration::from_secs(ago / 1000))
+            )
         }
         Some(_) => return Ok(None),
         None => "its health is not monitored".to_owned(),
@@ -724,7 +743,11 @@ async fn choose_spare(
         return unusable(format!("its backup {} is no longer available", s.backup_image_id), notes);
     };
     let state = match deps.ec2_in(site, region).await {
-        Ok(ec2) => match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&s.instance_id)).await {
+        Ok(ec2) => match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || {
+            ec2.describe_instance(&s.instance_id)
+        })
+        .await
+        {
             Ok(Some(i)) => i.state,
             Ok(None) => "gone".to_owned(),
             Err(e) => return unusable(format!("its state is unknown ({e})"), notes),
@@ -767,6 +790,7 @@ fn spare_plan(
     launch_image_id: String,
     facts: Option<LaunchFacts>,
 ) -> Result<Plan, PlanError> {
-    let isolated = Isolated { kind: "spare", fence_mode: format!("none (spare, kept {})", policy.spare.as_str()), hostname: rec.hostname.clone() };
+    let isolated =
+        Isolated { kind: "spare", fence_mode: format!("none (spare, kept {})", policy.spare.as_str()), hostname: rec.hostname.clone() };
     isolated_plan(site, rec, isolated, region, backup, launch_image_id, facts)
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::config::{AwsConfig, BackupConfig};
 use crate::cloud::Ec2Clients;
+use crate::config::{AwsConfig, BackupConfig};
 use crate::domain::model::{LaunchFacts, OperationState, Signal, Site};
 use crate::domain::recovery::FailoverConfig;
 use crate::store::Store;
@@ -31,7 +31,10 @@ async fn until(store: &Store, id: &str, want: OperationState) -> crate::domain::
 
 /// A site `s1` with primary `i-old` and one available backup `ami-b1`
 /// (with launch facts) on `fake`, and the engine over it.
-async fn world(fake: Arc<FakeEc2>, recovery: HashMap<String, crate::domain::recovery::SiteRecovery>) -> (tempfile::TempDir, Store, Site, super::super::Engine) {
+async fn world(
+    fake: Arc<FakeEc2>,
+    recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
+) -> (tempfile::TempDir, Store, Site, super::super::Engine) {
     world_with(fake, recovery, HashMap::new()).await
 }
 
@@ -147,7 +150,8 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
     let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill: drill_settings(), ..Default::default() })]);
     let (_dir, store, site, engine) = world(fake.clone(), recovery).await;
     // The primary's agent: it must get no command of the drill.
-    let primary = FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, |_| Ok(serde_json::json!({})));
+    let primary =
+        FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, |_| Ok(serde_json::json!({})));
     let req = Request { drill: true, ..Default::default() };
     let plan = plan::make(engine.deps(), &site, &req).await.expect("plan");
     assert_eq!((plan.launch.subnet_id.as_str(), plan.hostname.as_str()), ("subnet-drill", "drill.example.com"));
@@ -175,13 +179,32 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
     let done = until(&store, &op.id, OperationState::Succeeded).await;
     assert_eq!(
         agent.actions(),
-        ["app_stop", "rewrite_addresses", "set_hostname", "wipe_nomad", "app_start", "app_status", "health_check", "cleanup_builds", "app_status"],
+        [
+            "app_stop",
+            "rewrite_addresses",
+            "set_hostname",
+            "wipe_nomad",
+            "app_start",
+            "app_status",
+            "health_check",
+            "cleanup_builds",
+            "app_status"
+        ],
         "the runbook on the copy, in order"
     );
     assert!(primary.actions().is_empty(), "the primary got nothing: {:?}", primary.actions());
     assert_eq!(fake.instance(&copy).expect("copy").instance.state, "terminated", "torn down");
     assert_eq!(fake.instance("i-old").expect("old").instance.state, "running", "production untouched");
-    assert!(fake.lock().instances.iter().find(|i| i.instance.id == copy).expect("copy").tags.iter().any(|(k, v)| k == "dr:role" && v == "drill"));
+    assert!(
+        fake.lock()
+            .instances
+            .iter()
+            .find(|i| i.instance.id == copy)
+            .expect("copy")
+            .tags
+            .iter()
+            .any(|(k, v)| k == "dr:role" && v == "drill")
+    );
     assert_eq!(store.site("s1".into()).await.expect("read").expect("site").primary_instance_id, "i-old", "never promoted");
     let rec = store.drills("s1".into(), 5).await.expect("drills");
     assert_eq!(rec.len(), 1, "recorded once");
@@ -204,7 +227,11 @@ async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its
         backup: BackupConfig::default(),
         policies: HashMap::new(),
         recovery,
-        failover: FailoverConfig { agent_timeout: Duration::from_secs(5), app_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
+        failover: FailoverConfig {
+            agent_timeout: Duration::from_secs(5),
+            app_timeout: Duration::from_secs(1),
+            ..FailoverConfig::default()
+        },
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
@@ -214,12 +241,24 @@ async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its
     let op = crate::workflows::drill::start(&engine, plan, Duration::ZERO, "operator/t", None).await.expect("start");
     let copy = new_instance(&fake, &["i-old"]).await;
     // The copy's app starts but its health check never passes.
-    let record = crate::domain::model::InstanceRecord { site_id: "s1".into(), instance_id: copy.clone(), role: "drill".into(), operation_id: op.id.clone(), ..Default::default() };
+    let record = crate::domain::model::InstanceRecord {
+        site_id: "s1".into(),
+        instance_id: copy.clone(),
+        role: "drill".into(),
+        operation_id: op.id.clone(),
+        ..Default::default()
+    };
     store.put_instance(record).await.expect("the copy's Hello");
-    let agent = FakeAgent::attach(&engine.deps().registry, "s1", &copy, crate::domain::model::Role::Drill { operation_id: op.id.clone() }, |action| match action {
-        "health_check" => crate::testkit::fake_failure("GET /health-check answered 503"),
-        _ => Ok(serde_json::json!({})),
-    });
+    let agent = FakeAgent::attach(
+        &engine.deps().registry,
+        "s1",
+        &copy,
+        crate::domain::model::Role::Drill { operation_id: op.id.clone() },
+        |action| match action {
+            "health_check" => crate::testkit::fake_failure("GET /health-check answered 503"),
+            _ => Ok(serde_json::json!({})),
+        },
+    );
     let ended = until(&store, &op.id, OperationState::Failed).await;
     let rec = store.drills("s1".into(), 5).await.expect("drills");
     let said = format!("{} | {}", ended.error, rec[0].error);
@@ -328,13 +367,26 @@ async fn a_spare_is_kept_refreshed_without_a_gap_protected_from_retention_and_ta
     let first_agent = FakeAgent::attach(&registry, "s1", &first, Role::Spare, spare_answers);
     until(&store, first_op, OperationState::Succeeded).await;
     let installed = store.spare("s1".into()).await.expect("read").expect("a spare is installed");
-    assert_eq!((installed.instance_id.as_str(), installed.backup_image_id.as_str(), installed.mode.as_str()), (first.as_str(), "ami-b1", "stopped"));
+    assert_eq!(
+        (installed.instance_id.as_str(), installed.backup_image_id.as_str(), installed.mode.as_str()),
+        (first.as_str(), "ami-b1", "stopped")
+    );
     let spare_ec2 = fake.instance(&first).expect("spare");
     assert_eq!(spare_ec2.instance.state, "stopped", "parked stopped");
     assert!(spare_ec2.tags.iter().any(|(k, v)| k == "dr:role" && v == "spare"), "{:?}", spare_ec2.tags);
     assert_eq!(
         first_agent.actions(),
-        ["app_stop", "rewrite_addresses", "wipe_nomad", "app_start", "app_status", "health_check", "cleanup_builds", "app_status", "app_stop"],
+        [
+            "app_stop",
+            "rewrite_addresses",
+            "wipe_nomad",
+            "app_start",
+            "app_status",
+            "health_check",
+            "cleanup_builds",
+            "app_status",
+            "app_stop"
+        ],
         "the runbook with its own addresses, checked healthy, then the app stopped"
     );
     assert!(primary.actions().is_empty(), "the primary got nothing: {:?}", primary.actions());
@@ -404,7 +456,10 @@ async fn a_spare_is_kept_refreshed_without_a_gap_protected_from_retention_and_ta
     // no RunInstances; the plan states the data it trades.
     let plan = plan::make(engine.deps(), &site, &Request::default()).await.expect("plan");
     let planned = plan.spare.clone().expect("the plan takes the spare");
-    assert_eq!((planned.instance_id.as_str(), planned.backup_image_id.as_str(), planned.newest_backup_image_id.as_str()), (second.as_str(), "ami-b2", "ami-b3"));
+    assert_eq!(
+        (planned.instance_id.as_str(), planned.backup_image_id.as_str(), planned.newest_backup_image_id.as_str()),
+        (second.as_str(), "ami-b2", "ami-b3")
+    );
     assert_eq!(plan.backup.image_id, "ami-b2", "the data is the spare's");
     assert!(planned.lag_ms >= 8_000, "{planned:?}");
     assert!(plan.warnings.iter().any(|w| w.contains("hot spare") && w.contains("ami-b3")), "{:?}", plan.warnings);
