@@ -16,7 +16,7 @@
 //! `ec2:CreateTags` of a tag-on-create and its `ec2:CreateAction`).
 //!
 //! moto 5.2.5 ignores CopyImage's TagSpecifications; AWS applies them. The
-//! recorder applies them to the new image as AWS would, so that the
+//! recorder applies them to the new image and its snapshots as AWS would, so that the
 //! controller's fallback re-tagging (never needed on AWS) is not evaluated
 //! as if it were a call AWS would see.
 
@@ -331,6 +331,11 @@ impl Recorder {
                 let specs = tag_specs(&p);
                 let t = spec_tags(&specs, "image");
                 self.apply_tags(&image, &region, &t).await;
+                // And the snapshot tags to the copy's snapshots, as AWS does.
+                let t = spec_tags(&specs, "snapshot");
+                for snapshot in self.snapshots_of(&image, &region).await {
+                    self.apply_tags(&snapshot, &region, &t).await;
+                }
             }
         }
         let role = self.roles.lock().expect("roles").get(&key).cloned();
@@ -381,6 +386,18 @@ impl Recorder {
                 Some((child("key")?, child("value").unwrap_or_default()))
             })
             .collect()
+    }
+
+    /// The snapshots of an image's block device mappings (moto's DescribeImages).
+    async fn snapshots_of(&self, image: &str, region: &str) -> Vec<String> {
+        let body = format!("Action=DescribeImages&Version=2016-11-15&ImageId.1={image}");
+        let Some(text) = self.moto_call(region, body).await else {
+            return Vec::new();
+        };
+        let Ok(doc) = roxmltree::Document::parse(&text) else {
+            return Vec::new();
+        };
+        doc.descendants().filter(|n| n.has_tag_name("snapshotId")).filter_map(|n| n.text()).map(str::to_owned).collect()
     }
 
     async fn apply_tags(&self, id: &str, region: &str, tags: &BTreeMap<String, String>) {

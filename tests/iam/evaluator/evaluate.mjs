@@ -3,7 +3,9 @@
 // policies: the controller policy, or the site-role policy for calls made
 // with credentials from an AssumeRole. Fails on any denial, printing each
 // denied call, and when the recordings miss a kind of call the controller's
-// workflows make (so it cannot pass by recording nothing).
+// workflows make (so it cannot pass by recording nothing). A request whose
+// resource tags the recorder could not look up (`resource_tags: null`,
+// `tags_lookup_error`) cannot be judged: it is listed and fails the run too.
 //
 //   node evaluate.mjs RECORD_DIR [DEPLOY_DIR] [--partial]
 //
@@ -81,6 +83,7 @@ const standIn = (r) => STAND_IN.test(r.resource.split('/').pop())
 const files = readdirSync(dir).filter((f) => f.endsWith('.jsonl'))
 let calls = 0
 const denied = []
+const unjudged = []
 const seen = new Map(REQUIRED.map((q) => [q.name, 0]))
 const perAction = new Map()
 for (const file of files) {
@@ -100,6 +103,10 @@ for (const file of files) {
     for (const r of rec.requests) {
       if (rec.dry_run && standIn(r)) continue
       for (const q of REQUIRED) if (q.test(rec, r)) seen.set(q.name, seen.get(q.name) + 1)
+      if (r.resource_tags === null) {
+        unjudged.push({ file, rec, r })
+        continue
+      }
       const { allowed, why } = await evaluate(policy, principal, r, account)
       if (!allowed) denied.push({ file, rec, r, principal, why })
     }
@@ -110,13 +117,21 @@ console.log(`IAM evaluation: ${calls} recorded calls in ${files.length} file(s) 
 for (const [action, n] of [...perAction].sort()) console.log(`  ${String(n).padStart(6)} ${action}`)
 for (const d of denied) {
   console.log(
-    `DENIED ${d.r.action} on ${d.r.resource} (call ${d.rec.action}${d.rec.dry_run ? ' DryRun' : ''} in ${d.rec.region}, as ${d.principal}, recorded in ${d.file})\n` +
+    `DENIED ${d.r.action} on ${d.r.resource} (call ${d.rec.action}${d.rec.dry_run ? ' DryRun' : ''} in ${d.rec.region}, as ${d.principal}, HTTP ${d.rec.status} from moto, recorded in ${d.file})\n` +
       `  resource tags: ${JSON.stringify(d.r.resource_tags)}\n` +
       `  request tags:  ${JSON.stringify(d.r.request_tags)}${Object.keys(d.r.context ?? {}).length ? `  context: ${JSON.stringify(d.r.context)}` : ''}\n` +
       `  why: ${d.why}`,
   )
 }
+for (const u of unjudged) {
+  console.log(
+    `NOT JUDGED ${u.r.action} on ${u.r.resource} (call ${u.rec.action} in ${u.rec.region}, recorded in ${u.file}): ` +
+      `its tags could not be looked up: ${u.r.tags_lookup_error ?? 'no reason recorded'}`,
+  )
+}
 const missing = partial ? [] : REQUIRED.filter((q) => seen.get(q.name) === 0)
 for (const q of missing) console.log(`NOT COVERED ${q.name} (${q.why}): no recorded call made it`)
-console.log(`IAM evaluation: ${denied.length} denied, ${missing.length} kind(s) of call not covered`)
-if ((calls === 0 && !partial) || denied.length > 0 || missing.length > 0) process.exitCode = 1
+console.log(
+  `IAM evaluation: ${denied.length} denied, ${unjudged.length} not judged, ${missing.length} kind(s) of call not covered`,
+)
+if ((calls === 0 && !partial) || denied.length > 0 || unjudged.length > 0 || missing.length > 0) process.exitCode = 1
