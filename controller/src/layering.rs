@@ -1,13 +1,18 @@
 //! The dependency rules of ARCHITECTURE.md ("Invariants"), checked on the
-//! source itself: every `crate::<module>` path in a non-test file is an
-//! edge between two top-level modules. The graph must have no cycle, and:
+//! source itself: every `crate::<module>` path (also inside grouped
+//! `use crate::{a, b::c}`) on any line of any `.rs` file under `src`, test
+//! code included, is an edge between two top-level modules. The graph must
+//! have no cycle, and each module may import only what [`LAYERS`] allows
+//! it: that table is the full layer order, bottom first. A new top-level
+//! module fails the test until it is placed there. Besides:
 //!
-//! - `domain` imports nothing else from the controller;
-//! - `config` imports only `domain`;
-//! - `engine` knows no workflow, no agent, no cloud API;
 //! - generated protobuf types (`pb::`) appear only in `api`, `agents`, the
 //!   crate root (which registers the services) and the test kit's fake agent;
 //! - drctl does not depend on the controller crate.
+//!
+//! `testkit` (compiled for tests only) is the fake world every module's
+//! tests may use; it is outside the order. The binaries under `bin/` use
+//! the library by its crate name (`dr_controller::`), never `crate::`.
 //!
 //! A plain text scan, deliberately: it needs no tool beyond the test
 //! runner, and it reads what a reviewer reads.
@@ -15,35 +20,99 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// `module -> modules it imports`, from every `.rs` file under `src`,
-/// leaving out test code (`tests.rs`, `testkit.rs` and inline
-/// `#[cfg(test)] mod tests` blocks, which sit at the end of a file).
+/// Each top-level module and the modules it may import, bottom layer
+/// first. `crate` is `lib.rs`, which wires everything.
+const LAYERS: &[(&str, &[&str])] = &[
+    ("domain", &[]),
+    ("logging", &[]),
+    ("config", &["domain"]),
+    ("store", &["domain"]),
+    ("cloud", &["config", "domain"]),
+    ("engine", &["store", "domain"]),
+    ("agents", &["domain", "config", "store", "cloud", "engine"]),
+    ("workflows", &["domain", "config", "store", "cloud", "engine", "agents"]),
+    ("reconcilers", &["domain", "config", "store", "cloud", "engine", "agents", "workflows"]),
+    ("api", &["domain", "config", "store", "cloud", "engine", "agents", "workflows", "reconcilers"]),
+    ("crate", &["domain", "logging", "config", "store", "cloud", "engine", "agents", "workflows", "reconcilers", "api"]),
+];
+
+/// Modules outside the order: test support and this test.
+const OUTSIDE: &[&str] = &["testkit", "layering", "bin"];
+
+/// `module -> modules it imports`, from every line of every `.rs` file
+/// under `src`.
 fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in rust_files(src) {
         let rel = file.strip_prefix(src).expect("under src");
-        let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if matches!(name, "tests.rs" | "testkit.rs" | "layering.rs") || rel.starts_with("bin") {
+        let from = top_module(rel);
+        if OUTSIDE.contains(&from.as_str()) {
             continue;
         }
-        let from = top_module(rel);
         let text = std::fs::read_to_string(&file).expect("source is readable");
-        let code = match text.find("#[cfg(test)]\nmod tests") {
-            Some(i) => &text[..i],
-            None => &text,
-        };
-        // Comments (docs linking to other modules) are not imports.
-        let code: String = code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
         let entry = edges.entry(from.clone()).or_default();
-        for (i, _) in code.match_indices("crate::") {
-            let rest = &code[i + "crate::".len()..];
-            let to: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            if !to.is_empty() && to != from && code[..i].chars().last().is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_') {
+        for to in imports(&text) {
+            if to != from && to != "testkit" {
                 entry.insert(to);
             }
         }
     }
     edges
+}
+
+/// The top-level modules named by `crate::` paths in `text`, comments
+/// left out (docs that link to other modules are not imports).
+fn imports(text: &str) -> BTreeSet<String> {
+    let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+    let ident = |s: &str| -> String { s.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        if code[..i].chars().last().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue; // `dr_controller::crate::`-like or part of a longer name
+        }
+        let rest = &code[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // `crate::{a, b::{c, d}, e}`: the first name of each item at depth 1.
+            let (mut depth, mut item_start, mut items) = (0usize, 0usize, Vec::new());
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        items.push(&group[item_start..j]);
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        items.push(&group[item_start..j]);
+                        item_start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+            out.extend(items.into_iter().map(ident).filter(|n| !n.is_empty() && n != "self"));
+        } else {
+            let to = ident(rest);
+            if !to.is_empty() {
+                out.insert(to);
+            }
+        }
+    }
+    out
+}
+
+/// Every import that [`LAYERS`] does not allow, as `from -> to` lines.
+fn violations(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (from, tos) in edges {
+        let Some((_, may)) = LAYERS.iter().find(|(m, _)| m == from) else {
+            bad.push(format!("{from}: a top-level module not placed in LAYERS (controller/src/layering.rs)"));
+            continue;
+        };
+        for to in tos.iter().filter(|t| !may.contains(&t.as_str())) {
+            bad.push(format!("{from} -> {to}: {from} may import only {may:?}"));
+        }
+    }
+    bad
 }
 
 fn top_module(rel: &Path) -> String {
@@ -112,20 +181,38 @@ fn the_module_graph_has_no_cycle() {
 }
 
 #[test]
-fn lower_layers_import_only_what_they_may() {
+fn every_module_imports_only_what_its_layer_allows() {
     let edges = graph(&src());
-    let allowed: &[(&str, &[&str])] = &[
-        ("domain", &[]),
-        ("config", &["domain"]),
-        ("store", &["domain"]),
-        ("cloud", &["config", "domain"]),
-        ("engine", &["store", "domain"]),
-    ];
-    for (module, may) in allowed {
-        let uses = edges.get(*module).unwrap_or_else(|| panic!("module {module} exists"));
-        let bad: Vec<&String> = uses.iter().filter(|u| !may.contains(&u.as_str())).collect();
-        assert!(bad.is_empty(), "{module} may import only {may:?}, but imports {bad:?}");
-    }
+    let bad = violations(&edges);
+    assert!(bad.is_empty(), "imports against the layer order:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn a_forbidden_import_on_any_line_is_caught() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path();
+    std::fs::create_dir_all(src.join("engine")).expect("mkdir");
+    // After an out-of-line `mod tests;`, inside an inline test module, in a
+    // grouped import and at the very last line: each is an edge.
+    std::fs::write(
+        src.join("engine/mod.rs"),
+        "#[cfg(test)]\nmod tests;\nuse crate::store::Store;\nfn f() {}\n#[cfg(test)]\nmod tests {\n    use crate::{domain, workflows::Deps};\n}\nfn g() { crate::agents::x() }",
+    )
+    .expect("write");
+    std::fs::write(src.join("domain.rs"), "// crate::api in a comment is no import\nuse crate::testkit::x;\n").expect("write");
+    std::fs::write(src.join("newmod.rs"), "use crate::domain;\n").expect("write");
+    let edges = graph(src);
+    assert_eq!(edges["engine"], BTreeSet::from(["agents".to_owned(), "domain".to_owned(), "store".to_owned(), "workflows".to_owned()]));
+    assert!(edges["domain"].is_empty(), "{edges:?}");
+    let bad = violations(&edges);
+    assert_eq!(
+        bad,
+        vec![
+            r#"engine -> agents: engine may import only ["store", "domain"]"#.to_owned(),
+            r#"engine -> workflows: engine may import only ["store", "domain"]"#.to_owned(),
+            "newmod: a top-level module not placed in LAYERS (controller/src/layering.rs)".to_owned(),
+        ]
+    );
 }
 
 #[test]

@@ -100,37 +100,76 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dns: tokio::sync::OnceCell::new(),
     });
     let resumed = engine.resume_all().await?;
-    tokio::spawn(reconcilers::scheduler::run(engine.clone(), config.backup.scheduler_tick));
-    tokio::spawn(reconcilers::copies::run(engine.clone(), config.backup.copy_poll));
-    tokio::spawn(reconcilers::drills::run(engine.clone(), config.drill.reap_every));
-    tokio::spawn(reconcilers::spares::run(engine.clone(), config.backup.scheduler_tick));
+    // Every background loop is supervised: restarted when it ends or
+    // panics, counted in /metrics, reported as `controller.task_restarted`.
     let http = cloud::http::HttpClients::default();
     let notifier = reconcilers::notify::Notifier { store: store.clone(), sinks: std::sync::Arc::new(config.notify.clone()) };
-    let monitor = reconcilers::health::Monitor::new(
-        engine.clone(),
-        config.health.clone(),
-        notifier.clone(),
-        http.clone(),
-        config.server.heartbeat_interval * (config.server.missed_heartbeats + 1),
-    )
-    .await?;
-    tokio::spawn(monitor.run());
+    let tasks = reconcilers::supervisor::Supervisor::new(notifier.clone());
+    {
+        let (e, tick) = (engine.clone(), config.backup.scheduler_tick);
+        tasks.spawn("scheduler", move || reconcilers::scheduler::run(e.clone(), tick));
+        let (e, every) = (engine.clone(), config.backup.copy_poll);
+        tasks.spawn("copies", move || reconcilers::copies::run(e.clone(), every));
+        let (e, every) = (engine.clone(), config.drill.reap_every);
+        tasks.spawn("drills", move || reconcilers::drills::run(e.clone(), every));
+        let (e, tick) = (engine.clone(), config.backup.scheduler_tick);
+        tasks.spawn("spares", move || reconcilers::spares::run(e.clone(), tick));
+    }
+    // The monitor and the keeper read their state from the store when they
+    // are made: a restarted one starts from what was recorded.
+    let grace = config.server.heartbeat_interval * (config.server.missed_heartbeats + 1);
+    let monitor = reconcilers::health::Monitor::new(engine.clone(), config.health.clone(), notifier.clone(), http.clone(), grace).await?;
+    {
+        let first = std::sync::Mutex::new(Some(monitor));
+        let (e, h, n, c) = (engine.clone(), config.health.clone(), notifier.clone(), http.clone());
+        tasks.spawn("health", move || {
+            let first = first.lock().expect("first monitor").take();
+            let (e, h, n, c) = (e.clone(), h.clone(), n.clone(), c.clone());
+            async move {
+                let monitor = match first {
+                    Some(m) => m,
+                    None => match reconcilers::health::Monitor::new(e, h, n, c, grace).await {
+                        Ok(m) => m,
+                        Err(err) => panic!("cannot restart the health monitor: {err}"),
+                    },
+                };
+                monitor.run().await
+            }
+        });
+    }
     let fences = reconcilers::fences::Fences::default();
     let keeper = reconcilers::fences::Keeper::new(engine.clone(), notifier.clone(), fences.clone(), config.health.fence_interval).await?;
-    tokio::spawn(keeper.run());
-    tokio::spawn(reconcilers::notify::run(
-        store.clone(),
-        std::sync::Arc::new(config.notify.clone()),
-        http,
-        std::time::Duration::from_secs(1),
-    ));
-    tokio::spawn(reconcilers::refusals::run(registry.refusals().clone(), notifier.clone()));
-    tokio::spawn(agents::flush_liveness(store.clone(), registry.clone(), config.server.liveness_flush));
+    {
+        let first = std::sync::Mutex::new(Some(keeper));
+        let (e, n, f, every) = (engine.clone(), notifier.clone(), fences.clone(), config.health.fence_interval);
+        tasks.spawn("fences", move || {
+            let first = first.lock().expect("first keeper").take();
+            let (e, n, f) = (e.clone(), n.clone(), f.clone());
+            async move {
+                let keeper = match first {
+                    Some(k) => k,
+                    None => match reconcilers::fences::Keeper::new(e, n, f, every).await {
+                        Ok(k) => k,
+                        Err(err) => panic!("cannot restart the fence keeper: {err}"),
+                    },
+                };
+                keeper.run().await
+            }
+        });
+    }
+    {
+        let (s, sinks, h) = (store.clone(), std::sync::Arc::new(config.notify.clone()), http.clone());
+        tasks.spawn("notify", move || reconcilers::notify::run(s.clone(), sinks.clone(), h.clone(), std::time::Duration::from_secs(1)));
+        let (r, n) = (registry.refusals().clone(), notifier.clone());
+        tasks.spawn("refusals", move || reconcilers::refusals::run(r.clone(), n.clone()));
+        let (s, r, every) = (store.clone(), registry.clone(), config.server.liveness_flush);
+        tasks.spawn("liveness", move || agents::flush_liveness(s.clone(), r.clone(), every));
+    }
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {
-        let (engine, registry) = (engine.clone(), registry.clone());
+        let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, engine, registry).await {
+            if let Err(e) = metrics::serve(addr, engine, registry, tasks).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         });

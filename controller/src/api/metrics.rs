@@ -10,6 +10,8 @@
 //! - `dr_copies{site,region,state}`: copies in DR regions by state
 //! - `dr_operations_running`
 //! - `dr_ec2_retries_total{reason}`: EC2 calls retried (throttled, transient)
+//! - `dr_task_up{task}` 1/0 and `dr_task_restarts_total{task}`: the
+//!   controller's supervised background tasks (`reconcilers::supervisor`)
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -23,6 +25,7 @@ use prometheus_client::registry::Registry;
 
 use crate::agents;
 use crate::domain::model::{BackupState, CopyState, now_ms};
+use crate::reconcilers::supervisor::Supervisor;
 use crate::workflows::Engine;
 
 use crate::cloud::{EC2_THROTTLED, EC2_TRANSIENT};
@@ -35,7 +38,7 @@ fn label(pairs: &[(&str, &str)]) -> Labels {
 
 /// Renders every metric now, from one fleet view of the store (a fixed
 /// number of queries however many sites) and the live sessions.
-pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<String, crate::store::StoreError> {
+pub async fn render(engine: &Engine, registry: &agents::Registry, tasks: &Supervisor) -> Result<String, crate::store::StoreError> {
     let mut reg = Registry::default();
     let connected = Family::<Labels, Gauge>::default();
     let agents_by_role = Family::<Labels, Gauge>::default();
@@ -122,6 +125,14 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
     for (role, n) in registry.counts() {
         agents_by_role.get_or_create(&label(&[("role", role)])).set(n as i64);
     }
+    let task_up = Family::<Labels, Gauge>::default();
+    let task_restarts = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
+    for (name, t) in tasks.stats() {
+        task_up.get_or_create(&label(&[("task", name)])).set(i64::from(t.up));
+        task_restarts.get_or_create(&label(&[("task", name)])).inc_by(t.restarts);
+    }
+    reg.register("dr_task_up", "1 while the supervised background task runs", task_up);
+    reg.register("dr_task_restarts", "Times the background task ended or panicked and was started again", task_restarts);
     retries.get_or_create(&label(&[("reason", "throttled")])).set(EC2_THROTTLED.load(Ordering::Relaxed) as i64);
     retries.get_or_create(&label(&[("reason", "transient")])).set(EC2_TRANSIENT.load(Ordering::Relaxed) as i64);
     reg.register("dr_agent_connected", "1 when the site's primary has a live agent session", connected);
@@ -151,7 +162,7 @@ pub async fn render(engine: &Engine, registry: &agents::Registry) -> Result<Stri
 }
 
 /// Serves `GET /metrics` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry, tasks: Supervisor) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?;
@@ -165,15 +176,15 @@ pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry)
                 continue;
             }
         };
-        let (engine, registry) = (engine.clone(), registry.clone());
+        let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (engine, registry) = (engine.clone(), registry.clone());
+                let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
                 async move {
                     let response = if req.uri().path() != "/metrics" {
                         hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     } else {
-                        match render(&engine, &registry).await {
+                        match render(&engine, &registry, &tasks).await {
                             Ok(text) => hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(Bytes::from(text))),

@@ -22,6 +22,11 @@
 //! `step.create_image.before=5s`) makes the controller wait there once per
 //! run of that point: the tests use it to let a freeze's deadline pass.
 //!
+//! `DR_CONTROLLER_PANIC_IN=<task>` makes the supervised background task of
+//! that name (`scheduler`, `health`, ...: `reconcilers::supervisor`) panic
+//! once, at the start of its first run: the tests use it to show that the
+//! task is started again, counted in `/metrics` and reported as an event.
+//!
 //! Unset (always, in production), each costs one string comparison.
 
 use std::sync::OnceLock;
@@ -34,10 +39,7 @@ pub fn crash_point(point: &str) {
     let armed = POINT.get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()));
     if armed.as_deref() == Some(point) {
         tracing::error!(point, "crash point reached: sending SIGKILL to self ({ENV} is set)");
-        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -65,5 +67,19 @@ pub async fn delay_point(point: &str) {
     if let Some((p, d)) = armed.as_ref().filter(|(p, _)| p == point) {
         tracing::warn!(point = %p, delay = ?d, "delay point reached ({DELAY_ENV} is set)");
         tokio::time::sleep(*d).await;
+    }
+}
+
+pub const PANIC_ENV: &str = "DR_CONTROLLER_PANIC_IN";
+
+static PANIC: OnceLock<Option<String>> = OnceLock::new();
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Panics (once per process) when `DR_CONTROLLER_PANIC_IN` names `task`.
+pub fn panic_point(task: &str) {
+    let armed = PANIC.get_or_init(|| std::env::var(PANIC_ENV).ok().filter(|v| !v.is_empty()));
+    if armed.as_deref() == Some(task) && !PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(task, "panic point reached ({PANIC_ENV} is set)");
+        panic!("injected panic ({PANIC_ENV}={task})");
     }
 }

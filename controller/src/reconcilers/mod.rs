@@ -6,7 +6,8 @@
 //! current, [`health`] watches every site and climbs the recovery ladder,
 //! [`notify`] records events and delivers them to webhooks, [`refusals`]
 //! records refused agents and raises `agent.refused`. [`catalog`]
-//! checks the store against EC2 at start.
+//! checks the store against EC2 at start. [`supervisor`] runs each of these
+//! loops and starts it again when it ends or panics.
 
 pub mod catalog;
 pub mod copies;
@@ -17,6 +18,7 @@ pub mod notify;
 pub mod refusals;
 pub mod scheduler;
 pub mod spares;
+pub mod supervisor;
 
 #[cfg(test)]
 pub(crate) mod tests_support {
