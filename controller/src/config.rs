@@ -177,6 +177,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "agent.cert_expiring",
     "fence.breached",
     "fence.restored",
+    "controller.task_restarted",
 ];
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).

@@ -1,6 +1,8 @@
 //! dr-controller: schedules, EC2 calls and the state of every operation;
 //! directs the agents over mutual-TLS gRPC. See ARCHITECTURE.md for the map.
 
+#![forbid(unsafe_code)]
+
 pub mod agents;
 pub mod api;
 pub mod cloud;

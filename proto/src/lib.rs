@@ -11,6 +11,8 @@
 //!   by the kernel, `TCP_USER_TIMEOUT`, not by HTTP/2 pings the controller
 //!   would have to answer 10,000 times over).
 
+#![forbid(unsafe_code)]
+
 pub mod backoff;
 pub mod identity;
 pub mod tls;

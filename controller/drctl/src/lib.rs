@@ -11,6 +11,8 @@
 //! - [`watch`]: following an operation until it ends.
 //! - [`pki`]: `drctl pki init` / `issue`, the deployment's certificates.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod connection;
 pub mod error;

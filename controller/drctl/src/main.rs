@@ -1,5 +1,7 @@
 //! drctl: the operator's command line for dr-controller (see the `drctl` library).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

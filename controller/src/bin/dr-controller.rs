@@ -1,6 +1,8 @@
 //! dr-controller: parse the command line, load the config, then run the
 //! daemon until SIGTERM (the default), or check AWS permissions (`preflight`).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
