@@ -33,10 +33,15 @@ export DR_MOTO_SERVER
 export AWS_EC2_METADATA_DISABLED=true
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
 
+echo "== guard rails (tests/guard-rails.sh: rustfmt, dependency policy, rust-version)"
+bash tests/guard-rails.sh
+
 echo "== building"
 # --all-targets: the same feature set as `cargo test` below (dev-dependencies
 # such as tokio's test-util are unified), so nothing is compiled twice.
 cargo build --workspace --all-targets --locked
+echo "== clippy (every lint a warning is an error; workspace lints in Cargo.toml)"
+cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 echo "== testing"
 # Every AWS call the controllers under test make is recorded
 # (tests/src/iam_record.rs) and then evaluated under the shipped IAM policies.

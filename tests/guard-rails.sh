@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The checks that need no build, run first by tests/run.sh (and by hand):
+#   - rustfmt: the committed rustfmt.toml, no diff;
+#   - the dependency policy (deny.toml) with cargo-deny, offline: bans (ring
+#     and any second TLS stack), licenses, sources (crates.io only);
+#   - rust-version in Cargo.toml is at least what every locked dependency
+#     declares (so it tells the truth).
+# cargo-deny is installed from crates.io into DR_TOOLS (default
+# /var/tmp/dr-tools) the first time, pinned.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "-- cargo fmt --check"
+cargo fmt --all -- --check || { echo "rustfmt: the files above differ from rustfmt.toml's style; run 'cargo fmt --all'"; exit 1; }
+
+tools=${DR_TOOLS:-/var/tmp/dr-tools}
+deny_version=0.20.2
+if ! "$tools/bin/cargo-deny" --version 2>/dev/null | grep -q " $deny_version\$"; then
+  echo "-- installing cargo-deny $deny_version into $tools (once)"
+  cargo install --quiet --locked --root "$tools" "cargo-deny@$deny_version"
+fi
+echo "-- cargo deny check bans licenses sources (offline)"
+"$tools/bin/cargo-deny" --offline --locked check --hide-inclusion-graph bans licenses sources
+
+echo "-- rust-version"
+cargo metadata --format-version 1 --locked | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+members = set(m["workspace_members"])
+v = lambda s: tuple(int(x) for x in s.split("."))
+ours = {p["rust_version"] for p in m["packages"] if p["id"] in members}
+need = max((p for p in m["packages"] if p["id"] not in members and p.get("rust_version")), key=lambda p: v(p["rust_version"]))
+assert len(ours) == 1 and None not in ours, f"every workspace crate must inherit one rust-version, found {ours}"
+(have,) = ours
+name, version, wants = need["name"], need["version"], need["rust_version"]
+if v(have) < v(wants):
+    sys.exit(f"rust-version = {have} in Cargo.toml, but {name} {version} needs {wants}")
+print(f"rust-version {have} (the most demanding dependency: {name} needs {wants})")
+'
