@@ -53,6 +53,75 @@ pub async fn serve_simulator(name: &str, listen: std::net::SocketAddr, app: axum
     std::process::ExitCode::SUCCESS
 }
 
+/// Who may run next to a process named `nomad`: `dr-agent wipe-nomad` (run
+/// by the wipe tests and by every failover, drill and recovery's
+/// `wipe_nomad` step) refuses while any process of that name runs on the
+/// machine, so the one test that starts a fake `nomad` must run alone among
+/// them. Tests whose agents may wipe hold a shared guard ([`nomad_shared`];
+/// [`World`], [`DataPlane`] hold one), the fake-`nomad` test an exclusive one
+/// ([`nomad_exclusive`]). A waiting exclusive request stops new shared ones
+/// (no starvation with two test threads).
+pub struct NomadGuard {
+    exclusive: bool,
+}
+
+struct NomadState {
+    shared: usize,
+    exclusive: bool,
+    exclusive_waiting: usize,
+}
+
+static NOMAD: std::sync::Mutex<NomadState> = std::sync::Mutex::new(NomadState { shared: 0, exclusive: false, exclusive_waiting: 0 });
+static NOMAD_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn nomad_state() -> std::sync::MutexGuard<'static, NomadState> {
+    NOMAD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// Shared guards this thread holds: a thread that holds one may take
+    /// another (a world with a data plane) without waiting behind a waiting
+    /// exclusive request, which waits for it (a deadlock otherwise).
+    static NOMAD_SHARED_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A shared [`NomadGuard`]: no fake `nomad` runs while it is held.
+pub fn nomad_shared() -> NomadGuard {
+    let mut st = nomad_state();
+    let reentrant = NOMAD_SHARED_HERE.get() > 0;
+    while st.exclusive || (st.exclusive_waiting > 0 && !reentrant) {
+        st = NOMAD_CHANGED.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.shared += 1;
+    NOMAD_SHARED_HERE.set(NOMAD_SHARED_HERE.get() + 1);
+    NomadGuard { exclusive: false }
+}
+
+/// An exclusive [`NomadGuard`]: no agent that may wipe runs while it is held.
+pub fn nomad_exclusive() -> NomadGuard {
+    let mut st = nomad_state();
+    st.exclusive_waiting += 1;
+    while st.exclusive || st.shared > 0 {
+        st = NOMAD_CHANGED.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.exclusive_waiting -= 1;
+    st.exclusive = true;
+    NomadGuard { exclusive: true }
+}
+
+impl Drop for NomadGuard {
+    fn drop(&mut self) {
+        let mut st = nomad_state();
+        if self.exclusive {
+            st.exclusive = false;
+        } else {
+            st.shared -= 1;
+            NOMAD_SHARED_HERE.set(NOMAD_SHARED_HERE.get().saturating_sub(1));
+        }
+        NOMAD_CHANGED.notify_all();
+    }
+}
+
 pub const REGION: &str = "us-east-1";
 pub const TRUST_DOMAIN: &str = "dr.test";
 
@@ -412,10 +481,13 @@ pub struct DataPlane {
     pub url: String,
     pub proc: Proc,
     pub dir: PathBuf,
+    /// Its machines' agents may wipe Nomad's state.
+    _nomad: NomadGuard,
 }
 
 impl DataPlane {
     pub fn start(dir: &Path, moto_url: &str, boot_delay: Duration) -> DataPlane {
+        let nomad = nomad_shared();
         std::fs::create_dir_all(dir).expect("mkdir data plane dir");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log")).expect("log file");
         let mut cmd = Command::new(bin("dr-sim-dataplane"));
@@ -426,7 +498,7 @@ impl DataPlane {
             .arg("--boot-delay")
             .arg(format!("{}ms", boot_delay.as_millis()));
         let (proc, url) = spawn_listening_cmd("dr-sim-dataplane", &mut cmd, Stdio::from(log));
-        DataPlane { url, proc, dir: dir.to_owned() }
+        DataPlane { url, proc, dir: dir.to_owned(), _nomad: nomad }
     }
 
     /// `POST /dataplane/adopt`: the instance (launched by the test) runs
@@ -504,6 +576,10 @@ pub struct ControllerSpec {
     pub extra: String,
     /// EC2 endpoint instead of moto's own URL (e.g. a throttling proxy).
     pub endpoint: Option<String>,
+    /// Record this controller's AWS calls into this directory (a test that
+    /// evaluates its own controller's calls); `None`: into
+    /// `DR_IAM_RECORD_DIR` when set ([`iam_record::wrap`]).
+    pub record_into: Option<PathBuf>,
 }
 
 /// A dr-controller process with its config and store in `dir`.
@@ -529,7 +605,7 @@ impl Controller {
             pki.dir.join("controller.pem").display(),
             pki.dir.join("controller.key").display(),
             dir.join("state.db").display(),
-            iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url),
+            iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url, spec.record_into.as_deref()),
             spec.poll_initial,
             spec.extra,
         );
@@ -723,6 +799,8 @@ pub struct World {
     pub controller: Controller,
     pub agent: Agent,
     pub site: String,
+    /// Its agent may be asked to wipe Nomad's state.
+    _nomad: NomadGuard,
 }
 
 impl World {
@@ -749,6 +827,7 @@ impl World {
         extra_config: &str,
         agent_config: &str,
     ) -> World {
+        let nomad = nomad_shared();
         let dir = tempfile::tempdir().expect("tempdir");
         let moto = Moto::start(dir.path());
         let ec2 = moto.client().await;
@@ -766,10 +845,11 @@ impl World {
                 .collect(),
             extra: extra_config.to_owned(),
             endpoint: None,
+            record_into: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         let agent = Agent::start_with(dir.path(), &pki, site, &controller.url, &imds, &root, agent_config);
-        World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned() }
+        World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned(), _nomad: nomad }
     }
 
     pub fn wait_agent(&self) {
@@ -957,6 +1037,7 @@ impl Fleet {
             sites: sites.clone(),
             extra: extra_config.to_owned(),
             endpoint: Some(proxy.url.clone()),
+            record_into: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         Fleet { dir, moto, proxy, pki, controller, sites: sites.into_iter().map(|(s, _)| s).collect() }

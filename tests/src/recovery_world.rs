@@ -83,6 +83,9 @@ pub struct RecoverySpec {
     /// `[site.policy]` lines for health checking; the app probe's
     /// `health_url` is set to the CircleCI API simulator's health check.
     pub health_policy: Option<String>,
+    /// Record the controller's AWS calls into this directory
+    /// ([`ControllerSpec::record_into`]).
+    pub record_into: Option<PathBuf>,
 }
 
 impl RecoveryWorld {
@@ -169,6 +172,7 @@ impl RecoveryWorld {
                 }
             ),
             endpoint: Some(faults.as_ref().map(|f| f.url.clone()).unwrap_or_else(|| dataplane.url.clone())),
+            record_into: spec.record_into.clone(),
         };
         let config = Controller::write_config(dir.path(), &pki, &moto, &cspec);
         let mut text = std::fs::read_to_string(&config).expect("config");

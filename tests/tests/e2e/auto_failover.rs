@@ -549,7 +549,15 @@ async fn probes_failing_for_every_site_at_once_restart_nothing_and_raise_one_ale
         "[health]\ninterval = \"300ms\"\n[policy]\nauto_failover = \"auto\"\nhealth_url = \"http://{closed}/health-check\"\n\
          health_timeout = \"500ms\"\nconfirm_for = \"1s\"\nrepair_after = \"1s\"\n"
     );
-    let spec = ControllerSpec { port: free_port(), heartbeat: "1s", poll_initial: "100ms", sites: sites.clone(), extra, endpoint: None };
+    let spec = ControllerSpec {
+        port: free_port(),
+        heartbeat: "1s",
+        poll_initial: "100ms",
+        sites: sites.clone(),
+        extra,
+        endpoint: None,
+        record_into: None,
+    };
     let controller = Controller::start(dir.path(), &pki, &moto, &spec);
     let mut machines = vec![];
     for (i, inst) in instances.iter().enumerate() {
