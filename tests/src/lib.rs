@@ -143,6 +143,29 @@ macro_rules! assert_eventually {
     }};
 }
 
+/// Asserts that something does NOT happen during a quiet period: polls
+/// `$forbidden` every 100 ms for `$period` and panics as soon as it holds
+/// (not only at the end), with the message and when it happened. Start the
+/// period at an observable point (the event after which nothing may
+/// happen), and make it long enough to cover what would trigger the
+/// forbidden thing (e.g. several health passes past `confirm_for`).
+#[macro_export]
+macro_rules! assert_quiet_for {
+    ($period:expr, $forbidden:expr, $($msg:tt)+) => {{
+        let period: std::time::Duration = $period;
+        let start = std::time::Instant::now();
+        loop {
+            if $forbidden {
+                panic!("happened {:?} into a quiet period of {:?}: {}", start.elapsed(), period, format!($($msg)+));
+            }
+            if start.elapsed() >= period {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }};
+}
+
 /// Environment every child process gets: nothing may reach a real AWS or
 /// the instance metadata address.
 pub fn aws_env(cmd: &mut Command) -> &mut Command {
@@ -170,8 +193,91 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A port that was free a moment ago. Racy (another process may take it
+/// before the child binds it): prefer letting the child bind port 0 and
+/// report its address ([`logged_port`], [`spawn_listening`]). Left for the
+/// benchmarks, which must write the controller's URL into disks before the
+/// controller starts.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A loopback port on which connections are refused, and stay refused for
+/// as long as the returned socket lives: bound, never listening, so no other
+/// process can take the port meanwhile.
+pub fn closed_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2)/bind(2)/getsockname(2) on a socket we own;
+    // the address structs are fully initialised and their sizes passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        assert_eq!(libc::getsockname(fd, (&raw mut got).cast(), &mut got_len), 0, "getsockname: {}", std::io::Error::last_os_error());
+        (owned, u16::from_be(got.sin_port))
+    }
+}
+
+/// Strips ANSI escape sequences (colored log output).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The port a child bound itself (port 0) and logged: waits for a line of
+/// `log`, past byte `from` (the log's length when the child was started),
+/// that contains `marker` and then `key` directly followed by the port
+/// (e.g. `"Running on"`, `"http://127.0.0.1:"`). Fails when the child exits
+/// first, or after `timeout`, showing the log.
+pub fn logged_port(proc: &mut Proc, log: &Path, from: u64, marker: &str, key: &str, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bytes = std::fs::read(log).unwrap_or_default();
+        let new = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned();
+        for line in new.lines().map(strip_ansi) {
+            if let Some(at) = line.find(marker)
+                && let Some(k) = line[at..].find(key)
+            {
+                let digits: String = line[at + k + key.len()..].chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(port) = digits.parse::<u16>()
+                    && port != 0
+                {
+                    return port;
+                }
+            }
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("{} exited ({status}) before logging its address; {}:\n{new}", proc.name, log.display());
+        }
+        assert!(Instant::now() < deadline, "{} logged no address within {timeout:?}; {}:\n{new}", proc.name, log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) {
@@ -268,11 +374,19 @@ impl Moto {
             root.join(".venv/bin/moto_server")
         });
         assert!(server.exists(), "{} is missing: tests/run.sh installs moto[server] into .venv", server.display());
-        let port = free_port();
-        let proc =
-            Proc::spawn("moto", aws_env(Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()])), &dir.join("moto.log"));
+        let (proc, url) = Self::spawn(Command::new(server), &dir.join("moto.log"));
+        Moto { url, _proc: proc }
+    }
+
+    /// Starts a moto server command (`moto_server`, or a script calling its
+    /// `main`) on port 0: werkzeug binds a free port itself and logs
+    /// ` * Running on http://127.0.0.1:<port>`. Returns it with its URL.
+    pub fn spawn(mut cmd: Command, log: &Path) -> (Proc, String) {
+        let from = file_len(log);
+        let mut proc = Proc::spawn("moto", aws_env(cmd.args(["-H", "127.0.0.1", "-p", "0"])), log);
+        let port = logged_port(&mut proc, log, from, "Running on", "http://127.0.0.1:", Duration::from_secs(30));
         wait_for_port(port, Duration::from_secs(30));
-        Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
+        (proc, format!("http://127.0.0.1:{port}"))
     }
 
     pub async fn client(&self) -> aws_sdk_ec2::Client {
@@ -568,6 +682,8 @@ impl DataPlane {
 /// Options of a controller under test.
 #[derive(Clone)]
 pub struct ControllerSpec {
+    /// The port to listen on; 0: the controller binds a free port itself
+    /// and logs it ([`Controller::restart`] reads it; restarts reuse it).
     pub port: u16,
     pub heartbeat: &'static str,
     pub poll_initial: &'static str,
@@ -619,8 +735,13 @@ impl Controller {
 
     pub fn start(dir: &Path, pki: &Pki, moto: &Moto, spec: &ControllerSpec) -> Controller {
         let config = Self::write_config(dir, pki, moto, spec);
-        let mut c =
-            Controller { dir: dir.to_owned(), port: spec.port, url: format!("https://127.0.0.1:{}", spec.port), config, proc: None };
+        Self::start_with_config(dir, config, spec.port)
+    }
+
+    /// Starts a controller of a config written by [`Controller::write_config`]
+    /// (and maybe edited) listening on `port`; 0: on a port it binds itself.
+    pub fn start_with_config(dir: &Path, config: PathBuf, port: u16) -> Controller {
+        let mut c = Controller { dir: dir.to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
         c.restart(&[]);
         c
     }
@@ -632,7 +753,22 @@ impl Controller {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.proc = Some(Proc::spawn("dr-controller", &mut cmd, &self.dir.join("controller.log")));
+        let log = self.dir.join("controller.log");
+        let from = file_len(&log);
+        let proc = self.proc.insert(Proc::spawn("dr-controller", &mut cmd, &log));
+        // The address the controller logs once bound (no pick-then-release
+        // of a port: with port 0 in the config it binds a free one).
+        let port = logged_port(proc, &log, from, "dr-controller listening", "addr=127.0.0.1:", Duration::from_secs(30));
+        if self.port == 0 {
+            // Restarts must come back at the same address (the agents know
+            // it): the config names the port from now on.
+            let text = std::fs::read_to_string(&self.config).expect("read the controller config");
+            let pinned = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
+            std::fs::write(&self.config, pinned).expect("pin the controller's port in its config");
+            self.port = port;
+            self.url = format!("https://127.0.0.1:{port}");
+        }
+        assert_eq!(port, self.port, "the controller listens on its configured port");
         wait_for_port(self.port, Duration::from_secs(30));
     }
 
@@ -837,7 +973,7 @@ impl World {
         let imds = Imds::start(dir.path(), &instance, public);
         let root = services_machine_root(dir.path(), &instance.private_ip, public.unwrap_or("54.10.20.30"));
         let spec = ControllerSpec {
-            port: free_port(),
+            port: 0,
             heartbeat: "1s",
             poll_initial,
             sites: std::iter::once((site.to_owned(), instance.id.clone()))
@@ -1031,7 +1167,7 @@ impl Fleet {
         let proxy = throttle::start(&moto.url, throttle_share, 7).await;
         let pki = Pki::new(dir.path());
         let spec = ControllerSpec {
-            port: free_port(),
+            port: 0,
             heartbeat: "10s",
             poll_initial: "200ms",
             sites: sites.clone(),

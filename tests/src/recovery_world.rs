@@ -155,9 +155,8 @@ impl RecoveryWorld {
 
         let probe = format!("health_url = {}\n", q(&format!("{api_url}/health-check")));
         let faults = if spec.fault_proxy { Some(crate::faults::start(&dataplane.url).await) } else { None };
-        let port = free_port();
         let cspec = ControllerSpec {
-            port,
+            port: 0,
             heartbeat: "1s",
             poll_initial: "100ms",
             sites: vec![(site.to_owned(), instance.id.clone())],
@@ -183,8 +182,7 @@ impl RecoveryWorld {
         }
         text.push_str(&format!("[site.dns]\nzone_id = \"{zone_id}\"\nname = \"{HOST}\"\nttl = 60\n"));
         std::fs::write(&config, text).expect("config");
-        let mut controller = Controller { dir: dir.path().to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
-        controller.restart(&[]);
+        let controller = Controller::start_with_config(dir.path(), config, 0);
 
         let disk_dir = dir.path().join("disk-primary");
         std::fs::create_dir_all(&disk_dir).expect("mkdir");
