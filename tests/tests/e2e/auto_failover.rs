@@ -90,7 +90,7 @@ async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_i
     assert_eventually!(Duration::from_secs(30), health(&w)["state"] == "suspect", "suspect while paused: {}", health(&w));
     assert_eventually!(
         Duration::from_secs(10),
-        health(&w)["decision"].as_str().unwrap_or_default().starts_with("paused by operator/"),
+        health(&w)["decision"].as_str().unwrap_or_default().ends_with(" is paused by operator/tester (replicated upgrade)"),
         "the decision names the pause: {}",
         health(&w)
     );
@@ -102,7 +102,8 @@ async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_i
         health(&w)
     );
     let h = health(&w);
-    assert!(h["decision"].as_str().unwrap_or_default().starts_with("paused by operator/"), "{h}");
+    // The whole clause (" is paused", not "unpaused"), at the end of the decision.
+    assert!(h["decision"].as_str().unwrap_or_default().ends_with(" is paused by operator/tester (replicated upgrade)"), "{h}");
     assert_eq!(h["paused_by"].as_str().map(|b| b.starts_with("operator/")), Some(true), "{h}");
     let s = site_status(&w.pki, &w.controller.url, &w.site);
     assert!(s["problems"].to_string().contains("replicated upgrade"), "the pause is shown: {}", s["problems"]);

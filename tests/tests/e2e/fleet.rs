@@ -89,12 +89,11 @@ async fn retention_keeps_the_right_set_and_prune_dry_run_matches_the_real_run() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backups_are_copied_to_the_dr_region_and_reported() {
-    // The metrics listener binds a free port itself and logs it.
-    let extra = "[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
-    let mut w = World::start_full("prod-1", "100ms", &[], extra).await;
-    let log = w.controller.dir.join("controller.log");
-    let proc = w.controller.proc.as_mut().expect("the controller runs");
-    let metrics_port = logged_port(proc, &log, 0, "metrics listening", "addr=127.0.0.1:", Duration::from_secs(30));
+    // Racy pick-then-release, left: the metrics listener logs its configured
+    // address, not the one it bound (a port 0 would not be learnt).
+    let metrics_port = free_port();
+    let extra = format!("[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+    let w = World::start_full("prod-1", "100ms", &[], &extra).await;
     w.wait_agent();
     let op = backup_wait(&w);
     let mut copy;
