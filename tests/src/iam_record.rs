@@ -1,7 +1,8 @@
 //! Recording of the controller's AWS calls for the IAM evaluation
 //! (`tests/iam/evaluate.mjs`, run by `tests/run.sh`).
 //!
-//! When `DR_IAM_RECORD_DIR` is set, [`wrap`] puts a recording proxy in front
+//! When `DR_IAM_RECORD_DIR` is set (or the controller's spec names its own
+//! directory, [`crate::ControllerSpec::record_into`]), [`wrap`] puts a recording proxy in front
 //! of the controller's AWS endpoint (moto, or a throttling, fault or data
 //! plane proxy in front of it): the code under test is not touched, and
 //! only the controller's calls are recorded (a test's own setup calls go
@@ -13,7 +14,11 @@
 //! on AWS: each with its action, resource ARN, the resource's tags at the
 //! time of the call (moto's DescribeTags, asked before forwarding) and the
 //! request's tags (TagSpecifications, CreateTags' tags, with the implied
-//! `ec2:CreateTags` of a tag-on-create and its `ec2:CreateAction`).
+//! `ec2:CreateTags` of a tag-on-create and its `ec2:CreateAction`). A tag
+//! lookup that keeps failing is recorded as `"resource_tags": null` with
+//! `"tags_lookup_error"` saying why, never as an empty (untagged) map.
+//! Records of every controller of the process go to the same file, one
+//! whole line per `write_all`, under a process-wide lock.
 //!
 //! moto 5.2.5 ignores CopyImage's TagSpecifications; AWS applies them. The
 //! recorder applies them to the new image and its snapshots as AWS would, so that the
@@ -35,22 +40,25 @@ pub const ACCOUNT: &str = "123456789012";
 /// The environment variable naming the directory of the recordings.
 pub const RECORD_DIR: &str = "DR_IAM_RECORD_DIR";
 
-static RECORD_INTO: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Serializes the appends of every [`Recorder`] of this process: several
+/// controllers (tests running in parallel in one test binary) may record
+/// into the same `<pid>.jsonl`, and each record is one `write_all` of a
+/// whole line under this lock, so lines never interleave.
+static APPEND: Mutex<()> = Mutex::new(());
 
-/// Records this test process's controllers into `dir`, whatever
-/// `DR_IAM_RECORD_DIR` says (a test that evaluates its own calls). The
-/// first call wins.
-pub fn record_into(dir: &std::path::Path) -> &'static std::path::Path {
-    RECORD_INTO.get_or_init(|| dir.to_owned())
-}
+/// How often a resource's tags are asked for before the lookup is recorded
+/// as failed.
+const TAG_LOOKUP_ATTEMPTS: u32 = 4;
 
 /// The endpoint the controller should use: `endpoint` itself, or a
-/// recording proxy in front of it when `DR_IAM_RECORD_DIR` is set. `moto`
-/// is moto's own URL, asked for the resources' tags (not through the
-/// proxies, whose call counts tests check).
-pub fn wrap(endpoint: &str, moto: &str) -> String {
-    let dir = match RECORD_INTO.get() {
-        Some(dir) => dir.clone(),
+/// recording proxy in front of it. `record_into` is the directory of this
+/// controller's recording (a test that evaluates its own controller's
+/// calls); without it `DR_IAM_RECORD_DIR`, when set. `moto` is moto's own
+/// URL, asked for the resources' tags (not through the proxies, whose call
+/// counts tests check).
+pub fn wrap(endpoint: &str, moto: &str, record_into: Option<&std::path::Path>) -> String {
+    let dir = match record_into {
+        Some(dir) => dir.to_owned(),
         None => match std::env::var_os(RECORD_DIR) {
             Some(dir) => std::path::PathBuf::from(dir),
             None => return endpoint.to_owned(),
@@ -304,7 +312,7 @@ impl Recorder {
         };
         let action = authz.first().map(|a| a.action.clone()).unwrap_or_default();
         // The resources' tags as they are when the call is made.
-        let mut tags: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
+        let mut tags: HashMap<(String, String), Result<BTreeMap<String, String>, String>> = HashMap::new();
         for a in &authz {
             if let Some(l) = &a.lookup
                 && !l.0.is_empty()
@@ -343,14 +351,24 @@ impl Recorder {
         let requests: Vec<Value> = authz
             .drain(..)
             .map(|a| {
-                let resource_tags = a.lookup.as_ref().and_then(|l| tags.get(l)).cloned().unwrap_or_default();
-                json!({
+                let mut request = json!({
                     "action": a.action,
                     "resource": a.resource,
-                    "resource_tags": resource_tags,
+                    "resource_tags": {},
                     "request_tags": a.request_tags,
                     "context": a.context,
-                })
+                });
+                match a.lookup.as_ref().and_then(|l| tags.get(l)) {
+                    Some(Ok(t)) => request["resource_tags"] = json!(t),
+                    // Unknown, not "untagged": the evaluator must not read
+                    // a failed lookup as a resource without tags.
+                    Some(Err(why)) => {
+                        request["resource_tags"] = Value::Null;
+                        request["tags_lookup_error"] = json!(why);
+                    }
+                    None => {}
+                }
+                request
             })
             .collect();
         let line = json!({
@@ -364,28 +382,44 @@ impl Recorder {
             "status": status,
             "requests": requests,
         });
+        let mut record = line.to_string();
+        record.push('\n');
+        let _append = APPEND.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(mut f) = self.file.lock() {
-            let _ = writeln!(f, "{line}");
+            let _ = f.write_all(record.as_bytes());
         }
         answer
     }
 
-    /// The tags of one resource (moto's DescribeTags in its region).
-    async fn tags_of(&self, id: &str, region: &str) -> BTreeMap<String, String> {
+    /// The tags of one resource (moto's DescribeTags in its region), asked
+    /// up to [`TAG_LOOKUP_ATTEMPTS`] times; the last failure otherwise.
+    async fn tags_of(&self, id: &str, region: &str) -> Result<BTreeMap<String, String>, String> {
+        let mut why = String::new();
+        for attempt in 1..=TAG_LOOKUP_ATTEMPTS {
+            match self.tags_once(id, region).await {
+                Ok(tags) => return Ok(tags),
+                Err(e) => why = format!("DescribeTags of {id} in {region}, attempt {attempt}/{TAG_LOOKUP_ATTEMPTS}: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+        Err(why)
+    }
+
+    async fn tags_once(&self, id: &str, region: &str) -> Result<BTreeMap<String, String>, String> {
         let body = format!("Action=DescribeTags&Version=2016-11-15&Filter.1.Name=resource-id&Filter.1.Value.1={id}");
-        let Some(text) = self.moto_call(region, body).await else {
-            return BTreeMap::new();
-        };
-        let Ok(doc) = roxmltree::Document::parse(&text) else {
-            return BTreeMap::new();
-        };
-        doc.descendants()
+        let text = self.moto_call(region, body).await?;
+        let doc = roxmltree::Document::parse(&text).map_err(|e| format!("unparsable answer ({e})"))?;
+        if !doc.root_element().has_tag_name("DescribeTagsResponse") {
+            return Err(format!("unexpected answer <{}>", doc.root_element().tag_name().name()));
+        }
+        Ok(doc
+            .descendants()
             .filter(|n| n.has_tag_name("item"))
             .filter_map(|item| {
                 let child = |name: &str| item.children().find(|c| c.has_tag_name(name)).and_then(|c| c.text()).map(str::to_owned);
                 Some((child("key")?, child("value").unwrap_or_default()))
             })
-            .collect()
+            .collect())
     }
 
     /// The snapshots of an image's block device mappings (moto's DescribeImages).
@@ -412,7 +446,9 @@ impl Recorder {
         let _ = self.moto_call(region, body).await;
     }
 
-    async fn moto_call(&self, region: &str, body: String) -> Option<String> {
+    /// One EC2 query-API call to moto itself: the answer's text, or why
+    /// there is none (unreachable, not a 200).
+    async fn moto_call(&self, region: &str, body: String) -> Result<String, String> {
         let req = hyper::Request::builder()
             .method("POST")
             .uri("/")
@@ -422,10 +458,13 @@ impl Recorder {
                 format!("AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/ec2/aws4_request, SignedHeaders=host, Signature=0"),
             )
             .body(())
-            .ok()?;
+            .map_err(|e| format!("request: {e}"))?;
         let (parts, ()) = req.into_parts();
-        let resp = self.moto.forward(parts, Bytes::from(body)).await.ok()?;
-        (resp.status() == 200).then(|| resp_text(&resp))
+        let resp = self.moto.forward(parts, Bytes::from(body)).await.map_err(|e| format!("moto unreachable: {e}"))?;
+        match resp.status().as_u16() {
+            200 => Ok(resp_text(&resp)),
+            status => Err(format!("moto answered {status}: {}", resp_text(&resp).chars().take(200).collect::<String>())),
+        }
     }
 }
 

@@ -53,6 +53,75 @@ pub async fn serve_simulator(name: &str, listen: std::net::SocketAddr, app: axum
     std::process::ExitCode::SUCCESS
 }
 
+/// Who may run next to a process named `nomad`: `dr-agent wipe-nomad` (run
+/// by the wipe tests and by every failover, drill and recovery's
+/// `wipe_nomad` step) refuses while any process of that name runs on the
+/// machine, so the one test that starts a fake `nomad` must run alone among
+/// them. Tests whose agents may wipe hold a shared guard ([`nomad_shared`];
+/// [`World`], [`DataPlane`] hold one), the fake-`nomad` test an exclusive one
+/// ([`nomad_exclusive`]). A waiting exclusive request stops new shared ones
+/// (no starvation with two test threads).
+pub struct NomadGuard {
+    exclusive: bool,
+}
+
+struct NomadState {
+    shared: usize,
+    exclusive: bool,
+    exclusive_waiting: usize,
+}
+
+static NOMAD: std::sync::Mutex<NomadState> = std::sync::Mutex::new(NomadState { shared: 0, exclusive: false, exclusive_waiting: 0 });
+static NOMAD_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn nomad_state() -> std::sync::MutexGuard<'static, NomadState> {
+    NOMAD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// Shared guards this thread holds: a thread that holds one may take
+    /// another (a world with a data plane) without waiting behind a waiting
+    /// exclusive request, which waits for it (a deadlock otherwise).
+    static NOMAD_SHARED_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A shared [`NomadGuard`]: no fake `nomad` runs while it is held.
+pub fn nomad_shared() -> NomadGuard {
+    let mut st = nomad_state();
+    let reentrant = NOMAD_SHARED_HERE.get() > 0;
+    while st.exclusive || (st.exclusive_waiting > 0 && !reentrant) {
+        st = NOMAD_CHANGED.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.shared += 1;
+    NOMAD_SHARED_HERE.set(NOMAD_SHARED_HERE.get() + 1);
+    NomadGuard { exclusive: false }
+}
+
+/// An exclusive [`NomadGuard`]: no agent that may wipe runs while it is held.
+pub fn nomad_exclusive() -> NomadGuard {
+    let mut st = nomad_state();
+    st.exclusive_waiting += 1;
+    while st.exclusive || st.shared > 0 {
+        st = NOMAD_CHANGED.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.exclusive_waiting -= 1;
+    st.exclusive = true;
+    NomadGuard { exclusive: true }
+}
+
+impl Drop for NomadGuard {
+    fn drop(&mut self) {
+        let mut st = nomad_state();
+        if self.exclusive {
+            st.exclusive = false;
+        } else {
+            st.shared -= 1;
+            NOMAD_SHARED_HERE.set(NOMAD_SHARED_HERE.get().saturating_sub(1));
+        }
+        NOMAD_CHANGED.notify_all();
+    }
+}
+
 pub const REGION: &str = "us-east-1";
 pub const TRUST_DOMAIN: &str = "dr.test";
 
@@ -68,6 +137,29 @@ macro_rules! assert_eventually {
             }
             if std::time::Instant::now() > deadline {
                 panic!("not true within {:?}: {}", $timeout, format!($($msg)+));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }};
+}
+
+/// Asserts that something does NOT happen during a quiet period: polls
+/// `$forbidden` every 100 ms for `$period` and panics as soon as it holds
+/// (not only at the end), with the message and when it happened. Start the
+/// period at an observable point (the event after which nothing may
+/// happen), and make it long enough to cover what would trigger the
+/// forbidden thing (e.g. several health passes past `confirm_for`).
+#[macro_export]
+macro_rules! assert_quiet_for {
+    ($period:expr, $forbidden:expr, $($msg:tt)+) => {{
+        let period: std::time::Duration = $period;
+        let start = std::time::Instant::now();
+        loop {
+            if $forbidden {
+                panic!("happened {:?} into a quiet period of {:?}: {}", start.elapsed(), period, format!($($msg)+));
+            }
+            if start.elapsed() >= period {
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -101,8 +193,91 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A port that was free a moment ago. Racy (another process may take it
+/// before the child binds it): prefer letting the child bind port 0 and
+/// report its address ([`logged_port`], [`spawn_listening`]). Left for the
+/// benchmarks, which must write the controller's URL into disks before the
+/// controller starts.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A loopback port on which connections are refused, and stay refused for
+/// as long as the returned socket lives: bound, never listening, so no other
+/// process can take the port meanwhile.
+pub fn closed_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2)/bind(2)/getsockname(2) on a socket we own;
+    // the address structs are fully initialised and their sizes passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        assert_eq!(libc::getsockname(fd, (&raw mut got).cast(), &mut got_len), 0, "getsockname: {}", std::io::Error::last_os_error());
+        (owned, u16::from_be(got.sin_port))
+    }
+}
+
+/// Strips ANSI escape sequences (colored log output).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The port a child bound itself (port 0) and logged: waits for a line of
+/// `log`, past byte `from` (the log's length when the child was started),
+/// that contains `marker` and then `key` directly followed by the port
+/// (e.g. `"Running on"`, `"http://127.0.0.1:"`). Fails when the child exits
+/// first, or after `timeout`, showing the log.
+pub fn logged_port(proc: &mut Proc, log: &Path, from: u64, marker: &str, key: &str, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bytes = std::fs::read(log).unwrap_or_default();
+        let new = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned();
+        for line in new.lines().map(strip_ansi) {
+            if let Some(at) = line.find(marker)
+                && let Some(k) = line[at..].find(key)
+            {
+                let digits: String = line[at + k + key.len()..].chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(port) = digits.parse::<u16>()
+                    && port != 0
+                {
+                    return port;
+                }
+            }
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("{} exited ({status}) before logging its address; {}:\n{new}", proc.name, log.display());
+        }
+        assert!(Instant::now() < deadline, "{} logged no address within {timeout:?}; {}:\n{new}", proc.name, log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) {
@@ -199,11 +374,19 @@ impl Moto {
             root.join(".venv/bin/moto_server")
         });
         assert!(server.exists(), "{} is missing: tests/run.sh installs moto[server] into .venv", server.display());
-        let port = free_port();
-        let proc =
-            Proc::spawn("moto", aws_env(Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()])), &dir.join("moto.log"));
+        let (proc, url) = Self::spawn(Command::new(server), &dir.join("moto.log"));
+        Moto { url, _proc: proc }
+    }
+
+    /// Starts a moto server command (`moto_server`, or a script calling its
+    /// `main`) on port 0: werkzeug binds a free port itself and logs
+    /// ` * Running on http://127.0.0.1:<port>`. Returns it with its URL.
+    pub fn spawn(mut cmd: Command, log: &Path) -> (Proc, String) {
+        let from = file_len(log);
+        let mut proc = Proc::spawn("moto", aws_env(cmd.args(["-H", "127.0.0.1", "-p", "0"])), log);
+        let port = logged_port(&mut proc, log, from, "Running on", "http://127.0.0.1:", Duration::from_secs(30));
         wait_for_port(port, Duration::from_secs(30));
-        Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
+        (proc, format!("http://127.0.0.1:{port}"))
     }
 
     pub async fn client(&self) -> aws_sdk_ec2::Client {
@@ -412,10 +595,13 @@ pub struct DataPlane {
     pub url: String,
     pub proc: Proc,
     pub dir: PathBuf,
+    /// Its machines' agents may wipe Nomad's state.
+    _nomad: NomadGuard,
 }
 
 impl DataPlane {
     pub fn start(dir: &Path, moto_url: &str, boot_delay: Duration) -> DataPlane {
+        let nomad = nomad_shared();
         std::fs::create_dir_all(dir).expect("mkdir data plane dir");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log")).expect("log file");
         let mut cmd = Command::new(bin("dr-sim-dataplane"));
@@ -426,7 +612,7 @@ impl DataPlane {
             .arg("--boot-delay")
             .arg(format!("{}ms", boot_delay.as_millis()));
         let (proc, url) = spawn_listening_cmd("dr-sim-dataplane", &mut cmd, Stdio::from(log));
-        DataPlane { url, proc, dir: dir.to_owned() }
+        DataPlane { url, proc, dir: dir.to_owned(), _nomad: nomad }
     }
 
     /// `POST /dataplane/adopt`: the instance (launched by the test) runs
@@ -496,6 +682,8 @@ impl DataPlane {
 /// Options of a controller under test.
 #[derive(Clone)]
 pub struct ControllerSpec {
+    /// The port to listen on; 0: the controller binds a free port itself
+    /// and logs it ([`Controller::restart`] reads it; restarts reuse it).
     pub port: u16,
     pub heartbeat: &'static str,
     pub poll_initial: &'static str,
@@ -504,6 +692,10 @@ pub struct ControllerSpec {
     pub extra: String,
     /// EC2 endpoint instead of moto's own URL (e.g. a throttling proxy).
     pub endpoint: Option<String>,
+    /// Record this controller's AWS calls into this directory (a test that
+    /// evaluates its own controller's calls); `None`: into
+    /// `DR_IAM_RECORD_DIR` when set ([`iam_record::wrap`]).
+    pub record_into: Option<PathBuf>,
 }
 
 /// A dr-controller process with its config and store in `dir`.
@@ -529,7 +721,7 @@ impl Controller {
             pki.dir.join("controller.pem").display(),
             pki.dir.join("controller.key").display(),
             dir.join("state.db").display(),
-            iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url),
+            iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url, spec.record_into.as_deref()),
             spec.poll_initial,
             spec.extra,
         );
@@ -543,8 +735,13 @@ impl Controller {
 
     pub fn start(dir: &Path, pki: &Pki, moto: &Moto, spec: &ControllerSpec) -> Controller {
         let config = Self::write_config(dir, pki, moto, spec);
-        let mut c =
-            Controller { dir: dir.to_owned(), port: spec.port, url: format!("https://127.0.0.1:{}", spec.port), config, proc: None };
+        Self::start_with_config(dir, config, spec.port)
+    }
+
+    /// Starts a controller of a config written by [`Controller::write_config`]
+    /// (and maybe edited) listening on `port`; 0: on a port it binds itself.
+    pub fn start_with_config(dir: &Path, config: PathBuf, port: u16) -> Controller {
+        let mut c = Controller { dir: dir.to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
         c.restart(&[]);
         c
     }
@@ -556,7 +753,22 @@ impl Controller {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.proc = Some(Proc::spawn("dr-controller", &mut cmd, &self.dir.join("controller.log")));
+        let log = self.dir.join("controller.log");
+        let from = file_len(&log);
+        let proc = self.proc.insert(Proc::spawn("dr-controller", &mut cmd, &log));
+        // The address the controller logs once bound (no pick-then-release
+        // of a port: with port 0 in the config it binds a free one).
+        let port = logged_port(proc, &log, from, "dr-controller listening", "addr=127.0.0.1:", Duration::from_secs(30));
+        if self.port == 0 {
+            // Restarts must come back at the same address (the agents know
+            // it): the config names the port from now on.
+            let text = std::fs::read_to_string(&self.config).expect("read the controller config");
+            let pinned = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
+            std::fs::write(&self.config, pinned).expect("pin the controller's port in its config");
+            self.port = port;
+            self.url = format!("https://127.0.0.1:{port}");
+        }
+        assert_eq!(port, self.port, "the controller listens on its configured port");
         wait_for_port(self.port, Duration::from_secs(30));
     }
 
@@ -723,6 +935,8 @@ pub struct World {
     pub controller: Controller,
     pub agent: Agent,
     pub site: String,
+    /// Its agent may be asked to wipe Nomad's state.
+    _nomad: NomadGuard,
 }
 
 impl World {
@@ -749,6 +963,7 @@ impl World {
         extra_config: &str,
         agent_config: &str,
     ) -> World {
+        let nomad = nomad_shared();
         let dir = tempfile::tempdir().expect("tempdir");
         let moto = Moto::start(dir.path());
         let ec2 = moto.client().await;
@@ -758,7 +973,7 @@ impl World {
         let imds = Imds::start(dir.path(), &instance, public);
         let root = services_machine_root(dir.path(), &instance.private_ip, public.unwrap_or("54.10.20.30"));
         let spec = ControllerSpec {
-            port: free_port(),
+            port: 0,
             heartbeat: "1s",
             poll_initial,
             sites: std::iter::once((site.to_owned(), instance.id.clone()))
@@ -766,10 +981,11 @@ impl World {
                 .collect(),
             extra: extra_config.to_owned(),
             endpoint: None,
+            record_into: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         let agent = Agent::start_with(dir.path(), &pki, site, &controller.url, &imds, &root, agent_config);
-        World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned() }
+        World { dir, moto, pki, instance, imds, controller, agent, site: site.to_owned(), _nomad: nomad }
     }
 
     pub fn wait_agent(&self) {
@@ -951,12 +1167,13 @@ impl Fleet {
         let proxy = throttle::start(&moto.url, throttle_share, 7).await;
         let pki = Pki::new(dir.path());
         let spec = ControllerSpec {
-            port: free_port(),
+            port: 0,
             heartbeat: "10s",
             poll_initial: "200ms",
             sites: sites.clone(),
             extra: extra_config.to_owned(),
             endpoint: Some(proxy.url.clone()),
+            record_into: None,
         };
         let controller = Controller::start(dir.path(), &pki, &moto, &spec);
         Fleet { dir, moto, proxy, pki, controller, sites: sites.into_iter().map(|(s, _)| s).collect() }

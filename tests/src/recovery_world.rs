@@ -83,6 +83,9 @@ pub struct RecoverySpec {
     /// `[site.policy]` lines for health checking; the app probe's
     /// `health_url` is set to the CircleCI API simulator's health check.
     pub health_policy: Option<String>,
+    /// Record the controller's AWS calls into this directory
+    /// ([`ControllerSpec::record_into`]).
+    pub record_into: Option<PathBuf>,
 }
 
 impl RecoveryWorld {
@@ -152,9 +155,8 @@ impl RecoveryWorld {
 
         let probe = format!("health_url = {}\n", q(&format!("{api_url}/health-check")));
         let faults = if spec.fault_proxy { Some(crate::faults::start(&dataplane.url).await) } else { None };
-        let port = free_port();
         let cspec = ControllerSpec {
-            port,
+            port: 0,
             heartbeat: "1s",
             poll_initial: "100ms",
             sites: vec![(site.to_owned(), instance.id.clone())],
@@ -169,6 +171,7 @@ impl RecoveryWorld {
                 }
             ),
             endpoint: Some(faults.as_ref().map(|f| f.url.clone()).unwrap_or_else(|| dataplane.url.clone())),
+            record_into: spec.record_into.clone(),
         };
         let config = Controller::write_config(dir.path(), &pki, &moto, &cspec);
         let mut text = std::fs::read_to_string(&config).expect("config");
@@ -179,8 +182,7 @@ impl RecoveryWorld {
         }
         text.push_str(&format!("[site.dns]\nzone_id = \"{zone_id}\"\nname = \"{HOST}\"\nttl = 60\n"));
         std::fs::write(&config, text).expect("config");
-        let mut controller = Controller { dir: dir.path().to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
-        controller.restart(&[]);
+        let controller = Controller::start_with_config(dir.path(), config, 0);
 
         let disk_dir = dir.path().join("disk-primary");
         std::fs::create_dir_all(&disk_dir).expect("mkdir");

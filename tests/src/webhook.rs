@@ -143,3 +143,28 @@ async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, he
     shared.deliveries.lock().expect("lock").push(delivery);
     StatusCode::OK
 }
+
+/// `sha256=<hex>` of HMAC-SHA256(secret, "<timestamp>.<body>") computed by
+/// Python's standard library (`python3 -c`), independently of the code
+/// under test and of this receiver's own check.
+pub fn python_signature(secret: &str, timestamp: &str, body: &str) -> String {
+    let mut data = format!("{timestamp}.").into_bytes();
+    data.extend_from_slice(body.as_bytes());
+    format!("sha256={}", python_hmac_sha256_hex(secret.as_bytes(), &data))
+}
+
+/// Hex HMAC-SHA256 of `data` under `key`, computed by Python's `hmac`
+/// (key and data passed as hex, so any bytes go through unchanged).
+pub fn python_hmac_sha256_hex(key: &[u8], data: &[u8]) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib, hmac, sys; print(hmac.new(bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), hashlib.sha256).hexdigest())",
+            &hex::encode(key),
+            &hex::encode(data),
+        ])
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -117,6 +117,7 @@ async fn main() {
         sites: sites.iter().map(|(s, i, _)| (s.clone(), i.id.clone())).collect(),
         extra: "[failover]\nagent_timeout = \"10m\"\n".into(),
         endpoint: Some(proxy.url.clone()),
+        record_into: None,
     };
     let mut controller = Controller::start(dir.path(), &pki, &moto, &spec);
     if kind != "failover" {

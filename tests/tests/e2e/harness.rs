@@ -36,7 +36,7 @@ fn proc_holder() {
 fn children_die_with_a_killed_test_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut holder = Command::new(std::env::current_exe().expect("this test binary"))
-        .args(["--ignored", "--exact", "proc_holder", "--nocapture", "--test-threads", "1"])
+        .args(["--ignored", "--exact", "harness::proc_holder", "--nocapture", "--test-threads", "1"])
         .env(HOLDER_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -242,8 +242,12 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
     let message = error["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--yes") && message.contains("Nothing was sent"), "{message}");
     assert!(text(&refused.stderr).contains("--yes"), "{}", text(&refused.stderr));
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(w.all_instances().await, instances, "nothing launched");
+    dr_tests::assert_quiet_for!(
+        Duration::from_secs(1),
+        w.all_instances().await != instances,
+        "something launched after a refused failover: {:?}",
+        w.all_instances().await
+    );
     assert_eq!(w.instance_state(&w.instance.id).await, "running", "nothing fenced");
     let s = site_status(&w.pki, &w.controller.url, &w.site);
     assert!(s["running_operation_id"].is_null() && s["last_failover"].is_null(), "no operation: {s}");
@@ -257,7 +261,7 @@ async fn an_app_that_never_starts_waits_for_a_human_then_resume_or_abort() {
     let op = last_json(&out.stdout);
     let op_id = op["id"].as_str().expect("id").to_owned();
     assert_eq!(op["state"], "waiting");
-    assert!(op["waiting_for"].as_str().unwrap_or("").contains("app_start"), "{op}");
+    assert!(op["waiting_for"].as_str().unwrap_or("").split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| w == "app_start"), "{op}");
     // A second failover of the site is refused while this one waits.
     let second = w.drctl(&["-o", "json", "failover", &w.site, "--yes"]);
     assert_eq!(second.status.code(), Some(6), "busy: {}{}", text(&second.stdout), text(&second.stderr));
@@ -599,7 +603,15 @@ async fn a_fenced_primary_started_again_is_stopped_by_its_agent_then_by_the_cont
         "stopped again by the agent: {}",
         app_state_on(&w.disk)
     );
-    std::thread::sleep(Duration::from_secs(8));
+    // The stop is tried again (with backoff), and fails again: the
+    // observable end of the wait, the old instance still running meanwhile.
+    assert_eventually!(
+        Duration::from_secs(30),
+        stops_of_old(restarted_at).len() >= 2,
+        "the stop is tried again: {:?}",
+        stops_of_old(restarted_at)
+    );
+    assert_eventually!(Duration::from_secs(10), fence_problems(&w, &old).len() == 1, "{:?}", fence_problems(&w, &old));
     let problems = fence_problems(&w, &old);
     assert!(problems.len() == 1 && problems[0].contains("StopInstances failed") && problems[0].contains("app stopped"), "{problems:?}");
     assert_eq!(w.instance_state(&old).await, "running", "the controller could not stop it");

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use dr_tests::{bin, services_machine_root};
 
-/// The fake Nomad process of one test would make the others refuse: tests
-/// that wipe, or run a fake Nomad, hold this lock.
-static NOMAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn nomad_lock() -> std::sync::MutexGuard<'static, ()> {
-    NOMAD.lock().unwrap_or_else(|e| e.into_inner())
+/// The fake Nomad process of one test would make every other wipe refuse
+/// (in this binary: also the failover tests' `wipe_nomad` steps): tests
+/// that wipe hold a shared guard, the one that runs a fake Nomad an
+/// exclusive one ([`dr_tests::nomad_exclusive`]).
+fn nomad_lock() -> dr_tests::NomadGuard {
+    dr_tests::nomad_shared()
 }
 
 struct Machine {
@@ -128,7 +128,7 @@ fn refuses_while_the_app_runs() {
 
 #[test]
 fn refuses_while_a_nomad_process_runs() {
-    let _guard = nomad_lock();
+    let _guard = dr_tests::nomad_exclusive();
     let m = Machine::new();
     m.stop_app();
     // A process whose executable is named `nomad`.

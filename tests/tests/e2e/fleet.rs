@@ -89,6 +89,8 @@ async fn retention_keeps_the_right_set_and_prune_dry_run_matches_the_real_run() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backups_are_copied_to_the_dr_region_and_reported() {
+    // Racy pick-then-release, left: the metrics listener logs its configured
+    // address, not the one it bound (a port 0 would not be learnt).
     let metrics_port = free_port();
     let extra = format!("[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
     let w = World::start_full("prod-1", "100ms", &[], &extra).await;

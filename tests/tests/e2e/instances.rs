@@ -46,14 +46,15 @@ async fn a_copy_of_the_machine_connects_beside_the_primary_without_evicting_it()
         stray.log()
     );
     // For several heartbeats both stay connected, each in its own role.
-    for _ in 0..5 {
+    let roles_hold = || {
         let list = instances();
         let role = |id: &str| list.iter().find(|i| i["instance_id"] == id).map(|i| (i["role"].clone(), i["connected"].clone()));
-        assert_eq!(role(&w.instance.id), Some(("primary".into(), true.into())), "{list:?}");
-        assert_eq!(role(&copy.id), Some(("passive".into(), true.into())), "{list:?}");
-        assert!(agent_connected(&w.pki, &w.controller.url, "prod-1"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        role(&w.instance.id) == Some(("primary".into(), true.into()))
+            && role(&copy.id) == Some(("passive".into(), true.into()))
+            && agent_connected(&w.pki, &w.controller.url, "prod-1")
+    };
+    // Heartbeats are 1 s: three of them.
+    assert_quiet_for!(Duration::from_secs(3), !roles_hold(), "a role or connection changed: {:?}", instances());
     // Backups still reach the primary, and only the primary.
     let (ok, op) = backup(&w);
     assert!(ok, "{op:#}");
@@ -73,8 +74,14 @@ async fn a_resumed_quiesce_waits_for_an_agent_seen_just_before_the_crash() {
     w.controller.kill();
     w.controller.restart(&[("DR_CONTROLLER_CRASH_AT", "step.quiesce.after")]);
     w.wait_agent();
-    // Connected well beyond agent_seen_within before the crash.
-    std::thread::sleep(Duration::from_secs(5));
+    // Connected (and staying so) well beyond agent_seen_within (3 s) before
+    // the crash: a duration the test needs, not a wait for an event.
+    assert_quiet_for!(
+        Duration::from_secs(5),
+        !agent_connected(&w.pki, &w.controller.url, "prod-1"),
+        "the agent disconnected:\n{}",
+        w.agent.log()
+    );
     let out = drctl_json(&w.pki, &w.controller.url, &["backup", "prod-1"]);
     let id = out["operation_id"].as_str().expect("id").to_owned();
     w.controller.proc.as_mut().expect("running").wait_exit(Duration::from_secs(30)).expect("killed at the crash point");

@@ -77,12 +77,14 @@ fn the_evaluator_follows_aws_documented_conditions_and_denies_what_the_policy_mu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_restart_of_the_original_primary_is_allowed_by_the_shipped_policy() {
     let record_dir = tempfile::tempdir().expect("tempdir");
-    let records = iam_record::record_into(record_dir.path()).to_owned();
+    let records = record_dir.path().to_owned();
     let policy = "auto_failover = \"auto\"\nrepair_after = \"1s\"\nconfirm_for = \"3s\"\nhealth_timeout = \"2s\"\n";
     let spec = RecoverySpec {
         fault_proxy: true,
         health_policy: Some(policy.into()),
         controller_toml: "[health]\ninterval = \"500ms\"\n".into(),
+        // This controller's calls, and no other test's.
+        record_into: Some(records.clone()),
         ..Default::default()
     };
     let w = RecoveryWorld::start("site-iam", spec).await;

@@ -45,14 +45,9 @@ fn python() -> PathBuf {
 fn iam_world(instances: usize, drop: &[&str]) -> IamWorld {
     let dir = tempfile::tempdir().expect("tempdir");
     // moto's server, through tests/iam/moto_server.py (see there why).
-    let port = free_port();
-    let moto = Proc::spawn(
-        "moto",
-        aws_env(Command::new(python()).arg(repo().join("tests/iam/moto_server.py")).args(["-H", "127.0.0.1", "-p", &port.to_string()])),
-        &dir.path().join("moto.log"),
-    );
-    wait_for_port(port, Duration::from_secs(30));
-    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/iam/moto_server.py"));
+    let (moto, url) = Moto::spawn(cmd, &dir.path().join("moto.log"));
     let pki = Pki::new(dir.path());
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/iam/setup.py"))
@@ -78,8 +73,9 @@ impl IamWorld {
     }
 
     /// A controller config: `sites` are (id, instance, role_arn).
-    fn config(&self, extra: &str, sites: &[(&str, String, Option<String>)]) -> (PathBuf, u16) {
-        let port = free_port();
+    /// The controller listens on a port it binds itself ([`Self::start_controller`]).
+    fn config(&self, extra: &str, sites: &[(&str, String, Option<String>)]) -> PathBuf {
+        let port = 0;
         // No `max_attempts`: the SDK's default of one attempt is in force.
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nheartbeat_interval = \"1s\"\nshutdown_grace = \"3s\"\n\n\
@@ -101,7 +97,7 @@ impl IamWorld {
             }
         }
         std::fs::write(&path, text).expect("write config");
-        (path, port)
+        path
     }
 
     /// `dr-controller ARGS` with the restricted user's credentials (and no
@@ -114,12 +110,16 @@ impl IamWorld {
             .env_remove("AWS_SESSION_TOKEN")
     }
 
-    fn start_controller(&self, config: &Path, port: u16) -> Proc {
+    /// The controller and the port it bound (and logged).
+    fn start_controller(&self, config: &Path) -> (Proc, u16) {
         let mut cmd = Command::new(bin("dr-controller"));
         self.as_controller(&mut cmd).arg("--config").arg(config).env("RUST_LOG", "info,aws=warn,h2=warn,hyper=warn");
-        let proc = Proc::spawn("dr-controller", &mut cmd, &self.dir.path().join("controller.log"));
+        let log = self.dir.path().join("controller.log");
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let mut proc = Proc::spawn("dr-controller", &mut cmd, &log);
+        let port = logged_port(&mut proc, &log, from, "dr-controller listening", "addr=127.0.0.1:", Duration::from_secs(30));
         wait_for_port(port, Duration::from_secs(30));
-        proc
+        (proc, port)
     }
 
     fn log(&self) -> String {
@@ -194,7 +194,7 @@ const POLICY: &str = "[policy]\nquiesce = \"none\"\nkeep_last = 1\ncopy_regions 
 async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial() {
     let w = iam_world(2, &[]);
     let sites = [("own", w.instance(0), None), ("cross", w.instance(1), Some(w.role()))];
-    let (config, port) = w.config(POLICY, &sites);
+    let config = w.config(POLICY, &sites);
 
     // Preflight first, as the README says. The services machines carry no
     // `dr:site` tag yet (no agent has connected: the controller adds it
@@ -229,7 +229,7 @@ async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial()
     assert!(report.contains("cross") && report.contains("sts:AssumeRole"), "{report}");
     assert!(!report.contains("DENIED"), "{report}");
 
-    let _controller = w.start_controller(&config, port);
+    let (_controller, port) = w.start_controller(&config);
     let url = format!("https://127.0.0.1:{port}");
     for (site, _, _) in &sites {
         // Two backups with keep_last = 1: the second one's retention
@@ -295,7 +295,7 @@ async fn the_shipped_policy_runs_backups_retention_and_copies_without_a_denial()
 async fn a_missing_action_fails_its_step_with_a_clear_final_error() {
     let w = iam_world(1, &["ec2:DeregisterImage"]);
     let sites = [("own", w.instance(0), None)];
-    let (config, port) = w.config(POLICY, &sites);
+    let config = w.config(POLICY, &sites);
 
     let (ok, report) = w.preflight(&config, None);
     println!("preflight without ec2:DeregisterImage:\n{report}");
@@ -311,7 +311,7 @@ async fn a_missing_action_fails_its_step_with_a_clear_final_error() {
     }
     assert!(report.contains("preflight: ") && report.contains(" 3 denied"), "the two DeregisterImage and the tag: {report}");
 
-    let _controller = w.start_controller(&config, port);
+    let (_controller, port) = w.start_controller(&config);
     let url = format!("https://127.0.0.1:{port}");
     let (ok, first) = backup(&w, &url, "own");
     assert!(ok, "the first backup deletes nothing and succeeds: {first:#}\n{}", w.log());
@@ -346,7 +346,7 @@ async fn a_refused_role_is_named_by_preflight_and_by_the_backup() {
     // The controller may not assume the site role at all.
     let w = iam_world(1, &["sts:AssumeRole"]);
     let sites = [("cross", w.instance(0), Some(w.role()))];
-    let (config, port) = w.config("[policy]\nquiesce = \"none\"\n", &sites);
+    let config = w.config("[policy]\nquiesce = \"none\"\n", &sites);
     let (ok, report) = w.preflight(&config, Some("cross"));
     println!("preflight without sts:AssumeRole:\n{report}");
     assert!(!ok, "{report}");
@@ -354,7 +354,7 @@ async fn a_refused_role_is_named_by_preflight_and_by_the_backup() {
     assert!(line.contains("DENIED") && line.contains(&w.role()), "{line}");
     assert!(line.ends_with("is not authorized to perform: sts:AssumeRole)"), "STS's message, not the error chain: {line}");
 
-    let _controller = w.start_controller(&config, port);
+    let (_controller, port) = w.start_controller(&config);
     let url = format!("https://127.0.0.1:{port}");
     let (ok, op) = backup(&w, &url, "cross");
     assert!(!ok, "{op:#}");

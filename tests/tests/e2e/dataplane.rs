@@ -180,9 +180,11 @@ async fn images_and_launches_run_real_agents_on_point_in_time_disks() {
 
     // A stock AMI has no disk: nothing boots.
     let stock = launch_instance(&ec2).await;
-    tokio::time::sleep(BOOT_DELAY * 4).await;
-    assert!(dp.machine(&stock.id).await.is_none());
-    assert!(cp.sessions.try_recv().is_err(), "no agent came up for a stock AMI");
+    assert_quiet_for!(
+        BOOT_DELAY * 4,
+        dp.machine(&stock.id).await.is_some() || cp.sessions.try_recv().is_ok(),
+        "a machine or an agent came up for a stock AMI"
+    );
 
     // A lost host dies without EC2 knowing.
     let lost = dp.lose(&primary.id).await;

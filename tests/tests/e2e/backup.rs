@@ -17,6 +17,19 @@ async fn a_backup_produces_exactly_one_tagged_ami_visible_in_drctl() {
     let out = drctl(&w.pki, &w.controller.url, &["backup", "prod-1", "--wait"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "backup failed: {stdout}{}\n{}", text(&out.stderr), w.controller.log());
+    // `drctl operation` output: `  state:        <state>`, then after
+    // `  steps:` one line per step: `    <name> <state> <took>  <detail>`.
+    let field = |label: &str| stdout.lines().find_map(|l| l.strip_prefix(label)).map(str::trim);
+    let shown_steps: Vec<(String, String)> = stdout
+        .lines()
+        .skip_while(|l| *l != "  steps:")
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .collect();
     for step in [
         "check_agent",
         "quiesce",
@@ -29,9 +42,11 @@ async fn a_backup_produces_exactly_one_tagged_ami_visible_in_drctl() {
         "copy",
         "retention",
     ] {
-        assert!(stdout.contains(step), "progress shows step {step}: {stdout}");
+        // Whole names: the first field of a line of the step table
+        // (`quiesce` must not be satisfied by `unquiesce`).
+        assert!(shown_steps.iter().any(|(name, _)| name == step), "the operation shows step {step}: {stdout}");
     }
-    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert_eq!(field("  state:"), Some("succeeded"), "{stdout}");
 
     // Exactly one AMI carries the site's tag, and it is the one recorded.
     let ec2 = w.moto.client().await;
@@ -80,7 +95,9 @@ async fn drctl_errors_are_clear() {
     let out = drctl(&w.pki, &w.controller.url, &["operation", "backup-nope"]);
     assert_eq!(out.status.code(), Some(5));
 
-    let closed = format!("https://127.0.0.1:{}", free_port());
+    // Refused for as long as `_reserved` lives (bound, not listening).
+    let (_reserved, port) = closed_port();
+    let closed = format!("https://127.0.0.1:{port}");
     let out = drctl(&w.pki, &closed, &["status"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("cannot reach the controller"), "{}", text(&out.stderr));
