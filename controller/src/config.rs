@@ -904,3 +904,140 @@ instance_id = "i-0123456789abcdef0"
         assert!(err.contains("bogus"), "{err}");
     }
 }
+
+/// Every key the code accepts appears in `deploy/controller.example.toml`
+/// (set, or commented out with its default). The accepted keys are asked
+/// of the deserializer itself, not listed here: an unknown key is put into
+/// each table of the example and the error names the keys that table takes
+/// (serde's "expected one of", or the launch tables' own list).
+#[cfg(test)]
+mod example_keys {
+    use std::collections::BTreeSet;
+
+    use super::Config;
+
+    const PROBE: &str = "zz_probe_key";
+
+    fn example() -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.example.toml");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    /// The keys named by an unknown-key error about [`PROBE`].
+    fn named_keys(error: &str) -> Option<Vec<String>> {
+        if !error.contains(PROBE) {
+            return None;
+        }
+        if let Some(rest) = error.split("expected one of ").nth(1) {
+            return Some(rest.split('`').skip(1).step_by(2).map(str::to_owned).collect());
+        }
+        if let Some(rest) = error.split(", expected `").nth(1) {
+            return Some(vec![rest.split('`').next().unwrap_or_default().to_owned()]);
+        }
+        let rest = error.split("the launch settings are ").nth(1)?;
+        Some(rest.split(", and per").next()?.split(", ").map(str::to_owned).collect())
+    }
+
+    /// The table at `path` in `doc`, made if missing (element 0 of an array
+    /// of tables; `Err` when something else is there).
+    /// A missing table is made as a table, or with `arrays` as an array of
+    /// one table (`[[notify]]`).
+    fn table_at<'a>(doc: &'a mut toml::Table, path: &[String], arrays: bool) -> Result<&'a mut toml::Table, ()> {
+        let Some((first, rest)) = path.split_first() else { return Ok(doc) };
+        let value = doc.entry(first.clone()).or_insert_with(|| {
+            if arrays { toml::Value::Array(vec![toml::Value::Table(toml::Table::new())]) } else { toml::Value::Table(toml::Table::new()) }
+        });
+        match value {
+            toml::Value::Table(t) => table_at(t, rest, arrays),
+            toml::Value::Array(a) => match a.first_mut() {
+                Some(toml::Value::Table(t)) => table_at(t, rest, arrays),
+                _ => Err(()),
+            },
+            _ => Err(()),
+        }
+    }
+
+    /// Keys the table at `path` accepts, or None when it is no table of
+    /// named keys.
+    fn accepted(base: &toml::Table, path: &[String]) -> Option<Vec<String>> {
+        [false, true].into_iter().find_map(|arrays| {
+            let mut doc = base.clone();
+            let table = table_at(&mut doc, path, arrays).ok()?;
+            table.insert(PROBE.into(), toml::Value::Integer(0));
+            let error = toml::Value::Table(doc).try_into::<Config>().err()?.to_string();
+            named_keys(&error)
+        })
+    }
+
+    /// `a.b.key` for every key accepted under `path`, depth first.
+    fn walk(base: &toml::Table, path: &mut Vec<String>, out: &mut BTreeSet<String>) {
+        let Some(keys) = accepted(base, path) else { return };
+        // Tables the example has under this one (e.g. region tables).
+        let mut doc = base.clone();
+        let existing: Vec<String> = table_at(&mut doc, path, false)
+            .map(|t| t.iter().filter(|(_, v)| v.is_table() || v.is_array()).map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        let mut children: BTreeSet<String> = keys.iter().cloned().collect();
+        children.extend(existing);
+        for key in children {
+            path.push(key.clone());
+            if keys.contains(&key) {
+                out.insert(path.join("."));
+            }
+            if path.len() < 5 {
+                walk(base, path, out);
+            }
+            path.pop();
+        }
+    }
+
+    /// `a.b.key` for every key the example shows, set or commented out,
+    /// under the table headers it shows (also commented-out ones).
+    fn documented(text: &str) -> BTreeSet<String> {
+        let mut section = String::new();
+        let mut out = BTreeSet::new();
+        for line in text.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if let Some(h) = l.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                if h.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+                    section = h.to_owned();
+                    continue;
+                }
+            }
+            if let Some((key, _)) = l.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    out.insert(if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_accepted_key_is_in_the_example_file() {
+        let text = example();
+        let base: toml::Table = toml::from_str(&text).expect("the example parses");
+        let mut accepted = BTreeSet::new();
+        walk(&base, &mut Vec::new(), &mut accepted);
+        for must in ["server.listen", "site.launch.subnet_id", "notify.url", "health.max_down_fraction"] {
+            assert!(accepted.contains(must), "the probe finds `{must}`: {accepted:?}");
+        }
+        let shown = documented(&text);
+        let missing: Vec<&String> = accepted.difference(&shown).collect();
+        assert!(missing.is_empty(), "keys the controller accepts that deploy/controller.example.toml does not show: {missing:?}");
+    }
+
+    #[test]
+    fn the_probe_reads_serdes_and_the_launch_tables_errors() {
+        let e = "unknown field `zz_probe_key`, expected one of `a`, `b_c`";
+        assert_eq!(named_keys(e), Some(vec!["a".to_owned(), "b_c".to_owned()]));
+        assert_eq!(named_keys("unknown field `zz_probe_key`, expected `only`"), Some(vec!["only".to_owned()]));
+        let e = "unknown key `zz_probe_key`: the launch settings are x, y_z, and per other region a table such as `.us-west-2`";
+        assert_eq!(named_keys(e), Some(vec!["x".to_owned(), "y_z".to_owned()]));
+        assert_eq!(named_keys("missing field `id`"), None);
+        let shown = documented("a = 1\n# [x.y]\n# b = 2\n[[site]]\nid = \"p\"\n# [policy] prose, not a header\n");
+        assert_eq!(shown, BTreeSet::from(["a", "x.y.b", "site.id", "site.id"].map(str::to_owned)));
+    }
+}

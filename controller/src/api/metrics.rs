@@ -166,6 +166,7 @@ pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry,
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?;
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "metrics listening");
     loop {
         let (tcp, _) = match listener.accept().await {

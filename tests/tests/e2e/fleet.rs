@@ -139,3 +139,52 @@ fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).expect("read");
     out
 }
+
+/// The port the controller's metrics listener bound (its newest
+/// `metrics listening addr=127.0.0.1:PORT` line), 0 before it logs one.
+fn metrics_port_in(log: &str) -> u16 {
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            l.split("metrics listening").nth(1)?.split("127.0.0.1:").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let mut w = World::start_full("prod-1", "100ms", &[], extra).await;
+    w.wait_agent();
+    // The health monitor panics once at the start of its first run
+    // (test-only fault point).
+    w.controller.restart(&[("DR_CONTROLLER_PANIC_IN", "health")]);
+    w.wait_agent();
+    let restarted = "dr_task_restarts_total{task=\"health\"} 1\n";
+    let mut body = String::new();
+    assert_eventually!(
+        Duration::from_secs(30),
+        {
+            let port = metrics_port_in(&w.controller.log());
+            body = if port == 0 { String::new() } else { http_get(port, "/metrics") };
+            body.contains(restarted) && body.contains("dr_task_up{task=\"health\"} 1\n")
+        },
+        "the health monitor is restarted and /metrics says so:\n{body}\n{}",
+        w.controller.log()
+    );
+    // The other tasks never stopped.
+    for task in ["scheduler", "copies", "drills", "spares", "fences", "notify", "refusals", "liveness"] {
+        assert!(body.contains(&format!("dr_task_restarts_total{{task=\"{task}\"}} 0\n")), "{task}: {body}");
+        assert!(body.contains(&format!("dr_task_up{{task=\"{task}\"}} 1\n")), "{task}: {body}");
+    }
+    // One fleet-wide, critical event names the task and the panic.
+    let events = drctl_json(&w.pki, &w.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
+    let restarts: Vec<_> = events.iter().filter(|e| e["kind"] == "controller.task_restarted").collect();
+    assert_eq!(restarts.len(), 1, "{events:?}");
+    assert_eq!(restarts[0]["severity"], "critical");
+    assert_eq!(restarts[0]["evidence"]["task"], "health");
+    assert_eq!(restarts[0]["evidence"]["reason"], "it panicked: injected panic (DR_CONTROLLER_PANIC_IN=health)");
+    // The restarted monitor works: the site is watched again.
+    let status = drctl_json(&w.pki, &w.controller.url, &["status", "prod-1"]);
+    assert!(status.to_string().contains("prod-1"), "{status}");
+}
