@@ -425,7 +425,7 @@ impl Recorder {
     /// The snapshots of an image's block device mappings (moto's DescribeImages).
     async fn snapshots_of(&self, image: &str, region: &str) -> Vec<String> {
         let body = format!("Action=DescribeImages&Version=2016-11-15&ImageId.1={image}");
-        let Some(text) = self.moto_call(region, body).await else {
+        let Ok(text) = self.moto_call(region, body).await else {
             return Vec::new();
         };
         let Ok(doc) = roxmltree::Document::parse(&text) else {
