@@ -25,7 +25,8 @@
 
 use std::time::Duration;
 
-use super::failover::{self, State, Waiting, secs};
+use super::failover::{self, State};
+use super::restore::{self, Waiting, secs};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
@@ -49,7 +50,7 @@ impl Workflow for Drill {
     const ISOLATED: bool = true;
 
     fn steps() -> Vec<StepDef<Deps, State>> {
-        let mut steps = failover::isolated_restore_steps();
+        let mut steps = restore::isolated_restore_steps();
         steps.extend([
             StepDef::new("measure", step!(measure)),
             StepDef::new("keep", step!(keep)),
@@ -139,13 +140,13 @@ async fn keep(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
 /// What it cannot end is listed in `leaked` (and `record` fails the drill);
 /// the reaper finishes it after `dr:keep-until`.
 async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let op_id = ctx.op_id.clone();
-    let mut ids = failover::launched_by_operation(ctx, st, ec2.as_ref()).await?;
+    let mut ids = restore::launched_by_operation(ctx, st, ec2.as_ref()).await?;
     // Never the primary, whatever carried the tag.
     ids.retain(|id| *id != ctx.site.primary_instance_id);
     for id in &ids {
-        failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
+        restore::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
     }
     let limit = ctx.deps().failover.fence_timeout;
     let mut progress = Waiting::new();
@@ -205,7 +206,7 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
 async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let store = ctx.store();
     let op = store.operation(ctx.op_id.clone()).await?;
-    let phases = failover::phase_durations(
+    let phases = restore::phase_durations(
         op.as_ref(),
         &[
             ("launch_to_running", &["launch", "wait_running"]),

@@ -2,7 +2,7 @@
 //! launched from the newest good backup launchable in the spare's region,
 //! taken through the failover's runbook with its own addresses, checked
 //! healthy, then parked: the app stopped, and with `stopped` the instance
-//! too. A failover then takes it (`failover::take_spare`) instead of
+//! too. A failover then takes it (`restore::launch`, with the spare) instead of
 //! launching: no RunInstances, no disk hydration.
 //!
 //! The steps are the failover's on the launched machine (same state, same
@@ -24,7 +24,8 @@
 
 use std::time::Duration;
 
-use super::failover::{self, AGENT_RETRY, State, Waiting};
+use super::failover::{self, State};
+use super::restore::{self, AGENT_RETRY, Waiting};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::agents::AgentAction;
 use crate::domain::model::{Protected, Role, SpareRecord, now_ms};
@@ -45,7 +46,7 @@ impl Workflow for Spare {
     const ISOLATED: bool = true;
 
     fn steps() -> Vec<StepDef<Deps, State>> {
-        let mut steps = failover::isolated_restore_steps();
+        let mut steps = restore::isolated_restore_steps();
         steps.extend([
             StepDef::new("park", step!(park)).retry(AGENT_RETRY),
             StepDef::new("install", step!(install)).retry(Retry::TRANSIENT),
@@ -81,14 +82,14 @@ fn mode(ctx: &Ctx<Deps>) -> crate::domain::policy::SpareMode {
 /// The app stopped (it must not run beside the primary), and with
 /// `spare = "stopped"` the instance stopped too.
 async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     // The instance is stopped only after its app: a stop already asked (a
     // restart after it) needs no app stop, and its agent is gone.
     let now = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
     if !matches!(now.as_deref(), Some("stopping" | "stopped")) {
         let t = ctx.deps().failover.app_timeout;
-        failover::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
+        restore::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
     }
     if mode(ctx) == crate::domain::policy::SpareMode::Running {
         return Ok(Outcome::Done(format!("the app on {id} is stopped; the instance is kept running")));
@@ -184,7 +185,7 @@ async fn retire(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         // An earlier spare may live in another region (the policy moved it).
         let region = regions.get(&(ctx.site.id.clone(), id.clone())).cloned().unwrap_or_else(|| ctx.site.region.clone());
         let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
-        failover::terminate_as_passive(
+        restore::terminate_as_passive(
             ctx,
             ec2.as_ref(),
             id,
@@ -203,5 +204,5 @@ async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     if st.installed {
         return Ok(Outcome::Done("nothing to release: the spare was installed".into()));
     }
-    failover::release(ctx, st).await
+    restore::release(ctx, st).await
 }
