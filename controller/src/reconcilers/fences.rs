@@ -36,6 +36,7 @@ use crate::store::StoreError;
 use crate::workflows::{Deps, Engine, retry_ec2};
 
 use super::notify::{Notifier, event};
+use crate::cloud::ec2::InstanceState;
 
 /// How often the keeper looks while a breach is open.
 pub const FOLLOW_UP: Duration = Duration::from_secs(5);
@@ -132,7 +133,7 @@ impl Fences {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Ec2View {
     /// Found, in this state and region.
-    State { state: String, region: String },
+    State { state: InstanceState, region: String },
     /// Not found in any region asked.
     Absent,
     /// A region could not be asked.
@@ -237,7 +238,7 @@ impl Keeper {
             if let Some(e) = self.keep(deps, site, rec, &view, agent.map(|a| a.record.facts.app_state.clone()), now).await? {
                 events.push(e);
             }
-            if matches!(&view, Ec2View::State { state, .. } if state == "terminated") {
+            if matches!(&view, Ec2View::State { state: InstanceState::Terminated, .. }) {
                 self.terminated.insert(key);
             }
         }
@@ -330,15 +331,17 @@ impl Keeper {
         let key = (site.id.clone(), rec.instance_id.clone());
         let open = self.fences.lock().get(&key).cloned();
         let agent_connected = app_state.is_some();
-        let (ec2_state, region) = match view {
-            Ec2View::State { state, region } => (state.clone(), region.clone()),
-            Ec2View::Absent => ("gone".to_owned(), String::new()),
+        // `None`: EC2 could not be asked this pass.
+        let (state, region) = match view {
+            Ec2View::State { state, region } => (Some(state.clone()), region.clone()),
+            Ec2View::Absent => (Some(InstanceState::Gone), String::new()),
             Ec2View::Unknown(why) => {
                 tracing::debug!(site = %site.id, instance = %rec.instance_id, error = %why, "EC2's view of a fenced instance is unknown this pass");
-                ("unknown".to_owned(), String::new())
+                (None, String::new())
             }
         };
-        let stopped = matches!(ec2_state.as_str(), "stopped" | "terminated" | "shutting-down" | "gone");
+        let ec2_state = state.as_ref().map_or_else(|| "unknown".to_owned(), InstanceState::to_string);
+        let stopped = state.as_ref().is_some_and(InstanceState::is_down);
         if stopped {
             let Some(b) = open else { return Ok(None) };
             self.fences.lock().remove(&key);
@@ -358,12 +361,12 @@ impl Keeper {
                 "",
             )));
         }
-        let ec2_running = matches!(ec2_state.as_str(), "pending" | "running");
+        let ec2_running = state.as_ref().is_some_and(InstanceState::is_up);
         // `stopping` is a stop under way: a breach only if one is open.
         if !ec2_running && !agent_connected && open.is_none() {
             return Ok(None);
         }
-        if ec2_state == "stopping" && open.is_none() {
+        if state == Some(InstanceState::Stopping) && open.is_none() {
             return Ok(None);
         }
         // Acting on it: the store must still say fenced and not primary.
@@ -585,7 +588,7 @@ mod tests {
     }
 
     fn state(w: &World, id: &str) -> String {
-        w.gate.ec2.instance(id).map(|i| i.instance.state).unwrap_or_default()
+        w.gate.ec2.instance(id).map(|i| i.instance.state.to_string()).unwrap_or_default()
     }
 
     async fn kinds(w: &World) -> Vec<String> {

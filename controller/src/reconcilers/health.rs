@@ -38,7 +38,7 @@ use serde_json::json;
 
 use super::notify::{Notifier, event};
 use crate::agents::{Addressee, AgentAction, AgentErrorKind};
-use crate::cloud::ec2::{InstanceStatus, STATUS_IDS_PER_CALL};
+use crate::cloud::ec2::{InstanceState, InstanceStatus, STATUS_IDS_PER_CALL};
 use crate::cloud::http::HttpClients;
 use crate::config::HealthConfig;
 use crate::domain::health::*;
@@ -969,9 +969,9 @@ pub fn probe_url(template: &str, rec: &crate::domain::recovery::SiteRecovery) ->
 
 /// EC2's status of a primary as a signal.
 pub fn ec2_signal(s: &InstanceStatus) -> Ec2Signal {
-    match s.state.as_str() {
-        "stopping" | "stopped" => return Ec2Signal::Stopped { state: s.state.clone() },
-        "shutting-down" | "terminated" => return Ec2Signal::Gone { state: s.state.clone() },
+    match s.state {
+        InstanceState::Stopping | InstanceState::Stopped => return Ec2Signal::Stopped { state: s.state.to_string() },
+        InstanceState::ShuttingDown | InstanceState::Terminated => return Ec2Signal::Gone { state: s.state.to_string() },
         _ => {}
     }
     let mut failed = vec![];

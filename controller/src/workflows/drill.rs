@@ -28,6 +28,7 @@ use std::time::Duration;
 use super::failover::{self, State};
 use super::restore::{self, Waiting, secs};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
@@ -154,7 +155,7 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
     for id in &ids {
         loop {
             let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
-            if state.as_deref().is_none_or(|s| s == "terminated") {
+            if state.as_ref().is_none_or(|s| *s == InstanceState::Terminated) {
                 break;
             }
             if progress.elapsed() >= limit {

@@ -21,6 +21,7 @@
 use super::failover::State;
 use super::restore;
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::Protected;
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
@@ -90,10 +91,10 @@ async fn stop_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
     let id = st.candidate.clone();
     let ec2 = restore::ec2_launch(ctx, st).await?;
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
-    match state.as_str() {
-        "stopped" => return Ok(Outcome::Done(format!("{id} is stopped already"))),
-        "terminated" | "shutting-down" | "gone" => {
+    let state = InstanceState::of(inst.as_ref());
+    match state {
+        InstanceState::Stopped => return Ok(Outcome::Done(format!("{id} is stopped already"))),
+        InstanceState::Terminated | InstanceState::ShuttingDown | InstanceState::Gone => {
             return Err(StepError::failed(format!("{id} is {state}: a stop and start cannot bring it back")));
         }
         _ => {}
@@ -107,8 +108,8 @@ async fn start_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepErro
     let id = st.candidate.clone();
     let ec2 = restore::ec2_launch(ctx, st).await?;
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
-    if matches!(state.as_str(), "pending" | "running") {
+    let state = InstanceState::of(inst.as_ref());
+    if state.is_up() {
         st.launched_at_ms = crate::domain::model::now_ms();
         return Ok(Outcome::Done(format!("{id} is {state} already")));
     }

@@ -28,6 +28,7 @@ use super::failover::{self, State};
 use super::restore::{self, AGENT_RETRY, Waiting};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::agents::AgentAction;
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{Protected, Role, SpareRecord, now_ms};
 use crate::engine::{Ctx, ErrorKind, Outcome, Retry, StepDef, StepError, Workflow};
 
@@ -87,7 +88,7 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     // The instance is stopped only after its app: a stop already asked (a
     // restart after it) needs no app stop, and its agent is gone.
     let now = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
-    if !matches!(now.as_deref(), Some("stopping" | "stopped")) {
+    if !matches!(now, Some(InstanceState::Stopping | InstanceState::Stopped)) {
         let t = ctx.deps().failover.app_timeout;
         restore::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
     }
@@ -98,15 +99,15 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let mut progress = Waiting::new();
     let mut asked = false;
     loop {
-        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
-        match state.as_deref() {
-            Some("stopped") => break,
-            Some("running") | Some("pending") if !asked => {
+        let state = InstanceState::of(retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.as_ref());
+        match state {
+            InstanceState::Stopped => break,
+            InstanceState::Running | InstanceState::Pending if !asked => {
                 retry_ec2("StopInstances", EC2_RETRY_BUDGET, || ec2.stop_instance(&id, false)).await?;
                 asked = true;
             }
-            None | Some("terminated") | Some("shutting-down") => {
-                return Err(StepError::failed(format!("the spare {id} is {} in EC2", state.unwrap_or_else(|| "gone".into()))));
+            InstanceState::Gone | InstanceState::Terminated | InstanceState::ShuttingDown => {
+                return Err(StepError::failed(format!("the spare {id} is {state} in EC2")));
             }
             _ => {}
         }
@@ -116,7 +117,7 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
                 format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"),
             ));
         }
-        progress.say(ctx, format!("stopping the spare {id} ({})", state.unwrap_or_default())).await;
+        progress.say(ctx, format!("stopping the spare {id} ({state})")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(Outcome::Done(format!("the app on {id} is stopped, and the instance is stopped")))

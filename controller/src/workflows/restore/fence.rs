@@ -2,7 +2,7 @@
 //! (also a host restart's).
 
 use super::{Waiting, secs};
-use crate::cloud::ec2::Ec2;
+use crate::cloud::ec2::{Ec2, InstanceState};
 use crate::domain::model::Role;
 use crate::domain::recovery::Fence;
 use crate::domain::tags::{TAG_FENCED_FROM, TAG_SITE};
@@ -33,7 +33,7 @@ pub(in crate::workflows) async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Resu
     let cfg = &deps.failover;
     let detail = match rec.fence {
         Fence::Stop => {
-            if matches!(inst.state.as_str(), "stopped" | "terminated") {
+            if matches!(inst.state, InstanceState::Stopped | InstanceState::Terminated) {
                 format!("{old} is already {}; recorded fenced", inst.state)
             } else {
                 let forced = stop_and_wait(ctx, &ec2, &old, &inst.state).await?;
@@ -41,7 +41,7 @@ pub(in crate::workflows) async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Resu
             }
         }
         Fence::Terminate => {
-            if inst.state != "terminated" {
+            if inst.state != InstanceState::Terminated {
                 let facts = retry_ec2("DescribeInstances", budget, || ec2.launch_facts(&old)).await?.unwrap_or_default();
                 let devices: Vec<String> = facts.block_devices.iter().map(|b| b.device_name.clone()).collect();
                 let volumes: Vec<String> = facts.block_devices.iter().map(|b| b.volume_id.clone()).filter(|v| !v.is_empty()).collect();
@@ -56,7 +56,7 @@ pub(in crate::workflows) async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Resu
             let mut wait = Waiting::new();
             loop {
                 let state = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await?.map(|i| i.state);
-                if state.as_deref().is_none_or(|s| s == "terminated") {
+                if state.as_ref().is_none_or(|s| *s == InstanceState::Terminated) {
                     break;
                 }
                 if wait.elapsed() >= cfg.fence_timeout {
@@ -79,19 +79,19 @@ pub(in crate::workflows) async fn stop_and_wait(
     ctx: &Ctx<Deps>,
     ec2: &std::sync::Arc<dyn Ec2>,
     id: &str,
-    state: &str,
+    state: &InstanceState,
 ) -> Result<bool, StepError> {
     let budget = EC2_RETRY_BUDGET;
     let timeout = ctx.deps().failover.fence_timeout;
-    if state != "stopping" {
+    if *state != InstanceState::Stopping {
         retry_ec2("StopInstances", budget, || ec2.stop_instance(id, false)).await?;
     }
     let mut wait = Waiting::new();
     let mut forced = false;
     loop {
         let now = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(id)).await?;
-        let state = now.map(|i| i.state).unwrap_or_else(|| "terminated".into());
-        if matches!(state.as_str(), "stopped" | "terminated") {
+        let state = InstanceState::of(now.as_ref());
+        if matches!(state, InstanceState::Stopped | InstanceState::Terminated | InstanceState::Gone) {
             return Ok(forced);
         }
         if ctx.abort_requested() {

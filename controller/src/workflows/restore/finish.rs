@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::{candidate, ec2_launch};
 use crate::agents::{AgentAction, AgentDetail};
-use crate::cloud::ec2::Ec2;
+use crate::cloud::ec2::{Ec2, InstanceState};
 use crate::domain::model::Role;
 use crate::domain::tags::TAG_OPERATION;
 use crate::engine::{Ctx, Outcome, StepError};
@@ -16,8 +16,8 @@ pub(in crate::workflows) async fn verify(ctx: &Ctx<Deps>, st: &mut State) -> Res
     let ec2 = ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-    if inst.as_ref().is_none_or(|i| i.state != "running") {
-        return Err(StepError::failed(format!("{id} is {} in EC2", inst.map(|i| i.state).unwrap_or_else(|| "gone".into()))));
+    if inst.as_ref().is_none_or(|i| i.state != InstanceState::Running) {
+        return Err(StepError::failed(format!("{id} is {} in EC2", InstanceState::of(inst.as_ref()))));
     }
     let mut checks = vec![format!("{id} running")];
     if st.eip_moved

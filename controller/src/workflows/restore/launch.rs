@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Waiting, candidate, ec2_launch, secs};
 use crate::agents::Addressee;
-use crate::cloud::ec2::RunInstance;
+use crate::cloud::ec2::{InstanceState, RunInstance};
 use crate::domain::model::now_ms;
 use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_KEEP_UNTIL, TAG_OPERATION, TAG_ROLE, TAG_SITE};
 use crate::engine::{Ctx, ErrorKind, Outcome, StepError};
@@ -154,8 +154,8 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
         let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id))
             .await?
             .map(|i| i.state)
-            .unwrap_or_else(|| "gone".into());
-        if state != "stopping" {
+            .unwrap_or(InstanceState::Gone);
+        if state != InstanceState::Stopping {
             break state;
         }
         if progress.elapsed() >= ctx.deps().failover.fence_timeout {
@@ -167,12 +167,12 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
         progress.say(ctx, format!("waiting for the spare {id} to finish stopping")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let started = match state.as_str() {
-        "stopped" => {
+    let started = match state {
+        InstanceState::Stopped => {
             retry_ec2("StartInstances", EC2_RETRY_BUDGET, || ec2.start_instance(&id)).await?;
             true
         }
-        "running" | "pending" => false,
+        InstanceState::Running | InstanceState::Pending => false,
         other => {
             return Err(StepError::failed(format!(
                 "the spare {id} is {other}: it cannot be used; abort and start the failover again with --fresh"
@@ -196,8 +196,8 @@ pub(in crate::workflows) async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) 
     let mut wait = Duration::from_millis(200);
     loop {
         let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-        let state = inst.as_ref().map(|i| i.state.clone()).unwrap_or_else(|| "unknown to EC2 yet".into());
-        if let Some(i) = inst.filter(|i| i.state == "running") {
+        let state = InstanceState::of(inst.as_ref());
+        if let Some(i) = inst.filter(|i| i.state == InstanceState::Running) {
             st.candidate_private_ip = i.private_ip;
             st.candidate_public_ip = i.public_ip;
             st.running_at_ms = now_ms();
@@ -208,9 +208,11 @@ pub(in crate::workflows) async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) 
                 if st.candidate_public_ip.is_empty() { "none" } else { &st.candidate_public_ip }
             )));
         }
-        if matches!(state.as_str(), "terminated" | "shutting-down" | "stopped" | "stopping") {
+        if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown | InstanceState::Stopped | InstanceState::Stopping) {
             return Err(StepError::failed(format!("{id} is {state}: it will not come up (look at its console output in EC2)")));
         }
+        // Not found yet: RunInstances is eventually consistent.
+        let state = if state == InstanceState::Gone { "unknown to EC2 yet".to_owned() } else { state.to_string() };
         if progress.elapsed() >= limit {
             return Err(StepError::new(ErrorKind::TimedOut, format!("{id} is still {state} after {limit:?} (failover.launch_timeout)")));
         }
