@@ -119,6 +119,12 @@ impl fmt::Display for EventKind {
     }
 }
 
+impl From<EventKind> for String {
+    fn from(k: EventKind) -> String {
+        k.as_str().to_owned()
+    }
+}
+
 impl PartialEq<EventKind> for String {
     fn eq(&self, other: &EventKind) -> bool {
         self.as_str() == other.as_str()

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::domain::events::EventKind;
 use crate::domain::model::{Event, InstanceRecord, Millis, Site, now_ms};
 use crate::store::StoreError;
 use crate::workflows::{Deps, Engine, retry_ec2};
@@ -157,9 +158,9 @@ impl Keeper {
     pub async fn new(engine: Engine, notifier: Notifier, fences: Fences, every: Duration) -> Result<Keeper, StoreError> {
         let store = engine.store();
         for site in store.sites().await? {
-            let Some(b) = store.last_event(site.id.clone(), "fence.breached".into()).await? else { continue };
+            let Some(b) = store.last_event(site.id.clone(), EventKind::FenceBreached.into()).await? else { continue };
             let instance = b.evidence["instance_id"].as_str().unwrap_or_default().to_owned();
-            let restored = store.last_event(site.id.clone(), "fence.restored".into()).await?;
+            let restored = store.last_event(site.id.clone(), EventKind::FenceRestored.into()).await?;
             if instance.is_empty() || restored.is_some_and(|r| r.seq > b.seq && r.evidence["instance_id"] == b.evidence["instance_id"]) {
                 continue;
             }
@@ -354,7 +355,7 @@ impl Keeper {
             tracing::info!(site = %site.id, instance = %rec.instance_id, ec2_state = %ec2_state, stops = b.stops, "fenced instance stopped again");
             return Ok(Some(event(
                 &site.id,
-                "fence.restored",
+                EventKind::FenceRestored,
                 "info",
                 format!("fenced instance {} is {ec2_state} again, {took} after it was seen running ({how})", rec.instance_id),
                 json!({"instance_id": rec.instance_id, "region": b.region, "ec2_state": ec2_state, "stops": b.stops, "forced": b.forced}),
@@ -417,7 +418,7 @@ impl Keeper {
         };
         Ok(Some(event(
             &site.id,
-            "fence.breached",
+            EventKind::FenceBreached,
             "critical",
             format!("fenced instance {} is running again (seen: {seen}); {done}", rec.instance_id),
             json!({
