@@ -31,6 +31,7 @@ use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
+use crate::engine::wait::{Poll, PollOpts, Waited};
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// The drill workflow.
@@ -150,20 +151,24 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
         restore::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
     }
     let limit = ctx.deps().failover.fence_timeout;
-    let mut progress = Waiting::new();
+    // One deadline for them all.
+    let started = tokio::time::Instant::now();
     let mut leaked = vec![];
     for id in &ids {
-        loop {
-            let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
-            if state.as_ref().is_none_or(|s| *s == InstanceState::Terminated) {
-                break;
-            }
-            if progress.elapsed() >= limit {
-                leaked.push(id.clone());
-                break;
-            }
-            progress.say(ctx, format!("waiting for the copy {id} to terminate ({})", state.unwrap_or_default())).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let left = limit.saturating_sub(started.elapsed());
+        let ended = ctx
+            .poll_until(PollOpts::every(Duration::from_millis(500), left), false, || async {
+                let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
+                Ok::<_, StepError>(match state {
+                    None | Some(InstanceState::Terminated) => Poll::Ready(()),
+                    Some(s) => Poll::Waiting { progress: format!("waiting for the copy {id} to terminate ({s})"), state: () },
+                })
+            })
+            .await;
+        match ended {
+            Ok(()) => {}
+            Err(Waited::Failed(e)) => return Err(e),
+            Err(Waited::TimedOut { .. } | Waited::Cancelled { .. }) => leaked.push(id.clone()),
         }
     }
     let volumes = retry_ec2("DescribeVolumes", EC2_RETRY_BUDGET, || ec2.find_volumes_by_tag(TAG_OPERATION, &op_id)).await?;

@@ -25,11 +25,12 @@
 use std::time::Duration;
 
 use super::failover::{self, State};
-use super::restore::{self, AGENT_RETRY, Waiting};
+use super::restore::{self, AGENT_RETRY};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::agents::AgentAction;
 use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{Protected, Role, SpareRecord, now_ms};
+use crate::engine::wait::{Poll, PollOpts};
 use crate::engine::{Ctx, ErrorKind, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// The spare workflow.
@@ -96,30 +97,28 @@ async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         return Ok(Outcome::Done(format!("the app on {id} is stopped; the instance is kept running")));
     }
     let limit = ctx.deps().failover.fence_timeout;
-    let mut progress = Waiting::new();
-    let mut asked = false;
-    loop {
+    let asked = std::sync::atomic::AtomicBool::new(false);
+    ctx.poll_until(PollOpts::every(Duration::from_millis(500), limit), false, || async {
         let state = InstanceState::of(retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.as_ref());
         match state {
-            InstanceState::Stopped => break,
-            InstanceState::Running | InstanceState::Pending if !asked => {
+            InstanceState::Stopped => return Ok(Poll::Ready(())),
+            InstanceState::Running | InstanceState::Pending if !asked.load(std::sync::atomic::Ordering::Relaxed) => {
                 retry_ec2("StopInstances", EC2_RETRY_BUDGET, || ec2.stop_instance(&id, false)).await?;
-                asked = true;
+                asked.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             InstanceState::Gone | InstanceState::Terminated | InstanceState::ShuttingDown => {
                 return Err(StepError::failed(format!("the spare {id} is {state} in EC2")));
             }
             _ => {}
         }
-        if progress.elapsed() >= limit {
-            return Err(StepError::new(
-                ErrorKind::TimedOut,
-                format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"),
-            ));
-        }
-        progress.say(ctx, format!("stopping the spare {id} ({state})")).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        Ok::<_, StepError>(Poll::Waiting { progress: format!("stopping the spare {id} ({state})"), state: () })
+    })
+    .await
+    .map_err(|w| {
+        restore::waited(w, |()| {
+            StepError::new(ErrorKind::TimedOut, format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"))
+        })
+    })?;
     Ok(Outcome::Done(format!("the app on {id} is stopped, and the instance is stopped")))
 }
 

@@ -1,11 +1,12 @@
 //! The fence of the old primary, and the stop of an instance with its wait
 //! (also a host restart's).
 
-use super::{Waiting, secs};
+use super::{secs, waited};
 use crate::cloud::ec2::{Ec2, InstanceState};
 use crate::domain::model::Role;
 use crate::domain::recovery::Fence;
 use crate::domain::tags::{TAG_FENCED_FROM, TAG_SITE};
+use crate::engine::wait::{Poll, PollOpts, Waited};
 use crate::engine::{Ctx, ErrorKind, Outcome, StepError};
 use crate::workflows::failover::State;
 use crate::workflows::{Deps, EC2_RETRY_BUDGET, retry_ec2};
@@ -53,18 +54,17 @@ pub(in crate::workflows) async fn fence(ctx: &Ctx<Deps>, st: &mut State) -> Resu
                 st.plan.fence.keeps_volumes = volumes;
                 retry_ec2("TerminateInstances", budget, || ec2.terminate_instance(&old)).await?;
             }
-            let mut wait = Waiting::new();
-            loop {
+            ctx.poll_until(PollOpts::every(Duration::from_millis(500), cfg.fence_timeout), false, || async {
                 let state = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(&old)).await?.map(|i| i.state);
-                if state.as_ref().is_none_or(|s| *s == InstanceState::Terminated) {
-                    break;
-                }
-                if wait.elapsed() >= cfg.fence_timeout {
-                    return Err(StepError::new(ErrorKind::TimedOut, format!("{old} is not terminated after {:?}", cfg.fence_timeout)));
-                }
-                wait.say(ctx, format!("waiting for {old} to terminate ({})", state.unwrap_or_default())).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+                Ok::<_, StepError>(match state {
+                    None | Some(InstanceState::Terminated) => Poll::Ready(()),
+                    Some(s) => Poll::Waiting { progress: format!("waiting for {old} to terminate ({s})"), state: () },
+                })
+            })
+            .await
+            .map_err(|w| {
+                waited(w, |()| StepError::new(ErrorKind::TimedOut, format!("{old} is not terminated after {:?}", cfg.fence_timeout)))
+            })?;
             format!("{old} terminated, its volumes kept and tagged ({})", st.plan.fence.keeps_volumes.join(", "))
         }
     };
@@ -86,29 +86,35 @@ pub(in crate::workflows) async fn stop_and_wait(
     if *state != InstanceState::Stopping {
         retry_ec2("StopInstances", budget, || ec2.stop_instance(id, false)).await?;
     }
-    let mut wait = Waiting::new();
-    let mut forced = false;
-    loop {
-        let now = retry_ec2("DescribeInstances", budget, || ec2.describe_instance(id)).await?;
-        let state = InstanceState::of(now.as_ref());
-        if matches!(state, InstanceState::Stopped | InstanceState::Terminated | InstanceState::Gone) {
-            return Ok(forced);
-        }
-        if ctx.abort_requested() {
-            return Err(StepError::new(ErrorKind::Failed, format!("aborted while waiting for {id} to stop ({state})")));
-        }
-        let waited = wait.elapsed();
-        if !forced && waited >= timeout {
-            ctx.progress(format!("{id} did not stop within {timeout:?}: forcing the stop")).await;
-            retry_ec2("StopInstances", budget, || ec2.stop_instance(id, true)).await?;
-            forced = true;
-        } else if forced && waited >= timeout * 2 {
-            return Err(StepError::new(
-                ErrorKind::TimedOut,
-                format!("{id} is still {state} {} after a forced stop: stop it by hand, then resume", secs(waited.as_millis() as u64)),
-            ));
-        }
-        wait.say(ctx, format!("waiting for {id} to stop ({state})")).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let look = || async {
+        let state = InstanceState::of(retry_ec2("DescribeInstances", budget, || ec2.describe_instance(id)).await?.as_ref());
+        Ok::<_, StepError>(if matches!(state, InstanceState::Stopped | InstanceState::Terminated | InstanceState::Gone) {
+            Poll::Ready(())
+        } else {
+            Poll::Waiting { progress: format!("waiting for {id} to stop ({state})"), state }
+        })
+    };
+    let opts = PollOpts::every(Duration::from_millis(500), timeout);
+    let aborted = |state: InstanceState| StepError::new(ErrorKind::Failed, format!("aborted while waiting for {id} to stop ({state})"));
+    match ctx.poll_until(opts, true, &look).await {
+        Ok(()) => return Ok(false),
+        Err(Waited::Failed(e)) => return Err(e),
+        Err(Waited::Cancelled { last, .. }) => return Err(aborted(last)),
+        Err(Waited::TimedOut { .. }) => {}
+    }
+    ctx.progress(format!("{id} did not stop within {timeout:?}: forcing the stop")).await;
+    retry_ec2("StopInstances", budget, || ec2.stop_instance(id, true)).await?;
+    // Given as long again.
+    match ctx.poll_until(opts, true, &look).await {
+        Ok(()) => Ok(true),
+        Err(Waited::Failed(e)) => Err(e),
+        Err(Waited::Cancelled { last, .. }) => Err(aborted(last)),
+        Err(Waited::TimedOut { last, waited }) => Err(StepError::new(
+            ErrorKind::TimedOut,
+            format!(
+                "{id} is still {last} {} after a forced stop: stop it by hand, then resume",
+                secs((timeout + waited).as_millis() as u64)
+            ),
+        )),
     }
 }

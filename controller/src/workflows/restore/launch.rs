@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use super::{Waiting, candidate, ec2_launch, secs};
+use super::{candidate, ec2_launch, secs, waited};
 use crate::agents::Addressee;
 use crate::cloud::ec2::{InstanceState, RunInstance};
 use crate::domain::model::now_ms;
 use crate::domain::tags::{CREATED_BY, TAG_CREATED_BY, TAG_KEEP_UNTIL, TAG_OPERATION, TAG_ROLE, TAG_SITE};
+use crate::engine::wait::{Poll, PollOpts};
 use crate::engine::{Ctx, ErrorKind, Outcome, StepError};
 use crate::workflows::failover::{State, plan};
 use crate::workflows::{Deps, EC2_RETRY_BUDGET, retry_ec2};
@@ -149,24 +150,18 @@ async fn take_spare(ctx: &Ctx<Deps>, st: &mut State, spare: plan::PlannedSpare) 
     let role = st.launched_role(&op_id);
     ctx.deps().registry.set_role(&ctx.site.id, &id, role);
     st.candidate = id.clone();
-    let mut progress = Waiting::new();
-    let state = loop {
-        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id))
-            .await?
-            .map(|i| i.state)
-            .unwrap_or(InstanceState::Gone);
-        if state != InstanceState::Stopping {
-            break state;
-        }
-        if progress.elapsed() >= ctx.deps().failover.fence_timeout {
-            return Err(StepError::new(
-                ErrorKind::TimedOut,
-                format!("the spare {id} is still stopping after {:?}", ctx.deps().failover.fence_timeout),
-            ));
-        }
-        progress.say(ctx, format!("waiting for the spare {id} to finish stopping")).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let limit = ctx.deps().failover.fence_timeout;
+    let state = ctx
+        .poll_until(PollOpts::every(Duration::from_millis(500), limit), false, || async {
+            let state = InstanceState::of(retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.as_ref());
+            Ok::<_, StepError>(if state != InstanceState::Stopping {
+                Poll::Ready(state)
+            } else {
+                Poll::Waiting { progress: format!("waiting for the spare {id} to finish stopping"), state: () }
+            })
+        })
+        .await
+        .map_err(|w| waited(w, |()| StepError::new(ErrorKind::TimedOut, format!("the spare {id} is still stopping after {limit:?}"))))?;
     let started = match state {
         InstanceState::Stopped => {
             retry_ec2("StartInstances", EC2_RETRY_BUDGET, || ec2.start_instance(&id)).await?;
@@ -192,100 +187,103 @@ pub(in crate::workflows) async fn wait_running(ctx: &Ctx<Deps>, st: &mut State) 
     let ec2 = ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     let limit = ctx.deps().failover.launch_timeout;
-    let mut progress = Waiting::new();
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-        let state = InstanceState::of(inst.as_ref());
-        if let Some(i) = inst.filter(|i| i.state == InstanceState::Running) {
-            st.candidate_private_ip = i.private_ip;
-            st.candidate_public_ip = i.public_ip;
-            st.running_at_ms = now_ms();
-            return Ok(Outcome::Done(format!(
-                "{id} running after {} (private {}, public {})",
-                secs(st.running_at_ms.saturating_sub(st.launched_at_ms)),
-                st.candidate_private_ip,
-                if st.candidate_public_ip.is_empty() { "none" } else { &st.candidate_public_ip }
-            )));
-        }
-        if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown | InstanceState::Stopped | InstanceState::Stopping) {
-            return Err(StepError::failed(format!("{id} is {state}: it will not come up (look at its console output in EC2)")));
-        }
-        // Not found yet: RunInstances is eventually consistent.
-        let state = if state == InstanceState::Gone { "unknown to EC2 yet".to_owned() } else { state.to_string() };
-        if progress.elapsed() >= limit {
-            return Err(StepError::new(ErrorKind::TimedOut, format!("{id} is still {state} after {limit:?} (failover.launch_timeout)")));
-        }
-        progress.say(ctx, format!("waiting for {id} to run ({state})")).await;
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+    let opts = PollOpts::every(Duration::from_millis(200), limit).backoff(Duration::from_secs(5));
+    let i = ctx
+        .poll_until(opts, false, || async {
+            let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
+            let state = InstanceState::of(inst.as_ref());
+            if let Some(i) = inst.filter(|i| i.state == InstanceState::Running) {
+                return Ok(Poll::Ready(i));
+            }
+            if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown | InstanceState::Stopped | InstanceState::Stopping) {
+                return Err(StepError::failed(format!("{id} is {state}: it will not come up (look at its console output in EC2)")));
+            }
+            // Not found yet: RunInstances is eventually consistent.
+            let state = if state == InstanceState::Gone { "unknown to EC2 yet".to_owned() } else { state.to_string() };
+            Ok::<_, StepError>(Poll::Waiting { progress: format!("waiting for {id} to run ({state})"), state })
+        })
+        .await
+        .map_err(|w| {
+            waited(w, |state| {
+                StepError::new(ErrorKind::TimedOut, format!("{id} is still {state} after {limit:?} (failover.launch_timeout)"))
+            })
+        })?;
+    st.candidate_private_ip = i.private_ip;
+    st.candidate_public_ip = i.public_ip;
+    st.running_at_ms = now_ms();
+    Ok(Outcome::Done(format!(
+        "{id} running after {} (private {}, public {})",
+        secs(st.running_at_ms.saturating_sub(st.launched_at_ms)),
+        st.candidate_private_ip,
+        if st.candidate_public_ip.is_empty() { "none" } else { &st.candidate_public_ip }
+    )))
 }
 
 pub(in crate::workflows) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let to = candidate(ctx, st)?;
     let limit = ctx.deps().failover.agent_timeout;
-    let mut progress = Waiting::new();
-    loop {
-        let live = ctx.deps().registry.live(&to.site_id, &to.instance_id);
-        match &live {
-            Some(l) if l.role == to.role => {
-                st.agent_up_at_ms = now_ms();
-                // The agent's own view of its addresses wins over EC2's only
-                // when EC2 gave none.
-                if st.candidate_private_ip.is_empty() {
-                    st.candidate_private_ip = l.record.facts.private_ip.clone();
+    let st_now: &State = st;
+    let l = ctx
+        .poll_until(PollOpts::every(Duration::from_millis(200), limit), false, || async {
+            let live = ctx.deps().registry.live(&to.site_id, &to.instance_id);
+            match live {
+                Some(l) if l.role == to.role => return Ok(Poll::Ready(l)),
+                _ => {}
+            }
+            // An agent refused since the launch (its certificate expired, ...)
+            // will not come up by waiting: say why and stop now.
+            if live.is_none() {
+                if let Some(r) = refused_restored_agent(ctx, st_now, &to) {
+                    let now = now_ms();
+                    return Err(StepError::new(
+                        ErrorKind::Refused,
+                        format!(
+                            "the restored agent's certificate was refused: {} (not after {}, serial {}, from {}, {} time(s)); {}",
+                            r.describe(now),
+                            crate::domain::refusal::rfc3339(r.not_after_ms),
+                            r.serial,
+                            if r.peer.is_empty() { "?" } else { &r.peer },
+                            r.count,
+                            r.remedy()
+                        ),
+                    ));
                 }
-                return Ok(Outcome::Done(format!(
-                    "the agent of {} is connected as {} ({} after running; app {})",
-                    to.instance_id,
-                    to.role.name(),
-                    secs(st.agent_up_at_ms.saturating_sub(st.running_at_ms)),
-                    if l.record.facts.app_state.is_empty() { "unknown" } else { &l.record.facts.app_state }
-                )));
             }
-            _ => {}
-        }
-        // An agent refused since the launch (its certificate expired, ...)
-        // will not come up by waiting: say why and stop now.
-        if live.is_none() {
-            if let Some(r) = refused_restored_agent(ctx, st, &to) {
-                let now = now_ms();
-                return Err(StepError::new(
-                    ErrorKind::Refused,
-                    format!(
-                        "the restored agent's certificate was refused: {} (not after {}, serial {}, from {}, {} time(s)); {}",
-                        r.describe(now),
-                        crate::domain::refusal::rfc3339(r.not_after_ms),
-                        r.serial,
-                        if r.peer.is_empty() { "?" } else { &r.peer },
-                        r.count,
-                        r.remedy()
-                    ),
-                ));
-            }
-        }
-        if progress.elapsed() >= limit {
-            let seen = match live {
-                Some(l) => format!("connected as {} ({})", l.role.name(), l.role.reason()),
-                None => "never connected".into(),
-            };
-            return Err(StepError::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "the agent of {} did not come up as {} within {limit:?} (failover.agent_timeout): {seen}",
-                    to.instance_id,
-                    to.role.name()
+            let (seen, what) = match live {
+                Some(l) => (
+                    format!("connected as {} ({})", l.role.name(), l.role.reason()),
+                    format!("connected as {}, waiting for EC2 to confirm it", l.role.name()),
                 ),
-            ));
-        }
-        let what = match live {
-            Some(l) => format!("connected as {}, waiting for EC2 to confirm it", l.role.name()),
-            None => "waiting for its agent to connect".to_owned(),
-        };
-        progress.say(ctx, format!("{}: {what}", to.instance_id)).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+                None => ("never connected".to_owned(), "waiting for its agent to connect".to_owned()),
+            };
+            Ok::<_, StepError>(Poll::Waiting { progress: format!("{}: {what}", to.instance_id), state: seen })
+        })
+        .await
+        .map_err(|w| {
+            waited(w, |seen| {
+                StepError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the agent of {} did not come up as {} within {limit:?} (failover.agent_timeout): {seen}",
+                        to.instance_id,
+                        to.role.name()
+                    ),
+                )
+            })
+        })?;
+    st.agent_up_at_ms = now_ms();
+    // The agent's own view of its addresses wins over EC2's only when EC2
+    // gave none.
+    if st.candidate_private_ip.is_empty() {
+        st.candidate_private_ip = l.record.facts.private_ip.clone();
     }
+    Ok(Outcome::Done(format!(
+        "the agent of {} is connected as {} ({} after running; app {})",
+        to.instance_id,
+        to.role.name(),
+        secs(st.agent_up_at_ms.saturating_sub(st.running_at_ms)),
+        if l.record.facts.app_state.is_empty() { "unknown" } else { &l.record.facts.app_state }
+    )))
 }
 
 /// A refusal of the site's agents since the instance was launched (or

@@ -55,6 +55,8 @@ pub use super::failover::State;
 use super::{CallFailure, Deps, agent_call, report as report_of};
 use crate::agents::{Addressee, AgentAction, AgentOutcome};
 use crate::cloud::ec2::Ec2;
+pub(in crate::workflows) use crate::engine::wait::secs;
+use crate::engine::wait::{Progress, Waited};
 use crate::engine::{Ctx, ErrorKind, Retry, StepDef, StepError};
 pub(in crate::workflows) use fence::{fence, stop_and_wait};
 pub(in crate::workflows) use finish::{launched_by_operation, phase_durations, release, terminate_as_passive, verify};
@@ -128,32 +130,32 @@ pub(in crate::workflows) async fn on_candidate(
     }
 }
 
-/// Progress of a long wait: written when what is waited for changes, and
-/// otherwise every few seconds (not at every poll: `drctl --wait` prints
-/// each change).
-pub(in crate::workflows) struct Waiting {
-    started: tokio::time::Instant,
-    last: String,
-    at: Option<tokio::time::Instant>,
-}
+/// Progress of a long wait that is not a [`Ctx::poll_until`] (a drill's
+/// `keep`): throttled as [`Progress`] says.
+pub(in crate::workflows) struct Waiting(Progress);
 
 impl Waiting {
-    pub(super) fn new() -> Self {
-        Waiting { started: tokio::time::Instant::now(), last: String::new(), at: None }
+    pub(in crate::workflows) fn new() -> Self {
+        Waiting(Progress::new())
     }
-    pub(super) fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+    pub(in crate::workflows) fn elapsed(&self) -> Duration {
+        self.0.elapsed()
     }
-    pub(super) async fn say(&mut self, ctx: &Ctx<Deps>, what: String) {
-        let due = self.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
-        if what != self.last || due {
-            ctx.progress(format!("{what} ({} so far)", secs(self.started.elapsed().as_millis() as u64))).await;
-            self.last = what;
-            self.at = Some(tokio::time::Instant::now());
+    pub(in crate::workflows) async fn say(&mut self, ctx: &Ctx<Deps>, what: String) {
+        if let Some(line) = self.0.due(what) {
+            ctx.progress(line).await;
         }
     }
 }
 
-pub(in crate::workflows) fn secs(ms: u64) -> String {
-    format!("{:.1} s", ms as f64 / 1000.0)
+/// A [`Ctx::poll_until`] that ended without what it waited for, as the
+/// step's error: a failed look's own, `timed_out` (given the last look's
+/// state) for the timeout; a cancellation (only cancellable waits see one)
+/// is an abort.
+pub(in crate::workflows) fn waited<W>(w: Waited<W, StepError>, timed_out: impl FnOnce(W) -> StepError) -> StepError {
+    match w {
+        Waited::Failed(e) => e,
+        Waited::TimedOut { last, .. } => timed_out(last),
+        Waited::Cancelled { .. } => StepError::new(ErrorKind::Failed, "aborted while waiting"),
+    }
 }

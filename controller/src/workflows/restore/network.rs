@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use super::{Waiting, ec2_launch};
+use super::{ec2_launch, waited};
 use crate::domain::model::now_ms;
+use crate::engine::wait::{Poll, PollOpts};
 use crate::engine::{Ctx, ErrorKind, Outcome, StepError};
 use crate::workflows::failover::State;
 use crate::workflows::{Deps, EC2_RETRY_BUDGET, retry_ec2};
@@ -50,18 +51,18 @@ pub(in crate::workflows) async fn update_dns(ctx: &Ctx<Deps>, st: &mut State) ->
     let r53 = ctx.deps().dns().await;
     let change = retry_ec2("ChangeResourceRecordSets", EC2_RETRY_BUDGET, || r53.upsert_a(&dns.zone_id, &dns.name, &value, dns.ttl)).await?;
     let limit = ctx.deps().failover.dns_timeout;
-    let mut progress = Waiting::new();
-    loop {
+    ctx.poll_until(PollOpts::every(Duration::from_secs(1), limit), false, || async {
         let status = retry_ec2("GetChange", EC2_RETRY_BUDGET, || r53.change_status(&change)).await?;
-        if status == "INSYNC" {
-            break;
-        }
-        if progress.elapsed() >= limit {
-            return Err(StepError::new(ErrorKind::TimedOut, format!("Route 53 change {change} is still {status} after {limit:?}")));
-        }
-        progress.say(ctx, format!("waiting for Route 53 change {change} ({status})")).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        Ok::<_, StepError>(if status == "INSYNC" {
+            Poll::Ready(())
+        } else {
+            Poll::Waiting { progress: format!("waiting for Route 53 change {change} ({status})"), state: status }
+        })
+    })
+    .await
+    .map_err(|w| {
+        waited(w, |status| StepError::new(ErrorKind::TimedOut, format!("Route 53 change {change} is still {status} after {limit:?}")))
+    })?;
     st.dns_value = value.clone();
     st.reachable_at_ms = now_ms();
     Ok(Outcome::Done(format!("{} A {value} (ttl {}) in sync", dns.name, dns.ttl)))
