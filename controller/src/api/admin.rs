@@ -666,7 +666,7 @@ impl pb::admin_service_server::AdminService for AdminServer {
         if let Some(evidence) = approved_on {
             let e = crate::reconcilers::notify::event(
                 &op.site_id,
-                "failover.approved",
+                crate::domain::events::EventKind::FailoverApproved,
                 "critical",
                 format!("operator/{operator} approved the automatic failover {} on this evidence: {evidence}", op.id),
                 serde_json::json!({"by": format!("operator/{operator}"), "evidence": evidence}),

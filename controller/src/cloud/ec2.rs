@@ -13,6 +13,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 
+pub use super::instance_state::InstanceState;
 use crate::config::AwsConfig;
 
 /// An AMI as far as the controller cares.
@@ -29,7 +30,7 @@ pub struct Image {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Instance {
     pub id: String,
-    pub state: String,
+    pub state: InstanceState,
     pub private_ip: String,
     pub public_ip: String,
     /// The AMI it was launched from.
@@ -41,8 +42,7 @@ pub struct Instance {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceStatus {
     pub id: String,
-    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
-    pub state: String,
+    pub state: InstanceState,
     /// The system status check: `ok`, `impaired`, `initializing`,
     /// `insufficient-data`, `not-applicable`.
     pub system: String,
@@ -392,7 +392,7 @@ fn instance_status_of(st: &aws_sdk_ec2::types::InstanceStatus) -> InstanceStatus
     };
     InstanceStatus {
         id: st.instance_id().unwrap_or_default().to_owned(),
-        state: st.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        state: st.instance_state().and_then(|s| s.name()).map(|n| InstanceState::parse(n.as_str())).unwrap_or_default(),
         system: summary(st.system_status()),
         instance: summary(st.instance_status()),
         ebs: st.attached_ebs_status().and_then(|s| s.status()).map(|s| s.as_str().to_owned()).unwrap_or_default(),
@@ -419,7 +419,7 @@ fn missing_instance_ids(message: &str, asked: &[String]) -> Vec<String> {
 fn instance_of(i: &aws_sdk_ec2::types::Instance) -> Instance {
     Instance {
         id: i.instance_id().unwrap_or_default().to_owned(),
-        state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default(),
+        state: i.state().and_then(|s| s.name()).map(|n| InstanceState::parse(n.as_str())).unwrap_or_default(),
         private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
         public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
         image_id: i.image_id().unwrap_or_default().to_owned(),
@@ -645,7 +645,13 @@ impl Ec2 for AwsEc2 {
             .filters(
                 Filter::builder()
                     .name("instance-state-name")
-                    .set_values(Some(["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec()))
+                    .set_values(Some(
+                        InstanceState::ALL
+                            .iter()
+                            .filter(|s| !matches!(s, InstanceState::Terminated | InstanceState::Gone))
+                            .map(ToString::to_string)
+                            .collect(),
+                    ))
                     .build(),
             )
             .send()

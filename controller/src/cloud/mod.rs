@@ -6,6 +6,7 @@ pub mod budget;
 pub mod dns;
 pub mod ec2;
 pub mod http;
+pub mod instance_state;
 pub mod preflight;
 
 use std::collections::HashMap;

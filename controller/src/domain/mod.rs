@@ -2,6 +2,7 @@
 //! pure rules. Imports nothing else from the controller (checked by
 //! `crate::layering`).
 
+pub mod events;
 pub mod health;
 pub mod model;
 pub mod policy;

@@ -23,6 +23,7 @@ pub mod faults;
 mod intents;
 #[cfg(test)]
 mod tests;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -31,11 +31,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::domain::events::EventKind;
 use crate::domain::model::{Event, InstanceRecord, Millis, Site, now_ms};
 use crate::store::StoreError;
 use crate::workflows::{Deps, Engine, retry_ec2};
 
 use super::notify::{Notifier, event};
+use crate::cloud::ec2::InstanceState;
 
 /// How often the keeper looks while a breach is open.
 pub const FOLLOW_UP: Duration = Duration::from_secs(5);
@@ -132,7 +134,7 @@ impl Fences {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Ec2View {
     /// Found, in this state and region.
-    State { state: String, region: String },
+    State { state: InstanceState, region: String },
     /// Not found in any region asked.
     Absent,
     /// A region could not be asked.
@@ -156,9 +158,9 @@ impl Keeper {
     pub async fn new(engine: Engine, notifier: Notifier, fences: Fences, every: Duration) -> Result<Keeper, StoreError> {
         let store = engine.store();
         for site in store.sites().await? {
-            let Some(b) = store.last_event(site.id.clone(), "fence.breached".into()).await? else { continue };
+            let Some(b) = store.last_event(site.id.clone(), EventKind::FenceBreached.into()).await? else { continue };
             let instance = b.evidence["instance_id"].as_str().unwrap_or_default().to_owned();
-            let restored = store.last_event(site.id.clone(), "fence.restored".into()).await?;
+            let restored = store.last_event(site.id.clone(), EventKind::FenceRestored.into()).await?;
             if instance.is_empty() || restored.is_some_and(|r| r.seq > b.seq && r.evidence["instance_id"] == b.evidence["instance_id"]) {
                 continue;
             }
@@ -237,7 +239,7 @@ impl Keeper {
             if let Some(e) = self.keep(deps, site, rec, &view, agent.map(|a| a.record.facts.app_state.clone()), now).await? {
                 events.push(e);
             }
-            if matches!(&view, Ec2View::State { state, .. } if state == "terminated") {
+            if matches!(&view, Ec2View::State { state: InstanceState::Terminated, .. }) {
                 self.terminated.insert(key);
             }
         }
@@ -330,15 +332,17 @@ impl Keeper {
         let key = (site.id.clone(), rec.instance_id.clone());
         let open = self.fences.lock().get(&key).cloned();
         let agent_connected = app_state.is_some();
-        let (ec2_state, region) = match view {
-            Ec2View::State { state, region } => (state.clone(), region.clone()),
-            Ec2View::Absent => ("gone".to_owned(), String::new()),
+        // `None`: EC2 could not be asked this pass.
+        let (state, region) = match view {
+            Ec2View::State { state, region } => (Some(state.clone()), region.clone()),
+            Ec2View::Absent => (Some(InstanceState::Gone), String::new()),
             Ec2View::Unknown(why) => {
                 tracing::debug!(site = %site.id, instance = %rec.instance_id, error = %why, "EC2's view of a fenced instance is unknown this pass");
-                ("unknown".to_owned(), String::new())
+                (None, String::new())
             }
         };
-        let stopped = matches!(ec2_state.as_str(), "stopped" | "terminated" | "shutting-down" | "gone");
+        let ec2_state = state.as_ref().map_or_else(|| "unknown".to_owned(), InstanceState::to_string);
+        let stopped = state.as_ref().is_some_and(InstanceState::is_down);
         if stopped {
             let Some(b) = open else { return Ok(None) };
             self.fences.lock().remove(&key);
@@ -351,19 +355,19 @@ impl Keeper {
             tracing::info!(site = %site.id, instance = %rec.instance_id, ec2_state = %ec2_state, stops = b.stops, "fenced instance stopped again");
             return Ok(Some(event(
                 &site.id,
-                "fence.restored",
+                EventKind::FenceRestored,
                 "info",
                 format!("fenced instance {} is {ec2_state} again, {took} after it was seen running ({how})", rec.instance_id),
                 json!({"instance_id": rec.instance_id, "region": b.region, "ec2_state": ec2_state, "stops": b.stops, "forced": b.forced}),
                 "",
             )));
         }
-        let ec2_running = matches!(ec2_state.as_str(), "pending" | "running");
+        let ec2_running = state.as_ref().is_some_and(InstanceState::is_up);
         // `stopping` is a stop under way: a breach only if one is open.
         if !ec2_running && !agent_connected && open.is_none() {
             return Ok(None);
         }
-        if ec2_state == "stopping" && open.is_none() {
+        if state == Some(InstanceState::Stopping) && open.is_none() {
             return Ok(None);
         }
         // Acting on it: the store must still say fenced and not primary.
@@ -414,7 +418,7 @@ impl Keeper {
         };
         Ok(Some(event(
             &site.id,
-            "fence.breached",
+            EventKind::FenceBreached,
             "critical",
             format!("fenced instance {} is running again (seen: {seen}); {done}", rec.instance_id),
             json!({
@@ -585,7 +589,7 @@ mod tests {
     }
 
     fn state(w: &World, id: &str) -> String {
-        w.gate.ec2.instance(id).map(|i| i.instance.state).unwrap_or_default()
+        w.gate.ec2.instance(id).map(|i| i.instance.state.to_string()).unwrap_or_default()
     }
 
     async fn kinds(w: &World) -> Vec<String> {

@@ -38,9 +38,10 @@ use serde_json::json;
 
 use super::notify::{Notifier, event};
 use crate::agents::{Addressee, AgentAction, AgentErrorKind};
-use crate::cloud::ec2::{InstanceStatus, STATUS_IDS_PER_CALL};
+use crate::cloud::ec2::{InstanceState, InstanceStatus, STATUS_IDS_PER_CALL};
 use crate::cloud::http::HttpClients;
 use crate::config::HealthConfig;
+use crate::domain::events::EventKind;
 use crate::domain::health::*;
 use crate::domain::model::{Event, Millis, OperationState, Role, Signal, Site, now_ms};
 use crate::store::{ActiveDetail, StoreError};
@@ -107,8 +108,8 @@ impl Monitor {
         agent_grace: Duration,
     ) -> Result<Monitor, StoreError> {
         let store = engine.store();
-        let on = store.last_event(String::new(), "fleet.guard".into()).await?;
-        let off = store.last_event(String::new(), "fleet.guard_cleared".into()).await?.map(|e| e.seq);
+        let on = store.last_event(String::new(), EventKind::FleetGuard.into()).await?;
+        let off = store.last_event(String::new(), EventKind::FleetGuardCleared.into()).await?.map(|e| e.seq);
         let guard = match on {
             Some(on) if off.is_none_or(|off| off < on.seq) => {
                 let keys: BTreeSet<String> = on.evidence["keys"]
@@ -227,10 +228,10 @@ impl Monitor {
         let describe = |g: &[GuardReason]| g.iter().map(|r| r.describe(self.config.max_down_fraction)).collect::<Vec<_>>().join("; ");
         if !keys.is_subset(&self.guard) || (keys.is_empty() && !self.guard.is_empty()) {
             let (kind, severity, summary) = if keys.is_empty() {
-                ("fleet.guard_cleared", "info", "every signal looks like the sites' own again: the fleet guard is lifted".to_owned())
+                (EventKind::FleetGuardCleared, "info", "every signal looks like the sites' own again: the fleet guard is lifted".to_owned())
             } else {
                 (
-                    "fleet.guard",
+                    EventKind::FleetGuard,
                     "critical",
                     format!(
                         "{}: the fault is taken to be on the controller's side (its network, its probe, its view of EC2); no app restart, stop or failover starts where this holds",
@@ -271,7 +272,7 @@ impl Monitor {
                     Ok(_) => {
                         let mut e = event(
                             &site.id,
-                            "failover.withdrawn",
+                            EventKind::FailoverWithdrawn,
                             "warning",
                             format!(
                                 "the automatic failover {} is withdrawn: the site is {} now ({lines}); nothing was changed",
@@ -335,7 +336,7 @@ impl Monitor {
                     let _ = engine.signal(&o.id, Signal::Abort, REQUESTED_BY).await;
                     events.push(event(
                         &site.id,
-                        "repair.failed",
+                        EventKind::RepairFailed,
                         "critical",
                         format!(
                             "the host restart {} did not finish within host_restart_deadline {}: aborted",
@@ -353,7 +354,7 @@ impl Monitor {
                 {
                     events.push(event(
                         &site.id,
-                        "failover.approval_overdue",
+                        EventKind::FailoverApprovalOverdue,
                         "critical",
                         format!(
                             "the automatic failover {} has waited for an approval for more than {}: `drctl approve {}` or `drctl deny {}`",
@@ -384,16 +385,17 @@ impl Monitor {
                         h.attempts.push(Attempt { rung: Some(rung), operation_id: op.clone(), at_ms: now, failed: false });
                         let (kind, summary) = match rung {
                             Rung::Failover if policy.mode == AutoMode::Approve => (
-                                "failover.awaiting_approval",
+                                EventKind::FailoverAwaitingApproval,
                                 format!(
                                     "{why}: an automatic failover waits for an approval: `drctl approve {op}` or `drctl deny {op}`; it is withdrawn if the site recovers first"
                                 ),
                             ),
-                            Rung::Failover => ("failover.started", format!("{why}: automatic failover {op} started")),
-                            Rung::AppRestart => ("repair.started", format!("{why}: restarting the app through the agent ({op})")),
-                            Rung::HostRestart => {
-                                ("repair.started", format!("{why}: stopping and starting the instance {} ({op})", site.primary_instance_id))
-                            }
+                            Rung::Failover => (EventKind::FailoverStarted, format!("{why}: automatic failover {op} started")),
+                            Rung::AppRestart => (EventKind::RepairStarted, format!("{why}: restarting the app through the agent ({op})")),
+                            Rung::HostRestart => (
+                                EventKind::RepairStarted,
+                                format!("{why}: stopping and starting the instance {} ({op})", site.primary_instance_id),
+                            ),
                         };
                         events.push(event(&site.id, kind, "critical", summary, evidence.clone(), &op));
                         started.push((site.id.clone(), rung, op));
@@ -416,13 +418,13 @@ impl Monitor {
             match &decision {
                 Decision::Alert(_) if fleet_held => {}
                 Decision::Human(why) if once(h, &format!("human-{}", h.condition.as_str())) => {
-                    events.push(event(&site.id, "site.needs_human", "critical", why.clone(), evidence.clone(), ""));
+                    events.push(event(&site.id, EventKind::SiteNeedsHuman, "critical", why.clone(), evidence.clone(), ""));
                 }
                 Decision::Alert(why) if once(h, &format!("alert-{}", h.condition.as_str())) => {
                     let kind = match h.condition {
-                        Condition::Partitioned => "site.partitioned",
-                        Condition::AppUnreachable => "site.unreachable",
-                        _ => "site.needs_human",
+                        Condition::Partitioned => EventKind::SitePartitioned,
+                        Condition::AppUnreachable => EventKind::SiteUnreachable,
+                        _ => EventKind::SiteNeedsHuman,
                     };
                     events.push(event(&site.id, kind, "warning", why.clone(), evidence.clone(), ""));
                 }
@@ -441,7 +443,7 @@ impl Monitor {
                     HealthState::Suspect if fleet_held => {}
                     HealthState::Suspect => events.push(event(
                         &site.id,
-                        "site.suspect",
+                        EventKind::SiteSuspect,
                         "warning",
                         format!("{}: {lines}", h.condition.as_str()),
                         evidence.clone(),
@@ -449,7 +451,7 @@ impl Monitor {
                     )),
                     HealthState::Down => events.push(event(
                         &site.id,
-                        "site.down",
+                        EventKind::SiteDown,
                         "critical",
                         format!("{}: {lines}", h.condition.as_str()),
                         evidence.clone(),
@@ -458,7 +460,7 @@ impl Monitor {
                     HealthState::Healthy => {
                         events.push(event(
                             &site.id,
-                            "site.recovered",
+                            EventKind::SiteRecovered,
                             "info",
                             format!("healthy again after {} ({lines})", before.as_str()),
                             evidence.clone(),
@@ -539,7 +541,7 @@ impl Monitor {
         now: Millis,
     ) -> Result<Option<String>, Held> {
         let engine = &self.engine;
-        let not_started = if rung == Rung::Failover { "failover.not_started" } else { "repair.not_started" };
+        let not_started = if rung == Rung::Failover { EventKind::FailoverNotStarted } else { EventKind::RepairNotStarted };
         if policy.mode == AutoMode::Off {
             return Err(Held::new(
                 not_started,
@@ -850,7 +852,8 @@ impl Monitor {
                 humantime::format_duration(Duration::from_secs(age / 1000)),
                 humantime::format_duration(Duration::from_secs(allowed.as_secs()))
             );
-            let mut e = event(&site.id, "backup.late", "warning", summary, json!({"image_id": b.image_id, "age_s": age / 1000}), "");
+            let mut e =
+                event(&site.id, EventKind::BackupLate, "warning", summary, json!({"image_id": b.image_id, "age_s": age / 1000}), "");
             e.id = format!("backup-late-{}-{}", site.id, b.image_id);
             out.push(e);
         }
@@ -874,7 +877,7 @@ impl Monitor {
             );
             let mut e = event(
                 &l.record.site_id,
-                "agent.cert_expiring",
+                EventKind::AgentCertExpiring,
                 "warning",
                 summary,
                 json!({"instance_id": l.record.instance_id, "not_after_ms": end}),
@@ -894,12 +897,12 @@ impl Monitor {
         for o in self.engine.store().ended_since(now_ms().saturating_sub(ENDED_LOOKBACK_MS)).await? {
             let ok = o.state == OperationState::Succeeded;
             let kind = match (o.kind.as_str(), ok) {
-                ("backup", false) => "backup.failed",
-                ("drill", false) => "drill.failed",
-                ("failover", true) => "failover.succeeded",
-                ("failover", false) => "failover.failed",
-                ("app_restart" | "host_restart", true) => "repair.succeeded",
-                ("app_restart" | "host_restart", false) => "repair.failed",
+                ("backup", false) => EventKind::BackupFailed,
+                ("drill", false) => EventKind::DrillFailed,
+                ("failover", true) => EventKind::FailoverSucceeded,
+                ("failover", false) => EventKind::FailoverFailed,
+                ("app_restart" | "host_restart", true) => EventKind::RepairSucceeded,
+                ("app_restart" | "host_restart", false) => EventKind::RepairFailed,
                 _ => continue,
             };
             let summary = match ok {
@@ -924,13 +927,13 @@ impl Monitor {
 
 /// Why a rung is not started now; `key` makes its event once per episode.
 struct Held {
-    kind: &'static str,
+    kind: EventKind,
     key: &'static str,
     why: String,
 }
 
 impl Held {
-    fn new(kind: &'static str, key: &'static str, why: impl Into<String>) -> Held {
+    fn new(kind: EventKind, key: &'static str, why: impl Into<String>) -> Held {
         Held { kind, key, why: why.into() }
     }
 }
@@ -969,9 +972,9 @@ pub fn probe_url(template: &str, rec: &crate::domain::recovery::SiteRecovery) ->
 
 /// EC2's status of a primary as a signal.
 pub fn ec2_signal(s: &InstanceStatus) -> Ec2Signal {
-    match s.state.as_str() {
-        "stopping" | "stopped" => return Ec2Signal::Stopped { state: s.state.clone() },
-        "shutting-down" | "terminated" => return Ec2Signal::Gone { state: s.state.clone() },
+    match s.state {
+        InstanceState::Stopping | InstanceState::Stopped => return Ec2Signal::Stopped { state: s.state.to_string() },
+        InstanceState::ShuttingDown | InstanceState::Terminated => return Ec2Signal::Gone { state: s.state.to_string() },
         _ => {}
     }
     let mut failed = vec![];

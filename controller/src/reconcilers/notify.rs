@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::cloud::http::HttpClients;
 use crate::config::{NotifyConfig, NotifyFormat};
+use crate::domain::events::EventKind;
 use crate::domain::health::SiteHealth;
 use crate::domain::model::{Event, Millis, now_ms};
 use crate::store::{Store, StoreError};
@@ -31,13 +32,20 @@ pub struct Notifier {
 }
 
 /// A new event (its id is a fresh UUID unless `id` is set).
-pub fn event(site: &str, kind: &str, severity: &str, summary: impl Into<String>, evidence: serde_json::Value, operation_id: &str) -> Event {
+pub fn event(
+    site: &str,
+    kind: EventKind,
+    severity: &str,
+    summary: impl Into<String>,
+    evidence: serde_json::Value,
+    operation_id: &str,
+) -> Event {
     Event {
         seq: 0,
         id: uuid::Uuid::new_v4().to_string(),
         at_ms: now_ms(),
         site_id: site.to_owned(),
-        kind: kind.to_owned(),
+        kind: kind.as_str().to_owned(),
         severity: severity.to_owned(),
         summary: summary.into(),
         evidence,
@@ -80,7 +88,7 @@ impl Notifier {
                 .unwrap_or_default();
             event(
                 &pause.site_id,
-                "site.paused",
+                EventKind::SitePaused,
                 "warning",
                 format!("automatic recovery paused by {} until {until}: {}", pause.by, pause.reason),
                 json!({"until_ms": pause.until_ms, "by": pause.by}),
@@ -89,7 +97,7 @@ impl Notifier {
         } else {
             event(
                 &pause.site_id,
-                "site.unpaused",
+                EventKind::SiteUnpaused,
                 "info",
                 format!("automatic recovery resumed by {}", pause.by),
                 json!({"by": pause.by}),
@@ -284,7 +292,7 @@ mod tests {
         let record = |n: u32| {
             let notifier = notifier.clone();
             async move {
-                let events = (0..n).map(|i| event("s1", "site.paused", "warning", format!("event {i}"), json!({}), "")).collect();
+                let events = (0..n).map(|i| event("s1", EventKind::SitePaused, "warning", format!("event {i}"), json!({}), "")).collect();
                 notifier.record(vec![], events).await.expect("record")
             }
         };
@@ -318,7 +326,7 @@ mod tests {
 
     #[test]
     fn slack_bodies_are_one_text_line() {
-        let e = event("s1", "site.down", "critical", "it is down", json!({}), "op-1");
+        let e = event("s1", EventKind::SiteDown, "critical", "it is down", json!({}), "op-1");
         let b = body(&e, NotifyFormat::Slack);
         let t = b["text"].as_str().expect("text");
         assert!(t.contains("site.down") && t.contains("`s1`") && t.contains("op-1"), "{t}");

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::notify::{Notifier, event};
 use crate::agents::refusals::Refusals;
+use crate::domain::events::EventKind;
 use crate::domain::model::{Event, Millis, now_ms};
 use crate::domain::refusal::{AgentRefusal, rfc3339};
 use crate::store::StoreError;
@@ -72,7 +73,7 @@ pub fn refused_event(r: &AgentRefusal, now: Millis) -> Event {
         "peer": r.peer,
         "detail": r.detail,
     });
-    let mut e = event(&r.site_id, "agent.refused", "warning", summary, evidence, "");
+    let mut e = event(&r.site_id, EventKind::AgentRefused, "warning", summary, evidence, "");
     e.id = r.event_id();
     e
 }

@@ -21,6 +21,7 @@
 
 use std::time::Duration;
 
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{BackupState, Millis, OperationState, Role, Site, SpareRecord, now_ms};
 use crate::domain::policy::{Policy, SpareMode};
 use crate::store::StoreError;
@@ -90,15 +91,15 @@ pub async fn check_spares(engine: &Engine) -> Result<Vec<(String, Kept)>, StoreE
                 }
             };
             for s in chunk {
-                let state = found.iter().find(|i| i.id == s.instance_id).map(|i| i.state.clone()).unwrap_or_else(|| "gone".into());
-                if !matches!(state.as_str(), "terminated" | "shutting-down" | "gone") {
+                let state = InstanceState::of(found.iter().find(|i| i.id == s.instance_id));
+                if !state.is_ending() {
                     continue;
                 }
                 if store.drop_spare(s.site_id.clone(), s.instance_id.clone()).await? {
                     let reason = format!("the spare is {state} in EC2 (not by this controller)");
                     store.set_instance_role(s.site_id.clone(), s.instance_id.clone(), "passive".into(), String::new(), reason).await?;
                     tracing::warn!(site = %s.site_id, spare = %s.instance_id, state = %state, "the hot spare is gone from EC2: forgotten, a new one is prepared");
-                    done.push((s.site_id.clone(), Kept::Gone { instance_id: s.instance_id.clone(), state }));
+                    done.push((s.site_id.clone(), Kept::Gone { instance_id: s.instance_id.clone(), state: state.to_string() }));
                 }
             }
         }

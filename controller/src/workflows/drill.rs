@@ -25,10 +25,13 @@
 
 use std::time::Duration;
 
-use super::failover::{self, State, Waiting, secs};
+use super::failover::{self, State};
+use super::restore::{self, Waiting, secs};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{BackupState, DrillRecord, Millis, Protected, now_ms, worst_rpo};
 use crate::domain::tags::TAG_OPERATION;
+use crate::engine::wait::{Poll, PollOpts, Waited};
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// The drill workflow.
@@ -49,7 +52,7 @@ impl Workflow for Drill {
     const ISOLATED: bool = true;
 
     fn steps() -> Vec<StepDef<Deps, State>> {
-        let mut steps = failover::isolated_restore_steps();
+        let mut steps = restore::isolated_restore_steps();
         steps.extend([
             StepDef::new("measure", step!(measure)),
             StepDef::new("keep", step!(keep)),
@@ -139,29 +142,33 @@ async fn keep(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
 /// What it cannot end is listed in `leaked` (and `record` fails the drill);
 /// the reaper finishes it after `dr:keep-until`.
 async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let op_id = ctx.op_id.clone();
-    let mut ids = failover::launched_by_operation(ctx, st, ec2.as_ref()).await?;
+    let mut ids = restore::launched_by_operation(ctx, st, ec2.as_ref()).await?;
     // Never the primary, whatever carried the tag.
     ids.retain(|id| *id != ctx.site.primary_instance_id);
     for id in &ids {
-        failover::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
+        restore::terminate_as_passive(ctx, ec2.as_ref(), id, format!("terminated: drill {op_id} torn down")).await?;
     }
     let limit = ctx.deps().failover.fence_timeout;
-    let mut progress = Waiting::new();
+    // One deadline for them all.
+    let started = tokio::time::Instant::now();
     let mut leaked = vec![];
     for id in &ids {
-        loop {
-            let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
-            if state.as_deref().is_none_or(|s| s == "terminated") {
-                break;
-            }
-            if progress.elapsed() >= limit {
-                leaked.push(id.clone());
-                break;
-            }
-            progress.say(ctx, format!("waiting for the copy {id} to terminate ({})", state.unwrap_or_default())).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let left = limit.saturating_sub(started.elapsed());
+        let ended = ctx
+            .poll_until(PollOpts::every(Duration::from_millis(500), left), false, || async {
+                let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(id)).await?.map(|i| i.state);
+                Ok::<_, StepError>(match state {
+                    None | Some(InstanceState::Terminated) => Poll::Ready(()),
+                    Some(s) => Poll::Waiting { progress: format!("waiting for the copy {id} to terminate ({s})"), state: () },
+                })
+            })
+            .await;
+        match ended {
+            Ok(()) => {}
+            Err(Waited::Failed(e)) => return Err(e),
+            Err(Waited::TimedOut { .. } | Waited::Cancelled { .. }) => leaked.push(id.clone()),
         }
     }
     let volumes = retry_ec2("DescribeVolumes", EC2_RETRY_BUDGET, || ec2.find_volumes_by_tag(TAG_OPERATION, &op_id)).await?;
@@ -205,7 +212,7 @@ async fn teardown(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError>
 async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let store = ctx.store();
     let op = store.operation(ctx.op_id.clone()).await?;
-    let phases = failover::phase_durations(
+    let phases = restore::phase_durations(
         op.as_ref(),
         &[
             ("launch_to_running", &["launch", "wait_running"]),

@@ -19,6 +19,7 @@ pub mod copies;
 pub mod drill;
 pub mod failover;
 pub mod repair;
+pub mod restore;
 pub mod retention;
 pub mod spare;
 

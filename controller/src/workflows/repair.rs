@@ -15,11 +15,13 @@
 //!
 //! Both run on the failover state (`failover::State`, plan kind `repair`,
 //! the primary as its "candidate"), start through `failover::start_state`
-//! and reuse its agent steps. A failed
+//! and reuse the restore steps (`restore`). A failed
 //! step ends the operation (no pause): the monitor climbs the ladder.
 
-use super::failover::{self, State};
+use super::failover::State;
+use super::restore;
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::Protected;
 use crate::engine::{Ctx, Outcome, Retry, StepDef, StepError, Workflow};
 
@@ -40,8 +42,8 @@ impl Workflow for AppRestart {
 
     fn steps() -> Vec<StepDef<Deps, State>> {
         vec![
-            StepDef::new("app_stop", step!(failover::app_stop)).retry(failover::AGENT_RETRY),
-            StepDef::new("app_start", step!(failover::app_start)).retry(failover::AGENT_RETRY),
+            StepDef::new("app_stop", step!(restore::app_stop)).retry(restore::AGENT_RETRY),
+            StepDef::new("app_start", step!(restore::app_start)).retry(restore::AGENT_RETRY),
         ]
     }
 
@@ -62,9 +64,9 @@ impl Workflow for HostRestart {
         vec![
             StepDef::new("stop", step!(stop_host)).retry(Retry::TRANSIENT),
             StepDef::new("start", step!(start_host)).retry(Retry::TRANSIENT),
-            StepDef::new("wait_running", step!(failover::wait_running)).retry(Retry::TRANSIENT),
-            StepDef::new("wait_agent", step!(failover::wait_agent)),
-            StepDef::new("app_start", step!(failover::app_start)).retry(failover::AGENT_RETRY),
+            StepDef::new("wait_running", step!(restore::wait_running)).retry(Retry::TRANSIENT),
+            StepDef::new("wait_agent", step!(restore::wait_agent)),
+            StepDef::new("app_start", step!(restore::app_start)).retry(restore::AGENT_RETRY),
         ]
     }
 
@@ -87,27 +89,27 @@ pub fn state(site_id: &str, instance_id: &str, region: &str, why: &str) -> State
 
 async fn stop_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let id = st.candidate.clone();
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
-    match state.as_str() {
-        "stopped" => return Ok(Outcome::Done(format!("{id} is stopped already"))),
-        "terminated" | "shutting-down" | "gone" => {
+    let state = InstanceState::of(inst.as_ref());
+    match state {
+        InstanceState::Stopped => return Ok(Outcome::Done(format!("{id} is stopped already"))),
+        InstanceState::Terminated | InstanceState::ShuttingDown | InstanceState::Gone => {
             return Err(StepError::failed(format!("{id} is {state}: a stop and start cannot bring it back")));
         }
         _ => {}
     }
     ctx.progress(format!("stopping {id} so that EC2 starts it on healthy hardware")).await;
-    let forced = failover::stop_and_wait(ctx, &ec2, &id, &state).await?;
+    let forced = restore::stop_and_wait(ctx, &ec2, &id, &state).await?;
     Ok(Outcome::Done(format!("{id} stopped{}", if forced { " (forced)" } else { "" })))
 }
 
 async fn start_host(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     let id = st.candidate.clone();
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let inst = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?;
-    let state = inst.map(|i| i.state).unwrap_or_else(|| "gone".into());
-    if matches!(state.as_str(), "pending" | "running") {
+    let state = InstanceState::of(inst.as_ref());
+    if state.is_up() {
         st.launched_at_ms = crate::domain::model::now_ms();
         return Ok(Outcome::Done(format!("{id} is {state} already")));
     }

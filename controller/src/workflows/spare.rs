@@ -2,7 +2,7 @@
 //! launched from the newest good backup launchable in the spare's region,
 //! taken through the failover's runbook with its own addresses, checked
 //! healthy, then parked: the app stopped, and with `stopped` the instance
-//! too. A failover then takes it (`failover::take_spare`) instead of
+//! too. A failover then takes it (`restore::launch`, with the spare) instead of
 //! launching: no RunInstances, no disk hydration.
 //!
 //! The steps are the failover's on the launched machine (same state, same
@@ -24,10 +24,13 @@
 
 use std::time::Duration;
 
-use super::failover::{self, AGENT_RETRY, State, Waiting};
+use super::failover::{self, State};
+use super::restore::{self, AGENT_RETRY};
 use super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
 use crate::agents::AgentAction;
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{Protected, Role, SpareRecord, now_ms};
+use crate::engine::wait::{Poll, PollOpts};
 use crate::engine::{Ctx, ErrorKind, Outcome, Retry, StepDef, StepError, Workflow};
 
 /// The spare workflow.
@@ -45,7 +48,7 @@ impl Workflow for Spare {
     const ISOLATED: bool = true;
 
     fn steps() -> Vec<StepDef<Deps, State>> {
-        let mut steps = failover::isolated_restore_steps();
+        let mut steps = restore::isolated_restore_steps();
         steps.extend([
             StepDef::new("park", step!(park)).retry(AGENT_RETRY),
             StepDef::new("install", step!(install)).retry(Retry::TRANSIENT),
@@ -81,43 +84,41 @@ fn mode(ctx: &Ctx<Deps>) -> crate::domain::policy::SpareMode {
 /// The app stopped (it must not run beside the primary), and with
 /// `spare = "stopped"` the instance stopped too.
 async fn park(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
-    let ec2 = failover::ec2_launch(ctx, st).await?;
+    let ec2 = restore::ec2_launch(ctx, st).await?;
     let id = st.candidate.clone();
     // The instance is stopped only after its app: a stop already asked (a
     // restart after it) needs no app stop, and its agent is gone.
     let now = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
-    if !matches!(now.as_deref(), Some("stopping" | "stopped")) {
+    if !matches!(now, Some(InstanceState::Stopping | InstanceState::Stopped)) {
         let t = ctx.deps().failover.app_timeout;
-        failover::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
+        restore::on_candidate(ctx, st, "park-app-stop", &AgentAction::AppStop, t).await?;
     }
     if mode(ctx) == crate::domain::policy::SpareMode::Running {
         return Ok(Outcome::Done(format!("the app on {id} is stopped; the instance is kept running")));
     }
     let limit = ctx.deps().failover.fence_timeout;
-    let mut progress = Waiting::new();
-    let mut asked = false;
-    loop {
-        let state = retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.map(|i| i.state);
-        match state.as_deref() {
-            Some("stopped") => break,
-            Some("running") | Some("pending") if !asked => {
+    let asked = std::sync::atomic::AtomicBool::new(false);
+    ctx.poll_until(PollOpts::every(Duration::from_millis(500), limit), false, || async {
+        let state = InstanceState::of(retry_ec2("DescribeInstances", EC2_RETRY_BUDGET, || ec2.describe_instance(&id)).await?.as_ref());
+        match state {
+            InstanceState::Stopped => return Ok(Poll::Ready(())),
+            InstanceState::Running | InstanceState::Pending if !asked.load(std::sync::atomic::Ordering::Relaxed) => {
                 retry_ec2("StopInstances", EC2_RETRY_BUDGET, || ec2.stop_instance(&id, false)).await?;
-                asked = true;
+                asked.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            None | Some("terminated") | Some("shutting-down") => {
-                return Err(StepError::failed(format!("the spare {id} is {} in EC2", state.unwrap_or_else(|| "gone".into()))));
+            InstanceState::Gone | InstanceState::Terminated | InstanceState::ShuttingDown => {
+                return Err(StepError::failed(format!("the spare {id} is {state} in EC2")));
             }
             _ => {}
         }
-        if progress.elapsed() >= limit {
-            return Err(StepError::new(
-                ErrorKind::TimedOut,
-                format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"),
-            ));
-        }
-        progress.say(ctx, format!("stopping the spare {id} ({})", state.unwrap_or_default())).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        Ok::<_, StepError>(Poll::Waiting { progress: format!("stopping the spare {id} ({state})"), state: () })
+    })
+    .await
+    .map_err(|w| {
+        restore::waited(w, |()| {
+            StepError::new(ErrorKind::TimedOut, format!("the spare {id} did not stop within {limit:?} (failover.fence_timeout)"))
+        })
+    })?;
     Ok(Outcome::Done(format!("the app on {id} is stopped, and the instance is stopped")))
 }
 
@@ -184,7 +185,7 @@ async fn retire(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
         // An earlier spare may live in another region (the policy moved it).
         let region = regions.get(&(ctx.site.id.clone(), id.clone())).cloned().unwrap_or_else(|| ctx.site.region.clone());
         let ec2 = ctx.deps().ec2_in(&ctx.site, &region).await?;
-        failover::terminate_as_passive(
+        restore::terminate_as_passive(
             ctx,
             ec2.as_ref(),
             id,
@@ -203,5 +204,5 @@ async fn release(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
     if st.installed {
         return Ok(Outcome::Done("nothing to release: the spare was installed".into()));
     }
-    failover::release(ctx, st).await
+    restore::release(ctx, st).await
 }

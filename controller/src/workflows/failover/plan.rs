@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::super::{Deps, EC2_RETRY_BUDGET, retry_ec2};
+use crate::cloud::ec2::InstanceState;
 use crate::domain::model::{Backup, BackupState, LaunchFacts, Millis, Site, now_ms};
 use crate::domain::recovery::{Fence, LaunchSpec, SpecError, resolve_launch};
 use crate::domain::refusal::CertOutlook;
@@ -362,8 +363,8 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
             match retry_ec2("DescribeInstances", EC2_RETRY_BUDGET.min(std::time::Duration::from_secs(20)), || ec2.describe_instance(&old))
                 .await
             {
-                Ok(Some(i)) => i.state,
-                Ok(None) => "gone".to_owned(),
+                Ok(Some(i)) => i.state.to_string(),
+                Ok(None) => InstanceState::Gone.to_string(),
                 Err(e) => format!("unknown ({e})"),
             }
         }
@@ -749,12 +750,12 @@ async fn choose_spare(
         .await
         {
             Ok(Some(i)) => i.state,
-            Ok(None) => "gone".to_owned(),
+            Ok(None) => InstanceState::Gone,
             Err(e) => return unusable(format!("its state is unknown ({e})"), notes),
         },
         Err(e) => return unusable(format!("its state is unknown ({e})"), notes),
     };
-    if !matches!(state.as_str(), "stopped" | "stopping" | "running" | "pending") {
+    if !(state.is_up() || matches!(state, InstanceState::Stopped | InstanceState::Stopping)) {
         return unusable(format!("it is {state} in EC2"), notes);
     }
     let lag_ms = newest.started_at_ms.saturating_sub(backup.started_at_ms);
@@ -768,7 +769,7 @@ async fn choose_spare(
     let planned = PlannedSpare {
         instance_id: s.instance_id.clone(),
         mode: s.mode.clone(),
-        state,
+        state: state.to_string(),
         private_ip: s.files_private_ip.clone(),
         files_public_ip: s.files_public_ip.clone(),
         backup_image_id: s.backup_image_id.clone(),
