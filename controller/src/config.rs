@@ -12,6 +12,7 @@ use dr_proto::identity::{validate_name, validate_trust_domain};
 use dr_proto::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::domain::events::EventKind;
 use crate::domain::policy::{Policy, PolicyFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -150,35 +151,6 @@ impl NotifyConfig {
         }
     }
 }
-
-/// Every event kind the controller raises (what `[[notify]] events` may name).
-pub const EVENT_KINDS: &[&str] = &[
-    "site.suspect",
-    "site.down",
-    "site.recovered",
-    "site.partitioned",
-    "site.needs_human",
-    "site.paused",
-    "site.unpaused",
-    "fleet.guard",
-    "fleet.guard_cleared",
-    "repair.started",
-    "repair.succeeded",
-    "repair.failed",
-    "failover.awaiting_approval",
-    "failover.approval_overdue",
-    "failover.not_started",
-    "failover.started",
-    "failover.succeeded",
-    "failover.failed",
-    "backup.failed",
-    "backup.late",
-    "drill.failed",
-    "agent.cert_expiring",
-    "fence.breached",
-    "fence.restored",
-    "controller.task_restarted",
-];
 
 /// Prometheus metrics over plain HTTP (keep it on a private address).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -530,9 +502,14 @@ impl Config {
             }
             if let Some(bad) = n.events.iter().find(|e| {
                 let e = e.as_str();
-                e != "*" && !EVENT_KINDS.contains(&e) && !e.strip_suffix('*').is_some_and(|p| EVENT_KINDS.iter().any(|k| k.starts_with(p)))
+                e != "*"
+                    && EventKind::parse(e).is_none()
+                    && !e.strip_suffix('*').is_some_and(|p| EventKind::ALL.iter().any(|k| k.as_str().starts_with(p)))
             }) {
-                return Err(invalid(key("events"), format!("`{bad}` names no event (known: {})", EVENT_KINDS.join(", "))));
+                return Err(invalid(
+                    key("events"),
+                    format!("`{bad}` names no event (known: {})", EventKind::ALL.map(EventKind::as_str).join(", ")),
+                ));
             }
             n.secret().map_err(|m| invalid(key("secret"), m))?;
         }
@@ -923,19 +900,36 @@ mod example_keys {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 
-    /// The keys named by an unknown-key error about [`PROBE`].
+    /// The keys named by an unknown-key error about [`PROBE`] (None for
+    /// any other error: a scalar, an enum's variants).
     fn named_keys(error: &str) -> Option<Vec<String>> {
-        if !error.contains(PROBE) {
+        if !error.contains(&format!("unknown field `{PROBE}`")) && !error.contains(&format!("unknown key `{PROBE}`")) {
             return None;
         }
-        if let Some(rest) = error.split("expected one of ").nth(1) {
-            return Some(rest.split('`').skip(1).step_by(2).map(str::to_owned).collect());
+        if let Some(rest) = error.split("the launch settings are ").nth(1) {
+            return Some(rest.split(", and per").next()?.split(", ").map(str::to_owned).collect());
         }
-        if let Some(rest) = error.split(", expected `").nth(1) {
-            return Some(vec![rest.split('`').next().unwrap_or_default().to_owned()]);
+        // serde: "expected one of `a`, `b`" or "expected `a`"; text after
+        // the list (where in the document) is not a key.
+        let mut rest = error.split(", expected ").nth(1)?.trim_start_matches("one of ");
+        let mut keys = Vec::new();
+        while let Some(r) = rest.strip_prefix('`') {
+            let (key, after) = r.split_once('`')?;
+            keys.push(key.to_owned());
+            match after.strip_prefix(", ") {
+                Some(next) => rest = next,
+                None => break,
+            }
         }
-        let rest = error.split("the launch settings are ").nth(1)?;
-        Some(rest.split(", and per").next()?.split(", ").map(str::to_owned).collect())
+        Some(keys)
+    }
+
+    /// Where the example documents `path`: `[site.policy]` takes the keys of
+    /// `[policy]`, `[site.drill]` those of `[site.launch]`, and a region
+    /// table (`.us-west-2`) those of its parent.
+    fn documented_as(path: &str) -> String {
+        let p = path.replacen("site.policy.", "policy.", 1).replacen("site.drill.", "site.launch.", 1);
+        p.split('.').filter(|seg| !crate::domain::recovery::is_region(seg)).collect::<Vec<_>>().join(".")
     }
 
     /// The table at `path` in `doc`, made if missing (element 0 of an array
@@ -981,11 +975,12 @@ mod example_keys {
         children.extend(existing);
         for key in children {
             path.push(key.clone());
-            if keys.contains(&key) {
-                out.insert(path.join("."));
-            }
-            if path.len() < 5 {
+            // A table's own name is no setting: its keys are.
+            let is_table = path.len() < 5 && accepted(base, path).is_some();
+            if is_table {
                 walk(base, path, out);
+            } else if keys.contains(&key) {
+                out.insert(path.join("."));
             }
             path.pop();
         }
@@ -1025,14 +1020,17 @@ mod example_keys {
             assert!(accepted.contains(must), "the probe finds `{must}`: {accepted:?}");
         }
         let shown = documented(&text);
-        let missing: Vec<&String> = accepted.difference(&shown).collect();
+        let missing: Vec<&String> = accepted.iter().filter(|k| !shown.contains(*k) && !shown.contains(&documented_as(k))).collect();
         assert!(missing.is_empty(), "keys the controller accepts that deploy/controller.example.toml does not show: {missing:?}");
     }
 
     #[test]
     fn the_probe_reads_serdes_and_the_launch_tables_errors() {
-        let e = "unknown field `zz_probe_key`, expected one of `a`, `b_c`";
+        let e = "TOML parse error\nunknown field `zz_probe_key`, expected one of `a`, `b_c`\nin `aws`";
         assert_eq!(named_keys(e), Some(vec!["a".to_owned(), "b_c".to_owned()]));
+        assert_eq!(named_keys("unknown variant `zz_probe_key`, expected one of `off`, `auto`"), None);
+        assert_eq!(documented_as("site.drill.us-west-2.key_name"), "site.launch.key_name");
+        assert_eq!(documented_as("site.policy.cooldown"), "policy.cooldown");
         assert_eq!(named_keys("unknown field `zz_probe_key`, expected `only`"), Some(vec!["only".to_owned()]));
         let e = "unknown key `zz_probe_key`: the launch settings are x, y_z, and per other region a table such as `.us-west-2`";
         assert_eq!(named_keys(e), Some(vec!["x".to_owned(), "y_z".to_owned()]));

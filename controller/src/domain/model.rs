@@ -591,7 +591,7 @@ pub struct Event {
     pub at_ms: Millis,
     /// "" for fleet-wide events.
     pub site_id: String,
-    /// `site.down`, `failover.started`, ... (`config::EVENT_KINDS`).
+    /// `site.down`, `failover.started`, ... (`domain::events::EventKind`).
     pub kind: String,
     /// `info`, `warning` or `critical`.
     pub severity: String,

@@ -19,6 +19,8 @@ pub mod refusals;
 pub mod scheduler;
 pub mod spares;
 pub mod supervisor;
+#[cfg(test)]
+mod tests;
 
 #[cfg(test)]
 pub(crate) mod tests_support {

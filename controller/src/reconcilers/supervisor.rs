@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::notify::{Notifier, event};
+use crate::domain::events::EventKind;
 use crate::engine::faults;
 
 /// The first wait before a restart; doubled per consecutive failure.
@@ -97,7 +98,7 @@ impl Supervisor {
                 tracing::error!(task = name, reason = %why, restarts, backoff = ?backoff, "background task stopped; restarting it");
                 let e = event(
                     "",
-                    "controller.task_restarted",
+                    EventKind::ControllerTaskRestarted,
                     "critical",
                     format!("the controller's {name} task stopped ({why}); it is started again in {}", humantime::format_duration(backoff)),
                     json!({"task": name, "reason": why, "restarts": restarts, "backoff_ms": backoff.as_millis() as u64}),

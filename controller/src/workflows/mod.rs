@@ -22,6 +22,8 @@ pub mod repair;
 pub mod restore;
 pub mod retention;
 pub mod spare;
+#[cfg(test)]
+pub(crate) mod test_world;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -166,7 +166,10 @@ async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
         Duration::from_secs(30),
         {
             let port = metrics_port_in(&w.controller.log());
-            body = if port == 0 { String::new() } else { http_get(port, "/metrics") };
+            body.clear();
+            if port != 0 {
+                body.push_str(&http_get(port, "/metrics"));
+            }
             body.contains(restarted) && body.contains("dr_task_up{task=\"health\"} 1\n")
         },
         "the health monitor is restarted and /metrics says so:\n{body}\n{}",
