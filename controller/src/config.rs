@@ -573,10 +573,10 @@ impl Config {
                     "is the site's own hostname: a drill copy must not answer as production".into(),
                 ));
             }
-            if let Some(d) = &site.dns {
-                if d.zone_id.is_empty() || d.name.is_empty() || !(1..=604_800).contains(&d.ttl) {
-                    return Err(invalid(key("dns"), "needs zone_id, name and a ttl between 1 and 604800 seconds".into()));
-                }
+            if let Some(d) = &site.dns
+                && (d.zone_id.is_empty() || d.name.is_empty() || !(1..=604_800).contains(&d.ttl))
+            {
+                return Err(invalid(key("dns"), "needs zone_id, name and a ttl between 1 and 604800 seconds".into()));
             }
             for (k, v, max) in [
                 ("jitter", site.policy.jitter, Duration::from_secs(7 * 24 * 3600)),

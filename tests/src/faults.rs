@@ -430,7 +430,7 @@ where
         let mut edits = Vec::new();
         edit(&doc, &mut edits)?;
         // From the end backwards, so that earlier ranges keep their offsets.
-        edits.sort_by(|a, b| (b.0.start, b.0.end).cmp(&(a.0.start, a.0.end)));
+        edits.sort_by_key(|e| std::cmp::Reverse((e.0.start, e.0.end)));
         let mut out = text.to_owned();
         for (range, with) in edits {
             out.replace_range(range, &with);

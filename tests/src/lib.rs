@@ -1280,6 +1280,9 @@ impl LoopFs {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
+        // Reaped once the file system thaws (a writer blocked on a frozen
+        // file system dies only then).
+        std::thread::spawn(move || child.wait());
         false
     }
 }

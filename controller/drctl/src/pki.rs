@@ -137,10 +137,10 @@ pub fn ca_info(path: &Path) -> Result<CaInfo, PkiError> {
     for ext in cert.extensions() {
         if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
             for n in &san.general_names {
-                if let x509_parser::extensions::GeneralName::URI(uri) = n {
-                    if let Some(domain) = uri.strip_prefix("spiffe://").filter(|d| !d.contains('/')) {
-                        return Ok(CaInfo { trust_domain: domain.to_owned(), not_after });
-                    }
+                if let x509_parser::extensions::GeneralName::URI(uri) = n
+                    && let Some(domain) = uri.strip_prefix("spiffe://").filter(|d| !d.contains('/'))
+                {
+                    return Ok(CaInfo { trust_domain: domain.to_owned(), not_after });
                 }
             }
         }

@@ -21,8 +21,8 @@ pub fn print_status(sites: &[SiteView]) {
         return;
     }
     println!(
-        "{:<20} {:<10} {:<21} {:<16} {:<16} {:<10} {:<12} {}",
-        "SITE", "AGENT", "INSTANCE", "PRIVATE IP", "PUBLIC IP", "APP", "HEARTBEAT", "LAST BACKUP"
+        "{:<20} {:<10} {:<21} {:<16} {:<16} {:<10} {:<12} LAST BACKUP",
+        "SITE", "AGENT", "INSTANCE", "PRIVATE IP", "PUBLIC IP", "APP", "HEARTBEAT"
     );
     for s in sites {
         let (agent, instance, private, public, app, hb) = match &s.agent {
@@ -139,8 +139,8 @@ pub fn print_backups(site: &str, backups: &[BackupView]) {
         return;
     }
     println!(
-        "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} {}",
-        "AMI", "COMPLETED", "AGE", "CONSISTENCY", "FROZEN", "APP", "STATE", "SNAPSHOTS"
+        "{:<22} {:<25} {:<12} {:<11} {:<8} {:<10} {:<9} SNAPSHOTS",
+        "AMI", "COMPLETED", "AGE", "CONSISTENCY", "FROZEN", "APP", "STATE"
     );
     for b in backups {
         let frozen = if b.frozen_ms > 0 { format!("{:.2}s", b.frozen_ms as f64 / 1000.0) } else { "-".into() };

@@ -201,10 +201,10 @@ impl pb::agent_service_server::AgentService for AgentServer {
                     }
                 }
             };
-            if let Some(record) = me.registry.unregister(&cert_site, &instance, serial) {
-                if let Err(e) = me.store.set_disconnected(cert_site.clone(), instance.clone(), record.last_seen_ms).await {
-                    tracing::error!(site = %cert_site, %instance, error = %e, "cannot record the agent's disconnection");
-                }
+            if let Some(record) = me.registry.unregister(&cert_site, &instance, serial)
+                && let Err(e) = me.store.set_disconnected(cert_site.clone(), instance.clone(), record.last_seen_ms).await
+            {
+                tracing::error!(site = %cert_site, %instance, error = %e, "cannot record the agent's disconnection");
             }
             tracing::info!(site = %cert_site, %instance, %reason, "agent disconnected");
         });

@@ -157,10 +157,10 @@ impl AdminServer {
         let current_refusal =
             refusals.iter().filter(|(_, current)| *current).max_by_key(|(r, _)| (r.ca_verified, r.last_ms)).map(|(r, _)| r);
         for l in live {
-            if let Role::Fenced { reason } = &l.role {
-                if !self.fences.is_open(&site.id, &l.record.instance_id) {
-                    problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
-                }
+            if let Role::Fenced { reason } = &l.role
+                && !self.fences.is_open(&site.id, &l.record.instance_id)
+            {
+                problems.push(format!("fenced instance {} is running its agent ({reason})", l.record.instance_id));
             }
         }
         // A fenced instance running again, until it is stopped again.
@@ -268,10 +268,10 @@ fn refusal_is_current(r: &AgentRefusal, primary_live: Option<&LiveAgent>, now: M
 /// The health evidence with the agent line saying why the agent is silent
 /// when it was refused: `agent: refused (certificate expired 3 days ago)`.
 fn refused_evidence(mut lines: Vec<String>, refusal: Option<&AgentRefusal>, now: Millis) -> Vec<String> {
-    if let Some(r) = refusal {
-        if let Some(agent) = lines.iter_mut().find(|l| l.starts_with("agent: silent")) {
-            *agent = r.agent_line(now);
-        }
+    if let Some(r) = refusal
+        && let Some(agent) = lines.iter_mut().find(|l| l.starts_with("agent: silent"))
+    {
+        *agent = r.agent_line(now);
     }
     lines
 }

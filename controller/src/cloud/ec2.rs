@@ -365,7 +365,7 @@ where
 {
     let message = err.message().map(str::to_owned).unwrap_or_else(|| DisplayErrorContext(&err).to_string());
     match (&err, err.code(), role) {
-        (_, Some(code), _) if matches!(code, "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled") => {
+        (_, Some("RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled"), _) => {
             Ec2Error::Throttled { op, message }
         }
         (_, Some(code), _) if is_permission_code(code) => {

@@ -35,9 +35,12 @@ pub struct Answer {
 }
 
 /// HTTP clients by CA file ("" = the system's roots).
+/// One client per CA bundle path.
+type ByCa = Arc<Mutex<HashMap<PathBuf, Client<Https, Full<Bytes>>>>>;
+
 #[derive(Clone, Default)]
 pub struct HttpClients {
-    clients: Arc<Mutex<HashMap<PathBuf, Client<Https, Full<Bytes>>>>>,
+    clients: ByCa,
 }
 
 impl HttpClients {

@@ -22,12 +22,15 @@ pub static EC2_THROTTLED: AtomicU64 = AtomicU64::new(0);
 /// EC2 calls retried after a transient failure (for `/metrics`).
 pub static EC2_TRANSIENT: AtomicU64 = AtomicU64::new(0);
 
+/// (region, role ARN): one client each.
+type ClientKey = (String, Option<String>);
+
 /// EC2 clients per (region, role), built on first use, each spending the
 /// budget of its (account, region) (see [`crate::cloud::budget`]).
 pub struct Ec2Clients {
     aws: AwsConfig,
     budgets: budget::BudgetBook,
-    cache: tokio::sync::Mutex<HashMap<(String, Option<String>), Arc<dyn Ec2>>>,
+    cache: tokio::sync::Mutex<HashMap<ClientKey, Arc<dyn Ec2>>>,
     /// Tests: this client for every site and region.
     fixed: Option<Arc<dyn Ec2>>,
 }

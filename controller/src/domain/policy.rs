@@ -347,7 +347,8 @@ impl PolicyFile {
         if let Some(id) = &self.route53_health_check {
             // Route 53 health check ids are UUIDs; refuse anything that
             // would not be one rather than ask Route 53 for it every pass.
-            if !id.is_empty() && !(id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+            let looks_like_one = id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !id.is_empty() && !looks_like_one {
                 return Err(("route53_health_check".into(), format!("`{id}` is not a Route 53 health check id")));
             }
             h.route53_health_check = id.clone();

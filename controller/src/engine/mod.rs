@@ -597,15 +597,17 @@ impl<D: Send + Sync + 'static> Engine<D> {
             }
             // An abort between steps (a failed step left for a human takes
             // its abort in `pause`).
-            if failure.is_empty() && !cancelling && rec.state != StepState::Failed {
-                if let Some(why) = self.take_abort(id).await? {
-                    cancelling = true;
-                    failure = format!("{why} before step {}", def.name);
-                    store
-                        .set_operation_state(id.into(), epoch, OperationState::Cancelling, String::new(), failure.clone(), String::new())
-                        .await?;
-                    self.notify(id);
-                }
+            if failure.is_empty()
+                && !cancelling
+                && rec.state != StepState::Failed
+                && let Some(why) = self.take_abort(id).await?
+            {
+                cancelling = true;
+                failure = format!("{why} before step {}", def.name);
+                store
+                    .set_operation_state(id.into(), epoch, OperationState::Cancelling, String::new(), failure.clone(), String::new())
+                    .await?;
+                self.notify(id);
             }
             let ending = !failure.is_empty() || cancelling;
             if ending && (rec.state == StepState::Failed || !(def.always || compensate.contains(&def.name))) {
@@ -725,11 +727,12 @@ impl<D: Send + Sync + 'static> Engine<D> {
         let store = &self.inner.store;
         let id = op.id.clone();
         // Resumed while waiting for a human after this step failed.
-        if op.state == OperationState::Waiting && rec.state == StepState::Failed && !ending {
-            match self.pause(op, def, rec, epoch, live).await? {
-                Some(end) => return Ok(end),
-                None => {}
-            }
+        if op.state == OperationState::Waiting
+            && rec.state == StepState::Failed
+            && !ending
+            && let Some(end) = self.pause(op, def, rec, epoch, live).await?
+        {
+            return Ok(end);
         }
         let mut tries_here = 0u32;
         loop {

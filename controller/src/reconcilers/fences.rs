@@ -260,7 +260,8 @@ impl Keeper {
     ) -> Result<HashMap<(String, String), Ec2View>, StoreError> {
         let recorded = self.engine.store().instance_regions().await?;
         // (account, region) -> (a site of that account, instances asked there).
-        let mut groups: BTreeMap<(Option<String>, String), (String, Vec<(String, String)>)> = BTreeMap::new();
+        type Groups = BTreeMap<(Option<String>, String), (String, Vec<(String, String)>)>;
+        let mut groups: Groups = BTreeMap::new();
         for r in fenced {
             let site = &sites[&r.site_id];
             let key = (r.site_id.clone(), r.instance_id.clone());

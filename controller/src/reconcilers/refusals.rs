@@ -100,11 +100,11 @@ pub async fn flush(refusals: &Refusals, notifier: &Notifier) -> Result<usize, St
         let later = batch.split_first_after(EVENTS_PER_FLUSH);
         refusals.restore(later);
     }
-    if !events.is_empty() {
-        if let Err(e) = notifier.record(vec![], events).await {
-            refusals.restore(batch);
-            return Err(e);
-        }
+    if !events.is_empty()
+        && let Err(e) = notifier.record(vec![], events).await
+    {
+        refusals.restore(batch);
+        return Err(e);
     }
     Ok(n)
 }

@@ -67,9 +67,6 @@ async fn a_scheduled_drill_fires_once_per_slot_and_a_restart_does_not_repeat_it(
     assert_eq!(slots.get(&("s1".to_owned(), "backup".to_owned())), None, "no backup schedule, no backup slot");
 }
 
-/// Waits until `fake` has an instance that `known` does not list, and
-/// returns it.
-
 fn spare_answers(action: &str) -> crate::testkit::FakeAnswer {
     match action {
         "health_check" => Ok(serde_json::json!({"url": "http://127.0.0.1/health-check", "status": 200})),

@@ -511,7 +511,9 @@ fn backup_of(row: BackupRow) -> Result<Backup, StoreError> {
 
 const COPY_COLS: &str =
     "c.source_image_id, c.region, c.image_id, c.state, c.attempts, c.error, c.requested_at_ms, c.completed_at_ms, c.deleted_at_ms";
-fn copy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, String, u32, String, i64, i64, i64)> {
+/// The columns of [`COPY_COLS`], in order.
+type CopyRow = (String, String, String, String, u32, String, i64, i64, i64);
+fn copy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CopyRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
 }
 fn copy_of(row: (String, String, String, String, u32, String, i64, i64, i64)) -> Result<Copy, StoreError> {

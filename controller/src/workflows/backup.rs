@@ -567,11 +567,11 @@ async fn record(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
     if let Some(f) = &q.failed {
         notes.push(format!("{} failed ({f}); crash-consistent instead", q.level.as_str()));
     }
-    if consistency == Consistency::Filesystem {
-        if let Some(early) = &u.thawed_early {
-            consistency = Consistency::Crash;
-            notes.push(format!("{early}; crash-consistent instead"));
-        }
+    if consistency == Consistency::Filesystem
+        && let Some(early) = &u.thawed_early
+    {
+        consistency = Consistency::Crash;
+        notes.push(format!("{early}; crash-consistent instead"));
     }
     let backup = BackupRecord {
         image_id: image_id.clone(),

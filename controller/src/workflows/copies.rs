@@ -30,10 +30,10 @@ pub fn client_token(operation_id: &str, region: &str, attempt: u32) -> String {
 
 /// Starts (or, if already recorded, leaves alone) the copy of `image_id` to `region`.
 pub async fn start_copy(engine: &Deps, site: &Site, image_id: &str, operation_id: &str, region: &str) -> Result<Copy, StepError> {
-    if let Some(existing) = engine.store.copies_of(image_id.to_owned()).await?.into_iter().find(|c| c.region == region) {
-        if !existing.image_id.is_empty() || existing.state == CopyState::Failed {
-            return Ok(existing);
-        }
+    if let Some(existing) = engine.store.copies_of(image_id.to_owned()).await?.into_iter().find(|c| c.region == region)
+        && (!existing.image_id.is_empty() || existing.state == CopyState::Failed)
+    {
+        return Ok(existing);
     }
     let mut copy = Copy {
         source_image_id: image_id.to_owned(),

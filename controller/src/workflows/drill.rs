@@ -9,13 +9,15 @@
 //! `dr:keep-until`, and its agent (same certificate, new instance id) is
 //! the drill's: it gets this drill's commands only.
 //!
-//! 1. `preflight`, 2. `launch`, 3. `wait_running`, 4. `wait_agent`,
-//! 5.–9. the runbook on the copy (app stop, addresses, the drill hostname,
-//! Nomad wipe, app start and health check), 10. `cleanup_builds` (on the
-//! copy's own data), 11. `verify`, 12. `measure` (the data the copy holds:
-//! the newest build it knows), 13. `keep` (`--keep`), 14. `teardown`
-//! (always: terminate what this drill launched, delete its left volumes),
-//! 15. `record` (always: the result in the store, whatever happened).
+//! - 1 to 4: `preflight`, `launch`, `wait_running`, `wait_agent`;
+//! - 5 to 9: the runbook on the copy (app stop, addresses, the drill
+//!   hostname, Nomad wipe, app start and health check);
+//! - 10: `cleanup_builds` (on the copy's own data); 11: `verify`;
+//! - 12: `measure` (the data the copy holds: the newest build it knows);
+//! - 13: `keep` (`--keep`);
+//! - 14: `teardown` (always: terminate what this drill launched, delete its
+//!   left volumes);
+//! - 15: `record` (always: the result in the store, whatever happened).
 //!
 //! A failed step ends the drill (no pause for a human): teardown and record
 //! still run. A controller killed anywhere resumes the drill at its next

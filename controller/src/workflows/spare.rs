@@ -8,15 +8,16 @@
 //! The steps are the failover's on the launched machine (same state, same
 //! step functions; its agent is the spare's, same certificate, new
 //! instance id):
-//! 1. `preflight`, 2. `launch` (tagged `dr:role=spare`, no private IP of
-//! the primary's), 3. `wait_running`, 4. `wait_agent`, 5.–9. the runbook
-//! (app stop, its own addresses, the site's hostname, Nomad wipe, app start
-//! and health check), 10. `cleanup_builds`, 11. `verify`, 12. `park`,
-//! 13. `install`: the store's spare of the site, in one transaction;
-//! 14. `retire`: the spares it replaced (every other instance the store
-//! still records as the site's spare) are terminated only now, so once a
-//! site had a spare it never has none while a newer one is prepared;
-//! 15. `release` (always): a spare that was not installed is terminated.
+//! - 1 to 4: `preflight`, `launch` (tagged `dr:role=spare`, no private IP
+//!   of the primary's), `wait_running`, `wait_agent`;
+//! - 5 to 9: the runbook (app stop, its own addresses, the site's hostname,
+//!   Nomad wipe, app start and health check);
+//! - 10 to 12: `cleanup_builds`, `verify`, `park`;
+//! - 13: `install`: the store's spare of the site, in one transaction;
+//! - 14: `retire`: the spares it replaced (every other instance the store
+//!   still records as the site's spare) are terminated only now, so once a
+//!   site had a spare it never has none while a newer one is prepared;
+//! - 15: `release` (always): a spare that was not installed is terminated.
 //!
 //! The spare keeper (`reconcilers::spares`) starts this workflow when a
 //! site has no spare, or a newer good backup exists and the spare's data

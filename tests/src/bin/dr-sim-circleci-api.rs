@@ -137,12 +137,12 @@ fn edn(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-fn num(query: &HashMap<String, String>, key: &str, default: usize) -> Result<usize, Response> {
+fn num(query: &HashMap<String, String>, key: &str, default: usize) -> Result<usize, Box<Response>> {
     match query.get(key) {
         None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"message": format!("invalid {key}")}))).into_response()),
+        Some(v) => v.parse().map_err(|_| {
+            Box::new((StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"message": format!("invalid {key}")}))).into_response())
+        }),
     }
 }
 
@@ -162,12 +162,12 @@ async fn answer(
     if !authorized(sim, headers, query) {
         return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"message": "You must log in first."}))).into_response();
     }
-    if sim.fail_every > 0 && n % sim.fail_every == 0 {
+    if sim.fail_every > 0 && n.is_multiple_of(sim.fail_every) {
         return (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error (injected)\n").into_response();
     }
     let (limit, offset) = match (num(query, "limit", 30), num(query, "offset", 0)) {
         (Ok(l), Ok(o)) => (l.min(100), o),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return *r,
     };
     let builds: Vec<serde_json::Value> = match std::fs::read_to_string(&sim.builds)
         .map_err(|e| e.to_string())

@@ -311,7 +311,7 @@ fn main() {
                 let _ = out.write_all(a.as_bytes());
                 let _ = out.flush();
                 std::thread::sleep(Duration::from_millis(1));
-                let _ = write!(out, "{b}nil\n");
+                let _ = writeln!(out, "{b}nil");
             }
             (None, Ok(v)) => {
                 let _ = writeln!(out, "{v}");

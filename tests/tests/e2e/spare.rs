@@ -104,7 +104,12 @@ async fn a_hot_spare_is_kept_refreshed_without_a_gap_and_taken_by_a_failover() {
     let op = w.run_ok(&["failover", &w.site, "--yes", "--wait"]);
     let op_id = op["id"].as_str().expect("id").to_owned();
     let taken: Vec<String> = w.launched_by(&op_id).await.iter().map(|i| i.instance_id().unwrap_or_default().to_owned()).collect();
-    assert_eq!(taken, [second.clone()], "no instance launched: the spare, retagged as the failover's: {}", op["plan"]["warnings"]);
+    assert_eq!(
+        taken,
+        std::slice::from_ref(&second),
+        "no instance launched: the spare, retagged as the failover's: {}",
+        op["plan"]["warnings"]
+    );
     assert_eq!(w.instance_state(&w.instance.id).await, "stopped", "the old primary is fenced");
     assert_eq!(w.eip_holder().await, second, "the Elastic IP is on the spare");
     assert_eq!(w.dns_a().await, vec![w.eip.clone()]);

@@ -350,10 +350,10 @@ pub async fn make(deps: &Deps, site: &Site, req: &Request) -> Result<Plan, PlanE
     };
     let mut warnings = Vec::new();
     let mut human = Vec::new();
-    if !req.failback {
-        if let Some(w) = healthy_primary_warning(deps, site).await? {
-            warnings.push(w);
-        }
+    if !req.failback
+        && let Some(w) = healthy_primary_warning(deps, site).await?
+    {
+        warnings.push(w);
     }
 
     // The old primary, as EC2 sees it now.

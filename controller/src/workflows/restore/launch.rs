@@ -232,22 +232,22 @@ pub(in crate::workflows) async fn wait_agent(ctx: &Ctx<Deps>, st: &mut State) ->
             }
             // An agent refused since the launch (its certificate expired, ...)
             // will not come up by waiting: say why and stop now.
-            if live.is_none() {
-                if let Some(r) = refused_restored_agent(ctx, st_now, &to) {
-                    let now = now_ms();
-                    return Err(StepError::new(
-                        ErrorKind::Refused,
-                        format!(
-                            "the restored agent's certificate was refused: {} (not after {}, serial {}, from {}, {} time(s)); {}",
-                            r.describe(now),
-                            crate::domain::refusal::rfc3339(r.not_after_ms),
-                            r.serial,
-                            if r.peer.is_empty() { "?" } else { &r.peer },
-                            r.count,
-                            r.remedy()
-                        ),
-                    ));
-                }
+            if live.is_none()
+                && let Some(r) = refused_restored_agent(ctx, st_now, &to)
+            {
+                let now = now_ms();
+                return Err(StepError::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "the restored agent's certificate was refused: {} (not after {}, serial {}, from {}, {} time(s)); {}",
+                        r.describe(now),
+                        crate::domain::refusal::rfc3339(r.not_after_ms),
+                        r.serial,
+                        if r.peer.is_empty() { "?" } else { &r.peer },
+                        r.count,
+                        r.remedy()
+                    ),
+                ));
             }
             let (seen, what) = match live {
                 Some(l) => (
