@@ -43,8 +43,10 @@ say "Installing what the demo needs (moto[server]==5.2.5 in a venv)"
 moto_server=$(tests/ensure-moto.sh)
 python=$(dirname "$moto_server")/python
 
-say "Building (cargo build --workspace --bins)"
-cargo build --workspace --bins --locked --quiet
+# --all-targets: the feature set tests/run.sh builds with, so the two share
+# one build cache (a different set recompiles the AWS SDK).
+say "Building (cargo build --workspace --all-targets)"
+cargo build --workspace --all-targets --locked --quiet
 bin=${CARGO_TARGET_DIR:-$repo/target}/debug
 drctl="$bin/drctl"
 
