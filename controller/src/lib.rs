@@ -160,8 +160,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         });
     }
     {
-        let (s, sinks, h) = (store.clone(), std::sync::Arc::new(config.notify.clone()), http.clone());
-        tasks.spawn("notify", move || reconcilers::notify::run(s.clone(), sinks.clone(), h.clone(), std::time::Duration::from_secs(1)));
+        // Without a [[notify]] webhook there is nothing to deliver: no task.
+        if !config.notify.is_empty() {
+            let (s, sinks, h) = (store.clone(), std::sync::Arc::new(config.notify.clone()), http.clone());
+            tasks.spawn("notify", move || reconcilers::notify::run(s.clone(), sinks.clone(), h.clone(), std::time::Duration::from_secs(1)));
+        }
         let (r, n) = (registry.refusals().clone(), notifier.clone());
         tasks.spawn("refusals", move || reconcilers::refusals::run(r.clone(), n.clone()));
         let (s, r, every) = (store.clone(), registry.clone(), config.server.liveness_flush);

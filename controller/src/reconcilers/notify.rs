@@ -143,11 +143,9 @@ pub fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(ctx.sign().as_ref()))
 }
 
-/// Delivers the outbox every `tick` until the process ends.
+/// Delivers the outbox every `tick` until the process ends (never returns:
+/// the supervisor would take an end for a fault).
 pub async fn run(store: Store, sinks: Arc<Vec<NotifyConfig>>, http: HttpClients, tick: Duration) {
-    if sinks.is_empty() {
-        return;
-    }
     loop {
         match deliver_due(&store, &sinks, &http, now_ms()).await {
             Ok(_) => {}

@@ -176,10 +176,12 @@ async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
         w.controller.log()
     );
     // The other tasks never stopped.
-    for task in ["scheduler", "copies", "drills", "spares", "fences", "notify", "refusals", "liveness"] {
+    for task in ["scheduler", "copies", "drills", "spares", "fences", "refusals", "liveness"] {
         assert!(body.contains(&format!("dr_task_restarts_total{{task=\"{task}\"}} 0\n")), "{task}: {body}");
         assert!(body.contains(&format!("dr_task_up{{task=\"{task}\"}} 1\n")), "{task}: {body}");
     }
+    // No webhook configured: no delivery task to supervise.
+    assert!(!body.contains("task=\"notify\""), "{body}");
     // One fleet-wide, critical event names the task and the panic.
     let events = drctl_json(&w.pki, &w.controller.url, &["events", "--limit", "1000"])["events"].as_array().cloned().unwrap_or_default();
     let restarts: Vec<_> = events.iter().filter(|e| e["kind"] == "controller.task_restarted").collect();
