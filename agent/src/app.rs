@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use dr_proto::contract::{AppParams, AppReport, HostnameParams, HostnameReport, Target};
 
 use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
@@ -16,92 +16,6 @@ use crate::steps::ErrorKind;
 
 /// `State` values replicatedctl is known to print; others are tolerated.
 const KNOWN_STATES: &[&str] = &["started", "starting", "stopped", "stopping"];
-
-/// The state an app step drives the app to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Target {
-    Stopped,
-    Started,
-}
-
-impl Target {
-    /// The `State` value replicatedctl prints once there.
-    pub fn state(self) -> &'static str {
-        match self {
-            Target::Stopped => "stopped",
-            Target::Started => "started",
-        }
-    }
-
-    fn verb(self) -> &'static str {
-        match self {
-            Target::Stopped => "stop",
-            Target::Started => "start",
-        }
-    }
-
-    /// True when the status says the app is there (and not moving).
-    pub fn reached(self, s: &AppStatus) -> bool {
-        s.state == self.state() && !s.is_transitioning
-    }
-}
-
-/// What to do: stop or start, and for a stop whether to force it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppParams {
-    pub target: Target,
-    /// `app stop -f` (ignored for a start).
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// What a stop or start did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppReport {
-    pub target: Target,
-    /// State before the step (`unknown` when the first status call failed).
-    pub previous_state: String,
-    pub previous_transitioning: bool,
-    /// State at the end (the target, unless dry-run).
-    pub final_state: String,
-    /// The app was already at the target: nothing was asked of replicatedctl.
-    pub already: bool,
-    /// `app stop` / `app start` was issued.
-    pub issued: bool,
-    pub dry_run: bool,
-    /// Time from the first status call to the target being reached.
-    pub elapsed_ms: u64,
-    /// Status polls after the stop/start was issued.
-    pub polls: u32,
-    /// States seen outside the known set (tolerated).
-    pub unknown_states: Vec<String>,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
-/// Which hostname to set.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostnameParams {
-    pub hostname: String,
-}
-
-/// What set-hostname did (or would do).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostnameReport {
-    /// The app-config item (`replicated.hostname_item`).
-    pub item: String,
-    /// Its value before (None: the item carries no value).
-    pub old: Option<String>,
-    pub new: String,
-    /// The value differed (and, unless dry-run, was set and applied).
-    pub changed: bool,
-    /// `app-config set` + `app apply-config` were run.
-    pub applied: bool,
-    pub dry_run: bool,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {

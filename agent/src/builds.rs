@@ -13,7 +13,7 @@ pub mod url;
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use dr_proto::contract::{BuildOutcome, BuildResult, CleanupParams, CleanupReport};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -23,80 +23,6 @@ use crate::steps::ErrorKind;
 
 /// At most this many pages of 100 builds are listed.
 pub const MAX_PAGES: usize = 1000;
-
-/// What to clean up.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CleanupParams {
-    /// The cutoff, RFC 3339 (e.g. the backup's point in time): only running
-    /// builds that started strictly before it are deleted.
-    pub before: String,
-}
-
-/// What happened (or would happen) to one running build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BuildOutcome {
-    Deleted,
-    Failed,
-    /// The URL failed validation: nothing was sent for it.
-    Refused,
-    /// Not a candidate (started after the cutoff, or no start time).
-    Kept,
-    /// Dry run: would be deleted.
-    WouldDelete,
-}
-
-impl BuildOutcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            BuildOutcome::Deleted => "deleted",
-            BuildOutcome::Failed => "FAILED",
-            BuildOutcome::Refused => "REFUSED",
-            BuildOutcome::Kept => "kept",
-            BuildOutcome::WouldDelete => "would delete",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildResult {
-    /// The URL as the API gave it (may be hostile: never evaluated).
-    pub url: Option<String>,
-    pub build_num: Option<u64>,
-    /// `<username>/<reponame>` as the API gave them.
-    pub project: String,
-    pub started_at: Option<String>,
-    pub outcome: BuildOutcome,
-    /// Why (kept, refused, failed), or the REPL's answer (deleted).
-    pub detail: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CleanupReport {
-    pub before: String,
-    pub hostname: String,
-    pub dry_run: bool,
-    /// Builds listed through the API.
-    pub listed: usize,
-    /// The newest start time among the listed builds (any lifecycle), RFC
-    /// 3339: what the data on this machine reaches up to. A drill reports
-    /// it as the restored data's real age.
-    pub newest_build_started_at: Option<String>,
-    /// Builds not in lifecycle `running` (never touched, not itemized).
-    pub not_running: usize,
-    /// Every running build, with its outcome.
-    pub builds: Vec<BuildResult>,
-    pub deleted: usize,
-    pub failed: usize,
-    pub refused: usize,
-    pub kept: usize,
-    /// Dev-console sessions opened (0 or 1).
-    pub console_sessions: usize,
-    /// Nothing left to delete.
-    pub already_done: bool,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {

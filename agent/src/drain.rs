@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+pub use dr_proto::contract::{AllocRef, DrainParams, DrainReport, NodeRef, UndrainReport};
+
 use crate::config::Config;
 use crate::http::{EXCERPT, HttpClient, HttpError, excerpt};
 use crate::steps::ErrorKind;
@@ -31,88 +33,6 @@ const POLL: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// File (under `state_dir`) recording the nodes this agent drained.
 pub const RECORD_FILE: &str = "drain.json";
-
-/// How to drain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrainParams {
-    /// Wait at most this long for running allocations; also Nomad's DrainSpec.Deadline.
-    #[serde(with = "humantime_serde")]
-    pub deadline: Duration,
-    /// Fail (after the deadline) if allocations still run; default: report them.
-    #[serde(default)]
-    pub require_idle: bool,
-}
-
-impl DrainParams {
-    /// The configured deadline (`nomad.drain_deadline`).
-    pub fn from_config(config: &Config) -> Self {
-        DrainParams { deadline: config.nomad.drain_deadline, require_idle: false }
-    }
-}
-
-/// A Nomad client node as reported.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRef {
-    pub id: String,
-    pub name: String,
-    pub node_class: String,
-    pub status: String,
-    pub eligibility: String,
-}
-
-/// An allocation that had not ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AllocRef {
-    pub node_id: String,
-    pub id: String,
-    pub name: String,
-    pub job_id: String,
-    pub client_status: String,
-}
-
-/// What a drain did (or would do).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrainReport {
-    /// Ready nodes this run asked Nomad to drain.
-    pub drained: Vec<NodeRef>,
-    /// Ready nodes this agent had drained already (recorded): nothing asked.
-    pub already_drained: Vec<NodeRef>,
-    /// Ready nodes drained by someone else before: waited for, left alone.
-    pub drained_by_others: Vec<NodeRef>,
-    /// Nodes that are not ready (down, initializing...): not touched.
-    pub skipped: Vec<NodeRef>,
-    pub deadline_ms: u64,
-    pub waited_ms: u64,
-    /// No allocation runs or is pending on the ready nodes any more.
-    pub idle: bool,
-    /// Allocations still running or pending at the deadline.
-    pub still_running: Vec<AllocRef>,
-    /// Where the drained nodes are recorded for undrain.
-    pub record: PathBuf,
-    pub dry_run: bool,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
-/// What an undrain did (or would do).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UndrainReport {
-    /// Node ids whose drain was ended.
-    pub undrained: Vec<String>,
-    /// Recorded nodes that were no longer drained: nothing asked.
-    pub already: Vec<String>,
-    /// Recorded nodes Nomad no longer knows.
-    pub not_found: Vec<String>,
-    /// A drain record was found in `state_dir/drain.json` (without one,
-    /// nothing is touched).
-    pub from_record: bool,
-    /// Nothing was (or would be) asked of Nomad.
-    #[serde(default)]
-    pub already_done: bool,
-    pub dry_run: bool,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {

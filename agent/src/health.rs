@@ -5,18 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use dr_proto::contract::HealthReport;
 
 use crate::config::Config;
 use crate::http::HttpError;
 use crate::steps::ErrorKind;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HealthReport {
-    pub url: String,
-    pub status: u16,
-    pub elapsed_ms: u64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

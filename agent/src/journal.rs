@@ -254,7 +254,7 @@ impl Journal {
                 record.kind = Some(e.kind());
                 record.error = e.to_string();
                 // A step that failed after it ran keeps its report.
-                record.outcome = e.report().map(|r| r.clone().into_outcome());
+                record.outcome = e.report().map(|r| Outcome::from(r.clone()));
             }
         }
         if let Err(e) = self.write_record(&record) {

@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
+pub use dr_proto::contract::{TreeCount, WipeParams, WipeReport};
 
 use crate::config::Config;
 use crate::replicated::{ReplicatedError, Replicatedctl};
@@ -59,71 +59,6 @@ impl WipeError {
             WipeError::Replicated(_) | WipeError::Io { .. } => ErrorKind::Failed,
         }
     }
-}
-
-/// The wipe takes everything from the configuration (`root`,
-/// `nomad.data_dir`, `replicated.*`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WipeParams {
-    /// The data dir is on a mounted disk (`recover --offline --root`):
-    /// nothing runs from it, so the app and process checks, which would
-    /// look at the host, are skipped. The path rules still apply.
-    #[serde(default)]
-    pub offline: bool,
-}
-
-/// Counts of a tree (not following symlinks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TreeCount {
-    /// Regular files, symlinks and other non-directories.
-    pub files: u64,
-    /// Directories below the top one.
-    pub dirs: u64,
-    /// Sum of the sizes of the non-directories (symlinks count their own size).
-    pub bytes: u64,
-}
-
-impl TreeCount {
-    fn add(&mut self, o: TreeCount) {
-        self.files += o.files;
-        self.dirs += o.dirs;
-        self.bytes += o.bytes;
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WipeReport {
-    /// The data dir (root joined with nomad.data_dir).
-    pub path: PathBuf,
-    /// `wiped`, `already done` or `would wipe`.
-    pub state: String,
-    pub dry_run: bool,
-    /// The data dir is itself a mount point: emptied in place instead of
-    /// moved aside.
-    #[serde(default)]
-    pub in_place: bool,
-    /// What was (or would be) removed, leftovers of an interrupted run included.
-    pub removed: TreeCount,
-    /// Where the tree was moved before deletion.
-    pub moved_to: Option<PathBuf>,
-    /// The visible part: rename aside + recreate the empty dir.
-    pub rename_ms: f64,
-    /// Deleting the moved-aside tree (and counting it).
-    pub delete_ms: f64,
-    /// Owner and mode of the recreated dir (`uid:gid`, octal).
-    pub owner: Option<String>,
-    pub mode: Option<String>,
-    /// Top-level entries (and leftovers) that are (or would be) removed, at most 50.
-    pub entries: Vec<String>,
-    /// Mount points found below the data dir (or a leftover tree): never
-    /// deleted through; refused unless `nomad.unmount_below`.
-    #[serde(default)]
-    pub mounts_below: Vec<PathBuf>,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-    /// Dry run only: why the real run would refuse right now (app running,
-    /// Nomad running, replicatedctl failing). Empty: it would proceed.
-    pub blocked_by: Vec<String>,
 }
 
 /// Timings and counts of the move-aside-then-delete mechanics.

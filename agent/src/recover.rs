@@ -19,58 +19,13 @@
 
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use dr_proto::contract::{RecoverParams, RecoverReport, RunbookStep};
 
 use crate::config::Config;
 use crate::steps::ErrorKind;
 use crate::{app, builds, facts, identity, imds, nomad_state, rewrite};
-
-/// What `recover` is asked to do (also sent by the controller).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RecoverParams {
-    pub builds_before: Option<String>,
-    pub hostname: Option<String>,
-    pub private_ip: Option<IpAddr>,
-    pub public_ip: Option<IpAddr>,
-    /// Only the file steps, on a mounted disk.
-    pub offline: bool,
-    /// Go on without evidence that this machine was restored.
-    #[serde(default)]
-    pub force: bool,
-    /// The controller says this instance is a restore candidate (evidence
-    /// enough).
-    #[serde(default)]
-    pub candidate: bool,
-}
-
-/// One runbook step's outcome.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StepReport {
-    pub name: String,
-    /// `done`, `already done`, `would do`, `skipped` or `failed`.
-    pub outcome: String,
-    pub summary: String,
-    /// The step's own report.
-    pub report: serde_json::Value,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecoverReport {
-    pub dry_run: bool,
-    pub offline: bool,
-    pub private_ip: Option<IpAddr>,
-    pub public_ip: Option<IpAddr>,
-    /// Why recover went on here (restored from instance X, the
-    /// controller's word, --force); empty offline.
-    #[serde(default)]
-    pub evidence: String,
-    pub steps: Vec<StepReport>,
-    /// The first failure, if any: later steps did not run.
-    pub failed: Option<String>,
-    /// What a human must still do.
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -122,11 +77,11 @@ fn push<T: Serialize, E: std::fmt::Display>(
         Ok(r) => {
             let (outcome, summary) = outcome(&r);
             report.actions.extend(actions(&r));
-            report.steps.push(StepReport { name: name.to_owned(), outcome, summary, report: json(&r) });
+            report.steps.push(RunbookStep { name: name.to_owned(), outcome, summary, report: json(&r) });
             true
         }
         Err(e) => {
-            report.steps.push(StepReport {
+            report.steps.push(RunbookStep {
                 name: name.to_owned(),
                 outcome: "failed".into(),
                 summary: e.to_string(),
@@ -140,7 +95,7 @@ fn push<T: Serialize, E: std::fmt::Display>(
 }
 
 fn skipped(report: &mut RecoverReport, name: &str, why: &str) {
-    report.steps.push(StepReport {
+    report.steps.push(RunbookStep {
         name: name.to_owned(),
         outcome: "skipped".into(),
         summary: why.to_owned(),
@@ -227,7 +182,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     if offline {
         skipped(&mut report, "app-stop", "offline: no app runs on a mounted disk");
     } else if !(needs_rewrite || needs_hostname || needs_wipe) {
-        report.steps.push(StepReport {
+        report.steps.push(RunbookStep {
             name: "app-stop".into(),
             outcome: "already done".into(),
             summary: "nothing on disk needs changing: the app is not stopped".into(),
@@ -244,7 +199,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
         report.warnings.push("the files name a public IP but this instance has none: PUBLIC_ADDRESS left as it is".into());
     }
     if rp.private.is_empty() && rp.public.is_empty() {
-        report.steps.push(StepReport {
+        report.steps.push(RunbookStep {
             name: "rewrite-addresses".into(),
             outcome: "already done".into(),
             summary: "the Replicated files already name this machine's addresses".into(),
@@ -289,7 +244,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     let r = nomad_state::run(config, &wipe_params, dry_run).await;
     match r {
         Err(nomad_state::WipeError::AppRunning { path, .. }) if dry_run => {
-            report.steps.push(StepReport {
+            report.steps.push(RunbookStep {
                 name: "wipe-nomad".into(),
                 outcome: "would do".into(),
                 summary: format!("wipe {} once the app is stopped", path.display()),
@@ -316,7 +271,7 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
     } else if dry_run && stop_planned {
         // The dry run did not stop the app; the real run will have, so it
         // will start it again here.
-        report.steps.push(StepReport {
+        report.steps.push(RunbookStep {
             name: "app-start".into(),
             outcome: "would do".into(),
             summary: "start the app again and wait until it is started".into(),

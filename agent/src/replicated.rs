@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+pub use dr_proto::contract::AppStatus;
 
 /// Largest stderr excerpt quoted in an error.
 const MAX_STDERR: usize = 2000;
@@ -19,22 +21,6 @@ pub enum ReplicatedError {
     Failed { args: String, status: String, stderr: String },
     #[error("`replicatedctl {args}`: unexpected JSON: {why}: {excerpt}")]
     UnexpectedJson { args: String, why: String, excerpt: String },
-}
-
-/// The app's state as `replicatedctl app status` reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppStatus {
-    /// `started`, `starting`, `stopped`, `stopping`, ...: an open set, kept as given.
-    pub state: String,
-    pub is_transitioning: bool,
-    pub desired_state: String,
-}
-
-impl AppStatus {
-    /// The app is up when State is `started` and it is not transitioning.
-    pub fn is_up(&self) -> bool {
-        self.state == "started" && !self.is_transitioning
-    }
 }
 
 /// One status object; unknown fields are ignored, optional ones may be missing.

@@ -21,6 +21,7 @@ use crate::imds::{ImdsClient, ImdsError};
 use crate::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
 use dr_proto::backoff::Backoff;
+use dr_proto::contract::Request;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats (or kernel keep-alive probes) unacknowledged by the
@@ -214,83 +215,15 @@ pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> 
     Ok(CommandRequest { id: c.id, action, deadline, target })
 }
 
-/// Converts and validates a wire request into a typed action. Anything
+/// Converts and validates a wire request into a typed action (the
+/// contract's [`Request::from_pb`], then the agent's own checks). Anything
 /// malformed is refused before any step runs.
 fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
-    use pb::command::Kind;
-    let ms = |v: u32, what: &str| {
-        if v == 0 { Err(format!("{what} must be greater than zero")) } else { Ok(Duration::from_millis(u64::from(v))) }
-    };
-    let changes = |list: Vec<pb::AddressChange>, flag: &str| -> Result<Vec<crate::rewrite::AddressChange>, String> {
-        list.into_iter()
-            .map(|c| crate::rewrite::AddressChange::parse(flag, &format!("{}={}", c.old_ip, c.new_ip)).map_err(|e| e.to_string()))
-            .collect()
-    };
-    Ok(match kind {
-        Kind::AppStatus(_) => Action::AppStatus,
-        Kind::AppStop(r) => Action::AppStop { force: r.force, dry_run: false },
-        Kind::AppStart(_) => Action::AppStart { dry_run: false },
-        Kind::SetHostname(r) => {
-            crate::app::validate_hostname(&r.hostname).map_err(|e| e.to_string())?;
-            Action::SetHostname { params: crate::app::HostnameParams { hostname: r.hostname }, dry_run: r.dry_run }
-        }
-        Kind::RewriteAddresses(r) => Action::RewriteAddresses {
-            params: crate::rewrite::RewriteParams { private: changes(r.private, "private")?, public: changes(r.public, "public")? },
-            dry_run: r.dry_run,
-        },
-        Kind::WipeNomad(r) => Action::WipeNomad { dry_run: r.dry_run, offline: false },
-        Kind::CleanupBuilds(r) => {
-            if r.before_ms == 0 {
-                return Err("cleanup_builds needs before_ms (the backup's point in time)".into());
-            }
-            let before = std::time::UNIX_EPOCH + Duration::from_millis(r.before_ms);
-            Action::CleanupBuilds {
-                params: crate::builds::CleanupParams { before: humantime::format_rfc3339_millis(before).to_string() },
-                dry_run: r.dry_run,
-            }
-        }
-        Kind::Freeze(r) => Action::Freeze {
-            params: crate::freeze::FreezeParams {
-                mounts: r.mounts.into_iter().map(PathBuf::from).collect(),
-                deadline: ms(r.deadline_ms, "freeze deadline_ms")?,
-            },
-            dry_run: false,
-        },
-        Kind::Thaw(_) => Action::Thaw { params: Default::default(), dry_run: false },
-        Kind::Drain(r) => Action::Drain {
-            params: crate::drain::DrainParams { deadline: ms(r.deadline_ms, "drain deadline_ms")?, require_idle: false },
-            dry_run: false,
-        },
-        Kind::Undrain(_) => Action::Undrain { dry_run: false },
-        Kind::HealthCheck(_) => Action::HealthCheck,
-        Kind::Recover(r) => Action::Recover {
-            params: crate::recover::RecoverParams {
-                builds_before: (r.builds_before_ms > 0).then(|| {
-                    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(r.builds_before_ms)).to_string()
-                }),
-                hostname: Some(r.hostname).filter(|h| !h.is_empty()),
-                private_ip: None,
-                public_ip: None,
-                offline: false,
-                force: r.force,
-                // Set from the session's role when the command arrives.
-                candidate: false,
-            },
-            dry_run: r.dry_run,
-        },
-    })
-}
-
-fn kind_to_pb(k: Option<ErrorKind>) -> pb::ErrorKind {
-    match k {
-        None => pb::ErrorKind::Unspecified,
-        Some(ErrorKind::Invalid) => pb::ErrorKind::Invalid,
-        Some(ErrorKind::Refused) => pb::ErrorKind::Refused,
-        Some(ErrorKind::Failed) => pb::ErrorKind::Failed,
-        Some(ErrorKind::Interrupted) => pb::ErrorKind::Interrupted,
-        Some(ErrorKind::TimedOut) => pb::ErrorKind::TimedOut,
-        Some(ErrorKind::NotSupported) => pb::ErrorKind::NotSupported,
+    let request = Request::from_pb(kind).map_err(|e| e.to_string())?;
+    if let Request::SetHostname { params, .. } = &request {
+        crate::app::validate_hostname(&params.hostname).map_err(|e| e.to_string())?;
     }
+    Ok(Action::from(request))
 }
 
 pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
@@ -298,7 +231,7 @@ pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
         id: a.id,
         ok: a.ok,
         error: a.error,
-        error_kind: kind_to_pb(a.kind) as i32,
+        error_kind: ErrorKind::to_wire(a.kind),
         replayed: a.replayed,
         started_at_ms: a.started_at_ms,
         finished_at_ms: a.finished_at_ms,

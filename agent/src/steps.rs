@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use dr_proto::contract::{Envelope, Enveloped, ErrorKind, Report, Request};
+
 use crate::config::Config;
 use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 use crate::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
@@ -108,6 +110,27 @@ impl Action {
     }
 }
 
+impl From<Request> for Action {
+    /// A controller's command: the hand-run fields at their defaults.
+    fn from(r: Request) -> Action {
+        match r {
+            Request::AppStatus => Action::AppStatus,
+            Request::AppStop { force } => Action::AppStop { force, dry_run: false },
+            Request::AppStart => Action::AppStart { dry_run: false },
+            Request::SetHostname { params, dry_run } => Action::SetHostname { params, dry_run },
+            Request::RewriteAddresses { params, dry_run } => Action::RewriteAddresses { params, dry_run },
+            Request::WipeNomad { dry_run } => Action::WipeNomad { dry_run, offline: false },
+            Request::CleanupBuilds { params, dry_run } => Action::CleanupBuilds { params, dry_run },
+            Request::Freeze(params) => Action::Freeze { params, dry_run: false },
+            Request::Thaw => Action::Thaw { params: Default::default(), dry_run: false },
+            Request::Drain { deadline } => Action::Drain { params: drain::DrainParams { deadline, require_idle: false }, dry_run: false },
+            Request::Undrain => Action::Undrain { dry_run: false },
+            Request::Recover { params, dry_run } => Action::Recover { params, dry_run },
+            Request::HealthCheck => Action::HealthCheck,
+        }
+    }
+}
+
 /// What a successful step returns (the wire's form: a report as JSON).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -120,156 +143,14 @@ pub enum Outcome {
     },
 }
 
-/// The part every report has, whatever the step: the one shape the CLI
-/// renders and the controller may read (`dry_run`, `already_done`,
-/// `actions` for a human or, in a dry run, the plan; `warnings`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Envelope<'a> {
-    pub dry_run: bool,
-    /// Nothing needed doing (or, in a dry run, would be done).
-    pub already_done: bool,
-    pub actions: &'a [String],
-    pub warnings: &'a [String],
-}
-
-/// A step report that has an [`Envelope`].
-pub trait Enveloped: Serialize {
-    fn envelope(&self) -> Envelope<'_>;
-}
-
-macro_rules! enveloped {
-    ($($t:ty => |$r:ident| $already:expr, $actions:expr, $warnings:expr;)*) => {$(
-        impl Enveloped for $t {
-            fn envelope(&self) -> Envelope<'_> {
-                let $r = self;
-                Envelope { dry_run: $r.dry_run, already_done: $already, actions: $actions, warnings: $warnings }
-            }
-        }
-    )*};
-}
-
-enveloped! {
-    app::AppReport => |r| r.already, &r.actions, &r.warnings;
-    app::HostnameReport => |r| !r.changed, &r.actions, &r.warnings;
-    rewrite::RewriteReport => |r| r.up_to_date, &r.actions, &r.warnings;
-    nomad_state::WipeReport => |r| r.state == "already done", &r.actions, &r.warnings;
-    builds::CleanupReport => |r| r.already_done, &r.actions, &r.warnings;
-    freeze::FreezeReport => |r| r.state == "already frozen", &r.actions, &r.warnings;
-    freeze::ThawReport => |r| r.already_done, &[], &r.warnings;
-    drain::DrainReport => |r| r.drained.is_empty(), &r.actions, &r.warnings;
-    drain::UndrainReport => |r| r.already_done, &r.actions, &r.warnings;
-    recover::RecoverReport => |r| r.steps.iter().all(|s| s.outcome == "already done" || s.outcome == "skipped"), &r.actions, &r.warnings;
-}
-
-impl Enveloped for health::HealthReport {
-    fn envelope(&self) -> Envelope<'_> {
-        Envelope { dry_run: false, already_done: false, actions: &[], warnings: &[] }
-    }
-}
-
-/// A step's typed report: what the executor returns to the CLI, and (as
-/// JSON, [`Report::to_json`]) to the controller.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Report {
-    AppStatus(AppStatus),
-    App(app::AppReport),
-    Hostname(app::HostnameReport),
-    Rewrite(rewrite::RewriteReport),
-    Wipe(nomad_state::WipeReport),
-    Cleanup(builds::CleanupReport),
-    Freeze(freeze::FreezeReport),
-    Thaw(freeze::ThawReport),
-    Drain(drain::DrainReport),
-    Undrain(drain::UndrainReport),
-    Recover(recover::RecoverReport),
-    Health(health::HealthReport),
-}
-
-impl Report {
-    fn enveloped(&self) -> Option<&dyn EnvelopedDyn> {
-        Some(match self {
-            Report::AppStatus(_) => return None,
-            Report::App(r) => r,
-            Report::Hostname(r) => r,
-            Report::Rewrite(r) => r,
-            Report::Wipe(r) => r,
-            Report::Cleanup(r) => r,
-            Report::Freeze(r) => r,
-            Report::Thaw(r) => r,
-            Report::Drain(r) => r,
-            Report::Undrain(r) => r,
-            Report::Recover(r) => r,
-            Report::Health(r) => r,
-        })
-    }
-
-    /// The envelope (an app status has none: it is read-only, never a dry
-    /// run, nothing for a human).
-    pub fn envelope(&self) -> Envelope<'_> {
-        match self.enveloped() {
-            Some(r) => r.envelope_dyn(),
-            None => Envelope { dry_run: false, already_done: false, actions: &[], warnings: &[] },
-        }
-    }
-
-    /// The report as JSON: the step's own fields, plus every [`Envelope`]
-    /// field (a report lacking one gets it).
-    pub fn to_json(&self) -> serde_json::Value {
-        let (mut v, env) = match (self, self.enveloped()) {
-            (Report::AppStatus(s), _) => return serde_json::to_value(s).expect("an app status serializes"),
-            (_, Some(r)) => (r.to_json_dyn(), r.envelope_dyn()),
-            (_, None) => unreachable!("every report but the app status has an envelope"),
-        };
-        if let Some(m) = v.as_object_mut() {
-            m.entry("dry_run").or_insert(env.dry_run.into());
-            m.entry("already_done").or_insert(env.already_done.into());
-            m.entry("actions").or_insert_with(|| serde_json::json!(env.actions));
-            m.entry("warnings").or_insert_with(|| serde_json::json!(env.warnings));
-        }
-        v
-    }
-
-    /// The wire's form.
-    pub fn into_outcome(self) -> Outcome {
-        match self {
+impl From<Report> for Outcome {
+    /// The wire's form ([`Report::to_json`], the contract's serializer).
+    fn from(r: Report) -> Outcome {
+        match r {
             Report::AppStatus(s) => Outcome::AppStatus(s),
             other => Outcome::Report { report: other.to_json() },
         }
     }
-}
-
-/// Object-safe view of [`Enveloped`] (serialization without generics).
-trait EnvelopedDyn {
-    fn envelope_dyn(&self) -> Envelope<'_>;
-    fn to_json_dyn(&self) -> serde_json::Value;
-}
-
-impl<T: Enveloped> EnvelopedDyn for T {
-    fn envelope_dyn(&self) -> Envelope<'_> {
-        self.envelope()
-    }
-    fn to_json_dyn(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("reports serialize")
-    }
-}
-
-/// Why a step did not succeed. The controller keys its retries on it; the
-/// hand-run CLI maps it to its exit code (`cli::exit_code`, the one place).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// Malformed request or configuration.
-    Invalid,
-    /// A safety rule or precondition refused the step; nothing changed.
-    Refused,
-    /// The step ran and failed.
-    Failed,
-    /// The agent restarted while the step ran; it is not re-run.
-    Interrupted,
-    /// The step did not finish within its deadline.
-    TimedOut,
-    /// This agent does not know the request.
-    NotSupported,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,7 +266,7 @@ impl Executor {
     /// Runs one action, bounded by `deadline` when one is given, and
     /// answers in the wire's form.
     pub async fn execute(&self, action: &Action, deadline: Option<Duration>) -> Result<Outcome, StepError> {
-        self.run(action, deadline).await.map(Report::into_outcome)
+        self.run(action, deadline).await.map(Outcome::from)
     }
 
     /// Waits until the watchdog of the freeze this executor holds has

@@ -402,7 +402,7 @@ fn action_of(command: &StepCommand) -> Result<(Config, Action, OutputFormat), Fa
             (&a.common, Action::SetHostname { params: app::HostnameParams { hostname: a.hostname.clone() }, dry_run: a.dry_run })
         }
         StepCommand::RewriteAddresses(a) => {
-            let params = rewrite::RewriteParams::from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
+            let params = rewrite::params_from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
             (&a.common, Action::RewriteAddresses { params, dry_run: a.dry_run })
         }
         StepCommand::WipeNomad(a) => (&a.common, Action::WipeNomad { dry_run: a.dry_run, offline: a.offline }),

@@ -33,6 +33,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+pub use dr_proto::contract::{FreezeParams, FreezeReport, MountThaw, ThawParams, ThawReport};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
@@ -79,74 +81,6 @@ impl FreezeError {
             FreezeError::Io { .. } | FreezeError::Watchdog(_) => ErrorKind::Failed,
         }
     }
-}
-
-/// What to freeze, and for how long at most.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FreezeParams {
-    /// Mount points; empty means `freeze.mounts` from the configuration.
-    pub mounts: Vec<PathBuf>,
-    /// The watchdog thaws at this deadline whatever happens.
-    #[serde(with = "humantime_serde")]
-    pub deadline: Duration,
-}
-
-/// What a freeze did (or, in a dry run, would do).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FreezeReport {
-    /// `frozen`, `already frozen` (by a dr-agent watchdog) or `would freeze`.
-    pub state: String,
-    /// Canonical mount points.
-    pub mounts: Vec<PathBuf>,
-    pub deadline_ms: u64,
-    /// Unix milliseconds by which the watchdog thaws.
-    pub thaw_by_unix_ms: u64,
-    pub watchdog_pid: Option<u32>,
-    /// How long FIFREEZE took (it flushes dirty data first).
-    pub freeze_took_ms: u64,
-    /// The record of this freeze (state_dir/freeze/<id>.json).
-    pub record: Option<PathBuf>,
-    pub dry_run: bool,
-    pub actions: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
-/// Which mounts to thaw (hand-run `dr-agent thaw`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ThawParams {
-    /// Empty: `freeze.mounts` from the configuration, or else every freeze
-    /// recorded in state_dir/freeze.
-    pub mounts: Vec<PathBuf>,
-}
-
-impl ThawParams {
-    /// No mounts named (serialized actions leave it out).
-    pub fn is_default(&self) -> bool {
-        self.mounts.is_empty()
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MountThaw {
-    pub path: PathBuf,
-    /// `thawed`, `already thawed`, `would thaw`, or `FAILED: ...`.
-    pub outcome: String,
-}
-
-/// What a thaw did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ThawReport {
-    pub mounts: Vec<MountThaw>,
-    /// How long the file systems were frozen (the longest, when several
-    /// freezes were lifted); 0 when unknown or nothing was frozen.
-    pub frozen_for_ms: u64,
-    /// Who or what lifted the freeze: `asked by the agent`, `the deadline
-    /// passed`, `the agent went away (its pipe closed)`, ...
-    pub reason: String,
-    /// Nothing was frozen any more.
-    pub already_done: bool,
-    pub dry_run: bool,
-    pub warnings: Vec<String>,
 }
 
 /// The watchdog's `frozen {json}` line (and its `status` answer).

@@ -26,13 +26,15 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+pub use dr_proto::contract::{AddressChange, BadChange, FileReport, Layout, RewriteParams, RewriteReport};
+
 use crate::config::Config;
 use crate::steps::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("{flag} {value:?}: {message}")]
-    BadChange { flag: String, value: String, message: String },
+    #[error(transparent)]
+    BadChange(#[from] BadChange),
     #[error("nothing to rewrite: give at least one --private OLD=NEW or --public OLD=NEW")]
     NothingRequested,
     #[error("{old} is rewritten to {first} and to {second}: give one new address per old address")]
@@ -60,7 +62,7 @@ pub enum RewriteError {
 impl RewriteError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RewriteError::BadChange { .. }
+            RewriteError::BadChange(_)
             | RewriteError::NothingRequested
             | RewriteError::Conflict { .. }
             | RewriteError::NoFiles { .. }
@@ -69,24 +71,6 @@ impl RewriteError {
             | RewriteError::BadAddress { .. } => ErrorKind::Invalid,
             RewriteError::NotRegular { .. } | RewriteError::Busy { .. } => ErrorKind::Refused,
             RewriteError::Changed { .. } | RewriteError::Io { .. } | RewriteError::Internal(_) => ErrorKind::Failed,
-        }
-    }
-}
-
-/// Which distribution's paths hold the Replicated files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layout {
-    Debian,
-    Rhel,
-}
-
-impl Layout {
-    /// The directory of the files, relative to the root.
-    pub fn dir(self) -> &'static str {
-        match self {
-            Layout::Debian => "etc/default",
-            Layout::Rhel => "etc/sysconfig",
         }
     }
 }
@@ -107,111 +91,47 @@ pub fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
     }
 }
 
-/// One address to replace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddressChange {
-    pub old: IpAddr,
-    pub new: IpAddr,
+/// The parameters from the CLI's `--private` / `--public` values.
+pub fn params_from_flags(private: &[String], public: &[String]) -> Result<RewriteParams, RewriteError> {
+    let private = private.iter().map(|v| AddressChange::parse("--private", v)).collect::<Result<_, _>>()?;
+    let public = public.iter().map(|v| AddressChange::parse("--public", v)).collect::<Result<_, _>>()?;
+    let p = RewriteParams { private, public };
+    validate(&p)?;
+    Ok(p)
 }
 
-impl AddressChange {
-    /// Parses `OLD=NEW` (IPv6 may be bracketed); errors name `flag`.
-    pub fn parse(flag: &str, value: &str) -> Result<AddressChange, RewriteError> {
-        let bad = |message: String| RewriteError::BadChange { flag: flag.to_owned(), value: value.to_owned(), message };
-        let (old, new) = value.split_once('=').ok_or_else(|| bad("expected OLD=NEW".into()))?;
-        let ip = |s: &str, which: &str| {
-            let t = s.trim();
-            let t = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(t);
-            t.parse::<IpAddr>().map_err(|_| bad(format!("{which} {s:?} is not an IP address")))
-        };
-        let change = AddressChange { old: ip(old, "OLD")?, new: ip(new, "NEW")? };
-        if change.old.is_ipv4() != change.new.is_ipv4() {
-            return Err(bad("OLD and NEW must both be IPv4 or both IPv6".into()));
-        }
-        Ok(change)
+/// At least one change, one family per change, one new address per old.
+pub fn validate(p: &RewriteParams) -> Result<(), RewriteError> {
+    if p.private.is_empty() && p.public.is_empty() {
+        return Err(RewriteError::NothingRequested);
     }
-}
-
-/// What to rewrite.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RewriteParams {
-    pub private: Vec<AddressChange>,
-    pub public: Vec<AddressChange>,
-}
-
-impl RewriteParams {
-    /// From the CLI's `--private` / `--public` values.
-    pub fn from_flags(private: &[String], public: &[String]) -> Result<RewriteParams, RewriteError> {
-        let private = private.iter().map(|v| AddressChange::parse("--private", v)).collect::<Result<_, _>>()?;
-        let public = public.iter().map(|v| AddressChange::parse("--public", v)).collect::<Result<_, _>>()?;
-        let p = RewriteParams { private, public };
-        p.validate()?;
-        Ok(p)
-    }
-
-    /// At least one change, one family per change, one new address per old.
-    pub fn validate(&self) -> Result<(), RewriteError> {
-        if self.private.is_empty() && self.public.is_empty() {
-            return Err(RewriteError::NothingRequested);
+    let all: Vec<(&str, &AddressChange)> =
+        p.private.iter().map(|c| ("--private", c)).chain(p.public.iter().map(|c| ("--public", c))).collect();
+    for (i, (flag, c)) in all.iter().enumerate() {
+        if c.old.is_ipv4() != c.new.is_ipv4() {
+            return Err(RewriteError::BadChange(BadChange {
+                flag: (*flag).to_owned(),
+                value: format!("{}={}", c.old, c.new),
+                message: "OLD and NEW must both be IPv4 or both IPv6".into(),
+            }));
         }
-        let all: Vec<(&str, &AddressChange)> =
-            self.private.iter().map(|c| ("--private", c)).chain(self.public.iter().map(|c| ("--public", c))).collect();
-        for (i, (flag, c)) in all.iter().enumerate() {
-            if c.old.is_ipv4() != c.new.is_ipv4() {
-                return Err(RewriteError::BadChange {
-                    flag: (*flag).to_owned(),
-                    value: format!("{}={}", c.old, c.new),
-                    message: "OLD and NEW must both be IPv4 or both IPv6".into(),
-                });
-            }
-            if let Some((_, d)) = all[..i].iter().find(|(_, d)| d.old == c.old && d.new != c.new) {
-                return Err(RewriteError::Conflict { old: c.old, first: d.new, second: c.new });
-            }
+        if let Some((_, d)) = all[..i].iter().find(|(_, d)| d.old == c.old && d.new != c.new) {
+            return Err(RewriteError::Conflict { old: c.old, first: d.new, second: c.new });
         }
-        Ok(())
     }
-
-    /// (kind, change) for every change that moves an address.
-    fn effective(&self) -> Vec<(&'static str, AddressChange)> {
-        let mut out: Vec<(&'static str, AddressChange)> = Vec::new();
-        let all = self.private.iter().map(|c| ("private", *c)).chain(self.public.iter().map(|c| ("public", *c)));
-        for (kind, c) in all {
-            if c.old != c.new && !out.iter().any(|(_, d)| d.old == c.old) {
-                out.push((kind, c));
-            }
-        }
-        out
-    }
+    Ok(())
 }
 
-/// What happened (or would happen) to one file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileReport {
-    pub path: PathBuf,
-    pub changed_lines: usize,
-    pub replacements: usize,
-    /// The backup of the old content (real runs that changed the file).
-    pub backup: Option<PathBuf>,
-    pub written: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RewriteReport {
-    pub root: PathBuf,
-    pub layout: Layout,
-    pub dry_run: bool,
-    pub private: Vec<AddressChange>,
-    pub public: Vec<AddressChange>,
-    pub files: Vec<FileReport>,
-    /// Nothing needed changing.
-    pub up_to_date: bool,
-    /// Temporary files of an interrupted earlier run that were removed (or,
-    /// in a dry run, would be).
-    pub removed_temp_files: Vec<PathBuf>,
-    /// The change as a unified diff (paths relative to the root: `patch -p1`).
-    pub diff: String,
-    pub warnings: Vec<String>,
-    pub actions: Vec<String>,
+/// (kind, change) for every change that moves an address.
+fn effective(p: &RewriteParams) -> Vec<(&'static str, AddressChange)> {
+    let mut out: Vec<(&'static str, AddressChange)> = Vec::new();
+    let all = p.private.iter().map(|c| ("private", *c)).chain(p.public.iter().map(|c| ("public", *c)));
+    for (kind, c) in all {
+        if c.old != c.new && !out.iter().any(|(_, d)| d.old == c.old) {
+            out.push((kind, c));
+        }
+    }
+    out
 }
 
 /// The addresses a machine's files carry (for `recover`).
@@ -427,8 +347,8 @@ pub async fn run(config: &Config, params: &RewriteParams, dry_run: bool) -> Resu
 
 /// The step, synchronously (`now` names the backups).
 pub fn execute(root: &Path, params: &RewriteParams, dry_run: bool, now: SystemTime) -> Result<RewriteReport, RewriteError> {
-    params.validate()?;
-    let changes = params.effective();
+    validate(params)?;
+    let changes = effective(params);
     let mut warnings = Vec::new();
     let layout = detect_layout(root)?;
     let dir = root.join(layout.dir());

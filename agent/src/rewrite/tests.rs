@@ -21,7 +21,7 @@ fn machine(layout: Layout) -> tempfile::TempDir {
 }
 
 fn params() -> RewriteParams {
-    RewriteParams::from_flags(&["10.0.0.5=10.1.2.9".into()], &["54.1.2.3=3.3.3.3".into()]).expect("params")
+    params_from_flags(&["10.0.0.5=10.1.2.9".into()], &["54.1.2.3=3.3.3.3".into()]).expect("params")
 }
 
 fn now() -> SystemTime {
@@ -146,19 +146,16 @@ fn missing_files_symlinks_and_stray_temps() {
 
 #[test]
 fn params_are_validated() {
-    let e = RewriteParams::from_flags(&["10.0.0.5".into()], &[]).expect_err("no =");
+    let e = params_from_flags(&["10.0.0.5".into()], &[]).expect_err("no =");
     assert!(e.to_string().starts_with("--private \"10.0.0.5\""), "{e}");
-    let e = RewriteParams::from_flags(&[], &["1.2.3.4=1.2.3.x".into()]).expect_err("bad new");
+    let e = params_from_flags(&[], &["1.2.3.4=1.2.3.x".into()]).expect_err("bad new");
     assert!(e.to_string().contains("--public") && e.to_string().contains("NEW"), "{e}");
     assert_eq!(e.kind(), crate::steps::ErrorKind::Invalid);
-    assert!(RewriteParams::from_flags(&["10.0.0.5=fd00::1".into()], &[]).is_err());
-    assert!(matches!(RewriteParams::from_flags(&[], &[]), Err(RewriteError::NothingRequested)));
-    assert!(matches!(
-        RewriteParams::from_flags(&["10.0.0.5=10.0.0.6".into()], &["10.0.0.5=10.0.0.7".into()]),
-        Err(RewriteError::Conflict { .. })
-    ));
-    let p = RewriteParams::from_flags(&["[fd00::5]=[fd00::9]".into(), "10.0.0.5=10.0.0.5".into()], &[]).expect("ok");
-    assert_eq!(p.effective().len(), 1);
+    assert!(params_from_flags(&["10.0.0.5=fd00::1".into()], &[]).is_err());
+    assert!(matches!(params_from_flags(&[], &[]), Err(RewriteError::NothingRequested)));
+    assert!(matches!(params_from_flags(&["10.0.0.5=10.0.0.6".into()], &["10.0.0.5=10.0.0.7".into()]), Err(RewriteError::Conflict { .. })));
+    let p = params_from_flags(&["[fd00::5]=[fd00::9]".into(), "10.0.0.5=10.0.0.5".into()], &[]).expect("ok");
+    assert_eq!(effective(&p).len(), 1);
 }
 
 #[test]
@@ -171,7 +168,7 @@ fn ipv6_bracketed() {
     )
     .expect("write");
     std::fs::write(etc.join("replicated"), "PRIVATE_ADDRESS=fd00::5\n").expect("write");
-    let p = RewriteParams::from_flags(&["fd00::5=fd00::9".into()], &[]).expect("params");
+    let p = params_from_flags(&["fd00::5=fd00::9".into()], &[]).expect("params");
     execute(m.path(), &p, false, now()).expect("rewrite");
     assert_eq!(
         std::fs::read_to_string(etc.join("replicated-operator")).expect("read"),
