@@ -7,6 +7,7 @@
 //! Exit codes: 0 done, 1 the step failed, 2 bad configuration or input, 3 a
 //! safety rule refused the step.
 
+pub mod logging;
 pub mod render;
 
 use std::io::Write;
@@ -19,8 +20,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError};
+use crate::daemon::commands;
 use crate::steps::{Action, ErrorKind, Executor, StepError};
-use crate::{app, builds, commands, drain, freeze, logging, recover, rewrite};
+use crate::steps::{app, builds, drain, freeze, recover, rewrite};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INPUT: u8 = 2;
@@ -451,8 +453,8 @@ async fn dispatch(command: Command) -> Result<String, Failure> {
         }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            crate::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
-                let kind = if matches!(e, crate::RunError::Config(_)) { ErrorKind::Invalid } else { ErrorKind::Failed };
+            crate::daemon::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
+                let kind = if matches!(e, crate::daemon::RunError::Config(_)) { ErrorKind::Invalid } else { ErrorKind::Failed };
                 Failure::new(kind, e.to_string())
             })?;
             Ok(String::new())
@@ -564,7 +566,7 @@ mod tests {
     /// in the chosen format, with the exit code of its kind.
     #[test]
     fn a_reported_failure_keeps_its_report() {
-        let r = crate::drain::UndrainReport {
+        let r = crate::steps::drain::UndrainReport {
             undrained: vec![],
             already: vec![],
             not_found: vec![],

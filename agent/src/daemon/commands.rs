@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::facts::{self, FactsError, InstanceFacts};
-use crate::imds::{ImdsClient, ImdsError};
-use crate::replicated::{AppStatus, ReplicatedError};
 use crate::steps::{Action, Executor, Report, StepError};
+use crate::sys::facts::{self, FactsError, InstanceFacts};
+use crate::sys::imds::{ImdsClient, ImdsError};
+use crate::sys::replicated::{AppStatus, ReplicatedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub use dr_proto::contract::{TreeCount, WipeParams, WipeReport};
 
 use crate::config::Config;
-use crate::replicated::{ReplicatedError, Replicatedctl};
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
+use crate::sys::replicated::{ReplicatedError, Replicatedctl};
 
 /// At most this many entries are listed in a report.
 const MAX_LISTED: usize = 50;
@@ -74,7 +74,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| WipeError::Io { what, path: path.to_owned(), source }
 }
 
-pub use crate::clock::utc_stamp;
+pub use crate::sys::clock::utc_stamp;
 
 /// The data dir on this machine: `root` joined with `data_dir`, refusing
 /// `..` and the root itself.
@@ -272,8 +272,8 @@ fn leftovers(path: &Path) -> Result<Vec<PathBuf>, WipeError> {
 
 /// Every mount point of this mount namespace (/proc/self/mountinfo).
 fn mount_points() -> Result<HashSet<PathBuf>, WipeError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("cannot read", Path::new("/proc/self/mountinfo")))?;
-    Ok(crate::freeze::fs::parse_mountinfo(&text).into_iter().map(|m| m.mount_point).collect())
+    let table = crate::sys::mounts::mount_table().map_err(io("cannot read", Path::new(crate::sys::mounts::MOUNTINFO)))?;
+    Ok(table.into_iter().map(|m| m.mount_point).collect())
 }
 
 /// The mount points strictly below `dir`, deepest first.

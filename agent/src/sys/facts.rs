@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::imds::{ImdsClient, ImdsError};
+use crate::sys::imds::{ImdsClient, ImdsError};
 
 /// The running kernel's boot id (never under `--root`).
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";

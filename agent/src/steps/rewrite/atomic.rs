@@ -1,18 +1,21 @@
-//! Crash-safe replacement of a file: a dated backup beside it, then a
-//! temporary file in the same directory (fsync, owner, mode), renamed over
-//! the original, then the directory fsynced. A crash at any point leaves the
-//! file wholly old or wholly new; temporary files left by a killed run are
-//! removed by the next one (it holds the directory lock, so no other run
-//! can own them).
+//! The Replicated files' side of a crash-safe replacement: a dated backup
+//! beside the file, the directory lock, and the temporary files a killed
+//! run left. The write itself is the agent's one crash-safe write
+//! ([`crate::sys::atomic`]): temporary file (owner, mode), fsync, rename,
+//! directory fsync. A crash at any point leaves the file wholly old or
+//! wholly new; temporary files left by a killed run are removed by the next
+//! one (it holds the directory lock, so no other run can own them).
 
-use std::fs::{File, OpenOptions, Permissions};
-use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use nix::fcntl::{Flock, FlockArg};
+
 use super::RewriteError;
+use crate::sys::atomic::{self, AtomicError, Spec, parent};
+pub use crate::sys::clock::utc_stamp;
 
 /// Marker in the names of temporary files.
 pub const TMP_MARK: &str = ".dr-tmp-";
@@ -23,26 +26,25 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Re
     move |source| RewriteError::Io { op, path: path.to_path_buf(), source }
 }
 
+fn from_atomic(e: AtomicError) -> RewriteError {
+    RewriteError::Io { op: e.what, path: e.path, source: e.source }
+}
+
 /// An exclusive `flock` on a directory, held while files in it are
 /// rewritten: two rewrites never interleave. Released when dropped or when
 /// the process dies.
 pub struct DirLock {
-    _dir: File,
+    _dir: Flock<File>,
 }
 
 impl DirLock {
     pub fn acquire(dir: &Path) -> Result<DirLock, RewriteError> {
         let f = File::open(dir).map_err(io("open directory", dir))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(RewriteError::Busy { dir: dir.to_path_buf() });
-            }
-            return Err(io("lock directory", dir)(e));
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(DirLock { _dir: lock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(RewriteError::Busy { dir: dir.to_path_buf() }),
+            Err((_, e)) => Err(io("lock directory", dir)(std::io::Error::from(e))),
         }
-        Ok(DirLock { _dir: f })
     }
 }
 
@@ -61,43 +63,27 @@ pub fn stray_temps(file: &Path) -> Result<Vec<PathBuf>, RewriteError> {
     Ok(out)
 }
 
-fn parent(file: &Path) -> &Path {
-    match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 fn name(file: &Path) -> String {
     file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<(), RewriteError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))
+    atomic::fsync_dir(dir).map_err(from_atomic)
 }
 
-/// Writes `bytes` to a fresh temporary file beside `file` with the given
-/// owner and mode, fsynced. The caller renames or links it.
-fn write_temp(file: &Path, bytes: &[u8], uid: u32, gid: u32, mode: u32) -> Result<PathBuf, RewriteError> {
+/// The temporary file of `file` for this process (found by
+/// [`stray_temps`] if a run is killed), with the owner and mode of `meta`.
+fn spec<'a>(meta: &std::fs::Metadata, tmp: &'a Path) -> Spec<'a> {
+    Spec { mode: meta.mode() & 0o7777, owner: Some((meta.uid(), meta.gid())), temp: Some(tmp) }
+}
+
+fn temp_of(file: &Path) -> Result<PathBuf, RewriteError> {
     let tmp = parent(file).join(format!("{}{TMP_MARK}{}", name(file), std::process::id()));
     match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove stale temporary file", &tmp)(e)),
+        Ok(()) => Ok(tmp),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(tmp),
+        Err(e) => Err(io("remove stale temporary file", &tmp)(e)),
     }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io("create temporary file", &tmp))?;
-    f.write_all(bytes).map_err(io("write temporary file", &tmp))?;
-    // Owner first: chown may clear set-id bits, chmod then sets them.
-    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io("chown temporary file", &tmp))?;
-    f.set_permissions(Permissions::from_mode(mode)).map_err(io("chmod temporary file", &tmp))?;
-    f.sync_all().map_err(io("fsync temporary file", &tmp))?;
-    Ok(tmp)
 }
 
 /// Keeps `old` as `<file>.dr-backup-<stamp>` (same owner and mode), never
@@ -107,8 +93,8 @@ fn write_temp(file: &Path, bytes: &[u8], uid: u32, gid: u32, mode: u32) -> Resul
 pub fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime) -> Result<PathBuf, RewriteError> {
     let stamp = utc_stamp(now);
     let base = format!("{}{BACKUP_MARK}{stamp}", name(file));
-    let mode = meta.mode() & 0o7777;
-    let tmp = write_temp(file, old, meta.uid(), meta.gid(), mode)?;
+    let tmp = temp_of(file)?;
+    let tmp = atomic::write_temp(file, old, &spec(meta, &tmp)).map_err(from_atomic)?;
     let mut result = None;
     for n in 0..1000 {
         let candidate = parent(file).join(if n == 0 { base.clone() } else { format!("{base}.{n}") });
@@ -139,20 +125,17 @@ pub fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime
     Ok(path)
 }
 
-/// Replaces `file` by `new` (same owner and mode as `meta`), crash-safely.
+/// Replaces `file` by `new` (same owner and mode as `meta`), crash-safely:
+/// the agent's one write ([`atomic::write_with`]).
 pub fn replace(file: &Path, new: &[u8], meta: &std::fs::Metadata) -> Result<(), RewriteError> {
-    let tmp = write_temp(file, new, meta.uid(), meta.gid(), meta.mode() & 0o7777)?;
-    if let Err(e) = std::fs::rename(&tmp, file) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io("rename temporary file over", file)(e));
-    }
-    fsync_dir(parent(file))
+    let tmp = temp_of(file)?;
+    atomic::write_with(file, new, &spec(meta, &tmp)).map_err(from_atomic)
 }
-
-pub use crate::clock::utc_stamp;
 
 #[cfg(test)]
 mod tests {
+    use std::fs::Permissions;
+    use std::os::unix::fs::PermissionsExt;
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;

@@ -2,15 +2,12 @@
 //! mount table, and the checks that decide which mounts may be frozen.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::FreezeError;
-
-// linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int)
-nix::ioctl_readwrite!(ioctl_fifreeze, b'X', 119, libc::c_int);
-nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
+pub use crate::sys::mounts::MountEntry;
+use crate::sys::{fsfreeze, mounts};
 
 /// Opens a mount point's directory read-only (opening writes nothing).
 pub fn open_mount(path: &Path) -> Result<File, FreezeError> {
@@ -38,10 +35,7 @@ pub enum ThawOutcome {
 }
 
 pub fn fifreeze(file: &File, path: &Path) -> Result<FreezeOutcome, FreezeError> {
-    let mut arg: libc::c_int = 0;
-    // SAFETY: FIFREEZE takes an int argument it does not use; `file` is an
-    // open directory fd we own, `arg` lives across the call.
-    match unsafe { ioctl_fifreeze(file.as_raw_fd(), &mut arg) } {
+    match fsfreeze::freeze(file) {
         Ok(_) => Ok(FreezeOutcome::Frozen),
         Err(nix::errno::Errno::EBUSY) => Ok(FreezeOutcome::AlreadyFrozen),
         Err(e) => Err(FreezeError::Io {
@@ -52,9 +46,7 @@ pub fn fifreeze(file: &File, path: &Path) -> Result<FreezeOutcome, FreezeError> 
 }
 
 pub fn fithaw(file: &File, path: &Path) -> Result<ThawOutcome, FreezeError> {
-    let mut arg: libc::c_int = 0;
-    // SAFETY: as in `fifreeze`.
-    match unsafe { ioctl_fithaw(file.as_raw_fd(), &mut arg) } {
+    match fsfreeze::thaw(file) {
         Ok(_) => Ok(ThawOutcome::Thawed),
         Err(nix::errno::Errno::EINVAL) => Ok(ThawOutcome::NotFrozen),
         Err(e) => Err(FreezeError::Io {
@@ -70,52 +62,8 @@ pub fn thaw_path(path: &Path) -> Result<ThawOutcome, FreezeError> {
     fithaw(&file, path)
 }
 
-/// One line of /proc/self/mountinfo (the fields we use).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-}
-
-/// Parses /proc/self/mountinfo text. Mount points are unescaped (`\040`...).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let mount_point = fields.get(4)?;
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(mount_point)),
-                fs_type: fields.get(sep + 1).map(|s| (*s).to_owned()).unwrap_or_default(),
-                source: fields.get(sep + 2).map(|s| unescape(s)).unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-/// Undoes the kernel's octal escapes of space, tab, newline and backslash.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let v = (bytes[i + 1] - b'0') as u32 * 64 + (bytes[i + 2] - b'0') as u32 * 8 + (bytes[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn mount_table() -> Result<Vec<MountEntry>, FreezeError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| FreezeError::Io { what: "cannot read /proc/self/mountinfo".to_owned(), source })?;
-    Ok(parse_mountinfo(&text))
+    mounts::mount_table().map_err(|source| FreezeError::Io { what: format!("cannot read {}", mounts::MOUNTINFO), source })
 }
 
 /// A mount that passed the checks.
@@ -213,20 +161,6 @@ pub fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<C
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
-        40 27 7:0 / /mnt/data\\040disk rw,relatime shared:1 - ext4 /dev/loop0 rw\n\
-        41 27 0:30 / /proc rw - proc proc rw\n";
-
-    #[test]
-    fn parses_mountinfo_with_escapes_and_optional_fields() {
-        let t = parse_mountinfo(SAMPLE);
-        assert_eq!(t.len(), 3);
-        assert_eq!(t[1].mount_point, PathBuf::from("/mnt/data disk"));
-        assert_eq!(t[1].fs_type, "ext4");
-        assert_eq!(t[1].source, "/dev/loop0");
-        assert_eq!(t[0].mount_point, PathBuf::from("/"));
-    }
-
     #[test]
     fn refuses_root_empty_relative_and_non_mount_points() {
         let table = mount_table().expect("mountinfo");
@@ -234,15 +168,15 @@ mod tests {
         let policy = Policy { allow_root: false, allow_journal_fs: true, state_dir: state.path(), table: &table };
         let err = check_mounts(&[PathBuf::from("/")], &policy).expect_err("root refused");
         assert!(matches!(err, FreezeError::RootRefused { .. }), "{err}");
-        assert_eq!(err.kind(), crate::steps::ErrorKind::Refused);
+        assert_eq!(err.kind(), crate::steps::error::ErrorKind::Refused);
         let err = check_mounts(&[], &policy).expect_err("nothing to freeze");
-        assert_eq!(err.kind(), crate::steps::ErrorKind::Invalid);
+        assert_eq!(err.kind(), crate::steps::error::ErrorKind::Invalid);
         let err = check_mounts(&[PathBuf::from("relative")], &policy).expect_err("relative");
-        assert_eq!(err.kind(), crate::steps::ErrorKind::Invalid);
+        assert_eq!(err.kind(), crate::steps::error::ErrorKind::Invalid);
         // /proc is a mount point but shares no device with / ; a plain
         // directory of the root fs is refused as root (same device) first.
         let err = check_mounts(&[state.path().to_path_buf()], &policy).expect_err("plain dir");
-        assert_eq!(err.kind(), crate::steps::ErrorKind::Refused, "{err}");
+        assert_eq!(err.kind(), crate::steps::error::ErrorKind::Refused, "{err}");
         let policy = Policy { allow_root: true, allow_journal_fs: true, state_dir: state.path(), table: &table };
         let err = check_mounts(&[state.path().to_path_buf()], &policy).expect_err("plain dir");
         assert!(matches!(err, FreezeError::NotAMountPoint { .. }), "{err}");

@@ -1,6 +1,6 @@
 //! The long-lived gRPC session with the controller. This is the only module
 //! that knows the generated protobuf types: it converts them to and from the
-//! domain types of [`crate::steps`], [`crate::facts`] and [`crate::journal`].
+//! domain types of [`crate::steps`], [`crate::sys::facts`] and [`crate::daemon::journal`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,11 +15,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Config, RunSettings};
-use crate::facts::{self, FactsError, InstanceFacts};
-use crate::fence::{self, FenceRecord};
-use crate::imds::{ImdsClient, ImdsError};
-use crate::journal::{self, CommandAnswer, Journal, JournalError};
+use crate::daemon::fence::{self, FenceRecord};
+use crate::daemon::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
+use crate::sys::facts::{self, FactsError, InstanceFacts};
+use crate::sys::imds::{ImdsClient, ImdsError};
 use dr_proto::backoff::Backoff;
 use dr_proto::contract::Request;
 
@@ -221,7 +221,7 @@ pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> 
 fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
     let request = Request::from_pb(kind).map_err(|e| e.to_string())?;
     if let Request::SetHostname { params, .. } = &request {
-        crate::app::validate_hostname(&params.hostname).map_err(|e| e.to_string())?;
+        crate::steps::app::validate_hostname(&params.hostname).map_err(|e| e.to_string())?;
     }
     Ok(Action::from(request))
 }
@@ -276,7 +276,7 @@ pub struct Agent {
     app_state: Mutex<String>,
     refreshing: AtomicBool,
     state_dir: PathBuf,
-    /// The fence in force on this machine (see [`crate::fence`]); the
+    /// The fence in force on this machine (see [`crate::daemon::fence`]); the
     /// keeper task watches it.
     fence: tokio::sync::watch::Sender<Option<FenceRecord>>,
     /// Poked when a heartbeat's app state shows a fenced app not stopped.
@@ -536,7 +536,7 @@ fn load_fence(state_dir: &std::path::Path) -> Option<FenceRecord> {
             return None;
         }
     };
-    let current = crate::identity::load(state_dir).ok().flatten().and_then(|f| f.current.instance_id);
+    let current = crate::sys::identity::load(state_dir).ok().flatten().and_then(|f| f.current.instance_id);
     if !record.applies_to(current.as_deref()) {
         tracing::warn!(fenced = %record.instance_id, instance = current.as_deref().unwrap_or(""),
             "a fence record of another instance (a copied disk) does not apply here; removed");
@@ -567,7 +567,7 @@ impl Agent {
                         *f = Some(FenceRecord {
                             instance_id: own_instance.to_owned(),
                             reason: reason.clone(),
-                            since: crate::clock::utc_stamp(std::time::SystemTime::now()),
+                            since: crate::sys::clock::utc_stamp(std::time::SystemTime::now()),
                             stops,
                         });
                         true
@@ -780,7 +780,7 @@ mod tests {
     #[test]
     fn answers_convert() {
         let mut a = CommandAnswer::rejected("x", ErrorKind::Failed, "boom");
-        a.outcome = Some(Outcome::AppStatus(crate::replicated::AppStatus {
+        a.outcome = Some(Outcome::AppStatus(crate::sys::replicated::AppStatus {
             state: "started".into(),
             is_transitioning: false,
             desired_state: "started".into(),

@@ -205,7 +205,7 @@ impl Journal {
     fn write_record(&self, record: &Record) -> Result<(), JournalError> {
         let path = self.record_path(&record.id);
         let bytes = serde_json::to_vec_pretty(record).expect("a journal record always serializes");
-        crate::atomic::write(&path, &bytes, 0o600).map_err(|e| JournalError::Io { path: e.path, source: e.source })
+        crate::sys::atomic::write(&path, &bytes, 0o600).map_err(|e| JournalError::Io { path: e.path, source: e.source })
     }
 
     /// Runs `action` through the journal and returns the answer to send.
@@ -357,7 +357,7 @@ use std::os::unix::fs::DirBuilderExt;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replicated::AppStatus;
+    use crate::sys::replicated::AppStatus;
     use std::cell::Cell;
 
     fn status() -> Outcome {

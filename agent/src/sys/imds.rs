@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
-use crate::http::{HttpClient, HttpError};
+use crate::sys::http::{HttpClient, HttpError};
 
 /// Token lifetime asked for, in seconds (the IMDS maximum).
 pub const TOKEN_TTL_SECONDS: &str = "21600";

@@ -6,7 +6,8 @@
 //!    current ones (from IMDS, or `--private-ip` / `--public-ip`);
 //! 3. set the hostname (when `--hostname` is given);
 //! 4. wipe the Nomad server's state;
-//! 5. start the app;
+//! 5. start the app and wait for its health check to pass (the same step
+//!    the controller's failover requires: [`health::start_healthy`]);
 //! 6. clean up builds that started before `--builds-before` (the backup's
 //!    point in time).
 //!
@@ -24,8 +25,9 @@ use serde::Serialize;
 pub use dr_proto::contract::{RecoverParams, RecoverReport, RunbookStep};
 
 use crate::config::Config;
-use crate::steps::ErrorKind;
-use crate::{app, builds, facts, identity, imds, nomad_state, rewrite};
+use crate::steps::error::ErrorKind;
+use crate::steps::{app, builds, health, nomad_state, rewrite};
+use crate::sys::{facts, identity, imds};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -278,15 +280,21 @@ pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Resu
             report: serde_json::Value::Null,
         });
     } else {
-        let r = app::run(config, &app::AppParams { target: app::Target::Started, force: false }, dry_run).await;
-        if !push(&mut report, "app-start", r, |r| (verb(dry_run, r.already), format!("app {}", r.final_state)), |r| r.actions.clone()) {
+        // The same app start the controller's failover requires: started,
+        // then the frontend's health check answering 2xx.
+        let r = health::start_healthy(config, dry_run).await;
+        let summary = |r: &health::StartedHealthy| match &r.health {
+            Some(h) => format!("app {}; {} answered {}", r.app.final_state, h.url, h.status),
+            None => format!("app {}", r.app.final_state),
+        };
+        if !push(&mut report, "app-start", r, |r| (verb(dry_run, r.app.already), summary(r)), |r| r.app.actions.clone()) {
             return Ok(report);
         }
         if !dry_run {
             // The app runs on the new state: this machine is the primary
             // from now on, and a later recover here needs --force (or the
             // controller's word): it would wipe live Nomad state.
-            identity::mark_recovered(&config.state_dir, crate::clock::utc_stamp(std::time::SystemTime::now()))?;
+            identity::mark_recovered(&config.state_dir, crate::sys::clock::utc_stamp(std::time::SystemTime::now()))?;
         }
     }
 

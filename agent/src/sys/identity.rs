@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::facts;
+use crate::sys::facts;
 
 /// The file in state_dir.
 pub const IDENTITY_FILE: &str = "identity.json";
@@ -114,9 +114,9 @@ pub fn load(state_dir: &Path) -> Result<Option<IdentityFile>, IdentityError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically ([`crate::atomic::write`]).
+/// Writes `bytes` to `path` atomically ([`crate::sys::atomic::write`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    crate::atomic::write(path, bytes, 0o644).map_err(|e| IdentityError::Io { what: e.what, path: e.path, source: e.source })
+    crate::sys::atomic::write(path, bytes, 0o644).map_err(|e| IdentityError::Io { what: e.what, path: e.path, source: e.source })
 }
 
 fn store(state_dir: &Path, file: &IdentityFile) -> Result<(), IdentityError> {
@@ -166,7 +166,7 @@ pub fn observe(state_dir: &Path, live: &Identity) -> Result<(Change, IdentityFil
 
 /// The live identity: the boot id (always) and the instance id from IMDS
 /// (None, with the reason, when IMDS does not answer).
-pub async fn live(imds: &crate::imds::ImdsClient, boot_id_path: &Path) -> Result<(Identity, Option<String>), IdentityError> {
+pub async fn live(imds: &crate::sys::imds::ImdsClient, boot_id_path: &Path) -> Result<(Identity, Option<String>), IdentityError> {
     let boot_id = facts::read_boot_id(boot_id_path)?;
     match facts::imds_facts(imds).await {
         Ok(f) => Ok((Identity { instance_id: Some(f.instance_id), boot_id }, None)),

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use dr_proto::contract::{AddressChange, BadChange, FileReport, Layout, RewriteParams, RewriteReport};
 
 use crate::config::Config;
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {

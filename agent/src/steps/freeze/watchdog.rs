@@ -103,10 +103,10 @@ pub fn run(opts: Options) -> u8 {
         thawed: None,
         thawed_unix_ms: None,
         identity: Some(match opts.record.as_deref().and_then(Path::parent).and_then(Path::parent) {
-            Some(state_dir) => crate::identity::for_records(state_dir, Path::new(crate::facts::BOOT_ID_PATH)),
-            None => crate::identity::Identity {
+            Some(state_dir) => crate::sys::identity::for_records(state_dir, Path::new(crate::sys::facts::BOOT_ID_PATH)),
+            None => crate::sys::identity::Identity {
                 instance_id: None,
-                boot_id: crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).unwrap_or_default(),
+                boot_id: crate::sys::facts::read_boot_id(Path::new(crate::sys::facts::BOOT_ID_PATH)).unwrap_or_default(),
             },
         }),
     };
@@ -259,11 +259,7 @@ pub fn run(opts: Options) -> u8 {
     // Nobody may read stdout any more (a hand-run freeze, a dead agent):
     // point it at /dev/null so nothing after this fails on a broken pipe.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2 onto fd 1, which this process owns; `null` stays open
-        // for the call.
-        unsafe {
-            libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
-        }
+        let _ = nix::unistd::dup2_stdout(&null);
     }
     tracing::info!(id = %opts.id, reason = %reason, frozen_for_ms, mounts = ?opts.mounts, "freeze lifted");
     u8::from(failed)

@@ -39,7 +39,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::config::Config;
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
 
 /// `auto` (default): run the watchdog through `systemd-run --scope` when the
 /// agent runs under systemd (INVOCATION_ID set, /run/systemd/system exists,
@@ -129,7 +129,7 @@ pub struct FreezeRecord {
     /// The instance and boot the freeze was made under (records of older
     /// agents have none: taken as the identity recorded before this one).
     #[serde(default)]
-    pub identity: Option<crate::identity::Identity>,
+    pub identity: Option<crate::sys::identity::Identity>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -140,10 +140,10 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// Writes a record atomically ([`crate::atomic::write`]).
+/// Writes a record atomically ([`crate::sys::atomic::write`]).
 pub fn write_record(path: &Path, record: &FreezeRecord) -> Result<(), FreezeError> {
     let bytes = serde_json::to_string_pretty(record).expect("records serialize");
-    crate::atomic::write(path, bytes.as_bytes(), 0o600)
+    crate::sys::atomic::write(path, bytes.as_bytes(), 0o600)
         .map_err(|e| FreezeError::Io { what: format!("cannot {} {}", e.what, e.path.display()), source: e.source })
 }
 
@@ -159,9 +159,9 @@ fn freeze_dir(config: &Config) -> PathBuf {
 fn load_records(config: &Config, dry_run: bool, warnings: &mut Vec<String>) -> Vec<(PathBuf, FreezeRecord)> {
     let dir = freeze_dir(config);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let live_boot = crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).unwrap_or_default();
-    let recorded = crate::identity::load(&config.state_dir).ok().flatten();
-    let assumed = crate::identity::assumed_for_old_records(recorded.as_ref());
+    let live_boot = crate::sys::facts::read_boot_id(Path::new(crate::sys::facts::BOOT_ID_PATH)).unwrap_or_default();
+    let recorded = crate::sys::identity::load(&config.state_dir).ok().flatten();
+    let assumed = crate::sys::identity::assumed_for_old_records(recorded.as_ref());
     let mut out = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
@@ -359,11 +359,9 @@ async fn spawn_watchdog(
         } else {
             cmd.stdin(Stdio::piped()).stderr(Stdio::inherit());
         }
-        // SAFETY: setsid is async-signal-safe; the child gets its own session
-        // and process group, so signals to the agent's group do not reach it.
-        unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
-        }
+        // Its own session and process group: signals to the agent's group
+        // do not reach it.
+        crate::sys::fsfreeze::in_own_session(&mut cmd);
         let mut child =
             cmd.spawn().map_err(|source| FreezeError::Io { what: format!("cannot start the watchdog {}", exe.display()), source })?;
         let stdin = child.stdin.take();
@@ -790,7 +788,7 @@ mod tests {
             state: "active".into(),
             thawed: None,
             thawed_unix_ms: None,
-            identity: Some(crate::identity::Identity { instance_id: Some("i-0aaa".into()), boot_id: "another-boot".into() }),
+            identity: Some(crate::sys::identity::Identity { instance_id: Some("i-0aaa".into()), boot_id: "another-boot".into() }),
         };
         let path = fdir.join("old.json");
         write_record(&path, &record).expect("write");

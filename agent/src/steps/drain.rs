@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 pub use dr_proto::contract::{AllocRef, DrainParams, DrainReport, NodeRef, UndrainReport};
 
 use crate::config::Config;
-use crate::http::{EXCERPT, HttpClient, HttpError, excerpt};
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
+use crate::sys::http::{EXCERPT, HttpClient, HttpError, excerpt};
 
 /// Largest answer accepted from Nomad (allocation lists can be large).
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -224,12 +224,12 @@ struct Record {
     /// The instance and boot the record was written under (records of
     /// older agents have none: taken as the identity recorded before).
     #[serde(default)]
-    identity: Option<crate::identity::Identity>,
+    identity: Option<crate::sys::identity::Identity>,
 }
 
 /// The identity records are written under now.
-fn here(config: &Config) -> crate::identity::Identity {
-    crate::identity::for_records(&config.state_dir, Path::new(crate::facts::BOOT_ID_PATH))
+fn here(config: &Config) -> crate::sys::identity::Identity {
+    crate::sys::identity::for_records(&config.state_dir, Path::new(crate::sys::facts::BOOT_ID_PATH))
 }
 
 /// The record, unless it was written on another instance (a state_dir
@@ -243,15 +243,15 @@ fn load_current_record(config: &Config, dry_run: bool, warnings: &mut Vec<String
     if record.nodes.is_empty() {
         return Ok(Some(record));
     }
-    let recorded = crate::identity::load(&config.state_dir).ok().flatten();
-    let Some(written) = record.identity.clone().or_else(|| crate::identity::assumed_for_old_records(recorded.as_ref())) else {
+    let recorded = crate::sys::identity::load(&config.state_dir).ok().flatten();
+    let Some(written) = record.identity.clone().or_else(|| crate::sys::identity::assumed_for_old_records(recorded.as_ref())) else {
         return Ok(Some(record));
     };
     let now = here(config);
     if written.same_instance(&now) {
         return Ok(Some(record));
     }
-    let aside = config.state_dir.join(format!("{RECORD_FILE}.stale-{}", crate::clock::utc_stamp(std::time::SystemTime::now())));
+    let aside = config.state_dir.join(format!("{RECORD_FILE}.stale-{}", crate::sys::clock::utc_stamp(std::time::SystemTime::now())));
     let ids: Vec<&str> = record.nodes.iter().map(|n| n.id.as_str()).collect();
     warnings.push(format!(
         "stale drain record {} written on {written}, not on this instance ({}): its node(s) {} are not touched; {} {}",
@@ -289,10 +289,10 @@ fn load_record(path: &Path) -> Result<Option<Record>, DrainError> {
     Ok(Some(record))
 }
 
-/// Writes the record atomically ([`crate::atomic::write`]).
+/// Writes the record atomically ([`crate::sys::atomic::write`]).
 fn save_record(path: &Path, record: &Record) -> Result<(), DrainError> {
     let bytes = serde_json::to_vec_pretty(record).expect("a record serializes");
-    crate::atomic::write(path, &bytes, 0o600).map_err(|e| DrainError::Record { path: path.to_owned(), why: e.to_string() })
+    crate::sys::atomic::write(path, &bytes, 0o600).map_err(|e| DrainError::Record { path: path.to_owned(), why: e.to_string() })
 }
 
 /// Node ids recorded as drained by this agent and not undrained yet (a
@@ -724,10 +724,10 @@ mod tests {
     /// machine is i-0bbb (restored from i-0aaa), and drain.json was written
     /// on i-0aaa (with an identity, or by an older agent without one).
     fn restored_state(state: &Path, with_identity: bool) {
-        let live_boot = crate::facts::read_boot_id(Path::new(crate::facts::BOOT_ID_PATH)).expect("boot id");
+        let live_boot = crate::sys::facts::read_boot_id(Path::new(crate::sys::facts::BOOT_ID_PATH)).expect("boot id");
         let old = serde_json::json!({"instance_id": "i-0aaa", "boot_id": "old-boot"});
         std::fs::write(
-            state.join(crate::identity::IDENTITY_FILE),
+            state.join(crate::sys::identity::IDENTITY_FILE),
             serde_json::json!({"current": {"instance_id": "i-0bbb", "boot_id": live_boot}, "previous": old, "restored_from": old})
                 .to_string(),
         )

@@ -18,8 +18,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::Config;
-use crate::replicated::{ReplicatedError, Replicatedctl};
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
+use crate::sys::replicated::{ReplicatedError, Replicatedctl};
 
 /// At most this many pages of 100 builds are listed.
 pub const MAX_PAGES: usize = 1000;

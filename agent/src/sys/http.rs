@@ -1,7 +1,7 @@
 //! The agent's one small HTTP/1.1 client (hyper), for the plain-http
-//! services it talks to on its machine: IMDS ([`crate::imds`]), Nomad
-//! ([`crate::drain`]), the CircleCI API ([`crate::builds::api`]) and the
-//! frontend's health check ([`crate::health`]).
+//! services it talks to on its machine: IMDS ([`crate::sys::imds`]), Nomad
+//! ([`crate::steps::drain`]), the CircleCI API ([`crate::steps::builds::api`]) and the
+//! frontend's health check ([`crate::steps::health`]).
 //!
 //! In one place: the URL rules every caller shares (http only, a host, no
 //! user info), the connect timeout and the deadline of a whole exchange

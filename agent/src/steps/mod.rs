@@ -3,17 +3,34 @@
 //! back into wire messages; the CLI (`crate::cli`) converts flags into
 //! [`Action`]s and renders [`Report`]s. Both run them through an
 //! [`Executor`], so a controller command and a human follow the same rules.
+//!
+//! One module per step; each is a library (typed parameters in, the
+//! contract's report or a thiserror error with an [`ErrorKind`] out) that
+//! imports only [`error`] (the leaf every step's error maps into), its
+//! sibling steps (`recover` composes them) and the layers below
+//! ([`crate::sys`], [`crate::config`]); never this module's [`Executor`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use dr_proto::contract::{Envelope, Enveloped, ErrorKind, Report, Request};
+pub use dr_proto::contract::{Envelope, Enveloped, Report, Request};
 
 use crate::config::Config;
-use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
-use crate::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
+use crate::sys::replicated::{AppStatus, Replicatedctl};
+pub mod app;
+pub mod builds;
+pub mod drain;
+pub(crate) mod error;
+pub mod freeze;
+pub mod health;
+pub mod nomad_state;
+pub mod recover;
+pub mod rewrite;
+
+pub use error::{ErrorKind, StepError};
+use error::{Kinded, fail};
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -153,47 +170,6 @@ impl From<Report> for Outcome {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    #[error(transparent)]
-    Replicated(#[from] ReplicatedError),
-    #[error("the step did not finish within its deadline of {0:?}")]
-    DeadlineExceeded(Duration),
-    #[error("{message}")]
-    Step { kind: ErrorKind, message: String },
-    /// The step ran and has a report saying what failed (a recover stopped
-    /// at a step, deletions that failed or were refused).
-    #[error("{message}")]
-    Reported { kind: ErrorKind, message: String, report: Box<Report> },
-}
-
-impl StepError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            StepError::Replicated(_) => ErrorKind::Failed,
-            StepError::DeadlineExceeded(_) => ErrorKind::TimedOut,
-            StepError::Step { kind, .. } | StepError::Reported { kind, .. } => *kind,
-        }
-    }
-
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        StepError::Step { kind, message: message.into() }
-    }
-
-    /// The report of a step that failed after it ran, if it has one.
-    pub fn report(&self) -> Option<&Report> {
-        match self {
-            StepError::Reported { report, .. } => Some(report),
-            _ => None,
-        }
-    }
-}
-
-/// A step module's error: what kind of failure it is.
-pub trait Kinded: std::fmt::Display {
-    fn kind(&self) -> ErrorKind;
-}
-
 macro_rules! kinded {
     ($($t:ty),* $(,)?) => {$(
         impl Kinded for $t {
@@ -213,10 +189,6 @@ kinded!(
     freeze::FreezeError,
     rewrite::RewriteError
 );
-
-fn fail<E: Kinded>(e: E) -> StepError {
-    StepError::Step { kind: e.kind(), message: e.to_string() }
-}
 
 /// Runs [`Action`]s on this machine: the daemon's executor and the
 /// hand-run CLI's are the same code, so a step follows the same rules
@@ -374,7 +346,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
             page.len()
         );
-        let (url, seen) = crate::http::tests::listener(answer.into_bytes(), Duration::ZERO).await;
+        let (url, seen) = crate::sys::http::tests::listener(answer.into_bytes(), Duration::ZERO).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let token = dir.path().join("token");
         std::fs::write(&token, "t0k3n\n").expect("token");

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
-pub(crate) use crate::http::excerpt;
-use crate::http::{EXCERPT, HttpClient, HttpError};
+pub(crate) use crate::sys::http::excerpt;
+use crate::sys::http::{EXCERPT, HttpClient, HttpError};
 
 /// Builds per page (the API's maximum).
 pub const PAGE_SIZE: usize = 100;
@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn the_pages_parser_takes_only_arrays_of_objects_and_never_panics() {
         use serde_json::Value;
-        crate::builds::prop::check("API v1.1 pages parser (JSON)", 2000, json(), |v| {
+        crate::steps::builds::prop::check("API v1.1 pages parser (JSON)", 2000, json(), |v| {
             let body = serde_json::to_vec(&v).expect("serialize");
             let parsed = parse_page("http://h/p", "application/json", &body);
             let expected_ok = matches!(&v, Value::Array(items) if items.iter().all(Value::is_object));
@@ -314,7 +314,7 @@ mod tests {
                     b
                 }),
         ];
-        crate::builds::prop::check("API v1.1 pages parser (bytes)", 2000, bytes, |b| {
+        crate::steps::builds::prop::check("API v1.1 pages parser (bytes)", 2000, bytes, |b| {
             let parsed = parse_page("http://h/p", "text/html", &b);
             let oracle =
                 serde_json::from_slice::<Value>(&b).is_ok_and(|v| matches!(&v, Value::Array(items) if items.iter().all(Value::is_object)));

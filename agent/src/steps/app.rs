@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 pub use dr_proto::contract::{AppParams, AppReport, HostnameParams, HostnameReport, Target};
 
 use crate::config::Config;
-use crate::replicated::{AppStatus, ReplicatedError, Replicatedctl};
-use crate::steps::ErrorKind;
+use crate::steps::error::ErrorKind;
+use crate::sys::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 
 /// `State` values replicatedctl is known to print; others are tolerated.
 const KNOWN_STATES: &[&str] = &["started", "starting", "stopped", "stopping"];
@@ -370,7 +370,7 @@ esac
 "#,
             dir = dir.display()
         );
-        crate::replicated::write_executable(&path, &body);
+        crate::sys::replicated::write_executable(&path, &body);
         path
     }
 

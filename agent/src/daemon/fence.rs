@@ -10,7 +10,7 @@
 //! disk copied into an image) does not apply. Only the controller lifts it,
 //! by giving the instance another settled role (not `pending`).
 //!
-//! The session ([`crate::session`]) runs the keeper: at once when the fence
+//! The session ([`crate::daemon::session`]) runs the keeper: at once when the fence
 //! starts, whenever a heartbeat's app state shows the app not stopped, and
 //! every heartbeat interval while no controller is connected, it reads the
 //! app state and, unless it is `stopped` and not transitioning, runs the
@@ -37,7 +37,7 @@ pub enum FenceError {
     #[error("{path} is not a valid fence record: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error(transparent)]
-    Write(#[from] crate::atomic::AtomicError),
+    Write(#[from] crate::sys::atomic::AtomicError),
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
 }
@@ -81,7 +81,7 @@ pub fn load(state_dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
 /// Writes the record crash-safely.
 pub fn save(state_dir: &Path, record: &FenceRecord) -> Result<(), FenceError> {
     let bytes = serde_json::to_vec_pretty(record).expect("a fence record serializes");
-    crate::atomic::write(&path(state_dir), &bytes, 0o644)?;
+    crate::sys::atomic::write(&path(state_dir), &bytes, 0o644)?;
     Ok(())
 }
 
@@ -156,6 +156,6 @@ mod tests {
         let a = journal_id("i-0123456789abcdef0", 1);
         let b = journal_id("i-0123456789abcdef0", 2);
         assert_ne!(a, b);
-        crate::journal::validate_id(&a).expect("a valid journal id");
+        crate::daemon::journal::validate_id(&a).expect("a valid journal id");
     }
 }
