@@ -18,7 +18,7 @@
 
 pub mod cli;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 #[cfg(test)]
 mod layering;
 pub mod steps;

@@ -13,7 +13,7 @@ use crate::sys::facts::InstanceFacts;
 use crate::sys::replicated::AppStatus;
 
 /// A report in the chosen format.
-pub fn report(r: &Report, format: OutputFormat) -> String {
+pub(crate) fn report(r: &Report, format: OutputFormat) -> String {
     match (format, r) {
         (OutputFormat::Json, Report::AppStatus(s)) => app_status_json(s),
         (OutputFormat::Json, _) => pretty(&r.to_json()),
@@ -22,7 +22,7 @@ pub fn report(r: &Report, format: OutputFormat) -> String {
 }
 
 /// The human text of a report.
-pub fn human(r: &Report) -> String {
+pub(crate) fn human(r: &Report) -> String {
     let mut s = match r {
         Report::AppStatus(s) => return app_status(s),
         Report::App(r) => app(r),
@@ -76,7 +76,7 @@ fn app_status(s: &AppStatus) -> String {
 }
 
 /// This instance's facts (`dr-agent facts`).
-pub fn facts(f: &InstanceFacts, format: OutputFormat) -> String {
+pub(crate) fn facts(f: &InstanceFacts, format: OutputFormat) -> String {
     match format {
         OutputFormat::Human => format!(
             "Instance ID: {}\nPrivate IP:  {}\nPublic IP:   {}\nBoot ID:     {}\nOS family:   {}\nApp state:   {}\n",

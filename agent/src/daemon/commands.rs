@@ -11,7 +11,7 @@ use crate::sys::imds::{ImdsClient, ImdsError};
 use crate::sys::replicated::{AppStatus, ReplicatedError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     #[error(transparent)]
     Step(#[from] StepError),
     #[error(transparent)]
@@ -23,7 +23,7 @@ pub enum CommandError {
 }
 
 /// Runs the app-status step.
-pub async fn app_status(config: &Config) -> Result<AppStatus, CommandError> {
+pub(crate) async fn app_status(config: &Config) -> Result<AppStatus, CommandError> {
     let executor = Executor::hand_run(std::sync::Arc::new(config.clone()));
     match executor.run(&Action::AppStatus, None).await? {
         Report::AppStatus(s) => Ok(s),
@@ -32,7 +32,7 @@ pub async fn app_status(config: &Config) -> Result<AppStatus, CommandError> {
 }
 
 /// Gathers the facts a Hello would carry.
-pub async fn gather_facts(config: &Config) -> Result<InstanceFacts, CommandError> {
+pub(crate) async fn gather_facts(config: &Config) -> Result<InstanceFacts, CommandError> {
     let imds = ImdsClient::new(&config.imds.endpoint, config.imds.timeout)?;
     let app_state = match app_status(config).await {
         Ok(s) => s.state,

@@ -24,14 +24,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The file in state_dir.
-pub const FENCE_FILE: &str = "fence.json";
+pub(crate) const FENCE_FILE: &str = "fence.json";
 
 /// First wait after a failed local stop; doubling up to [`RETRY_MAX`].
-pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
-pub const RETRY_MAX: Duration = Duration::from_secs(300);
+pub(crate) const RETRY_INITIAL: Duration = Duration::from_secs(5);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
-pub enum FenceError {
+pub(crate) enum FenceError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid fence record: {message}")]
@@ -44,7 +44,7 @@ pub enum FenceError {
 
 /// `state_dir/fence.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FenceRecord {
+pub(crate) struct FenceRecord {
     /// The instance the controller fenced (this machine, when recorded).
     pub instance_id: String,
     /// The controller's reason (e.g. `fenced by failover failover-...`).
@@ -64,12 +64,12 @@ impl FenceRecord {
     }
 }
 
-pub fn path(state_dir: &Path) -> PathBuf {
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FENCE_FILE)
 }
 
 /// Reads the record; None if there is none.
-pub fn load(state_dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
+pub(crate) fn load(state_dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
     let p = path(state_dir);
     match std::fs::read_to_string(&p) {
         Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| FenceError::Corrupt { path: p, message: e.to_string() }),
@@ -79,14 +79,14 @@ pub fn load(state_dir: &Path) -> Result<Option<FenceRecord>, FenceError> {
 }
 
 /// Writes the record crash-safely.
-pub fn save(state_dir: &Path, record: &FenceRecord) -> Result<(), FenceError> {
+pub(crate) fn save(state_dir: &Path, record: &FenceRecord) -> Result<(), FenceError> {
     let bytes = serde_json::to_vec_pretty(record).expect("a fence record serializes");
     crate::sys::atomic::write(&path(state_dir), &bytes, 0o644)?;
     Ok(())
 }
 
 /// Removes the record; whether there was one.
-pub fn remove(state_dir: &Path) -> Result<bool, FenceError> {
+pub(crate) fn remove(state_dir: &Path) -> Result<bool, FenceError> {
     let p = path(state_dir);
     match std::fs::remove_file(&p) {
         Ok(()) => Ok(true),
@@ -97,12 +97,12 @@ pub fn remove(state_dir: &Path) -> Result<bool, FenceError> {
 
 /// Whether an app in this state must be stopped (again) on a fenced
 /// machine: anything but `stopped` and settled, an unreadable state included.
-pub fn needs_stop(state: &str, is_transitioning: bool) -> bool {
+pub(crate) fn needs_stop(state: &str, is_transitioning: bool) -> bool {
     state != "stopped" || is_transitioning
 }
 
 /// The journal id of the `n`th local stop on the fenced `instance_id`.
-pub fn journal_id(instance_id: &str, n: u64) -> String {
+pub(crate) fn journal_id(instance_id: &str, n: u64) -> String {
     format!("fence.{instance_id}.app-stop-{n}")
 }
 

@@ -19,13 +19,13 @@ use tokio::sync::watch;
 use crate::steps::{Action, ErrorKind, Outcome, StepError};
 
 /// Records older than this are removed at startup.
-pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The error answered for a command whose earlier run was cut short.
-pub const INTERRUPTED: &str = "interrupted: the agent restarted while this command ran; not re-run";
+pub(crate) const INTERRUPTED: &str = "interrupted: the agent restarted while this command ran; not re-run";
 
 #[derive(Debug, thiserror::Error)]
-pub enum JournalError {
+pub(crate) enum JournalError {
     #[error("invalid command id `{0}`: expected 1 to 128 characters of A-Z a-z 0-9 . _ : -, not `.` or `..`")]
     InvalidId(String),
     #[error("journal {path}: {source}")]
@@ -36,7 +36,7 @@ pub enum JournalError {
 
 /// The answer to one command, as sent to the controller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CommandAnswer {
+pub(crate) struct CommandAnswer {
     pub id: String,
     pub ok: bool,
     pub error: String,
@@ -127,7 +127,7 @@ type Slot = watch::Receiver<Option<CommandAnswer>>;
 
 /// The journal of one agent process.
 #[derive(Debug)]
-pub struct Journal {
+pub(crate) struct Journal {
     dir: PathBuf,
     /// Commands executing in this process (and results that could not be
     /// journaled, kept so that a repeat still gets them).
@@ -135,7 +135,7 @@ pub struct Journal {
 }
 
 /// Checks a command id: `[A-Za-z0-9._:-]{1,128}`, not `.` or `..`.
-pub fn validate_id(id: &str) -> Result<(), JournalError> {
+pub(crate) fn validate_id(id: &str) -> Result<(), JournalError> {
     let ok = (1..=128).contains(&id.len())
         && id != "."
         && id != ".."
@@ -144,7 +144,7 @@ pub fn validate_id(id: &str) -> Result<(), JournalError> {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 

@@ -3,10 +3,10 @@
 //! reads ([`commands`]). It runs [`crate::steps`] through their executor;
 //! it is the only layer that knows the generated protobuf types.
 
-pub mod commands;
+pub(crate) mod commands;
 pub(crate) mod fence;
 pub(crate) mod journal;
-pub mod session;
+pub(crate) mod session;
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::sys::{facts, identity, imds};
 
 /// Errors that end the daemon before it runs.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub(crate) enum RunError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -25,7 +25,7 @@ pub enum RunError {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), RunError> {
+pub(crate) async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), RunError> {
     use tokio::signal::unix::{SignalKind, signal};
     let settings = config.run_settings(origin)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;

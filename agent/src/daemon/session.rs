@@ -23,21 +23,21 @@ use crate::sys::imds::{ImdsClient, ImdsError};
 use dr_proto::backoff::Backoff;
 use dr_proto::contract::Request;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats (or kernel keep-alive probes) unacknowledged by the
 /// controller's kernel this long end the connection (`TCP_USER_TIMEOUT`):
 /// a controller gone without a reset is noticed within it.
-pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the stream to open and for the Welcome.
-pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
-pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
-pub const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+pub(crate) const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
 /// Used when a Welcome leaves the interval unset (0).
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 const OUTGOING_CAPACITY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error("gathering instance facts: {0}")]
     Facts(#[from] FactsError),
     #[error("TLS material: {0}")]
@@ -64,7 +64,7 @@ impl SessionError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     #[error(transparent)]
     Imds(#[from] ImdsError),
     #[error(transparent)]
@@ -75,7 +75,7 @@ pub enum AgentError {
 /// site are normal (every AMI carries the site's certificate); the
 /// controller decides each one's role and may change it while connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The site's services machine.
     Primary,
     /// Launched by restore/failover operation `.0`; only its commands.
@@ -134,7 +134,7 @@ impl Role {
 
 /// A Welcome, in domain terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Welcome {
+pub(crate) struct Welcome {
     pub heartbeat_interval: Duration,
     pub role: Role,
     pub reason: String,
@@ -142,7 +142,7 @@ pub struct Welcome {
 
 /// Whom a command is for (domain side of `pb::Target`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     pub instance_id: String,
     pub role: String,
     pub operation_id: String,
@@ -150,7 +150,7 @@ pub struct Target {
 
 /// A Command, in domain terms.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CommandRequest {
+pub(crate) struct CommandRequest {
     pub id: String,
     pub action: Action,
     pub deadline: Option<Duration>,
@@ -159,7 +159,7 @@ pub struct CommandRequest {
 }
 
 /// Why this instance must not run a command, or None when it may.
-pub fn refusal(role: &Role, own_instance: &str, target: Option<&Target>) -> Option<String> {
+pub(crate) fn refusal(role: &Role, own_instance: &str, target: Option<&Target>) -> Option<String> {
     if !role.takes_work() {
         return Some(format!("this instance is {}: it gets no work", role.as_str()));
     }
@@ -184,7 +184,7 @@ pub fn refusal(role: &Role, own_instance: &str, target: Option<&Target>) -> Opti
 
 // ------------------------------------------------------------ conversions
 
-pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
+pub(crate) fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
     let heartbeat_interval = match w.heartbeat_interval_ms {
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(u64::from(ms)).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT),
@@ -192,13 +192,13 @@ pub fn welcome_from_pb(w: &pb::Welcome) -> Welcome {
     Welcome { heartbeat_interval, role: Role::from_wire(&w.role, &w.reason, &w.operation_id), reason: w.reason.clone() }
 }
 
-pub fn role_change_from_pb(r: &pb::RoleChange) -> Role {
+pub(crate) fn role_change_from_pb(r: &pb::RoleChange) -> Role {
     Role::from_wire(&r.role, &r.reason, &r.operation_id)
 }
 
 /// A wire command, or the error answer to send for it.
 #[allow(clippy::result_large_err)] // built once per command; boxing buys nothing
-pub fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
+pub(crate) fn command_from_pb(c: pb::Command) -> Result<CommandRequest, CommandAnswer> {
     let deadline = (c.deadline_ms > 0).then(|| Duration::from_millis(u64::from(c.deadline_ms)));
     let action = match c.kind {
         Some(kind) => action_from_pb(kind)
@@ -226,7 +226,7 @@ fn action_from_pb(kind: pb::command::Kind) -> Result<Action, String> {
     Ok(Action::from(request))
 }
 
-pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
+pub(crate) fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
     pb::CommandResult {
         id: a.id,
         ok: a.ok,
@@ -250,7 +250,7 @@ pub fn answer_to_pb(a: CommandAnswer) -> pb::CommandResult {
     }
 }
 
-pub fn facts_to_pb(f: InstanceFacts) -> pb::InstanceFacts {
+pub(crate) fn facts_to_pb(f: InstanceFacts) -> pb::InstanceFacts {
     pb::InstanceFacts {
         instance_id: f.instance_id,
         private_ip: f.private_ip,
@@ -265,7 +265,7 @@ pub fn facts_to_pb(f: InstanceFacts) -> pb::InstanceFacts {
 
 /// Everything the daemon needs, built once.
 #[derive(Debug)]
-pub struct Agent {
+pub(crate) struct Agent {
     settings: RunSettings,
     tls: TlsFiles,
     root: PathBuf,
@@ -708,7 +708,7 @@ fn send_answer(tx: mpsc::Sender<pb::AgentMessage>, answer: CommandAnswer) {
 }
 
 /// An error and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

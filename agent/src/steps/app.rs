@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-pub use dr_proto::contract::{AppParams, AppReport, HostnameParams, HostnameReport, Target};
+pub(crate) use dr_proto::contract::{AppParams, AppReport, HostnameParams, HostnameReport, Target};
 
 use crate::config::Config;
 use crate::steps::error::ErrorKind;
@@ -18,7 +18,7 @@ use crate::sys::replicated::{AppStatus, ReplicatedError, Replicatedctl};
 const KNOWN_STATES: &[&str] = &["started", "starting", "stopped", "stopping"];
 
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub(crate) enum AppError {
     #[error(transparent)]
     Replicated(#[from] ReplicatedError),
     #[error(
@@ -57,20 +57,10 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Stops the app and waits until it is stopped.
-pub async fn stop(config: &Config) -> Result<AppReport, AppError> {
-    run(config, &AppParams { target: Target::Stopped, force: false }, false).await
-}
-
-/// Starts the app and waits until it is started.
-pub async fn start(config: &Config) -> Result<AppReport, AppError> {
-    run(config, &AppParams { target: Target::Started, force: false }, false).await
-}
-
 /// Drives the app to `params.target` and waits for it (State == target,
 /// IsTransitioning false) until `replicated.app_timeout`. Does nothing when
 /// it is already there. Dry-run only reads the status.
-pub async fn run(config: &Config, params: &AppParams, dry_run: bool) -> Result<AppReport, AppError> {
+pub(crate) async fn run(config: &Config, params: &AppParams, dry_run: bool) -> Result<AppReport, AppError> {
     let target = params.target;
     let rc = replicatedctl(config);
     let began = Instant::now();
@@ -197,7 +187,7 @@ async fn wait_for(
 }
 
 /// Checks that `h` is a DNS name or an IP address (what goes after `https://`).
-pub fn validate_hostname(h: &str) -> Result<(), AppError> {
+pub(crate) fn validate_hostname(h: &str) -> Result<(), AppError> {
     let bad = |why: &str| Err(AppError::InvalidHostname { hostname: h.to_owned(), why: why.to_owned() });
     if h.is_empty() {
         return bad("it is empty");
@@ -259,7 +249,7 @@ fn https_base(host: &str) -> String {
 
 /// Sets the hostname app-config item and applies it, when it differs
 /// (compared case-insensitively, as DNS names are).
-pub async fn set_hostname(config: &Config, params: &HostnameParams, dry_run: bool) -> Result<HostnameReport, AppError> {
+pub(crate) async fn set_hostname(config: &Config, params: &HostnameParams, dry_run: bool) -> Result<HostnameReport, AppError> {
     let new = params.hostname.trim().to_owned();
     validate_hostname(&new)?;
     let item = config.replicated.hostname_item.clone();

@@ -7,13 +7,13 @@
 //! or refused (a URL that fails validation); nothing of theirs is sent to the
 //! REPL. All deletions go through ONE dev-console session.
 
-pub mod api;
-pub mod console;
+pub(crate) mod api;
+pub(crate) mod console;
 pub mod url;
 
 use std::time::{Duration, Instant};
 
-pub use dr_proto::contract::{BuildOutcome, BuildResult, CleanupParams, CleanupReport};
+pub(crate) use dr_proto::contract::{BuildOutcome, BuildResult, CleanupParams, CleanupReport};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -22,10 +22,10 @@ use crate::steps::error::ErrorKind;
 use crate::sys::replicated::{ReplicatedError, Replicatedctl};
 
 /// At most this many pages of 100 builds are listed.
-pub const MAX_PAGES: usize = 1000;
+pub(crate) const MAX_PAGES: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CleanupError {
+pub(crate) enum CleanupError {
     #[error("--before `{value}` is not an RFC 3339 time (e.g. 2024-05-01T12:00:00Z): {why}")]
     BadCutoff { value: String, why: String },
     #[error("circleci.hostname: {0}")]
@@ -53,7 +53,7 @@ impl CleanupError {
 }
 
 /// Parses an RFC 3339 time (also ISO-8601 with fractional seconds and `Z`).
-pub fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+pub(crate) fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|e| e.to_string())
 }
 
@@ -79,7 +79,7 @@ async fn hostname(config: &Config) -> Result<String, CleanupError> {
 }
 
 /// The newest parseable start time among `builds`, normalized to RFC 3339.
-pub fn newest_start(builds: &[api::Build]) -> Option<String> {
+pub(crate) fn newest_start(builds: &[api::Build]) -> Option<String> {
     builds
         .iter()
         .filter_map(|b| b.start_time.as_deref().and_then(|t| parse_time(t).ok()))
@@ -88,7 +88,7 @@ pub fn newest_start(builds: &[api::Build]) -> Option<String> {
 }
 
 /// The plan: one entry per running build; `WouldDelete` for candidates.
-pub fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (Vec<BuildResult>, usize) {
+pub(crate) fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (Vec<BuildResult>, usize) {
     let mut out = Vec::new();
     let mut not_running = 0;
     for b in builds {
@@ -135,7 +135,7 @@ pub fn plan(builds: &[api::Build], cutoff: OffsetDateTime, hostname: &str) -> (V
 /// one dev-console session. Per-build failures are in the report; an error
 /// means nothing was deleted (except `Console` errors after the session
 /// opened, which are per build too).
-pub async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Result<CleanupReport, CleanupError> {
+pub(crate) async fn run(config: &Config, params: &CleanupParams, dry_run: bool) -> Result<CleanupReport, CleanupError> {
     let cutoff = parse_time(&params.before).map_err(|why| CleanupError::BadCutoff { value: params.before.clone(), why })?;
     let hostname = hostname(config).await?;
     let (token, token_warning) = api::read_token(&config.circleci.api_token_file)?;

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-pub use dr_proto::contract::{ErrorKind, Report};
+pub(crate) use dr_proto::contract::{ErrorKind, Report};
 
 use crate::sys::replicated::ReplicatedError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StepError {
+pub(crate) enum StepError {
     #[error(transparent)]
     Replicated(#[from] ReplicatedError),
     #[error("the step did not finish within its deadline of {0:?}")]
@@ -45,7 +45,7 @@ impl StepError {
 }
 
 /// A step module's error: what kind of failure it is.
-pub trait Kinded: std::fmt::Display {
+pub(crate) trait Kinded: std::fmt::Display {
     fn kind(&self) -> ErrorKind;
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use dr_proto::contract::HealthReport;
+pub(crate) use dr_proto::contract::HealthReport;
 
 use crate::config::Config;
 use crate::steps::app::{self, AppError, AppParams, AppReport, Target};
@@ -17,7 +17,7 @@ use crate::steps::error::ErrorKind;
 use crate::sys::http::HttpError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum HealthError {
+pub(crate) enum HealthError {
     #[error("circleci.health_url `{url}` is not usable: {why}")]
     BadUrl { url: String, why: String },
     #[error("GET {url} failed: {why}")]
@@ -43,7 +43,7 @@ impl HealthError {
 const MAX_BODY: usize = 1024 * 1024;
 
 /// One GET of the health URL: a 2xx is healthy.
-pub async fn check(config: &Config) -> Result<HealthReport, HealthError> {
+pub(crate) async fn check(config: &Config) -> Result<HealthReport, HealthError> {
     let url = config.circleci.health_url.clone();
     let timeout = config.circleci.request_timeout;
     let client = crate::sys::http::HttpClient::new(&url, timeout, MAX_BODY).map_err(|e| match e {
@@ -69,30 +69,20 @@ pub async fn check(config: &Config) -> Result<HealthReport, HealthError> {
 /// check that passed (None in a dry run). Serialized as the app report
 /// plus `health`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StartedHealthy {
+pub(crate) struct StartedHealthy {
     #[serde(flatten)]
     pub app: AppReport,
     pub health: Option<HealthReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error(transparent)]
     App(#[from] AppError),
     #[error("the app is started but its health check did not pass within {within:?} (replicated.app_timeout): {last}")]
     Unhealthy { within: Duration, last: HealthError },
     #[error(transparent)]
     Health(HealthError),
-}
-
-impl StartError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            StartError::App(e) => e.kind(),
-            StartError::Unhealthy { .. } => ErrorKind::TimedOut,
-            StartError::Health(e) => e.kind(),
-        }
-    }
 }
 
 /// How often the health check is asked while the app comes up.
@@ -104,7 +94,7 @@ const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// recover` runs this; the controller's failover runs the same two steps
 /// as two commands (`app_start`, then `health_check` polled within
 /// `failover.app_timeout`) to show its progress. A dry run checks nothing.
-pub async fn start_healthy(config: &Config, dry_run: bool) -> Result<StartedHealthy, StartError> {
+pub(crate) async fn start_healthy(config: &Config, dry_run: bool) -> Result<StartedHealthy, StartError> {
     let app = app::run(config, &AppParams { target: Target::Started, force: false }, dry_run).await?;
     if dry_run {
         return Ok(StartedHealthy { app, health: None });

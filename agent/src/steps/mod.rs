@@ -15,21 +15,21 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use dr_proto::contract::{Envelope, Enveloped, Report, Request};
+pub(crate) use dr_proto::contract::{Envelope, Report, Request};
 
 use crate::config::Config;
 use crate::sys::replicated::{AppStatus, Replicatedctl};
-pub mod app;
+pub(crate) mod app;
 pub mod builds;
 pub mod drain;
 pub(crate) mod error;
-pub mod freeze;
-pub mod health;
+pub(crate) mod freeze;
+pub(crate) mod health;
 pub mod nomad_state;
-pub mod recover;
+pub(crate) mod recover;
 pub mod rewrite;
 
-pub use error::{ErrorKind, StepError};
+pub(crate) use error::{ErrorKind, StepError};
 use error::{Kinded, fail};
 
 fn is_false(b: &bool) -> bool {
@@ -42,7 +42,7 @@ fn is_false(b: &bool) -> bool {
 /// written before they existed still compare equal.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Action {
+pub(crate) enum Action {
     /// Read the Replicated app's status. No precondition; read-only.
     AppStatus,
     /// Stop the app and wait until State is `stopped` and not transitioning
@@ -151,7 +151,7 @@ impl From<Request> for Action {
 /// What a successful step returns (the wire's form: a report as JSON).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     AppStatus(AppStatus),
     /// Every other step: its report (what it did, what a human must do),
     /// with the [`Envelope`] fields always present.
@@ -196,7 +196,7 @@ kinded!(
 ///
 /// Invariant: at most one freeze is held; its handle lives here so that the
 /// watchdog's pipe closes (and the watchdog thaws) if the agent dies.
-pub struct Executor {
+pub(crate) struct Executor {
     config: Arc<Config>,
     replicatedctl: Replicatedctl,
     /// The freeze this agent holds (its watchdog's pipe): dropping it thaws.

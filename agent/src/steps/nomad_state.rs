@@ -74,7 +74,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| WipeError::Io { what, path: path.to_owned(), source }
 }
 
-pub use crate::sys::clock::utc_stamp;
+pub(crate) use crate::sys::clock::utc_stamp;
 
 /// The data dir on this machine: `root` joined with `data_dir`, refusing
 /// `..` and the root itself.

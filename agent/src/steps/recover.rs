@@ -22,7 +22,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-pub use dr_proto::contract::{RecoverParams, RecoverReport, RunbookStep};
+pub(crate) use dr_proto::contract::{RecoverParams, RecoverReport, RunbookStep};
 
 use crate::config::Config;
 use crate::steps::error::ErrorKind;
@@ -30,7 +30,7 @@ use crate::steps::{app, builds, health, nomad_state, rewrite};
 use crate::sys::{facts, identity, imds};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RecoverError {
+pub(crate) enum RecoverError {
     #[error(
         "with --offline (a mounted disk), give --private-ip (and --public-ip if it has one): IMDS describes this instance, not the one that will boot the disk"
     )]
@@ -116,7 +116,7 @@ fn verb(dry_run: bool, already: bool) -> String {
 
 /// Runs the runbook. Step failures end up in the report (`failed`), not in
 /// the error: the error is for what stops recover before its first step.
-pub async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Result<RecoverReport, RecoverError> {
+pub(crate) async fn run(config: &Config, params: &RecoverParams, dry_run: bool) -> Result<RecoverReport, RecoverError> {
     let offline = params.offline;
     if offline && std::fs::canonicalize(&config.root).map(|r| r == std::path::Path::new("/")).unwrap_or(false) {
         return Err(RecoverError::OfflineNeedsRoot);

@@ -17,7 +17,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {what} {}: {source}", path.display())]
-pub struct AtomicError {
+pub(crate) struct AtomicError {
     pub what: &'static str,
     pub path: PathBuf,
     #[source]
@@ -30,7 +30,7 @@ fn err<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> At
 
 /// How the new file is made.
 #[derive(Clone, Debug)]
-pub struct Spec<'a> {
+pub(crate) struct Spec<'a> {
     /// Its mode (set explicitly: not subject to the umask).
     pub mode: u32,
     /// Its owner (uid, gid); None: the writer's.
@@ -41,14 +41,14 @@ pub struct Spec<'a> {
 }
 
 /// The directory of `path` (`.` for a bare name).
-pub fn parent(path: &Path) -> &Path {
+pub(crate) fn parent(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// Writes `bytes` to a new temporary file beside `path` as `spec` says,
 /// fsynced; returns its path. The caller renames or links it (and removes
 /// it on failure).
-pub fn write_temp(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<PathBuf, AtomicError> {
+pub(crate) fn write_temp(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<PathBuf, AtomicError> {
     let tmp = match spec.temp {
         Some(t) => t.to_owned(),
         None => {
@@ -84,13 +84,13 @@ pub fn write_temp(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<PathBuf,
 }
 
 /// Fsyncs a directory (a rename or link in it is then durable).
-pub fn fsync_dir(dir: &Path) -> Result<(), AtomicError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), AtomicError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync", dir))
 }
 
 /// Replaces `path` with `bytes` as `spec` says, crash-safely (see the
 /// module docs). The directory is created if missing.
-pub fn write_with(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<(), AtomicError> {
+pub(crate) fn write_with(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<(), AtomicError> {
     let dir = parent(path);
     std::fs::create_dir_all(dir).map_err(err("create", dir))?;
     let tmp = write_temp(path, bytes, spec)?;
@@ -102,7 +102,7 @@ pub fn write_with(path: &Path, bytes: &[u8], spec: &Spec<'_>) -> Result<(), Atom
 }
 
 /// Replaces `path` with `bytes` (mode `mode`, the writer's owner).
-pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AtomicError> {
+pub(crate) fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AtomicError> {
     write_with(path, bytes, &Spec { mode, owner: None, temp: None })
 }
 

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 /// `YYYYmmddTHHMMSSZ` in UTC, e.g. `20240229T123456Z`: sortable, and safe in
 /// a file name.
-pub fn utc_stamp(t: SystemTime) -> String {
+pub(crate) fn utc_stamp(t: SystemTime) -> String {
     let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
     time::OffsetDateTime::from(t).format(&format).expect("a UTC time formats with a fixed description")
 }

@@ -43,7 +43,7 @@ pub enum HttpError {
 
 /// An answer: status, content type and the whole body (within the limit).
 #[derive(Clone, Debug)]
-pub struct Response {
+pub(crate) struct Response {
     pub status: StatusCode,
     pub content_type: String,
     pub body: Bytes,
@@ -72,10 +72,10 @@ impl Response {
 }
 
 /// How much of a body an error quotes.
-pub const EXCERPT: usize = 300;
+pub(crate) const EXCERPT: usize = 300;
 
 /// The start of `s` (trimmed), at most `max` characters, `...` when cut.
-pub fn excerpt(s: &str, max: usize) -> String {
+pub(crate) fn excerpt(s: &str, max: usize) -> String {
     let s = s.trim();
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}...", &s[..i]),
@@ -85,7 +85,7 @@ pub fn excerpt(s: &str, max: usize) -> String {
 
 /// An error and its sources, `: `-joined (hyper's top-level message alone
 /// says little, e.g. "client error (Connect)").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
@@ -98,7 +98,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// A client for one base URL (`http://host[:port][/prefix]`).
 #[derive(Clone, Debug)]
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     base: String,
     uri: hyper::Uri,
     timeout: Duration,
@@ -128,11 +128,6 @@ impl HttpClient {
         Ok(HttpClient { base: base.to_owned(), uri, timeout, max_body, client })
     }
 
-    /// The base URL.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     /// The base URL, parsed (for a caller's own rules: no path, no query).
     pub fn base_uri(&self) -> &hyper::Uri {
         &self.uri
@@ -141,10 +136,6 @@ impl HttpClient {
     /// The full URL of `path` (appended to the base as is).
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// `GET base+path` with these headers.
@@ -227,7 +218,7 @@ pub(crate) mod tests {
     async fn answers_status_body_and_sends_the_headers() {
         let (url, seen) = listener(answer("200 OK", "hello"), Duration::ZERO).await;
         let c = HttpClient::new(&url, Duration::from_secs(5), 1024).expect("client");
-        assert_eq!(c.base(), url);
+        assert_eq!(c.url(""), url);
         let r = c.get("/v1/x?y=1", &[("X-Test", "t1")]).await.expect("answer");
         assert_eq!((r.status, r.content_type.as_str(), r.text().as_ref()), (StatusCode::OK, "text/plain", "hello"));
         let head = seen.lock().expect("lock")[0].clone();

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::sys::facts;
 
 /// The file in state_dir.
-pub const IDENTITY_FILE: &str = "identity.json";
+pub(crate) const IDENTITY_FILE: &str = "identity.json";
 
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid identity record: {message}")]
@@ -35,7 +35,7 @@ pub enum IdentityError {
 
 /// An instance id (None: IMDS did not answer) and a boot id.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
+pub(crate) struct Identity {
     #[serde(default)]
     pub instance_id: Option<String>,
     #[serde(default)]
@@ -51,10 +51,6 @@ impl Identity {
             _ => true,
         }
     }
-
-    pub fn same_boot(&self, other: &Identity) -> bool {
-        self.same_instance(other) && self.boot_id == other.boot_id
-    }
 }
 
 impl std::fmt::Display for Identity {
@@ -65,7 +61,7 @@ impl std::fmt::Display for Identity {
 
 /// state_dir/identity.json.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdentityFile {
+pub(crate) struct IdentityFile {
     /// What the agent runs on (last recorded).
     pub current: Identity,
     /// What it ran on before the last change (instance or boot).
@@ -85,7 +81,7 @@ pub struct IdentityFile {
 /// How the live identity compares with the recorded one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Change {
+pub(crate) enum Change {
     /// No record yet: first run of the agent in this state_dir.
     First,
     Same,
@@ -100,12 +96,12 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| IdentityError::Io { what, path: path.to_owned(), source }
 }
 
-pub fn path(state_dir: &Path) -> PathBuf {
+pub(crate) fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(IDENTITY_FILE)
 }
 
 /// Reads the record; None if there is none.
-pub fn load(state_dir: &Path) -> Result<Option<IdentityFile>, IdentityError> {
+pub(crate) fn load(state_dir: &Path) -> Result<Option<IdentityFile>, IdentityError> {
     let p = path(state_dir);
     match std::fs::read_to_string(&p) {
         Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| IdentityError::Corrupt { path: p, message: e.to_string() }),
@@ -115,7 +111,7 @@ pub fn load(state_dir: &Path) -> Result<Option<IdentityFile>, IdentityError> {
 }
 
 /// Writes `bytes` to `path` atomically ([`crate::sys::atomic::write`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
     crate::sys::atomic::write(path, bytes, 0o644).map_err(|e| IdentityError::Io { what: e.what, path: e.path, source: e.source })
 }
 
@@ -127,7 +123,7 @@ fn store(state_dir: &Path, file: &IdentityFile) -> Result<(), IdentityError> {
 /// identity when it changed. A live identity without an instance id (IMDS
 /// down) keeps the recorded instance id: only a known, different id counts
 /// as another instance.
-pub fn observe(state_dir: &Path, live: &Identity) -> Result<(Change, IdentityFile), IdentityError> {
+pub(crate) fn observe(state_dir: &Path, live: &Identity) -> Result<(Change, IdentityFile), IdentityError> {
     let Some(mut file) = load(state_dir)? else {
         let file = IdentityFile { current: live.clone(), ..IdentityFile::default() };
         store(state_dir, &file)?;
@@ -166,7 +162,7 @@ pub fn observe(state_dir: &Path, live: &Identity) -> Result<(Change, IdentityFil
 
 /// The live identity: the boot id (always) and the instance id from IMDS
 /// (None, with the reason, when IMDS does not answer).
-pub async fn live(imds: &crate::sys::imds::ImdsClient, boot_id_path: &Path) -> Result<(Identity, Option<String>), IdentityError> {
+pub(crate) async fn live(imds: &crate::sys::imds::ImdsClient, boot_id_path: &Path) -> Result<(Identity, Option<String>), IdentityError> {
     let boot_id = facts::read_boot_id(boot_id_path)?;
     match facts::imds_facts(imds).await {
         Ok(f) => Ok((Identity { instance_id: Some(f.instance_id), boot_id }, None)),
@@ -176,7 +172,7 @@ pub async fn live(imds: &crate::sys::imds::ImdsClient, boot_id_path: &Path) -> R
 
 /// The identity records written now should carry: the recorded current
 /// one if it is of this boot, else the boot id alone.
-pub fn for_records(state_dir: &Path, boot_id_path: &Path) -> Identity {
+pub(crate) fn for_records(state_dir: &Path, boot_id_path: &Path) -> Identity {
     let boot_id = facts::read_boot_id(boot_id_path).unwrap_or_default();
     match load(state_dir) {
         Ok(Some(f)) if f.current.boot_id == boot_id => f.current,
@@ -188,13 +184,13 @@ pub fn for_records(state_dir: &Path, boot_id_path: &Path) -> Identity {
 /// to have been written under: the one recorded before the current, if
 /// any (the state from before the image or the reboot), else the current.
 /// None without an identity record: nothing to compare with.
-pub fn assumed_for_old_records(file: Option<&IdentityFile>) -> Option<Identity> {
+pub(crate) fn assumed_for_old_records(file: Option<&IdentityFile>) -> Option<Identity> {
     file.map(|f| f.previous.clone().unwrap_or_else(|| f.current.clone()))
 }
 
 /// Why recover may (or may not) go on here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Evidence {
+pub(crate) struct Evidence {
     /// Go on.
     pub restored: bool,
     /// The reason, for the report or the refusal.
@@ -204,7 +200,7 @@ pub struct Evidence {
 /// Whether this machine was restored (from its own records, then the
 /// controller's word), recording `live` on the way. `candidate`: the
 /// controller says this instance is a restore candidate.
-pub fn restore_evidence(state_dir: &Path, live: &Identity, candidate: bool) -> Result<Evidence, IdentityError> {
+pub(crate) fn restore_evidence(state_dir: &Path, live: &Identity, candidate: bool) -> Result<Evidence, IdentityError> {
     let (change, file) = observe(state_dir, live)?;
     let here = live.instance_id.as_deref().unwrap_or("(unknown: IMDS did not answer)");
     if let Some(from) = &file.restored_from
@@ -243,7 +239,7 @@ pub fn restore_evidence(state_dir: &Path, live: &Identity, candidate: bool) -> R
 }
 
 /// Records that recover completed on the current instance.
-pub fn mark_recovered(state_dir: &Path, at: String) -> Result<(), IdentityError> {
+pub(crate) fn mark_recovered(state_dir: &Path, at: String) -> Result<(), IdentityError> {
     if let Some(mut f) = load(state_dir)? {
         f.recovered_at = Some(at);
         store(state_dir, &f)?;

@@ -5,13 +5,13 @@
 //! ([`identity`]), `replicatedctl` ([`replicated`]), time stamps
 //! ([`clock`]).
 
-pub mod atomic;
-pub mod clock;
+pub(crate) mod atomic;
+pub(crate) mod clock;
 pub mod facts;
 #[allow(unsafe_code)]
-pub mod fsfreeze;
+pub(crate) mod fsfreeze;
 pub mod http;
-pub mod identity;
+pub(crate) mod identity;
 pub mod imds;
 pub mod mounts;
 pub mod replicated;

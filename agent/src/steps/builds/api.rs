@@ -12,12 +12,12 @@ pub(crate) use crate::sys::http::excerpt;
 use crate::sys::http::{EXCERPT, HttpClient, HttpError};
 
 /// Builds per page (the API's maximum).
-pub const PAGE_SIZE: usize = 100;
+pub(crate) const PAGE_SIZE: usize = 100;
 /// Largest answer body accepted (100 shallow builds are far smaller).
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("circleci.api_url `{url}`: {why}")]
     BadUrl { url: String, why: String },
     #[error("cannot read the API token from {path}: {source}")]
@@ -38,7 +38,7 @@ pub enum ApiError {
 
 /// One build as listed by the API; every field may be missing.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Build {
+pub(crate) struct Build {
     pub build_url: Option<String>,
     pub build_num: Option<u64>,
     pub username: Option<String>,
@@ -76,7 +76,7 @@ impl Build {
 /// a warning when the file is readable by group or others (it still works:
 /// the installation may have been set up that way, but the token is an
 /// admin credential).
-pub fn read_token(path: &Path) -> Result<(String, Option<String>), ApiError> {
+pub(crate) fn read_token(path: &Path) -> Result<(String, Option<String>), ApiError> {
     use std::os::unix::fs::PermissionsExt as _;
     let text = std::fs::read_to_string(path).map_err(|source| ApiError::TokenRead { path: path.to_owned(), source })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
@@ -105,7 +105,7 @@ pub fn read_token(path: &Path) -> Result<(String, Option<String>), ApiError> {
 /// else (not UTF-8, not JSON, not an array, an element that is not an
 /// object) is an error naming what was wrong; fields inside a build are read
 /// tolerantly ([`Build::from_json`]).
-pub fn parse_page(url: &str, content_type: &str, body: &[u8]) -> Result<Vec<Build>, ApiError> {
+pub(crate) fn parse_page(url: &str, content_type: &str, body: &[u8]) -> Result<Vec<Build>, ApiError> {
     let bad = |why: String| ApiError::NotJson { url: url.to_owned(), content_type: content_type.to_owned(), why };
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Array(items)) => items
@@ -123,14 +123,14 @@ pub fn parse_page(url: &str, content_type: &str, body: &[u8]) -> Result<Vec<Buil
 
 /// A client for one installation's API.
 #[derive(Clone, Debug)]
-pub struct ApiClient {
+pub(crate) struct ApiClient {
     http: HttpClient,
     authorization: String,
 }
 
 /// What listing returned: the builds, and warnings (e.g. the page bound).
 #[derive(Clone, Debug, Default)]
-pub struct Listing {
+pub(crate) struct Listing {
     pub builds: Vec<Build>,
     pub pages: usize,
     pub warnings: Vec<String>,

@@ -36,7 +36,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 const REJECT_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConsoleError {
+pub(crate) enum ConsoleError {
     #[error("cannot start the dev-console `{argv}`: {source}")]
     Spawn { argv: String, source: std::io::Error },
     #[error("the dev-console printed no prompt (`<namespace>=> `) within {timeout:?}; last output: {output:?}; stderr: {stderr:?}")]
@@ -55,7 +55,7 @@ pub enum ConsoleError {
 
 /// How one call ended, as the REPL said it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Evaluated; the value as `pr-str` printed it.
     Value(String),
     /// Evaluated and threw: `<exception class>: <message>`.
@@ -67,7 +67,7 @@ pub enum Outcome {
 
 /// One call's outcome and what the REPL wrote on stderr meanwhile (warnings).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub outcome: Outcome,
     pub stderr: String,
 }
@@ -98,7 +98,7 @@ impl StderrLog {
 }
 
 /// Does the output end with a REPL prompt (`<namespace>=> ` on its own line)?
-pub fn ends_with_prompt(out: &[u8]) -> bool {
+pub(crate) fn ends_with_prompt(out: &[u8]) -> bool {
     let line = match out.iter().rposition(|&b| b == b'\n') {
         Some(i) => &out[i + 1..],
         None => out,
@@ -115,7 +115,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The one-line form that evaluates `expr` and prints its outcome between
 /// sentinels `@@<marker>` (see the module doc).
-pub fn wrap(marker: &str, expr: &str) -> String {
+pub(crate) fn wrap(marker: &str, expr: &str) -> String {
     format!(
         "(let [m \"{marker}:\" r (try [:ok (pr-str {expr})] (catch Throwable e [:error (str (.getName (class e)) \": \" (ex-message e))]))] \
          (print (str \"\\n@@\" m (name (first r)) \"\\n\" (second r) \"\\n@@\" m \"end\\n\")) (flush) nil)"
@@ -141,7 +141,7 @@ fn parse_sentinel(out: &[u8], marker: &str) -> Option<(Outcome, usize)> {
 }
 
 /// A running dev-console, at its prompt between calls.
-pub struct Console {
+pub(crate) struct Console {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: ChildStdout,

@@ -6,11 +6,11 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::FreezeError;
-pub use crate::sys::mounts::MountEntry;
+pub(crate) use crate::sys::mounts::MountEntry;
 use crate::sys::{fsfreeze, mounts};
 
 /// Opens a mount point's directory read-only (opening writes nothing).
-pub fn open_mount(path: &Path) -> Result<File, FreezeError> {
+pub(crate) fn open_mount(path: &Path) -> Result<File, FreezeError> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
@@ -20,7 +20,7 @@ pub fn open_mount(path: &Path) -> Result<File, FreezeError> {
 
 /// What FIFREEZE said.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FreezeOutcome {
+pub(crate) enum FreezeOutcome {
     Frozen,
     /// EBUSY: the file system is already frozen (by us or by someone else).
     AlreadyFrozen,
@@ -28,13 +28,13 @@ pub enum FreezeOutcome {
 
 /// What FITHAW said.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ThawOutcome {
+pub(crate) enum ThawOutcome {
     Thawed,
     /// EINVAL: the file system was not frozen.
     NotFrozen,
 }
 
-pub fn fifreeze(file: &File, path: &Path) -> Result<FreezeOutcome, FreezeError> {
+pub(crate) fn fifreeze(file: &File, path: &Path) -> Result<FreezeOutcome, FreezeError> {
     match fsfreeze::freeze(file) {
         Ok(_) => Ok(FreezeOutcome::Frozen),
         Err(nix::errno::Errno::EBUSY) => Ok(FreezeOutcome::AlreadyFrozen),
@@ -45,7 +45,7 @@ pub fn fifreeze(file: &File, path: &Path) -> Result<FreezeOutcome, FreezeError> 
     }
 }
 
-pub fn fithaw(file: &File, path: &Path) -> Result<ThawOutcome, FreezeError> {
+pub(crate) fn fithaw(file: &File, path: &Path) -> Result<ThawOutcome, FreezeError> {
     match fsfreeze::thaw(file) {
         Ok(_) => Ok(ThawOutcome::Thawed),
         Err(nix::errno::Errno::EINVAL) => Ok(ThawOutcome::NotFrozen),
@@ -57,18 +57,18 @@ pub fn fithaw(file: &File, path: &Path) -> Result<ThawOutcome, FreezeError> {
 }
 
 /// Thaws a path directly (no watchdog): opens it and calls FITHAW.
-pub fn thaw_path(path: &Path) -> Result<ThawOutcome, FreezeError> {
+pub(crate) fn thaw_path(path: &Path) -> Result<ThawOutcome, FreezeError> {
     let file = open_mount(path)?;
     fithaw(&file, path)
 }
 
-pub fn mount_table() -> Result<Vec<MountEntry>, FreezeError> {
+pub(crate) fn mount_table() -> Result<Vec<MountEntry>, FreezeError> {
     mounts::mount_table().map_err(|source| FreezeError::Io { what: format!("cannot read {}", mounts::MOUNTINFO), source })
 }
 
 /// A mount that passed the checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckedMount {
+pub(crate) struct CheckedMount {
     /// Canonical path of the mount point.
     pub path: PathBuf,
     pub fs_type: String,
@@ -77,7 +77,7 @@ pub struct CheckedMount {
 }
 
 /// What the checks need to know about the machine.
-pub struct Policy<'a> {
+pub(crate) struct Policy<'a> {
     pub allow_root: bool,
     pub allow_journal_fs: bool,
     pub state_dir: &'a Path,
@@ -104,7 +104,7 @@ fn dev_of_nearest(path: &Path) -> Result<(PathBuf, u64), FreezeError> {
 /// `allow_root`; the file system holding `state_dir` only with
 /// `allow_journal_fs`. Two paths on one file system are frozen once.
 /// Returns the mounts to freeze and warnings.
-pub fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<CheckedMount>, Vec<String>), FreezeError> {
+pub(crate) fn check_mounts(requested: &[PathBuf], policy: &Policy<'_>) -> Result<(Vec<CheckedMount>, Vec<String>), FreezeError> {
     if requested.is_empty() {
         return Err(FreezeError::Input("no mount to freeze: give --mount PATH or set freeze.mounts".to_owned()));
     }

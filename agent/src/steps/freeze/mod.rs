@@ -24,8 +24,8 @@
 //!   is /dev/null) and holds the freeze until [`run_thaw`] (`dr-agent
 //!   thaw`) or the deadline.
 
-pub mod fs;
-pub mod watchdog;
+pub(crate) mod fs;
+pub(crate) mod watchdog;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use dr_proto::contract::{FreezeParams, FreezeReport, MountThaw, ThawParams, ThawReport};
+pub(crate) use dr_proto::contract::{FreezeParams, FreezeReport, MountThaw, ThawParams, ThawReport};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
@@ -45,13 +45,13 @@ use crate::steps::error::ErrorKind;
 /// agent runs under systemd (INVOCATION_ID set, /run/systemd/system exists,
 /// systemd-run installed), so that stopping or killing the agent's unit
 /// does not kill the watchdog. `off`: never. `systemd-run`: always.
-pub const WATCHDOG_SCOPE_ENV: &str = "DR_AGENT_WATCHDOG_SCOPE";
+pub(crate) const WATCHDOG_SCOPE_ENV: &str = "DR_AGENT_WATCHDOG_SCOPE";
 
 /// Longest freeze accepted: a frozen file system blocks every writer.
-pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
-pub enum FreezeError {
+pub(crate) enum FreezeError {
     #[error("{0}")]
     Input(String),
     #[error("refusing to freeze {path}: it is the root file system (set freeze.allow_root = true to allow it)")]
@@ -85,7 +85,7 @@ impl FreezeError {
 
 /// The watchdog's `frozen {json}` line (and its `status` answer).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WatchdogFrozen {
+pub(crate) struct WatchdogFrozen {
     pub pid: u32,
     pub mounts: Vec<PathBuf>,
     pub freeze_took_ms: u64,
@@ -97,7 +97,7 @@ pub struct WatchdogFrozen {
 
 /// The watchdog's `thawed {json}` line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WatchdogThawed {
+pub(crate) struct WatchdogThawed {
     pub reason: String,
     pub frozen_for_ms: u64,
     pub mounts: Vec<MountThaw>,
@@ -105,7 +105,7 @@ pub struct WatchdogThawed {
 
 /// The watchdog's `error {json}` line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WatchdogError {
+pub(crate) struct WatchdogError {
     /// `already_frozen`, `io`, `setup`.
     pub kind: String,
     pub path: Option<PathBuf>,
@@ -114,7 +114,7 @@ pub struct WatchdogError {
 
 /// state_dir/freeze/<id>.json.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FreezeRecord {
+pub(crate) struct FreezeRecord {
     pub id: String,
     pub pid: u32,
     pub mounts: Vec<PathBuf>,
@@ -132,16 +132,16 @@ pub struct FreezeRecord {
     pub identity: Option<crate::sys::identity::Identity>,
 }
 
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-pub fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Writes a record atomically ([`crate::sys::atomic::write`]).
-pub fn write_record(path: &Path, record: &FreezeRecord) -> Result<(), FreezeError> {
+pub(crate) fn write_record(path: &Path, record: &FreezeRecord) -> Result<(), FreezeError> {
     let bytes = serde_json::to_string_pretty(record).expect("records serialize");
     crate::sys::atomic::write(path, bytes.as_bytes(), 0o600)
         .map_err(|e| FreezeError::Io { what: format!("cannot {} {}", e.what, e.path.display()), source: e.source })
@@ -412,7 +412,7 @@ async fn spawn_watchdog(
 
 /// How long after its deadline a watchdog that has not lifted the freeze
 /// (and does not answer) is taken for stuck (SIGSTOP, a debugger).
-pub const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
 
 /// The agent's own check of its watchdog: at the deadline plus
 /// [`WATCHDOG_GRACE`], if the freeze is still recorded as active, the
@@ -464,7 +464,7 @@ fn guard(pid: u32, mounts: Vec<PathBuf>, socket: PathBuf, record: PathBuf, deadl
 /// A freeze held by the agent: dropping it without [`thaw`] closes the
 /// watchdog's pipe, and the watchdog thaws at once.
 #[derive(Debug)]
-pub struct FreezeHandle {
+pub(crate) struct FreezeHandle {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
@@ -517,7 +517,7 @@ fn frozen_report(state: &str, frozen: &WatchdogFrozen, record: Option<PathBuf>, 
 }
 
 /// Freezes the mounts under a watchdog tied to this process (the backup path).
-pub async fn freeze(config: &Config, params: &FreezeParams) -> Result<FreezeHandle, FreezeError> {
+pub(crate) async fn freeze(config: &Config, params: &FreezeParams) -> Result<FreezeHandle, FreezeError> {
     let (mounts, mut warnings) = plan(config, params)?;
     if let Some((path, record, _)) = existing_freeze(config, &mounts, false, &mut warnings)? {
         return Err(FreezeError::AlreadyFrozen {
@@ -541,7 +541,7 @@ pub async fn freeze(config: &Config, params: &FreezeParams) -> Result<FreezeHand
 
 /// Asks the watchdog to thaw and waits for its answer. If the watchdog is
 /// gone without a word, thaws directly (FITHAW).
-pub async fn thaw(handle: FreezeHandle) -> Result<ThawReport, FreezeError> {
+pub(crate) async fn thaw(handle: FreezeHandle) -> Result<ThawReport, FreezeError> {
     let FreezeHandle { mut child, stdin, mut lines, report, frozen_at, lifted } = handle;
     if lifted.is_none()
         && let Some(mut stdin) = stdin
@@ -612,7 +612,7 @@ fn to_thaw_report(t: WatchdogThawed, warnings: Vec<String>) -> Result<ThawReport
 /// Hand-run freeze: a detached watchdog holds the freeze until `dr-agent
 /// thaw` or the deadline. Idempotent: the same mounts already frozen by a
 /// live watchdog are reported as `already frozen`.
-pub async fn run(config: &Config, params: &FreezeParams, dry_run: bool) -> Result<FreezeReport, FreezeError> {
+pub(crate) async fn run(config: &Config, params: &FreezeParams, dry_run: bool) -> Result<FreezeReport, FreezeError> {
     let (mounts, mut warnings) = plan(config, params)?;
     if let Some((path, _, status)) = existing_freeze(config, &mounts, dry_run, &mut warnings)? {
         let mut r = frozen_report("already frozen", &status, Some(path), warnings);
@@ -652,7 +652,7 @@ pub async fn run(config: &Config, params: &FreezeParams, dry_run: bool) -> Resul
 
 /// Hand-run thaw: asks the watchdogs that hold the mounts, or thaws
 /// directly when none is alive. Thawing what is not frozen is `already thawed`.
-pub async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Result<ThawReport, FreezeError> {
+pub(crate) async fn run_thaw(config: &Config, params: &ThawParams, dry_run: bool) -> Result<ThawReport, FreezeError> {
     let mut warnings = Vec::new();
     let requested = if params.mounts.is_empty() { config.freeze.mounts.clone() } else { params.mounts.clone() };
     let mut targets: Vec<PathBuf> = Vec::new();

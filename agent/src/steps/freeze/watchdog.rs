@@ -20,7 +20,7 @@ use super::{FreezeRecord, MountThaw, WatchdogError, WatchdogFrozen, WatchdogThaw
 
 /// What the watchdog was started with.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub(crate) struct Options {
     pub id: String,
     pub mounts: Vec<PathBuf>,
     pub deadline: Duration,
@@ -52,7 +52,7 @@ fn emit_error(kind: &str, path: Option<&Path>, message: String) {
 }
 
 /// Runs the watchdog; returns the process exit code.
-pub fn run(opts: Options) -> u8 {
+pub(crate) fn run(opts: Options) -> u8 {
     // Signals are taken by a thread (sigwait) so that none ends the process
     // while a file system is frozen. Block them before any thread exists.
     let mut signals = SigSet::empty();

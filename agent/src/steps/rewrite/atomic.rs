@@ -15,12 +15,12 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::RewriteError;
 use crate::sys::atomic::{self, AtomicError, Spec, parent};
-pub use crate::sys::clock::utc_stamp;
+pub(crate) use crate::sys::clock::utc_stamp;
 
 /// Marker in the names of temporary files.
-pub const TMP_MARK: &str = ".dr-tmp-";
+pub(crate) const TMP_MARK: &str = ".dr-tmp-";
 /// Marker in the names of backups.
-pub const BACKUP_MARK: &str = ".dr-backup-";
+pub(crate) const BACKUP_MARK: &str = ".dr-backup-";
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RewriteError + 'a {
     move |source| RewriteError::Io { op, path: path.to_path_buf(), source }
@@ -33,7 +33,7 @@ fn from_atomic(e: AtomicError) -> RewriteError {
 /// An exclusive `flock` on a directory, held while files in it are
 /// rewritten: two rewrites never interleave. Released when dropped or when
 /// the process dies.
-pub struct DirLock {
+pub(crate) struct DirLock {
     _dir: Flock<File>,
 }
 
@@ -49,7 +49,7 @@ impl DirLock {
 }
 
 /// Stray temporary files of `file` (left by a killed run).
-pub fn stray_temps(file: &Path) -> Result<Vec<PathBuf>, RewriteError> {
+pub(crate) fn stray_temps(file: &Path) -> Result<Vec<PathBuf>, RewriteError> {
     let dir = parent(file);
     let prefix = format!("{}{TMP_MARK}", name(file));
     let mut out = Vec::new();
@@ -67,7 +67,7 @@ fn name(file: &Path) -> String {
     file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-pub fn fsync_dir(dir: &Path) -> Result<(), RewriteError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), RewriteError> {
     atomic::fsync_dir(dir).map_err(from_atomic)
 }
 
@@ -90,7 +90,7 @@ fn temp_of(file: &Path) -> Result<PathBuf, RewriteError> {
 /// overwriting an existing backup: one with the same name and the same
 /// content is reused, otherwise `.1`, `.2`... are tried. The backup appears
 /// complete or not at all (written to a temporary file, then linked).
-pub fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime) -> Result<PathBuf, RewriteError> {
+pub(crate) fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime) -> Result<PathBuf, RewriteError> {
     let stamp = utc_stamp(now);
     let base = format!("{}{BACKUP_MARK}{stamp}", name(file));
     let tmp = temp_of(file)?;
@@ -127,7 +127,7 @@ pub fn backup(file: &Path, old: &[u8], meta: &std::fs::Metadata, now: SystemTime
 
 /// Replaces `file` by `new` (same owner and mode as `meta`), crash-safely:
 /// the agent's one write ([`atomic::write_with`]).
-pub fn replace(file: &Path, new: &[u8], meta: &std::fs::Metadata) -> Result<(), RewriteError> {
+pub(crate) fn replace(file: &Path, new: &[u8], meta: &std::fs::Metadata) -> Result<(), RewriteError> {
     let tmp = temp_of(file)?;
     atomic::write_with(file, new, &spec(meta, &tmp)).map_err(from_atomic)
 }

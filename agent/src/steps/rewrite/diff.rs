@@ -10,7 +10,7 @@ const CONTEXT: usize = 3;
 
 /// `lines`: (old, new) pairs, each with its line ending (`"\n"`, or nothing
 /// for a last line without one).
-pub fn unified(old_name: &str, new_name: &str, lines: &[(&str, &str)]) -> String {
+pub(crate) fn unified(old_name: &str, new_name: &str, lines: &[(&str, &str)]) -> String {
     let changed: Vec<usize> = (0..lines.len()).filter(|i| lines[*i].0 != lines[*i].1).collect();
     if changed.is_empty() {
         return String::new();

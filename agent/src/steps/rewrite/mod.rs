@@ -16,7 +16,7 @@
 //! - Writes are crash-safe ([`atomic`]): dated backup, temporary file, fsync,
 //!   owner and mode, rename, directory fsync, under a directory lock.
 
-pub mod atomic;
+pub(crate) mod atomic;
 mod diff;
 pub mod envfile;
 
@@ -26,13 +26,13 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-pub use dr_proto::contract::{AddressChange, BadChange, FileReport, Layout, RewriteParams, RewriteReport};
+pub(crate) use dr_proto::contract::{AddressChange, BadChange, FileReport, Layout, RewriteParams, RewriteReport};
 
 use crate::config::Config;
 use crate::steps::error::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RewriteError {
+pub(crate) enum RewriteError {
     #[error(transparent)]
     BadChange(#[from] BadChange),
     #[error("nothing to rewrite: give at least one --private OLD=NEW or --public OLD=NEW")]
@@ -76,10 +76,10 @@ impl RewriteError {
 }
 
 /// The names of the two files, in the order they are rewritten.
-pub const FILES: [&str; 2] = ["replicated", "replicated-operator"];
+pub(crate) const FILES: [&str; 2] = ["replicated", "replicated-operator"];
 
 /// The layout of the machine under `root`.
-pub fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
+pub(crate) fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
     let rhel = root.join(Layout::Rhel.dir()).join(FILES[0]);
     let debian = root.join(Layout::Debian.dir()).join(FILES[0]);
     if rhel.symlink_metadata().is_ok() {
@@ -92,7 +92,7 @@ pub fn detect_layout(root: &Path) -> Result<Layout, RewriteError> {
 }
 
 /// The parameters from the CLI's `--private` / `--public` values.
-pub fn params_from_flags(private: &[String], public: &[String]) -> Result<RewriteParams, RewriteError> {
+pub(crate) fn params_from_flags(private: &[String], public: &[String]) -> Result<RewriteParams, RewriteError> {
     let private = private.iter().map(|v| AddressChange::parse("--private", v)).collect::<Result<_, _>>()?;
     let public = public.iter().map(|v| AddressChange::parse("--public", v)).collect::<Result<_, _>>()?;
     let p = RewriteParams { private, public };
@@ -101,7 +101,7 @@ pub fn params_from_flags(private: &[String], public: &[String]) -> Result<Rewrit
 }
 
 /// At least one change, one family per change, one new address per old.
-pub fn validate(p: &RewriteParams) -> Result<(), RewriteError> {
+pub(crate) fn validate(p: &RewriteParams) -> Result<(), RewriteError> {
     if p.private.is_empty() && p.public.is_empty() {
         return Err(RewriteError::NothingRequested);
     }
@@ -136,7 +136,7 @@ fn effective(p: &RewriteParams) -> Vec<(&'static str, AddressChange)> {
 
 /// The addresses a machine's files carry (for `recover`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FoundAddresses {
+pub(crate) struct FoundAddresses {
     pub layout: Layout,
     /// `PRIVATE_ADDRESS`.
     pub private: Option<IpAddr>,
@@ -211,7 +211,7 @@ fn load(root: &Path, warnings: &mut Vec<String>) -> Result<(Layout, Vec<Loaded>)
 }
 
 /// The addresses written in the files under `root`.
-pub fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
+pub(crate) fn find_addresses(root: &Path) -> Result<FoundAddresses, RewriteError> {
     let mut warnings = Vec::new();
     let (layout, files) = load(root, &mut warnings)?;
     let mut private_all: Vec<IpAddr> = Vec::new();
@@ -337,7 +337,7 @@ fn plan(files: Vec<Loaded>, changes: &[(&'static str, AddressChange)], warnings:
 }
 
 /// Runs the step on the machine under `config.root`.
-pub async fn run(config: &Config, params: &RewriteParams, dry_run: bool) -> Result<RewriteReport, RewriteError> {
+pub(crate) async fn run(config: &Config, params: &RewriteParams, dry_run: bool) -> Result<RewriteReport, RewriteError> {
     let root = config.root.clone();
     let params = params.clone();
     tokio::task::spawn_blocking(move || execute(&root, &params, dry_run, SystemTime::now()))
@@ -346,7 +346,7 @@ pub async fn run(config: &Config, params: &RewriteParams, dry_run: bool) -> Resu
 }
 
 /// The step, synchronously (`now` names the backups).
-pub fn execute(root: &Path, params: &RewriteParams, dry_run: bool, now: SystemTime) -> Result<RewriteReport, RewriteError> {
+pub(crate) fn execute(root: &Path, params: &RewriteParams, dry_run: bool, now: SystemTime) -> Result<RewriteReport, RewriteError> {
     validate(params)?;
     let changes = effective(params);
     let mut warnings = Vec::new();
