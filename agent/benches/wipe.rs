@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use dr_agent::nomad_state::move_aside_and_delete;
+use dr_agent::steps::nomad_state::move_aside_and_delete;
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 1000;

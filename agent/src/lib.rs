@@ -1,108 +1,25 @@
 //! dr-agent: performs typed, local recovery steps on a CircleCI Server
 //! services machine, for a controller or by hand.
 //!
+//! Grouped by what the modules do, one folder per layer, lowest first; a
+//! layer imports only from layers below it (checked by `layering.rs`):
+//!
 //! - [`config`]: the TOML configuration.
-//! - [`imds`], [`facts`]: what the instance is (IMDSv2, boot id, OS family).
-//! - [`replicated`]: `replicatedctl` with timeouts, tolerant parsing.
-//! - [`steps`]: the typed actions and their executor (no gRPC here).
-//! - [`journal`]: `id -> result` on disk so a command runs once.
-//! - [`session`]: the gRPC stream with the controller (pb <-> domain).
+//! - [`sys`]: access to the machine: HTTP client, IMDS, crash-safe writes,
+//!   mount table and the freeze ioctls, instance facts and identity,
+//!   `replicatedctl`, the clock's stamps.
+//! - [`steps`]: the typed steps (one module per step) and their executor;
+//!   parameters and reports are the contract's (`dr_proto::contract`).
+//! - [`daemon`]: the gRPC session with the controller, the journal, the
+//!   fence, the hand-run reads.
 //! - [`cli`]: the hand-run command line, a layer over [`steps`] (parse,
-//!   run through the same executor, exit code, render); [`commands`]: the
-//!   hand-run reads (app status, facts); [`logging`]: log setup.
-//! - Runbook steps: [`app`] (stop/start/hostname), [`rewrite`] (addresses in
-//!   the Replicated files), [`nomad_state`] (wipe), [`builds`] (clean up
-//!   half-finished builds), [`freeze`] (FIFREEZE/FITHAW + watchdog),
-//!   [`drain`] (Nomad builders), [`recover`] (the whole runbook).
-//! - [`fence`]: an old primary told it is fenced keeps its app stopped.
+//!   run through the same executor, exit code, render), and log setup.
+#![deny(unsafe_code)]
 
-pub mod app;
-pub mod atomic;
-pub mod builds;
 pub mod cli;
-pub mod clock;
-pub mod commands;
 pub mod config;
-pub mod drain;
-pub mod facts;
-pub mod fence;
-pub mod freeze;
-pub mod health;
-pub mod http;
-pub mod identity;
-pub mod imds;
-pub mod journal;
-pub mod logging;
-pub mod nomad_state;
-pub mod recover;
-pub mod replicated;
-pub mod rewrite;
-pub mod session;
+pub(crate) mod daemon;
+#[cfg(test)]
+mod layering;
 pub mod steps;
-
-use std::sync::Arc;
-
-/// Errors that end the daemon before it runs.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    #[error(transparent)]
-    Agent(#[from] session::AgentError),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
-}
-
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run_daemon(config: &config::Config, origin: &str) -> Result<(), RunError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let settings = config.run_settings(origin)?;
-    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    tracing::info!(
-        site_id = %settings.site_id,
-        controller = %settings.controller_url,
-        version = env!("CARGO_PKG_VERSION"),
-        "dr-agent starting"
-    );
-    record_identity(config).await;
-    let agent = Arc::new(session::Agent::new(config, settings)?);
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-        }
-    };
-    agent.run(shutdown).await;
-    Ok(())
-}
-
-/// Records the instance id and boot id this daemon runs on
-/// (state_dir/identity.json), keeping the previous ones when they changed.
-/// IMDS down or an unwritable state_dir: logged, the daemon goes on.
-async fn record_identity(config: &config::Config) {
-    let client = match imds::ImdsClient::new(&config.imds.endpoint, config.imds.timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot build the IMDS client: identity not recorded");
-            return;
-        }
-    };
-    let live = match identity::live(&client, std::path::Path::new(facts::BOOT_ID_PATH)).await {
-        Ok((live, imds_down)) => {
-            if let Some(why) = imds_down {
-                tracing::warn!(error = %why, "IMDS did not answer: recording the boot id only");
-            }
-            live
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read this machine's identity: not recorded");
-            return;
-        }
-    };
-    match identity::observe(&config.state_dir, &live) {
-        Ok((change, file)) => tracing::info!(?change, current = %file.current,
-            restored_from = file.restored_from.as_ref().map(|i| i.to_string()).unwrap_or_default(), "identity recorded"),
-        Err(e) => tracing::warn!(error = %e, "cannot record this machine's identity"),
-    }
-}
+pub mod sys;

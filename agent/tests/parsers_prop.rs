@@ -9,10 +9,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use dr_agent::config::Config;
-use dr_agent::facts;
-use dr_agent::freeze::fs::parse_mountinfo;
-use dr_agent::replicated::parse_app_status;
-use dr_agent::rewrite::envfile;
+use dr_agent::steps::rewrite::envfile;
+use dr_agent::sys::facts;
+use dr_agent::sys::mounts::parse_mountinfo;
+use dr_agent::sys::replicated::parse_app_status;
 use proptest::prelude::*;
 
 /// Cases per property: PROPTEST_CASES, else 512.
@@ -219,7 +219,7 @@ mod imds_answers {
         fn imds_facts_are_valid_or_a_clear_error(id in prop_oneof![Just("i-0123456789abcdef0".to_owned()), "[ -~]{0,20}"], ip in prop_oneof![ipv4().prop_map(|i| i.to_string()), "[ -~]{0,16}"], public in "[0-9.]{0,15}") {
             let url = serve_once_each(vec![("instance-id".into(), id.clone()), ("local-ipv4".into(), ip.clone()), ("public-ipv4".into(), public.clone())]);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let client = dr_agent::imds::ImdsClient::new(&url, std::time::Duration::from_secs(2)).expect("client");
+            let client = dr_agent::sys::imds::ImdsClient::new(&url, std::time::Duration::from_secs(2)).expect("client");
             match rt.block_on(facts::imds_facts(&client)) {
                 Ok(f) => {
                     prop_assert!(facts::valid_instance_id(&f.instance_id));
@@ -263,8 +263,8 @@ mod nomad_answers {
             c.nomad.api_url = url.clone();
             c.state_dir = dir.path().to_owned();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let params = dr_agent::drain::DrainParams { deadline: std::time::Duration::from_secs(1), require_idle: false };
-            match rt.block_on(dr_agent::drain::drain(&c, &params, true)) {
+            let params = dr_agent::steps::drain::DrainParams { deadline: std::time::Duration::from_secs(1), require_idle: false };
+            match rt.block_on(dr_agent::steps::drain::drain(&c, &params, true)) {
                 Ok(r) => {
                     for n in &r.drained {
                         prop_assert!(!n.id.is_empty() && n.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{:?}", n);

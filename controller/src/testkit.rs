@@ -7,6 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+use dr_proto::contract::{
+    AppReport, AppStatus, CleanupReport, DrainReport, ErrorKind, FileReport, FreezeReport, HealthReport, HostnameReport, Layout, MountThaw,
+    Report, Request, RewriteReport, Target, ThawReport, TreeCount, UndrainReport, WipeReport,
+};
+
 use crate::cloud::ec2::{Address, CopyImage, CreateImage, Ec2, Ec2Error, Image, Instance, RunInstance};
 use crate::domain::model::{BlockDevice, LaunchFacts};
 
@@ -293,24 +298,184 @@ impl Ec2 for FakeEc2 {
 /// as one instance with a role, it answers each command with what
 /// `answer` says (by the command's action name), records every command it
 /// got, and follows `RoleChange`s. Lets a workflow's unit test run its agent
-/// steps in memory.
+/// steps in memory. Its reports are the contract's structs, serialized as
+/// the agent serializes them ([`Report::to_json`]), so a test fails when
+/// one side of the contract changes alone.
+///
+/// [`Registry`]: crate::agents::Registry
 pub struct FakeAgent {
     pub commands: Arc<Mutex<Vec<String>>>,
     pub role: Arc<Mutex<String>>,
 }
 
-/// What the fake agent answers to an action: a JSON report, or an error.
-pub type FakeAnswer = Result<serde_json::Value, (dr_proto::pb::ErrorKind, String)>;
+/// What the fake agent answers to an action: a report, or an error.
+pub type FakeAnswer = Result<FakeReply, (ErrorKind, String)>;
+
+/// A successful answer of the fake agent.
+#[derive(Clone, Debug)]
+pub enum FakeReply {
+    /// The action's report as [`fake_report`] makes it (`app_status`:
+    /// started and settled).
+    Default,
+    /// This report.
+    Report(Report),
+    /// This text as the report, as is: an agent that does not follow the
+    /// contract (another version).
+    Raw(String),
+}
+
+/// The default answer: the action's real report.
+pub fn fake_ok(_action: &str) -> FakeAnswer {
+    Ok(FakeReply::Default)
+}
 
 /// A step the fake agent ran and that failed (`ErrorKind::Failed`).
 pub fn fake_failure(message: &str) -> FakeAnswer {
-    Err((dr_proto::pb::ErrorKind::Failed, message.to_owned()))
+    Err((ErrorKind::Failed, message.to_owned()))
+}
+
+/// The report a real agent sends for `action` when all went well and
+/// nothing was already done (the contract's structs, every field named).
+pub fn fake_report(action: &str) -> Report {
+    let app = |target: Target| AppReport {
+        target,
+        previous_state: if target == Target::Stopped { "started" } else { "stopped" }.into(),
+        previous_transitioning: false,
+        final_state: target.state().into(),
+        already: false,
+        issued: true,
+        dry_run: false,
+        elapsed_ms: 10,
+        polls: 1,
+        unknown_states: vec![],
+        actions: vec![],
+        warnings: vec![],
+    };
+    match action {
+        "app_status" => Report::AppStatus(AppStatus { state: "started".into(), is_transitioning: false, desired_state: "started".into() }),
+        "app_stop" => Report::App(app(Target::Stopped)),
+        "app_start" => Report::App(app(Target::Started)),
+        "set_hostname" => Report::Hostname(HostnameReport {
+            item: "hostname".into(),
+            old: Some("old.example.com".into()),
+            new: "new.example.com".into(),
+            changed: true,
+            applied: true,
+            dry_run: false,
+            actions: vec![],
+            warnings: vec![],
+        }),
+        "rewrite_addresses" => Report::Rewrite(RewriteReport {
+            root: "/".into(),
+            layout: Layout::Debian,
+            dry_run: false,
+            private: vec![],
+            public: vec![],
+            files: vec![FileReport {
+                path: "/etc/default/replicated".into(),
+                changed_lines: 1,
+                replacements: 1,
+                backup: None,
+                written: true,
+            }],
+            up_to_date: false,
+            removed_temp_files: vec![],
+            diff: String::new(),
+            warnings: vec![],
+            actions: vec![],
+        }),
+        "wipe_nomad" => Report::Wipe(WipeReport {
+            path: "/opt/nomad".into(),
+            state: "wiped".into(),
+            dry_run: false,
+            in_place: false,
+            removed: TreeCount::default(),
+            moved_to: None,
+            rename_ms: 1.0,
+            delete_ms: 1.0,
+            owner: None,
+            mode: None,
+            entries: vec![],
+            mounts_below: vec![],
+            actions: vec![],
+            warnings: vec![],
+            blocked_by: vec![],
+        }),
+        "cleanup_builds" => Report::Cleanup(cleanup_report()),
+        "freeze" => Report::Freeze(FreezeReport {
+            state: "frozen".into(),
+            mounts: vec!["/data".into()],
+            deadline_ms: 60_000,
+            thaw_by_unix_ms: 0,
+            watchdog_pid: Some(4242),
+            freeze_took_ms: 5,
+            record: None,
+            dry_run: false,
+            actions: vec![],
+            warnings: vec![],
+        }),
+        "thaw" => Report::Thaw(ThawReport {
+            mounts: vec![MountThaw { path: "/data".into(), outcome: "thawed".into() }],
+            frozen_for_ms: 0,
+            reason: "asked by the agent".into(),
+            already_done: false,
+            dry_run: false,
+            warnings: vec![],
+        }),
+        "drain" => Report::Drain(DrainReport {
+            drained: vec![],
+            already_drained: vec![],
+            drained_by_others: vec![],
+            skipped: vec![],
+            deadline_ms: 60_000,
+            waited_ms: 0,
+            idle: true,
+            still_running: vec![],
+            record: "/var/lib/dr-agent/drain.json".into(),
+            dry_run: false,
+            actions: vec![],
+            warnings: vec![],
+        }),
+        "undrain" => Report::Undrain(UndrainReport {
+            undrained: vec!["node-1".into()],
+            already: vec![],
+            not_found: vec![],
+            from_record: true,
+            already_done: false,
+            dry_run: false,
+            actions: vec![],
+            warnings: vec![],
+        }),
+        "health_check" => Report::Health(HealthReport { url: "http://127.0.0.1/health-check".into(), status: 200, elapsed_ms: 3 }),
+        other => panic!("the fake agent has no report for `{other}`"),
+    }
+}
+
+/// A clean-up that deleted nothing.
+pub fn cleanup_report() -> CleanupReport {
+    CleanupReport {
+        before: "2026-01-01T00:00:00.000Z".into(),
+        hostname: "ci.example.com".into(),
+        dry_run: false,
+        listed: 0,
+        newest_build_started_at: None,
+        not_running: 0,
+        builds: vec![],
+        deleted: 0,
+        failed: 0,
+        refused: 0,
+        kept: 0,
+        console_sessions: 0,
+        already_done: true,
+        actions: vec![],
+        warnings: vec![],
+    }
 }
 
 impl FakeAgent {
     /// Attaches an agent for `site`/`instance` with `role`; `answer` maps an
     /// action name (`app_stop`, `app_status`, `health_check`, ...) to its
-    /// answer. `app_status` answers started unless `answer` says otherwise.
+    /// answer ([`fake_ok`]: every action's real report).
     pub fn attach(
         registry: &crate::agents::Registry,
         site: &str,
@@ -334,23 +499,37 @@ impl FakeAgent {
             while let Some(Ok(msg)) = rx.recv().await {
                 match msg.msg {
                     Some(pb::controller_message::Msg::Command(c)) => {
-                        let action = fake_action_name(c.kind.as_ref());
+                        // The agent's own conversion: what it could not type, it refuses.
+                        let request = c.kind.map(Request::from_pb);
+                        let action = request.as_ref().and_then(|r| r.as_ref().ok()).map_or("other", Request::name);
                         log.lock().expect("lock").push(format!("{}:{action}", c.id));
                         let mut r = pb::CommandResult { id: c.id.clone(), ..Default::default() };
-                        match answer(action) {
-                            Ok(_) if action == "app_status" => {
+                        let reply = match request {
+                            Some(Err(e)) => Err((ErrorKind::Invalid, format!("invalid command: {e}; not run"))),
+                            _ => answer(action),
+                        };
+                        match reply {
+                            Ok(reply) => {
                                 r.ok = true;
-                                r.detail = Some(pb::command_result::Detail::AppStatus(pb::AppStatusResult {
-                                    state: "started".into(),
-                                    ..Default::default()
-                                }));
-                            }
-                            Ok(report) => {
-                                r.ok = true;
-                                r.report_json = report.to_string();
+                                let report = match reply {
+                                    FakeReply::Default => Ok(fake_report(action)),
+                                    FakeReply::Report(report) => Ok(report),
+                                    FakeReply::Raw(text) => Err(text),
+                                };
+                                match report {
+                                    Ok(Report::AppStatus(s)) => {
+                                        r.detail = Some(pb::command_result::Detail::AppStatus(pb::AppStatusResult {
+                                            state: s.state,
+                                            is_transitioning: s.is_transitioning,
+                                            desired_state: s.desired_state,
+                                        }));
+                                    }
+                                    Ok(report) => r.report_json = report.to_json().to_string(),
+                                    Err(text) => r.report_json = text,
+                                }
                             }
                             Err((kind, error)) => {
-                                r.error_kind = kind as i32;
+                                r.error_kind = ErrorKind::to_wire(Some(kind));
                                 r.error = error;
                             }
                         }
@@ -367,25 +546,6 @@ impl FakeAgent {
     /// The action names of the commands it got, in order.
     pub fn actions(&self) -> Vec<String> {
         self.commands.lock().expect("lock").iter().map(|c| c.rsplit(':').next().unwrap_or_default().to_owned()).collect()
-    }
-}
-
-fn fake_action_name(kind: Option<&dr_proto::pb::command::Kind>) -> &'static str {
-    use dr_proto::pb::command::Kind;
-    match kind {
-        Some(Kind::AppStatus(_)) => "app_status",
-        Some(Kind::AppStop(_)) => "app_stop",
-        Some(Kind::AppStart(_)) => "app_start",
-        Some(Kind::Freeze(_)) => "freeze",
-        Some(Kind::Thaw(_)) => "thaw",
-        Some(Kind::Drain(_)) => "drain",
-        Some(Kind::Undrain(_)) => "undrain",
-        Some(Kind::SetHostname(_)) => "set_hostname",
-        Some(Kind::RewriteAddresses(_)) => "rewrite_addresses",
-        Some(Kind::WipeNomad(_)) => "wipe_nomad",
-        Some(Kind::CleanupBuilds(_)) => "cleanup_builds",
-        Some(Kind::HealthCheck(_)) => "health_check",
-        _ => "other",
     }
 }
 

@@ -3,6 +3,9 @@
 //! - [`pb`]: code generated from `proto/dr.proto` (messages, clients, servers).
 //!   Generated types stay at the edges: each binary converts them to its own
 //!   domain types at the gRPC boundary.
+//! - [`contract`]: what agent and controller agree on per step: its
+//!   parameters, its report, its error kind (one type each, used by both,
+//!   outside `pb` so the controller's workflows may name them).
 //! - [`identity`]: the SPIFFE-style identities carried in certificates.
 //! - [`backoff`]: the one retry/backoff curve both ends use.
 //! - [`tls`]: loading PEM material and building the rustls configurations
@@ -14,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod contract;
 pub mod identity;
 pub mod tls;
 pub mod transport;

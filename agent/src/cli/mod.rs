@@ -7,7 +7,8 @@
 //! Exit codes: 0 done, 1 the step failed, 2 bad configuration or input, 3 a
 //! safety rule refused the step.
 
-pub mod render;
+pub(crate) mod logging;
+pub(crate) mod render;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -19,15 +20,16 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError};
+use crate::daemon::commands;
 use crate::steps::{Action, ErrorKind, Executor, StepError};
-use crate::{app, builds, commands, drain, freeze, logging, recover, rewrite};
+use crate::steps::{app, builds, drain, freeze, recover, rewrite};
 
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_INPUT: u8 = 2;
-pub const EXIT_REFUSED: u8 = 3;
+pub(crate) const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_INPUT: u8 = 2;
+pub(crate) const EXIT_REFUSED: u8 = 3;
 
 /// The exit status of a step that failed with this kind.
-pub fn exit_code(kind: ErrorKind) -> u8 {
+pub(crate) fn exit_code(kind: ErrorKind) -> u8 {
     match kind {
         ErrorKind::Invalid | ErrorKind::NotSupported => EXIT_INPUT,
         ErrorKind::Refused => EXIT_REFUSED,
@@ -37,7 +39,7 @@ pub fn exit_code(kind: ErrorKind) -> u8 {
 
 #[derive(Parser)]
 #[command(name = "dr-agent", version, about = "Performs typed, local recovery steps on a CircleCI Server services machine.")]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format (logs go to stderr; RUST_LOG filters).
     #[arg(long, value_enum, default_value_t = LogFmt::Text, global = true)]
     log_format: LogFmt,
@@ -53,7 +55,7 @@ enum LogFmt {
 
 /// How subcommands print their result.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
+pub(crate) enum OutputFormat {
     #[default]
     Human,
     Json,
@@ -61,7 +63,7 @@ pub enum OutputFormat {
 
 /// Options every hand-run step takes.
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct Common {
+pub(crate) struct Common {
     /// Configuration file (TOML); defaults apply without it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -158,7 +160,7 @@ enum StepCommand {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct StopArgs {
+pub(crate) struct StopArgs {
     #[command(flatten)]
     pub common: Common,
     /// `replicatedctl app stop -f`.
@@ -171,7 +173,7 @@ pub struct StopArgs {
 
 /// A step whose only own flag is `--dry-run`.
 #[derive(clap::Args, Clone, Debug)]
-pub struct DryRunArgs {
+pub(crate) struct DryRunArgs {
     #[command(flatten)]
     pub common: Common,
     /// Show what would be done; change nothing.
@@ -180,7 +182,7 @@ pub struct DryRunArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct HostnameArgs {
+pub(crate) struct HostnameArgs {
     #[command(flatten)]
     pub common: Common,
     /// The hostname the installation must answer on.
@@ -192,7 +194,7 @@ pub struct HostnameArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct RewriteArgs {
+pub(crate) struct RewriteArgs {
     #[command(flatten)]
     pub common: Common,
     /// OLD=NEW private IP (repeatable).
@@ -207,7 +209,7 @@ pub struct RewriteArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct WipeArgs {
+pub(crate) struct WipeArgs {
     #[command(flatten)]
     pub common: Common,
     /// Show what would be removed; remove nothing.
@@ -220,7 +222,7 @@ pub struct WipeArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct CleanupArgs {
+pub(crate) struct CleanupArgs {
     #[command(flatten)]
     pub common: Common,
     /// The backup's point in time (RFC 3339): only builds started before it are deleted.
@@ -232,13 +234,13 @@ pub struct CleanupArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct HealthArgs {
+pub(crate) struct HealthArgs {
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct FreezeArgs {
+pub(crate) struct FreezeArgs {
     #[command(flatten)]
     pub common: Common,
     /// Mount point to freeze (repeatable); default: freeze.mounts.
@@ -257,7 +259,7 @@ pub struct FreezeArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct ThawArgs {
+pub(crate) struct ThawArgs {
     #[command(flatten)]
     pub common: Common,
     /// Mount point to thaw (repeatable); default: freeze.mounts, or every recorded freeze.
@@ -269,7 +271,7 @@ pub struct ThawArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct WatchdogArgs {
+pub(crate) struct WatchdogArgs {
     #[command(flatten)]
     pub common: Common,
     #[arg(long)]
@@ -288,7 +290,7 @@ pub struct WatchdogArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct DrainArgs {
+pub(crate) struct DrainArgs {
     #[command(flatten)]
     pub common: Common,
     /// How long running allocations may take to end (Nomad's drain deadline
@@ -304,7 +306,7 @@ pub struct DrainArgs {
 }
 
 #[derive(clap::Args, Clone, Debug)]
-pub struct RecoverArgs {
+pub(crate) struct RecoverArgs {
     #[command(flatten)]
     pub common: Common,
     /// Print the plan; change nothing.
@@ -337,7 +339,7 @@ pub struct RecoverArgs {
 /// Why a hand-run command did not succeed: its exit code, the message for
 /// stderr and, when the step ran and has a report, that report for stdout.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub code: u8,
     pub message: String,
     pub stdout: Option<String>,
@@ -383,7 +385,7 @@ pub fn main() -> ExitCode {
 
 /// Runs one action through a hand-run [`Executor`] and renders its report
 /// (also the report of a step that failed after it ran).
-pub async fn run_step(config: Config, action: &Action, output: OutputFormat) -> Result<String, Failure> {
+pub(crate) async fn run_step(config: Config, action: &Action, output: OutputFormat) -> Result<String, Failure> {
     let executor = Executor::hand_run(Arc::new(config));
     executor.run(action, None).await.map(|r| render::report(&r, output)).map_err(|e| step_failure(&e, output))
 }
@@ -402,7 +404,7 @@ fn action_of(command: &StepCommand) -> Result<(Config, Action, OutputFormat), Fa
             (&a.common, Action::SetHostname { params: app::HostnameParams { hostname: a.hostname.clone() }, dry_run: a.dry_run })
         }
         StepCommand::RewriteAddresses(a) => {
-            let params = rewrite::RewriteParams::from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
+            let params = rewrite::params_from_flags(&a.private, &a.public).map_err(|e| Failure::new(e.kind(), e.to_string()))?;
             (&a.common, Action::RewriteAddresses { params, dry_run: a.dry_run })
         }
         StepCommand::WipeNomad(a) => (&a.common, Action::WipeNomad { dry_run: a.dry_run, offline: a.offline }),
@@ -451,8 +453,8 @@ async fn dispatch(command: Command) -> Result<String, Failure> {
         }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            crate::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
-                let kind = if matches!(e, crate::RunError::Config(_)) { ErrorKind::Invalid } else { ErrorKind::Failed };
+            crate::daemon::run_daemon(&cfg, &config.display().to_string()).await.map_err(|e| {
+                let kind = if matches!(e, crate::daemon::RunError::Config(_)) { ErrorKind::Invalid } else { ErrorKind::Failed };
                 Failure::new(kind, e.to_string())
             })?;
             Ok(String::new())
@@ -564,7 +566,7 @@ mod tests {
     /// in the chosen format, with the exit code of its kind.
     #[test]
     fn a_reported_failure_keeps_its_report() {
-        let r = crate::drain::UndrainReport {
+        let r = crate::steps::drain::UndrainReport {
             undrained: vec![],
             already: vec![],
             not_found: vec![],

@@ -7,13 +7,13 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::OutputFormat;
-use crate::facts::InstanceFacts;
-use crate::replicated::AppStatus;
 use crate::steps::{Envelope, Report};
-use crate::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
+use crate::steps::{app, builds, drain, freeze, health, nomad_state, recover, rewrite};
+use crate::sys::facts::InstanceFacts;
+use crate::sys::replicated::AppStatus;
 
 /// A report in the chosen format.
-pub fn report(r: &Report, format: OutputFormat) -> String {
+pub(crate) fn report(r: &Report, format: OutputFormat) -> String {
     match (format, r) {
         (OutputFormat::Json, Report::AppStatus(s)) => app_status_json(s),
         (OutputFormat::Json, _) => pretty(&r.to_json()),
@@ -22,7 +22,7 @@ pub fn report(r: &Report, format: OutputFormat) -> String {
 }
 
 /// The human text of a report.
-pub fn human(r: &Report) -> String {
+pub(crate) fn human(r: &Report) -> String {
     let mut s = match r {
         Report::AppStatus(s) => return app_status(s),
         Report::App(r) => app(r),
@@ -76,7 +76,7 @@ fn app_status(s: &AppStatus) -> String {
 }
 
 /// This instance's facts (`dr-agent facts`).
-pub fn facts(f: &InstanceFacts, format: OutputFormat) -> String {
+pub(crate) fn facts(f: &InstanceFacts, format: OutputFormat) -> String {
     match format {
         OutputFormat::Human => format!(
             "Instance ID: {}\nPrivate IP:  {}\nPublic IP:   {}\nBoot ID:     {}\nOS family:   {}\nApp state:   {}\n",
@@ -367,6 +367,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rewrite_says_what_it_would_change_or_that_nothing_is_left() {
+        let mut r = rewrite::RewriteReport {
+            root: "/m".into(),
+            layout: rewrite::Layout::Debian,
+            dry_run: true,
+            private: vec![],
+            public: vec![],
+            files: vec![rewrite::FileReport {
+                path: "/m/etc/default/replicated".into(),
+                changed_lines: 2,
+                replacements: 2,
+                backup: None,
+                written: false,
+            }],
+            up_to_date: false,
+            removed_temp_files: vec![],
+            diff: "+PRIVATE_ADDRESS=10.1.2.9\n".into(),
+            warnings: vec![],
+            actions: vec![],
+        };
+        let dry = human(&Report::Rewrite(r.clone()));
+        assert!(dry.contains("would change 2 line(s)") && dry.contains("+PRIVATE_ADDRESS=10.1.2.9"), "{dry}");
+        r.dry_run = false;
+        r.files[0].changed_lines = 0;
+        r.up_to_date = true;
+        assert!(human(&Report::Rewrite(r)).contains("Already up to date"));
+    }
+
+    #[test]
     fn renders_status_and_facts() {
         let s = AppStatus { state: "started".into(), is_transitioning: false, desired_state: "started".into() };
         assert!(report(&Report::AppStatus(s.clone()), OutputFormat::Human).contains("IsTransitioning: false"));
@@ -377,7 +406,7 @@ mod tests {
             private_ip: "10.0.0.5".into(),
             public_ip: String::new(),
             boot_id: "b".into(),
-            os_family: crate::facts::OsFamily::Debian,
+            os_family: crate::sys::facts::OsFamily::Debian,
             app_state: "unknown".into(),
         };
         assert!(facts(&f, OutputFormat::Human).contains("(none)"));

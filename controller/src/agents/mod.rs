@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dr_proto::contract::{
+    AddressChange, CleanupParams, ContractError, FreezeParams, HostnameParams, Request, RewriteParams, TypedReport, parse_report,
+};
 use dr_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -74,20 +77,15 @@ pub enum AgentAction {
     HealthCheck,
 }
 
-/// Why an agent did not succeed (domain side of `pb::ErrorKind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgentErrorKind {
-    Invalid,
-    Refused,
-    Failed,
-    Interrupted,
-    TimedOut,
-    NotSupported,
-}
+/// Why an agent did not succeed: the contract's one error kind (the
+/// agent's, the wire's `pb::ErrorKind` through its one mapping).
+pub use dr_proto::contract::ErrorKind as AgentErrorKind;
 
 /// What an agent answered (domain side of `pb::CommandResult`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentOutcome {
+    /// The step asked (`app_stop`, ...: the contract's [`Request::name`]).
+    pub step: &'static str,
     pub ok: bool,
     pub error: String,
     pub kind: Option<AgentErrorKind>,
@@ -104,8 +102,54 @@ pub enum AgentDetail {
         is_transitioning: bool,
         desired_state: String,
     },
-    /// A step's report, as the agent wrote it.
-    Report(serde_json::Value),
+    /// A step's report, as the agent wrote it (JSON text): read it with
+    /// [`AgentOutcome::report`], typed by the contract.
+    Report(String),
+}
+
+impl AgentOutcome {
+    /// The step's report, typed by the contract. An answer without it, or
+    /// one that does not parse (a field renamed or removed on one side),
+    /// is an error naming the step and the field: never a silent null.
+    pub fn report<R: TypedReport>(&self) -> Result<R, ContractError> {
+        match &self.detail {
+            AgentDetail::Report(json) => parse_report(self.step, json),
+            _ => parse_report(self.step, ""),
+        }
+    }
+
+    /// The report as the agent sent it, as a JSON value, to be recorded
+    /// whole (a step's result, a failover's reports): `{}` when it sent
+    /// none, a JSON string when it is not JSON. Read fields with
+    /// [`AgentOutcome::report`], never by key from this.
+    pub fn report_json(&self) -> serde_json::Value {
+        match &self.detail {
+            AgentDetail::Report(json) => serde_json::from_str(json).unwrap_or_else(|_| serde_json::Value::String(json.clone())),
+            _ => serde_json::json!({}),
+        }
+    }
+}
+
+impl From<ContractError> for StepError {
+    /// An agent's answer the controller cannot read fails the step with
+    /// the contract error's message (shown by `drctl operation`).
+    fn from(e: ContractError) -> Self {
+        StepError::new(ErrorKind::Failed, e.to_string())
+    }
+}
+
+impl From<AgentErrorKind> for ErrorKind {
+    /// The engine's view of an agent's error kind, for retry policies.
+    fn from(k: AgentErrorKind) -> ErrorKind {
+        match k {
+            AgentErrorKind::Invalid => ErrorKind::Invalid,
+            AgentErrorKind::Refused => ErrorKind::Refused,
+            AgentErrorKind::Failed => ErrorKind::Failed,
+            AgentErrorKind::Interrupted => ErrorKind::Interrupted,
+            AgentErrorKind::TimedOut => ErrorKind::TimedOut,
+            AgentErrorKind::NotSupported => ErrorKind::NotSupported,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,78 +230,83 @@ pub(crate) fn role_to_pb(role: &Role) -> (String, String, String) {
     (role.name().to_owned(), role.reason().to_owned(), role.operation_id().to_owned())
 }
 
-fn command_to_pb(id: &str, to: &Addressee, action: &AgentAction, deadline: Duration) -> pb::Command {
-    let ms = |d: &Duration| d.as_millis().min(u32::MAX as u128) as u32;
-    let kind = match action {
-        AgentAction::AppStatus => pb::command::Kind::AppStatus(pb::AppStatusRequest {}),
-        AgentAction::AppStop => pb::command::Kind::AppStop(pb::AppStopRequest { force: false }),
-        AgentAction::AppStart => pb::command::Kind::AppStart(pb::AppStartRequest {}),
-        AgentAction::Freeze { deadline } => pb::command::Kind::Freeze(pb::FreezeRequest { mounts: vec![], deadline_ms: ms(deadline) }),
-        AgentAction::Thaw => pb::command::Kind::Thaw(pb::ThawRequest {}),
-        AgentAction::Drain { deadline } => pb::command::Kind::Drain(pb::DrainRequest { deadline_ms: ms(deadline) }),
-        AgentAction::Undrain => pb::command::Kind::Undrain(pb::UndrainRequest {}),
-        AgentAction::RewriteAddresses { private, public } => {
-            let pairs =
-                |v: &[(String, String)]| v.iter().map(|(o, n)| pb::AddressChange { old_ip: o.clone(), new_ip: n.clone() }).collect();
-            pb::command::Kind::RewriteAddresses(pb::RewriteAddressesRequest {
-                private: pairs(private),
-                public: pairs(public),
+impl AgentAction {
+    /// The contract's typed request. Addresses that are not IP pairs of
+    /// one family cannot be typed: the agent would refuse them, so the
+    /// command is answered `invalid` here without being sent.
+    pub fn request(&self) -> Result<Request, String> {
+        Ok(match self {
+            AgentAction::AppStatus => Request::AppStatus,
+            AgentAction::AppStop => Request::AppStop { force: false },
+            AgentAction::AppStart => Request::AppStart,
+            AgentAction::Freeze { deadline } => Request::Freeze(FreezeParams { mounts: vec![], deadline: *deadline }),
+            AgentAction::Thaw => Request::Thaw,
+            AgentAction::Drain { deadline } => Request::Drain { deadline: *deadline },
+            AgentAction::Undrain => Request::Undrain,
+            AgentAction::RewriteAddresses { private, public } => {
+                let pairs = |v: &[(String, String)], flag: &str| -> Result<Vec<AddressChange>, String> {
+                    v.iter().map(|(o, n)| AddressChange::parse(flag, &format!("{o}={n}")).map_err(|e| e.to_string())).collect()
+                };
+                Request::RewriteAddresses {
+                    params: RewriteParams { private: pairs(private, "private")?, public: pairs(public, "public")? },
+                    dry_run: false,
+                }
+            }
+            AgentAction::SetHostname { hostname } => {
+                Request::SetHostname { params: HostnameParams { hostname: hostname.clone() }, dry_run: false }
+            }
+            AgentAction::WipeNomad => Request::WipeNomad { dry_run: false },
+            AgentAction::HealthCheck => Request::HealthCheck,
+            AgentAction::CleanupBuilds { before_ms } => Request::CleanupBuilds {
+                params: CleanupParams {
+                    before: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(*before_ms)).to_string(),
+                },
                 dry_run: false,
-            })
+            },
+        })
+    }
+
+    /// The step's name in the contract (`app_stop`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentAction::AppStatus => "app_status",
+            AgentAction::AppStop => "app_stop",
+            AgentAction::AppStart => "app_start",
+            AgentAction::Freeze { .. } => "freeze",
+            AgentAction::Thaw => "thaw",
+            AgentAction::Drain { .. } => "drain",
+            AgentAction::Undrain => "undrain",
+            AgentAction::RewriteAddresses { .. } => "rewrite_addresses",
+            AgentAction::SetHostname { .. } => "set_hostname",
+            AgentAction::WipeNomad => "wipe_nomad",
+            AgentAction::CleanupBuilds { .. } => "cleanup_builds",
+            AgentAction::HealthCheck => "health_check",
         }
-        AgentAction::SetHostname { hostname } => {
-            pb::command::Kind::SetHostname(pb::SetHostnameRequest { hostname: hostname.clone(), dry_run: false })
-        }
-        AgentAction::WipeNomad => pb::command::Kind::WipeNomad(pb::WipeNomadRequest { dry_run: false }),
-        AgentAction::HealthCheck => pb::command::Kind::HealthCheck(pb::HealthCheckRequest {}),
-        AgentAction::CleanupBuilds { before_ms } => {
-            pb::command::Kind::CleanupBuilds(pb::CleanupBuildsRequest { before_ms: *before_ms, dry_run: false })
-        }
-    };
+    }
+}
+
+fn command_to_pb(id: &str, to: &Addressee, request: &Request, deadline: Duration) -> pb::Command {
+    let ms = |d: &Duration| d.as_millis().min(u32::MAX as u128) as u32;
     let (role, _, operation_id) = role_to_pb(&to.role);
     pb::Command {
         id: id.to_owned(),
         deadline_ms: ms(&deadline),
         target: Some(pb::Target { instance_id: to.instance_id.clone(), role, operation_id }),
-        kind: Some(kind),
+        kind: Some(request.to_pb()),
     }
 }
 
 fn outcome_from_pb(r: pb::CommandResult) -> AgentOutcome {
-    let kind = match pb::ErrorKind::try_from(r.error_kind).unwrap_or(pb::ErrorKind::Unspecified) {
-        _ if r.ok => None,
-        pb::ErrorKind::Invalid => Some(AgentErrorKind::Invalid),
-        pb::ErrorKind::Refused => Some(AgentErrorKind::Refused),
-        pb::ErrorKind::Interrupted => Some(AgentErrorKind::Interrupted),
-        pb::ErrorKind::TimedOut => Some(AgentErrorKind::TimedOut),
-        pb::ErrorKind::NotSupported => Some(AgentErrorKind::NotSupported),
-        pb::ErrorKind::Failed | pb::ErrorKind::Unspecified => Some(AgentErrorKind::Failed),
-    };
+    let kind = if r.ok { None } else { Some(AgentErrorKind::from_wire(r.error_kind).unwrap_or(AgentErrorKind::Failed)) };
     let detail = match r.detail {
         Some(pb::command_result::Detail::AppStatus(s)) => {
             AgentDetail::AppStatus { state: s.state, is_transitioning: s.is_transitioning, desired_state: s.desired_state }
         }
-        None if !r.report_json.is_empty() => match serde_json::from_str(&r.report_json) {
-            Ok(v) => AgentDetail::Report(v),
-            Err(_) => AgentDetail::Report(serde_json::Value::String(r.report_json.clone())),
-        },
+        None if !r.report_json.is_empty() => AgentDetail::Report(r.report_json),
         None => AgentDetail::None,
     };
-    AgentOutcome { ok: r.ok, error: r.error, kind, replayed: r.replayed, detail }
-}
-
-impl AgentErrorKind {
-    /// The engine's view of it, for retry policies.
-    pub fn step_kind(self) -> ErrorKind {
-        match self {
-            AgentErrorKind::Invalid => ErrorKind::Invalid,
-            AgentErrorKind::Refused => ErrorKind::Refused,
-            AgentErrorKind::Failed => ErrorKind::Failed,
-            AgentErrorKind::Interrupted => ErrorKind::Interrupted,
-            AgentErrorKind::TimedOut => ErrorKind::TimedOut,
-            AgentErrorKind::NotSupported => ErrorKind::NotSupported,
-        }
-    }
+    // The step is named by the caller, which knows what it asked.
+    AgentOutcome { step: "", ok: r.ok, error: r.error, kind, replayed: r.replayed, detail }
 }
 
 pub(crate) type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
@@ -358,7 +407,7 @@ impl Registry {
     /// id (after a disconnect or a controller restart) is safe: the agent
     /// answers from its journal without running the step again.
     pub async fn call(&self, to: &Addressee, id: &str, action: &AgentAction, timeout: Duration) -> Result<AgentOutcome, AgentCallError> {
-        let (tx, pending, rx) = {
+        let (tx, pending, rx, request) = {
             let sessions = self.lock();
             let s = sessions.get(&(to.site_id.clone(), to.instance_id.clone())).ok_or_else(|| AgentCallError::NotConnected(to.who()))?;
             if s.role != to.role {
@@ -372,11 +421,25 @@ impl Registry {
                     },
                 });
             }
+            // What the agent would refuse untyped is answered here, unsent.
+            let request = match action.request() {
+                Ok(r) => r,
+                Err(why) => {
+                    return Ok(AgentOutcome {
+                        step: action.name(),
+                        ok: false,
+                        error: format!("invalid command: {why}; not run"),
+                        kind: Some(AgentErrorKind::Invalid),
+                        replayed: false,
+                        detail: AgentDetail::None,
+                    });
+                }
+            };
             let (otx, orx) = oneshot::channel();
             s.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().push(otx);
-            (s.tx.clone(), s.pending.clone(), orx)
+            (s.tx.clone(), s.pending.clone(), orx, request)
         };
-        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(command_to_pb(id, to, action, timeout))) };
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Command(command_to_pb(id, to, &request, timeout))) };
         let forget = || {
             pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         };
@@ -385,7 +448,7 @@ impl Registry {
             return Err(AgentCallError::Disconnected(to.who()));
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Ok(outcome)) => Ok(AgentOutcome { step: action.name(), ..outcome }),
             Ok(Err(_)) => Err(AgentCallError::Disconnected(to.who())),
             Err(_) => {
                 forget();

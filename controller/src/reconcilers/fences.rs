@@ -669,7 +669,7 @@ mod tests {
         let mut w = world().await;
         w.gate.ec2.lock().instances.retain(|i| i.instance.id != "i-old");
         let _agent =
-            FakeAgent::attach(&w.engine.deps().registry, "s1", "i-old", Role::Fenced { reason: "fenced".into() }, |_| Ok(json!({})));
+            FakeAgent::attach(&w.engine.deps().registry, "s1", "i-old", Role::Fenced { reason: "fenced".into() }, crate::testkit::fake_ok);
         let events = w.keeper.pass(1_000_000).await.expect("pass");
         // EC2 no longer knows it (gone): its session is a leftover, not a breach.
         assert!(events.is_empty(), "{events:?}");

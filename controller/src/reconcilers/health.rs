@@ -724,12 +724,11 @@ impl Monitor {
                     // A new id each time: the agent journals answers by id.
                     let id = format!("health-{}", crate::domain::model::new_operation_id("check"));
                     let sig = match registry.call(&to, &id, &AgentAction::HealthCheck, timeout + LOCAL_CHECK_SLACK).await {
-                        Ok(o) if o.ok => {
-                            let r = crate::workflows::report(&o);
-                            LocalSignal::Ok {
-                                detail: format!("{} answered {}", r["url"].as_str().unwrap_or("the health check"), r["status"]),
-                            }
-                        }
+                        Ok(o) if o.ok => match o.report::<dr_proto::contract::HealthReport>() {
+                            Ok(r) => LocalSignal::Ok { detail: format!("{} answered {}", r.url, r.status) },
+                            // Not evidence about the app: an agent of another contract.
+                            Err(e) => LocalSignal::Unknown { error: e.to_string() },
+                        },
                         Ok(o) if o.kind == Some(AgentErrorKind::NotSupported) => {
                             LocalSignal::Unknown { error: "the agent has no health check (an older agent)".into() }
                         }
@@ -1243,7 +1242,7 @@ mod tests {
                     &format!("s{i}"),
                     &format!("i-{i:08x}"),
                     Role::Primary,
-                    move |a| if a == "health_check" { local() } else { Ok(json!({})) },
+                    move |a| if a == "health_check" { local() } else { crate::testkit::fake_ok(a) },
                 )
             })
             .collect()
@@ -1255,7 +1254,7 @@ mod tests {
         let policy = HealthPolicy { repair_after: Duration::ZERO, ..auto(Duration::ZERO) };
         let (_dir, fake, mut m) = fleet(5, HealthConfig::default(), policy).await;
         // Every agent talks; the app answers on every machine.
-        let agents = attach_agents(&m, 5, || Ok(json!({"url": "http://127.0.0.1/health-check", "status": 200})));
+        let agents = attach_agents(&m, 5, || crate::testkit::fake_ok("health_check"));
         let t0 = now_ms();
         let mut guards = 0;
         for pass in 0..3 {
@@ -1318,7 +1317,7 @@ mod tests {
         assert_eq!(p.health["s0"].state, HealthState::Down, "awaiting an approval is not recovering: {:?}", p.health["s0"]);
         // EC2 and the agent are back.
         fake.lock().instances[0].instance.state = "running".into();
-        let _agent = attach_agents(&m, 1, || Ok(json!({})));
+        let _agent = attach_agents(&m, 1, || crate::testkit::fake_ok("health_check"));
         let p = m.pass(t0 + 2000).await.expect("pass");
         assert_eq!(kinds(&p, "failover.withdrawn"), 1, "{:?}", p.events);
         assert_eq!(p.health["s0"].state, HealthState::Healthy);

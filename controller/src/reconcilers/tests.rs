@@ -68,10 +68,7 @@ async fn a_scheduled_drill_fires_once_per_slot_and_a_restart_does_not_repeat_it(
 }
 
 fn spare_answers(action: &str) -> crate::testkit::FakeAnswer {
-    match action {
-        "health_check" => Ok(serde_json::json!({"url": "http://127.0.0.1/health-check", "status": 200})),
-        _ => Ok(serde_json::json!({})),
-    }
+    crate::testkit::fake_ok(action)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +82,7 @@ async fn a_spare_is_kept_refreshed_without_a_gap_protected_from_retention_and_ta
     let policies = HashMap::from([("s1".to_owned(), policy)]);
     let (_dir, store, site, engine) = world_with(fake.clone(), HashMap::new(), policies).await;
     let registry = engine.deps().registry.clone();
-    let primary = FakeAgent::attach(&registry, "s1", "i-old", Role::Primary, |_| Ok(serde_json::json!({})));
+    let primary = FakeAgent::attach(&registry, "s1", "i-old", Role::Primary, crate::testkit::fake_ok);
 
     // No spare yet: the keeper prepares one from the newest backup.
     let kept = tick_once(&engine, crate::domain::model::now_ms()).await.expect("tick");

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, report, retry_ec2};
+use super::{CallFailure, Deps, EC2_RETRY_BUDGET, agent_call, retry_ec2};
 use crate::agents::{Addressee, AgentAction, AgentDetail};
 use crate::cloud::ec2::{CreateImage, Ec2, Image};
 use crate::domain::model::{Backup as BackupRecord, BackupState, Consistency, Protected, now_ms};
@@ -231,7 +231,18 @@ async fn quiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
         match agent_call(ctx, &primary(ctx), name, &action, timeout).await {
             Ok(outcome) => {
                 if name == "app-stop" {
-                    q.app_was_stopped = report(&outcome)["already"] == true;
+                    match outcome.report::<dr_proto::contract::AppReport>() {
+                        Ok(r) => q.app_was_stopped = r.already,
+                        // The agent stopped the app but its report is unreadable:
+                        // the step fails with the contract error; unquiesce starts
+                        // the app again unless it was seen stopped before.
+                        Err(e) => {
+                            q.app_was_stopped = st.agent.as_ref().is_some_and(|a| a.app_state == "stopped");
+                            q.done.push(name.to_owned());
+                            st.quiesce = Some(q);
+                            return Err(e.into());
+                        }
+                    }
                 }
                 if name == "freeze" {
                     q.frozen_at_ms = now_ms();
@@ -377,6 +388,9 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
     }
     let cfg = &ctx.deps().backup;
     let mut u = Unquiesced::default();
+    // Agent answers that do not follow the contract: every undo is still
+    // tried, then the step fails with them.
+    let mut unreadable: Vec<String> = Vec::new();
     for name in todo.iter().rev() {
         let (undo, action, timeout) = match *name {
             "freeze" => ("thaw", AgentAction::Thaw, cfg.agent_call_timeout),
@@ -391,11 +405,18 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
         } else {
             match agent_call(ctx, &primary(ctx), undo, &action, timeout).await {
                 Ok(o) => {
-                    let r = report(&o);
-                    if r["already_done"] == true || r["undrained"].as_array().is_some_and(|a| a.is_empty()) {
-                        continue;
+                    let nothing_to_undo = match undo {
+                        "thaw" => o.report::<dr_proto::contract::ThawReport>().map(|r| r.already_done),
+                        "undrain" => o.report::<dr_proto::contract::UndrainReport>().map(|r| r.already_done || r.undrained.is_empty()),
+                        _ => o.report::<dr_proto::contract::AppReport>().map(|r| r.already),
+                    };
+                    match nothing_to_undo {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        // Done, by the agent's word; what it reported is unreadable.
+                        Err(e) => unreadable.push(e.to_string()),
                     }
-                    r
+                    o
                 }
                 Err(e) => {
                     tracing::info!(operation = %ctx.op_id, step = undo, error = %e.message(), "precautionary undo had nothing to do");
@@ -404,14 +425,25 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
             }
         };
         if undo == "thaw" {
-            u.frozen_ms = r.get("frozen_for_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+            let r = match r.report::<dr_proto::contract::ThawReport>() {
+                Ok(r) => r,
+                Err(e) => {
+                    // Thawed, by the agent's word; whether the freeze covered
+                    // the snapshots is unknown.
+                    unreadable.push(e.to_string());
+                    u.thawed_early = Some("the thaw's report is unreadable: the freeze's coverage is unknown".into());
+                    u.undone.push(undo.to_owned());
+                    continue;
+                }
+            };
+            u.frozen_ms = r.frozen_for_ms;
             // Did the freeze last until the snapshots were pending? Lifted
             // before our thaw (its deadline, the agent's restart), or shorter
             // than the time it had to cover: it did not.
             let needed = st.snapshots_pending_at_ms.saturating_sub(q.frozen_at_ms);
             let short = q.frozen_at_ms > 0 && st.snapshots_pending_at_ms > 0 && u.frozen_ms > 0 && u.frozen_ms + 100 < needed;
-            if recorded && (r["already_done"] == true || short) {
-                let why = r["reason"].as_str().filter(|s| !s.is_empty()).unwrap_or("the freeze was lifted before the thaw");
+            if recorded && (r.already_done || short) {
+                let why = Some(r.reason.as_str()).filter(|s| !s.is_empty()).unwrap_or("the freeze was lifted before the thaw");
                 u.thawed_early = Some(format!(
                     "file systems were thawed before the thaw was asked ({why}; frozen {} ms, the snapshots needed {needed} ms)",
                     u.frozen_ms
@@ -432,6 +464,9 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
         u.undone.join(", ")
     };
     st.unquiesce = Some(u);
+    if !unreadable.is_empty() {
+        return Err(StepError::failed(format!("{detail}; {}", unreadable.join("; "))));
+    }
     Ok(Outcome::Done(detail))
 }
 
@@ -440,7 +475,12 @@ async fn unquiesce(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError
 /// the same command id (the agent answers from its journal if it ran);
 /// after the agent itself reported a failure, a new id (`<undo>-1`, ...)
 /// makes it really try again.
-async fn undo_until_done(ctx: &Ctx<Deps>, undo: &str, action: &AgentAction, timeout: Duration) -> Result<serde_json::Value, StepError> {
+async fn undo_until_done(
+    ctx: &Ctx<Deps>,
+    undo: &str,
+    action: &AgentAction,
+    timeout: Duration,
+) -> Result<crate::agents::AgentOutcome, StepError> {
     let patience = ctx.deps().backup.unquiesce_patience;
     let start = tokio::time::Instant::now();
     let backoff = dr_proto::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -449,7 +489,7 @@ async fn undo_until_done(ctx: &Ctx<Deps>, undo: &str, action: &AgentAction, time
     loop {
         let name = if answered == 0 { undo.to_owned() } else { format!("{undo}-{answered}") };
         let e = match agent_call(ctx, &primary(ctx), &name, action, timeout).await {
-            Ok(o) => return Ok(report(&o)),
+            Ok(o) => return Ok(o),
             Err(CallFailure::Answered(e)) => {
                 answered += 1;
                 e
@@ -734,5 +774,72 @@ mod tests {
         assert_eq!(start.elapsed(), 100 * S);
         // Checks at 5, 15, 35, 75 and (the budget's end) 100 s.
         assert_eq!(*ec2.describes.lock().expect("lock"), 5);
+    }
+
+    /// The agent's report of `app_stop` decides whether unquiesce starts
+    /// the app. An agent whose report renamed `already` (another version of
+    /// the contract) fails the quiesce step with the step and the field
+    /// named, instead of reading a silent null; the app the agent stopped
+    /// is started again (it was seen started before the backup).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_app_stop_report_with_a_renamed_field_fails_quiesce_naming_the_field() {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+
+        use crate::domain::model::{OperationState, Role, Site};
+        use crate::domain::policy::Policy;
+        use crate::testkit::{FakeAgent, FakeEc2, FakeReply, fake_ok, fake_report};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(&dir.path().join("s.db")).await.expect("store");
+        let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-1".into(), role_arn: None };
+        store.upsert_site(site).await.expect("site");
+        let fake = Arc::new(FakeEc2::default());
+        fake.add_instance("i-1", "10.0.0.5");
+        let policy = Policy { quiesce: Quiesce::Stop, ..Policy::default() };
+        let deps = Deps {
+            store: store.clone(),
+            registry: crate::agents::Registry::default(),
+            ec2: Arc::new(crate::cloud::Ec2Clients::fixed(crate::config::AwsConfig::default(), fake.clone())),
+            backup: crate::config::BackupConfig::default(),
+            policies: HashMap::from([("s1".to_owned(), policy)]),
+            recovery: HashMap::new(),
+            failover: Default::default(),
+            drill: Default::default(),
+            aws: crate::config::AwsConfig::default(),
+            dns: tokio::sync::OnceCell::new(),
+        };
+        let engine = super::super::engine(deps);
+        let agent = FakeAgent::attach(&engine.deps().registry, "s1", "i-1", Role::Primary, |action| match action {
+            "app_stop" => {
+                let mut json = fake_report("app_stop").to_json();
+                let m = json.as_object_mut().expect("a report is an object");
+                let already = m.remove("already").expect("the contract's field");
+                m.insert("was_already".into(), already);
+                Ok(FakeReply::Raw(json.to_string()))
+            }
+            other => fake_ok(other),
+        });
+        let op = start(&engine, "s1", "operator/t", None).await.expect("start");
+        let mut ended = None;
+        for _ in 0..300 {
+            let o = store.operation(op.id.clone()).await.expect("read").expect("operation");
+            if o.state == OperationState::Failed {
+                ended = Some(o);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ended = ended.expect("the backup fails");
+        let quiesce = ended.steps.iter().find(|s| s.name == "quiesce").expect("the quiesce step");
+        assert_eq!(quiesce.state, crate::domain::model::StepState::Failed, "{quiesce:?}");
+        assert!(
+            quiesce.error.contains("app_stop") && quiesce.error.contains("`already`"),
+            "names the step and the field: {}",
+            quiesce.error
+        );
+        assert!(ended.error.contains("`already`"), "the operation says why: {}", ended.error);
+        assert_eq!(agent.actions(), ["app_status", "app_stop", "app_start"], "the app stopped by the agent is started again");
+        assert_eq!(fake.calls_of("CreateImage"), 0, "no image of an unreadable quiesce");
     }
 }

@@ -103,7 +103,8 @@ async fn measure(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> 
 }
 
 fn newest_build_ms(st: &State) -> Option<Millis> {
-    let v = st.reports.get("cleanup-builds")?.get("newest_build_started_at")?.as_str()?;
+    let r = super::recorded_report::<dr_proto::contract::CleanupReport>(st.reports.get("cleanup-builds"))?;
+    let v = r.newest_build_started_at.as_deref()?;
     let t = humantime::parse_rfc3339_weak(v).ok()?;
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
 }

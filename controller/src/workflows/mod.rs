@@ -30,9 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dr_proto::backoff::Backoff;
-use serde_json::json;
 
-use crate::agents::{Addressee, AgentAction, AgentDetail, AgentOutcome, Registry};
+use crate::agents::{Addressee, AgentAction, AgentOutcome, Registry};
 use crate::cloud::Ec2Clients;
 use crate::cloud::dns::Dns;
 use crate::cloud::ec2::{Ec2, Ec2Error};
@@ -217,17 +216,23 @@ pub async fn agent_call(
     match ctx.deps().registry.call(to, &id, action, timeout).await {
         Ok(o) if o.ok => Ok(o),
         Ok(o) => {
-            let kind = o.kind.map(|k| k.step_kind()).unwrap_or(ErrorKind::Failed);
+            let kind = o.kind.map(ErrorKind::from).unwrap_or(ErrorKind::Failed);
             Err(CallFailure::Answered(StepError::new(kind, o.error)))
         }
         Err(e) => Err(CallFailure::Unreachable(e.into())),
     }
 }
 
-/// An agent's step report (`{}` when it sent none).
+/// An agent's step report as it sent it, to be recorded whole (a step's
+/// result, a failover's `reports`): `{}` when it sent none. Read its fields
+/// typed, with [`AgentOutcome::report`] (or [`recorded_report`] for a
+/// recorded one), never by key from this value.
 pub fn report(o: &AgentOutcome) -> serde_json::Value {
-    match &o.detail {
-        AgentDetail::Report(v) => v.clone(),
-        _ => json!({}),
-    }
+    o.report_json()
+}
+
+/// A recorded agent report (see [`report`]) read back typed; None when it
+/// was not recorded or does not parse.
+pub fn recorded_report<R: dr_proto::contract::TypedReport>(recorded: Option<&serde_json::Value>) -> Option<R> {
+    serde_json::from_value(recorded?.clone()).ok()
 }

@@ -15,7 +15,7 @@
 //!   `clojure.main`), `*read-eval*`, and
 //!   `(alter-var-root (var *read-eval*) (constantly false|true))`;
 //! - any of these inside the agent's per-call wrapper (the exact text of
-//!   `dr_agent::builds::console::wrap`), answering the wrapper's sentinels
+//!   `dr_agent::steps::builds::console::wrap`), answering the wrapper's sentinels
 //!   like Clojure would, in two writes.
 //!
 //! Anything else (another symbol, unbalanced input, a second form on the
@@ -86,7 +86,7 @@ enum Form {
 }
 
 /// The agent's per-call wrapper around an expression, split at `{marker}`
-/// and `{expr}` (see `dr_agent::builds::console::wrap`).
+/// and `{expr}` (see `dr_agent::steps::builds::console::wrap`).
 const WRAP_HEAD: &str = "(let [m \"";
 const WRAP_MID: &str = ":\" r (try [:ok (pr-str ";
 const WRAP_TAIL: &str = ")] (catch Throwable e [:error (str (.getName (class e)) \": \" (ex-message e))]))] \

@@ -109,7 +109,7 @@ async fn images_and_launches_run_real_agents_on_point_in_time_disks() {
         .send()
         .await
         .expect("AssociateAddress");
-    let imds = dr_agent::imds::ImdsClient::new(machine.imds_url.as_deref().expect("imds url"), Duration::from_secs(2)).expect("imds");
+    let imds = dr_agent::sys::imds::ImdsClient::new(machine.imds_url.as_deref().expect("imds url"), Duration::from_secs(2)).expect("imds");
     let mut seen = None;
     for _ in 0..50 {
         if let Ok(token) = imds.token().await {

@@ -73,7 +73,16 @@ fn bare_machine() -> Machine {
     std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
     let (api, api_url) = spawn_listening(
         "dr-sim-circleci-api",
-        &["--listen", "127.0.0.1:0", "--token", TOKEN, "--builds", builds_file.to_str().expect("utf-8")],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+            "--builds",
+            builds_file.to_str().expect("utf-8"),
+            "--unhealthy-file",
+            dir.path().join("unhealthy").to_str().expect("utf-8"),
+        ],
     );
     let deletions = dir.path().join("deletions");
     let config = dir.path().join("agent.toml");
@@ -83,7 +92,8 @@ fn bare_machine() -> Machine {
             "state_dir = \"{state}\"\nroot = \"{root}\"\n\n[imds]\nendpoint = \"{imds}\"\n\n\
              [replicated]\nreplicatedctl = \"{ctl}\"\npoll_interval = \"100ms\"\n\n\
              [circleci]\napi_url = \"{api_url}\"\napi_token_file = \"{token}\"\nhostname = \"{HOST}\"\n\
-             dev_console = [\"{console}\", \"--deletions\", \"{deletions}\", \"--known-builds\", \"{builds}\"]\n",
+             dev_console = [\"{console}\", \"--deletions\", \"{deletions}\", \"--known-builds\", \"{builds}\"]\n\
+             health_url = \"{api_url}/health-check\"\n",
             state = dir.path().join("state").display(),
             root = root.display(),
             imds = imds.url,
@@ -176,6 +186,27 @@ fn recover_brings_a_restored_machine_back_and_dry_run_changes_nothing() {
     }
     assert_eq!(std::fs::read_to_string(&m.deletions).expect("deletions").lines().count(), 1);
     let _ = &m.dir;
+}
+
+/// `recover` starts the app the way the controller's failover requires:
+/// Replicated `started`, then the frontend's health check answering 2xx.
+/// An app that never answers healthy fails the runbook at its app start.
+#[test]
+fn recover_fails_when_the_started_app_does_not_answer_its_health_check() {
+    let m = machine();
+    std::fs::write(m.dir.path().join("unhealthy"), "").expect("unhealthy");
+    let config = std::fs::read_to_string(&m.config).expect("config");
+    let config = config.replace("poll_interval = \"100ms\"", "poll_interval = \"100ms\"\napp_timeout = \"3s\"");
+    std::fs::write(&m.config, config).expect("config");
+    let out = recover(&m, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", text(&out.stdout), text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let steps = report["steps"].as_array().expect("steps");
+    let start = steps.iter().find(|s| s["name"] == "app-start").expect("the app start ran");
+    assert_eq!(start["outcome"], "failed", "{report:#}");
+    assert!(start["summary"].as_str().unwrap_or_default().contains("health check did not pass"), "{report:#}");
+    assert!(!steps.iter().any(|s| s["name"] == "cleanup-builds"), "the runbook stops there: {report:#}");
+    assert_eq!(app_state(&m), "started", "Replicated started it");
 }
 
 #[test]

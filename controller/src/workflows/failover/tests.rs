@@ -62,8 +62,7 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
     let recovery = HashMap::from([("s1".to_owned(), SiteRecovery { drill: drill_settings(), ..Default::default() })]);
     let (_dir, store, site, engine) = world(fake.clone(), recovery).await;
     // The primary's agent: it must get no command of the drill.
-    let primary =
-        FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, |_| Ok(serde_json::json!({})));
+    let primary = FakeAgent::attach(&engine.deps().registry, "s1", "i-old", crate::domain::model::Role::Primary, crate::testkit::fake_ok);
     let req = Request { drill: true, ..Default::default() };
     let plan = plan::make(engine.deps(), &site, &req).await.expect("plan");
     assert_eq!((plan.launch.subnet_id.as_str(), plan.hostname.as_str()), ("subnet-drill", "drill.example.com"));
@@ -83,9 +82,14 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
         &copy,
         crate::domain::model::Role::Drill { operation_id: op.id.clone() },
         |action| match action {
-            "cleanup_builds" => Ok(serde_json::json!({"deleted": 1, "newest_build_started_at": "2026-01-01T00:00:00Z"})),
-            "health_check" => Ok(serde_json::json!({"url": "http://127.0.0.1/health-check", "status": 200})),
-            _ => Ok(serde_json::json!({})),
+            "cleanup_builds" => {
+                Ok(crate::testkit::FakeReply::Report(dr_proto::contract::Report::Cleanup(dr_proto::contract::CleanupReport {
+                    deleted: 1,
+                    newest_build_started_at: Some("2026-01-01T00:00:00Z".into()),
+                    ..crate::testkit::cleanup_report()
+                })))
+            }
+            other => crate::testkit::fake_ok(other),
         },
     );
     let done = until(&store, &op.id, OperationState::Succeeded).await;
@@ -168,7 +172,7 @@ async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its
         crate::domain::model::Role::Drill { operation_id: op.id.clone() },
         |action| match action {
             "health_check" => crate::testkit::fake_failure("GET /health-check answered 503"),
-            _ => Ok(serde_json::json!({})),
+            other => crate::testkit::fake_ok(other),
         },
     );
     let ended = until(&store, &op.id, OperationState::Failed).await;

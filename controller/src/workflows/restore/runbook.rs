@@ -15,7 +15,11 @@ pub(in crate::workflows) async fn app_stop(ctx: &Ctx<Deps>, st: &mut State) -> R
     ctx.progress(format!("stopping the app on {} (a restored machine may have started it with its old addresses)", st.candidate)).await;
     let t = ctx.deps().failover.app_timeout;
     let o = on_candidate(ctx, st, "app-stop", &AgentAction::AppStop, t).await?;
-    Ok(Outcome::Done(if report_of(&o)["already"] == true { "the app was already stopped".into() } else { "app stopped".into() }))
+    Ok(Outcome::Done(if o.report::<dr_proto::contract::AppReport>()?.already {
+        "the app was already stopped".into()
+    } else {
+        "app stopped".into()
+    }))
 }
 
 pub(in crate::workflows) async fn rewrite_addresses(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
@@ -43,8 +47,7 @@ pub(in crate::workflows) async fn rewrite_addresses(ctx: &Ctx<Deps>, st: &mut St
     }
     let t = ctx.deps().backup.agent_call_timeout;
     let o = on_candidate(ctx, st, "rewrite-addresses", &AgentAction::RewriteAddresses { private, public }, t).await?;
-    let r = report_of(&o);
-    let files = r["files"].as_array().map(|a| a.len()).unwrap_or(0);
+    let files = o.report::<dr_proto::contract::RewriteReport>()?.files.len();
     let summary: Vec<String> = applied.iter().map(|a| format!("{} {} → {}", a.kind, a.old, a.new)).collect();
     st.addresses = applied;
     Ok(Outcome::Done(format!("{} ({files} file(s) reported)", summary.join(", "))))
@@ -57,8 +60,8 @@ pub(in crate::workflows) async fn hostname(ctx: &Ctx<Deps>, st: &mut State) -> R
     }
     let t = ctx.deps().failover.app_timeout;
     let o = on_candidate(ctx, st, "set-hostname", &AgentAction::SetHostname { hostname: hostname.clone() }, t).await?;
-    let r = report_of(&o);
-    Ok(Outcome::Done(if r["changed"] == false { format!("hostname already {hostname}") } else { format!("hostname set to {hostname}") }))
+    let r = o.report::<dr_proto::contract::HostnameReport>()?;
+    Ok(Outcome::Done(if !r.changed { format!("hostname already {hostname}") } else { format!("hostname set to {hostname}") }))
 }
 
 pub(in crate::workflows) async fn wipe_nomad(ctx: &Ctx<Deps>, st: &mut State) -> Result<Outcome, StepError> {
@@ -116,7 +119,7 @@ pub(in crate::workflows) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> 
         let id = format!("health-check-{generation}-{}-{i}", ctx.attempt());
         i += 1;
         match agent_call(ctx, &to, &id, &AgentAction::HealthCheck, ctx.deps().backup.agent_call_timeout).await {
-            Ok(o) => break Some(report_of(&o)),
+            Ok(o) => break Some((o.report::<dr_proto::contract::HealthReport>()?, report_of(&o))),
             // An agent that predates the health check: Replicated's word only.
             Err(CallFailure::Answered(e)) if e.kind == ErrorKind::NotSupported => break None,
             Err(e) if progress.elapsed() >= t => {
@@ -135,10 +138,10 @@ pub(in crate::workflows) async fn app_start(ctx: &Ctx<Deps>, st: &mut State) -> 
     };
     st.healthy_at_ms = now_ms();
     let checked = match &health {
-        Some(h) => format!("; {} answered {}", h["url"].as_str().unwrap_or("the health check"), h["status"]),
+        Some((h, _)) => format!("; {} answered {}", h.url, h.status),
         None => "; the agent has no health check (older agent): Replicated's state only".to_owned(),
     };
-    if let Some(h) = health {
+    if let Some((_, h)) = health {
         st.reports.insert("health-check".into(), h);
     }
     Ok(Outcome::Done(format!(
@@ -152,8 +155,7 @@ pub(in crate::workflows) async fn cleanup_builds(ctx: &Ctx<Deps>, st: &mut State
     let t = ctx.deps().failover.cleanup_timeout;
     match on_candidate(ctx, st, "cleanup-builds", &AgentAction::CleanupBuilds { before_ms: before }, t).await {
         Ok(o) => {
-            let r = report_of(&o);
-            let deleted = r["deleted"].as_array().map(|a| a.len()).or_else(|| r["deleted"].as_u64().map(|n| n as usize)).unwrap_or(0);
+            let deleted = o.report::<dr_proto::contract::CleanupReport>()?.deleted;
             Ok(Outcome::Done(format!("{deleted} build(s) that were running at the backup's point in time deleted")))
         }
         // Retried while the agent reconnects; on the last attempt noted.
