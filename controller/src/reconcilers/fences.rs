@@ -48,6 +48,28 @@ const EC2_BUDGET: Duration = Duration::from_secs(20);
 /// Instances per DescribeInstances.
 const BATCH: usize = 1000;
 
+/// What `fence.breached` / `fence.restored` evidence holds, read back typed
+/// at start (the fields this keeper wrote; absent ones empty).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct BreachEvidence {
+    instance_id: String,
+    region: String,
+    seen: String,
+    ec2_state: String,
+    stops: u32,
+    stop_error: String,
+}
+
+impl BreachEvidence {
+    fn of(evidence: &serde_json::Value) -> BreachEvidence {
+        serde_json::from_value(evidence.clone()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "a fence event's evidence does not read as written; taken as empty");
+            BreachEvidence::default()
+        })
+    }
+}
+
 /// An open breach: a fenced instance seen running, not stopped again yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Breach {
@@ -159,27 +181,28 @@ impl Keeper {
         let store = engine.store();
         for site in store.sites().await? {
             let Some(b) = store.last_event(site.id.clone(), EventKind::FenceBreached.into()).await? else { continue };
-            let instance = b.evidence["instance_id"].as_str().unwrap_or_default().to_owned();
+            let breached = BreachEvidence::of(&b.evidence);
             let restored = store.last_event(site.id.clone(), EventKind::FenceRestored.into()).await?;
-            if instance.is_empty() || restored.is_some_and(|r| r.seq > b.seq && r.evidence["instance_id"] == b.evidence["instance_id"]) {
+            if breached.instance_id.is_empty()
+                || restored.is_some_and(|r| r.seq > b.seq && BreachEvidence::of(&r.evidence).instance_id == breached.instance_id)
+            {
                 continue;
             }
-            let text = |k: &str| b.evidence[k].as_str().unwrap_or_default().to_owned();
             fences.lock().insert(
-                (site.id.clone(), instance.clone()),
+                (site.id.clone(), breached.instance_id.clone()),
                 Breach {
                     site_id: site.id.clone(),
-                    instance_id: instance,
-                    region: text("region"),
+                    instance_id: breached.instance_id,
+                    region: breached.region,
                     since_ms: b.at_ms,
-                    seen: text("seen"),
-                    ec2_state: text("ec2_state"),
+                    seen: breached.seen,
+                    ec2_state: breached.ec2_state,
                     agent_connected: false,
                     app_state: String::new(),
-                    stops: b.evidence["stops"].as_u64().unwrap_or(0) as u32,
+                    stops: breached.stops,
                     first_stop_ms: b.at_ms,
                     forced: false,
-                    last_error: text("stop_error"),
+                    last_error: breached.stop_error,
                     next_stop_ms: 0,
                 },
             );

@@ -112,10 +112,13 @@ impl Monitor {
         let off = store.last_event(String::new(), EventKind::FleetGuardCleared.into()).await?.map(|e| e.seq);
         let guard = match on {
             Some(on) if off.is_none_or(|off| off < on.seq) => {
-                let keys: BTreeSet<String> = on.evidence["keys"]
-                    .as_array()
-                    .map(|k| k.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
-                    .unwrap_or_default();
+                /// What a `fleet.guard` event's evidence says (typed, as written).
+                #[derive(serde::Deserialize, Default)]
+                #[serde(default)]
+                struct GuardEvidence {
+                    keys: BTreeSet<String>,
+                }
+                let keys = serde_json::from_value::<GuardEvidence>(on.evidence.clone()).unwrap_or_default().keys;
                 // An older controller's event names no keys: the silent agents.
                 if keys.is_empty() { ["agents_silent".to_owned()].into() } else { keys }
             }
