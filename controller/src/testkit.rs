@@ -318,7 +318,7 @@ pub enum FakeReply {
     /// started and settled).
     Default,
     /// This report.
-    Report(Report),
+    Report(Box<Report>),
     /// This text as the report, as is: an agent that does not follow the
     /// contract (another version).
     Raw(String),
@@ -513,7 +513,7 @@ impl FakeAgent {
                                 r.ok = true;
                                 let report = match reply {
                                     FakeReply::Default => Ok(fake_report(action)),
-                                    FakeReply::Report(report) => Ok(report),
+                                    FakeReply::Report(report) => Ok(*report),
                                     FakeReply::Raw(text) => Err(text),
                                 };
                                 match report {

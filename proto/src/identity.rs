@@ -115,10 +115,10 @@ impl Identity {
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
                 for name in &san.general_names {
-                    if let GeneralName::URI(uri) = name {
-                        if uri.starts_with("spiffe://") {
-                            uris.push(*uri);
-                        }
+                    if let GeneralName::URI(uri) = name
+                        && uri.starts_with("spiffe://")
+                    {
+                        uris.push(*uri);
                     }
                 }
             }

@@ -580,10 +580,10 @@ impl Agent {
                     self.fence_poke.notify_one();
                 }
                 let current = self.fence.borrow().clone();
-                if let Some(r) = current {
-                    if let Err(e) = fence::save(&self.state_dir, &r) {
-                        tracing::error!(error = %e, "cannot record the fence: it holds until this agent restarts");
-                    }
+                if let Some(r) = current
+                    && let Err(e) = fence::save(&self.state_dir, &r)
+                {
+                    tracing::error!(error = %e, "cannot record the fence: it holds until this agent restarts");
                 }
             }
             Role::Pending => {}
@@ -666,10 +666,10 @@ impl Agent {
             return true; // lifted meanwhile
         }
         let current = self.fence.borrow().clone();
-        if let Some(r) = current {
-            if let Err(e) = fence::save(&self.state_dir, &r) {
-                tracing::warn!(error = %e, "cannot record the fence's stop count");
-            }
+        if let Some(r) = current
+            && let Err(e) = fence::save(&self.state_dir, &r)
+        {
+            tracing::warn!(error = %e, "cannot record the fence's stop count");
         }
         let id = fence::journal_id(&record.instance_id, n);
         let action = Action::AppStop { force: false, dry_run: false };

@@ -83,11 +83,11 @@ async fn a_drill_runs_the_runbook_on_its_copy_only_then_tears_it_down_and_record
         crate::domain::model::Role::Drill { operation_id: op.id.clone() },
         |action| match action {
             "cleanup_builds" => {
-                Ok(crate::testkit::FakeReply::Report(dr_proto::contract::Report::Cleanup(dr_proto::contract::CleanupReport {
+                Ok(crate::testkit::FakeReply::Report(Box::new(dr_proto::contract::Report::Cleanup(dr_proto::contract::CleanupReport {
                     deleted: 1,
                     newest_build_started_at: Some("2026-01-01T00:00:00Z".into()),
                     ..crate::testkit::cleanup_report()
-                })))
+                }))))
             }
             other => crate::testkit::fake_ok(other),
         },
