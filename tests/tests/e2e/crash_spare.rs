@@ -40,7 +40,20 @@ async fn killing_the_controller_after_any_spare_step_leaves_one_spare() {
             tail(&w.controller.log())
         );
         let op = spare_op(&w).expect("op");
-        let done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+        // Installed is not ended: `retire` and `release` still run after
+        // `install` commits the spare.
+        let mut done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+        assert_eventually!(
+            Duration::from_secs(60),
+            {
+                let ended = !matches!(done["state"].as_str(), Some("running" | "cancelling"));
+                if !ended {
+                    done = drctl_json(&w.pki, &w.controller.url, &["operation", &op]);
+                }
+                ended
+            },
+            "the spare operation {op} ends after a crash at {point}: {done:#}"
+        );
         assert_eq!(done["state"], "succeeded", "crash at {point}: {done:#}");
         assert_eq!(w.launched_by(&op).await.len(), 1, "one instance for the operation after a crash at {point}");
         let installed = site_status(&w.pki, &w.controller.url, &w.site)["spare"]["instance_id"].as_str().expect("spare").to_owned();

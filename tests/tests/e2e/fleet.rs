@@ -89,11 +89,9 @@ async fn retention_keeps_the_right_set_and_prune_dry_run_matches_the_real_run() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backups_are_copied_to_the_dr_region_and_reported() {
-    // Racy pick-then-release, left: the metrics listener logs its configured
-    // address, not the one it bound (a port 0 would not be learnt).
-    let metrics_port = free_port();
-    let extra = format!("[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
-    let w = World::start_full("prod-1", "100ms", &[], &extra).await;
+    // The metrics listener binds port 0 and logs the port it got.
+    let extra = "[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let w = World::start_full("prod-1", "100ms", &[], extra).await;
     w.wait_agent();
     let op = backup_wait(&w);
     let mut copy;
@@ -125,6 +123,8 @@ async fn backups_are_copied_to_the_dr_region_and_reported() {
     assert!(human.contains("copy in us-west-2"), "{human}");
 
     // Metrics show the copy and the site's RPO.
+    let metrics_port = metrics_port_in(&w.controller.log());
+    assert_ne!(metrics_port, 0, "the controller logs its metrics address:\n{}", w.controller.log());
     let body = http_get(metrics_port, "/metrics");
     assert!(body.contains("dr_copies{site=\"prod-1\",region=\"us-west-2\",state=\"available\"} 1"), "{body}");
     assert!(body.contains("dr_agent_connected{site=\"prod-1\"} 1"), "{body}");
