@@ -443,3 +443,24 @@ max = "1m"
         assert_eq!(controller_host("https://127.0.0.1:7443").as_deref(), Ok("127.0.0.1"));
     }
 }
+
+/// Every key the agent accepts appears in `deploy/agent.example.toml` (set,
+/// or commented out), asked of the deserializer (`dr_proto::example_keys`).
+#[cfg(test)]
+mod example_keys {
+    use dr_proto::example_keys::{Probe, missing_keys, serde_keys};
+
+    use super::Config;
+
+    #[test]
+    fn every_accepted_key_is_in_the_example_file() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let probe = Probe { parse: &|v| v.try_into::<Config>().map(drop).map_err(|e| e.to_string()), named_keys: &serde_keys };
+        let (accepted, missing) = missing_keys(&text, &probe, &|k| k.to_owned());
+        for must in ["site_id", "tls.ca", "nomad.data_dir", "reconnect.max"] {
+            assert!(accepted.contains(must), "the probe finds `{must}`: {accepted:?}");
+        }
+        assert!(missing.is_empty(), "keys the agent accepts that deploy/agent.example.toml does not show: {missing:?}");
+    }
+}

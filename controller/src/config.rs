@@ -884,44 +884,21 @@ instance_id = "i-0123456789abcdef0"
 
 /// Every key the code accepts appears in `deploy/controller.example.toml`
 /// (set, or commented out with its default). The accepted keys are asked
-/// of the deserializer itself, not listed here: an unknown key is put into
-/// each table of the example and the error names the keys that table takes
-/// (serde's "expected one of", or the launch tables' own list).
+/// of the deserializer itself (`dr_proto::example_keys`), not listed here.
 #[cfg(test)]
 mod example_keys {
-    use std::collections::BTreeSet;
+    use dr_proto::example_keys::{Probe, missing_keys, serde_keys};
 
     use super::Config;
 
-    const PROBE: &str = "zz_probe_key";
-
-    fn example() -> String {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.example.toml");
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-    }
-
-    /// The keys named by an unknown-key error about [`PROBE`] (None for
-    /// any other error: a scalar, an enum's variants).
+    /// serde's unknown-field error, or the launch tables' own list
+    /// (`domain::recovery::LaunchConfig` names its keys itself).
     fn named_keys(error: &str) -> Option<Vec<String>> {
-        if !error.contains(&format!("unknown field `{PROBE}`")) && !error.contains(&format!("unknown key `{PROBE}`")) {
-            return None;
+        let launch = format!("unknown key `{}`: the launch settings are ", dr_proto::example_keys::PROBE);
+        match error.split(&launch).nth(1) {
+            Some(rest) => Some(rest.split(", and per").next()?.split(", ").map(str::to_owned).collect()),
+            None => serde_keys(error),
         }
-        if let Some(rest) = error.split("the launch settings are ").nth(1) {
-            return Some(rest.split(", and per").next()?.split(", ").map(str::to_owned).collect());
-        }
-        // serde: "expected one of `a`, `b`" or "expected `a`"; text after
-        // the list (where in the document) is not a key.
-        let mut rest = error.split(", expected ").nth(1)?.trim_start_matches("one of ");
-        let mut keys = Vec::new();
-        while let Some(r) = rest.strip_prefix('`') {
-            let (key, after) = r.split_once('`')?;
-            keys.push(key.to_owned());
-            match after.strip_prefix(", ") {
-                Some(next) => rest = next,
-                None => break,
-            }
-        }
-        Some(keys)
     }
 
     /// Where the example documents `path`: `[site.policy]` takes the keys of
@@ -932,110 +909,23 @@ mod example_keys {
         p.split('.').filter(|seg| !crate::domain::recovery::is_region(seg)).collect::<Vec<_>>().join(".")
     }
 
-    /// The table at `path` in `doc`, made if missing (element 0 of an array
-    /// of tables; `Err` when something else is there).
-    /// A missing table is made as a table, or with `arrays` as an array of
-    /// one table (`[[notify]]`).
-    fn table_at<'a>(doc: &'a mut toml::Table, path: &[String], arrays: bool) -> Result<&'a mut toml::Table, ()> {
-        let Some((first, rest)) = path.split_first() else { return Ok(doc) };
-        let value = doc.entry(first.clone()).or_insert_with(|| {
-            if arrays { toml::Value::Array(vec![toml::Value::Table(toml::Table::new())]) } else { toml::Value::Table(toml::Table::new()) }
-        });
-        match value {
-            toml::Value::Table(t) => table_at(t, rest, arrays),
-            toml::Value::Array(a) => match a.first_mut() {
-                Some(toml::Value::Table(t)) => table_at(t, rest, arrays),
-                _ => Err(()),
-            },
-            _ => Err(()),
-        }
-    }
-
-    /// Keys the table at `path` accepts, or None when it is no table of
-    /// named keys.
-    fn accepted(base: &toml::Table, path: &[String]) -> Option<Vec<String>> {
-        [false, true].into_iter().find_map(|arrays| {
-            let mut doc = base.clone();
-            let table = table_at(&mut doc, path, arrays).ok()?;
-            table.insert(PROBE.into(), toml::Value::Integer(0));
-            let error = toml::Value::Table(doc).try_into::<Config>().err()?.to_string();
-            named_keys(&error)
-        })
-    }
-
-    /// `a.b.key` for every key accepted under `path`, depth first.
-    fn walk(base: &toml::Table, path: &mut Vec<String>, out: &mut BTreeSet<String>) {
-        let Some(keys) = accepted(base, path) else { return };
-        // Tables the example has under this one (e.g. region tables).
-        let mut doc = base.clone();
-        let existing: Vec<String> = table_at(&mut doc, path, false)
-            .map(|t| t.iter().filter(|(_, v)| v.is_table() || v.is_array()).map(|(k, _)| k.clone()).collect())
-            .unwrap_or_default();
-        let mut children: BTreeSet<String> = keys.iter().cloned().collect();
-        children.extend(existing);
-        for key in children {
-            path.push(key.clone());
-            // A table's own name is no setting: its keys are.
-            let is_table = path.len() < 5 && accepted(base, path).is_some();
-            if is_table {
-                walk(base, path, out);
-            } else if keys.contains(&key) {
-                out.insert(path.join("."));
-            }
-            path.pop();
-        }
-    }
-
-    /// `a.b.key` for every key the example shows, set or commented out,
-    /// under the table headers it shows (also commented-out ones).
-    fn documented(text: &str) -> BTreeSet<String> {
-        let mut section = String::new();
-        let mut out = BTreeSet::new();
-        for line in text.lines() {
-            let l = line.trim_start_matches('#').trim();
-            if let Some(h) = l.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-                let h = h.trim_start_matches('[').trim_end_matches(']');
-                if h.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-                    section = h.to_owned();
-                    continue;
-                }
-            }
-            if let Some((key, _)) = l.split_once('=') {
-                let key = key.trim();
-                if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    out.insert(if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") });
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn every_accepted_key_is_in_the_example_file() {
-        let text = example();
-        let base: toml::Table = toml::from_str(&text).expect("the example parses");
-        let mut accepted = BTreeSet::new();
-        walk(&base, &mut Vec::new(), &mut accepted);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let probe = Probe { parse: &|v| v.try_into::<Config>().map(drop).map_err(|e| e.to_string()), named_keys: &named_keys };
+        let (accepted, missing) = missing_keys(&text, &probe, &documented_as);
         for must in ["server.listen", "site.launch.subnet_id", "notify.url", "health.max_down_fraction"] {
             assert!(accepted.contains(must), "the probe finds `{must}`: {accepted:?}");
         }
-        let shown = documented(&text);
-        let missing: Vec<&String> = accepted.iter().filter(|k| !shown.contains(*k) && !shown.contains(&documented_as(k))).collect();
         assert!(missing.is_empty(), "keys the controller accepts that deploy/controller.example.toml does not show: {missing:?}");
     }
 
     #[test]
-    fn the_probe_reads_serdes_and_the_launch_tables_errors() {
-        let e = "TOML parse error\nunknown field `zz_probe_key`, expected one of `a`, `b_c`\nin `aws`";
-        assert_eq!(named_keys(e), Some(vec!["a".to_owned(), "b_c".to_owned()]));
-        assert_eq!(named_keys("unknown variant `zz_probe_key`, expected one of `off`, `auto`"), None);
-        assert_eq!(documented_as("site.drill.us-west-2.key_name"), "site.launch.key_name");
-        assert_eq!(documented_as("site.policy.cooldown"), "policy.cooldown");
-        assert_eq!(named_keys("unknown field `zz_probe_key`, expected `only`"), Some(vec!["only".to_owned()]));
+    fn the_probe_reads_the_launch_tables_errors() {
         let e = "unknown key `zz_probe_key`: the launch settings are x, y_z, and per other region a table such as `.us-west-2`";
         assert_eq!(named_keys(e), Some(vec!["x".to_owned(), "y_z".to_owned()]));
-        assert_eq!(named_keys("missing field `id`"), None);
-        let shown = documented("a = 1\n# [x.y]\n# b = 2\n[[site]]\nid = \"p\"\n# [policy] prose, not a header\n");
-        assert_eq!(shown, BTreeSet::from(["a", "x.y.b", "site.id", "site.id"].map(str::to_owned)));
+        assert_eq!(documented_as("site.drill.us-west-2.key_name"), "site.launch.key_name");
+        assert_eq!(documented_as("site.policy.cooldown"), "policy.cooldown");
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod backoff;
 pub mod contract;
+pub mod example_keys;
 pub mod identity;
 pub mod tls;
 pub mod transport;
