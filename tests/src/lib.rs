@@ -705,6 +705,8 @@ pub struct Controller {
     pub url: String,
     pub config: PathBuf,
     pub proc: Option<Proc>,
+    /// Where the running process's lines start in `controller.log`.
+    log_from: u64,
 }
 
 impl Controller {
@@ -741,7 +743,7 @@ impl Controller {
     /// Starts a controller of a config written by [`Controller::write_config`]
     /// (and maybe edited) listening on `port`; 0: on a port it binds itself.
     pub fn start_with_config(dir: &Path, config: PathBuf, port: u16) -> Controller {
-        let mut c = Controller { dir: dir.to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None };
+        let mut c = Controller { dir: dir.to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None, log_from: 0 };
         c.restart(&[]);
         c
     }
@@ -755,6 +757,7 @@ impl Controller {
         }
         let log = self.dir.join("controller.log");
         let from = file_len(&log);
+        self.log_from = from;
         let proc = self.proc.insert(Proc::spawn("dr-controller", &mut cmd, &log));
         // The address the controller logs once bound (no pick-then-release
         // of a port: with port 0 in the config it binds a free one).
@@ -780,6 +783,14 @@ impl Controller {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+
+    /// The port the running controller's `[metrics]` listener bound (it
+    /// logs it; configure `listen = "127.0.0.1:0"`).
+    pub fn metrics_port(&mut self) -> u16 {
+        let log = self.dir.join("controller.log");
+        let proc = self.proc.as_mut().expect("the controller runs");
+        logged_port(proc, &log, self.log_from, "metrics listening", "addr=127.0.0.1:", Duration::from_secs(30))
     }
 }
 

@@ -40,6 +40,22 @@ pub(crate) async fn world_with(
     recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
     policies: HashMap<String, crate::domain::policy::Policy>,
 ) -> (tempfile::TempDir, Store, Site, crate::workflows::Engine) {
+    world_full(fake, recovery, policies, quick_failover()).await
+}
+
+/// `[failover]` of the unit tests: a restored agent that does not come up
+/// within 1 s fails `wait_agent`.
+fn quick_failover() -> FailoverConfig {
+    FailoverConfig { agent_timeout: Duration::from_secs(1), ..FailoverConfig::default() }
+}
+
+/// Like [`world_with`], with its own `[failover]` settings.
+pub(crate) async fn world_full(
+    fake: Arc<FakeEc2>,
+    recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
+    policies: HashMap<String, crate::domain::policy::Policy>,
+    failover: FailoverConfig,
+) -> (tempfile::TempDir, Store, Site, crate::workflows::Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("s.db")).await.expect("store");
     let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
@@ -47,7 +63,7 @@ pub(crate) async fn world_with(
     let now = crate::domain::model::now_ms();
     add_backup(&store, &fake, "ami-b1", now - 60_000, now - 30_000).await;
     fake.add_instance("i-old", "10.0.0.5");
-    let engine = engine_over(&store, fake, recovery, policies);
+    let engine = engine_with(&store, fake, recovery, policies, failover);
     (dir, store, site, engine)
 }
 
@@ -74,6 +90,16 @@ pub(crate) fn engine_over(
     recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
     policies: HashMap<String, crate::domain::policy::Policy>,
 ) -> crate::workflows::Engine {
+    engine_with(store, fake, recovery, policies, quick_failover())
+}
+
+fn engine_with(
+    store: &Store,
+    fake: Arc<FakeEc2>,
+    recovery: HashMap<String, crate::domain::recovery::SiteRecovery>,
+    policies: HashMap<String, crate::domain::policy::Policy>,
+    failover: FailoverConfig,
+) -> crate::workflows::Engine {
     let deps = Deps {
         store: store.clone(),
         registry: crate::agents::Registry::default(),
@@ -81,7 +107,7 @@ pub(crate) fn engine_over(
         backup: BackupConfig::default(),
         policies,
         recovery,
-        failover: FailoverConfig { agent_timeout: Duration::from_secs(1), ..FailoverConfig::default() },
+        failover,
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),

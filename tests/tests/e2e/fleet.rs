@@ -91,7 +91,7 @@ async fn retention_keeps_the_right_set_and_prune_dry_run_matches_the_real_run() 
 async fn backups_are_copied_to_the_dr_region_and_reported() {
     // The metrics listener binds port 0 and logs the port it got.
     let extra = "[policy]\ncopy_regions = [\"us-west-2\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
-    let w = World::start_full("prod-1", "100ms", &[], extra).await;
+    let mut w = World::start_full("prod-1", "100ms", &[], extra).await;
     w.wait_agent();
     let op = backup_wait(&w);
     let mut copy;
@@ -123,9 +123,7 @@ async fn backups_are_copied_to_the_dr_region_and_reported() {
     assert!(human.contains("copy in us-west-2"), "{human}");
 
     // Metrics show the copy and the site's RPO.
-    let metrics_port = metrics_port_in(&w.controller.log());
-    assert_ne!(metrics_port, 0, "the controller logs its metrics address:\n{}", w.controller.log());
-    let body = http_get(metrics_port, "/metrics");
+    let body = http_get(w.controller.metrics_port(), "/metrics");
     assert!(body.contains("dr_copies{site=\"prod-1\",region=\"us-west-2\",state=\"available\"} 1"), "{body}");
     assert!(body.contains("dr_agent_connected{site=\"prod-1\"} 1"), "{body}");
     assert!(body.contains("dr_backup_newest_age_seconds{site=\"prod-1\"}"), "{body}");
@@ -140,17 +138,6 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-/// The port the controller's metrics listener bound (its newest
-/// `metrics listening addr=127.0.0.1:PORT` line), 0 before it logs one.
-fn metrics_port_in(log: &str) -> u16 {
-    log.lines()
-        .rev()
-        .find_map(|l| {
-            l.split("metrics listening").nth(1)?.split("127.0.0.1:").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
     let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
@@ -161,16 +148,16 @@ async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
     w.controller.restart(&[("DR_CONTROLLER_PANIC_IN", "health")]);
     w.wait_agent();
     let restarted = "dr_task_restarts_total{task=\"health\"} 1\n";
-    let mut body = String::new();
+    let port = w.controller.metrics_port();
+    let mut body = http_get(port, "/metrics");
     assert_eventually!(
         Duration::from_secs(30),
         {
-            let port = metrics_port_in(&w.controller.log());
-            body.clear();
-            if port != 0 {
-                body.push_str(&http_get(port, "/metrics"));
+            let done = body.contains(restarted) && body.contains("dr_task_up{task=\"health\"} 1\n");
+            if !done {
+                body = http_get(port, "/metrics");
             }
-            body.contains(restarted) && body.contains("dr_task_up{task=\"health\"} 1\n")
+            done
         },
         "the health monitor is restarted and /metrics says so:\n{body}\n{}",
         w.controller.log()

@@ -15,7 +15,7 @@ use crate::domain::model::{OperationState, Signal, Site};
 use crate::domain::recovery::FailoverConfig;
 use crate::store::Store;
 use crate::testkit::FakeEc2;
-use crate::workflows::test_world::{add_backup, drill_settings, new_instance, until, world};
+use crate::workflows::test_world::{drill_settings, new_instance, until, world};
 
 mod refused;
 

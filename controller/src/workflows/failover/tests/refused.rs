@@ -10,27 +10,9 @@ const DAY: u64 = 86_400_000;
 
 /// Like `world`, with an `agent_timeout` long enough that only the early
 /// end can end `wait_agent` within a test.
-async fn slow_agent_world(fake: Arc<FakeEc2>) -> (tempfile::TempDir, Store, Site, super::super::super::Engine) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("s.db")).await.expect("store");
-    let site = Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-old".into(), role_arn: None };
-    store.upsert_site(site.clone()).await.expect("site");
-    let now = crate::domain::model::now_ms();
-    add_backup(&store, &fake, "ami-b1", now - 60_000, now - 30_000).await;
-    fake.add_instance("i-old", "10.0.0.5");
-    let deps = Deps {
-        store: store.clone(),
-        registry: crate::agents::Registry::default(),
-        ec2: Arc::new(Ec2Clients::fixed(AwsConfig::default(), fake)),
-        backup: BackupConfig::default(),
-        policies: HashMap::new(),
-        recovery: HashMap::new(),
-        failover: FailoverConfig { agent_timeout: Duration::from_secs(600), ..FailoverConfig::default() },
-        drill: Default::default(),
-        aws: AwsConfig::default(),
-        dns: tokio::sync::OnceCell::new(),
-    };
-    (dir, store, site, super::super::super::engine(deps))
+async fn slow_agent_world(fake: Arc<FakeEc2>) -> (tempfile::TempDir, Store, Site, crate::workflows::Engine) {
+    let failover = FailoverConfig { agent_timeout: Duration::from_secs(600), ..FailoverConfig::default() };
+    crate::workflows::test_world::world_full(fake, HashMap::new(), HashMap::new(), failover).await
 }
 
 fn refusal(not_after_ms: u64, fingerprint: &str) -> AgentRefusal {
