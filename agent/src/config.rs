@@ -48,9 +48,17 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
+    /// The root(s) that verify the controller, until the controller sends
+    /// its trust bundle (kept in `state_dir/credentials/trust.pem`).
     pub ca: PathBuf,
+    /// The site-wide certificate and key (on every copy of the site's
+    /// disk): they only let the agent enrol its instance. The instance's
+    /// own certificate and key live in `state_dir/credentials/`.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A one-time enrolment token (`drctl site token`), for a machine
+    /// without the EC2 instance identity document.
+    pub enrol_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -210,6 +218,7 @@ impl Default for TlsSection {
             ca: PathBuf::from("/etc/dr-agent/ca.pem"),
             cert: PathBuf::from("/etc/dr-agent/agent.pem"),
             key: PathBuf::from("/etc/dr-agent/agent.key"),
+            enrol_token_file: None,
         }
     }
 }

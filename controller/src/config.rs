@@ -54,6 +54,58 @@ pub struct Config {
     /// Webhooks that receive events (`[[notify]]`).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// The intermediate CA the controller issues agent certificates with,
+    /// and how agents prove which instance they run on.
+    #[serde(default)]
+    pub pki: PkiConfig,
+}
+
+/// `[pki]`: certificates per instance, issued by the controller.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PkiConfig {
+    /// The intermediate CA (`drctl pki intermediate`): its certificate (then
+    /// any CA certificate between it and the root) and its key. Required
+    /// unless `allow_site_certificates` holds every agent's session.
+    pub intermediate_cert: Option<PathBuf>,
+    pub intermediate_key: Option<PathBuf>,
+    /// Lifetime of an agent's certificate. Agents renew at half of it
+    /// (±10 %), so the fleet rides out a controller outage of at least
+    /// 45 % of it without any agent going dark: 35 days gives 15.
+    #[serde(with = "humantime_serde")]
+    pub agent_cert_lifetime: Duration,
+    /// Lifetime of the controller's own certificate, which it renews from
+    /// the intermediate at two thirds of its life (written back to
+    /// `tls.cert`/`tls.key`, presented without a restart).
+    #[serde(with = "humantime_serde")]
+    pub controller_cert_lifetime: Duration,
+    /// PEM bundle of the AWS public certificates that verify instance
+    /// identity documents (the "RSA" certificate of each region the fleet
+    /// runs in, from the EC2 documentation). Without it, instances enrol
+    /// only with one-time tokens (`drctl site token`).
+    pub instance_identity_certificates: Option<PathBuf>,
+    /// The account of sites without a `role_arn` (a document's account
+    /// must match its site's).
+    pub account_id: Option<String>,
+    /// While a fleet moves over: site-wide certificates (`drctl pki issue
+    /// site`) still hold sessions, without a proof of instance; `drctl
+    /// status` lists the instances still on them. Off by default: then a
+    /// site certificate only lets an agent enrol.
+    pub allow_site_certificates: bool,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            intermediate_cert: None,
+            intermediate_key: None,
+            agent_cert_lifetime: Duration::from_secs(35 * 24 * 3600),
+            controller_cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+            instance_identity_certificates: None,
+            account_id: None,
+            allow_site_certificates: false,
+        }
+    }
 }
 
 /// `[health]`: the fleet-wide side of health checking.
@@ -76,7 +128,9 @@ pub struct HealthConfig {
     /// Probes running at once.
     pub probe_concurrency: u32,
     /// An agent whose certificate ends within this raises
-    /// `agent.cert_expiring` (once per certificate).
+    /// `agent.cert_expiring` (once per certificate). Agents renew at half
+    /// of `pki.agent_cert_lifetime` (±10 %): keep this below 45 % of it, so
+    /// that the event means "renewal is failing", not a chore.
     #[serde(with = "humantime_serde")]
     pub cert_warning: Duration,
     /// How often the fenced instances of every site are looked up in EC2
@@ -94,7 +148,7 @@ impl Default for HealthConfig {
             max_concurrent_failovers: 5,
             max_concurrent_repairs: 5,
             probe_concurrency: 64,
-            cert_warning: Duration::from_secs(30 * 24 * 3600),
+            cert_warning: Duration::from_secs(14 * 24 * 3600),
             fence_interval: Duration::from_secs(20),
         }
     }
@@ -466,6 +520,28 @@ impl Config {
                 ));
             }
         }
+        let p = &self.pki;
+        for (key, value) in
+            [("pki.agent_cert_lifetime", p.agent_cert_lifetime), ("pki.controller_cert_lifetime", p.controller_cert_lifetime)]
+        {
+            if value < s(60) || value > s(397 * 24 * 3600) {
+                return Err(invalid(
+                    key.into(),
+                    format!("{} is out of range: must be between 1m and 397days", humantime::format_duration(value)),
+                ));
+            }
+        }
+        if p.intermediate_cert.is_some() != p.intermediate_key.is_some() {
+            return Err(invalid(
+                "pki.intermediate_key".into(),
+                "give both pki.intermediate_cert and pki.intermediate_key, or neither".into(),
+            ));
+        }
+        if let Some(a) = &p.account_id
+            && (a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(invalid("pki.account_id".into(), format!("`{a}` is not a 12-digit AWS account id")));
+        }
         if !(2..=100).contains(&sv.missed_heartbeats) {
             return Err(invalid("server.missed_heartbeats".into(), "must be between 2 and 100".into()));
         }
@@ -608,7 +684,7 @@ impl Config {
 
 /// `i-` followed by 8 or 17 hex digits (moto and AWS both use 17 today).
 pub fn is_instance_id(s: &str) -> bool {
-    s.strip_prefix("i-").is_some_and(|h| (8..=17).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    dr_proto::identity::validate_instance_id(s).is_ok()
 }
 
 /// Token-bucket sizes (`[aws.limits]`); defaults follow EC2's documented ones.

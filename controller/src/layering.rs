@@ -26,14 +26,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("domain", &[]),
     ("logging", &[]),
     ("config", &["domain"]),
+    ("pki", &[]),
     ("store", &["domain"]),
     ("cloud", &["config", "domain"]),
     ("engine", &["store", "domain"]),
-    ("agents", &["domain", "config", "store", "cloud", "engine"]),
+    ("agents", &["domain", "config", "pki", "store", "cloud", "engine"]),
     ("workflows", &["domain", "config", "store", "cloud", "engine", "agents"]),
-    ("reconcilers", &["domain", "config", "store", "cloud", "engine", "agents", "workflows"]),
-    ("api", &["domain", "config", "store", "cloud", "engine", "agents", "workflows", "reconcilers"]),
-    ("crate", &["domain", "logging", "config", "store", "cloud", "engine", "agents", "workflows", "reconcilers", "api"]),
+    ("reconcilers", &["domain", "config", "pki", "store", "cloud", "engine", "agents", "workflows"]),
+    ("api", &["domain", "config", "pki", "store", "cloud", "engine", "agents", "workflows", "reconcilers"]),
+    ("crate", &["domain", "logging", "config", "pki", "store", "cloud", "engine", "agents", "workflows", "reconcilers", "api"]),
 ];
 
 /// Modules outside the order: test support and this test.

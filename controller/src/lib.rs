@@ -12,6 +12,7 @@ pub mod engine;
 #[cfg(test)]
 mod layering;
 pub mod logging;
+pub mod pki;
 pub mod reconcilers;
 pub mod store;
 #[cfg(test)]
@@ -45,6 +46,43 @@ pub enum ControllerError {
     Io(#[from] std::io::Error),
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("[pki]: {0}")]
+    Pki(String),
+}
+
+/// The controller's certificate authority from `[pki]`: the intermediate
+/// (required unless site-wide certificates may still hold sessions), the
+/// AWS certificates of instance identity documents, the roots agents trust.
+fn authority(config: &Config) -> Result<agents::enrol::Authority, ControllerError> {
+    let p = &config.pki;
+    let signer = match (&p.intermediate_cert, &p.intermediate_key) {
+        (Some(cert), Some(key)) => {
+            Some(pki::Signer::load(cert, key, &config.tls.trust_domain).map_err(|e| ControllerError::Pki(e.to_string()))?)
+        }
+        _ if p.allow_site_certificates => {
+            tracing::warn!(
+                "no [pki] intermediate_cert: agents cannot enrol; site-wide certificates hold their sessions (pki.allow_site_certificates)"
+            );
+            None
+        }
+        _ => {
+            return Err(ControllerError::Pki(
+                "intermediate_cert and intermediate_key are required (make them with `drctl pki intermediate`), \
+                 or set allow_site_certificates = true while the fleet moves over"
+                    .into(),
+            ));
+        }
+    };
+    let iid = match &p.instance_identity_certificates {
+        Some(path) => Some(pki::IidVerifier::load(path).map_err(|e| ControllerError::Pki(e.to_string()))?),
+        None => {
+            tracing::warn!("no pki.instance_identity_certificates: instances can enrol only with one-time tokens (`drctl site token`)");
+            None
+        }
+    };
+    let bundle = std::fs::read_to_string(&config.tls.ca)
+        .map_err(|e| ControllerError::Pki(format!("cannot read {}: {e}", config.tls.ca.display())))?;
+    Ok(agents::enrol::Authority::new(config.tls.trust_domain.clone(), signer, iid, config.pki.clone(), bundle))
 }
 
 /// Runs the controller until `shutdown` resolves: opens the store, adds the
@@ -56,7 +94,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = agents::Registry::default();
     // Refused agent certificates are recorded per site (after the refusal).
     let observer: Arc<dyn dr_proto::tls::RefusalObserver> = Arc::new(registry.refusals().clone());
-    let tls = dr_proto::tls::server_config_observed(&config.tls.files(), Some(observer))?;
+    let authority = Arc::new(authority(&config)?);
+    let (own_chain, own_key) = reconcilers::certs::load_own_certificate(&config.tls.cert, &config.tls.key)?;
+    // A client may come without a certificate: an agent whose certificates
+    // all expired enrols with its instance identity document alone. Every
+    // other call (sessions, the admin API) refuses a caller without one.
+    let server_tls = dr_proto::tls::ServerTls::new(
+        dr_proto::tls::load_certs(&config.tls.ca)?,
+        own_chain,
+        own_key,
+        Some(observer),
+        dr_proto::tls::ClientAuth::Optional,
+    )?;
+    let tls = server_tls.config.clone();
     let store = store::Store::open(&config.store.path).await?;
     store.mark_all_disconnected().await?;
     if config.sites.is_empty() {
@@ -169,12 +219,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn("refusals", move || reconcilers::refusals::run(r.clone(), n.clone()));
         let (s, r, every) = (store.clone(), registry.clone(), config.server.liveness_flush);
         tasks.spawn("liveness", move || agents::flush_liveness(s.clone(), r.clone(), every));
+        let own = reconcilers::certs::OwnCert {
+            tls: server_tls.clone(),
+            cert_path: config.tls.cert.clone(),
+            key_path: config.tls.key.clone(),
+            lifetime: config.pki.controller_cert_lifetime,
+        };
+        let (a, n) = (authority.clone(), notifier.clone());
+        tasks.spawn("certificates", move || reconcilers::certs::run(own.clone(), a.clone(), n.clone()));
+    }
+    // Events of the agent service (enrolments, renewals, identity
+    // conflicts) are recorded by one forwarder.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<domain::model::Event>();
+    {
+        let n = notifier.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                if let Err(err) = n.record(vec![], vec![e]).await {
+                    tracing::error!(error = %err, "cannot record an agent event");
+                }
+            }
+        });
     }
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
     if let Some(addr) = config.metrics.listen {
-        let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
+        let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, engine, registry, tasks).await {
+            if let Err(e) = metrics::serve(addr, engine, registry, tasks, authority).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         });
@@ -187,6 +258,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         registry: registry.clone(),
         store: store.clone(),
         verifier,
+        authority: authority.clone(),
+        events: events_tx,
     };
     let admin_service = admin::AdminServer {
         trust_domain: config.tls.trust_domain.clone(),
@@ -196,6 +269,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         notifier,
         fences,
         health_interval: config.health.interval,
+        authority: authority.clone(),
     };
 
     let listener = server::bind(config.server.listen, config.server.listen_backlog)?;

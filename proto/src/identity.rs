@@ -2,7 +2,11 @@
 //!
 //! Every certificate the product issues carries exactly one URI SAN:
 //!
-//! - agents:    `spiffe://<trust-domain>/site/<site-id>`
+//! - an agent on one instance: `spiffe://<trust-domain>/site/<site-id>/instance/<i-...>`,
+//!   issued by the controller after the instance proved itself (enrolment);
+//! - a site (every copy of its disk has it): `spiffe://<trust-domain>/site/<site-id>`,
+//!   which only lets an agent ask to enrol (unless the controller's
+//!   `pki.allow_site_certificates` lets it hold a session, while a fleet moves over);
 //! - operators: `spiffe://<trust-domain>/operator/<name>`
 //!
 //! The controller's own certificate carries DNS/IP SANs instead (rustls checks
@@ -18,8 +22,10 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 /// What a certificate says its holder is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// A services machine's agent, for one site.
+    /// The site-wide certificate (on every AMI of the site): enrolment only.
     Site(String),
+    /// A services machine's agent on one EC2 instance of a site.
+    Instance { site: String, instance: String },
     /// A human or automation driving the admin API.
     Operator(String),
 }
@@ -47,6 +53,15 @@ pub enum IdentityError {
     NotASite(String),
     #[error("identity {0} is not allowed here: an operator certificate is required")]
     NotAnOperator(String),
+}
+
+/// Checks an EC2 instance id: `i-` and 8 to 17 hex digits.
+pub fn validate_instance_id(id: &str) -> Result<(), &'static str> {
+    let hex = id.strip_prefix("i-").ok_or("an instance id starts with `i-`")?;
+    if !(8..=17).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("an instance id is `i-` and 8 to 17 hex digits");
+    }
+    Ok(())
 }
 
 /// Checks a site id or operator name: 1 to 63 characters of lower-case
@@ -81,6 +96,13 @@ impl Identity {
         Identity { trust_domain: trust_domain.to_owned(), role: Role::Site(site_id.to_owned()) }
     }
 
+    pub fn instance(trust_domain: &str, site_id: &str, instance_id: &str) -> Self {
+        Identity {
+            trust_domain: trust_domain.to_owned(),
+            role: Role::Instance { site: site_id.to_owned(), instance: instance_id.to_owned() },
+        }
+    }
+
     pub fn operator(trust_domain: &str, name: &str) -> Self {
         Identity { trust_domain: trust_domain.to_owned(), role: Role::Operator(name.to_owned()) }
     }
@@ -90,22 +112,37 @@ impl Identity {
         self.to_string()
     }
 
-    /// Parses `spiffe://<trust-domain>/site/<id>` or `.../operator/<name>`.
+    /// Parses `spiffe://<trust-domain>/site/<id>`, `.../site/<id>/instance/<i-...>`
+    /// or `.../operator/<name>`.
     pub fn parse(uri: &str) -> Result<Self, IdentityError> {
         let bad = |why| IdentityError::BadUri { uri: uri.to_owned(), why };
         let rest = uri.strip_prefix("spiffe://").ok_or_else(|| bad("it does not start with spiffe://"))?;
-        let mut parts = rest.split('/');
-        let (Some(domain), Some(kind), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(bad("expected spiffe://<trust-domain>/<site|operator>/<name>"));
+        let parts: Vec<&str> = rest.split('/').collect();
+        let role = match parts.as_slice() {
+            [domain, "site", name] | [domain, "operator", name] | [domain, "site", name, "instance", _] => {
+                validate_trust_domain(domain).map_err(bad)?;
+                validate_name(name).map_err(bad)?;
+                match parts.as_slice() {
+                    [_, "operator", _] => Role::Operator((*name).to_owned()),
+                    [_, _, _, _, instance] => {
+                        validate_instance_id(instance).map_err(bad)?;
+                        Role::Instance { site: (*name).to_owned(), instance: (*instance).to_owned() }
+                    }
+                    _ => Role::Site((*name).to_owned()),
+                }
+            }
+            [_, _, _] => return Err(bad("the kind must be `site` or `operator`")),
+            _ => return Err(bad("expected spiffe://<trust-domain>/<site|operator>/<name>[/instance/<i-...>]")),
         };
-        validate_trust_domain(domain).map_err(bad)?;
-        validate_name(name).map_err(bad)?;
-        let role = match kind {
-            "site" => Role::Site(name.to_owned()),
-            "operator" => Role::Operator(name.to_owned()),
-            _ => return Err(bad("the kind must be `site` or `operator`")),
-        };
-        Ok(Identity { trust_domain: domain.to_owned(), role })
+        Ok(Identity { trust_domain: parts[0].to_owned(), role })
+    }
+
+    /// The instance this identity is bound to (instance certificates only).
+    pub fn instance_id(&self) -> Option<&str> {
+        match &self.role {
+            Role::Instance { instance, .. } => Some(instance),
+            _ => None,
+        }
     }
 
     /// Reads the single spiffe:// URI SAN of a DER certificate.
@@ -140,11 +177,11 @@ impl Identity {
         Ok(())
     }
 
-    /// The site id, if this is a site identity in `trust_domain`.
+    /// The site id, if this is a site or instance identity in `trust_domain`.
     pub fn require_site(&self, trust_domain: &str) -> Result<&str, IdentityError> {
         self.check_domain(trust_domain)?;
         match &self.role {
-            Role::Site(id) => Ok(id),
+            Role::Site(id) | Role::Instance { site: id, .. } => Ok(id),
             Role::Operator(_) => Err(IdentityError::NotASite(self.to_string())),
         }
     }
@@ -154,18 +191,18 @@ impl Identity {
         self.check_domain(trust_domain)?;
         match &self.role {
             Role::Operator(name) => Ok(name),
-            Role::Site(_) => Err(IdentityError::NotAnOperator(self.to_string())),
+            Role::Site(_) | Role::Instance { .. } => Err(IdentityError::NotAnOperator(self.to_string())),
         }
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (kind, name) = match &self.role {
-            Role::Site(id) => ("site", id),
-            Role::Operator(name) => ("operator", name),
-        };
-        write!(f, "spiffe://{}/{}/{}", self.trust_domain, kind, name)
+        match &self.role {
+            Role::Site(id) => write!(f, "spiffe://{}/site/{id}", self.trust_domain),
+            Role::Instance { site, instance } => write!(f, "spiffe://{}/site/{site}/instance/{instance}", self.trust_domain),
+            Role::Operator(name) => write!(f, "spiffe://{}/operator/{name}", self.trust_domain),
+        }
     }
 }
 
@@ -198,6 +235,12 @@ mod tests {
         assert!(matches!(op.require_site("dr.example.com"), Err(IdentityError::NotASite(_))));
         assert!(matches!(site.require_operator("dr.example.com"), Err(IdentityError::NotAnOperator(_))));
         assert!(matches!(site.require_site("other.example"), Err(IdentityError::WrongTrustDomain { .. })));
+        let inst = Identity::parse("spiffe://dr.example.com/site/prod-eu-1/instance/i-0123456789abcdef0").expect("valid instance uri");
+        assert_eq!(inst, Identity::instance("dr.example.com", "prod-eu-1", "i-0123456789abcdef0"));
+        assert_eq!(inst.require_site("dr.example.com"), Ok("prod-eu-1"));
+        assert_eq!(inst.instance_id(), Some("i-0123456789abcdef0"));
+        assert_eq!(inst.to_string(), "spiffe://dr.example.com/site/prod-eu-1/instance/i-0123456789abcdef0");
+        assert_eq!(site.instance_id(), None);
     }
 
     #[test]
@@ -212,6 +255,10 @@ mod tests {
             "spiffe://dr.example.com/site/",
             "spiffe:///site/a",
             "spiffe://DR.example.com/site/a",
+            "spiffe://dr.example.com/site/a/instance/x-1234",
+            "spiffe://dr.example.com/site/a/instance/i-XYZXYZXYZ",
+            "spiffe://dr.example.com/operator/a/instance/i-12345678",
+            "spiffe://dr.example.com/site/a/host/i-12345678",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad} must be rejected");
         }

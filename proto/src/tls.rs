@@ -52,14 +52,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
-    }
-    Ok(certs)
+    parse_certs(&read(path)?, path)
 }
 
 /// Reads the first private key in a PEM file.
@@ -85,27 +78,109 @@ pub fn install_crypto_provider() {
 /// The controller's server configuration: TLS 1.3 only, a client certificate
 /// chaining to the CA is required, ALPN h2 for gRPC.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    server_config_observed(files, None)
+    let roots = load_certs(&files.ca)?;
+    Ok(ServerTls::new(roots, load_certs(&files.cert)?, load_key(&files.key)?, None, ClientAuth::Required)?.config)
+}
+
+/// Whether a client without a certificate may complete the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client presents a certificate chaining to the roots.
+    Required,
+    /// A client may present none (an agent whose certificates all expired,
+    /// enrolling with its instance identity document); one that presents a
+    /// certificate must still chain to the roots. Every service but
+    /// enrolment then refuses a request without one.
+    Optional,
+}
+
+/// The controller's TLS: a server configuration whose certificate and
+/// trusted roots can be replaced while it serves (certificate renewal, CA
+/// rotation). Open connections keep what they were made with; new
+/// handshakes get the new material.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    cert: Arc<SwapCert>,
+    verifier: Arc<ObservedVerifier>,
+}
+
+impl ServerTls {
+    pub fn new(
+        roots: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        observer: Option<Arc<dyn RefusalObserver>>,
+        auth: ClientAuth,
+    ) -> Result<ServerTls, TlsError> {
+        let verifier = Arc::new(ObservedVerifier { inner: std::sync::RwLock::new(client_verifier(roots, auth)?), observer, auth });
+        let cert = Arc::new(SwapCert { current: std::sync::RwLock::new(certified(chain, key)?) });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(cert.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ServerTls { config: Arc::new(config), cert, verifier })
+    }
+
+    /// Presents `chain` (leaf first) from the next handshake on. The key
+    /// must match the leaf: a mismatch is refused and nothing changes.
+    pub fn set_certificate(&self, chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<(), TlsError> {
+        let new = certified(chain, key)?;
+        *self.cert.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
+    }
+
+    /// Trusts exactly `roots` for client certificates from the next
+    /// handshake on.
+    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        let new = client_verifier(roots, self.verifier.auth)?;
+        *self.verifier.inner.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
+    }
+
+    /// The leaf certificate presented now.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.cert.current.read().unwrap_or_else(|p| p.into_inner()).cert[0].clone()
+    }
+}
+
+fn client_verifier(roots: Vec<CertificateDer<'static>>, auth: ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    for ca in roots {
+        store.add(ca)?;
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider());
+    Ok(match auth {
+        ClientAuth::Required => builder.build()?,
+        ClientAuth::Optional => builder.allow_unauthenticated().build()?,
+    })
+}
+
+fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::Rustls(rustls::Error::General("an empty certificate chain".into())));
+    }
+    Ok(Arc::new(rustls::sign::CertifiedKey::from_der(chain, key, &provider())?))
+}
+
+/// The certificate the server presents, replaceable.
+#[derive(Debug)]
+struct SwapCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for SwapCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 /// [`server_config`], with an observer told about every client certificate
 /// the verifier refuses. The real verifier decides first and its answer is
 /// returned unchanged: the observer only learns of a refusal afterwards.
 pub fn server_config_observed(files: &TlsFiles, observer: Option<Arc<dyn RefusalObserver>>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in load_certs(&files.ca)? {
-        roots.add(ca)?;
-    }
-    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
-    if let Some(observer) = observer {
-        verifier = Arc::new(ObservedVerifier { inner: verifier, observer });
-    }
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls::new(load_certs(&files.ca)?, load_certs(&files.cert)?, load_key(&files.key)?, observer, ClientAuth::Required)?.config)
 }
 
 /// A client configuration for tonic: our certificate, the CA to verify the
@@ -119,6 +194,28 @@ pub fn client_config(files: &TlsFiles, server_name: &str) -> Result<tonic::trans
     let ca = tonic::transport::Certificate::from_pem(read(&files.ca)?);
     let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
     Ok(tonic::transport::ClientTlsConfig::new().ca_certificate(ca).identity(identity).domain_name(server_name))
+}
+
+/// A client configuration from PEM held in memory: `identity` (certificate
+/// chain, key) is None for a client without a certificate (enrolment).
+pub fn client_config_pem(ca_pem: &[u8], identity: Option<(&[u8], &[u8])>, server_name: &str) -> tonic::transport::ClientTlsConfig {
+    let mut config =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem)).domain_name(server_name);
+    if let Some((cert, key)) = identity {
+        config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    config
+}
+
+/// Reads every certificate in PEM text held in memory (`what` names it in errors).
+pub fn parse_certs(pem: &[u8], what: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { path: what.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: what.to_owned() });
+    }
+    Ok(certs)
 }
 
 /// Told about each client certificate the server's verifier refused, after
@@ -175,24 +272,34 @@ impl PresentedCert {
     }
 }
 
-/// The real client verifier, and an observer told about its refusals.
+/// The real client verifier (replaceable: CA rotation), and an observer
+/// told about its refusals.
 #[derive(Debug)]
 struct ObservedVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    observer: Arc<dyn RefusalObserver>,
+    inner: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
+    observer: Option<Arc<dyn RefusalObserver>>,
+    auth: ClientAuth,
+}
+
+impl ObservedVerifier {
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl ClientCertVerifier for ObservedVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        self.auth == ClientAuth::Required
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // Hints would tie the answer to one set of roots; clients here
+        // have one certificate each and need none.
+        &[]
     }
 
     fn verify_client_cert(
@@ -201,9 +308,10 @@ impl ClientCertVerifier for ObservedVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let result = self.inner.verify_client_cert(end_entity, intermediates, now);
-        if let Err(error) = &result {
-            self.observer.refused(&Refused { end_entity, intermediates, now, error, verifier: self.inner.as_ref() });
+        let inner = self.current();
+        let result = inner.verify_client_cert(end_entity, intermediates, now);
+        if let (Err(error), Some(observer)) = (&result, &self.observer) {
+            observer.refused(&Refused { end_entity, intermediates, now, error, verifier: inner.as_ref() });
         }
         result
     }
@@ -214,7 +322,7 @@ impl ClientCertVerifier for ObservedVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -223,14 +331,14 @@ impl ClientCertVerifier for ObservedVerifier {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.current().supported_verify_schemes()
     }
 
     fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
+        false
     }
 }

@@ -452,18 +452,27 @@ pub struct Pki {
     pub dir: PathBuf,
 }
 
+/// The account moto runs every test's instances in (its default).
+pub const ACCOUNT: &str = "123456789012";
+
 impl Pki {
+    /// A root CA, the controller's intermediate (`intermediate/`) and its
+    /// server certificate from it, an operator certificate, and the key and
+    /// certificate the fake IMDS signs instance identity documents with
+    /// (standing in for AWS's).
     pub fn new(dir: &Path) -> Pki {
         let dir = dir.join("pki");
         pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1).expect("one day")).expect("CA");
+        pki::intermediate(&dir, &dir.join("intermediate"), Validity::days(1).expect("one day")).expect("intermediate CA");
         pki::issue(
-            &dir,
+            &dir.join("intermediate"),
             &Subject::Controller { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().expect("ip")] },
             Validity::days(1).expect("one day"),
             &dir,
             "controller",
         )
         .expect("controller cert");
+        write_iid_signer(&dir.join("aws-iid.pem"), &dir.join("aws-iid.key"));
         pki::issue(&dir, &Subject::Operator("tester".into()), Validity::days(1).expect("one day"), &dir, "operator-tester")
             .expect("operator");
         Pki { dir }
@@ -486,6 +495,31 @@ impl Pki {
     pub fn operator(&self) -> (PathBuf, PathBuf) {
         (self.dir.join("operator-tester.pem"), self.dir.join("operator-tester.key"))
     }
+
+    /// The key the fake IMDS signs identity documents with.
+    pub fn iid_key(&self) -> PathBuf {
+        self.dir.join("aws-iid.key")
+    }
+
+    /// The controller's `[pki]` table, with `extra` lines (lifetimes, ...).
+    pub fn controller_toml(&self, extra: &str) -> String {
+        let i = self.dir.join("intermediate");
+        format!(
+            "[pki]\nintermediate_cert = \"{}\"\nintermediate_key = \"{}\"\ninstance_identity_certificates = \"{}\"\naccount_id = \"{ACCOUNT}\"\n{extra}\n",
+            i.join("ca.pem").display(),
+            i.join("ca.key").display(),
+            self.dir.join("aws-iid.pem").display()
+        )
+    }
+}
+
+/// An RSA key and a self-signed certificate for it, as AWS's instance
+/// identity certificate in tests (PEM files).
+pub fn write_iid_signer(cert: &Path, key: &Path) {
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
+    let c = rcgen::CertificateParams::new(vec!["ec2.amazonaws.com".to_owned()]).expect("params").self_signed(&k).expect("self-signed");
+    std::fs::write(key, k.serialize_pem()).expect("write the IID key");
+    std::fs::write(cert, c.pem()).expect("write the IID certificate");
 }
 
 /// A fake instance metadata service for one simulated host.
@@ -495,9 +529,22 @@ pub struct Imds {
 }
 
 impl Imds {
+    /// Serves `instance`'s metadata, and its identity document signed with
+    /// the test's IID key (`dir/pki/aws-iid.key`, made by [`Pki::new`]).
     pub fn start(dir: &Path, instance: &Instance, public_ip: Option<&str>) -> Imds {
+        let key = dir.join("pki").join("aws-iid.key");
+        Self::start_signed(instance, public_ip, key.exists().then_some(key.as_path()), ACCOUNT)
+    }
+
+    /// [`Imds::start`] signing with `key` (None: no identity document) for
+    /// `account`: what an impostor's fake IMDS, or another account, serves.
+    pub fn start_signed(instance: &Instance, public_ip: Option<&str>, key: Option<&Path>, account: &str) -> Imds {
         let mut cmd = Command::new(bin("dr-sim-imds"));
         cmd.args(["--listen", "127.0.0.1:0", "--instance-id", &instance.id, "--private-ip", &instance.private_ip]);
+        cmd.args(["--account", account, "--region", REGION]);
+        if let Some(k) = key {
+            cmd.arg("--iid-key").arg(k);
+        }
         if let Some(ip) = public_ip {
             cmd.args(["--public-ip", ip]);
         }
@@ -505,7 +552,6 @@ impl Imds {
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read IMDS address");
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected IMDS line {line:?}"));
-        let _ = dir;
         Imds { url: format!("http://{addr}"), _proc: Proc { child, name: "imds".into() } }
     }
 }
@@ -727,6 +773,9 @@ impl Controller {
             spec.poll_initial,
             spec.extra,
         );
+        if !spec.extra.contains("[pki]") {
+            text.push_str(&pki.controller_toml(""));
+        }
         for (id, instance) in &spec.sites {
             text.push_str(&format!("\n[[site]]\nid = \"{id}\"\ninstance_id = \"{instance}\"\n"));
         }
@@ -1076,6 +1125,9 @@ pub mod fake_control_plane {
     struct Service {
         sessions: mpsc::Sender<FakeSession>,
         heartbeat_ms: u32,
+        /// Signs enrolments for whatever instance asks (a fake: no checks).
+        signer: std::sync::Arc<dr_controller::pki::Signer>,
+        bundle: String,
     }
 
     type Out = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
@@ -1112,6 +1164,16 @@ pub mod fake_control_plane {
             let out: Out = Box::pin(ReceiverStream::new(rx));
             Ok(Response::new(out))
         }
+
+        async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
+            let r = request.into_inner();
+            let identity = dr_proto::identity::Identity::instance(crate::TRUST_DOMAIN, &r.site_id, &r.instance_id);
+            let issued = self
+                .signer
+                .sign_csr(&r.csr_der, &identity, Duration::from_secs(3600))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(pb::EnrollReply { cert_chain_pem: issued.chain_pem, trust_bundle_pem: self.bundle.clone() }))
+        }
     }
 
     impl FakeControlPlane {
@@ -1126,7 +1188,10 @@ pub mod fake_control_plane {
             let port = listener.local_addr().expect("addr").port();
             let incoming = dr_controller::api::server::tls_incoming(listener, config, Duration::from_secs(5));
             let (tx, sessions) = mpsc::channel(8);
-            let svc = Service { sessions: tx, heartbeat_ms: 300_000 };
+            let i = pki.dir.join("intermediate");
+            let signer = dr_controller::pki::Signer::load(&i.join("ca.pem"), &i.join("ca.key"), crate::TRUST_DOMAIN).expect("intermediate");
+            let bundle = std::fs::read_to_string(pki.ca()).expect("read the CA");
+            let svc = Service { sessions: tx, heartbeat_ms: 300_000, signer: std::sync::Arc::new(signer), bundle };
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(pb::agent_service_server::AgentServiceServer::new(svc))

@@ -4,6 +4,7 @@
 //! it is the only layer that knows the generated protobuf types.
 
 pub(crate) mod commands;
+pub(crate) mod credentials;
 pub(crate) mod fence;
 pub(crate) mod journal;
 pub(crate) mod session;

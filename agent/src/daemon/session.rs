@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Config, RunSettings};
+use crate::daemon::credentials::{self, Held};
 use crate::daemon::fence::{self, FenceRecord};
 use crate::daemon::journal::{self, CommandAnswer, Journal, JournalError};
 use crate::steps::{Action, ErrorKind, Executor, Outcome};
@@ -54,6 +55,12 @@ pub(crate) enum SessionError {
     Protocol(String),
     #[error("the controller ended the stream")]
     Ended,
+    #[error("credentials: {0}")]
+    Credentials(#[from] crate::daemon::credentials::CredentialsError),
+    #[error("enrolment refused by the controller: {0}")]
+    Enrol(String),
+    #[error("switching to the renewed certificate")]
+    Renewed,
 }
 
 impl SessionError {
@@ -284,7 +291,27 @@ pub(crate) struct Agent {
     /// The last Welcome's heartbeat interval (ms): how often the keeper
     /// looks by itself.
     heartbeat_ms: AtomicU64,
+    /// The instance's own certificate (`state_dir/credentials`).
+    creds: credentials::Store,
+    token_file: Option<PathBuf>,
+    /// Commands running: a switch to a renewed certificate waits for none.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// This agent's place in the renewal window, in [-0.1, 0.1].
+    jitter: f64,
 }
+
+/// A renewal in progress in one session.
+#[derive(Default)]
+struct Renewal {
+    /// The key of the CSR sent, until its answer.
+    pending_key: Option<String>,
+    failures: u32,
+    not_before: Option<tokio::time::Instant>,
+    /// The renewed pair is installed: reconnect with it once idle.
+    switch: bool,
+}
+
+const RENEW_RETRY: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(1800));
 
 impl Agent {
     /// Builds the agent: IMDS client, journal (opened and pruned).
@@ -297,6 +324,10 @@ impl Agent {
         Ok(Agent {
             settings,
             tls: TlsFiles { ca: config.tls.ca.clone(), cert: config.tls.cert.clone(), key: config.tls.key.clone() },
+            creds: credentials::Store::new(&config.state_dir),
+            token_file: config.tls.enrol_token_file.clone(),
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            jitter: rand::random_range(-0.1..=0.1),
             root: config.root.clone(),
             imds,
             executor: Executor::new(std::sync::Arc::new(config.clone())),
@@ -356,8 +387,8 @@ impl Agent {
         })
     }
 
-    async fn connect(&self) -> Result<tonic::transport::Channel, SessionError> {
-        let tls = dr_proto::tls::client_config(&self.tls, &self.settings.controller_name)?;
+    async fn connect(&self, ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<tonic::transport::Channel, SessionError> {
+        let tls = dr_proto::tls::client_config_pem(ca_pem, identity, &self.settings.controller_name);
         let endpoint = tonic::transport::Endpoint::from_shared(self.settings.controller_url.clone())
             .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
             .tls_config(tls)
@@ -371,10 +402,154 @@ impl Agent {
         }
     }
 
+    /// The instance id and the signed identity document IMDS has (None
+    /// when it has none, or cannot be read: logged).
+    async fn instance_proof(&self) -> Result<(String, Option<(String, String)>), SessionError> {
+        let facts = facts::imds_facts(&self.imds).await?;
+        let document = match self.imds.token().await {
+            Ok(token) => match self.imds.identity_document(&token).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the instance identity document");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the instance identity document");
+                None
+            }
+        };
+        Ok((facts.instance_id, document))
+    }
+
+    /// The certificate to open the session with: the instance's own when
+    /// it is for this instance and valid, else a new one by enrolment.
+    async fn credentials(&self) -> Result<(Held, Option<(String, String)>), SessionError> {
+        let (instance, document) = self.instance_proof().await?;
+        let now = std::time::SystemTime::now();
+        if let Some(held) = self.creds.current()? {
+            if held.instance() == Some(instance.as_str()) && held.site() == Some(self.settings.site_id.as_str()) && held.valid_at(now) {
+                return Ok((held, document));
+            }
+            tracing::warn!(held = %held.identity, serial = %held.serial, %instance, valid = held.valid_at(now),
+                "the certificate held is not for this instance or no longer valid (a restored copy, or a machine off for long): enrolling");
+        }
+        let held = self.enrol(&instance, document.as_ref()).await?;
+        Ok((held, document))
+    }
+
+    /// Enrols this instance: a new key here, the proof of instance, and
+    /// the best certificate still valid (the site's, or an older one of
+    /// this site) or none.
+    async fn enrol(&self, instance: &str, document: Option<&(String, String)>) -> Result<Held, SessionError> {
+        let now = std::time::SystemTime::now();
+        let ca = self.creds.trust_bundle(&self.tls.ca)?;
+        let site_cert = match (std::fs::read(&self.tls.cert), std::fs::read(&self.tls.key)) {
+            (Ok(c), Ok(k)) => Held::parse(c, k),
+            _ => None,
+        };
+        let site = self.settings.site_id.as_str();
+        let caller = site_cert
+            .filter(|h| h.valid_at(now) && h.site() == Some(site))
+            .or_else(|| self.creds.current().ok().flatten().filter(|h| h.valid_at(now) && h.site() == Some(site)));
+        let proof = match document {
+            Some((d, sig)) => pb::InstanceProof { document: d.clone().into_bytes(), signature: sig.clone(), token: String::new() },
+            None => match &self.token_file {
+                Some(path) => {
+                    let token = std::fs::read_to_string(path).map_err(|e| {
+                        SessionError::Enrol(format!("no instance identity document, and cannot read {}: {e}", path.display()))
+                    })?;
+                    pb::InstanceProof { token: token.trim().to_owned(), ..Default::default() }
+                }
+                None => {
+                    return Err(SessionError::Enrol(
+                        "no instance identity document from IMDS and no tls.enrol_token_file: nothing to prove this instance with".into(),
+                    ));
+                }
+            },
+        };
+        let (key_pem, csr_der) = credentials::new_key_and_csr()?;
+        let channel = self.connect(&ca, caller.as_ref().map(|h| (h.chain_pem.as_slice(), h.key_pem.as_slice()))).await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let request = pb::EnrollRequest { site_id: site.to_owned(), instance_id: instance.to_owned(), csr_der, proof: Some(proof) };
+        let reply = tokio::time::timeout(WELCOME_TIMEOUT, client.enroll(request))
+            .await
+            .map_err(|_| SessionError::Timeout("enrolment answer"))?
+            .map_err(|s| SessionError::Enrol(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        let trust = if reply.trust_bundle_pem.trim().is_empty() { ca.clone() } else { reply.trust_bundle_pem.clone().into_bytes() };
+        let held = credentials::accept(&reply.cert_chain_pem, key_pem, &trust, site, instance)?;
+        self.creds.install(&held, &reply.trust_bundle_pem)?;
+        tracing::info!(identity = %held.identity, serial = %held.serial, until = %humantime::format_rfc3339_seconds(held.not_after),
+            by = if document.is_some() { "instance identity document" } else { "enrolment token" }, "enrolled");
+        Ok(held)
+    }
+
+    /// Asks for a renewal when due; `renewal` tracks it across the session.
+    fn maybe_renew(&self, held: &Held, renewal: &mut Renewal, tx: &mpsc::Sender<pb::AgentMessage>) {
+        let now = std::time::SystemTime::now();
+        if renewal.switch || renewal.pending_key.is_some() || now < held.renew_at(self.jitter) {
+            return;
+        }
+        if renewal.not_before.is_some_and(|t| tokio::time::Instant::now() < t) {
+            return;
+        }
+        match credentials::new_key_and_csr() {
+            Ok((key, csr_der)) => {
+                tracing::info!(serial = %held.serial, ends = %humantime::format_rfc3339_seconds(held.not_after), "renewing the certificate");
+                if tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::Renew(pb::RenewRequest { csr_der })) }).is_ok() {
+                    renewal.pending_key = Some(key);
+                }
+            }
+            Err(e) => self.renewal_failed(renewal, &e.to_string()),
+        }
+    }
+
+    fn renewal_failed(&self, renewal: &mut Renewal, why: &str) {
+        renewal.pending_key = None;
+        renewal.failures += 1;
+        let wait = RENEW_RETRY.delay(renewal.failures);
+        renewal.not_before = Some(tokio::time::Instant::now() + wait);
+        tracing::warn!(error = %why, attempt = renewal.failures, retry_in_ms = wait.as_millis() as u64, "certificate renewal failed");
+    }
+
+    /// The controller's answer to a renewal: checked, installed, and the
+    /// session is switched over once no command runs.
+    fn renewed(&self, held: &Held, reply: pb::RenewReply, renewal: &mut Renewal) {
+        let Some(key) = renewal.pending_key.take() else {
+            tracing::warn!("a renewal answer without a renewal asked; ignored");
+            return;
+        };
+        if !reply.error.is_empty() {
+            return self.renewal_failed(renewal, &format!("the controller: {}", reply.error));
+        }
+        let trust = if reply.trust_bundle_pem.trim().is_empty() {
+            match self.creds.trust_bundle(&self.tls.ca) {
+                Ok(t) => t,
+                Err(e) => return self.renewal_failed(renewal, &e.to_string()),
+            }
+        } else {
+            reply.trust_bundle_pem.clone().into_bytes()
+        };
+        let (site, instance) = (held.site().unwrap_or_default(), held.instance().unwrap_or_default());
+        let result = credentials::accept(&reply.cert_chain_pem, key, &trust, site, instance)
+            .and_then(|new| self.creds.install(&new, &reply.trust_bundle_pem).map(|()| new));
+        match result {
+            Ok(new) => {
+                renewal.failures = 0;
+                renewal.switch = true;
+                tracing::info!(serial = %new.serial, until = %humantime::format_rfc3339_seconds(new.not_after), "certificate renewed; switching to it once no command runs");
+            }
+            Err(e) => self.renewal_failed(renewal, &e.to_string()),
+        }
+    }
+
     /// One session: connect, Hello, Welcome, then heartbeats and commands
     /// until the stream ends. `on_welcome` is called once the session is up.
     async fn session(self: &Arc<Self>, on_welcome: &mut dyn FnMut()) -> Result<(), SessionError> {
-        let channel = self.connect().await?;
+        let (held, document) = self.credentials().await?;
+        let ca = self.creds.trust_bundle(&self.tls.ca)?;
+        let channel = self.connect(&ca, Some((&held.chain_pem, &held.key_pem))).await?;
         let facts = self.gather_facts().await?;
         let own_instance = facts.instance_id.clone();
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
@@ -383,6 +558,7 @@ impl Agent {
             site_id: self.settings.site_id.clone(),
             facts: Some(facts_to_pb(facts)),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            proof: document.map(|(d, signature)| pb::InstanceProof { document: d.into_bytes(), signature, token: String::new() }),
         };
         tx.send(pb::AgentMessage { msg: Some(AgentMsg::Hello(hello)) })
             .await
@@ -401,6 +577,8 @@ impl Agent {
             return Err(SessionError::Protocol("the controller's first message is not a Welcome".to_owned()));
         };
         let mut welcome = welcome_from_pb(&w);
+        // The pair this session opened with works: an older one goes.
+        self.creds.confirm();
         on_welcome();
         log_welcome(&welcome);
         self.heartbeat_ms.store(welcome.heartbeat_interval.as_millis() as u64, Ordering::Relaxed);
@@ -410,8 +588,20 @@ impl Agent {
         // interval from now, not at once.
         let mut ticker = heartbeat_ticker(welcome.heartbeat_interval);
         let mut seq: u64 = 0;
+        // Renewal: looked at every 1/20 of the lifetime (1 s to 5 min), and
+        // at once (a certificate past its half is renewed at start).
+        let life = held.not_after.duration_since(held.not_before).unwrap_or_default();
+        let mut renew_check = tokio::time::interval((life / 20).clamp(Duration::from_secs(1), Duration::from_secs(300)));
+        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewal = Renewal::default();
         loop {
             tokio::select! {
+                _ = renew_check.tick() => {
+                    if renewal.switch && self.in_flight.load(Ordering::Acquire) == 0 {
+                        return Err(SessionError::Renewed);
+                    }
+                    self.maybe_renew(&held, &mut renewal, &tx);
+                }
                 message = inbound.message() => match message.map_err(SessionError::Status)? {
                     None => return Err(SessionError::Ended),
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::Command(c)) }) => {
@@ -430,6 +620,12 @@ impl Agent {
                         self.apply_role(&role, &own_instance);
                         welcome.role = role;
                         welcome.reason = r.reason;
+                    }
+                    Some(pb::ControllerMessage { msg: Some(ControllerMsg::Renewed(reply)) }) => {
+                        self.renewed(&held, reply, &mut renewal);
+                        if renewal.switch && self.in_flight.load(Ordering::Acquire) == 0 {
+                            return Err(SessionError::Renewed);
+                        }
                     }
                     Some(pb::ControllerMessage { msg: None }) => {
                         tracing::warn!("ignoring an empty or unknown controller message");
@@ -473,11 +669,13 @@ impl Agent {
         tracing::info!(id = %request.id, action = request.action.name(), deadline = ?request.deadline, "command received");
         let agent = Arc::clone(self);
         let tx = tx.clone();
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let CommandRequest { id, action, deadline, .. } = request;
             let answer = agent.journal.run(&id, &action, || agent.executor.execute(&action, deadline)).await;
             tracing::info!(id = %answer.id, ok = answer.ok, replayed = answer.replayed, error = %answer.error, "command answered");
             let _ = tx.send(pb::AgentMessage { msg: Some(AgentMsg::Result(answer_to_pb(answer))) }).await;
+            agent.in_flight.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -502,8 +700,19 @@ impl Agent {
                 Ok(()) => SessionError::Ended,
                 Err(e) => e,
             };
+            if matches!(error, SessionError::Renewed) {
+                tracing::info!("reconnecting with the renewed certificate");
+                continue;
+            }
             if error.is_permission() {
                 tracing::error!(error = %error, attempt, "the controller refused this agent");
+                // A renewed pair the controller refuses: back to the one
+                // that worked (kept until the new one had worked).
+                match self.creds.roll_back() {
+                    Ok(true) => tracing::warn!("went back to the previous certificate"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot go back to the previous certificate"),
+                }
             } else {
                 tracing::warn!(error = %error, attempt, "session ended");
             }

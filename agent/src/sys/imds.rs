@@ -66,6 +66,24 @@ impl ImdsClient {
         }
     }
 
+    /// The signed instance identity document and its base64 signature
+    /// (`dynamic/instance-identity/document` and `.../signature`); `Ok(None)`
+    /// when IMDS has none (404).
+    pub async fn identity_document(&self, token: &str) -> Result<Option<(String, String)>, ImdsError> {
+        let mut got = Vec::new();
+        for item in ["document", "signature"] {
+            let what = format!("dynamic/instance-identity/{item}");
+            let path = format!("/latest/{what}");
+            match self.call(&what, Method::GET, &path, &[("X-aws-ec2-metadata-token", token)]).await? {
+                (StatusCode::OK, body) => got.push(body),
+                (StatusCode::NOT_FOUND, _) => return Ok(None),
+                (status, _) => return Err(ImdsError::Status { what, status }),
+            }
+        }
+        let signature = got.pop().unwrap_or_default();
+        Ok(got.pop().map(|document| (document, signature)))
+    }
+
     async fn call(&self, what: &str, method: Method, path: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, String), ImdsError> {
         let r = self.http.send(method, path, headers, None).await.map_err(|e| match e {
             HttpError::Timeout(timeout) => ImdsError::Timeout { what: what.to_owned(), timeout },

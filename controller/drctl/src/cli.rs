@@ -266,6 +266,37 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Revoke SITE's agent certificates: every one (the site cannot enrol
+    /// again until --undo), or one --serial (as `drctl site` shows it).
+    /// Live streams holding them are closed at once.
+    Revoke {
+        site: String,
+        #[arg(long)]
+        serial: Option<String>,
+        /// Why (shown in status and events).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Lift the revocation of the whole site.
+        #[arg(long, conflicts_with = "serial")]
+        undo: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Let INSTANCE of SITE enrol: with --token, print a one-time token for
+    /// a machine without the EC2 instance identity document (put it in the
+    /// agent's tls.enrol_token_file); without, let an instance that enrolled
+    /// already enrol once more with its document (it lost its key).
+    AllowEnrol {
+        site: String,
+        instance: String,
+        #[arg(long)]
+        token: bool,
+        /// How long the token stays usable (at most 7 days).
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        ttl: humantime::Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Certificates for the controller, agents and operators (local files only).
     Pki {
         #[command(subcommand)]
@@ -322,6 +353,22 @@ pub enum PkiCommand {
         trust_domain: String,
         /// Lifetime of the CA in days (1 to 36500); every certificate it issues ends by then.
         #[arg(long, default_value_t = 3650, value_parser = days_parser())]
+        days: u32,
+    },
+    /// Create the controller's intermediate CA (OUT/ca.pem, OUT/ca.key),
+    /// signed by the offline root in --dir, path length 0: the only CA key
+    /// on a running machine. Name it in the controller's [pki]
+    /// intermediate_cert and intermediate_key. `drctl pki issue --dir OUT`
+    /// issues from it too (the chain is written with the certificate).
+    Intermediate {
+        /// Directory of the root CA (ca.pem, ca.key).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Directory to write the intermediate's ca.pem and ca.key in.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days; agent certificates never outlive it.
+        #[arg(long, default_value_t = 90, value_parser = days_parser())]
         days: u32,
     },
     /// Issue a certificate signed by the CA in --dir.
@@ -416,6 +463,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             (Remote::Signal { id: operation, signal: "deny".into(), wait: false, stored_is_success: true }, conn)
         }
         Command::Site { site, events, conn } => (Remote::Site { site, events }, conn),
+        Command::Revoke { site, serial, reason, undo, conn } => {
+            (Remote::Revoke { site, serial: serial.unwrap_or_default(), reason, undo }, conn)
+        }
+        Command::AllowEnrol { site, instance, token, ttl, conn } => {
+            (Remote::AllowEnrol { site, instance, token, ttl_ms: Duration::from(ttl).as_millis() as u64 }, conn)
+        }
         Command::Pause { site, duration, reason, conn } => {
             let for_ms = Duration::from(duration).as_millis() as u64;
             if for_ms == 0 {
@@ -450,6 +503,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     }
     let c = conn.or(args.conn);
     let conn = Connection::resolve(c.config, c.controller, c.server_name, c.ca, c.cert, c.key)?;
+    warn_if_ending(&conn.tls.cert);
     match remote(&conn, command, output).await {
         Ok(code) => Ok(code),
         Err(e) => Err(conn.explain(e).await),
@@ -458,6 +512,18 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
 /// The commands that talk to the controller.
 enum Remote {
+    Revoke {
+        site: String,
+        serial: String,
+        reason: String,
+        undo: bool,
+    },
+    AllowEnrol {
+        site: String,
+        instance: String,
+        token: bool,
+        ttl_ms: u64,
+    },
     Status {
         sites: Vec<String>,
         problems: bool,
@@ -578,6 +644,42 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                         print::print_events(&ev);
                     }
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::Revoke { site, serial, reason, undo } => {
+            let r = client
+                .revoke(pb::RevokeRequest { site_id: site.clone(), serial: serial.clone(), reason, undo })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let what = if serial.is_empty() { format!("every certificate of {site}") } else { format!("certificate {serial} of {site}") };
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "site_id": site, "serial": serial, "undo": undo, "closed": r.closed })),
+                Output::Text if undo => println!("the revocation of {site} is lifted: its instances may enrol again"),
+                Output::Text => println!("{what} revoked; {} live stream(s) closed", r.closed),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::AllowEnrol { site, instance, token, ttl_ms } => {
+            let r = client
+                .allow_enrolment(pb::AllowEnrolmentRequest { site_id: site.clone(), instance_id: instance.clone(), token, ttl_ms })
+                .await
+                .map_err(|s| conn.status_error(s))?
+                .into_inner();
+            let until = views::rfc3339(r.expires_at_ms);
+            match output {
+                Output::Json => {
+                    print_json(&serde_json::json!({ "site_id": site, "instance_id": instance, "token": r.token, "expires_at": until }))
+                }
+                Output::Text if token => {
+                    println!("{}", r.token);
+                    eprintln!(
+                        "drctl: one-time enrolment token for {site} instance {instance}, usable until {}: put it in the agent's tls.enrol_token_file",
+                        until.unwrap_or_default()
+                    );
+                }
+                Output::Text => println!("instance {instance} of {site} may enrol once more"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -887,11 +989,37 @@ fn finish(op: pb::Operation, output: Output) -> Result<ExitCode, CliError> {
     })
 }
 
+/// Warns (stderr) when the operator's certificate is in the last third of
+/// its life: operator certificates are issued by hand and do not renew.
+fn warn_if_ending(cert: &std::path::Path) {
+    let Some(c) = dr_proto::tls::load_certs(cert).ok().and_then(|c| dr_proto::tls::PresentedCert::from_der(c[0].as_ref())) else { return };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let third = c.not_after_ms.saturating_sub(c.not_before_ms) / 3;
+    if now + third >= c.not_after_ms {
+        eprintln!(
+            "drctl: warning: your certificate {} ends at {}: issue a new one (`drctl pki issue operator NAME --dir CA_DIR`)",
+            cert.display(),
+            views::rfc3339(c.not_after_ms).unwrap_or_default()
+        );
+    }
+}
+
 fn pki_command(command: PkiCommand, output: Output) -> Result<ExitCode, CliError> {
     let mut warnings = Vec::new();
     let written = match command {
         PkiCommand::Init { dir, trust_domain, days } => {
             vec![pki::init_ca(&dir, &trust_domain, Validity::days(days)?)?, dir.join(pki::CA_KEY)]
+        }
+        PkiCommand::Intermediate { dir, out, days } => {
+            let issued = pki::intermediate(&dir, &out, Validity::days(days)?)?;
+            if let Some(asked) = issued.shortened_from {
+                warnings.push(format!(
+                    "the intermediate ends at {} with its root, not at {} as --days asked",
+                    pki::stamp(issued.not_after),
+                    pki::stamp(asked)
+                ));
+            }
+            vec![issued.cert, issued.key]
         }
         PkiCommand::Issue { kind, dir, out, days, not_before, not_after } => {
             let dir = dir.ok_or_else(|| CliError::Usage("give --dir, the CA's directory".into()))?;

@@ -114,7 +114,9 @@ pub fn init_ca(dir: &Path, trust_domain: &str, validity: Validity) -> Result<Pat
     refuse_existing(&[&cert_path, &key_path])?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&format!("dr CA {trust_domain}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // Path length 1: the root signs intermediates (`drctl pki
+    // intermediate`), which sign the certificates in use.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.subject_alt_names = vec![SanType::URI(ia5(&format!("spiffe://{trust_domain}"))?)];
     params.not_before = validity.not_before;
@@ -125,6 +127,49 @@ pub fn init_ca(dir: &Path, trust_domain: &str, validity: Validity) -> Result<Pat
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(cert_path)
+}
+
+/// Creates an intermediate CA in `out` (ca.pem with the intermediate's
+/// certificate, ca.key), signed by the root in `root_dir`, path length 0,
+/// for the root's trust domain. It ends with the root at the latest.
+pub fn intermediate(root_dir: &Path, out: &Path, mut validity: Validity) -> Result<Issued, PkiError> {
+    let (root_cert, root_key) = (root_dir.join(CA_CERT), root_dir.join(CA_KEY));
+    let root = ca_info(&root_cert)?;
+    let root_pem = read(&root_cert)?;
+    let der = dr_proto::tls::load_certs(&root_cert)
+        .map_err(|e| PkiError::Invalid { what: root_cert.display().to_string(), message: e.to_string() })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der[0].as_ref())
+        .map_err(|e| PkiError::Invalid { what: root_cert.display().to_string(), message: e.to_string() })?;
+    if let Ok(Some(bc)) = parsed.basic_constraints()
+        && bc.value.path_len_constraint == Some(0)
+    {
+        return Err(PkiError::Invalid {
+            what: format!("root CA {}", root_cert.display()),
+            message: "its path length is 0, so it cannot sign an intermediate (it was made before intermediates existed): make a new root with `drctl pki init` and move to it (see the README, \"CA rotation\")".into(),
+        });
+    }
+    let issuer = Issuer::from_ca_cert_pem(&root_pem, KeyPair::from_pem(&read(&root_key)?)?)?;
+    let mut shortened_from = None;
+    if validity.not_after > root.not_after {
+        shortened_from = Some(validity.not_after);
+        validity.not_after = root.not_after;
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("dr intermediate CA {}", root.trust_domain));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.subject_alt_names = vec![SanType::URI(ia5(&format!("spiffe://{}", root.trust_domain))?)];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.use_authority_key_identifier_extension = true;
+    let (cert_path, key_path) = (out.join(CA_CERT), out.join(CA_KEY));
+    refuse_existing(&[&cert_path, &key_path])?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).map_err(|source| PkiError::Write { path: out.to_owned(), source })?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(Issued { cert: cert_path, key: key_path, not_after: validity.not_after, shortened_from })
 }
 
 /// The trust domain the CA certificate at `path` was created for, and its end.
@@ -227,8 +272,18 @@ pub fn issue_with(
     let cert = params.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).map_err(|source| PkiError::Write { path: out.to_owned(), source })?;
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    // Issued by an intermediate: the chain goes with the certificate (a
+    // root's certificates need none: the peer has the root).
+    let chain = if is_self_signed(&ca_pem) { String::new() } else { ca_pem };
+    write_new(&cert_path, format!("{}{chain}", cert.pem()).as_bytes(), 0o644)?;
     Ok(Issued { cert: cert_path, key: key_path, not_after: validity.not_after, shortened_from })
+}
+
+fn is_self_signed(pem: &str) -> bool {
+    dr_proto::tls::parse_certs(pem.as_bytes(), Path::new("ca"))
+        .ok()
+        .and_then(|c| x509_parser::parse_x509_certificate(c[0].as_ref()).ok().map(|(_, c)| c.subject() == c.issuer()))
+        .unwrap_or(true)
 }
 
 fn name(common_name: &str) -> DistinguishedName {

@@ -19,6 +19,7 @@
 //!
 //! Generated protobuf types are converted here and in [`service`] only.
 
+pub mod enrol;
 pub mod refusals;
 pub mod service;
 pub mod verify;
@@ -318,6 +319,10 @@ struct Session {
     pending: Pending,
     role: Role,
     record: InstanceRecord,
+    /// The serial of the certificate the stream was opened with.
+    cert_serial: String,
+    /// How its instance proved itself (`enrol::BY_DOCUMENT`, ...).
+    attestation: String,
 }
 
 type Key = (String, String);
@@ -335,6 +340,8 @@ pub struct Registry {
 pub struct LiveAgent {
     pub record: InstanceRecord,
     pub role: Role,
+    pub cert_serial: String,
+    pub attestation: String,
 }
 
 impl Registry {
@@ -356,7 +363,12 @@ impl Registry {
     }
 
     pub fn live(&self, site: &str, instance: &str) -> Option<LiveAgent> {
-        self.lock().get(&(site.to_owned(), instance.to_owned())).map(|s| LiveAgent { record: s.record.clone(), role: s.role.clone() })
+        self.lock().get(&(site.to_owned(), instance.to_owned())).map(|s| LiveAgent {
+            record: s.record.clone(),
+            role: s.role.clone(),
+            cert_serial: s.cert_serial.clone(),
+            attestation: s.attestation.clone(),
+        })
     }
 
     /// Every live session, by site: one pass under the lock (status of a
@@ -364,7 +376,12 @@ impl Registry {
     pub fn live_by_site(&self) -> HashMap<String, Vec<LiveAgent>> {
         let mut out: HashMap<String, Vec<LiveAgent>> = HashMap::new();
         for ((site, _), s) in self.lock().iter() {
-            out.entry(site.clone()).or_default().push(LiveAgent { record: s.record.clone(), role: s.role.clone() });
+            out.entry(site.clone()).or_default().push(LiveAgent {
+                record: s.record.clone(),
+                role: s.role.clone(),
+                cert_serial: s.cert_serial.clone(),
+                attestation: s.attestation.clone(),
+            });
         }
         out
     }
@@ -462,6 +479,15 @@ impl Registry {
         self.lock().clear();
     }
 
+    /// Ends the streams of `site` opened with certificate `serial` (every
+    /// stream of the site when None): a revocation. Returns how many.
+    pub fn close_revoked(&self, site: &str, serial: Option<&str>) -> usize {
+        let mut sessions = self.lock();
+        let before = sessions.len();
+        sessions.retain(|(s, _), session| !(s == site && serial.is_none_or(|x| session.cert_serial == x)));
+        before - sessions.len()
+    }
+
     fn register(&self, session: Session) -> u64 {
         let key = (session.record.site_id.clone(), session.record.instance_id.clone());
         let serial = session.serial;
@@ -530,7 +556,15 @@ impl Registry {
     pub fn attach(&self, record: InstanceRecord, role: Role) -> (u64, mpsc::Receiver<Result<pb::ControllerMessage, Status>>) {
         let (tx, rx) = mpsc::channel(64);
         let serial = self.next_serial();
-        self.register(Session { serial, tx, pending: Pending::default(), role, record });
+        self.register(Session {
+            serial,
+            tx,
+            pending: Pending::default(),
+            role,
+            record,
+            cert_serial: String::new(),
+            attestation: String::new(),
+        });
         (serial, rx)
     }
 }

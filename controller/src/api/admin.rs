@@ -32,6 +32,8 @@ pub struct AdminServer {
     pub fences: crate::reconcilers::fences::Fences,
     /// `[health] interval`: evidence older than three passes is stale.
     pub health_interval: Duration,
+    /// Enrolment tokens; whether site-wide certificates still hold sessions.
+    pub authority: std::sync::Arc<crate::agents::enrol::Authority>,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -189,6 +191,20 @@ impl AdminServer {
                 operation_id: installed.map(|s| s.operation_id.clone()).unwrap_or_default(),
             }
         });
+        if let Some(reason) = view.revocations.get(&(site.id.clone(), String::new())) {
+            problems.push(format!("the site's certificates are revoked ({reason}): its agents cannot connect or enrol"));
+        }
+        for l in live.iter().filter(|l| l.attestation == crate::agents::enrol::BY_SITE_CERTIFICATE) {
+            problems.push(format!(
+                "instance {} still connects with the site-wide certificate: upgrade its agent so that it enrols",
+                l.record.instance_id
+            ));
+        }
+        for i in &instances {
+            if let Some(c) = view.certs.get(&(site.id.clone(), i.instance_id.clone())).filter(|c| !c.renewal_error.is_empty()) {
+                problems.push(format!("the renewal of instance {}'s certificate failed: {}", i.instance_id, c.renewal_error));
+            }
+        }
         let pause = view.pauses.get(&site.id);
         if let Some(p) = pause {
             problems.push(format!("automatic recovery is paused by {} ({})", p.by, p.reason));
@@ -231,7 +247,22 @@ impl AdminServer {
                 .iter()
                 .map(|i| {
                     let role = role_now(i);
+                    let cert = view.certs.get(&(site.id.clone(), i.instance_id.clone()));
+                    let live_agent = live.iter().find(|l| l.record.instance_id == i.instance_id);
                     pb::InstanceStatus {
+                        attestation: live_agent
+                            .map(|l| l.attestation.clone())
+                            .filter(|a| !a.is_empty())
+                            .or_else(|| cert.map(|c| c.attestation.clone()))
+                            .unwrap_or_default(),
+                        cert_serial: live_agent
+                            .map(|l| l.cert_serial.clone())
+                            .filter(|s| !s.is_empty())
+                            .or_else(|| cert.map(|c| c.current_serial.clone()))
+                            .unwrap_or_default(),
+                        cert_not_after_ms: cert.map(|c| c.current_not_after_ms).unwrap_or(i.cert_not_after_ms),
+                        renewed_at_ms: cert.map(|c| c.renewed_at_ms).unwrap_or(0),
+                        renewal_error: cert.map(|c| c.renewal_error.clone()).unwrap_or_default(),
                         instance_id: i.instance_id.clone(),
                         role: role.name().to_owned(),
                         reason: role.reason().to_owned(),
@@ -578,6 +609,80 @@ impl pb::admin_service_server::AdminService for AdminServer {
         self.notifier.set_pause(pause).await.map_err(internal)?;
         tracing::warn!(site = %site.id, %operator, until_ms, "automatic recovery {}", if until_ms == 0 { "resumed" } else { "paused" });
         Ok(Response::new(pb::PauseRecoveryReply { paused_until_ms: until_ms }))
+    }
+
+    async fn revoke(&self, request: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeReply>, Status> {
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self.known_site(&r.site_id).await?;
+        if r.reason.len() > 500 || r.reason.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("the reason must be one line of at most 500 bytes"));
+        }
+        if r.undo {
+            if !r.serial.is_empty() {
+                return Err(Status::invalid_argument("undo lifts a revocation of the whole site: give no serial"));
+            }
+            let had = self.store.unrevoke_site(site.id.clone()).await.map_err(internal)?;
+            tracing::warn!(site = %site.id, %operator, had, "site revocation lifted");
+            return Ok(Response::new(pb::RevokeReply { closed: 0 }));
+        }
+        let serial = if r.serial.is_empty() {
+            String::new()
+        } else {
+            crate::agents::enrol::normalize_serial(&r.serial).map_err(Status::invalid_argument)?
+        };
+        let reason =
+            if r.reason.is_empty() { format!("revoked by operator/{operator}") } else { format!("{} (operator/{operator})", r.reason) };
+        // Recorded first: a stream that reconnects between the two is refused.
+        self.store
+            .revoke(site.id.clone(), serial.clone(), reason.clone(), format!("operator/{operator}"), now_ms())
+            .await
+            .map_err(internal)?;
+        let closed = self.registry.close_revoked(&site.id, (!serial.is_empty()).then_some(serial.as_str()));
+        let what = if serial.is_empty() { "every certificate of the site".to_owned() } else { format!("certificate {serial}") };
+        tracing::warn!(site = %site.id, %operator, %what, closed, "revoked");
+        let e = crate::reconcilers::notify::event(
+            &site.id,
+            crate::domain::events::EventKind::AgentRevoked,
+            "warning",
+            format!("{what} revoked by operator/{operator}: {reason}; {closed} live stream(s) closed"),
+            serde_json::json!({"serial": serial, "closed": closed, "reason": reason}),
+            "",
+        );
+        self.notifier.record(vec![], vec![e]).await.map_err(internal)?;
+        Ok(Response::new(pb::RevokeReply { closed: closed as u32 }))
+    }
+
+    async fn allow_enrolment(&self, request: Request<pb::AllowEnrolmentRequest>) -> Result<Response<pb::AllowEnrolmentReply>, Status> {
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let site = self.known_site(&r.site_id).await?;
+        dr_proto::identity::validate_instance_id(&r.instance_id)
+            .map_err(|m| Status::invalid_argument(format!("instance id `{}`: {m}", r.instance_id)))?;
+        if r.token {
+            let max = 7 * 24 * 3600 * 1000;
+            let ttl = match r.ttl_ms {
+                0 => 3600 * 1000,
+                t if t > max => return Err(Status::invalid_argument("a token lives at most 7 days")),
+                t => t,
+            };
+            let expires = now_ms() + ttl;
+            let token = self
+                .authority
+                .make_token(&self.store, &site.id, &r.instance_id, &format!("operator/{operator}"), expires)
+                .await
+                .map_err(Status::from)?;
+            tracing::warn!(site = %site.id, instance = %r.instance_id, %operator, expires_at_ms = expires, "enrolment token made");
+            return Ok(Response::new(pb::AllowEnrolmentReply { token, expires_at_ms: expires }));
+        }
+        if !self.store.allow_reenrol(site.id.clone(), r.instance_id.clone()).await.map_err(internal)? {
+            return Err(Status::not_found(format!(
+                "instance {} of site `{}` never enrolled: it needs no permission (or use a token)",
+                r.instance_id, site.id
+            )));
+        }
+        tracing::warn!(site = %site.id, instance = %r.instance_id, %operator, "instance may enrol once more");
+        Ok(Response::new(pb::AllowEnrolmentReply { token: String::new(), expires_at_ms: 0 }))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {

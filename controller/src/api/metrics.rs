@@ -12,6 +12,12 @@
 //! - `dr_ec2_retries_total{reason}`: EC2 calls retried (throttled, transient)
 //! - `dr_task_up{task}` 1/0 and `dr_task_restarts_total{task}`: the
 //!   controller's supervised background tasks (`reconcilers::supervisor`)
+//! - `dr_agent_cert_not_after_timestamp_seconds{site,instance}`: when each
+//!   enrolled instance's current certificate ends
+//! - `dr_cert_enrolments_total{result}`, `dr_cert_renewals_total{result}`
+//!   (`ok`, `refused`/`failed`) since start
+//! - `dr_pki_intermediate_not_after_timestamp_seconds`: when the
+//!   controller's intermediate CA ends
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -38,7 +44,12 @@ fn label(pairs: &[(&str, &str)]) -> Labels {
 
 /// Renders every metric now, from one fleet view of the store (a fixed
 /// number of queries however many sites) and the live sessions.
-pub async fn render(engine: &Engine, registry: &agents::Registry, tasks: &Supervisor) -> Result<String, crate::store::StoreError> {
+pub async fn render(
+    engine: &Engine,
+    registry: &agents::Registry,
+    tasks: &Supervisor,
+    authority: &agents::enrol::Authority,
+) -> Result<String, crate::store::StoreError> {
     let mut reg = Registry::default();
     let connected = Family::<Labels, Gauge>::default();
     let agents_by_role = Family::<Labels, Gauge>::default();
@@ -131,6 +142,27 @@ pub async fn render(engine: &Engine, registry: &agents::Registry, tasks: &Superv
         task_up.get_or_create(&label(&[("task", name)])).set(i64::from(t.up));
         task_restarts.get_or_create(&label(&[("task", name)])).inc_by(t.restarts);
     }
+    let cert_end = Family::<Labels, Gauge>::default();
+    for ((site, instance), c) in engine.store().agent_certs().await? {
+        cert_end.get_or_create(&label(&[("site", &site), ("instance", &instance)])).set((c.current_not_after_ms / 1000) as i64);
+    }
+    reg.register("dr_agent_cert_not_after_timestamp_seconds", "When the instance's current agent certificate ends (Unix time)", cert_end);
+    let (enrolments, renewals) = (
+        Family::<Labels, prometheus_client::metrics::counter::Counter>::default(),
+        Family::<Labels, prometheus_client::metrics::counter::Counter>::default(),
+    );
+    let c = &authority.counters;
+    enrolments.get_or_create(&label(&[("result", "ok")])).inc_by(c.enrolled.load(Ordering::Relaxed));
+    enrolments.get_or_create(&label(&[("result", "refused")])).inc_by(c.enrol_refused.load(Ordering::Relaxed));
+    renewals.get_or_create(&label(&[("result", "ok")])).inc_by(c.renewed.load(Ordering::Relaxed));
+    renewals.get_or_create(&label(&[("result", "failed")])).inc_by(c.renew_failed.load(Ordering::Relaxed));
+    reg.register("dr_cert_enrolments", "Instance enrolments since start, by result", enrolments);
+    reg.register("dr_cert_renewals", "Agent certificate renewals since start, by result", renewals);
+    if let Some(signer) = authority.signer() {
+        let end = Gauge::<i64>::default();
+        end.set((signer.validity_ms().1 / 1000) as i64);
+        reg.register("dr_pki_intermediate_not_after_timestamp_seconds", "When the controller's intermediate CA ends (Unix time)", end);
+    }
     reg.register("dr_task_up", "1 while the supervised background task runs", task_up);
     reg.register("dr_task_restarts", "Times the background task ended or panicked and was started again", task_restarts);
     retries.get_or_create(&label(&[("reason", "throttled")])).set(EC2_THROTTLED.load(Ordering::Relaxed) as i64);
@@ -162,7 +194,13 @@ pub async fn render(engine: &Engine, registry: &agents::Registry, tasks: &Superv
 }
 
 /// Serves `GET /metrics` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry, tasks: Supervisor) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    engine: Engine,
+    registry: agents::Registry,
+    tasks: Supervisor,
+    authority: std::sync::Arc<agents::enrol::Authority>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?;
@@ -177,15 +215,15 @@ pub async fn serve(addr: SocketAddr, engine: Engine, registry: agents::Registry,
                 continue;
             }
         };
-        let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
+        let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (engine, registry, tasks) = (engine.clone(), registry.clone(), tasks.clone());
+                let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
                 async move {
                     let response = if req.uri().path() != "/metrics" {
                         hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     } else {
-                        match render(&engine, &registry, &tasks).await {
+                        match render(&engine, &registry, &tasks, &authority).await {
                             Ok(text) => hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                                 .body(Full::new(Bytes::from(text))),

@@ -37,11 +37,17 @@ pub enum EventKind {
     FenceBreached,
     FenceRestored,
     ControllerTaskRestarted,
+    AgentEnrolled,
+    AgentRenewalFailed,
+    AgentRevoked,
+    AgentIdentityConflict,
+    PkiIntermediateExpiring,
+    ControllerCertRenewed,
 }
 
 impl EventKind {
     /// Every kind, in the order above.
-    pub const ALL: [EventKind; 30] = [
+    pub const ALL: [EventKind; 36] = [
         EventKind::SiteSuspect,
         EventKind::SiteDown,
         EventKind::SiteRecovered,
@@ -72,6 +78,12 @@ impl EventKind {
         EventKind::FenceBreached,
         EventKind::FenceRestored,
         EventKind::ControllerTaskRestarted,
+        EventKind::AgentEnrolled,
+        EventKind::AgentRenewalFailed,
+        EventKind::AgentRevoked,
+        EventKind::AgentIdentityConflict,
+        EventKind::PkiIntermediateExpiring,
+        EventKind::ControllerCertRenewed,
     ];
 
     /// The kind as events carry it (`site.down`, `failover.started`, ...).
@@ -107,6 +119,12 @@ impl EventKind {
             EventKind::FenceBreached => "fence.breached",
             EventKind::FenceRestored => "fence.restored",
             EventKind::ControllerTaskRestarted => "controller.task_restarted",
+            EventKind::AgentEnrolled => "agent.enrolled",
+            EventKind::AgentRenewalFailed => "agent.renewal_failed",
+            EventKind::AgentRevoked => "agent.revoked",
+            EventKind::AgentIdentityConflict => "agent.identity_conflict",
+            EventKind::PkiIntermediateExpiring => "pki.intermediate_expiring",
+            EventKind::ControllerCertRenewed => "controller.cert_renewed",
         }
     }
 

@@ -600,3 +600,27 @@ pub struct Event {
     pub evidence: serde_json::Value,
     pub operation_id: String,
 }
+
+impl Event {
+    /// A new event with a fresh UUID, stamped now.
+    pub fn new(
+        site: &str,
+        kind: super::events::EventKind,
+        severity: &str,
+        summary: impl Into<String>,
+        evidence: serde_json::Value,
+        operation_id: &str,
+    ) -> Event {
+        Event {
+            seq: 0,
+            id: uuid::Uuid::new_v4().to_string(),
+            at_ms: now_ms(),
+            site_id: site.to_owned(),
+            kind: kind.as_str().to_owned(),
+            severity: severity.to_owned(),
+            summary: summary.into(),
+            evidence,
+            operation_id: operation_id.to_owned(),
+        }
+    }
+}

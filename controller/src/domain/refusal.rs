@@ -39,6 +39,19 @@ pub enum RefusalReason {
     WrongTrustDomain,
     /// The certificate is not a site (agent) certificate.
     NotASite,
+    /// The certificate (or its whole site) was revoked by an operator.
+    Revoked,
+    /// An older certificate of the instance than the one it renewed to
+    /// (a copy of an old disk), or one this controller never issued.
+    Superseded,
+    /// The instance's identity document was missing, forged, or for
+    /// another instance (a copy of its disk elsewhere).
+    NoProof,
+    /// A site-wide certificate, which only lets an agent enrol.
+    EnrolOnly,
+    /// A second connection for an instance with a live session, without
+    /// the proof that would let it take the session over.
+    Conflict,
 }
 
 impl RefusalReason {
@@ -52,6 +65,11 @@ impl RefusalReason {
             RefusalReason::UnknownSite => "unknown_site",
             RefusalReason::WrongTrustDomain => "wrong_trust_domain",
             RefusalReason::NotASite => "not_a_site",
+            RefusalReason::Revoked => "revoked",
+            RefusalReason::Superseded => "superseded",
+            RefusalReason::NoProof => "no_proof",
+            RefusalReason::EnrolOnly => "enrol_only",
+            RefusalReason::Conflict => "conflict",
         }
     }
 
@@ -65,6 +83,11 @@ impl RefusalReason {
             RefusalReason::UnknownSite,
             RefusalReason::WrongTrustDomain,
             RefusalReason::NotASite,
+            RefusalReason::Revoked,
+            RefusalReason::Superseded,
+            RefusalReason::NoProof,
+            RefusalReason::EnrolOnly,
+            RefusalReason::Conflict,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -133,6 +156,11 @@ impl AgentRefusal {
             RefusalReason::UnknownSite => format!("certificate for site `{}`, which is not configured here", self.site_id),
             RefusalReason::WrongTrustDomain => format!("certificate of another trust domain ({})", self.identity),
             RefusalReason::NotASite => format!("not a site certificate ({})", self.identity),
+            RefusalReason::Revoked => format!("certificate revoked ({})", self.detail),
+            RefusalReason::Superseded => format!("an older certificate of the instance ({})", self.detail),
+            RefusalReason::NoProof => format!("no valid proof of its instance ({})", self.detail),
+            RefusalReason::EnrolOnly => "a site-wide certificate, which only enrols".to_owned(),
+            RefusalReason::Conflict => format!("its instance already has a live session ({})", self.detail),
         }
     }
 
@@ -153,6 +181,13 @@ impl AgentRefusal {
             RefusalReason::UnknownSite => format!("configure site `{site}` ([[site]]) or give the agent its own site's certificate"),
             RefusalReason::WrongTrustDomain | RefusalReason::NotASite => {
                 format!("give the agent a site certificate of this deployment (`drctl pki issue site {site}`)")
+            }
+            RefusalReason::Revoked => format!("if the revocation was a mistake, `drctl site revoke {site} --undo` (whole site)"),
+            RefusalReason::Superseded | RefusalReason::NoProof | RefusalReason::Conflict => {
+                "find the machine at the peer address: a copy of an instance's disk is trying to pose as it".to_owned()
+            }
+            RefusalReason::EnrolOnly => {
+                "upgrade the agent so that it enrols its instance, or set pki.allow_site_certificates while the fleet moves over".to_owned()
             }
         }
     }

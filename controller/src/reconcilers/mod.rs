@@ -10,6 +10,7 @@
 //! loops and starts it again when it ends or panics.
 
 pub mod catalog;
+pub mod certs;
 pub mod copies;
 pub mod drills;
 pub mod fences;

@@ -40,17 +40,7 @@ pub fn event(
     evidence: serde_json::Value,
     operation_id: &str,
 ) -> Event {
-    Event {
-        seq: 0,
-        id: uuid::Uuid::new_v4().to_string(),
-        at_ms: now_ms(),
-        site_id: site.to_owned(),
-        kind: kind.as_str().to_owned(),
-        severity: severity.to_owned(),
-        summary: summary.into(),
-        evidence,
-        operation_id: operation_id.to_owned(),
-    }
+    Event::new(site, kind, severity, summary, evidence, operation_id)
 }
 
 impl Notifier {

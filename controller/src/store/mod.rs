@@ -81,6 +81,10 @@ pub enum Admission {
 #[derive(Clone, Debug, Default)]
 pub struct FleetView {
     pub sites: Vec<Site>,
+    /// Each enrolled instance's certificates, by (site, instance).
+    pub certs: HashMap<(String, String), AgentCert>,
+    /// Revocations: (site, serial or "" for the whole site) -> reason.
+    pub revocations: HashMap<(String, String), String>,
     pub instances: HashMap<String, Vec<InstanceRecord>>,
     pub newest_backup: HashMap<String, Backup>,
     pub active: HashMap<String, Vec<ActiveOp>>,
@@ -196,8 +200,11 @@ macro_rules! db_call {
 }
 
 // After the macro: its queries use `db_call!`.
+mod certs;
 mod health;
 mod refusals;
+
+pub use certs::{AgentCert, SerialState};
 
 /// The async API: one line per query, each on the blocking pool.
 impl Store {
@@ -1281,8 +1288,14 @@ impl Db<'_> {
     /// Everything `drctl status` and `/metrics` show, in a fixed number of
     /// queries however many sites.
     pub fn fleet_view(&self) -> Result<FleetView, StoreError> {
-        let mut view =
-            FleetView { sites: self.sites()?, health: self.health_all()?, pauses: self.pauses(now_ms())?, ..FleetView::default() };
+        let mut view = FleetView {
+            sites: self.sites()?,
+            health: self.health_all()?,
+            pauses: self.pauses(now_ms())?,
+            certs: self.agent_certs()?,
+            revocations: self.revocations()?,
+            ..FleetView::default()
+        };
         let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
         for rec in stmt.query_map([], instance_row)? {
             let rec = rec?;

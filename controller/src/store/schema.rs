@@ -249,4 +249,40 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX agent_refusals_by_last ON agent_refusals(last_ms);
     ALTER TABLE backups ADD COLUMN agent_cert_not_after_ms BIGINT NOT NULL DEFAULT 0;",
+    // 11: certificates per instance (issue 22): each enrolled instance's
+    // current certificate and the one signed for it and not yet used (a
+    // renewal's answer may be lost; the agent keeps the current one), how it
+    // proved itself, and whether an operator let it enrol once more;
+    // revocations (serial '' = the whole site); one-time enrolment tokens
+    // (their SHA-256 only).
+    "CREATE TABLE agent_certs (
+        site_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        attestation TEXT NOT NULL,
+        current_serial TEXT NOT NULL,
+        current_not_after_ms BIGINT NOT NULL,
+        next_serial TEXT NOT NULL,
+        next_not_after_ms BIGINT NOT NULL,
+        enrolled_at_ms BIGINT NOT NULL,
+        renewed_at_ms BIGINT NOT NULL,
+        renewal_error TEXT NOT NULL,
+        reenrol_allowed INTEGER NOT NULL,
+        PRIMARY KEY (site_id, instance_id)
+    );
+    CREATE TABLE revocations (
+        site_id TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        revoked_by TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        PRIMARY KEY (site_id, serial)
+    );
+    CREATE TABLE enrol_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        site_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        used_at_ms BIGINT NOT NULL
+    );",
 ];

@@ -151,6 +151,7 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
             app_state: "started".into(),
         }),
         agent_version: "bench".into(),
+        proof: None,
     };
     tx.send(pb::AgentMessage { msg: Some(AgentMsg::Hello(hello)) }).await.map_err(|_| "Hello: stream closed")?;
     slot.last_sent_ms.store(shared.now_ms(), Ordering::Relaxed);
@@ -470,6 +471,9 @@ async fn main() -> std::process::ExitCode {
         dir.path().join("state.db").display(),
         proxy.url,
     );
+    // The agents here hold site-wide certificates (the session path is
+    // what is measured): the setting of a fleet moving over allows them.
+    config.push_str(&pki.controller_toml("allow_site_certificates = true"));
     for (site, (instance, _)) in sites.iter().zip(&instances) {
         config.push_str(&format!("\n[[site]]\nid = \"{site}\"\ninstance_id = \"{instance}\"\n"));
     }

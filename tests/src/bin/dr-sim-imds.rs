@@ -26,12 +26,22 @@ struct Args {
     /// Without it, meta-data/public-ipv4 answers 404.
     #[arg(long)]
     public_ip: Option<String>,
+    /// PEM RSA key to sign the instance identity document with (AWS's, in
+    /// a test); without it, dynamic/instance-identity/* answers 404.
+    #[arg(long)]
+    iid_key: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "123456789012")]
+    account: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
 }
 
 struct Sim {
     instance_id: String,
     private_ip: String,
     public_ip: Option<String>,
+    /// The document as AWS formats it, and its base64 signature.
+    identity: Option<(String, String)>,
     tokens: Mutex<HashSet<String>>,
     counter: Mutex<u64>,
 }
@@ -79,6 +89,28 @@ async fn local_ipv4(State(sim): State<Shared>, headers: HeaderMap) -> Response {
     item(&sim, &headers, Some(&sim.private_ip))
 }
 
+async fn iid_document(State(sim): State<Shared>, headers: HeaderMap) -> Response {
+    item(&sim, &headers, sim.identity.as_ref().map(|(d, _)| d.as_str()))
+}
+
+async fn iid_signature(State(sim): State<Shared>, headers: HeaderMap) -> Response {
+    item(&sim, &headers, sim.identity.as_ref().map(|(_, s)| s.as_str()))
+}
+
+/// The identity document in AWS's layout, signed (RSA SHA-256, base64).
+fn identity(args: &Args) -> Option<(String, String)> {
+    use base64::Engine;
+    use rcgen::SigningKey;
+    let key_pem = std::fs::read_to_string(args.iid_key.as_ref()?).expect("read --iid-key");
+    let key = rcgen::KeyPair::from_pem(&key_pem).expect("--iid-key is a PEM key");
+    let document = format!(
+        "{{\n  \"accountId\" : \"{}\",\n  \"architecture\" : \"x86_64\",\n  \"availabilityZone\" : \"{}a\",\n  \"imageId\" : \"ami-12345678\",\n  \"instanceId\" : \"{}\",\n  \"instanceType\" : \"m5.xlarge\",\n  \"pendingTime\" : \"2026-01-01T00:00:00Z\",\n  \"privateIp\" : \"{}\",\n  \"region\" : \"{}\",\n  \"version\" : \"2017-09-30\"\n}}",
+        args.account, args.region, args.instance_id, args.private_ip, args.region
+    );
+    let signature = key.sign(document.as_bytes()).expect("sign the document");
+    Some((document, base64::engine::general_purpose::STANDARD.encode(signature)))
+}
+
 async fn public_ipv4(State(sim): State<Shared>, headers: HeaderMap) -> Response {
     item(&sim, &headers, sim.public_ip.as_deref())
 }
@@ -86,7 +118,9 @@ async fn public_ipv4(State(sim): State<Shared>, headers: HeaderMap) -> Response 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let identity = identity(&args);
     let sim = Arc::new(Sim {
+        identity,
         instance_id: args.instance_id,
         private_ip: args.private_ip,
         public_ip: args.public_ip,
@@ -98,6 +132,8 @@ async fn main() -> std::process::ExitCode {
         .route("/latest/meta-data/instance-id", get(instance_id))
         .route("/latest/meta-data/local-ipv4", get(local_ipv4))
         .route("/latest/meta-data/public-ipv4", get(public_ipv4))
+        .route("/latest/dynamic/instance-identity/document", get(iid_document))
+        .route("/latest/dynamic/instance-identity/signature", get(iid_signature))
         .fallback(|| async { (StatusCode::NOT_FOUND, "Not Found\n") })
         .with_state(sim);
     dr_tests::serve_simulator("dr-sim-imds", args.listen, app).await

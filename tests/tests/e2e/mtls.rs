@@ -27,6 +27,7 @@ async fn hello(url: &str, ca: &Path, cert: &Path, key: &Path, site: &str) -> Res
             site_id: site.to_owned(),
             facts: Some(pb::InstanceFacts { instance_id: "i-0123456789abcdef0".into(), ..Default::default() }),
             agent_version: "test".into(),
+            proof: None,
         })),
     })
     .await
