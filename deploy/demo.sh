@@ -53,9 +53,30 @@ drctl="$bin/drctl"
 site=demo-site
 say "Creating a throw-away PKI in $work/pki"
 "$drctl" pki init --dir "$work/pki" --trust-domain dr.demo --days 1
-"$drctl" pki issue controller --dir "$work/pki" --dns localhost --ip 127.0.0.1 --days 1
+# The controller's intermediate CA: the only CA key on the running machine.
+"$drctl" pki intermediate --dir "$work/pki" --out "$work/pki/intermediate" --days 1
+"$drctl" pki issue controller --dir "$work/pki/intermediate" --out "$work/pki" --dns localhost --ip 127.0.0.1 --days 1
 "$drctl" pki issue site "$site" --dir "$work/pki" --days 1
 "$drctl" pki issue operator demo --dir "$work/pki" --days 1
+
+# On AWS, EC2 signs each instance's identity document and the controller
+# checks it with AWS's public certificate; here the simulated IMDS signs
+# with this throw-away key and the controller is given its certificate.
+"$python" - "$work/pki" <<'PY'
+import sys, datetime
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "demo instance identity")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256()))
+open(sys.argv[1] + "/aws-iid.key", "wb").write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+open(sys.argv[1] + "/aws-iid.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+PY
 
 say "Starting moto's EC2 server on loopback, and the simulated data plane in front of it"
 moto_port=$(free_port)
@@ -63,7 +84,7 @@ moto_port=$(free_port)
 pids+=($!)
 wait_port "$moto_port"
 "$bin/dr-sim-dataplane" --listen 127.0.0.1:0 --moto "http://127.0.0.1:$moto_port" --dir "$work/dataplane" \
-  --boot-delay 2s --app-secs 1 > "$work/dataplane.out" 2> "$work/dataplane.log" &
+  --boot-delay 2s --app-secs 1 --iid-key "$work/pki/aws-iid.key" > "$work/dataplane.out" 2> "$work/dataplane.log" &
 pids+=($!)
 for _ in $(seq 1 100); do grep -q '^listening on' "$work/dataplane.out" 2>/dev/null && break; sleep 0.1; done
 # Every EC2 and Route 53 call (the controller's and this script's) goes
@@ -123,6 +144,15 @@ trust_domain = "dr.demo"
 
 [store]
 path = "$work/controller/state.db"
+
+# Agents enrol with their instance's signed identity document and get a
+# certificate for their instance from this intermediate; they renew it by
+# themselves at half of its life.
+[pki]
+intermediate_cert = "$work/pki/intermediate/ca.pem"
+intermediate_key = "$work/pki/intermediate/ca.key"
+instance_identity_certificates = "$work/pki/aws-iid.pem"
+account_id = "123456789012"
 
 [aws]
 region = "us-east-1"

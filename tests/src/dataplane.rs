@@ -62,6 +62,8 @@ pub struct Options {
     pub app_secs: f64,
     pub agent_bin: PathBuf,
     pub imds_bin: PathBuf,
+    /// The key machines' identity documents are signed with.
+    pub iid_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -674,7 +676,7 @@ async fn boot_inner(state: &Arc<State>, id: &str, epoch: u64) -> Result<(), Mach
         let mut header = &log;
         let _ = writeln!(header, "=== dr-sim-dataplane: boot {boot_no} of {id} ({private_ip}), disk {}", disk.display());
     }
-    let (imds, imds_url) = spawn_imds(state, id, "127.0.0.1:0", &private_ip, public_ip.as_deref()).await?;
+    let (imds, imds_url) = spawn_imds(state, id, "127.0.0.1:0", &private_ip, public_ip.as_deref(), &region).await?;
 
     let config = disk.join(AGENT_CONFIG);
     let text = template_text.replace("@ROOT@", &disk.to_string_lossy()).replace("@IMDS@", &imds_url);
@@ -725,9 +727,13 @@ async fn spawn_imds(
     listen: &str,
     private_ip: &str,
     public_ip: Option<&str>,
+    region: &str,
 ) -> Result<(tokio::process::Child, String), MachineError> {
     let mut cmd = std::process::Command::new(&state.opts.imds_bin);
-    cmd.args(["--listen", listen, "--instance-id", id, "--private-ip", private_ip]);
+    cmd.args(["--listen", listen, "--instance-id", id, "--private-ip", private_ip, "--region", region]);
+    if let Some(key) = state.opts.iid_key.as_ref().filter(|k| k.exists()) {
+        cmd.arg("--iid-key").arg(key);
+    }
     if let Some(ip) = public_ip {
         cmd.args(["--public-ip", ip]);
     }
@@ -783,7 +789,8 @@ async fn supervise(
             Some(Halt::Readdress { private_ip, public_ip }) => {
                 let _ = imds.kill().await;
                 let listen = imds_url.trim_start_matches("http://");
-                match spawn_imds(&state, &id, listen, &private_ip, public_ip.as_deref()).await {
+                let region = state.machines.lock().expect("machines lock").get(&id).map(|m| m.region.clone()).unwrap_or_default();
+                match spawn_imds(&state, &id, listen, &private_ip, public_ip.as_deref(), &region).await {
                     Ok((new, _)) => {
                         tracing::info!(instance_id = id, private_ip, public_ip, "IMDS restarted with the new addresses");
                         let mut machines = state.machines.lock().expect("machines lock");

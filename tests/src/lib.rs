@@ -656,7 +656,11 @@ impl DataPlane {
             .arg("--dir")
             .arg(dir)
             .arg("--boot-delay")
-            .arg(format!("{}ms", boot_delay.as_millis()));
+            .arg(format!("{}ms", boot_delay.as_millis()))
+            // The test's "AWS" key (Pki::new beside this dir) signs each
+            // machine's identity document.
+            .arg("--iid-key")
+            .arg(dir.parent().unwrap_or(dir).join("pki").join("aws-iid.key"));
         let (proc, url) = spawn_listening_cmd("dr-sim-dataplane", &mut cmd, Stdio::from(log));
         DataPlane { url, proc, dir: dir.to_owned(), _nomad: nomad }
     }
@@ -773,7 +777,10 @@ impl Controller {
             spec.poll_initial,
             spec.extra,
         );
-        if !spec.extra.contains("[pki]") {
+        // A test's own `[pki]` keys go into the harness's table.
+        if text.contains("[pki]\n") {
+            text = text.replacen("[pki]\n", &pki.controller_toml(""), 1);
+        } else {
             text.push_str(&pki.controller_toml(""));
         }
         for (id, instance) in &spec.sites {

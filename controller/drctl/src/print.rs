@@ -96,6 +96,17 @@ pub fn print_status(sites: &[SiteView]) {
                 }
             }
         }
+        for i in s.instances.iter().filter(|i| !i.attestation.is_empty()) {
+            println!(
+                "{:<20} certificate of {}: {} serial {}, until {}{}",
+                "",
+                i.instance_id,
+                i.attestation,
+                i.cert_serial,
+                i.cert_not_after.as_deref().unwrap_or("?"),
+                if i.renewal_error.is_empty() { String::new() } else { format!("; renewal failing: {}", i.renewal_error) }
+            );
+        }
         for i in s.instances.iter().filter(|i| i.instance_id != s.primary_instance_id) {
             let state = if i.connected { "connected" } else { "offline" };
             let of = if i.operation_id.is_empty() { String::new() } else { format!(" of {}", i.operation_id) };

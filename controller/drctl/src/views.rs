@@ -78,6 +78,14 @@ pub struct InstanceView {
     pub connected: bool,
     pub private_ip: String,
     pub last_seen_at: Option<String>,
+    /// How its agent's certificate was obtained: `instance-identity`,
+    /// `token`, or `site-certificate` (a site-wide one, still allowed).
+    pub attestation: String,
+    pub cert_serial: String,
+    pub cert_not_after: Option<String>,
+    pub renewed_at: Option<String>,
+    /// Why the last renewal failed ("" when it worked).
+    pub renewal_error: String,
 }
 
 /// The whole fleet, whatever page or filter was asked for.
@@ -344,6 +352,11 @@ pub fn site_view(s: pb::SiteStatus, now: u64) -> SiteView {
             reason: i.reason,
             operation_id: i.operation_id,
             connected: i.connected,
+            attestation: i.attestation,
+            cert_serial: i.cert_serial,
+            cert_not_after: rfc3339(i.cert_not_after_ms),
+            renewed_at: rfc3339(i.renewed_at_ms),
+            renewal_error: i.renewal_error,
         })
         .collect();
     SiteView {

@@ -328,7 +328,7 @@ impl Authority {
 /// `:` (input may omit the colons).
 pub fn normalize_serial(s: &str) -> Result<String, String> {
     let hex: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
-    if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("`{s}` is not a certificate serial (hex bytes, e.g. 4f:a0:...)"));
     }
     Ok(hex.as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap_or("")).collect::<Vec<_>>().join(":"))

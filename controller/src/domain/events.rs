@@ -169,7 +169,7 @@ mod tests {
         let texts: BTreeSet<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(texts.len(), EventKind::ALL.len(), "two kinds share a text");
         // ALL lists every variant, in declaration order.
-        assert_eq!(EventKind::ALL.len(), EventKind::ControllerTaskRestarted as usize + 1);
+        assert_eq!(EventKind::ALL.len(), EventKind::ControllerCertRenewed as usize + 1);
         assert!(EventKind::ALL.iter().enumerate().all(|(i, k)| *k as usize == i));
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(k), "{k:?}");

@@ -163,7 +163,10 @@ impl Signer {
         }
         let end_ms = (now_ms + lifetime.as_millis() as u64).min(self.not_after_ms);
         let mut params = CertificateParams::default();
-        params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60));
+        // Backdated for clocks a little behind ours: a minute, or a
+        // twentieth of a short lifetime (agents renew at half of the
+        // lifetime counted from here).
+        params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60).min(lifetime / 20));
         params.not_after = time::OffsetDateTime::from(SystemTime::UNIX_EPOCH + Duration::from_millis(end_ms));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;

@@ -34,6 +34,10 @@ struct Args {
     /// dr-sim-imds binary (default: next to this executable).
     #[arg(long)]
     imds_bin: Option<PathBuf>,
+    /// Key each machine's IMDS signs its identity document with (when the
+    /// file exists at the machine's boot).
+    #[arg(long)]
+    iid_key: Option<PathBuf>,
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -59,6 +63,7 @@ async fn main() -> std::process::ExitCode {
         app_secs: args.app_secs,
         agent_bin: args.agent_bin.unwrap_or_else(|| sibling("dr-agent")),
         imds_bin: args.imds_bin.unwrap_or_else(|| sibling("dr-sim-imds")),
+        iid_key: args.iid_key,
     };
     let server = match Server::start(args.listen, opts).await {
         Ok(s) => s,

@@ -23,46 +23,6 @@ fn backup(w: &World) -> (bool, serde_json::Value) {
     (out.status.success(), last_json(&out))
 }
 
-/// Every AMI carries the site's certificate: an instance launched from a
-/// backup connects as the same site. It must sit beside the primary as
-/// passive, not replace the primary's session.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_copy_of_the_machine_connects_beside_the_primary_without_evicting_it() {
-    let w = World::start("prod-1", "200ms").await;
-    w.wait_agent();
-    let ec2 = w.moto.client().await;
-    let copy = launch_instance(&ec2).await;
-    let copy_dir = w.dir.path().join("copy");
-    std::fs::create_dir_all(&copy_dir).expect("mkdir");
-    let imds = Imds::start(&copy_dir, &copy, None);
-    let root = services_machine_root(&copy_dir, &copy.private_ip, "54.1.1.1");
-    let stray = Agent::start(&copy_dir, &w.pki, "prod-1", &w.controller.url, &imds, &root);
-    let instances = || site_status(&w.pki, &w.controller.url, "prod-1")["instances"].as_array().cloned().unwrap_or_default();
-    assert_eventually!(
-        Duration::from_secs(30),
-        instances().iter().any(|i| i["instance_id"] == copy.id.as_str() && i["connected"] == true),
-        "the copy's agent connected: {:?}\n{}",
-        instances(),
-        stray.log()
-    );
-    // For several heartbeats both stay connected, each in its own role.
-    let roles_hold = || {
-        let list = instances();
-        let role = |id: &str| list.iter().find(|i| i["instance_id"] == id).map(|i| (i["role"].clone(), i["connected"].clone()));
-        role(&w.instance.id) == Some(("primary".into(), true.into()))
-            && role(&copy.id) == Some(("passive".into(), true.into()))
-            && agent_connected(&w.pki, &w.controller.url, "prod-1")
-    };
-    // Heartbeats are 1 s: three of them.
-    assert_quiet_for!(Duration::from_secs(3), !roles_hold(), "a role or connection changed: {:?}", instances());
-    // Backups still reach the primary, and only the primary.
-    let (ok, op) = backup(&w);
-    assert!(ok, "{op:#}");
-    assert!(step(&op, "check_agent")["detail"].as_str().expect("detail").contains("agent answered"), "{op:#}");
-    assert!(!stray.log().contains("command received"), "the passive copy got a command:\n{}", stray.log());
-    assert!(w.agent.log().contains("command received"), "{}", w.agent.log());
-}
-
 /// After a SIGKILL, an agent seen a moment ago counts as alive (liveness is
 /// persisted while it is connected, not only at connect): a resumed quiesce
 /// waits for it to reconnect instead of falling back to crash-consistent.

@@ -29,6 +29,7 @@ mod freeze;
 mod harness;
 mod iam;
 mod iam_conditions;
+mod identity;
 mod instances;
 mod mtls;
 mod quiesce;
