@@ -107,6 +107,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dr_proto::tls::ClientAuth::Optional,
     )?;
     let tls = server_tls.config.clone();
+    let own = reconcilers::certs::OwnCert {
+        tls: server_tls.clone(),
+        cert_path: config.tls.cert.clone(),
+        key_path: config.tls.key.clone(),
+        lifetime: config.pki.controller_cert_lifetime,
+    };
     let store = store::Store::open(&config.store.path).await?;
     store.mark_all_disconnected().await?;
     if config.sites.is_empty() {
@@ -219,12 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn("refusals", move || reconcilers::refusals::run(r.clone(), n.clone()));
         let (s, r, every) = (store.clone(), registry.clone(), config.server.liveness_flush);
         tasks.spawn("liveness", move || agents::flush_liveness(s.clone(), r.clone(), every));
-        let own = reconcilers::certs::OwnCert {
-            tls: server_tls.clone(),
-            cert_path: config.tls.cert.clone(),
-            key_path: config.tls.key.clone(),
-            lifetime: config.pki.controller_cert_lifetime,
-        };
+        let own = own.clone();
         let (a, n) = (authority.clone(), notifier.clone());
         tasks.spawn("certificates", move || reconcilers::certs::run(own.clone(), a.clone(), n.clone()));
     }
@@ -242,6 +243,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         });
     }
     let verifier = agents::verify::Verifier::start(store.clone(), registry.clone(), ec2.clone());
+    // A CA rotation in progress is applied again before anything is served.
+    let rotator = reconcilers::rotation::Rotator {
+        store: store.clone(),
+        registry: registry.clone(),
+        authority: authority.clone(),
+        own: own.clone(),
+        configured: authority.signer(),
+        dir: config.store.path.parent().map(|d| d.join("pki")).unwrap_or_else(|| std::path::PathBuf::from("pki")),
+    };
+    rotator.resume().await.map_err(ControllerError::Pki)?;
     if let Some(addr) = config.metrics.listen {
         let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
         tokio::spawn(async move {
@@ -270,6 +281,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         fences,
         health_interval: config.health.interval,
         authority: authority.clone(),
+        rotator,
     };
 
     let listener = server::bind(config.server.listen, config.server.listen_backlog)?;

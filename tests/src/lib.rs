@@ -530,10 +530,12 @@ pub struct Imds {
 
 impl Imds {
     /// Serves `instance`'s metadata, and its identity document signed with
-    /// the test's IID key (`dir/pki/aws-iid.key`, made by [`Pki::new`]).
+    /// the test's IID key: `pki/aws-iid.key` (made by [`Pki::new`]) in `dir`
+    /// or the nearest directory above it (a machine's directory is inside
+    /// the test's).
     pub fn start(dir: &Path, instance: &Instance, public_ip: Option<&str>) -> Imds {
-        let key = dir.join("pki").join("aws-iid.key");
-        Self::start_signed(instance, public_ip, key.exists().then_some(key.as_path()), ACCOUNT)
+        let key = dir.ancestors().take(4).map(|d| d.join("pki").join("aws-iid.key")).find(|k| k.exists());
+        Self::start_signed(instance, public_ip, key.as_deref(), ACCOUNT)
     }
 
     /// [`Imds::start`] signing with `key` (None: no identity document) for

@@ -149,6 +149,20 @@ impl Store {
         Ok(())
     }
 
+    /// Stores the roots the controller sent (a CA rotation); returns how
+    /// many certificates the bundle holds. A bundle that does not parse is
+    /// refused and nothing changes.
+    pub fn set_trust(&self, roots_pem: &str) -> Result<usize, CredentialsError> {
+        let certs = CertificateDer::pem_slice_iter(roots_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialsError::Rejected(format!("the trust bundle: {e}")))?;
+        if certs.is_empty() {
+            return Err(CredentialsError::Rejected("the trust bundle holds no certificate".into()));
+        }
+        write(&self.dir.join(TRUST), roots_pem.as_bytes(), 0o644)?;
+        Ok(certs.len())
+    }
+
     /// The new pair worked: the previous one goes.
     pub fn confirm(&self) {
         for f in [PREVIOUS_CERT, PREVIOUS_KEY] {

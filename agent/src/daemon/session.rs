@@ -309,6 +309,8 @@ struct Renewal {
     not_before: Option<tokio::time::Instant>,
     /// The renewed pair is installed: reconnect with it once idle.
     switch: bool,
+    /// A CA rotation asked for a renewal now, whatever the certificate's age.
+    now: bool,
 }
 
 const RENEW_RETRY: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(1800));
@@ -488,7 +490,7 @@ impl Agent {
     /// Asks for a renewal when due; `renewal` tracks it across the session.
     fn maybe_renew(&self, held: &Held, renewal: &mut Renewal, tx: &mpsc::Sender<pb::AgentMessage>) {
         let now = std::time::SystemTime::now();
-        if renewal.switch || renewal.pending_key.is_some() || now < held.renew_at(self.jitter) {
+        if renewal.switch || renewal.pending_key.is_some() || (now < held.renew_at(self.jitter) && !renewal.now) {
             return;
         }
         if renewal.not_before.is_some_and(|t| tokio::time::Instant::now() < t) {
@@ -499,6 +501,7 @@ impl Agent {
                 tracing::info!(serial = %held.serial, ends = %humantime::format_rfc3339_seconds(held.not_after), "renewing the certificate");
                 if tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::Renew(pb::RenewRequest { csr_der })) }).is_ok() {
                     renewal.pending_key = Some(key);
+                    renewal.now = false;
                 }
             }
             Err(e) => self.renewal_failed(renewal, &e.to_string()),
@@ -620,6 +623,19 @@ impl Agent {
                         self.apply_role(&role, &own_instance);
                         welcome.role = role;
                         welcome.reason = r.reason;
+                    }
+                    Some(pb::ControllerMessage { msg: Some(ControllerMsg::TrustBundle(bundle)) }) => {
+                        match self.creds.set_trust(&bundle.roots_pem) {
+                            Ok(n) => {
+                                tracing::warn!(roots = n, bundle = %bundle.id, renew_now = bundle.renew_now, "the controller sent new roots to trust (a CA rotation); stored");
+                                let _ = tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::TrustAck(pb::TrustAck { id: bundle.id })) });
+                                if bundle.renew_now {
+                                    renewal.now = true;
+                                    self.maybe_renew(&held, &mut renewal, &tx);
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot store the trust bundle the controller sent; not acknowledged"),
+                        }
                     }
                     Some(pb::ControllerMessage { msg: Some(ControllerMsg::Renewed(reply)) }) => {
                         self.renewed(&held, reply, &mut renewal);

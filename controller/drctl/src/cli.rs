@@ -297,6 +297,28 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// CA rotation without an outage, one phase at a time: `start` (with
+    /// the new root and the new intermediate made from it), `advance` to
+    /// the next phase (init → update_clients → update_servers → complete),
+    /// `rollback` (until complete), `status`.
+    RotateCa {
+        #[arg(value_parser = ["status", "start", "advance", "rollback"])]
+        action: String,
+        /// start: the new root's certificate (`drctl pki init`).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// start: the new intermediate's directory (`drctl pki intermediate
+        /// --dir NEW_ROOT_DIR`), its ca.pem and ca.key are sent to the
+        /// controller.
+        #[arg(long)]
+        intermediate: Option<PathBuf>,
+        /// advance: even if its condition does not hold (agents that have
+        /// not acknowledged, or still on the old root, may be refused).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Certificates for the controller, agents and operators (local files only).
     Pki {
         #[command(subcommand)]
@@ -466,6 +488,22 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         Command::Revoke { site, serial, reason, undo, conn } => {
             (Remote::Revoke { site, serial: serial.unwrap_or_default(), reason, undo }, conn)
         }
+        Command::RotateCa { action, root, intermediate, force, conn } => {
+            let mut req = pb::RotateCaRequest { action: action.clone(), force, ..Default::default() };
+            if action == "start" {
+                let (Some(root), Some(dir)) = (root, intermediate) else {
+                    return Err(CliError::Usage(
+                        "`drctl rotate-ca start` needs --root NEW_ROOT/ca.pem and --intermediate NEW_INTERMEDIATE_DIR".into(),
+                    ));
+                };
+                let read =
+                    |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())));
+                req.new_root_pem = read(root)?;
+                req.new_intermediate_cert_pem = read(dir.join(pki::CA_CERT))?;
+                req.new_intermediate_key_pem = read(dir.join(pki::CA_KEY))?;
+            }
+            (Remote::RotateCa { req }, conn)
+        }
         Command::AllowEnrol { site, instance, token, ttl, conn } => {
             (Remote::AllowEnrol { site, instance, token, ttl_ms: Duration::from(ttl).as_millis() as u64 }, conn)
         }
@@ -512,6 +550,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
 /// The commands that talk to the controller.
 enum Remote {
+    RotateCa {
+        req: pb::RotateCaRequest,
+    },
     Revoke {
         site: String,
         serial: String,
@@ -592,6 +633,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let mut req = pb::StatusRequest { site_ids: only.clone(), problems_only: problems, ..Default::default() };
             let first = client.status(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
             let summary = first.summary;
+            let rotation = first.ca_rotation.clone();
             let large = summary.as_ref().is_some_and(|s| s.sites > 50);
             let mut pages = vec![first];
             if large && !all && only.is_empty() && !problems {
@@ -606,10 +648,16 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let next_page_token = pages.last().map(|p| p.next_page_token.clone()).unwrap_or_default();
             let sites: Vec<_> = pages.into_iter().flat_map(|p| p.sites.into_iter().map(move |s| views::site_view(s, p.now_ms))).collect();
             let summary = views::summary_view(summary);
+            let rotation = rotation.map(views::rotation_view);
             match output {
-                Output::Json => print_json(&serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token })),
+                Output::Json => print_json(
+                    &serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token, "ca_rotation": rotation }),
+                ),
                 Output::Text => {
                     print::print_summary(&summary, sites.len(), more, problems || !only.is_empty());
+                    if let Some(r) = &rotation {
+                        print::print_rotation(r);
+                    }
                     print::print_status(&sites);
                 }
             }
@@ -658,6 +706,15 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
                 Output::Json => print_json(&serde_json::json!({ "site_id": site, "serial": serial, "undo": undo, "closed": r.closed })),
                 Output::Text if undo => println!("the revocation of {site} is lifted: its instances may enrol again"),
                 Output::Text => println!("{what} revoked; {} live stream(s) closed", r.closed),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Remote::RotateCa { req } => {
+            let r = client.rotate_ca(req).await.map_err(|s| conn.status_error(s))?.into_inner();
+            let view = views::rotation_view(r);
+            match output {
+                Output::Json => print_json(&serde_json::json!(view)),
+                Output::Text => print::print_rotation(&view),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -298,3 +298,21 @@ pub fn print_events(events: &[crate::views::EventView]) {
         println!("{} {:<8} {site:<20} {:<27} {}{op}", e.at.as_deref().unwrap_or("-"), e.severity, e.kind, e.summary);
     }
 }
+
+/// A CA rotation: its phase, who lags, what comes next.
+pub fn print_rotation(r: &crate::views::RotationView) {
+    if r.phase.is_empty() {
+        println!("CA rotation: none");
+        return;
+    }
+    println!("CA rotation: phase {} since {}", r.phase, r.since.as_deref().unwrap_or("?"));
+    if !r.not_acknowledged.is_empty() {
+        println!("  not acknowledged the current roots: {}", r.not_acknowledged.join(", "));
+    }
+    if !r.on_old_root.is_empty() {
+        println!("  live agents still on the root being dropped: {}", r.on_old_root.join(", "));
+    }
+    if !r.next.is_empty() {
+        println!("  next: {}", r.next);
+    }
+}

@@ -519,3 +519,26 @@ pub fn drill_view(d: pb::Drill) -> DrillView {
         operation_id: d.operation_id,
     }
 }
+
+/// A CA rotation (`drctl rotate-ca`, `drctl status`).
+#[derive(Debug, Default, Serialize)]
+pub struct RotationView {
+    /// `init`, `update_clients`, `update_servers`, `complete`, `rollback`; "" none.
+    pub phase: String,
+    pub since: Option<String>,
+    /// `site/instance` of enrolled instances that have not stored the current roots.
+    pub not_acknowledged: Vec<String>,
+    /// `site/instance` of live sessions on the root being dropped.
+    pub on_old_root: Vec<String>,
+    pub next: String,
+}
+
+pub fn rotation_view(r: pb::CaRotation) -> RotationView {
+    RotationView {
+        phase: r.phase,
+        since: rfc3339(r.since_ms),
+        not_acknowledged: r.not_acknowledged,
+        on_old_root: r.on_old_root,
+        next: r.next,
+    }
+}

@@ -96,8 +96,27 @@ pub struct Authority {
     signer: RwLock<Option<Arc<Signer>>>,
     iid: Option<IidVerifier>,
     pub config: PkiConfig,
-    trust_bundle: RwLock<String>,
+    trust: RwLock<TrustState>,
     pub counters: CertCounters,
+}
+
+/// The roots agents must trust now, and whether a rotation wants them to
+/// renew at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustState {
+    /// SHA-256 (hex) of `roots_pem`: what an agent acknowledges.
+    pub id: String,
+    pub roots_pem: String,
+    pub renew_now: bool,
+    /// A rotation is in progress: agents are sent the bundle until they
+    /// acknowledge it.
+    pub rotating: bool,
+}
+
+impl TrustState {
+    pub fn new(roots_pem: String, renew_now: bool, rotating: bool) -> TrustState {
+        TrustState { id: sha256_hex(&roots_pem), roots_pem, renew_now, rotating }
+    }
 }
 
 /// A signed enrolment.
@@ -125,7 +144,7 @@ impl Authority {
             signer: RwLock::new(signer.map(Arc::new)),
             iid,
             config,
-            trust_bundle: RwLock::new(trust_bundle),
+            trust: RwLock::new(TrustState::new(trust_bundle, false, false)),
             counters: CertCounters::default(),
         }
     }
@@ -134,8 +153,22 @@ impl Authority {
         self.signer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Issues with `signer` from now on (a CA rotation).
+    pub fn set_signer(&self, signer: Arc<Signer>) {
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = Some(signer);
+    }
+
+    /// The roots agents must trust (PEM).
     pub fn trust_bundle(&self) -> String {
-        self.trust_bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).roots_pem.clone()
+    }
+
+    pub fn trust_state(&self) -> TrustState {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_trust(&self, state: TrustState) {
+        *self.trust.write().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
     fn require_signer(&self) -> Result<Arc<Signer>, EnrolError> {
@@ -322,6 +355,23 @@ impl Authority {
         store.put_enrol_token(sha256_hex(&token), site_id.to_owned(), instance.to_owned(), by.to_owned(), expires_at_ms).await?;
         Ok(token)
     }
+}
+
+/// Whether the chain (leaf first) verifies under the roots of `root_pem`
+/// alone (which CA a certificate in use chains to, in a rotation).
+pub fn chains_to(chain: &[rustls::pki_types::CertificateDer<'_>], root_pem: &str) -> bool {
+    let Ok(roots) = dr_proto::tls::parse_certs(root_pem.as_bytes(), std::path::Path::new("root")) else { return false };
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        if store.add(r).is_err() {
+            return false;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let Ok(verifier) = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider).build() else { return false };
+    let Some((leaf, rest)) = chain.split_first() else { return false };
+    let now = rustls::pki_types::UnixTime::now();
+    verifier.verify_client_cert(leaf, rest, now).is_ok()
 }
 
 /// A serial as the controller records it: lower-case hex bytes joined by

@@ -323,6 +323,9 @@ struct Session {
     cert_serial: String,
     /// How its instance proved itself (`enrol::BY_DOCUMENT`, ...).
     attestation: String,
+    /// The certificate chain the stream was opened with (which CA it
+    /// chains to, in a rotation).
+    chain: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
 }
 
 type Key = (String, String);
@@ -479,6 +482,19 @@ impl Registry {
         self.lock().clear();
     }
 
+    /// Sends `bundle` to every live session (a CA rotation's new phase).
+    /// Returns how many were sent it.
+    pub fn push_trust(&self, bundle: &pb::TrustBundle) -> usize {
+        let sessions = self.lock();
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::TrustBundle(bundle.clone())) };
+        sessions.values().filter(|s| s.chain.is_some() && s.tx.try_send(Ok(msg.clone())).is_ok()).count()
+    }
+
+    /// (site, instance, chain) of every live session opened with a certificate.
+    pub fn chains(&self) -> Vec<(String, String, Arc<Vec<rustls::pki_types::CertificateDer<'static>>>)> {
+        self.lock().iter().filter_map(|((site, inst), s)| s.chain.clone().map(|c| (site.clone(), inst.clone(), c))).collect()
+    }
+
     /// Ends the streams of `site` opened with certificate `serial` (every
     /// stream of the site when None): a revocation. Returns how many.
     pub fn close_revoked(&self, site: &str, serial: Option<&str>) -> usize {
@@ -564,6 +580,7 @@ impl Registry {
             record,
             cert_serial: String::new(),
             attestation: String::new(),
+            chain: None,
         });
         (serial, rx)
     }

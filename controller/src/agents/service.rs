@@ -64,7 +64,8 @@ impl pb::agent_service_server::AgentService for AgentServer {
 
     async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let leaf = request.peer_certs().and_then(|c| c.first().map(|d| d.as_ref().to_vec()));
+        let chain = request.peer_certs();
+        let leaf = chain.as_ref().and_then(|c| c.first().map(|d| d.as_ref().to_vec()));
         // Every refusal of the stream is recorded for the site the
         // certificate names (`agents::refusals`), besides the log line.
         let refused = |site: &str, reason: RefusalReason, identity: &str, detail: &str| {
@@ -250,7 +251,19 @@ impl pb::agent_service_server::AgentService for AgentServer {
             record,
             cert_serial: cert_serial.clone(),
             attestation: attestation.clone(),
+            chain: chain.clone(),
         });
+        // A CA rotation: an agent that has not stored the current roots
+        // gets them now.
+        let trust = self.authority.trust_state();
+        if trust.rotating
+            && self.store.trust_ack(cert_site.clone(), instance.clone()).await.ok().flatten().as_deref() != Some(trust.id.as_str())
+        {
+            let bundle = pb::TrustBundle { id: trust.id.clone(), roots_pem: trust.roots_pem.clone(), renew_now: trust.renew_now };
+            if let Some(tx) = weak_tx.upgrade() {
+                let _ = tx.send(Ok(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::TrustBundle(bundle)) })).await;
+            }
+        }
         if role == Role::Pending {
             self.verifier.enqueue(cert_site.clone(), instance.clone(), facts.private_ip.clone());
         }
@@ -289,6 +302,12 @@ impl pb::agent_service_server::AgentService for AgentServer {
                                     me.registry.touch(&cert_site, &instance, serial, None);
                                     let (me, identity, weak_tx) = (me.clone(), identity.clone(), weak_tx.clone());
                                     tokio::spawn(async move { me.renew(identity, r.csr_der, weak_tx).await });
+                                }
+                                Some(pb::agent_message::Msg::TrustAck(ack)) => {
+                                    tracing::info!(site = %cert_site, %instance, bundle = %ack.id, "the agent stored the trust bundle");
+                                    if let Err(e) = me.store.put_trust_ack(cert_site.clone(), instance.clone(), ack.id, now_ms()).await {
+                                        tracing::error!(site = %cert_site, %instance, error = %e, "cannot record the trust bundle's acknowledgement");
+                                    }
                                 }
                                 Some(pb::agent_message::Msg::Hello(_)) | None => {
                                     tracing::warn!(site = %cert_site, %instance, "unexpected message on an established stream; ignored");

@@ -34,6 +34,12 @@ pub struct AdminServer {
     pub health_interval: Duration,
     /// Enrolment tokens; whether site-wide certificates still hold sessions.
     pub authority: std::sync::Arc<crate::agents::enrol::Authority>,
+    /// CA rotation.
+    pub rotator: crate::reconcilers::rotation::Rotator,
+}
+
+fn rotation_to_pb(v: crate::reconcilers::rotation::RotationView) -> pb::CaRotation {
+    pb::CaRotation { phase: v.phase, since_ms: v.since_ms, not_acknowledged: v.not_acknowledged, on_old_root: v.on_old_root, next: v.next }
 }
 
 fn internal(e: StoreError) -> Status {
@@ -463,7 +469,9 @@ impl pb::admin_service_server::AdminService for AdminServer {
                 return Err(Status::not_found(format!("unknown site `{id}`")));
             }
         }
-        Ok(Response::new(pb::StatusReply { sites: page, now_ms: now, summary: Some(summary), next_page_token }))
+        let rotation = self.rotator.view().await.map_err(Status::internal)?;
+        let ca_rotation = (!rotation.phase.is_empty()).then(|| rotation_to_pb(rotation));
+        Ok(Response::new(pb::StatusReply { sites: page, now_ms: now, summary: Some(summary), next_page_token, ca_rotation }))
     }
 
     async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::OperationRef>, Status> {
@@ -683,6 +691,38 @@ impl pb::admin_service_server::AdminService for AdminServer {
         }
         tracing::warn!(site = %site.id, instance = %r.instance_id, %operator, "instance may enrol once more");
         Ok(Response::new(pb::AllowEnrolmentReply { token: String::new(), expires_at_ms: 0 }))
+    }
+
+    async fn rotate_ca(&self, request: Request<pb::RotateCaRequest>) -> Result<Response<pb::CaRotation>, Status> {
+        let operator = self.operator(&request)?;
+        let r = request.into_inner();
+        let result = match r.action.as_str() {
+            "status" => self.rotator.view().await,
+            "start" => self.rotator.start(&r.new_root_pem, &r.new_intermediate_cert_pem, &r.new_intermediate_key_pem).await,
+            "advance" => self.rotator.advance(r.force).await,
+            "rollback" => self.rotator.rollback().await,
+            other => {
+                return Err(Status::invalid_argument(format!("unknown rotation action `{other}`: status, start, advance or rollback")));
+            }
+        };
+        let view = result.map_err(Status::failed_precondition)?;
+        if r.action != "status" {
+            tracing::warn!(%operator, action = %r.action, phase = %view.phase, "CA rotation");
+            let e = crate::reconcilers::notify::event(
+                "",
+                crate::domain::events::EventKind::CaRotationPhase,
+                "warning",
+                format!(
+                    "CA rotation: {} by operator/{operator}; phase {}",
+                    r.action,
+                    if view.phase.is_empty() { "none" } else { &view.phase }
+                ),
+                serde_json::json!({"action": r.action, "phase": view.phase, "forced": r.force}),
+                "",
+            );
+            self.notifier.record(vec![], vec![e]).await.map_err(internal)?;
+        }
+        Ok(Response::new(rotation_to_pb(view)))
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {

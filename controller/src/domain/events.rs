@@ -43,11 +43,12 @@ pub enum EventKind {
     AgentIdentityConflict,
     PkiIntermediateExpiring,
     ControllerCertRenewed,
+    CaRotationPhase,
 }
 
 impl EventKind {
     /// Every kind, in the order above.
-    pub const ALL: [EventKind; 36] = [
+    pub const ALL: [EventKind; 37] = [
         EventKind::SiteSuspect,
         EventKind::SiteDown,
         EventKind::SiteRecovered,
@@ -84,6 +85,7 @@ impl EventKind {
         EventKind::AgentIdentityConflict,
         EventKind::PkiIntermediateExpiring,
         EventKind::ControllerCertRenewed,
+        EventKind::CaRotationPhase,
     ];
 
     /// The kind as events carry it (`site.down`, `failover.started`, ...).
@@ -125,6 +127,7 @@ impl EventKind {
             EventKind::AgentIdentityConflict => "agent.identity_conflict",
             EventKind::PkiIntermediateExpiring => "pki.intermediate_expiring",
             EventKind::ControllerCertRenewed => "controller.cert_renewed",
+            EventKind::CaRotationPhase => "pki.rotation",
         }
     }
 
@@ -169,7 +172,7 @@ mod tests {
         let texts: BTreeSet<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(texts.len(), EventKind::ALL.len(), "two kinds share a text");
         // ALL lists every variant, in declaration order.
-        assert_eq!(EventKind::ALL.len(), EventKind::ControllerCertRenewed as usize + 1);
+        assert_eq!(EventKind::ALL.len(), EventKind::CaRotationPhase as usize + 1);
         assert!(EventKind::ALL.iter().enumerate().all(|(i, k)| *k as usize == i));
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(k), "{k:?}");

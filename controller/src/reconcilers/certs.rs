@@ -108,9 +108,17 @@ pub async fn run(own: OwnCert, authority: Arc<Authority>, notifier: Notifier) {
     }
 }
 
-fn renew(own: &OwnCert, authority: &Authority, current: &CertificateDer<'_>) -> Result<u64, String> {
+fn renew(own: &OwnCert, authority: &Authority, _current: &CertificateDer<'_>) -> Result<u64, String> {
     let signer = authority.signer().ok_or("no intermediate CA is configured (pki.intermediate_cert)")?;
-    let (issued, key) = signer.sign_server(current, own.lifetime).map_err(|e| e.to_string())?;
+    renew_with(own, &signer)
+}
+
+/// A new certificate for the controller from `signer` (its names copied
+/// from the one presented now), written back and presented from the next
+/// handshake. Returns its end.
+pub fn renew_with(own: &OwnCert, signer: &crate::pki::Signer) -> Result<u64, String> {
+    let current = own.tls.certificate();
+    let (issued, key) = signer.sign_server(&current, own.lifetime).map_err(|e| e.to_string())?;
     let chain = dr_proto::tls::parse_certs(issued.chain_pem.as_bytes(), &own.cert_path).map_err(|e| e.to_string())?;
     let key_pem = match &key {
         PrivateKeyDer::Pkcs8(k) => pem_encode("PRIVATE KEY", k.secret_pkcs8_der()),
@@ -171,6 +179,11 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+/// [`write_atomic`], for the rotation's files.
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    write_atomic(path, bytes, mode)
 }
 
 /// Temp file in the same directory, fsync, rename, fsync of the directory.

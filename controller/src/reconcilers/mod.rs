@@ -17,6 +17,7 @@ pub mod fences;
 pub mod health;
 pub mod notify;
 pub mod refusals;
+pub mod rotation;
 pub mod scheduler;
 pub mod spares;
 pub mod supervisor;

@@ -220,7 +220,92 @@ impl Db<'_> {
     }
 }
 
+/// A CA rotation in progress (`reconcilers::rotation`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RotationRecord {
+    pub phase: String,
+    pub since_ms: Millis,
+    /// The roots trusted before the rotation began.
+    pub old_roots_pem: String,
+    pub new_root_pem: String,
+    /// The new intermediate's files, in the controller's state directory.
+    pub new_cert_path: String,
+    pub new_key_path: String,
+}
+
+impl Db<'_> {
+    pub fn rotation(&self) -> Result<Option<RotationRecord>, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT phase, since_ms, old_roots_pem, new_root_pem, new_cert_path, new_key_path FROM ca_rotation WHERE id = 1",
+                [],
+                |r| {
+                    Ok(RotationRecord {
+                        phase: r.get(0)?,
+                        since_ms: r.get::<_, i64>(1)? as u64,
+                        old_roots_pem: r.get(2)?,
+                        new_root_pem: r.get(3)?,
+                        new_cert_path: r.get(4)?,
+                        new_key_path: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Writes the rotation (None: there is none any more).
+    pub fn put_rotation(&self, r: Option<RotationRecord>) -> Result<(), StoreError> {
+        match r {
+            None => {
+                self.0.execute("DELETE FROM ca_rotation", [])?;
+            }
+            Some(r) => {
+                self.0.execute(
+                    "INSERT INTO ca_rotation (id, phase, since_ms, old_roots_pem, new_root_pem, new_cert_path, new_key_path)
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, since_ms = excluded.since_ms,
+                         old_roots_pem = excluded.old_roots_pem, new_root_pem = excluded.new_root_pem,
+                         new_cert_path = excluded.new_cert_path, new_key_path = excluded.new_key_path",
+                    params![r.phase, r.since_ms as i64, r.old_roots_pem, r.new_root_pem, r.new_cert_path, r.new_key_path],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn put_trust_ack(&self, site_id: String, instance_id: String, bundle_id: String, at_ms: Millis) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO trust_acks (site_id, instance_id, bundle_id, at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(site_id, instance_id) DO UPDATE SET bundle_id = excluded.bundle_id, at_ms = excluded.at_ms",
+            params![site_id, instance_id, bundle_id, at_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn trust_ack(&self, site_id: String, instance_id: String) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .0
+            .query_row("SELECT bundle_id FROM trust_acks WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Which bundle each instance acknowledged last.
+    pub fn trust_acks(&self) -> Result<HashMap<(String, String), String>, StoreError> {
+        let mut stmt = self.0.prepare("SELECT site_id, instance_id, bundle_id FROM trust_acks")?;
+        let rows = stmt.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, String>(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 impl Store {
+    db_call!(rotation() -> Option<RotationRecord>);
+    db_call!(put_rotation(r: Option<RotationRecord>) -> ());
+    db_call!(put_trust_ack(site_id: String, instance_id: String, bundle_id: String, at_ms: Millis) -> ());
+    db_call!(trust_acks() -> HashMap<(String, String), String>);
+    db_call!(trust_ack(site_id: String, instance_id: String) -> Option<String>);
     db_call!(agent_cert(site_id: String, instance_id: String) -> Option<AgentCert>);
     db_call!(
         /// Every instance's certificate record, in one query (status).

@@ -204,7 +204,7 @@ mod certs;
 mod health;
 mod refusals;
 
-pub use certs::{AgentCert, SerialState};
+pub use certs::{AgentCert, RotationRecord, SerialState};
 
 /// The async API: one line per query, each on the blocking pool.
 impl Store {

@@ -285,4 +285,22 @@ pub const MIGRATIONS: &[&str] = &[
         expires_at_ms BIGINT NOT NULL,
         used_at_ms BIGINT NOT NULL
     );",
+    // 12: a CA rotation in progress (one row) and which trust bundle each
+    // instance's agent acknowledged.
+    "CREATE TABLE ca_rotation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        phase TEXT NOT NULL,
+        since_ms BIGINT NOT NULL,
+        old_roots_pem TEXT NOT NULL,
+        new_root_pem TEXT NOT NULL,
+        new_cert_path TEXT NOT NULL,
+        new_key_path TEXT NOT NULL
+    );
+    CREATE TABLE trust_acks (
+        site_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        bundle_id TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        PRIMARY KEY (site_id, instance_id)
+    );",
 ];

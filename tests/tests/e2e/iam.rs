@@ -89,6 +89,7 @@ impl IamWorld {
             self.dir.path().join("state.db").display(),
             self.url,
         );
+        text.push_str(&self.pki.controller_toml(""));
         let path = self.dir.path().join("controller.toml");
         for (id, instance, role) in sites {
             text.push_str(&format!("\n[[site]]\nid = \"{id}\"\ninstance_id = \"{instance}\"\n"));

@@ -153,7 +153,6 @@ async fn an_unknown_instance_cannot_enrol_and_the_primary_keeps_its_session() {
     let ec2 = w.moto.client().await;
     let copy = launch_instance(&ec2).await;
     let copy_dir = w.dir.path().join("copy");
-    copy_dir_all_pki(&w, &copy_dir);
     let imds = Imds::start(&copy_dir, &copy, None);
     let root = services_machine_root(&copy_dir, &copy.private_ip, "54.1.1.1");
     let stray = Agent::start(&copy_dir, &w.pki, "prod-1", &w.controller.url, &imds, &root);
@@ -164,12 +163,6 @@ async fn an_unknown_instance_cannot_enrol_and_the_primary_keeps_its_session() {
         stray.log()
     );
     assert_quiet_for!(Duration::from_secs(3), !agent_connected(&w.pki, &w.controller.url, "prod-1"), "the primary was displaced");
-}
-
-fn copy_dir_all_pki(w: &World, to: &Path) {
-    // The fake IMDS of another machine signs with the same "AWS" key.
-    std::fs::create_dir_all(to.join("pki")).expect("mkdir");
-    std::fs::copy(w.pki.iid_key(), to.join("pki/aws-iid.key")).expect("copy the IID key");
 }
 
 /// The agent's certificate expires while the controller is down (a machine
@@ -315,4 +308,126 @@ async fn the_controllers_certificate_renews_while_agents_stay_connected() {
     assert!(agent_connected(&w.pki, &w.controller.url, "prod-1"), "{}", w.agent.log());
     let sessions_after = count(&w.agent.log(), "\"connected\"") + count(&w.agent.log(), " connected ");
     assert_eq!(sessions_before, sessions_after, "the agent's stream was not re-established:\n{}", w.agent.log());
+}
+
+/// A full CA rotation with three agents, one of them offline when it
+/// starts and back in the middle: no agent is refused at any moment, each
+/// phase waits for its condition, and at the end the old root is gone (from
+/// the controller and from every agent's trust bundle).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_ca_rotation_with_agents_connected_and_one_offline_refuses_no_one() {
+    use drctl::pki::{self, Subject, Validity};
+    let mut w = World::start("prod-1", "200ms").await;
+    w.wait_agent();
+    let ec2 = w.moto.client().await;
+    let mut machines = Vec::new();
+    for site in ["prod-2", "prod-3"] {
+        machines.push((site, launch_instance(&ec2).await));
+    }
+    let mut config = std::fs::read_to_string(&w.controller.config).expect("config");
+    for (site, inst) in &machines {
+        config.push_str(&format!("\n[[site]]\nid = \"{site}\"\ninstance_id = \"{}\"\n", inst.id));
+    }
+    std::fs::write(&w.controller.config, config).expect("write config");
+    w.controller.kill();
+    w.controller.restart(&[]);
+    let mut agents = Vec::new();
+    for (site, inst) in &machines {
+        let d = w.dir.path().join(site);
+        let imds = Imds::start(&d, inst, None);
+        let root = services_machine_root(&d, &inst.private_ip, "54.2.2.2");
+        agents.push((*site, Agent::start(&d, &w.pki, site, &w.controller.url, &imds, &root), imds));
+    }
+    w.wait_agent();
+    for (site, a, _) in &agents {
+        assert_eventually!(Duration::from_secs(30), agent_connected(&w.pki, &w.controller.url, site), "{site} connected:\n{}", a.log());
+    }
+    // prod-3's machine is off when the rotation starts.
+    if let Some(mut p) = agents[1].1.proc.take() {
+        p.kill();
+    }
+    let old_root = std::fs::read_to_string(w.pki.ca()).expect("old root");
+    let new = w.dir.path().join("new-ca");
+    pki::init_ca(&new, TRUST_DOMAIN, Validity::days(1).expect("days")).expect("new root");
+    pki::intermediate(&new, &new.join("intermediate"), Validity::days(1).expect("days")).expect("new intermediate");
+    let new_root = std::fs::read_to_string(new.join("ca.pem")).expect("new root");
+    // drctl trusts both roots while the controller switches.
+    std::fs::write(w.pki.ca(), format!("{old_root}{new_root}")).expect("drctl's bundle");
+    let rotate = |args: &[&str]| {
+        let mut all = vec!["rotate-ca"];
+        all.extend_from_slice(args);
+        drctl(&w.pki, &w.controller.url, &all)
+    };
+    let rotation = || drctl_json(&w.pki, &w.controller.url, &["status"])["ca_rotation"].clone();
+    let out = rotate(&[
+        "start",
+        "--root",
+        &new.join("ca.pem").display().to_string(),
+        "--intermediate",
+        &new.join("intermediate").display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(rotation()["phase"], "init");
+    let offline = format!("prod-3/{}", machines[1].1.id);
+    assert_eventually!(
+        Duration::from_secs(20),
+        rotation()["not_acknowledged"].as_array().is_some_and(|a| a.len() == 1 && a[0] == offline.as_str()),
+        "only the offline agent lacks the new roots: {}",
+        rotation()
+    );
+    let out = rotate(&["advance"]);
+    assert!(!out.status.success(), "advance must wait for {offline}");
+    assert!(text(&out.stderr).contains(&offline), "{}", text(&out.stderr));
+    // It comes back in the middle, gets both roots and acknowledges them.
+    agents[1].1.restart();
+    assert_eventually!(
+        Duration::from_secs(30),
+        rotation()["not_acknowledged"].as_array().is_some_and(|a| a.is_empty()),
+        "every agent acknowledged: {}",
+        rotation()
+    );
+    let out = rotate(&["advance"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(rotation()["phase"], "update_clients");
+    // Agents renew at once, under the new CA.
+    assert_eventually!(
+        Duration::from_secs(60),
+        rotation()["on_old_root"].as_array().is_some_and(|a| a.is_empty()),
+        "every live agent renewed under the new CA: {}",
+        rotation()
+    );
+    let out = rotate(&["advance"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(rotation()["phase"], "update_servers");
+    assert!(w.controller.log().contains("now presents a certificate of the new CA"), "{}", w.controller.log());
+    // Operators get a certificate of the new root before the old one goes.
+    for f in ["operator-tester.pem", "operator-tester.key"] {
+        std::fs::remove_file(w.pki.dir.join(f)).expect("remove the old operator cert");
+    }
+    pki::issue(&new, &Subject::Operator("tester".into()), Validity::days(1).expect("days"), &w.pki.dir, "operator-tester")
+        .expect("operator");
+    let out = rotate(&["advance"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(rotation()["phase"], "complete");
+    // The old root is gone: every agent trusts the new root only, and a
+    // certificate of the old root is refused.
+    for (name, dir) in [("prod-1", w.agent.state_dir.clone())].into_iter().chain(agents.iter().map(|(s, a, _)| (*s, a.state_dir.clone()))) {
+        assert_eventually!(
+            Duration::from_secs(20),
+            std::fs::read_to_string(dir.join("credentials/trust.pem")).is_ok_and(|t| t.trim() == new_root.trim()),
+            "{name} trusts the new root only"
+        );
+    }
+    let (site_cert, site_key) = w.pki.site("prod-1");
+    let out = drctl_as(&w.controller.url, &w.pki.ca(), &site_cert, &site_key, &["status"]);
+    assert_eq!(out.status.code(), Some(4), "a certificate of the old root is refused: {}", text(&out.stderr));
+    for site in ["prod-1", "prod-2", "prod-3"] {
+        assert!(agent_connected(&w.pki, &w.controller.url, site), "{site} is connected");
+    }
+    // No agent was refused at any moment.
+    assert_eq!(count(&w.controller.log(), "agent stream refused"), 0, "{}", w.controller.log());
+    for log in [w.agent.log()].into_iter().chain(agents.iter().map(|(_, a, _)| a.log())) {
+        // Refused by the controller, or the controller's certificate refused.
+        assert!(!log.contains("the controller refused this agent") && !log.contains("invalid peer certificate"), "{log}");
+    }
 }
