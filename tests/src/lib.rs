@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use drctl::pki::{self, Subject, Validity};
 
+pub mod bench;
 pub mod dataplane;
 pub mod faults;
 pub mod iam_record;

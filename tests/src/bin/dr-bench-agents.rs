@@ -13,8 +13,7 @@
 //! systemd unit's LimitNOFILE=65536 does) and net.core.somaxconn to the
 //! controller's default listen_backlog, and says so.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -24,13 +23,14 @@ use dr_proto::backoff::Backoff;
 use dr_proto::pb;
 use dr_proto::pb::agent_message::Msg as AgentMsg;
 use dr_proto::pb::controller_message::Msg as ControllerMsg;
-use dr_tests::{Moto, Pki, Proc, REGION, TRUST_DOMAIN, aws_env, free_port};
+use dr_tests::{Moto, Pki, REGION, TRUST_DOMAIN, free_port};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// The controller's default `server.listen_backlog`.
-const BACKLOG: u32 = 16384;
-const NOFILE: u64 = 65536;
+use dr_tests::bench::{
+    RestoreSomaxconn, cpu_seconds, default_controller, error_chain, profile_of, raise_limits, raise_somaxconn, rss_mib, spawn_controller,
+    wait_port,
+};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -227,129 +227,6 @@ async fn agent(shared: Arc<Shared>, i: usize) {
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / hz.max(1) as f64)
-}
-
-/// VmRSS of a process, in MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn raise_limits() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < NOFILE {
-            let old = (lim.rlim_cur, lim.rlim_max);
-            let new = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE.max(lim.rlim_max) };
-            // Without CAP_SYS_RESOURCE the hard limit cannot rise: take it.
-            let soft = libc::rlimit { rlim_cur: NOFILE.min(lim.rlim_max), rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
-                println!(
-                    "changed: RLIMIT_NOFILE {}/{} -> {}/{} (this process and the controller it starts)",
-                    old.0, old.1, new.rlim_cur, new.rlim_max
-                );
-            } else if soft.rlim_cur > old.0 && libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
-                println!("changed: RLIMIT_NOFILE {}/{} -> {}/{} (hard limit cannot rise here)", old.0, old.1, soft.rlim_cur, soft.rlim_max);
-            } else {
-                println!(
-                    "note: RLIMIT_NOFILE stays {}/{} (raising it: {}); the bench and the controller each need about one descriptor per agent",
-                    old.0,
-                    old.1,
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
-}
-
-/// Puts net.core.somaxconn back when dropped (also when a phase panics).
-struct RestoreSomaxconn(Option<String>);
-
-impl Drop for RestoreSomaxconn {
-    fn drop(&mut self) {
-        if let Some(old) = self.0.take() {
-            let _ = std::fs::write("/proc/sys/net/core/somaxconn", old);
-        }
-    }
-}
-
-/// Raises net.core.somaxconn to the controller's backlog; returns the old
-/// value to restore.
-fn raise_somaxconn() -> Option<String> {
-    let path = "/proc/sys/net/core/somaxconn";
-    let old = std::fs::read_to_string(path).ok()?.trim().to_owned();
-    if old.parse::<u32>().ok()? >= BACKLOG {
-        return None;
-    }
-    match std::fs::write(path, BACKLOG.to_string()) {
-        Ok(()) => {
-            println!("changed: net.core.somaxconn {old} -> {BACKLOG} (restored at the end)");
-            Some(old)
-        }
-        Err(e) => {
-            println!("warning: cannot raise net.core.somaxconn from {old}: {e}; the backlog is capped at {old}");
-            None
-        }
-    }
-}
-
-fn default_controller() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe.parent().expect("target/<profile>");
-    let release = profile_dir.parent().map(|t| t.join("release/dr-controller"));
-    match release {
-        Some(r) if r.exists() => r,
-        _ => dr_tests::bin("dr-controller"),
-    }
-}
-
-fn profile_of(path: &Path) -> &'static str {
-    match path.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()) {
-        Some("release") => "release",
-        Some("debug") => "DEBUG build (unoptimised: CPU and latency figures are pessimistic)",
-        _ => "unknown build profile",
-    }
-}
-
-fn spawn_controller(bin: &Path, config: &Path, log: &Path) -> Proc {
-    let mut cmd = Command::new(bin);
-    aws_env(&mut cmd).arg("--config").arg(config).env_remove("RUST_LOG");
-    Proc::spawn("dr-controller", &mut cmd, log)
-}
-
-async fn wait_port(port: u16, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// Polls until every agent is connected and primary, or the deadline.

@@ -149,6 +149,44 @@ async fn the_app_down_is_restarted_and_an_impaired_host_is_stopped_and_started_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_the_primarys_disk_posing_as_it_does_not_keep_a_terminated_primary_alive() {
+    let spec =
+        RecoverySpec { fault_proxy: true, health_policy: Some(policy("auto")), controller_toml: HEALTH.into(), ..Default::default() };
+    let w = RecoveryWorld::start("site-i", spec).await;
+    let primary = w.instance.id.clone();
+    w.wait_primary(&primary);
+    w.backup();
+    wait_healthy(&w);
+    // An attacker's machine with a copy of the primary's disk (its key and
+    // certificate included) and a fake IMDS that claims the primary's
+    // instance id but cannot sign as AWS.
+    let evil = w.dir.path().join("impostor");
+    std::fs::create_dir_all(evil.join("keys")).expect("mkdir");
+    write_iid_signer(&evil.join("keys/forged.pem"), &evil.join("keys/forged.key"));
+    let creds = w.disk.join("var/lib/dr-agent/credentials");
+    let copy = evil.join(format!("agent-{}/credentials", w.site));
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for f in ["instance.pem", "instance.key", "trust.pem"] {
+        std::fs::copy(creds.join(f), copy.join(f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
+    }
+    let imds = Imds::start_signed(&w.instance, None, Some(&evil.join("keys/forged.key")), ACCOUNT);
+    let root = services_machine_root(&evil, &w.instance.private_ip, "54.9.9.9");
+    let impostor = Agent::start(&evil, &w.pki, &w.site, &w.controller.url, &imds, &root);
+    assert_eventually!(Duration::from_secs(30), impostor.log().contains("the controller refused this agent"), "{}", impostor.log());
+    // The real primary is lost: the site fails over though the impostor
+    // keeps knocking with the primary's certificate.
+    let seq = last_seq(&w);
+    w.ec2.terminate_instances().instance_ids(&primary).send().await.expect("TerminateInstances");
+    let started = wait_event(&w, "failover.started", seq, Duration::from_secs(60));
+    let op = started["operation_id"].as_str().expect("operation").to_owned();
+    wait_event(&w, "failover.succeeded", seq, Duration::from_secs(180));
+    let s = site_status(&w.pki, &w.controller.url, &w.site);
+    assert_ne!(s["primary_instance_id"], primary.as_str(), "a new primary: {s}");
+    assert_eq!(w.launched_by(&op).await.len(), 1);
+    assert!(!impostor.log().contains("command received"), "the impostor got a command:\n{}", impostor.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_instance_fails_over_once_after_approval_and_every_event_reaches_a_webhook_that_was_down() {
     let hook = webhook::start("s3cret").await;
     hook.set_down(true);
