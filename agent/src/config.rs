@@ -56,7 +56,7 @@ pub struct TlsSection {
     /// own certificate and key live in `state_dir/credentials/`.
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// A one-time enrolment token (`drctl site token`), for a machine
+    /// A one-time enrolment token (`drctl allow-enrol SITE INSTANCE --token`), for a machine
     /// without the EC2 instance identity document.
     pub enrol_token_file: Option<PathBuf>,
 }

@@ -82,7 +82,7 @@ pub struct PkiConfig {
     /// PEM bundle of the AWS public certificates that verify instance
     /// identity documents (the "RSA" certificate of each region the fleet
     /// runs in, from the EC2 documentation). Without it, instances enrol
-    /// only with one-time tokens (`drctl site token`).
+    /// only with one-time tokens (`drctl allow-enrol SITE INSTANCE --token`).
     pub instance_identity_certificates: Option<PathBuf>,
     /// The account of sites without a `role_arn` (a document's account
     /// must match its site's).

@@ -76,7 +76,9 @@ fn authority(config: &Config) -> Result<agents::enrol::Authority, ControllerErro
     let iid = match &p.instance_identity_certificates {
         Some(path) => Some(pki::IidVerifier::load(path).map_err(|e| ControllerError::Pki(e.to_string()))?),
         None => {
-            tracing::warn!("no pki.instance_identity_certificates: instances can enrol only with one-time tokens (`drctl site token`)");
+            tracing::warn!(
+                "no pki.instance_identity_certificates: instances can enrol only with one-time tokens (`drctl allow-enrol SITE INSTANCE --token`)"
+            );
             None
         }
     };

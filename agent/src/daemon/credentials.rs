@@ -170,6 +170,20 @@ impl Store {
         }
     }
 
+    /// The certificate was refused for good: it is moved aside
+    /// (`instance.pem.refused`, kept for a human) so that the next attempt
+    /// enrols.
+    pub fn discard(&self) -> Result<(), CredentialsError> {
+        for f in [CERT, KEY] {
+            let from = self.dir.join(f);
+            if from.exists() {
+                std::fs::rename(&from, self.dir.join(format!("{f}.refused")))
+                    .map_err(|e| CredentialsError::Io(format!("cannot move {} aside: {e}", from.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The new pair was refused: the previous one comes back.
     pub fn roll_back(&self) -> Result<bool, CredentialsError> {
         let Some(prev) = self.previous()? else { return Ok(false) };

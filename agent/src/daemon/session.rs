@@ -64,6 +64,15 @@ pub(crate) enum SessionError {
 }
 
 impl SessionError {
+    /// The controller refused the certificate itself (this serial revoked,
+    /// superseded, never issued by it): holding on to it cannot work. A
+    /// whole site revoked is not about the certificate: it is kept.
+    pub fn certificate_unusable(&self) -> bool {
+        matches!(self, SessionError::Status(s) if s.code() == tonic::Code::PermissionDenied
+            && ((s.message().starts_with("certificate ") && s.message().contains(" is revoked"))
+                || ["was superseded", "never enrolled"].iter().any(|m| s.message().contains(m))))
+    }
+
     /// The controller refused this agent's identity or site.
     pub fn is_permission(&self) -> bool {
         matches!(self, SessionError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
@@ -726,6 +735,16 @@ impl Agent {
                 // that worked (kept until the new one had worked).
                 match self.creds.roll_back() {
                     Ok(true) => tracing::warn!("went back to the previous certificate"),
+                    Ok(false) if error.certificate_unusable() => {
+                        // Revoked, or not (or no longer) this instance's
+                        // current one: enrol again at the next attempt
+                        // (which the controller allows only when an
+                        // operator did, or every certificate expired).
+                        match self.creds.discard() {
+                            Ok(()) => tracing::warn!("the controller no longer accepts this certificate: set aside; enrolling again"),
+                            Err(e) => tracing::error!(error = %e, "cannot set the refused certificate aside"),
+                        }
+                    }
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "cannot go back to the previous certificate"),
                 }

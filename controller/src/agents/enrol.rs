@@ -3,7 +3,7 @@
 //!
 //! Rules (ARCHITECTURE.md, "Identity"):
 //! - an instance enrols with its EC2 instance identity document (or a
-//!   one-time token from `drctl site token`): the document's signature must
+//!   one-time token from `drctl allow-enrol SITE INSTANCE --token`): the document's signature must
 //!   verify with a configured AWS certificate, and its instance id, account
 //!   and region must be an instance the controller knows for the site
 //!   (its primary, or one recorded as candidate, drill or spare);
@@ -283,7 +283,7 @@ impl Authority {
                 {
                     return Err(EnrolError::Refused(format!(
                         "instance {instance} enrolled already and its certificate (serial {}) is valid until {}: an instance enrols once. \
-                         If this machine lost its key, `drctl site allow-enrol {site_id} {instance}` lets it enrol again",
+                         If this machine lost its key, `drctl allow-enrol {site_id} {instance}` lets it enrol again",
                         c.current_serial,
                         crate::pki::ca::stamp(c.current_not_after_ms)
                     )));

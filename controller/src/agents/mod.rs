@@ -484,9 +484,10 @@ impl Registry {
 
     /// Sends `bundle` to every live session (a CA rotation's new phase).
     /// Returns how many were sent it.
-    pub fn push_trust(&self, bundle: &pb::TrustBundle) -> usize {
+    pub fn push_trust(&self, trust: &enrol::TrustState) -> usize {
         let sessions = self.lock();
-        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::TrustBundle(bundle.clone())) };
+        let bundle = pb::TrustBundle { id: trust.id.clone(), roots_pem: trust.roots_pem.clone(), renew_now: trust.renew_now };
+        let msg = pb::ControllerMessage { msg: Some(pb::controller_message::Msg::TrustBundle(bundle)) };
         sessions.values().filter(|s| s.chain.is_some() && s.tx.try_send(Ok(msg.clone())).is_ok()).count()
     }
 

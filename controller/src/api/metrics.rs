@@ -18,6 +18,7 @@
 //!   (`ok`, `refused`/`failed`) since start
 //! - `dr_pki_intermediate_not_after_timestamp_seconds`: when the
 //!   controller's intermediate CA ends
+//! - `dr_pki_rotation_phase{phase}` 1 while a CA rotation is in that phase
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -162,6 +163,11 @@ pub async fn render(
         let end = Gauge::<i64>::default();
         end.set((signer.validity_ms().1 / 1000) as i64);
         reg.register("dr_pki_intermediate_not_after_timestamp_seconds", "When the controller's intermediate CA ends (Unix time)", end);
+    }
+    if let Some(r) = engine.store().rotation().await? {
+        let phase = Family::<Labels, Gauge>::default();
+        phase.get_or_create(&label(&[("phase", &r.phase)])).set(1);
+        reg.register("dr_pki_rotation_phase", "1 while a CA rotation is in this phase", phase);
     }
     reg.register("dr_task_up", "1 while the supervised background task runs", task_up);
     reg.register("dr_task_restarts", "Times the background task ended or panicked and was started again", task_restarts);

@@ -20,8 +20,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use dr_proto::pb;
-
 use super::certs::OwnCert;
 use crate::agents::Registry;
 use crate::agents::enrol::{Authority, TrustState, chains_to};
@@ -54,7 +52,7 @@ impl Phase {
     }
 }
 
-/// What `drctl status` and `drctl pki rotate` show.
+/// What `drctl status` and `drctl rotate-ca` show.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RotationView {
     /// "" when no rotation was ever made.
@@ -120,9 +118,8 @@ impl Rotator {
             }
         }
         let trust = TrustState::new(roots, renew_now, true);
-        let bundle = pb::TrustBundle { id: trust.id.clone(), roots_pem: trust.roots_pem.clone(), renew_now };
-        self.authority.set_trust(trust);
-        let sent = self.registry.push_trust(&bundle);
+        self.authority.set_trust(trust.clone());
+        let sent = self.registry.push_trust(&trust);
         tracing::warn!(phase = phase.as_str(), agents = sent, "CA rotation phase applied; live agents sent the trust bundle");
         Ok(())
     }
@@ -267,9 +264,8 @@ impl Rotator {
                 let parsed = dr_proto::tls::parse_certs(old.as_bytes(), std::path::Path::new("trust bundle")).map_err(|e| e.to_string())?;
                 self.own.tls.set_roots(parsed).map_err(|e| e.to_string())?;
                 let trust = TrustState::new(old, false, true);
-                let bundle = pb::TrustBundle { id: trust.id.clone(), roots_pem: trust.roots_pem.clone(), renew_now: false };
-                self.authority.set_trust(trust);
-                self.registry.push_trust(&bundle);
+                self.authority.set_trust(trust.clone());
+                self.registry.push_trust(&trust);
                 tracing::warn!("CA rotation rolled back: the old root only");
             }
         }

@@ -265,6 +265,20 @@ async fn forged_foreign_and_unknown_documents_and_a_revoked_site_are_refused_wit
     let out = drctl(&w.pki, &w.controller.url, &["revoke", "prod-1", "--undo"]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     w.wait_agent();
+
+    // One certificate revoked (its key leaked): the agent sets it aside and
+    // may enrol again only once an operator allows it.
+    let serial = site_status(&w.pki, &w.controller.url, "prod-1")["instances"][0]["cert_serial"].as_str().expect("serial").to_owned();
+    let out = drctl(&w.pki, &w.controller.url, &["revoke", "prod-1", "--serial", &serial, "--reason", "key copied"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eventually!(Duration::from_secs(20), w.agent.log().contains("set aside; enrolling again"), "{}", w.agent.log());
+    assert_eventually!(Duration::from_secs(20), w.agent.log().contains("enrolled already"), "re-enrolment waits for an operator");
+    assert!(!agent_connected(&w.pki, &w.controller.url, "prod-1"));
+    let out = drctl(&w.pki, &w.controller.url, &["allow-enrol", "prod-1", &primary]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    w.wait_agent();
+    let now = site_status(&w.pki, &w.controller.url, "prod-1")["instances"][0]["cert_serial"].as_str().unwrap_or_default().to_owned();
+    assert!(!now.is_empty() && now != serial, "a new certificate: {now}");
 }
 
 /// The controller's own certificate, made to end soon, is renewed from its
@@ -430,4 +444,106 @@ async fn a_full_ca_rotation_with_agents_connected_and_one_offline_refuses_no_one
         // Refused by the controller, or the controller's certificate refused.
         assert!(!log.contains("the controller refused this agent") && !log.contains("invalid peer certificate"), "{log}");
     }
+}
+
+/// A machine without the instance identity document enrols with a one-time
+/// token from `drctl allow-enrol --token`; the token works once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_without_an_identity_document_enrols_with_a_one_time_token() {
+    let mut w = World::start("prod-1", "200ms").await;
+    w.wait_agent();
+    // The primary's agent restarts on a machine whose IMDS has no document
+    // and without its certificate (a rebuilt disk).
+    if let Some(mut p) = w.agent.proc.take() {
+        p.kill();
+    }
+    std::fs::remove_dir_all(w.agent.state_dir.join("credentials")).expect("forget the certificate");
+    let imds = Imds::start_signed(&w.instance, None, None, ACCOUNT);
+    let out = drctl_json(&w.pki, &w.controller.url, &["allow-enrol", "prod-1", &w.instance.id, "--token", "--ttl", "10m"]);
+    let token = out["token"].as_str().expect("token").to_owned();
+    let token_file = w.dir.path().join("enrol-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let config = std::fs::read_to_string(&w.agent.config).expect("agent config");
+    let config =
+        config.replace(&w.imds.url, &imds.url).replacen("[tls]\n", &format!("[tls]\nenrol_token_file = \"{}\"\n", token_file.display()), 1);
+    std::fs::write(&w.agent.config, config).expect("write agent config");
+    w.agent.restart();
+    w.wait_agent();
+    assert!(w.agent.log().contains("by=\"enrolment token\""), "{}", w.agent.log());
+    let inst = &site_status(&w.pki, &w.controller.url, "prod-1")["instances"][0];
+    assert_eq!(inst["attestation"], "token", "{inst:#}");
+    // The token is spent: a second machine cannot use it.
+    let (cert, key) = w.pki.site("prod-1");
+    let tls = dr_proto::tls::client_config_pem(
+        &std::fs::read(w.pki.ca()).expect("ca"),
+        Some((&std::fs::read(&cert).expect("cert"), &std::fs::read(&key).expect("key"))),
+        "localhost",
+    );
+    let ch = tonic::transport::Channel::from_shared(w.controller.url.clone())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let k = rcgen::KeyPair::generate().expect("key");
+    let csr_der = rcgen::CertificateParams::default().serialize_request(&k).expect("csr").der().to_vec();
+    let proof = pb::InstanceProof { token, ..Default::default() };
+    let e = pb::agent_service_client::AgentServiceClient::new(ch)
+        .enroll(pb::EnrollRequest { site_id: "prod-1".into(), instance_id: w.instance.id.clone(), csr_der, proof: Some(proof) })
+        .await
+        .expect_err("a spent token");
+    assert!(e.message().contains("used already"), "{}", e.message());
+}
+
+/// A rotation rolled back after agents renewed under the new CA: they
+/// renew under the old one again, the rollback ends once none is on the
+/// new root, and nobody was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_rotation_rolled_back_returns_every_agent_to_the_old_ca() {
+    use drctl::pki::{self, Validity};
+    let w = World::start("prod-1", "200ms").await;
+    w.wait_agent();
+    let old_root = std::fs::read_to_string(w.pki.ca()).expect("old root");
+    let new = w.dir.path().join("new-ca");
+    pki::init_ca(&new, TRUST_DOMAIN, Validity::days(1).expect("days")).expect("new root");
+    pki::intermediate(&new, &new.join("intermediate"), Validity::days(1).expect("days")).expect("new intermediate");
+    let new_root = std::fs::read_to_string(new.join("ca.pem")).expect("new root");
+    std::fs::write(w.pki.ca(), format!("{old_root}{new_root}")).expect("drctl's bundle");
+    let rotate = |args: &[&str]| {
+        let mut all = vec!["rotate-ca"];
+        all.extend_from_slice(args);
+        let out = drctl(&w.pki, &w.controller.url, &all);
+        assert!(out.status.success(), "rotate-ca {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+    };
+    let rotation = || drctl_json(&w.pki, &w.controller.url, &["status"])["ca_rotation"].clone();
+    rotate(&[
+        "start",
+        "--root",
+        &new.join("ca.pem").display().to_string(),
+        "--intermediate",
+        &new.join("intermediate").display().to_string(),
+    ]);
+    assert_eventually!(Duration::from_secs(20), rotation()["not_acknowledged"].as_array().is_some_and(|a| a.is_empty()), "{}", rotation());
+    rotate(&["advance"]);
+    assert_eventually!(Duration::from_secs(30), count(&w.agent.log(), "certificate renewed;") >= 1, "renewed under the new CA");
+    rotate(&["rollback"]);
+    assert_eq!(rotation()["phase"], "rollback");
+    // The agent renews under the old CA again; then the rollback can end.
+    assert_eventually!(
+        Duration::from_secs(30),
+        rotation()["on_old_root"].as_array().is_some_and(|a| a.is_empty()),
+        "no live certificate on the new root: {}",
+        rotation()
+    );
+    rotate(&["advance"]);
+    assert!(rotation().is_null() || rotation()["phase"] == "", "no rotation any more: {}", rotation());
+    assert_eventually!(
+        Duration::from_secs(20),
+        std::fs::read_to_string(w.agent.state_dir.join("credentials/trust.pem")).is_ok_and(|t| t.trim() == old_root.trim()),
+        "the agent trusts the old root only"
+    );
+    w.wait_agent();
+    assert_eq!(count(&w.controller.log(), "agent stream refused"), 0, "{}", w.controller.log());
+    assert!(!w.agent.log().contains("the controller refused this agent"), "{}", w.agent.log());
 }
