@@ -324,6 +324,31 @@ async fn the_controllers_certificate_renews_while_agents_stay_connected() {
     assert_eq!(sessions_before, sessions_after, "the agent's stream was not re-established:\n{}", w.agent.log());
 }
 
+/// A new root and an intermediate made from it, offline; drctl's CA file
+/// then holds both roots (what an operator does before a rotation).
+struct NewCa {
+    dir: std::path::PathBuf,
+    old_root: String,
+    new_root: String,
+}
+
+fn new_ca(w: &World) -> NewCa {
+    use drctl::pki::{self, Validity};
+    let old_root = std::fs::read_to_string(w.pki.ca()).expect("old root");
+    let dir = w.dir.path().join("new-ca");
+    pki::init_ca(&dir, TRUST_DOMAIN, Validity::days(1).expect("days")).expect("new root");
+    pki::intermediate(&dir, &dir.join("intermediate"), Validity::days(1).expect("days")).expect("new intermediate");
+    let new_root = std::fs::read_to_string(dir.join("ca.pem")).expect("new root");
+    std::fs::write(w.pki.ca(), format!("{old_root}{new_root}")).expect("drctl's bundle");
+    NewCa { dir, old_root, new_root }
+}
+
+fn rotate_ca(w: &World, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["rotate-ca"];
+    all.extend_from_slice(args);
+    drctl(&w.pki, &w.controller.url, &all)
+}
+
 /// A full CA rotation with three agents, one of them offline when it
 /// starts and back in the middle: no agent is refused at any moment, each
 /// phase waits for its condition, and at the end the old root is gone (from
@@ -360,18 +385,8 @@ async fn a_full_ca_rotation_with_agents_connected_and_one_offline_refuses_no_one
     if let Some(mut p) = agents[1].1.proc.take() {
         p.kill();
     }
-    let old_root = std::fs::read_to_string(w.pki.ca()).expect("old root");
-    let new = w.dir.path().join("new-ca");
-    pki::init_ca(&new, TRUST_DOMAIN, Validity::days(1).expect("days")).expect("new root");
-    pki::intermediate(&new, &new.join("intermediate"), Validity::days(1).expect("days")).expect("new intermediate");
-    let new_root = std::fs::read_to_string(new.join("ca.pem")).expect("new root");
-    // drctl trusts both roots while the controller switches.
-    std::fs::write(w.pki.ca(), format!("{old_root}{new_root}")).expect("drctl's bundle");
-    let rotate = |args: &[&str]| {
-        let mut all = vec!["rotate-ca"];
-        all.extend_from_slice(args);
-        drctl(&w.pki, &w.controller.url, &all)
-    };
+    let NewCa { dir: new, new_root, .. } = new_ca(&w);
+    let rotate = |args: &[&str]| rotate_ca(&w, args);
     let rotation = || drctl_json(&w.pki, &w.controller.url, &["status"])["ca_rotation"].clone();
     let out = rotate(&[
         "start",
@@ -501,19 +516,11 @@ async fn a_machine_without_an_identity_document_enrols_with_a_one_time_token() {
 /// new root, and nobody was refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ca_rotation_rolled_back_returns_every_agent_to_the_old_ca() {
-    use drctl::pki::{self, Validity};
     let w = World::start("prod-1", "200ms").await;
     w.wait_agent();
-    let old_root = std::fs::read_to_string(w.pki.ca()).expect("old root");
-    let new = w.dir.path().join("new-ca");
-    pki::init_ca(&new, TRUST_DOMAIN, Validity::days(1).expect("days")).expect("new root");
-    pki::intermediate(&new, &new.join("intermediate"), Validity::days(1).expect("days")).expect("new intermediate");
-    let new_root = std::fs::read_to_string(new.join("ca.pem")).expect("new root");
-    std::fs::write(w.pki.ca(), format!("{old_root}{new_root}")).expect("drctl's bundle");
+    let NewCa { dir: new, old_root, .. } = new_ca(&w);
     let rotate = |args: &[&str]| {
-        let mut all = vec!["rotate-ca"];
-        all.extend_from_slice(args);
-        let out = drctl(&w.pki, &w.controller.url, &all);
+        let out = rotate_ca(&w, args);
         assert!(out.status.success(), "rotate-ca {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
     };
     let rotation = || drctl_json(&w.pki, &w.controller.url, &["status"])["ca_rotation"].clone();
