@@ -307,6 +307,8 @@ pub(crate) struct Agent {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// This agent's place in the renewal window, in [-0.1, 0.1].
     jitter: f64,
+    /// Why the last renewal failed ("" when it worked), sent with heartbeats.
+    renewal_error: Mutex<String>,
 }
 
 /// A renewal in progress in one session.
@@ -339,6 +341,7 @@ impl Agent {
             token_file: config.tls.enrol_token_file.clone(),
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             jitter: rand::random_range(-0.1..=0.1),
+            renewal_error: Mutex::new(String::new()),
             root: config.root.clone(),
             imds,
             executor: Executor::new(std::sync::Arc::new(config.clone())),
@@ -518,6 +521,7 @@ impl Agent {
     }
 
     fn renewal_failed(&self, renewal: &mut Renewal, why: &str) {
+        *self.renewal_error.lock().expect("renewal error lock") = why.to_owned();
         renewal.pending_key = None;
         renewal.failures += 1;
         let wait = RENEW_RETRY.delay(renewal.failures);
@@ -550,6 +554,7 @@ impl Agent {
             Ok(new) => {
                 renewal.failures = 0;
                 renewal.switch = true;
+                self.renewal_error.lock().expect("renewal error lock").clear();
                 tracing::info!(serial = %new.serial, until = %humantime::format_rfc3339_seconds(new.not_after), "certificate renewed; switching to it once no command runs");
             }
             Err(e) => self.renewal_failed(renewal, &e.to_string()),
@@ -658,7 +663,8 @@ impl Agent {
                 },
                 _ = ticker.tick() => {
                     seq += 1;
-                    let heartbeat = pb::Heartbeat { seq, app_state: self.cached_app_state() };
+                    let renewal_error = self.renewal_error.lock().expect("renewal error lock").clone();
+                    let heartbeat = pb::Heartbeat { seq, app_state: self.cached_app_state(), renewal_error };
                     match tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(heartbeat)) }) {
                         Ok(()) => tracing::debug!(seq, "heartbeat sent"),
                         Err(mpsc::error::TrySendError::Full(_)) => tracing::warn!(seq, "outgoing stream is full: heartbeat skipped"),

@@ -281,6 +281,7 @@ impl pb::agent_service_server::AgentService for AgentServer {
             // is 2,000 timer insertions a second less.
             let mut last = tokio::time::Instant::now();
             let mut allowed = first_wait;
+            let mut agent_renewal_error = String::new();
             let deadline = tokio::time::sleep(first_wait);
             tokio::pin!(deadline);
             let reason = loop {
@@ -293,6 +294,15 @@ impl pb::agent_service_server::AgentService for AgentServer {
                             match msg.msg {
                                 Some(pb::agent_message::Msg::Heartbeat(hb)) => {
                                     me.registry.touch(&cert_site, &instance, serial, Some(hb.app_state));
+                                    // The agent's side of a failing renewal,
+                                    // recorded once per new reason.
+                                    if hb.renewal_error != agent_renewal_error {
+                                        agent_renewal_error = hb.renewal_error.clone();
+                                        let why = if hb.renewal_error.is_empty() { String::new() } else { format!("on the agent: {}", hb.renewal_error) };
+                                        if let Err(e) = me.store.set_renewal_error(cert_site.clone(), instance.clone(), why).await {
+                                            tracing::error!(site = %cert_site, %instance, error = %e, "cannot record the agent's renewal error");
+                                        }
+                                    }
                                 }
                                 Some(pb::agent_message::Msg::Result(result)) => {
                                     me.registry.touch(&cert_site, &instance, serial, None);
@@ -300,6 +310,9 @@ impl pb::agent_service_server::AgentService for AgentServer {
                                 }
                                 Some(pb::agent_message::Msg::Renew(r)) => {
                                     me.registry.touch(&cert_site, &instance, serial, None);
+                                    // A new attempt: its outcome on the agent
+                                    // comes with the next heartbeats.
+                                    agent_renewal_error.clear();
                                     let (me, identity, weak_tx) = (me.clone(), identity.clone(), weak_tx.clone());
                                     tokio::spawn(async move { me.renew(identity, r.csr_der, weak_tx).await });
                                 }

@@ -190,7 +190,7 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
                     continue;
                 }
                 seq += 1;
-                let hb = pb::Heartbeat { seq, app_state: "started".into() };
+                let hb = pb::Heartbeat { seq, app_state: "started".into(), renewal_error: String::new() };
                 if tx.try_send(pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(hb)) }).is_ok() {
                     slot.last_sent_ms.store(shared.now_ms(), Ordering::Relaxed);
                 }

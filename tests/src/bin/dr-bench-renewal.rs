@@ -119,7 +119,9 @@ async fn run_agent(
             tokio::time::sleep(Duration::from_secs(5)).await;
             seq += 1;
             if hb
-                .send(pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq, app_state: "started".into() })) })
+                .send(pb::AgentMessage {
+                    msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq, app_state: "started".into(), renewal_error: String::new() })),
+                })
                 .await
                 .is_err()
             {

@@ -554,3 +554,27 @@ async fn a_ca_rotation_rolled_back_returns_every_agent_to_the_old_ca() {
     assert_eq!(count(&w.controller.log(), "agent stream refused"), 0, "{}", w.controller.log());
     assert!(!w.agent.log().contains("the controller refused this agent"), "{}", w.agent.log());
 }
+
+/// A renewal that fails on the agent (its credentials directory cannot
+/// take the new files) is shown in `drctl site` with the agent's reason,
+/// and clears once a renewal works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_failing_on_the_agent_says_why_in_status() {
+    let w = World::start_full("prod-1", "200ms", &[], "[pki]\nagent_cert_lifetime = \"20s\"\n").await;
+    w.wait_agent();
+    // `previous.pem` cannot be replaced: a non-empty directory stands there.
+    let blocker = w.agent.state_dir.join("credentials/previous.pem");
+    std::fs::create_dir_all(blocker.join("x")).expect("block previous.pem");
+    let error =
+        || site_status(&w.pki, &w.controller.url, "prod-1")["instances"][0]["renewal_error"].as_str().unwrap_or_default().to_owned();
+    assert_eventually!(Duration::from_secs(40), error().starts_with("on the agent:"), "the agent's reason in status: {:?}", error());
+    let out = drctl(&w.pki, &w.controller.url, &["site", "prod-1"]);
+    assert!(text(&out.stdout).contains("renewal failing: on the agent"), "{}", text(&out.stdout));
+    std::fs::remove_dir_all(&blocker).expect("unblock");
+    assert_eventually!(
+        Duration::from_secs(60),
+        w.agent.log().contains("certificate renewed;") && error().is_empty(),
+        "cleared: {:?}",
+        error()
+    );
+}
