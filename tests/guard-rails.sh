@@ -19,6 +19,10 @@ if ! "$tools/bin/cargo-deny" --version 2>/dev/null | grep -q " $deny_version\$";
   echo "-- installing cargo-deny $deny_version into $tools (once)"
   cargo install --quiet --locked --root "$tools" "cargo-deny@$deny_version"
 fi
+# cargo-deny reads the locked crates from cargo's cache: on a fresh machine
+# that cache is empty until something downloads them.
+echo "-- cargo fetch --locked"
+cargo fetch --locked --quiet
 echo "-- cargo deny check bans licenses sources (offline)"
 "$tools/bin/cargo-deny" --offline --locked check --hide-inclusion-graph bans licenses sources
 
