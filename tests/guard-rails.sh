@@ -4,9 +4,13 @@
 #   - the dependency policy (deny.toml) with cargo-deny, offline: bans (ring
 #     and any second TLS stack), licenses, sources (crates.io only);
 #   - rust-version in Cargo.toml is at least what every locked dependency
-#     declares (so it tells the truth).
+#     declares (so it tells the truth);
+#   - deploy/dr-controller.service stays hardened: `systemd-analyze security`
+#     rates its exposure 3.0 or lower.
 # cargo-deny is installed from crates.io into DR_TOOLS (default
-# /var/tmp/dr-tools) the first time, pinned.
+# /var/tmp/dr-tools) the first time, pinned; systemd-analyze with apt-get
+# (package systemd) when it is missing and we are root, else that check is
+# skipped, saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,3 +45,28 @@ if v(have) < v(wants):
     sys.exit(f"rust-version = {have} in Cargo.toml, but {name} {version} needs {wants}")
 print(f"rust-version {have} (the most demanding dependency: {name} needs {wants})")
 '
+
+echo "-- systemd-analyze security deploy/dr-controller.service (exposure at most 3.0)"
+if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
+fi
+if command -v systemd-analyze >/dev/null; then
+  unit=deploy/dr-controller.service
+  # --threshold counts tenths of the level shown (3.0 is 30; systemd 252);
+  # the exit status is 1 above it.
+  if ! security=$(systemd-analyze security --offline=true --threshold=30 "$unit" 2>&1); then
+    level=$(echo "$security" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+    if [ -z "$level" ]; then
+      echo "$security"
+      echo "$unit: systemd-analyze security could not assess it (above)"
+      exit 1
+    fi
+    # The settings that cost exposure: the lines ending in their share.
+    echo "$security" | sed 's/ *$//' | grep -E ' [0-9]+\.[0-9]$' | tr -s ' ' || true
+    echo "$unit: exposure $level, above 3.0 (the settings above cost it); harden the unit again rather than raise the threshold"
+    exit 1
+  fi
+  echo "$security" | grep -o 'Overall exposure level.*'
+else
+  echo "systemd-analyze not found (and not installable here: no apt-get or not root): the unit's hardening check is skipped"
+fi
