@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what it needs (a
-# Python venv with moto's EC2 server), builds every binary, runs every test.
+# Python venv with moto's EC2 server, PostgreSQL), builds every binary, runs
+# every test.
 #
 #   tests/run.sh                 # everything
 #   tests/run.sh -p dr-agent     # extra arguments go to `cargo test`
@@ -23,6 +24,13 @@ if ! command -v clojure >/dev/null; then
 fi
 DR_MOTO_SERVER=$(tests/ensure-moto.sh)
 export DR_MOTO_SERVER
+# The PostgreSQL store's tests run against a real server from Debian's
+# packages: a throw-away cluster on loopback for this run (each test makes
+# a database of its own in it), stopped on exit.
+pg_dir=$(mktemp -d /tmp/dr-pg.XXXXXX)
+trap 'tests/postgres.sh stop "$pg_dir"' EXIT
+DR_TEST_PG=$(tests/postgres.sh start "$pg_dir")
+export DR_TEST_PG
 # The IAM evaluator (tests/iam/evaluator: @cloud-copilot/iam-simulate, a test
 # tool, not shipped), pinned by its package-lock.json; first its own checks
 # against AWS's documented condition semantics and the policies' negatives.

@@ -260,8 +260,88 @@ pub struct ControllerTls {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// SQLite database file (created with its directory if missing).
-    pub path: PathBuf,
+    /// SQLite database file (created with its directory if missing): the
+    /// embedded store of one controller. Either this or `url`.
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL database (`postgres://user@host:5432/db`, or libpq's
+    /// `key=value` form) that any number of controller replicas share;
+    /// one leads. Put no password here: use `password_file` or the
+    /// `DR_STORE_PASSWORD` environment variable.
+    pub url: Option<String>,
+    /// A file whose first line is the database password.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates that sign the database server's certificate: the
+    /// connection then uses TLS (`sslmode=require` unless `url` asks for
+    /// more). Without it the connection is plain (loopback, a Unix socket).
+    pub ca: Option<PathBuf>,
+    /// PostgreSQL: how long the leader's lease holds by the database's
+    /// clock. A standby takes over at most this long after the leader dies.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// PostgreSQL: this replica's name in the lease (default: host name
+    /// and process id).
+    pub replica_id: Option<String>,
+    /// PostgreSQL: the address agents and drctl reach this replica at,
+    /// shown to them by standbys while it leads (default: `server.listen`).
+    pub advertise: Option<String>,
+    /// Where this controller keeps its local files (the CA rotation's new
+    /// certificates). Default: the SQLite file's directory, or
+    /// `/var/lib/dr-controller` with PostgreSQL.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The store `[store]` names, its files read.
+pub enum StoreTarget {
+    Sqlite(PathBuf),
+    Postgres { url: String, password: Option<String>, ca_pem: Option<String> },
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// The environment variable that holds the PostgreSQL password (when
+/// `[store] password_file` is not set).
+pub const STORE_PASSWORD_ENV: &str = "DR_STORE_PASSWORD";
+
+impl StoreConfig {
+    /// Where the store is, with its password and TLS roots read. Errors
+    /// name the key; none repeats the URL or the password.
+    pub fn target(&self) -> Result<StoreTarget, (String, String)> {
+        match (&self.path, &self.url) {
+            (Some(path), None) => Ok(StoreTarget::Sqlite(path.clone())),
+            (None, Some(url)) => {
+                let password = match &self.password_file {
+                    Some(f) => {
+                        let text = std::fs::read_to_string(f)
+                            .map_err(|e| ("store.password_file".to_owned(), format!("cannot read {}: {e}", f.display())))?;
+                        Some(text.lines().next().unwrap_or("").to_owned())
+                    }
+                    None => std::env::var(STORE_PASSWORD_ENV).ok(),
+                };
+                let ca_pem = match &self.ca {
+                    Some(f) => {
+                        Some(std::fs::read_to_string(f).map_err(|e| ("store.ca".to_owned(), format!("cannot read {}: {e}", f.display())))?)
+                    }
+                    None => None,
+                };
+                Ok(StoreTarget::Postgres { url: url.clone(), password, ca_pem })
+            }
+            (Some(_), Some(_)) => Err(("store".into(), "set `path` (SQLite) or `url` (PostgreSQL), not both".into())),
+            (None, None) => Err(("store".into(), "set `path` (an SQLite file) or `url` (a PostgreSQL database)".into())),
+        }
+    }
+
+    /// This controller's local state directory (see `state_dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        match &self.path {
+            Some(p) => p.parent().filter(|d| !d.as_os_str().is_empty()).map(Path::to_owned).unwrap_or_else(|| PathBuf::from(".")),
+            None => PathBuf::from("/var/lib/dr-controller"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -473,13 +553,22 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
         validate_trust_domain(&self.tls.trust_domain).map_err(|m| invalid("tls.trust_domain".into(), m.into()))?;
+        match (&self.store.path, &self.store.url) {
+            (Some(_), Some(_)) => return Err(invalid("store".into(), "set `path` (SQLite) or `url` (PostgreSQL), not both".into())),
+            (None, None) => return Err(invalid("store".into(), "set `path` (an SQLite file) or `url` (a PostgreSQL database)".into())),
+            (Some(_), None) if self.store.password_file.is_some() || self.store.ca.is_some() => {
+                return Err(invalid("store".into(), "`password_file` and `ca` are for a PostgreSQL `url`, not an SQLite `path`".into()));
+            }
+            _ => {}
+        }
         // Every duration within a range that makes sense: no zero waits that
         // busy-loop, no values that overflow a deadline computation.
         let s = Duration::from_secs;
         let (sv, b) = (&self.server, &self.backup);
         let f = &self.failover;
         let d = &self.drill;
-        let ranges: [(&str, Duration, Duration, Duration); 26] = [
+        let ranges: [(&str, Duration, Duration, Duration); 27] = [
+            ("store.lease_ttl", self.store.lease_ttl, s(3), s(600)),
             ("drill.lease", d.lease, s(10), s(7 * 24 * 3600)),
             ("drill.reap_every", d.reap_every, s(1), s(24 * 3600)),
             ("drill.max_keep", d.max_keep, Duration::ZERO, s(7 * 24 * 3600)),

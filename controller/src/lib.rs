@@ -48,6 +48,14 @@ pub enum ControllerError {
     Serve(#[from] tonic::transport::Error),
     #[error("[pki]: {0}")]
     Pki(String),
+    #[error("stepped down: {0}")]
+    LostLease(String),
+}
+
+/// A replica's name in the lease when `[store] replica_id` is not set.
+fn default_replica_id() -> String {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "controller".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// The controller's certificate authority from `[pki]`: the intermediate
@@ -87,6 +95,18 @@ fn authority(config: &Config) -> Result<agents::enrol::Authority, ControllerErro
     Ok(agents::enrol::Authority::new(config.tls.trust_domain.clone(), signer, iid, config.pki.clone(), bundle))
 }
 
+/// The store `[store]` names: an SQLite file or a PostgreSQL database
+/// (its password and TLS roots read now).
+pub fn store_location(c: &config::StoreConfig) -> Result<store::Location, config::ConfigError> {
+    let invalid = |key: String, message: String| config::ConfigError::Invalid { path: "config".into(), key, message };
+    match c.target().map_err(|(k, m)| invalid(k, m))? {
+        config::StoreTarget::Sqlite(path) => Ok(store::Location::Sqlite(path)),
+        config::StoreTarget::Postgres { url, password, ca_pem } => store::PgTarget::new(&url, password, ca_pem.as_deref())
+            .map(|t| store::Location::Postgres(Box::new(t)))
+            .map_err(|m| invalid("store.url".into(), m)),
+    }
+}
+
 /// Runs the controller until `shutdown` resolves: opens the store, adds the
 /// configured sites, resumes unfinished operations, serves both services on
 /// one TLS listener, and on shutdown ends every agent stream and waits at
@@ -115,7 +135,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         key_path: config.tls.key.clone(),
         lifetime: config.pki.controller_cert_lifetime,
     };
-    let store = store::Store::open(&config.store.path).await?;
+    let location = store_location(&config.store)?;
+    // SQLite has no leader: one controller per file (held until we return).
+    let _sqlite_lock = match &location {
+        store::Location::Sqlite(path) => Some(store::SqliteLock::acquire(path)?),
+        store::Location::Postgres(_) => None,
+    };
+    let store = store::Store::open_at(location).await?;
+    tokio::pin!(shutdown);
+    // A shared (PostgreSQL) store: wait as a standby until this replica
+    // holds the leader lease; from then on every store call is fenced by
+    // it, and losing it ends this process (systemd starts it again, as a
+    // standby). Nothing below runs on a standby.
+    let lease = match store.engine() {
+        store::sql::Engine::Sqlite => None,
+        store::sql::Engine::Postgres => {
+            let leadership = store::lease::Leadership::replica(
+                config.store.replica_id.clone().unwrap_or_else(default_replica_id),
+                config.store.advertise.clone().unwrap_or_else(|| config.server.listen.to_string()),
+                store::lease::LeaseTimings::from_ttl(config.store.lease_ttl),
+            );
+            let lease = store::lease::Lease::new(store.another_session().await?, leadership.clone());
+            tracing::info!(replica = %leadership.id(), store = %store.path(), "standby: waiting for the leader lease");
+            let waited = std::time::Instant::now();
+            let epoch = tokio::select! {
+                epoch = lease.campaign(|_| {}) => epoch,
+                _ = &mut shutdown => return Ok(()),
+            };
+            store.fence_with(leadership.clone());
+            tracing::info!(replica = %leadership.id(), epoch, waited_ms = waited.elapsed().as_millis() as u64, "leading: this replica holds the lease");
+            Some(lease)
+        }
+    };
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+    if let Some(lease) = lease.clone() {
+        tokio::spawn(async move {
+            let why = lease.hold().await;
+            let _ = lost_tx.send(why);
+        });
+    }
+    let lease_lost = async move {
+        match lost_rx.await {
+            Ok(why) => why,
+            // No lease (SQLite): never lost.
+            Err(_) => std::future::pending().await,
+        }
+    };
     store.mark_all_disconnected().await?;
     if config.sites.is_empty() {
         tracing::warn!("the configuration names no [[site]]: nothing will be backed up or recovered");
@@ -177,7 +242,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     // The monitor and the keeper read their state from the store when they
     // are made: a restarted one starts from what was recorded.
-    let grace = config.server.heartbeat_interval * (config.server.missed_heartbeats + 1);
+    let window = config.server.heartbeat_interval * (config.server.missed_heartbeats + 1);
+    // After a takeover every agent is reconnecting from the old leader:
+    // no silent agent counts for two heartbeat windows, and at least a
+    // minute (a new leader never fails a site over for not having heard
+    // from its agent yet).
+    let grace = if lease.is_some() { (window * 2).max(std::time::Duration::from_secs(60)) } else { window };
     let monitor = reconcilers::health::Monitor::new(engine.clone(), config.health.clone(), notifier.clone(), http.clone(), grace).await?;
     {
         let first = std::sync::Mutex::new(Some(monitor));
@@ -252,7 +322,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         authority: authority.clone(),
         own: own.clone(),
         configured: authority.signer(),
-        dir: config.store.path.parent().map(|d| d.join("pki")).unwrap_or_else(|| std::path::PathBuf::from("pki")),
+        dir: config.store.state_dir().join("pki"),
     };
     rotator.resume().await.map_err(ControllerError::Pki)?;
     if let Some(addr) = config.metrics.listen {
@@ -290,6 +360,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let addr = listener.local_addr()?;
     let incoming = server::tls_incoming(listener, tls, config.server.handshake_timeout);
     tracing::info!(%addr, sites = config.sites.len(), resumed, trust_domain = %config.tls.trust_domain, "dr-controller listening");
+    api::systemd::ready();
+    api::systemd::spawn_watchdog(store.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tonic::transport::Server::builder()
@@ -303,8 +375,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => return Ok(result?),
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
+        why = lease_lost => {
+            // Stop at once: no EC2 call, agent command or write from here on.
+            tracing::error!(%why, "stepping down: this replica no longer leads");
+            return Err(ControllerError::LostLease(why));
+        }
     }
+    api::systemd::stopping();
     // tonic's graceful shutdown waits for open streams (hyper #4170): end the
     // agent streams ourselves and bound the wait.
     registry.close_all();
@@ -313,6 +391,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     match tokio::time::timeout(grace, serve).await {
         Ok(result) => result?,
         Err(_) => tracing::warn!(?grace, "connections still open after the grace period; exiting anyway"),
+    }
+    if let Some(lease) = &lease {
+        // A standby takes over on its next poll instead of after the expiry.
+        match lease.release().await {
+            Ok(()) => tracing::info!("leader lease released"),
+            Err(e) => tracing::warn!(error = %e, "cannot release the leader lease; it expires by itself"),
+        }
     }
     tracing::info!("dr-controller stopped");
     Ok(())

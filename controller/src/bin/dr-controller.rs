@@ -108,7 +108,14 @@ fn main() -> ExitCode {
 
 async fn store_command(config: &dr_controller::config::Config, command: StoreCommand) -> ExitCode {
     dr_proto::tls::install_crypto_provider();
-    let store = match dr_controller::store::Store::open(&config.store.path).await {
+    let location = match dr_controller::store_location(&config.store) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dr-controller: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match dr_controller::store::Store::open_at(location).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dr-controller: {e}");

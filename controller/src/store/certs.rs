@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{OptionalExtension, params};
+use super::sql::{OptionalExt, Row, SqlResult, args};
 
 use super::{Db, Store, StoreError};
 use crate::domain::model::Millis;
@@ -43,17 +43,17 @@ pub enum SerialState {
 const COLS: &str = "site_id, instance_id, attestation, current_serial, current_not_after_ms, next_serial, next_not_after_ms,
     enrolled_at_ms, renewed_at_ms, renewal_error, reenrol_allowed";
 
-fn cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentCert> {
+fn cert_row(r: &Row<'_>) -> SqlResult<AgentCert> {
     Ok(AgentCert {
         site_id: r.get(0)?,
         instance_id: r.get(1)?,
         attestation: r.get(2)?,
         current_serial: r.get(3)?,
-        current_not_after_ms: r.get::<_, i64>(4)? as u64,
+        current_not_after_ms: r.get::<i64>(4)? as u64,
         next_serial: r.get(5)?,
-        next_not_after_ms: r.get::<_, i64>(6)? as u64,
-        enrolled_at_ms: r.get::<_, i64>(7)? as u64,
-        renewed_at_ms: r.get::<_, i64>(8)? as u64,
+        next_not_after_ms: r.get::<i64>(6)? as u64,
+        enrolled_at_ms: r.get::<i64>(7)? as u64,
+        renewed_at_ms: r.get::<i64>(8)? as u64,
         renewal_error: r.get(9)?,
         reenrol_allowed: r.get(10)?,
     })
@@ -61,19 +61,18 @@ fn cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentCert> {
 
 impl Db<'_> {
     pub fn agent_cert(&self, site_id: String, instance_id: String) -> Result<Option<AgentCert>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .query_row(
                 &format!("SELECT {COLS} FROM agent_certs WHERE site_id = ?1 AND instance_id = ?2"),
-                params![site_id, instance_id],
+                args![site_id, instance_id],
                 cert_row,
             )
-            .optional()?)
+            .optional()
     }
 
     pub fn agent_certs(&self) -> Result<HashMap<(String, String), AgentCert>, StoreError> {
-        let mut stmt = self.0.prepare(&format!("SELECT {COLS} FROM agent_certs"))?;
-        let rows = stmt.query_map([], cert_row)?.collect::<Result<Vec<_>, _>>()?;
+        let stmt = self.0.prepare(&format!("SELECT {COLS} FROM agent_certs"))?;
+        let rows = stmt.query_map((), cert_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().map(|c| ((c.site_id.clone(), c.instance_id.clone()), c)).collect())
     }
 
@@ -88,7 +87,7 @@ impl Db<'_> {
                      next_serial = '', next_not_after_ms = 0, enrolled_at_ms = excluded.enrolled_at_ms,
                      renewed_at_ms = excluded.renewed_at_ms, renewal_error = '', reenrol_allowed = 0"
             ),
-            params![c.site_id, c.instance_id, c.attestation, c.current_serial, c.current_not_after_ms as i64, c.enrolled_at_ms as i64],
+            args![c.site_id, c.instance_id, c.attestation, c.current_serial, c.current_not_after_ms as i64, c.enrolled_at_ms as i64],
         )?;
         Ok(())
     }
@@ -105,7 +104,7 @@ impl Db<'_> {
         let n = self.0.execute(
             "UPDATE agent_certs SET next_serial = ?3, next_not_after_ms = ?4, renewed_at_ms = ?5, renewal_error = ''
              WHERE site_id = ?1 AND instance_id = ?2",
-            params![site_id, instance_id, serial, not_after_ms as i64, at_ms as i64],
+            args![site_id, instance_id, serial, not_after_ms as i64, at_ms as i64],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("no certificate record for site `{site_id}` instance {instance_id}")));
@@ -116,7 +115,7 @@ impl Db<'_> {
     pub fn set_renewal_error(&self, site_id: String, instance_id: String, error: String) -> Result<(), StoreError> {
         self.0.execute(
             "UPDATE agent_certs SET renewal_error = ?3 WHERE site_id = ?1 AND instance_id = ?2",
-            params![site_id, instance_id, error],
+            args![site_id, instance_id, error],
         )?;
         Ok(())
     }
@@ -124,7 +123,7 @@ impl Db<'_> {
     /// What `serial` is for the instance; a next serial seen for the first
     /// time is promoted to current in the same transaction.
     pub fn present_serial(&self, site_id: String, instance_id: String, serial: String) -> Result<SerialState, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let Some(c) = Db(&tx).agent_cert(site_id.clone(), instance_id.clone())? else { return Ok(SerialState::Unknown) };
         let state = if c.current_serial == serial {
             SerialState::Current
@@ -132,7 +131,7 @@ impl Db<'_> {
             tx.execute(
                 "UPDATE agent_certs SET current_serial = next_serial, current_not_after_ms = next_not_after_ms,
                      next_serial = '', next_not_after_ms = 0 WHERE site_id = ?1 AND instance_id = ?2",
-                params![site_id, instance_id],
+                args![site_id, instance_id],
             )?;
             SerialState::Promoted
         } else {
@@ -145,7 +144,7 @@ impl Db<'_> {
     pub fn allow_reenrol(&self, site_id: String, instance_id: String) -> Result<bool, StoreError> {
         let n = self
             .0
-            .execute("UPDATE agent_certs SET reenrol_allowed = 1 WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])?;
+            .execute("UPDATE agent_certs SET reenrol_allowed = 1 WHERE site_id = ?1 AND instance_id = ?2", args![site_id, instance_id])?;
         Ok(n > 0)
     }
 
@@ -154,21 +153,21 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO revocations (site_id, serial, reason, revoked_by, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(site_id, serial) DO UPDATE SET reason = excluded.reason, revoked_by = excluded.revoked_by, at_ms = excluded.at_ms",
-            params![site_id, serial, reason, by, at_ms as i64],
+            args![site_id, serial, reason, by, at_ms as i64],
         )?;
         Ok(())
     }
 
     /// Lifts the whole-site revocation; returns whether there was one.
     pub fn unrevoke_site(&self, site_id: String) -> Result<bool, StoreError> {
-        Ok(self.0.execute("DELETE FROM revocations WHERE site_id = ?1 AND serial = ''", params![site_id])? > 0)
+        Ok(self.0.execute("DELETE FROM revocations WHERE site_id = ?1 AND serial = ''", args![site_id])? > 0)
     }
 
     /// Every revocation: (site, serial) -> reason.
     pub fn revocations(&self) -> Result<HashMap<(String, String), String>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, serial, reason FROM revocations")?;
-        let rows = stmt.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, String>(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let stmt = self.0.prepare("SELECT site_id, serial, reason FROM revocations")?;
+        let rows = stmt.query_map((), |r| Ok(((r.get::<String>(0)?, r.get::<String>(1)?), r.get::<String>(2)?)))?;
+        rows.collect::<Result<_, _>>()
     }
 
     pub fn put_enrol_token(
@@ -181,7 +180,7 @@ impl Db<'_> {
     ) -> Result<(), StoreError> {
         self.0.execute(
             "INSERT INTO enrol_tokens (token_sha256, site_id, instance_id, created_by, expires_at_ms, used_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
-            params![sha256, site_id, instance_id, by, expires_at_ms as i64],
+            args![sha256, site_id, instance_id, by, expires_at_ms as i64],
         )?;
         Ok(())
     }
@@ -195,11 +194,11 @@ impl Db<'_> {
         instance_id: String,
         now_ms: Millis,
     ) -> Result<Result<(), String>, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let row: Option<(String, String, i64, i64)> = tx
             .query_row(
                 "SELECT site_id, instance_id, expires_at_ms, used_at_ms FROM enrol_tokens WHERE token_sha256 = ?1",
-                params![sha256],
+                args![sha256],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
@@ -211,7 +210,7 @@ impl Db<'_> {
             Some((_, _, _, used)) if used > 0 => Err("the enrolment token was used already (tokens are single-use)".to_owned()),
             Some((_, _, exp, _)) if (exp as u64) <= now_ms => Err("the enrolment token has expired".to_owned()),
             Some(_) => {
-                tx.execute("UPDATE enrol_tokens SET used_at_ms = ?2 WHERE token_sha256 = ?1", params![sha256, now_ms as i64])?;
+                tx.execute("UPDATE enrol_tokens SET used_at_ms = ?2 WHERE token_sha256 = ?1", args![sha256, now_ms as i64])?;
                 Ok(())
             }
         };
@@ -235,15 +234,14 @@ pub struct RotationRecord {
 
 impl Db<'_> {
     pub fn rotation(&self) -> Result<Option<RotationRecord>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .query_row(
                 "SELECT phase, since_ms, old_roots_pem, new_root_pem, new_cert_path, new_key_path FROM ca_rotation WHERE id = 1",
-                [],
+                (),
                 |r| {
                     Ok(RotationRecord {
                         phase: r.get(0)?,
-                        since_ms: r.get::<_, i64>(1)? as u64,
+                        since_ms: r.get::<i64>(1)? as u64,
                         old_roots_pem: r.get(2)?,
                         new_root_pem: r.get(3)?,
                         new_cert_path: r.get(4)?,
@@ -251,14 +249,14 @@ impl Db<'_> {
                     })
                 },
             )
-            .optional()?)
+            .optional()
     }
 
     /// Writes the rotation (None: there is none any more).
     pub fn put_rotation(&self, r: Option<RotationRecord>) -> Result<(), StoreError> {
         match r {
             None => {
-                self.0.execute("DELETE FROM ca_rotation", [])?;
+                self.0.execute("DELETE FROM ca_rotation", ())?;
             }
             Some(r) => {
                 self.0.execute(
@@ -267,7 +265,7 @@ impl Db<'_> {
                      ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, since_ms = excluded.since_ms,
                          old_roots_pem = excluded.old_roots_pem, new_root_pem = excluded.new_root_pem,
                          new_cert_path = excluded.new_cert_path, new_key_path = excluded.new_key_path",
-                    params![r.phase, r.since_ms as i64, r.old_roots_pem, r.new_root_pem, r.new_cert_path, r.new_key_path],
+                    args![r.phase, r.since_ms as i64, r.old_roots_pem, r.new_root_pem, r.new_cert_path, r.new_key_path],
                 )?;
             }
         }
@@ -278,25 +276,24 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO trust_acks (site_id, instance_id, bundle_id, at_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(site_id, instance_id) DO UPDATE SET bundle_id = excluded.bundle_id, at_ms = excluded.at_ms",
-            params![site_id, instance_id, bundle_id, at_ms as i64],
+            args![site_id, instance_id, bundle_id, at_ms as i64],
         )?;
         Ok(())
     }
 
     pub fn trust_ack(&self, site_id: String, instance_id: String) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .0
-            .query_row("SELECT bundle_id FROM trust_acks WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id], |r| {
+        self.0
+            .query_row("SELECT bundle_id FROM trust_acks WHERE site_id = ?1 AND instance_id = ?2", args![site_id, instance_id], |r| {
                 r.get(0)
             })
-            .optional()?)
+            .optional()
     }
 
     /// Which bundle each instance acknowledged last.
     pub fn trust_acks(&self) -> Result<HashMap<(String, String), String>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, instance_id, bundle_id FROM trust_acks")?;
-        let rows = stmt.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, String>(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let stmt = self.0.prepare("SELECT site_id, instance_id, bundle_id FROM trust_acks")?;
+        let rows = stmt.query_map((), |r| Ok(((r.get::<String>(0)?, r.get::<String>(1)?), r.get::<String>(2)?)))?;
+        rows.collect::<Result<_, _>>()
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{OptionalExtension, params};
+use super::sql::{OptionalExt, Row, SqlResult, args};
 
 use super::{ACTIVE_SQL, Db, Store, StoreError, corrupt};
 use crate::domain::health::{Pause, SiteHealth};
@@ -45,12 +45,12 @@ pub struct OutboxItem {
 }
 
 const EVENT_COLS: &str = "seq, id, at_ms, site_id, kind, severity, summary, evidence, operation_id";
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+fn event_row(r: &Row<'_>) -> SqlResult<Event> {
     let evidence: String = r.get(7)?;
     Ok(Event {
-        seq: r.get::<_, i64>(0)? as u64,
+        seq: r.get::<i64>(0)? as u64,
         id: r.get(1)?,
-        at_ms: r.get::<_, i64>(2)? as u64,
+        at_ms: r.get::<i64>(2)? as u64,
         site_id: r.get(3)?,
         kind: r.get(4)?,
         severity: r.get(5)?,
@@ -62,8 +62,8 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 impl Db<'_> {
     pub fn health_all(&self) -> Result<HashMap<String, SiteHealth>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, record FROM site_health")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let stmt = self.0.prepare("SELECT site_id, record FROM site_health")?;
+        let rows = stmt.query_map((), |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))?;
         let mut out = HashMap::new();
         for row in rows {
             let (site, record) = row?;
@@ -78,7 +78,7 @@ impl Db<'_> {
     /// An event whose id is recorded already is skipped. Returns the events
     /// recorded, with their `seq`.
     pub fn put_health(&self, rows: Vec<SiteHealth>, events: Vec<(Event, Vec<String>)>) -> Result<Vec<Event>, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let recorded = write_health(&tx, rows, events)?;
         tx.commit()?;
         Ok(recorded)
@@ -88,10 +88,10 @@ impl Db<'_> {
     /// not empty); with `newest`, the last `limit` of them.
     pub fn events(&self, site: String, after_seq: u64, limit: u32, newest: bool) -> Result<Vec<Event>, StoreError> {
         let order = if newest { "DESC" } else { "ASC" };
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT {EVENT_COLS} FROM events WHERE seq > ?1 AND (?2 = '' OR site_id = ?2) ORDER BY seq {order} LIMIT ?3"
         ))?;
-        let mut out = stmt.query_map(params![after_seq as i64, site, limit as i64], event_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut out = stmt.query_map(args![after_seq as i64, site, limit as i64], event_row)?.collect::<Result<Vec<_>, _>>()?;
         if newest {
             out.reverse();
         }
@@ -105,23 +105,23 @@ impl Db<'_> {
     /// those).
     pub fn outbox_due(&self, now: Millis, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
         let cols: String = EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT {cols}, o.sink, o.attempts FROM outbox o JOIN events e ON e.seq = o.event_seq
              WHERE o.delivered_at_ms = 0 AND o.next_at_ms <= ?1
                AND NOT EXISTS (SELECT 1 FROM outbox h WHERE h.sink = o.sink AND h.delivered_at_ms = 0
                                AND h.event_seq < o.event_seq AND h.next_at_ms > ?1)
              ORDER BY o.event_seq LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(params![now as i64, limit as i64], |r| {
-            Ok(OutboxItem { event: event_row(r)?, sink: r.get(9)?, attempts: r.get::<_, i64>(10)? as u32 })
+        let rows = stmt.query_map(args![now as i64, limit as i64], |r| {
+            Ok(OutboxItem { event: event_row(r)?, sink: r.get(9)?, attempts: r.get::<i64>(10)? as u32 })
         })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        rows.collect::<Result<Vec<_>, _>>()
     }
 
     pub fn outbox_delivered(&self, seq: u64, sink: String, now: Millis) -> Result<(), StoreError> {
         self.0.execute(
             "UPDATE outbox SET delivered_at_ms = ?3, attempts = attempts + 1, last_error = '' WHERE event_seq = ?1 AND sink = ?2",
-            params![seq as i64, sink, now.max(1) as i64],
+            args![seq as i64, sink, now.max(1) as i64],
         )?;
         Ok(())
     }
@@ -129,33 +129,33 @@ impl Db<'_> {
     pub fn outbox_retry(&self, seq: u64, sink: String, next_at_ms: Millis, error: String) -> Result<(), StoreError> {
         self.0.execute(
             "UPDATE outbox SET attempts = attempts + 1, next_at_ms = ?3, last_error = ?4 WHERE event_seq = ?1 AND sink = ?2",
-            params![seq as i64, sink, next_at_ms as i64, error],
+            args![seq as i64, sink, next_at_ms as i64, error],
         )?;
         Ok(())
     }
 
     /// Undelivered deliveries per webhook, and the oldest one's event time.
     pub fn outbox_backlog(&self) -> Result<Vec<(String, u64, Millis)>, StoreError> {
-        let mut stmt = self.0.prepare(
+        let stmt = self.0.prepare(
             "SELECT o.sink, COUNT(*), MIN(e.at_ms) FROM outbox o JOIN events e ON e.seq = o.event_seq WHERE o.delivered_at_ms = 0 GROUP BY o.sink",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let rows = stmt.query_map((), |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)? as u64, r.get::<i64>(2)? as u64)))?;
+        rows.collect::<Result<Vec<_>, _>>()
     }
 
     pub fn active_detail(&self) -> Result<Vec<ActiveDetail>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT id, site_id, kind, state, requested_by, created_at_ms, waiting_for FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"
         ))?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map((), |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, String>(6)?,
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<String>(3)?,
+                r.get::<String>(4)?,
+                r.get::<i64>(5)?,
+                r.get::<String>(6)?,
             ))
         })?;
         let mut out = vec![];
@@ -169,19 +169,19 @@ impl Db<'_> {
 
     /// Operations that ended (succeeded, failed, cancelled) after `since`.
     pub fn ended_since(&self, since: Millis) -> Result<Vec<EndedOp>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT id, site_id, kind, state, requested_by, error, updated_at_ms FROM operations
              WHERE updated_at_ms > ?1 AND state NOT IN {ACTIVE_SQL} ORDER BY updated_at_ms"
         ))?;
         let rows = stmt.query_map([since as i64], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, i64>(6)?,
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<String>(3)?,
+                r.get::<String>(4)?,
+                r.get::<String>(5)?,
+                r.get::<i64>(6)?,
             ))
         })?;
         let mut out = vec![];
@@ -196,7 +196,7 @@ impl Db<'_> {
     /// Forgets delivered outbox rows older than `before`, then events older
     /// than `before` that no webhook still waits for. How many events went.
     pub fn prune_events(&self, before: Millis) -> Result<u64, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         tx.execute("DELETE FROM outbox WHERE delivered_at_ms > 0 AND delivered_at_ms < ?1", [before as i64])?;
         let n = tx.execute("DELETE FROM events WHERE at_ms < ?1 AND seq NOT IN (SELECT event_seq FROM outbox)", [before as i64])?;
         tx.commit()?;
@@ -207,14 +207,14 @@ impl Db<'_> {
     /// recovery, recording `event` (with its outbox rows) in the same
     /// transaction.
     pub fn set_pause(&self, pause: Pause, event: (Event, Vec<String>)) -> Result<Event, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         if pause.until_ms == 0 {
             tx.execute("DELETE FROM recovery_pauses WHERE site_id = ?1", [&pause.site_id])?;
         } else {
             tx.execute(
                 "INSERT INTO recovery_pauses (site_id, paused_by, reason, at_ms, until_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (site_id) DO UPDATE SET paused_by = excluded.paused_by, reason = excluded.reason, at_ms = excluded.at_ms, until_ms = excluded.until_ms",
-                params![pause.site_id, pause.by, pause.reason, pause.at_ms as i64, pause.until_ms as i64],
+                args![pause.site_id, pause.by, pause.reason, pause.at_ms as i64, pause.until_ms as i64],
             )?;
         }
         let recorded = write_health(&tx, vec![], vec![event])?;
@@ -224,14 +224,14 @@ impl Db<'_> {
 
     /// Every pause still in force at `now`.
     pub fn pauses(&self, now: Millis) -> Result<HashMap<String, Pause>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, paused_by, reason, at_ms, until_ms FROM recovery_pauses WHERE until_ms > ?1")?;
+        let stmt = self.0.prepare("SELECT site_id, paused_by, reason, at_ms, until_ms FROM recovery_pauses WHERE until_ms > ?1")?;
         let rows = stmt.query_map([now as i64], |r| {
             Ok(Pause {
                 site_id: r.get(0)?,
                 by: r.get(1)?,
                 reason: r.get(2)?,
-                at_ms: r.get::<_, i64>(3)? as u64,
-                until_ms: r.get::<_, i64>(4)? as u64,
+                at_ms: r.get::<i64>(3)? as u64,
+                until_ms: r.get::<i64>(4)? as u64,
             })
         })?;
         let mut out = HashMap::new();
@@ -244,43 +244,43 @@ impl Db<'_> {
 
     /// The last event of a kind for a site (e.g. the last `failover.started`).
     pub fn last_event(&self, site: String, kind: String) -> Result<Option<Event>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .query_row(
                 &format!("SELECT {EVENT_COLS} FROM events WHERE site_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1"),
-                params![site, kind],
+                args![site, kind],
                 event_row,
             )
-            .optional()?)
+            .optional()
     }
 }
 
 /// The writes of [`Db::put_health`], inside the caller's transaction.
-fn write_health(tx: &rusqlite::Connection, rows: Vec<SiteHealth>, events: Vec<(Event, Vec<String>)>) -> Result<Vec<Event>, StoreError> {
+fn write_health(tx: &super::sql::Conn, rows: Vec<SiteHealth>, events: Vec<(Event, Vec<String>)>) -> Result<Vec<Event>, StoreError> {
     for h in &rows {
         let record = serde_json::to_string(h).expect("health records serialize");
         tx.execute(
             "INSERT INTO site_health (site_id, state, record, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (site_id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms",
-            params![h.site_id, h.state.as_str(), record, h.checked_at_ms as i64],
+            args![h.site_id, h.state.as_str(), record, h.checked_at_ms as i64],
         )?;
     }
     let mut recorded = vec![];
     for (mut e, sinks) in events {
         let evidence = serde_json::to_string(&e.evidence).expect("JSON values serialize");
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO events (id, at_ms, site_id, kind, severity, summary, evidence, operation_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![e.id, e.at_ms as i64, e.site_id, e.kind, e.severity, e.summary, evidence, e.operation_id],
+        let seq = tx.query_opt(
+            "INSERT INTO events (id, at_ms, site_id, kind, severity, summary, evidence, operation_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING seq",
+            args![e.id, e.at_ms as i64, e.site_id, e.kind, e.severity, e.summary, evidence, e.operation_id],
+            |r| r.get::<u64>(0),
         )?;
-        if n == 0 {
+        let Some(seq) = seq else {
             continue;
-        }
-        e.seq = tx.last_insert_rowid() as u64;
+        };
+        e.seq = seq;
         for sink in sinks {
             tx.execute(
                 "INSERT INTO outbox (event_seq, sink, attempts, next_at_ms, last_error, delivered_at_ms) VALUES (?1, ?2, 0, ?3, '', 0)",
-                params![e.seq as i64, sink, e.at_ms as i64],
+                args![e.seq as i64, sink, e.at_ms as i64],
             )?;
         }
         recorded.push(e);

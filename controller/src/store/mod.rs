@@ -20,7 +20,12 @@
 //! - admission of a new operation (conflicts per site) and the write of its
 //!   rows happen in one transaction.
 
+pub mod lease;
+mod lock;
 mod schema;
+pub mod sql;
+
+pub use lock::SqliteLock;
 
 pub use health::{ActiveDetail, EndedOp, OutboxItem};
 
@@ -28,20 +33,20 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sql::{Conn, OptionalExt, Row, SqlResult, args};
 
 use crate::domain::model::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the store at {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open { path: String, source: sql::SqlError },
     #[error("cannot create the store's directory {path}: {source}")]
     Dir { path: String, source: std::io::Error },
     #[error("store {path}: {source}")]
-    Db { path: String, source: rusqlite::Error },
+    Db { path: String, source: sql::SqlError },
     #[error("store: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(sql::SqlError),
     #[error("the store holds an invalid value in {what}: `{value}`")]
     Corrupt { what: &'static str, value: String },
     #[error("the store's schema version {found} is newer than this controller knows ({known}); upgrade the controller")]
@@ -50,6 +55,13 @@ pub enum StoreError {
     Busy { site: String, operation: String },
     #[error("operation {operation} is driven by another controller now (epoch {epoch} is no longer current)")]
     Fenced { operation: String, epoch: i64 },
+    #[error(
+        "the store {store} is in use by another controller ({holder}): one controller per SQLite file; \
+         for several, use a PostgreSQL store ([store] url)"
+    )]
+    Locked { store: String, holder: String },
+    #[error("{0}")]
+    NotLeader(String),
     #[error("the store's worker failed: {0}")]
     Worker(String),
     #[error("{0}")]
@@ -110,84 +122,283 @@ pub struct FleetView {
 /// How far back the fleet view reads refused agents: a day.
 pub const REFUSALS_SHOWN_MS: Millis = 24 * 3600 * 1000;
 
+/// Where the store lives: an SQLite file, or a PostgreSQL database.
+#[derive(Clone, Debug)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(Box<PgTarget>),
+}
+
+/// A PostgreSQL database and how to reach it. The password never appears
+/// in messages ([`PgTarget::shown`]).
+#[derive(Clone)]
+pub struct PgTarget {
+    config: postgres::Config,
+    /// PEM roots that sign the server's certificate: TLS to the database
+    /// (`sslmode=require` unless the URL says otherwise); none: no TLS.
+    ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    shown: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PgTarget {
+    /// `url` is a `postgres://` URL or libpq's `key=value` form;
+    /// `password`, when given, wins over one in the URL.
+    pub fn new(url: &str, password: Option<String>, ca_pem: Option<&str>) -> Result<Self, String> {
+        // The driver's parse errors do not repeat the URL (it may hold a password).
+        let mut config: postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.application_name("dr-controller");
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        // A half-open connection is noticed in about 30 s, not hours.
+        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(10));
+        config.keepalives_interval(std::time::Duration::from_secs(5)).keepalives_retries(3);
+        let ca = match ca_pem {
+            Some(pem) => {
+                let certs = rustls_pemfile_certs(pem)?;
+                if config.get_ssl_mode() == postgres::config::SslMode::Prefer {
+                    config.ssl_mode(postgres::config::SslMode::Require);
+                }
+                Some(certs)
+            }
+            None => {
+                if config.get_ssl_mode() == postgres::config::SslMode::Require {
+                    return Err("sslmode=require needs [store] ca: the certificates that sign the database server's".into());
+                }
+                config.ssl_mode(postgres::config::SslMode::Disable);
+                None
+            }
+        };
+        let shown = Self::describe(&config);
+        Ok(PgTarget { config, ca, shown })
+    }
+
+    fn describe(c: &postgres::Config) -> String {
+        let host = match c.get_hosts().first() {
+            Some(postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = c.get_ports().first().copied().unwrap_or(5432);
+        format!("postgres://{}@{host}:{port}/{}", c.get_user().unwrap_or(""), c.get_dbname().unwrap_or(""))
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_dbname(&self, dbname: &str) -> PgTarget {
+        let mut config = self.config.clone();
+        config.dbname(dbname);
+        let shown = Self::describe(&config);
+        PgTarget { config, ca: self.ca.clone(), shown }
+    }
+
+    /// Creates an empty database on the server (blocking: call it on the
+    /// blocking pool). `name` is an identifier we chose: letters, digits, `_`.
+    pub fn create_database(&self, name: &str) -> Result<(), StoreError> {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(StoreError::NotFound(format!("`{name}` is not a database name of letters, digits and _")));
+        }
+        let conn = Conn::postgres(self.connect()?);
+        conn.batch(&format!("CREATE DATABASE {name}")).map_err(|e| e.at(&self.shown))
+    }
+
+    /// The database, for messages: no password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn connect(&self) -> Result<sql::PgConn, StoreError> {
+        let client = match &self.ca {
+            None => self.config.connect(postgres::NoTls),
+            Some(roots) => {
+                let mut store = rustls::RootCertStore::empty();
+                for c in roots {
+                    store.add(c.clone()).map_err(|e| StoreError::NotFound(format!("[store] ca: {e}")))?;
+                }
+                let tls = rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth();
+                self.config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+            }
+        };
+        let client = client.map_err(|source| StoreError::Open { path: self.shown.clone(), source: source.into() })?;
+        Ok(sql::PgConn::new(client))
+    }
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let certs = dr_proto::tls::parse_certs(pem.as_bytes(), Path::new("[store] ca")).map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("[store] ca holds no certificate".into());
+    }
+    Ok(certs)
+}
+
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Conn>>,
     path: Arc<str>,
+    location: Arc<Location>,
+    /// Set once this replica leads a shared store: every call is then one
+    /// transaction that first checks the lease ([`lease::Leadership`]).
+    fence: Arc<std::sync::OnceLock<lease::Leadership>>,
 }
 
 impl Store {
-    /// Opens (creating if missing) and migrates the store.
+    /// Opens (creating if missing) and migrates an SQLite store.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await.map_err(|e| StoreError::Worker(e.to_string()))?
+        Self::open_at(Location::Sqlite(path.to_owned())).await
+    }
+
+    /// Opens and migrates the store at `location`.
+    pub async fn open_at(location: Location) -> Result<Self, StoreError> {
+        tokio::task::spawn_blocking(move || Self::open_blocking_at(location)).await.map_err(|e| StoreError::Worker(e.to_string()))?
     }
 
     pub fn open_blocking(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-        }
-        let shown = path.display().to_string();
-        let open_err = |source| StoreError::Open { path: shown.clone(), source };
-        let conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        let mut conn = conn;
-        migrate(&mut conn).map_err(|e| match e {
-            StoreError::Sql(source) => StoreError::Db { path: shown.clone(), source },
-            other => other,
-        })?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: shown.into() })
+        Self::open_blocking_at(Location::Sqlite(path.to_owned()))
     }
 
-    /// The store's file, for messages.
+    pub fn open_blocking_at(location: Location) -> Result<Self, StoreError> {
+        let (conn, shown) = match &location {
+            Location::Sqlite(path) => (open_sqlite(path)?, path.display().to_string()),
+            Location::Postgres(target) => {
+                let conn = Conn::postgres(target.connect()?);
+                migrate_pg(&conn).map_err(|e| e.at(target.shown()))?;
+                (conn, target.shown().to_owned())
+            }
+        };
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: shown.into(), location: Arc::new(location), fence: Default::default() })
+    }
+
+    /// A second session to the same database (the lease's own, so its
+    /// renewals never queue behind the engine's calls). No migration runs.
+    pub async fn another_session(&self) -> Result<Store, StoreError> {
+        let location = (*self.location).clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match &location {
+                Location::Sqlite(p) => open_sqlite(p)?,
+                Location::Postgres(t) => Conn::postgres(t.connect()?),
+            };
+            Ok(Store { conn: Arc::new(Mutex::new(conn)), path, location: Arc::new(location), fence: Default::default() })
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+
+    /// From now on every call of this store is fenced by `leadership`'s
+    /// lease (once: a replica that loses its lease exits).
+    pub fn fence_with(&self, leadership: lease::Leadership) {
+        if self.fence.set(leadership).is_err() {
+            tracing::warn!("the store is already fenced");
+        }
+    }
+
+    /// The store's file or database, for messages.
     pub fn path(&self) -> &str {
         &self.path
     }
 
+    /// Which engine the store runs on.
+    pub fn engine(&self) -> sql::Engine {
+        match *self.location {
+            Location::Sqlite(_) => sql::Engine::Sqlite,
+            Location::Postgres(_) => sql::Engine::Postgres,
+        }
+    }
+
     /// Runs `f` against the connection on the blocking pool. SQL errors
-    /// come back naming the store's file.
+    /// come back naming the store. A PostgreSQL session that was lost is
+    /// opened again first (what ran in it was rolled back with it).
     pub async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Conn) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
         let path = self.path.clone();
+        let location = self.location.clone();
+        let fence = self.fence.get().filter(|l| l.is_replica()).cloned();
         let result = tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave SQLite inconsistent
-            // (transactions roll back), so a poisoned lock is still usable.
+            // A panic while holding the lock cannot leave the database
+            // inconsistent (transactions roll back), so a poisoned lock is
+            // still usable.
             let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
+            if c.is_broken()
+                && let Location::Postgres(target) = &*location
+            {
+                tracing::warn!(store = %target.shown(), "the database session was lost; connecting again");
+                *c = Conn::postgres(target.connect()?);
+            }
+            match fence {
+                None => f(&c),
+                Some(leadership) => {
+                    let tx = c.transaction()?;
+                    leadership.fence(&tx)?;
+                    let out = f(&tx)?;
+                    tx.commit()?;
+                    Ok(out)
+                }
+            }
         })
         .await
         .map_err(|e| StoreError::Worker(e.to_string()))?;
-        result.map_err(|e| match e {
-            StoreError::Sql(source) => StoreError::Db { path: path.to_string(), source },
-            other => other,
-        })
+        result.map_err(|e| e.at(&path))
     }
 
     /// A consistent copy of the whole store, taken while the controller
     /// runs (`VACUUM INTO`: one transaction, WAL contents included, a
     /// compact file). Refuses to overwrite `to`. Returns how many backups
-    /// the copy holds.
+    /// the copy holds. SQLite only: a PostgreSQL store is backed up with
+    /// the database's own tools.
     pub async fn backup_to(&self, to: PathBuf) -> Result<u64, StoreError> {
         self.with(move |c| {
+            let Some(c) = c.as_sqlite() else {
+                return Err(StoreError::NotFound("the store is in PostgreSQL: back it up with pg_dump or the database's snapshots".into()));
+            };
             if to.exists() {
                 return Err(StoreError::NotFound(format!("{} exists already; not overwriting it", to.display())));
             }
             let target = to.to_str().ok_or_else(|| StoreError::NotFound(format!("{} is not a UTF-8 path", to.display())))?;
             c.execute("VACUUM INTO ?1", [target])?;
-            let copy = Connection::open(&to)?;
+            let copy = rusqlite::Connection::open(&to)?;
             let n: i64 = copy.query_row("SELECT COUNT(*) FROM backups", [], |r| r.get(0))?;
             Ok(n as u64)
         })
         .await
     }
+}
+
+impl StoreError {
+    /// A driver's error, named with the store it came from.
+    fn at(self, path: &str) -> StoreError {
+        match self {
+            StoreError::Sql(source) => StoreError::Db { path: path.to_owned(), source },
+            other => other,
+        }
+    }
+}
+
+fn open_sqlite(path: &Path) -> Result<Conn, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+    }
+    let shown = path.display().to_string();
+    let open_err = |source: rusqlite::Error| StoreError::Open { path: shown.clone(), source: source.into() };
+    let conn = rusqlite::Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+    let conn = Conn::sqlite(conn);
+    migrate_sqlite(&conn).map_err(|e| e.at(&shown))?;
+    Ok(conn)
 }
 
 macro_rules! db_call {
@@ -364,20 +575,50 @@ impl Store {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+fn migrate_sqlite(conn: &Conn) -> Result<(), StoreError> {
+    let sqlite = conn.as_sqlite().expect("an SQLite connection");
+    let version: i64 = sqlite.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = schema::MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::TooNew { found: version, known });
     }
     for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.batch(sql)?;
+        sqlite.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "store schema migrated");
     }
     Ok(())
+}
+
+/// PostgreSQL's migrations, in one transaction that holds `dr_schema`
+/// locked, so replicas starting together migrate once (a table lock: it
+/// ends with the transaction, also behind a connection pooler).
+fn migrate_pg(conn: &Conn) -> Result<(), StoreError> {
+    if let Err(e) = conn.batch("CREATE TABLE IF NOT EXISTS dr_schema (version BIGINT NOT NULL)") {
+        // Two replicas creating it at once: one fails on the catalog; the table is there.
+        tracing::debug!(error = %e, "dr_schema");
+    }
+    let tx = conn.transaction()?;
+    tx.batch("LOCK TABLE dr_schema IN ACCESS EXCLUSIVE MODE")?;
+    let version = match tx.query_opt("SELECT version FROM dr_schema", (), |r| r.get::<i64>(0))? {
+        Some(v) => v,
+        None => {
+            tx.execute("INSERT INTO dr_schema (version) VALUES (0)", ())?;
+            0
+        }
+    };
+    let known = schema::PG_MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    for (i, sql) in schema::PG_MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch(sql)?;
+        tx.execute("UPDATE dr_schema SET version = ?1", args![(i + 1) as i64])?;
+        tracing::info!(version = i + 1, "store schema migrated (PostgreSQL)");
+    }
+    tx.commit()
 }
 
 fn corrupt(what: &'static str, value: impl Into<String>) -> StoreError {
@@ -386,12 +627,12 @@ fn corrupt(what: &'static str, value: impl Into<String>) -> StoreError {
 
 const ACTIVE_SQL: &str = "('running', 'waiting', 'cancelling')";
 
-fn insert_operation(tx: &Transaction<'_>, op: &Operation) -> Result<(), StoreError> {
+fn insert_operation(tx: &Conn, op: &Operation) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO operations (id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms,
              waiting_for, failure, owner, epoch, state_version, wf_state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
+        args![
             op.id,
             op.kind,
             op.site_id,
@@ -412,23 +653,23 @@ fn insert_operation(tx: &Transaction<'_>, op: &Operation) -> Result<(), StoreErr
         tx.execute(
             "INSERT INTO steps (operation_id, seq, name, state, attempts, started_at_ms, finished_at_ms, detail,
                  error, result) VALUES (?1, ?2, ?3, ?4, 0, 0, 0, '', '', NULL)",
-            params![op.id, s.seq, s.name, s.state.as_str()],
+            args![op.id, s.seq, s.name, s.state.as_str()],
         )?;
     }
     Ok(())
 }
 
 /// The synchronous queries, on a borrowed connection (or transaction).
-pub struct Db<'a>(pub &'a Connection);
+pub struct Db<'a>(pub &'a Conn);
 
 const SITE_COLS: &str = "id, region, primary_instance_id, role_arn";
-fn site_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Site> {
+fn site_row(r: &Row<'_>) -> SqlResult<Site> {
     Ok(Site { id: r.get(0)?, region: r.get(1)?, primary_instance_id: r.get(2)?, role_arn: r.get(3)? })
 }
 
 const INSTANCE_COLS: &str = "site_id, instance_id, role, operation_id, reason, private_ip, public_ip, boot_id, os_family,
     app_state, verified_private_ip, verified_at_ms, connected, connected_at_ms, last_seen_ms, peer";
-fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
+fn instance_row(r: &Row<'_>) -> SqlResult<InstanceRecord> {
     Ok(InstanceRecord {
         site_id: r.get(0)?,
         instance_id: r.get(1)?,
@@ -444,10 +685,10 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
             app_state: r.get(9)?,
         },
         verified_private_ip: r.get(10)?,
-        verified_at_ms: r.get::<_, i64>(11)? as u64,
+        verified_at_ms: r.get::<i64>(11)? as u64,
         connected: r.get(12)?,
-        connected_at_ms: r.get::<_, i64>(13)? as u64,
-        last_seen_ms: r.get::<_, i64>(14)? as u64,
+        connected_at_ms: r.get::<i64>(13)? as u64,
+        last_seen_ms: r.get::<i64>(14)? as u64,
         peer: r.get(15)?,
         cert_not_after_ms: 0,
     })
@@ -456,7 +697,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
 const BACKUP_COLS: &str = "image_id, site_id, operation_id, region, instance_id, snapshot_ids, started_at_ms,
     completed_at_ms, consistency, app_state, state, fate, deleted_at_ms, quiesce, frozen_ms, quiesce_note";
 type BackupRow = (String, String, String, String, String, String, i64, i64, String, String, String, String, i64, String, i64, String);
-fn backup_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupRow> {
+fn backup_row(r: &Row<'_>) -> SqlResult<BackupRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -520,7 +761,7 @@ const COPY_COLS: &str =
     "c.source_image_id, c.region, c.image_id, c.state, c.attempts, c.error, c.requested_at_ms, c.completed_at_ms, c.deleted_at_ms";
 /// The columns of [`COPY_COLS`], in order.
 type CopyRow = (String, String, String, String, u32, String, i64, i64, i64);
-fn copy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CopyRow> {
+fn copy_row(r: &Row<'_>) -> SqlResult<CopyRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
 }
 fn copy_of(row: (String, String, String, String, u32, String, i64, i64, i64)) -> Result<Copy, StoreError> {
@@ -547,31 +788,31 @@ impl Db<'_> {
              ON CONFLICT(id) DO UPDATE SET role_arn = excluded.role_arn,
                  region = CASE WHEN sites.primary_instance_id = excluded.primary_instance_id
                                THEN excluded.region ELSE sites.region END",
-            params![site.id, site.region, site.primary_instance_id, site.role_arn, now_ms() as i64],
+            args![site.id, site.region, site.primary_instance_id, site.role_arn, now_ms() as i64],
         )?;
         Ok(self.site(site.id.clone())?.unwrap_or(site))
     }
 
     pub fn upsert_sites(&self, sites: Vec<Site>) -> Result<Vec<Site>, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let stored = sites.into_iter().map(|s| Db(&tx).upsert_site(s)).collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(stored)
     }
 
     pub fn site(&self, id: String) -> Result<Option<Site>, StoreError> {
-        Ok(self.0.query_row(&format!("SELECT {SITE_COLS} FROM sites WHERE id = ?1"), [id], site_row).optional()?)
+        self.0.query_row(&format!("SELECT {SITE_COLS} FROM sites WHERE id = ?1"), [id], site_row).optional()
     }
 
     pub fn sites(&self) -> Result<Vec<Site>, StoreError> {
-        let mut stmt = self.0.prepare(&format!("SELECT {SITE_COLS} FROM sites ORDER BY id"))?;
-        Ok(stmt.query_map([], site_row)?.collect::<Result<Vec<_>, _>>()?)
+        let stmt = self.0.prepare(&format!("SELECT {SITE_COLS} FROM sites ORDER BY id"))?;
+        stmt.query_map((), site_row)?.collect::<Result<Vec<_>, _>>()
     }
 
     pub fn set_primary(&self, site_id: String, instance_id: String) -> Result<(), StoreError> {
         self.0.execute(
             "UPDATE sites SET primary_instance_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
-            params![site_id, instance_id, now_ms() as i64],
+            args![site_id, instance_id, now_ms() as i64],
         )?;
         Ok(())
     }
@@ -590,7 +831,7 @@ impl Db<'_> {
                      connected_at_ms = excluded.connected_at_ms, last_seen_ms = excluded.last_seen_ms,
                      peer = excluded.peer"
             ),
-            params![
+            args![
                 a.site_id,
                 a.instance_id,
                 a.role,
@@ -613,25 +854,23 @@ impl Db<'_> {
     }
 
     pub fn instance(&self, site_id: String, instance_id: String) -> Result<Option<InstanceRecord>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .query_row(
                 &format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"),
-                params![site_id, instance_id],
+                args![site_id, instance_id],
                 instance_row,
             )
-            .optional()?)
+            .optional()
     }
 
     pub fn instances_of(&self, site_id: String) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
-        Ok(stmt.query_map([site_id], instance_row)?.collect::<Result<Vec<_>, _>>()?)
+        let stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 ORDER BY last_seen_ms DESC"))?;
+        stmt.query_map([site_id], instance_row)?.collect::<Result<Vec<_>, _>>()
     }
 
     pub fn fenced_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut stmt =
-            self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE role = 'fenced' ORDER BY site_id, instance_id"))?;
-        Ok(stmt.query_map([], instance_row)?.collect::<Result<Vec<_>, _>>()?)
+        let stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE role = 'fenced' ORDER BY site_id, instance_id"))?;
+        stmt.query_map((), instance_row)?.collect::<Result<Vec<_>, _>>()
     }
 
     pub fn set_instance_role(
@@ -648,21 +887,21 @@ impl Db<'_> {
                  ON CONFLICT(site_id, instance_id) DO UPDATE SET role = excluded.role,
                      operation_id = excluded.operation_id, reason = excluded.reason"
             ),
-            params![site_id, instance_id, role, operation_id, reason],
+            args![site_id, instance_id, role, operation_id, reason],
         )?;
         Ok(())
     }
 
     pub fn set_verified(&self, checks: Vec<(String, String, String)>, at_ms: Millis) -> Result<Vec<Option<InstanceRecord>>, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let mut out = Vec::with_capacity(checks.len());
         {
-            let mut update =
+            let update =
                 tx.prepare("UPDATE instances SET verified_private_ip = ?3, verified_at_ms = ?4 WHERE site_id = ?1 AND instance_id = ?2")?;
-            let mut read = tx.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"))?;
+            let read = tx.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"))?;
             for (site, instance, ip) in &checks {
-                update.execute(params![site, instance, ip, at_ms as i64])?;
-                out.push(read.query_row(params![site, instance], instance_row).optional()?);
+                update.execute(args![site, instance, ip, at_ms as i64])?;
+                out.push(read.query_row(args![site, instance], instance_row).optional()?);
             }
         }
         tx.commit()?;
@@ -670,17 +909,17 @@ impl Db<'_> {
     }
 
     pub fn mark_all_disconnected(&self) -> Result<(), StoreError> {
-        self.0.execute("UPDATE instances SET connected = 0", [])?;
+        self.0.execute("UPDATE instances SET connected = 0", ())?;
         Ok(())
     }
 
     pub fn touch_seen(&self, seen: Vec<(String, String, Millis)>) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         {
-            let mut stmt =
-                tx.prepare("UPDATE instances SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2")?;
+            let stmt =
+                tx.prepare("UPDATE instances SET last_seen_ms = CASE WHEN last_seen_ms > ?3 THEN last_seen_ms ELSE ?3 END WHERE site_id = ?1 AND instance_id = ?2")?;
             for (site, instance, at) in &seen {
-                stmt.execute(params![site, instance, *at as i64])?;
+                stmt.execute(args![site, instance, *at as i64])?;
             }
         }
         tx.commit()?;
@@ -694,7 +933,7 @@ impl Db<'_> {
     pub fn set_public_ip(&self, site_id: String, instance_id: String, public_ip: String) -> Result<(), StoreError> {
         self.0.execute(
             "UPDATE instances SET public_ip = ?3 WHERE site_id = ?1 AND instance_id = ?2",
-            params![site_id, instance_id, public_ip],
+            args![site_id, instance_id, public_ip],
         )?;
         Ok(())
     }
@@ -704,14 +943,14 @@ impl Db<'_> {
     /// site's primary nor a fenced instance (an old primary stays listed).
     /// Whether a record was forgotten.
     pub fn forget_terminated(&self, site_id: String, instance_id: String) -> Result<bool, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let n = tx.execute(
             "DELETE FROM instances WHERE site_id = ?1 AND instance_id = ?2 AND role <> 'fenced'
                AND instance_id <> COALESCE((SELECT primary_instance_id FROM sites WHERE id = ?1), '')",
-            params![site_id, instance_id],
+            args![site_id, instance_id],
         )?;
         if n > 0 {
-            tx.execute("DELETE FROM instance_regions WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])?;
+            tx.execute("DELETE FROM instance_regions WHERE site_id = ?1 AND instance_id = ?2", args![site_id, instance_id])?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -719,8 +958,8 @@ impl Db<'_> {
 
     pub fn set_disconnected(&self, site_id: String, instance_id: String, last_seen_ms: Millis) -> Result<(), StoreError> {
         self.0.execute(
-            "UPDATE instances SET connected = 0, last_seen_ms = MAX(last_seen_ms, ?3) WHERE site_id = ?1 AND instance_id = ?2",
-            params![site_id, instance_id, last_seen_ms as i64],
+            "UPDATE instances SET connected = 0, last_seen_ms = CASE WHEN last_seen_ms > ?3 THEN last_seen_ms ELSE ?3 END WHERE site_id = ?1 AND instance_id = ?2",
+            args![site_id, instance_id, last_seen_ms as i64],
         )?;
         Ok(())
     }
@@ -759,21 +998,21 @@ impl Db<'_> {
         else {
             return Ok(None);
         };
-        let mut stmt = self.0.prepare(
+        let stmt = self.0.prepare(
             "SELECT seq, name, state, attempts, started_at_ms, finished_at_ms, detail, error, result
              FROM steps WHERE operation_id = ?1 ORDER BY seq",
         )?;
         let rows = stmt.query_map([&id], |r| {
             Ok((
-                r.get::<_, u32>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, Option<String>>(8)?,
+                r.get::<u32>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<u32>(3)?,
+                r.get::<i64>(4)?,
+                r.get::<i64>(5)?,
+                r.get::<String>(6)?,
+                r.get::<String>(7)?,
+                r.get::<Option<String>>(8)?,
             ))
         })?;
         let mut steps = Vec::new();
@@ -794,9 +1033,9 @@ impl Db<'_> {
                 },
             });
         }
-        let mut stmt = self.0.prepare("SELECT kind, resource_id FROM protected WHERE operation_id = ?1 ORDER BY kind, resource_id")?;
+        let stmt = self.0.prepare("SELECT kind, resource_id FROM protected WHERE operation_id = ?1 ORDER BY kind, resource_id")?;
         let protects = stmt
-            .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .query_map([&id], |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))?
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .map(|(k, v)| if k == "instance" { Protected::Instance(v) } else { Protected::Image(v) })
@@ -825,16 +1064,16 @@ impl Db<'_> {
     }
 
     pub fn active_operations(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.0.prepare(&format!("SELECT id FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
-        Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?)
+        let stmt = self.0.prepare(&format!("SELECT id FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
+        stmt.query_map((), |r| r.get(0))?.collect::<Result<Vec<String>, _>>()
     }
 
     pub fn active_operations_of(&self, site_id: String) -> Result<Vec<ActiveOp>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT id, kind, state FROM operations WHERE site_id = ?1 AND state IN {ACTIVE_SQL} ORDER BY created_at_ms"
         ))?;
         let rows = stmt
-            .query_map([site_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+            .query_map([site_id], |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<String>(2)?)))?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
             .map(|(id, kind, state)| {
@@ -848,16 +1087,16 @@ impl Db<'_> {
             .0
             .query_row(
                 &format!("UPDATE operations SET owner = ?2, epoch = epoch + 1 WHERE id = ?1 AND state IN {ACTIVE_SQL} RETURNING epoch"),
-                params![id, owner],
+                args![id, owner],
                 |r| r.get(0),
             )
             .optional()?;
         epoch.ok_or_else(|| StoreError::NotFound(format!("operation {id} is not active")))
     }
 
-    fn check_epoch(tx: &Connection, op_id: &str, epoch: i64) -> Result<(), StoreError> {
+    fn check_epoch(tx: &Conn, op_id: &str, epoch: i64) -> Result<(), StoreError> {
         let now = now_ms() as i64;
-        let n = tx.execute("UPDATE operations SET updated_at_ms = ?3 WHERE id = ?1 AND epoch = ?2", params![op_id, epoch, now])?;
+        let n = tx.execute("UPDATE operations SET updated_at_ms = ?3 WHERE id = ?1 AND epoch = ?2", args![op_id, epoch, now])?;
         if n == 0 {
             return Err(StoreError::Fenced { operation: op_id.to_owned(), epoch });
         }
@@ -871,12 +1110,12 @@ impl Db<'_> {
         step: StepRecord,
         state: Option<(u32, serde_json::Value, Vec<Protected>)>,
     ) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         Self::check_epoch(&tx, &op_id, epoch)?;
         tx.execute(
             "UPDATE steps SET state = ?3, attempts = ?4, started_at_ms = ?5, finished_at_ms = ?6, detail = ?7,
                  error = ?8, result = ?9 WHERE operation_id = ?1 AND seq = ?2",
-            params![
+            args![
                 op_id,
                 step.seq,
                 step.state.as_str(),
@@ -889,10 +1128,7 @@ impl Db<'_> {
             ],
         )?;
         if let Some((version, value, protects)) = state {
-            tx.execute(
-                "UPDATE operations SET state_version = ?2, wf_state = ?3 WHERE id = ?1",
-                params![op_id, version, value.to_string()],
-            )?;
+            tx.execute("UPDATE operations SET state_version = ?2, wf_state = ?3 WHERE id = ?1", args![op_id, version, value.to_string()])?;
             tx.execute("DELETE FROM protected WHERE operation_id = ?1", [&op_id])?;
             for p in protects {
                 let (kind, id) = match p {
@@ -901,7 +1137,7 @@ impl Db<'_> {
                 };
                 tx.execute(
                     "INSERT INTO protected (operation_id, kind, resource_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                    params![op_id, kind, id],
+                    args![op_id, kind, id],
                 )?;
             }
         }
@@ -918,11 +1154,11 @@ impl Db<'_> {
         failure: String,
         error: String,
     ) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         Self::check_epoch(&tx, &op_id, epoch)?;
         tx.execute(
             "UPDATE operations SET state = ?2, waiting_for = ?3, failure = ?4, error = ?5 WHERE id = ?1",
-            params![op_id, state.as_str(), waiting_for, failure, error],
+            args![op_id, state.as_str(), waiting_for, failure, error],
         )?;
         if state.is_finished() {
             tx.execute("DELETE FROM protected WHERE operation_id = ?1", [&op_id])?;
@@ -934,50 +1170,49 @@ impl Db<'_> {
     pub fn add_signal(&self, op_id: String, signal: Signal, requested_by: String) -> Result<(), StoreError> {
         self.0.execute(
             "INSERT INTO signals (operation_id, signal, requested_by, at_ms, consumed_at_ms) VALUES (?1, ?2, ?3, ?4, 0)",
-            params![op_id, signal.as_str(), requested_by, now_ms() as i64],
+            args![op_id, signal.as_str(), requested_by, now_ms() as i64],
         )?;
         Ok(())
     }
 
     pub fn pending_signals(&self, op_id: String) -> Result<Vec<(i64, Signal)>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT id, signal FROM signals WHERE operation_id = ?1 AND consumed_at_ms = 0 ORDER BY id")?;
-        let rows = stmt.query_map([op_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+        let stmt = self.0.prepare("SELECT id, signal FROM signals WHERE operation_id = ?1 AND consumed_at_ms = 0 ORDER BY id")?;
+        let rows = stmt.query_map([op_id], |r| Ok((r.get::<i64>(0)?, r.get::<String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(|(id, s)| Ok((id, Signal::parse(&s).ok_or_else(|| corrupt("signals.signal", s))?))).collect()
     }
 
     pub fn consume_signal(&self, id: i64) -> Result<(), StoreError> {
-        self.0.execute("UPDATE signals SET consumed_at_ms = ?2 WHERE id = ?1", params![id, now_ms() as i64])?;
+        self.0.execute("UPDATE signals SET consumed_at_ms = ?2 WHERE id = ?1", args![id, now_ms() as i64])?;
         Ok(())
     }
 
     pub fn intent(&self, op_id: String, name: String) -> Result<Option<(String, String)>, StoreError> {
-        Ok(self
-            .0
-            .query_row("SELECT token, resource_id FROM intents WHERE operation_id = ?1 AND name = ?2", params![op_id, name], |r| {
+        self.0
+            .query_row("SELECT token, resource_id FROM intents WHERE operation_id = ?1 AND name = ?2", args![op_id, name], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
-            .optional()?)
+            .optional()
     }
 
     pub fn put_intent(&self, op_id: String, epoch: i64, name: String, token: String, resource_id: String) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         Self::check_epoch(&tx, &op_id, epoch)?;
         tx.execute(
             "INSERT INTO intents (operation_id, name, token, resource_id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(operation_id, name) DO UPDATE SET token = excluded.token, resource_id = excluded.resource_id",
-            params![op_id, name, token, resource_id, now_ms() as i64],
+            args![op_id, name, token, resource_id, now_ms() as i64],
         )?;
         tx.commit()?;
         Ok(())
     }
 
     pub fn protected_images(&self) -> Result<HashSet<String>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT p.resource_id FROM protected p JOIN operations o ON o.id = p.operation_id
              WHERE p.kind = 'image' AND o.state IN {ACTIVE_SQL}
              UNION SELECT backup_image_id FROM spares UNION SELECT launch_image_id FROM spares"
         ))?;
-        Ok(stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<HashSet<_>, _>>()?)
+        stmt.query_map((), |r| r.get::<String>(0))?.collect::<Result<HashSet<_>, _>>()
     }
 
     // ------------------------------------------------------------ backups
@@ -990,7 +1225,7 @@ impl Db<'_> {
                 "INSERT INTO backups ({BACKUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT(image_id) DO NOTHING"
             ),
-            params![
+            args![
                 b.image_id,
                 b.site_id,
                 b.operation_id,
@@ -1014,7 +1249,7 @@ impl Db<'_> {
 
     /// A site's backups, newest first, with their copies.
     pub fn backups(&self, site_id: String) -> Result<Vec<Backup>, StoreError> {
-        let mut stmt =
+        let stmt =
             self.0.prepare(&format!("SELECT {BACKUP_COLS} FROM backups WHERE site_id = ?1 ORDER BY completed_at_ms DESC, image_id"))?;
         let rows = stmt.query_map([&site_id], backup_row)?.collect::<Result<Vec<_>, _>>()?;
         let mut out = rows.into_iter().map(backup_of).collect::<Result<Vec<_>, _>>()?;
@@ -1033,13 +1268,13 @@ impl Db<'_> {
     }
 
     pub fn insert_rebuilt_backup(&self, b: Backup) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         tx.execute(
             "INSERT INTO operations (id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms,
                  waiting_for, failure, owner, epoch, state_version, wf_state)
              VALUES (?1, 'backup', ?2, 'succeeded', '', 'store rebuild', ?3, ?4, '', '', '', 0, 0, NULL)
              ON CONFLICT(id) DO NOTHING",
-            params![b.operation_id, b.site_id, b.started_at_ms as i64, now_ms() as i64],
+            args![b.operation_id, b.site_id, b.started_at_ms as i64, now_ms() as i64],
         )?;
         Db(&tx).record_backup(b)?;
         tx.commit()?;
@@ -1050,19 +1285,19 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO launch_facts (image_id, site_id, facts, recorded_at_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(image_id) DO NOTHING",
-            params![image_id, site_id, serde_json::to_string(&facts).expect("launch facts serialize"), now_ms() as i64],
+            args![image_id, site_id, serde_json::to_string(&facts).expect("launch facts serialize"), now_ms() as i64],
         )?;
         Ok(())
     }
 
     pub fn install_spare(&self, record: SpareRecord) -> Result<Option<SpareRecord>, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         let db = Db(&tx);
         let previous = db.spare(record.site_id.clone())?.filter(|p| p.instance_id != record.instance_id);
         tx.execute(
             "INSERT INTO spares (site_id, instance_id, backup_image_id, launch_image_id, record) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(site_id) DO UPDATE SET instance_id = ?2, backup_image_id = ?3, launch_image_id = ?4, record = ?5",
-            params![
+            args![
                 record.site_id,
                 record.instance_id,
                 record.backup_image_id,
@@ -1081,8 +1316,8 @@ impl Db<'_> {
     }
 
     pub fn spares(&self) -> Result<HashMap<String, SpareRecord>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT record FROM spares")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let stmt = self.0.prepare("SELECT record FROM spares")?;
+        let rows = stmt.query_map((), |r| r.get::<String>(0))?.collect::<Result<Vec<_>, _>>()?;
         let mut out = HashMap::with_capacity(rows.len());
         for t in rows {
             let rec: SpareRecord = serde_json::from_str(&t).map_err(|_| corrupt("spares.record", t))?;
@@ -1092,8 +1327,8 @@ impl Db<'_> {
     }
 
     pub fn claim_spare(&self, site_id: String, instance_id: String, operation_id: String) -> Result<bool, StoreError> {
-        let tx = self.0.unchecked_transaction()?;
-        let n = tx.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])?;
+        let tx = self.0.transaction()?;
+        let n = tx.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", args![site_id, instance_id])?;
         if n > 0 {
             Db(&tx).set_instance_role(site_id, instance_id, "candidate".into(), operation_id, String::new())?;
         }
@@ -1102,7 +1337,7 @@ impl Db<'_> {
     }
 
     pub fn drop_spare(&self, site_id: String, instance_id: String) -> Result<bool, StoreError> {
-        Ok(self.0.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", params![site_id, instance_id])? > 0)
+        Ok(self.0.execute("DELETE FROM spares WHERE site_id = ?1 AND instance_id = ?2", args![site_id, instance_id])? > 0)
     }
 
     /// Records (or, for the same operation, replaces) a drill's result.
@@ -1110,7 +1345,7 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO drills (operation_id, site_id, started_at_ms, finished_at_ms, ok, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(operation_id) DO UPDATE SET finished_at_ms = ?4, ok = ?5, record = ?6",
-            params![
+            args![
                 record.operation_id,
                 record.site_id,
                 record.started_at_ms as i64,
@@ -1124,8 +1359,8 @@ impl Db<'_> {
 
     /// A site's drills, newest first.
     pub fn drills(&self, site_id: String, limit: u32) -> Result<Vec<DrillRecord>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT record FROM drills WHERE site_id = ?1 ORDER BY started_at_ms DESC LIMIT ?2")?;
-        let rows = stmt.query_map(params![site_id, limit], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let stmt = self.0.prepare("SELECT record FROM drills WHERE site_id = ?1 ORDER BY started_at_ms DESC LIMIT ?2")?;
+        let rows = stmt.query_map(args![site_id, limit], |r| r.get::<String>(0))?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(|t| serde_json::from_str(&t).map_err(|_| corrupt("drills.record", t))).collect()
     }
 
@@ -1139,22 +1374,22 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO instance_regions (site_id, instance_id, region) VALUES (?1, ?2, ?3)
              ON CONFLICT(site_id, instance_id) DO UPDATE SET region = excluded.region",
-            params![site_id, instance_id, region],
+            args![site_id, instance_id, region],
         )?;
         Ok(())
     }
 
     pub fn instance_regions(&self) -> Result<HashMap<(String, String), String>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, instance_id, region FROM instance_regions")?;
-        let rows = stmt.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, String>(2)?)))?;
-        Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
+        let stmt = self.0.prepare("SELECT site_id, instance_id, region FROM instance_regions")?;
+        let rows = stmt.query_map((), |r| Ok(((r.get::<String>(0)?, r.get::<String>(1)?), r.get::<String>(2)?)))?;
+        rows.collect::<Result<HashMap<_, _>, _>>()
     }
 
     pub fn promote(&self, site_id: String, new: String, old: String, reason: String, region: String) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         tx.execute(
             "UPDATE sites SET primary_instance_id = ?2, region = ?4, updated_at_ms = ?3 WHERE id = ?1",
-            params![site_id, new, now_ms() as i64, region],
+            args![site_id, new, now_ms() as i64, region],
         )?;
         let db = Db(&tx);
         db.set_instance_role(site_id.clone(), new, "primary".into(), String::new(), String::new())?;
@@ -1166,21 +1401,20 @@ impl Db<'_> {
     }
 
     pub fn count_backups(&self) -> Result<u64, StoreError> {
-        Ok(self.0.query_row("SELECT COUNT(*) FROM backups", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.0.query_row("SELECT COUNT(*) FROM backups", (), |r| r.get::<i64>(0))? as u64)
     }
 
     pub fn backup_origin(&self, image_id: String) -> Result<Option<(String, String)>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .query_row("SELECT site_id, operation_id FROM backups WHERE image_id = ?1", [image_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+            .optional()
     }
 
     pub fn set_backup_state(&self, image_id: String, state: BackupState, fate: String) -> Result<(), StoreError> {
         let deleted = if state == BackupState::Deleted { now_ms() as i64 } else { 0 };
         self.0.execute(
             "UPDATE backups SET state = ?2, fate = ?3, deleted_at_ms = ?4 WHERE image_id = ?1",
-            params![image_id, state.as_str(), fate, deleted],
+            args![image_id, state.as_str(), fate, deleted],
         )?;
         Ok(())
     }
@@ -1195,7 +1429,7 @@ impl Db<'_> {
                  state = excluded.state, attempts = excluded.attempts, error = excluded.error,
                  requested_at_ms = excluded.requested_at_ms, completed_at_ms = excluded.completed_at_ms,
                  deleted_at_ms = excluded.deleted_at_ms",
-            params![
+            args![
                 c.source_image_id,
                 c.region,
                 c.image_id,
@@ -1210,8 +1444,8 @@ impl Db<'_> {
         Ok(())
     }
 
-    fn copies_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql], order: &str) -> Result<Vec<Copy>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+    fn copies_where(&self, clause: &str, args: &[&dyn sql::ToValue], order: &str) -> Result<Vec<Copy>, StoreError> {
+        let stmt = self.0.prepare(&format!(
             "SELECT {COPY_COLS} FROM copies c JOIN backups b ON b.image_id = c.source_image_id WHERE {clause} ORDER BY {order}"
         ))?;
         let rows = stmt.query_map(args, copy_row)?.collect::<Result<Vec<_>, _>>()?;
@@ -1237,9 +1471,9 @@ impl Db<'_> {
     // ------------------------------------------------------------ schedules
 
     pub fn slots(&self) -> Result<HashMap<(String, String), Millis>, StoreError> {
-        let mut stmt = self.0.prepare("SELECT site_id, kind, last_slot_ms FROM schedule_slots")?;
-        let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as Millis)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let stmt = self.0.prepare("SELECT site_id, kind, last_slot_ms FROM schedule_slots")?;
+        let rows = stmt.query_map((), |r| Ok(((r.get(0)?, r.get(1)?), r.get::<i64>(2)? as Millis)))?;
+        rows.collect::<Result<_, _>>()
     }
 
     /// Records the last slot handled of a site's schedule of `kind`
@@ -1248,7 +1482,7 @@ impl Db<'_> {
         self.0.execute(
             "INSERT INTO schedule_slots (site_id, kind, last_slot_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(site_id, kind) DO UPDATE SET last_slot_ms = excluded.last_slot_ms",
-            params![site_id, kind, slot as i64],
+            args![site_id, kind, slot as i64],
         )?;
         Ok(())
     }
@@ -1257,11 +1491,11 @@ impl Db<'_> {
 
     /// Every active operation, by site, oldest first, in one query.
     pub fn active_by_site(&self) -> Result<HashMap<String, Vec<ActiveOp>>, StoreError> {
-        let mut stmt = self
+        let stmt = self
             .0
             .prepare(&format!("SELECT site_id, id, kind, state FROM operations WHERE state IN {ACTIVE_SQL} ORDER BY created_at_ms"))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))?
+            .query_map((), |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<String>(2)?, r.get::<String>(3)?)))?
             .collect::<Result<Vec<_>, _>>()?;
         let mut out: HashMap<String, Vec<ActiveOp>> = HashMap::new();
         for (site, id, kind, state) in rows {
@@ -1273,12 +1507,12 @@ impl Db<'_> {
 
     /// Each site's newest good backup (one query).
     pub fn newest_backups(&self) -> Result<HashMap<String, Backup>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT {BACKUP_COLS} FROM backups b WHERE state = 'available' AND completed_at_ms =
                  (SELECT MAX(completed_at_ms) FROM backups x WHERE x.site_id = b.site_id AND x.state = 'available')"
         ))?;
         let mut out = HashMap::new();
-        for row in stmt.query_map([], backup_row)? {
+        for row in stmt.query_map((), backup_row)? {
             let b = backup_of(row?)?;
             out.insert(b.site_id.clone(), b);
         }
@@ -1296,47 +1530,46 @@ impl Db<'_> {
             revocations: self.revocations()?,
             ..FleetView::default()
         };
-        let mut stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
-        for rec in stmt.query_map([], instance_row)? {
+        let stmt = self.0.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY site_id, last_seen_ms DESC"))?;
+        for rec in stmt.query_map((), instance_row)? {
             let rec = rec?;
             view.instances.entry(rec.site_id.clone()).or_default().push(rec);
         }
         view.newest_backup = self.newest_backups()?;
         view.active = self.active_by_site()?;
-        let mut stmt = self.0.prepare("SELECT site_id, state, COUNT(*) FROM backups GROUP BY site_id, state")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let stmt = self.0.prepare("SELECT site_id, state, COUNT(*) FROM backups GROUP BY site_id, state")?;
+        let rows =
+            stmt.query_map((), |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<i64>(2)?)))?.collect::<Result<Vec<_>, _>>()?;
         for (site, state, n) in rows {
             let state = BackupState::parse(&state).ok_or_else(|| corrupt("backups.state", state.clone()))?;
             view.backup_counts.insert((site, state), n as u64);
         }
-        let mut stmt = self.0.prepare(
+        let stmt = self.0.prepare(
             "SELECT b.site_id, c.region, c.state, COUNT(*) FROM copies c JOIN backups b ON b.image_id = c.source_image_id
              GROUP BY b.site_id, c.region, c.state",
         )?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))?
+            .query_map((), |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<String>(2)?, r.get::<i64>(3)?)))?
             .collect::<Result<Vec<_>, _>>()?;
         for (site, region, state, n) in rows {
             let state = CopyState::parse(&state).ok_or_else(|| corrupt("copies.state", state.clone()))?;
             view.copy_counts.insert((site, region, state), n as u64);
         }
-        let mut stmt = self.0.prepare(
+        let stmt = self.0.prepare(
             "SELECT site_id, id, state, updated_at_ms FROM operations o WHERE kind = 'failover' AND created_at_ms =
                  (SELECT MAX(created_at_ms) FROM operations x WHERE x.site_id = o.site_id AND x.kind = 'failover')",
         )?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))?
+            .query_map((), |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<String>(2)?, r.get::<i64>(3)?)))?
             .collect::<Result<Vec<_>, _>>()?;
         for (site, id, state, at) in rows {
             let state = OperationState::parse(&state).ok_or_else(|| corrupt("operations.state", state.clone()))?;
             view.last_failover.insert(site, (id, state, at as u64));
         }
-        let mut stmt = self.0.prepare(
+        let stmt = self.0.prepare(
             "SELECT record FROM drills d WHERE started_at_ms = (SELECT MAX(started_at_ms) FROM drills x WHERE x.site_id = d.site_id)",
         )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt.query_map((), |r| r.get::<String>(0))?.collect::<Result<Vec<_>, _>>()?;
         for t in rows {
             let d: DrillRecord = serde_json::from_str(&t).map_err(|_| corrupt("drills.record", t))?;
             view.last_drill.insert(d.site_id.clone(), d);
@@ -1348,5 +1581,7 @@ impl Db<'_> {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{OptionalExtension, params};
+use super::sql::{OptionalExt, Row as SqlRow, SqlResult, args};
 
 use super::{Db, Store, StoreError, corrupt};
 use crate::domain::model::Millis;
@@ -17,7 +17,7 @@ const COLS: &str = "site_id, reason, fingerprint, serial, not_before_ms, not_aft
 
 type Row = (String, String, String, String, i64, i64, String, bool, String, String, i64, i64, i64);
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+fn row(r: &SqlRow<'_>) -> SqlResult<Row> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -59,18 +59,18 @@ impl Db<'_> {
     /// ones), in one transaction: new rows are inserted, known ones get
     /// their count added and their last time and peer updated.
     pub fn put_agent_refusals(&self, batch: Vec<AgentRefusal>) -> Result<(), StoreError> {
-        let tx = self.0.unchecked_transaction()?;
+        let tx = self.0.transaction()?;
         {
-            let mut stmt = tx.prepare(&format!(
+            let stmt = tx.prepare(&format!(
                 "INSERT INTO agent_refusals ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT(site_id, reason, fingerprint) DO UPDATE SET
                      count = agent_refusals.count + excluded.count,
-                     first_ms = MIN(agent_refusals.first_ms, excluded.first_ms),
-                     last_ms = MAX(agent_refusals.last_ms, excluded.last_ms),
+                     first_ms = CASE WHEN agent_refusals.first_ms < excluded.first_ms THEN agent_refusals.first_ms ELSE excluded.first_ms END,
+                     last_ms = CASE WHEN agent_refusals.last_ms > excluded.last_ms THEN agent_refusals.last_ms ELSE excluded.last_ms END,
                      peer = excluded.peer, detail = excluded.detail"
             ))?;
             for r in batch {
-                stmt.execute(params![
+                stmt.execute(args![
                     r.site_id,
                     r.reason.as_str(),
                     r.fingerprint,
@@ -94,10 +94,10 @@ impl Db<'_> {
     /// Refusals last seen at or after `since_ms`, by site, the most recent
     /// first (of one site when `site` is not empty).
     pub fn agent_refusals(&self, site: String, since_ms: Millis) -> Result<HashMap<String, Vec<AgentRefusal>>, StoreError> {
-        let mut stmt = self.0.prepare(&format!(
+        let stmt = self.0.prepare(&format!(
             "SELECT {COLS} FROM agent_refusals WHERE last_ms >= ?1 AND (?2 = '' OR site_id = ?2) ORDER BY last_ms DESC"
         ))?;
-        let rows = stmt.query_map(params![since_ms as i64, site], row)?;
+        let rows = stmt.query_map(args![since_ms as i64, site], row)?;
         let mut out: HashMap<String, Vec<AgentRefusal>> = HashMap::new();
         for r in rows {
             let r = refusal_of(r?)?;
@@ -108,13 +108,13 @@ impl Db<'_> {
 
     /// Forgets refusals last seen before `before_ms`; how many.
     pub fn prune_agent_refusals(&self, before_ms: Millis) -> Result<usize, StoreError> {
-        Ok(self.0.execute("DELETE FROM agent_refusals WHERE last_ms < ?1", [before_ms as i64])?)
+        self.0.execute("DELETE FROM agent_refusals WHERE last_ms < ?1", [before_ms as i64])
     }
 
     /// Records the not-after of the agent certificate the backup's source
     /// instance presented (what a restore of it will present).
     pub fn set_backup_agent_cert(&self, image_id: String, not_after_ms: Millis) -> Result<(), StoreError> {
-        self.0.execute("UPDATE backups SET agent_cert_not_after_ms = ?2 WHERE image_id = ?1", params![image_id, not_after_ms as i64])?;
+        self.0.execute("UPDATE backups SET agent_cert_not_after_ms = ?2 WHERE image_id = ?1", args![image_id, not_after_ms as i64])?;
         Ok(())
     }
 
@@ -165,19 +165,21 @@ mod tests {
     #[tokio::test]
     async fn refusals_are_upserted_and_counted() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("s.db")).await.expect("open");
-        store
-            .upsert_site(Site { id: "s1".into(), region: "r".into(), primary_instance_id: "i-1".into(), role_arn: None })
-            .await
-            .expect("site");
-        store.put_agent_refusals(vec![refusal(3, 100, "a:1")]).await.expect("first");
-        store.put_agent_refusals(vec![refusal(5, 200, "b:2")]).await.expect("second");
-        let all = store.agent_refusals(String::new(), 0).await.expect("read");
-        let rows = &all["s1"];
-        assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!((rows[0].count, rows[0].first_ms, rows[0].last_ms, rows[0].peer.as_str()), (8, 100, 200, "b:2"));
-        assert!(store.agent_refusals("s1".into(), 201).await.expect("read").is_empty());
-        assert_eq!(store.prune_agent_refusals(201).await.expect("prune"), 1);
-        assert_eq!(store.backup_agent_cert("ami-none".into()).await.expect("read"), None);
+        for store in crate::store::testing::both(dir.path()).await {
+            eprintln!("on {}", store.engine());
+            store
+                .upsert_site(Site { id: "s1".into(), region: "r".into(), primary_instance_id: "i-1".into(), role_arn: None })
+                .await
+                .expect("site");
+            store.put_agent_refusals(vec![refusal(3, 100, "a:1")]).await.expect("first");
+            store.put_agent_refusals(vec![refusal(5, 200, "b:2")]).await.expect("second");
+            let all = store.agent_refusals(String::new(), 0).await.expect("read");
+            let rows = &all["s1"];
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            assert_eq!((rows[0].count, rows[0].first_ms, rows[0].last_ms, rows[0].peer.as_str()), (8, 100, 200, "b:2"));
+            assert!(store.agent_refusals("s1".into(), 201).await.expect("read").is_empty());
+            assert_eq!(store.prune_agent_refusals(201).await.expect("prune"), 1);
+            assert_eq!(store.backup_agent_cert("ami-none".into()).await.expect("read"), None);
+        }
     }
 }
