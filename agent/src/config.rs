@@ -32,6 +32,11 @@ pub struct Config {
     /// TLS name the controller's certificate must carry; default: the host of
     /// `controller_url`.
     pub controller_name: Option<String>,
+    /// The other replicas of a controller that runs on PostgreSQL with a
+    /// leader (`https://host:port` each, TLS name: its host). The agent
+    /// goes where a standby says the leader is, and otherwise tries these
+    /// in turn after `controller_url`.
+    pub controller_urls: Vec<String>,
     /// The journal lives in `state_dir/journal`.
     pub state_dir: PathBuf,
     /// Root of the machine's filesystem (a mounted copy in tests).
@@ -199,6 +204,7 @@ impl Default for Config {
             site_id: None,
             controller_url: None,
             controller_name: None,
+            controller_urls: Vec::new(),
             state_dir: PathBuf::from("/var/lib/dr-agent"),
             root: PathBuf::from("/"),
             tls: TlsSection::default(),
@@ -251,8 +257,22 @@ impl Default for ReconnectSection {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSettings {
     pub site_id: String,
-    pub controller_url: String,
-    pub controller_name: String,
+    /// `controller_url` first, then `controller_urls`.
+    pub controllers: Vec<ControllerTarget>,
+}
+
+/// One controller replica: where it is and the TLS name it must prove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerTarget {
+    pub url: String,
+    pub name: String,
+}
+
+impl ControllerTarget {
+    /// A replica named by its `https://` URL (its TLS name is its host).
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        Ok(ControllerTarget { url: url.to_owned(), name: controller_host(url)? })
+    }
 }
 
 impl Config {
@@ -302,6 +322,9 @@ impl Config {
         }
         if let Some(url) = &self.controller_url {
             controller_host(url).map_err(|m| invalid("controller_url", m))?;
+        }
+        for url in &self.controller_urls {
+            controller_host(url).map_err(|m| invalid("controller_urls", m))?;
         }
         if let Some(name) = &self.controller_name
             && (name.is_empty() || name.contains(|c: char| c == '/' || c.is_whitespace()))
@@ -366,7 +389,18 @@ impl Config {
                 message,
             })?,
         };
-        Ok(RunSettings { site_id, controller_url, controller_name })
+        let mut controllers = vec![ControllerTarget { url: controller_url, name: controller_name }];
+        for url in &self.controller_urls {
+            let t = ControllerTarget::from_url(url).map_err(|message| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: "controller_urls",
+                message,
+            })?;
+            if !controllers.contains(&t) {
+                controllers.push(t);
+            }
+        }
+        Ok(RunSettings { site_id, controllers })
     }
 }
 
@@ -422,7 +456,7 @@ max = "1m"
         assert_eq!(c.reconnect.initial, Duration::from_millis(500));
         assert_eq!(c.reconnect.max, Duration::from_secs(60));
         let run = c.run_settings("f").expect("run settings");
-        assert_eq!(run.controller_name, "controller.example.com");
+        assert_eq!(run.controllers[0].name, "controller.example.com");
     }
 
     #[test]

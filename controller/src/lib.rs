@@ -143,29 +143,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let store = store::Store::open_at(location).await?;
     tokio::pin!(shutdown);
-    // A shared (PostgreSQL) store: wait as a standby until this replica
-    // holds the leader lease; from then on every store call is fenced by
-    // it, and losing it ends this process (systemd starts it again, as a
-    // standby). Nothing below runs on a standby.
-    let lease = match store.engine() {
-        store::sql::Engine::Sqlite => None,
+    // A replica binds its address first: it answers as a standby there,
+    // and leads there (the same port, also when the config says port 0).
+    let (leadership, mut standby_listener, listen_at) = match store.engine() {
+        store::sql::Engine::Sqlite => (store::lease::Leadership::single(), None, config.server.listen),
         store::sql::Engine::Postgres => {
+            let listener = server::bind(config.server.listen, config.server.listen_backlog)?;
+            let bound = listener.local_addr()?;
             let leadership = store::lease::Leadership::replica(
                 config.store.replica_id.clone().unwrap_or_else(default_replica_id),
-                config.store.advertise.clone().unwrap_or_else(|| config.server.listen.to_string()),
+                config.store.advertise.clone().unwrap_or_else(|| bound.to_string()),
                 store::lease::LeaseTimings::from_ttl(config.store.lease_ttl),
             );
-            let lease = store::lease::Lease::new(store.another_session().await?, leadership.clone());
-            tracing::info!(replica = %leadership.id(), store = %store.path(), "standby: waiting for the leader lease");
-            let waited = std::time::Instant::now();
-            let epoch = tokio::select! {
-                epoch = lease.campaign(|_| {}) => epoch,
-                _ = &mut shutdown => return Ok(()),
-            };
-            store.fence_with(leadership.clone());
-            tracing::info!(replica = %leadership.id(), epoch, waited_ms = waited.elapsed().as_millis() as u64, "leading: this replica holds the lease");
-            Some(lease)
+            (leadership, Some(listener), bound)
         }
+    };
+    let replica = metrics::Replica { leadership: leadership.clone(), leader: Default::default(), leading: Default::default() };
+    if let Some(addr) = config.metrics.listen {
+        let replica = replica.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, replica).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    // A shared (PostgreSQL) store: wait as a standby until this replica
+    // holds the leader lease, answering every agent and drctl with the
+    // leader's address; from then on every store call is fenced by the
+    // lease, and losing it ends this process (systemd starts it again, as
+    // a standby). Nothing below runs on a standby.
+    let lease = if let Some(listener) = standby_listener.take() {
+        let lease = store::lease::Lease::new(store.another_session().await?, leadership.clone());
+        tracing::info!(replica = %leadership.id(), addr = %listen_at, advertise = %leadership.address(), store = %store.path(),
+            "standby: waiting for the leader lease");
+        let waited = std::time::Instant::now();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut standby =
+            tokio::spawn(server::serve_standby(listener, tls.clone(), config.server.handshake_timeout, replica.leader.clone(), async {
+                let _ = stop_rx.await;
+            }));
+        let won = tokio::select! {
+            epoch = lease.campaign(|row| {
+                *replica.leader.lock().unwrap_or_else(|p| p.into_inner()) = (row.address.clone(), row.epoch);
+            }) => Some(epoch),
+            _ = &mut shutdown => None,
+        };
+        // The standby's listener closes before the leader's opens.
+        let _ = stop_tx.send(());
+        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut standby).await.is_err() {
+            tracing::warn!("standby connections still open after 2s; closing them");
+            standby.abort();
+            let _ = standby.await;
+        }
+        let Some(epoch) = won else { return Ok(()) };
+        store.fence_with(leadership.clone());
+        tracing::info!(replica = %leadership.id(), epoch, waited_ms = waited.elapsed().as_millis() as u64, "leading: this replica holds the lease");
+        Some(lease)
+    } else {
+        None
     };
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
     if let Some(lease) = lease.clone() {
@@ -201,7 +236,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 "the store's primary instance differs from the config's instance_id (a failover happened); the store wins");
         }
     }
-    let ec2 = Arc::new(cloud::Ec2Clients::new(config.aws.clone()));
+    // No AWS request leaves once this replica stops leading (checked
+    // just before each is sent; a lone SQLite controller always leads).
+    registry.send_only_while(leadership.clone());
+    let gate = {
+        let leadership = leadership.clone();
+        cloud::CallGate::new(move || leadership.check().map(drop).map_err(|e| e.to_string()))
+    };
+    let ec2 = Arc::new(cloud::Ec2Clients::new(config.aws.clone()).with_gate(gate.clone()));
     catalog::check(&config, &store, &ec2).await?;
     let mut policies = std::collections::HashMap::new();
     for s in &config.sites {
@@ -223,6 +265,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         drill: config.drill.clone(),
         aws: config.aws.clone(),
         dns: tokio::sync::OnceCell::new(),
+        gate,
     });
     let resumed = engine.resume_all().await?;
     // Every background loop is supervised: restarted when it ends or
@@ -325,14 +368,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dir: config.store.state_dir().join("pki"),
     };
     rotator.resume().await.map_err(ControllerError::Pki)?;
-    if let Some(addr) = config.metrics.listen {
-        let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, engine, registry, tasks, authority).await {
-                tracing::error!(error = %e, "metrics endpoint stopped");
-            }
-        });
-    }
+    let _ = replica.leading.set(metrics::Leading {
+        engine: engine.clone(),
+        registry: registry.clone(),
+        tasks: tasks.clone(),
+        authority: authority.clone(),
+    });
 
     let agent_service = agents::service::AgentServer {
         trust_domain: config.tls.trust_domain.clone(),
@@ -356,7 +397,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rotator,
     };
 
-    let listener = server::bind(config.server.listen, config.server.listen_backlog)?;
+    let listener = server::bind(listen_at, config.server.listen_backlog)?;
     let addr = listener.local_addr()?;
     let incoming = server::tls_incoming(listener, tls, config.server.handshake_timeout);
     tracing::info!(%addr, sites = config.sites.len(), resumed, trust_domain = %config.tls.trust_domain, "dr-controller listening");
@@ -383,6 +424,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     api::systemd::stopping();
+    if let Some(lease) = &lease {
+        // Hand over first: this replica stops counting on the lease at
+        // once (no EC2 call, agent command or write from here on) and a
+        // standby takes it on its next poll, while the streams close.
+        match lease.release().await {
+            Ok(()) => tracing::info!("leader lease released"),
+            Err(e) => tracing::warn!(error = %e, "cannot release the leader lease; it expires by itself"),
+        }
+    }
     // tonic's graceful shutdown waits for open streams (hyper #4170): end the
     // agent streams ourselves and bound the wait.
     registry.close_all();
@@ -391,13 +441,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     match tokio::time::timeout(grace, serve).await {
         Ok(result) => result?,
         Err(_) => tracing::warn!(?grace, "connections still open after the grace period; exiting anyway"),
-    }
-    if let Some(lease) = &lease {
-        // A standby takes over on its next poll instead of after the expiry.
-        match lease.release().await {
-            Ok(()) => tracing::info!("leader lease released"),
-            Err(e) => tracing::warn!(error = %e, "cannot release the leader lease; it expires by itself"),
-        }
     }
     tracing::info!("dr-controller stopped");
     Ok(())

@@ -16,6 +16,11 @@
 
 #![forbid(unsafe_code)]
 
+/// The gRPC metadata key a standby controller names the leader's
+/// `host:port` in, with its `UNAVAILABLE` answer to every call (agents and
+/// drctl go there next).
+pub const LEADER_METADATA: &str = "dr-leader";
+
 pub mod backoff;
 pub mod contract;
 pub mod example_keys;

@@ -767,7 +767,7 @@ impl Controller {
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:{}\"\nheartbeat_interval = \"{}\"\nshutdown_grace = \"3s\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
-             [store]\npath = \"{}\"\n\n[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n\n\
+             {}[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n\n\
              [backup]\npoll_initial = \"{}\"\npoll_max = \"5s\"\ntimeout = \"10m\"\nagent_call_timeout = \"10s\"\n\
              copy_poll = \"500ms\"\nscheduler_tick = \"500ms\"\n\n{}\n",
             spec.port,
@@ -775,7 +775,12 @@ impl Controller {
             pki.ca().display(),
             pki.dir.join("controller.pem").display(),
             pki.dir.join("controller.key").display(),
-            dir.join("state.db").display(),
+            // A test's own `[store]` (PostgreSQL) replaces the SQLite file.
+            if spec.extra.contains("[store]\n") {
+                String::new()
+            } else {
+                format!("[store]\npath = \"{}\"\n\n", dir.join("state.db").display())
+            },
             iam_record::wrap(spec.endpoint.as_deref().unwrap_or(&moto.url), &moto.url, spec.record_into.as_deref()),
             spec.poll_initial,
             spec.extra,
@@ -807,8 +812,31 @@ impl Controller {
         c
     }
 
+    /// Starts a replica of a shared (PostgreSQL) store that is expected to
+    /// wait as a standby: returns once it answers as one.
+    pub fn start_standby(dir: &Path, config: PathBuf, port: u16) -> Controller {
+        let mut c = Controller { dir: dir.to_owned(), port, url: format!("https://127.0.0.1:{port}"), config, proc: None, log_from: 0 };
+        c.start_expecting(&[], "standby: waiting for the leader lease");
+        c
+    }
+
+    /// Waits until the running process logs that it leads and listens as
+    /// the leader (a standby that took over).
+    pub fn wait_leading(&mut self, within: Duration) {
+        let log = self.dir.join("controller.log");
+        let proc = self.proc.as_mut().expect("the controller runs");
+        let port = logged_port(proc, &log, self.log_from, "dr-controller listening", "addr=127.0.0.1:", within);
+        assert_eq!(port, self.port, "the standby leads on the port it answered on");
+    }
+
     /// Starts the process again (after a kill), with extra environment.
     pub fn restart(&mut self, env: &[(&str, &str)]) {
+        self.start_expecting(env, "dr-controller listening");
+    }
+
+    /// Starts the process and waits for `ready` (a log message carrying
+    /// `addr=`) within 30 s.
+    pub fn start_expecting(&mut self, env: &[(&str, &str)], ready: &str) {
         let mut cmd = Command::new(bin("dr-controller"));
         aws_env(&mut cmd).arg("--config").arg(&self.config).env("RUST_LOG", "info,aws=warn,h2=warn,hyper=warn");
         for (k, v) in env {
@@ -820,7 +848,7 @@ impl Controller {
         let proc = self.proc.insert(Proc::spawn("dr-controller", &mut cmd, &log));
         // The address the controller logs once bound (no pick-then-release
         // of a port: with port 0 in the config it binds a free one).
-        let port = logged_port(proc, &log, from, "dr-controller listening", "addr=127.0.0.1:", Duration::from_secs(30));
+        let port = logged_port(proc, &log, from, ready, "addr=127.0.0.1:", Duration::from_secs(30));
         if self.port == 0 {
             // Restarts must come back at the same address (the agents know
             // it): the config names the port from now on.
@@ -1379,4 +1407,41 @@ impl Drop for LoopFs {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
+}
+
+/// A new, empty database on the test PostgreSQL server (`DR_TEST_PG`, which
+/// tests/run.sh starts): its URL, for a `[store] url`.
+pub fn postgres_database() -> String {
+    let server = std::env::var("DR_TEST_PG")
+        .unwrap_or_else(|_| panic!("DR_TEST_PG is not set: run tests/run.sh, or `tests/postgres.sh start DIR` and export its URL"));
+    let name = format!("dr_e2e_{:016x}", rand::random::<u64>());
+    let (url, db) = (server.clone(), name.clone());
+    // rust-postgres' blocking client runs its own runtime: not on a tokio thread.
+    std::thread::spawn(move || {
+        let target = dr_controller::store::PgTarget::new(&url, None, None).expect("DR_TEST_PG is a PostgreSQL URL");
+        target.create_database(&db).expect("create the test database");
+    })
+    .join()
+    .expect("create the test database");
+    match server.rfind('/') {
+        Some(at) if server[..at].contains("://") && !server[..at].ends_with('/') => format!("{}/{name}", &server[..at]),
+        _ => panic!("DR_TEST_PG `{server}` is not a postgres://host:port/db URL"),
+    }
+}
+
+/// `GET path` on a loopback HTTP port (metrics, `/leader`): the whole
+/// response, status line included.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// Sends signal `sig` (`TERM`, `STOP`, `CONT`, ...) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+    assert!(st.success(), "kill -{sig} {pid}");
 }

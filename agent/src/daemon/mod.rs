@@ -33,7 +33,8 @@ pub(crate) async fn run_daemon(config: &config::Config, origin: &str) -> Result<
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     tracing::info!(
         site_id = %settings.site_id,
-        controller = %settings.controller_url,
+        controller = %settings.controllers[0].url,
+        replicas = settings.controllers.len(),
         version = env!("CARGO_PKG_VERSION"),
         "dr-agent starting"
     );

@@ -14,7 +14,7 @@ use dr_proto::tls::TlsFiles;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::{Config, RunSettings};
+use crate::config::{Config, ControllerTarget, RunSettings};
 use crate::daemon::credentials::{self, Held};
 use crate::daemon::fence::{self, FenceRecord};
 use crate::daemon::journal::{self, CommandAnswer, Journal, JournalError};
@@ -64,6 +64,25 @@ pub(crate) enum SessionError {
 }
 
 impl SessionError {
+    /// The leader's address, when a standby answered.
+    fn leader(&self) -> Option<String> {
+        match self {
+            SessionError::Status(s) if s.code() == tonic::Code::Unavailable => {
+                s.metadata().get(dr_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(str::to_owned)
+            }
+            _ => None,
+        }
+    }
+
+    /// No controller to talk to at this address (down, or a standby).
+    fn is_unreachable(&self) -> bool {
+        match self {
+            SessionError::Connect(_) | SessionError::Timeout(_) => true,
+            SessionError::Status(s) => s.code() == tonic::Code::Unavailable,
+            _ => false,
+        }
+    }
+
     /// The controller refused the certificate itself (this serial revoked,
     /// superseded, never issued by it): holding on to it cannot work. A
     /// whole site revoked is not about the certificate: it is kept.
@@ -309,6 +328,9 @@ pub(crate) struct Agent {
     jitter: f64,
     /// Why the last renewal failed ("" when it worked), sent with heartbeats.
     renewal_error: Mutex<String>,
+    /// The controller replica the next connection goes to: where a standby
+    /// said the leader is, else the next of `settings.controllers`.
+    target: Mutex<ControllerTarget>,
 }
 
 /// A renewal in progress in one session.
@@ -334,6 +356,7 @@ impl Agent {
         let pruned = journal.prune(journal::RETENTION, std::time::SystemTime::now())?;
         tracing::info!(dir = %journal.dir().display(), pruned, "journal opened");
         let fence = load_fence(&config.state_dir);
+        let first = settings.controllers[0].clone();
         Ok(Agent {
             settings,
             tls: TlsFiles { ca: config.tls.ca.clone(), cert: config.tls.cert.clone(), key: config.tls.key.clone() },
@@ -341,6 +364,7 @@ impl Agent {
             token_file: config.tls.enrol_token_file.clone(),
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             jitter: rand::random_range(-0.1..=0.1),
+            target: Mutex::new(first),
             renewal_error: Mutex::new(String::new()),
             root: config.root.clone(),
             imds,
@@ -402,8 +426,9 @@ impl Agent {
     }
 
     async fn connect(&self, ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<tonic::transport::Channel, SessionError> {
-        let tls = dr_proto::tls::client_config_pem(ca_pem, identity, &self.settings.controller_name);
-        let endpoint = tonic::transport::Endpoint::from_shared(self.settings.controller_url.clone())
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tls = dr_proto::tls::client_config_pem(ca_pem, identity, &target.name);
+        let endpoint = tonic::transport::Endpoint::from_shared(target.url.clone())
             .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
             .tls_config(tls)
             .map_err(|e| SessionError::Endpoint(error_chain(&e)))?
@@ -734,6 +759,31 @@ impl Agent {
             if matches!(error, SessionError::Renewed) {
                 tracing::info!("reconnecting with the renewed certificate");
                 continue;
+            }
+            if let Some(leader) = error.leader() {
+                // A standby named the leader: go there after a short,
+                // spread-out pause (a whole fleet is redirected at once).
+                match ControllerTarget::from_url(&format!("https://{leader}")) {
+                    Ok(t) => {
+                        tracing::info!(leader = %t.url, "that controller is a standby; going to the leader");
+                        let t = self.settings.controllers.iter().find(|c| c.url == t.url).cloned().unwrap_or(t);
+                        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = t;
+                        let delay = Duration::from_millis(rand::random_range(50..=1000));
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = &mut shutdown => return,
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(leader = %leader, error = %e, "a standby named a leader address that is not usable"),
+                }
+            } else if error.is_unreachable() && self.settings.controllers.len() > 1 {
+                // This replica is down or a standby that knows no leader:
+                // the next one in the list.
+                let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
+                let at = self.settings.controllers.iter().position(|c| *c == *t).map_or(0, |i| i + 1);
+                *t = self.settings.controllers[at % self.settings.controllers.len()].clone();
+                tracing::info!(next = %t.url, "trying the next controller replica");
             }
             if error.is_permission() {
                 tracing::error!(error = %error, attempt, "the controller refused this agent");

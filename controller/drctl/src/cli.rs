@@ -542,13 +542,25 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let c = conn.or(args.conn);
     let conn = Connection::resolve(c.config, c.controller, c.server_name, c.ca, c.cert, c.key)?;
     warn_if_ending(&conn.tls.cert);
-    match remote(&conn, command, output).await {
+    // A standby refuses every request before acting on it: asking the
+    // leader it names instead repeats nothing.
+    let (conn, result) = match remote(&conn, command.clone(), output).await {
+        Err(CliError::NotLeader { url, leader }) => {
+            eprintln!("drctl: {url} is a standby; asking the leader at {leader}");
+            let leader_conn = conn.redirect(&leader)?;
+            let result = remote(&leader_conn, command, output).await;
+            (leader_conn, result)
+        }
+        other => (conn, other),
+    };
+    match result {
         Ok(code) => Ok(code),
         Err(e) => Err(conn.explain(e).await),
     }
 }
 
 /// The commands that talk to the controller.
+#[derive(Clone)]
 enum Remote {
     RotateCa {
         req: pb::RotateCaRequest,

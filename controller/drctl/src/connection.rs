@@ -51,6 +51,9 @@ pub struct Connection {
     /// `host:port` to dial.
     pub authority: String,
     pub server_name: String,
+    /// `server_name` was given (`--server-name`, the config file), not
+    /// taken from the URL's host.
+    pub pinned_name: bool,
     pub tls: TlsFiles,
 }
 
@@ -106,7 +109,21 @@ impl Connection {
         let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(not_url)?;
         let authority = format!("{host}:{}", uri.port_u16().unwrap_or(443));
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        Ok(Connection { server_name: server_name.or(from_file.server_name).unwrap_or(host), authority, url, tls })
+        let given = server_name.or(from_file.server_name);
+        Ok(Connection { pinned_name: given.is_some(), server_name: given.unwrap_or(host), authority, url, tls })
+    }
+
+    /// The same client towards the leader a standby named (`host:port`).
+    pub fn redirect(&self, leader: &str) -> Result<Connection, CliError> {
+        let url = format!("https://{leader}");
+        let uri: Uri =
+            url.parse().map_err(|_| CliError::Failed(format!("a standby named the leader `{leader}`, which is not host:port")))?;
+        let host = uri.host().filter(|h| !h.is_empty()).map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+        let Some(host) = host else {
+            return Err(CliError::Failed(format!("a standby named the leader `{leader}`, which has no host")));
+        };
+        let server_name = if self.pinned_name { self.server_name.clone() } else { host };
+        Ok(Connection { url, authority: leader.to_owned(), server_name, pinned_name: self.pinned_name, tls: self.tls.clone() })
     }
 
     /// Our side of TLS, built the way the handshake will use it, so that a
@@ -308,7 +325,10 @@ impl Connection {
             Code::NotFound => CliError::NotFound(s.message().to_owned()),
             Code::InvalidArgument => CliError::Usage(s.message().to_owned()),
             Code::FailedPrecondition | Code::AlreadyExists => CliError::Busy(s.message().to_owned()),
-            Code::Unavailable => CliError::Unreachable { url: self.url.clone(), cause: s.message().to_owned() },
+            Code::Unavailable => match s.metadata().get(dr_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+                Some(leader) if !leader.is_empty() => CliError::NotLeader { url: self.url.clone(), leader: leader.to_owned() },
+                _ => CliError::Unreachable { url: self.url.clone(), cause: s.message().to_owned() },
+            },
             _ => CliError::Failed(format!("{:?}: {}", s.code(), s.message())),
         }
     }

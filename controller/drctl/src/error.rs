@@ -24,6 +24,10 @@ pub enum CliError {
     /// in the middle of a command.
     #[error("cannot reach the controller at {url}: {cause}")]
     Unreachable { url: String, cause: String },
+    /// The controller is a standby replica; it named the leader (drctl
+    /// asks the leader once by itself).
+    #[error("the controller at {url} is a standby; the leader is at {leader}")]
+    NotLeader { url: String, leader: String },
     /// The controller refused our certificate (TLS alert) or our identity
     /// (an operator certificate is required).
     #[error("{0}")]
@@ -63,7 +67,7 @@ impl CliError {
         match self {
             CliError::Failed(_) => exit::FAILED,
             CliError::Usage(_) | CliError::LocalTls(_) | CliError::Tls(_) | CliError::Pki(_) => exit::USAGE,
-            CliError::Unreachable { .. } => exit::UNREACHABLE,
+            CliError::Unreachable { .. } | CliError::NotLeader { .. } => exit::UNREACHABLE,
             CliError::Refused(_) => exit::REFUSED,
             CliError::NotFound(_) => exit::NOT_FOUND,
             CliError::Busy(_) => exit::BUSY,
@@ -78,7 +82,7 @@ impl CliError {
             CliError::Usage(_) => "usage",
             CliError::LocalTls(_) | CliError::Tls(_) => "local_tls",
             CliError::Pki(_) => "pki",
-            CliError::Unreachable { .. } => "unreachable",
+            CliError::Unreachable { .. } | CliError::NotLeader { .. } => "unreachable",
             CliError::Refused(_) => "refused",
             CliError::Untrusted(_) => "untrusted",
             CliError::NotFound(_) => "not_found",

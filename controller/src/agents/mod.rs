@@ -163,6 +163,9 @@ pub enum AgentCallError {
     Disconnected(String),
     #[error("the agent of {who} did not answer within {after:?}")]
     Timeout { who: String, after: Duration },
+    /// This controller no longer leads: nothing is sent.
+    #[error("not sent to the agent of {who}: {why}")]
+    NotLeader { who: String, why: String },
 }
 
 impl From<AgentCallError> for StepError {
@@ -170,6 +173,7 @@ impl From<AgentCallError> for StepError {
         let kind = match e {
             AgentCallError::WrongRole { .. } => ErrorKind::Refused,
             AgentCallError::Timeout { .. } => ErrorKind::TimedOut,
+            AgentCallError::NotLeader { .. } => ErrorKind::Store,
             _ => ErrorKind::Unavailable,
         };
         StepError::new(kind, e.to_string())
@@ -336,6 +340,8 @@ pub struct Registry {
     sessions: Arc<Mutex<HashMap<Key, Session>>>,
     serial: Arc<AtomicU64>,
     refusals: refusals::Refusals,
+    /// Commands are sent only while this replica leads (set at start).
+    leadership: Arc<std::sync::OnceLock<crate::store::lease::Leadership>>,
 }
 
 /// A live view of one agent.
@@ -348,6 +354,12 @@ pub struct LiveAgent {
 }
 
 impl Registry {
+    /// From now on a command is sent only while `leadership` says this
+    /// replica leads (a deposed leader that wakes up sends nothing).
+    pub fn send_only_while(&self, leadership: crate::store::lease::Leadership) {
+        let _ = self.leadership.set(leadership);
+    }
+
     /// The agents refused (TLS handshake or stream), in this process.
     pub fn refusals(&self) -> &refusals::Refusals {
         &self.refusals
@@ -427,6 +439,9 @@ impl Registry {
     /// id (after a disconnect or a controller restart) is safe: the agent
     /// answers from its journal without running the step again.
     pub async fn call(&self, to: &Addressee, id: &str, action: &AgentAction, timeout: Duration) -> Result<AgentOutcome, AgentCallError> {
+        if let Some(Err(e)) = self.leadership.get().map(|l| l.check()) {
+            return Err(AgentCallError::NotLeader { who: to.who(), why: e.to_string() });
+        }
         let (tx, pending, rx, request) = {
             let sessions = self.lock();
             let s = sessions.get(&(to.site_id.clone(), to.instance_id.clone())).ok_or_else(|| AgentCallError::NotConnected(to.who()))?;

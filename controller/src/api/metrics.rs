@@ -19,6 +19,14 @@
 //! - `dr_pki_intermediate_not_after_timestamp_seconds`: when the
 //!   controller's intermediate CA ends
 //! - `dr_pki_rotation_phase{phase}` 1 while a CA rotation is in that phase
+//! - `dr_controller_is_leader` 1 on the replica that leads (a lone SQLite
+//!   controller always), 0 on a standby; `dr_controller_lease_epoch`: the
+//!   epoch of the lease this replica holds, or of the current holder's
+//!
+//! On a standby only the last two are served (it drives nothing). `GET
+//! /leader` answers 200 on the leader and 503 on a standby (naming the
+//! leader): a load balancer's health check that sends traffic to the
+//! leader only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -199,14 +207,66 @@ pub async fn render(
     Ok(out)
 }
 
-/// Serves `GET /metrics` on `addr` until the process ends.
-pub async fn serve(
-    addr: SocketAddr,
-    engine: Engine,
-    registry: agents::Registry,
-    tasks: Supervisor,
-    authority: std::sync::Arc<agents::enrol::Authority>,
-) -> std::io::Result<()> {
+/// What the leader's metrics are computed from (set once it leads).
+#[derive(Clone)]
+pub struct Leading {
+    pub engine: Engine,
+    pub registry: agents::Registry,
+    pub tasks: Supervisor,
+    pub authority: std::sync::Arc<agents::enrol::Authority>,
+}
+
+/// This replica's place among the controllers sharing its store.
+#[derive(Clone)]
+pub struct Replica {
+    pub leadership: crate::store::lease::Leadership,
+    /// The current leader's address and epoch as a standby last read them.
+    pub leader: std::sync::Arc<std::sync::Mutex<(String, i64)>>,
+    /// Set when this replica starts leading.
+    pub leading: std::sync::Arc<tokio::sync::OnceCell<Leading>>,
+}
+
+fn render_lease(replica: &Replica) -> String {
+    let mut reg = Registry::default();
+    let leader = Gauge::<i64>::default();
+    let epoch = Gauge::<i64>::default();
+    let mine = replica.leadership.epoch();
+    leader.set(i64::from(mine.is_some()));
+    epoch.set(mine.unwrap_or_else(|| replica.leader.lock().unwrap_or_else(|p| p.into_inner()).1));
+    reg.register("dr_controller_is_leader", "1 on the controller replica that leads, 0 on a standby", leader);
+    reg.register("dr_controller_lease_epoch", "The leader lease's epoch (this replica's, or the current holder's)", epoch);
+    let mut out = String::new();
+    encode(&mut out, &reg).expect("writing to a String cannot fail");
+    out
+}
+
+async fn respond(replica: &Replica, path: &str) -> (u16, String) {
+    match path {
+        "/leader" => match replica.leadership.epoch() {
+            Some(epoch) => (200, format!("leader (epoch {epoch})\n")),
+            None => {
+                let (at, epoch) = replica.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let at = if at.is_empty() { "unknown".to_owned() } else { at };
+                (503, format!("standby; the leader is at {at} (epoch {epoch})\n"))
+            }
+        },
+        "/metrics" => {
+            let lease = render_lease(replica);
+            match replica.leading.get() {
+                None => (200, lease),
+                Some(l) => match render(&l.engine, &l.registry, &l.tasks, &l.authority).await {
+                    // Both end with `# EOF`: one exposition, one `# EOF`.
+                    Ok(text) => (200, text.trim_end().trim_end_matches("# EOF").to_owned() + &lease),
+                    Err(e) => (500, e.to_string()),
+                },
+            }
+        }
+        _ => (404, "not found\n".into()),
+    }
+}
+
+/// Serves `GET /metrics` and `GET /leader` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, replica: Replica) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?;
@@ -221,21 +281,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
+        let replica = replica.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (engine, registry, tasks, authority) = (engine.clone(), registry.clone(), tasks.clone(), authority.clone());
+                let replica = replica.clone();
                 async move {
-                    let response = if req.uri().path() != "/metrics" {
-                        hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
-                    } else {
-                        match render(&engine, &registry, &tasks, &authority).await {
-                            Ok(text) => hyper::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(Bytes::from(text))),
-                            Err(e) => hyper::Response::builder().status(500).body(Full::new(Bytes::from(e.to_string()))),
-                        }
-                    };
+                    let (status, body) = respond(&replica, req.uri().path()).await;
+                    let response = hyper::Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(Full::new(Bytes::from(body)));
                     Ok::<_, std::convert::Infallible>(response.expect("static response parts are valid"))
                 }
             });

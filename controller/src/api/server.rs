@@ -25,7 +25,13 @@ pub fn tls_incoming(
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // The listener closes as soon as the server stops (a standby's
+            // makes way for the leader's on the same address).
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly.
@@ -88,4 +94,35 @@ pub async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// What a standby answers to every gRPC call, agent streams and admin
+/// requests alike: `UNAVAILABLE` ("not the leader"), naming the leader's
+/// address in the message and in [`dr_proto::LEADER_METADATA`] when it is
+/// known.
+/// Nothing is served or changed here: the leader alone drives.
+pub async fn serve_standby(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    leader: Arc<std::sync::Mutex<(String, i64)>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let answer = move || {
+        let (at, _) = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        async move {
+            let mut status = if at.is_empty() {
+                tonic::Status::unavailable("this controller is a standby; the leader is not known yet: try again shortly")
+            } else {
+                tonic::Status::unavailable(format!("this controller is a standby; the leader is at {at}"))
+            };
+            if let Ok(v) = at.parse() {
+                status.metadata_mut().insert(dr_proto::LEADER_METADATA, v);
+            }
+            status.into_http::<axum::body::Body>()
+        }
+    };
+    let routes = tonic::service::Routes::from(axum::Router::new().fallback(answer));
+    let incoming = tls_incoming(listener, tls, handshake_timeout);
+    tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(incoming, stop).await
 }

@@ -53,6 +53,20 @@ enum StoreCommand {
     /// Recreate the catalog of backups and copies from the dr:* tags of the
     /// AMIs in EC2 (each configured site's region and DR regions).
     Rebuild,
+    /// Copy this SQLite store, whole (operations in flight included), into
+    /// an empty PostgreSQL database, and check every table's count. Stop the
+    /// controller first (its lock on the file is taken here). The password
+    /// comes from DR_STORE_PASSWORD or --password-file.
+    Migrate {
+        /// postgres://user@host:port/db (no password in the URL).
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PEM certificates that sign the database server's (TLS).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +170,79 @@ async fn store_command(config: &dr_controller::config::Config, command: StoreCom
                     ExitCode::FAILURE
                 }
             }
+        }
+        StoreCommand::Migrate { to, password_file, ca } => migrate(config, &store, &to, password_file, ca).await,
+    }
+}
+
+/// `store migrate`: the SQLite store (held locked: no controller may run on
+/// it meanwhile) into an empty PostgreSQL database.
+async fn migrate(
+    config: &dr_controller::config::Config,
+    store: &dr_controller::store::Store,
+    to: &str,
+    password_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> ExitCode {
+    use dr_controller::store::{Location, PgTarget, SqliteLock, Store};
+    let Some(path) = &config.store.path else {
+        eprintln!("dr-controller: store migrate: the configured store is not an SQLite file ([store] path)");
+        return ExitCode::from(2);
+    };
+    let _lock = match SqliteLock::acquire(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: {e}; stop it first");
+            return ExitCode::FAILURE;
+        }
+    };
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let password = match password_file.as_ref().map(read).transpose() {
+        Ok(p) => {
+            p.map(|t| t.lines().next().unwrap_or("").to_owned()).or_else(|| std::env::var(dr_controller::config::STORE_PASSWORD_ENV).ok())
+        }
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: --password-file: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ca_pem = match ca.as_ref().map(read).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: --ca: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let target = match PgTarget::new(to, password, ca_pem.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: --to: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shown = target.shown().to_owned();
+    let into = match Store::open_at(Location::Postgres(Box::new(target))).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.migrate_into(&into).await {
+        Ok(copied) => {
+            for (table, n) in &copied {
+                println!("{table}: {n} row(s)");
+            }
+            println!(
+                "store migrate: {} row(s) copied from {} into {shown}, every count checked; set [store] url and start the controllers",
+                copied.iter().map(|(_, n)| n).sum::<u64>(),
+                store.path()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dr-controller: store migrate: {e} (no row was written to {shown})");
+            ExitCode::FAILURE
         }
     }
 }

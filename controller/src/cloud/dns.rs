@@ -48,14 +48,15 @@ pub struct Route53 {
 impl Route53 {
     /// Route 53 is global: its API lives in us-east-1. `[aws] endpoint_url`
     /// applies to it as to EC2 (tests and emulators serve both).
-    pub async fn new(aws: &AwsConfig) -> Self {
+    pub async fn new(aws: &AwsConfig, gate: super::CallGate) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new("us-east-1"));
         if let Some(url) = &aws.endpoint_url {
             loader = loader.endpoint_url(url);
         }
         let attempts = aws.max_attempts.unwrap_or(1).max(1);
         loader = loader.retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
-        Route53 { client: aws_sdk_route53::Client::new(&loader.load().await) }
+        let sdk = loader.load().await;
+        Route53 { client: aws_sdk_route53::Client::from_conf(aws_sdk_route53::config::Builder::from(&sdk).interceptor(gate).build()) }
     }
 }
 

@@ -260,7 +260,7 @@ pub struct AwsEc2 {
 }
 
 impl AwsEc2 {
-    pub async fn new(aws: &AwsConfig, region: &str, role_arn: Option<&str>) -> Result<Self, Ec2Error> {
+    pub async fn new(aws: &AwsConfig, region: &str, role_arn: Option<&str>, gate: super::CallGate) -> Result<Self, Ec2Error> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(aws_config::Region::new(region.to_owned()));
         if let Some(url) = &aws.endpoint_url {
             loader = loader.endpoint_url(url);
@@ -270,7 +270,7 @@ impl AwsEc2 {
         let attempts = aws.max_attempts.unwrap_or(1).max(1);
         loader = loader.retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts));
         let sdk = loader.load().await;
-        let mut builder = aws_sdk_ec2::config::Builder::from(&sdk);
+        let mut builder = aws_sdk_ec2::config::Builder::from(&sdk).interceptor(gate);
         if let Some(role) = role_arn {
             let provider = aws_config::sts::AssumeRoleProvider::builder(role).session_name("dr-controller").configure(&sdk).build().await;
             // Assume the role once now, so that a refusal is a clear error

@@ -22,6 +22,46 @@ pub static EC2_THROTTLED: AtomicU64 = AtomicU64::new(0);
 /// EC2 calls retried after a transient failure (for `/metrics`).
 pub static EC2_TRANSIENT: AtomicU64 = AtomicU64::new(0);
 
+/// Asked before every AWS request leaves (each attempt, just before it is
+/// sent): an error stops it. The controller's gate refuses once this
+/// replica no longer holds the leader lease, so a deposed leader that wakes
+/// up (a stopped process, a lost database session) sends nothing to AWS.
+#[derive(Clone, Default)]
+pub struct CallGate(Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>);
+
+impl CallGate {
+    pub fn new(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        CallGate(Some(Arc::new(check)))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.0.as_ref().map_or(Ok(()), |f| f())
+    }
+}
+
+impl std::fmt::Debug for CallGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "CallGate(checked)" } else { "CallGate(open)" })
+    }
+}
+
+/// One implementation for EC2's and Route 53's clients (the SDKs share the
+/// smithy runtime's interceptor trait).
+impl aws_sdk_ec2::config::Intercept for CallGate {
+    fn name(&self) -> &'static str {
+        "dr-controller leader gate"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_ec2::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_ec2::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_ec2::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.check().map_err(Into::into)
+    }
+}
+
 /// (region, role ARN): one client each.
 type ClientKey = (String, Option<String>);
 
@@ -29,6 +69,7 @@ type ClientKey = (String, Option<String>);
 /// budget of its (account, region) (see [`crate::cloud::budget`]).
 pub struct Ec2Clients {
     aws: AwsConfig,
+    gate: CallGate,
     budgets: budget::BudgetBook,
     cache: tokio::sync::Mutex<HashMap<ClientKey, Arc<dyn Ec2>>>,
     /// Tests: this client for every site and region.
@@ -38,7 +79,13 @@ pub struct Ec2Clients {
 impl Ec2Clients {
     pub fn new(aws: AwsConfig) -> Self {
         let budgets = budget::BudgetBook::new(aws.limits.clone());
-        Ec2Clients { aws, budgets, cache: tokio::sync::Mutex::new(HashMap::new()), fixed: None }
+        Ec2Clients { aws, gate: CallGate::default(), budgets, cache: tokio::sync::Mutex::new(HashMap::new()), fixed: None }
+    }
+
+    /// Every client built from now on asks `gate` before each request.
+    pub fn with_gate(mut self, gate: CallGate) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Every site's client is `client` (unit tests with an in-memory EC2).
@@ -56,7 +103,7 @@ impl Ec2Clients {
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let raw: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref()).await?);
+        let raw: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&self.aws, &site.region, site.role_arn.as_deref(), self.gate.clone()).await?);
         let buckets = self.budgets.buckets(&budget::account_of(site.role_arn.as_deref()), &site.region);
         let client: Arc<dyn Ec2> = Arc::new(budget::Budgeted::new(raw, buckets));
         cache.insert(key, client.clone());

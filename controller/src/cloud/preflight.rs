@@ -277,7 +277,7 @@ async fn connect(
     region: &str,
     push: &mut impl FnMut(&str, &'static str, &str, Verdict),
 ) -> Option<AwsEc2> {
-    match AwsEc2::new(&config.aws, region, site.role_arn.as_deref()).await {
+    match AwsEc2::new(&config.aws, region, site.role_arn.as_deref(), super::CallGate::default()).await {
         Ok(ec2) => {
             if let Some(role) = &site.role_arn {
                 push(region, "sts:AssumeRole", role, Verdict::Allowed);

@@ -605,6 +605,7 @@ mod tests {
             drill: Default::default(),
             aws: Default::default(),
             dns: tokio::sync::OnceCell::new(),
+            gate: Default::default(),
         });
         let fences = Fences::default();
         let notifier = Notifier { store: store.clone(), sinks: Arc::new(vec![]) };

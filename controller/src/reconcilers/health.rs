@@ -1085,6 +1085,7 @@ mod tests {
             drill: Default::default(),
             aws: crate::config::AwsConfig::default(),
             dns: tokio::sync::OnceCell::new(),
+            gate: Default::default(),
         };
         let engine = crate::workflows::engine(deps);
         let notifier = Notifier { store: store.clone(), sinks: std::sync::Arc::new(vec![]) };

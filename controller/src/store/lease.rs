@@ -458,7 +458,15 @@ mod tests {
             .await
             .expect("terminate");
         assert!(killed >= 2, "the store's and the lease's sessions were killed ({killed})");
-        // The first call after the kill may fail with the dead session; the next one reconnects.
+        // pg_terminate_backend only signals: wait until they are gone.
+        let others = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while db.with(move |c| c.query_row(others, (), |r| r.get::<i64>(0))).await.expect("count sessions") > 0 {
+            assert!(Instant::now() < deadline, "the killed sessions are still there");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The first call after the kill fails with the dead session (what
+        // it sent may or may not have run); the next one opens a new one.
         let _ = a_store.upsert_site(site("s2")).await;
         let _ = a.renew().await;
         assert!(a.renew().await.expect("renew on a new session"));

@@ -22,6 +22,7 @@
 
 pub mod lease;
 mod lock;
+pub mod migrate;
 mod schema;
 pub mod sql;
 

@@ -301,11 +301,14 @@ pub struct PgConn {
     /// Always `Some` but while dropping (see the `Drop` impl).
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
+    /// A call failed below SQL (the session reset, closed, timed out): the
+    /// store opens a new session before the next call.
+    failed: bool,
 }
 
 impl PgConn {
     pub fn new(client: postgres::Client) -> Self {
-        PgConn { client: Some(client), statements: HashMap::new() }
+        PgConn { client: Some(client), statements: HashMap::new(), failed: false }
     }
 
     fn client(&mut self) -> &mut postgres::Client {
@@ -313,14 +316,26 @@ impl PgConn {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.as_ref().is_none_or(|c| c.is_closed())
+        self.failed || self.client.as_ref().is_none_or(|c| c.is_closed())
+    }
+
+    /// Notes a failure that is not the server's answer to the SQL (which
+    /// leaves the session usable) as a lost session.
+    fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+        if let Err(e) = &r
+            && e.as_db_error().is_none()
+        {
+            self.failed = true;
+        }
+        r
     }
 
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client().prepare(&pg_placeholders(sql))?;
+        let prepared = self.client().prepare(&pg_placeholders(sql));
+        let s = self.check(prepared)?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
@@ -391,7 +406,11 @@ impl Conn {
     pub fn batch(&self, sql: &str) -> SqlResult<()> {
         match &self.backend {
             Backend::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Backend::Pg(c) => Ok(c.borrow_mut().client().batch_execute(sql)?),
+            Backend::Pg(c) => {
+                let mut c = c.borrow_mut();
+                let r = c.client().batch_execute(sql);
+                Ok(c.check(r)?)
+            }
         }
     }
 
@@ -408,7 +427,8 @@ impl Conn {
                 let stmt = c.statement(sql)?;
                 let bound = pg_params(&stmt, &values, sql)?;
                 let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-                Ok(c.client().execute(&stmt, &refs)? as usize)
+                let r = c.client().execute(&stmt, &refs);
+                Ok(c.check(r)? as usize)
             }
         }
     }
@@ -440,7 +460,8 @@ impl Conn {
                 let stmt = c.statement(sql)?;
                 let bound = pg_params(&stmt, &values, sql)?;
                 let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-                let rows = c.client().query(&stmt, &refs)?;
+                let r = c.client().query(&stmt, &refs);
+                let rows = c.check(r)?;
                 let names: Vec<String> = stmt.columns().iter().map(|c| c.name().to_owned()).collect();
                 for r in &rows {
                     let vals = from_pg(r, sql)?;

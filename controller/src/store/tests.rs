@@ -5,7 +5,7 @@ fn site() -> Site {
     Site { id: "s1".into(), region: "us-east-1".into(), primary_instance_id: "i-1".into(), role_arn: None }
 }
 
-fn op(id: &str) -> Operation {
+pub(super) fn op(id: &str) -> Operation {
     Operation {
         id: id.into(),
         kind: "backup".into(),

@@ -808,6 +808,7 @@ mod tests {
             drill: Default::default(),
             aws: crate::config::AwsConfig::default(),
             dns: tokio::sync::OnceCell::new(),
+            gate: Default::default(),
         };
         let engine = super::super::engine(deps);
         let agent = FakeAgent::attach(&engine.deps().registry, "s1", "i-1", Role::Primary, |action| match action {

@@ -56,6 +56,8 @@ pub struct Deps {
     /// Route 53, built on first use (`[aws]` endpoint and attempts).
     pub aws: crate::config::AwsConfig,
     pub dns: tokio::sync::OnceCell<Arc<dyn Dns>>,
+    /// Asked before every Route 53 request (see [`crate::cloud::CallGate`]).
+    pub gate: crate::cloud::CallGate,
 }
 
 pub type Engine = engine::Engine<Deps>;
@@ -93,7 +95,10 @@ impl Deps {
 
     /// Route 53.
     pub async fn dns(&self) -> Arc<dyn Dns> {
-        self.dns.get_or_init(|| async { Arc::new(crate::cloud::dns::Route53::new(&self.aws).await) as Arc<dyn Dns> }).await.clone()
+        self.dns
+            .get_or_init(|| async { Arc::new(crate::cloud::dns::Route53::new(&self.aws, self.gate.clone()).await) as Arc<dyn Dns> })
+            .await
+            .clone()
     }
 
     /// EC2 for a site, in its own region.

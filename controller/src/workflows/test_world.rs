@@ -111,6 +111,7 @@ fn engine_with(
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
+        gate: Default::default(),
     };
     crate::workflows::engine(deps)
 }

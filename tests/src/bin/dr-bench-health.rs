@@ -122,6 +122,7 @@ async fn main() {
         drill: Default::default(),
         aws,
         dns: tokio::sync::OnceCell::new(),
+        gate: Default::default(),
     };
     let engine = workflows::engine(deps);
     let config = HealthConfig::default();

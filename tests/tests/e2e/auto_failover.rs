@@ -481,12 +481,6 @@ fn agent_pid(disk: &std::path::Path) -> u32 {
     panic!("no dr-agent running from {want}");
 }
 
-/// Sends `sig` (STOP, CONT) to a process.
-fn signal(pid: u32, sig: &str) {
-    let st = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
-    assert!(st.success(), "kill -{sig} {pid}");
-}
-
 /// Finding 2: the agent's stream and the controller's probe both cross the
 /// controller's own network; with EC2 saying running and healthy, the two
 /// failing together are a partition: an alert, never a stop or a failover.

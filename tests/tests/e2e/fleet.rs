@@ -129,15 +129,6 @@ async fn backups_are_copied_to_the_dr_region_and_reported() {
     assert!(body.contains("dr_backup_newest_age_seconds{site=\"prod-1\"}"), "{body}");
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_background_task_that_panics_is_restarted_counted_and_reported() {
     let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";

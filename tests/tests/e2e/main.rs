@@ -26,6 +26,7 @@ mod failover;
 mod faults;
 mod fleet;
 mod freeze;
+mod ha;
 mod harness;
 mod iam;
 mod iam_conditions;

@@ -151,6 +151,7 @@ async fn a_failed_drill_says_to_start_a_new_one_not_to_resume_it_and_forgets_its
         drill: Default::default(),
         aws: AwsConfig::default(),
         dns: tokio::sync::OnceCell::new(),
+        gate: Default::default(),
     };
     let engine = super::super::engine(deps);
     let plan = plan::make(engine.deps(), &site, &Request { drill: true, ..Default::default() }).await.expect("plan");
