@@ -6,6 +6,7 @@
 # prints its URL. The tests create a database of their own in it per test.
 #
 #   url=$(tests/postgres.sh start DIR)   # DIR: the cluster's directory (new)
+#   tests/postgres.sh restart DIR        # a database restart (same port)
 #   tests/postgres.sh stop DIR
 #
 # Nothing listens beyond loopback; the server's log is DIR/log.
@@ -34,9 +35,12 @@ case "$cmd" in
       || { cat "$dir/log" >&2; exit 1; }
     echo "postgres://postgres@127.0.0.1:$port/postgres"
     ;;
+  restart)
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -m fast -w -t 60 restart >&2
+    ;;
   stop)
     [ -d "$dir/data" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >&2 || true
     rm -rf "$dir"
     ;;
-  *) echo "tests/postgres.sh: unknown command $cmd (start or stop)" >&2; exit 2 ;;
+  *) echo "tests/postgres.sh: unknown command $cmd (start, restart or stop)" >&2; exit 2 ;;
 esac

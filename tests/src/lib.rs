@@ -363,6 +363,11 @@ impl Drop for Proc {
 }
 
 /// moto's EC2 server on a loopback port.
+/// The repository's root (tests/ is one of its crates).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
 pub struct Moto {
     pub url: String,
     _proc: Proc,
@@ -370,10 +375,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(dir: &Path) -> Moto {
-        let server = std::env::var("DR_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|_| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-            root.join(".venv/bin/moto_server")
-        });
+        let server = std::env::var("DR_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|_| repo_root().join(".venv/bin/moto_server"));
         assert!(server.exists(), "{} is missing: tests/run.sh installs moto[server] into .venv", server.display());
         let (proc, url) = Self::spawn(Command::new(server), &dir.join("moto.log"));
         Moto { url, _proc: proc }
@@ -837,6 +839,11 @@ impl Controller {
     /// Starts the process and waits for `ready` (a log message carrying
     /// `addr=`) within 30 s.
     pub fn start_expecting(&mut self, env: &[(&str, &str)], ready: &str) {
+        // The one before is gone first (an SQLite store admits one
+        // controller: the lock is released when the process ends).
+        if let Some(mut old) = self.proc.take() {
+            old.kill();
+        }
         let mut cmd = Command::new(bin("dr-controller"));
         aws_env(&mut cmd).arg("--config").arg(&self.config).env("RUST_LOG", "info,aws=warn,h2=warn,hyper=warn");
         for (k, v) in env {
@@ -1414,6 +1421,46 @@ impl Drop for LoopFs {
 pub fn postgres_database() -> String {
     let server = std::env::var("DR_TEST_PG")
         .unwrap_or_else(|_| panic!("DR_TEST_PG is not set: run tests/run.sh, or `tests/postgres.sh start DIR` and export its URL"));
+    postgres_database_on(&server)
+}
+
+/// A PostgreSQL server of one test's own (tests/postgres.sh), for tests
+/// that restart it; stopped when dropped.
+pub struct OwnPostgres {
+    pub dir: PathBuf,
+    pub url: String,
+}
+
+impl OwnPostgres {
+    pub fn start(dir: &Path) -> OwnPostgres {
+        let dir = dir.to_owned();
+        let out =
+            Command::new("bash").arg(repo_root().join("tests/postgres.sh")).arg("start").arg(&dir).output().expect("tests/postgres.sh");
+        assert!(out.status.success(), "tests/postgres.sh start: {}", text(&out.stderr));
+        OwnPostgres { dir, url: text(&out.stdout).trim().to_owned() }
+    }
+
+    /// `pg_ctl restart -m fast`: every session is cut; the same port after.
+    pub fn restart(&self) {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/postgres.sh"))
+            .arg("restart")
+            .arg(&self.dir)
+            .output()
+            .expect("tests/postgres.sh");
+        assert!(out.status.success(), "tests/postgres.sh restart: {}", text(&out.stderr));
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(repo_root().join("tests/postgres.sh")).arg("stop").arg(&self.dir).output();
+    }
+}
+
+/// A new, empty database on the PostgreSQL server at `server`: its URL.
+pub fn postgres_database_on(server: &str) -> String {
+    let server = server.to_owned();
     let name = format!("dr_e2e_{:016x}", rand::random::<u64>());
     let (url, db) = (server.clone(), name.clone());
     // rust-postgres' blocking client runs its own runtime: not on a tokio thread.
@@ -1432,12 +1479,17 @@ pub fn postgres_database() -> String {
 /// `GET path` on a loopback HTTP port (metrics, `/leader`): the whole
 /// response, status line included.
 pub fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"))
+}
+
+/// [`http_get`], or why there was no answer (nothing listening).
+pub fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("write");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 /// Sends signal `sig` (`TERM`, `STOP`, `CONT`, ...) to a process.

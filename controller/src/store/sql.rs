@@ -304,11 +304,13 @@ pub struct PgConn {
     /// A call failed below SQL (the session reset, closed, timed out): the
     /// store opens a new session before the next call.
     failed: bool,
+    /// When the session last answered.
+    last_used: std::time::Instant,
 }
 
 impl PgConn {
     pub fn new(client: postgres::Client) -> Self {
-        PgConn { client: Some(client), statements: HashMap::new(), failed: false }
+        PgConn { client: Some(client), statements: HashMap::new(), failed: false, last_used: std::time::Instant::now() }
     }
 
     fn client(&mut self) -> &mut postgres::Client {
@@ -322,12 +324,24 @@ impl PgConn {
     /// Notes a failure that is not the server's answer to the SQL (which
     /// leaves the session usable) as a lost session.
     fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
-        if let Err(e) = &r
-            && e.as_db_error().is_none()
-        {
-            self.failed = true;
+        match &r {
+            Err(e) if e.as_db_error().is_none() => self.failed = true,
+            // The server ended the session (an administrator, a restart).
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("57P")) => self.failed = true,
+            _ => self.last_used = std::time::Instant::now(),
         }
         r
+    }
+
+    /// After `idle` without a call, asks the server whether the session is
+    /// still there (a database restart or failover ends idle sessions
+    /// silently); a session that does not answer is counted as lost.
+    fn probe_after(&mut self, idle: std::time::Duration) {
+        if self.failed || self.last_used.elapsed() < idle {
+            return;
+        }
+        let alive = self.client().is_valid(std::time::Duration::from_secs(2));
+        let _ = self.check(alive);
     }
 
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
@@ -394,11 +408,16 @@ impl Conn {
     }
 
     /// Whether the PostgreSQL session was lost (the store reconnects
-    /// before the next call).
+    /// before the next call). A session idle for a second or more is asked
+    /// first, so the call after a database restart does not fail on it.
     pub fn is_broken(&self) -> bool {
         match &self.backend {
             Backend::Sqlite(_) => false,
-            Backend::Pg(c) => c.borrow().is_closed(),
+            Backend::Pg(c) => {
+                let mut c = c.borrow_mut();
+                c.probe_after(std::time::Duration::from_secs(1));
+                c.is_closed()
+            }
         }
     }
 

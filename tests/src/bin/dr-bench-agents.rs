@@ -1,9 +1,14 @@
 //! N agent streams against one controller with its default config: time to
 //! all-connected and primary, controller CPU and RSS at steady state, time
 //! to notice silent agents, time for all to return after a SIGKILL restart.
+//! With `--store-url` (an empty PostgreSQL database) two replicas share it:
+//! the last phase SIGKILLs the leader and measures the standby's takeover
+//! (default lease) and the agents re-homed on it, then a SIGTERM handover
+//! back to the first replica.
 //!
 //!   DR_MOTO_SERVER=$(bash tests/ensure-moto.sh) target/debug/dr-bench-agents            # 10,000 agents
 //!   DR_MOTO_SERVER=... target/debug/dr-bench-agents --agents 1000 --controller target/release/dr-controller
+//!   DR_MOTO_SERVER=... target/debug/dr-bench-agents --store-url postgres://postgres@127.0.0.1:5432/bench
 //!
 //! The agents are in-process tasks speaking the real wire (one TLS
 //! connection each, with the site's own certificate); the controller is the
@@ -38,6 +43,29 @@ const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::fr
 const TARGET_SILENT: Duration = Duration::from_secs(20);
 const TARGET_RESTART: Duration = Duration::from_secs(30);
 const TARGET_CPU: f64 = 10.0;
+/// Targets of issue 23: a standby leads within 20 s of the leader's SIGKILL
+/// (default lease), every agent is back within 30 s of that, and a SIGTERM
+/// hands over in under 2 s.
+const TARGET_TAKEOVER: Duration = Duration::from_secs(20);
+const TARGET_REHOME: Duration = Duration::from_secs(30);
+const TARGET_HANDOVER: Duration = Duration::from_secs(2);
+
+fn file_size(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Waits until `marker` appears in `path` after byte `from`; how long that took.
+async fn wait_log(path: &std::path::Path, from: u64, marker: &str, timeout: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).contains(marker) {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
 
 #[derive(Parser)]
 #[command(about = "N agent streams against one dr-controller (default config)")]
@@ -61,6 +89,10 @@ struct Args {
     /// Keep the work directory (controller and moto logs, store) and print it.
     #[arg(long)]
     keep: bool,
+    /// An empty PostgreSQL database: two controller replicas on it, and the
+    /// restart phase becomes a takeover by the standby.
+    #[arg(long)]
+    store_url: Option<String>,
 }
 
 const DOWN: u8 = 0;
@@ -85,10 +117,13 @@ struct Slot {
     last_sent_ms: AtomicU64,
     /// When the stream of a silent agent ended, ms since the epoch (0: open).
     silent_closed_ms: AtomicU64,
+    /// Which of `Shared::urls` the next connection goes to.
+    target: AtomicUsize,
 }
 
 struct Shared {
-    url: String,
+    /// The controller replicas (one without `--store-url`).
+    urls: Vec<String>,
     epoch: Instant,
     slots: Vec<Slot>,
     go: tokio::sync::watch::Receiver<bool>,
@@ -125,8 +160,23 @@ fn role_code(role: &str) -> u8 {
 
 /// One session, as dr-agent runs it: connect, Hello, Welcome, heartbeats at
 /// the Welcome's interval until the stream ends.
+/// As dr-agent does: a standby's answer names the leader (go there); a
+/// replica that cannot be reached makes way for the next.
+fn retarget(shared: &Shared, slot: &Slot, status: Option<&tonic::Status>) {
+    if shared.urls.len() < 2 {
+        return;
+    }
+    let leader = status.and_then(|s| s.metadata().get(dr_proto::LEADER_METADATA)).and_then(|v| v.to_str().ok());
+    let next = match leader.and_then(|l| shared.urls.iter().position(|u| u.ends_with(l))) {
+        Some(i) => i,
+        None => (slot.target.load(Ordering::Relaxed) + 1) % shared.urls.len(),
+    };
+    slot.target.store(next, Ordering::Relaxed);
+}
+
 async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(shared.url.clone())
+    let url = shared.urls[slot.target.load(Ordering::Relaxed) % shared.urls.len()].clone();
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
         .tls_config(slot.tls.clone())
         .map_err(|e| e.to_string())?
@@ -134,8 +184,14 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
     // As dr-agent connects: TCP_USER_TIMEOUT, no HTTP/2 pings.
     let connector = dr_proto::transport::Connector { user_timeout: Duration::from_secs(30) };
     let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect_with_connector(connector)).await {
-        Err(_) => return Err("connect: timed out".into()),
-        Ok(Err(e)) => return Err(format!("connect: {}", error_chain(&e))),
+        Err(_) => {
+            retarget(shared, slot, None);
+            return Err("connect: timed out".into());
+        }
+        Ok(Err(e)) => {
+            retarget(shared, slot, None);
+            return Err(format!("connect: {}", error_chain(&e)));
+        }
         Ok(Ok(c)) => c,
     };
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
@@ -158,12 +214,18 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
     let response = tokio::time::timeout(WELCOME_TIMEOUT, client.session(ReceiverStream::new(rx)))
         .await
         .map_err(|_| "stream: timed out".to_owned())?
-        .map_err(|s| format!("stream: {:?} {}", s.code(), s.message()))?;
+        .map_err(|s| {
+            retarget(shared, slot, Some(&s));
+            format!("stream: {:?} {}", s.code(), s.message())
+        })?;
     let mut inbound = response.into_inner();
     let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
         .await
         .map_err(|_| "Welcome: timed out".to_owned())?
-        .map_err(|s| format!("Welcome: {:?} {}", s.code(), s.message()))?
+        .map_err(|s| {
+            retarget(shared, slot, Some(&s));
+            format!("Welcome: {:?} {}", s.code(), s.message())
+        })?
         .ok_or("ended before the Welcome")?;
     let Some(ControllerMsg::Welcome(w)) = first.msg else { return Err("first message is not a Welcome".into()) };
     backoff.reset();
@@ -177,8 +239,14 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
     loop {
         tokio::select! {
             m = inbound.message() => match m {
-                Ok(None) => return Ok(()),
-                Err(s) => return Err(format!("stream: {:?} {}", s.code(), s.message())),
+                Ok(None) => {
+                    retarget(shared, slot, None);
+                    return Ok(());
+                }
+                Err(s) => {
+                    retarget(shared, slot, Some(&s));
+                    return Err(format!("stream: {:?} {}", s.code(), s.message()));
+                }
                 Ok(Some(pb::ControllerMessage { msg: Some(ControllerMsg::RoleChange(r)) })) => {
                     shared.role_changes.fetch_add(1, Ordering::Relaxed);
                     slot.state.store(role_code(&r.role), Ordering::Relaxed);
@@ -332,20 +400,24 @@ async fn main() -> std::process::ExitCode {
             hold: AtomicBool::new(false),
             last_sent_ms: AtomicU64::new(0),
             silent_closed_ms: AtomicU64::new(0),
+            target: AtomicUsize::new(0),
         });
     }
     println!("setup: {n} site certificates in {:.1} s", t.elapsed().as_secs_f64());
 
-    // 3. Controller config: default [server] settings.
+    // 3. Controller config: default [server] settings (and lease).
     let port = free_port();
+    let store = match &args.store_url {
+        Some(url) => format!("[store]\nurl = \"{url}\"\nreplica_id = \"a\"\nstate_dir = \"{}\"\n", dir.path().display()),
+        None => format!("[store]\npath = \"{}\"\n", dir.path().join("state.db").display()),
+    };
     let mut config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
-         [store]\npath = \"{}\"\n\n[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n",
+         {store}\n[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n",
         pki.ca().display(),
         pki.dir.join("controller.pem").display(),
         pki.dir.join("controller.key").display(),
-        dir.path().join("state.db").display(),
         proxy.url,
     );
     // The agents here hold site-wide certificates (the session path is
@@ -361,11 +433,30 @@ async fn main() -> std::process::ExitCode {
     let mut controller = spawn_controller(&controller_bin, &config_path, &log);
     assert!(wait_port(port, Duration::from_secs(300)).await, "the controller did not listen within 300 s; log: {}", log.display());
     println!("setup: controller listening after {:.1} s (pid {})", t.elapsed().as_secs_f64(), controller.child.id());
+    // The standby replica, on its own port and log.
+    let standby =
+        match &args.store_url {
+            None => None,
+            Some(_) => {
+                let b_port = free_port();
+                let text = std::fs::read_to_string(&config_path).expect("config");
+                let b_text = text
+                    .replacen(&format!("listen = \"127.0.0.1:{port}\""), &format!("listen = \"127.0.0.1:{b_port}\""), 1)
+                    .replacen("replica_id = \"a\"", "replica_id = \"b\"", 1);
+                let b_config = dir.path().join("controller-b.toml");
+                std::fs::write(&b_config, b_text).expect("write b's config");
+                let b_log = dir.path().join("controller-b.log");
+                let b = spawn_controller(&controller_bin, &b_config, &b_log);
+                assert!(wait_port(b_port, Duration::from_secs(120)).await, "the standby did not listen; log: {}", b_log.display());
+                println!("setup: standby replica answering on port {b_port} (pid {})", b.child.id());
+                Some((b, b_port, b_config, b_log))
+            }
+        };
 
     // 4. N agents, all at once.
     let (go, go_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
-        url: format!("https://127.0.0.1:{port}"),
+        urls: std::iter::once(port).chain(standby.as_ref().map(|(_, p, _, _)| *p)).map(|p| format!("https://127.0.0.1:{p}")).collect(),
         epoch: Instant::now(),
         slots,
         go: go_rx,
@@ -493,29 +584,70 @@ async fn main() -> std::process::ExitCode {
         println!("  silent agents back, all {n} primary after: {}", secs(back));
     }
 
-    // 7. Controller SIGKILL and restart on the same store.
-    println!("\nrestart: SIGKILL the controller, start it again on the same store");
-    let welcomed_before = shared.welcomed();
-    let describes_before = proxy.stats.calls_of("DescribeInstances");
-    let errors_before = shared.connect_errors.load(Ordering::Relaxed);
-    let killed = Instant::now();
-    controller.kill();
-    controller = spawn_controller(&controller_bin, &config_path, &log);
-    let listening = wait_port(port, Duration::from_secs(300)).await;
-    println!("  controller listening again after {:.1} s", killed.elapsed().as_secs_f64());
-    let (connected, primary) = if listening { wait_all_primary(&shared, killed, deadline, "restart").await } else { (None, None) };
-    let [_, pending, prim, other] = shared.counts();
-    println!("  all connected after the kill: {}", secs(connected));
-    println!("  all primary after the kill:   {}", secs(primary));
-    println!("  primary at the end:           {:.1} % ({prim} of {n}; {pending} pending, {other} other)", pct(prim, n));
-    println!("  {}", welcome_line(welcomed_before, shared.welcomed()));
-    println!("  DescribeInstances calls:      {}", proxy.stats.calls_of("DescribeInstances") - describes_before);
-    println!("  failed connection attempts:   {}", shared.connect_errors.load(Ordering::Relaxed) - errors_before);
-    if primary.is_none_or(|p| p > TARGET_RESTART) {
-        missed.push(format!("after a restart, all primary in {} (target ≤ {TARGET_RESTART:?})", secs(primary)));
-    }
-    if let Some(r) = rss_mib(controller.child.id()) {
-        println!("  controller RSS:               {r:.0} MiB");
+    // 7'. Replicas: the leader SIGKILLed, the standby takes over; then a
+    // SIGTERM hands the lease back to the first, started again.
+    if let Some((mut b, _b_port, _b_config, b_log)) = standby {
+        println!("\ntakeover: SIGKILL the leader; the standby takes the lease (default lease_ttl 15 s)");
+        let welcomed_before = shared.welcomed();
+        let from = file_size(&b_log);
+        let killed = Instant::now();
+        controller.kill();
+        let takeover = wait_log(&b_log, from, "dr-controller listening", Duration::from_secs(120)).await;
+        println!("  standby leading after:        {}", secs(takeover));
+        let (_, primary) = wait_all_primary(&shared, killed, deadline, "takeover").await;
+        println!("  all {n} primary again after:  {}", secs(primary));
+        if let (Some(t), Some(p)) = (takeover, primary) {
+            println!("  re-homed after the takeover:  {:.1} s", (p - t).as_secs_f64());
+        }
+        println!("  {}", welcome_line(welcomed_before, shared.welcomed()));
+        if takeover.is_none_or(|t| t > TARGET_TAKEOVER) {
+            missed.push(format!("takeover after SIGKILL in {} (target ≤ {TARGET_TAKEOVER:?})", secs(takeover)));
+        }
+        if takeover.zip(primary).is_none_or(|(t, p)| p - t > TARGET_REHOME) {
+            missed.push(format!(
+                "agents re-homed {} after the takeover (target ≤ {TARGET_REHOME:?})",
+                secs(primary.zip(takeover).map(|(p, t)| p - t))
+            ));
+        }
+        // The first replica again, as a standby; a clean stop of the leader.
+        controller = spawn_controller(&controller_bin, &config_path, &log);
+        let from_a = file_size(&log);
+        wait_log(&log, 0, "standby: waiting for the leader lease", Duration::from_secs(120)).await;
+        let stopped = Instant::now();
+        let _ = std::process::Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status();
+        let handover = wait_log(&log, from_a, "dr-controller listening", Duration::from_secs(60)).await;
+        println!("  SIGTERM handover: the first replica leading after {}", secs(handover));
+        let (_, primary) = wait_all_primary(&shared, stopped, deadline, "handover").await;
+        println!("  all {n} primary again after:  {}", secs(primary));
+        if handover.is_none_or(|h| h > TARGET_HANDOVER) {
+            missed.push(format!("handover after SIGTERM in {} (target < {TARGET_HANDOVER:?})", secs(handover)));
+        }
+        b.kill();
+    } else {
+        // 7. Controller SIGKILL and restart on the same store.
+        println!("\nrestart: SIGKILL the controller, start it again on the same store");
+        let welcomed_before = shared.welcomed();
+        let describes_before = proxy.stats.calls_of("DescribeInstances");
+        let errors_before = shared.connect_errors.load(Ordering::Relaxed);
+        let killed = Instant::now();
+        controller.kill();
+        controller = spawn_controller(&controller_bin, &config_path, &log);
+        let listening = wait_port(port, Duration::from_secs(300)).await;
+        println!("  controller listening again after {:.1} s", killed.elapsed().as_secs_f64());
+        let (connected, primary) = if listening { wait_all_primary(&shared, killed, deadline, "restart").await } else { (None, None) };
+        let [_, pending, prim, other] = shared.counts();
+        println!("  all connected after the kill: {}", secs(connected));
+        println!("  all primary after the kill:   {}", secs(primary));
+        println!("  primary at the end:           {:.1} % ({prim} of {n}; {pending} pending, {other} other)", pct(prim, n));
+        println!("  {}", welcome_line(welcomed_before, shared.welcomed()));
+        println!("  DescribeInstances calls:      {}", proxy.stats.calls_of("DescribeInstances") - describes_before);
+        println!("  failed connection attempts:   {}", shared.connect_errors.load(Ordering::Relaxed) - errors_before);
+        if primary.is_none_or(|p| p > TARGET_RESTART) {
+            missed.push(format!("after a restart, all primary in {} (target ≤ {TARGET_RESTART:?})", secs(primary)));
+        }
+        if let Some(r) = rss_mib(controller.child.id()) {
+            println!("  controller RSS:               {r:.0} MiB");
+        }
     }
 
     for t in &tasks {
