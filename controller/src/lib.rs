@@ -178,13 +178,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "standby: waiting for the leader lease");
         let waited = std::time::Instant::now();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut standby =
-            tokio::spawn(server::serve_standby(listener, tls.clone(), config.server.handshake_timeout, replica.leader.clone(), async {
+        let mut standby = tokio::spawn(server::serve_standby(
+            listener,
+            tls.clone(),
+            config.server.handshake_timeout,
+            replica.leader.clone(),
+            leadership.timings().poll,
+            async {
                 let _ = stop_rx.await;
-            }));
+            },
+        ));
         let won = tokio::select! {
             epoch = lease.campaign(|row| {
-                *replica.leader.lock().unwrap_or_else(|p| p.into_inner()) = (row.address.clone(), row.epoch);
+                *replica.leader.lock().unwrap_or_else(|p| p.into_inner()) = store::lease::LeaderSeen::from_row(row);
             }) => Some(epoch),
             _ = &mut shutdown => None,
         };

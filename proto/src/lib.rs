@@ -21,6 +21,11 @@
 /// drctl go there next).
 pub const LEADER_METADATA: &str = "dr-leader";
 
+/// With [`LEADER_METADATA`]: in how many milliseconds the leader's lease
+/// ends unless renewed (and a standby may take it). A client that could not
+/// reach the named leader waits that long before asking again.
+pub const RETRY_AFTER_METADATA: &str = "dr-retry-after-ms";
+
 pub mod backoff;
 pub mod contract;
 pub mod example_keys;

@@ -64,11 +64,15 @@ pub(crate) enum SessionError {
 }
 
 impl SessionError {
-    /// The leader's address, when a standby answered.
-    fn leader(&self) -> Option<String> {
+    /// The leader's address and when its lease ends, when a standby answered.
+    fn leader(&self) -> Option<(String, Duration)> {
         match self {
             SessionError::Status(s) if s.code() == tonic::Code::Unavailable => {
-                s.metadata().get(dr_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(str::to_owned)
+                let m = s.metadata();
+                let leader = m.get(dr_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())?;
+                let retry_ms =
+                    m.get(dr_proto::RETRY_AFTER_METADATA).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+                Some((leader.to_owned(), Duration::from_millis(retry_ms)))
             }
             _ => None,
         }
@@ -742,6 +746,11 @@ impl Agent {
         let keeper = tokio::spawn(Arc::clone(&self).keep_fence());
         let _keeper = AbortOnDrop(keeper);
         let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1);
+        // The replica found down on the last attempt (a standby naming it
+        // as the leader is waiting for its lease to end).
+        let mut unreachable: Option<String> = None;
+        // Replicas found down in a row since the last full round.
+        let mut rotated = 0;
         tokio::pin!(shutdown);
         loop {
             let result = {
@@ -760,10 +769,26 @@ impl Agent {
                 tracing::info!("reconnecting with the renewed certificate");
                 continue;
             }
-            if let Some(leader) = error.leader() {
-                // A standby named the leader: go there after a short,
-                // spread-out pause (a whole fleet is redirected at once).
+            if let Some((leader, retry_after)) = error.leader() {
                 match ControllerTarget::from_url(&format!("https://{leader}")) {
+                    // The leader it names is the one just found down: it
+                    // died and the standby will take over when its lease
+                    // ends. Ask this standby again then (spread out: a
+                    // whole fleet waits for the same moment).
+                    Ok(t) if unreachable.as_ref() == Some(&t.url) => {
+                        let delay = retry_after.clamp(Duration::from_millis(500), Duration::from_secs(120))
+                            + Duration::from_millis(rand::random_range(0..=2000));
+                        tracing::info!(leader = %t.url, delay_ms = delay.as_millis() as u64,
+                            "the leader a standby names is down; asking the standby again when its lease ends");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = &mut shutdown => return,
+                        }
+                        unreachable = None;
+                        continue;
+                    }
+                    // A standby named the leader: go there after a short,
+                    // spread-out pause (a whole fleet is redirected at once).
                     Ok(t) => {
                         tracing::info!(leader = %t.url, "that controller is a standby; going to the leader");
                         let t = self.settings.controllers.iter().find(|c| c.url == t.url).cloned().unwrap_or(t);
@@ -779,11 +804,29 @@ impl Agent {
                 }
             } else if error.is_unreachable() && self.settings.controllers.len() > 1 {
                 // This replica is down or a standby that knows no leader:
-                // the next one in the list.
-                let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
-                let at = self.settings.controllers.iter().position(|c| *c == *t).map_or(0, |i| i + 1);
-                *t = self.settings.controllers[at % self.settings.controllers.len()].clone();
-                tracing::info!(next = %t.url, "trying the next controller replica");
+                // the next one in the list, at once; once every replica
+                // failed in a row, the backoff below applies.
+                let next = {
+                    let mut t = self.target.lock().unwrap_or_else(|p| p.into_inner());
+                    unreachable = Some(t.url.clone());
+                    let at = self.settings.controllers.iter().position(|c| *c == *t).map_or(0, |i| i + 1);
+                    *t = self.settings.controllers[at % self.settings.controllers.len()].clone();
+                    t.url.clone()
+                };
+                rotated += 1;
+                if rotated < self.settings.controllers.len() {
+                    tracing::info!(next = %next, "trying the next controller replica");
+                    let delay = Duration::from_millis(rand::random_range(50..=1000));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = &mut shutdown => return,
+                    }
+                    continue;
+                }
+                rotated = 0;
+            } else {
+                unreachable = None;
+                rotated = 0;
             }
             if error.is_permission() {
                 tracing::error!(error = %error, attempt, "the controller refused this agent");

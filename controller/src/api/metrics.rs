@@ -220,8 +220,8 @@ pub struct Leading {
 #[derive(Clone)]
 pub struct Replica {
     pub leadership: crate::store::lease::Leadership,
-    /// The current leader's address and epoch as a standby last read them.
-    pub leader: std::sync::Arc<std::sync::Mutex<(String, i64)>>,
+    /// The current leader as a standby last read the lease.
+    pub leader: std::sync::Arc<std::sync::Mutex<crate::store::lease::LeaderSeen>>,
     /// Set when this replica starts leading.
     pub leading: std::sync::Arc<tokio::sync::OnceCell<Leading>>,
 }
@@ -232,7 +232,7 @@ fn render_lease(replica: &Replica) -> String {
     let epoch = Gauge::<i64>::default();
     let mine = replica.leadership.epoch();
     leader.set(i64::from(mine.is_some()));
-    epoch.set(mine.unwrap_or_else(|| replica.leader.lock().unwrap_or_else(|p| p.into_inner()).1));
+    epoch.set(mine.unwrap_or_else(|| replica.leader.lock().unwrap_or_else(|p| p.into_inner()).epoch));
     reg.register("dr_controller_is_leader", "1 on the controller replica that leads, 0 on a standby", leader);
     reg.register("dr_controller_lease_epoch", "The leader lease's epoch (this replica's, or the current holder's)", epoch);
     let mut out = String::new();
@@ -245,7 +245,8 @@ async fn respond(replica: &Replica, path: &str) -> (u16, String) {
         "/leader" => match replica.leadership.epoch() {
             Some(epoch) => (200, format!("leader (epoch {epoch})\n")),
             None => {
-                let (at, epoch) = replica.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let seen = replica.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let (at, epoch) = (seen.address, seen.epoch);
                 let at = if at.is_empty() { "unknown".to_owned() } else { at };
                 (503, format!("standby; the leader is at {at} (epoch {epoch})\n"))
             }

@@ -99,17 +99,20 @@ pub async fn shutdown_signal() {
 /// What a standby answers to every gRPC call, agent streams and admin
 /// requests alike: `UNAVAILABLE` ("not the leader"), naming the leader's
 /// address in the message and in [`dr_proto::LEADER_METADATA`] when it is
-/// known.
+/// known, with when its lease ends ([`dr_proto::RETRY_AFTER_METADATA`]: a
+/// client that cannot reach that leader asks again then, not sooner).
 /// Nothing is served or changed here: the leader alone drives.
 pub async fn serve_standby(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
-    leader: Arc<std::sync::Mutex<(String, i64)>>,
+    leader: Arc<std::sync::Mutex<crate::store::lease::LeaderSeen>>,
+    poll: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let answer = move || {
-        let (at, _) = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let seen = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (at, retry_ms) = (seen.address.clone(), (seen.ends_in() + poll).as_millis() as u64);
         async move {
             let mut status = if at.is_empty() {
                 tonic::Status::unavailable("this controller is a standby; the leader is not known yet: try again shortly")
@@ -118,6 +121,7 @@ pub async fn serve_standby(
             };
             if let Ok(v) = at.parse() {
                 status.metadata_mut().insert(dr_proto::LEADER_METADATA, v);
+                status.metadata_mut().insert(dr_proto::RETRY_AFTER_METADATA, retry_ms.into());
             }
             status.into_http::<axum::body::Body>()
         }

@@ -69,6 +69,27 @@ pub struct LeaseRow {
     pub expires_in_ms: i64,
 }
 
+/// What a standby last read of the lease: whom to send clients to, and
+/// when that leader's lease ends unless it renews.
+#[derive(Clone, Debug, Default)]
+pub struct LeaderSeen {
+    pub address: String,
+    pub epoch: i64,
+    pub ends_at: Option<Instant>,
+}
+
+impl LeaderSeen {
+    pub fn from_row(row: &LeaseRow) -> Self {
+        let ends_at = Instant::now() + Duration::from_millis(row.expires_in_ms.max(0) as u64);
+        LeaderSeen { address: row.address.clone(), epoch: row.epoch, ends_at: Some(ends_at) }
+    }
+
+    /// How long until the lease ends (zero once it has).
+    pub fn ends_in(&self) -> Duration {
+        self.ends_at.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
+    }
+}
+
 #[derive(Debug)]
 struct Held {
     epoch: i64,

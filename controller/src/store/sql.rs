@@ -357,16 +357,15 @@ impl PgConn {
 
 impl Drop for PgConn {
     /// rust-postgres' blocking client closes its session on a runtime of
-    /// its own, which panics on a thread that drives tokio tasks: a store
-    /// dropped in async code hands the client to the blocking pool.
+    /// its own, which panics on a thread that drives tokio tasks (a store
+    /// dropped in async code, or with the runtime at shutdown): the client
+    /// is dropped on a thread of its own.
     fn drop(&mut self) {
         let Some(client) = self.client.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(move || drop(client));
-            }
-            Err(_) => drop(client),
+        if tokio::runtime::Handle::try_current().is_err() {
+            return drop(client);
         }
+        let _ = std::thread::Builder::new().name("pg-close".into()).spawn(move || drop(client));
     }
 }
 

@@ -119,6 +119,13 @@ struct Slot {
     silent_closed_ms: AtomicU64,
     /// Which of `Shared::urls` the next connection goes to.
     target: AtomicUsize,
+    /// 1 + the replica found down on the last attempt (0: none).
+    unreachable: AtomicUsize,
+    /// Replicas found down in a row since the last full round.
+    rotated: AtomicUsize,
+    /// The pause before the next attempt that the replicas' answers call
+    /// for, instead of the backoff (ms; 0: none).
+    pause_ms: AtomicU64,
 }
 
 struct Shared {
@@ -160,18 +167,39 @@ fn role_code(role: &str) -> u8 {
 
 /// One session, as dr-agent runs it: connect, Hello, Welcome, heartbeats at
 /// the Welcome's interval until the stream ends.
-/// As dr-agent does: a standby's answer names the leader (go there); a
-/// replica that cannot be reached makes way for the next.
+/// As dr-agent does (`agent/src/daemon/session.rs`): a standby's answer
+/// names the leader: go there, or, when that leader was just found down,
+/// ask the standby again when the lease ends; a replica that cannot be
+/// reached makes way for the next, at once until all failed in a row.
 fn retarget(shared: &Shared, slot: &Slot, status: Option<&tonic::Status>) {
-    if shared.urls.len() < 2 {
+    let n = shared.urls.len();
+    if n < 2 {
         return;
     }
-    let leader = status.and_then(|s| s.metadata().get(dr_proto::LEADER_METADATA)).and_then(|v| v.to_str().ok());
-    let next = match leader.and_then(|l| shared.urls.iter().position(|u| u.ends_with(l))) {
-        Some(i) => i,
-        None => (slot.target.load(Ordering::Relaxed) + 1) % shared.urls.len(),
-    };
-    slot.target.store(next, Ordering::Relaxed);
+    let meta = |key: &str| status.and_then(|s| s.metadata().get(key)).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let leader = meta(dr_proto::LEADER_METADATA).and_then(|l| shared.urls.iter().position(|u| u.ends_with(&l)));
+    let retry_ms: u64 = meta(dr_proto::RETRY_AFTER_METADATA).and_then(|v| v.parse().ok()).unwrap_or(0);
+    match leader {
+        Some(i) if slot.unreachable.load(Ordering::Relaxed) == i + 1 => {
+            slot.unreachable.store(0, Ordering::Relaxed);
+            slot.pause_ms.store(retry_ms.clamp(500, 120_000) + rand::random_range(0..=2000), Ordering::Relaxed);
+        }
+        Some(i) => {
+            slot.target.store(i, Ordering::Relaxed);
+            slot.pause_ms.store(rand::random_range(50..=1000), Ordering::Relaxed);
+        }
+        None if status.is_none_or(|s| s.code() == tonic::Code::Unavailable) => {
+            let at = slot.target.load(Ordering::Relaxed);
+            slot.unreachable.store(at + 1, Ordering::Relaxed);
+            slot.target.store((at + 1) % n, Ordering::Relaxed);
+            if slot.rotated.fetch_add(1, Ordering::Relaxed) + 1 < n {
+                slot.pause_ms.store(rand::random_range(50..=1000), Ordering::Relaxed);
+            } else {
+                slot.rotated.store(0, Ordering::Relaxed);
+            }
+        }
+        None => {}
+    }
 }
 
 async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<(), String> {
@@ -229,6 +257,8 @@ async fn session(shared: &Shared, slot: &Slot, backoff: &mut Backoff) -> Result<
         .ok_or("ended before the Welcome")?;
     let Some(ControllerMsg::Welcome(w)) = first.msg else { return Err("first message is not a Welcome".into()) };
     backoff.reset();
+    slot.unreachable.store(0, Ordering::Relaxed);
+    slot.rotated.store(0, Ordering::Relaxed);
     let code = role_code(&w.role);
     shared.welcomed[code as usize].fetch_add(1, Ordering::Relaxed);
     slot.state.store(code, Ordering::Relaxed);
@@ -293,7 +323,10 @@ async fn agent(shared: Arc<Shared>, i: usize) {
             }
             released.await;
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        match slot.pause_ms.swap(0, Ordering::Relaxed) {
+            0 => tokio::time::sleep(backoff.next_delay()).await,
+            ms => tokio::time::sleep(Duration::from_millis(ms)).await,
+        }
     }
 }
 
@@ -401,6 +434,9 @@ async fn main() -> std::process::ExitCode {
             last_sent_ms: AtomicU64::new(0),
             silent_closed_ms: AtomicU64::new(0),
             target: AtomicUsize::new(0),
+            unreachable: AtomicUsize::new(0),
+            rotated: AtomicUsize::new(0),
+            pause_ms: AtomicU64::new(0),
         });
     }
     println!("setup: {n} site certificates in {:.1} s", t.elapsed().as_secs_f64());
