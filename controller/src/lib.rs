@@ -173,7 +173,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // lease, and losing it ends this process (systemd starts it again, as
     // a standby). Nothing below runs on a standby.
     let lease = if let Some(listener) = standby_listener.take() {
-        let lease = store::lease::Lease::new(store.another_session().await?, leadership.clone());
+        let lease = store::lease::Lease::new(store.another_session_on_own_thread("dr-lease").await?, leadership.clone());
         tracing::info!(replica = %leadership.id(), addr = %listen_at, advertise = %leadership.address(), store = %store.path(),
             "standby: waiting for the leader lease");
         let waited = std::time::Instant::now();
@@ -401,6 +401,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         health_interval: config.health.interval,
         authority: authority.clone(),
         rotator,
+        leadership: leadership.clone(),
     };
 
     let listener = server::bind(listen_at, config.server.listen_backlog)?;

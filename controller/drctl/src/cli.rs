@@ -646,6 +646,7 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let first = client.status(req.clone()).await.map_err(|s| conn.status_error(s))?.into_inner();
             let summary = first.summary;
             let rotation = first.ca_rotation.clone();
+            let replica = first.controller.clone().map(views::replica_view);
             let large = summary.as_ref().is_some_and(|s| s.sites > 50);
             let mut pages = vec![first];
             if large && !all && only.is_empty() && !problems {
@@ -663,9 +664,12 @@ async fn remote(conn: &Connection, command: Remote, output: Output) -> Result<Ex
             let rotation = rotation.map(views::rotation_view);
             match output {
                 Output::Json => print_json(
-                    &serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token, "ca_rotation": rotation }),
+                    &serde_json::json!({ "summary": summary, "sites": sites, "next_page_token": next_page_token, "ca_rotation": rotation, "controller": replica }),
                 ),
                 Output::Text => {
+                    if let Some(r) = replica.as_ref().filter(|r| r.store == "postgresql") {
+                        println!("Controller: replica {} leads (lease epoch {}) at {}", r.replica_id, r.epoch, r.address);
+                    }
                     print::print_summary(&summary, sites.len(), more, problems || !only.is_empty());
                     if let Some(r) = &rotation {
                         print::print_rotation(r);

@@ -542,3 +542,17 @@ pub fn rotation_view(r: pb::CaRotation) -> RotationView {
         next: r.next,
     }
 }
+
+/// The controller replica that answered (`drctl status`).
+#[derive(Serialize)]
+pub struct ReplicaView {
+    pub replica_id: String,
+    pub address: String,
+    pub epoch: i64,
+    /// `sqlite` (one controller) or `postgresql` (replicas, one leads).
+    pub store: String,
+}
+
+pub fn replica_view(r: pb::ControllerReplica) -> ReplicaView {
+    ReplicaView { replica_id: r.replica_id, address: r.address, epoch: r.epoch, store: r.store }
+}

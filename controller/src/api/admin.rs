@@ -36,6 +36,8 @@ pub struct AdminServer {
     pub authority: std::sync::Arc<crate::agents::enrol::Authority>,
     /// CA rotation.
     pub rotator: crate::reconcilers::rotation::Rotator,
+    /// Which replica this is (shown by `drctl status`).
+    pub leadership: crate::store::lease::Leadership,
 }
 
 fn rotation_to_pb(v: crate::reconcilers::rotation::RotationView) -> pb::CaRotation {
@@ -471,7 +473,14 @@ impl pb::admin_service_server::AdminService for AdminServer {
         }
         let rotation = self.rotator.view().await.map_err(Status::internal)?;
         let ca_rotation = (!rotation.phase.is_empty()).then(|| rotation_to_pb(rotation));
-        Ok(Response::new(pb::StatusReply { sites: page, now_ms: now, summary: Some(summary), next_page_token, ca_rotation }))
+        let l = &self.leadership;
+        let controller = Some(pb::ControllerReplica {
+            replica_id: l.id().to_owned(),
+            address: l.address().to_owned(),
+            epoch: l.epoch().unwrap_or_default(),
+            store: if l.is_replica() { "postgresql" } else { "sqlite" }.into(),
+        });
+        Ok(Response::new(pb::StatusReply { sites: page, now_ms: now, summary: Some(summary), next_page_token, ca_rotation, controller }))
     }
 
     async fn start_backup(&self, request: Request<pb::StartBackupRequest>) -> Result<Response<pb::OperationRef>, Status> {

@@ -1,24 +1,27 @@
 //! The leader lease of controllers that share a PostgreSQL store.
 //!
-//! One row, `leader_lease`: holder, address, epoch, and an expiry computed
-//! by the database's clock (`now()`), never a replica's. What each party
-//! does with it:
-//! - a standby takes the row when it is free or expired, raising the epoch
-//!   by one (one `UPDATE ... WHERE expires_at < now()`: two standbys cannot
-//!   both win, the row lock orders them);
-//! - the leader renews it every `renew_every`, well inside `ttl`. It
-//!   counts its lease as valid until the instant it *sent* its last
-//!   successful renewal plus `ttl` minus `margin`, on its own monotonic
+//! Two rows: `leader_lease` (holder, address, epoch) and `leader_expiry`
+//! (the same holder and epoch, and an expiry computed by the database's
+//! clock, `now()`, never a replica's). What each party does with them:
+//! - a standby takes the lease when it is free or its expiry has passed,
+//!   raising the epoch by one and writing both rows in one transaction (the
+//!   row lock orders two standbys: one wins);
+//! - the leader renews every `renew_every`, well inside `ttl`, by moving
+//!   `leader_expiry` only where it still names it at its epoch and has not
+//!   expired. It counts its lease as valid until the instant it *sent* its
+//!   last successful renewal plus `ttl` minus `margin`, on its own monotonic
 //!   clock: the database's expiry is later than that, whatever the two
 //!   clocks say. Past that instant it stops by itself (no EC2 call, no agent
-//!   command, no write), before any standby can take the row;
-//! - every transaction of the leader's store re-reads the row under a share
-//!   lock and is refused unless it is still the holder at its epoch and the
-//!   row has not expired ([`Leadership`] installed as the store's fence).
-//!   A standby's takeover waits for those transactions to end, and every
-//!   transaction after it sees the new epoch: a deposed leader that wakes
-//!   up (a stopped process, a lost session) cannot write;
-//! - a clean shutdown gives the row up at once (`holder = ''`).
+//!   command, no write), before any standby can take the lease;
+//! - every transaction of the leader's store first reads `leader_lease`
+//!   under a share lock (and the expiry) and is refused unless it is still
+//!   the holder at its epoch and the lease has not expired
+//!   ([`Leadership`] installed as the store's fence). A takeover's update
+//!   of that row waits for those transactions to end, and every transaction
+//!   after it sees the new epoch: a deposed leader that wakes up (a stopped
+//!   process, a lost session) cannot write. Renewals touch the other row,
+//!   so they never wait for the leader's own transactions, however long;
+//! - a clean shutdown gives the lease up at once (`holder = ''`).
 //!
 //! No advisory lock: they are tied to a session, which poolers (PgBouncer,
 //! RDS Proxy) share between clients and half-open connections keep alive.
@@ -212,7 +215,8 @@ impl Leadership {
         }
         let epoch = self.check().map_err(|e| StoreError::NotLeader(e.to_string()))?;
         let held = tx.query_opt(
-            "SELECT epoch FROM leader_lease WHERE id = 1 AND holder = ?1 AND epoch = ?2 AND expires_at > now() FOR SHARE",
+            "SELECT l.epoch FROM leader_lease l JOIN leader_expiry e ON e.id = l.id
+             WHERE l.id = 1 AND l.holder = ?1 AND l.epoch = ?2 AND e.expires_at > now() FOR SHARE OF l",
             args![self.inner.id, epoch],
             |r| r.get::<i64>(0),
         )?;
@@ -226,8 +230,8 @@ impl Leadership {
     }
 }
 
-const ROW_SQL: &str =
-    "SELECT holder, address, epoch, CAST(EXTRACT(EPOCH FROM (expires_at - now())) * 1000 AS BIGINT) FROM leader_lease WHERE id = 1";
+const ROW_SQL: &str = "SELECT l.holder, l.address, l.epoch, CAST(EXTRACT(EPOCH FROM (e.expires_at - now())) * 1000 AS BIGINT)
+     FROM leader_lease l JOIN leader_expiry e ON e.id = l.id WHERE l.id = 1";
 
 fn read_row(c: &Conn) -> Result<LeaseRow, StoreError> {
     c.query_row(ROW_SQL, (), |r| Ok(LeaseRow { holder: r.get(0)?, address: r.get(1)?, epoch: r.get(2)?, expires_in_ms: r.get(3)? }))
@@ -262,13 +266,29 @@ impl Lease {
         let won = self
             .store
             .with(move |c| {
-                c.query_opt(
-                    "UPDATE leader_lease SET holder = ?1, address = ?2, epoch = epoch + 1,
-                         expires_at = now() + ?3 * interval '1 millisecond', acquired_at = now()
-                     WHERE id = 1 AND (holder = '' OR expires_at < now()) RETURNING epoch",
-                    args![id, address, ttl.as_millis() as i64],
+                let seen = read_row(c)?;
+                if !seen.holder.is_empty() && seen.expires_in_ms > 0 {
+                    return Ok(None);
+                }
+                let tx = c.transaction()?;
+                // Conditional on the epoch seen: of two standbys racing, the
+                // second finds the epoch moved (its update re-checks the
+                // row the first one wrote) and takes nothing.
+                let epoch = tx.query_opt(
+                    "UPDATE leader_lease SET holder = ?1, address = ?2, epoch = epoch + 1, acquired_at = now()
+                     WHERE id = 1 AND epoch = ?3 AND (holder = '' OR (SELECT expires_at FROM leader_expiry WHERE id = 1) < now())
+                     RETURNING epoch",
+                    args![id, address, seen.epoch],
                     |r| r.get::<i64>(0),
-                )
+                )?;
+                if let Some(epoch) = epoch {
+                    tx.execute(
+                        "UPDATE leader_expiry SET holder = ?1, epoch = ?2, expires_at = now() + ?3 * interval '1 millisecond' WHERE id = 1",
+                        args![id, epoch, ttl.as_millis() as i64],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(epoch)
             })
             .await?;
         if let Some(epoch) = won {
@@ -289,7 +309,7 @@ impl Lease {
             .store
             .with(move |c| {
                 c.execute(
-                    "UPDATE leader_lease SET expires_at = now() + ?3 * interval '1 millisecond'
+                    "UPDATE leader_expiry SET expires_at = now() + ?3 * interval '1 millisecond'
                      WHERE id = 1 AND holder = ?1 AND epoch = ?2 AND expires_at > now()",
                     args![id, epoch, ttl.as_millis() as i64],
                 )
@@ -314,10 +334,10 @@ impl Lease {
         let id = self.leadership.id().to_owned();
         self.store
             .with(move |c| {
-                c.execute(
-                    "UPDATE leader_lease SET holder = '', expires_at = now() WHERE id = 1 AND holder = ?1 AND epoch = ?2",
-                    args![id, epoch],
-                )
+                let tx = c.transaction()?;
+                tx.execute("UPDATE leader_expiry SET expires_at = now() WHERE id = 1 AND holder = ?1 AND epoch = ?2", args![id, epoch])?;
+                tx.execute("UPDATE leader_lease SET holder = '' WHERE id = 1 AND holder = ?1 AND epoch = ?2", args![id, epoch])?;
+                tx.commit()
             })
             .await?;
         Ok(())
@@ -394,7 +414,7 @@ mod tests {
     async fn replica(store: &Store, id: &str) -> (Store, Lease) {
         let own = testing::reopen(store).await;
         let leadership = Leadership::replica(id.into(), format!("{id}:7443"), quick());
-        let lease = Lease::new(own.another_session().await.expect("lease session"), leadership.clone());
+        let lease = Lease::new(own.another_session_on_own_thread("dr-lease").await.expect("lease session"), leadership.clone());
         own.fence_with(leadership);
         (own, lease)
     }
@@ -418,7 +438,7 @@ mod tests {
 
         // `a` stalls (SIGSTOP, a long pause): its lease expires in the
         // database while its own clock still counts on it.
-        db.with(|c| c.execute("UPDATE leader_lease SET expires_at = now() - interval '1 second'", ())).await.expect("expire");
+        db.with(|c| c.execute("UPDATE leader_expiry SET expires_at = now() - interval '1 second'", ())).await.expect("expire");
         assert!(a.leadership().is_leader(), "a's local deadline has not passed yet");
         assert_eq!(b.try_acquire().await.expect("b takes over"), Some(2));
         let err = a_store.upsert_site(site("s3")).await.expect_err("the deposed leader's write is refused by the row");
@@ -459,6 +479,28 @@ mod tests {
         let t = Instant::now();
         assert_eq!(a.campaign(|_| {}).await, 3);
         assert!(t.elapsed() < Duration::from_millis(1000), "handover took {:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn renewals_never_wait_for_the_leaders_own_long_transactions_and_racing_standbys_take_it_once() {
+        let db = testing::postgres().await;
+        let (a_store, a) = replica(&db, "a").await;
+        assert_eq!(a.try_acquire().await.expect("a"), Some(1));
+        // A fenced transaction of the leader that takes 2 s holds the
+        // lease row's share lock all along.
+        let long = tokio::spawn(async move { a_store.with(|c| c.query_row("SELECT 1 FROM pg_sleep(2)", (), |r| r.get::<i64>(0))).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        assert!(a.renew().await.expect("renew"), "renewed");
+        assert!(t.elapsed() < Duration::from_millis(1000), "the renewal waited {:?} for the leader's transaction", t.elapsed());
+        long.await.expect("join").expect("the long transaction");
+        // The lease expires; two standbys race for it: one wins.
+        db.with(|c| c.execute("UPDATE leader_expiry SET expires_at = now() - interval '1 second'", ())).await.expect("expire");
+        let (_b_store, b) = replica(&db, "b").await;
+        let (_c_store, c) = replica(&db, "c").await;
+        let (won_b, won_c) = tokio::join!(b.try_acquire(), c.try_acquire());
+        let won: Vec<i64> = [won_b.expect("b"), won_c.expect("c")].into_iter().flatten().collect();
+        assert_eq!(won, vec![2], "exactly one standby takes the lease, at the next epoch");
     }
 
     #[tokio::test]

@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sql::{Conn, OptionalExt, Row, SqlResult, args};
+use sql::{Conn, OptionalExt, Row, SqlResult, ToValue, args};
 
 use crate::domain::model::*;
 
@@ -248,7 +248,14 @@ pub struct Store {
     /// Set once this replica leads a shared store: every call is then one
     /// transaction that first checks the lease ([`lease::Leadership`]).
     fence: Arc<std::sync::OnceLock<lease::Leadership>>,
+    /// A thread of this store's own that runs its calls instead of tokio's
+    /// blocking pool (the lease's session: its renewals must not wait for
+    /// a pool full of calls queued on the engine's store).
+    worker: Option<std::sync::mpsc::Sender<Job>>,
 }
+
+/// A call for a store's own thread.
+type Job = Box<dyn FnOnce() + Send>;
 
 impl Store {
     /// Opens (creating if missing) and migrates an SQLite store.
@@ -274,7 +281,13 @@ impl Store {
                 (conn, target.shown().to_owned())
             }
         };
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: shown.into(), location: Arc::new(location), fence: Default::default() })
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: shown.into(),
+            location: Arc::new(location),
+            fence: Default::default(),
+            worker: None,
+        })
     }
 
     /// A second session to the same database (the lease's own, so its
@@ -287,10 +300,26 @@ impl Store {
                 Location::Sqlite(p) => open_sqlite(p)?,
                 Location::Postgres(t) => Conn::postgres(t.connect()?),
             };
-            Ok(Store { conn: Arc::new(Mutex::new(conn)), path, location: Arc::new(location), fence: Default::default() })
+            Ok(Store { conn: Arc::new(Mutex::new(conn)), path, location: Arc::new(location), fence: Default::default(), worker: None })
         })
         .await
         .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+
+    /// [`Store::another_session`] whose calls run on a thread of its own.
+    pub async fn another_session_on_own_thread(&self, name: &str) -> Result<Store, StoreError> {
+        let mut store = self.another_session().await?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .map_err(|e| StoreError::Worker(e.to_string()))?;
+        store.worker = Some(tx);
+        Ok(store)
     }
 
     /// From now on every call of this store is fenced by `leadership`'s
@@ -326,7 +355,7 @@ impl Store {
         let path = self.path.clone();
         let location = self.location.clone();
         let fence = self.fence.get().filter(|l| l.is_replica()).cloned();
-        let result = tokio::task::spawn_blocking(move || {
+        let call = move || {
             // A panic while holding the lock cannot leave the database
             // inconsistent (transactions roll back), so a poisoned lock is
             // still usable.
@@ -347,9 +376,19 @@ impl Store {
                     Ok(out)
                 }
             }
-        })
-        .await
-        .map_err(|e| StoreError::Worker(e.to_string()))?;
+        };
+        let result = match &self.worker {
+            None => tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Worker(e.to_string()))?,
+            Some(worker) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                worker
+                    .send(Box::new(move || {
+                        let _ = tx.send(call());
+                    }))
+                    .map_err(|_| StoreError::Worker("the store's thread ended".into()))?;
+                rx.await.map_err(|_| StoreError::Worker("the store's thread dropped a call".into()))?
+            }
+        };
         result.map_err(|e| e.at(&path))
     }
 
@@ -628,6 +667,10 @@ fn corrupt(what: &'static str, value: impl Into<String>) -> StoreError {
 
 const ACTIVE_SQL: &str = "('running', 'waiting', 'cancelling')";
 
+/// Rows per statement of a batched write (parameters stay far below both
+/// engines' limits: SQLite's 32,766, PostgreSQL's 65,535).
+const BATCH_ROWS: usize = 500;
+
 fn insert_operation(tx: &Conn, op: &Operation) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO operations (id, kind, site_id, state, error, requested_by, created_at_ms, updated_at_ms,
@@ -794,11 +837,33 @@ impl Db<'_> {
         Ok(self.site(site.id.clone())?.unwrap_or(site))
     }
 
+    /// [`Db::upsert_site`] for many sites: a few statements of up to
+    /// [`BATCH_ROWS`] rows each, then one read (a fleet's start does not
+    /// pay a round trip per site).
     pub fn upsert_sites(&self, sites: Vec<Site>) -> Result<Vec<Site>, StoreError> {
         let tx = self.0.transaction()?;
-        let stored = sites.into_iter().map(|s| Db(&tx).upsert_site(s)).collect::<Result<Vec<_>, _>>()?;
+        let now = now_ms() as i64;
+        for chunk in sites.chunks(BATCH_ROWS) {
+            let mut values: Vec<sql::Value> = Vec::with_capacity(chunk.len() * 5);
+            for site in chunk {
+                values.extend(
+                    [&site.id as &dyn sql::ToValue, &site.region, &site.primary_instance_id, &site.role_arn, &now].map(|v| v.to_value()),
+                );
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO sites (id, region, primary_instance_id, role_arn, updated_at_ms) VALUES {}
+                     ON CONFLICT(id) DO UPDATE SET role_arn = excluded.role_arn,
+                         region = CASE WHEN sites.primary_instance_id = excluded.primary_instance_id
+                                       THEN excluded.region ELSE sites.region END",
+                    sql::values_rows(chunk.len(), &["", "", "", "", ""])
+                ),
+                values,
+            )?;
+        }
+        let stored: HashMap<String, Site> = Db(&tx).sites()?.into_iter().map(|s| (s.id.clone(), s)).collect();
         tx.commit()?;
-        Ok(stored)
+        Ok(sites.into_iter().map(|s| stored.get(&s.id).cloned().unwrap_or(s)).collect())
     }
 
     pub fn site(&self, id: String) -> Result<Option<Site>, StoreError> {
@@ -895,18 +960,35 @@ impl Db<'_> {
 
     pub fn set_verified(&self, checks: Vec<(String, String, String)>, at_ms: Millis) -> Result<Vec<Option<InstanceRecord>>, StoreError> {
         let tx = self.0.transaction()?;
-        let mut out = Vec::with_capacity(checks.len());
-        {
-            let update =
-                tx.prepare("UPDATE instances SET verified_private_ip = ?3, verified_at_ms = ?4 WHERE site_id = ?1 AND instance_id = ?2")?;
-            let read = tx.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE site_id = ?1 AND instance_id = ?2"))?;
-            for (site, instance, ip) in &checks {
-                update.execute(args![site, instance, ip, at_ms as i64])?;
-                out.push(read.query_row(args![site, instance], instance_row).optional()?);
+        let mut found: HashMap<(String, String), InstanceRecord> = HashMap::with_capacity(checks.len());
+        for chunk in checks.chunks(BATCH_ROWS) {
+            let mut values: Vec<sql::Value> = chunk.iter().flat_map(|(s, i, ip)| [s, i, ip].map(|v| v.to_value())).collect();
+            values.push((at_ms as i64).to_value());
+            tx.execute(
+                &format!(
+                    "UPDATE instances SET verified_private_ip = v.column3, verified_at_ms = ?{}
+                     FROM (VALUES {}) AS v WHERE instances.site_id = v.column1 AND instances.instance_id = v.column2",
+                    chunk.len() * 3 + 1,
+                    sql::values_rows(chunk.len(), &["", "", ""])
+                ),
+                values,
+            )?;
+            let keys: Vec<sql::Value> = chunk.iter().flat_map(|(s, i, _)| [s, i].map(|v| v.to_value())).collect();
+            let rows = tx.query_map(
+                &format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE (site_id, instance_id) IN (VALUES {})",
+                    sql::values_rows(chunk.len(), &["", ""])
+                ),
+                keys,
+                instance_row,
+            )?;
+            for rec in rows {
+                let rec = rec?;
+                found.insert((rec.site_id.clone(), rec.instance_id.clone()), rec);
             }
         }
         tx.commit()?;
-        Ok(out)
+        Ok(checks.into_iter().map(|(s, i, _)| found.get(&(s, i)).cloned()).collect())
     }
 
     pub fn mark_all_disconnected(&self) -> Result<(), StoreError> {
@@ -915,13 +997,25 @@ impl Db<'_> {
     }
 
     pub fn touch_seen(&self, seen: Vec<(String, String, Millis)>) -> Result<(), StoreError> {
+        // One row per instance (its latest), then a few batched updates.
+        let mut latest: HashMap<(String, String), Millis> = HashMap::with_capacity(seen.len());
+        for (site, instance, at) in seen {
+            let e = latest.entry((site, instance)).or_insert(at);
+            *e = (*e).max(at);
+        }
+        let rows: Vec<((String, String), Millis)> = latest.into_iter().collect();
         let tx = self.0.transaction()?;
-        {
-            let stmt =
-                tx.prepare("UPDATE instances SET last_seen_ms = CASE WHEN last_seen_ms > ?3 THEN last_seen_ms ELSE ?3 END WHERE site_id = ?1 AND instance_id = ?2")?;
-            for (site, instance, at) in &seen {
-                stmt.execute(args![site, instance, *at as i64])?;
-            }
+        for chunk in rows.chunks(BATCH_ROWS) {
+            let values: Vec<sql::Value> =
+                chunk.iter().flat_map(|((s, i), at)| [s.to_value(), i.to_value(), (*at as i64).to_value()]).collect();
+            tx.execute(
+                &format!(
+                    "UPDATE instances SET last_seen_ms = CASE WHEN instances.last_seen_ms > v.column3 THEN instances.last_seen_ms ELSE v.column3 END
+                     FROM (VALUES {}) AS v WHERE instances.site_id = v.column1 AND instances.instance_id = v.column2",
+                    sql::values_rows(chunk.len(), &["", "", "BIGINT"])
+                ),
+                values,
+            )?;
         }
         tx.commit()?;
         Ok(())

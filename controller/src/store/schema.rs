@@ -542,14 +542,23 @@ pub const PG_MIGRATIONS: &[&str] = &[
         at_ms BIGINT NOT NULL,
         PRIMARY KEY (site_id, instance_id)
     );",
-    // 2: the leader lease of replicas sharing this store (store/lease.rs).
+    // 2: the leader lease of replicas sharing this store (store/lease.rs):
+    // who leads at which epoch (the row leader transactions lock FOR SHARE
+    // and a takeover updates), and until when (the row renewals update, so
+    // that they never wait for the leader's own transactions).
     "CREATE TABLE leader_lease (
         id BIGINT PRIMARY KEY CHECK (id = 1),
         holder TEXT NOT NULL,
         address TEXT NOT NULL,
         epoch BIGINT NOT NULL,
-        expires_at TIMESTAMPTZ NOT NULL,
         acquired_at TIMESTAMPTZ NOT NULL
     );
-    INSERT INTO leader_lease (id, holder, address, epoch, expires_at, acquired_at) VALUES (1, '', '', 0, now(), now());",
+    CREATE TABLE leader_expiry (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO leader_lease (id, holder, address, epoch, acquired_at) VALUES (1, '', '', 0, now());
+    INSERT INTO leader_expiry (id, holder, epoch, expires_at) VALUES (1, '', 0, now());",
 ];

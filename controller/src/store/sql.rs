@@ -686,6 +686,28 @@ fn from_pg(r: &postgres::Row, sql: &str) -> SqlResult<Vec<Value>> {
     Ok(out)
 }
 
+/// The rows of a multi-row `VALUES`: `rows` groups of `casts.len()`
+/// numbered placeholders, `(?1, ?2), (?3, ?4)`, each wrapped in `CAST(.. AS
+/// T)` where `casts` names a type (PostgreSQL types the parameters of a
+/// `VALUES` list as text otherwise).
+pub fn values_rows(rows: usize, casts: &[&str]) -> String {
+    let cols = casts.len();
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = casts
+                .iter()
+                .enumerate()
+                .map(|(c, cast)| {
+                    let n = r * cols + c + 1;
+                    if cast.is_empty() { format!("?{n}") } else { format!("CAST(?{n} AS {cast})") }
+                })
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `?N` placeholders (SQLite's numbered form, which the queries use) as
 /// PostgreSQL's `$N`. Quoted strings and identifiers are left alone.
 pub fn pg_placeholders(sql: &str) -> String {

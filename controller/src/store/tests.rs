@@ -224,3 +224,49 @@ async fn launch_facts_are_recorded_once_per_image() {
         assert_eq!(store.launch_facts("ami-2".into()).await.expect("read"), None);
     }
 }
+
+#[tokio::test]
+async fn batched_verification_and_liveness_touch_every_instance_named_and_keep_the_latest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for store in testing::both(dir.path()).await {
+        eprintln!("on {}", store.engine());
+        // More sites than one batch holds.
+        let sites: Vec<Site> = (0..BATCH_ROWS + 3)
+            .map(|i| Site { id: format!("s{i}"), region: "us-east-1".into(), primary_instance_id: format!("i-{i}"), role_arn: None })
+            .collect();
+        let stored = store.upsert_sites(sites.clone()).await.expect("sites");
+        assert_eq!(stored, sites, "every site back, in order");
+        for i in 0..BATCH_ROWS + 3 {
+            let rec = InstanceRecord {
+                site_id: format!("s{i}"),
+                instance_id: format!("i-{i}"),
+                role: "primary".into(),
+                facts: InstanceFacts { instance_id: format!("i-{i}"), private_ip: "10.0.0.1".into(), ..Default::default() },
+                last_seen_ms: 100,
+                ..Default::default()
+            };
+            store.put_instance(rec).await.expect("instance");
+        }
+        let mut checks: Vec<(String, String, String)> =
+            (0..BATCH_ROWS + 3).map(|i| (format!("s{i}"), format!("i-{i}"), format!("10.0.{}.{}", i / 250, i % 250))).collect();
+        checks.push(("s0".into(), "i-unknown".into(), "10.9.9.9".into()));
+        let recs = store.set_verified(checks.clone(), 777).await.expect("verify");
+        assert_eq!(recs.len(), checks.len());
+        for ((_, _, ip), rec) in checks.iter().zip(&recs).take(BATCH_ROWS + 3) {
+            let rec = rec.as_ref().expect("a known instance");
+            assert_eq!((rec.verified_private_ip.as_str(), rec.verified_at_ms), (ip.as_str(), 777));
+        }
+        assert!(recs.last().expect("last").is_none(), "an unknown instance has no record");
+        // Liveness: the latest of several reports wins; an older one never lowers it.
+        store
+            .touch_seen(vec![("s1".into(), "i-1".into(), 300), ("s1".into(), "i-1".into(), 200), ("s2".into(), "i-2".into(), 50)])
+            .await
+            .expect("touch");
+        let seen = |s: &str, i: &str| {
+            let store = store.clone();
+            let (s, i) = (s.to_owned(), i.to_owned());
+            async move { store.instance(s, i).await.expect("read").expect("record").last_seen_ms }
+        };
+        assert_eq!((seen("s1", "i-1").await, seen("s2", "i-2").await), (300, 100));
+    }
+}

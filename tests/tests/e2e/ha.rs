@@ -62,6 +62,8 @@ async fn a_standby_takes_over_from_a_killed_leader_and_agents_and_drctl_follow_t
     let out = drctl(&w.pki, &b.url, &["site", &w.site]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stderr).contains("is a standby; asking the leader"), "{}", text(&out.stderr));
+    let st = drctl_json(&w.pki, &b.url, &["status"]);
+    assert_eq!((st["controller"]["replica_id"].as_str(), st["controller"]["store"].as_str()), (Some("a"), Some("postgresql")), "{st}");
 
     // The agent knows both; pointed at the standby first, it is sent on.
     let a_url = w.controller.url.clone();
@@ -83,6 +85,9 @@ async fn a_standby_takes_over_from_a_killed_leader_and_agents_and_drctl_follow_t
     println!("takeover after SIGKILL of the leader (lease_ttl 3s): {takeover:?}");
     assert!(takeover < Duration::from_secs(10), "takeover took {takeover:?}");
     assert!(leader_status(b_metrics).contains("200"));
+    let st = drctl_json(&w.pki, &b.url, &["status"]);
+    assert_eq!(st["controller"]["replica_id"], "b", "{st}");
+    assert!(st["controller"]["epoch"].as_i64().is_some_and(|e| e >= 2), "{st}");
     // The agent comes back to the new leader, as the site's primary.
     assert_eventually!(
         Duration::from_secs(30),
