@@ -52,6 +52,9 @@ pub enum ControllerError {
     LostLease(String),
 }
 
+/// The task serving a standby's answers (`api::server::serve_standby`).
+type StandbyServer = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
 /// A replica's name in the lease when `[store] replica_id` is not set.
 fn default_replica_id() -> String {
     let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "controller".into());
@@ -172,17 +175,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // leader's address; from then on every store call is fenced by the
     // lease, and losing it ends this process (systemd starts it again, as
     // a standby). Nothing below runs on a standby.
+    // While a new leader starts, its standby listener keeps answering,
+    // naming itself (clients come back shortly instead of being refused).
+    let mut starting: Option<(tokio::sync::oneshot::Sender<()>, StandbyServer)> = None;
     let lease = if let Some(listener) = standby_listener.take() {
         let lease = store::lease::Lease::new(store.another_session_on_own_thread("dr-lease").await?, leadership.clone());
         tracing::info!(replica = %leadership.id(), addr = %listen_at, advertise = %leadership.address(), store = %store.path(),
             "standby: waiting for the leader lease");
         let waited = std::time::Instant::now();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut standby = tokio::spawn(server::serve_standby(
+        let standby = tokio::spawn(server::serve_standby(
             listener,
             tls.clone(),
             config.server.handshake_timeout,
             replica.leader.clone(),
+            leadership.address().to_owned(),
             leadership.timings().poll,
             async {
                 let _ = stop_rx.await;
@@ -194,14 +201,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }) => Some(epoch),
             _ = &mut shutdown => None,
         };
-        // The standby's listener closes before the leader's opens.
-        let _ = stop_tx.send(());
-        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut standby).await.is_err() {
-            tracing::warn!("standby connections still open after 2s; closing them");
-            standby.abort();
-            let _ = standby.await;
-        }
-        let Some(epoch) = won else { return Ok(()) };
+        let Some(epoch) = won else {
+            let _ = stop_tx.send(());
+            return Ok(());
+        };
+        *replica.leader.lock().unwrap_or_else(|p| p.into_inner()) =
+            store::lease::LeaderSeen { address: leadership.address().to_owned(), epoch, ends_at: None };
+        starting = Some((stop_tx, standby));
         store.fence_with(leadership.clone());
         tracing::info!(replica = %leadership.id(), epoch, waited_ms = waited.elapsed().as_millis() as u64, "leading: this replica holds the lease");
         Some(lease)
@@ -404,7 +410,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         leadership: leadership.clone(),
     };
 
-    let listener = server::bind(listen_at, config.server.listen_backlog)?;
+    if let Some((stop_tx, mut standby)) = starting.take() {
+        // The standby's listener closes before the leader's opens. Its
+        // connections carry nothing that needs finishing: those still open
+        // after a moment are cut.
+        let _ = stop_tx.send(());
+        if tokio::time::timeout(std::time::Duration::from_millis(200), &mut standby).await.is_err() {
+            tracing::debug!("closing the standby's connections");
+            standby.abort();
+            let _ = standby.await;
+        }
+    }
+    let listener = {
+        // The standby's accept loop lets go of the address as soon as it
+        // notices its server stopped: give it a moment.
+        let mut tries = 0;
+        loop {
+            match server::bind(listen_at, config.server.listen_backlog) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && lease.is_some() && tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => break other?,
+            }
+        }
+    };
     let addr = listener.local_addr()?;
     let incoming = server::tls_incoming(listener, tls, config.server.handshake_timeout);
     tracing::info!(%addr, sites = config.sites.len(), resumed, trust_domain = %config.tls.trust_domain, "dr-controller listening");

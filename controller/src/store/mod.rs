@@ -366,16 +366,31 @@ impl Store {
                 tracing::warn!(store = %target.shown(), "the database session was lost; connecting again");
                 *c = Conn::postgres(target.connect()?);
             }
-            match fence {
-                None => f(&c),
-                Some(leadership) => {
-                    let tx = c.transaction()?;
-                    leadership.fence(&tx)?;
-                    let out = f(&tx)?;
-                    tx.commit()?;
-                    Ok(out)
+            let Some(leadership) = fence else { return f(&c) };
+            // BEGIN and the lease check come first: when they fail because
+            // the session died since its last use (a database restart),
+            // nothing of `f` ran, and it runs once more on a new session.
+            let mut f = Some(f);
+            for attempt in 0..2 {
+                let failed = {
+                    let begun = c.transaction().and_then(|tx| leadership.fence(&tx).map(|()| tx));
+                    match begun {
+                        Ok(tx) => {
+                            let out = (f.take().expect("runs once"))(&tx)?;
+                            tx.commit()?;
+                            return Ok(out);
+                        }
+                        Err(e) => e,
+                    }
+                };
+                let Location::Postgres(target) = &*location else { return Err(failed) };
+                if attempt > 0 || !c.is_broken() {
+                    return Err(failed);
                 }
+                tracing::warn!(store = %target.shown(), error = %failed, "the database session was lost; connecting again");
+                *c = Conn::postgres(target.connect()?);
             }
+            unreachable!("the loop returns")
         };
         let result = match &self.worker {
             None => tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Worker(e.to_string()))?,
