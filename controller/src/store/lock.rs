@@ -27,13 +27,17 @@ impl SqliteLock {
     /// Takes the store's lock, or says which process holds it.
     pub fn acquire(store: &Path) -> Result<SqliteLock, StoreError> {
         let path = lock_path(store);
+        // Before the store opens: its directory may not exist yet.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| StoreError::Dir { path: path.display().to_string(), source })?;
+            .map_err(|source| StoreError::LockFile { path: path.display().to_string(), source })?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 let me = format!(
@@ -65,7 +69,8 @@ mod tests {
     #[test]
     fn a_second_holder_is_refused_naming_the_first_until_it_lets_go() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("s.db");
+        // A store whose directory does not exist yet (a first start).
+        let store = dir.path().join("new/s.db");
         let first = SqliteLock::acquire(&store).expect("first");
         let err = SqliteLock::acquire(&store).err().expect("a second one is refused").to_string();
         assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");

@@ -46,6 +46,8 @@ pub enum StoreError {
     Dir { path: String, source: std::io::Error },
     #[error("store {path}: {source}")]
     Db { path: String, source: sql::SqlError },
+    #[error("cannot open the store's lock file {path}: {source}")]
+    LockFile { path: String, source: std::io::Error },
     #[error("store: {0}")]
     Sql(sql::SqlError),
     #[error("the store holds an invalid value in {what}: `{value}`")]
