@@ -197,7 +197,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tls.clone(),
             config.server.handshake_timeout,
             replica.leader.clone(),
-            leadership.address().to_owned(),
             leadership.timings().poll,
             async {
                 let _ = stop_rx.await;

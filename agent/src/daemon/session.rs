@@ -771,12 +771,11 @@ impl Agent {
             }
             if let Some((leader, retry_after)) = error.leader() {
                 match ControllerTarget::from_url(&format!("https://{leader}")) {
-                    // The leader it names is the one just found down (it
-                    // died: the standby takes over when its lease ends), or
-                    // the replica itself (it just took over and is
-                    // starting). Ask this replica again then (spread out: a
-                    // whole fleet waits for the same moment).
-                    Ok(t) if unreachable.as_ref() == Some(&t.url) || self.target.lock().unwrap_or_else(|p| p.into_inner()).url == t.url => {
+                    // The leader it names is the one just found down: it
+                    // died and the standby takes over when its lease ends.
+                    // Ask this standby again then (spread out: a whole
+                    // fleet waits for the same moment).
+                    Ok(t) if unreachable.as_ref() == Some(&t.url) => {
                         let delay = retry_after.clamp(Duration::from_millis(500), Duration::from_secs(120))
                             + Duration::from_millis(rand::random_range(0..=2000));
                         tracing::info!(leader = %t.url, delay_ms = delay.as_millis() as u64,

@@ -107,21 +107,15 @@ pub async fn serve_standby(
     tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
     leader: Arc<std::sync::Mutex<crate::store::lease::LeaderSeen>>,
-    own: String,
     poll: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let answer = move || {
-        let own = own.clone();
         let seen = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        // At least two seconds: a leader that is still starting (it names
-        // itself here) is asked again then, not in a tight loop.
-        let (at, retry_ms) = (seen.address.clone(), (seen.ends_in() + poll).max(Duration::from_secs(2)).as_millis() as u64);
+        let (at, retry_ms) = (seen.address.clone(), (seen.ends_in() + poll).as_millis() as u64);
         async move {
             let mut status = if at.is_empty() {
                 tonic::Status::unavailable("this controller is a standby; the leader is not known yet: try again shortly")
-            } else if at == own {
-                tonic::Status::unavailable(format!("this controller leads from now on and is starting; try again in {retry_ms} ms"))
             } else {
                 tonic::Status::unavailable(format!("this controller is a standby; the leader is at {at}"))
             };

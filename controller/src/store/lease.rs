@@ -119,18 +119,8 @@ struct Inner {
 
 /// Why a leader-only action was refused here.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("this controller is not the leader{}", leader_hint(.leader))]
-pub struct NotLeader {
-    /// The current holder's address, when known.
-    pub leader: Option<String>,
-}
-
-fn leader_hint(leader: &Option<String>) -> String {
-    match leader {
-        Some(a) if !a.is_empty() => format!(" (the leader is at {a})"),
-        _ => String::new(),
-    }
-}
+#[error("this controller is not the leader")]
+pub struct NotLeader;
 
 impl Leadership {
     /// A controller alone on its store (SQLite, guarded by its file lock).
@@ -178,7 +168,7 @@ impl Leadership {
 
     /// The epoch, or why this replica may not act as the leader now.
     pub fn check(&self) -> Result<i64, NotLeader> {
-        self.epoch().ok_or(NotLeader { leader: None })
+        self.epoch().ok_or(NotLeader)
     }
 
     /// Whether this is a replica of a shared store (not a lone controller).

@@ -165,7 +165,7 @@ impl PgTarget {
         config.keepalives_interval(std::time::Duration::from_secs(5)).keepalives_retries(3);
         let ca = match ca_pem {
             Some(pem) => {
-                let certs = rustls_pemfile_certs(pem)?;
+                let certs = ca_certs(pem)?;
                 if config.get_ssl_mode() == postgres::config::SslMode::Prefer {
                     config.ssl_mode(postgres::config::SslMode::Require);
                 }
@@ -233,7 +233,7 @@ impl PgTarget {
     }
 }
 
-fn rustls_pemfile_certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+fn ca_certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     let certs = dr_proto::tls::parse_certs(pem.as_bytes(), Path::new("[store] ca")).map_err(|e| e.to_string())?;
     if certs.is_empty() {
         return Err("[store] ca holds no certificate".into());

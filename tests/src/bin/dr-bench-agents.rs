@@ -168,9 +168,8 @@ fn role_code(role: &str) -> u8 {
 /// One session, as dr-agent runs it: connect, Hello, Welcome, heartbeats at
 /// the Welcome's interval until the stream ends.
 /// As dr-agent does (`agent/src/daemon/session.rs`): a standby's answer
-/// names the leader: go there, or, when that leader was just found down or
-/// is the replica itself (starting), ask it again when it says; a replica
-/// that cannot be
+/// names the leader: go there, or, when that leader was just found down,
+/// ask the standby again when the lease ends; a replica that cannot be
 /// reached makes way for the next, at once until all failed in a row.
 fn retarget(shared: &Shared, slot: &Slot, status: Option<&tonic::Status>) {
     let n = shared.urls.len();
@@ -181,7 +180,7 @@ fn retarget(shared: &Shared, slot: &Slot, status: Option<&tonic::Status>) {
     let leader = meta(dr_proto::LEADER_METADATA).and_then(|l| shared.urls.iter().position(|u| u.ends_with(&l)));
     let retry_ms: u64 = meta(dr_proto::RETRY_AFTER_METADATA).and_then(|v| v.parse().ok()).unwrap_or(0);
     match leader {
-        Some(i) if slot.unreachable.load(Ordering::Relaxed) == i + 1 || slot.target.load(Ordering::Relaxed) == i => {
+        Some(i) if slot.unreachable.load(Ordering::Relaxed) == i + 1 => {
             slot.unreachable.store(0, Ordering::Relaxed);
             slot.pause_ms.store(retry_ms.clamp(500, 120_000) + rand::random_range(0..=2000), Ordering::Relaxed);
         }
